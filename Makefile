@@ -1,0 +1,41 @@
+# credless — the README's two commands are `make demo` and `make test`; both set up first.
+SHELL := /bin/bash
+VENV  ?= .venv
+PY    := $(VENV)/bin/python
+PYTHON ?= python3
+BCC_SRC := /usr/lib/python3/dist-packages/bcc
+SITE   = $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+
+.PHONY: setup host venv test demo bench bench-attest clean
+
+setup: host venv
+
+host:
+	@bash deploy/setup-host.sh
+
+# The venv is rebuilt only when pyproject.toml changes (the stamp is older than it).
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip
+	@$(PY) -m pip install -q -e '.[test]'
+	@# BCC is not on PyPI: link Debian's pure-Python bindings (they load libbcc.so via ctypes)
+	@# into the venv, rather than exposing all of dist-packages with a .pth file.
+	@ln -sfn $(BCC_SRC) $(SITE)/bcc
+	@$(PY) -c 'import bcc, agent' 
+	@touch $@
+
+test: setup
+	$(PY) -m pytest tests/unit tests/integration
+
+demo: setup
+	$(PY) -m agent.demo
+
+bench: setup bench-attest
+
+bench-attest: setup
+	@echo "bench-attest: arrives with the attestation issue"
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,3 @@
+"""credless: node-local credential injection agent."""
+
+__version__ = "0.1.0"

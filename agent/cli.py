@@ -1,0 +1,80 @@
+"""The `credless` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from agent import __version__, config
+from agent.config import ConfigError
+
+
+def _load_config(path: str | None):
+    return config.load(path or config.DEFAULT_CONFIG_PATH)
+
+
+def cmd_check_config(args) -> int:
+    config.load(args.file)
+    print(f"{args.file}: ok")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from agent.daemon import Daemon
+    from agent.observe import logging as obs_logging
+
+    cfg = _load_config(args.config)
+    obs_logging.configure(level=args.log_level or cfg.log.level,
+                          fmt=args.log_format or cfg.log.format)
+    return asyncio.run(Daemon(cfg).run())
+
+
+def cmd_doctor(args) -> int:
+    from agent import doctor
+
+    opts = doctor.DoctorOptions()
+    if args.cgroup_root:
+        opts.cgroup_root = args.cgroup_root
+    elif args.config:
+        opts.cgroup_root = _load_config(args.config).attest.cgroup_root
+    results = doctor.run_checks(opts)
+    print(doctor.render(results, as_json=args.json))
+    return doctor.exit_code(results)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="credless", description=(
+        "Node-local credential injection agent: attests processes with eBPF, gives them "
+        "SPIFFE identities, and injects OAuth credentials into their MCP traffic."))
+    p.add_argument("--version", action="version", version=f"credless {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the agent in the foreground")
+    run.add_argument("--config", help=f"config file (default {config.DEFAULT_CONFIG_PATH})")
+    run.add_argument("--log-level", choices=config.LOG_LEVELS, help="overrides log.level")
+    run.add_argument("--log-format", choices=config.LOG_FORMATS, help="overrides log.format")
+    run.set_defaults(func=cmd_run)
+
+    chk = sub.add_parser("check-config", help="validate a config file and exit")
+    chk.add_argument("file")
+    chk.set_defaults(func=cmd_check_config)
+
+    doc = sub.add_parser("doctor", help="check that this host can run credless")
+    doc.add_argument("--config", help="read attest.cgroup_root from this config")
+    doc.add_argument("--cgroup-root", help="cgroup v2 mount point to check (default: "
+                     "found in /proc/mounts)")
+    doc.add_argument("--json", action="store_true", help="machine-readable output")
+    doc.set_defaults(func=cmd_doctor)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"credless: config error\n{e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,247 @@
+"""One validated configuration model, loaded from one TOML file.
+
+Every error names the key path, the bad value and what is accepted, and all errors in a file
+are reported together, so an operator fixes a file in one pass. Unknown keys are errors:
+a misspelt hardening option silently ignored is worse than a refusal to start.
+
+The schema is declared once, as frozen dataclasses whose field metadata carries the check
+and the human description of what is accepted; `deploy/credless.example.toml` documents the
+same defaults and the tests load it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import socket
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, get_type_hints
+
+DEFAULT_CONFIG_PATH = Path("/etc/credless/credless.toml")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("auto", "json", "console")
+
+# SPIFFE-ID.md §2.1: lowercase letters, digits, '.', '-', '_'; at most 255 bytes.
+_TRUST_DOMAIN_RE = re.compile(r"^[a-z0-9._-]+$")
+
+
+class ConfigError(Exception):
+    """All problems found in one configuration file, each on its own line."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__("\n".join(f"{source}: {p}" for p in problems))
+
+
+# ---------------------------------------------------------------- field checks
+# A check returns None when the value is fine, else the description of what is accepted.
+Check = Callable[[Any], "str | None"]
+
+
+def _one_of(*choices: str) -> Check:
+    def check(v: Any) -> str | None:
+        return None if v in choices else "one of: " + ", ".join(choices)
+
+    return check
+
+
+def _positive(v: Any) -> str | None:
+    return None if v > 0 else "a number greater than 0"
+
+
+def _absolute_path(v: Any) -> str | None:
+    return None if v == "" or os.path.isabs(v) else "an absolute path"
+
+
+def _loopback_listen(v: Any) -> str | None:
+    accepted = 'a loopback HOST:PORT such as "127.0.0.1:9890" or "[::1]:9890"'
+    addr = parse_listen(v)
+    if addr is None:
+        return accepted
+    try:
+        if not ipaddress.ip_address(addr[0]).is_loopback:
+            return accepted + " (the metrics endpoint is never exposed beyond the node)"
+    except ValueError:
+        return accepted
+    return None
+
+
+def check_trust_domain(v: Any) -> str | None:
+    accepted = ("a SPIFFE trust domain: 1-255 characters of lowercase letters, digits, "
+                "'.', '-', '_', with no scheme, port or path (e.g. \"example.org\")")
+    if not isinstance(v, str) or not v or len(v.encode()) > 255 or not _TRUST_DOMAIN_RE.match(v):
+        return accepted
+    return None
+
+
+def parse_listen(v: str) -> tuple[str, int] | None:
+    """'127.0.0.1:9890' or '[::1]:9890' -> (host, port); None when malformed."""
+    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d{1,5})|([0-9.]+):(\d{1,5})", v or "")
+    if not m:
+        return None
+    host = m.group(1) or m.group(3)
+    port = int(m.group(2) or m.group(4))
+    if not 0 < port < 65536:
+        return None
+    return host, port
+
+
+def _setting(default: Any, doc: str, check: Check | None = None) -> Any:
+    return field(default=default, metadata={"doc": doc, "check": check})
+
+
+# ---------------------------------------------------------------- the model
+@dataclass(frozen=True)
+class AgentSection:
+    node_name: str = _setting("", "node name in audit events; empty means the host name")
+    state_dir: str = _setting("/var/lib/credless", "keys and CA material (0700)", _absolute_path)
+    run_dir: str = _setting("/run/credless", "pid file and sockets", _absolute_path)
+
+    def resolved_node_name(self) -> str:
+        return self.node_name or socket.gethostname()
+
+
+@dataclass(frozen=True)
+class LogSection:
+    level: str = _setting("info", "diagnostic log level", _one_of(*LOG_LEVELS))
+    format: str = _setting("auto", "json lines, console, or auto (console on a TTY)",
+                           _one_of(*LOG_FORMATS))
+
+
+@dataclass(frozen=True)
+class MetricsSection:
+    enabled: bool = _setting(True, "serve /metrics, /healthz and /readyz")
+    listen: str = _setting("127.0.0.1:9890", "loopback address of the metrics endpoint",
+                           _loopback_listen)
+
+
+@dataclass(frozen=True)
+class AttestSection:
+    cgroup_root: str = _setting("", "cgroup v2 mount point; empty means found in /proc/mounts",
+                                _absolute_path)
+    exit_grace_seconds: float = _setting(5.0, "how long an exited process stays answerable",
+                                         _positive)
+    ring_buffer_pages: int = _setting(256, "BPF ring buffer size in pages (power of two)",
+                                      lambda v: None if v > 0 and v & (v - 1) == 0
+                                      else "a power of two greater than 0")
+
+
+@dataclass(frozen=True)
+class IdentitySection:
+    trust_domain: str = _setting("example.org", "the SPIFFE trust domain this node issues in",
+                                 check_trust_domain)
+
+
+@dataclass(frozen=True)
+class Config:
+    agent: AgentSection = field(default_factory=AgentSection)
+    log: LogSection = field(default_factory=LogSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+    attest: AttestSection = field(default_factory=AttestSection)
+    identity: IdentitySection = field(default_factory=IdentitySection)
+
+
+# ---------------------------------------------------------------- parsing
+_TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
+
+
+def _toml_type_name(v: Any) -> str:
+    return {bool: "boolean", int: "integer", float: "float", str: "string", list: "array",
+            dict: "table"}.get(type(v), type(v).__name__)
+
+
+def _render(v: Any) -> str:
+    if isinstance(v, str):
+        return '"' + v.replace('"', '\\"') + '"'
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, dict):
+        return "a table"
+    return repr(v)
+
+
+def _type_ok(expected: type, v: Any) -> bool:
+    if expected is float:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if expected is int:
+        return isinstance(v, int) and not isinstance(v, bool)
+    return isinstance(v, expected)
+
+
+def _build(cls: type, data: dict, path: str, problems: list[str]) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    where = f"[{path}]" if path else "the top level"
+    for key, value in data.items():
+        key_path = f"{path}.{key}" if path else key
+        f = fields.get(key)
+        if f is None:
+            problems.append(f"{key_path}: unknown key; accepted keys in {where}: "
+                            + ", ".join(sorted(fields)))
+            continue
+        ftype = hints[key]
+        if dataclasses.is_dataclass(ftype):
+            if not isinstance(value, dict):
+                problems.append(f"{key_path}: got {_toml_type_name(value)} {_render(value)}, "
+                                f"expected a table [{key_path}]")
+                continue
+            kwargs[key] = _build(ftype, value, key_path, problems)
+            continue
+        if not _type_ok(ftype, value):
+            problems.append(f"{key_path}: got {_toml_type_name(value)} {_render(value)}, "
+                            f"expected {_TYPE_NAMES[ftype]}")
+            continue
+        check = f.metadata.get("check")
+        accepted = check(value) if check else None
+        if accepted:
+            problems.append(f"{key_path}: got {_render(value)}, expected {accepted}")
+            continue
+        kwargs[key] = float(value) if ftype is float else value
+    return cls(**kwargs)
+
+
+def parse(data: dict, source: str = "<config>") -> Config:
+    problems: list[str] = []
+    cfg = _build(Config, data, "", problems)
+    if problems:
+        raise ConfigError(source, problems)
+    return cfg
+
+
+def load(path: str | os.PathLike) -> Config:
+    p = Path(path)
+    src = str(p)
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(src, ["file not found; create it (deploy/credless.example.toml "
+                                "documents every key) or pass --config FILE"]) from None
+    except IsADirectoryError:
+        raise ConfigError(src, ["is a directory, expected a TOML file"]) from None
+    except PermissionError:
+        raise ConfigError(src, ["permission denied; run as root or make it readable"]) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(src, [f"not UTF-8 text (byte {e.start})"]) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(src, [f"not valid TOML: {e}"]) from None
+    return parse(data, src)
+
+
+def iter_settings(cls: type = Config, prefix: str = ""):
+    """(key path, default, doc) for every setting: the example config is checked against it."""
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        ftype = hints[f.name]
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        if dataclasses.is_dataclass(ftype):
+            yield from iter_settings(ftype, key)
+        else:
+            yield key, f.default, f.metadata.get("doc", "")

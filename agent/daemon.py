@@ -1,0 +1,147 @@
+"""The agent process: start components in order, serve until a signal, stop in reverse.
+
+Start-up is shaped for systemd Type=notify: every component binds and attaches in start(),
+so when `ready` is logged (and READY=1 sent to $NOTIFY_SOCKET) the agent really serves.
+Shutdown stops components in reverse order, each of which detaches what it attached, so a
+stopped agent leaves no BPF link, cgroup attachment, listener or pid file behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import signal
+import socket
+from pathlib import Path
+from typing import Protocol
+
+from agent.config import Config, parse_listen
+from agent.observe.logging import AuditLog, get_logger
+from agent.observe.metrics import Metrics, MetricsServer
+
+log = get_logger("daemon")
+
+
+class Component(Protocol):
+    name: str
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+
+
+class StartupError(Exception):
+    """A component could not start; the message says what to do."""
+
+
+def sd_notify(state: str) -> None:
+    """Send a state line to systemd's notify socket, if there is one."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.connect(addr)
+        s.sendall(state.encode())
+
+
+class PidFile:
+    """An flock-held pid file: a second agent on the same run_dir refuses to start."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.read(fd, 32).decode().strip() or "?"
+            os.close(fd)
+            raise StartupError(f"another credless agent (pid {other}) holds {self.path}; "
+                               "stop it or give this one another agent.run_dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self._fd)
+            self._fd = None
+
+
+class MetricsComponent:
+    name = "metrics"
+
+    def __init__(self, metrics: Metrics, listen: str):
+        host, port = parse_listen(listen)  # validated by config
+        self.server = MetricsServer(metrics, host, port)
+
+    def start(self) -> None:
+        try:
+            self.server.start()
+        except OSError as e:
+            host, port = self.server._addr
+            raise StartupError(f"metrics.listen {host}:{port}: {e.strerror}; choose a free "
+                               "loopback port or set metrics.enabled = false") from None
+        log.info("metrics endpoint listening", address="%s:%d" % self.server.address)
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+class Daemon:
+    def __init__(self, cfg: Config, audit: AuditLog | None = None):
+        self.cfg = cfg
+        self.metrics = Metrics()
+        self.audit = audit or AuditLog(cfg.agent.resolved_node_name())
+        self.components: list[Component] = []
+        if cfg.metrics.enabled:
+            self.components.append(MetricsComponent(self.metrics, cfg.metrics.listen))
+        self._started: list[Component] = []
+        self._stop = asyncio.Event()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def _start_all(self) -> None:
+        for c in self.components:
+            c.start()
+            self._started.append(c)
+
+    def _stop_all(self) -> None:
+        while self._started:
+            c = self._started.pop()
+            try:
+                c.stop()
+            except Exception:  # keep stopping the rest: leaking an attachment is worse
+                log.exception("component stop failed", component=c.name)
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        pidfile = PidFile(Path(self.cfg.agent.run_dir) / "credless.pid")
+        try:
+            pidfile.acquire()
+            self._start_all()
+            log.info("ready", pid=os.getpid(),
+                     components=[c.name for c in self._started])
+            sd_notify("READY=1\nSTATUS=serving")
+            await self._stop.wait()
+            log.info("stopping")
+            sd_notify("STOPPING=1")
+            return 0
+        except StartupError as e:
+            log.error("start-up failed", error=str(e))
+            return 1
+        finally:
+            self._stop_all()
+            pidfile.release()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            log.info("stopped")

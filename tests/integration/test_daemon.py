@@ -1,0 +1,90 @@
+"""The agent process: start-up, the metrics endpoint, and a clean stop."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+
+import pytest
+
+from tests.helpers import AgentProcess, free_port, http_get, write_config
+
+
+@pytest.fixture
+def agent(tmp_path):
+    port = free_port()
+    cfg = write_config(tmp_path, metrics_port=port)
+    with AgentProcess(cfg, tmp_path) as a:
+        a.port = port
+        a.wait_ready()
+        yield a
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_starts_serves_and_stops_cleanly(tmp_path, sig):
+    port = free_port()
+    cfg = write_config(tmp_path, metrics_port=port)
+    with AgentProcess(cfg, tmp_path) as a:
+        a.wait_ready()
+        pidfile = tmp_path / "run" / "credless.pid"
+        assert pidfile.read_text().strip() == str(a.proc.pid)
+        assert a.stop(sig) == 0
+    assert not pidfile.exists()
+    events = [e["event"] for e in a.log_events()]
+    assert events[-2:] == ["stopping", "stopped"]
+    with pytest.raises(OSError):  # the listener is gone
+        http_get(f"http://127.0.0.1:{port}/healthz", timeout=1)
+
+
+def test_metrics_endpoint_passes_promtool(agent):
+    status, body = http_get(f"http://127.0.0.1:{agent.port}/metrics")
+    assert status == 200
+    assert 'credless_build_info{python="' in body and 'version="' in body
+    assert "process_cpu_seconds_total" in body
+    lint = subprocess.run([shutil.which("promtool") or "promtool", "check", "metrics"],
+                          input=body, capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    assert lint.stdout.strip() == "" and lint.stderr.strip() == ""
+
+
+def test_health_and_unknown_paths(agent):
+    assert http_get(f"http://127.0.0.1:{agent.port}/healthz") == (200, "ok\n")
+    status, body = http_get(f"http://127.0.0.1:{agent.port}/readyz")
+    assert status == 200
+    status, body = http_get(f"http://127.0.0.1:{agent.port}/nope")
+    assert status == 404 and "/metrics" in body
+
+
+def test_second_agent_on_same_run_dir_refuses(agent, tmp_path):
+    other = tmp_path / "second"
+    other.mkdir()
+    cfg = write_config(tmp_path, metrics_port=free_port())  # same run_dir as the first
+    with AgentProcess(cfg, other) as b:
+        assert b.proc.wait(30) == 1
+    errors = [e for e in b.log_events() if e.get("event") == "start-up failed"]
+    assert errors and f"another credless agent (pid {agent.proc.pid})" in errors[0]["error"]
+    assert (tmp_path / "run" / "credless.pid").read_text().strip() == str(agent.proc.pid)
+
+
+def test_busy_metrics_port_fails_startup_with_a_fix(tmp_path, agent):
+    other = tmp_path / "b"
+    other.mkdir()
+    cfg = write_config(other, metrics_port=agent.port)
+    with AgentProcess(cfg, other) as b:
+        assert b.proc.wait(30) == 1
+    errors = [e for e in b.log_events() if e.get("event") == "start-up failed"]
+    assert errors and errors[0]["error"] == (
+        f"metrics.listen 127.0.0.1:{agent.port}: Address already in use; choose a free "
+        "loopback port or set metrics.enabled = false")
+    assert not (other / "run" / "credless.pid").exists()
+
+
+def test_bad_config_exits_2_without_traceback(tmp_path, credless_cmd):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[log]\nlevel = "loud"\n')
+    r = subprocess.run([*credless_cmd, "run", "--config", str(cfg)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr == (f'credless: config error\n{cfg}: log.level: got "loud", expected one '
+                        "of: debug, info, warning, error\n")

@@ -1,0 +1,94 @@
+"""Config validation: table-driven over tests/testdata/config/*.toml with the exact messages."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from agent import config
+from agent.config import ConfigError
+from tests.conftest import REPO, TESTDATA
+
+CASES = sorted(p for p in (TESTDATA / "config").glob("*.toml") if p.with_suffix(".err").exists())
+
+
+@pytest.mark.parametrize("path", CASES, ids=[p.stem for p in CASES])
+def test_invalid_config_reports_exact_problems(path):
+    expected = path.with_suffix(".err").read_text().splitlines()
+    with pytest.raises(ConfigError) as err:
+        config.load(path)
+    assert err.value.problems == expected
+    assert str(err.value).splitlines() == [f"{path}: {line}" for line in expected]
+
+
+def test_table_covers_the_required_failures():
+    names = {p.stem for p in CASES}
+    assert {"unknown_key", "wrong_type_bool", "bad_trust_domain_upper"} <= names
+
+
+def test_missing_file(tmp_path):
+    missing = tmp_path / "nope.toml"
+    with pytest.raises(ConfigError) as err:
+        config.load(missing)
+    assert err.value.problems == ["file not found; create it (deploy/credless.example.toml "
+                                  "documents every key) or pass --config FILE"]
+
+
+def test_not_toml_names_the_line():
+    with pytest.raises(ConfigError) as err:
+        config.load(TESTDATA / "config" / "not_toml.toml")
+    # tomllib's wording is its own; what we promise is the line number.
+    assert len(err.value.problems) == 1
+    assert err.value.problems[0].startswith("not valid TOML: Cannot overwrite a value (at line 3,")
+
+
+def test_directory_instead_of_file(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        config.load(tmp_path)
+    assert err.value.problems == ["is a directory, expected a TOML file"]
+
+
+def test_empty_file_gives_defaults(tmp_path):
+    f = tmp_path / "empty.toml"
+    f.write_text("")
+    assert config.load(f) == config.Config()
+
+
+def test_example_config_loads_and_documents_every_default():
+    """The shipped example is the documentation of defaults: it must equal the model's."""
+    example = REPO / "deploy" / "credless.example.toml"
+    assert config.load(example) == config.Config()
+    text = example.read_text()
+    for key, default, _doc in config.iter_settings():
+        section, name = key.split(".")
+        assert f"\n{name} = " in text, f"{key} is not documented in {example.name}"
+
+
+def test_ipv6_loopback_and_integer_for_float_are_accepted():
+    cfg = config.parse({"metrics": {"listen": "[::1]:9999"}, "attest": {"exit_grace_seconds": 2}})
+    assert cfg.metrics.listen == "[::1]:9999"
+    assert cfg.attest.exit_grace_seconds == 2.0 and isinstance(cfg.attest.exit_grace_seconds, float)
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1", "127.0.0.1:0", "127.0.0.1:70000", "localhost:80",
+                                    "[::2]:80", "10.0.0.1:80"])
+def test_bad_listen_addresses(listen):
+    with pytest.raises(ConfigError) as err:
+        config.parse({"metrics": {"listen": listen}})
+    assert err.value.problems[0].startswith(f'metrics.listen: got "{listen}", expected a loopback')
+
+
+def test_check_config_cli_exit_codes(tmp_path, credless_cmd):
+    ok = subprocess.run([*credless_cmd, "check-config", str(REPO / "deploy/credless.example.toml")],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0 and ok.stdout.strip().endswith(": ok")
+    bad = subprocess.run([*credless_cmd, "check-config", str(TESTDATA / "config/unknown_key.toml")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert "Traceback" not in bad.stderr
+    assert "metrics.lisen: unknown key; accepted keys in [metrics]: enabled, listen" in bad.stderr
+    missing = subprocess.run([*credless_cmd, "check-config", str(tmp_path / "x.toml")],
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and "file not found" in missing.stderr
+    assert "Traceback" not in missing.stderr

@@ -1,0 +1,59 @@
+"""Diagnostics and audit streams: format, separation, and redaction of credentials."""
+
+from __future__ import annotations
+
+import io
+import json
+
+from agent.observe import logging as obs
+
+
+class FakeTTY(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_json_lines_by_default_when_not_a_tty():
+    out = io.StringIO()
+    obs.configure(level="info", fmt="auto", stream=out)
+    obs.get_logger("t").info("hello", n=1)
+    obs.get_logger("t").debug("hidden")
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 1
+    event = json.loads(lines[0])
+    assert event["event"] == "hello" and event["n"] == 1 and event["component"] == "t"
+    assert event["level"] == "info" and event["timestamp"].endswith("Z")
+
+
+def test_console_rendering_on_a_tty_and_level_from_config():
+    out = FakeTTY()
+    obs.configure(level="debug", fmt="auto", stream=out)
+    obs.get_logger("t").debug("visible", n=2)
+    text = out.getvalue()
+    assert "visible" in text and "n=2" in text
+    assert not text.lstrip().startswith("{")
+
+
+def test_secret_fields_are_redacted_but_fingerprints_kept():
+    out = io.StringIO()
+    obs.configure(level="info", fmt="json", stream=out)
+    secret = "eyJhbGciOiJFUzI1NiJ9.c2VjcmV0.c2ln"
+    obs.get_logger("t").info("issued", access_token=secret, client_assertion=secret,
+                             Authorization=f"Bearer {secret}", jti="abc", jkt="thumb")
+    event = json.loads(out.getvalue())
+    assert secret not in out.getvalue()
+    assert event["access_token"] == event["client_assertion"] == event["Authorization"] \
+        == obs.REDACTED
+    assert event["jti"] == "abc" and event["jkt"] == "thumb"
+
+
+def test_audit_stream_is_separate_and_ignores_log_level():
+    diag, audit_out = io.StringIO(), io.StringIO()
+    obs.configure(level="error", fmt="json", stream=diag)
+    audit = obs.AuditLog(node="node-a", stream=audit_out)
+    audit.emit("attested", spiffe_id="spiffe://example.org/x", token="t0ps3cret")
+    assert diag.getvalue() == ""
+    event = json.loads(audit_out.getvalue())
+    assert event["event"] == "attested" and event["stream"] == "audit"
+    assert event["node"] == "node-a" and event["time"].endswith("Z")
+    assert event["token"] == obs.REDACTED
