@@ -4,7 +4,6 @@ VENV  ?= .venv
 PY    := $(VENV)/bin/python
 PYTHON ?= python3
 BCC_SRC := /usr/lib/python3/dist-packages/bcc
-SITE   = $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 
 .PHONY: setup host venv test demo bench bench-attest clean
 
@@ -22,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	@$(PY) -m pip install -q -e '.[test]'
 	@# BCC is not on PyPI: link Debian's pure-Python bindings (they load libbcc.so via ctypes)
 	@# into the venv, rather than exposing all of dist-packages with a .pth file.
-	@ln -sfn $(BCC_SRC) $(SITE)/bcc
+	@ln -sfn $(BCC_SRC) "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/bcc"
 	@$(PY) -c 'import bcc, agent' 
 	@touch $@
 
