@@ -34,7 +34,7 @@ demo: setup
 bench: setup bench-attest
 
 bench-attest: setup
-	@echo "bench-attest: arrives with the attestation issue"
+	$(PY) -m tests.bench.bench_attest
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -43,6 +43,32 @@ def cmd_doctor(args) -> int:
     return doctor.exit_code(results)
 
 
+def cmd_ps(args) -> int:
+    import json
+    from pathlib import Path
+
+    from agent.observe import admin
+
+    cfg = _load_config(args.config)
+    try:
+        rows = admin.call(Path(cfg.agent.run_dir) / "admin.sock", "ps")
+    except RuntimeError as e:
+        print(f"credless: {e}", file=sys.stderr)
+        return 1
+    if args.pid is not None:
+        rows = [r for r in rows if r["pid"] == args.pid]
+    if args.json or not sys.stdout.isatty():
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'PID':>7} {'PPID':>7} {'UID':>6}  {'EXE':40} CGROUP")
+    for r in sorted(rows, key=lambda r: r["pid"]):
+        print(f"{r['pid']:>7} {r['ppid']:>7} {r['uid']:>6}  {r['exe'][-40:]:40} {r['cgroup']}")
+        if args.selectors:
+            for sel in r["selectors"]:
+                print(f"{'':24}{sel}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="credless", description=(
         "Node-local credential injection agent: attests processes with eBPF, gives them "
@@ -66,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
                      "found in /proc/mounts)")
     doc.add_argument("--json", action="store_true", help="machine-readable output")
     doc.set_defaults(func=cmd_doctor)
+
+    ps = sub.add_parser("ps", help="the running agent's process table, with selectors")
+    ps.add_argument("--config", help=f"config file (default {config.DEFAULT_CONFIG_PATH})")
+    ps.add_argument("--pid", type=int, help="only this process")
+    ps.add_argument("--selectors", action="store_true", help="list selectors under each row")
+    ps.add_argument("--json", action="store_true", help="JSON (the default when not a TTY)")
+    ps.set_defaults(func=cmd_ps)
     return p
 
 

@@ -121,14 +121,31 @@ class MetricsSection:
 
 
 @dataclass(frozen=True)
+class KubeletSection:
+    enabled: bool = _setting(False, "add k8s: selectors from the kubelet's /pods endpoint")
+    url: str = _setting("https://127.0.0.1:10250", "kubelet URL; on Kubernetes use the node IP "
+                        "(status.hostIP): serving certificates rarely name 127.0.0.1",
+                        lambda v: None if v.startswith("https://") else "an https:// URL")
+    token_file: str = _setting("/var/run/secrets/kubernetes.io/serviceaccount/token",
+                               "bearer token file, re-read on each refresh", _absolute_path)
+    ca_file: str = _setting("/var/run/secrets/kubernetes.io/serviceaccount/ca.crt",
+                            "CA bundle that signed the kubelet's serving certificate",
+                            _absolute_path)
+    insecure_skip_verify: bool = _setting(False, "do not verify the kubelet's certificate "
+                                          "(never in production)")
+    cache_ttl_seconds: float = _setting(5.0, "how long a /pods answer is reused", _positive)
+
+
+@dataclass(frozen=True)
 class AttestSection:
     cgroup_root: str = _setting("", "cgroup v2 mount point; empty means found in /proc/mounts",
                                 _absolute_path)
     exit_grace_seconds: float = _setting(5.0, "how long an exited process stays answerable",
                                          _positive)
-    ring_buffer_pages: int = _setting(256, "BPF ring buffer size in pages (power of two)",
+    ring_buffer_pages: int = _setting(1024, "BPF ring buffer size in pages (power of two)",
                                       lambda v: None if v > 0 and v & (v - 1) == 0
                                       else "a power of two greater than 0")
+    kubelet: KubeletSection = field(default_factory=KubeletSection)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Protocol
 
 from agent.config import Config, parse_listen
+from agent.observe.admin import AdminServer
 from agent.observe.logging import AuditLog, get_logger
 from agent.observe.metrics import Metrics, MetricsServer
 
@@ -100,6 +101,23 @@ class Daemon:
         self.metrics = Metrics()
         self.audit = audit or AuditLog(cfg.agent.resolved_node_name())
         self.components: list[Component] = []
+        # Order matters: attestation first (everything asks it), operator surfaces last.
+        from agent.attest.attestor import Attestor
+
+        kubelet = None
+        if cfg.attest.kubelet.enabled:
+            from agent.attest.kubelet import KubeletClient
+
+            k = cfg.attest.kubelet
+            kubelet = KubeletClient(k.url, token_file=k.token_file, ca_file=k.ca_file,
+                                    cache_ttl_seconds=k.cache_ttl_seconds,
+                                    insecure_skip_verify=k.insecure_skip_verify)
+        self.attestor = Attestor(cfg.attest, registry=self.metrics.registry, kubelet=kubelet)
+        self.metrics.add_ready_check("attest", self.attestor.ready)
+        self.components.append(self.attestor)
+        self.admin = AdminServer(Path(cfg.agent.run_dir) / "admin.sock")
+        self.admin.register("ps", lambda _req: [a.to_dict() for a in self.attestor.snapshot()])
+        self.components.append(self.admin)
         if cfg.metrics.enabled:
             self.components.append(MetricsComponent(self.metrics, cfg.metrics.listen))
         self._started: list[Component] = []
@@ -110,7 +128,12 @@ class Daemon:
 
     def _start_all(self) -> None:
         for c in self.components:
-            c.start()
+            try:
+                c.start()
+            except StartupError:
+                raise
+            except Exception as e:  # BCC and the kernel raise bare exceptions
+                raise StartupError(f"{c.name}: {e}; `credless doctor` checks this host") from e
             self._started.append(c)
 
     def _stop_all(self) -> None:

@@ -6,9 +6,14 @@ import shutil
 import signal
 import subprocess
 
+import json
+import os
+
 import pytest
 
 from tests.helpers import AgentProcess, free_port, http_get, write_config
+
+pytestmark = pytest.mark.kernel  # the agent loads its BPF programs at start
 
 
 @pytest.fixture
@@ -21,8 +26,15 @@ def agent(tmp_path):
         yield a
 
 
+def _bpf_prog_ids() -> set[int]:
+    out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True,
+                         check=True).stdout
+    return {p["id"] for p in json.loads(out or "[]")}
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_starts_serves_and_stops_cleanly(tmp_path, sig):
+    before = _bpf_prog_ids()
     port = free_port()
     cfg = write_config(tmp_path, metrics_port=port)
     with AgentProcess(cfg, tmp_path) as a:
@@ -33,6 +45,7 @@ def test_starts_serves_and_stops_cleanly(tmp_path, sig):
     assert not pidfile.exists()
     events = [e["event"] for e in a.log_events()]
     assert events[-2:] == ["stopping", "stopped"]
+    assert _bpf_prog_ids() - before == set()  # every program it loaded is gone
     with pytest.raises(OSError):  # the listener is gone
         http_get(f"http://127.0.0.1:{port}/healthz", timeout=1)
 
@@ -88,3 +101,25 @@ def test_bad_config_exits_2_without_traceback(tmp_path, credless_cmd):
     assert r.returncode == 2
     assert r.stderr == (f'credless: config error\n{cfg}: log.level: got "loud", expected one '
                         "of: debug, info, warning, error\n")
+
+
+def test_ps_lists_processes_with_selectors(agent, credless_cmd):
+    r = subprocess.run([*credless_cmd, "ps", "--config", str(agent.config), "--json",
+                        "--pid", str(agent.proc.pid)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert len(rows) == 1 and rows[0]["pid"] == agent.proc.pid
+    assert rows[0]["ppid"] == os.getpid()
+    assert "unix:uid:0" in rows[0]["selectors"]
+    assert any(s.startswith("unix:sha256:") for s in rows[0]["selectors"])
+    sock = agent.config.parent / "run" / "admin.sock"
+    assert oct(sock.stat().st_mode & 0o777) == "0o600"
+
+
+def test_ps_without_agent_says_what_to_do(tmp_path, credless_cmd):
+    cfg = write_config(tmp_path)
+    r = subprocess.run([*credless_cmd, "ps", "--config", str(cfg)], capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 1
+    assert r.stderr == (f"credless: no agent is listening on {tmp_path / 'run' / 'admin.sock'}; "
+                        "is `credless run` running with this config?\n")

@@ -61,7 +61,7 @@ def test_example_config_loads_and_documents_every_default():
     assert config.load(example) == config.Config()
     text = example.read_text()
     for key, default, _doc in config.iter_settings():
-        section, name = key.split(".")
+        name = key.rsplit(".", 1)[1]
         assert f"\n{name} = " in text, f"{key} is not documented in {example.name}"
 
 

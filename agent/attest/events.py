@@ -1,0 +1,110 @@
+"""Loads bpf/process_events.c and turns its ring buffer into ProcessEvent values.
+
+A thin loader: the programs and the event layout live in bpf/; this module computes the
+kernel-specific compile flags, polls the ring buffer on one thread, and exposes the two
+kernel-side facts user space needs: how many events the kernel could not record, and which
+image a live tgid runs right now (the `process_images` map).
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import threading
+from pathlib import Path
+from typing import Callable
+
+from agent.attest.btf import task_offset_cflags
+from agent.attest.table import ProcessEvent
+from agent.bpfload import compile_program
+from agent.observe.logging import get_logger
+
+log = get_logger("attest.events")
+
+_EXIT_FORMAT = Path("/sys/kernel/tracing/events/sched/sched_process_exit/format")
+_BPF_NOEXIST = 1
+
+
+def _has_group_dead() -> bool:
+    """Kernels since 6.16 say in sched_process_exit whether the whole process ended."""
+    try:
+        return "group_dead" in _EXIT_FORMAT.read_text()
+    except OSError:
+        return False
+
+
+class ProcessEventSource:
+    def __init__(self, on_event: Callable[[ProcessEvent], None], ring_pages: int = 2048):
+        self._on_event = on_event
+        self._ring_pages = ring_pages
+        self._bpf = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._event_ptr = None
+        self.callback_errors = 0
+
+    def start(self) -> None:
+        flags = [*task_offset_cflags(), f"-DRINGBUF_PAGES={self._ring_pages}"]
+        if _has_group_dead():
+            flags.append("-DHAVE_GROUP_DEAD")
+        self._bpf = compile_program("process_events", flags)  # attaches the tracepoints
+        ring = self._bpf[b"process_events"]
+        ring.open_ring_buffer(self._callback)
+        # The ctypes class BCC derived from struct process_event (bpf/process_events.h).
+        self._event_ptr = ct.POINTER(ring._event_class or _event_class(ring))
+        self._images = self._bpf[b"process_images"]
+        self._lost = self._bpf[b"process_events_lost"]
+        self._thread = threading.Thread(target=self._poll, name="bpf-process-events",
+                                        daemon=True)
+        self._thread.start()
+        log.info("process event tracepoints attached", ring_buffer_pages=self._ring_pages)
+
+    def _callback(self, _ctx, data, _size) -> int:
+        try:
+            e = ct.cast(data, self._event_ptr).contents
+            self._on_event(ProcessEvent(
+                type=e.type, tgid=e.tgid, pid=e.pid, ppid=e.ppid, uid=e.uid, gid=e.gid,
+                start_ns=e.start_ns, exec_ns=e.exec_ns, cgroup_id=e.cgroup_id,
+                ts_ns=e.ts_ns, comm=e.comm.decode(errors="replace"),
+                filename=e.filename.decode(errors="replace")))
+        except Exception:  # a bad event must not stop the stream; counted and logged
+            self.callback_errors += 1
+            log.exception("process event handler failed")
+        return 0
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self._bpf.ring_buffer_poll(100)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        if self._bpf is not None:
+            self._bpf.cleanup()  # detaches the tracepoints and closes the maps
+            self._bpf = None
+
+    def lost(self) -> int:
+        if self._bpf is None:
+            return 0
+        return sum(self._lost[ct.c_int(0)])
+
+    def kernel_image(self, tgid: int) -> tuple[int, int] | None:
+        """(start_ns, exec_ns) of the image tgid runs now, per the kernel; None if no process."""
+        try:
+            v = self._images[ct.c_uint32(tgid)]
+        except KeyError:
+            return None
+        return v.start_ns, v.exec_ns
+
+    def seed_image(self, tgid: int, start_ns: int, exec_ns: int) -> bool:
+        """Record a pre-existing process unless the kernel already has a newer image for it."""
+        key = ct.c_uint32(tgid)
+        leaf = self._images.Leaf(start_ns, exec_ns)
+        from bcc import libbcc
+        return libbcc.lib.bpf_update_elem(self._images.map_fd, ct.byref(key), ct.byref(leaf),
+                                          _BPF_NOEXIST) == 0
+
+
+def _event_class(ring):
+    from bcc.table import _get_event_class
+    return _get_event_class(ring)

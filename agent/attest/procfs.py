@@ -1,0 +1,150 @@
+"""What /proc says about a process, read once per image, and the executable's SHA-256.
+
+/proc answers for whatever process holds a pid *now*; the caller pins the answer to an image
+by checking the process start time here and the kernel's image map afterwards
+(agent/attest/attestor.py). The executable is hashed through an fd opened on
+/proc/<pid>/exe, which names the file the process really runs even if its path has since
+been replaced or deleted; hashes are cached by (device, inode, mtime, size) so an exec storm
+of one binary hashes it once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.attest.cgroupfs import parse_proc_cgroup
+
+PROC = Path("/proc")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+NS_PER_TICK = 1_000_000_000 // CLK_TCK
+
+
+class ProcessGone(Exception):
+    """The pid no longer exists, or is now another process."""
+
+
+@dataclass(frozen=True)
+class ProcStatus:
+    name: str
+    tgid: int
+    ppid: int
+    uids: tuple[int, int, int, int]   # real, effective, saved, filesystem
+    gids: tuple[int, int, int, int]
+    groups: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ProcInfo:
+    exe: str
+    sha256: str | None
+    exe_dev: int
+    exe_ino: int
+    status: ProcStatus
+    cgroup_path: str | None
+    start_ticks: int
+
+
+def parse_status(text: str) -> ProcStatus:
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        k, _, v = line.partition(":")
+        fields[k] = v.strip()
+    try:
+        uids = tuple(int(x) for x in fields["Uid"].split())
+        gids = tuple(int(x) for x in fields["Gid"].split())
+        return ProcStatus(name=fields.get("Name", ""), tgid=int(fields["Tgid"]), ppid=int(fields["PPid"]),
+                          uids=uids, gids=gids,  # type: ignore[arg-type]
+                          groups=tuple(int(x) for x in fields.get("Groups", "").split()))
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"unexpected /proc/<pid>/status format: {e}") from None
+
+
+def parse_stat_start_ticks(text: str) -> int:
+    """Field 22 (starttime) of /proc/<pid>/stat; comm (field 2) may hold spaces and ')'."""
+    rest = text[text.rindex(")") + 2:].split()
+    return int(rest[19])  # fields 3.. start at index 0, so field 22 is index 19
+
+
+def start_ns_from_ticks(ticks: int) -> int:
+    return ticks * NS_PER_TICK
+
+
+def same_start(start_ns: int, start_ticks: int) -> bool:
+    """Does a kernel start time (ns) denote the same process as a /proc starttime (ticks)?"""
+    return abs(start_ns // NS_PER_TICK - start_ticks) <= 1
+
+
+class ExeHasher:
+    """SHA-256 of executables, cached by file identity. Thread-safe."""
+
+    def __init__(self, max_entries: int = 4096, max_bytes: int = 512 * 1024 * 1024):
+        self._cache: dict[tuple[int, int, int, int], str] = {}
+        self._lock = threading.Lock()
+        self._max_entries = max_entries
+        self._max_bytes = max_bytes
+        self.hits = 0
+        self.misses = 0
+
+    def hash_fd(self, fd: int) -> str | None:
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+        with self._lock:
+            cached = self._cache.get(key)
+            if cached is not None:
+                self.hits += 1
+                return cached
+        if st.st_size > self._max_bytes:
+            return None  # not hashed: a sha256 selector never matches it
+        h = hashlib.sha256()
+        while chunk := os.read(fd, 1 << 20):
+            h.update(chunk)
+        digest = h.hexdigest()
+        with self._lock:
+            self.misses += 1
+            if len(self._cache) >= self._max_entries:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[key] = digest
+        return digest
+
+
+def read_process(pid: int, start_ns: int | None, hasher: ExeHasher,
+                 proc: Path = PROC) -> ProcInfo:
+    """Read one process's facts; ProcessGone if it is gone or is not the expected process."""
+    base = proc / str(pid)
+    try:
+        start_ticks = parse_stat_start_ticks((base / "stat").read_text())
+        if start_ns is not None and not same_start(start_ns, start_ticks):
+            raise ProcessGone(f"pid {pid} is now another process")
+        status = parse_status((base / "status").read_text())
+        cgroup_path = parse_proc_cgroup((base / "cgroup").read_text())
+        exe = os.readlink(base / "exe")
+        fd = os.open(base / "exe", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            digest = hasher.hash_fd(fd)
+        finally:
+            os.close(fd)
+    except (FileNotFoundError, ProcessLookupError) as e:
+        raise ProcessGone(f"pid {pid} exited") from e
+    except PermissionError as e:
+        # kernel threads have no exe; a process may also have dropped dumpable
+        raise ProcessGone(f"pid {pid}: {e.strerror} reading {e.filename}") from e
+    # ProcessGone from the start-time check escapes unchanged
+    if exe.endswith(" (deleted)"):
+        exe = exe[: -len(" (deleted)")]
+    # the same check again after reading: the pid may have been reused meanwhile
+    try:
+        if parse_stat_start_ticks((base / "stat").read_text()) != start_ticks:
+            raise ProcessGone(f"pid {pid} was reused while being read")
+    except (FileNotFoundError, ProcessLookupError) as e:
+        raise ProcessGone(f"pid {pid} exited") from e
+    return ProcInfo(exe=exe, sha256=digest, exe_dev=st.st_dev, exe_ino=st.st_ino,
+                    status=status, cgroup_path=cgroup_path, start_ticks=start_ticks)
+
+
+def list_pids(proc: Path = PROC) -> list[int]:
+    return sorted(int(p.name) for p in proc.iterdir() if p.name.isdigit())

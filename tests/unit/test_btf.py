@@ -1,0 +1,55 @@
+"""BTF offsets: the hand-written parser must agree with bpftool on the running kernel."""
+
+from __future__ import annotations
+
+import re
+import struct
+import subprocess
+
+import pytest
+
+from agent.attest.btf import BTF, TASK_FIELDS, BTFError
+
+
+def _bpftool_offsets() -> dict[str, int]:
+    raw = subprocess.run(["bpftool", "btf", "dump", "file", "/sys/kernel/btf/vmlinux",
+                          "format", "raw"], capture_output=True, text=True, check=True).stdout
+    block = raw.split("STRUCT 'task_struct' size=", 1)[1].split("\n[", 1)[0]
+    out = {}
+    for name, bits in re.findall(r"'(\w+)' type_id=\d+ bits_offset=(\d+)", block):
+        out.setdefault(name, int(bits) // 8)
+    return out
+
+
+def test_task_struct_offsets_match_bpftool():
+    ours = BTF.from_file()
+    theirs = _bpftool_offsets()
+    for field in TASK_FIELDS:
+        assert ours.offset_of("task_struct", field) == theirs[field], field
+
+
+def _blob(types: bytes, strings: bytes) -> bytes:
+    hdr = struct.pack("<HBBIIIII", 0xEB9F, 1, 0, 24, 0, len(types), len(types), len(strings))
+    return hdr + types + strings
+
+
+def test_anonymous_member_offsets_are_added():
+    # strings: 0:"" 1:"int" 5:"outer" 11:"a" 13:"b"
+    strings = b"\0int\0outer\0a\0b\0"
+    t_int = struct.pack("<III", 1, (1 << 24), 4) + struct.pack("<I", 32)  # id 1
+    inner = struct.pack("<III", 0, (4 << 24) | 1, 4) + struct.pack("<III", 13, 1, 0)  # id 2
+    outer = struct.pack("<III", 5, (4 << 24) | 2, 16) + \
+        struct.pack("<III", 11, 1, 0) + struct.pack("<III", 0, 2, 64)            # id 3
+    btf = BTF(_blob(t_int + inner + outer, strings))
+    assert btf.offset_of("outer", "a") == 0
+    assert btf.offset_of("outer", "b") == 8
+
+
+def test_errors_name_what_is_missing():
+    btf = BTF.from_file()
+    with pytest.raises(BTFError, match="struct task_struct has no field no_such_field"):
+        btf.offset_of("task_struct", "no_such_field")
+    with pytest.raises(BTFError, match="struct no_such_struct not in kernel BTF"):
+        btf.struct_id("no_such_struct")
+    with pytest.raises(BTFError, match="bad magic"):
+        BTF(b"\0" * 64)
