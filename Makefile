@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 PYTHON ?= python3
 BCC_SRC := /usr/lib/python3/dist-packages/bcc
 
-.PHONY: setup host venv test demo bench bench-attest clean
+.PHONY: setup host venv test demo bench bench-attest bench-identity proto clean
 
 setup: host venv
 
@@ -31,10 +31,22 @@ test: setup
 demo: setup
 	$(PY) -m agent.demo
 
-bench: setup bench-attest
+bench: setup bench-attest bench-identity
 
 bench-attest: setup
 	$(PY) -m tests.bench.bench_attest
 
+bench-identity: setup
+	$(PY) -m tests.bench.bench_identity
+
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# Regenerate agent/identity/proto/*_pb2*.py from the .proto files (generated code is
+# committed, so neither setup nor CI needs protoc). grpcio-tools lives in its own venv so it
+# cannot change the protobuf runtime the project runs with.
+PROTO_VENV := .venv-proto
+proto:
+	@test -x $(PROTO_VENV)/bin/python || $(PYTHON) -m venv $(PROTO_VENV)
+	@$(PROTO_VENV)/bin/pip install -q 'grpcio-tools==1.85.1'
+	$(PROTO_VENV)/bin/python -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. --pyi_out=. agent/identity/proto/*.proto

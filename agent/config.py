@@ -152,6 +152,41 @@ class AttestSection:
 class IdentitySection:
     trust_domain: str = _setting("example.org", "the SPIFFE trust domain this node issues in",
                                  check_trust_domain)
+    entries_file: str = _setting("/etc/credless/entries.toml", "registration entries; empty "
+                                 "means none (no process gets an identity)", _absolute_path)
+    x509_svid_ttl_seconds: int = _setting(3600, "X509-SVID lifetime; renewed at half-life",
+                                          lambda v: None if 60 <= v <= 86400
+                                          else "between 60 and 86400")
+    jwt_svid_ttl_seconds: int = _setting(300, "JWT-SVID lifetime",
+                                         lambda v: None if 10 <= v <= 3600
+                                         else "between 10 and 3600")
+    jwt_key_rotation_seconds: int = _setting(86400, "how often the JWT signing key rotates",
+                                             lambda v: None if v >= 600 else "at least 600")
+    jwt_issuer: str = _setting("", "iss claim of JWT-SVIDs; empty means the SPIFFE ID itself "
+                               "(what RFC 7523 validators expect of a client assertion)")
+    upstream_ca_cert: str = _setting("", "PEM intermediate CA issued by your organisation's "
+                                     "CA; empty means a self-signed CA in state_dir/ca",
+                                     _absolute_path)
+    upstream_ca_key: str = _setting("", "PEM private key of upstream_ca_cert (0600)",
+                                    _absolute_path)
+    upstream_ca_chain: str = _setting("", "PEM chain above upstream_ca_cert, ending with the "
+                                      "root", _absolute_path)
+
+
+@dataclass(frozen=True)
+class WorkloadApiSection:
+    enabled: bool = _setting(True, "serve the SPIFFE Workload API")
+    socket: str = _setting("/run/credless/agent.sock", "unix socket path (mode 0666; callers "
+                           "are attested by their peer credentials)", _absolute_path)
+
+
+@dataclass(frozen=True)
+class BundleEndpointSection:
+    enabled: bool = _setting(True, "serve the trust bundle over HTTP")
+    listen: str = _setting("127.0.0.1:8444", "address of the bundle endpoint (a loopback "
+                           "address unless an authorization server elsewhere needs it)",
+                           lambda v: None if parse_listen(v) else
+                           'HOST:PORT such as "127.0.0.1:8444"')
 
 
 @dataclass(frozen=True)
@@ -161,6 +196,8 @@ class Config:
     metrics: MetricsSection = field(default_factory=MetricsSection)
     attest: AttestSection = field(default_factory=AttestSection)
     identity: IdentitySection = field(default_factory=IdentitySection)
+    workload_api: WorkloadApiSection = field(default_factory=WorkloadApiSection)
+    bundle_endpoint: BundleEndpointSection = field(default_factory=BundleEndpointSection)
 
 
 # ---------------------------------------------------------------- parsing

@@ -75,24 +75,26 @@ class PidFile:
             self._fd = None
 
 
-class MetricsComponent:
-    name = "metrics"
+class _Bound:
+    """An HTTP endpoint as a component: a busy address fails start-up naming the setting."""
 
-    def __init__(self, metrics: Metrics, listen: str):
-        host, port = parse_listen(listen)  # validated by config
-        self.server = MetricsServer(metrics, host, port)
+    def __init__(self, endpoint, setting: str):
+        self.endpoint = endpoint
+        self.setting = setting
+        self.name = setting.split(".")[0]
 
     def start(self) -> None:
         try:
-            self.server.start()
+            self.endpoint.start()
         except OSError as e:
-            host, port = self.server._addr
-            raise StartupError(f"metrics.listen {host}:{port}: {e.strerror}; choose a free "
-                               "loopback port or set metrics.enabled = false") from None
-        log.info("metrics endpoint listening", address="%s:%d" % self.server.address)
+            host, port = self.endpoint.requested_address
+            section = self.setting.split(".")[0]
+            raise StartupError(f"{self.setting} {host}:{port}: {e.strerror}; choose a free "
+                               f"port or set {section}.enabled = false") from None
+        log.info("listening", endpoint=self.name, address="%s:%d" % self.endpoint.address)
 
     def stop(self) -> None:
-        self.server.stop()
+        self.endpoint.stop()
 
 
 class Daemon:
@@ -115,16 +117,47 @@ class Daemon:
         self.attestor = Attestor(cfg.attest, registry=self.metrics.registry, kubelet=kubelet)
         self.metrics.add_ready_check("attest", self.attestor.ready)
         self.components.append(self.attestor)
+
+        from agent.identity.manager import IdentityManager
+
+        self.identity = IdentityManager(cfg.identity, cfg.agent.state_dir, audit=self.audit,
+                                        registry=self.metrics.registry)
+        self.metrics.add_ready_check("identity", self.identity.ready)
+        self.components.append(self.identity)
+        self.reload_hooks = [self.identity.reload_entries]
+        if cfg.workload_api.enabled:
+            from agent.identity.workload_api import WorkloadApiServer
+
+            self.components.append(WorkloadApiServer(
+                cfg.workload_api.socket, self.identity, self.attestor, audit=self.audit,
+                registry=self.metrics.registry))
+        if cfg.bundle_endpoint.enabled:
+            from agent.identity.bundle_endpoint import BundleEndpoint
+
+            host, port = parse_listen(cfg.bundle_endpoint.listen)
+            self.components.append(_Bound(BundleEndpoint(self.identity, host, port),
+                                          "bundle_endpoint.listen"))
         self.admin = AdminServer(Path(cfg.agent.run_dir) / "admin.sock")
         self.admin.register("ps", lambda _req: [a.to_dict() for a in self.attestor.snapshot()])
         self.components.append(self.admin)
         if cfg.metrics.enabled:
-            self.components.append(MetricsComponent(self.metrics, cfg.metrics.listen))
+            host, port = parse_listen(cfg.metrics.listen)
+            self.components.append(_Bound(MetricsServer(self.metrics, host, port),
+                                          "metrics.listen"))
         self._started: list[Component] = []
         self._stop = asyncio.Event()
 
     def request_stop(self) -> None:
         self._stop.set()
+
+    def reload(self) -> None:
+        """SIGHUP: re-read what can change without a restart (registration entries)."""
+        log.info("reload requested")
+        for hook in self.reload_hooks:
+            try:
+                hook()
+            except Exception:
+                log.exception("reload failed")
 
     def _start_all(self) -> None:
         for c in self.components:
@@ -133,7 +166,8 @@ class Daemon:
             except StartupError:
                 raise
             except Exception as e:  # BCC and the kernel raise bare exceptions
-                raise StartupError(f"{c.name}: {e}; `credless doctor` checks this host") from e
+                hint = "; `credless doctor` checks this host" if c.name == "attest" else ""
+                raise StartupError(f"{c.name}: {e}{hint}") from e
             self._started.append(c)
 
     def _stop_all(self) -> None:
@@ -148,6 +182,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         pidfile = PidFile(Path(self.cfg.agent.run_dir) / "credless.pid")
         try:
             pidfile.acquire()
@@ -165,6 +200,6 @@ class Daemon:
         finally:
             self._stop_all()
             pidfile.release()
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             log.info("stopped")

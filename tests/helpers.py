@@ -54,6 +54,12 @@ run_dir = "{tmp / 'run'}"
 format = "json"
 [metrics]
 listen = "127.0.0.1:{port}"
+[identity]
+entries_file = "{tmp / 'entries.toml'}"
+[workload_api]
+socket = "{tmp / 'run' / 'agent.sock'}"
+[bundle_endpoint]
+listen = "127.0.0.1:{free_port()}"
 {extra}
 """)
     return cfg

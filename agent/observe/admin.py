@@ -11,22 +11,16 @@ import json
 import os
 import socket
 import socketserver
-import struct
 import threading
 from pathlib import Path
 from typing import Any, Callable
 
 from agent.observe.logging import get_logger
+from agent.peercred import peer_cred
 
 log = get_logger("admin")
 Handler = Callable[[dict], Any]
 MAX_REQUEST = 64 * 1024
-
-
-def peer_uid(sock: socket.socket) -> int:
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return uid
 
 
 class AdminServer:
@@ -45,7 +39,9 @@ class AdminServer:
 
         class Conn(socketserver.StreamRequestHandler):
             def handle(self) -> None:
-                if peer_uid(self.request) != 0:
+                cred = peer_cred(self.request)
+                cred.close()
+                if cred.uid != 0:
                     self._reply({"error": "permission denied: the admin socket is root-only"})
                     return
                 line = self.rfile.readline(MAX_REQUEST)

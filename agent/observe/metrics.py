@@ -7,8 +7,6 @@ in one process. Components register their series on `Metrics.registry` when they
 from __future__ import annotations
 
 import platform
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
 from prometheus_client import (CollectorRegistry, Info, PlatformCollector, ProcessCollector,
@@ -16,6 +14,7 @@ from prometheus_client import (CollectorRegistry, Info, PlatformCollector, Proce
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from agent import __version__
+from agent.observe.http import TEXT, HttpEndpoint
 
 ReadyCheck = Callable[[], "tuple[bool, str]"]
 
@@ -42,62 +41,16 @@ class Metrics:
         return ok, lines
 
 
-class MetricsServer:
-    """A small threaded HTTP server; binds in start() so a bad address fails start-up."""
+def metrics_routes(metrics: Metrics) -> dict:
+    def scrape():
+        return 200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST
 
-    def __init__(self, metrics: Metrics, host: str, port: int) -> None:
-        self._metrics = metrics
-        self._addr = (host, port)
-        self._httpd: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+    def ready():
+        ok, lines = metrics.readiness()
+        return (200 if ok else 503), ("\n".join(lines) + "\n").encode(), TEXT
 
-    @property
-    def address(self) -> tuple[str, int]:
-        assert self._httpd is not None
-        return self._httpd.server_address[:2]
+    return {"/metrics": scrape, "/healthz": lambda: (200, b"ok\n", TEXT), "/readyz": ready}
 
-    def start(self) -> None:
-        metrics = self._metrics
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-                path = self.path.split("?", 1)[0]
-                if path == "/metrics":
-                    self._send(200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST)
-                elif path == "/healthz":
-                    self._send(200, b"ok\n")
-                elif path == "/readyz":
-                    ok, lines = metrics.readiness()
-                    self._send(200 if ok else 503, ("\n".join(lines) + "\n").encode())
-                else:
-                    self._send(404, b"not found: try /metrics, /healthz or /readyz\n")
-
-            def _send(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8"):
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args) -> None:  # scrapes are not diagnostics
-                pass
-
-        server_cls = ThreadingHTTPServer
-        if ":" in self._addr[0]:
-            import socket
-
-            class V6(ThreadingHTTPServer):
-                address_family = socket.AF_INET6
-
-            server_cls = V6
-        server_cls.daemon_threads = True
-        self._httpd = server_cls(self._addr, Handler)
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="metrics-http",
-                                        daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            self._httpd = None
+def MetricsServer(metrics: Metrics, host: str, port: int) -> HttpEndpoint:  # noqa: N802
+    return HttpEndpoint(host, port, metrics_routes(metrics), name="metrics-http")

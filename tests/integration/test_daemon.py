@@ -66,7 +66,7 @@ def test_health_and_unknown_paths(agent):
     status, body = http_get(f"http://127.0.0.1:{agent.port}/readyz")
     assert status == 200
     status, body = http_get(f"http://127.0.0.1:{agent.port}/nope")
-    assert status == 404 and "/metrics" in body
+    assert status == 404 and body == "not found; this endpoint serves /healthz, /metrics, /readyz\n"
 
 
 def test_second_agent_on_same_run_dir_refuses(agent, tmp_path):
@@ -89,7 +89,7 @@ def test_busy_metrics_port_fails_startup_with_a_fix(tmp_path, agent):
     errors = [e for e in b.log_events() if e.get("event") == "start-up failed"]
     assert errors and errors[0]["error"] == (
         f"metrics.listen 127.0.0.1:{agent.port}: Address already in use; choose a free "
-        "loopback port or set metrics.enabled = false")
+        "port or set metrics.enabled = false")
     assert not (other / "run" / "credless.pid").exists()
 
 
@@ -123,3 +123,18 @@ def test_ps_without_agent_says_what_to_do(tmp_path, credless_cmd):
     assert r.returncode == 1
     assert r.stderr == (f"credless: no agent is listening on {tmp_path / 'run' / 'admin.sock'}; "
                         "is `credless run` running with this config?\n")
+
+
+def test_bundle_endpoint_serves_the_spiffe_bundle(agent):
+    from agent import config
+
+    listen = config.load(agent.config).bundle_endpoint.listen
+    status, body = http_get(f"http://{listen}/")
+    doc = json.loads(body)
+    assert status == 200 and doc["spiffe_sequence"] > 0 and doc["spiffe_refresh_hint"] > 0
+    uses = sorted(k["use"] for k in doc["keys"])
+    assert uses == ["jwt-svid", "x509-svid"]
+    status, body = http_get(f"http://{listen}/jwks.json")
+    jwks = json.loads(body)
+    assert status == 200 and "spiffe_sequence" not in jwks
+    assert [k["kid"] for k in jwks["keys"]] == [k["kid"] for k in doc["keys"] if "kid" in k]
