@@ -69,6 +69,23 @@ def cmd_ps(args) -> int:
     return 0
 
 
+def cmd_oauth_probe(args) -> int:
+    import json
+    from pathlib import Path
+
+    from agent.observe import admin
+
+    cfg = _load_config(args.config)
+    try:
+        out = admin.call(Path(cfg.agent.run_dir) / "admin.sock", "oauth_probe",
+                         timeout=120, server=args.server, spiffe_id=args.spiffe_id)
+    except RuntimeError as e:
+        print(f"credless: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(out, indent=2))
+    return 1 if "error" in out else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="credless", description=(
         "Node-local credential injection agent: attests processes with eBPF, gives them "
@@ -99,6 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--selectors", action="store_true", help="list selectors under each row")
     ps.add_argument("--json", action="store_true", help="JSON (the default when not a TTY)")
     ps.set_defaults(func=cmd_ps)
+
+    oauth = sub.add_parser("oauth", help="OAuth tools").add_subparsers(dest="oauth_command",
+                                                                        required=True)
+    probe = oauth.add_parser("probe", help="discovery, registration and a token request for "
+                             "one identity, through the running agent; prints a summary, "
+                             "never the token")
+    probe.add_argument("--config", help=f"config file (default {config.DEFAULT_CONFIG_PATH})")
+    probe.add_argument("--server", required=True, help="MCP server URL")
+    probe.add_argument("--spiffe-id", required=True, help="an identity the agent can issue")
+    probe.set_defaults(func=cmd_oauth_probe)
     return p
 
 

@@ -189,6 +189,56 @@ class BundleEndpointSection:
                            'HOST:PORT such as "127.0.0.1:8444"')
 
 
+def _url(v: Any) -> str | None:
+    return None if isinstance(v, str) and re.match(r"^https?://[^/\s]+", v) else \
+        'an absolute http(s) URL such as "https://mcp.example.com/mcp"'
+
+
+def _optional_url(v: Any) -> str | None:
+    return None if v == "" else _url(v)
+
+
+@dataclass(frozen=True)
+class ServerSection:
+    """One MCP server the agent obtains credentials for."""
+    name: str = _setting("", "name used in policy, metrics and audit",
+                         lambda v: None if re.fullmatch(r"[a-z0-9][a-z0-9_.-]{0,62}", v)
+                         else "1-63 characters of lowercase letters, digits, '.', '_', '-'")
+    url: str = _setting("", "the MCP server URL (its RFC 8707 resource identifier)", _url)
+    auth_profile: str = _setting("jwt-bearer", "client assertion profile: jwt-bearer "
+                                 "(RFC 7523 private_key_jwt) or jwt-spiffe (IETF SPIFFE "
+                                 "client auth draft)", _one_of("jwt-bearer", "jwt-spiffe"))
+    assertion_audience: str = _setting("issuer", "aud of the client assertion: the issuer "
+                                       "identifier, or the token endpoint URL",
+                                       _one_of("issuer", "token_endpoint"))
+    issuer: str = _setting("", "authorization server issuer; empty means discovered",
+                           _optional_url)
+    scope: str = _setting("", "scope to request; empty means the 401 challenge's, then the "
+                          "resource metadata's, then none")
+    registration: str = _setting("preregistered", "preregistered (client_id = the SPIFFE ID "
+                                 "or client_id) or dynamic (RFC 7591 with a software "
+                                 "statement)", _one_of("preregistered", "dynamic"))
+    client_id: str = _setting("", "client_id for a preregistered client; empty means the "
+                              "SPIFFE ID")
+    dpop: str = _setting("auto", "auto (when the server advertises it), always or never",
+                         _one_of("auto", "always", "never"))
+
+
+@dataclass(frozen=True)
+class OAuthSection:
+    refresh_ahead: float = _setting(0.8, "refresh a token after this fraction of its lifetime",
+                                    lambda v: None if 0.1 <= v <= 0.95 else "between 0.1 "
+                                    "and 0.95")
+    discovery_ttl_seconds: float = _setting(300.0, "how long discovery results are reused",
+                                            _positive)
+    request_timeout_seconds: float = _setting(10.0, "timeout of each HTTP request to an "
+                                              "authorization server", _positive)
+    ca_file: str = _setting("", "CA bundle for authorization servers; empty means the "
+                            "system store", _absolute_path)
+    jwks_uri: str = _setting("", "jwks_uri registered for dynamic clients; empty means the "
+                             "bundle endpoint's /jwks.json", _optional_url)
+
+
 @dataclass(frozen=True)
 class Config:
     agent: AgentSection = field(default_factory=AgentSection)
@@ -198,6 +248,8 @@ class Config:
     identity: IdentitySection = field(default_factory=IdentitySection)
     workload_api: WorkloadApiSection = field(default_factory=WorkloadApiSection)
     bundle_endpoint: BundleEndpointSection = field(default_factory=BundleEndpointSection)
+    oauth: OAuthSection = field(default_factory=OAuthSection)
+    servers: tuple[ServerSection, ...] = _setting((), "[[servers]]: the MCP servers")
 
 
 # ---------------------------------------------------------------- parsing
@@ -240,6 +292,15 @@ def _build(cls: type, data: dict, path: str, problems: list[str]) -> Any:
                             + ", ".join(sorted(fields)))
             continue
         ftype = hints[key]
+        if getattr(ftype, "__origin__", None) is tuple:
+            item = ftype.__args__[0]
+            if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+                problems.append(f"{key_path}: got {_toml_type_name(value)}, expected an array "
+                                f"of tables [[{key_path}]]")
+                continue
+            kwargs[key] = tuple(_build(item, v, f"{key_path}[{i}]", problems)
+                                for i, v in enumerate(value))
+            continue
         if dataclasses.is_dataclass(ftype):
             if not isinstance(value, dict):
                 problems.append(f"{key_path}: got {_toml_type_name(value)} {_render(value)}, "
@@ -260,9 +321,23 @@ def _build(cls: type, data: dict, path: str, problems: list[str]) -> Any:
     return cls(**kwargs)
 
 
+def _check_servers(cfg: Config, problems: list[str]) -> None:
+    seen: set[str] = set()
+    for i, srv in enumerate(cfg.servers):
+        where = f"servers[{i}]"
+        for key in ("name", "url"):
+            if not getattr(srv, key):
+                problems.append(f"{where}.{key}: required")
+        if srv.name in seen:
+            problems.append(f"{where}.name: {srv.name!r} is used twice; names must be unique")
+        seen.add(srv.name)
+
+
 def parse(data: dict, source: str = "<config>") -> Config:
     problems: list[str] = []
     cfg = _build(Config, data, "", problems)
+    if not problems:
+        _check_servers(cfg, problems)
     if problems:
         raise ConfigError(source, problems)
     return cfg
@@ -295,7 +370,9 @@ def iter_settings(cls: type = Config, prefix: str = ""):
     for f in dataclasses.fields(cls):
         ftype = hints[f.name]
         key = f"{prefix}.{f.name}" if prefix else f.name
-        if dataclasses.is_dataclass(ftype):
+        if getattr(ftype, "__origin__", None) is tuple:
+            yield from iter_settings(ftype.__args__[0], key)
+        elif dataclasses.is_dataclass(ftype):
             yield from iter_settings(ftype, key)
         else:
             yield key, f.default, f.metadata.get("doc", "")

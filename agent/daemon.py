@@ -137,7 +137,16 @@ class Daemon:
             host, port = parse_listen(cfg.bundle_endpoint.listen)
             self.components.append(_Bound(BundleEndpoint(self.identity, host, port),
                                           "bundle_endpoint.listen"))
+        from agent.oauth.service import OAuthService
+
+        bundle_host, bundle_port = parse_listen(cfg.bundle_endpoint.listen)
+        self.oauth = OAuthService(cfg, self.identity, cfg.agent.state_dir, audit=self.audit,
+                                  registry=self.metrics.registry,
+                                  jwks_uri=f"http://{cfg.bundle_endpoint.listen}/jwks.json"
+                                  if cfg.bundle_endpoint.enabled else None)
+        self.components.append(self.oauth)
         self.admin = AdminServer(Path(cfg.agent.run_dir) / "admin.sock")
+        self.admin.register("oauth_probe", self._oauth_probe)
         self.admin.register("ps", lambda _req: [a.to_dict() for a in self.attestor.snapshot()])
         self.components.append(self.admin)
         if cfg.metrics.enabled:
@@ -146,6 +155,18 @@ class Daemon:
                                           "metrics.listen"))
         self._started: list[Component] = []
         self._stop = asyncio.Event()
+
+    def _oauth_probe(self, req: dict) -> dict:
+        from agent.oauth.errors import OAuthError
+
+        ident = self.identity.identity_for_id(str(req.get("spiffe_id", "")))
+        if ident is None:
+            raise RuntimeError(f"{req.get('spiffe_id')!r} is not an identity this agent can "
+                               "issue: no registration entry produces it")
+        try:
+            return self.oauth.run_sync(self.oauth.probe(str(req.get("server", "")), ident))
+        except OAuthError as e:
+            return {"error": e.to_dict()}
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -159,10 +180,13 @@ class Daemon:
             except Exception:
                 log.exception("reload failed")
 
-    def _start_all(self) -> None:
+    async def _start_all(self) -> None:
         for c in self.components:
             try:
-                c.start()
+                if hasattr(c, "astart"):
+                    await c.astart()
+                else:
+                    c.start()
             except StartupError:
                 raise
             except Exception as e:  # BCC and the kernel raise bare exceptions
@@ -170,11 +194,14 @@ class Daemon:
                 raise StartupError(f"{c.name}: {e}{hint}") from e
             self._started.append(c)
 
-    def _stop_all(self) -> None:
+    async def _stop_all(self) -> None:
         while self._started:
             c = self._started.pop()
             try:
-                c.stop()
+                if hasattr(c, "astop"):
+                    await c.astop()
+                else:
+                    c.stop()
             except Exception:  # keep stopping the rest: leaking an attachment is worse
                 log.exception("component stop failed", component=c.name)
 
@@ -186,7 +213,7 @@ class Daemon:
         pidfile = PidFile(Path(self.cfg.agent.run_dir) / "credless.pid")
         try:
             pidfile.acquire()
-            self._start_all()
+            await self._start_all()
             log.info("ready", pid=os.getpid(),
                      components=[c.name for c in self._started])
             sd_notify("READY=1\nSTATUS=serving")
@@ -198,7 +225,7 @@ class Daemon:
             log.error("start-up failed", error=str(e))
             return 1
         finally:
-            self._stop_all()
+            await self._stop_all()
             pidfile.release()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)

@@ -173,6 +173,17 @@ class IdentityManager:
         self.m_decisions.labels("issued").inc()
         return Identity(m.spiffe_id, m.entry)
 
+    def identity_for_id(self, spiffe_id: str) -> Identity | None:
+        """An Identity for an ID some entry could issue (operator tools: `oauth probe`)."""
+        import re
+
+        for e in self.registry.entries:
+            pattern = re.escape(e.spiffe_id)
+            pattern = re.sub(r"\\\{[^}]*\\\}", "[A-Za-z0-9._-]+", pattern)
+            if re.fullmatch(pattern, spiffe_id):
+                return Identity(SpiffeId.parse(spiffe_id), e)
+        return None
+
     # ------------------------------------------------------------ SVIDs
     def x509_svid(self, ident: Identity) -> X509Svid:
         key = str(ident.spiffe_id)

@@ -62,7 +62,9 @@ def test_example_config_loads_and_documents_every_default():
     text = example.read_text()
     for key, default, _doc in config.iter_settings():
         name = key.rsplit(".", 1)[1]
-        assert f"\n{name} = " in text, f"{key} is not documented in {example.name}"
+        # array-of-table keys ([[servers]]) are documented as a commented example
+        assert f"\n{name} = " in text or f"\n# {name} = " in text, \
+            f"{key} is not documented in {example.name}"
 
 
 def test_ipv6_loopback_and_integer_for_float_are_accepted():
@@ -92,3 +94,23 @@ def test_check_config_cli_exit_codes(tmp_path, credless_cmd):
                              capture_output=True, text=True)
     assert missing.returncode == 2 and "file not found" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+def test_servers_array_is_validated_per_entry():
+    with pytest.raises(ConfigError) as err:
+        config.parse({"servers": [{"name": "a", "url": "http://127.0.0.1:1/mcp"},
+                                  {"name": "a", "url": "ftp://x", "dpop": "maybe"},
+                                  {"url": "http://127.0.0.1:2/mcp"}]})
+    assert err.value.problems == [
+        'servers[1].url: got "ftp://x", expected an absolute http(s) URL such as '
+        '"https://mcp.example.com/mcp"',
+        'servers[1].dpop: got "maybe", expected one of: auto, always, never',
+    ]
+    with pytest.raises(ConfigError) as err:
+        config.parse({"servers": [{"name": "a", "url": "http://127.0.0.1:1/mcp"},
+                                  {"name": "a", "url": "http://127.0.0.1:2/mcp"},
+                                  {"url": "http://127.0.0.1:2/mcp"}]})
+    assert err.value.problems == ["servers[1].name: 'a' is used twice; names must be unique",
+                                  "servers[2].name: required"]
+    cfg = config.parse({"servers": [{"name": "w", "url": "http://127.0.0.1:1/mcp"}]})
+    assert cfg.servers[0].auth_profile == "jwt-bearer" and cfg.servers[0].dpop == "auto"

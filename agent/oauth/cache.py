@@ -1,0 +1,115 @@
+"""The token cache: one token per (SPIFFE ID, server, resource, scope), in memory only.
+
+- Refresh ahead: after `refresh_ahead` of a token's lifetime a background refresh starts,
+  while callers keep getting the still-valid token.
+- Single flight: however many callers want the same key at once, one request goes out and
+  all of them await it.
+- Backoff: a failed request schedules the next attempt with exponential backoff and full
+  jitter; a still-valid token keeps being served meanwhile (the authorization server being
+  down must not take working workloads down with it before their tokens expire).
+- A caller with no valid token gets the error (typed), never a stale token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Hashable
+
+from agent.oauth.errors import OAuthError, ServerUnavailable
+from agent.oauth.tokens import Token
+
+
+@dataclass
+class _Entry:
+    token: Token | None = None
+    failures: int = 0
+    next_attempt: float = 0.0
+    last_error: OAuthError | None = None
+
+
+class TokenCache:
+    def __init__(self, fetch: Callable[[Hashable], Awaitable[Token]], *,
+                 refresh_ahead: float = 0.8, backoff_base: float = 0.5,
+                 backoff_max: float = 60.0, clock: Callable[[], float] = time.time,
+                 on_event: Callable[[str, Hashable, object], None] | None = None):
+        self._fetch = fetch
+        self.refresh_ahead = refresh_ahead
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self.clock = clock
+        self._entries: dict[Hashable, _Entry] = {}
+        self._inflight: dict[Hashable, asyncio.Task] = {}
+        self._on_event = on_event or (lambda *_: None)
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return sum(1 for e in self._entries.values() if e.token is not None)
+
+    def _refresh_at(self, t: Token) -> float:
+        return t.issued_at + (t.expires_at - t.issued_at) * self.refresh_ahead
+
+    async def get(self, key: Hashable) -> Token:
+        entry = self._entries.get(key)
+        now = self.clock()
+        if entry is not None and entry.token is not None and entry.token.valid(now):
+            self.hits += 1
+            if now >= self._refresh_at(entry.token) and now >= entry.next_attempt \
+                    and key not in self._inflight:
+                self._start(key, refresh=True)
+            return entry.token
+        self.misses += 1
+        if entry is not None and now < entry.next_attempt and key not in self._inflight \
+                and entry.last_error is not None:
+            raise entry.last_error  # backing off: answer at once with the last failure
+        task = self._inflight.get(key) or self._start(key, refresh=False)
+        return await asyncio.shield(task)
+
+    def _start(self, key: Hashable, refresh: bool) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(self._run(key, refresh))
+        self._inflight[key] = task
+        if refresh:  # nobody awaits a background refresh: keep its failure from warning
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return task
+
+    async def _run(self, key: Hashable, refresh: bool) -> Token:
+        entry = self._entries.setdefault(key, _Entry())
+        try:
+            token = await self._fetch(key)
+        except OAuthError as e:
+            entry.failures += 1
+            delay = min(self.backoff_max, self.backoff_base * 2 ** (entry.failures - 1))
+            # full jitter for transient failures; client errors wait the whole step
+            entry.next_attempt = self.clock() + (random.uniform(0, delay)
+                                                 if isinstance(e, ServerUnavailable) else delay)
+            entry.last_error = e
+            self._on_event("refresh_failed" if refresh else "failed", key, e)
+            raise
+        finally:
+            self._inflight.pop(key, None)
+        entry.token, entry.failures, entry.next_attempt, entry.last_error = token, 0, 0.0, None
+        self._on_event("refreshed" if refresh else "obtained", key, token)
+        return token
+
+    def invalidate(self, key: Hashable) -> None:
+        """Forget a token the server rejected (invalid_token): the next get fetches anew."""
+        entry = self._entries.get(key)
+        if entry is not None:
+            entry.token = None
+            entry.next_attempt = 0.0
+
+    def drop(self, predicate: Callable[[Hashable], bool]) -> list[Hashable]:
+        """Remove every entry whose key matches (e.g. all tokens of one SPIFFE ID)."""
+        gone = [k for k in self._entries if predicate(k)]
+        for k in gone:
+            del self._entries[k]
+            task = self._inflight.pop(k, None)
+            if task is not None:
+                task.cancel()
+        return gone
+
+    def tokens(self) -> list[tuple[Hashable, Token]]:
+        return [(k, e.token) for k, e in self._entries.items() if e.token is not None]

@@ -1,0 +1,230 @@
+"""Discovery: from an MCP server URL to its authorization server's token endpoint.
+
+Order (MCP authorization, RFC 9728, RFC 8414):
+1. the `resource_metadata` parameter of the server's 401 `WWW-Authenticate` challenge;
+2. else the well-known protected-resource URL with the MCP path, then without it;
+3. the first of the resource's `authorization_servers`, whose metadata is read from
+   /.well-known/oauth-authorization-server, then the OpenID discovery URLs.
+Every document must name what it was fetched for (`resource`, `issuer`); a mismatch is an
+error, not a warning: it is how a hostile resource would point the agent at its own server.
+Results are cached for `ttl` seconds; configured values bypass discovery entirely.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+
+from agent.oauth.errors import DiscoveryError, ServerUnavailable
+
+_PARAM = re.compile(r'([A-Za-z0-9_!#$%&\'*+.^`|~-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^\s,]+)')
+
+
+def canonical_resource(url: str) -> str:
+    """The canonical MCP server URI (RFC 8707 resource): lowercase scheme and host, no
+    fragment, no trailing slash."""
+    p = urlsplit(url)
+    if p.scheme not in ("http", "https") or not p.netloc:
+        raise DiscoveryError(f"{url!r} is not an absolute http(s) URL")
+    path = p.path.rstrip("/")
+    return urlunsplit((p.scheme.lower(), p.netloc.lower(), path, p.query, ""))
+
+
+def parse_www_authenticate(header: str) -> dict[str, dict[str, str]]:
+    """{scheme (lowercase): {param: value}} from a WWW-Authenticate value (RFC 9110 §11.6.1).
+
+    Tolerant by design: it only needs to find auth-params such as resource_metadata, scope,
+    error and algs, in one or several challenges.
+    """
+    out: dict[str, dict[str, str]] = {}
+    current: dict[str, str] | None = None
+    pos = 0
+    while pos < len(header):
+        m_param = _PARAM.match(header, pos)
+        if m_param and current is not None:
+            value = m_param.group(2)
+            if value.startswith('"'):
+                value = re.sub(r"\\(.)", r"\1", value[1:-1])
+            current[m_param.group(1).lower()] = value
+            pos = m_param.end()
+        else:
+            m_scheme = re.match(r"([A-Za-z0-9_!#$%&'*+.^`|~-]+)(?=\s|$|,)", header[pos:])
+            if m_scheme:
+                current = out.setdefault(m_scheme.group(1).lower(), {})
+                pos += m_scheme.end()
+            else:
+                pos += 1
+        while pos < len(header) and header[pos] in " ,\t":
+            pos += 1
+    return out
+
+
+def _well_known(url: str, name: str, *, keep_path: bool) -> str:
+    p = urlsplit(url)
+    path = p.path.rstrip("/")
+    suffix = path if keep_path and path else ""
+    return urlunsplit((p.scheme, p.netloc, f"/.well-known/{name}{suffix}", "", ""))
+
+
+@dataclass(frozen=True)
+class ResourceMetadata:
+    resource: str
+    authorization_servers: tuple[str, ...]
+    scopes_supported: tuple[str, ...] = ()
+    dpop_bound_access_tokens_required: bool = False
+    challenge_scope: str | None = None   # the scope the 401 challenge asked for, if any
+
+
+@dataclass(frozen=True)
+class ServerMetadata:
+    issuer: str
+    token_endpoint: str
+    registration_endpoint: str | None = None
+    introspection_endpoint: str | None = None
+    revocation_endpoint: str | None = None
+    token_endpoint_auth_methods_supported: tuple[str, ...] = ()
+    dpop_signing_alg_values_supported: tuple[str, ...] = ()
+    raw: dict = field(default_factory=dict, compare=False)
+
+
+class Discovery:
+    def __init__(self, http: httpx.AsyncClient, ttl: float = 300.0, clock=time.monotonic):
+        self.http = http
+        self.ttl = ttl
+        self.clock = clock
+        self._cache: dict[tuple[str, str], tuple[float, Any]] = {}
+
+    def _cached(self, kind: str, key: str):
+        hit = self._cache.get((kind, key))
+        if hit and self.clock() - hit[0] < self.ttl:
+            return hit[1]
+        return None
+
+    def invalidate(self) -> None:
+        self._cache.clear()
+
+    async def _get_json(self, url: str) -> tuple[int, Any]:
+        try:
+            r = await self.http.get(url, headers={"Accept": "application/json"})
+        except httpx.HTTPError as e:
+            raise ServerUnavailable(f"cannot fetch {url}: {type(e).__name__}: {e}",
+                                    url=url) from None
+        if r.status_code != 200:
+            return r.status_code, None
+        try:
+            return 200, r.json()
+        except ValueError:
+            raise DiscoveryError(f"{url} did not return JSON", url=url) from None
+
+    async def challenge(self, mcp_url: str) -> dict[str, dict[str, str]]:
+        """Ask the MCP server without credentials and read its 401 challenge (if any)."""
+        body = {"jsonrpc": "2.0", "id": 0, "method": "ping"}
+        try:
+            r = await self.http.post(mcp_url, json=body, headers={
+                "Accept": "application/json, text/event-stream"})
+        except httpx.HTTPError as e:
+            raise ServerUnavailable(f"cannot reach MCP server {mcp_url}: {e}",
+                                    url=mcp_url) from None
+        if r.status_code in (401, 403):
+            return parse_www_authenticate(r.headers.get("www-authenticate", ""))
+        return {}
+
+    async def resource(self, mcp_url: str, www_authenticate: str | None = None
+                       ) -> ResourceMetadata:
+        resource = canonical_resource(mcp_url)
+        cached = self._cached("prm", resource)
+        if cached is not None and www_authenticate is None:
+            return cached
+        challenges = parse_www_authenticate(www_authenticate) if www_authenticate \
+            else await self.challenge(mcp_url)
+        params = challenges.get("bearer") or challenges.get("dpop") or {}
+        candidates = [params["resource_metadata"]] if params.get("resource_metadata") else []
+        candidates += [_well_known(mcp_url, "oauth-protected-resource", keep_path=True),
+                       _well_known(mcp_url, "oauth-protected-resource", keep_path=False)]
+        tried = []
+        for url in dict.fromkeys(candidates):
+            status, doc = await self._get_json(url)
+            tried.append(f"{url} (HTTP {status})")
+            if doc is None:
+                continue
+            meta = self._parse_prm(doc, resource, url, params.get("scope"))
+            self._cache[("prm", resource)] = (self.clock(), meta)
+            return meta
+        raise DiscoveryError(f"no protected resource metadata for {resource}; tried "
+                             + ", ".join(tried) + "; or configure the server's issuer",
+                             url=mcp_url)
+
+    @staticmethod
+    def _parse_prm(doc: Any, resource: str, url: str, scope: str | None) -> ResourceMetadata:
+        if not isinstance(doc, dict):
+            raise DiscoveryError(f"{url}: protected resource metadata is not a JSON object",
+                                 url=url)
+        got = doc.get("resource")
+        origin = canonical_resource(urlunsplit(urlsplit(resource)[:2] + ("", "", "")))
+        if not isinstance(got, str) or canonical_resource(got) not in (resource, origin):
+            raise DiscoveryError(f"{url}: metadata is for resource {got!r}, not {resource}",
+                                 url=url)
+        servers = doc.get("authorization_servers")
+        if not isinstance(servers, list) or not servers or \
+                not all(isinstance(s, str) for s in servers):
+            raise DiscoveryError(f"{url}: authorization_servers must list at least one "
+                                 "issuer", url=url)
+        scopes = doc.get("scopes_supported") or []
+        return ResourceMetadata(resource, tuple(servers),
+                                tuple(s for s in scopes if isinstance(s, str)),
+                                bool(doc.get("dpop_bound_access_tokens_required")), scope)
+
+    async def server(self, issuer: str) -> ServerMetadata:
+        cached = self._cached("as", issuer)
+        if cached is not None:
+            return cached
+        p = urlsplit(issuer)
+        path = p.path.rstrip("/")
+        base = urlunsplit((p.scheme, p.netloc, "", "", ""))
+        urls = [f"{base}/.well-known/oauth-authorization-server{path}",
+                f"{base}/.well-known/openid-configuration{path}"]
+        if path:
+            urls.append(f"{base}{path}/.well-known/openid-configuration")
+        tried = []
+        for url in urls:
+            status, doc = await self._get_json(url)
+            tried.append(f"{url} (HTTP {status})")
+            if doc is None:
+                continue
+            meta = self._parse_as(doc, issuer, url)
+            self._cache[("as", issuer)] = (self.clock(), meta)
+            return meta
+        raise DiscoveryError(f"no authorization server metadata for {issuer}; tried "
+                             + ", ".join(tried), url=issuer)
+
+    @staticmethod
+    def _parse_as(doc: Any, issuer: str, url: str) -> ServerMetadata:
+        if not isinstance(doc, dict) or doc.get("issuer") != issuer:
+            got = doc.get("issuer") if isinstance(doc, dict) else None
+            raise DiscoveryError(f"{url}: metadata names issuer {got!r}, expected {issuer} "
+                                 "(RFC 8414 §3.3)", url=url)
+        token = doc.get("token_endpoint")
+        if not isinstance(token, str) or not token.startswith(("https://", "http://")):
+            raise DiscoveryError(f"{url}: no usable token_endpoint", url=url)
+
+        def strs(key: str) -> tuple[str, ...]:
+            v = doc.get(key) or []
+            return tuple(x for x in v if isinstance(x, str)) if isinstance(v, list) else ()
+
+        def opt(key: str) -> str | None:
+            v = doc.get(key)
+            return v if isinstance(v, str) else None
+
+        return ServerMetadata(
+            issuer=issuer, token_endpoint=token,
+            registration_endpoint=opt("registration_endpoint"),
+            introspection_endpoint=opt("introspection_endpoint"),
+            revocation_endpoint=opt("revocation_endpoint"),
+            token_endpoint_auth_methods_supported=strs("token_endpoint_auth_methods_supported"),
+            dpop_signing_alg_values_supported=strs("dpop_signing_alg_values_supported"),
+            raw=doc)

@@ -1,0 +1,264 @@
+"""The OAuth service: tokens for (identity, MCP server), the way the server's AS expects.
+
+Ties discovery, registration, the DPoP keys (one per SPIFFE ID, memory only), the token
+request and the cache together, and emits one audit event and one metric per outcome.
+Runs on the agent's asyncio loop; `run_sync` lets other threads (admin socket) call in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from prometheus_client import Counter, Gauge
+
+from agent.identity.manager import Identity
+from agent.oauth import registration as reg
+from agent.oauth.cache import TokenCache
+from agent.oauth.discovery import Discovery, ServerMetadata, canonical_resource
+from agent.oauth.dpop import DPoPKey
+from agent.oauth.errors import OAuthError, RegistrationError
+from agent.oauth.tokens import Token, request_token
+from agent.observe.logging import AuditLog, get_logger
+
+log = get_logger("oauth")
+
+
+@dataclass(frozen=True)
+class Resolved:
+    resource: str
+    issuer: str
+    metadata: ServerMetadata
+    scope: str
+    dpop: bool
+
+
+class OAuthService:
+    name = "oauth"
+
+    def __init__(self, cfg: Any, identity: Any, state_dir: str, audit: AuditLog | None = None,
+                 registry: Any = None, jwks_uri: str | None = None):
+        self.cfg = cfg                           # agent.config.Config
+        self.identity = identity                 # agent.identity.manager.IdentityManager
+        self.audit = audit
+        self.jwks_uri = cfg.oauth.jwks_uri or jwks_uri
+        self.store = reg.ClientStore(Path(state_dir))
+        self.servers = {s.name: s for s in cfg.servers}
+        self.http: httpx.AsyncClient | None = None
+        self.discovery: Discovery | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._dpop_keys: dict[str, DPoPKey] = {}
+        self._nonces: dict[str, str] = {}
+        self._reg_locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self.cache = TokenCache(self._fetch, refresh_ahead=cfg.oauth.refresh_ahead,
+                                on_event=self._cache_event)
+        self._pending: dict[tuple, tuple[Identity, Any]] = {}
+        self.m_requests = Counter("credless_token_requests", "Token requests by server and "
+                                  "outcome", ["server", "outcome"], registry=registry)
+        self.m_lookups = Counter("credless_token_cache_lookups", "Token cache lookups",
+                                 ["result"], registry=registry)
+        Gauge("credless_token_cache_size", "Tokens held in memory", registry=registry) \
+            .set_function(lambda: len(self.cache))
+        self.m_registrations = Counter("credless_oauth_registrations", "Dynamic client "
+                                       "registrations and deletions", ["server", "action",
+                                                                       "outcome"],
+                                       registry=registry)
+
+    # ------------------------------------------------------------ lifecycle
+    async def astart(self) -> None:
+        o = self.cfg.oauth
+        self.http = httpx.AsyncClient(verify=o.ca_file or True, timeout=o.request_timeout_seconds,
+                                      follow_redirects=False, trust_env=False)
+        self.discovery = Discovery(self.http, ttl=o.discovery_ttl_seconds)
+        self.loop = asyncio.get_running_loop()
+
+    async def astop(self) -> None:
+        if self.http is not None:
+            await self.http.aclose()
+        for key in self._dpop_keys.values():
+            key.destroy()
+        self._dpop_keys.clear()
+
+    def run_sync(self, coro, timeout: float = 60.0):
+        """Run a coroutine on the service's loop from another thread."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    # ------------------------------------------------------------ resolution
+    def server(self, name: str):
+        try:
+            return self.servers[name]
+        except KeyError:
+            raise OAuthError(f"no [[servers]] entry named {name!r}; configured: "
+                             + ", ".join(sorted(self.servers))) from None
+
+    async def resolve(self, server: Any, challenge: str | None = None) -> Resolved:
+        resource = canonical_resource(server.url)
+        scope = server.scope
+        prm = None
+        if server.issuer:
+            issuer = server.issuer
+        else:
+            prm = await self.discovery.resource(server.url, challenge)
+            issuer = prm.authorization_servers[0]
+            scope = scope or prm.challenge_scope or " ".join(prm.scopes_supported)
+        meta = await self.discovery.server(issuer)
+        dpop = server.dpop == "always" or (server.dpop == "auto" and (
+            "ES256" in meta.dpop_signing_alg_values_supported
+            or bool(prm and prm.dpop_bound_access_tokens_required)))
+        return Resolved(resource, issuer, meta, scope, dpop)
+
+    def dpop_key(self, spiffe_id: str) -> DPoPKey:
+        key = self._dpop_keys.get(spiffe_id)
+        if key is None:
+            key = self._dpop_keys[spiffe_id] = DPoPKey()
+        return key
+
+    # ------------------------------------------------------------ tokens
+    async def token(self, ident: Identity, server_name: str, challenge: str | None = None
+                    ) -> Token:
+        server = self.server(server_name)
+        resolved = await self.resolve(server, challenge)
+        key = (str(ident.spiffe_id), server.name, resolved.resource, resolved.scope)
+        self._pending[key] = (ident, resolved)
+        before = self.cache.hits
+        tok = await self.cache.get(key)
+        self.m_lookups.labels("hit" if self.cache.hits > before else "miss").inc()
+        return tok
+
+    def invalidate(self, ident: Identity, server_name: str, token: Token) -> None:
+        """The resource server rejected this token (invalid_token): never serve it again."""
+        for key, cached in self.cache.tokens():
+            if cached is token or cached.fingerprint == token.fingerprint:
+                self.cache.invalidate(key)
+
+    async def _client_id(self, ident: Identity, server: Any, resolved: Resolved) -> str:
+        sid = str(ident.spiffe_id)
+        if server.registration != "dynamic":
+            return server.client_id or sid
+        existing = self.store.get(sid, resolved.issuer)
+        if existing is not None:
+            return existing.client_id
+        lock = self._reg_locks.setdefault((sid, resolved.issuer), asyncio.Lock())
+        async with lock:
+            existing = self.store.get(sid, resolved.issuer)
+            if existing is not None:
+                return existing.client_id
+            endpoint = resolved.metadata.registration_endpoint
+            if not endpoint:
+                raise RegistrationError(f"{resolved.issuer} has no registration_endpoint; "
+                                        f"preregister {sid} or set registration = "
+                                        '"preregistered"')
+            statement = self.identity.jwt_svid(ident, [resolved.issuer]).token
+            jwks = None if self.jwks_uri else json.loads(self.identity.bundle().jwt_jwks_json())
+            try:
+                client = await reg.register(self.http, endpoint=endpoint,
+                                            issuer=resolved.issuer, spiffe_id=sid,
+                                            jwks_uri=self.jwks_uri, jwks=jwks,
+                                            software_statement=statement, dpop=resolved.dpop)
+            except OAuthError:
+                self.m_registrations.labels(server.name, "register", "error").inc()
+                raise
+            self.store.put(client)
+            self.m_registrations.labels(server.name, "register", "ok").inc()
+            if self.audit:
+                self.audit.emit("oauth.client_registered", spiffe_id=sid, server=server.name,
+                                issuer=resolved.issuer, client_id=client.client_id)
+            return client.client_id
+
+    async def _fetch(self, key) -> Token:
+        ident, resolved = self._pending[key]
+        server = self.servers[key[1]]
+        sid = str(ident.spiffe_id)
+        started = time.monotonic()
+        try:
+            client_id = await self._client_id(ident, server, resolved)
+
+            def mint(audience: str, iss: str | None) -> str:
+                return self.identity.jwt_svid(ident, [audience], ttl=60, iss=iss).token
+
+            tok = await request_token(
+                self.http, token_endpoint=resolved.metadata.token_endpoint,
+                issuer=resolved.issuer, resource=resolved.resource, scope=resolved.scope,
+                profile=server.auth_profile, assertion_audience=server.assertion_audience,
+                client_id=client_id, spiffe_id=sid, mint_assertion=mint,
+                dpop=self.dpop_key(sid) if resolved.dpop else None, nonces=self._nonces)
+        except OAuthError as e:
+            self.m_requests.labels(server.name, e.kind).inc()
+            if self.audit:
+                self.audit.emit("token.failed", spiffe_id=sid, server=server.name,
+                                issuer=resolved.issuer, error=e.error, kind=e.kind,
+                                reason=str(e), latency_ms=round(
+                                    (time.monotonic() - started) * 1000, 1))
+            raise
+        self.m_requests.labels(server.name, "ok").inc()
+        return tok
+
+    def _cache_event(self, what: str, key, obj) -> None:
+        if what in ("obtained", "refreshed") and self.audit:
+            tok: Token = obj
+            self.audit.emit(f"token.{what}", spiffe_id=tok.spiffe_id, server=key[1],
+                            issuer=tok.issuer, resource=tok.resource, token_type=tok.token_type,
+                            jti=tok.jti, jkt=tok.jkt, token_sha256=tok.fingerprint,
+                            expires_in=int(tok.expires_at - time.time()), scope=tok.scope)
+        elif what == "refresh_failed":
+            log.warning("token refresh failed; serving the cached token until it expires",
+                        server=key[1], spiffe_id=key[0], error=str(obj))
+
+    # ------------------------------------------------------------ lifecycle of identities
+    async def forget(self, spiffe_id: str) -> dict:
+        """The identity's last process exited: drop its tokens and DPoP key, delete its
+        registered clients where the server supports it."""
+        dropped = self.cache.drop(lambda k: k[0] == spiffe_id)
+        key = self._dpop_keys.pop(spiffe_id, None)
+        if key is not None:
+            key.destroy()
+        deleted = []
+        for client in self.store.for_identity(spiffe_id):
+            try:
+                if await reg.delete(self.http, client):
+                    self.store.remove(spiffe_id, client.issuer)
+                    deleted.append(client.client_id)
+                    self.m_registrations.labels("-", "delete", "ok").inc()
+            except OAuthError as e:
+                self.m_registrations.labels("-", "delete", "error").inc()
+                log.warning("client deletion failed; will retry when the identity ends again",
+                            spiffe_id=spiffe_id, error=str(e))
+        if self.audit:
+            self.audit.emit("identity.ended", spiffe_id=spiffe_id, tokens_dropped=len(dropped),
+                            dpop_key_destroyed=key is not None, clients_deleted=deleted)
+        return {"tokens_dropped": len(dropped), "clients_deleted": deleted}
+
+    # ------------------------------------------------------------ operator probe
+    async def probe(self, url: str, ident: Identity) -> dict:
+        """Discovery, registration if needed and one fresh token request; a summary only."""
+        match = [s for s in self.servers.values()
+                 if canonical_resource(s.url) == canonical_resource(url)]
+        server = match[0] if match else _AdHoc(name="probe", url=url)
+        resolved = await self.resolve(server)
+        key = (str(ident.spiffe_id), server.name, resolved.resource, resolved.scope)
+        self._pending[key] = (ident, resolved)
+        self.servers.setdefault(server.name, server)
+        tok = await self._fetch(key)
+        out = {"server": server.name, "issuer": resolved.issuer,
+               "token_endpoint": resolved.metadata.token_endpoint,
+               "auth_profile": server.auth_profile, "dpop": resolved.dpop, **tok.summary()}
+        return out
+
+
+@dataclass(frozen=True)
+class _AdHoc:
+    """A server given only by URL on the probe's command line: all defaults."""
+    name: str
+    url: str
+    auth_profile: str = "jwt-bearer"
+    assertion_audience: str = "issuer"
+    issuer: str = ""
+    scope: str = ""
+    registration: str = "preregistered"
+    client_id: str = ""
+    dpop: str = "auto"

@@ -1,0 +1,182 @@
+"""Token requests (client_credentials + a JWT-SVID client assertion) and their responses.
+
+Two assertion profiles, chosen per server:
+- jwt-bearer (RFC 7523 §2.2 / OIDC private_key_jwt), the widest support: the JWT-SVID is
+  minted with iss = sub = client_id (the SPIFFE ID unless registration returned another),
+  a fresh jti, and aud = the issuer identifier (or the token endpoint, for servers that
+  want that);
+- jwt-spiffe (draft-ietf-oauth-spiffe-client-auth): a plain JWT-SVID whose aud is the issuer
+  identifier only.
+Every attempt gets a fresh assertion: servers refuse a reused jti, and a DPoP nonce retry is
+a second attempt.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from agent.oauth.dpop import DPoPKey
+from agent.oauth.errors import MalformedResponse, OAuthError, ServerUnavailable, \
+    from_error_response
+
+JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+JWT_SPIFFE = "urn:ietf:params:oauth:client-assertion-type:jwt-spiffe"
+
+
+def fingerprint(token: str) -> str:
+    """A stable, non-reversible name for a token in logs and audit: sha256, 16 hex chars."""
+    return hashlib.sha256(token.encode()).hexdigest()[:16]
+
+
+def _jwt_claims_unverified(token: str) -> dict:
+    """Claims of a JWT access token, for fingerprints only (jti, aud, cnf); never trusted."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return {}
+    try:
+        pad = "=" * (-len(parts[1]) % 4)
+        claims = json.loads(base64.urlsafe_b64decode(parts[1] + pad))
+        return claims if isinstance(claims, dict) else {}
+    except ValueError:
+        return {}
+
+
+@dataclass(frozen=True, repr=False)
+class Token:
+    access_token: str
+    token_type: str            # "Bearer" or "DPoP"
+    issued_at: float
+    expires_at: float
+    scope: str
+    resource: str
+    issuer: str
+    spiffe_id: str
+    client_id: str
+    jkt: str | None            # the DPoP key thumbprint the token is bound to
+    fingerprint: str
+    jti: str | None
+    audience: Any = None
+
+    def __repr__(self) -> str:
+        return (f"Token(type={self.token_type}, fingerprint={self.fingerprint}, "
+                f"spiffe_id={self.spiffe_id}, resource={self.resource}, "
+                f"expires_at={self.expires_at:.0f})")
+
+    __str__ = __repr__
+
+    def valid(self, now: float | None = None, skew: float = 5.0) -> bool:
+        return (time.time() if now is None else now) < self.expires_at - skew
+
+    def authorization(self) -> str:
+        return f"{self.token_type} {self.access_token}"
+
+    def summary(self) -> dict:
+        """Everything an operator may see: never the token itself."""
+        return {"token_type": self.token_type, "expires_in": int(self.expires_at - time.time()),
+                "scope": self.scope, "audience": self.audience, "resource": self.resource,
+                "issuer": self.issuer, "client_id": self.client_id, "spiffe_id": self.spiffe_id,
+                "cnf_jkt": self.jkt, "jti": self.jti, "token_sha256": self.fingerprint}
+
+
+def parse_token_response(body: Any, *, url: str, resource: str, issuer: str, spiffe_id: str,
+                         client_id: str, dpop: DPoPKey | None, now: float) -> Token:
+    if not isinstance(body, dict):
+        raise MalformedResponse(f"token response from {url} is not a JSON object", url=url)
+    access = body.get("access_token")
+    ttype = body.get("token_type")
+    if not isinstance(access, str) or not access or not isinstance(ttype, str):
+        raise MalformedResponse(f"token response from {url} lacks access_token or token_type",
+                                url=url)
+    if ttype.lower() not in ("bearer", "dpop"):
+        raise MalformedResponse(f"token response from {url} has token_type {ttype!r}; "
+                                "expected Bearer or DPoP", url=url)
+    ttype = "DPoP" if ttype.lower() == "dpop" else "Bearer"
+    if ttype == "DPoP" and dpop is None:
+        raise MalformedResponse(f"{url} issued a DPoP token to a request without a proof",
+                                url=url)
+    claims = _jwt_claims_unverified(access)
+    expires_in = body.get("expires_in")
+    if isinstance(expires_in, (int, float)) and not isinstance(expires_in, bool) \
+            and expires_in > 0:
+        expires_at = now + float(expires_in)
+    elif isinstance(claims.get("exp"), (int, float)):
+        expires_at = float(claims["exp"])
+    else:
+        expires_at = now + 60.0  # no lifetime given: assume short, refresh early
+    jkt = None
+    if ttype == "DPoP":
+        cnf = claims.get("cnf") if isinstance(claims.get("cnf"), dict) else {}
+        jkt = cnf.get("jkt", dpop.jkt)
+        if jkt != dpop.jkt:
+            raise MalformedResponse(f"{url} bound the token to key {jkt}, not ours", url=url)
+    scope = body.get("scope") if isinstance(body.get("scope"), str) else ""
+    return Token(access_token=access, token_type=ttype, issued_at=now, expires_at=expires_at,
+                 scope=scope, resource=resource, issuer=issuer, spiffe_id=spiffe_id,
+                 client_id=client_id, jkt=jkt, fingerprint=fingerprint(access),
+                 jti=claims.get("jti") if isinstance(claims.get("jti"), str) else None,
+                 audience=claims.get("aud"))
+
+
+async def post_form(http: httpx.AsyncClient, url: str, form: dict, headers: dict,
+                    what: str) -> tuple[int, Any, httpx.Headers]:
+    try:
+        r = await http.post(url, data=form, headers={"Accept": "application/json", **headers})
+    except httpx.HTTPError as e:
+        raise ServerUnavailable(f"{what} at {url}: {type(e).__name__}: {e or 'no answer'}",
+                                url=url) from None
+    try:
+        body = r.json()
+    except ValueError:
+        body = None
+    if r.status_code >= 500:
+        raise ServerUnavailable(f"{what} at {url} failed with HTTP {r.status_code}",
+                                status=r.status_code, url=url)
+    if body is None:
+        raise MalformedResponse(f"{what} at {url} answered HTTP {r.status_code} with a body "
+                                "that is not JSON", status=r.status_code, url=url)
+    return r.status_code, body, r.headers
+
+
+async def request_token(http: httpx.AsyncClient, *, token_endpoint: str, issuer: str,
+                        resource: str, scope: str, profile: str, assertion_audience: str,
+                        client_id: str, spiffe_id: str, mint_assertion, dpop: DPoPKey | None,
+                        nonces: dict[str, str]) -> Token:
+    """One client_credentials token request, with one retry on a DPoP nonce challenge.
+
+    `mint_assertion(audience, iss)` returns a fresh JWT-SVID string.
+    """
+    aud = issuer if profile == "jwt-spiffe" or assertion_audience == "issuer" \
+        else token_endpoint
+    for attempt in (1, 2):
+        assertion = mint_assertion(aud, client_id if profile == "jwt-bearer" else None)
+        form = {"grant_type": "client_credentials", "resource": resource,
+                "client_assertion_type": JWT_SPIFFE if profile == "jwt-spiffe" else JWT_BEARER,
+                "client_assertion": assertion}
+        if scope:
+            form["scope"] = scope
+        if profile == "jwt-bearer" and client_id != spiffe_id:
+            form["client_id"] = client_id
+        headers = {}
+        if dpop is not None:
+            headers["DPoP"] = dpop.proof("POST", token_endpoint, nonce=nonces.get(issuer))
+        now = time.time()
+        status, body, resp_headers = await post_form(http, token_endpoint, form, headers,
+                                                     "token request")
+        if resp_headers.get("dpop-nonce"):
+            nonces[issuer] = resp_headers["dpop-nonce"]
+        if status == 200:
+            return parse_token_response(body, url=token_endpoint, resource=resource,
+                                        issuer=issuer, spiffe_id=spiffe_id,
+                                        client_id=client_id, dpop=dpop, now=now)
+        if attempt == 1 and dpop is not None and isinstance(body, dict) \
+                and body.get("error") == "use_dpop_nonce" and resp_headers.get("dpop-nonce"):
+            continue
+        raise from_error_response(status, body, token_endpoint, "token request")
+    raise OAuthError("unreachable")  # pragma: no cover
