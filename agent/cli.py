@@ -27,7 +27,11 @@ def cmd_run(args) -> int:
     cfg = _load_config(args.config)
     obs_logging.configure(level=args.log_level or cfg.log.level,
                           fmt=args.log_format or cfg.log.format)
-    return asyncio.run(Daemon(cfg).run())
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(Daemon(cfg).run())
+    return uvloop.run(Daemon(cfg).run())
 
 
 def cmd_doctor(args) -> int:

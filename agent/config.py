@@ -92,7 +92,10 @@ def parse_listen(v: str) -> tuple[str, int] | None:
 
 
 def _setting(default: Any, doc: str, check: Check | None = None) -> Any:
-    return field(default=default, metadata={"doc": doc, "check": check})
+    meta = {"doc": doc, "check": check}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 # ---------------------------------------------------------------- the model
@@ -101,6 +104,8 @@ class AgentSection:
     node_name: str = _setting("", "node name in audit events; empty means the host name")
     state_dir: str = _setting("/var/lib/credless", "keys and CA material (0700)", _absolute_path)
     run_dir: str = _setting("/run/credless", "pid file and sockets", _absolute_path)
+    bpf_pin_dir: str = _setting("/sys/fs/bpf/credless", "where BPF maps are pinned (bpffs)",
+                                _absolute_path)
 
     def resolved_node_name(self) -> str:
         return self.node_name or socket.gethostname()
@@ -222,6 +227,8 @@ class ServerSection:
                               "SPIFFE ID")
     dpop: str = _setting("auto", "auto (when the server advertises it), always or never",
                          _one_of("auto", "always", "never"))
+    mode: str = _setting("broker", "broker (inject the access token) or passthrough "
+                         "(observe and audit only)", _one_of("broker", "passthrough"))
 
 
 @dataclass(frozen=True)
@@ -239,6 +246,36 @@ class OAuthSection:
                              "bundle endpoint's /jwks.json", _optional_url)
 
 
+def _cgroup_paths(v: Any) -> str | None:
+    ok = isinstance(v, list) and all(isinstance(p, str) and p.startswith("/") for p in v)
+    return None if ok else 'a list of cgroup paths relative to the cgroup v2 root, like ' \
+        '["/system.slice/agent.service"]'
+
+
+@dataclass(frozen=True)
+class InjectSection:
+    enabled: bool = _setting(True, "redirect MCP connections to the proxy and inject")
+    listen_host: str = _setting("127.0.0.1", "IPv4 loopback address of the proxy",
+                                lambda v: None if v.startswith("127.") else "a 127.x.y.z address")
+    listen_port: int = _setting(15001, "proxy port on listen_host",
+                                lambda v: None if 0 < v < 65536 else "a port 1-65535")
+    listen_port6: int = _setting(15001, "proxy port on [::1]",
+                                 lambda v: None if 0 < v < 65536 else "a port 1-65535")
+    managed_cgroups: list = _setting([], "cgroup subtrees whose processes are redirected; "
+                                     "empty means every cgroup but the agent's own",
+                                     _cgroup_paths)
+    unattested: str = _setting("deny", "a process without identity: deny (HTTP 403) or "
+                               "passthrough (forwarded without credentials)",
+                               _one_of("deny", "passthrough"))
+    workload_authorization: str = _setting("strip", "Authorization/DPoP a workload sends: "
+                                           "strip them, or reject the request (HTTP 400)",
+                                           _one_of("strip", "reject"))
+    fail_open: bool = _setting(False, "while no agent listens, let intercepted connects go "
+                               "out untouched (default: they are refused)")
+    upstream_pool_size: int = _setting(16, "idle upstream connections kept per identity and "
+                                       "server", _positive)
+
+
 @dataclass(frozen=True)
 class Config:
     agent: AgentSection = field(default_factory=AgentSection)
@@ -249,11 +286,13 @@ class Config:
     workload_api: WorkloadApiSection = field(default_factory=WorkloadApiSection)
     bundle_endpoint: BundleEndpointSection = field(default_factory=BundleEndpointSection)
     oauth: OAuthSection = field(default_factory=OAuthSection)
+    inject: InjectSection = field(default_factory=InjectSection)
     servers: tuple[ServerSection, ...] = _setting((), "[[servers]]: the MCP servers")
 
 
 # ---------------------------------------------------------------- parsing
-_TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
+_TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+               list: "an array"}
 
 
 def _toml_type_name(v: Any) -> str:
@@ -292,7 +331,8 @@ def _build(cls: type, data: dict, path: str, problems: list[str]) -> Any:
                             + ", ".join(sorted(fields)))
             continue
         ftype = hints[key]
-        if getattr(ftype, "__origin__", None) is tuple:
+        if getattr(ftype, "__origin__", None) is tuple and \
+                dataclasses.is_dataclass(ftype.__args__[0]):
             item = ftype.__args__[0]
             if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
                 problems.append(f"{key_path}: got {_toml_type_name(value)}, expected an array "
@@ -370,7 +410,8 @@ def iter_settings(cls: type = Config, prefix: str = ""):
     for f in dataclasses.fields(cls):
         ftype = hints[f.name]
         key = f"{prefix}.{f.name}" if prefix else f.name
-        if getattr(ftype, "__origin__", None) is tuple:
+        if getattr(ftype, "__origin__", None) is tuple and \
+                dataclasses.is_dataclass(ftype.__args__[0]):
             yield from iter_settings(ftype.__args__[0], key)
         elif dataclasses.is_dataclass(ftype):
             yield from iter_settings(ftype, key)

@@ -114,7 +114,8 @@ class Daemon:
             kubelet = KubeletClient(k.url, token_file=k.token_file, ca_file=k.ca_file,
                                     cache_ttl_seconds=k.cache_ttl_seconds,
                                     insecure_skip_verify=k.insecure_skip_verify)
-        self.attestor = Attestor(cfg.attest, registry=self.metrics.registry, kubelet=kubelet)
+        self.attestor = Attestor(cfg.attest, registry=self.metrics.registry, kubelet=kubelet,
+                                 pin_dir=cfg.agent.bpf_pin_dir)
         self.metrics.add_ready_check("attest", self.attestor.ready)
         self.components.append(self.attestor)
 
@@ -145,6 +146,8 @@ class Daemon:
                                   jwks_uri=f"http://{cfg.bundle_endpoint.listen}/jwks.json"
                                   if cfg.bundle_endpoint.enabled else None)
         self.components.append(self.oauth)
+        if cfg.inject.enabled and cfg.servers:
+            self._add_injection(cfg)
         self.admin = AdminServer(Path(cfg.agent.run_dir) / "admin.sock")
         self.admin.register("oauth_probe", self._oauth_probe)
         self.admin.register("ps", lambda _req: [a.to_dict() for a in self.attestor.snapshot()])
@@ -155,6 +158,50 @@ class Daemon:
                                           "metrics.listen"))
         self._started: list[Component] = []
         self._stop = asyncio.Event()
+
+    def _add_injection(self, cfg: Config) -> None:
+        from agent.attest.cgroupfs import cgroup2_root
+        from agent.inject.proxy import Proxy, upstreams_from_config
+        from agent.inject.redirect import Redirector, Target
+
+        upstreams = upstreams_from_config(cfg.servers)
+        root = cgroup2_root(cfg.attest.cgroup_root)
+        if root is None:
+            raise StartupError("no cgroup v2 mount: the redirect needs one (credless doctor)")
+        inj = cfg.inject
+        self.redirector = Redirector(cfg.agent.bpf_pin_dir, root,
+                                     (inj.listen_host, inj.listen_port), inj.listen_port6,
+                                     list(inj.managed_cgroups), fail_open=inj.fail_open)
+        self.proxy = Proxy(inj, upstreams, self.redirector, self.attestor, self.identity,
+                           self.oauth, audit=self.audit, registry=self.metrics.registry)
+        redirector = self.redirector
+
+        class RedirectComponent:
+            name = "redirect"
+
+            def start(self) -> None:
+                redirector.start()
+                redirector.set_targets({Target(h, p) for h, p in upstreams})
+
+            def stop(self) -> None:
+                redirector.stop()
+
+        proxy = self.proxy
+
+        class ProxyComponent:
+            name = "proxy"
+
+            async def astart(self) -> None:
+                await proxy.astart()
+                redirector.set_agent_up(True)
+
+            async def astop(self) -> None:
+                redirector.set_agent_up(False)
+                await proxy.astop()
+
+        self.components += [RedirectComponent(), ProxyComponent()]
+        self.metrics.add_ready_check("redirect", lambda: (bool(redirector._links),
+                                                          f"{len(redirector.targets)} targets"))
 
     def _oauth_probe(self, req: dict) -> dict:
         from agent.oauth.errors import OAuthError

@@ -29,7 +29,12 @@
 BPF_RINGBUF_OUTPUT(process_events, RINGBUF_PAGES);
 BPF_PERCPU_ARRAY(process_events_lost, __u64, 1);
 // LRU so that a missed exit can never fill the map and stop new processes being tracked.
-BPF_TABLE("lru_hash", __u32, struct process_image, process_images, MAX_PROCESSES);
+#ifdef PIN_DIR
+BPF_TABLE_PINNED("lru_hash", u32, struct process_image, process_images, MAX_PROCESSES,
+                 PIN_DIR "/process_images");
+#else
+BPF_TABLE("lru_hash", u32, struct process_image, process_images, MAX_PROCESSES);
+#endif
 
 static __always_inline __u32 task_u32(void *task, int off)
 {

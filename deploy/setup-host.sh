@@ -51,6 +51,12 @@ if [ ! -e "$kdir/build/include" ]; then
   log "linked $kdir/build -> $hdr"
 fi
 
+# The redirect's maps are pinned in bpffs so a restarted agent finds live connections.
+if ! awk '$2 == "/sys/fs/bpf" && $3 == "bpf" {found=1} END {exit !found}' /proc/mounts; then
+  mount -t bpf bpf /sys/fs/bpf
+  log "mounted bpffs at /sys/fs/bpf"
+fi
+
 # Tracepoint attachment goes through tracefs.
 if ! awk '$3 == "tracefs" {found=1} END {exit !found}' /proc/mounts; then
   mount -t tracefs tracefs /sys/kernel/tracing

@@ -50,6 +50,7 @@ def write_config(tmp: Path, extra: str = "", metrics_port: int | None = None) ->
 [agent]
 state_dir = "{tmp / 'state'}"
 run_dir = "{tmp / 'run'}"
+bpf_pin_dir = "/sys/fs/bpf/credless-test-{tmp.name[-24:]}"
 [log]
 format = "json"
 [metrics]
@@ -102,5 +103,16 @@ class AgentProcess:
 
     def __exit__(self, *exc):
         if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        # whatever happened, leave no pinned BPF object behind
+        from agent import config
+        with contextlib.suppress(Exception):
+            pin = Path(config.load(self.config).agent.bpf_pin_dir)
+            for f in pin.glob("*"):
+                f.unlink()
+            pin.rmdir()

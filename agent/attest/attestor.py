@@ -54,7 +54,7 @@ class Attestor:
     name = "attest"
 
     def __init__(self, cfg: AttestSection, registry: Any = None, kubelet: Any = None,
-                 event_source_factory: Any = None):
+                 event_source_factory: Any = None, pin_dir: str | None = None):
         self.cfg = cfg
         self.table = ProcessTable(grace_seconds=cfg.exit_grace_seconds)
         self.hasher = procfs.ExeHasher()
@@ -68,7 +68,7 @@ class Attestor:
         if event_source_factory is None:
             from agent.attest.events import ProcessEventSource
             event_source_factory = ProcessEventSource
-        self.source = event_source_factory(self._on_event, cfg.ring_buffer_pages)
+        self.source = event_source_factory(self._on_event, cfg.ring_buffer_pages, pin_dir)
         self._started = False
         self._init_metrics(registry)
 

@@ -33,8 +33,10 @@ def _has_group_dead() -> bool:
 
 
 class ProcessEventSource:
-    def __init__(self, on_event: Callable[[ProcessEvent], None], ring_pages: int = 2048):
+    def __init__(self, on_event: Callable[[ProcessEvent], None], ring_pages: int = 2048,
+                 pin_dir: str | None = None):
         self._on_event = on_event
+        self._pin_dir = pin_dir
         self._ring_pages = ring_pages
         self._bpf = None
         self._thread: threading.Thread | None = None
@@ -46,6 +48,12 @@ class ProcessEventSource:
         flags = [*task_offset_cflags(), f"-DRINGBUF_PAGES={self._ring_pages}"]
         if _has_group_dead():
             flags.append("-DHAVE_GROUP_DEAD")
+        if self._pin_dir:
+            # shared with bpf/redirect.c; a stale pin from a crashed agent is replaced, since
+            # the table is re-seeded from /proc anyway
+            Path(self._pin_dir).mkdir(parents=True, exist_ok=True)
+            Path(self._pin_dir, "process_images").unlink(missing_ok=True)
+            flags.append(f'-DPIN_DIR="{self._pin_dir}"')
         self._bpf = compile_program("process_events", flags)  # attaches the tracepoints
         ring = self._bpf[b"process_events"]
         ring.open_ring_buffer(self._callback)
@@ -82,6 +90,12 @@ class ProcessEventSource:
         if self._bpf is not None:
             self._bpf.cleanup()  # detaches the tracepoints and closes the maps
             self._bpf = None
+        if self._pin_dir:
+            Path(self._pin_dir, "process_images").unlink(missing_ok=True)
+            try:
+                Path(self._pin_dir).rmdir()  # only once nothing else is pinned there
+            except OSError:
+                pass
 
     def lost(self) -> int:
         if self._bpf is None:

@@ -1,0 +1,59 @@
+"""The few bpf(2) commands BCC 0.26 does not expose: BPF links.
+
+Why links: BCC attaches cgroup programs with BPF_PROG_ATTACH, an attachment that outlives
+the process that made it. A crashed agent would leave its redirect attached with nobody
+listening. A BPF link is owned by a file descriptor: when the agent exits, however it exits,
+the kernel detaches the program. (Pinning a link in bpffs is the deliberate opposite, for
+restarts that must not interrupt traffic.)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+
+_SYS_BPF = {"x86_64": 321, "aarch64": 280}[platform.machine()]
+BPF_OBJ_PIN, BPF_OBJ_GET, BPF_LINK_CREATE = 6, 7, 28
+
+# enum bpf_attach_type
+CGROUP_SOCK_OPS = 3
+CGROUP_INET4_CONNECT = 10
+CGROUP_INET6_CONNECT = 11
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class _Attr(ctypes.Structure):
+    _fields_ = [("w", ctypes.c_uint32 * 32)]   # union bpf_attr, zero-padded
+
+
+def _bpf(cmd: int, attr: _Attr) -> int:
+    ret = _libc.syscall(_SYS_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"bpf(cmd={cmd}): {os.strerror(err)}")
+    return ret
+
+
+def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
+    """Attach prog to target (a cgroup fd) through a new link; returns the link's fd."""
+    attr = _Attr()
+    attr.w[0], attr.w[1], attr.w[2], attr.w[3] = prog_fd, target_fd, attach_type, 0
+    return _bpf(BPF_LINK_CREATE, attr)
+
+
+def obj_pin(fd: int, path: str) -> None:
+    buf = ctypes.create_string_buffer(path.encode())
+    attr = _Attr()
+    ptr = ctypes.cast(buf, ctypes.c_void_p).value
+    attr.w[0], attr.w[1], attr.w[2] = ptr & 0xFFFFFFFF, ptr >> 32, fd
+    _bpf(BPF_OBJ_PIN, attr)
+
+
+def obj_get(path: str) -> int:
+    buf = ctypes.create_string_buffer(path.encode())
+    attr = _Attr()
+    ptr = ctypes.cast(buf, ctypes.c_void_p).value
+    attr.w[0], attr.w[1] = ptr & 0xFFFFFFFF, ptr >> 32
+    return _bpf(BPF_OBJ_GET, attr)

@@ -1,0 +1,216 @@
+"""Loads bpf/redirect.c, attaches it through BPF links, and answers "where was this
+accepted connection going, and who opened it?".
+
+The programs attach at the cgroup v2 root, so they see every connect; they only act on
+destinations in the target map, made by processes in the managed cgroups (or, with no
+managed cgroups configured, in any cgroup but the agent's own). Links die with the agent:
+a crashed agent leaves no redirect behind, and a connect made while no agent listens is
+refused by the kernel (nothing listens on the loopback port) rather than sent out.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import ipaddress
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent import bpfsys
+from agent.bpfload import compile_program
+from agent.observe.logging import get_logger
+
+log = get_logger("inject.redirect")
+
+_MAPS = ("redirect_targets", "redirect_config", "managed_cgroups", "redirected",
+         "local_to_cookie")
+
+
+@dataclass(frozen=True)
+class Target:
+    host: str      # an IP literal (hostnames are resolved by the caller)
+    port: int
+
+
+@dataclass(frozen=True)
+class RedirectInfo:
+    orig_host: str
+    orig_port: int
+    tgid: int
+    pid: int
+    uid: int
+    cgroup_id: int
+    start_ns: int
+    exec_ns: int
+    cookie: int
+
+
+def _addr_words(host: str) -> tuple[int, list[int]]:
+    ip = ipaddress.ip_address(host)
+    if ip.version == 4:
+        return socket.AF_INET, [int.from_bytes(ip.packed, "little"), 0, 0, 0]
+    p = ip.packed
+    return socket.AF_INET6, [int.from_bytes(p[i:i + 4], "little") for i in range(0, 16, 4)]
+
+
+def _net_port(port: int) -> int:
+    return socket.htons(port)
+
+
+class Redirector:
+    name = "redirect"
+
+    def __init__(self, pin_dir: str, cgroup_root: str, listen4: tuple[str, int],
+                 listen6_port: int, managed_cgroups: list[str], fail_open: bool = False):
+        self.pin_dir = Path(pin_dir)
+        self.cgroup_root = cgroup_root
+        self.listen4 = listen4
+        self.listen6_port = listen6_port
+        self.managed_paths = managed_cgroups
+        self.fail_open = fail_open
+        self._bpf = None
+        self._links: list[int] = []
+        self._root_fd = -1
+        self.targets: set[Target] = set()
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        self.pin_dir.mkdir(parents=True, exist_ok=True)
+        for m in _MAPS:  # stale pins of a crashed agent: start from clean maps
+            (self.pin_dir / m).unlink(missing_ok=True)
+        if not (self.pin_dir / "process_images").exists():
+            raise RuntimeError(f"{self.pin_dir}/process_images is not pinned: attestation "
+                               "must start before the redirect")
+        self._bpf = compile_program("redirect", [f'-DPIN_DIR="{self.pin_dir}"'])
+        from bcc import BPF, BPFAttachType
+        progs = [
+            (b"credless_connect4", BPF.CGROUP_SOCK_ADDR, BPFAttachType.CGROUP_INET4_CONNECT,
+             bpfsys.CGROUP_INET4_CONNECT),
+            (b"credless_connect6", BPF.CGROUP_SOCK_ADDR, BPFAttachType.CGROUP_INET6_CONNECT,
+             bpfsys.CGROUP_INET6_CONNECT),
+            (b"credless_sockops", BPF.SOCK_OPS, -1, bpfsys.CGROUP_SOCK_OPS),
+        ]
+        self._configure()
+        self._root_fd = os.open(self.cgroup_root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for name, ptype, expected, attach in progs:
+                fn = self._bpf.load_func(name, ptype, None, expected)
+                self._links.append(bpfsys.link_create(fn.fd, self._root_fd, attach))
+        except Exception:
+            self.stop()
+            raise
+        log.info("redirect attached", cgroup_root=self.cgroup_root,
+                 listen=f"{self.listen4[0]}:{self.listen4[1]}",
+                 managed=self.managed_paths or "all but the agent's cgroup")
+
+    def _configure(self) -> None:
+        cfg_table = self._bpf[b"redirect_config"]
+        leaf = cfg_table.Leaf()
+        leaf.enabled = 1
+        leaf.agent_tgid = os.getpid()
+        leaf.all_cgroups = 0 if self.managed_paths else 1
+        leaf.fail_open = 1 if self.fail_open else 0
+        leaf.agent_up = 0
+        leaf.listen_ip4 = int.from_bytes(ipaddress.IPv4Address(self.listen4[0]).packed,
+                                         "little")
+        leaf.listen_port4 = _net_port(self.listen4[1])
+        leaf.listen_port6 = _net_port(self.listen6_port)
+        leaf.excluded_cgroup = self._own_cgroup_id()
+        cfg_table[ct.c_int(0)] = leaf
+        managed = self._bpf[b"managed_cgroups"]
+        for rel in self.managed_paths:
+            cg_id = os.stat(os.path.join(self.cgroup_root, rel.lstrip("/"))).st_ino
+            managed[ct.c_uint64(cg_id)] = ct.c_uint32(1)
+
+    def _own_cgroup_id(self) -> int:
+        from agent.attest.cgroupfs import process_cgroup
+        path = process_cgroup(os.getpid()) or "/"
+        return os.stat(os.path.join(self.cgroup_root, path.lstrip("/"))).st_ino
+
+    def set_agent_up(self, up: bool) -> None:
+        table = self._bpf[b"redirect_config"]
+        leaf = table[ct.c_int(0)]
+        leaf.agent_up = 1 if up else 0
+        table[ct.c_int(0)] = leaf
+
+    def stop(self) -> None:
+        for fd in self._links:
+            os.close(fd)   # closing the link detaches the program
+        self._links.clear()
+        if self._root_fd >= 0:
+            os.close(self._root_fd)
+            self._root_fd = -1
+        if self._bpf is not None:
+            self._bpf.cleanup()
+            self._bpf = None
+        for m in _MAPS:
+            (self.pin_dir / m).unlink(missing_ok=True)
+
+    # ------------------------------------------------------------ targets
+    def set_targets(self, targets: set[Target]) -> None:
+        table = self._bpf[b"redirect_targets"]
+        for t in self.targets - targets:
+            try:
+                del table[self._target_key(table, t)]
+            except KeyError:
+                pass
+        for t in targets - self.targets:
+            table[self._target_key(table, t)] = ct.c_uint32(1)
+        self.targets = set(targets)
+
+    @staticmethod
+    def _target_key(table, t: Target):
+        family, words = _addr_words(t.host)
+        key = table.Key()
+        key.family = family
+        key.port = _net_port(t.port)
+        for i, w in enumerate(words):
+            key.addr[i] = w
+        return key
+
+    # ------------------------------------------------------------ lookups
+    def lookup(self, peer_host: str, peer_port: int) -> RedirectInfo | None:
+        """The redirect record of an accepted connection, by the client's address."""
+        ends = self._bpf[b"local_to_cookie"]
+        family, words = _addr_words(peer_host)
+        key = ends.Key()
+        key.family = family
+        key.port = peer_port
+        for i, w in enumerate(words):
+            key.addr[i] = w
+        try:
+            cookie = ends[key].value
+        except KeyError:
+            return None
+        try:
+            info = self._bpf[b"redirected"][ct.c_uint64(cookie)]
+        except KeyError:
+            return None
+        if info.family == socket.AF_INET:
+            host = str(ipaddress.IPv4Address(info.orig_addr[0].to_bytes(4, "little")))
+        else:
+            host = str(ipaddress.IPv6Address(b"".join(w.to_bytes(4, "little")
+                                                      for w in info.orig_addr)))
+        return RedirectInfo(host, socket.ntohs(info.orig_port & 0xFFFF), info.tgid, info.pid,
+                            info.uid, info.cgroup_id, info.start_ns, info.exec_ns, cookie)
+
+    def forget(self, peer_host: str, peer_port: int, cookie: int) -> None:
+        ends = self._bpf[b"local_to_cookie"]
+        family, words = _addr_words(peer_host)
+        key = ends.Key()
+        key.family, key.port = family, peer_port
+        for i, w in enumerate(words):
+            key.addr[i] = w
+        for table, k in ((ends, key), (self._bpf[b"redirected"], ct.c_uint64(cookie))):
+            try:
+                del table[k]
+            except KeyError:
+                pass
+
+    def counts(self) -> dict[str, int]:
+        if self._bpf is None:
+            return {}
+        table = self._bpf[b"redirect_counts"]
+        return {name: table[ct.c_int(i)].value
+                for i, name in enumerate(("redirected_v4", "redirected_v6", "unmanaged"))}

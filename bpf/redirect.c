@@ -1,0 +1,192 @@
+// SPDX-License-Identifier: GPL-2.0
+//
+// Socket-layer redirect of MCP traffic to the credless proxy.
+//
+// connect4/connect6 (cgroup sock_addr hooks) run inside connect() before the kernel picks a
+// route: a connect to an intercepted target is rewritten to the agent's loopback listener,
+// so the workload's packets never leave the host carrying (or lacking) credentials. What the
+// workload asked for is kept by socket cookie. The decision uses the *current task's*
+// cgroup (bpf_get_current_ancestor_cgroup_id), not the socket's: a socket created in one
+// cgroup and handed to a process in another must follow the process that connects.
+//
+// IPv4 destinations reached through an AF_INET6 socket arrive as v4-mapped addresses
+// (::ffff:a.b.c.d) at connect6, not connect4; they are matched against the IPv4 targets and
+// sent to ::ffff:<listen_ip4>, which the IPv4 listener accepts on a dual-stack socket.
+//
+// sockops sees the same socket once its local port exists (TCP_CONNECT_CB) and maps
+// (local address, local port) to the cookie: on accept() the proxy only knows the peer's
+// address, and this map turns it back into the cookie, the original destination, and the
+// process that connected.
+//
+// The proxy's own upstream connects are exempt by tgid. A missing config entry or
+// enabled == 0 leaves every connect untouched.
+
+#include <uapi/linux/bpf.h>
+#include <linux/socket.h>
+#include "process_events.h"
+#include "redirect.h"
+
+#ifndef PIN_DIR
+#define PIN_DIR "/sys/fs/bpf/credless"
+#endif
+#ifndef MAX_TARGETS
+#define MAX_TARGETS 4096
+#endif
+#ifndef MAX_CONNECTIONS
+#define MAX_CONNECTIONS 65536
+#endif
+#ifndef MAX_CGROUP_DEPTH
+#define MAX_CGROUP_DEPTH 16
+#endif
+
+BPF_TABLE_PINNED("hash", struct redirect_target, u32, redirect_targets, MAX_TARGETS,
+                 PIN_DIR "/redirect_targets");
+BPF_TABLE_PINNED("array", int, struct redirect_config, redirect_config, 1,
+                 PIN_DIR "/redirect_config");
+BPF_TABLE_PINNED("hash", u64, u32, managed_cgroups, 1024, PIN_DIR "/managed_cgroups");
+BPF_TABLE_PINNED("lru_hash", u64, struct redirect_info, redirected, MAX_CONNECTIONS,
+                 PIN_DIR "/redirected");
+BPF_TABLE_PINNED("lru_hash", struct local_endpoint, u64, local_to_cookie, MAX_CONNECTIONS,
+                 PIN_DIR "/local_to_cookie");
+// Maintained by bpf/process_events.c; shared through its pin.
+BPF_TABLE_PINNED("lru_hash", u32, struct process_image, process_images, 65536,
+                 PIN_DIR "/process_images");
+BPF_ARRAY(redirect_counts, u64, 4);  // 0: redirected v4, 1: redirected v6, 2: skipped cgroup
+
+static __always_inline void count(int i)
+{
+    u64 *c = redirect_counts.lookup(&i);
+    if (c)
+        __sync_fetch_and_add(c, 1);
+}
+
+static __always_inline int task_is_managed(struct redirect_config *cfg)
+{
+    if (cfg->all_cgroups)
+        return bpf_get_current_cgroup_id() != cfg->excluded_cgroup;
+#pragma unroll
+    for (int level = 0; level < MAX_CGROUP_DEPTH; level++) {
+        u64 id = bpf_get_current_ancestor_cgroup_id(level);
+        if (!id)
+            break;
+        if (managed_cgroups.lookup(&id))
+            return 1;
+    }
+    return 0;
+}
+
+// Common part: should this connect go to the proxy? Records it if so.
+static __always_inline int take(struct bpf_sock_addr *ctx, struct redirect_target *key,
+                                u32 family, struct redirect_config **out)
+{
+    int zero = 0;
+    struct redirect_config *cfg = redirect_config.lookup(&zero);
+    if (!cfg || !cfg->enabled)
+        return 0;
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 tgid = pid_tgid >> 32;
+    if (tgid == cfg->agent_tgid)
+        return 0;
+    if (!redirect_targets.lookup(key))
+        return 0;
+    if (!task_is_managed(cfg)) {
+        count(2);
+        return 0;
+    }
+    if (!cfg->agent_up && cfg->fail_open)
+        return 0;
+
+    struct redirect_info info = {};
+    __builtin_memcpy(info.orig_addr, key->addr, sizeof(info.orig_addr));
+    info.orig_port = key->port;
+    info.family = family;
+    info.tgid = tgid;
+    info.pid = (u32)pid_tgid;
+    info.uid = (u32)bpf_get_current_uid_gid();
+    info.cgroup_id = bpf_get_current_cgroup_id();
+    struct process_image *img = process_images.lookup(&tgid);
+    if (img) {
+        info.start_ns = img->start_ns;
+        info.exec_ns = img->exec_ns;
+    }
+    u64 cookie = bpf_get_socket_cookie(ctx);
+    redirected.update(&cookie, &info);
+    *out = cfg;
+    return 1;
+}
+
+int credless_connect4(struct bpf_sock_addr *ctx)
+{
+    struct redirect_target key = {};
+    key.family = AF_INET;
+    key.port = ctx->user_port;
+    key.addr[0] = ctx->user_ip4;
+    struct redirect_config *cfg = 0;
+    if (!take(ctx, &key, AF_INET, &cfg) || !cfg)
+        return 1;
+    ctx->user_ip4 = cfg->listen_ip4;
+    ctx->user_port = cfg->listen_port4;
+    count(0);
+    return 1;
+}
+
+int credless_connect6(struct bpf_sock_addr *ctx)
+{
+    struct redirect_target key = {};
+    u32 a0 = ctx->user_ip6[0], a1 = ctx->user_ip6[1], a2 = ctx->user_ip6[2],
+        a3 = ctx->user_ip6[3];
+    struct redirect_config *cfg = 0;
+    key.port = ctx->user_port;
+    // ::ffff:a.b.c.d — an IPv4 destination on a dual-stack socket
+    if (a0 == 0 && a1 == 0 && a2 == bpf_htonl(0x0000ffff)) {
+        key.family = AF_INET;
+        key.addr[0] = a3;
+        if (!take(ctx, &key, AF_INET, &cfg) || !cfg)
+            return 1;
+        ctx->user_ip6[3] = cfg->listen_ip4;
+        ctx->user_port = cfg->listen_port4;
+        count(1);
+        return 1;
+    }
+    key.family = AF_INET6;
+    key.addr[0] = a0;
+    key.addr[1] = a1;
+    key.addr[2] = a2;
+    key.addr[3] = a3;
+    if (!take(ctx, &key, AF_INET6, &cfg) || !cfg)
+        return 1;
+    ctx->user_ip6[0] = 0;
+    ctx->user_ip6[1] = 0;
+    ctx->user_ip6[2] = 0;
+    ctx->user_ip6[3] = bpf_htonl(1);   // ::1
+    ctx->user_port = cfg->listen_port6;
+    count(1);
+    return 1;
+}
+
+int credless_sockops(struct bpf_sock_ops *skops)
+{
+    if (skops->op != BPF_SOCK_OPS_TCP_CONNECT_CB)
+        return 1;
+    u64 cookie = bpf_get_socket_cookie(skops);
+    if (!redirected.lookup(&cookie))
+        return 1;
+    struct local_endpoint key = {};
+    key.family = skops->family;
+    key.port = skops->local_port;
+    if (skops->family == AF_INET) {
+        key.addr[0] = skops->local_ip4;
+    } else if (skops->local_ip6[0] == 0 && skops->local_ip6[1] == 0 &&
+               skops->local_ip6[2] == bpf_htonl(0x0000ffff)) {
+        // a dual-stack socket talking IPv4: the IPv4 listener sees a plain IPv4 peer
+        key.family = AF_INET;
+        key.addr[0] = skops->local_ip6[3];
+    } else {
+        key.addr[0] = skops->local_ip6[0];
+        key.addr[1] = skops->local_ip6[1];
+        key.addr[2] = skops->local_ip6[2];
+        key.addr[3] = skops->local_ip6[3];
+    }
+    local_to_cookie.update(&key, &cookie);
+    return 1;
+}

@@ -1,0 +1,51 @@
+// SPDX-License-Identifier: GPL-2.0
+//
+// Structures shared by bpf/redirect.c and user space (agent/inject/redirect.py gets the
+// ctypes classes from BCC; it never restates these layouts).
+
+#ifndef CREDLESS_REDIRECT_H
+#define CREDLESS_REDIRECT_H
+
+// A destination to intercept: address and port as the connect() call gave them.
+// IPv4 uses addr[0]; IPv6 all four words; ports in network byte order.
+struct redirect_target {
+    u32 family;       // AF_INET (2) or AF_INET6 (10)
+    u32 port;         // network byte order, in the low 16 bits
+    u32 addr[4];
+};
+
+// The agent's listeners and switches. One entry, index 0.
+struct redirect_config {
+    u32 enabled;
+    u32 agent_tgid;           // the agent's own connects are never redirected
+    u32 all_cgroups;          // 1: every cgroup except the excluded one; 0: managed subtrees
+    u32 fail_open;            // 1: while agent_up is 0, leave connects alone
+    u32 agent_up;             // set while the agent's proxy accepts connections
+    u32 listen_ip4;           // network byte order
+    u32 listen_port4;         // network byte order, low 16 bits
+    u32 listen_port6;         // network byte order, low 16 bits; the v6 listener is on ::1
+    u64 excluded_cgroup;      // the agent's own cgroup (all_cgroups mode)
+};
+
+// What the proxy needs to know about a redirected connection, keyed by socket cookie.
+struct redirect_info {
+    u32 orig_addr[4];
+    u32 orig_port;            // network byte order, low 16 bits
+    u32 family;               // family of the original destination
+    u32 tgid;
+    u32 pid;
+    u32 uid;
+    u32 pad;
+    u64 cgroup_id;            // of the connecting *task*, not of the socket
+    u64 start_ns;             // the process image that connected (from process_images)
+    u64 exec_ns;
+};
+
+// The client side of a redirected connection as the proxy sees it on accept().
+struct local_endpoint {
+    u32 family;
+    u32 port;                 // host byte order (as sockops reports local_port)
+    u32 addr[4];
+};
+
+#endif
