@@ -89,6 +89,15 @@ def check_tracefs(opts: DoctorOptions) -> CheckResult:
                        f"mount -t tracefs tracefs {opts.tracefs}")
 
 
+def check_bpffs(_: DoctorOptions) -> CheckResult:
+    for line in Path("/proc/mounts").read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[2] == "bpf" and parts[1] == "/sys/fs/bpf":
+            return CheckResult("bpffs", True, "mounted at /sys/fs/bpf")
+    return CheckResult("bpffs", False, "bpffs not mounted at /sys/fs/bpf (the redirect pins "
+                       "its maps there)", "mount -t bpf bpf /sys/fs/bpf")
+
+
 def check_btf(opts: DoctorOptions) -> CheckResult:
     try:
         with open(opts.btf, "rb") as f:
@@ -185,7 +194,8 @@ def check_cgroup_connect4(opts: DoctorOptions) -> CheckResult:
 
 
 CHECKS: list[Callable[[DoctorOptions], CheckResult]] = [
-    check_capabilities, check_bpf_syscall, check_kernel_headers, check_tracefs, check_btf,
+    check_capabilities, check_bpf_syscall, check_kernel_headers, check_tracefs, check_bpffs,
+    check_btf,
     check_cgroup2, check_bcc_tracepoint, check_cgroup_connect4,
 ]
 

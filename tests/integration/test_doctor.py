@@ -12,7 +12,8 @@ from agent.attest import cgroupfs
 
 pytestmark = pytest.mark.kernel
 
-EXPECTED = ["capabilities", "bpf_syscall", "kernel_headers", "tracefs", "btf", "cgroup_v2",
+EXPECTED = ["capabilities", "bpf_syscall", "kernel_headers", "tracefs", "bpffs", "btf",
+            "cgroup_v2",
             "bcc_tracepoint", "cgroup_connect4"]
 
 
