@@ -146,6 +146,8 @@ class Daemon:
                                   jwks_uri=f"http://{cfg.bundle_endpoint.listen}/jwks.json"
                                   if cfg.bundle_endpoint.enabled else None)
         self.components.append(self.oauth)
+        self.attestor.add_event_listener(self.identity.process_event)
+        self.identity.on_identity_ended.append(self._identity_ended)
         if cfg.inject.enabled and cfg.servers:
             self._add_injection(cfg)
         self.admin = AdminServer(Path(cfg.agent.run_dir) / "admin.sock")
@@ -202,6 +204,10 @@ class Daemon:
         self.components += [RedirectComponent(), ProxyComponent()]
         self.metrics.add_ready_check("redirect", lambda: (bool(redirector._links),
                                                           f"{len(redirector.targets)} targets"))
+
+    def _identity_ended(self, spiffe_id: str) -> None:
+        if self.oauth.loop is not None:
+            asyncio.run_coroutine_threadsafe(self.oauth.forget(spiffe_id), self.oauth.loop)
 
     def _oauth_probe(self, req: dict) -> dict:
         from agent.oauth.errors import OAuthError

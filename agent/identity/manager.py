@@ -60,6 +60,10 @@ class IdentityManager:
         self.ca: SigningCA | None = None
         self.keys: JwtSigningKeys | None = None
         self.registry: entries_mod.Registry = entries_mod.Registry([], self.trust_domain)
+        # which live process images use which identity, to know when an identity ends
+        self._users: dict[str, set[int]] = {}
+        self._user_of: dict[int, tuple[int, str]] = {}   # tgid -> (exec_ns, spiffe id)
+        self.on_identity_ended: list = []
         self._init_metrics(registry)
 
     def _init_metrics(self, registry: Any) -> None:
@@ -183,6 +187,43 @@ class IdentityManager:
             if re.fullmatch(pattern, spiffe_id):
                 return Identity(SpiffeId.parse(spiffe_id), e)
         return None
+
+    # ------------------------------------------------------------ identity lifetimes
+    def note_use(self, ident: Identity, attestation: Any) -> None:
+        """An attested image is using this identity (a proxied connection, an SVID)."""
+        sid = str(ident.spiffe_id)
+        with self._lock:
+            self._user_of[attestation.tgid] = (attestation.exec_ns, sid)
+            self._users.setdefault(sid, set()).add(attestation.tgid)
+
+    def process_event(self, ev: Any) -> None:
+        """Kernel exec/exit events: an image that ends stops using its identity; when the
+        last one has ended, on_identity_ended callbacks run (tokens, keys, clients go)."""
+        if ev.type not in (1, 3):  # exec, exit
+            return
+        ended = None
+        with self._lock:
+            user = self._user_of.get(ev.tgid)
+            if user is None or (ev.type == 1 and user[0] == ev.exec_ns):
+                return
+            del self._user_of[ev.tgid]
+            users = self._users.get(user[1])
+            if users is not None:
+                users.discard(ev.tgid)
+                if not users:
+                    del self._users[user[1]]
+                    ended = user[1]
+        if ended:
+            log.info("last process of identity ended", spiffe_id=ended)
+            for fn in self.on_identity_ended:
+                try:
+                    fn(ended)
+                except Exception:
+                    log.exception("identity end handler failed", spiffe_id=ended)
+
+    def live_identities(self) -> dict[str, int]:
+        with self._lock:
+            return {sid: len(tgids) for sid, tgids in self._users.items()}
 
     # ------------------------------------------------------------ SVIDs
     def x509_svid(self, ident: Identity) -> X509Svid:

@@ -196,6 +196,7 @@ class WorkloadApiServer:
         if ident is None:
             raise _Denied(grpc.StatusCode.PERMISSION_DENIED,
                           "no identity issued: no registration entry matches this process")
+        self.manager.note_use(ident, att)
         return ident, att
 
 

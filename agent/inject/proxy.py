@@ -164,6 +164,8 @@ class Proxy:
         att = await loop.run_in_executor(None, self.attestor.attest_image, info.tgid,
                                          info.exec_ns, 1.0) if info.exec_ns else None
         ident = self.identity.resolve(att) if att is not None else None
+        if ident is not None:
+            self.identity.note_use(ident, att)
         who = {"pid": info.tgid, "start_ns": info.start_ns,
                "exe": att.exe if att else None, "cgroup": att.cgroup_path if att else None,
                "spiffe_id": str(ident.spiffe_id) if ident else None}

@@ -87,3 +87,21 @@ def test_ca_survives_restart(tmp_path, mgr):
         assert again.ca.certificate == mgr.ca.certificate
     finally:
         again.stop()
+
+
+def test_identity_ends_with_its_last_process(mgr):
+    ended = []
+    mgr.on_identity_ended.append(ended.append)
+    ident = mgr.resolve(attestation({"unix:uid:0"}))
+    a = SimpleNamespace(tgid=10, exec_ns=100)
+    b = SimpleNamespace(tgid=11, exec_ns=200)
+    mgr.note_use(ident, a)
+    mgr.note_use(ident, b)
+    ev = lambda t, tgid, exec_ns: SimpleNamespace(type=t, tgid=tgid, exec_ns=exec_ns)  # noqa
+    mgr.process_event(ev(1, 10, 100))          # an exec event for the image itself: no end
+    mgr.process_event(ev(3, 10, 100))          # first process exits
+    assert ended == [] and mgr.live_identities() == {"spiffe://example.org/a": 1}
+    mgr.process_event(ev(1, 11, 250))          # the second execs another program
+    assert ended == ["spiffe://example.org/a"] and mgr.live_identities() == {}
+    mgr.process_event(ev(3, 11, 250))          # its later exit changes nothing
+    assert ended == ["spiffe://example.org/a"]
