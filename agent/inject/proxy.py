@@ -203,8 +203,8 @@ class Proxy:
             self._audit("request.denied", audit_base, reason="the process exec'd or exited "
                         "since it connected; connection closed")
             return False
-        sent_auth = head.remove(b"authorization", b"dpop")
-        if sent_auth and self.cfg.workload_authorization == "reject" and up.mode != "passthrough":
+        sent_auth = head.remove(b"authorization", b"dpop") if up.mode != "passthrough" else []
+        if sent_auth and self.cfg.workload_authorization == "reject":
             await self._drain_body(events)
             self._count(up, "workload_credentials")
             self._audit("request.denied", audit_base, reason="the workload sent its own "

@@ -1,0 +1,150 @@
+"""The redirect and the proxy's HTTP handling on the real kernel, in passthrough mode.
+
+No authorization server is involved: a passthrough server is observed, not credentialed,
+which isolates the data path: redirect by cgroup, keep-alive, chunked bodies,
+Expect: 100-continue, streamed responses, and processes outside the managed cgroup.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from tests.helpers import AgentProcess, free_port, write_config
+from tests.kernel import cgroup_child, enter_cgroup
+
+pytestmark = pytest.mark.kernel
+
+CLIENT = r'''
+import http.client, json, sys, time
+port, mode = int(sys.argv[1]), sys.argv[2]
+c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+out = []
+if mode == "basic":
+    for i in range(3):   # keep-alive: three requests on one connection
+        c.request("POST", "/mcp", body=json.dumps({"i": i}), headers={"Content-Type": "application/json", "Authorization": "Bearer workload-fake"})
+        r = c.getresponse(); out.append([r.status, json.loads(r.read())])
+    c.request("POST", "/mcp", body=iter([b'{"chunk', b'ed": 1}']), headers={"Transfer-Encoding": "chunked"}, encode_chunked=True)
+    r = c.getresponse(); out.append([r.status, json.loads(r.read())])
+    c.request("POST", "/mcp", body=b'{"expect": 1}', headers={"Expect": "100-continue", "Content-Length": "13"})
+    r = c.getresponse(); out.append([r.status, json.loads(r.read())])
+elif mode == "stream":
+    t0 = time.monotonic()
+    c.request("GET", "/stream")
+    r = c.getresponse()
+    while True:
+        line = r.fp.readline()
+        if not line: break
+        if line.startswith(b"data:"): out.append([round((time.monotonic() - t0) * 1000), line.decode().strip()])
+        if len(out) == 3: break
+print(json.dumps(out))
+'''
+
+
+class Upstream(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    seen: list = []
+
+    def do_POST(self):  # noqa: N802
+        if self.headers.get("Transfer-Encoding") == "chunked":
+            body = b""
+            while (size := int(self.rfile.readline(), 16)):
+                body += self.rfile.read(size)
+                self.rfile.readline()
+            self.rfile.readline()
+        else:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+        Upstream.seen.append({"auth": self.headers.get("Authorization"),
+                              "peer_port": self.client_address[1], "body": body.decode()})
+        out = json.dumps({"echo": json.loads(body)}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+    def do_GET(self):  # noqa: N802  an SSE stream: 3 events, 300 ms apart
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for i in range(3):
+            data = f"data: {i}\n\n".encode()
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+            time.sleep(0.3)
+        self.wfile.write(b"0\r\n\r\n")
+
+    def log_message(self, *a):
+        pass
+
+
+@pytest.fixture
+def upstream():
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    Upstream.seen = []
+    yield srv.server_address[1]
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.fixture
+def agent(tmp_path, upstream):
+    with cgroup_child() as cg:
+        port = free_port()
+        cfg = write_config(tmp_path, extra=f'''
+[inject]
+listen_port = {port}
+listen_port6 = {port}
+managed_cgroups = ["/{cg.name}"]
+[[servers]]
+name = "up"
+url = "http://127.0.0.1:{upstream}/mcp"
+mode = "passthrough"
+''')
+        with AgentProcess(cfg, tmp_path) as a:
+            a.wait_ready()
+            a.cg, a.upstream = cg, upstream
+            yield a
+
+
+def run_client(port, mode, cgroup=None):
+    r = subprocess.run([sys.executable, "-c", CLIENT, str(port), mode], capture_output=True,
+                       text=True, timeout=60, preexec_fn=enter_cgroup(cgroup) if cgroup else None)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout)
+
+
+def test_managed_process_goes_through_the_proxy_with_http_semantics_intact(agent):
+    out = run_client(agent.upstream, "basic", agent.cg)
+    assert out == [[200, {"echo": {"i": 0}}], [200, {"echo": {"i": 1}}],
+                   [200, {"echo": {"i": 2}}], [200, {"echo": {"chunked": 1}}],
+                   [200, {"echo": {"expect": 1}}]]
+    # passthrough observes only; the workload's header passes as sent
+    assert [s["auth"] for s in Upstream.seen[:3]] == ["Bearer workload-fake"] * 3
+    # all five requests reused one upstream connection from the proxy's pool
+    assert len({s["peer_port"] for s in Upstream.seen}) == 1
+    audit = [json.loads(ln) for ln in agent.stdout_path.read_text().splitlines()]
+    forwarded = [a for a in audit if a["event"] == "request.forwarded"]
+    assert len(forwarded) == 5 and forwarded[0]["server"] == "up"
+    assert forwarded[0]["pid"] > 0 and forwarded[0]["status"] == 200
+
+
+def test_unmanaged_process_is_not_redirected(agent):
+    run_client(agent.upstream, "basic")           # not in the managed cgroup
+    audit = [json.loads(ln) for ln in agent.stdout_path.read_text().splitlines()]
+    assert not [a for a in audit if a["event"].startswith("request.")]
+    assert len({s["peer_port"] for s in Upstream.seen}) == 1   # its own direct connection
+
+
+def test_sse_events_are_streamed_as_they_arrive(agent):
+    out = run_client(agent.upstream, "stream", agent.cg)
+    assert [e[1] for e in out] == ["data: 0", "data: 1", "data: 2"]
+    assert out[0][0] < out[1][0] < out[2][0]     # arrived one by one, not all at the end
