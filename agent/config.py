@@ -261,6 +261,9 @@ class InjectSection:
                                 lambda v: None if 0 < v < 65536 else "a port 1-65535")
     listen_port6: int = _setting(15001, "proxy port on [::1]",
                                  lambda v: None if 0 < v < 65536 else "a port 1-65535")
+    tls_listen_port: int = _setting(15002, "port of the TLS-intercepting listener (on "
+                                    "listen_host and [::1]) for https servers",
+                                    lambda v: None if 0 < v < 65536 else "a port 1-65535")
     managed_cgroups: list = _setting([], "cgroup subtrees whose processes are redirected; "
                                      "empty means every cgroup but the agent's own",
                                      _cgroup_paths)
@@ -274,6 +277,8 @@ class InjectSection:
                                "out untouched (default: they are refused)")
     upstream_pool_size: int = _setting(16, "idle upstream connections kept per identity and "
                                        "server", _positive)
+    upstream_ca_file: str = _setting("", "CA bundle to verify https MCP servers; empty means "
+                                     "the system store", _absolute_path)
 
 
 @dataclass(frozen=True)

@@ -174,8 +174,14 @@ class Daemon:
         self.redirector = Redirector(cfg.agent.bpf_pin_dir, root,
                                      (inj.listen_host, inj.listen_port), inj.listen_port6,
                                      list(inj.managed_cgroups), fail_open=inj.fail_open)
+        from agent.inject.tls import InjectionCA, upstream_context
+
+        self.inject_ca = InjectionCA(cfg.agent.state_dir) \
+            if any(u.scheme == "https" for u in upstreams.values()) else None
         self.proxy = Proxy(inj, upstreams, self.redirector, self.attestor, self.identity,
-                           self.oauth, audit=self.audit, registry=self.metrics.registry)
+                           self.oauth, audit=self.audit, registry=self.metrics.registry,
+                           ssl_context=upstream_context(inj.upstream_ca_file),
+                           inject_ca=self.inject_ca)
         redirector = self.redirector
 
         class RedirectComponent:
@@ -183,7 +189,9 @@ class Daemon:
 
             def start(self) -> None:
                 redirector.start()
-                redirector.set_targets({Target(h, p) for h, p in upstreams})
+                redirector.set_targets({
+                    Target(h, p, inj.tls_listen_port if up.scheme == "https" else 0)
+                    for (h, p), up in upstreams.items()})
 
             def stop(self) -> None:
                 redirector.stop()

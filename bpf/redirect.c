@@ -75,7 +75,8 @@ static __always_inline int task_is_managed(struct redirect_config *cfg)
     return 0;
 }
 
-// Common part: should this connect go to the proxy? Records it if so.
+// Common part: should this connect go to the proxy? Records it if so, and returns 0 (no),
+// 1 (yes, to the plain listener) or the target's own listener port (network order).
 static __always_inline int take(struct bpf_sock_addr *ctx, struct redirect_target *key,
                                 u32 family, struct redirect_config **out)
 {
@@ -87,7 +88,8 @@ static __always_inline int take(struct bpf_sock_addr *ctx, struct redirect_targe
     u32 tgid = pid_tgid >> 32;
     if (tgid == cfg->agent_tgid)
         return 0;
-    if (!redirect_targets.lookup(key))
+    u32 *listen_port = redirect_targets.lookup(key);
+    if (!listen_port)
         return 0;
     if (!task_is_managed(cfg)) {
         count(2);
@@ -112,7 +114,8 @@ static __always_inline int take(struct bpf_sock_addr *ctx, struct redirect_targe
     u64 cookie = bpf_get_socket_cookie(ctx);
     redirected.update(&cookie, &info);
     *out = cfg;
-    return 1;
+    // the target's own listener (TLS targets have one), else the plain one
+    return *listen_port ? *listen_port : 1;
 }
 
 int credless_connect4(struct bpf_sock_addr *ctx)
@@ -122,10 +125,11 @@ int credless_connect4(struct bpf_sock_addr *ctx)
     key.port = ctx->user_port;
     key.addr[0] = ctx->user_ip4;
     struct redirect_config *cfg = 0;
-    if (!take(ctx, &key, AF_INET, &cfg) || !cfg)
+    u32 port = take(ctx, &key, AF_INET, &cfg);
+    if (!port || !cfg)
         return 1;
     ctx->user_ip4 = cfg->listen_ip4;
-    ctx->user_port = cfg->listen_port4;
+    ctx->user_port = port > 1 ? port : cfg->listen_port4;
     count(0);
     return 1;
 }
@@ -141,10 +145,11 @@ int credless_connect6(struct bpf_sock_addr *ctx)
     if (a0 == 0 && a1 == 0 && a2 == bpf_htonl(0x0000ffff)) {
         key.family = AF_INET;
         key.addr[0] = a3;
-        if (!take(ctx, &key, AF_INET, &cfg) || !cfg)
+        u32 port4 = take(ctx, &key, AF_INET, &cfg);
+        if (!port4 || !cfg)
             return 1;
         ctx->user_ip6[3] = cfg->listen_ip4;
-        ctx->user_port = cfg->listen_port4;
+        ctx->user_port = port4 > 1 ? port4 : cfg->listen_port4;
         count(1);
         return 1;
     }
@@ -153,13 +158,14 @@ int credless_connect6(struct bpf_sock_addr *ctx)
     key.addr[1] = a1;
     key.addr[2] = a2;
     key.addr[3] = a3;
-    if (!take(ctx, &key, AF_INET6, &cfg) || !cfg)
+    u32 port6 = take(ctx, &key, AF_INET6, &cfg);
+    if (!port6 || !cfg)
         return 1;
     ctx->user_ip6[0] = 0;
     ctx->user_ip6[1] = 0;
     ctx->user_ip6[2] = 0;
     ctx->user_ip6[3] = bpf_htonl(1);   // ::1
-    ctx->user_port = cfg->listen_port6;
+    ctx->user_port = port6 > 1 ? port6 : cfg->listen_port6;
     count(1);
     return 1;
 }

@@ -6,7 +6,8 @@
 #ifndef CREDLESS_REDIRECT_H
 #define CREDLESS_REDIRECT_H
 
-// A destination to intercept: address and port as the connect() call gave them.
+// A destination to intercept: address and port as the connect() call gave them. The map's
+// value is the proxy port to send it to (network order), or 0 for the plain listener.
 // IPv4 uses addr[0]; IPv6 all four words; ports in network byte order.
 struct redirect_target {
     u32 family;       // AF_INET (2) or AF_INET6 (10)

@@ -88,7 +88,8 @@ class Proxy:
 
     def __init__(self, cfg: Any, upstreams: dict[tuple[str, int], Upstream], redirect: Any,
                  attestor: Any, identity: Any, oauth: Any, audit: AuditLog | None = None,
-                 registry: Any = None, ssl_context: ssl.SSLContext | None = None):
+                 registry: Any = None, ssl_context: ssl.SSLContext | None = None,
+                 inject_ca: Any = None):
         self.cfg = cfg                       # agent.config.InjectSection
         self.upstreams = upstreams
         self.redirect = redirect
@@ -97,6 +98,7 @@ class Proxy:
         self.oauth = oauth
         self.audit = audit
         self.ssl_context = ssl_context or ssl.create_default_context()
+        self.inject_ca = inject_ca              # agent.inject.tls.InjectionCA
         self.pool = _Pool(cfg.upstream_pool_size)
         self._servers: list[asyncio.base_events.Server] = []
         self._conns: set[asyncio.Task] = set()
@@ -119,7 +121,29 @@ class Proxy:
         self._servers.append(await asyncio.start_server(self._handle, "::1", self.cfg.listen_port6,
                                                         family=socket.AF_INET6,
                                                         reuse_address=True))
-        log.info("proxy listening", ipv4=f"{host}:{port}", ipv6=f"[::1]:{self.cfg.listen_port6}")
+        if self.inject_ca is not None:
+            tls = self._tls_server_context()
+            for h, fam in ((host, socket.AF_INET), ("::1", socket.AF_INET6)):
+                self._servers.append(await asyncio.start_server(
+                    self._handle, h, self.cfg.tls_listen_port, family=fam, ssl=tls,
+                    reuse_address=True, ssl_handshake_timeout=10))
+        log.info("proxy listening", ipv4=f"{host}:{port}", ipv6=f"[::1]:{self.cfg.listen_port6}",
+                 tls_port=self.cfg.tls_listen_port if self.inject_ca else None)
+
+    def _tls_server_context(self) -> ssl.SSLContext:
+        """Presents a leaf for whatever name the workload asked for (SNI), minted by the
+        injection CA. A workload that does not trust that CA fails here: it never gets a
+        plaintext fallback."""
+        https = [u for u in self.upstreams.values() if u.scheme == "https"]
+        default = https[0].host if https else "localhost"
+        ctx = self.inject_ca.server_context(default)
+        ca = self.inject_ca
+
+        def pick(sslobj, server_name, _ctx):
+            sslobj.context = ca.server_context(server_name or default)
+
+        ctx.sni_callback = pick
+        return ctx
 
     async def astop(self) -> None:
         for s in self._servers:
@@ -147,6 +171,9 @@ class Proxy:
                 self.redirect.forget(peer[0], peer[1], info.cookie)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
+        except ssl.SSLError as e:
+            self._audit("connection.tls_failed", {"peer_port": peer[1]},
+                        reason=f"TLS with the workload failed: {e.reason}")
         except asyncio.CancelledError:
             pass
         except Exception:
@@ -160,6 +187,8 @@ class Proxy:
         upstream = self.upstreams.get((info.orig_host, info.orig_port))
         if upstream is None:
             return
+        if (upstream.scheme == "https") != (writer.get_extra_info("ssl_object") is not None):
+            return  # arrived on the wrong listener: never serve https traffic in clear
         loop = asyncio.get_running_loop()
         att = await loop.run_in_executor(None, self.attestor.attest_image, info.tgid,
                                          info.exec_ns, 1.0) if info.exec_ns else None

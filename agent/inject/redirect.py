@@ -31,6 +31,7 @@ _MAPS = ("redirect_targets", "redirect_config", "managed_cgroups", "redirected",
 class Target:
     host: str      # an IP literal (hostnames are resolved by the caller)
     port: int
+    listen_port: int = 0   # the proxy listener for this target; 0: the plain one
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,8 @@ class Redirector:
             except KeyError:
                 pass
         for t in targets - self.targets:
-            table[self._target_key(table, t)] = ct.c_uint32(1)
+            table[self._target_key(table, t)] = ct.c_uint32(
+                _net_port(t.listen_port) if t.listen_port else 0)
         self.targets = set(targets)
 
     @staticmethod

@@ -148,3 +148,93 @@ def test_sse_events_are_streamed_as_they_arrive(agent):
     out = run_client(agent.upstream, "stream", agent.cg)
     assert [e[1] for e in out] == ["data: 0", "data: 1", "data: 2"]
     assert out[0][0] < out[1][0] < out[2][0]     # arrived one by one, not all at the end
+
+
+TLS_CLIENT = r'''
+import http.client, json, ssl, sys
+port, cafile = int(sys.argv[1]), sys.argv[2]
+ctx = ssl.create_default_context(cafile=cafile)
+c = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=ctx)
+try:
+    c.request("POST", "/mcp", body=b'{"tls": 1}', headers={"Content-Length": "10"})
+    r = c.getresponse(); print(json.dumps([r.status, json.loads(r.read())]))
+except ssl.SSLError as e:
+    print(json.dumps(["ssl_error", e.reason]))
+'''
+
+
+def _test_ca(tmp_path):
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test upstream CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(1)
+          .not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(2)
+            .not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    (tmp_path / "up-ca.crt").write_bytes(ca.public_bytes(pem))
+    (tmp_path / "up.crt").write_bytes(leaf.public_bytes(pem))
+    (tmp_path / "up.key").write_bytes(key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return tmp_path / "up-ca.crt", tmp_path / "up.crt", tmp_path / "up.key"
+
+
+def test_https_workload_is_intercepted_with_the_injection_ca_and_fails_closed_without(tmp_path):
+    import ssl
+
+    ca, cert, key = _test_ca(tmp_path)
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
+    sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    sctx.load_cert_chain(cert, key)
+    srv.socket = sctx.wrap_socket(srv.socket, server_side=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    up_port = srv.server_address[1]
+    Upstream.seen = []
+    try:
+        with cgroup_child() as cg:
+            port = free_port()
+            cfg = write_config(tmp_path, extra=f'''
+[inject]
+listen_port = {port}
+listen_port6 = {port}
+managed_cgroups = ["/{cg.name}"]
+upstream_ca_file = "{ca}"
+[[servers]]
+name = "tls"
+url = "https://127.0.0.1:{up_port}/mcp"
+mode = "passthrough"
+''')
+            with AgentProcess(cfg, tmp_path) as a:
+                a.wait_ready()
+                inject_ca = tmp_path / "state" / "inject-ca" / "ca.crt"
+
+                def client(cafile):
+                    r = subprocess.run([sys.executable, "-c", TLS_CLIENT, str(up_port),
+                                        str(cafile)], capture_output=True, text=True,
+                                       timeout=60, preexec_fn=enter_cgroup(cg))
+                    assert r.stdout, r.stderr[-2000:] + a.stderr_path.read_text()[-3000:]
+                    return json.loads(r.stdout)
+
+                assert client(inject_ca) == [200, {"echo": {"tls": 1}}]
+                assert client(ca)[0] == "ssl_error"   # trusts only the real server's CA
+                assert len(Upstream.seen) == 1        # nothing reached the server unprotected
+    finally:
+        srv.shutdown()
+        srv.server_close()

@@ -1,0 +1,135 @@
+"""TLS for the proxy: origination towards servers, and interception for https workloads.
+
+A workload that speaks https to its MCP server reaches the proxy still speaking TLS. The
+proxy terminates it with a leaf certificate for the name the workload asked for (SNI),
+minted by a node-local *injection CA* and cached per name, reads and credentials the
+request, and originates a fresh TLS connection to the real server, verified against the
+system store or a configured CA. The injection CA is separate from the SPIFFE CA (it only
+ever vouches for names on this node's loopback path), lives in <state_dir>/inject-ca (key
+0600), and its certificate is exported at <state_dir>/inject-ca/ca.crt for workloads to
+trust (SSL_CERT_FILE, NODE_EXTRA_CA_CERTS). A workload that does not trust it fails its
+handshake: it never falls back to plaintext.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import secrets
+import ssl
+import tempfile
+import threading
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+CA_TTL = dt.timedelta(days=365)
+LEAF_TTL = dt.timedelta(days=1)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+class InjectionCA:
+    def __init__(self, state_dir: str | os.PathLike):
+        self.dir = Path(state_dir) / "inject-ca"
+        self.cert_path = self.dir / "ca.crt"
+        self._key_path = self.dir / "ca.key"
+        self._contexts: dict[str, ssl.SSLContext] = {}
+        self._lock = threading.Lock()
+        self._load_or_create()
+
+    def _load_or_create(self) -> None:
+        if self._key_path.exists():
+            if self._key_path.stat().st_mode & 0o077:
+                raise PermissionError(f"{self._key_path} is readable by others: "
+                                      f"chmod 600 {self._key_path}")
+            self._key = serialization.load_pem_private_key(self._key_path.read_bytes(), None)
+            self.cert = x509.load_pem_x509_certificate(self.cert_path.read_bytes())
+            if self.cert.not_valid_after_utc > dt.datetime.now(dt.timezone.utc) + LEAF_TTL:
+                return
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._key = ec.generate_private_key(ec.SECP256R1())
+        now = dt.datetime.now(dt.timezone.utc)
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "credless injection CA"),
+                          x509.NameAttribute(NameOID.SERIAL_NUMBER, secrets.token_hex(8))])
+        self.cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                     .public_key(self._key.public_key())
+                     .serial_number(x509.random_serial_number())
+                     .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + CA_TTL)
+                     .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+                     .add_extension(x509.KeyUsage(False, False, False, False, False, True, True,
+                                                  False, False), critical=True)
+                     .add_extension(x509.SubjectKeyIdentifier.from_public_key(
+                         self._key.public_key()), critical=False)
+                     .sign(self._key, hashes.SHA256()))
+        _write_private(self._key_path, self._key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()))
+        self.cert_path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
+        os.chmod(self.cert_path, 0o644)
+
+    def _leaf(self, name: str) -> tuple[bytes, bytes]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = dt.datetime.now(dt.timezone.utc)
+        try:
+            san: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(name))
+        except ValueError:
+            san = x509.DNSName(name)
+        cert = (x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name[:64])]))
+                .issuer_name(self.cert.subject).public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + LEAF_TTL)
+                .add_extension(x509.SubjectAlternativeName([san]), critical=False)
+                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
+                               critical=False)
+                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                    self._key.public_key()), critical=False)
+                .sign(self._key, hashes.SHA256()))
+        return (cert.public_bytes(serialization.Encoding.PEM)
+                + self.cert.public_bytes(serialization.Encoding.PEM),
+                key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+
+    def server_context(self, name: str) -> ssl.SSLContext:
+        """A TLS server context presenting a leaf for `name` (cached per name)."""
+        with self._lock:
+            ctx = self._contexts.get(name)
+            if ctx is not None:
+                return ctx
+        chain, key = self._leaf(name)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.set_alpn_protocols(["http/1.1"])
+        # load_cert_chain needs files: a private temp dir, removed at once
+        with tempfile.TemporaryDirectory() as d:
+            cert_file, key_file = Path(d, "c.pem"), Path(d, "k.pem")
+            cert_file.write_bytes(chain)
+            _write_private(key_file, key)
+            ctx.load_cert_chain(cert_file, key_file)
+        with self._lock:
+            self._contexts[name] = ctx
+        return ctx
+
+
+def upstream_context(ca_file: str = "") -> ssl.SSLContext:
+    """Origination: verify the real server against the system store or a configured CA."""
+    ctx = ssl.create_default_context(cafile=ca_file or None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
