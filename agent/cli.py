@@ -90,6 +90,41 @@ def cmd_oauth_probe(args) -> int:
     return 1 if "error" in out else 0
 
 
+def cmd_policy_check(args) -> int:
+    from agent.policy.rules import PolicyError, load
+
+    servers = None
+    if args.config:
+        servers = {srv.name for srv in _load_config(args.config).servers}
+    try:
+        policy = load(args.file, servers)
+    except PolicyError as e:
+        print(f"credless: policy error\n{e}", file=sys.stderr)
+        return 2
+    print(f"{args.file}: ok ({len(policy.rules)} rules, default_unlisted = "
+          f"{policy.default_unlisted})")
+    return 0
+
+
+def cmd_policy_explain(args) -> int:
+    import json
+
+    from agent.policy.rules import PolicyError, load
+
+    try:
+        policy = load(args.file or _load_config(args.config).policy.file)
+    except PolicyError as e:
+        print(f"credless: policy error\n{e}", file=sys.stderr)
+        return 2
+    name = args.tool or args.resource or args.prompt
+    d = policy.decide(args.spiffe_id, args.server, args.method, name)
+    print(json.dumps({"decision": "allow" if d.allowed else "deny", "rule": d.rule_id,
+                      "reason": d.reason, "scope": policy.scope_for(args.spiffe_id,
+                                                                    args.server) or None},
+                     indent=2))
+    return 0 if d.allowed else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="credless", description=(
         "Node-local credential injection agent: attests processes with eBPF, gives them "
@@ -130,6 +165,24 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--server", required=True, help="MCP server URL")
     probe.add_argument("--spiffe-id", required=True, help="an identity the agent can issue")
     probe.set_defaults(func=cmd_oauth_probe)
+
+    pol = sub.add_parser("policy", help="check and try MCP policy files").add_subparsers(
+        dest="policy_command", required=True)
+    pc = pol.add_parser("check", help="validate a policy file")
+    pc.add_argument("file")
+    pc.add_argument("--config", help="also check that servers named in rules are configured")
+    pc.set_defaults(func=cmd_policy_check)
+    pe = pol.add_parser("explain", help="which rule decides a call, without traffic "
+                        "(exit 0 allow, 1 deny)")
+    pe.add_argument("--file", help="policy file (default: policy.file of --config)")
+    pe.add_argument("--config", help=f"config file (default {config.DEFAULT_CONFIG_PATH})")
+    pe.add_argument("--spiffe-id", required=True)
+    pe.add_argument("--server", required=True, help="a [[servers]] name")
+    pe.add_argument("--method", required=True, help="JSON-RPC method, e.g. tools/call")
+    pe.add_argument("--tool", help="tool name for tools/call")
+    pe.add_argument("--resource", help="resource URI for resources/read")
+    pe.add_argument("--prompt", help="prompt name for prompts/get")
+    pe.set_defaults(func=cmd_policy_explain)
     return p
 
 

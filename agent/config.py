@@ -282,6 +282,18 @@ class InjectSection:
 
 
 @dataclass(frozen=True)
+class PolicySection:
+    file: str = _setting("", "MCP policy file (see deploy/policy.example.toml); empty means "
+                         "no policy: every call is allowed and audited", _absolute_path)
+    max_body_bytes: int = _setting(1048576, "largest JSON-RPC body inspected; larger ones "
+                                   "are refused (413)", _positive)
+    subagents: str = _setting("inherit", "a process spawned by another identity's process: "
+                              "inherit (its own rules only) or restrict_to_parent (also "
+                              "limited to what its parent may do)",
+                              _one_of("inherit", "restrict_to_parent"))
+
+
+@dataclass(frozen=True)
 class Config:
     agent: AgentSection = field(default_factory=AgentSection)
     log: LogSection = field(default_factory=LogSection)
@@ -292,6 +304,7 @@ class Config:
     bundle_endpoint: BundleEndpointSection = field(default_factory=BundleEndpointSection)
     oauth: OAuthSection = field(default_factory=OAuthSection)
     inject: InjectSection = field(default_factory=InjectSection)
+    policy: PolicySection = field(default_factory=PolicySection)
     servers: tuple[ServerSection, ...] = _setting((), "[[servers]]: the MCP servers")
 
 

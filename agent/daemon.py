@@ -178,10 +178,18 @@ class Daemon:
 
         self.inject_ca = InjectionCA(cfg.agent.state_dir) \
             if any(u.scheme == "https" for u in upstreams.values()) else None
+        from agent.policy.engine import PolicyEngine
+
+        self.policy = PolicyEngine(cfg.policy, {s.name for s in cfg.servers},
+                                   registry=self.metrics.registry)
+        self.components.append(self.policy)
+        self.reload_hooks.append(self.policy.reload)
         self.proxy = Proxy(inj, upstreams, self.redirector, self.attestor, self.identity,
                            self.oauth, audit=self.audit, registry=self.metrics.registry,
                            ssl_context=upstream_context(inj.upstream_ca_file),
-                           inject_ca=self.inject_ca)
+                           inject_ca=self.inject_ca,
+                           policy=self.policy if cfg.policy.file else None,
+                           max_body=cfg.policy.max_body_bytes)
         redirector = self.redirector
 
         class RedirectComponent:

@@ -158,19 +158,23 @@ class IdentityManager:
             self._notify()
         return True
 
-    def resolve(self, attestation: Any) -> Identity | None:
+    def resolve(self, attestation: Any, quiet: bool = False) -> Identity | None:
         """The identity for an attested image; None (and an audit event) when there is none."""
         if attestation is None:
             self.m_decisions.labels("unattested").inc()
             return None
         m = self.registry.match(attestation.selectors)
         if m is None:
+            if quiet:   # looking at ancestors, not deciding for a caller
+                return None
             self.m_decisions.labels("no_entry").inc()
             if self.audit:
                 self.audit.emit("identity.denied", reason="no registration entry matches",
                                 pid=attestation.tgid, start_ns=attestation.start_ns,
                                 exe=attestation.exe, cgroup=attestation.cgroup_path)
             return None
+        if quiet:
+            return Identity(m.spiffe_id, m.entry)
         if m.also_matched:
             log.warning("several registration entries match; the most specific wins",
                         chosen=m.entry.id, also=list(m.also_matched), pid=attestation.tgid)

@@ -83,13 +83,20 @@ async def _events(reader: asyncio.StreamReader, parser: http1.Reader) -> AsyncIt
             return
 
 
+async def _replay(body: bytes):
+    """The events of a body already read (for policy), as if read again."""
+    if body:
+        yield BODY, body
+    yield END, None
+
+
 class Proxy:
     name = "proxy"
 
     def __init__(self, cfg: Any, upstreams: dict[tuple[str, int], Upstream], redirect: Any,
                  attestor: Any, identity: Any, oauth: Any, audit: AuditLog | None = None,
                  registry: Any = None, ssl_context: ssl.SSLContext | None = None,
-                 inject_ca: Any = None):
+                 inject_ca: Any = None, policy: Any = None, max_body: int = 1 << 20):
         self.cfg = cfg                       # agent.config.InjectSection
         self.upstreams = upstreams
         self.redirect = redirect
@@ -99,6 +106,8 @@ class Proxy:
         self.audit = audit
         self.ssl_context = ssl_context or ssl.create_default_context()
         self.inject_ca = inject_ca              # agent.inject.tls.InjectionCA
+        self.policy = policy                    # agent.policy.engine.PolicyEngine
+        self.max_body = max_body
         self.pool = _Pool(cfg.upstream_pool_size)
         self._servers: list[asyncio.base_events.Server] = []
         self._conns: set[asyncio.Task] = set()
@@ -195,9 +204,12 @@ class Proxy:
         ident = self.identity.resolve(att) if att is not None else None
         if ident is not None:
             self.identity.note_use(ident, att)
+        parent = self._parent_identity(att) if ident is not None else None
         who = {"pid": info.tgid, "start_ns": info.start_ns,
                "exe": att.exe if att else None, "cgroup": att.cgroup_path if att else None,
-               "spiffe_id": str(ident.spiffe_id) if ident else None}
+               "spiffe_id": str(ident.spiffe_id) if ident else None,
+               "pod": f"{att.pod.namespace}/{att.pod.name}" if att and att.pod else None,
+               "parent_spiffe_id": parent}
         events = _events(reader, http1.Reader())
         async for kind, head in events:
             if kind != HEAD:
@@ -205,6 +217,15 @@ class Proxy:
             keep = await self._request(head, events, writer, info, upstream, ident, who)
             if not keep:
                 return
+
+    def _parent_identity(self, att) -> str | None:
+        """The SPIFFE ID of the nearest ancestor that has one: this process is its sub-agent."""
+        for tgid, exec_ns, _exe in att.lineage:
+            a = self.attestor.attest_image(tgid, exec_ns, timeout=0)
+            ident = self.identity.resolve(a, quiet=True) if a is not None else None
+            if ident is not None:
+                return str(ident.spiffe_id)
+        return None
 
     def _image_current(self, info: RedirectInfo) -> bool:
         now = self.attestor.source.kernel_image(info.tgid)
@@ -241,6 +262,12 @@ class Proxy:
             await self._reply(writer, 400, b"Bad Request", "credless: this workload must not "
                               "send Authorization or DPoP headers; credless adds them")
             return head.keep_alive
+        if self.policy is not None and up.mode != "passthrough" and ident is not None \
+                and head.method == b"POST":
+            verdict, body = await self._enforce(head, events, writer, up, who, audit_base)
+            if verdict is not True:
+                return verdict
+            events = _replay(body)
         token = None
         if up.mode != "passthrough":
             if ident is None:
@@ -275,6 +302,68 @@ class Proxy:
         self.m_added.observe(time.perf_counter() - started)
         return await self._exchange(head, events, writer, up, ident, token, audit_base,
                                     started)
+
+    async def _enforce(self, head: Head, events, writer, up: Upstream, who: dict,
+                       audit_base: dict):
+        """Read the JSON-RPC body and decide every call: (True, body) to go on, else
+        (keep-alive, None) once the answer has been sent."""
+        from agent.policy import jsonrpc
+
+        body = bytearray()
+        async for kind, data in events:
+            if kind == BODY:
+                body += data
+                if len(body) > self.max_body:
+                    await self._drain_body(events)
+                    await self._rpc_error(writer, 413, b"Payload Too Large", None, False,
+                                          jsonrpc.INVALID_REQUEST, "credless: request body "
+                                          f"larger than {self.max_body} bytes")
+                    return False, None
+            elif kind == END:
+                break
+        body = bytes(body)
+        try:
+            calls, batch = jsonrpc.parse_calls(body)
+        except jsonrpc.Malformed as e:
+            self._audit("call.denied", audit_base, reason=e.message)
+            await self._rpc_error(writer, 400, b"Bad Request", None, False, e.code, e.message)
+            return head.keep_alive, None
+        mismatch = jsonrpc.header_mismatch(
+            calls, (head.get(b"mcp-method") or b"").decode() or None,
+            (head.get(b"mcp-name") or b"").decode() or None)
+        if mismatch:
+            self._audit("call.denied", audit_base, reason=mismatch)
+            await self._rpc_error(writer, 400, b"Bad Request", calls, batch,
+                                  jsonrpc.HEADER_MISMATCH, f"credless: {mismatch}")
+            return head.keep_alive, None
+        denied = []
+        for c in calls:
+            if not c.is_request and c.method == "(response)":
+                continue
+            d = self.policy.decide(who["spiffe_id"], up.name, c.method, c.name,
+                                   who.get("parent_spiffe_id"))
+            self._audit("call.allowed" if d.allowed else "call.denied", audit_base,
+                        rpc_method=c.method, tool=c.name, rpc_id=c.id, rule=d.rule_id,
+                        decision="allow" if d.allowed else "deny", reason=d.reason)
+            if not d.allowed:
+                denied.append(f"{c.method} {c.name or ''}".strip() + f": {d.reason}")
+        if denied:
+            self._count(up, "policy_denied")
+            await self._rpc_error(writer, 403, b"Forbidden", calls, batch,
+                                  jsonrpc.POLICY_DENIED, "credless: denied by policy: "
+                                  + "; ".join(denied))
+            return head.keep_alive, None
+        head.remove(b"transfer-encoding", b"content-length")
+        head.headers.append((b"Content-Length", b"%d" % len(body)))
+        head.chunked = False
+        return True, body
+
+    async def _rpc_error(self, writer, status: int, reason: bytes, calls, batch: bool,
+                         code: int, message: str) -> None:
+        from agent.policy import jsonrpc
+        writer.write(http1.simple_response(status, reason,
+                                           jsonrpc.error_body(calls, batch, code, message)))
+        await writer.drain()
 
     async def _exchange(self, head: Head, events, writer, up: Upstream, ident, token,
                         audit_base: dict, started: float) -> bool:

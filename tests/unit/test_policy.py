@@ -1,0 +1,125 @@
+"""Policy rules (table-driven over testdata) and JSON-RPC inspection."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from agent.policy import jsonrpc, rules
+from tests.conftest import TESTDATA
+
+POLICY = rules.load(TESTDATA / "policy/policy.toml", servers={"weather", "maps"})
+ROWS = [ln.split("\t") for ln in (TESTDATA / "policy/decisions.tsv").read_text().splitlines()
+        if ln and not ln.startswith("#")]
+
+
+@pytest.mark.parametrize("sid,server,method,name,allowed,rule", ROWS,
+                         ids=[f"{r[0].rsplit('/', 1)[-1]}-{r[2]}-{r[3]}" for r in ROWS])
+def test_decisions(sid, server, method, name, allowed, rule):
+    d = POLICY.decide(sid, server, method, None if name == "-" else name)
+    assert d.allowed is (allowed == "true"), d.reason
+    assert d.rule_id == (None if rule == "-" else rule)
+
+
+def test_unlisted_servers_follow_the_default():
+    p = rules.parse({"rule": [{"id": "r", "spiffe_id": "spiffe://e/*", "server": "a",
+                               "methods": ["*"]}]})
+    assert p.decide("spiffe://e/x", "b", "tools/list").allowed is True    # default allow
+    p.default_unlisted = "deny"
+    assert p.decide("spiffe://e/x", "b", "tools/list").allowed is False
+
+
+def test_oauth_operations_and_scopes():
+    assert POLICY.decide_oauth("spiffe://example.org/agent/a", "weather", "token").allowed
+    assert not POLICY.decide_oauth("spiffe://example.org/agent/a", "weather",
+                                   "registration").allowed
+    assert POLICY.decide_oauth("spiffe://example.org/admin", "weather", "registration").allowed
+    assert POLICY.scope_for("spiffe://example.org/agent/a", "weather") == "tools:read"
+
+
+def test_invalid_policy_names_rule_and_reason():
+    with pytest.raises(rules.PolicyError) as err:
+        rules.parse({"colour": 1, "rule": [
+            {"id": "a", "spiffe_id": "example.org/x", "server": "nope", "methods": ["x"]},
+            {"id": "a", "spiffe_id": "spiffe://e/x", "server": "weather", "effect": "maybe",
+             "methods": "tools/call", "oauth": ["steal"]},
+            {"spiffe_id": "spiffe://e/x", "server": "weather"}]}, servers={"weather"})
+    assert err.value.problems == [
+        "unknown top-level key 'colour'; accepted: default_unlisted, [[rule]]",
+        'rule[0] (id "a"): spiffe_id must be a SPIFFE ID or glob starting spiffe://',
+        "rule[0] (id \"a\"): server 'nope' is not configured; known: weather",
+        'rule[1] (id "a"): duplicate id',
+        'rule[1] (id "a"): methods must be a list of non-empty strings',
+        "rule[1] (id \"a\"): oauth ['steal'] unknown; accepted: token, registration, "
+        "introspection",
+        "rule[1] (id \"a\"): effect must be allow or deny, got 'maybe'",
+        "rule[2]: id is required (it names the rule in audit events)",
+        'rule[2]: methods is required (e.g. ["tools/list", "tools/call"])',
+    ]
+
+
+# ---------------------------------------------------------------- JSON-RPC
+def test_single_and_batch_parsing():
+    calls, batch = jsonrpc.parse_calls(json.dumps(
+        {"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+         "params": {"name": "echo", "arguments": {}}}).encode())
+    assert not batch and calls == [jsonrpc.Call("tools/call", "echo", 7, True)]
+    calls, batch = jsonrpc.parse_calls(json.dumps([
+        {"jsonrpc": "2.0", "id": 1, "method": "resources/read", "params": {"uri": "file:///a"}},
+        {"jsonrpc": "2.0", "method": "notifications/initialized"},
+        {"jsonrpc": "2.0", "id": 9, "result": {}}]).encode())
+    assert batch and [(c.method, c.name, c.id, c.is_request) for c in calls] == [
+        ("resources/read", "file:///a", 1, True),
+        ("notifications/initialized", None, None, False), ("(response)", None, 9, False)]
+
+
+@pytest.mark.parametrize("body,code,message", [
+    (b"{nope", -32700, "parse error: the body is not valid JSON"),
+    (b"[]", -32600, "empty batch"),
+    (b'{"jsonrpc": "1.0", "method": "x"}', -32600, "not a JSON-RPC 2.0 message"),
+    (b'{"jsonrpc": "2.0", "id": 1}', -32600, "JSON-RPC message without a method"),
+    (b'{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {}}', -32600,
+     "tools/call without params.name"),
+])
+def test_malformed(body, code, message):
+    with pytest.raises(jsonrpc.Malformed) as err:
+        jsonrpc.parse_calls(body)
+    assert (err.value.code, err.value.message) == (code, message)
+
+
+def test_header_agreement_for_the_stateless_revision():
+    call = [jsonrpc.Call("tools/call", "echo", 1, True)]
+    assert jsonrpc.header_mismatch(call, None, None) is None
+    assert jsonrpc.header_mismatch(call, "tools/call", "echo") is None
+    assert jsonrpc.header_mismatch(call, "tools/call", "=?base64?ZWNobw==?=") is None
+    assert jsonrpc.header_mismatch(call, "tools/list", None) == \
+        "Mcp-Method header 'tools/list' != body method 'tools/call'"
+    assert jsonrpc.header_mismatch(call, "tools/call", "secret") == \
+        "Mcp-Name header 'secret' != body name 'echo'"
+    assert jsonrpc.header_mismatch(call, "tools/call", None) == \
+        "Mcp-Name header missing for tools/call 'echo'"
+
+
+def test_error_bodies_keep_ids():
+    one = [jsonrpc.Call("tools/call", "x", "abc", True)]
+    assert json.loads(jsonrpc.error_body(one, False, -32001, "denied")) == {
+        "jsonrpc": "2.0", "id": "abc", "error": {"code": -32001, "message": "denied"}}
+    batch = [jsonrpc.Call("tools/call", "x", 1, True),
+             jsonrpc.Call("notifications/initialized", None, None, False),
+             jsonrpc.Call("tools/list", None, 2, True)]
+    assert [e["id"] for e in json.loads(jsonrpc.error_body(batch, True, -32001, "d"))] == [1, 2]
+
+
+def test_policy_cli(credless_cmd):
+    import subprocess
+    f = str(TESTDATA / "policy/policy.toml")
+    r = subprocess.run([*credless_cmd, "policy", "check", f], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout == f"{f}: ok (3 rules, default_unlisted = deny)\n"
+    r = subprocess.run([*credless_cmd, "policy", "explain", "--file", f, "--spiffe-id",
+                        "spiffe://example.org/agent/a", "--server", "weather", "--method",
+                        "tools/call", "--tool", "secret_x"], capture_output=True, text=True)
+    assert r.returncode == 1
+    assert json.loads(r.stdout) == {"decision": "deny", "rule": "no-secrets",
+                                    "reason": "denied by rule 'no-secrets'",
+                                    "scope": "tools:read"}
