@@ -5,9 +5,9 @@ PY    := $(VENV)/bin/python
 PYTHON ?= python3
 BCC_SRC := /usr/lib/python3/dist-packages/bcc
 
-.PHONY: setup host venv test demo bench bench-attest bench-identity proto clean
+.PHONY: setup host venv peers test demo bench bench-attest bench-identity proto clean
 
-setup: host venv
+setup: host venv peers
 
 host:
 	@bash deploy/setup-host.sh
@@ -23,6 +23,14 @@ $(VENV)/.installed: pyproject.toml
 	@# into the venv, rather than exposing all of dist-packages with a .pth file.
 	@ln -sfn $(BCC_SRC) "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/bcc"
 	@$(PY) -c 'import bcc, agent' 
+	@touch $@
+
+# npm peers for the tests (oidc-provider, the MCP TypeScript SDK), from the lock file; only
+# when the lock file is newer than what is installed.
+peers: tests/oidc/node_modules/.installed
+
+tests/oidc/node_modules/.installed: tests/oidc/package-lock.json
+	@npm ci --prefix tests/oidc --no-audit --no-fund --loglevel=error
 	@touch $@
 
 test: setup

@@ -154,7 +154,8 @@ class OAuthService:
                                         f"preregister {sid} or set registration = "
                                         '"preregistered"')
             statement = self.identity.jwt_svid(ident, [resolved.issuer]).token
-            jwks = None if self.jwks_uri else json.loads(self.identity.bundle().jwt_jwks_json())
+            from agent.identity.bundle_endpoint import oauth_jwks
+            jwks = None if self.jwks_uri else json.loads(oauth_jwks(self.identity.bundle()))
             try:
                 client = await reg.register(self.http, endpoint=endpoint,
                                             issuer=resolved.issuer, spiffe_id=sid,
@@ -233,6 +234,29 @@ class OAuthService:
                             dpop_key_destroyed=key is not None, clients_deleted=deleted)
         return {"tokens_dropped": len(dropped), "clients_deleted": deleted}
 
+    async def introspect(self, ident: Identity, server_name: str, token: Token) -> dict:
+        """RFC 7662 introspection of a token, authenticating as the identity's client.
+        Returns the server's claims about it (active, sub, aud, ...), never the token."""
+        from agent.oauth.tokens import JWT_BEARER, post_form
+        from agent.oauth.errors import from_error_response
+
+        server = self.server(server_name)
+        resolved = await self.resolve(server)
+        endpoint = resolved.metadata.introspection_endpoint
+        if not endpoint:
+            raise OAuthError(f"{resolved.issuer} advertises no introspection_endpoint")
+        client_id = await self._client_id(ident, server, resolved)
+        assertion = self.identity.jwt_svid(ident, [resolved.issuer], ttl=60, iss=client_id).token
+        status, body, _ = await post_form(self.http, endpoint, {
+            "token": token.access_token, "token_type_hint": "access_token",
+            "client_assertion_type": JWT_BEARER, "client_assertion": assertion}, {},
+            "introspection")
+        if status != 200 or not isinstance(body, dict):
+            raise from_error_response(status, body if isinstance(body, dict) else {}, endpoint,
+                                      "introspection")
+        return {k: body[k] for k in ("active", "sub", "aud", "client_id", "exp", "iat",
+                                     "scope", "token_type", "iss", "cnf") if k in body}
+
     # ------------------------------------------------------------ operator probe
     async def probe(self, url: str, ident: Identity) -> dict:
         """Discovery, registration if needed and one fresh token request; a summary only."""
@@ -247,6 +271,12 @@ class OAuthService:
         out = {"server": server.name, "issuer": resolved.issuer,
                "token_endpoint": resolved.metadata.token_endpoint,
                "auth_profile": server.auth_profile, "dpop": resolved.dpop, **tok.summary()}
+        if tok.jti is None and resolved.metadata.introspection_endpoint:
+            # an opaque token says nothing itself: ask the server what it is
+            try:
+                out["introspection"] = await self.introspect(ident, server.name, tok)
+            except OAuthError as e:
+                out["introspection"] = {"error": e.to_dict()}
         return out
 
 

@@ -138,3 +138,4 @@ def test_bundle_endpoint_serves_the_spiffe_bundle(agent):
     jwks = json.loads(body)
     assert status == 200 and "spiffe_sequence" not in jwks
     assert [k["kid"] for k in jwks["keys"]] == [k["kid"] for k in doc["keys"] if "kid" in k]
+    assert {(k["use"], k["alg"]) for k in jwks["keys"]} == {("sig", "ES256")}

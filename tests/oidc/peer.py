@@ -1,0 +1,68 @@
+"""Start the real oidc-provider (tests/oidc/oidc_server.mjs) on loopback for a test."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+class OidcProvider:
+    def __init__(self, tmp_path: Path, *, clients=(), resources=None, dpop=True,
+                 require_nonce=False, registration=False, spiffe_assertion=True,
+                 access_token_ttl=300):
+        if not (HERE / "node_modules" / "oidc-provider").is_dir():
+            raise RuntimeError("tests/oidc/node_modules is missing: run `make setup`")
+        self.cfg_path = tmp_path / f"oidc-{time.monotonic_ns()}.json"
+        self.cfg_path.write_text(json.dumps({
+            "port": 0, "clients": list(clients), "resources": resources or {},
+            "dpop": {"enabled": dpop, "require_nonce": require_nonce},
+            "registration": {"enabled": registration}, "spiffe_assertion": spiffe_assertion,
+            "access_token_ttl": access_token_ttl}))
+        self.stderr_path = self.cfg_path.with_suffix(".stderr")
+        self.proc: subprocess.Popen | None = None
+        self.issuer = ""
+
+    def start(self) -> "OidcProvider":
+        self.proc = subprocess.Popen(["node", str(HERE / "oidc_server.mjs"), str(self.cfg_path)],
+                                     stdout=subprocess.PIPE, stderr=open(self.stderr_path, "wb"),
+                                     text=True)
+        line = self.proc.stdout.readline()
+        if not line.startswith("READY "):
+            self.stop()
+            raise RuntimeError(f"oidc-provider did not start: {line!r} "
+                               f"{self.stderr_path.read_text()[-2000:]}")
+        self.issuer = line.split()[1]
+        return self
+
+    @property
+    def token_endpoint(self) -> str:
+        return f"{self.issuer}/token"
+
+    def events(self, name: str | None = None) -> list[dict]:
+        out = []
+        for ln in self.stderr_path.read_text().splitlines():
+            if ln.startswith("{"):
+                e = json.loads(ln)
+                if name is None or e.get("event") == name:
+                    out.append(e)
+        return out
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
