@@ -1,0 +1,113 @@
+"""End to end on the real kernel with real peers: a credential-less MCP client (official
+Python SDK) in a managed cgroup calls an MCP server (official SDK) that demands DPoP-bound
+tokens from oidc-provider. credless attests, gets a token with a JWT-SVID and injects it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.helpers import AgentProcess, free_port, write_config
+from tests.kernel import cgroup_child, enter_cgroup
+from tests.mcp.peers import McpServer, run_client
+from tests.oidc.peer import OidcProvider
+
+pytestmark = pytest.mark.kernel
+SPIFFE_ID = "spiffe://example.org/agent/weather-bot"
+
+
+@pytest.fixture(params=[True, False], ids=["dpop", "bearer"])
+def world(tmp_path, request):
+    dpop = request.param
+    bundle_port, mcp_port, proxy_port = free_port(), free_port(), free_port()
+    mcp_url = f"http://127.0.0.1:{mcp_port}/mcp"
+    with cgroup_child() as cg, OidcProvider(
+            tmp_path, dpop=dpop, resources={mcp_url: {"format": "jwt", "scope": "tools"}},
+            clients=[{"client_id": SPIFFE_ID,
+                      "jwks_uri": f"http://127.0.0.1:{bundle_port}/jwks.json"}]) as oidc, \
+            McpServer(tmp_path, mcp_port, oidc.issuer, dpop=dpop) as mcp:
+        (tmp_path / "entries.toml").write_text(
+            f'[[entry]]\nid = "bot"\nspiffe_id = "{SPIFFE_ID}"\n'
+            f'selectors = ["cgroup:path:/{cg.name}"]\n')
+        (tmp_path / "policy.toml").write_text(f'''
+[[rule]]
+id = "bot-tools"
+spiffe_id = "{SPIFFE_ID}"
+server = "weather"
+methods = ["tools/list", "tools/call"]
+tools = ["echo", "add", "stream_count"]
+''')
+        cfg = write_config(tmp_path, extra=f'''
+[bundle_endpoint]
+listen = "127.0.0.1:{bundle_port}"
+[inject]
+listen_port = {proxy_port}
+listen_port6 = {proxy_port}
+managed_cgroups = ["/{cg.name}"]
+[policy]
+file = "{tmp_path / 'policy.toml'}"
+[[servers]]
+name = "weather"
+url = "{mcp_url}"
+''')
+        # write_config already has a [bundle_endpoint] table: keep the one with our port
+        text = cfg.read_text()
+        first = text.index("[bundle_endpoint]")
+        cfg.write_text(text[:first] + text[first:].split("\n", 2)[2])
+        with AgentProcess(cfg, tmp_path) as agent:
+            agent.wait_ready()
+            yield type("World", (), dict(cg=cg, oidc=oidc, mcp=mcp, agent=agent, dpop=dpop))
+
+
+def audit(world) -> list[dict]:
+    return [json.loads(ln) for ln in world.agent.stdout_path.read_text().splitlines()]
+
+
+def test_without_credless_the_server_refuses(world):
+    out = run_client(world.mcp.url, "list")          # not in the managed cgroup
+    assert out[0]["error"]
+    assert world.mcp.stats()["calls"] == {}
+
+
+def test_credential_less_client_works_through_credless(world):
+    out = run_client(world.mcp.url, "list", 'call:echo:{"text": "hi"}',
+                     'call:add:{"a": 2, "b": 3}', "stream:3:300",
+                     preexec=enter_cgroup(world.cg))
+    assert "error" not in out[0], out
+    assert out[0]["tools"] == ["add", "echo", "secret_tool", "stream_count"]
+    assert out[1]["text"] == "hi" and out[2]["text"] == "5"
+    stream = out[3]
+    assert stream["text"] == "counted 3" and len(stream["progress_ms"]) == 3
+    # the first progress event reached the client long before the call finished
+    assert stream["progress_ms"][0] < stream["progress_ms"][2] <= stream["done_ms"]
+    stats = world.mcp.stats()
+    assert stats["calls"] == {"echo": 1, "add": 1, "stream_count": 1}
+    posts = [r for r in stats["requests"] if r["method"] == "POST"]
+    # one unauthenticated POST: credless's own discovery probe for the 401 challenge
+    assert [r["auth_scheme"] for r in posts].count(None) == 1
+    assert {r["auth_scheme"] for r in posts} - {None} == {"DPoP" if world.dpop else "Bearer"}
+    events = audit(world)
+    injected = [e for e in events if e["event"] == "request.injected"]
+    assert injected and all(e["spiffe_id"] == SPIFFE_ID for e in injected)
+    fingerprints = {e["token_sha256"] for e in injected}
+    assert fingerprints == {r["token_sha256"] for r in stats["requests"] if r["auth_scheme"]}
+    assert [e["event"] for e in events if e["event"] == "token.obtained"] == ["token.obtained"]
+
+
+def test_workload_supplied_authorization_never_reaches_the_server(world):
+    out = run_client(world.mcp.url, "list", preexec=enter_cgroup(world.cg),
+                     extra=["--header", "Authorization: Bearer stolen-or-fake"])
+    assert "error" not in out[0]
+    import hashlib
+    fake = hashlib.sha256(b"stolen-or-fake").hexdigest()[:16]
+    assert fake not in {r["token_sha256"] for r in world.mcp.stats()["requests"]}
+
+
+def test_policy_denies_a_tool_before_it_reaches_the_server(world):
+    out = run_client(world.mcp.url, "call:secret_tool", preexec=enter_cgroup(world.cg))
+    assert out[0].get("error") or out[0].get("is_error")
+    assert "secret_tool" not in world.mcp.stats()["calls"]
+    denied = [e for e in audit(world) if e["event"] == "call.denied"]
+    assert denied and denied[-1]["tool"] == "secret_tool"
+    assert denied[-1]["spiffe_id"] == SPIFFE_ID and denied[-1]["decision"] == "deny"
