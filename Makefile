@@ -37,7 +37,7 @@ test: setup
 	$(PY) -m pytest tests/unit tests/integration
 
 demo: setup
-	$(PY) -m agent.demo
+	$(PY) -m tests.demo
 
 bench: setup bench-attest bench-identity
 

@@ -43,7 +43,8 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05, what: str
     raise TimeoutError(f"timed out waiting for {what} (last: {last!r})")
 
 
-def write_config(tmp: Path, extra: str = "", metrics_port: int | None = None) -> Path:
+def write_config(tmp: Path, extra: str = "", metrics_port: int | None = None,
+                 bundle_port: int | None = None) -> Path:
     port = metrics_port or free_port()
     cfg = tmp / "credless.toml"
     cfg.write_text(f"""
@@ -60,7 +61,7 @@ entries_file = "{tmp / 'entries.toml'}"
 [workload_api]
 socket = "{tmp / 'run' / 'agent.sock'}"
 [bundle_endpoint]
-listen = "127.0.0.1:{free_port()}"
+listen = "127.0.0.1:{bundle_port or free_port()}"
 {extra}
 """)
     return cfg

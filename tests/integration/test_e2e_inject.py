@@ -38,9 +38,7 @@ server = "weather"
 methods = ["tools/list", "tools/call"]
 tools = ["echo", "add", "stream_count"]
 ''')
-        cfg = write_config(tmp_path, extra=f'''
-[bundle_endpoint]
-listen = "127.0.0.1:{bundle_port}"
+        cfg = write_config(tmp_path, bundle_port=bundle_port, extra=f'''
 [inject]
 listen_port = {proxy_port}
 listen_port6 = {proxy_port}
@@ -51,10 +49,6 @@ file = "{tmp_path / 'policy.toml'}"
 name = "weather"
 url = "{mcp_url}"
 ''')
-        # write_config already has a [bundle_endpoint] table: keep the one with our port
-        text = cfg.read_text()
-        first = text.index("[bundle_endpoint]")
-        cfg.write_text(text[:first] + text[first:].split("\n", 2)[2])
         with AgentProcess(cfg, tmp_path) as agent:
             agent.wait_ready()
             yield type("World", (), dict(cg=cg, oidc=oidc, mcp=mcp, agent=agent, dpop=dpop))
