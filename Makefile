@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 PYTHON ?= python3
 BCC_SRC := /usr/lib/python3/dist-packages/bcc
 
-.PHONY: setup host venv peers test demo bench bench-attest bench-identity proto clean
+.PHONY: setup host venv peers test demo bench bench-attest bench-identity bench-inject proto clean
 
 setup: host venv peers
 
@@ -39,13 +39,16 @@ test: setup
 demo: setup
 	$(PY) -m tests.demo
 
-bench: setup bench-attest bench-identity
+bench: setup bench-attest bench-identity bench-inject
 
 bench-attest: setup
 	$(PY) -m tests.bench.bench_attest
 
 bench-identity: setup
 	$(PY) -m tests.bench.bench_identity
+
+bench-inject: setup
+	$(PY) -m tests.bench.bench_inject
 
 clean:
 	rm -rf $(VENV) .pytest_cache
