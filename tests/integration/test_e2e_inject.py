@@ -105,3 +105,44 @@ def test_policy_denies_a_tool_before_it_reaches_the_server(world):
     denied = [e for e in audit(world) if e["event"] == "call.denied"]
     assert denied and denied[-1]["tool"] == "secret_tool"
     assert denied[-1]["spiffe_id"] == SPIFFE_ID and denied[-1]["decision"] == "deny"
+
+
+def test_metrics_after_an_end_to_end_run_pass_promtool_and_moved(world):
+    import shutil
+    import subprocess
+
+    from agent import config
+    from tests.helpers import http_get
+
+    from tests.helpers import wait_for
+
+    run_client(world.mcp.url, "list", 'call:echo:{"text": "x"}', preexec=enter_cgroup(world.cg))
+    # the client has exited: its identity's last process is gone, so its token is dropped
+    ended = wait_for(lambda: [e for e in audit(world) if e["event"] == "identity.ended"],
+                     what="identity.ended audit event")
+    assert ended[0]["spiffe_id"] == SPIFFE_ID and ended[0]["tokens_dropped"] == 1
+    assert ended[0]["dpop_key_destroyed"] is world.dpop
+    listen = config.load(world.agent.config).metrics.listen
+    status, body = http_get(f"http://{listen}/metrics")
+    assert status == 200
+    lint = subprocess.run([shutil.which("promtool") or "promtool", "check", "metrics"],
+                          input=body, capture_output=True, text=True)
+    assert lint.returncode == 0 and not (lint.stdout + lint.stderr).strip(), lint.stdout
+
+    def value(series: str) -> float:
+        line = next(ln for ln in body.splitlines() if ln.startswith(series + " ")
+                    or ln.startswith(series + "{") and ln.split(" ")[0] == series)
+        return float(line.rsplit(" ", 1)[1])
+
+    assert value('credless_injected_requests_total{mode="broker",outcome="injected",'
+                 'server="weather"}') >= 2
+    assert value('credless_token_requests_total{outcome="ok",server="weather"}') == 1
+    assert value('credless_policy_decisions_total{decision="allow",server="weather"}') >= 2
+    assert value('credless_attest_lookups_total{result="hit"}') >= 1
+    assert value("credless_token_cache_size") == 0
+    assert value('credless_bpf_events_lost_total{program="process_events"}') == 0
+    assert value("credless_proxy_added_seconds_count") >= 2
+    # no label carries a pid, a token or a URL with a query
+    assert "pid=" not in body and "token=" not in body and "?" not in body
+    status, ready = http_get(f"http://{listen}/readyz")
+    assert status == 200 and "ok redirect" in ready and "ok attest" in ready
