@@ -125,6 +125,36 @@ def cmd_policy_explain(args) -> int:
     return 0 if d.allowed else 1
 
 
+def cmd_status(args) -> int:
+    import json
+    from pathlib import Path
+
+    from agent.observe import admin
+
+    cfg = _load_config(args.config)
+    try:
+        st = admin.call(Path(cfg.agent.run_dir) / "admin.sock", "status")
+    except RuntimeError as e:
+        print(f"credless: {e}", file=sys.stderr)
+        return 1
+    if args.json or not sys.stdout.isatty():
+        print(json.dumps(st, indent=2))
+        return 0
+    print("WORKLOADS")
+    for w in st["workloads"]:
+        print(f"  {w['pid']:>7}  {w['exe'][-40:]:40}  {w['spiffe_id']}")
+    print("SVIDS")
+    for s_ in st["svids"]:
+        print(f"  {s_['spiffe_id']:50} expires in {s_['expires_in']}s")
+    print("TOKENS")
+    for t in st["tokens"]:
+        print(f"  {t['spiffe_id']:40} {t['server']:12} {t['token_type']:6} expires in "
+              f"{t['expires_in']}s  sha256 {t['token_sha256']}")
+    print("REDIRECT  " + ", ".join(st["redirect_targets"]) + f"  {st['redirect_counts']}")
+    print(f"BPF EVENTS LOST  {st['bpf_events_lost']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="credless", description=(
         "Node-local credential injection agent: attests processes with eBPF, gives them "
@@ -155,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--selectors", action="store_true", help="list selectors under each row")
     ps.add_argument("--json", action="store_true", help="JSON (the default when not a TTY)")
     ps.set_defaults(func=cmd_ps)
+
+    status = sub.add_parser("status", help="workloads, SVID and token expiries (no secrets), "
+                            "redirect targets and lost events of the running agent")
+    status.add_argument("--config", help=f"config file (default {config.DEFAULT_CONFIG_PATH})")
+    status.add_argument("--json", action="store_true", help="JSON (the default when not a TTY)")
+    status.set_defaults(func=cmd_status)
 
     oauth = sub.add_parser("oauth", help="OAuth tools").add_subparsers(dest="oauth_command",
                                                                         required=True)

@@ -152,6 +152,7 @@ class Daemon:
             self._add_injection(cfg)
         self.admin = AdminServer(Path(cfg.agent.run_dir) / "admin.sock")
         self.admin.register("oauth_probe", self._oauth_probe)
+        self.admin.register("status", self.status)
         self.admin.register("ps", lambda _req: [a.to_dict() for a in self.attestor.snapshot()])
         self.components.append(self.admin)
         if cfg.metrics.enabled:
@@ -237,6 +238,42 @@ class Daemon:
         except OAuthError as e:
             return {"error": e.to_dict()}
 
+    async def _watchdog(self) -> None:
+        """systemd WatchdogSec: ping from the event loop at half the interval, so a wedged
+        loop (the proxy's) stops the pings and systemd restarts the agent."""
+        usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+        if usec <= 0 or os.environ.get("WATCHDOG_PID", str(os.getpid())) != str(os.getpid()):
+            return
+        while True:
+            sd_notify("WATCHDOG=1")
+            await asyncio.sleep(usec / 2e6)
+
+    def status(self, _req: dict | None = None) -> dict:
+        """What `credless status` shows: no secret, only names, fingerprints and times."""
+        import time as _time
+
+        now = _time.time()
+        workloads = []
+        users = self.identity.live_identities()
+        for att in self.attestor.snapshot():
+            ident = self.identity.resolve(att, quiet=True)
+            if ident is not None:
+                workloads.append({"pid": att.tgid, "exe": att.exe,
+                                  "spiffe_id": str(ident.spiffe_id),
+                                  "active": str(ident.spiffe_id) in users})
+        svids = [{"spiffe_id": sid, "not_after": svid.not_after.isoformat(),
+                  "expires_in": int(svid.not_after.timestamp() - now)}
+                 for sid, svid in list(self.identity._svids.items())]
+        tokens = [{"spiffe_id": key[0], "server": key[1], "token_type": tok.token_type,
+                   "expires_in": int(tok.expires_at - now), "token_sha256": tok.fingerprint}
+                  for key, tok in self.oauth.cache.tokens()]
+        redirector = getattr(self, "redirector", None)
+        return {"workloads": workloads, "svids": svids, "tokens": tokens,
+                "redirect_targets": sorted(f"{t.host}:{t.port}" for t in redirector.targets)
+                if redirector else [],
+                "redirect_counts": redirector.counts() if redirector else {},
+                "bpf_events_lost": self.attestor.lost_events()}
+
     def request_stop(self) -> None:
         self._stop.set()
 
@@ -286,7 +323,9 @@ class Daemon:
             log.info("ready", pid=os.getpid(),
                      components=[c.name for c in self._started])
             sd_notify("READY=1\nSTATUS=serving")
+            watchdog = asyncio.create_task(self._watchdog())
             await self._stop.wait()
+            watchdog.cancel()
             log.info("stopping")
             sd_notify("STOPPING=1")
             return 0

@@ -146,3 +146,30 @@ def test_metrics_after_an_end_to_end_run_pass_promtool_and_moved(world):
     assert "pid=" not in body and "token=" not in body and "?" not in body
     status, ready = http_get(f"http://{listen}/readyz")
     assert status == 200 and "ok redirect" in ready and "ok attest" in ready
+
+
+def test_status_shows_workloads_and_expiries_without_secrets(world, credless_cmd):
+    import subprocess
+    import sys
+
+    code = ("import socket, time; s = socket.create_connection(('127.0.0.1', %d)); "
+            "s.sendall(b'POST /mcp HTTP/1.1\\r\\nHost: x\\r\\nContent-Type: application/json\\r\\n"
+            "Accept: application/json, text/event-stream\\r\\nContent-Length: 40\\r\\n\\r\\n"
+            "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"ping\"}'); s.recv(65536); "
+            "print('sent', flush=True); time.sleep(30)" % world.mcp.port)
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              preexec_fn=enter_cgroup(world.cg))
+    try:
+        assert holder.stdout.readline().strip() == "sent"
+        r = subprocess.run([*credless_cmd, "status", "--json", "--config",
+                            str(world.agent.config)], capture_output=True, text=True, timeout=30)
+        st = json.loads(r.stdout)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert any(w["pid"] == holder.pid and w["spiffe_id"] == SPIFFE_ID for w in st["workloads"])
+    assert [t["server"] for t in st["tokens"]] == ["weather"]
+    assert 0 < st["tokens"][0]["expires_in"] <= 300
+    assert st["redirect_targets"] == [f"127.0.0.1:{world.mcp.port}"]
+    assert st["bpf_events_lost"] == 0
+    assert "access_token" not in r.stdout and "eyJ" not in r.stdout
