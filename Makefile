@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 PYTHON ?= python3
 BCC_SRC := /usr/lib/python3/dist-packages/bcc
 
-.PHONY: setup host venv peers test demo bench bench-attest bench-identity bench-inject proto clean
+.PHONY: setup host venv peers test demo bench bench-attest bench-identity bench-inject proto install clean
 
 setup: host venv peers
 
@@ -61,3 +61,15 @@ proto:
 	@test -x $(PROTO_VENV)/bin/python || $(PYTHON) -m venv $(PROTO_VENV)
 	@$(PROTO_VENV)/bin/pip install -q 'grpcio-tools==1.85.1'
 	$(PROTO_VENV)/bin/python -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. --pyi_out=. agent/identity/proto/*.proto
+
+# Install on this host for systemd: the CLI (a venv under /opt/credless), the unit, and the
+# example configuration (never overwriting an existing config).
+install: setup
+	@test -x /opt/credless/bin/python || $(PYTHON) -m venv /opt/credless
+	@/opt/credless/bin/pip install -q .
+	@ln -sfn $(BCC_SRC) "$$(/opt/credless/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/bcc"
+	@ln -sfn /opt/credless/bin/credless /usr/local/bin/credless
+	@install -D -m 0644 deploy/systemd/credless.service /etc/systemd/system/credless.service
+	@install -d -m 0755 /etc/credless
+	@for f in credless entries policy; do install -m 0644 deploy/$$f.example.toml /etc/credless/$$f.example.toml; done
+	@echo "installed; copy /etc/credless/credless.example.toml to credless.toml, then: systemctl enable --now credless"

@@ -121,15 +121,19 @@ class LogSection:
 @dataclass(frozen=True)
 class MetricsSection:
     enabled: bool = _setting(True, "serve /metrics, /healthz and /readyz")
-    listen: str = _setting("127.0.0.1:9890", "loopback address of the metrics endpoint",
-                           _loopback_listen)
+    listen: str = _setting("127.0.0.1:9890", "address of the metrics endpoint: loopback unless "
+                           "expose = true", lambda v: None if parse_listen(v) else
+                           'HOST:PORT such as "127.0.0.1:9890"')
+    expose: bool = _setting(False, "allow a non-loopback listen address (e.g. for Prometheus "
+                            "scraping a hostNetwork DaemonSet); metrics carry no secrets")
 
 
 @dataclass(frozen=True)
 class KubeletSection:
     enabled: bool = _setting(False, "add k8s: selectors from the kubelet's /pods endpoint")
     url: str = _setting("https://127.0.0.1:10250", "kubelet URL; on Kubernetes use the node IP "
-                        "(status.hostIP): serving certificates rarely name 127.0.0.1",
+                        "(status.hostIP): serving certificates rarely name 127.0.0.1; "
+                        "${VAR} is expanded from the environment, e.g. https://${NODE_IP}:10250",
                         lambda v: None if v.startswith("https://") else "an https:// URL")
     token_file: str = _setting("/var/run/secrets/kubernetes.io/serviceaccount/token",
                                "bearer token file, re-read on each refresh", _absolute_path)
@@ -379,6 +383,13 @@ def _build(cls: type, data: dict, path: str, problems: list[str]) -> Any:
     return cls(**kwargs)
 
 
+def _check_metrics(cfg: Config, problems: list[str]) -> None:
+    if not cfg.metrics.expose and _loopback_listen(cfg.metrics.listen):
+        problems.append(f"metrics.listen: got {_render(cfg.metrics.listen)}, expected "
+                        f"{_loopback_listen(cfg.metrics.listen)}; set metrics.expose = true "
+                        "to serve it beyond the node's loopback")
+
+
 def _check_servers(cfg: Config, problems: list[str]) -> None:
     seen: set[str] = set()
     for i, srv in enumerate(cfg.servers):
@@ -395,6 +406,7 @@ def parse(data: dict, source: str = "<config>") -> Config:
     problems: list[str] = []
     cfg = _build(Config, data, "", problems)
     if not problems:
+        _check_metrics(cfg, problems)
         _check_servers(cfg, problems)
     if problems:
         raise ConfigError(source, problems)

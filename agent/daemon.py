@@ -103,6 +103,18 @@ class Daemon:
         self.metrics = Metrics()
         self.audit = audit or AuditLog(cfg.agent.resolved_node_name())
         self.components: list[Component] = []
+        from prometheus_client.core import CounterMetricFamily
+
+        audit = self.audit
+
+        class _AuditDropped:
+            def collect(self):
+                c = CounterMetricFamily("credless_audit_events_dropped",
+                                        "Audit events that could not be written")
+                c.add_metric([], getattr(audit, "dropped", 0))
+                yield c
+
+        self.metrics.registry.register(_AuditDropped())
         # Order matters: attestation first (everything asks it), operator surfaces last.
         from agent.attest.attestor import Attestor
 
@@ -111,7 +123,7 @@ class Daemon:
             from agent.attest.kubelet import KubeletClient
 
             k = cfg.attest.kubelet
-            kubelet = KubeletClient(k.url, token_file=k.token_file, ca_file=k.ca_file,
+            kubelet = KubeletClient(os.path.expandvars(k.url), token_file=k.token_file, ca_file=k.ca_file,
                                     cache_ttl_seconds=k.cache_ttl_seconds,
                                     insecure_skip_verify=k.insecure_skip_verify)
         self.attestor = Attestor(cfg.attest, registry=self.metrics.registry, kubelet=kubelet,

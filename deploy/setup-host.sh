@@ -16,7 +16,7 @@ fi
 # prometheus: for promtool, which lints our /metrics exposition in the tests.
 # bpftool: lets tests and operators list programs, links and maps.
 # iproute2: network namespaces for the injection tests.
-PACKAGES=(python3-bpfcc linux-headers-amd64 prometheus bpftool iproute2 python3-venv ca-certificates nginx wrk nodejs)
+PACKAGES=(python3-bpfcc linux-headers-amd64 prometheus bpftool iproute2 python3-venv ca-certificates nginx wrk nodejs systemd)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -73,12 +73,21 @@ def test_ipv6_loopback_and_integer_for_float_are_accepted():
     assert cfg.attest.exit_grace_seconds == 2.0 and isinstance(cfg.attest.exit_grace_seconds, float)
 
 
-@pytest.mark.parametrize("listen", ["127.0.0.1", "127.0.0.1:0", "127.0.0.1:70000", "localhost:80",
-                                    "[::2]:80", "10.0.0.1:80"])
-def test_bad_listen_addresses(listen):
+@pytest.mark.parametrize("listen,expected", [
+    ("127.0.0.1", 'HOST:PORT such as "127.0.0.1:9890"'),
+    ("127.0.0.1:0", 'HOST:PORT such as "127.0.0.1:9890"'),
+    ("127.0.0.1:70000", 'HOST:PORT such as "127.0.0.1:9890"'),
+    ("localhost:80", 'HOST:PORT such as "127.0.0.1:9890"'),
+    ("[::2]:80", "a loopback"), ("10.0.0.1:80", "a loopback")])
+def test_bad_listen_addresses(listen, expected):
     with pytest.raises(ConfigError) as err:
         config.parse({"metrics": {"listen": listen}})
-    assert err.value.problems[0].startswith(f'metrics.listen: got "{listen}", expected a loopback')
+    assert err.value.problems[0].startswith(f'metrics.listen: got "{listen}", expected {expected}')
+
+
+def test_metrics_beyond_loopback_needs_expose():
+    cfg = config.parse({"metrics": {"listen": "0.0.0.0:9890", "expose": True}})
+    assert cfg.metrics.listen == "0.0.0.0:9890"
 
 
 def test_check_config_cli_exit_codes(tmp_path, credless_cmd):
@@ -89,7 +98,7 @@ def test_check_config_cli_exit_codes(tmp_path, credless_cmd):
                          capture_output=True, text=True)
     assert bad.returncode == 2
     assert "Traceback" not in bad.stderr
-    assert "metrics.lisen: unknown key; accepted keys in [metrics]: enabled, listen" in bad.stderr
+    assert "metrics.lisen: unknown key; accepted keys in [metrics]: enabled, expose, listen" in bad.stderr
     missing = subprocess.run([*credless_cmd, "check-config", str(tmp_path / "x.toml")],
                              capture_output=True, text=True)
     assert missing.returncode == 2 and "file not found" in missing.stderr
