@@ -1,0 +1,61 @@
+"""SPIFFE-native OAuth: an official MCP SDK client authenticates to oidc-provider with a
+JWT-SVID it fetches from the agent's Workload API (py-spiffe) as its client assertion."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from tests.helpers import AgentProcess, free_port, write_config
+from tests.kernel import cgroup_child, enter_cgroup
+from tests.mcp.peers import McpServer
+from tests.oidc.peer import OidcProvider
+
+pytestmark = pytest.mark.kernel
+SPIFFE_ID = "spiffe://example.org/agent/native"
+
+
+def test_mcp_sdk_private_key_jwt_with_a_jwt_svid_from_the_workload_api(tmp_path):
+    sock_dir = Path(tempfile.mkdtemp(prefix="credless-native-"))
+    os.chmod(sock_dir, 0o755)
+    bundle_port, mcp_port = free_port(), free_port()
+    mcp_url = f"http://127.0.0.1:{mcp_port}/mcp"
+    try:
+        with cgroup_child() as cg, OidcProvider(
+                tmp_path, dpop=False, resources={mcp_url: {"format": "jwt", "scope": "tools"}},
+                clients=[{"client_id": SPIFFE_ID,
+                          "jwks_uri": f"http://127.0.0.1:{bundle_port}/jwks.json"}]) as oidc, \
+                McpServer(tmp_path, mcp_port, oidc.issuer) as mcp:
+            (tmp_path / "entries.toml").write_text(
+                f'[[entry]]\nid = "native"\nspiffe_id = "{SPIFFE_ID}"\n'
+                f'selectors = ["cgroup:path:/{cg.name}"]\n')
+            cfg = write_config(tmp_path, bundle_port=bundle_port)
+            cfg.write_text(cfg.read_text().replace(
+                f'socket = "{tmp_path / "run" / "agent.sock"}"',
+                f'socket = "{sock_dir / "agent.sock"}"'))
+            with AgentProcess(cfg, tmp_path) as agent:
+                agent.wait_ready()
+                r = subprocess.run([sys.executable, "-m", "tests.mcp.spiffe_client", mcp_url,
+                                    oidc.issuer, SPIFFE_ID, str(sock_dir / "agent.sock")],
+                                   cwd=REPO, capture_output=True, text=True, timeout=120,
+                                   preexec_fn=enter_cgroup(cg))
+                out = json.loads(r.stdout.splitlines()[-1])
+                assert "error" not in out, out
+                assert out["text"] == "spiffe-native" and "echo" in out["tools"]
+                assert out["assertion_audiences"] == [oidc.issuer]
+                assert [e["client_id"] for e in oidc.events("grant.success")] == [SPIFFE_ID]
+                assert mcp.stats()["calls"] == {"echo": 1}
+                events = [json.loads(ln) for ln in agent.stdout_path.read_text().splitlines()]
+                jwt_issued = [e for e in events if e["event"] == "svid.issued"
+                              and e["type"] == "jwt"]
+                assert jwt_issued and jwt_issued[0]["audience"] == [oidc.issuer]
+    finally:
+        shutil.rmtree(sock_dir, ignore_errors=True)
