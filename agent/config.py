@@ -231,8 +231,10 @@ class ServerSection:
                               "SPIFFE ID")
     dpop: str = _setting("auto", "auto (when the server advertises it), always or never",
                          _one_of("auto", "always", "never"))
-    mode: str = _setting("broker", "broker (inject the access token) or passthrough "
-                         "(observe and audit only)", _one_of("broker", "passthrough"))
+    mode: str = _setting("broker", "broker (inject the access token), assertion (url is the "
+                         "authorization server's token endpoint: the workload's own token "
+                         "requests get a JWT-SVID client assertion) or passthrough (observe "
+                         "and audit only)", _one_of("broker", "assertion", "passthrough"))
 
 
 @dataclass(frozen=True)
@@ -397,6 +399,9 @@ def _check_servers(cfg: Config, problems: list[str]) -> None:
         for key in ("name", "url"):
             if not getattr(srv, key):
                 problems.append(f"{where}.{key}: required")
+        if srv.mode == "assertion" and not srv.issuer:
+            problems.append(f"{where}.issuer: required with mode = \"assertion\" (the "
+                            "assertion's audience is the authorization server's issuer)")
         if srv.name in seen:
             problems.append(f"{where}.name: {srv.name!r} is used twice; names must be unique")
         seen.add(srv.name)

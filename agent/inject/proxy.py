@@ -262,6 +262,8 @@ class Proxy:
             await self._reply(writer, 400, b"Bad Request", "credless: this workload must not "
                               "send Authorization or DPoP headers; credless adds them")
             return head.keep_alive
+        if up.mode == "assertion":
+            return await self._assertion(head, events, writer, up, ident, audit_base, started)
         if self.policy is not None and up.mode != "passthrough" and ident is not None \
                 and head.method == b"POST":
             verdict, body = await self._enforce(head, events, writer, up, who, audit_base)
@@ -357,6 +359,54 @@ class Proxy:
         head.headers.append((b"Content-Length", b"%d" % len(body)))
         head.chunked = False
         return True, body
+
+    async def _assertion(self, head: Head, events, writer, up: Upstream, ident,
+                         audit_base: dict, started: float) -> bool:
+        """Assertion mode: the workload runs its own client_credentials request; credless
+        puts the client authentication in it (a fresh JWT-SVID, aud = the issuer) in place
+        of whatever placeholder it sent. Other requests to the server pass unchanged."""
+        from urllib.parse import parse_qsl, urlencode
+
+        ctype = (head.get(b"content-type") or b"").split(b";")[0].strip().lower()
+        if head.method != b"POST" or ctype != b"application/x-www-form-urlencoded":
+            return await self._exchange(head, events, writer, up, ident, None, audit_base,
+                                        started)
+        body = bytearray()
+        async for kind, data in events:
+            if kind == BODY:
+                body += data
+                if len(body) > self.max_body:
+                    await self._drain_body(events)
+                    await self._reply(writer, 413, b"Payload Too Large", "credless: token "
+                                      "request body too large")
+                    return False
+            elif kind == END:
+                break
+        form = dict(parse_qsl(body.decode("latin-1"), keep_blank_values=True))
+        if form.get("grant_type") == "client_credentials":
+            if ident is None:
+                self._count(up, "unattested")
+                self._audit("request.denied", audit_base, reason="token request from a "
+                            "process with no identity")
+                await self._reply(writer, 403, b"Forbidden", "credless: this process has no "
+                                  "identity to authenticate with")
+                return head.keep_alive
+            sid = str(ident.spiffe_id)
+            svid = self.identity.jwt_svid(ident, [self.upstream_issuer(up)], ttl=60, iss=sid)
+            form.update(client_id=sid, client_assertion=svid.token, client_assertion_type=
+                        "urn:ietf:params:oauth:client-assertion-type:jwt-bearer")
+            form.pop("client_secret", None)
+            self._audit("assertion.injected", audit_base, jti=svid.jti, kid=svid.kid,
+                        audience=self.upstream_issuer(up))
+        new_body = urlencode(form).encode()
+        head.remove(b"content-length", b"transfer-encoding")
+        head.headers.append((b"Content-Length", b"%d" % len(new_body)))
+        head.chunked = False
+        return await self._exchange(head, _replay(new_body), writer, up, ident, None,
+                                    audit_base, started)
+
+    def upstream_issuer(self, up: Upstream) -> str:
+        return self.oauth.servers[up.name].issuer
 
     async def _rpc_error(self, writer, status: int, reason: bytes, calls, batch: bool,
                          code: int, message: str) -> None:

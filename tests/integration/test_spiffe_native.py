@@ -59,3 +59,47 @@ def test_mcp_sdk_private_key_jwt_with_a_jwt_svid_from_the_workload_api(tmp_path)
                 assert jwt_issued and jwt_issued[0]["audience"] == [oidc.issuer]
     finally:
         shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+def test_assertion_mode_replaces_a_placeholder_with_a_jwt_svid(tmp_path):
+    bundle_port, mcp_port, proxy_port = free_port(), free_port(), free_port()
+    mcp_url = f"http://127.0.0.1:{mcp_port}/mcp"
+    sid = "spiffe://example.org/agent/assertion"
+    with cgroup_child() as cg, OidcProvider(
+            tmp_path, dpop=False, resources={mcp_url: {"format": "jwt", "scope": "tools"}},
+            clients=[{"client_id": sid,
+                      "jwks_uri": f"http://127.0.0.1:{bundle_port}/jwks.json"}]) as oidc, \
+            McpServer(tmp_path, mcp_port, oidc.issuer) as mcp:
+        def client(preexec):
+            r = subprocess.run([sys.executable, "-m", "tests.mcp.spiffe_client", mcp_url,
+                                oidc.issuer, sid, "placeholder"], cwd=REPO,
+                               capture_output=True, text=True, timeout=120, preexec_fn=preexec)
+            return json.loads(r.stdout.splitlines()[-1])
+
+        # the placeholder alone is refused by the authorization server
+        alone = client(None)
+        assert alone.get("error"), alone
+        assert oidc.events("grant.error") and not oidc.events("grant.success")
+        (tmp_path / "entries.toml").write_text(
+            f'[[entry]]\nid = "a"\nspiffe_id = "{sid}"\nselectors = ["cgroup:path:/{cg.name}"]\n')
+        cfg = write_config(tmp_path, bundle_port=bundle_port, extra=f'''
+[inject]
+listen_port = {proxy_port}
+listen_port6 = {proxy_port}
+managed_cgroups = ["/{cg.name}"]
+[[servers]]
+name = "as"
+url = "{oidc.issuer}/token"
+issuer = "{oidc.issuer}"
+mode = "assertion"
+''')
+        with AgentProcess(cfg, tmp_path) as agent:
+            agent.wait_ready()
+            out = client(enter_cgroup(cg))
+            assert "error" not in out, out
+            assert out["text"] == "spiffe-native"
+            assert [e["client_id"] for e in oidc.events("grant.success")] == [sid]
+            events = [json.loads(ln) for ln in agent.stdout_path.read_text().splitlines()]
+            injected = [e for e in events if e["event"] == "assertion.injected"]
+            assert len(injected) == 1 and injected[0]["spiffe_id"] == sid
+            assert injected[0]["audience"] == oidc.issuer

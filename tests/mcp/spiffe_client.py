@@ -3,6 +3,8 @@ assertion_provider asks the agent's Workload API (py-spiffe) for a JWT-SVID with
 authorization server's issuer as audience. The workload holds no key and no secret.
 
     python -m tests.mcp.spiffe_client MCP_URL ISSUER SPIFFE_ID SOCKET
+With SOCKET = "placeholder" the assertion is a fixed placeholder string instead (assertion
+mode: credless replaces it on the wire with a real JWT-SVID).
 """
 
 from __future__ import annotations
@@ -36,12 +38,16 @@ class Memory:
 
 
 async def main(url: str, issuer: str, spiffe_id: str, socket: str) -> int:
-    workload_api = WorkloadApiClient(f"unix:{socket}", default_timeout=10)
+    placeholder = socket == "placeholder"
+    workload_api = None if placeholder else WorkloadApiClient(f"unix:{socket}",
+                                                              default_timeout=10)
     fetched: list[str] = []
 
     async def assertion_provider(audience: str) -> str:
-        svid = await asyncio.to_thread(workload_api.fetch_jwt_svid, {audience})
         fetched.append(audience)
+        if placeholder:
+            return "placeholder-assertion-credless-will-replace"
+        svid = await asyncio.to_thread(workload_api.fetch_jwt_svid, {audience})
         return svid.token
 
     auth = PrivateKeyJWTOAuthProvider(server_url=url, storage=Memory(), client_id=spiffe_id,
@@ -53,7 +59,8 @@ async def main(url: str, issuer: str, spiffe_id: str, socket: str) -> int:
     print(json.dumps({"tools": sorted(t.name for t in tools.tools),
                       "text": "".join(getattr(c, "text", "") for c in result.content),
                       "assertion_audiences": fetched}), flush=True)
-    workload_api.close()
+    if workload_api is not None:
+        workload_api.close()
     return 0
 
 
