@@ -173,3 +173,19 @@ def test_status_shows_workloads_and_expiries_without_secrets(world, credless_cmd
     assert st["redirect_targets"] == [f"127.0.0.1:{world.mcp.port}"]
     assert st["bpf_events_lost"] == 0
     assert "access_token" not in r.stdout and "eyJ" not in r.stdout
+
+
+def test_typescript_sdk_client_works_through_credless(world):
+    import subprocess
+
+    from tests.conftest import REPO
+
+    def ts(preexec=None):
+        r = subprocess.run(["node", str(REPO / "tests/mcp/client.mjs"), world.mcp.url],
+                           capture_output=True, text=True, timeout=60, preexec_fn=preexec)
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    assert ts().get("error")                               # no credless: refused
+    out = ts(enter_cgroup(world.cg))
+    assert out == {"tools": ["add", "echo", "secret_tool", "stream_count"],
+                   "text": "from typescript"}
