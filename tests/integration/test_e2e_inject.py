@@ -189,3 +189,23 @@ def test_typescript_sdk_client_works_through_credless(world):
     out = ts(enter_cgroup(world.cg))
     assert out == {"tools": ["add", "echo", "secret_tool", "stream_count"],
                    "text": "from typescript"}
+
+
+def test_oauth_probe_prints_a_summary_never_the_token(world, credless_cmd):
+    import subprocess
+
+    r = subprocess.run([*credless_cmd, "oauth", "probe", "--config", str(world.agent.config),
+                        "--server", world.mcp.url, "--spiffe-id", SPIFFE_ID],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = json.loads(r.stdout)
+    assert out["issuer"] == world.oidc.issuer and out["token_endpoint"].endswith("/token")
+    assert out["auth_profile"] == "jwt-bearer" and out["audience"] == world.mcp.url
+    assert out["token_type"] == ("DPoP" if world.dpop else "Bearer")
+    assert (out["cnf_jkt"] is not None) is world.dpop
+    assert 0 < out["expires_in"] <= 300 and len(out["token_sha256"]) == 16
+    assert "access_token" not in out and "eyJ" not in r.stdout
+    bad = subprocess.run([*credless_cmd, "oauth", "probe", "--config", str(world.agent.config),
+                          "--server", world.mcp.url, "--spiffe-id",
+                          "spiffe://example.org/not/issuable"], capture_output=True, text=True)
+    assert bad.returncode == 1 and "no registration entry produces it" in bad.stderr
