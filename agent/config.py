@@ -300,9 +300,20 @@ class PolicySection:
 
 
 @dataclass(frozen=True)
+class AuditSection:
+    stdout: bool = _setting(True, "write audit events as JSON lines on stdout")
+    file: str = _setting("", "also append them to this file (0600), rotated by size",
+                         _absolute_path)
+    max_bytes: int = _setting(52428800, "rotate the audit file at this size", _positive)
+    backups: int = _setting(5, "rotated audit files kept (file.1 ... file.N)",
+                            lambda v: None if v >= 1 else "at least 1")
+
+
+@dataclass(frozen=True)
 class Config:
     agent: AgentSection = field(default_factory=AgentSection)
     log: LogSection = field(default_factory=LogSection)
+    audit: AuditSection = field(default_factory=AuditSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     attest: AttestSection = field(default_factory=AttestSection)
     identity: IdentitySection = field(default_factory=IdentitySection)

@@ -101,7 +101,9 @@ class Daemon:
     def __init__(self, cfg: Config, audit: AuditLog | None = None):
         self.cfg = cfg
         self.metrics = Metrics()
-        self.audit = audit or AuditLog(cfg.agent.resolved_node_name())
+        self.audit = audit or AuditLog(cfg.agent.resolved_node_name(), file=cfg.audit.file,
+                                       max_bytes=cfg.audit.max_bytes,
+                                       backups=cfg.audit.backups, to_stream=cfg.audit.stdout)
         self.components: list[Component] = []
         from prometheus_client.core import CounterMetricFamily
 

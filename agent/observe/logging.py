@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
+import os
 import sys
 import threading
 from datetime import datetime, timezone
@@ -70,6 +72,16 @@ def get_logger(component: str):
     return structlog.get_logger(component=component)
 
 
+class _PrivateRotatingFile(logging.handlers.RotatingFileHandler):
+    """The standard library's size-based rotation (file, file.1 ... file.N), with every file
+    it opens created owner-only: audit events name workloads and identities."""
+
+    def _open(self):
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.fchmod(fd, 0o600)
+        return open(fd, "a", encoding=self.encoding)
+
+
 class AuditLog:
     """The audit stream: one JSON object per decision, always emitted whatever the log level.
 
@@ -79,20 +91,44 @@ class AuditLog:
     cost more than the proxying itself. The same redaction applies.
     """
 
-    def __init__(self, node: str, stream: TextIO | None = None):
+    def __init__(self, node: str, stream: TextIO | None = None, file: str = "",
+                 max_bytes: int = 50 << 20, backups: int = 5, to_stream: bool = True):
         self._node = node
-        self._stream = stream or sys.stdout
+        self._stream = (stream or sys.stdout) if to_stream else None
         self._lock = threading.Lock()
         self.dropped = 0
+        self._file = None
+        if file:
+            self._file = _PrivateRotatingFile(file, maxBytes=max_bytes, backupCount=backups,
+                                              encoding="utf-8")
+            self._file.setFormatter(logging.Formatter("%(message)s"))
 
     def emit(self, event: str, **fields: Any) -> None:
         record = {"time": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"),
                   "event": event, "stream": "audit", "node": self._node, **fields}
         redact_secrets(None, "", record)
-        line = json.dumps(record, default=str) + "\n"
-        try:
-            with self._lock:
-                self._stream.write(line)
-                self._stream.flush()
-        except (OSError, ValueError):
-            self.dropped += 1   # counted and exported; never raises into the data path
+        line = json.dumps(record, default=str)
+        with self._lock:
+            if self._stream is not None:
+                try:
+                    self._stream.write(line + "\n")
+                    self._stream.flush()
+                except (OSError, ValueError):
+                    self._note_drop("stdout")
+            if self._file is not None:
+                try:
+                    self._file.emit(logging.makeLogRecord({"msg": line, "levelno": 20}))
+                    if self._file.stream is None:
+                        raise OSError("audit file closed")
+                except (OSError, ValueError):
+                    self._note_drop("file")
+
+    def _note_drop(self, sink: str) -> None:
+        """Counted (credless_audit_events_dropped_total) and logged; never raises into the
+        data path."""
+        self.dropped += 1
+        get_logger("audit").error("audit event dropped", sink=sink, dropped=self.dropped)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()

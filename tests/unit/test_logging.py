@@ -57,3 +57,25 @@ def test_audit_stream_is_separate_and_ignores_log_level():
     assert event["event"] == "attested" and event["stream"] == "audit"
     assert event["node"] == "node-a" and event["time"].endswith("Z")
     assert event["token"] == obs.REDACTED
+
+
+def test_audit_file_sink_rotates_by_size_and_counts_drops(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    audit = obs.AuditLog(node="n", file=str(path), max_bytes=400, backups=2, to_stream=False)
+    for i in range(20):
+        audit.emit("call.allowed", i=i, tool="echo")
+    audit.close()
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["audit.jsonl", "audit.jsonl.1", "audit.jsonl.2"]
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    last = [json.loads(ln) for ln in path.read_text().splitlines()]
+    assert last[-1]["i"] == 19 and all(e["event"] == "call.allowed" for e in last)
+    assert audit.dropped == 0
+
+    class Broken(io.StringIO):
+        def write(self, s):
+            raise OSError("disk full")
+
+    broken = obs.AuditLog(node="n", stream=Broken())
+    broken.emit("x")
+    assert broken.dropped == 1
