@@ -4,7 +4,9 @@ tokens from oidc-provider. credless attests, gets a token with a JWT-SVID and in
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 
 import pytest
 
@@ -17,41 +19,57 @@ pytestmark = pytest.mark.kernel
 SPIFFE_ID = "spiffe://example.org/agent/weather-bot"
 
 
-@pytest.fixture(params=[True, False], ids=["dpop", "bearer"])
-def world(tmp_path, request):
-    dpop = request.param
-    bundle_port, mcp_port, proxy_port = free_port(), free_port(), free_port()
-    mcp_url = f"http://127.0.0.1:{mcp_port}/mcp"
-    with cgroup_child() as cg, OidcProvider(
-            tmp_path, dpop=dpop, resources={mcp_url: {"format": "jwt", "scope": "tools"}},
-            clients=[{"client_id": SPIFFE_ID,
-                      "jwks_uri": f"http://127.0.0.1:{bundle_port}/jwks.json"}]) as oidc, \
-            McpServer(tmp_path, mcp_port, oidc.issuer, dpop=dpop) as mcp:
-        (tmp_path / "entries.toml").write_text(
-            f'[[entry]]\nid = "bot"\nspiffe_id = "{SPIFFE_ID}"\n'
-            f'selectors = ["cgroup:path:/{cg.name}"]\n')
-        (tmp_path / "policy.toml").write_text(f'''
+DEFAULT_POLICY = f'''
 [[rule]]
 id = "bot-tools"
 spiffe_id = "{SPIFFE_ID}"
 server = "weather"
 methods = ["tools/list", "tools/call"]
 tools = ["echo", "add", "stream_count"]
-''')
-        cfg = write_config(tmp_path, bundle_port=bundle_port, extra=f'''
+'''
+
+
+@contextlib.contextmanager
+def start_world(tmp_path, dpop=True, entries=None, policy=DEFAULT_POLICY, extra=""):
+    """oidc-provider, an MCP server demanding tokens, and the agent, around a fresh cgroup.
+    `entries(cg)` gives the registration entries (default: the cgroup is SPIFFE_ID)."""
+    bundle_port, mcp_port, proxy_port = free_port(), free_port(), free_port()
+    mcp_url = f"http://127.0.0.1:{mcp_port}/mcp"
+    with cgroup_child() as cg:
+        ids = [SPIFFE_ID] if entries is None else [e[1] for e in entries(cg)]
+        with OidcProvider(tmp_path, dpop=dpop,
+                          resources={mcp_url: {"format": "jwt", "scope": "tools"}},
+                          clients=[{"client_id": i,
+                                    "jwks_uri": f"http://127.0.0.1:{bundle_port}/jwks.json"}
+                                   for i in ids]) as oidc, \
+                McpServer(tmp_path, mcp_port, oidc.issuer, dpop=dpop) as mcp:
+            rows = entries(cg) if entries else [("bot", SPIFFE_ID, [f"cgroup:path:/{cg.name}"])]
+            (tmp_path / "entries.toml").write_text("".join(
+                f'[[entry]]\nid = "{i}"\nspiffe_id = "{sid}"\nselectors = {json.dumps(sel)}\n'
+                for i, sid, sel in rows))
+            (tmp_path / "policy.toml").write_text(policy)
+            cfg = write_config(tmp_path, bundle_port=bundle_port, extra=f'''
 [inject]
 listen_port = {proxy_port}
 listen_port6 = {proxy_port}
 managed_cgroups = ["/{cg.name}"]
 [policy]
 file = "{tmp_path / 'policy.toml'}"
+{extra}
 [[servers]]
 name = "weather"
 url = "{mcp_url}"
 ''')
-        with AgentProcess(cfg, tmp_path) as agent:
-            agent.wait_ready()
-            yield type("World", (), dict(cg=cg, oidc=oidc, mcp=mcp, agent=agent, dpop=dpop))
+            with AgentProcess(cfg, tmp_path) as agent:
+                agent.wait_ready()
+                yield type("World", (), dict(cg=cg, oidc=oidc, mcp=mcp, agent=agent,
+                                             dpop=dpop))
+
+
+@pytest.fixture(params=[True, False], ids=["dpop", "bearer"])
+def world(tmp_path, request):
+    with start_world(tmp_path, dpop=request.param) as w:
+        yield w
 
 
 def audit(world) -> list[dict]:
@@ -209,3 +227,88 @@ def test_oauth_probe_prints_a_summary_never_the_token(world, credless_cmd):
                           "--server", world.mcp.url, "--spiffe-id",
                           "spiffe://example.org/not/issuable"], capture_output=True, text=True)
     assert bad.returncode == 1 and "no registration entry produces it" in bad.stderr
+
+
+def test_policy_reload_takes_effect_without_restart(world):
+    import signal
+
+    from tests.helpers import wait_for
+
+    denied = run_client(world.mcp.url, "call:secret_tool", preexec=enter_cgroup(world.cg))
+    assert denied[0].get("error") or denied[0].get("is_error")
+    policy = world.agent.config.parent / "policy.toml"
+    policy.write_text(policy.read_text().replace('"stream_count"]', '"stream_count", '
+                                                 '"secret_tool"]'))
+    world.agent.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: any(e.get("event") == "policy loaded" for e in world.agent.log_events()[3:]),
+             what="policy reloaded")
+    out = run_client(world.mcp.url, "call:secret_tool", preexec=enter_cgroup(world.cg))
+    assert out[0].get("text") == "the secret", out
+    assert world.mcp.stats()["calls"]["secret_tool"] == 1
+
+
+def test_a_batch_with_one_denied_call_is_refused_whole(world):
+    import http.client
+    import subprocess
+    import sys
+
+    code = f"""
+import http.client, json
+c = http.client.HTTPConnection("127.0.0.1", {world.mcp.port}, timeout=20)
+batch = [{{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {{"name": "echo", "arguments": {{"text": "a"}}}}}},
+         {{"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {{"name": "secret_tool", "arguments": {{}}}}}}]
+c.request("POST", "/mcp", body=json.dumps(batch), headers={{"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}})
+r = c.getresponse(); print(json.dumps([r.status, json.loads(r.read())]))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=60, preexec_fn=enter_cgroup(world.cg))
+    status, body = json.loads(r.stdout)
+    assert status == 403
+    assert [e["id"] for e in body] == [1, 2]
+    assert all(e["error"]["code"] == -32001 for e in body)
+    assert "secret_tool" in body[0]["error"]["message"]
+    assert "echo" not in world.mcp.stats()["calls"]   # nothing of the batch reached it
+
+
+def test_sub_agent_is_restricted_to_its_parents_tools(tmp_path):
+    import sys
+
+    from tests.kernel import copied_binaries
+
+    parent_id, child_id = "spiffe://example.org/agent/parent", "spiffe://example.org/agent/child"
+    python = os.path.realpath(sys.executable)
+    with copied_binaries("sh") as bins:
+        def entries(cg):
+            return [("parent", parent_id, [f"cgroup:path:/{cg.name}", f"unix:path:{bins['sh']}"]),
+                    ("child", child_id, [f"cgroup:path:/{cg.name}", f"unix:path:{python}"])]
+        policy = f"""
+[[rule]]
+id = "parent-tools"
+spiffe_id = "{parent_id}"
+server = "weather"
+methods = ["tools/list", "tools/call"]
+tools = ["echo"]
+[[rule]]
+id = "child-tools"
+spiffe_id = "{child_id}"
+server = "weather"
+methods = ["tools/list", "tools/call"]
+tools = ["echo", "secret_tool"]
+"""
+        with start_world(tmp_path, dpop=False, entries=entries, policy=policy,
+                         extra='subagents = "restrict_to_parent"') as w:
+            cmd = (f"{sys.executable} -m tests.mcp.client {w.mcp.url} "
+                   f"'call:echo:{{\"text\": \"ok\"}}' call:secret_tool")
+            import subprocess
+
+            from tests.conftest import REPO
+            r = subprocess.run([str(bins["sh"]), "-c", cmd], cwd=REPO, capture_output=True,
+                               text=True, timeout=120, preexec_fn=enter_cgroup(w.cg))
+            out = [json.loads(ln) for ln in r.stdout.splitlines() if ln.startswith("{")]
+            assert out[0] == {"step": "call", "tool": "echo", "text": "ok", "is_error": False}
+            assert out[1].get("error") or out[1].get("is_error")
+            assert w.mcp.stats()["calls"] == {"echo": 1}
+            denied = [e for e in audit(w) if e["event"] == "call.denied"]
+            assert denied[-1]["spiffe_id"] == child_id
+            assert denied[-1]["parent_spiffe_id"] == parent_id
+            assert denied[-1]["reason"].startswith(f"sub-agent of {parent_id}")
