@@ -14,6 +14,22 @@ def _load_config(path: str | None):
     return config.load(path or config.DEFAULT_CONFIG_PATH)
 
 
+def _admin_call(args, cmd: str, timeout: float = 10.0, **fields):
+    """Ask the running agent (its admin socket, from the config's run_dir); None after
+    printing why when it cannot be asked."""
+    from pathlib import Path
+
+    from agent.observe import admin
+
+    cfg = _load_config(args.config)
+    try:
+        return admin.call(Path(cfg.agent.run_dir) / "admin.sock", cmd, timeout=timeout,
+                          **fields)
+    except RuntimeError as e:
+        print(f"credless: {e}", file=sys.stderr)
+        return None
+
+
 def cmd_check_config(args) -> int:
     config.load(args.file)
     print(f"{args.file}: ok")
@@ -49,15 +65,9 @@ def cmd_doctor(args) -> int:
 
 def cmd_ps(args) -> int:
     import json
-    from pathlib import Path
 
-    from agent.observe import admin
-
-    cfg = _load_config(args.config)
-    try:
-        rows = admin.call(Path(cfg.agent.run_dir) / "admin.sock", "ps")
-    except RuntimeError as e:
-        print(f"credless: {e}", file=sys.stderr)
+    rows = _admin_call(args, "ps")
+    if rows is None:
         return 1
     if args.pid is not None:
         rows = [r for r in rows if r["pid"] == args.pid]
@@ -75,16 +85,10 @@ def cmd_ps(args) -> int:
 
 def cmd_oauth_probe(args) -> int:
     import json
-    from pathlib import Path
 
-    from agent.observe import admin
-
-    cfg = _load_config(args.config)
-    try:
-        out = admin.call(Path(cfg.agent.run_dir) / "admin.sock", "oauth_probe",
-                         timeout=120, server=args.server, spiffe_id=args.spiffe_id)
-    except RuntimeError as e:
-        print(f"credless: {e}", file=sys.stderr)
+    out = _admin_call(args, "oauth_probe", timeout=120, server=args.server,
+                      spiffe_id=args.spiffe_id)
+    if out is None:
         return 1
     print(json.dumps(out, indent=2))
     return 1 if "error" in out else 0
@@ -127,15 +131,9 @@ def cmd_policy_explain(args) -> int:
 
 def cmd_status(args) -> int:
     import json
-    from pathlib import Path
 
-    from agent.observe import admin
-
-    cfg = _load_config(args.config)
-    try:
-        st = admin.call(Path(cfg.agent.run_dir) / "admin.sock", "status")
-    except RuntimeError as e:
-        print(f"credless: {e}", file=sys.stderr)
+    st = _admin_call(args, "status")
+    if st is None:
         return 1
     if args.json or not sys.stdout.isatty():
         print(json.dumps(st, indent=2))

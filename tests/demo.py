@@ -41,7 +41,7 @@ def main() -> int:
                 tmp, resources={mcp_url: {"format": "jwt", "scope": "tools"}},
                 clients=[{"client_id": SPIFFE_ID,
                           "jwks_uri": f"http://127.0.0.1:{bundle_port}/jwks.json"}]) as oidc, \
-                McpServer(tmp, mcp_port, oidc.issuer, dpop=True) as mcp:
+                McpServer(tmp, mcp_port, oidc.issuer, dpop=True):
             say(f"authorization server (oidc-provider): {oidc.issuer}")
             say(f"MCP server (official SDK, requires DPoP-bound tokens): {mcp_url}")
             (tmp / "entries.toml").write_text(

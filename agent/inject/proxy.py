@@ -180,6 +180,9 @@ class Proxy:
                 self.redirect.forget(peer[0], peer[1], info.cookie)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
+        except ProtocolError as e:   # not HTTP/1.1 we can frame: answer once and close
+            writer.write(http1.simple_response(400, b"Bad Request", json.dumps(
+                {"error": f"credless: malformed HTTP: {e}"}).encode()))
         except ssl.SSLError as e:
             self._audit("connection.tls_failed", {"peer_port": peer[1]},
                         reason=f"TLS with the workload failed: {e.reason}")
@@ -230,6 +233,19 @@ class Proxy:
     def _image_current(self, info: RedirectInfo) -> bool:
         now = self.attestor.source.kernel_image(info.tgid)
         return now is not None and now[1] == info.exec_ns
+
+    async def _read_body(self, events) -> bytes | None:
+        """The whole request body, or None (drained) when it exceeds max_body."""
+        body = bytearray()
+        async for kind, data in events:
+            if kind == BODY:
+                body += data
+                if len(body) > self.max_body:
+                    await self._drain_body(events)
+                    return None
+            elif kind == END:
+                break
+        return bytes(body)
 
     async def _drain_body(self, events) -> None:
         async for kind, _ in events:
@@ -311,19 +327,12 @@ class Proxy:
         (keep-alive, None) once the answer has been sent."""
         from agent.policy import jsonrpc
 
-        body = bytearray()
-        async for kind, data in events:
-            if kind == BODY:
-                body += data
-                if len(body) > self.max_body:
-                    await self._drain_body(events)
-                    await self._rpc_error(writer, 413, b"Payload Too Large", None, False,
-                                          jsonrpc.INVALID_REQUEST, "credless: request body "
-                                          f"larger than {self.max_body} bytes")
-                    return False, None
-            elif kind == END:
-                break
-        body = bytes(body)
+        body = await self._read_body(events)
+        if body is None:
+            await self._rpc_error(writer, 413, b"Payload Too Large", None, False,
+                                  jsonrpc.INVALID_REQUEST, "credless: request body "
+                                  f"larger than {self.max_body} bytes")
+            return False, None
         try:
             calls, batch = jsonrpc.parse_calls(body)
         except jsonrpc.Malformed as e:
@@ -371,17 +380,11 @@ class Proxy:
         if head.method != b"POST" or ctype != b"application/x-www-form-urlencoded":
             return await self._exchange(head, events, writer, up, ident, None, audit_base,
                                         started)
-        body = bytearray()
-        async for kind, data in events:
-            if kind == BODY:
-                body += data
-                if len(body) > self.max_body:
-                    await self._drain_body(events)
-                    await self._reply(writer, 413, b"Payload Too Large", "credless: token "
-                                      "request body too large")
-                    return False
-            elif kind == END:
-                break
+        body = await self._read_body(events)
+        if body is None:
+            await self._reply(writer, 413, b"Payload Too Large", "credless: token request "
+                              f"body larger than {self.max_body} bytes")
+            return False
         form = dict(parse_qsl(body.decode("latin-1"), keep_blank_values=True))
         if form.get("grant_type") == "client_credentials":
             if ident is None:

@@ -111,24 +111,15 @@ async def register(http: httpx.AsyncClient, *, endpoint: str, issuer: str, spiff
         meta["jwks_uri"] = jwks_uri
     else:
         meta["jwks"] = jwks
-    try:
-        r = await http.post(endpoint, json=meta, headers={"Accept": "application/json"})
-    except httpx.HTTPError as e:
-        raise ServerUnavailable(f"registration at {endpoint}: {type(e).__name__}: {e}",
-                                url=endpoint) from None
-    try:
-        body = r.json()
-    except ValueError:
-        body = None
-    if r.status_code >= 500:
-        raise ServerUnavailable(f"registration at {endpoint} failed with HTTP {r.status_code}",
-                                status=r.status_code, url=endpoint)
-    if r.status_code not in (200, 201):
+    from agent.oauth.tokens import post_form
+
+    status, body, _ = await post_form(http, endpoint, None, {}, "registration", json_body=meta)
+    if status not in (200, 201):
         err = body if isinstance(body, dict) else {}
-        raise RegistrationError(f"registration at {endpoint} failed with HTTP {r.status_code}",
+        raise RegistrationError(f"registration at {endpoint} failed with HTTP {status}",
                                 error=err.get("error"),
                                 error_description=err.get("error_description"),
-                                status=r.status_code, url=endpoint)
+                                status=status, url=endpoint)
     if not isinstance(body, dict) or not isinstance(body.get("client_id"), str):
         raise MalformedResponse(f"registration at {endpoint} returned no client_id",
                                 url=endpoint)

@@ -124,10 +124,13 @@ def parse_token_response(body: Any, *, url: str, resource: str, issuer: str, spi
                  audience=claims.get("aud"))
 
 
-async def post_form(http: httpx.AsyncClient, url: str, form: dict, headers: dict,
-                    what: str) -> tuple[int, Any, httpx.Headers]:
+async def post_form(http: httpx.AsyncClient, url: str, form: dict | None, headers: dict,
+                    what: str, json_body: Any = None) -> tuple[int, Any, httpx.Headers]:
+    """POST a form (or a JSON body) and read a JSON answer; network errors and 5xx are
+    ServerUnavailable, a body that is not JSON is MalformedResponse."""
     try:
-        r = await http.post(url, data=form, headers={"Accept": "application/json", **headers})
+        r = await http.post(url, data=form, json=json_body,
+                            headers={"Accept": "application/json", **headers})
     except httpx.HTTPError as e:
         raise ServerUnavailable(f"{what} at {url}: {type(e).__name__}: {e or 'no answer'}",
                                 url=url) from None

@@ -248,7 +248,6 @@ def test_policy_reload_takes_effect_without_restart(world):
 
 
 def test_a_batch_with_one_denied_call_is_refused_whole(world):
-    import http.client
     import subprocess
     import sys
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import logging
-import time
 from types import SimpleNamespace
 
 import httpx

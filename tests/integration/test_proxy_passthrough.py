@@ -238,3 +238,13 @@ mode = "passthrough"
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_malformed_http_from_a_workload_gets_400_and_nothing_upstream(agent):
+    code = (f"import socket; s = socket.create_connection(('127.0.0.1', {agent.upstream})); "
+            "s.sendall(b'NOT HTTP AT ALL\\r\\n\\r\\n'); print(s.recv(4096).decode())")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
+                       preexec_fn=enter_cgroup(agent.cg))
+    assert r.stdout.startswith("HTTP/1.1 400 Bad Request")
+    assert "credless: malformed HTTP" in r.stdout
+    assert Upstream.seen == []

@@ -103,3 +103,4 @@ mode = "assertion"
             injected = [e for e in events if e["event"] == "assertion.injected"]
             assert len(injected) == 1 and injected[0]["spiffe_id"] == sid
             assert injected[0]["audience"] == oidc.issuer
+            assert mcp.stats()["calls"] == {"echo": 1}

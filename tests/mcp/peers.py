@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 from pathlib import Path
+
+from tests.helpers import stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -46,13 +47,7 @@ class McpServer:
         return json.loads(self.stats_path.read_text())
 
     def __exit__(self, *exc):
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 def run_client(url: str, *steps: str, preexec=None, extra=(), timeout=90) -> list[dict]:
