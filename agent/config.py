@@ -180,6 +180,12 @@ class IdentitySection:
                                     _absolute_path)
     upstream_ca_chain: str = _setting("", "PEM chain above upstream_ca_cert, ending with the "
                                       "root", _absolute_path)
+    source: str = _setting("embedded", "where SVIDs come from: embedded (this agent's CA and "
+                           "entries) or spire (a SPIRE agent's Delegated Identity API)",
+                           _one_of("embedded", "spire"))
+    spire_admin_socket: str = _setting("/tmp/spire-agent/private/admin.sock", "the SPIRE "
+                                       "agent's admin socket (source = \"spire\")",
+                                       _absolute_path)
 
 
 @dataclass(frozen=True)

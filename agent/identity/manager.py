@@ -58,6 +58,7 @@ class IdentityManager:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.ca: SigningCA | None = None
+        self.spire = None          # agent.identity.spire_source.SpireSource
         self.keys: JwtSigningKeys | None = None
         self.registry: entries_mod.Registry = entries_mod.Registry([], self.trust_domain)
         # which live process images use which identity, to know when an identity ends
@@ -89,6 +90,15 @@ class IdentityManager:
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
+        if self.cfg.source == "spire":
+            from agent.identity.spire_source import SpireSource
+
+            self.spire = SpireSource(self.cfg.spire_admin_socket, self.trust_domain)
+            self.spire.on_change = self._notify
+            self.spire.start()
+            log.info("identity from SPIRE", socket=self.cfg.spire_admin_socket,
+                     trust_domain=self.trust_domain.name)
+            return
         ca_dir = self.state_dir / "ca"
         if self.cfg.upstream_ca_cert:
             self.ca = SigningCA.load_intermediate(
@@ -113,12 +123,16 @@ class IdentityManager:
                  ca_not_after=self.ca.not_after.isoformat(), entries=len(self.registry))
 
     def stop(self) -> None:
+        if self.spire is not None:
+            self.spire.stop()
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
         self._notify()
 
     def ready(self) -> tuple[bool, str]:
+        if self.spire is not None:
+            return True, f"SVIDs from SPIRE at {self.cfg.spire_admin_socket}"
         if self.ca is None:
             return False, "CA not loaded"
         return True, f"CA for {self.trust_domain.name}, {len(self.registry)} entries"
@@ -163,7 +177,12 @@ class IdentityManager:
         if attestation is None:
             self.m_decisions.labels("unattested").inc()
             return None
-        m = self.registry.match(attestation.selectors)
+        if self.spire is not None:
+            sid = self.spire.resolve(attestation.selectors)
+            m = entries_mod.Match(entries_mod.Entry("spire", str(sid), frozenset(
+                attestation.selectors)), sid) if sid is not None else None
+        else:
+            m = self.registry.match(attestation.selectors)
         if m is None:
             if quiet:   # looking at ancestors, not deciding for a caller
                 return None
@@ -231,6 +250,9 @@ class IdentityManager:
 
     # ------------------------------------------------------------ SVIDs
     def x509_svid(self, ident: Identity) -> X509Svid:
+        if self.spire is not None:
+            self.m_issued.labels("x509").inc()
+            return self.spire.x509_svid(ident.entry.selectors, ident.spiffe_id)
         key = str(ident.spiffe_id)
         with self._lock:
             svid = self._svids.get(key)
@@ -250,6 +272,9 @@ class IdentityManager:
 
     def jwt_svid(self, ident: Identity, audience: list[str], ttl: int | None = None,
                  iss: str | None = None) -> JwtSvid:
+        if self.spire is not None:
+            self.m_issued.labels("jwt").inc()
+            return self.spire.jwt_svid(ident.entry.selectors, ident.spiffe_id, list(audience))
         ttl = ttl or ident.entry.jwt_svid_ttl_seconds or self.cfg.jwt_svid_ttl_seconds
         svid = mint_jwt_svid(self.keys, ident.spiffe_id, audience, ttl=ttl,
                              iss=iss or self.cfg.jwt_issuer or None)
@@ -257,6 +282,8 @@ class IdentityManager:
         return svid
 
     def bundle(self) -> TrustBundle:
+        if self.spire is not None:
+            return self.spire.bundle()
         if self.keys is not None and self.keys.version != self._keys_version:
             self._refresh_bundle()
         assert self._bundle is not None
@@ -274,6 +301,8 @@ class IdentityManager:
             self._keys_version = version
 
     def _soonest_expiry(self) -> float:
+        if self.spire is not None:
+            return 0.0
         with self._lock:
             if not self._svids:
                 return 0.0
@@ -303,6 +332,8 @@ class IdentityManager:
         return renewed
 
     def _maintain(self) -> None:
+        if self.spire is not None:
+            return  # SPIRE rotates its SVIDs and bundles; the streams tell us
         while not self._stop.wait(1.0):
             try:
                 self.rotate_due()
