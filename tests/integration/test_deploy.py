@@ -1,46 +1,375 @@
-"""Deployment files: the systemd unit verifies cleanly, the Kubernetes manifests validate
-offline against the Kubernetes schemas, and what they embed is valid for the agent."""
+"""Deployment files: the systemd unit verifies cleanly and really runs the agent in its sandbox,
+the Kubernetes manifests validate offline (strict) and agree with each other and with the
+agent's config, and the dashboard queries parse and use only metrics the agent exports."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
+import jsonschema
+import kubernetes_validate
 import pytest
 import yaml
 
+from agent import config
 from tests.conftest import REPO
 
+UNIT = REPO / "deploy" / "systemd" / "credless.service"
 K8S = REPO / "deploy" / "k8s"
+DASHBOARD = REPO / "deploy" / "grafana" / "credless-dashboard.json"
+# The Kubernetes API the manifests are checked against (kubernetes-validate ships its schemas).
 K8S_VERSION = "1.33.0"
+VENV_BIN = Path(sys.executable).parent
+
+
+# ------------------------------------------------------------------------- systemd
+def _unit_values(section: str, key: str) -> list[str]:
+    """Every value of `key` in `[section]` of the unit, in order (keys repeat in units)."""
+    current, values = None, []
+    for line in UNIT.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            current = line.strip("[]")
+        elif current == section and line.split("=", 1)[0] == key:
+            values.append(line.split("=", 1)[1])
+    return values
+
+
+def _unit_with_local_binary(tmp_path: Path) -> Path:
+    # verify checks that ExecStart's binary exists: point it at this venv's console script
+    unit = tmp_path / "credless.service"
+    unit.write_text(UNIT.read_text().replace("/usr/local/bin/credless",
+                                             str(VENV_BIN / "credless")))
+    return unit
 
 
 def test_systemd_unit_verifies_without_any_warning(tmp_path):
-    unit = tmp_path / "credless.service"
-    credless = Path(sys.executable).parent / "credless"
-    unit.write_text((REPO / "deploy/systemd/credless.service").read_text()
-                    .replace("/usr/local/bin/credless", str(credless)))
-    r = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
-    # exits 0 on warnings too: any output is a failure
+    r = subprocess.run(["systemd-analyze", "verify", str(_unit_with_local_binary(tmp_path))],
+                       capture_output=True, text=True)
+    # systemd-analyze verify exits 0 on warnings too: any output at all is a failure
     assert r.returncode == 0 and (r.stdout + r.stderr).strip() == "", r.stdout + r.stderr
 
 
 def test_systemd_exposure_score_is_what_the_readme_says(tmp_path):
     unit = tmp_path / "credless.service"
-    shutil.copy(REPO / "deploy/systemd/credless.service", unit)
+    shutil.copy(UNIT, unit)
     r = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(unit)],
                        capture_output=True, text=True)
     score = re.search(r"Overall exposure level for credless.service: ([\d.]+)", r.stdout)
     assert score, r.stdout[-2000:] + r.stderr
-    assert f"exposure {score.group(1)}" in (REPO / "deploy/systemd/README.md").read_text()
+    readme = (REPO / "deploy/systemd/README.md").read_text()
+    documented = re.search(r"exposure ([\d.]+)", readme)
+    assert documented, "deploy/systemd/README.md must state the exposure score"
+    # a looser unit must be a deliberate, documented change
+    assert score.group(1) == documented.group(1), (
+        f"systemd-analyze says {score.group(1)}, the README says {documented.group(1)}")
 
 
+def test_systemd_unit_agrees_with_the_agent():
+    """Paths the sandbox makes writable are the agent's defaults; notify and watchdog are
+    implemented by the daemon."""
+    defaults = config.AgentSection()
+    exec_start = _unit_values("Service", "ExecStart")
+    assert exec_start == [f"/usr/local/bin/credless run --config {config.DEFAULT_CONFIG_PATH}"]
+    assert _unit_values("Service", "StateDirectory") == [Path(defaults.state_dir).name]
+    assert defaults.state_dir == "/var/lib/credless"
+    assert _unit_values("Service", "RuntimeDirectory") == [Path(defaults.run_dir).name]
+    assert defaults.run_dir == "/run/credless"
+    assert config.WorkloadApiSection().socket.startswith(defaults.run_dir + "/")
+    pin = defaults.bpf_pin_dir
+    assert _unit_values("Service", "ReadWritePaths") == [f"-{pin}"]
+    assert any(v.endswith(f"mkdir -p -m 0700 {pin}")
+               for v in _unit_values("Service", "ExecStartPre"))
+    assert _unit_values("Service", "Type") == ["notify"]
+    assert _unit_values("Service", "WatchdogSec") == ["30"]
+    daemon = (REPO / "agent" / "daemon.py").read_text()
+    assert "READY=1" in daemon and "WATCHDOG=1" in daemon and "WATCHDOG_USEC" in daemon
+    assert set(_unit_values("Service", "CapabilityBoundingSet")[0].split()) == {
+        "CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN", "CAP_SYS_ADMIN", "CAP_SYS_PTRACE",
+        "CAP_DAC_READ_SEARCH"}
+
+
+# The unit's sandbox is only credible if the agent really runs in it: boot a private systemd
+# (PID 1 of new pid/mount/uts/ipc namespaces, confined to a child cgroup) that knows nothing
+# but this unit, and start the agent through it. A drop-in changes only paths (binary, config,
+# directories, output), never a hardening setting.
+@pytest.mark.kernel
+@pytest.mark.timeout(240)
+def test_systemd_sandbox_runs_the_agent(tmp_path):
+    sandbox = _SystemdSandbox(tmp_path)
+    try:
+        sandbox.boot()
+        sandbox.ctl("start", "credless.service", check=False)
+        state = sandbox.wait_active()
+        out = sandbox.agent_output()
+        assert state == "active", f"credless.service is {state}:\n{sandbox.journal()}\n{out}"
+        ready = sandbox.curl("/readyz")
+        assert "ok attest" in ready and "ok redirect" in ready, ready
+        # the sandbox is really applied (not silently ignored)
+        status = sandbox.main_status()
+        assert re.search(r"^NoNewPrivs:\s+1$", status, re.M), status
+        assert re.search(r"^Seccomp:\s+2$", status, re.M), status
+        assert re.search(r"^CapEff:\s+000000c000281004$", status, re.M), status
+        # the ring buffer callback runs under MemoryDenyWriteExecute: events are counted
+        sandbox.nsexec(["/bin/true"])
+        time.sleep(1)
+        metrics = sandbox.curl("/metrics")
+        assert re.search(r'^credless_attest_events_total\{type="exec"\} [1-9]', metrics, re.M)
+        # the daemon pings the watchdog (WatchdogSec=30): still running after 35 s
+        time.sleep(35)
+        assert sandbox.prop("NRestarts") == "0" and sandbox.prop("ActiveState") == "active", \
+            sandbox.journal()
+        sandbox.ctl("reload", "credless.service")
+        sandbox.ctl("stop", "credless.service")
+        assert sandbox.prop("Result") == "success", sandbox.journal()
+        # nothing the sandbox refused (the agent's own bugs are other tests' business)
+        refused = [line for line in out.splitlines() if re.search(
+            r"Operation not permitted|Permission denied|Read-only file system|EPERM|EACCES|"
+            r"EROFS|Bad system call|No such file or directory: '/(proc|sys|dev|lib|usr)/",
+            line)]
+        assert not refused, "\n".join(refused)
+    finally:
+        sandbox.teardown()
+
+
+class _SystemdSandbox:
+    def __init__(self, tmp_path: Path):
+        self.id = uuid.uuid4().hex[:8]
+        self.tmp = tmp_path
+        # outside /tmp: PrivateTmp= hides the test's tmp_path from the service
+        self.conf = Path(f"/var/lib/credless-sdtest-{self.id}-conf")
+        self.pin = f"/sys/fs/bpf/credless-sdtest-{self.id}"
+        self.managed = f"/credless-sdtest-{self.id}"
+        self.metrics = 19890 + int(self.id[:2], 16)
+        self.proc: subprocess.Popen | None = None
+        self.pid1: int | None = None
+        self.cgroups: list[Path] = []
+
+    # -------------------------------------------------------------- set-up
+    def boot(self) -> None:
+        if shutil.which("unshare") is None or not Path("/lib/systemd/systemd").exists():
+            pytest.fail("needs util-linux unshare and systemd (make setup installs systemd)")
+        from agent.attest.cgroupfs import cgroup2_root
+
+        root = cgroup2_root("")
+        assert root, "no cgroup v2 mount (credless doctor)"
+        self.cg_root = root
+        Path(root, self.managed.lstrip("/")).mkdir()
+        self.conf.mkdir(mode=0o700)
+        (self.conf / "entries.toml").write_text("")
+        (self.conf / "credless.toml").write_text(f"""
+[agent]
+state_dir = "/var/lib/credless-sdtest-{self.id}"
+bpf_pin_dir = "{self.pin}"
+[log]
+format = "json"
+[metrics]
+listen = "127.0.0.1:{self.metrics}"
+[bundle_endpoint]
+listen = "127.0.0.1:{self.metrics + 1000}"
+[identity]
+entries_file = "{self.conf}/entries.toml"
+[inject]
+listen_port = {self.metrics + 2000}
+listen_port6 = {self.metrics + 2000}
+tls_listen_port = {self.metrics + 3000}
+managed_cgroups = ["{self.managed}"]
+[[servers]]
+name = "loopback"
+url = "http://127.0.0.1:9/mcp"
+""")
+        units = self.tmp / "units"
+        (units / "credless.service.d").mkdir(parents=True)
+        shutil.copy(UNIT, units / "credless.service")
+        for t in ("sysinit", "basic", "shutdown", "network", "multi-user", "local-fs",
+                  "sockets", "timers", "paths", "slices", "umount", "swap"):
+            (units / f"{t}.target").write_text("[Unit]\nDefaultDependencies=no\n")
+        (units / "system.slice").write_text("[Unit]\nDefaultDependencies=no\n")
+        for u in ("systemd-journald.service", "systemd-journald.socket",
+                  "systemd-journald-dev-log.socket"):
+            shutil.copy(Path("/lib/systemd/system") / u, units / u)
+        python_home = Path(os.path.realpath(sys.executable)).parents[1]
+        home_binds = ""
+        if str(python_home).startswith(("/root/", "/home/")):
+            # ProtectHome=tmpfs (still no home directory visible) plus this interpreter only
+            home_binds = f"ProtectHome=tmpfs\nBindReadOnlyPaths={python_home}\n"
+        (units / "credless.service.d" / "test.conf").write_text(f"""[Service]
+ExecStart=
+ExecStart={VENV_BIN / 'credless'} run --config {self.conf / 'credless.toml'}
+ExecStartPre=
+ExecStartPre=+/bin/mkdir -p -m 0700 {self.pin}
+ReadWritePaths=
+ReadWritePaths=-{self.pin}
+StateDirectory=
+StateDirectory=credless-sdtest-{self.id}
+LogsDirectory=
+ConfigurationDirectory=
+StandardOutput=append:/run/credless-test.out
+StandardError=append:/run/credless-test.out
+{home_binds}""")
+        empty = self.tmp / "empty"
+        empty.mkdir()
+        inner = (f"mount -t tmpfs -o mode=755 tmpfs /run && "
+                 f"mount --bind {units} /etc/systemd/system && "
+                 f"mount --bind {empty} /usr/lib/systemd/system && "
+                 f"mount --bind {empty} /usr/lib/systemd/system-generators && "
+                 f"hostname credless-sdtest && "
+                 f"exec env container=credless-test /lib/systemd/systemd --system "
+                 f"--unit=basic.target --log-target=console")
+        self._make_child_cgroups()
+        join = "".join(f"echo $$ > {cg}/cgroup.procs 2>/dev/null; " for cg in self.cgroups)
+        self.proc = subprocess.Popen(
+            ["sh", "-c", join + 'exec "$@"', "sh",
+             "unshare", "--pid", "--mount", "--uts", "--ipc", "--fork", "--mount-proc",
+             "--propagation", "private", "sh", "-c", inner],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            pid1 = _child_named(self.proc.pid, "systemd")
+            if pid1:
+                self.pid1 = pid1
+                state = self.nsexec(["systemctl", "is-system-running"], check=False)
+                if state.stdout.strip() in ("running", "degraded", "starting", "initializing"):
+                    self.ctl("start", "systemd-journald.service", check=False)
+                    return
+            time.sleep(0.3)
+        pytest.fail("the private systemd did not come up")
+
+    def _make_child_cgroups(self) -> None:
+        """A child of this process's cgroup in every hierarchy: the private systemd creates
+        its cgroups there and nowhere else."""
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, ctrl, path = line.split(":", 2)
+            if ctrl == "":
+                base = Path("/sys/fs/cgroup/unified") if Path(
+                    "/sys/fs/cgroup/unified/cgroup.procs").exists() else Path("/sys/fs/cgroup")
+            else:
+                base = Path("/sys/fs/cgroup", ctrl.replace("name=", ""))
+            cg = base / path.lstrip("/") / f"credless-sdtest-{self.id}"
+            if ctrl == "cpuset" or not base.is_dir():
+                continue  # a cpuset child needs cpus/mems first: stay in the current one
+            try:
+                cg.mkdir()
+                self.cgroups.append(cg)
+            except OSError:
+                pass
+
+    # -------------------------------------------------------------- helpers
+    def nsexec(self, argv: list[str], check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run(["nsenter", "-t", str(self.pid1), "-m", "-p", "-u", "-i", *argv],
+                              capture_output=True, text=True, check=check, timeout=60)
+
+    def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return self.nsexec(["systemctl", *args], check=check)
+
+    def prop(self, name: str) -> str:
+        return self.ctl("show", "-p", name, "--value", "credless.service").stdout.strip()
+
+    def wait_active(self) -> str:
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline:
+            state = self.prop("ActiveState")
+            if state not in ("activating", "reloading"):
+                return state
+            time.sleep(0.5)
+        return self.prop("ActiveState")
+
+    def main_status(self) -> str:
+        pid = self.prop("MainPID")
+        return self.nsexec(["cat", f"/proc/{pid}/status"]).stdout
+
+    def curl(self, path: str) -> str:
+        import urllib.request
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics}{path}", timeout=5) as r:
+                return r.read().decode()
+        except Exception as e:  # noqa: BLE001 - the message is the assertion's context
+            return f"{path}: {e}"
+
+    def agent_output(self) -> str:
+        return self.nsexec(["cat", "/run/credless-test.out"], check=False).stdout
+
+    def journal(self) -> str:
+        r = self.nsexec(["journalctl", "--no-pager", "-o", "cat", "-u", "credless.service",
+                         "-n", "40"], check=False)
+        return r.stdout + r.stderr
+
+    # -------------------------------------------------------------- clean-up
+    def teardown(self) -> None:
+        if self.pid1:
+            self.ctl("stop", "credless.service", check=False)
+            os.kill(self.pid1, signal.SIGKILL)  # PID 1 of its namespace: takes all with it
+        if self.proc:
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        for cg in self.cgroups:
+            for d in sorted(cg.rglob("*"), key=lambda p: -len(p.parts)):
+                if d.is_dir():
+                    for _ in range(50):
+                        try:
+                            d.rmdir()
+                            break
+                        except FileNotFoundError:
+                            break
+                        except OSError:
+                            time.sleep(0.1)
+            try:
+                cg.rmdir()
+            except OSError:
+                pass
+        shutil.rmtree(self.conf, ignore_errors=True)
+        shutil.rmtree(f"/var/lib/credless-sdtest-{self.id}", ignore_errors=True)
+        shutil.rmtree(self.pin, ignore_errors=True)
+        if getattr(self, "cg_root", None):
+            try:
+                Path(self.cg_root, self.managed.lstrip("/")).rmdir()
+            except OSError:
+                pass
+
+
+def _child_named(ppid: int, comm: str) -> int | None:
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        name = text[text.index("(") + 1:text.rindex(")")]
+        if name == comm and int(text[text.rindex(")") + 2:].split()[1]) == ppid:
+            return int(stat.parent.name)
+    return None
+
+
+# ------------------------------------------------------------------------- kubernetes
 def _manifests() -> list[Path]:
     return sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+
+
+def _docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def _one(path: str) -> dict:
+    (doc,) = _docs(K8S / path)
+    return doc
+
+
+def _agent_config(tmp_path: Path) -> config.Config:
+    data = _one("configmap.yaml")["data"]
+    (tmp_path / "credless.toml").write_text(data["credless.toml"])
+    return config.load(tmp_path / "credless.toml")
 
 
 def test_kustomization_lists_every_manifest():
@@ -49,57 +378,251 @@ def test_kustomization_lists_every_manifest():
 
 
 def test_manifests_validate_strictly_against_kubernetes_schemas():
-    builtin = [p for p in _manifests() if p.name != "podmonitor.yaml"]
-    r = subprocess.run([str(Path(sys.executable).parent / "kubernetes-validate"), "--strict",
-                        "-k", K8S_VERSION, *map(str, builtin)], capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.count("passed") == sum(
-        len([d for d in yaml.safe_load_all(p.read_text()) if d]) for p in builtin)
+    # strict really is strict: an unknown field is refused
+    bad = _one("daemonset.yaml")
+    bad["spec"]["template"]["spec"]["containers"][0]["securityContex"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, K8S_VERSION, strict=True)
+    for path in _manifests():
+        for doc in _docs(path):
+            if path.name == "podmonitor.yaml":
+                # a prometheus-operator CRD: kubernetes-validate has no schema for it, checked
+                # in test_podmonitor_matches_the_crd_and_selects_the_daemonset instead
+                with pytest.raises(kubernetes_validate.SchemaNotFoundError):
+                    kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+                continue
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
 
 
-def test_podmonitor_crd_shape():
-    # PodMonitor is a prometheus-operator CRD, not in the Kubernetes schemas: check the
-    # fields the operator needs, and that it selects the DaemonSet's pods and port.
-    pm = yaml.safe_load((K8S / "podmonitor.yaml").read_text())
-    ds = yaml.safe_load((K8S / "daemonset.yaml").read_text())
-    assert pm["apiVersion"] == "monitoring.coreos.com/v1" and pm["kind"] == "PodMonitor"
+# The part of monitoring.coreos.com/v1 PodMonitor's openAPIV3Schema (prometheus-operator
+# example/prometheus-operator-crd/monitoring.coreos.com_podmonitors.yaml) that the manifest
+# uses; unknown fields are refused, as the API server's structural pruning would drop them.
+_RELABEL = {"type": "object", "additionalProperties": False, "properties": {
+    "action": {"enum": ["replace", "Replace", "keep", "Keep", "drop", "Drop", "hashmod",
+                        "HashMod", "labelmap", "LabelMap", "labeldrop", "LabelDrop",
+                        "labelkeep", "LabelKeep", "lowercase", "Lowercase", "uppercase",
+                        "Uppercase", "keepequal", "KeepEqual", "dropequal", "DropEqual"]},
+    "modulus": {"type": "integer"}, "regex": {"type": "string"},
+    "replacement": {"type": "string"}, "separator": {"type": "string"},
+    "sourceLabels": {"type": "array", "items": {"type": "string"}},
+    "targetLabel": {"type": "string"}}}
+_DURATION = {"type": "string",
+             "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?"
+                        r"(([0-9]+)s)?(([0-9]+)ms)?)$"}
+PODMONITOR_SCHEMA = {
+    "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "PodMonitor"},
+        "metadata": {"type": "object", "required": ["name", "namespace"]},
+        "spec": {"type": "object", "required": ["selector", "podMetricsEndpoints"],
+                 "additionalProperties": False, "properties": {
+                     "jobLabel": {"type": "string"},
+                     "namespaceSelector": {"type": "object"},
+                     "podTargetLabels": {"type": "array", "items": {"type": "string"}},
+                     "selector": {"type": "object", "additionalProperties": False,
+                                  "properties": {
+                                      "matchLabels": {"type": "object",
+                                                      "additionalProperties": {"type": "string"}},
+                                      "matchExpressions": {"type": "array"}}},
+                     "podMetricsEndpoints": {"type": "array", "minItems": 1, "items": {
+                         "type": "object", "additionalProperties": False, "properties": {
+                             "port": {"type": "string"}, "path": {"type": "string"},
+                             "scheme": {"enum": ["http", "https", "HTTP", "HTTPS"]},
+                             "interval": _DURATION, "scrapeTimeout": _DURATION,
+                             "honorLabels": {"type": "boolean"},
+                             "relabelings": {"type": "array", "items": _RELABEL},
+                             "metricRelabelings": {"type": "array", "items": _RELABEL}}}}}}}}
+
+
+def _pod_spec() -> dict:
+    return _one("daemonset.yaml")["spec"]["template"]["spec"]
+
+
+def _container_ports() -> dict[str, int]:
+    return {p["name"]: p["containerPort"] for p in _pod_spec()["containers"][0]["ports"]}
+
+
+def test_podmonitor_matches_the_crd_and_selects_the_daemonset():
+    pm = _one("podmonitor.yaml")
+    jsonschema.validate(pm, PODMONITOR_SCHEMA)
+    ds = _one("daemonset.yaml")
+    assert pm["metadata"]["namespace"] == ds["metadata"]["namespace"]
     labels = ds["spec"]["template"]["metadata"]["labels"]
     assert pm["spec"]["selector"]["matchLabels"].items() <= labels.items()
-    ports = {p["name"] for p in ds["spec"]["template"]["spec"]["containers"][0]["ports"]}
-    assert {e["port"] for e in pm["spec"]["podMetricsEndpoints"]} <= ports
+    assert {e["port"] for e in pm["spec"]["podMetricsEndpoints"]} <= set(_container_ports())
+
+
+def test_metrics_service_and_ports_reach_the_agents_metrics_endpoint(tmp_path):
+    svc = _one("service-metrics.yaml")
+    ds = _one("daemonset.yaml")
+    assert svc["spec"]["clusterIP"] == "None"
+    assert svc["spec"]["selector"].items() <= ds["spec"]["template"]["metadata"]["labels"].items()
+    ports = _container_ports()
+    assert {p["targetPort"] for p in svc["spec"]["ports"]} <= set(ports)
+    cfg = _agent_config(tmp_path)
+    host, port = config.parse_listen(cfg.metrics.listen)
+    assert ports["metrics"] == port
+    # Prometheus scrapes the pod IP (the node's, with hostNetwork): not reachable on loopback
+    assert cfg.metrics.expose and host in ("0.0.0.0", "::"), cfg.metrics.listen
+    container = _pod_spec()["containers"][0]
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        get = container[probe]["httpGet"]
+        assert get["port"] == port and get.get("host") == "127.0.0.1", probe
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+
+
+def test_daemonset_mounts_what_the_config_uses(tmp_path):
+    spec = _pod_spec()
+    container = spec["containers"][0]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert {m["name"] for m in mounts.values()} == set(volumes), "unused or missing volumes"
+    cfg = _agent_config(tmp_path)
+
+    def host_path(mount_path: str) -> str:
+        return volumes[mounts[mount_path]["name"]]["hostPath"]["path"]
+
+    assert spec["hostPID"] and spec["hostNetwork"]
+    assert spec["dnsPolicy"] == "ClusterFirstWithHostNet"
+    assert spec["priorityClassName"] == "system-node-critical"
+    assert {"operator": "Exists"} in spec["tolerations"]
+    assert host_path(cfg.agent.state_dir) == cfg.agent.state_dir
+    assert host_path(cfg.agent.run_dir) == cfg.agent.run_dir
+    assert volumes[mounts[cfg.agent.run_dir]["name"]]["hostPath"]["type"] == "DirectoryOrCreate"
+    assert cfg.workload_api.socket.startswith(cfg.agent.run_dir + "/")
+    assert host_path("/sys/fs/bpf") == "/sys/fs/bpf"
+    assert cfg.agent.bpf_pin_dir.startswith("/sys/fs/bpf/")
+    assert mounts["/sys/fs/bpf"]["mountPropagation"] == "HostToContainer"
+    for ro in ("/sys/fs/cgroup", "/sys/kernel/tracing", "/lib/modules", "/usr/src",
+               "/etc/credless"):
+        assert mounts[ro]["readOnly"] is True, ro
+    # the files credless.toml names are in the ConfigMap mounted at /etc/credless
+    data = _one("configmap.yaml")["data"]
+    assert volumes[mounts["/etc/credless"]["name"]]["configMap"]["name"] == \
+        _one("configmap.yaml")["metadata"]["name"]
+    assert "subPath" not in mounts["/etc/credless"], "subPath mounts never see updates"
+    for path in (cfg.identity.entries_file, cfg.policy.file):
+        assert Path(path).parent == Path("/etc/credless") and Path(path).name in data, path
+    assert container["args"] == ["run", "--config", "/etc/credless/credless.toml"]
+    # ${VAR}s in the kubelet URL come from the container's environment
+    env = {e["name"]: e for e in container["env"]}
+    for var in re.findall(r"\$\{(\w+)\}", cfg.attest.kubelet.url):
+        assert env[var]["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"
+    assert cfg.attest.kubelet.enabled
+    assert os.path.expandvars(cfg.attest.kubelet.url.replace("${NODE_IP}", "10.0.0.7")) == \
+        "https://10.0.0.7:10250"
+    assert container["securityContext"]["privileged"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_rbac_grants_only_get_on_nodes_pods():
+    role, binding = _docs(K8S / "rbac.yaml")
+    assert role["kind"] == "ClusterRole" and binding["kind"] == "ClusterRoleBinding"
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["nodes/pods"], "verbs": ["get"]}]
+    sa = _one("serviceaccount.yaml")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"],
+                                    "namespace": sa["metadata"]["namespace"]}]
+    assert _pod_spec()["serviceAccountName"] == sa["metadata"]["name"]
 
 
 @pytest.mark.parametrize("key", ["credless.toml", "entries.toml", "policy.toml"])
-def test_configmap_files_are_valid_for_the_agent(tmp_path, key, credless_cmd):
-    data = yaml.safe_load((K8S / "configmap.yaml").read_text())["data"]
+def test_configmap_files_are_valid_for_the_agent(tmp_path, key):
+    data = _one("configmap.yaml")["data"]
     for name, text in data.items():
         (tmp_path / name).write_text(text)
+    credless = str(VENV_BIN / "credless")
     if key == "credless.toml":
-        r = subprocess.run([*credless_cmd, "check-config", str(tmp_path / key)],
+        r = subprocess.run([credless, "check-config", str(tmp_path / key)],
                            capture_output=True, text=True)
+        assert r.returncode == 0 and r.stdout.strip().endswith(": ok"), r.stdout + r.stderr
     elif key == "policy.toml":
-        r = subprocess.run([*credless_cmd, "policy", "check", str(tmp_path / key)],
+        r = subprocess.run([credless, "policy", "check", str(tmp_path / key)],
                            capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
     else:
         from agent.identity import entries
         from agent.identity.spiffeid import TrustDomain
-        assert len(entries.load(tmp_path / key, TrustDomain.parse("example.org"))) == 1
-        return
-    assert r.returncode == 0, r.stderr
+        loaded = entries.load(tmp_path / key, TrustDomain.parse("example.org"))
+        assert len(loaded) == 1
+        assert "{k8s:ns}" in data[key] and "{k8s:sa}" in data[key]
 
 
-def test_dashboard_uses_only_registered_metric_names():
-    dash = json.loads((REPO / "deploy/grafana/credless-dashboard.json").read_text())
+def test_containerfile_copies_what_the_wheel_needs():
+    text = (K8S / "Containerfile").read_text()
+    assert text.startswith("#") and "FROM debian:bookworm-slim" in text
+    for line in re.findall(r"^COPY (.+)$", text, re.M):
+        for src in line.split()[:-1]:
+            assert (REPO / src).exists(), src
+    assert "python3-bpfcc" in text and "/usr/lib/python3/dist-packages/bcc" in text
+
+
+# ------------------------------------------------------------------------- dashboard
+_KINDS = r"(Counter|Gauge|Histogram|Summary|Info|Enum|CounterMetricFamily|GaugeMetricFamily|" \
+         r"HistogramMetricFamily|SummaryMetricFamily|InfoMetricFamily)"
+_SUFFIXES = {
+    "Counter": ("_total", "_created"), "CounterMetricFamily": ("_total", "_created"),
+    "Gauge": ("",), "GaugeMetricFamily": ("",), "Enum": ("",),
+    "Histogram": ("_bucket", "_sum", "_count", "_created"),
+    "HistogramMetricFamily": ("_bucket", "_sum", "_count", "_created"),
+    "Summary": ("", "_sum", "_count", "_created"), "SummaryMetricFamily": ("", "_sum", "_count"),
+    "Info": ("_info",), "InfoMetricFamily": ("_info",)}
+
+
+def _exported_series() -> set[str]:
+    """Series names the agent exports: its registered metrics (found in the source, with
+    the suffixes their type gets) and what the registry exports from the start
+    (credless_build_info, process_*, python_info)."""
+    names: set[str] = set()
+    for path in (REPO / "agent").rglob("*.py"):
+        for kind, name in re.findall(_KINDS + r'\(\s*"([a-z_:][a-z0-9_:]*)"', path.read_text()):
+            base = name.removesuffix("_total") if "Counter" in kind else name
+            names |= {base + s for s in _SUFFIXES[kind]}
+    from agent.observe.metrics import Metrics
+    for family in Metrics().registry.collect():
+        names |= {s.name for s in family.samples}
+    return names
+
+
+def _dashboard_exprs() -> list[str]:
+    dash = json.loads(DASHBOARD.read_text())
+    panels = [p for p in dash["panels"] if p.get("type") != "row"]
+    return [t["expr"] for p in panels for t in p["targets"]]
+
+
+def test_dashboard_uses_only_metrics_the_agent_exports():
+    exported = _exported_series()
     used = set()
-    for panel in dash["panels"]:
-        for t in panel["targets"]:
-            used |= set(re.findall(r"\b(credless_[a-z0-9_]+)", t["expr"]))
-    source = "\n".join(p.read_text() for p in (REPO / "agent").rglob("*.py"))
-    registered = set(re.findall(r'"(credless_[a-z0-9_]+)"', source))
-    suffixes = ("_total", "_bucket", "_count", "_sum", "_info")
-    for name in used:
-        base = name
-        for s in suffixes:
-            if name.endswith(s) and name[: -len(s)] in registered:
-                base = name[: -len(s)]
-        assert base in registered, f"{name} is not a metric the agent registers"
+    for expr in _dashboard_exprs():
+        used |= set(re.findall(r"\b((?:credless|process|python)_[a-z0-9_]+)", expr))
+    assert used, "no metric found in the dashboard"
+    assert used <= exported, f"not exported by the agent: {sorted(used - exported)}"
+    # every family operators were promised a panel for has one
+    promised = {"credless_attest_events_total", "credless_bpf_events_lost_total",
+                "credless_attest_lookups_total", "credless_attest_enrich_seconds_bucket",
+                "credless_svids_issued_total", "credless_svid_rotations_total",
+                "credless_x509_svid_expiry_seconds", "credless_token_requests_total",
+                "credless_token_cache_lookups_total", "credless_token_cache_size",
+                "credless_injected_requests_total", "credless_proxy_added_seconds_bucket",
+                "credless_upstream_seconds_bucket", "credless_proxy_active_connections",
+                "credless_workload_api_calls_total", "credless_identity_decisions_total",
+                "credless_build_info", "process_resident_memory_bytes",
+                "process_cpu_seconds_total"}
+    assert promised <= used, f"no panel for: {sorted(promised - used)}"
+
+
+def test_dashboard_queries_are_valid_promql(tmp_path):
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool missing: make setup installs Debian's prometheus package"
+    rules = {"groups": [{"name": "dashboard", "rules": [
+        {"record": f"dashboard:query{i}",
+         "expr": e.replace("$instance", ".*").replace("$__range", "1h")
+                  .replace("$__rate_interval", "5m")}
+        for i, e in enumerate(_dashboard_exprs())]}]}
+    path = tmp_path / "dashboard-rules.yml"
+    path.write_text(yaml.safe_dump(rules))
+    r = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
