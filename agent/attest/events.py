@@ -60,6 +60,9 @@ class ProcessEventSource:
         # The ctypes class BCC derived from struct process_event (bpf/process_events.h).
         self._event_ptr = ct.POINTER(ring._event_class or _event_class(ring))
         self._images = self._bpf[b"process_images"]
+        from bcc import libbcc
+        self._lookup_elem = libbcc.lib.bpf_lookup_elem
+        self._images_fd, self._image_leaf = self._images.map_fd, self._images.Leaf
         self._lost = self._bpf[b"process_events_lost"]
         self._thread = threading.Thread(target=self._poll, name="bpf-process-events",
                                         daemon=True)
@@ -104,11 +107,12 @@ class ProcessEventSource:
 
     def kernel_image(self, tgid: int) -> tuple[int, int] | None:
         """(start_ns, exec_ns) of the image tgid runs now, per the kernel; None if no process."""
-        try:
-            v = self._images[ct.c_uint32(tgid)]
-        except KeyError:
+        # Called per proxied request: straight to bpf_lookup_elem, without BCC's table
+        # wrapper (several times the cost); key and leaf are per call, callers are threads.
+        key, leaf = ct.c_uint32(tgid), self._image_leaf()
+        if self._lookup_elem(self._images_fd, ct.byref(key), ct.byref(leaf)):
             return None
-        return v.start_ns, v.exec_ns
+        return leaf.start_ns, leaf.exec_ns
 
     def seed_image(self, tgid: int, start_ns: int, exec_ns: int) -> bool:
         """Record a pre-existing process unless the kernel already has a newer image for it."""

@@ -7,6 +7,8 @@ that exec'd or exited since it connected is not served with the old identity: th
 is closed), whatever Authorization/DPoP the workload sent is removed, and a token for this
 identity and server is added, with a DPoP proof bound to this request's method and URL.
 Responses stream back as they arrive (SSE events reach the client at once).
+
+The I/O is in agent/inject/flows.py (asyncio Protocols); this module decides.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ import ssl
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any
 from urllib.parse import urlsplit
 
 from prometheus_client import Counter, Gauge, Histogram
 
 from agent.inject import http1
+from agent.inject.flows import ClientSide, UpstreamSide
 from agent.inject.http1 import BODY, END, HEAD, LAST_CHUNK, Head, ProtocolError, chunk
 from agent.inject.redirect import RedirectInfo
 from agent.oauth.errors import OAuthError
@@ -51,43 +54,37 @@ class _Pool:
         self.size = size
         self._idle: dict[tuple, deque] = {}
 
-    def get(self, key: tuple):
+    def get(self, key: tuple) -> UpstreamSide | None:
         q = self._idle.get(key)
         while q:
-            r, w = q.pop()
-            if not w.is_closing() and not r.at_eof():
-                return r, w
+            conn = q.pop()
+            if not conn.closed and not conn.transport.is_closing():
+                return conn
         return None
 
-    def put(self, key: tuple, conn) -> None:
+    def put(self, key: tuple, conn: UpstreamSide) -> None:
         q = self._idle.setdefault(key, deque())
         if len(q) >= self.size:
-            conn[1].close()
+            conn.transport.close()
             return
         q.append(conn)
 
     def close(self) -> None:
         for q in self._idle.values():
-            for _r, w in q:
-                w.close()
+            for conn in q:
+                conn.transport.close()
         self._idle.clear()
 
 
-async def _events(reader: asyncio.StreamReader, parser: http1.Reader) -> AsyncIterator:
-    while True:
-        data = await reader.read(READ_SIZE)
-        events = parser.feed(data) if data else parser.feed_eof()
-        for ev in events:
-            yield ev
-        if not data:
-            return
-
-
-async def _replay(body: bytes):
+class _Replay:
     """The events of a body already read (for policy), as if read again."""
-    if body:
-        yield BODY, body
-    yield END, None
+
+    def __init__(self, body: bytes):
+        self._events = deque([(BODY, body)] if body else [])
+        self._events.append((END, None))
+
+    async def next(self):
+        return self._events.popleft() if self._events else None
 
 
 class Proxy:
@@ -119,22 +116,27 @@ class Proxy:
                                           .05, .1, .25, 1), registry=registry)
         self.m_upstream = Histogram("credless_upstream_seconds", "From request sent upstream "
                                     "to response head", ["server"], registry=registry)
+        self._m_requests: dict[tuple[str, str, str], Any] = {}
+        self._m_upstream: dict[str, Any] = {}
         self.m_active = Gauge("credless_proxy_active_connections", "Open client connections",
                               registry=registry)
 
     # ------------------------------------------------------------ lifecycle
     async def astart(self) -> None:
         host, port = self.cfg.listen_host, self.cfg.listen_port
-        self._servers.append(await asyncio.start_server(self._handle, host, port,
-                                                        reuse_address=True))
-        self._servers.append(await asyncio.start_server(self._handle, "::1", self.cfg.listen_port6,
-                                                        family=socket.AF_INET6,
-                                                        reuse_address=True))
+        loop = asyncio.get_running_loop()
+
+        def accept():
+            return ClientSide(self._accept)
+        self._servers.append(await loop.create_server(accept, host, port, reuse_address=True))
+        self._servers.append(await loop.create_server(accept, "::1", self.cfg.listen_port6,
+                                                      family=socket.AF_INET6,
+                                                      reuse_address=True))
         if self.inject_ca is not None:
             tls = self._tls_server_context()
             for h, fam in ((host, socket.AF_INET), ("::1", socket.AF_INET6)):
-                self._servers.append(await asyncio.start_server(
-                    self._handle, h, self.cfg.tls_listen_port, family=fam, ssl=tls,
+                self._servers.append(await loop.create_server(
+                    accept, h, self.cfg.tls_listen_port, family=fam, ssl=tls,
                     reuse_address=True, ssl_handshake_timeout=10))
         log.info("proxy listening", ipv4=f"{host}:{port}", ipv6=f"[::1]:{self.cfg.listen_port6}",
                  tls_port=self.cfg.tls_listen_port if self.inject_ca else None)
@@ -165,23 +167,26 @@ class Proxy:
         self.pool.close()
 
     # ------------------------------------------------------------ connections
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-        task = asyncio.current_task()
+    def _accept(self, client: ClientSide) -> None:
+        task = asyncio.get_running_loop().create_task(self._handle(client))
         self._conns.add(task)
+        task.add_done_callback(self._conns.discard)
+
+    async def _handle(self, client: ClientSide):
         self.m_active.inc()
-        peer = writer.get_extra_info("peername")
+        peer = client.transport.get_extra_info("peername")
         try:
             info = self.redirect.lookup(peer[0], peer[1])
             if info is None:
                 return  # not a redirected connection: someone dialled the proxy directly
             try:
-                await self._serve(reader, writer, info)
+                await self._serve(client, info)
             finally:
                 self.redirect.forget(peer[0], peer[1], info.cookie)
-        except (ConnectionError, asyncio.IncompleteReadError):
+        except ConnectionError:
             pass
         except ProtocolError as e:   # not HTTP/1.1 we can frame: answer once and close
-            writer.write(http1.simple_response(400, b"Bad Request", json.dumps(
+            client.write(http1.simple_response(400, b"Bad Request", json.dumps(
                 {"error": f"credless: malformed HTTP: {e}"}).encode()))
         except ssl.SSLError as e:
             self._audit("connection.tls_failed", {"peer_port": peer[1]},
@@ -192,14 +197,14 @@ class Proxy:
             log.exception("proxy connection failed")
         finally:
             self.m_active.dec()
-            self._conns.discard(task)
-            writer.close()
+            client.close()
 
-    async def _serve(self, reader, writer, info: RedirectInfo) -> None:
+    async def _serve(self, client: ClientSide, info: RedirectInfo) -> None:
         upstream = self.upstreams.get((info.orig_host, info.orig_port))
         if upstream is None:
             return
-        if (upstream.scheme == "https") != (writer.get_extra_info("ssl_object") is not None):
+        tls = client.transport.get_extra_info("ssl_object") is not None
+        if (upstream.scheme == "https") != tls:
             return  # arrived on the wrong listener: never serve https traffic in clear
         loop = asyncio.get_running_loop()
         att = await loop.run_in_executor(None, self.attestor.attest_image, info.tgid,
@@ -213,11 +218,13 @@ class Proxy:
                "spiffe_id": str(ident.spiffe_id) if ident else None,
                "pod": f"{att.pod.namespace}/{att.pod.name}" if att and att.pod else None,
                "parent_spiffe_id": parent}
-        events = _events(reader, http1.Reader())
-        async for kind, head in events:
-            if kind != HEAD:
+        while True:
+            ev = await client.next()
+            if ev is None:
+                return
+            if ev[0] != HEAD:
                 continue
-            keep = await self._request(head, events, writer, info, upstream, ident, who)
+            keep = await self._request(ev[1], client, client, info, upstream, ident, who)
             if not keep:
                 return
 
@@ -234,31 +241,38 @@ class Proxy:
         now = self.attestor.source.kernel_image(info.tgid)
         return now is not None and now[1] == info.exec_ns
 
-    async def _read_body(self, events) -> bytes | None:
+    @staticmethod
+    async def _body_event(src) -> tuple[int, object]:
+        ev = await src.next()
+        if ev is None:
+            raise ConnectionError("the workload closed the connection inside a request")
+        return ev
+
+    async def _read_body(self, src) -> bytes | None:
         """The whole request body, or None (drained) when it exceeds max_body."""
         body = bytearray()
-        async for kind, data in events:
+        while True:
+            kind, data = await self._body_event(src)
             if kind == BODY:
                 body += data
                 if len(body) > self.max_body:
-                    await self._drain_body(events)
+                    await self._drain_body(src)
                     return None
             elif kind == END:
-                break
-        return bytes(body)
+                return bytes(body)
 
-    async def _drain_body(self, events) -> None:
-        async for kind, _ in events:
-            if kind == END:
-                return
+    async def _drain_body(self, src) -> None:
+        while (await self._body_event(src))[0] != END:
+            pass
 
-    async def _reply(self, writer, status: int, reason: bytes, error: str, **extra) -> None:
+    async def _reply(self, client: ClientSide, status: int, reason: bytes, error: str,
+                     **extra) -> None:
         body = json.dumps({"error": error, **extra}).encode()
-        writer.write(http1.simple_response(status, reason, body))
-        await writer.drain()
+        client.write(http1.simple_response(status, reason, body))
+        await client.drain()
 
-    async def _request(self, head: Head, events, writer, info: RedirectInfo, up: Upstream,
-                       ident, who: dict) -> bool:
+    async def _request(self, head: Head, src, client: ClientSide, info: RedirectInfo,
+                       up: Upstream, ident, who: dict) -> bool:
         started = time.perf_counter()
         method = head.method.decode()
         path = head.target.decode("latin-1")
@@ -271,41 +285,42 @@ class Proxy:
             return False
         sent_auth = head.remove(b"authorization", b"dpop") if up.mode != "passthrough" else []
         if sent_auth and self.cfg.workload_authorization == "reject":
-            await self._drain_body(events)
+            await self._drain_body(src)
             self._count(up, "workload_credentials")
             self._audit("request.denied", audit_base, reason="the workload sent its own "
                         "credentials")
-            await self._reply(writer, 400, b"Bad Request", "credless: this workload must not "
+            await self._reply(client, 400, b"Bad Request", "credless: this workload must not "
                               "send Authorization or DPoP headers; credless adds them")
             return head.keep_alive
         if up.mode == "assertion":
-            return await self._assertion(head, events, writer, up, ident, audit_base, started)
+            return await self._assertion(head, src, client, up, ident, audit_base, started)
         if self.policy is not None and up.mode != "passthrough" and ident is not None \
                 and head.method == b"POST":
-            verdict, body = await self._enforce(head, events, writer, up, who, audit_base)
+            verdict, body = await self._enforce(head, src, client, up, who, audit_base)
             if verdict is not True:
                 return verdict
-            events = _replay(body)
+            src = _Replay(body)
         token = None
         if up.mode != "passthrough":
             if ident is None:
-                await self._drain_body(events)
+                await self._drain_body(src)
                 self._count(up, "unattested")
                 self._audit("request.denied", audit_base, reason="process not attested or "
                             "matching no registration entry")
                 if self.cfg.unattested == "deny":
-                    await self._reply(writer, 403, b"Forbidden", "credless: this process has "
+                    await self._reply(client, 403, b"Forbidden", "credless: this process has "
                                       "no identity (not attested, or no registration entry "
                                       "matches it)")
                     return head.keep_alive
                 return False
             try:
-                token = await self.oauth.token(ident, up.name)
+                token = self.oauth.cached_token(ident, up.name) \
+                    or await self.oauth.token(ident, up.name)
             except OAuthError as e:
-                await self._drain_body(events)
+                await self._drain_body(src)
                 self._count(up, "token_error")
                 self._audit("request.failed", audit_base, reason=str(e), kind=e.kind)
-                await self._reply(writer, 502, b"Bad Gateway", "credless: could not obtain a "
+                await self._reply(client, 502, b"Bad Gateway", "credless: could not obtain a "
                                   "token from the authorization server", kind=e.kind,
                                   detail=str(e))
                 return head.keep_alive
@@ -316,20 +331,20 @@ class Proxy:
                 head.headers.append((b"DPoP", proof.encode()))
         if head.get(b"expect") and head.get(b"expect").lower() == b"100-continue":
             head.remove(b"expect")
-            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            client.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self.m_added.observe(time.perf_counter() - started)
-        return await self._exchange(head, events, writer, up, ident, token, audit_base,
+        return await self._exchange(head, src, client, up, ident, token, audit_base,
                                     started)
 
-    async def _enforce(self, head: Head, events, writer, up: Upstream, who: dict,
+    async def _enforce(self, head: Head, src, client, up: Upstream, who: dict,
                        audit_base: dict):
         """Read the JSON-RPC body and decide every call: (True, body) to go on, else
         (keep-alive, None) once the answer has been sent."""
         from agent.policy import jsonrpc
 
-        body = await self._read_body(events)
+        body = await self._read_body(src)
         if body is None:
-            await self._rpc_error(writer, 413, b"Payload Too Large", None, False,
+            await self._rpc_error(client, 413, b"Payload Too Large", None, False,
                                   jsonrpc.INVALID_REQUEST, "credless: request body "
                                   f"larger than {self.max_body} bytes")
             return False, None
@@ -337,14 +352,14 @@ class Proxy:
             calls, batch = jsonrpc.parse_calls(body)
         except jsonrpc.Malformed as e:
             self._audit("call.denied", audit_base, reason=e.message)
-            await self._rpc_error(writer, 400, b"Bad Request", None, False, e.code, e.message)
+            await self._rpc_error(client, 400, b"Bad Request", None, False, e.code, e.message)
             return head.keep_alive, None
         mismatch = jsonrpc.header_mismatch(
             calls, (head.get(b"mcp-method") or b"").decode() or None,
             (head.get(b"mcp-name") or b"").decode() or None)
         if mismatch:
             self._audit("call.denied", audit_base, reason=mismatch)
-            await self._rpc_error(writer, 400, b"Bad Request", calls, batch,
+            await self._rpc_error(client, 400, b"Bad Request", calls, batch,
                                   jsonrpc.HEADER_MISMATCH, f"credless: {mismatch}")
             return head.keep_alive, None
         denied = []
@@ -360,7 +375,7 @@ class Proxy:
                 denied.append(f"{c.method} {c.name or ''}".strip() + f": {d.reason}")
         if denied:
             self._count(up, "policy_denied")
-            await self._rpc_error(writer, 403, b"Forbidden", calls, batch,
+            await self._rpc_error(client, 403, b"Forbidden", calls, batch,
                                   jsonrpc.POLICY_DENIED, "credless: denied by policy: "
                                   + "; ".join(denied))
             return head.keep_alive, None
@@ -369,7 +384,7 @@ class Proxy:
         head.chunked = False
         return True, body
 
-    async def _assertion(self, head: Head, events, writer, up: Upstream, ident,
+    async def _assertion(self, head: Head, src, client, up: Upstream, ident,
                          audit_base: dict, started: float) -> bool:
         """Assertion mode: the workload runs its own client_credentials request; credless
         puts the client authentication in it (a fresh JWT-SVID, aud = the issuer) in place
@@ -378,11 +393,11 @@ class Proxy:
 
         ctype = (head.get(b"content-type") or b"").split(b";")[0].strip().lower()
         if head.method != b"POST" or ctype != b"application/x-www-form-urlencoded":
-            return await self._exchange(head, events, writer, up, ident, None, audit_base,
+            return await self._exchange(head, src, client, up, ident, None, audit_base,
                                         started)
-        body = await self._read_body(events)
+        body = await self._read_body(src)
         if body is None:
-            await self._reply(writer, 413, b"Payload Too Large", "credless: token request "
+            await self._reply(client, 413, b"Payload Too Large", "credless: token request "
                               f"body larger than {self.max_body} bytes")
             return False
         form = dict(parse_qsl(body.decode("latin-1"), keep_blank_values=True))
@@ -391,7 +406,7 @@ class Proxy:
                 self._count(up, "unattested")
                 self._audit("request.denied", audit_base, reason="token request from a "
                             "process with no identity")
-                await self._reply(writer, 403, b"Forbidden", "credless: this process has no "
+                await self._reply(client, 403, b"Forbidden", "credless: this process has no "
                                   "identity to authenticate with")
                 return head.keep_alive
             sid = str(ident.spiffe_id)
@@ -405,102 +420,103 @@ class Proxy:
         head.remove(b"content-length", b"transfer-encoding")
         head.headers.append((b"Content-Length", b"%d" % len(new_body)))
         head.chunked = False
-        return await self._exchange(head, _replay(new_body), writer, up, ident, None,
+        return await self._exchange(head, _Replay(new_body), client, up, ident, None,
                                     audit_base, started)
 
     def upstream_issuer(self, up: Upstream) -> str:
         return self.oauth.servers[up.name].issuer
 
-    async def _rpc_error(self, writer, status: int, reason: bytes, calls, batch: bool,
+    async def _rpc_error(self, client, status: int, reason: bytes, calls, batch: bool,
                          code: int, message: str) -> None:
         from agent.policy import jsonrpc
-        writer.write(http1.simple_response(status, reason,
+        client.write(http1.simple_response(status, reason,
                                            jsonrpc.error_body(calls, batch, code, message)))
-        await writer.drain()
+        await client.drain()
 
-    async def _exchange(self, head: Head, events, writer, up: Upstream, ident, token,
+    async def _exchange(self, head: Head, src, client: ClientSide, up: Upstream, ident, token,
                         audit_base: dict, started: float) -> bool:
         key = (str(ident.spiffe_id) if ident else None, up.host, up.port, up.scheme)
         conn = self.pool.get(key)
         try:
             if conn is None:
-                conn = await asyncio.open_connection(
-                    up.host, up.port, ssl=self.ssl_context if up.scheme == "https" else None,
-                    server_hostname=up.host if up.scheme == "https" else None)
+                tls = up.scheme == "https"
+                _, conn = await asyncio.get_running_loop().create_connection(
+                    UpstreamSide, up.host, up.port, ssl=self.ssl_context if tls else None,
+                    server_hostname=up.host if tls else None)
         except OSError as e:
-            await self._drain_body(events)
+            await self._drain_body(src)
             self._count(up, "upstream_unreachable")
             self._audit("request.failed", audit_base, reason=f"upstream unreachable: {e}")
-            await self._reply(writer, 502, b"Bad Gateway", "credless: the MCP server is "
+            await self._reply(client, 502, b"Bad Gateway", "credless: the MCP server is "
                               "unreachable", detail=str(e))
             return head.keep_alive
-        up_r, up_w = conn
+        conn.begin(client)   # from here the response streams to the workload as it arrives
         # one write for head and body when they are at hand: a send(2) per piece costs more
         # than the proxying; large bodies still go out in 64 KiB steps
         out = bytearray(head.request_bytes())
-        async for kind, data in events:
-            if kind == BODY:
-                out += chunk(data) if head.chunked else data
-                if len(out) >= READ_SIZE:
-                    up_w.write(bytes(out))
-                    out.clear()
-                    await up_w.drain()
-            elif kind == END:
-                if head.chunked:
-                    out += LAST_CHUNK
-                break
-        up_w.write(bytes(out))
-        await up_w.drain()
-        sent = time.perf_counter()
-        resp_keep = True
-        status = 0
-        parser = http1.Reader(response=True)
-        resp_chunked = done = False
-        while not done:
-            data = await up_r.read(READ_SIZE)
-            out = bytearray()
-            for kind, item in parser.feed(data) if data else parser.feed_eof():
-                if kind == HEAD:
-                    status = item.status
-                    out += item.response_bytes()
-                    if 100 <= status < 200:
-                        continue
-                    self.m_upstream.labels(up.name).observe(time.perf_counter() - sent)
-                    resp_keep, resp_chunked = item.keep_alive, item.chunked
-                    if status == 401 and token is not None and "invalid_token" in (
-                            item.get(b"www-authenticate") or b"").decode("latin-1"):
-                        self.oauth.invalidate(ident, up.name, token)
-                elif kind == BODY:
-                    out += chunk(item) if resp_chunked else item
+        try:
+            while True:
+                ev = await src.next()   # inline, not _body_event: this loop runs per request
+                if ev is None:
+                    raise ConnectionError("the workload closed the connection inside a request")
+                kind, data = ev
+                if kind == BODY:
+                    out += chunk(data) if head.chunked else data
+                    if len(out) >= READ_SIZE:
+                        conn.send(bytes(out))
+                        out.clear()
+                        await conn.drain()
                 elif kind == END:
-                    if resp_chunked:
+                    if head.chunked:
                         out += LAST_CHUNK
-                    done = True
                     break
-            if out:   # what one read brought goes out at once: SSE events are not held back
-                writer.write(bytes(out))
-                await writer.drain()
-            if not data:
-                break
-        if status == 0:
-            up_w.close()
-            await self._reply(writer, 502, b"Bad Gateway", "credless: the MCP server closed "
+        except BaseException:
+            conn.abort()
+            raise
+        conn.send(bytes(out))
+        conn.sent()
+        await conn.finished()
+        resp = conn.head
+        if resp is None:
+            conn.abort()
+            self._count(up, "upstream_closed")
+            self._audit("request.failed", audit_base, reason="the MCP server closed the "
+                        "connection without answering")
+            await self._reply(client, 502, b"Bad Gateway", "credless: the MCP server closed "
                               "the connection without answering")
+            return False
+        self._upstream_seconds(up.name).observe(conn.head_at - conn.sent_at)
+        if resp.status == 401 and token is not None and "invalid_token" in (
+                resp.get(b"www-authenticate") or b"").decode("latin-1"):
+            self.oauth.invalidate(ident, up.name, token)
+        keep = conn.complete and resp.keep_alive and head.keep_alive
+        if keep and conn.reusable():
+            self.pool.put(key, conn)
+        else:
+            conn.transport.close()
+        if not conn.complete:   # cut short: closing tells the workload the answer is partial
             self._count(up, "upstream_closed")
             return False
-        if resp_keep and head.keep_alive:
-            self.pool.put(key, (up_r, up_w))
-        else:
-            up_w.close()
         self._count(up, "injected" if token else "forwarded")
         self._audit("request.injected" if token else "request.forwarded", audit_base,
-                    status=status, token_sha256=token.fingerprint if token else None,
+                    status=resp.status, token_sha256=token.fingerprint if token else None,
                     jti=token.jti if token else None, jkt=token.jkt if token else None,
                     latency_ms=round((time.perf_counter() - started) * 1000, 2))
-        return resp_keep and head.keep_alive
+        await client.drain()
+        return keep
+
+    def _upstream_seconds(self, server: str):
+        child = self._m_upstream.get(server)
+        if child is None:
+            child = self._m_upstream[server] = self.m_upstream.labels(server)
+        return child
 
     def _count(self, up: Upstream, outcome: str) -> None:
-        self.m_requests.labels(up.name, up.mode, outcome).inc()
+        key = (up.name, up.mode, outcome)
+        child = self._m_requests.get(key)
+        if child is None:   # labels() costs more than the increment: resolve once
+            child = self._m_requests[key] = self.m_requests.labels(*key)
+        child.inc()
 
     def _audit(self, event: str, base: dict, **fields) -> None:
         if self.audit:

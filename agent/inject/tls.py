@@ -6,8 +6,9 @@ minted by a node-local *injection CA* and cached per name, reads and credentials
 request, and originates a fresh TLS connection to the real server, verified against the
 system store or a configured CA. The injection CA is separate from the SPIFFE CA (it only
 ever vouches for names on this node's loopback path), lives in <state_dir>/inject-ca (key
-0600), and its certificate is exported at <state_dir>/inject-ca/ca.crt for workloads to
-trust (SSL_CERT_FILE, NODE_EXTRA_CA_CERTS). A workload that does not trust it fails its
+0600), and its certificate is exported at <run_dir>/inject-ca.crt (0644, in a directory
+workloads can reach, unlike the 0700 state directory) for workloads to trust
+(SSL_CERT_FILE, NODE_EXTRA_CA_CERTS). A workload that does not trust it fails its
 handshake: it never falls back to plaintext.
 """
 
@@ -44,13 +45,29 @@ def _write_private(path: Path, data: bytes) -> None:
 
 
 class InjectionCA:
-    def __init__(self, state_dir: str | os.PathLike):
+    def __init__(self, state_dir: str | os.PathLike, export_path: str | os.PathLike | None = None):
         self.dir = Path(state_dir) / "inject-ca"
-        self.cert_path = self.dir / "ca.crt"
+        self._own_cert_path = self.dir / "ca.crt"
         self._key_path = self.dir / "ca.key"
         self._contexts: dict[str, ssl.SSLContext] = {}
         self._lock = threading.Lock()
         self._load_or_create()
+        self.cert_path = Path(export_path) if export_path else self._own_cert_path
+        if export_path:
+            self._export(self.cert_path)
+
+    def _export(self, path: Path) -> None:
+        """The certificate (public) where workloads can read it, replaced atomically."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        try:
+            os.fchmod(fd, 0o644)
+            with os.fdopen(fd, "wb") as f:
+                f.write(self.cert.public_bytes(serialization.Encoding.PEM))
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
 
     def _load_or_create(self) -> None:
         if self._key_path.exists():
@@ -58,7 +75,7 @@ class InjectionCA:
                 raise PermissionError(f"{self._key_path} is readable by others: "
                                       f"chmod 600 {self._key_path}")
             self._key = serialization.load_pem_private_key(self._key_path.read_bytes(), None)
-            self.cert = x509.load_pem_x509_certificate(self.cert_path.read_bytes())
+            self.cert = x509.load_pem_x509_certificate(self._own_cert_path.read_bytes())
             if self.cert.not_valid_after_utc > dt.datetime.now(dt.timezone.utc) + LEAF_TTL:
                 return
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -79,8 +96,8 @@ class InjectionCA:
         _write_private(self._key_path, self._key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption()))
-        self.cert_path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
-        os.chmod(self.cert_path, 0o644)
+        self._own_cert_path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
+        os.chmod(self._own_cert_path, 0o644)
 
     def _leaf(self, name: str) -> tuple[bytes, bytes]:
         key = ec.generate_private_key(ec.SECP256R1())

@@ -52,15 +52,26 @@ class TokenCache:
     def _refresh_at(self, t: Token) -> float:
         return t.issued_at + (t.expires_at - t.issued_at) * self.refresh_ahead
 
+    def peek(self, key: Hashable) -> Token | None:
+        """The valid token for key, or None; starts a refresh ahead of expiry when due."""
+        entry = self._entries.get(key)
+        if entry is None or entry.token is None:
+            return None
+        now = self.clock()
+        if not entry.token.valid(now):
+            return None
+        self.hits += 1
+        if now >= self._refresh_at(entry.token) and now >= entry.next_attempt \
+                and key not in self._inflight:
+            self._start(key, refresh=True)
+        return entry.token
+
     async def get(self, key: Hashable) -> Token:
+        token = self.peek(key)
+        if token is not None:
+            return token
         entry = self._entries.get(key)
         now = self.clock()
-        if entry is not None and entry.token is not None and entry.token.valid(now):
-            self.hits += 1
-            if now >= self._refresh_at(entry.token) and now >= entry.next_attempt \
-                    and key not in self._inflight:
-                self._start(key, refresh=True)
-            return entry.token
         self.misses += 1
         if entry is not None and now < entry.next_attempt and key not in self._inflight \
                 and entry.last_error is not None:

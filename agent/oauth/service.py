@@ -26,6 +26,9 @@ from agent.oauth.errors import OAuthError, RegistrationError
 from agent.oauth.tokens import Token, request_token
 from agent.observe.logging import AuditLog, get_logger
 
+# how long cached_token() trusts the cache key token() resolved for (identity, server)
+KEY_MEMO_SECONDS = 30.0
+
 log = get_logger("oauth")
 
 
@@ -58,10 +61,12 @@ class OAuthService:
         self.cache = TokenCache(self._fetch, refresh_ahead=cfg.oauth.refresh_ahead,
                                 on_event=self._cache_event)
         self._pending: dict[tuple, tuple[Identity, Any]] = {}
+        self._token_keys: dict[tuple[str, str], tuple[tuple, float]] = {}
         self.m_requests = Counter("credless_token_requests", "Token requests by server and "
                                   "outcome", ["server", "outcome"], registry=registry)
         self.m_lookups = Counter("credless_token_cache_lookups", "Token cache lookups",
                                  ["result"], registry=registry)
+        self._m_hit = self.m_lookups.labels("hit")
         Gauge("credless_token_cache_size", "Tokens held in memory", registry=registry) \
             .set_function(lambda: len(self.cache))
         self.m_registrations = Counter("credless_oauth_registrations", "Dynamic client "
@@ -119,12 +124,28 @@ class OAuthService:
         return key
 
     # ------------------------------------------------------------ tokens
+    def cached_token(self, ident: Identity, server_name: str) -> Token | None:
+        """The proxy's per-request fast path: the valid cached token for this identity and
+        server, found without awaiting anything, or None (then call token()). The cache key
+        token() last resolved for the pair is reused for KEY_MEMO_SECONDS, so a changed
+        server configuration or discovery document is picked up within that time."""
+        memo = self._token_keys.get((str(ident.spiffe_id), server_name))
+        if memo is None or memo[1] < time.monotonic():
+            return None
+        tok = self.cache.peek(memo[0])
+        if tok is not None:
+            self._m_hit.inc()
+        return tok
+
     async def token(self, ident: Identity, server_name: str, challenge: str | None = None
                     ) -> Token:
         server = self.server(server_name)
         resolved = await self.resolve(server, challenge)
         key = (str(ident.spiffe_id), server.name, resolved.resource, resolved.scope)
         self._pending[key] = (ident, resolved)
+        if challenge is None:
+            self._token_keys[(key[0], server.name)] = (key, time.monotonic()
+                                                       + KEY_MEMO_SECONDS)
         before = self.cache.hits
         tok = await self.cache.get(key)
         self.m_lookups.labels("hit" if self.cache.hits > before else "miss").inc()

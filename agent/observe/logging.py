@@ -86,9 +86,15 @@ class AuditLog:
     """The audit stream: one JSON object per decision, always emitted whatever the log level.
 
     Kept apart from structlog's configuration so diagnostics settings (level, console
-    rendering) can never silence or reshape it. Written directly (one json.dumps and one
-    write per event) because the proxy emits one per request: structlog's processor chain
-    cost more than the proxying itself. The same redaction applies.
+    rendering) can never silence or reshape it. Written directly (one json.dumps per event)
+    because the proxy emits one per request: structlog's processor chain cost more than the
+    proxying itself. The same redaction applies.
+
+    Events emitted on the agent's event loop are written together at the end of the loop
+    iteration that produced them (attach_loop): one write(2) for every request finished in
+    that iteration instead of one each, and the event is on disk before the loop waits for
+    I/O again. Events from other threads, or before a loop is attached, are written at once.
+    close() writes whatever is still pending.
     """
 
     def __init__(self, node: str, stream: TextIO | None = None, file: str = "",
@@ -98,10 +104,22 @@ class AuditLog:
         self._lock = threading.Lock()
         self.dropped = 0
         self._file = None
+        self._pending: list[str] = []
+        self._loop = None
+        self._loop_thread = 0
+        self._flush_scheduled = False
         if file:
             self._file = _PrivateRotatingFile(file, maxBytes=max_bytes, backupCount=backups,
                                               encoding="utf-8")
             self._file.setFormatter(logging.Formatter("%(message)s"))
+
+    def attach_loop(self, loop) -> None:
+        """Coalesce the writes of events emitted on `loop` (see the class doc); None detaches
+        (and writes what is pending)."""
+        with self._lock:
+            self._write_pending()
+            self._loop = loop
+            self._loop_thread = threading.get_ident() if loop is not None else 0
 
     def emit(self, event: str, **fields: Any) -> None:
         record = {"time": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"),
@@ -109,26 +127,45 @@ class AuditLog:
         redact_secrets(None, "", record)
         line = json.dumps(record, default=str)
         with self._lock:
-            if self._stream is not None:
-                try:
-                    self._stream.write(line + "\n")
-                    self._stream.flush()
-                except (OSError, ValueError):
-                    self._note_drop("stdout")
-            if self._file is not None:
-                try:
-                    self._file.emit(logging.makeLogRecord({"msg": line, "levelno": 20}))
-                    if self._file.stream is None:
-                        raise OSError("audit file closed")
-                except (OSError, ValueError):
-                    self._note_drop("file")
+            self._pending.append(line)
+            if self._loop is not None and threading.get_ident() == self._loop_thread:
+                if not self._flush_scheduled:
+                    self._flush_scheduled = True
+                    self._loop.call_soon(self.flush)
+                return
+            self._write_pending()
 
-    def _note_drop(self, sink: str) -> None:
+    def flush(self) -> None:
+        with self._lock:
+            self._flush_scheduled = False
+            self._write_pending()
+
+    def _write_pending(self) -> None:
+        lines, self._pending = self._pending, []
+        if not lines:
+            return
+        data = "\n".join(lines)
+        if self._stream is not None:
+            try:
+                self._stream.write(data + "\n")
+                self._stream.flush()
+            except (OSError, ValueError):
+                self._note_drop("stdout", len(lines))
+        if self._file is not None:
+            try:
+                self._file.emit(logging.makeLogRecord({"msg": data, "levelno": 20}))
+                if self._file.stream is None:
+                    raise OSError("audit file closed")
+            except (OSError, ValueError):
+                self._note_drop("file", len(lines))
+
+    def _note_drop(self, sink: str, n: int = 1) -> None:
         """Counted (credless_audit_events_dropped_total) and logged; never raises into the
         data path."""
-        self.dropped += 1
+        self.dropped += n
         get_logger("audit").error("audit event dropped", sink=sink, dropped=self.dropped)
 
     def close(self) -> None:
+        self.attach_loop(None)
         if self._file is not None:
             self._file.close()

@@ -8,6 +8,7 @@ Expect: 100-continue, streamed responses, and processes outside the managed cgro
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -47,6 +48,9 @@ print(json.dumps(out))
 '''
 
 
+BIG_BODY = bytes(range(256)) * (64 << 10)   # 16 MiB
+
+
 class Upstream(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     seen: list = []
@@ -70,6 +74,12 @@ class Upstream(BaseHTTPRequestHandler):
         self.wfile.write(out)
 
     def do_GET(self):  # noqa: N802  an SSE stream: 3 events, 300 ms apart
+        if self.path == "/big":   # BIG_BODY, more than the socket buffers hold
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(BIG_BODY)))
+            self.end_headers()
+            self.wfile.write(BIG_BODY)
+            return
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Transfer-Encoding", "chunked")
@@ -96,9 +106,32 @@ def upstream():
 
 
 @pytest.fixture
-def agent(tmp_path, upstream):
+def hangup_upstream():
+    """Accepts, reads a request, and closes without answering."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve():
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.recv(65536)
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    yield srv.getsockname()[1]
+    stop.set()
+    t.join(5)
+    srv.close()
+
+
+@pytest.fixture
+def agent(tmp_path, upstream, hangup_upstream):
     with cgroup_child() as cg:
-        port = free_port()
+        port, dead = free_port(), free_port()   # nothing listens on `dead`
         cfg = write_config(tmp_path, extra=f'''
 [inject]
 listen_port = {port}
@@ -108,10 +141,18 @@ managed_cgroups = ["/{cg.name}"]
 name = "up"
 url = "http://127.0.0.1:{upstream}/mcp"
 mode = "passthrough"
+[[servers]]
+name = "hangup"
+url = "http://127.0.0.1:{hangup_upstream}/mcp"
+mode = "passthrough"
+[[servers]]
+name = "dead"
+url = "http://127.0.0.1:{dead}/mcp"
+mode = "passthrough"
 ''')
         with AgentProcess(cfg, tmp_path) as a:
             a.wait_ready()
-            a.cg, a.upstream = cg, upstream
+            a.cg, a.upstream, a.hangup, a.dead = cg, upstream, hangup_upstream, dead
             yield a
 
 
@@ -223,7 +264,9 @@ mode = "passthrough"
 ''')
             with AgentProcess(cfg, tmp_path) as a:
                 a.wait_ready()
-                inject_ca = tmp_path / "state" / "inject-ca" / "ca.crt"
+                # exported where workloads can read it (the state directory is 0700)
+                inject_ca = tmp_path / "run" / "inject-ca.crt"
+                assert oct(inject_ca.stat().st_mode & 0o777) == "0o644"
 
                 def client(cafile):
                     r = subprocess.run([sys.executable, "-c", TLS_CLIENT, str(up_port),
@@ -248,3 +291,85 @@ def test_malformed_http_from_a_workload_gets_400_and_nothing_upstream(agent):
     assert r.stdout.startswith("HTTP/1.1 400 Bad Request")
     assert "credless: malformed HTTP" in r.stdout
     assert Upstream.seen == []
+
+
+RAW_CLIENT = r'''
+import socket, sys
+port, payload = int(sys.argv[1]), sys.argv[2].encode().decode("unicode_escape").encode("latin-1")
+s = socket.create_connection(("127.0.0.1", port), timeout=10)
+s.sendall(payload)
+buf = b""
+while True:
+    try:
+        data = s.recv(65536)
+    except socket.timeout:
+        break
+    if not data:
+        break
+    buf += data
+sys.stdout.write(buf.decode("latin-1"))
+'''
+
+
+def raw_exchange(port: int, payload: str, cgroup) -> str:
+    r = subprocess.run([sys.executable, "-c", RAW_CLIENT, str(port), payload],
+                       capture_output=True, text=True, timeout=60,
+                       preexec_fn=enter_cgroup(cgroup))
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout
+
+
+def test_pipelined_requests_are_answered_in_order(agent):
+    one = '{"n": 1}'
+    two = '{"n": 2}'
+    payload = (f"POST /mcp HTTP/1.1\\r\\nHost: x\\r\\nContent-Length: {len(one)}\\r\\n\\r\\n{one}"
+               f"POST /mcp HTTP/1.1\\r\\nHost: x\\r\\nContent-Length: {len(two)}\\r\\n"
+               f"Connection: close\\r\\n\\r\\n{two}")
+    out = raw_exchange(agent.upstream, payload, agent.cg)
+    assert out.count("HTTP/1.1 200") == 2
+    assert out.index('{"echo": {"n": 1}}') < out.index('{"echo": {"n": 2}}')
+    assert [s["body"] for s in Upstream.seen] == [one, two]
+
+
+def test_upstream_that_hangs_up_without_answering_gets_a_502_and_an_audit_event(agent):
+    out = raw_exchange(agent.hangup, "POST /mcp HTTP/1.1\\r\\nHost: x\\r\\n"
+                       "Content-Length: 2\\r\\n\\r\\n{}", agent.cg)
+    assert out.startswith("HTTP/1.1 502 Bad Gateway")
+    assert "closed the connection without answering" in out
+    audit = [json.loads(ln) for ln in agent.stdout_path.read_text().splitlines()]
+    failed = [a for a in audit if a["event"] == "request.failed"]
+    assert failed and failed[-1]["server"] == "hangup"
+
+
+def test_unreachable_upstream_gets_a_502_naming_the_cause(agent):
+    out = raw_exchange(agent.dead, "POST /mcp HTTP/1.1\\r\\nHost: x\\r\\n"
+                       "Content-Length: 2\\r\\nConnection: close\\r\\n\\r\\n{}", agent.cg)
+    assert out.startswith("HTTP/1.1 502 Bad Gateway")
+    body = json.loads(out.split("\n\n", 1)[1])   # text mode turned CRLF into LF
+    assert body["error"] == "credless: the MCP server is unreachable"
+    audit = [json.loads(ln) for ln in agent.stdout_path.read_text().splitlines()]
+    assert any(a["event"] == "request.failed" and a["server"] == "dead" for a in audit)
+
+
+SLOW_READER = r'''
+import hashlib, http.client, sys, time
+c = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]), timeout=30)
+c.request("GET", "/big")
+r = c.getresponse()
+h, n = hashlib.sha256(), 0
+while chunk := r.read(256 << 10):
+    h.update(chunk)
+    n += len(chunk)
+    time.sleep(0.01)     # slower than the upstream writes: the proxy must hold back
+print(n, h.hexdigest())
+'''
+
+
+def test_large_response_to_a_slow_reader_arrives_whole(agent):
+    import hashlib
+    r = subprocess.run([sys.executable, "-c", SLOW_READER, str(agent.upstream)],
+                       capture_output=True, text=True, timeout=120,
+                       preexec_fn=enter_cgroup(agent.cg))
+    assert r.returncode == 0, r.stderr[-2000:]
+    n, digest = r.stdout.split()
+    assert int(n) == len(BIG_BODY) and digest == hashlib.sha256(BIG_BODY).hexdigest()

@@ -79,3 +79,38 @@ def test_audit_file_sink_rotates_by_size_and_counts_drops(tmp_path):
     broken = obs.AuditLog(node="n", stream=Broken())
     broken.emit("x")
     assert broken.dropped == 1
+
+
+def test_audit_events_on_the_loop_are_written_together_at_the_end_of_the_iteration():
+    import asyncio
+    import threading
+
+    class CountingStream(io.StringIO):
+        writes = 0
+
+        def write(self, s):
+            CountingStream.writes += 1
+            return super().write(s)
+
+    out = CountingStream()
+    audit = obs.AuditLog(node="n", stream=out)
+
+    async def main():
+        audit.attach_loop(asyncio.get_running_loop())
+        for i in range(5):
+            audit.emit("request.injected", i=i)
+        assert out.getvalue() == ""            # pending until the iteration ends
+        await asyncio.sleep(0)
+        assert CountingStream.writes == 1      # one write for all five
+        # another thread's events are written at once, not deferred to the loop
+        t = threading.Thread(target=audit.emit, args=("attested",))
+        t.start()
+        t.join()
+        assert CountingStream.writes == 2
+        audit.emit("last")                     # pending when the loop detaches ...
+
+    asyncio.run(main())
+    audit.close()                              # ... and written by close(), not lost
+    events = [json.loads(ln)["event"] for ln in out.getvalue().splitlines()]
+    assert events == ["request.injected"] * 5 + ["attested", "last"]
+    assert [json.loads(ln).get("i") for ln in out.getvalue().splitlines()][:5] == [0, 1, 2, 3, 4]

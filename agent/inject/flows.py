@@ -1,0 +1,254 @@
+"""The proxy's two sides of a connection as asyncio Protocols, with flow control.
+
+Why Protocols and not asyncio streams: at tens of thousands of requests a second the stream
+machinery (StreamReader buffers, an async generator per request, drain() after every write)
+cost more CPU than the proxying. Here the workload side queues parsed request events for the
+one coroutine that serves the connection (it makes the per-request decisions, which may
+await a token), and the upstream side streams the response to the workload from its own
+data_received callback: no coroutine is resumed per response chunk, and an SSE event goes out
+in the same loop iteration that read it.
+
+Flow control both ways: a workload that stops reading pauses reading from the upstream that
+feeds it (and resumes it); request bodies queued beyond HIGH_WATER pause reading from the
+workload until the serving coroutine catches up; an upstream that stops reading makes the
+coroutine wait (UpstreamSide.drain) before it sends more of a request body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+
+from agent.inject import http1
+from agent.inject.http1 import BODY, END, HEAD, LAST_CHUNK, Head, ProtocolError, chunk
+
+HIGH_WATER = 256 << 10
+LOW_WATER = 64 << 10
+
+
+class ClientSide(asyncio.Protocol):
+    """The workload's connection: request events in (next()), response bytes out (write())."""
+
+    def __init__(self, on_connect):
+        self._on_connect = on_connect
+        self.transport: asyncio.Transport | None = None
+        self.upstream: UpstreamSide | None = None   # streaming a response into us
+        self._reader = http1.Reader()
+        self._events: deque = deque()
+        self._queued = 0
+        self._error: ProtocolError | None = None
+        self._eof = False
+        self._waiter: asyncio.Future | None = None
+        self._reading_paused = False
+        self.write_paused = False
+        self._writable: asyncio.Future | None = None
+        self.closed = False
+
+    # --- asyncio callbacks
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self._loop = asyncio.get_running_loop()
+        self._on_connect(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self._error is not None:
+            return
+        try:
+            events = self._reader.feed(data)
+        except ProtocolError as e:
+            self._error, events = e, []
+        for ev in events:
+            if ev[0] == BODY:
+                self._queued += len(ev[1])
+        self._events.extend(events)
+        if self._queued > HIGH_WATER and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake()
+        return True   # keep the write side open: a half-closed client still gets its answer
+
+    def connection_lost(self, exc) -> None:
+        self.closed = self._eof = True
+        self._wake()
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+        if self.upstream is not None:
+            self.upstream.abort()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.upstream is not None:
+            self.upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.upstream is not None:
+            self.upstream.transport.resume_reading()
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    # --- used by the serving coroutine
+    async def next(self) -> tuple[int, object] | None:
+        """The next request event; None once the workload has closed; raises ProtocolError
+        when what it sent cannot be framed as HTTP/1.1."""
+        while not self._events:
+            if self._error is not None:
+                raise self._error
+            if self._eof:
+                return None
+            self._waiter = self._loop.create_future()
+            await self._waiter
+            self._waiter = None
+        ev = self._events.popleft()
+        if ev[0] == BODY:
+            self._queued -= len(ev[1])
+            if self._reading_paused and self._queued < LOW_WATER:
+                self._reading_paused = False
+                self.transport.resume_reading()
+        return ev
+
+    def write(self, data: bytes) -> None:
+        if not self.closed:
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        while self.write_paused and not self.closed:
+            self._writable = self._loop.create_future()
+            await self._writable
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+class UpstreamSide(asyncio.Protocol):
+    """One connection to an MCP server; carries one exchange at a time and, between
+    exchanges, waits in the pool. The response is relayed to the workload as it arrives."""
+
+    def __init__(self):
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self._client: ClientSide | None = None
+        # one parser for the connection's responses, in order (keep-alive); a response
+        # that ends out of step (bytes after it, a parse error) closes the connection
+        self._reader = http1.Reader(response=True)
+        self._done: asyncio.Future | None = None
+        self._write_paused = False
+        self._writable: asyncio.Future | None = None
+        # the current (or last) exchange's outcome
+        self.head: Head | None = None       # final (non-1xx) response head
+        self.complete = False               # the response ended as HTTP frames it
+        self.keep_alive = True
+        self.sent_at = 0.0
+        self.head_at = 0.0
+        self._chunked = False
+
+    # --- asyncio callbacks
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self._loop = asyncio.get_running_loop()
+
+    def data_received(self, data: bytes) -> None:
+        if self._client is None:       # an idle connection has nothing to say: not reusable
+            self.transport.close()
+            return
+        try:
+            self._relay(self._reader.feed(data))
+        except ProtocolError:
+            self.keep_alive = False
+            self.abort()
+
+    def eof_received(self) -> bool:
+        if self._client is not None:
+            self._relay(self._reader.feed_eof())   # a close-delimited body ends here
+        self.keep_alive = False
+        return False
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        self.keep_alive = False
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+        self._finish()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+
+    # --- the exchange
+    def begin(self, client: ClientSide) -> None:
+        self._client = client
+        client.upstream = self
+        self._done = self._loop.create_future()
+        self.head, self.complete, self._chunked = None, False, False
+        if client.write_paused:
+            self.transport.pause_reading()
+
+    def send(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def sent(self) -> None:
+        self.sent_at = time.perf_counter()
+
+    async def drain(self) -> None:
+        while self._write_paused and not self.closed:
+            self._writable = self._loop.create_future()
+            await self._writable
+
+    async def finished(self) -> None:
+        await self._done
+
+    def abort(self) -> None:
+        self.keep_alive = False
+        if self.transport is not None:
+            self.transport.abort()
+        self._finish()
+
+    def _relay(self, events) -> None:
+        out = bytearray()
+        for i, (kind, item) in enumerate(events):
+            if kind == HEAD:
+                out += item.response_bytes()
+                if 100 <= item.status < 200:
+                    continue
+                self.head, self.head_at = item, time.perf_counter()
+                self.keep_alive, self._chunked = item.keep_alive, item.chunked
+            elif kind == BODY:
+                out += chunk(item) if self._chunked else item
+            elif kind == END:
+                if self._chunked:
+                    out += LAST_CHUNK
+                self.complete = True
+                if i + 1 < len(events):      # bytes after the response: out of step
+                    self.keep_alive = False
+                break
+        if out:   # what one read brought goes out at once: SSE events are not held back
+            self._client.write(bytes(out))
+        if self.complete:
+            self._finish()
+
+    def _finish(self) -> None:
+        client, self._client = self._client, None
+        if client is not None and client.upstream is self:
+            client.upstream = None
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+        if self._done is not None and not self._done.done():
+            self._done.set_result(None)
+
+    def reusable(self) -> bool:
+        return (self.complete and self.keep_alive and not self.closed
+                and not self.transport.is_closing())
