@@ -179,7 +179,8 @@ class Daemon:
 
     def _add_injection(self, cfg: Config) -> None:
         from agent.attest.cgroupfs import cgroup2_root
-        from agent.inject.proxy import Proxy, upstreams_from_config
+        from agent.inject.proxy import Proxy
+        from agent.inject.upstreams import upstreams_from_config
         from agent.inject.redirect import Redirector, Target
 
         upstreams = upstreams_from_config(cfg.servers)

@@ -19,9 +19,7 @@ import socket
 import ssl
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -29,51 +27,12 @@ from agent.inject import http1
 from agent.inject.flows import ClientSide, UpstreamSide
 from agent.inject.http1 import BODY, END, HEAD, LAST_CHUNK, Head, ProtocolError, chunk
 from agent.inject.redirect import RedirectInfo
+from agent.inject.upstreams import Pool, Upstream
 from agent.oauth.errors import OAuthError
 from agent.observe.logging import AuditLog, get_logger
 
 log = get_logger("inject.proxy")
 READ_SIZE = 65536
-
-
-@dataclass(frozen=True)
-class Upstream:
-    name: str           # [[servers]] name
-    scheme: str
-    host: str           # host in the URL (SNI, Host)
-    port: int
-    origin: str         # scheme://host:port, for DPoP htu
-    mode: str           # broker | passthrough
-
-
-class _Pool:
-    """Idle upstream connections per (SPIFFE ID, upstream): a TLS handshake costs
-    milliseconds of CPU, so connections are reused, never across identities."""
-
-    def __init__(self, size: int):
-        self.size = size
-        self._idle: dict[tuple, deque] = {}
-
-    def get(self, key: tuple) -> UpstreamSide | None:
-        q = self._idle.get(key)
-        while q:
-            conn = q.pop()
-            if not conn.closed and not conn.transport.is_closing():
-                return conn
-        return None
-
-    def put(self, key: tuple, conn: UpstreamSide) -> None:
-        q = self._idle.setdefault(key, deque())
-        if len(q) >= self.size:
-            conn.transport.close()
-            return
-        q.append(conn)
-
-    def close(self) -> None:
-        for q in self._idle.values():
-            for conn in q:
-                conn.transport.close()
-        self._idle.clear()
 
 
 class _Replay:
@@ -105,7 +64,7 @@ class Proxy:
         self.inject_ca = inject_ca              # agent.inject.tls.InjectionCA
         self.policy = policy                    # agent.policy.engine.PolicyEngine
         self.max_body = max_body
-        self.pool = _Pool(cfg.upstream_pool_size)
+        self.pool = Pool(cfg.upstream_pool_size)
         self._servers: list[asyncio.base_events.Server] = []
         self._conns: set[asyncio.Task] = set()
         self.m_requests = Counter("credless_injected_requests", "Requests through the proxy",
@@ -521,16 +480,3 @@ class Proxy:
     def _audit(self, event: str, base: dict, **fields) -> None:
         if self.audit:
             self.audit.emit(event, **base, **fields)
-
-
-def upstreams_from_config(servers) -> dict[tuple[str, int], Upstream]:
-    """(IP, port) the workload dials → the upstream; hostnames resolved once here."""
-    out: dict[tuple[str, int], Upstream] = {}
-    for s in servers:
-        u = urlsplit(s.url)
-        port = u.port or (443 if u.scheme == "https" else 80)
-        up = Upstream(s.name, u.scheme, u.hostname, port, f"{u.scheme}://{u.netloc}",
-                      getattr(s, "mode", "broker"))
-        for info in socket.getaddrinfo(u.hostname, port, type=socket.SOCK_STREAM):
-            out[(info[4][0], port)] = up
-    return out
