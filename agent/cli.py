@@ -37,17 +37,22 @@ def cmd_check_config(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from agent.daemon import Daemon
+    from agent.daemon import Daemon, StartupError
     from agent.observe import logging as obs_logging
 
     cfg = _load_config(args.config)
     obs_logging.configure(level=args.log_level or cfg.log.level,
                           fmt=args.log_format or cfg.log.format)
     try:
+        daemon = Daemon(cfg)
+    except StartupError as e:
+        obs_logging.get_logger("daemon").error("start-up failed", error=str(e))
+        return 1
+    try:
         import uvloop
     except ImportError:
-        return asyncio.run(Daemon(cfg).run())
-    return uvloop.run(Daemon(cfg).run())
+        return asyncio.run(daemon.run())
+    return uvloop.run(daemon.run())
 
 
 def cmd_doctor(args) -> int:

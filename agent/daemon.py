@@ -123,10 +123,14 @@ class Daemon:
 
         kubelet = None
         if cfg.attest.kubelet.enabled:
-            from agent.attest.kubelet import KubeletClient
+            from agent.attest.kubelet import KubeletClient, KubeletError, expand_url
 
             k = cfg.attest.kubelet
-            kubelet = KubeletClient(os.path.expandvars(k.url), token_file=k.token_file, ca_file=k.ca_file,
+            try:
+                url = expand_url(k.url, os.environ)
+            except KubeletError as e:
+                raise StartupError(str(e)) from None
+            kubelet = KubeletClient(url, token_file=k.token_file, ca_file=k.ca_file,
                                     cache_ttl_seconds=k.cache_ttl_seconds,
                                     insecure_skip_verify=k.insecure_skip_verify)
         self.attestor = Attestor(cfg.attest, registry=self.metrics.registry, kubelet=kubelet,

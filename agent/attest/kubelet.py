@@ -18,6 +18,7 @@ What the kubelet requires of the caller (for operators wiring RBAC):
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import json
 import re
 import ssl
@@ -77,6 +78,30 @@ class PodInfo:
     node_name: str
     labels: Mapping[str, str] = field(hash=False)
     containers: Mapping[str, ContainerRef] = field(hash=False)  # bare 64-hex id -> ref
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand_url(url: str, env: Mapping[str, str]) -> str:
+    """attest.kubelet.url with ${VAR} taken from the environment (NODE_IP from the downward
+    API on Kubernetes). An IPv6 address lands in brackets, as a URL host must be; a variable
+    that is not set is an error naming it, not a literal "${NODE_IP}" to connect to."""
+    def sub(m: re.Match) -> str:
+        name = m.group(1)
+        if name not in env or not env[name]:
+            raise KubeletError(f"attest.kubelet.url uses ${{{name}}}, which is not set in "
+                               "the agent's environment (on Kubernetes: set it from the "
+                               "downward API, fieldRef status.hostIP)")
+        value = env[name]
+        if ":" in value and not value.startswith("["):
+            try:
+                ipaddress.IPv6Address(value)
+                return f"[{value}]"
+            except ValueError:
+                pass
+        return value
+    return _VAR.sub(sub, url)
 
 
 def parse_pod_list(doc: bytes | str) -> dict[str, PodInfo]:

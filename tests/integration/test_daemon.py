@@ -93,6 +93,24 @@ def test_busy_metrics_port_fails_startup_with_a_fix(tmp_path, agent):
     assert not (other / "run" / "credless.pid").exists()
 
 
+def test_kubelet_url_naming_an_unset_variable_fails_startup_with_a_fix(tmp_path):
+    cfg = write_config(tmp_path, extra='''
+[attest.kubelet]
+enabled = true
+url = "https://${CREDLESS_TEST_UNSET_NODE_IP}:10250"
+''')
+    env_before = os.environ.pop("CREDLESS_TEST_UNSET_NODE_IP", None)
+    try:
+        with AgentProcess(cfg, tmp_path) as a:
+            assert a.proc.wait(30) == 1
+    finally:
+        if env_before is not None:
+            os.environ["CREDLESS_TEST_UNSET_NODE_IP"] = env_before
+    errors = [e for e in a.log_events() if e.get("event") == "start-up failed"]
+    assert errors and "${CREDLESS_TEST_UNSET_NODE_IP}, which is not set" in errors[0]["error"]
+    assert "Traceback" not in a.stderr_path.read_text()
+
+
 def test_bad_config_exits_2_without_traceback(tmp_path, credless_cmd):
     cfg = tmp_path / "c.toml"
     cfg.write_text('[log]\nlevel = "loud"\n')

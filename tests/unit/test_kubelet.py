@@ -452,3 +452,27 @@ def test_connection_refused(make_client):
 def test_constructor_rejects_unsafe_urls(url):
     with pytest.raises(ValueError):
         KubeletClient(url)
+
+
+EXPAND_CASES = [
+    # (url, environment, expanded)
+    ("https://${NODE_IP}:10250", {"NODE_IP": "10.0.0.7"}, "https://10.0.0.7:10250"),
+    ("https://${NODE_IP}:10250", {"NODE_IP": "fd00::7"}, "https://[fd00::7]:10250"),
+    ("https://${NODE_IP}:10250", {"NODE_IP": "[fd00::7]"}, "https://[fd00::7]:10250"),
+    ("https://127.0.0.1:10250", {}, "https://127.0.0.1:10250"),
+    ("https://${HOST}:${PORT}/base", {"HOST": "node-a.example", "PORT": "10250"},
+     "https://node-a.example:10250/base"),
+]
+
+
+@pytest.mark.parametrize("url,env,expanded", EXPAND_CASES)
+def test_kubelet_url_expansion(url, env, expanded):
+    from agent.attest.kubelet import expand_url
+    assert expand_url(url, env) == expanded
+
+
+@pytest.mark.parametrize("env", [{}, {"NODE_IP": ""}])
+def test_kubelet_url_with_an_unset_variable_is_refused_naming_it(env):
+    from agent.attest.kubelet import KubeletError, expand_url
+    with pytest.raises(KubeletError, match=r"\$\{NODE_IP\}.*not set.*status.hostIP"):
+        expand_url("https://${NODE_IP}:10250", env)
