@@ -199,11 +199,15 @@ url = "http://127.0.0.1:9/mcp"
         for u in ("systemd-journald.service", "systemd-journald.socket",
                   "systemd-journald-dev-log.socket"):
             shutil.copy(Path("/lib/systemd/system") / u, units / u)
+        # The unit hides /tmp (PrivateTmp=) and home directories (ProtectHome=); a checkout
+        # or an interpreter there is bound in read-only, and nothing else of them is visible
+        # (ProtectHome=tmpfs keeps home directories empty rather than unreachable).
         python_home = Path(os.path.realpath(sys.executable)).parents[1]
-        home_binds = ""
-        if str(python_home).startswith(("/root/", "/home/")):
-            # ProtectHome=tmpfs (still no home directory visible) plus this interpreter only
-            home_binds = f"ProtectHome=tmpfs\nBindReadOnlyPaths={python_home}\n"
+        hidden = ("/tmp/", "/var/tmp/", "/root/", "/home/")
+        binds = [p for p in (python_home, REPO.resolve()) if str(p).startswith(hidden)]
+        home_binds = "".join(f"BindReadOnlyPaths={p}\n" for p in binds)
+        if any(str(p).startswith(("/root/", "/home/")) for p in binds):
+            home_binds = "ProtectHome=tmpfs\n" + home_binds
         (units / "credless.service.d" / "test.conf").write_text(f"""[Service]
 ExecStart=
 ExecStart={VENV_BIN / 'credless'} run --config {self.conf / 'credless.toml'}
