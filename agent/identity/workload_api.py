@@ -134,6 +134,12 @@ class WorkloadApiServer:
         if self._loop is not None and self._front is not None:
             async def close():
                 self._front.close()
+                # end the splices still open, here, while the loop runs: left to the garbage
+                # collector they would close their sockets on a closed loop
+                splices = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+                for t in splices:
+                    t.cancel()
+                await asyncio.gather(*splices, return_exceptions=True)
                 await self._front.wait_closed()
             asyncio.run_coroutine_threadsafe(close(), self._loop).result(5)
             self._loop.call_soon_threadsafe(self._loop.stop)

@@ -14,7 +14,7 @@ import logging.handlers
 import os
 import sys
 import threading
-from datetime import datetime, timezone
+import time
 from typing import Any, TextIO
 
 import structlog
@@ -33,10 +33,29 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 
 
 def redact_secrets(_logger: Any, _method: str, event: dict) -> dict:
+    if "".join(event).islower():     # every key lower-case (the usual case): one set test
+        for k in SECRET_FIELDS.intersection(event):
+            event[k] = REDACTED
+        return event
     for k in list(event):
         if k.lower() in SECRET_FIELDS:
             event[k] = REDACTED
     return event
+
+
+_second = -1
+_second_text = ""
+
+
+def _utc_timestamp() -> str:
+    """RFC 3339 UTC with microseconds, like datetime.isoformat() + "Z", at a third of the
+    cost: the audit stream stamps every proxied request."""
+    global _second, _second_text
+    now = time.time()
+    sec = int(now)
+    if sec != _second:
+        _second_text, _second = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)), sec
+    return f"{_second_text}.{int((now - sec) * 1e6):06d}Z"
 
 
 def _renderer(fmt: str, stream: TextIO):
@@ -122,7 +141,7 @@ class AuditLog:
             self._loop_thread = threading.get_ident() if loop is not None else 0
 
     def emit(self, event: str, **fields: Any) -> None:
-        record = {"time": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"),
+        record = {"time": _utc_timestamp(),
                   "event": event, "stream": "audit", "node": self._node, **fields}
         redact_secrets(None, "", record)
         line = json.dumps(record, default=str)

@@ -114,3 +114,19 @@ def test_audit_events_on_the_loop_are_written_together_at_the_end_of_the_iterati
     events = [json.loads(ln)["event"] for ln in out.getvalue().splitlines()]
     assert events == ["request.injected"] * 5 + ["attested", "last"]
     assert [json.loads(ln).get("i") for ln in out.getvalue().splitlines()][:5] == [0, 1, 2, 3, 4]
+
+
+def test_audit_time_is_rfc3339_utc_with_microseconds():
+    import datetime as dt
+    out = io.StringIO()
+    obs.AuditLog(node="n", stream=out).emit("x")
+    stamp = json.loads(out.getvalue())["time"]
+    parsed = dt.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.timezone.utc)
+    assert abs((dt.datetime.now(dt.timezone.utc) - parsed).total_seconds()) < 5
+
+
+def test_redaction_matches_field_names_whatever_their_case():
+    event = {"Authorization": "Bearer x", "DPoP": "p", "client_assertion": "a", "jti": "j"}
+    obs.redact_secrets(None, "", event)
+    assert event == {"Authorization": obs.REDACTED, "DPoP": obs.REDACTED,
+                     "client_assertion": obs.REDACTED, "jti": "j"}
