@@ -151,6 +151,8 @@ class UpstreamSide(asyncio.Protocol):
         self.sent_at = 0.0
         self.head_at = 0.0
         self._chunked = False
+        self.close_delimited = False
+        self._close_client = self._bodiless = False
 
     # --- asyncio callbacks
     def connection_made(self, transport) -> None:
@@ -189,11 +191,17 @@ class UpstreamSide(asyncio.Protocol):
             self._writable.set_result(None)
 
     # --- the exchange
-    def begin(self, client: ClientSide) -> None:
+    def begin(self, client: ClientSide, close_client: bool = False,
+              bodiless: bool = False) -> None:
+        """Relay the next response to client. close_client: the workload asked to close after
+        it (the response says Connection: close). bodiless: the request was HEAD, whose
+        response has no body whatever its Content-Length says."""
         self._client = client
         client.upstream = self
         self._done = self._loop.create_future()
         self.head, self.complete, self._chunked = None, False, False
+        self.close_delimited = False
+        self._close_client, self._bodiless = close_client, bodiless
         if client.write_paused:
             self.transport.pause_reading()
 
@@ -221,11 +229,23 @@ class UpstreamSide(asyncio.Protocol):
         out = bytearray()
         for i, (kind, item) in enumerate(events):
             if kind == HEAD:
-                out += item.response_bytes()
                 if 100 <= item.status < 200:
+                    out += item.response_bytes()
                     continue
                 self.head, self.head_at = item, time.perf_counter()
                 self.keep_alive, self._chunked = item.keep_alive, item.chunked
+                http1.strip_connection_headers(item)
+                # a body that ends when the server closes can only reach the workload the
+                # same way: its connection is closed after it
+                self.close_delimited = not (self._bodiless or item.chunked
+                                            or item.status in (204, 304)
+                                            or item.get(b"content-length") is not None)
+                if self.close_delimited or self._close_client:
+                    item.add(b"Connection", b"close")
+                out += item.response_bytes()
+                if self._bodiless:   # the parser would wait for Content-Length bytes
+                    self.complete, self.keep_alive = True, False
+                    break
             elif kind == BODY:
                 out += chunk(item) if self._chunked else item
             elif kind == END:

@@ -13,8 +13,24 @@ from dataclasses import dataclass, field
 
 import httptools
 
-HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
-              b"transfer-encoding", b"upgrade"}
+# Connection management that belongs to one hop (RFC 9110 7.6.1). Framing headers
+# (Transfer-Encoding, Content-Length) are not among them: the proxy keeps each message's
+# framing and re-chunks chunked bodies itself.
+CONNECTION_HEADERS = frozenset({b"connection", b"keep-alive", b"proxy-connection"})
+_FRAMING = frozenset({b"transfer-encoding", b"content-length"})
+
+
+def strip_connection_headers(head: "Head") -> None:
+    """Remove Connection, the headers it names, Keep-Alive and Proxy-Connection: each side
+    of the proxy manages its own connection (a server closing its connection to the proxy
+    does not close the workload's, and the reverse)."""
+    if head.names.isdisjoint(CONNECTION_HEADERS):
+        return
+    named = set(CONNECTION_HEADERS)
+    for k, v in head.headers:
+        if k.lower() == b"connection":
+            named.update(t.strip().lower() for t in v.split(b","))
+    head.remove(*(named - _FRAMING))
 
 
 class ProtocolError(Exception):
@@ -33,8 +49,21 @@ class Head:
     keep_alive: bool = True
     chunked: bool = False
     upgrade: bool = False
+    # the lower-case names present: most lookups are for headers a message does not carry,
+    # and answering those without a scan matters at one lookup per header per request
+    names: set[bytes] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        if self.headers and not self.names:
+            self.names = {k.lower() for k, _ in self.headers}
+
+    def add(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+        self.names.add(name.lower())
 
     def get(self, name: bytes) -> bytes | None:
+        if name not in self.names:
+            return None
         for k, v in self.headers:
             if k.lower() == name:
                 return v
@@ -42,8 +71,11 @@ class Head:
 
     def remove(self, *names: bytes) -> list[bytes]:
         """Drop every header with one of the lowercase names; returns their names as sent."""
+        if self.names.isdisjoint(names):
+            return []
         removed = [k for k, _ in self.headers if k.lower() in names]
         self.headers = [(k, v) for k, v in self.headers if k.lower() not in names]
+        self.names.difference_update(names)
         return removed
 
     def request_bytes(self) -> bytes:
@@ -81,7 +113,7 @@ class _Collector:
         self._head.reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._head.headers.append((name, value))
+        self._head.add(name, value)
 
     def on_headers_complete(self) -> None:
         h = self._head

@@ -283,11 +283,11 @@ class Proxy:
                                   "token from the authorization server", kind=e.kind,
                                   detail=str(e))
                 return head.keep_alive
-            head.headers.append((b"Authorization", token.authorization().encode()))
+            head.add(b"Authorization", token.authorization().encode())
             if token.token_type == "DPoP":
                 proof = self.oauth.dpop_key(token.spiffe_id).proof(
                     method, up.origin + path.split("?", 1)[0], access_token=token.access_token)
-                head.headers.append((b"DPoP", proof.encode()))
+                head.add(b"DPoP", proof.encode())
         if head.get(b"expect") and head.get(b"expect").lower() == b"100-continue":
             head.remove(b"expect")
             client.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -339,7 +339,7 @@ class Proxy:
                                   + "; ".join(denied))
             return head.keep_alive, None
         head.remove(b"transfer-encoding", b"content-length")
-        head.headers.append((b"Content-Length", b"%d" % len(body)))
+        head.add(b"Content-Length", b"%d" % len(body))
         head.chunked = False
         return True, body
 
@@ -377,7 +377,7 @@ class Proxy:
                         audience=self.upstream_issuer(up))
         new_body = urlencode(form).encode()
         head.remove(b"content-length", b"transfer-encoding")
-        head.headers.append((b"Content-Length", b"%d" % len(new_body)))
+        head.add(b"Content-Length", b"%d" % len(new_body))
         head.chunked = False
         return await self._exchange(head, _Replay(new_body), client, up, ident, None,
                                     audit_base, started)
@@ -409,7 +409,9 @@ class Proxy:
             await self._reply(client, 502, b"Bad Gateway", "credless: the MCP server is "
                               "unreachable", detail=str(e))
             return head.keep_alive
-        conn.begin(client)   # from here the response streams to the workload as it arrives
+        # from here the response streams to the workload as it arrives
+        conn.begin(client, close_client=not head.keep_alive, bodiless=head.method == b"HEAD")
+        http1.strip_connection_headers(head)
         # one write for head and body when they are at hand: a send(2) per piece costs more
         # than the proxying; large bodies still go out in 64 KiB steps
         out = bytearray(head.request_bytes())
@@ -448,8 +450,8 @@ class Proxy:
         if resp.status == 401 and token is not None and "invalid_token" in (
                 resp.get(b"www-authenticate") or b"").decode("latin-1"):
             self.oauth.invalidate(ident, up.name, token)
-        keep = conn.complete and resp.keep_alive and head.keep_alive
-        if keep and conn.reusable():
+        keep = conn.complete and head.keep_alive and not conn.close_delimited
+        if conn.reusable():
             self.pool.put(key, conn)
         else:
             conn.transport.close()

@@ -74,6 +74,22 @@ class Upstream(BaseHTTPRequestHandler):
         self.wfile.write(out)
 
     def do_GET(self):  # noqa: N802  an SSE stream: 3 events, 300 ms apart
+        if self.path == "/close":   # closes its connection after every answer
+            Upstream.seen.append({"peer_port": self.client_address[1], "path": self.path})
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(b"ok")
+            self.close_connection = True
+            return
+        if self.path == "/eof":     # a body delimited by closing the connection
+            self.send_response(200)
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(b"until the end")
+            self.close_connection = True
+            return
         if self.path == "/big":   # BIG_BODY, more than the socket buffers hold
             self.send_response(200)
             self.send_header("Content-Length", str(len(BIG_BODY)))
@@ -90,6 +106,11 @@ class Upstream(BaseHTTPRequestHandler):
             self.wfile.flush()
             time.sleep(0.3)
         self.wfile.write(b"0\r\n\r\n")
+
+    def do_HEAD(self):  # noqa: N802  a Content-Length but, as for any HEAD, no body
+        self.send_response(200)
+        self.send_header("Content-Length", "1000")
+        self.end_headers()
 
     def log_message(self, *a):
         pass
@@ -373,3 +394,39 @@ def test_large_response_to_a_slow_reader_arrives_whole(agent):
     assert r.returncode == 0, r.stderr[-2000:]
     n, digest = r.stdout.split()
     assert int(n) == len(BIG_BODY) and digest == hashlib.sha256(BIG_BODY).hexdigest()
+
+
+HOP_CLIENT = r'''
+import http.client, json, sys
+c = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]), timeout=10)
+out = {"close": [], "head": None, "eof": None}
+for _ in range(3):
+    c.request("GET", "/close")
+    r = c.getresponse()
+    out["close"].append([r.status, r.read().decode(), r.getheader("Connection"),
+                         id(c.sock) if c.sock else None])
+c.request("HEAD", "/anything")
+r = c.getresponse()
+out["head"] = [r.status, r.getheader("Content-Length"), r.read().decode()]
+c.request("GET", "/eof")
+r = c.getresponse()
+out["eof"] = [r.status, r.read().decode(), r.getheader("Connection")]
+print(json.dumps(out))
+'''
+
+
+def test_each_side_manages_its_own_connection(agent):
+    r = subprocess.run([sys.executable, "-c", HOP_CLIENT, str(agent.upstream)],
+                       capture_output=True, text=True, timeout=60,
+                       preexec_fn=enter_cgroup(agent.cg))
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout)
+    # the server closes after each answer; the workload's connection stays open (the
+    # server's Connection: close is not forwarded) and the proxy dials the server anew
+    assert [c[:3] for c in out["close"]] == [[200, "ok", None]] * 3
+    assert len({c[3] for c in out["close"]}) == 1 and out["close"][0][3] is not None
+    assert len({s["peer_port"] for s in Upstream.seen if s.get("path") == "/close"}) == 3
+    # HEAD: the answer's Content-Length describes a body that is not sent
+    assert out["head"] == [200, "1000", ""]
+    # a body that ends with the server's connection ends the workload's too, and says so
+    assert out["eof"] == [200, "until the end", "close"]

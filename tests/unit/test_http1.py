@@ -1,0 +1,53 @@
+"""HTTP/1.1 framing helpers: header lookups and hop-by-hop connection headers."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.inject import http1
+from agent.inject.http1 import BODY, END, HEAD
+
+STRIP_CASES = [
+    # (headers in, headers kept)
+    ([(b"Host", b"a"), (b"Connection", b"close")], [(b"Host", b"a")]),
+    ([(b"Connection", b"keep-alive, X-Hop"), (b"X-Hop", b"1"), (b"Keep-Alive", b"timeout=5"),
+      (b"X-End", b"2")], [(b"X-End", b"2")]),
+    ([(b"Proxy-Connection", b"keep-alive"), (b"Content-Length", b"3")],
+     [(b"Content-Length", b"3")]),
+    # framing is never dropped, even when Connection names it
+    ([(b"Connection", b"Transfer-Encoding"), (b"Transfer-Encoding", b"chunked")],
+     [(b"Transfer-Encoding", b"chunked")]),
+    ([(b"Host", b"a")], [(b"Host", b"a")]),
+]
+
+
+@pytest.mark.parametrize("headers,kept", STRIP_CASES)
+def test_connection_headers_are_stripped(headers, kept):
+    head = http1.Head(headers=list(headers))
+    http1.strip_connection_headers(head)
+    assert head.headers == kept
+    assert head.names == {k.lower() for k, _ in kept}
+
+
+def test_lookups_are_case_insensitive_and_follow_add_and_remove():
+    head = http1.Head(headers=[(b"Content-Type", b"application/json")])
+    assert head.get(b"content-type") == b"application/json" and head.get(b"accept") is None
+    head.add(b"Authorization", b"Bearer x")
+    assert head.get(b"authorization") == b"Bearer x"
+    assert head.remove(b"authorization", b"dpop") == [b"Authorization"]
+    assert head.get(b"authorization") is None and head.remove(b"dpop") == []
+
+
+def test_parsed_request_carries_names_and_framing():
+    r = http1.Reader()
+    events = r.feed(b"POST /mcp HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                    b"Connection: close\r\n\r\n2\r\n{}\r\n0\r\n\r\n")
+    assert [e[0] for e in events] == [HEAD, BODY, END]
+    head = events[0][1]
+    assert head.chunked and not head.keep_alive
+    assert head.names == {b"host", b"transfer-encoding", b"connection"}
+
+
+def test_garbage_is_a_protocol_error():
+    with pytest.raises(http1.ProtocolError):
+        http1.Reader().feed(b"NOT HTTP AT ALL\r\n\r\n")
