@@ -14,7 +14,7 @@ import os
 import platform
 
 _SYS_BPF = {"x86_64": 321, "aarch64": 280}[platform.machine()]
-BPF_OBJ_PIN, BPF_OBJ_GET, BPF_LINK_CREATE = 6, 7, 28
+BPF_OBJ_PIN, BPF_OBJ_GET, BPF_LINK_CREATE, BPF_LINK_UPDATE = 6, 7, 28, 29
 
 # enum bpf_attach_type
 CGROUP_SOCK_OPS = 3
@@ -41,6 +41,13 @@ def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
     attr = _Attr()
     attr.w[0], attr.w[1], attr.w[2], attr.w[3] = prog_fd, target_fd, attach_type, 0
     return _bpf(BPF_LINK_CREATE, attr)
+
+
+def link_update(link_fd: int, prog_fd: int) -> None:
+    """Swap the program behind a link in one step: no event in between sees no program."""
+    attr = _Attr()
+    attr.w[0], attr.w[1], attr.w[2], attr.w[3] = link_fd, prog_fd, 0, 0
+    _bpf(BPF_LINK_UPDATE, attr)
 
 
 def obj_pin(fd: int, path: str) -> None:

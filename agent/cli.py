@@ -158,6 +158,19 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_detach(args) -> int:
+    from agent.inject.redirect import detach
+
+    pin_dir = _load_config(args.config).agent.bpf_pin_dir
+    removed = detach(pin_dir)
+    if not removed:
+        print(f"credless: no redirect pinned under {pin_dir}")
+        return 0
+    print(f"credless: redirect detached ({len(removed)} pins removed under {pin_dir}); "
+          "MCP connects now go out untouched until an agent starts")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="credless", description=(
         "Node-local credential injection agent: attests processes with eBPF, gives them "
@@ -194,6 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--config", help=f"config file (default {config.DEFAULT_CONFIG_PATH})")
     status.add_argument("--json", action="store_true", help="JSON (the default when not a TTY)")
     status.set_defaults(func=cmd_status)
+
+    det = sub.add_parser("detach", help="remove the pinned connect redirect the agent leaves "
+                         "attached across restarts (for uninstalling)")
+    det.add_argument("--config", help=f"config file (default {config.DEFAULT_CONFIG_PATH})")
+    det.set_defaults(func=cmd_detach)
 
     oauth = sub.add_parser("oauth", help="OAuth tools").add_subparsers(dest="oauth_command",
                                                                         required=True)

@@ -287,6 +287,16 @@ class InjectSection:
                                            _one_of("strip", "reject"))
     fail_open: bool = _setting(False, "while no agent listens, let intercepted connects go "
                                "out untouched (default: they are refused)")
+    resolve_interval_seconds: float = _setting(30.0, "how often MCP server host names are "
+                                               "resolved again (0: only at start)",
+                                               lambda v: None if v >= 0 else "0 or more")
+    resolve_retain_seconds: float = _setting(600.0, "how long an address a server's name no "
+                                             "longer resolves to stays intercepted (workloads "
+                                             "may hold older answers)", _positive)
+    keep_redirect_on_stop: bool = _setting(True, "leave the redirect attached (pinned under "
+                                           "agent.bpf_pin_dir) when the agent stops, so a "
+                                           "restart never lets intercepted connects out "
+                                           "uninjected; `credless detach` removes it")
     upstream_pool_size: int = _setting(16, "idle upstream connections kept per identity and "
                                        "server", _positive)
     upstream_ca_file: str = _setting("", "CA bundle to verify https MCP servers; empty means "

@@ -184,17 +184,19 @@ class Daemon:
     def _add_injection(self, cfg: Config) -> None:
         from agent.attest.cgroupfs import cgroup2_root
         from agent.inject.proxy import Proxy
-        from agent.inject.upstreams import upstreams_from_config
         from agent.inject.redirect import Redirector, Target
+        from agent.inject.upstreams import UpstreamResolver
 
-        upstreams = upstreams_from_config(cfg.servers)
+        resolver = UpstreamResolver(cfg.servers, retain=cfg.inject.resolve_retain_seconds)
+        upstreams = resolver.refresh()
         root = cgroup2_root(cfg.attest.cgroup_root)
         if root is None:
             raise StartupError("no cgroup v2 mount: the redirect needs one (credless doctor)")
         inj = cfg.inject
         self.redirector = Redirector(cfg.agent.bpf_pin_dir, root,
                                      (inj.listen_host, inj.listen_port), inj.listen_port6,
-                                     list(inj.managed_cgroups), fail_open=inj.fail_open)
+                                     list(inj.managed_cgroups), fail_open=inj.fail_open,
+                                     keep_on_stop=inj.keep_redirect_on_stop)
         from agent.inject.tls import InjectionCA, upstream_context
 
         self.inject_ca = InjectionCA(cfg.agent.state_dir,
@@ -214,14 +216,32 @@ class Daemon:
                            max_body=cfg.policy.max_body_bytes)
         redirector = self.redirector
 
+        def targets(ups) -> set:
+            return {Target(h, p, inj.tls_listen_port if up.scheme == "https" else 0)
+                    for (h, p), up in ups.items()}
+
+        async def follow_dns() -> None:
+            """Servers' addresses as their names resolve now (UpstreamResolver)."""
+            loop = asyncio.get_running_loop()
+            while True:
+                await asyncio.sleep(inj.resolve_interval_seconds)
+                try:
+                    fresh = await loop.run_in_executor(None, resolver.refresh)
+                except Exception:   # keep following; the addresses known stay intercepted
+                    log.exception("resolving MCP servers failed")
+                    continue
+                if fresh != self.proxy.upstreams:
+                    redirector.set_targets(targets(fresh))
+                    self.proxy.upstreams = fresh
+                    log.info("MCP server addresses changed",
+                             addresses=sorted(f"{h}:{p}" for h, p in fresh))
+
         class RedirectComponent:
             name = "redirect"
 
             def start(self) -> None:
                 redirector.start()
-                redirector.set_targets({
-                    Target(h, p, inj.tls_listen_port if up.scheme == "https" else 0)
-                    for (h, p), up in upstreams.items()})
+                redirector.set_targets(targets(upstreams))
 
             def stop(self) -> None:
                 redirector.stop()
@@ -230,12 +250,17 @@ class Daemon:
 
         class ProxyComponent:
             name = "proxy"
+            dns: asyncio.Task | None = None
 
             async def astart(self) -> None:
                 await proxy.astart()
                 redirector.set_agent_up(True)
+                self.dns = asyncio.create_task(follow_dns()) \
+                    if inj.resolve_interval_seconds > 0 else None
 
             async def astop(self) -> None:
+                if self.dns is not None:
+                    self.dns.cancel()
                 redirector.set_agent_up(False)
                 await proxy.astop()
 

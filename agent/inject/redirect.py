@@ -3,9 +3,14 @@ accepted connection going, and who opened it?".
 
 The programs attach at the cgroup v2 root, so they see every connect; they only act on
 destinations in the target map, made by processes in the managed cgroups (or, with no
-managed cgroups configured, in any cgroup but the agent's own). Links die with the agent:
-a crashed agent leaves no redirect behind, and a connect made while no agent listens is
-refused by the kernel (nothing listens on the loopback port) rather than sent out.
+managed cgroups configured, in any cgroup but the agent's own).
+
+The links and maps are pinned under agent.bpf_pin_dir, so the redirect outlives the agent:
+while it restarts (or after it crashed) an intercepted connect is still redirected, to a
+port where nothing listens, and refused, never sent to the server uninjected and unchecked
+by policy (inject.fail_open lets it out instead). A starting agent swaps its programs into
+the pinned links in one step (BPF_LINK_UPDATE) and rewrites the maps' configuration.
+`credless detach` (or inject.keep_redirect_on_stop = false) removes the redirect.
 """
 
 from __future__ import annotations
@@ -25,6 +30,21 @@ log = get_logger("inject.redirect")
 
 _MAPS = ("redirect_targets", "redirect_config", "managed_cgroups", "redirected",
          "local_to_cookie")
+# pinned link per program: what keeps the redirect attached while no agent runs
+_LINKS = {b"credless_connect4": "link_connect4", b"credless_connect6": "link_connect6",
+          b"credless_sockops": "link_sockops"}
+
+
+def detach(pin_dir: str | os.PathLike) -> list[str]:
+    """Remove the pinned redirect (links first: that detaches the programs) and its maps;
+    returns what was removed. A running agent keeps its own attachment until it stops."""
+    removed = []
+    for name in [*_LINKS.values(), *_MAPS]:
+        path = Path(pin_dir) / name
+        if path.exists():
+            path.unlink()
+            removed.append(str(path))
+    return removed
 
 
 @dataclass(frozen=True)
@@ -63,13 +83,17 @@ class Redirector:
     name = "redirect"
 
     def __init__(self, pin_dir: str, cgroup_root: str, listen4: tuple[str, int],
-                 listen6_port: int, managed_cgroups: list[str], fail_open: bool = False):
+                 listen6_port: int, managed_cgroups: list[str], fail_open: bool = False,
+                 keep_on_stop: bool = True):
         self.pin_dir = Path(pin_dir)
         self.cgroup_root = cgroup_root
         self.listen4 = listen4
         self.listen6_port = listen6_port
         self.managed_paths = managed_cgroups
         self.fail_open = fail_open
+        self.keep_on_stop = keep_on_stop
+        self.took_over = False     # found a pinned redirect of an earlier agent and kept it
+        self._stale_targets: list[bytes] = []
         self._bpf = None
         self._links: list[int] = []
         self._root_fd = -1
@@ -78,12 +102,17 @@ class Redirector:
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
         self.pin_dir.mkdir(parents=True, exist_ok=True)
-        for m in _MAPS:  # stale pins of a crashed agent: start from clean maps
-            (self.pin_dir / m).unlink(missing_ok=True)
         if not (self.pin_dir / "process_images").exists():
             raise RuntimeError(f"{self.pin_dir}/process_images is not pinned: attestation "
                                "must start before the redirect")
-        self._bpf = compile_program("redirect", [f'-DPIN_DIR="{self.pin_dir}"'])
+        try:   # the maps an earlier agent pinned are reused (its links use them)
+            self._bpf = compile_program("redirect", [f'-DPIN_DIR="{self.pin_dir}"'])
+        except Exception as e:   # pinned by another version with another layout: anew
+            log.warning("pinned redirect maps not reusable; replacing them", error=str(e))
+            for m in _MAPS:
+                (self.pin_dir / m).unlink(missing_ok=True)
+            self._bpf = compile_program("redirect", [f'-DPIN_DIR="{self.pin_dir}"'])
+        self._stale_targets = [bytes(k) for k in self._bpf[b"redirect_targets"].keys()]
         from bcc import BPF, BPFAttachType
         progs = [
             (b"credless_connect4", BPF.CGROUP_SOCK_ADDR, BPFAttachType.CGROUP_INET4_CONNECT,
@@ -97,11 +126,21 @@ class Redirector:
         try:
             for name, ptype, expected, attach in progs:
                 fn = self._bpf.load_func(name, ptype, None, expected)
-                self._links.append(bpfsys.link_create(fn.fd, self._root_fd, attach))
+                pin = self.pin_dir / _LINKS[name]
+                if pin.exists():
+                    fd = bpfsys.obj_get(str(pin))
+                    self._links.append(fd)
+                    bpfsys.link_update(fd, fn.fd)
+                    self.took_over = True
+                else:
+                    fd = bpfsys.link_create(fn.fd, self._root_fd, attach)
+                    self._links.append(fd)
+                    bpfsys.obj_pin(fd, str(pin))
         except Exception:
-            self.stop()
+            self.stop(detach=True)
             raise
-        log.info("redirect attached", cgroup_root=self.cgroup_root,
+        log.info("redirect attached", cgroup_root=self.cgroup_root, took_over=self.took_over,
+                 pinned=str(self.pin_dir),
                  listen=f"{self.listen4[0]}:{self.listen4[1]}",
                  managed=self.managed_paths or "all but the agent's cgroup")
 
@@ -120,9 +159,13 @@ class Redirector:
         leaf.excluded_cgroup = self._own_cgroup_id()
         cfg_table[ct.c_int(0)] = leaf
         managed = self._bpf[b"managed_cgroups"]
-        for rel in self.managed_paths:
-            cg_id = os.stat(os.path.join(self.cgroup_root, rel.lstrip("/"))).st_ino
+        ids = {os.stat(os.path.join(self.cgroup_root, rel.lstrip("/"))).st_ino
+               for rel in self.managed_paths}
+        for cg_id in ids:
             managed[ct.c_uint64(cg_id)] = ct.c_uint32(1)
+        for key in list(managed.keys()):   # an earlier agent's configuration
+            if key.value not in ids:
+                del managed[key]
 
     def _own_cgroup_id(self) -> int:
         from agent.attest.cgroupfs import process_cgroup
@@ -135,9 +178,16 @@ class Redirector:
         leaf.agent_up = 1 if up else 0
         table[ct.c_int(0)] = leaf
 
-    def stop(self) -> None:
+    def stop(self, detach: bool | None = None) -> None:
+        """Close this agent's hold on the redirect; it stays attached through its pins
+        unless detach (default: not keep_on_stop)."""
+        if detach is None:
+            detach = not self.keep_on_stop
+        if detach:
+            for name in _LINKS.values():
+                (self.pin_dir / name).unlink(missing_ok=True)
         for fd in self._links:
-            os.close(fd)   # closing the link detaches the program
+            os.close(fd)   # the last reference to an unpinned link: detaches the program
         self._links.clear()
         if self._root_fd >= 0:
             os.close(self._root_fd)
@@ -145,8 +195,12 @@ class Redirector:
         if self._bpf is not None:
             self._bpf.cleanup()
             self._bpf = None
-        for m in _MAPS:
-            (self.pin_dir / m).unlink(missing_ok=True)
+        if detach:
+            for m in _MAPS:
+                (self.pin_dir / m).unlink(missing_ok=True)
+        else:
+            log.info("redirect left attached while no agent runs: intercepted connects are "
+                     + ("let out" if self.fail_open else "refused"), pinned=str(self.pin_dir))
 
     # ------------------------------------------------------------ targets
     def set_targets(self, targets: set[Target]) -> None:
@@ -160,6 +214,16 @@ class Redirector:
             table[self._target_key(table, t)] = ct.c_uint32(
                 _net_port(t.listen_port) if t.listen_port else 0)
         self.targets = set(targets)
+        if self._stale_targets:   # an earlier agent's targets this configuration lacks
+            wanted = {bytes(self._target_key(table, t)) for t in targets}
+            for raw in self._stale_targets:
+                if raw not in wanted:
+                    key = table.Key.from_buffer_copy(raw)
+                    try:
+                        del table[key]
+                    except KeyError:
+                        pass
+            self._stale_targets = []
 
     @staticmethod
     def _target_key(table, t: Target):

@@ -4,11 +4,16 @@ workload dials, and the pool of idle upstream connections per (identity, server)
 from __future__ import annotations
 
 import socket
+import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 from urllib.parse import urlsplit
 
 from agent.inject.flows import UpstreamSide
+from agent.observe.logging import get_logger
+
+log = get_logger("inject.upstreams")
 
 
 @dataclass(frozen=True)
@@ -51,14 +56,63 @@ class Pool:
         self._idle.clear()
 
 
-def upstreams_from_config(servers) -> dict[tuple[str, int], Upstream]:
-    """(IP, port) the workload dials → the upstream; hostnames resolved once here."""
-    out: dict[tuple[str, int], Upstream] = {}
+def _servers(servers) -> list[tuple[str, int, Upstream]]:
+    out = []
     for s in servers:
         u = urlsplit(s.url)
         port = u.port or (443 if u.scheme == "https" else 80)
-        up = Upstream(s.name, u.scheme, u.hostname, port, f"{u.scheme}://{u.netloc}",
-                      getattr(s, "mode", "broker"))
-        for info in socket.getaddrinfo(u.hostname, port, type=socket.SOCK_STREAM):
+        out.append((u.hostname, port, Upstream(s.name, u.scheme, u.hostname, port,
+                                              f"{u.scheme}://{u.netloc}",
+                                              getattr(s, "mode", "broker"))))
+    return out
+
+
+def upstreams_from_config(servers, resolve: Callable = socket.getaddrinfo
+                          ) -> dict[tuple[str, int], Upstream]:
+    """(IP, port) the workload dials → the upstream, hostnames resolved now."""
+    out: dict[tuple[str, int], Upstream] = {}
+    for host, port, up in _servers(servers):
+        for info in resolve(host, port, type=socket.SOCK_STREAM):
             out[(info[4][0], port)] = up
     return out
+
+
+class UpstreamResolver:
+    """Keeps (IP, port) → upstream current as the servers' DNS answers change.
+
+    refresh() resolves every server again. An address is intercepted from the first answer
+    that names it until `retain` seconds after the last one did: a workload may hold an
+    older answer (its own cache, round-robin records), and an address dropped too early
+    would send its connects out uninjected. A server that fails to resolve keeps the
+    addresses it had. getaddrinfo() does not give TTLs, so refresh() runs on an interval
+    (inject.resolve_interval_seconds).
+    """
+
+    def __init__(self, servers, resolve: Callable = socket.getaddrinfo,
+                 retain: float = 600.0, clock: Callable[[], float] = time.monotonic):
+        self._servers = _servers(servers)
+        self._resolve = resolve
+        self._retain = retain
+        self._clock = clock
+        self._last_seen: dict[tuple[str, int], tuple[float, Upstream]] = {}
+        self.failures = 0
+
+    def refresh(self) -> dict[tuple[str, int], Upstream]:
+        now = self._clock()
+        for host, port, up in self._servers:
+            try:
+                infos = self._resolve(host, port, type=socket.SOCK_STREAM)
+            except OSError as e:
+                self.failures += 1
+                log.warning("could not resolve an MCP server; keeping its addresses",
+                            server=up.name, host=host, error=str(e))
+                for key, (_, known) in list(self._last_seen.items()):
+                    if known is up or known.name == up.name:
+                        self._last_seen[key] = (now, known)
+                continue
+            for info in infos:
+                self._last_seen[(info[4][0], port)] = (now, up)
+        for key, (seen, _) in list(self._last_seen.items()):
+            if now - seen > self._retain:
+                del self._last_seen[key]
+        return {key: up for key, (_, up) in self._last_seen.items()}

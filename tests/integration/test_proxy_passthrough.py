@@ -14,9 +14,11 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
+from agent import config
 from tests.helpers import AgentProcess, free_port, write_config
 from tests.kernel import cgroup_child, enter_cgroup
 
@@ -149,28 +151,23 @@ def hangup_upstream():
     srv.close()
 
 
+def passthrough_config(tmp_path, cg, servers: dict[str, int]):
+    """An agent config managing cgroup cg, with a passthrough server per name → port."""
+    port = free_port()
+    extra = (f'[inject]\nlisten_port = {port}\nlisten_port6 = {port}\n'
+             f'managed_cgroups = ["/{cg.name}"]\n')
+    for name, server_port in servers.items():
+        extra += (f'[[servers]]\nname = "{name}"\nurl = "http://127.0.0.1:{server_port}/mcp"\n'
+                  'mode = "passthrough"\n')
+    return write_config(tmp_path, extra=extra)
+
+
 @pytest.fixture
 def agent(tmp_path, upstream, hangup_upstream):
     with cgroup_child() as cg:
-        port, dead = free_port(), free_port()   # nothing listens on `dead`
-        cfg = write_config(tmp_path, extra=f'''
-[inject]
-listen_port = {port}
-listen_port6 = {port}
-managed_cgroups = ["/{cg.name}"]
-[[servers]]
-name = "up"
-url = "http://127.0.0.1:{upstream}/mcp"
-mode = "passthrough"
-[[servers]]
-name = "hangup"
-url = "http://127.0.0.1:{hangup_upstream}/mcp"
-mode = "passthrough"
-[[servers]]
-name = "dead"
-url = "http://127.0.0.1:{dead}/mcp"
-mode = "passthrough"
-''')
+        dead = free_port()   # nothing listens there
+        cfg = passthrough_config(tmp_path, cg, {"up": upstream, "hangup": hangup_upstream,
+                                                "dead": dead})
         with AgentProcess(cfg, tmp_path) as a:
             a.wait_ready()
             a.cg, a.upstream, a.hangup, a.dead = cg, upstream, hangup_upstream, dead
@@ -430,3 +427,57 @@ def test_each_side_manages_its_own_connection(agent):
     assert out["head"] == [200, "1000", ""]
     # a body that ends with the server's connection ends the workload's too, and says so
     assert out["eof"] == [200, "until the end", "close"]
+
+
+PLAIN_CLIENT = r'''
+import http.client, json, sys
+c = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]), timeout=10)
+try:
+    c.request("POST", "/mcp", body=b'{"n": 1}', headers={"Content-Length": "8"})
+    r = c.getresponse()
+    print(json.dumps([r.status, json.loads(r.read())]))
+except ConnectionRefusedError:
+    print(json.dumps(["refused"]))
+'''
+
+
+def test_redirect_stays_attached_across_a_restart_and_detach_removes_it(tmp_path, upstream,
+                                                                        credless_cmd):
+    with cgroup_child() as cg:
+        cfg = passthrough_config(tmp_path, cg, {"up": upstream})
+        pin = Path(config.load(cfg).agent.bpf_pin_dir)
+
+        def client(cgroup=cg):
+            r = subprocess.run([sys.executable, "-c", PLAIN_CLIENT, str(upstream)],
+                               capture_output=True, text=True, timeout=60,
+                               preexec_fn=enter_cgroup(cgroup) if cgroup else None)
+            assert r.returncode == 0, r.stderr[-2000:]
+            return json.loads(r.stdout)
+
+        with AgentProcess(cfg, tmp_path) as first:
+            first.wait_ready()
+            assert client() == [200, {"echo": {"n": 1}}]
+            assert first.stop() == 0
+            # no agent: the managed process is refused, the server sees nothing ...
+            assert (pin / "link_connect4").exists()
+            seen = len(Upstream.seen)
+            assert client() == ["refused"]
+            assert len(Upstream.seen) == seen
+            # ... while an unmanaged one is untouched
+            assert client(cgroup=None) == [200, {"echo": {"n": 1}}]
+            with AgentProcess(cfg, tmp_path) as second:
+                second.wait_ready()
+                assert client() == [200, {"echo": {"n": 1}}]
+                took_over = [e for e in second.log_events()
+                             if e.get("event") == "redirect attached"]
+                assert took_over and took_over[0]["took_over"] is True
+                assert second.stop() == 0
+                # (inside the block: leaving it removes every pin, whatever happened)
+                r = subprocess.run([*credless_cmd, "detach", "--config", str(cfg)],
+                                   capture_output=True, text=True, timeout=60)
+                assert r.returncode == 0 and "redirect detached" in r.stdout, r.stderr
+                assert not (pin / "link_connect4").exists()
+                # detached: the managed process now reaches the server directly
+                before = len(Upstream.seen)
+                assert client() == [200, {"echo": {"n": 1}}]
+                assert len(Upstream.seen) == before + 1

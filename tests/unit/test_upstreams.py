@@ -1,0 +1,73 @@
+"""UpstreamResolver: which (address, port) pairs are intercepted as DNS answers change."""
+
+from __future__ import annotations
+
+import socket
+from types import SimpleNamespace
+
+import pytest
+
+from agent.inject.upstreams import UpstreamResolver, upstreams_from_config
+
+SERVERS = [SimpleNamespace(name="tools", url="https://mcp.example:8443/mcp", mode="broker"),
+           SimpleNamespace(name="local", url="http://127.0.0.1/mcp", mode="passthrough")]
+
+
+class FakeDNS:
+    """Answers getaddrinfo from a table the test changes; None: the lookup fails."""
+
+    def __init__(self):
+        self.answers = {"mcp.example": ["10.0.0.1"], "127.0.0.1": ["127.0.0.1"]}
+
+    def __call__(self, host, port, type=0):  # noqa: A002 - getaddrinfo's own name
+        ips = self.answers[host]
+        if ips is None:
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return [(socket.AF_INET, type, 6, "", (ip, port)) for ip in ips]
+
+
+class Clock:
+    now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_ports_default_by_scheme_and_modes_are_kept():
+    ups = upstreams_from_config(SERVERS, resolve=FakeDNS())
+    assert set(ups) == {("10.0.0.1", 8443), ("127.0.0.1", 80)}
+    assert ups[("10.0.0.1", 8443)].origin == "https://mcp.example:8443"
+    assert ups[("127.0.0.1", 80)].mode == "passthrough"
+
+
+STEPS = [
+    # (seconds later, answer for mcp.example, addresses intercepted for it)
+    (30, ["10.0.0.2"], {"10.0.0.1", "10.0.0.2"}),   # the old one is retained ...
+    (30, ["10.0.0.2"], {"10.0.0.1", "10.0.0.2"}),
+    (600, ["10.0.0.2"], {"10.0.0.2"}),               # ... until retain expires
+    (30, None, {"10.0.0.2"}),                         # failure keeps what was known
+    (900, None, {"10.0.0.2"}),                        # however long it fails
+    (30, ["10.0.0.3", "10.0.0.4"], {"10.0.0.2", "10.0.0.3", "10.0.0.4"}),
+]
+
+
+def test_addresses_follow_dns_with_retention_and_survive_failures():
+    dns, clock = FakeDNS(), Clock()
+    r = UpstreamResolver(SERVERS, resolve=dns, retain=600, clock=clock)
+    assert {h for h, p in r.refresh() if p == 8443} == {"10.0.0.1"}
+    for later, answer, expected in STEPS:
+        clock.now += later
+        dns.answers["mcp.example"] = answer
+        ups = r.refresh()
+        assert {h for h, p in ups if p == 8443} == expected, (later, answer)
+        assert ("127.0.0.1", 80) in ups
+    assert r.failures == 2
+
+
+@pytest.mark.parametrize("retain", [0.5, 10])
+def test_unchanged_answers_never_expire(retain):
+    clock = Clock()
+    r = UpstreamResolver(SERVERS, resolve=FakeDNS(), retain=retain, clock=clock)
+    first = r.refresh()
+    clock.now += 1000
+    assert r.refresh() == first
