@@ -1,0 +1,231 @@
+"""The Kubernetes manifests validate offline (strict) and agree with each other and with the
+agent's config."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from agent import config
+from tests.conftest import REPO
+
+K8S = REPO / "deploy" / "k8s"
+VENV_BIN = Path(sys.executable).parent
+# The Kubernetes API the manifests are checked against (kubernetes-validate ships its schemas).
+K8S_VERSION = "1.33.0"
+
+
+# ------------------------------------------------------------------------- kubernetes
+def _manifests() -> list[Path]:
+    return sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+
+
+def _docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def _one(path: str) -> dict:
+    (doc,) = _docs(K8S / path)
+    return doc
+
+
+def _agent_config(tmp_path: Path) -> config.Config:
+    data = _one("configmap.yaml")["data"]
+    (tmp_path / "credless.toml").write_text(data["credless.toml"])
+    return config.load(tmp_path / "credless.toml")
+
+
+def test_kustomization_lists_every_manifest():
+    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert sorted(kust["resources"]) == [p.name for p in _manifests()]
+
+
+def test_manifests_validate_strictly_against_kubernetes_schemas():
+    # strict really is strict: an unknown field is refused
+    bad = _one("daemonset.yaml")
+    bad["spec"]["template"]["spec"]["containers"][0]["securityContex"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, K8S_VERSION, strict=True)
+    for path in _manifests():
+        for doc in _docs(path):
+            if path.name == "podmonitor.yaml":
+                # a prometheus-operator CRD: kubernetes-validate has no schema for it, checked
+                # in test_podmonitor_matches_the_crd_and_selects_the_daemonset instead
+                with pytest.raises(kubernetes_validate.SchemaNotFoundError):
+                    kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+                continue
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+# The part of monitoring.coreos.com/v1 PodMonitor's openAPIV3Schema (prometheus-operator
+# example/prometheus-operator-crd/monitoring.coreos.com_podmonitors.yaml) that the manifest
+# uses; unknown fields are refused, as the API server's structural pruning would drop them.
+_RELABEL = {"type": "object", "additionalProperties": False, "properties": {
+    "action": {"enum": ["replace", "Replace", "keep", "Keep", "drop", "Drop", "hashmod",
+                        "HashMod", "labelmap", "LabelMap", "labeldrop", "LabelDrop",
+                        "labelkeep", "LabelKeep", "lowercase", "Lowercase", "uppercase",
+                        "Uppercase", "keepequal", "KeepEqual", "dropequal", "DropEqual"]},
+    "modulus": {"type": "integer"}, "regex": {"type": "string"},
+    "replacement": {"type": "string"}, "separator": {"type": "string"},
+    "sourceLabels": {"type": "array", "items": {"type": "string"}},
+    "targetLabel": {"type": "string"}}}
+_DURATION = {"type": "string",
+             "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?"
+                        r"(([0-9]+)s)?(([0-9]+)ms)?)$"}
+PODMONITOR_SCHEMA = {
+    "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "PodMonitor"},
+        "metadata": {"type": "object", "required": ["name", "namespace"]},
+        "spec": {"type": "object", "required": ["selector", "podMetricsEndpoints"],
+                 "additionalProperties": False, "properties": {
+                     "jobLabel": {"type": "string"},
+                     "namespaceSelector": {"type": "object"},
+                     "podTargetLabels": {"type": "array", "items": {"type": "string"}},
+                     "selector": {"type": "object", "additionalProperties": False,
+                                  "properties": {
+                                      "matchLabels": {"type": "object",
+                                                      "additionalProperties": {"type": "string"}},
+                                      "matchExpressions": {"type": "array"}}},
+                     "podMetricsEndpoints": {"type": "array", "minItems": 1, "items": {
+                         "type": "object", "additionalProperties": False, "properties": {
+                             "port": {"type": "string"}, "path": {"type": "string"},
+                             "scheme": {"enum": ["http", "https", "HTTP", "HTTPS"]},
+                             "interval": _DURATION, "scrapeTimeout": _DURATION,
+                             "honorLabels": {"type": "boolean"},
+                             "relabelings": {"type": "array", "items": _RELABEL},
+                             "metricRelabelings": {"type": "array", "items": _RELABEL}}}}}}}}
+
+
+def _pod_spec() -> dict:
+    return _one("daemonset.yaml")["spec"]["template"]["spec"]
+
+
+def _container_ports() -> dict[str, int]:
+    return {p["name"]: p["containerPort"] for p in _pod_spec()["containers"][0]["ports"]}
+
+
+def test_podmonitor_matches_the_crd_and_selects_the_daemonset():
+    pm = _one("podmonitor.yaml")
+    jsonschema.validate(pm, PODMONITOR_SCHEMA)
+    ds = _one("daemonset.yaml")
+    assert pm["metadata"]["namespace"] == ds["metadata"]["namespace"]
+    labels = ds["spec"]["template"]["metadata"]["labels"]
+    assert pm["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert {e["port"] for e in pm["spec"]["podMetricsEndpoints"]} <= set(_container_ports())
+
+
+def test_metrics_service_and_ports_reach_the_agents_metrics_endpoint(tmp_path):
+    svc = _one("service-metrics.yaml")
+    ds = _one("daemonset.yaml")
+    assert svc["spec"]["clusterIP"] == "None"
+    assert svc["spec"]["selector"].items() <= ds["spec"]["template"]["metadata"]["labels"].items()
+    ports = _container_ports()
+    assert {p["targetPort"] for p in svc["spec"]["ports"]} <= set(ports)
+    cfg = _agent_config(tmp_path)
+    host, port = config.parse_listen(cfg.metrics.listen)
+    assert ports["metrics"] == port
+    # Prometheus scrapes the pod IP (the node's, with hostNetwork): not reachable on loopback
+    assert cfg.metrics.expose and host in ("0.0.0.0", "::"), cfg.metrics.listen
+    container = _pod_spec()["containers"][0]
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        get = container[probe]["httpGet"]
+        assert get["port"] == port and get.get("host") == "127.0.0.1", probe
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+
+
+def test_daemonset_mounts_what_the_config_uses(tmp_path):
+    spec = _pod_spec()
+    container = spec["containers"][0]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert {m["name"] for m in mounts.values()} == set(volumes), "unused or missing volumes"
+    cfg = _agent_config(tmp_path)
+
+    def host_path(mount_path: str) -> str:
+        return volumes[mounts[mount_path]["name"]]["hostPath"]["path"]
+
+    assert spec["hostPID"] and spec["hostNetwork"]
+    assert spec["dnsPolicy"] == "ClusterFirstWithHostNet"
+    assert spec["priorityClassName"] == "system-node-critical"
+    assert {"operator": "Exists"} in spec["tolerations"]
+    assert host_path(cfg.agent.state_dir) == cfg.agent.state_dir
+    assert host_path(cfg.agent.run_dir) == cfg.agent.run_dir
+    assert volumes[mounts[cfg.agent.run_dir]["name"]]["hostPath"]["type"] == "DirectoryOrCreate"
+    assert cfg.workload_api.socket.startswith(cfg.agent.run_dir + "/")
+    assert host_path("/sys/fs/bpf") == "/sys/fs/bpf"
+    assert cfg.agent.bpf_pin_dir.startswith("/sys/fs/bpf/")
+    assert mounts["/sys/fs/bpf"]["mountPropagation"] == "HostToContainer"
+    for ro in ("/sys/fs/cgroup", "/sys/kernel/tracing", "/lib/modules", "/usr/src",
+               "/etc/credless"):
+        assert mounts[ro]["readOnly"] is True, ro
+    # the files credless.toml names are in the ConfigMap mounted at /etc/credless
+    data = _one("configmap.yaml")["data"]
+    assert volumes[mounts["/etc/credless"]["name"]]["configMap"]["name"] == \
+        _one("configmap.yaml")["metadata"]["name"]
+    assert "subPath" not in mounts["/etc/credless"], "subPath mounts never see updates"
+    for path in (cfg.identity.entries_file, cfg.policy.file):
+        assert Path(path).parent == Path("/etc/credless") and Path(path).name in data, path
+    assert container["args"] == ["run", "--config", "/etc/credless/credless.toml"]
+    # ${VAR}s in the kubelet URL come from the container's environment
+    env = {e["name"]: e for e in container["env"]}
+    for var in re.findall(r"\$\{(\w+)\}", cfg.attest.kubelet.url):
+        assert env[var]["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"
+    assert cfg.attest.kubelet.enabled
+    assert os.path.expandvars(cfg.attest.kubelet.url.replace("${NODE_IP}", "10.0.0.7")) == \
+        "https://10.0.0.7:10250"
+    assert container["securityContext"]["privileged"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_rbac_grants_only_get_on_nodes_pods():
+    role, binding = _docs(K8S / "rbac.yaml")
+    assert role["kind"] == "ClusterRole" and binding["kind"] == "ClusterRoleBinding"
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["nodes/pods"], "verbs": ["get"]}]
+    sa = _one("serviceaccount.yaml")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"],
+                                    "namespace": sa["metadata"]["namespace"]}]
+    assert _pod_spec()["serviceAccountName"] == sa["metadata"]["name"]
+
+
+@pytest.mark.parametrize("key", ["credless.toml", "entries.toml", "policy.toml"])
+def test_configmap_files_are_valid_for_the_agent(tmp_path, key):
+    data = _one("configmap.yaml")["data"]
+    for name, text in data.items():
+        (tmp_path / name).write_text(text)
+    credless = str(VENV_BIN / "credless")
+    if key == "credless.toml":
+        r = subprocess.run([credless, "check-config", str(tmp_path / key)],
+                           capture_output=True, text=True)
+        assert r.returncode == 0 and r.stdout.strip().endswith(": ok"), r.stdout + r.stderr
+    elif key == "policy.toml":
+        r = subprocess.run([credless, "policy", "check", str(tmp_path / key)],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
+    else:
+        from agent.identity import entries
+        from agent.identity.spiffeid import TrustDomain
+        loaded = entries.load(tmp_path / key, TrustDomain.parse("example.org"))
+        assert len(loaded) == 1
+        assert "{k8s:ns}" in data[key] and "{k8s:sa}" in data[key]
+
+
+def test_containerfile_copies_what_the_wheel_needs():
+    text = (K8S / "Containerfile").read_text()
+    assert text.startswith("#") and "FROM debian:bookworm-slim" in text
+    for line in re.findall(r"^COPY (.+)$", text, re.M):
+        for src in line.split()[:-1]:
+            assert (REPO / src).exists(), src
+    assert "python3-bpfcc" in text and "/usr/lib/python3/dist-packages/bcc" in text
