@@ -185,10 +185,13 @@ class Daemon:
         from agent.attest.cgroupfs import cgroup2_root
         from agent.inject.proxy import Proxy
         from agent.inject.redirect import Redirector, Target
-        from agent.inject.upstreams import UpstreamResolver
+        from agent.inject.upstreams import UpstreamConflict, UpstreamResolver
 
         resolver = UpstreamResolver(cfg.servers, retain=cfg.inject.resolve_retain_seconds)
-        upstreams = resolver.refresh()
+        try:
+            upstreams = resolver.refresh()
+        except UpstreamConflict as e:
+            raise StartupError(str(e)) from None
         root = cgroup2_root(cfg.attest.cgroup_root)
         if root is None:
             raise StartupError("no cgroup v2 mount: the redirect needs one (credless doctor)")

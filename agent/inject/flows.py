@@ -74,6 +74,7 @@ class ClientSide(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.closed = self._eof = True
+        self.write_paused = False   # nothing will resume it: never pause an upstream for it
         self._wake()
         if self._writable is not None and not self._writable.done():
             self._writable.set_result(None)
@@ -153,6 +154,7 @@ class UpstreamSide(asyncio.Protocol):
         self._chunked = False
         self.close_delimited = False
         self._close_client = self._bodiless = False
+        self._skip_end = False    # the parser's end of an interim (1xx) response
 
     # --- asyncio callbacks
     def connection_made(self, transport) -> None:
@@ -171,7 +173,10 @@ class UpstreamSide(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         if self._client is not None:
-            self._relay(self._reader.feed_eof())   # a close-delimited body ends here
+            self._relay(self._reader.feed_eof())
+            if self.close_delimited and not self.complete:
+                self.complete = True   # its body ends here (httptools has no end-of-input)
+                self._finish()
         self.keep_alive = False
         return False
 
@@ -200,9 +205,9 @@ class UpstreamSide(asyncio.Protocol):
         client.upstream = self
         self._done = self._loop.create_future()
         self.head, self.complete, self._chunked = None, False, False
-        self.close_delimited = False
+        self.close_delimited = self._skip_end = False
         self._close_client, self._bodiless = close_client, bodiless
-        if client.write_paused:
+        if client.write_paused and not client.closed:
             self.transport.pause_reading()
 
     def send(self, data: bytes) -> None:
@@ -231,6 +236,7 @@ class UpstreamSide(asyncio.Protocol):
             if kind == HEAD:
                 if 100 <= item.status < 200:
                     out += item.response_bytes()
+                    self._skip_end = True   # httptools ends a 1xx as a message of its own
                     continue
                 self.head, self.head_at = item, time.perf_counter()
                 self.keep_alive, self._chunked = item.keep_alive, item.chunked
@@ -249,6 +255,9 @@ class UpstreamSide(asyncio.Protocol):
             elif kind == BODY:
                 out += chunk(item) if self._chunked else item
             elif kind == END:
+                if self._skip_end:
+                    self._skip_end = False
+                    continue
                 if self._chunked:
                     out += LAST_CHUNK
                 self.complete = True

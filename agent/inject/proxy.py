@@ -179,7 +179,7 @@ class Proxy:
                "parent_spiffe_id": parent}
         while True:
             ev = await client.next()
-            if ev is None:
+            if ev is None or client.closed:   # gone: queued requests are not sent for it
                 return
             if ev[0] != HEAD:
                 continue
@@ -242,6 +242,15 @@ class Proxy:
             self._audit("request.denied", audit_base, reason="the process exec'd or exited "
                         "since it connected; connection closed")
             return False
+        # before anything is injected: a workload's Connection header must not be able to
+        # name (and so strip) what credless adds
+        http1.strip_connection_headers(head)
+        expect = head.get(b"expect")
+        if expect is not None and expect.lower() == b"100-continue":
+            # every path below may read the body (policy, assertion, drains): ask for it now,
+            # or a workload that waits for 100 before sending it waits forever
+            head.remove(b"expect")
+            client.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         sent_auth = head.remove(b"authorization", b"dpop") if up.mode != "passthrough" else []
         if sent_auth and self.cfg.workload_authorization == "reject":
             await self._drain_body(src)
@@ -288,9 +297,6 @@ class Proxy:
                 proof = self.oauth.dpop_key(token.spiffe_id).proof(
                     method, up.origin + path.split("?", 1)[0], access_token=token.access_token)
                 head.add(b"DPoP", proof.encode())
-        if head.get(b"expect") and head.get(b"expect").lower() == b"100-continue":
-            head.remove(b"expect")
-            client.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self.m_added.observe(time.perf_counter() - started)
         return await self._exchange(head, src, client, up, ident, token, audit_base,
                                     started)
@@ -411,7 +417,6 @@ class Proxy:
             return head.keep_alive
         # from here the response streams to the workload as it arrives
         conn.begin(client, close_client=not head.keep_alive, bodiless=head.method == b"HEAD")
-        http1.strip_connection_headers(head)
         # one write for head and body when they are at hand: a send(2) per piece costs more
         # than the proxying; large bodies still go out in 64 KiB steps
         out = bytearray(head.request_bytes())

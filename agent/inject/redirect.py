@@ -137,7 +137,9 @@ class Redirector:
                     self._links.append(fd)
                     bpfsys.obj_pin(fd, str(pin))
         except Exception:
-            self.stop(detach=True)
+            # never remove a redirect an earlier agent left attached: that would let
+            # intercepted connects out while this one cannot start
+            self.stop(detach=not self.took_over)
             raise
         log.info("redirect attached", cgroup_root=self.cgroup_root, took_over=self.took_over,
                  pinned=str(self.pin_dir),

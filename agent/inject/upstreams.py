@@ -67,13 +67,27 @@ def _servers(servers) -> list[tuple[str, int, Upstream]]:
     return out
 
 
+class UpstreamConflict(ValueError):
+    """Two servers share an address and port: a redirected connect could not say which."""
+
+
+def _claim(out: dict, key: tuple[str, int], up: Upstream) -> None:
+    other = out.get(key)
+    if other is not None and other.name != up.name:
+        raise UpstreamConflict(
+            f"[[servers]] {other.name!r} and {up.name!r} both resolve to {key[0]}:{key[1]}; "
+            "credless tells servers apart by the address a workload dials, so each needs "
+            "its own address or port")
+    out[key] = up
+
+
 def upstreams_from_config(servers, resolve: Callable = socket.getaddrinfo
                           ) -> dict[tuple[str, int], Upstream]:
     """(IP, port) the workload dials → the upstream, hostnames resolved now."""
     out: dict[tuple[str, int], Upstream] = {}
     for host, port, up in _servers(servers):
         for info in resolve(host, port, type=socket.SOCK_STREAM):
-            out[(info[4][0], port)] = up
+            _claim(out, (info[4][0], port), up)
     return out
 
 
@@ -98,7 +112,10 @@ class UpstreamResolver:
         self.failures = 0
 
     def refresh(self) -> dict[tuple[str, int], Upstream]:
+        """Raises UpstreamConflict on the first refresh if two servers share an address;
+        later, the address stays with the server that had it (and a warning says so)."""
         now = self._clock()
+        first = not self._last_seen
         for host, port, up in self._servers:
             try:
                 infos = self._resolve(host, port, type=socket.SOCK_STREAM)
@@ -111,7 +128,16 @@ class UpstreamResolver:
                         self._last_seen[key] = (now, known)
                 continue
             for info in infos:
-                self._last_seen[(info[4][0], port)] = (now, up)
+                key = (info[4][0], port)
+                held = self._last_seen.get(key)
+                if held is not None and held[1].name != up.name:
+                    if first:
+                        _claim({key: held[1]}, key, up)   # raises, naming both
+                    log.warning("two servers resolve to one address; it stays with the first",
+                                address=f"{key[0]}:{key[1]}", kept=held[1].name,
+                                ignored=up.name)
+                    continue
+                self._last_seen[key] = (now, up)
         for key, (seen, _) in list(self._last_seen.items()):
             if now - seen > self._retain:
                 del self._last_seen[key]

@@ -85,6 +85,15 @@ class Upstream(BaseHTTPRequestHandler):
             self.wfile.write(b"ok")
             self.close_connection = True
             return
+        if self.path == "/early":   # an interim 103 Early Hints before the answer
+            self.send_response_only(103)
+            self.send_header("Link", "</style.css>; rel=preload")
+            self.end_headers()
+            self.send_response(200)
+            self.send_header("Content-Length", "11")
+            self.end_headers()
+            self.wfile.write(b"after hints")
+            return
         if self.path == "/eof":     # a body delimited by closing the connection
             self.send_response(200)
             self.send_header("Connection", "close")
@@ -425,8 +434,38 @@ def test_each_side_manages_its_own_connection(agent):
     assert len({s["peer_port"] for s in Upstream.seen if s.get("path") == "/close"}) == 3
     # HEAD: the answer's Content-Length describes a body that is not sent
     assert out["head"] == [200, "1000", ""]
-    # a body that ends with the server's connection ends the workload's too, and says so
+    # a body that ends with the server's connection ends the workload's too, and says so;
+    # it is a complete answer, audited as forwarded
     assert out["eof"] == [200, "until the end", "close"]
+    audit = [json.loads(ln) for ln in agent.stdout_path.read_text().splitlines()]
+    paths = [a["path"] for a in audit if a["event"] == "request.forwarded"]
+    assert paths.count("/eof") == 1
+    assert not [a for a in audit if a["event"] == "request.failed"]
+
+
+EXPECT_CLIENT = r'''
+import socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=5)
+s.sendall(b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Length: 8\r\n"
+          b"Expect: 100-continue\r\n\r\n")
+interim = s.recv(4096)           # the body is held back until the proxy asks for it
+s.sendall(b'{"n": 7}')
+answer = b""
+while b"}}" not in answer:
+    answer += s.recv(4096)
+print(interim.decode().split("\r\n")[0])
+print(answer.decode().split("\r\n")[0])
+print(answer.decode().rsplit("\r\n", 1)[-1])
+'''
+
+
+def test_expect_100_continue_is_answered_before_the_body_is_read(agent):
+    r = subprocess.run([sys.executable, "-c", EXPECT_CLIENT, str(agent.upstream)],
+                       capture_output=True, text=True, timeout=60,
+                       preexec_fn=enter_cgroup(agent.cg))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.splitlines() == ["HTTP/1.1 100 Continue", "HTTP/1.1 200 OK",
+                                     '{"echo": {"n": 7}}']
 
 
 PLAIN_CLIENT = r'''
@@ -481,3 +520,13 @@ def test_redirect_stays_attached_across_a_restart_and_detach_removes_it(tmp_path
                 before = len(Upstream.seen)
                 assert client() == [200, {"echo": {"n": 1}}]
                 assert len(Upstream.seen) == before + 1
+
+
+def test_an_interim_response_is_relayed_and_the_answer_follows(agent):
+    out = raw_exchange(agent.upstream, "GET /early HTTP/1.1\\r\\nHost: x\\r\\n"
+                       "Connection: close\\r\\n\\r\\n", agent.cg)
+    assert out.startswith("HTTP/1.1 103 ") and "rel=preload" in out
+    assert "HTTP/1.1 200 OK" in out and out.endswith("after hints")
+    audit = [json.loads(ln) for ln in agent.stdout_path.read_text().splitlines()]
+    done = [a for a in audit if a["event"].startswith("request.")]
+    assert [(a["event"], a["status"]) for a in done] == [("request.forwarded", 200)]

@@ -71,3 +71,21 @@ def test_unchanged_answers_never_expire(retain):
     first = r.refresh()
     clock.now += 1000
     assert r.refresh() == first
+
+
+def test_two_servers_on_one_address_are_refused_naming_both():
+    from agent.inject.upstreams import UpstreamConflict
+    servers = [SimpleNamespace(name="a", url="https://mcp.example:8443/mcp", mode="broker"),
+               SimpleNamespace(name="b", url="https://other.example:8443/mcp", mode="broker")]
+    dns = FakeDNS()
+    dns.answers["other.example"] = ["10.0.0.1"]     # the same ingress address as mcp.example
+    with pytest.raises(UpstreamConflict, match=r"'a' and 'b' both resolve to 10.0.0.1:8443"):
+        upstreams_from_config(servers, resolve=dns)
+    with pytest.raises(UpstreamConflict):
+        UpstreamResolver(servers, resolve=dns).refresh()
+    # a conflict that appears later leaves the address with the server that had it
+    dns.answers["other.example"] = ["10.0.0.9"]
+    r = UpstreamResolver(servers, resolve=dns)
+    r.refresh()
+    dns.answers["other.example"] = ["10.0.0.1"]
+    assert r.refresh()[("10.0.0.1", 8443)].name == "a"
