@@ -297,6 +297,10 @@ class InjectSection:
                                            "agent.bpf_pin_dir) when the agent stops, so a "
                                            "restart never lets intercepted connects out "
                                            "uninjected; `credless detach` removes it")
+    upstream_idle_seconds: float = _setting(4.0, "an idle upstream connection is closed rather "
+                                            "than reused after this long; keep it under the "
+                                            "MCP servers' keep-alive timeouts (uvicorn: 5 s)",
+                                            _positive)
     upstream_pool_size: int = _setting(16, "idle upstream connections kept per identity and "
                                        "server", _positive)
     upstream_ca_file: str = _setting("", "CA bundle to verify https MCP servers; empty means "

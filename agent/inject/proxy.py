@@ -64,7 +64,7 @@ class Proxy:
         self.inject_ca = inject_ca              # agent.inject.tls.InjectionCA
         self.policy = policy                    # agent.policy.engine.PolicyEngine
         self.max_body = max_body
-        self.pool = Pool(cfg.upstream_pool_size)
+        self.pool = Pool(cfg.upstream_pool_size, max_idle=cfg.upstream_idle_seconds)
         self._servers: list[asyncio.base_events.Server] = []
         self._conns: set[asyncio.Task] = set()
         self.m_requests = Counter("credless_injected_requests", "Requests through the proxy",

@@ -28,31 +28,53 @@ class Upstream:
 
 class Pool:
     """Idle upstream connections per (SPIFFE ID, upstream): a TLS handshake costs
-    milliseconds of CPU, so connections are reused, never across identities."""
+    milliseconds of CPU, so connections are reused, never across identities.
 
-    def __init__(self, size: int):
+    A connection idle longer than max_idle is closed instead of reused: servers close idle
+    keep-alive connections on their own schedule (uvicorn, which serves the MCP Python SDK,
+    after 5 s), and a request sent just as the server closes gets no answer. MCP calls are
+    POSTs, which a proxy must not resend, so the pool stays under the servers' timeouts
+    instead of retrying.
+    """
+
+    def __init__(self, size: int, max_idle: float = 4.0,
+                 clock: Callable[[], float] = time.monotonic):
         self.size = size
-        self._idle: dict[tuple, deque] = {}
+        self.max_idle = max_idle
+        self._clock = clock
+        self._idle: dict[tuple, deque] = {}   # per key: (connection, idle since), oldest left
 
     def get(self, key: tuple) -> UpstreamSide | None:
         q = self._idle.get(key)
+        now = self._clock()
         while q:
-            conn = q.pop()
+            conn, since = q.pop()
+            if now - since > self.max_idle:   # and so is everything older, to its left
+                conn.transport.close()
+                self._close_all(q)
+                break
             if not conn.closed and not conn.transport.is_closing():
                 return conn
         return None
 
     def put(self, key: tuple, conn: UpstreamSide) -> None:
         q = self._idle.setdefault(key, deque())
+        now = self._clock()
+        while q and now - q[0][1] > self.max_idle:
+            q.popleft()[0].transport.close()
         if len(q) >= self.size:
             conn.transport.close()
             return
-        q.append(conn)
+        q.append((conn, now))
+
+    @staticmethod
+    def _close_all(q: deque) -> None:
+        while q:
+            q.pop()[0].transport.close()
 
     def close(self) -> None:
         for q in self._idle.values():
-            for conn in q:
-                conn.transport.close()
+            self._close_all(q)
         self._idle.clear()
 
 

@@ -89,3 +89,40 @@ def test_two_servers_on_one_address_are_refused_naming_both():
     r.refresh()
     dns.answers["other.example"] = ["10.0.0.1"]
     assert r.refresh()[("10.0.0.1", 8443)].name == "a"
+
+
+class FakeConn:
+    def __init__(self, name):
+        self.name, self.closed = name, False
+        self.transport = SimpleNamespace(is_closing=lambda: self.closed, close=self._close)
+
+    def _close(self):
+        self.closed = True
+
+
+def test_pool_reuses_the_freshest_and_closes_connections_idle_too_long():
+    from agent.inject.upstreams import Pool
+    clock = Clock()
+    pool = Pool(size=3, max_idle=4.0, clock=clock)
+    a, b, c, d = (FakeConn(n) for n in "abcd")
+    pool.put("k", a)
+    clock.now = 2
+    pool.put("k", b)
+    assert pool.get("k") is b                # most recently idle first
+    pool.put("k", b)
+    clock.now = 5                            # a: idle 5 s, b: 3 s
+    assert pool.get("k") is b and not a.closed
+    pool.put("k", c)                         # putting sweeps what is too old
+    assert a.closed and pool.get("k") is c
+    assert pool.get("k") is None
+    pool.put("k", b)
+    clock.now = 10                           # b idle 5 s: closed, never handed out
+    assert pool.get("k") is None and b.closed
+    for conn in (a, c, d):                   # full pool: the extra one is closed
+        conn.closed = False
+        pool.put("j", conn)
+    extra = FakeConn("e")
+    pool.put("j", extra)
+    assert extra.closed
+    pool.close()
+    assert a.closed and c.closed and d.closed
