@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
+from agent.fsutil import atomic_write
 from agent.identity.spiffeid import InvalidSpiffeId, SpiffeId, TrustDomain
 
 PrivateKey = Union[ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey]
@@ -271,13 +272,13 @@ class SigningCA:
         pem = serialization.Encoding.PEM
         key_pem = self._private_key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
                                                   serialization.NoEncryption())
-        _atomic_write(d / KEY_FILE, key_pem, 0o600)
-        _atomic_write(d / CERT_FILE, self.certificate.public_bytes(pem), 0o644)
+        atomic_write(d / KEY_FILE, key_pem, 0o600)
+        atomic_write(d / CERT_FILE, self.certificate.public_bytes(pem), 0o644)
         chain = b"" if self.is_self_signed else b"".join(
             c.public_bytes(pem) for c in (*self.chain, *self.roots))
-        _atomic_write(d / CHAIN_FILE, chain, 0o644)
+        atomic_write(d / CHAIN_FILE, chain, 0o644)
         meta = {"format": _STATE_FORMAT, "trust_domain": self.trust_domain.name}
-        _atomic_write(d / META_FILE, json.dumps(meta).encode() + b"\n", 0o644)
+        atomic_write(d / META_FILE, json.dumps(meta).encode() + b"\n", 0o644)
 
     @classmethod
     def load(cls, state_dir: str | os.PathLike[str]) -> SigningCA:
@@ -332,29 +333,6 @@ class SigningCA:
         ca.check_usable()
         return ca
 
-
-def _atomic_write(path: Path, data: bytes, mode: int) -> None:
-    """Write `data` to `path` so that readers see the old or the new file, never a partial one."""
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-    try:
-        os.fchmod(fd, mode)  # the umask may have removed bits we want, never added: be exact
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)  # make the rename itself durable
-    finally:
-        os.close(dfd)
 
 
 def _read_private_file(path: Path) -> bytes:

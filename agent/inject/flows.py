@@ -151,7 +151,6 @@ class UpstreamSide(asyncio.Protocol):
         self.keep_alive = True
         self.sent_at = 0.0
         self.head_at = 0.0
-        self._chunked = False
         self.close_delimited = False
         self._close_client = self._bodiless = False
         self._skip_end = False    # the parser's end of an interim (1xx) response
@@ -168,7 +167,6 @@ class UpstreamSide(asyncio.Protocol):
         try:
             self._relay(self._reader.feed(data))
         except ProtocolError:
-            self.keep_alive = False
             self.abort()
 
     def eof_received(self) -> bool:
@@ -204,7 +202,7 @@ class UpstreamSide(asyncio.Protocol):
         self._client = client
         client.upstream = self
         self._done = self._loop.create_future()
-        self.head, self.complete, self._chunked = None, False, False
+        self.head, self.complete = None, False
         self.close_delimited = self._skip_end = False
         self._close_client, self._bodiless = close_client, bodiless
         if client.write_paused and not client.closed:
@@ -239,7 +237,7 @@ class UpstreamSide(asyncio.Protocol):
                     self._skip_end = True   # httptools ends a 1xx as a message of its own
                     continue
                 self.head, self.head_at = item, time.perf_counter()
-                self.keep_alive, self._chunked = item.keep_alive, item.chunked
+                self.keep_alive = item.keep_alive
                 http1.strip_connection_headers(item)
                 # a body that ends when the server closes can only reach the workload the
                 # same way: its connection is closed after it
@@ -253,12 +251,12 @@ class UpstreamSide(asyncio.Protocol):
                     self.complete, self.keep_alive = True, False
                     break
             elif kind == BODY:
-                out += chunk(item) if self._chunked else item
+                out += chunk(item) if self.head.chunked else item
             elif kind == END:
                 if self._skip_end:
                     self._skip_end = False
                     continue
-                if self._chunked:
+                if self.head.chunked:
                     out += LAST_CHUNK
                 self.complete = True
                 if i + 1 < len(events):      # bytes after the response: out of step

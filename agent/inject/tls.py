@@ -28,20 +28,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from agent.fsutil import atomic_write
+
 CA_TTL = dt.timedelta(days=365)
 LEAF_TTL = dt.timedelta(days=1)
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 class InjectionCA:
@@ -53,21 +43,10 @@ class InjectionCA:
         self._lock = threading.Lock()
         self._load_or_create()
         self.cert_path = Path(export_path) if export_path else self._own_cert_path
-        if export_path:
-            self._export(self.cert_path)
-
-    def _export(self, path: Path) -> None:
-        """The certificate (public) where workloads can read it, replaced atomically."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        try:
-            os.fchmod(fd, 0o644)
-            with os.fdopen(fd, "wb") as f:
-                f.write(self.cert.public_bytes(serialization.Encoding.PEM))
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        if export_path:   # the certificate (public) where workloads can read it
+            self.cert_path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.cert_path, self.cert.public_bytes(serialization.Encoding.PEM),
+                         0o644)
 
     def _load_or_create(self) -> None:
         if self._key_path.exists():
@@ -93,11 +72,11 @@ class InjectionCA:
                      .add_extension(x509.SubjectKeyIdentifier.from_public_key(
                          self._key.public_key()), critical=False)
                      .sign(self._key, hashes.SHA256()))
-        _write_private(self._key_path, self._key.private_bytes(
+        atomic_write(self._key_path, self._key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption()))
-        self._own_cert_path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
-        os.chmod(self._own_cert_path, 0o644)
+            serialization.NoEncryption()), 0o600)
+        atomic_write(self._own_cert_path, self.cert.public_bytes(serialization.Encoding.PEM),
+                     0o644)
 
     def _leaf(self, name: str) -> tuple[bytes, bytes]:
         key = ec.generate_private_key(ec.SECP256R1())
@@ -137,7 +116,7 @@ class InjectionCA:
         with tempfile.TemporaryDirectory() as d:
             cert_file, key_file = Path(d, "c.pem"), Path(d, "k.pem")
             cert_file.write_bytes(chain)
-            _write_private(key_file, key)
+            atomic_write(key_file, key, 0o600)
             ctx.load_cert_chain(cert_file, key_file)
         with self._lock:
             self._contexts[name] = ctx

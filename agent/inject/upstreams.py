@@ -93,24 +93,11 @@ class UpstreamConflict(ValueError):
     """Two servers share an address and port: a redirected connect could not say which."""
 
 
-def _claim(out: dict, key: tuple[str, int], up: Upstream) -> None:
-    other = out.get(key)
-    if other is not None and other.name != up.name:
-        raise UpstreamConflict(
-            f"[[servers]] {other.name!r} and {up.name!r} both resolve to {key[0]}:{key[1]}; "
-            "credless tells servers apart by the address a workload dials, so each needs "
-            "its own address or port")
-    out[key] = up
-
-
-def upstreams_from_config(servers, resolve: Callable = socket.getaddrinfo
-                          ) -> dict[tuple[str, int], Upstream]:
-    """(IP, port) the workload dials → the upstream, hostnames resolved now."""
-    out: dict[tuple[str, int], Upstream] = {}
-    for host, port, up in _servers(servers):
-        for info in resolve(host, port, type=socket.SOCK_STREAM):
-            _claim(out, (info[4][0], port), up)
-    return out
+def _conflict(kept: Upstream, other: Upstream, key: tuple[str, int]) -> UpstreamConflict:
+    return UpstreamConflict(
+        f"[[servers]] {kept.name!r} and {other.name!r} both resolve to {key[0]}:{key[1]}; "
+        "credless tells servers apart by the address a workload dials, so each needs "
+        "its own address or port")
 
 
 class UpstreamResolver:
@@ -146,7 +133,7 @@ class UpstreamResolver:
                 log.warning("could not resolve an MCP server; keeping its addresses",
                             server=up.name, host=host, error=str(e))
                 for key, (_, known) in list(self._last_seen.items()):
-                    if known is up or known.name == up.name:
+                    if known.name == up.name:
                         self._last_seen[key] = (now, known)
                 continue
             for info in infos:
@@ -154,7 +141,7 @@ class UpstreamResolver:
                 held = self._last_seen.get(key)
                 if held is not None and held[1].name != up.name:
                     if first:
-                        _claim({key: held[1]}, key, up)   # raises, naming both
+                        raise _conflict(held[1], up, key)
                     log.warning("two servers resolve to one address; it stays with the first",
                                 address=f"{key[0]}:{key[1]}", kept=held[1].name,
                                 ignored=up.name)

@@ -15,8 +15,6 @@ not an access token for any resource; it is never logged.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ from typing import Any
 
 import httpx
 
+from agent.fsutil import atomic_write
 from agent.oauth.errors import MalformedResponse, RegistrationError, ServerUnavailable
 
 
@@ -54,15 +53,7 @@ class ClientStore:
 
     def _write(self, data: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".clients.")
-        try:
-            os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f, indent=1, sort_keys=True)
-            os.replace(tmp, self.path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        atomic_write(self.path, json.dumps(data, indent=1, sort_keys=True).encode(), 0o600)
 
     @staticmethod
     def _key(spiffe_id: str, issuer: str) -> str:

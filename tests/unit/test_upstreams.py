@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from agent.inject.upstreams import UpstreamResolver, upstreams_from_config
+from agent.inject.upstreams import UpstreamResolver
 
 SERVERS = [SimpleNamespace(name="tools", url="https://mcp.example:8443/mcp", mode="broker"),
            SimpleNamespace(name="local", url="http://127.0.0.1/mcp", mode="passthrough")]
@@ -34,7 +34,7 @@ class Clock:
 
 
 def test_ports_default_by_scheme_and_modes_are_kept():
-    ups = upstreams_from_config(SERVERS, resolve=FakeDNS())
+    ups = UpstreamResolver(SERVERS, resolve=FakeDNS()).refresh()
     assert set(ups) == {("10.0.0.1", 8443), ("127.0.0.1", 80)}
     assert ups[("10.0.0.1", 8443)].origin == "https://mcp.example:8443"
     assert ups[("127.0.0.1", 80)].mode == "passthrough"
@@ -80,8 +80,6 @@ def test_two_servers_on_one_address_are_refused_naming_both():
     dns = FakeDNS()
     dns.answers["other.example"] = ["10.0.0.1"]     # the same ingress address as mcp.example
     with pytest.raises(UpstreamConflict, match=r"'a' and 'b' both resolve to 10.0.0.1:8443"):
-        upstreams_from_config(servers, resolve=dns)
-    with pytest.raises(UpstreamConflict):
         UpstreamResolver(servers, resolve=dns).refresh()
     # a conflict that appears later leaves the address with the server that had it
     dns.answers["other.example"] = ["10.0.0.9"]
