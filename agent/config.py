@@ -293,6 +293,13 @@ class InjectSection:
     resolve_retain_seconds: float = _setting(600.0, "how long an address a server's name no "
                                              "longer resolves to stays intercepted (workloads "
                                              "may hold older answers)", _positive)
+    pod_netns: bool = _setting(True, "serve processes in network namespaces of their own "
+                               "(pods, containers) with a proxy listener inside each; off: "
+                               "only processes on the agent's network are served, the "
+                               "others' intercepted connects are refused")
+    netns_scan_seconds: float = _setting(5.0, "how often /proc is scanned for network "
+                                         "namespaces gained or left by managed processes "
+                                         "(a new process's exec is seen at once)", _positive)
     keep_redirect_on_stop: bool = _setting(True, "leave the redirect attached (pinned under "
                                            "agent.bpf_pin_dir) when the agent stops, so a "
                                            "restart never lets intercepted connects out "
@@ -301,6 +308,18 @@ class InjectSection:
                                             "than reused after this long; keep it under the "
                                             "MCP servers' keep-alive timeouts (uvicorn: 5 s)",
                                             _positive)
+    client_idle_seconds: float = _setting(300.0, "a workload connection with no request in "
+                                          "flight is closed after this long", _positive)
+    request_timeout_seconds: float = _setting(60.0, "a request whose head or body stops "
+                                              "arriving for this long is answered 408 and "
+                                              "its connection closed", _positive)
+    upstream_connect_timeout_seconds: float = _setting(10.0, "connecting (and the TLS "
+                                                       "handshake) to an MCP server; then 502",
+                                                       _positive)
+    upstream_timeout_seconds: float = _setting(300.0, "from a request sent to an MCP server "
+                                               "to its response head; then 504 (a response "
+                                               "that has begun, an SSE stream, is not cut)",
+                                               _positive)
     upstream_pool_size: int = _setting(16, "idle upstream connections kept per identity and "
                                        "server", _positive)
     upstream_ca_file: str = _setting("", "CA bundle to verify https MCP servers; empty means "

@@ -214,7 +214,6 @@ class Daemon:
         self.proxy = Proxy(inj, upstreams, self.redirector, self.attestor, self.identity,
                            self.oauth, audit=self.audit, registry=self.metrics.registry,
                            ssl_context=upstream_context(inj.upstream_ca_file),
-                           inject_ca=self.inject_ca,
                            policy=self.policy if cfg.policy.file else None,
                            max_body=cfg.policy.max_body_bytes)
         redirector = self.redirector
@@ -251,12 +250,28 @@ class Daemon:
 
         proxy = self.proxy
 
+        from agent.inject.listeners import ProxyListeners
+
+        listeners = ProxyListeners(inj, proxy, self.inject_ca)
+        pods = None
+        if inj.pod_netns:
+            from agent.attest.cgroupfs import process_cgroup
+            from agent.inject.netns import NetnsListeners
+
+            pods = NetnsListeners(listeners.listen_specs(), listeners.serve,
+                                  list(inj.managed_cgroups),
+                                  process_cgroup(os.getpid()) or "/", inj.netns_scan_seconds,
+                                  registry=self.metrics.registry)
+            self.attestor.add_event_listener(pods.process_event)
+
         class ProxyComponent:
             name = "proxy"
             dns: asyncio.Task | None = None
 
             async def astart(self) -> None:
-                await proxy.astart()
+                await listeners.astart()
+                if pods is not None:
+                    await pods.astart()
                 redirector.set_agent_up(True)
                 self.dns = asyncio.create_task(follow_dns()) \
                     if inj.resolve_interval_seconds > 0 else None
@@ -265,7 +280,10 @@ class Daemon:
                 if self.dns is not None:
                     self.dns.cancel()
                 redirector.set_agent_up(False)
-                await proxy.astop()
+                if pods is not None:
+                    await pods.astop()
+                await listeners.astop()
+                proxy.close()
 
         self.components += [RedirectComponent(), ProxyComponent()]
         self.metrics.add_ready_check("redirect", lambda: (bool(redirector._links),

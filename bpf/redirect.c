@@ -14,9 +14,15 @@
 // sent to ::ffff:<listen_ip4>, which the IPv4 listener accepts on a dual-stack socket.
 //
 // sockops sees the same socket once its local port exists (TCP_CONNECT_CB) and maps
-// (local address, local port) to the cookie: on accept() the proxy only knows the peer's
-// address, and this map turns it back into the cookie, the original destination, and the
-// process that connected.
+// (network namespace, local address, local port) to the cookie: on accept() the proxy only
+// knows the peer's address and which of its listeners accepted, and this map turns them
+// back into the cookie, the original destination, and the process that connected.
+//
+// The rewritten destination (127.0.0.1 or ::1) is resolved in the *workload's* network
+// namespace. For processes on the node's network that is the agent's own listener; for a
+// pod (or container) with a network namespace of its own, the agent keeps a listener inside
+// that namespace (agent/inject/netns.py). Until it does, the connect is refused: an
+// intercepted destination is never reached unredirected.
 //
 // The proxy's own upstream connects are exempt by tgid. A missing config entry or
 // enabled == 0 leaves every connect untouched.
@@ -111,6 +117,7 @@ static __always_inline int take(struct bpf_sock_addr *ctx, struct redirect_targe
         info.start_ns = img->start_ns;
         info.exec_ns = img->exec_ns;
     }
+    info.netns = bpf_get_netns_cookie(ctx);
     u64 cookie = bpf_get_socket_cookie(ctx);
     redirected.update(&cookie, &info);
     *out = cfg;
@@ -180,6 +187,7 @@ int credless_sockops(struct bpf_sock_ops *skops)
     struct local_endpoint key = {};
     key.family = skops->family;
     key.port = skops->local_port;
+    key.netns = bpf_get_netns_cookie(skops);
     if (skops->family == AF_INET) {
         key.addr[0] = skops->local_ip4;
     } else if (skops->local_ip6[0] == 0 && skops->local_ip6[1] == 0 &&

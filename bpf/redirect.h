@@ -40,13 +40,18 @@ struct redirect_info {
     u64 cgroup_id;            // of the connecting *task*, not of the socket
     u64 start_ns;             // the process image that connected (from process_images)
     u64 exec_ns;
+    u64 netns;                // network namespace cookie of the connecting socket
 };
 
-// The client side of a redirected connection as the proxy sees it on accept().
+// The client side of a redirected connection as the proxy sees it on accept(). The
+// network namespace is part of the key: every pod has its own 127.0.0.1, so two workloads
+// in two pods can hold the same local address and port at the same time, and the proxy's
+// listener inside each pod knows which namespace it accepted in (SO_NETNS_COOKIE).
 struct local_endpoint {
     u32 family;
     u32 port;                 // host byte order (as sockops reports local_port)
     u32 addr[4];
+    u64 netns;                // bpf_get_netns_cookie() of the client's socket
 };
 
 #endif

@@ -76,3 +76,27 @@ def copied_binaries(*names: str):
         yield out
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def network_namespace(prefix: str = "credless-test"):
+    """A fresh named network namespace with its loopback up, like a pod's; every process in
+    it is killed and it is deleted afterwards."""
+    import subprocess
+
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        yield name
+    finally:
+        for _ in range(100):
+            pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True,
+                                  text=True).stdout.split()
+            if not pids:
+                break
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+            time.sleep(0.02)
+        subprocess.run(["ip", "netns", "del", name], check=False)

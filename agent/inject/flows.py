@@ -44,6 +44,8 @@ class ClientSide(asyncio.Protocol):
         self.write_paused = False
         self._writable: asyncio.Future | None = None
         self.closed = False
+        self.last_rx = time.monotonic()   # for the proxy's timeouts (inject/timeouts.py)
+        self.served: tuple = (None, {})   # (Upstream, who) once the proxy knows them
 
     # --- asyncio callbacks
     def connection_made(self, transport) -> None:
@@ -52,6 +54,7 @@ class ClientSide(asyncio.Protocol):
         self._on_connect(self)
 
     def data_received(self, data: bytes) -> None:
+        self.last_rx = time.monotonic()
         if self._error is not None:
             return
         try:
@@ -97,7 +100,14 @@ class ClientSide(asyncio.Protocol):
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    # --- used by the serving coroutine
+    # --- used by the serving coroutine and the proxy's timeouts
+    def waiting(self) -> str | None:
+        """What the serving coroutine is waiting for from the workload, if it is: "request"
+        (between requests) or "more" (the rest of a request's head or body)."""
+        if self._waiter is None or self._waiter.done():
+            return None
+        return "more" if self._reader.in_message else "request"
+
     async def next(self) -> tuple[int, object] | None:
         """The next request event; None once the workload has closed; raises ProtocolError
         when what it sent cannot be framed as HTTP/1.1."""
@@ -149,8 +159,9 @@ class UpstreamSide(asyncio.Protocol):
         self.head: Head | None = None       # final (non-1xx) response head
         self.complete = False               # the response ended as HTTP frames it
         self.keep_alive = True
-        self.sent_at = 0.0
+        self.sent_at = 0.0                  # 0 until the request is sent (begin() resets it)
         self.head_at = 0.0
+        self.timed_out = False              # aborted by the proxy's upstream timeout
         self.close_delimited = False
         self._close_client = self._bodiless = False
         self._skip_end = False    # the parser's end of an interim (1xx) response
@@ -203,6 +214,7 @@ class UpstreamSide(asyncio.Protocol):
         client.upstream = self
         self._done = self._loop.create_future()
         self.head, self.complete = None, False
+        self.sent_at, self.timed_out = 0.0, False
         self.close_delimited = self._skip_end = False
         self._close_client, self._bodiless = close_client, bodiless
         if client.write_paused and not client.closed:
@@ -213,6 +225,10 @@ class UpstreamSide(asyncio.Protocol):
 
     def sent(self) -> None:
         self.sent_at = time.perf_counter()
+
+    def waiting_since(self) -> float | None:
+        """perf_counter() when the request went out, while its response head has not come."""
+        return self.sent_at if self.sent_at and self.head is None and self._client else None
 
     async def drain(self) -> None:
         while self._write_paused and not self.closed:

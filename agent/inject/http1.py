@@ -101,10 +101,12 @@ class _Collector:
         self._url = b""
         self._last_name: bytes | None = None
         self.parser = None
+        self.in_message = False
 
     def on_message_begin(self) -> None:
         self._head = Head()
         self._url = b""
+        self.in_message = True
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -135,6 +137,7 @@ class _Collector:
 
     def on_message_complete(self) -> None:
         self.events.append((END, None))
+        self.in_message = False
 
 
 class Reader:
@@ -145,6 +148,11 @@ class Reader:
         self._c.parser = (httptools.HttpResponseParser if response
                           else httptools.HttpRequestParser)(self._c)
         self.response = response
+
+    @property
+    def in_message(self) -> bool:
+        """A message has begun and not ended (between messages: False)."""
+        return self._c.in_message
 
     def feed(self, data: bytes) -> list[tuple[int, object]]:
         try:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import ssl
 import time
 from collections import deque
@@ -27,6 +26,7 @@ from agent.inject import http1
 from agent.inject.flows import ClientSide, UpstreamSide
 from agent.inject.http1 import BODY, END, HEAD, LAST_CHUNK, Head, ProtocolError, chunk
 from agent.inject.redirect import RedirectInfo
+from agent.inject.timeouts import SLOW_REQUEST, UPSTREAM
 from agent.inject.upstreams import Pool, Upstream
 from agent.oauth.errors import OAuthError
 from agent.observe.logging import AuditLog, get_logger
@@ -52,7 +52,7 @@ class Proxy:
     def __init__(self, cfg: Any, upstreams: dict[tuple[str, int], Upstream], redirect: Any,
                  attestor: Any, identity: Any, oauth: Any, audit: AuditLog | None = None,
                  registry: Any = None, ssl_context: ssl.SSLContext | None = None,
-                 inject_ca: Any = None, policy: Any = None, max_body: int = 1 << 20):
+                 policy: Any = None, max_body: int = 1 << 20):
         self.cfg = cfg                       # agent.config.InjectSection
         self.upstreams = upstreams
         self.redirect = redirect
@@ -61,12 +61,9 @@ class Proxy:
         self.oauth = oauth
         self.audit = audit
         self.ssl_context = ssl_context or ssl.create_default_context()
-        self.inject_ca = inject_ca              # agent.inject.tls.InjectionCA
         self.policy = policy                    # agent.policy.engine.PolicyEngine
         self.max_body = max_body
         self.pool = Pool(cfg.upstream_pool_size, max_idle=cfg.upstream_idle_seconds)
-        self._servers: list[asyncio.base_events.Server] = []
-        self._conns: set[asyncio.Task] = set()
         self.m_requests = Counter("credless_injected_requests", "Requests through the proxy",
                                   ["server", "mode", "outcome"], registry=registry)
         self.m_added = Histogram("credless_proxy_added_seconds", "Time credless adds before "
@@ -80,68 +77,40 @@ class Proxy:
         self.m_active = Gauge("credless_proxy_active_connections", "Open client connections",
                               registry=registry)
 
-    # ------------------------------------------------------------ lifecycle
-    async def astart(self) -> None:
-        host, port = self.cfg.listen_host, self.cfg.listen_port
-        loop = asyncio.get_running_loop()
-
-        def accept():
-            return ClientSide(self._accept)
-        self._servers.append(await loop.create_server(accept, host, port, reuse_address=True))
-        self._servers.append(await loop.create_server(accept, "::1", self.cfg.listen_port6,
-                                                      family=socket.AF_INET6,
-                                                      reuse_address=True))
-        if self.inject_ca is not None:
-            tls = self._tls_server_context()
-            for h, fam in ((host, socket.AF_INET), ("::1", socket.AF_INET6)):
-                self._servers.append(await loop.create_server(
-                    accept, h, self.cfg.tls_listen_port, family=fam, ssl=tls,
-                    reuse_address=True, ssl_handshake_timeout=10))
-        log.info("proxy listening", ipv4=f"{host}:{port}", ipv6=f"[::1]:{self.cfg.listen_port6}",
-                 tls_port=self.cfg.tls_listen_port if self.inject_ca else None)
-
-    def _tls_server_context(self) -> ssl.SSLContext:
-        """Presents a leaf for whatever name the workload asked for (SNI), minted by the
-        injection CA. A workload that does not trust that CA fails here: it never gets a
-        plaintext fallback."""
-        https = [u for u in self.upstreams.values() if u.scheme == "https"]
-        default = https[0].host if https else "localhost"
-        ctx = self.inject_ca.server_context(default)
-        ca = self.inject_ca
-
-        def pick(sslobj, server_name, _ctx):
-            sslobj.context = ca.server_context(server_name or default)
-
-        ctx.sni_callback = pick
-        return ctx
-
-    async def astop(self) -> None:
-        for s in self._servers:
-            s.close()
-        for t in list(self._conns):
-            t.cancel()
-        for s in self._servers:
-            await s.wait_closed()
-        self._servers.clear()
+    def close(self) -> None:
         self.pool.close()
 
     # ------------------------------------------------------------ connections
-    def _accept(self, client: ClientSide) -> None:
-        task = asyncio.get_running_loop().create_task(self._handle(client))
-        self._conns.add(task)
-        task.add_done_callback(self._conns.discard)
+    def expired(self, client: ClientSide, what: str) -> None:
+        """Timeouts found client waiting too long for what (agent/inject/timeouts.py)."""
+        if what == UPSTREAM:   # the serving coroutine answers 504 (see _exchange)
+            client.upstream.timed_out = True
+            client.upstream.abort()
+            return
+        if what == SLOW_REQUEST:
+            up, who = client.served
+            if up is not None:
+                self._count(up, "request_timeout")
+                self._audit("request.failed", {"server": up.name, "mode": up.mode, **who},
+                            reason="the request stopped arriving for "
+                            f"{self.cfg.request_timeout_seconds:g} s; connection closed")
+            client.write(http1.simple_response(408, b"Request Timeout", json.dumps(
+                {"error": "credless: the request stopped arriving"}).encode(),
+                extra=[(b"Connection", b"close")]))
+        client.close()
 
-    async def _handle(self, client: ClientSide):
+    async def handle(self, client: ClientSide, netns: int):
+        """Serve one accepted workload connection (netns: its namespace's cookie)."""
         self.m_active.inc()
         peer = client.transport.get_extra_info("peername")
         try:
-            info = self.redirect.lookup(peer[0], peer[1])
+            info = self.redirect.lookup(peer[0], peer[1], netns)
             if info is None:
                 return  # not a redirected connection: someone dialled the proxy directly
             try:
                 await self._serve(client, info)
             finally:
-                self.redirect.forget(peer[0], peer[1], info.cookie)
+                self.redirect.forget(peer[0], peer[1], info)
         except ConnectionError:
             pass
         except ProtocolError as e:   # not HTTP/1.1 we can frame: answer once and close
@@ -177,6 +146,7 @@ class Proxy:
                "spiffe_id": str(ident.spiffe_id) if ident else None,
                "pod": f"{att.pod.namespace}/{att.pod.name}" if att and att.pod else None,
                "parent_spiffe_id": parent}
+        client.served = (upstream, who)   # for the timeouts' audit events
         while True:
             ev = await client.next()
             if ev is None or client.closed:   # gone: queued requests are not sent for it
@@ -405,10 +375,14 @@ class Proxy:
         try:
             if conn is None:
                 tls = up.scheme == "https"
-                _, conn = await asyncio.get_running_loop().create_connection(
+                _, conn = await asyncio.wait_for(asyncio.get_running_loop().create_connection(
                     UpstreamSide, up.host, up.port, ssl=self.ssl_context if tls else None,
-                    server_hostname=up.host if tls else None)
+                    server_hostname=up.host if tls else None),
+                    self.cfg.upstream_connect_timeout_seconds)
         except OSError as e:
+            if isinstance(e, TimeoutError):   # asyncio's: no text of its own
+                e = TimeoutError(f"no connection within "
+                                 f"{self.cfg.upstream_connect_timeout_seconds:g} s")
             await self._drain_body(src)
             self._count(up, "upstream_unreachable")
             self._audit("request.failed", audit_base, reason=f"upstream unreachable: {e}")
@@ -443,6 +417,14 @@ class Proxy:
         conn.sent()
         await conn.finished()
         resp = conn.head
+        if resp is None and conn.timed_out:
+            self._count(up, "upstream_timeout")
+            limit = f"{self.cfg.upstream_timeout_seconds:g} s"
+            self._audit("request.failed", audit_base, reason="the MCP server did not answer "
+                        f"within {limit}")
+            await self._reply(client, 504, b"Gateway Timeout", "credless: the MCP server did "
+                              f"not answer within {limit}")
+            return head.keep_alive
         if resp is None:
             conn.abort()
             self._count(up, "upstream_closed")

@@ -65,6 +65,7 @@ class RedirectInfo:
     start_ns: int
     exec_ns: int
     cookie: int
+    netns: int = 0    # network namespace cookie of the workload's socket
 
 
 def _addr_words(host: str) -> tuple[int, list[int]]:
@@ -238,17 +239,20 @@ class Redirector:
         return key
 
     # ------------------------------------------------------------ lookups
-    def lookup(self, peer_host: str, peer_port: int) -> RedirectInfo | None:
-        """The redirect record of an accepted connection, by the client's address."""
-        ends = self._bpf[b"local_to_cookie"]
+    def _endpoint_key(self, peer_host: str, peer_port: int, netns: int):
+        key = self._bpf[b"local_to_cookie"].Key()
         family, words = _addr_words(peer_host)
-        key = ends.Key()
-        key.family = family
-        key.port = peer_port
+        key.family, key.port, key.netns = family, peer_port, netns
         for i, w in enumerate(words):
             key.addr[i] = w
+        return key
+
+    def lookup(self, peer_host: str, peer_port: int, netns: int) -> RedirectInfo | None:
+        """The redirect record of an accepted connection, by the client's address and the
+        network namespace (cookie) of the listener that accepted it."""
         try:
-            cookie = ends[key].value
+            cookie = self._bpf[b"local_to_cookie"][
+                self._endpoint_key(peer_host, peer_port, netns)].value
         except KeyError:
             return None
         try:
@@ -261,16 +265,13 @@ class Redirector:
             host = str(ipaddress.IPv6Address(b"".join(w.to_bytes(4, "little")
                                                       for w in info.orig_addr)))
         return RedirectInfo(host, socket.ntohs(info.orig_port & 0xFFFF), info.tgid, info.pid,
-                            info.uid, info.cgroup_id, info.start_ns, info.exec_ns, cookie)
+                            info.uid, info.cgroup_id, info.start_ns, info.exec_ns, cookie,
+                            info.netns)
 
-    def forget(self, peer_host: str, peer_port: int, cookie: int) -> None:
-        ends = self._bpf[b"local_to_cookie"]
-        family, words = _addr_words(peer_host)
-        key = ends.Key()
-        key.family, key.port = family, peer_port
-        for i, w in enumerate(words):
-            key.addr[i] = w
-        for table, k in ((ends, key), (self._bpf[b"redirected"], ct.c_uint64(cookie))):
+    def forget(self, peer_host: str, peer_port: int, info: RedirectInfo) -> None:
+        for table, k in ((self._bpf[b"local_to_cookie"],
+                          self._endpoint_key(peer_host, peer_port, info.netns)),
+                         (self._bpf[b"redirected"], ct.c_uint64(info.cookie))):
             try:
                 del table[k]
             except KeyError:

@@ -1,0 +1,203 @@
+"""Workloads in network namespaces of their own (pods, containers) on the real kernel.
+
+The redirect sends an intercepted connect to 127.0.0.1 of the *workload's* namespace, so the
+agent must listen inside it (agent/inject/netns.py). Each test makes its own namespaces
+(`ip netns add`, loopback only) and removes them; the upstream is on the node's 127.0.0.1,
+reached only by the agent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from tests.helpers import AgentProcess, free_port, wait_for, write_config
+from tests.kernel import cgroup_child, enter_cgroup, network_namespace
+
+pytestmark = pytest.mark.kernel
+
+# One request on a connection made from a fixed local port (when given), after a pause
+# that lets another client connect from the same port in another namespace meanwhile.
+CLIENT = r'''
+import json, os, socket, sys, time
+port, local_port, pause = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+s = socket.socket()
+if local_port:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", local_port))
+try:
+    s.connect(("127.0.0.1", port))
+except OSError as e:
+    print(json.dumps({"error": e.strerror})); sys.exit(0)
+time.sleep(pause)
+body = json.dumps({"pid": os.getpid()}).encode()
+s.sendall(b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+          b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+data = b""
+while chunk := s.recv(65536):
+    data += chunk
+head, _, rest = data.partition(b"\r\n\r\n")
+print(json.dumps({"status": int(head.split()[1]), "body": json.loads(rest), "pid": os.getpid()}))
+'''
+
+
+class Echo(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self):  # noqa: N802
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        out = json.dumps({"echo": json.loads(body)}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+    def log_message(self, *a):
+        pass
+
+
+@pytest.fixture
+def upstream():
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Echo)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv.server_address[1]
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.fixture
+def agent(tmp_path, upstream):
+    with cgroup_child() as cg:
+        port = free_port()
+        cfg = write_config(tmp_path, extra=(
+            f'[inject]\nlisten_port = {port}\nlisten_port6 = {port}\n'
+            f'managed_cgroups = ["/{cg.name}"]\nnetns_scan_seconds = 0.5\n'
+            f'[[servers]]\nname = "up"\nurl = "http://127.0.0.1:{upstream}/mcp"\n'
+            'mode = "passthrough"\n'))
+        with AgentProcess(cfg, tmp_path) as a:
+            a.wait_ready()
+            a.cg, a.upstream, a.port = cg, upstream, port
+            yield a
+
+
+def start_client(a, netns: str | None, local_port: int = 0, pause: float = 0.0,
+                 managed: bool = True) -> subprocess.Popen:
+    cmd = [sys.executable, "-c", CLIENT, str(a.upstream), str(local_port), str(pause)]
+    if netns:
+        cmd = ["ip", "netns", "exec", netns, *cmd]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=enter_cgroup(a.cg) if managed else None)
+
+
+def result(p: subprocess.Popen) -> dict:
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err[-2000:]
+    return json.loads(out)
+
+
+def netns_events(a, event: str) -> list[dict]:
+    return [e for e in a.log_events() if e.get("event") == event]
+
+
+def listening_in(netns: str, port: int) -> bool:
+    out = subprocess.run(["ip", "netns", "exec", netns, "ss", "-Htln", f"sport = :{port}"],
+                         capture_output=True, text=True, check=True).stdout
+    return bool(out.strip())
+
+
+def hold(a, netns: str) -> subprocess.Popen:
+    """A long-lived managed process in netns: the pod's first process (its pause container)."""
+    return subprocess.Popen(["ip", "netns", "exec", netns, "sleep", "300"],
+                            preexec_fn=enter_cgroup(a.cg))
+
+
+def test_a_pod_with_its_own_network_is_served_inside_it(agent):
+    with network_namespace() as ns:
+        assert not listening_in(ns, agent.port)
+        holder = hold(agent, ns)
+        try:
+            wait_for(lambda: listening_in(ns, agent.port), 10, what="listener in the netns")
+            out = result(start_client(agent, ns))
+            assert out["status"] == 200 and out["body"] == {"echo": {"pid": out["pid"]}}
+            audit = [json.loads(ln) for ln in agent.stdout_path.read_text().splitlines()]
+            forwarded = [e for e in audit if e["event"] == "request.forwarded"]
+            assert [e["pid"] for e in forwarded] == [out["pid"]]
+        finally:
+            holder.kill()
+            holder.wait()
+
+
+def test_an_unmanaged_process_in_a_namespace_gets_no_listener(agent):
+    with network_namespace() as ns:
+        holder = subprocess.Popen(["ip", "netns", "exec", ns, "sleep", "300"])  # no cgroup
+        try:
+            out = result(start_client(agent, ns, managed=False))
+            # not redirected: its own loopback has nothing on the server's port
+            assert out == {"error": "Connection refused"}
+            time.sleep(1.5)   # three scans of /proc
+            assert not listening_in(ns, agent.port)
+            assert not netns_events(agent, "listening in a workload's network namespace")
+        finally:
+            holder.kill()
+            holder.wait()
+
+
+def connected(netns: str | None, port: int, local: int) -> bool:
+    cmd = ["ss", "-Htn", "state", "established", f"( dport = :{port} and sport = :{local} )"]
+    if netns:
+        cmd = ["ip", "netns", "exec", netns, *cmd]
+    return bool(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip())
+
+
+def test_the_same_local_port_in_two_namespaces_is_told_apart(agent):
+    """Every pod has its own 127.0.0.1: two workloads can connect from 127.0.0.1:P at once.
+    The redirect's lookup is keyed by namespace too, so each is served as itself. The agent
+    is stopped while both connect (the kernel completes the handshakes), so both records
+    exist before it looks either up."""
+    local = free_port()
+    with network_namespace() as ns:
+        holder = hold(agent, ns)
+        try:
+            wait_for(lambda: listening_in(ns, agent.port), 10, what="listener in the netns")
+            os.kill(agent.proc.pid, signal.SIGSTOP)
+            try:
+                pod = start_client(agent, ns, local_port=local, pause=1.0)
+                node = start_client(agent, None, local_port=local, pause=1.0)
+                wait_for(lambda: connected(ns, agent.port, local)
+                         and connected(None, agent.port, local), 10, what="both connected")
+            finally:
+                os.kill(agent.proc.pid, signal.SIGCONT)
+            outs = [result(pod), result(node)]
+            for out in outs:
+                assert out["status"] == 200 and out["body"] == {"echo": {"pid": out["pid"]}}
+            audit = [json.loads(ln) for ln in agent.stdout_path.read_text().splitlines()]
+            forwarded = sorted(e["pid"] for e in audit if e["event"] == "request.forwarded")
+            assert forwarded == sorted(o["pid"] for o in outs)
+        finally:
+            holder.kill()
+            holder.wait()
+
+
+def test_the_listener_goes_with_the_last_managed_process_and_comes_back(agent):
+    with network_namespace() as ns:
+        holder = hold(agent, ns)
+        wait_for(lambda: listening_in(ns, agent.port), 10, what="listener in the netns")
+        holder.kill()
+        holder.wait()
+        # a listener holds its namespace: it must not outlive the pod's processes
+        wait_for(lambda: not listening_in(ns, agent.port), 10, what="listener closed")
+        assert netns_events(agent, "network namespace left: no managed process in it")
+        # a new process's exec is seen at once: its first connect is served
+        out = result(start_client(agent, ns, pause=0.0))
+        if "error" in out:   # raced the event: refused, never sent out unredirected
+            assert out == {"error": "Connection refused"}
+            out = result(start_client(agent, ns))
+        assert out["status"] == 200

@@ -1,0 +1,162 @@
+"""The proxy's timeouts on the real kernel (agent/inject/timeouts.py), with limits of half a
+second: an idle workload connection is closed, a trickled request gets 408, a server that
+does not answer gets 504, one that cannot be connected to gets 502 naming the wait, and a
+response that has begun is never cut."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from tests.helpers import AgentProcess, free_port, write_config
+from tests.integration.test_proxy_passthrough import Upstream
+from tests.integration.test_proxy_passthrough import upstream  # noqa: F401  (fixture)
+from tests.kernel import cgroup_child, enter_cgroup
+
+pytestmark = pytest.mark.kernel
+
+# Runs in the managed cgroup; each mode prints what it saw as JSON.
+CLIENT = r'''
+import json, socket, sys, time
+port, mode = int(sys.argv[1]), sys.argv[2]
+s = socket.create_connection(("127.0.0.1", port), timeout=20)
+def read_all():
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    return data.decode()
+req = b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Length: 8\r\n\r\n"
+if mode == "idle":          # one answered request, then silence: the proxy closes
+    import http.client
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+    c.request("POST", "/mcp", body=b'{"i": 1}')
+    r = c.getresponse()
+    body = r.read().decode()
+    print(json.dumps({"first": [r.status, body], "rest": c.sock.recv(65536).decode()}))
+elif mode == "trickle":     # a head, then half a body, then nothing
+    s.sendall(req + b'{"i"')
+    print(json.dumps({"answer": read_all()}))
+elif mode == "ask":         # one request; whatever comes back, until the proxy closes or 20 s
+    s.sendall(req.replace(b"Content-Length: 8", b"Content-Length: 8\r\nConnection: close")
+              + b'{"i": 1}')
+    print(json.dumps({"answer": read_all()}))
+elif mode == "stream":      # an SSE response lasting longer than every limit
+    s.sendall(b"GET /stream HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    print(json.dumps({"answer": read_all()}))
+'''
+
+
+@contextlib.contextmanager
+def silent_server():
+    """Accepts and reads, never answers (until the test ends)."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    held, stop = [], threading.Event()
+
+    def serve():
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                conn, _ = srv.accept()
+                held.append(conn)
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        yield srv.getsockname()[1]
+    finally:
+        stop.set()
+        t.join(5)
+        for c in held:
+            c.close()
+        srv.close()
+
+
+@contextlib.contextmanager
+def unconnectable_server():
+    """A listener whose accept queue is full and never drained: the kernel drops further
+    SYNs, so a connect to it hangs (as to a host that does not answer), on loopback."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(0)
+    port = srv.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(2):   # backlog 0 still queues one; the next is dropped
+            c = socket.socket()
+            c.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                c.connect(("127.0.0.1", port))
+            fillers.append(c)
+        yield port
+    finally:
+        for c in fillers:
+            c.close()
+        srv.close()
+
+
+@pytest.fixture
+def agent(tmp_path, upstream):  # noqa: F811
+    with cgroup_child() as cg, silent_server() as silent, unconnectable_server() as hung:
+        port = free_port()
+        extra = (f'[inject]\nlisten_port = {port}\nlisten_port6 = {port}\n'
+                 f'managed_cgroups = ["/{cg.name}"]\nclient_idle_seconds = 0.5\n'
+                 'request_timeout_seconds = 0.5\nupstream_timeout_seconds = 0.5\n'
+                 'upstream_connect_timeout_seconds = 0.5\n')
+        for name, p in (("up", upstream), ("silent", silent), ("hung", hung)):
+            extra += (f'[[servers]]\nname = "{name}"\nurl = "http://127.0.0.1:{p}/mcp"\n'
+                      'mode = "passthrough"\n')
+        with AgentProcess(write_config(tmp_path, extra=extra), tmp_path) as a:
+            a.wait_ready()
+            a.cg, a.ports = cg, {"up": upstream, "silent": silent, "hung": hung}
+            yield a
+
+
+def run(a, server: str, mode: str) -> dict:
+    r = subprocess.run([sys.executable, "-c", CLIENT, str(a.ports[server]), mode],
+                       capture_output=True, text=True, timeout=60,
+                       preexec_fn=enter_cgroup(a.cg))
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout)
+
+
+def audit(a) -> list[dict]:
+    return [json.loads(ln) for ln in a.stdout_path.read_text().splitlines()]
+
+
+def test_an_idle_workload_connection_is_closed(agent):
+    out = run(agent, "up", "idle")
+    assert out["first"] == [200, '{"echo": {"i": 1}}']
+    assert out["rest"] == ""   # closed by the proxy, nothing more sent
+
+
+def test_a_trickled_request_is_answered_408_and_closed(agent):
+    out = run(agent, "up", "trickle")
+    assert out["answer"].startswith("HTTP/1.1 408 Request Timeout")
+    assert "stopped arriving" in out["answer"]
+    failed = [e for e in audit(agent) if e["event"] == "request.failed"]
+    assert failed and failed[0]["server"] == "up" and "stopped arriving" in failed[0]["reason"]
+    assert Upstream.seen == []   # the half request never reached the server
+
+
+def test_a_server_that_does_not_answer_gets_504(agent):
+    out = run(agent, "silent", "ask")
+    assert out["answer"].startswith("HTTP/1.1 504 Gateway Timeout")
+    assert "did not answer within 0.5 s" in out["answer"]
+    failed = [e for e in audit(agent) if e["event"] == "request.failed"]
+    assert failed[0]["server"] == "silent" and "0.5 s" in failed[0]["reason"]
+
+
+def test_a_server_that_cannot_be_connected_to_gets_502_naming_the_wait(agent):
+    out = run(agent, "hung", "ask")
+    assert out["answer"].startswith("HTTP/1.1 502 Bad Gateway")
+    assert "no connection within 0.5 s" in out["answer"]
+
+
+def test_a_response_that_has_begun_is_not_cut(agent):
+    out = run(agent, "up", "stream")   # three events 300 ms apart: 0.9 s > every limit
+    assert out["answer"].count("data: ") == 3

@@ -1,0 +1,60 @@
+"""agent/inject/timeouts.py: which waits have gone on too long."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.inject.timeouts import IDLE, SLOW_REQUEST, UPSTREAM, Timeouts
+
+
+class Up:
+    def __init__(self, since):
+        self.since = since
+
+    def waiting_since(self):
+        return self.since
+
+
+class Client:
+    def __init__(self, waiting, last_rx, upstream=None):
+        self._waiting, self.last_rx, self.upstream = waiting, last_rx, upstream
+
+    def waiting(self):
+        return self._waiting
+
+
+NOW, NOW_PERF = 1000.0, 5000.0
+
+
+@pytest.mark.parametrize("client,expected", [
+    (Client("request", NOW - 299), None),                    # idle, within client_idle
+    (Client("request", NOW - 301), IDLE),
+    (Client("more", NOW - 59), None),                        # trickling, within request
+    (Client("more", NOW - 61), SLOW_REQUEST),
+    (Client("request", NOW - 61), None),                     # idle is not slow
+    (Client(None, NOW - 10_000), None),                      # busy: a response streams
+    (Client(None, NOW - 10_000, Up(NOW_PERF - 119)), None),  # upstream within its limit
+    (Client(None, NOW - 10_000, Up(NOW_PERF - 121)), UPSTREAM),
+    (Client(None, NOW - 10_000, Up(None)), None),            # response head arrived
+    (Client("more", NOW - 61, Up(NOW_PERF - 121)), SLOW_REQUEST),
+])
+def test_what_has_waited_too_long(client, expected):
+    t = Timeouts(300, 60, 120, lambda: [], lambda c, w: None)
+    assert t.expired(client, NOW, NOW_PERF) == expected
+
+
+def test_sweep_reports_each_expired_client_once():
+    seen = []
+    fresh = Client("request", float("inf"))
+    stale = Client("request", 0.0)
+    t = Timeouts(300, 60, 120, lambda: [fresh, stale], lambda c, w: seen.append((c, w)))
+    assert t.sweep() == 1 and seen == [(stale, IDLE)]
+
+
+@pytest.mark.parametrize("limits,interval", [
+    ((300, 60, 120), 1.0),      # at most a second
+    ((0.4, 60, 120), 0.1),      # a quarter of the smallest
+    ((0.01, 60, 120), 0.05),    # never a busy loop
+])
+def test_sweep_interval_follows_the_smallest_limit(limits, interval):
+    assert Timeouts(*limits, lambda: [], lambda c, w: None).interval == interval
