@@ -8,6 +8,8 @@ upstream share CPU 0):
 - credless: the agent in broker mode with a real token from oidc-provider (Bearer, as nginx
   adds one), wrk running inside a managed cgroup so its connections are redirected like a
   workload's. DPoP (an ES256 signature per request) is measured separately as a note.
+A fourth figure, on its own line: tests/bench/relay_floor.py, the least a CPython proxy on
+this loop and parser must do per request, on the same core: the ceiling for this design.
 sse_first_event_added_ms: time to the first SSE event through credless minus direct, from a
 small streaming upstream (first event at once, the rest later), median of 20.
 
@@ -19,15 +21,17 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from tests.helpers import AgentProcess, free_port, write_config
+from tests.helpers import AgentProcess, free_port, wait_for, write_config
 from tests.kernel import cgroup_child, enter_cgroup
 from tests.oidc.peer import OidcProvider
 
@@ -135,6 +139,17 @@ def main() -> int:
             time.sleep(0.5)
             direct = wrk(f"http://127.0.0.1:{up_port}/mcp", lua)
             nginx = wrk(f"http://127.0.0.1:{px_port}/mcp", lua)
+            floor_port = free_port()
+            floor_proc = subprocess.Popen(["taskset", "-c", "1", sys.executable, "-m",
+                                           "tests.bench.relay_floor", str(floor_port),
+                                           str(up_port)])
+            try:
+                wait_for(lambda: socket.create_connection(("127.0.0.1", floor_port)).close()
+                         or True, 10, what="floor relay")
+                floor = wrk(f"http://127.0.0.1:{floor_port}/mcp", lua)
+            finally:
+                floor_proc.terminate()
+                floor_proc.wait()
             sse_direct = sse_first_ms(sse_port)
             with cgroup_child("credless-bench") as cg:
                 sid = "spiffe://example.org/bench/wrk"
@@ -185,6 +200,10 @@ dpop = "never"
           f"nginx_p50_us={nginx[1]:.0f} credless_p50_us={cred[1]:.0f} "
           f"credless_p99_us={cred[2]:.0f} "
           f"sse_first_event_added_ms={sse_cred - sse_direct:.2f}")
+    # the ceiling for a CPython proxy here (tests/bench/relay_floor.py), same core, same run
+    print(f"inject-bench-floor: python_relay_rps={floor[0]:.0f} "
+          f"python_relay_p50_us={floor[1]:.0f} "
+          f"credless_of_floor={cred[0] / floor[0]:.2f} floor_of_nginx={floor[0] / nginx[0]:.2f}")
     return 0
 
 
