@@ -46,6 +46,12 @@ class ClientSide(asyncio.Protocol):
         self.closed = False
         self.last_rx = time.monotonic()   # for the proxy's timeouts (inject/timeouts.py)
         self.served: tuple = (None, {})   # (Upstream, who) once the proxy knows them
+        # The proxy's synchronous path (Proxy._fast): given a whole request read at once, it
+        # sends it from this callback and returns True, or declines (False) and the request
+        # is queued for the serving coroutine. While its answer is relayed (fast_inflight),
+        # the coroutine is given nothing, so answers stay in order.
+        self.fast = None
+        self.fast_inflight = False
 
     # --- asyncio callbacks
     def connection_made(self, transport) -> None:
@@ -61,6 +67,10 @@ class ClientSide(asyncio.Protocol):
             events = self._reader.feed(data)
         except ProtocolError as e:
             self._error, events = e, []
+        if (self.fast is not None and events and not self._events and not self.fast_inflight
+                and events[-1][0] == END and self.upstream is None and not self.write_paused
+                and self.fast(events)):
+            return
         for ev in events:
             if ev[0] == BODY:
                 self._queued += len(ev[1])
@@ -96,6 +106,10 @@ class ClientSide(asyncio.Protocol):
         if self._writable is not None and not self._writable.done():
             self._writable.set_result(None)
 
+    def wake(self) -> None:
+        """Let the serving coroutine look again (a fast-path answer has ended)."""
+        self._wake()
+
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
@@ -104,18 +118,21 @@ class ClientSide(asyncio.Protocol):
     def waiting(self) -> str | None:
         """What the serving coroutine is waiting for from the workload, if it is: "request"
         (between requests) or "more" (the rest of a request's head or body)."""
-        if self._waiter is None or self._waiter.done():
+        if self._waiter is None or self._waiter.done() or self.fast_inflight:
             return None
         return "more" if self._reader.in_message else "request"
 
     async def next(self) -> tuple[int, object] | None:
         """The next request event; None once the workload has closed; raises ProtocolError
         when what it sent cannot be framed as HTTP/1.1."""
-        while not self._events:
-            if self._error is not None:
-                raise self._error
-            if self._eof:
+        while not self._events or self.fast_inflight:
+            if self.closed:
                 return None
+            if not self.fast_inflight:
+                if self._error is not None:
+                    raise self._error
+                if self._eof:
+                    return None
             self._waiter = self._loop.create_future()
             await self._waiter
             self._waiter = None
@@ -153,6 +170,8 @@ class UpstreamSide(asyncio.Protocol):
         # that ends out of step (bytes after it, a parse error) closes the connection
         self._reader = http1.Reader(response=True)
         self._done: asyncio.Future | None = None
+        self._on_done = None
+        self._first_read = False      # the next read starts the exchange's response
         self._write_paused = False
         self._writable: asyncio.Future | None = None
         # the current (or last) exchange's outcome
@@ -175,8 +194,9 @@ class UpstreamSide(asyncio.Protocol):
         if self._client is None:       # an idle connection has nothing to say: not reusable
             self.transport.close()
             return
+        first, self._first_read = self._first_read, False
         try:
-            self._relay(self._reader.feed(data))
+            self._relay(self._reader.feed(data), data if first else None)
         except ProtocolError:
             self.abort()
 
@@ -206,13 +226,16 @@ class UpstreamSide(asyncio.Protocol):
 
     # --- the exchange
     def begin(self, client: ClientSide, close_client: bool = False,
-              bodiless: bool = False) -> None:
+              bodiless: bool = False, on_done=None) -> None:
         """Relay the next response to client. close_client: the workload asked to close after
         it (the response says Connection: close). bodiless: the request was HEAD, whose
-        response has no body whatever its Content-Length says."""
+        response has no body whatever its Content-Length says. on_done(self): called when
+        the exchange ends, instead of waking a finished() waiter."""
         self._client = client
         client.upstream = self
-        self._done = self._loop.create_future()
+        self._on_done = on_done
+        self._done = None if on_done is not None else self._loop.create_future()
+        self._first_read = True
         self.head, self.complete = None, False
         self.sent_at, self.timed_out = 0.0, False
         self.close_delimited = self._skip_end = False
@@ -244,7 +267,11 @@ class UpstreamSide(asyncio.Protocol):
             self.transport.abort()
         self._finish()
 
-    def _relay(self, events) -> None:
+    def _relay(self, events, data: bytes | None = None) -> None:
+        """data: what this read brought, when it is the first of the exchange's response."""
+        if (data is not None and len(events) >= 2 and events[-1][0] == END
+                and events[0][0] == HEAD and self._verbatim(events[0][1], data)):
+            return
         out = bytearray()
         for i, (kind, item) in enumerate(events):
             if kind == HEAD:
@@ -283,6 +310,29 @@ class UpstreamSide(asyncio.Protocol):
         if self.complete:
             self._finish()
 
+    def _verbatim(self, head: Head, data: bytes) -> bool:
+        """The common answer, relayed as the server sent it: the exchange's first read
+        holding exactly one whole HTTP/1.1 response framed by Content-Length, with no connection header but
+        `Connection: keep-alive` (true of the workload's connection too). Anything else is
+        re-rendered by _relay (hop-by-hop headers removed, framing announced)."""
+        if (head.chunked or head.status < 200 or head.version != "1.1" or self._bodiless
+                or self._close_client or self._skip_end):
+            return False
+        if not head.names.isdisjoint(http1.CONNECTION_HEADERS):
+            if b"keep-alive" in head.names or b"proxy-connection" in head.names \
+                    or head.get(b"connection").lower() != b"keep-alive":
+                return False
+        length = head.get(b"content-length")
+        end = data.find(b"\r\n\r\n")
+        if length is None or end < 0 or len(data) != end + 4 + int(length):
+            return False   # more than this response in the read, or less: not one piece
+        self.head, self.head_at = head, time.perf_counter()
+        self.keep_alive = head.keep_alive
+        self.complete = True
+        self._client.write(data)
+        self._finish()
+        return True
+
     def _finish(self) -> None:
         client, self._client = self._client, None
         if client is not None and client.upstream is self:
@@ -291,6 +341,9 @@ class UpstreamSide(asyncio.Protocol):
             self.transport.resume_reading()
         if self._done is not None and not self._done.done():
             self._done.set_result(None)
+        on_done, self._on_done = self._on_done, None
+        if on_done is not None:
+            on_done(self)
 
     def reusable(self) -> bool:
         return (self.complete and self.keep_alive and not self.closed

@@ -115,10 +115,11 @@ class _Collector:
         self._head.reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._head.add(name, value)
+        self._head.headers.append((name, value))   # names: once, at the end of the head
 
     def on_headers_complete(self) -> None:
         h = self._head
+        h.names = {k.lower() for k, _ in h.headers}
         p = self.parser
         h.version = p.get_http_version()
         h.keep_alive = p.should_keep_alive()

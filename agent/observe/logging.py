@@ -144,7 +144,9 @@ class AuditLog:
         record = {"time": _utc_timestamp(),
                   "event": event, "stream": "audit", "node": self._node, **fields}
         redact_secrets(None, "", record)
-        line = json.dumps(record, default=str)
+        self._queue(json.dumps(record, default=str))
+
+    def _queue(self, line: str) -> None:
         with self._lock:
             self._pending.append(line)
             if self._loop is not None and threading.get_ident() == self._loop_thread:
@@ -153,6 +155,20 @@ class AuditLog:
                     self._loop.call_soon(self.flush)
                 return
             self._write_pending()
+
+    def fragment(self, **fields: Any) -> str:
+        """fields as JSON object members, redacted, for emit_with(): what stays the same over
+        many events (a connection's process and identity) is serialized once."""
+        return json.dumps(redact_secrets(None, "", fields), default=str)[1:-1]
+
+    def emit_with(self, event: str, fragment: str, **fields: Any) -> None:
+        """emit(event, **fields) plus the members of fragment (from fragment())."""
+        if not fragment:
+            return self.emit(event, **fields)
+        record = {"time": _utc_timestamp(), "event": event, "stream": "audit",
+                  "node": self._node, **fields}
+        redact_secrets(None, "", record)
+        self._queue(f"{json.dumps(record, default=str)[:-1]}, {fragment}}}")
 
     def flush(self) -> None:
         with self._lock:

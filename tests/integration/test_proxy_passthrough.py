@@ -530,3 +530,56 @@ def test_an_interim_response_is_relayed_and_the_answer_follows(agent):
     audit = [json.loads(ln) for ln in agent.stdout_path.read_text().splitlines()]
     done = [a for a in audit if a["event"].startswith("request.")]
     assert [(a["event"], a["status"]) for a in done] == [("request.forwarded", 200)]
+
+
+# One answered request, then the connection changes hands: the process that opened it
+# exec's another image ("exec") or exits leaving it to a child ("fork"); the next request
+# on it must not be served as the process that connected.
+CHANGE_CLIENT = r'''
+import json, os, socket, sys, time
+port, how = int(sys.argv[1]), sys.argv[2]
+REQ = b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Length: 8\r\n\r\n{\"i\": 1}"
+def ask(s):
+    s.sendall(REQ)
+    data = b""
+    while not data.endswith(b"}}"):
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode().split("\r\n")[0]
+if how == "second":          # the new image: the inherited connection, asked again
+    s = socket.socket(fileno=int(sys.argv[3]))
+    s.settimeout(10)
+    print(json.dumps({"first": sys.argv[4], "second": ask(s), "pid": os.getpid()}))
+    sys.exit(0)
+s = socket.create_connection(("127.0.0.1", port), timeout=10)
+first = ask(s)
+if how == "exec":
+    os.set_inheritable(s.fileno(), True)
+    os.execv(sys.executable, [sys.executable, "-c", sys.argv[3], str(port), "second",
+                              str(s.fileno()), first])
+parent = os.getpid()
+if os.fork() == 0:
+    while os.getppid() == parent:   # until the process that connected has exited
+        time.sleep(0.01)
+    time.sleep(0.1)
+    print(json.dumps({"first": first, "second": ask(s), "pid": os.getpid()}), flush=True)
+    os._exit(0)
+os._exit(0)
+'''
+
+
+@pytest.mark.parametrize("how", ["exec", "fork"])
+def test_a_connection_that_changed_hands_is_closed_not_served(agent, how):
+    r = subprocess.run([sys.executable, "-c", CHANGE_CLIENT, str(agent.upstream), how,
+                        CHANGE_CLIENT], capture_output=True, text=True, timeout=60,
+                       preexec_fn=enter_cgroup(agent.cg))
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout)
+    assert out["first"] == "HTTP/1.1 200 OK"
+    assert out["second"] == ""            # closed without an answer
+    assert len(Upstream.seen) == 1        # the second request never reached the server
+    audit = [json.loads(ln) for ln in agent.stdout_path.read_text().splitlines()]
+    denied = [a for a in audit if a["event"] == "request.denied"]
+    assert len(denied) == 1 and "exec'd or exited" in denied[0]["reason"]

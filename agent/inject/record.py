@@ -1,0 +1,61 @@
+"""What the proxy records of each request: its audit event and its metrics. The proxy
+says what happened (count, audit); this module knows the series and the audit record."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from agent.inject.upstreams import Upstream
+from agent.observe.logging import AuditLog
+
+
+class AuditBase:
+    """A request's own audit fields (method, path) and its connection's (server, process,
+    identity), the latter serialized once per connection (AuditLog.fragment)."""
+    __slots__ = ("fields", "fragment")
+
+    def __init__(self, fields: dict, fragment: str):
+        self.fields, self.fragment = fields, fragment
+
+
+class Recorder:
+    def __init__(self, audit: AuditLog | None, registry: Any = None):
+        self.audit = audit
+        self.m_requests = Counter("credless_injected_requests", "Requests through the proxy",
+                                  ["server", "mode", "outcome"], registry=registry)
+        self.m_added = Histogram("credless_proxy_added_seconds", "Time credless adds before "
+                                 "the request goes upstream (attest, token, proof)",
+                                 buckets=(.0001, .00025, .0005, .001, .0025, .005, .01, .025,
+                                          .05, .1, .25, 1), registry=registry)
+        self.m_upstream = Histogram("credless_upstream_seconds", "From request sent upstream "
+                                    "to response head", ["server"], registry=registry)
+        self._m_requests: dict[tuple[str, str, str], Any] = {}
+        self._m_upstream: dict[str, Any] = {}
+        self.m_active = Gauge("credless_proxy_active_connections", "Open client connections",
+                              registry=registry)
+
+    def fragment(self, **fields: Any) -> str:
+        """A connection's audit fields, serialized once (AuditLog.fragment)."""
+        return self.audit.fragment(**fields) if self.audit else ""
+
+    def upstream_seconds(self, server: str):
+        child = self._m_upstream.get(server)
+        if child is None:
+            child = self._m_upstream[server] = self.m_upstream.labels(server)
+        return child
+
+    def count(self, up: Upstream, outcome: str) -> None:
+        key = (up.name, up.mode, outcome)
+        child = self._m_requests.get(key)
+        if child is None:   # labels() costs more than the increment: resolve once
+            child = self._m_requests[key] = self.m_requests.labels(*key)
+        child.inc()
+
+    def audit_event(self, event: str, base: dict | AuditBase, **fields) -> None:
+        if self.audit:
+            if type(base) is AuditBase:
+                self.audit.emit_with(event, base.fragment, **base.fields, **fields)
+            else:
+                self.audit.emit(event, **base, **fields)

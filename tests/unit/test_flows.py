@@ -1,0 +1,102 @@
+"""agent/inject/flows.py without sockets: which answers go to the workload byte for byte,
+and which are re-rendered (hop-by-hop headers removed, framing announced)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from agent.inject.flows import ClientSide, UpstreamSide
+
+
+class Transport:
+    def __init__(self):
+        self.out = b""
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.out += data
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    abort = close
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def get_extra_info(self, _name):
+        return None
+
+
+def exchange(reads: list[bytes], close_client: bool = False, bodiless: bool = False):
+    """Relay one response arriving as reads; returns (bytes the workload got, the side)."""
+    async def run():
+        client = ClientSide(lambda c: None)
+        client.connection_made(Transport())
+        up = UpstreamSide()
+        up.connection_made(Transport())
+        done = []
+        up.begin(client, close_client=close_client, bodiless=bodiless, on_done=done.append)
+        up.sent()
+        for data in reads:
+            up.data_received(data)
+        return client.transport.out, up, done
+    return asyncio.run(run())
+
+
+BODY = b'{"jsonrpc":"2.0","id":1,"result":{}}'
+# "Content-Type:application/json" without a space: legal, and re-rendered with one, so a
+# relayed answer shows whether it went verbatim
+PLAIN = b"HTTP/1.1 200 OK\r\nContent-Type:application/json\r\nContent-Length: %d\r\n\r\n%s" % (
+    len(BODY), BODY)
+
+
+def with_headers(extra: bytes, version: bytes = b"1.1") -> bytes:
+    return (b"HTTP/%s 200 OK\r\nContent-Type:application/json\r\n%sContent-Length: %d\r\n\r\n%s"
+            % (version, extra, len(BODY), BODY))
+
+
+@pytest.mark.parametrize("reads,verbatim", [
+    ([PLAIN], True),
+    ([with_headers(b"Connection: keep-alive\r\n")], True),     # true of our side too
+    ([with_headers(b"Connection: Keep-Alive\r\n")], True),
+    ([with_headers(b"Connection: close\r\n")], False),         # not the workload's business
+    ([with_headers(b"Connection: keep-alive\r\nKeep-Alive: timeout=5\r\n")], False),
+    ([with_headers(b"Connection: keep-alive, x-hop\r\nX-Hop: 1\r\n")], False),
+    ([with_headers(b"", b"1.0")], False),                       # said as HTTP/1.1 to ours
+    ([PLAIN[:30], PLAIN[30:]], False),                         # in two reads
+    ([PLAIN + b"HTTP/1.1 200 OK\r\n"], False),                 # bytes after the answer
+])
+def test_an_answer_is_relayed_verbatim_only_when_nothing_in_it_is_hop_by_hop(reads, verbatim):
+    out, up, done = exchange(reads)
+    assert done == [up] and up.complete and up.head.status == 200
+    assert out.endswith(BODY)
+    assert (out == b"".join(reads)) is verbatim
+    head = out.split(b"\r\n\r\n")[0].lower()
+    assert b"keep-alive: " not in head and b"x-hop" not in head and b"connection: close" \
+        not in head
+    assert head.startswith(b"http/1.1 200")
+
+
+def test_bytes_after_an_answer_make_the_connection_unusable():
+    _, up, _ = exchange([PLAIN + b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"])
+    assert not up.keep_alive
+
+
+@pytest.mark.parametrize("close_client,bodiless", [(True, False), (False, True)])
+def test_a_closing_workload_or_a_head_request_is_never_answered_verbatim(close_client,
+                                                                          bodiless):
+    out, up, _ = exchange([PLAIN], close_client=close_client, bodiless=bodiless)
+    assert out != PLAIN and up.complete
+    if close_client:
+        assert b"Connection: close" in out
+    else:
+        assert not out.endswith(BODY)   # a HEAD answer ends at its head
