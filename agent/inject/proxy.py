@@ -178,6 +178,17 @@ class Proxy:
             self.rec.audit_event("request.denied", audit_base, reason="the process exec'd or exited "
                         "since it connected; connection closed")
             return False
+        if head.upgrade:
+            # the parser stops at an upgrade: what follows would be another protocol, which
+            # credless neither inspects nor credentials (MCP over HTTP never upgrades)
+            self.rec.count(up, "upgrade_refused")
+            self.rec.audit_event("request.denied", audit_base, reason="protocol upgrade "
+                                 f"({(head.get(b'upgrade') or b'?').decode('latin-1')}) "
+                                 "refused; connection closed")
+            head.keep_alive = False
+            self._reply_now(client, 501, b"Not Implemented", "credless: protocol upgrades "
+                            "(WebSocket, h2c) are not relayed")
+            return False
         # before anything is injected: a workload's Connection header must not be able to
         # name (and so strip) what credless adds
         http1.strip_connection_headers(head)

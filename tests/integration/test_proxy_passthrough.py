@@ -583,3 +583,29 @@ def test_a_connection_that_changed_hands_is_closed_not_served(agent, how):
     audit = [json.loads(ln) for ln in agent.stdout_path.read_text().splitlines()]
     denied = [a for a in audit if a["event"] == "request.denied"]
     assert len(denied) == 1 and "exec'd or exited" in denied[0]["reason"]
+
+
+UPGRADE_CLIENT = r'''
+import socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
+s.sendall(b"GET /mcp HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+          b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+          b"\x81\x05hello")   # a frame of the other protocol right behind the request
+data = b""
+while chunk := s.recv(65536):
+    data += chunk
+print(data.decode("latin-1"))
+'''
+
+
+def test_a_protocol_upgrade_is_refused_and_the_connection_closed(agent):
+    r = subprocess.run([sys.executable, "-c", UPGRADE_CLIENT, str(agent.upstream)],
+                       capture_output=True, text=True, timeout=60,
+                       preexec_fn=enter_cgroup(agent.cg))
+    assert r.returncode == 0, r.stderr[-2000:]   # the proxy closed: recv returned b""
+    assert r.stdout.startswith("HTTP/1.1 501 Not Implemented")
+    assert "upgrades" in r.stdout
+    audit = [json.loads(ln) for ln in agent.stdout_path.read_text().splitlines()]
+    assert not [a for a in audit if a["event"] == "request.forwarded"]   # never sent
+    denied = [a for a in audit if a["event"] == "request.denied"]
+    assert len(denied) == 1 and "websocket" in denied[0]["reason"]
