@@ -14,7 +14,8 @@ import os
 import platform
 
 _SYS_BPF = {"x86_64": 321, "aarch64": 280}[platform.machine()]
-BPF_OBJ_PIN, BPF_OBJ_GET, BPF_LINK_CREATE, BPF_LINK_UPDATE = 6, 7, 28, 29
+BPF_OBJ_PIN, BPF_OBJ_GET, BPF_OBJ_GET_INFO_BY_FD = 6, 7, 15
+BPF_LINK_CREATE, BPF_LINK_UPDATE = 28, 29
 
 # enum bpf_attach_type
 CGROUP_SOCK_OPS = 3
@@ -64,3 +65,14 @@ def obj_get(path: str) -> int:
     ptr = ctypes.cast(buf, ctypes.c_void_p).value
     attr.w[0], attr.w[1] = ptr & 0xFFFFFFFF, ptr >> 32
     return _bpf(BPF_OBJ_GET, attr)
+
+
+def map_sizes(map_fd: int) -> tuple[int, int]:
+    """(key_size, value_size) of a map, as the kernel has it (struct bpf_map_info)."""
+    info = (ctypes.c_uint32 * 20)()   # type, id, key_size, value_size, ...
+    attr = _Attr()
+    ptr = ctypes.addressof(info)
+    attr.w[0], attr.w[1], attr.w[2], attr.w[3] = map_fd, ctypes.sizeof(info), \
+        ptr & 0xFFFFFFFF, ptr >> 32
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, attr)
+    return info[2], info[3]

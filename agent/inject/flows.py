@@ -52,6 +52,7 @@ class ClientSide(asyncio.Protocol):
         # the coroutine is given nothing, so answers stay in order.
         self.fast = None
         self.fast_inflight = False
+        self.busy = False   # the serving coroutine is inside a request (set by the proxy)
 
     # --- asyncio callbacks
     def connection_made(self, transport) -> None:
@@ -68,7 +69,7 @@ class ClientSide(asyncio.Protocol):
         except ProtocolError as e:
             self._error, events = e, []
         if (self.fast is not None and events and not self._events and not self.fast_inflight
-                and events[-1][0] == END and self.upstream is None and not self.write_paused
+                and not self.busy and events[-1][0] == END and self.upstream is None and not self.write_paused
                 and self.fast(events)):
             return
         for ev in events:
@@ -154,6 +155,8 @@ class ClientSide(asyncio.Protocol):
             await self._writable
 
     def close(self) -> None:
+        """Close (after what was written): nothing more is read from it or served on it."""
+        self.closed = True
         if self.transport is not None:
             self.transport.close()
 
@@ -319,9 +322,11 @@ class UpstreamSide(asyncio.Protocol):
                 or self._close_client or self._skip_end):
             return False
         if not head.names.isdisjoint(http1.CONNECTION_HEADERS):
-            if b"keep-alive" in head.names or b"proxy-connection" in head.names \
-                    or head.get(b"connection").lower() != b"keep-alive":
+            if b"keep-alive" in head.names or b"proxy-connection" in head.names:
                 return False
+            for k, v in head.headers:   # every Connection header: it may name others
+                if k.lower() == b"connection" and v.strip().lower() != b"keep-alive":
+                    return False
         length = head.get(b"content-length")
         end = data.find(b"\r\n\r\n")
         if length is None or end < 0 or len(data) != end + 4 + int(length):
@@ -335,8 +340,10 @@ class UpstreamSide(asyncio.Protocol):
 
     def _finish(self) -> None:
         client, self._client = self._client, None
-        if client is not None and client.upstream is self:
-            client.upstream = None
+        if client is not None:
+            client.last_rx = time.monotonic()   # idle from now, not from its last request
+            if client.upstream is self:
+                client.upstream = None
         if self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
         if self._done is not None and not self._done.done():

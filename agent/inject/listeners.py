@@ -111,12 +111,19 @@ class ProxyListeners:
         """Serve bound listening sockets (of this or a workload's network namespace)."""
         loop = asyncio.get_running_loop()
         servers = []
-        for sock, spec in socks:
-            on_connect = functools.partial(self._accept, netns=netns_cookie(sock))
-            servers.append(await loop.create_server(
-                functools.partial(ClientSide, on_connect), sock=sock,
-                ssl=self._tls if spec.tls else None,
-                ssl_handshake_timeout=10 if spec.tls else None))
+        try:
+            for sock, spec in socks:
+                on_connect = functools.partial(self._accept, netns=netns_cookie(sock))
+                servers.append(await loop.create_server(
+                    functools.partial(ClientSide, on_connect), sock=sock,
+                    ssl=self._tls if spec.tls else None,
+                    ssl_handshake_timeout=10 if spec.tls else None))
+        except BaseException:   # all or nothing: no listener left that nobody tracks
+            for srv in servers:
+                srv.close()
+            for sock, _ in socks:
+                sock.close()
+            raise
         return servers
 
     def _tls_server_context(self) -> ssl.SSLContext:

@@ -52,9 +52,11 @@ def netns_inode(pid: int | str) -> int | None:
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def in_netns(ns_path: str, fn: Callable[[], object]) -> object:
-    """fn() run in a new thread that has entered the network namespace at ns_path; the
-    thread ends with it, so no thread of the agent is ever left in a workload's network."""
+def in_netns(ns_path: str, fn: Callable[[], object], inode: int | None = None) -> object:
+    """fn() run in a new thread that has entered the network namespace at ns_path (and,
+    if inode is given, only if that is the namespace's inode: a pid reused between the
+    scan and now names another one); the thread ends with it, so no thread of the agent
+    is ever left in a workload's network."""
     result: dict[str, object] = {}
     fd = os.open(ns_path, os.O_RDONLY | os.O_CLOEXEC)
 
@@ -68,6 +70,8 @@ def in_netns(ns_path: str, fn: Callable[[], object]) -> object:
             result["error"] = e
 
     try:
+        if inode is not None and os.fstat(fd).st_ino != inode:
+            raise OSError(f"{ns_path} is no longer network namespace {inode}")
         t = threading.Thread(target=run, name="credless-netns")
         t.start()
         t.join()
@@ -150,15 +154,19 @@ class NetnsListeners:
         if ev.type != EV_EXEC or self._loop is None:
             return
         ino = netns_inode(ev.tgid)
-        if ino is None or ino == self.own_inode or ino in self.served:
-            return
+        if ino is None or ino == self.own_inode or ino in self.served or ino in self._failed:
+            return   # failed namespaces are retried by the scan, not at every exec
         self._pending.append(ev.tgid)
         self._loop.call_soon_threadsafe(self._wake.set)
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_scan = loop.time() + self.scan_seconds
         while True:
+            # exec events do not postpone the scan: on a busy node something always execs,
+            # and only the scan closes listeners of namespaces left empty
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.scan_seconds)
+                await asyncio.wait_for(self._wake.wait(), max(0.0, next_scan - loop.time()))
             self._wake.clear()
             pids = set()
             while self._pending:
@@ -166,7 +174,8 @@ class NetnsListeners:
             try:
                 if pids:
                     await self._add_pids(pids)
-                else:
+                if loop.time() >= next_scan:
+                    next_scan = loop.time() + self.scan_seconds
                     await self.reconcile()
             except Exception:
                 log.exception("serving network namespaces failed; retrying")
@@ -192,7 +201,7 @@ class NetnsListeners:
         loop = asyncio.get_running_loop()
         try:
             socks = await loop.run_in_executor(None, in_netns, f"{self.proc}/{pid}/ns/net",
-                                               lambda: bind_listeners(self.specs, True))
+                                               lambda: bind_listeners(self.specs, True), ino)
         except OSError as e:
             self.m_failures.inc()
             if ino not in self._failed:   # once per namespace, not at every scan

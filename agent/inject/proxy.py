@@ -138,8 +138,12 @@ class Proxy:
                 return
             if ev[0] != HEAD:
                 continue
-            keep = await self._request(ev[1], client, client, info, upstream, ident, who,
-                                       fragment)
+            client.busy = True   # no fast path while this request is under way
+            try:
+                keep = await self._request(ev[1], client, client, info, upstream, ident,
+                                           who, fragment)
+            finally:
+                client.busy = False
             if not keep:
                 return
 
@@ -472,14 +476,24 @@ class Proxy:
         path = head.target.decode("latin-1")
         method = head.method.decode()
         audit_base = AuditBase({"method": method, "path": path.split("?", 1)[0]}, fragment)
+        if broker:
+            try:   # before the head changes: on failure the coroutine's path starts afresh
+                auth = token.authorization().encode()
+                proof = self.oauth.dpop_key(token.spiffe_id).proof(
+                    method, up.origin + path.split("?", 1)[0],
+                    access_token=token.access_token).encode() \
+                    if token.token_type == "DPoP" else None
+            except Exception:
+                log.exception("fast path: credentials for a request failed; taking the "
+                              "full path")
+                self.pool.put(key, conn)
+                return False
         http1.strip_connection_headers(head)
         if broker:
             head.remove(b"authorization", b"dpop")
-            head.add(b"Authorization", token.authorization().encode())
-            if token.token_type == "DPoP":
-                proof = self.oauth.dpop_key(token.spiffe_id).proof(
-                    method, up.origin + path.split("?", 1)[0], access_token=token.access_token)
-                head.add(b"DPoP", proof.encode())
+            head.add(b"Authorization", auth)
+            if proof is not None:
+                head.add(b"DPoP", proof)
         out = bytearray(head.request_bytes())
         for kind, data in events[1:-1]:
             out += chunk(data) if head.chunked else data

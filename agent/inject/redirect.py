@@ -108,8 +108,13 @@ class Redirector:
                                "must start before the redirect")
         try:   # the maps an earlier agent pinned are reused (its links use them)
             self._bpf = compile_program("redirect", [f'-DPIN_DIR="{self.pin_dir}"'])
-        except Exception as e:   # pinned by another version with another layout: anew
-            log.warning("pinned redirect maps not reusable; replacing them", error=str(e))
+            stale = self._layout_mismatch()
+        except Exception as e:
+            stale = str(e)
+        if stale:   # pinned by another version with another layout: anew
+            log.warning("pinned redirect maps not reusable; replacing them", error=stale)
+            if self._bpf is not None:
+                self._bpf.cleanup()
             for m in _MAPS:
                 (self.pin_dir / m).unlink(missing_ok=True)
             self._bpf = compile_program("redirect", [f'-DPIN_DIR="{self.pin_dir}"'])
@@ -146,6 +151,19 @@ class Redirector:
                  pinned=str(self.pin_dir),
                  listen=f"{self.listen4[0]}:{self.listen4[1]}",
                  managed=self.managed_paths or "all but the agent's cgroup")
+
+    def _layout_mismatch(self) -> str | None:
+        """BCC reuses a pinned map whatever its key and value sizes. A map pinned by an
+        agent with other structs (a key without the network namespace, say) would be read
+        through the new layout and match the wrong entries: compare, and say how it
+        differs."""
+        for name in _MAPS:
+            table = self._bpf[name.encode()]
+            want = (ct.sizeof(table.Key), ct.sizeof(table.Leaf))
+            have = bpfsys.map_sizes(table.map_fd)
+            if have != want:
+                return f"{name}: pinned with key/value sizes {have}, this agent's are {want}"
+        return None
 
     def _configure(self) -> None:
         cfg_table = self._bpf[b"redirect_config"]
@@ -258,6 +276,8 @@ class Redirector:
         try:
             info = self._bpf[b"redirected"][ct.c_uint64(cookie)]
         except KeyError:
+            return None
+        if info.netns != netns:   # a record of another namespace's socket: never serve it
             return None
         if info.family == socket.AF_INET:
             host = str(ipaddress.IPv4Address(info.orig_addr[0].to_bytes(4, "little")))

@@ -73,15 +73,19 @@ def upstream():
     srv.server_close()
 
 
+def agent_config(tmp_path, cg, upstream):
+    port = free_port()
+    return port, write_config(tmp_path, extra=(
+        f'[inject]\nlisten_port = {port}\nlisten_port6 = {port}\n'
+        f'managed_cgroups = ["/{cg.name}"]\nnetns_scan_seconds = 0.5\n'
+        f'[[servers]]\nname = "up"\nurl = "http://127.0.0.1:{upstream}/mcp"\n'
+        'mode = "passthrough"\n'))
+
+
 @pytest.fixture
 def agent(tmp_path, upstream):
     with cgroup_child() as cg:
-        port = free_port()
-        cfg = write_config(tmp_path, extra=(
-            f'[inject]\nlisten_port = {port}\nlisten_port6 = {port}\n'
-            f'managed_cgroups = ["/{cg.name}"]\nnetns_scan_seconds = 0.5\n'
-            f'[[servers]]\nname = "up"\nurl = "http://127.0.0.1:{upstream}/mcp"\n'
-            'mode = "passthrough"\n'))
+        port, cfg = agent_config(tmp_path, cg, upstream)
         with AgentProcess(cfg, tmp_path) as a:
             a.wait_ready()
             a.cg, a.upstream, a.port = cg, upstream, port
@@ -201,3 +205,40 @@ def test_the_listener_goes_with_the_last_managed_process_and_comes_back(agent):
             assert out == {"error": "Connection refused"}
             out = result(start_client(agent, ns))
         assert out["status"] == 200
+
+
+def pin_map(path: str, key_size: int, value_size: int) -> None:
+    """Pin an LRU hash map of the given sizes at path, as an older agent would have."""
+    from agent import bpfsys
+
+    attr = bpfsys._Attr()
+    attr.w[0], attr.w[1], attr.w[2], attr.w[3] = 9, key_size, value_size, 16  # LRU_HASH
+    fd = bpfsys._bpf(0, attr)   # BPF_MAP_CREATE
+    try:
+        bpfsys.obj_pin(fd, path)
+    finally:
+        os.close(fd)
+
+
+def test_a_redirect_pinned_with_an_older_layout_is_replaced(tmp_path, upstream):
+    """An agent before network namespaces pinned local_to_cookie with a 24-byte key. Reused
+    as is, the kernel would compare only its first 24 bytes (no namespace) and pods
+    connecting from one port would be served as each other: it must be replaced."""
+    from pathlib import Path
+
+    from agent import bpfsys, config
+
+    with cgroup_child() as cg:
+        _, cfg = agent_config(tmp_path, cg, upstream)
+        pin = Path(config.load(cfg).agent.bpf_pin_dir)
+        pin.mkdir(parents=True, exist_ok=True)
+        pin_map(str(pin / "local_to_cookie"), 24, 8)
+        with AgentProcess(cfg, tmp_path) as a:
+            a.wait_ready()
+            fd = bpfsys.obj_get(str(pin / "local_to_cookie"))
+            try:
+                assert bpfsys.map_sizes(fd) == (32, 8)
+            finally:
+                os.close(fd)
+            warned = netns_events(a, "pinned redirect maps not reusable; replacing them")
+            assert warned and "local_to_cookie" in warned[0]["error"]

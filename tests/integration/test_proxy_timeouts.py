@@ -46,6 +46,15 @@ elif mode == "ask":         # one request; whatever comes back, until the proxy 
     s.sendall(req.replace(b"Content-Length: 8", b"Content-Length: 8\r\nConnection: close")
               + b'{"i": 1}')
     print(json.dumps({"answer": read_all()}))
+elif mode == "stream-then-ask":   # a long answer, a pause shorter than the idle limit,
+    import http.client               # then the next request on the same connection
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+    c.request("GET", "/stream")
+    events = c.getresponse().read().decode().count("data: ")
+    time.sleep(0.2)
+    c.request("POST", "/mcp", body=b'{"i": 2}')
+    r = c.getresponse()
+    print(json.dumps({"events": events, "next": [r.status, r.read().decode()]}))
 elif mode == "stream":      # an SSE response lasting longer than every limit
     s.sendall(b"GET /stream HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     print(json.dumps({"answer": read_all()}))
@@ -160,3 +169,10 @@ def test_a_server_that_cannot_be_connected_to_gets_502_naming_the_wait(agent):
 def test_a_response_that_has_begun_is_not_cut(agent):
     out = run(agent, "up", "stream")   # three events 300 ms apart: 0.9 s > every limit
     assert out["answer"].count("data: ") == 3
+
+
+def test_idle_time_counts_from_the_end_of_the_last_answer(agent):
+    """A 0.9 s answer, then 0.2 s of quiet: idle for 0.2 s, not for 1.1 s since the workload
+    last sent anything, so the connection is still open for its next request."""
+    out = run(agent, "up", "stream-then-ask")
+    assert out == {"events": 3, "next": [200, '{"echo": {"i": 2}}']}

@@ -100,3 +100,48 @@ def test_a_closing_workload_or_a_head_request_is_never_answered_verbatim(close_c
         assert b"Connection: close" in out
     else:
         assert not out.endswith(BODY)   # a HEAD answer ends at its head
+
+
+REQUEST = b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
+
+
+@pytest.mark.parametrize("state,fast", [
+    ({}, True),
+    ({"busy": True}, False),            # the coroutine is inside a request (awaiting a token)
+    ({"fast_inflight": True}, False),   # an answer is being relayed: keep answers in order
+    ({"write_paused": True}, False),    # the workload is not reading
+    ({"queued": True}, False),          # an earlier request waits for the coroutine
+])
+def test_the_fast_path_is_offered_a_request_only_when_the_connection_is_idle(state, fast):
+    async def run():
+        offered = []
+        client = ClientSide(lambda c: None)
+        client.connection_made(Transport())
+        client.fast = lambda events: offered.append(events) or True
+        for k, v in state.items():
+            if k == "queued":
+                client.fast = None
+                client.data_received(REQUEST)
+                client.fast = lambda events: offered.append(events) or True
+            else:
+                setattr(client, k, v)
+        client.data_received(REQUEST)
+        return offered, client
+    offered, client = asyncio.run(run())
+    assert bool(offered) is fast
+    if not fast:   # queued for the coroutine instead, whole
+        kinds = []
+        while client._events:
+            kinds.append(client._events.popleft()[0])
+        assert kinds[-3:] == [1, 2, 3]   # HEAD, BODY, END
+
+
+def test_a_closed_workload_connection_is_not_served_again():
+    async def run():
+        client = ClientSide(lambda c: None)
+        client.connection_made(Transport())
+        client.data_received(REQUEST)
+        client.close()   # e.g. an answer that ended its keep-alive; a request was queued
+        return client
+    client = asyncio.run(run())
+    assert client.closed and client.transport.closed

@@ -67,3 +67,10 @@ def test_in_netns_runs_in_the_namespace_and_leaves_the_caller_where_it_was():
             in_netns(f"/run/netns/{ns}", lambda: 1 / 0)
     with pytest.raises(OSError, match="setns"):
         in_netns("/dev/null", lambda: None)
+
+
+def test_in_netns_refuses_a_path_that_now_names_another_namespace():
+    # a pid reused between the scan and the setns: its ns/net is not the one scanned
+    wrong = netns_inode("self") + 1
+    with pytest.raises(OSError, match="no longer network namespace"):
+        in_netns("/proc/self/ns/net", lambda: None, inode=wrong)
