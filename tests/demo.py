@@ -2,20 +2,22 @@
 
 Starts the real peers (oidc-provider as the authorization server, an MCP server from the
 official SDK that demands DPoP-bound tokens), the credless agent, and a credential-less MCP
-client (official SDK) in a fresh cgroup; prints who was attested as what, which token was
+client (official SDK) in a fresh cgroup, then again from a network namespace of its own
+(as a Kubernetes pod has); prints who was attested as what, which token was
 obtained (fingerprints only) and the tool results; leaves nothing running.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from agent import doctor
-from tests.helpers import AgentProcess, free_port, write_config
-from tests.kernel import cgroup_child, enter_cgroup
+from tests.helpers import AgentProcess, free_port, wait_for, write_config
+from tests.kernel import cgroup_child, enter_cgroup, network_namespace
 from tests.mcp.peers import McpServer, run_client
 from tests.oidc.peer import OidcProvider
 
@@ -24,6 +26,29 @@ SPIFFE_ID = "spiffe://example.org/agent/weather-bot"
 
 def say(msg: str = "") -> None:
     print(f"[demo] {msg}" if msg else "", flush=True)
+
+
+def pod_step(cg, mcp_url: str, proxy_port: int) -> list[dict]:
+    """The same client in a network namespace of its own, as in a Kubernetes pod: the agent
+    listens inside that namespace once a managed process lives there."""
+    say("3. the MCP client in a network namespace of its own (a pod's), no credentials:")
+    with network_namespace("credless-demo") as ns:
+        pause = subprocess.Popen(["ip", "netns", "exec", ns, "sleep", "120"],
+                                 preexec_fn=enter_cgroup(cg))   # the pod's first process
+        try:
+            wait_for(lambda: subprocess.run(
+                ["ip", "netns", "exec", ns, "ss", "-Htln", f"sport = :{proxy_port}"],
+                capture_output=True, text=True).stdout.strip(), 15,
+                what="the agent's listener in the pod's namespace")
+            say(f"   the agent now listens inside namespace {ns} too")
+            out = run_client(mcp_url, 'call:echo:{"text": "hello from a pod"}',
+                             preexec=enter_cgroup(cg), prefix=["ip", "netns", "exec", ns])
+            for line in out:
+                say(f"   <- {json.dumps(line)}")
+            return out
+        finally:
+            pause.kill()
+            pause.wait()
 
 
 def main() -> int:
@@ -70,6 +95,7 @@ url = "{mcp_url}"
                                  preexec=enter_cgroup(cg))
                 for line in out:
                     say(f"   <- {json.dumps(line)}")
+                pod = pod_step(cg, mcp_url, proxy_port)
                 say()
                 events = [json.loads(ln) for ln in agent.stdout_path.read_text().splitlines()]
                 inj = next((e for e in events if e["event"] == "request.injected"), None)
@@ -84,9 +110,9 @@ url = "{mcp_url}"
                         "left the agent)")
                 n = sum(1 for e in events if e["event"] == "request.injected")
                 say(f"{n} requests injected, each an audit event (agent stdout)")
-                ok = bool(inj and tok and all("error" not in ln for ln in out))
+                ok = bool(inj and tok and all("error" not in ln for ln in out + pod))
         say("stopped the agent, the MCP server and the authorization server; removed the "
-            "cgroup")
+            "cgroup and the namespace")
     return 0 if ok else 1
 
 

@@ -50,8 +50,11 @@ class McpServer:
         stop_process(self.proc)
 
 
-def run_client(url: str, *steps: str, preexec=None, extra=(), timeout=90) -> list[dict]:
-    r = subprocess.run([sys.executable, "-m", "tests.mcp.client", url, *steps, *extra],
+def run_client(url: str, *steps: str, preexec=None, extra=(), timeout=90,
+               prefix=()) -> list[dict]:
+    """prefix: a command the client runs under (e.g. `ip netns exec NAME`)."""
+    r = subprocess.run([*prefix, sys.executable, "-m", "tests.mcp.client", url, *steps,
+                        *extra],
                        cwd=REPO, capture_output=True, text=True, timeout=timeout,
                        preexec_fn=preexec)
     lines = [json.loads(ln) for ln in r.stdout.splitlines() if ln.startswith("{")]
