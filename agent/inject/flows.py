@@ -69,8 +69,8 @@ class ClientSide(asyncio.Protocol):
         except ProtocolError as e:
             self._error, events = e, []
         if (self.fast is not None and events and not self._events and not self.fast_inflight
-                and not self.busy and events[-1][0] == END and self.upstream is None and not self.write_paused
-                and self.fast(events)):
+                and not self.busy and events[-1][0] == END and self.upstream is None
+                and not self.write_paused and self.fast(events)):
             return
         for ev in events:
             if ev[0] == BODY:
@@ -315,9 +315,10 @@ class UpstreamSide(asyncio.Protocol):
 
     def _verbatim(self, head: Head, data: bytes) -> bool:
         """The common answer, relayed as the server sent it: the exchange's first read
-        holding exactly one whole HTTP/1.1 response framed by Content-Length, with no connection header but
-        `Connection: keep-alive` (true of the workload's connection too). Anything else is
-        re-rendered by _relay (hop-by-hop headers removed, framing announced)."""
+        holding exactly one whole HTTP/1.1 response framed by Content-Length, with no
+        connection header but `Connection: keep-alive` (true of the workload's connection
+        too). Anything else is re-rendered by _relay (hop-by-hop headers removed, framing
+        announced)."""
         if (head.chunked or head.status < 200 or head.version != "1.1" or self._bodiless
                 or self._close_client or self._skip_end):
             return False

@@ -48,7 +48,6 @@ class Proxy:
         self.attestor = attestor
         self.identity = identity
         self.oauth = oauth
-        self.audit = audit
         self.ssl_context = ssl_context or ssl.create_default_context()
         self.policy = policy                    # agent.policy.engine.PolicyEngine
         self.max_body = max_body
@@ -69,9 +68,11 @@ class Proxy:
             up, who = client.served
             if up is not None:
                 self.rec.count(up, "request_timeout")
-                self.rec.audit_event("request.failed", {"server": up.name, "mode": up.mode, **who},
-                            reason="the request stopped arriving for "
-                            f"{self.cfg.request_timeout_seconds:g} s; connection closed")
+                self.rec.audit_event("request.failed",
+                                     {"server": up.name, "mode": up.mode, **who},
+                                     reason="the request stopped arriving for "
+                                     f"{self.cfg.request_timeout_seconds:g} s; connection "
+                                     "closed")
             client.write(http1.simple_response(408, b"Request Timeout", json.dumps(
                 {"error": "credless: the request stopped arriving"}).encode(),
                 extra=[(b"Connection", b"close")]))
@@ -96,7 +97,7 @@ class Proxy:
                 {"error": f"credless: malformed HTTP: {e}"}).encode()))
         except ssl.SSLError as e:
             self.rec.audit_event("connection.tls_failed", {"peer_port": peer[1]},
-                        reason=f"TLS with the workload failed: {e.reason}")
+                                 reason=f"TLS with the workload failed: {e.reason}")
         except asyncio.CancelledError:
             pass
         except Exception:
@@ -179,8 +180,9 @@ class Proxy:
         audit_base = AuditBase({"method": method, "path": path.split("?", 1)[0]}, fragment)
         if not self._image_current(info):
             self.rec.count(up, "image_changed")
-            self.rec.audit_event("request.denied", audit_base, reason="the process exec'd or exited "
-                        "since it connected; connection closed")
+            self.rec.audit_event("request.denied", audit_base,
+                                 reason="the process exec'd or exited "
+                                 "since it connected; connection closed")
             return False
         if head.upgrade:
             # the parser stops at an upgrade: what follows would be another protocol, which
@@ -207,7 +209,7 @@ class Proxy:
             await drain_body(src)
             self.rec.count(up, "workload_credentials")
             self.rec.audit_event("request.denied", audit_base, reason="the workload sent its own "
-                        "credentials")
+                                 "credentials")
             await self._reply(client, 400, b"Bad Request", "credless: this workload must not "
                               "send Authorization or DPoP headers; credless adds them")
             return head.keep_alive
@@ -225,7 +227,7 @@ class Proxy:
                 await drain_body(src)
                 self.rec.count(up, "unattested")
                 self.rec.audit_event("request.denied", audit_base, reason="process not attested or "
-                            "matching no registration entry")
+                                     "matching no registration entry")
                 if self.cfg.unattested == "deny":
                     await self._reply(client, 403, b"Forbidden", "credless: this process has "
                                       "no identity (not attested, or no registration entry "
@@ -285,8 +287,8 @@ class Proxy:
             d = self.policy.decide(who["spiffe_id"], up.name, c.method, c.name,
                                    who.get("parent_spiffe_id"))
             self.rec.audit_event("call.allowed" if d.allowed else "call.denied", audit_base,
-                        rpc_method=c.method, tool=c.name, rpc_id=c.id, rule=d.rule_id,
-                        decision="allow" if d.allowed else "deny", reason=d.reason)
+                                 rpc_method=c.method, tool=c.name, rpc_id=c.id, rule=d.rule_id,
+                                 decision="allow" if d.allowed else "deny", reason=d.reason)
             if not d.allowed:
                 denied.append(f"{c.method} {c.name or ''}".strip() + f": {d.reason}")
         if denied:
@@ -321,7 +323,7 @@ class Proxy:
             if ident is None:
                 self.rec.count(up, "unattested")
                 self.rec.audit_event("request.denied", audit_base, reason="token request from a "
-                            "process with no identity")
+                                     "process with no identity")
                 await self._reply(client, 403, b"Forbidden", "credless: this process has no "
                                   "identity to authenticate with")
                 return head.keep_alive
@@ -331,7 +333,7 @@ class Proxy:
                         "urn:ietf:params:oauth:client-assertion-type:jwt-bearer")
             form.pop("client_secret", None)
             self.rec.audit_event("assertion.injected", audit_base, jti=svid.jti, kid=svid.kid,
-                        audience=self.upstream_issuer(up))
+                                 audience=self.upstream_issuer(up))
         new_body = urlencode(form).encode()
         head.remove(b"content-length", b"transfer-encoding")
         head.add(b"Content-Length", b"%d" % len(new_body))
@@ -410,8 +412,9 @@ class Proxy:
         if resp is None and conn.timed_out:
             self.rec.count(up, "upstream_timeout")
             limit = f"{self.cfg.upstream_timeout_seconds:g} s"
-            self.rec.audit_event("request.failed", audit_base, reason="the MCP server did not answer "
-                        f"within {limit}")
+            self.rec.audit_event("request.failed", audit_base,
+                                 reason="the MCP server did not answer "
+                                 f"within {limit}")
             self._reply_now(client, 504, b"Gateway Timeout", "credless: the MCP server did "
                             f"not answer within {limit}")
             return head.keep_alive
@@ -419,7 +422,7 @@ class Proxy:
             conn.abort()
             self.rec.count(up, "upstream_closed")
             self.rec.audit_event("request.failed", audit_base, reason="the MCP server closed the "
-                        "connection without answering")
+                                 "connection without answering")
             self._reply_now(client, 502, b"Bad Gateway", "credless: the MCP server closed "
                             "the connection without answering")
             return False
@@ -437,9 +440,9 @@ class Proxy:
             return False
         self.rec.count(up, "injected" if token else "forwarded")
         self.rec.audit_event("request.injected" if token else "request.forwarded", audit_base,
-                    status=resp.status, token_sha256=token.fingerprint if token else None,
-                    jti=token.jti if token else None, jkt=token.jkt if token else None,
-                    latency_ms=round((time.perf_counter() - started) * 1000, 2))
+                             status=resp.status, token_sha256=token.fingerprint if token else None,
+                             jti=token.jti if token else None, jkt=token.jkt if token else None,
+                             latency_ms=round((time.perf_counter() - started) * 1000, 2))
         return keep
 
     # ------------------------------------------------------------ the fast path
