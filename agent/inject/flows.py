@@ -79,17 +79,17 @@ class ClientSide(asyncio.Protocol):
         if self._queued > HIGH_WATER and not self._reading_paused:
             self._reading_paused = True
             self.transport.pause_reading()
-        self._wake()
+        self.wake()
 
     def eof_received(self) -> bool:
         self._eof = True
-        self._wake()
+        self.wake()
         return True   # keep the write side open: a half-closed client still gets its answer
 
     def connection_lost(self, exc) -> None:
         self.closed = self._eof = True
         self.write_paused = False   # nothing will resume it: never pause an upstream for it
-        self._wake()
+        self.wake()
         if self._writable is not None and not self._writable.done():
             self._writable.set_result(None)
         if self.upstream is not None:
@@ -108,10 +108,7 @@ class ClientSide(asyncio.Protocol):
             self._writable.set_result(None)
 
     def wake(self) -> None:
-        """Let the serving coroutine look again (a fast-path answer has ended)."""
-        self._wake()
-
-    def _wake(self) -> None:
+        """Let the serving coroutine look again (new events, eof, a fast answer ended)."""
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
@@ -320,7 +317,7 @@ class UpstreamSide(asyncio.Protocol):
         too). Anything else is re-rendered by _relay (hop-by-hop headers removed, framing
         announced)."""
         if (head.chunked or head.status < 200 or head.version != "1.1" or self._bodiless
-                or self._close_client or self._skip_end):
+                or self._close_client):
             return False
         if not head.names.isdisjoint(http1.CONNECTION_HEADERS):
             if b"keep-alive" in head.names or b"proxy-connection" in head.names:

@@ -67,7 +67,6 @@ def bind_listeners(specs: Iterable[ListenSpec], optional_v6: bool) -> list[tuple
     return out
 
 
-
 class ProxyListeners:
     """The proxy's listeners and the connections accepted on them; each connection is
     served by proxy.handle() in a task of its own."""

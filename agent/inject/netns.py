@@ -29,7 +29,6 @@ import ctypes
 import os
 import threading
 from collections import deque
-from pathlib import Path
 from typing import Callable
 
 from agent.attest.cgroupfs import process_cgroup
@@ -88,8 +87,7 @@ class NetnsListeners:
     name = "netns-listeners"
 
     def __init__(self, specs: list[ListenSpec], serve, managed_cgroups: list[str],
-                 own_cgroup: str, scan_seconds: float, registry=None,
-                 proc: Path = Path("/proc")):
+                 own_cgroup: str, scan_seconds: float, registry=None):
         from prometheus_client import Counter, Gauge
 
         self.specs = specs
@@ -97,7 +95,6 @@ class NetnsListeners:
         self.managed = [p.rstrip("/") or "/" for p in managed_cgroups]
         self.own_cgroup = own_cgroup
         self.scan_seconds = scan_seconds
-        self.proc = proc
         self.own_inode = netns_inode("self")
         self.served: dict[int, list[asyncio.base_events.Server]] = {}
         self._failed: set[int] = set()      # warned once per namespace
@@ -123,7 +120,7 @@ class NetnsListeners:
     def scan(self) -> dict[int, int]:
         """{netns inode: a managed pid in it} for namespaces other than the agent's."""
         found: dict[int, int] = {}
-        for entry in os.scandir(self.proc):
+        for entry in os.scandir("/proc"):
             if not entry.name.isdigit():
                 continue
             ino = netns_inode(entry.name)
@@ -200,7 +197,7 @@ class NetnsListeners:
     async def _open(self, ino: int, pid: int) -> None:
         loop = asyncio.get_running_loop()
         try:
-            socks = await loop.run_in_executor(None, in_netns, f"{self.proc}/{pid}/ns/net",
+            socks = await loop.run_in_executor(None, in_netns, f"/proc/{pid}/ns/net",
                                                lambda: bind_listeners(self.specs, True), ino)
         except OSError as e:
             self.m_failures.inc()

@@ -35,6 +35,11 @@ log = get_logger("inject.proxy")
 READ_SIZE = 65536
 
 
+def _pool_key(ident, up: Upstream) -> tuple:
+    """Upstream connections are reused only by the same identity to the same server."""
+    return (str(ident.spiffe_id) if ident else None, up.host, up.port, up.scheme)
+
+
 class Proxy:
     name = "proxy"
 
@@ -129,8 +134,7 @@ class Proxy:
         fragment = self.rec.fragment(server=upstream.name, mode=upstream.mode, **who)
         if upstream.mode != "assertion" and (ident is not None or upstream.mode ==
                                              "passthrough"):
-            key = (str(ident.spiffe_id) if ident else None, upstream.host, upstream.port,
-                   upstream.scheme)
+            key = _pool_key(ident, upstream)
             client.fast = functools.partial(self._fast, client, info, upstream, ident,
                                             fragment, key)
         while True:
@@ -171,6 +175,16 @@ class Proxy:
                    **extra) -> None:
         body = json.dumps({"error": error, **extra}).encode()
         client.write(http1.simple_response(status, reason, body))
+
+    def _credentials(self, token, method: str, up: Upstream, path: str) -> list:
+        """The headers that carry token for this request: Authorization, and for a DPoP
+        token a proof bound to this method and URL (without its query, RFC 9449 4.2)."""
+        out = [(b"Authorization", token.authorization().encode())]
+        if token.token_type == "DPoP":
+            out.append((b"DPoP", self.oauth.dpop_key(token.spiffe_id).proof(
+                method, up.origin + path.split("?", 1)[0],
+                access_token=token.access_token).encode()))
+        return out
 
     async def _request(self, head: Head, src, client: ClientSide, info: RedirectInfo,
                        up: Upstream, ident, who: dict, fragment: str) -> bool:
@@ -245,11 +259,8 @@ class Proxy:
                                   "token from the authorization server", kind=e.kind,
                                   detail=str(e))
                 return head.keep_alive
-            head.add(b"Authorization", token.authorization().encode())
-            if token.token_type == "DPoP":
-                proof = self.oauth.dpop_key(token.spiffe_id).proof(
-                    method, up.origin + path.split("?", 1)[0], access_token=token.access_token)
-                head.add(b"DPoP", proof.encode())
+            for name, value in self._credentials(token, method, up, path):
+                head.add(name, value)
         self.rec.m_added.observe(time.perf_counter() - started)
         return await self._exchange(head, src, client, up, ident, token, audit_base,
                                     started)
@@ -353,7 +364,7 @@ class Proxy:
 
     async def _exchange(self, head: Head, src, client: ClientSide, up: Upstream, ident, token,
                         audit_base: dict, started: float) -> bool:
-        key = (str(ident.spiffe_id) if ident else None, up.host, up.port, up.scheme)
+        key = _pool_key(ident, up)
         conn = self.pool.get(key)
         try:
             if conn is None:
@@ -479,13 +490,10 @@ class Proxy:
         path = head.target.decode("latin-1")
         method = head.method.decode()
         audit_base = AuditBase({"method": method, "path": path.split("?", 1)[0]}, fragment)
+        credentials = []
         if broker:
             try:   # before the head changes: on failure the coroutine's path starts afresh
-                auth = token.authorization().encode()
-                proof = self.oauth.dpop_key(token.spiffe_id).proof(
-                    method, up.origin + path.split("?", 1)[0],
-                    access_token=token.access_token).encode() \
-                    if token.token_type == "DPoP" else None
+                credentials = self._credentials(token, method, up, path)
             except Exception:
                 log.exception("fast path: credentials for a request failed; taking the "
                               "full path")
@@ -494,9 +502,8 @@ class Proxy:
         http1.strip_connection_headers(head)
         if broker:
             head.remove(b"authorization", b"dpop")
-            head.add(b"Authorization", auth)
-            if proof is not None:
-                head.add(b"DPoP", proof)
+            for name, value in credentials:
+                head.add(name, value)
         out = bytearray(head.request_bytes())
         for kind, data in events[1:-1]:
             out += chunk(data) if head.chunked else data

@@ -141,10 +141,7 @@ class AuditLog:
             self._loop_thread = threading.get_ident() if loop is not None else 0
 
     def emit(self, event: str, **fields: Any) -> None:
-        record = {"time": _utc_timestamp(),
-                  "event": event, "stream": "audit", "node": self._node, **fields}
-        redact_secrets(None, "", record)
-        self._queue(json.dumps(record, default=str))
+        self.emit_with(event, "", **fields)
 
     def _queue(self, line: str) -> None:
         with self._lock:
@@ -162,13 +159,12 @@ class AuditLog:
         return json.dumps(redact_secrets(None, "", fields), default=str)[1:-1]
 
     def emit_with(self, event: str, fragment: str, **fields: Any) -> None:
-        """emit(event, **fields) plus the members of fragment (from fragment())."""
-        if not fragment:
-            return self.emit(event, **fields)
+        """emit(event, **fields) plus the members of fragment (from fragment(), or "")."""
         record = {"time": _utc_timestamp(), "event": event, "stream": "audit",
                   "node": self._node, **fields}
         redact_secrets(None, "", record)
-        self._queue(f"{json.dumps(record, default=str)[:-1]}, {fragment}}}")
+        line = json.dumps(record, default=str)
+        self._queue(f"{line[:-1]}, {fragment}}}" if fragment else line)
 
     def flush(self) -> None:
         with self._lock:

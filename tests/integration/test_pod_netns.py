@@ -13,13 +13,12 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from tests.helpers import AgentProcess, free_port, wait_for, write_config
+from tests.integration.test_proxy_passthrough import upstream  # noqa: F401  (fixture)
 from tests.kernel import cgroup_child, enter_cgroup, network_namespace
 
 pytestmark = pytest.mark.kernel
@@ -49,30 +48,6 @@ print(json.dumps({"status": int(head.split()[1]), "body": json.loads(rest), "pid
 '''
 
 
-class Echo(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def do_POST(self):  # noqa: N802
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        out = json.dumps({"echo": json.loads(body)}).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(out)))
-        self.end_headers()
-        self.wfile.write(out)
-
-    def log_message(self, *a):
-        pass
-
-
-@pytest.fixture
-def upstream():
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), Echo)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield srv.server_address[1]
-    srv.shutdown()
-    srv.server_close()
-
-
 def agent_config(tmp_path, cg, upstream):
     port = free_port()
     return port, write_config(tmp_path, extra=(
@@ -83,7 +58,7 @@ def agent_config(tmp_path, cg, upstream):
 
 
 @pytest.fixture
-def agent(tmp_path, upstream):
+def agent(tmp_path, upstream):  # noqa: F811
     with cgroup_child() as cg:
         port, cfg = agent_config(tmp_path, cg, upstream)
         with AgentProcess(cfg, tmp_path) as a:
@@ -220,7 +195,7 @@ def pin_map(path: str, key_size: int, value_size: int) -> None:
         os.close(fd)
 
 
-def test_a_redirect_pinned_with_an_older_layout_is_replaced(tmp_path, upstream):
+def test_a_redirect_pinned_with_an_older_layout_is_replaced(tmp_path, upstream):  # noqa: F811
     """An agent before network namespaces pinned local_to_cookie with a 24-byte key. Reused
     as is, the kernel would compare only its first 24 bytes (no namespace) and pods
     connecting from one port would be served as each other: it must be replaced."""
