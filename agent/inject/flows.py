@@ -108,9 +108,13 @@ class ClientSide(asyncio.Protocol):
             self._writable.set_result(None)
 
     def wake(self) -> None:
-        """Let the serving coroutine look again (new events, eof, a fast answer ended)."""
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+        """Let the serving coroutine look again (new events, eof, an error, closed). Only
+        then: after a fast answer with nothing queued, resuming it would only have it wait
+        again, and a task step per request costs more than the fast path saves."""
+        w = self._waiter
+        if w is not None and not w.done() and (self._events or self.closed or self._eof
+                                               or self._error is not None):
+            w.set_result(None)
 
     # --- used by the serving coroutine and the proxy's timeouts
     def waiting(self) -> str | None:

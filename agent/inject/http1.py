@@ -9,8 +9,6 @@ and body chunks back into wire bytes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import httptools
 
 # Connection management that belongs to one hop (RFC 9110 7.6.1). Framing headers
@@ -37,25 +35,24 @@ class ProtocolError(Exception):
     pass
 
 
-@dataclass
 class Head:
-    """A request or response head. Header names are kept as sent; lookups are lowercase."""
-    method: bytes = b""
-    target: bytes = b""
-    status: int = 0
-    reason: bytes = b""
-    version: str = "1.1"
-    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
-    keep_alive: bool = True
-    chunked: bool = False
-    upgrade: bool = False
-    # the lower-case names present: most lookups are for headers a message does not carry,
-    # and answering those without a scan matters at one lookup per header per request
-    names: set[bytes] = field(default_factory=set)
+    """A request or response head. Header names are kept as sent; lookups are lowercase.
+    A plain class with slots, not a dataclass: the proxy makes two per request."""
+    __slots__ = ("method", "target", "status", "reason", "version", "headers", "keep_alive",
+                 "chunked", "upgrade", "names")
 
-    def __post_init__(self) -> None:
-        if self.headers and not self.names:
-            self.names = {k.lower() for k, _ in self.headers}
+    def __init__(self, method: bytes = b"", target: bytes = b"", status: int = 0,
+                 reason: bytes = b"", version: str = "1.1",
+                 headers: list[tuple[bytes, bytes]] | None = None, keep_alive: bool = True,
+                 chunked: bool = False, upgrade: bool = False,
+                 names: set[bytes] | None = None):
+        self.method, self.target, self.status, self.reason = method, target, status, reason
+        self.version = version
+        self.headers = [] if headers is None else headers
+        self.keep_alive, self.chunked, self.upgrade = keep_alive, chunked, upgrade
+        # the lower-case names present: most lookups are for headers a message does not
+        # carry, and answering those without a scan matters at one lookup per header
+        self.names = names if names is not None else {k.lower() for k, _ in self.headers}
 
     def add(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))

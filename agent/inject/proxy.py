@@ -179,7 +179,7 @@ class Proxy:
     def _credentials(self, token, method: str, up: Upstream, path: str) -> list:
         """The headers that carry token for this request: Authorization, and for a DPoP
         token a proof bound to this method and URL (without its query, RFC 9449 4.2)."""
-        out = [(b"Authorization", token.authorization().encode())]
+        out = [(b"Authorization", token.authorization_bytes)]
         if token.token_type == "DPoP":
             out.append((b"DPoP", self.oauth.dpop_key(token.spiffe_id).proof(
                 method, up.origin + path.split("?", 1)[0],
@@ -450,10 +450,8 @@ class Proxy:
             self.rec.count(up, "upstream_closed")
             return False
         self.rec.count(up, "injected" if token else "forwarded")
-        self.rec.audit_event("request.injected" if token else "request.forwarded", audit_base,
-                             status=resp.status, token_sha256=token.fingerprint if token else None,
-                             jti=token.jti if token else None, jkt=token.jkt if token else None,
-                             latency_ms=round((time.perf_counter() - started) * 1000, 2))
+        self.rec.request_done(audit_base, resp.status, token,
+                              round((time.perf_counter() - started) * 1000, 2))
         return keep
 
     # ------------------------------------------------------------ the fast path

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Gauge
 
 from agent.inject.upstreams import Upstream
 from agent.observe.logging import AuditLog
+from agent.observe.tally import TallyCounter, TallyHistogram
 
 
 class AuditBase:
@@ -23,14 +24,23 @@ class AuditBase:
 class Recorder:
     def __init__(self, audit: AuditLog | None, registry: Any = None):
         self.audit = audit
-        self.m_requests = Counter("credless_injected_requests", "Requests through the proxy",
-                                  ["server", "mode", "outcome"], registry=registry)
-        self.m_added = Histogram("credless_proxy_added_seconds", "Time credless adds before "
-                                 "the request goes upstream (attest, token, proof)",
-                                 buckets=(.0001, .00025, .0005, .001, .0025, .005, .01, .025,
-                                          .05, .1, .25, 1), registry=registry)
-        self.m_upstream = Histogram("credless_upstream_seconds", "From request sent upstream "
-                                    "to response head", ["server"], registry=registry)
+        # the per-request records, one of these per proxied request: fixed shapes
+        self._done = {e: audit.shape(e, "method", "path", "status", "token_sha256", "jti",
+                                     "jkt", "latency_ms")
+                      for e in ("request.injected", "request.forwarded")} if audit else {}
+        # per-request series: plain-number tallies (agent/observe/tally.py), not locks
+        self.m_requests = TallyCounter(
+            "credless_injected_requests", "Requests through the proxy",
+            ["server", "mode", "outcome"], registry=registry)
+        self.m_added = TallyHistogram(
+            "credless_proxy_added_seconds", "Time credless adds before the request goes "
+            "upstream (attest, token, proof)", buckets=(
+                .0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, 1),
+            registry=registry)
+        self.m_upstream = TallyHistogram(   # prometheus_client's default buckets
+            "credless_upstream_seconds", "From request sent upstream to response head",
+            ["server"], buckets=(.005, .01, .025, .05, .075, .1, .25, .5, .75, 1, 2.5, 5,
+                                 7.5, 10), registry=registry)
         self._m_requests: dict[tuple[str, str, str], Any] = {}
         self._m_upstream: dict[str, Any] = {}
         self.m_active = Gauge("credless_proxy_active_connections", "Open client connections",
@@ -59,3 +69,17 @@ class Recorder:
                 self.audit.emit_with(event, base.fragment, **base.fields, **fields)
             else:
                 self.audit.emit(event, **base, **fields)
+
+    def request_done(self, base: AuditBase, status: int, token, latency_ms: float) -> None:
+        """The record of a request answered by the server: request.injected with the
+        token's fingerprints, or request.forwarded (no token: passthrough)."""
+        if self.audit:
+            f = base.fields
+            if token is not None:
+                self._done["request.injected"].emit(
+                    base.fragment, f["method"], f["path"], status, token.fingerprint,
+                    token.jti, token.jkt, latency_ms)
+            else:
+                self._done["request.forwarded"].emit(
+                    base.fragment, f["method"], f["path"], status, None, None, None,
+                    latency_ms)

@@ -14,6 +14,7 @@ a second attempt.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import time
@@ -76,6 +77,11 @@ class Token:
 
     def authorization(self) -> str:
         return f"{self.token_type} {self.access_token}"
+
+    @functools.cached_property
+    def authorization_bytes(self) -> bytes:
+        """authorization() as header bytes, made once: it goes on every proxied request."""
+        return self.authorization().encode()
 
     def summary(self) -> dict:
         """Everything an operator may see: never the token itself."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import logging.handlers
 import os
 import sys
@@ -166,6 +167,11 @@ class AuditLog:
         line = json.dumps(record, default=str)
         self._queue(f"{line[:-1]}, {fragment}}}" if fragment else line)
 
+    def shape(self, event: str, *names: str) -> "RecordShape":
+        """A writer for the event's records that carry these fields, in this order: the
+        same line emit_with() writes, without building and serializing a dict per event."""
+        return RecordShape(self, event, names)
+
     def flush(self) -> None:
         with self._lock:
             self._flush_scheduled = False
@@ -200,3 +206,49 @@ class AuditLog:
         self.attach_loop(None)
         if self._file is not None:
             self._file.close()
+
+
+_encode_str = json.encoder.encode_basestring_ascii   # json.dumps's own, ensure_ascii=True
+
+
+def _json_value(v: Any) -> str:
+    """v as json.dumps(v, default=str) writes it, for the types a record shape meets most."""
+    t = type(v)
+    if t is str:
+        return _encode_str(v)
+    if v is None:
+        return "null"
+    if t is int:
+        return int.__repr__(v)
+    if t is float and math.isfinite(v):
+        return float.__repr__(v)
+    return json.dumps(v, default=str)
+
+
+class RecordShape:
+    """One audit event's records with a fixed list of fields (AuditLog.shape): the proxy
+    writes one per request, and building a dict for json.dumps cost more than the rest of
+    the audit. The line is the one emit_with() would write, byte for byte, redaction
+    included (a secret field's name is found once, here, and its value never rendered)."""
+
+    def __init__(self, log: AuditLog, event: str, names: tuple[str, ...]):
+        self._log = log
+        self._prefix = ('", "event": ' + _encode_str(event) + ', "stream": "audit", "node": '
+                        + _json_value(log._node))
+        self._keys = tuple(", " + _encode_str(n) + ": " for n in names)
+        redacted = {n for n in names if n.lower() in SECRET_FIELDS}
+        self._secret = tuple(n in redacted for n in names)
+        self._redacted = _encode_str(REDACTED)
+
+    def emit(self, fragment: str, *values: Any) -> None:
+        if len(values) != len(self._keys):
+            raise ValueError(f"record shape: {len(self._keys)} values expected")
+        parts = ['{"time": "', _utc_timestamp(), self._prefix]
+        for key, secret, v in zip(self._keys, self._secret, values):
+            parts.append(key)
+            parts.append(self._redacted if secret else _json_value(v))
+        if fragment:
+            parts.append(", ")
+            parts.append(fragment)
+        parts.append("}")
+        self._log._queue("".join(parts))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 
+import pytest
+
 from agent.observe import logging as obs
 
 
@@ -130,3 +132,43 @@ def test_redaction_matches_field_names_whatever_their_case():
     obs.redact_secrets(None, "", event)
     assert event == {"Authorization": obs.REDACTED, "DPoP": obs.REDACTED,
                      "client_assertion": obs.REDACTED, "jti": "j"}
+
+
+# table: a record shape's line must be emit_with()'s, byte for byte, whatever the values
+SHAPE_VALUES = [
+    ("POST", "/mcp", 200, "ab12", "jti-1", None, 1.25),
+    ("GET", "/caf\u00e9 \"q\"\\\n\t\x01", 404, None, None, None, 0.0),
+    ("POST", "/\U0001F600", 599, "x", True, False, 12345678.9),
+    ("POST", "/m", 200, {"nested": [1, 2]}, float("nan"), float("inf"), -0.5),
+    ("POST", "/m", 200, b"bytes", 3, 10**30, 1e-7),
+]
+
+
+def _body(line: str) -> str:
+    return line.split(", ", 1)[1]   # without the time, which differs between two events
+
+
+def test_record_shape_writes_what_emit_with_writes():
+    names = ("method", "path", "status", "token_sha256", "jti", "jkt", "latency_ms")
+    for values in SHAPE_VALUES:
+        out = io.StringIO()
+        log = obs.AuditLog("node-\u00e9", stream=out)
+        frag = log.fragment(server="s", pid=7, spiffe_id="spiffe://example.org/w", pod=None)
+        log.emit_with("request.injected", frag, **dict(zip(names, values)))
+        log.shape("request.injected", *names).emit(frag, *values)
+        a, b = out.getvalue().splitlines()
+        assert _body(a) == _body(b), values
+        json.loads(b)   # and it is JSON (NaN as json.dumps writes it)
+
+
+def test_record_shape_redacts_secret_names_and_checks_arity():
+    out = io.StringIO()
+    log = obs.AuditLog("n", stream=out)
+    shape = log.shape("token.issued", "jti", "Access_Token", "client_assertion")
+    shape.emit("", "j-1", "eyJhbGciOi.secret.value", "another-secret")
+    line = out.getvalue()
+    assert "secret" not in line
+    assert json.loads(line)["Access_Token"] == obs.REDACTED
+    assert json.loads(line)["jti"] == "j-1"
+    with pytest.raises(ValueError, match="3 values expected"):
+        shape.emit("", "only-one")
