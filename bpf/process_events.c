@@ -36,6 +36,28 @@ BPF_TABLE_PINNED("lru_hash", u32, struct process_image, process_images, MAX_PROC
 BPF_TABLE("lru_hash", u32, struct process_image, process_images, MAX_PROCESSES);
 #endif
 
+// Image changes, for the proxy's per-request "is this still the process that connected?"
+// check (agent/inject/proxy.py). Asking process_images costs a bpf(2) syscall per request;
+// this array is mapped into the agent's memory, so most requests are answered by one load.
+// Slot tgid % IMAGE_CHANGE_SLOTS is incremented *after* every change of that tgid's entry
+// (exec, exit). A reader reads its slot, then process_images; while the slot keeps that
+// value, no exec or exit of the tgid can have happened since, and the answer stands.
+// Slots are shared (tgids that collide only cost a syscall each), and a bump always happens
+// before the new image runs user code: a request it writes is read after the bump.
+#ifndef IMAGE_CHANGE_SLOTS
+#define IMAGE_CHANGE_SLOTS 65536
+#endif
+// u64: an array map's elements are 8-byte aligned in the mapping whatever their size.
+BPF_F_TABLE("array", u32, u64, image_changes, IMAGE_CHANGE_SLOTS, BPF_F_MMAPABLE);
+
+static __always_inline void image_changed(__u32 tgid)
+{
+    __u32 slot = tgid % IMAGE_CHANGE_SLOTS;
+    __u64 *n = image_changes.lookup(&slot);
+    if (n)
+        __sync_fetch_and_add(n, 1);
+}
+
 static __always_inline __u32 task_u32(void *task, int off)
 {
     __u32 v = 0;
@@ -97,6 +119,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
         .exec_ns = now,
     };
     process_images.update(&tgid, &img);
+    image_changed(tgid);
 
     struct process_event *e = reserve();
     if (!e)
@@ -157,6 +180,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     __u64 exec_ns = img ? img->exec_ns : 0;
     void *task = (void *)bpf_get_current_task();
     process_images.delete(&tgid);
+    image_changed(tgid);
 
     struct process_event *e = reserve();
     if (!e)

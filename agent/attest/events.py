@@ -3,12 +3,14 @@
 A thin loader: the programs and the event layout live in bpf/; this module computes the
 kernel-specific compile flags, polls the ring buffer on one thread, and exposes the two
 kernel-side facts user space needs: how many events the kernel could not record, and which
-image a live tgid runs right now (the `process_images` map).
+image a live tgid runs right now (the `process_images` map), with a memory-mapped count of
+changes per tgid slot (`image_changes`) so that asking again is usually not a syscall.
 """
 
 from __future__ import annotations
 
 import ctypes as ct
+import mmap
 import threading
 from pathlib import Path
 from typing import Callable
@@ -22,6 +24,7 @@ log = get_logger("attest.events")
 
 _EXIT_FORMAT = Path("/sys/kernel/tracing/events/sched/sched_process_exit/format")
 _BPF_NOEXIST = 1
+IMAGE_CHANGE_SLOTS = 65536   # bpf/process_events.c's default
 
 
 def _has_group_dead() -> bool:
@@ -42,6 +45,8 @@ class ProcessEventSource:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._event_ptr = None
+        self._change_map: mmap.mmap | None = None
+        self._change_slots: memoryview | None = None
         self.callback_errors = 0
 
     def start(self) -> None:
@@ -64,6 +69,7 @@ class ProcessEventSource:
         self._lookup_elem = libbcc.lib.bpf_lookup_elem
         self._images_fd, self._image_leaf = self._images.map_fd, self._images.Leaf
         self._lost = self._bpf[b"process_events_lost"]
+        self._map_image_changes()
         self._thread = threading.Thread(target=self._poll, name="bpf-process-events",
                                         daemon=True)
         self._thread.start()
@@ -86,10 +92,37 @@ class ProcessEventSource:
         while not self._stop.is_set():
             self._bpf.ring_buffer_poll(100)
 
+    def _map_image_changes(self) -> None:
+        try:
+            fd = self._bpf[b"image_changes"].map_fd
+            self._change_map = mmap.mmap(fd, IMAGE_CHANGE_SLOTS * 8, mmap.MAP_SHARED,
+                                         mmap.PROT_READ)
+        except (OSError, KeyError) as e:   # no BPF_F_MMAPABLE (before 5.5): syscalls only
+            log.warning("image change counters not mapped; every image check is a bpf(2) "
+                        "call", error=str(e))
+            return
+        self._change_slots = memoryview(self._change_map).cast("Q")   # u64 slots
+
+    def image_changes(self, tgid: int) -> int | None:
+        """How many times tgid's slot has changed (exec or exit of a tgid in it), read from
+        kernel memory without a syscall; None when the counters are not mapped. Read it
+        *before* kernel_image(): while it stays the same, that answer stays true."""
+        slots = self._change_slots
+        if slots is None:
+            return None
+        try:
+            return slots[tgid % IMAGE_CHANGE_SLOTS]
+        except ValueError:   # released by stop() on another thread
+            return None
+
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
+        if self._change_slots is not None:
+            self._change_slots.release()
+            self._change_map.close()
+            self._change_slots = self._change_map = None
         if self._bpf is not None:
             self._bpf.cleanup()  # detaches the tracepoints and closes the maps
             self._bpf = None

@@ -53,6 +53,9 @@ class ClientSide(asyncio.Protocol):
         self.fast = None
         self.fast_inflight = False
         self.busy = False   # the serving coroutine is inside a request (set by the proxy)
+        # the process image's change count when the proxy last found it current (None: ask
+        # the kernel on the next request; see Proxy._image_current)
+        self.image_mark: int | None = None
 
     # --- asyncio callbacks
     def connection_made(self, transport) -> None:

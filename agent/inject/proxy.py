@@ -161,9 +161,18 @@ class Proxy:
                 return str(ident.spiffe_id)
         return None
 
-    def _image_current(self, info: RedirectInfo) -> bool:
-        now = self.attestor.source.kernel_image(info.tgid)
-        return now is not None and now[1] == info.exec_ns
+    def _image_current(self, info: RedirectInfo, client: ClientSide) -> bool:
+        """Whether the process that connected still runs the image it connected with. The
+        kernel's answer (a bpf(2) lookup) is kept while the tgid's change counter, read
+        first and from mapped memory, stays the same (bpf/process_events.c)."""
+        source = self.attestor.source
+        mark = source.image_changes(info.tgid)
+        if mark is not None and mark == client.image_mark:
+            return True
+        now = source.kernel_image(info.tgid)
+        current = now is not None and now[1] == info.exec_ns
+        client.image_mark = mark if current else None
+        return current
 
     async def _reply(self, client: ClientSide, status: int, reason: bytes, error: str,
                      **extra) -> None:
@@ -192,7 +201,7 @@ class Proxy:
         method = head.method.decode()
         path = head.target.decode("latin-1")
         audit_base = AuditBase({"method": method, "path": path.split("?", 1)[0]}, fragment)
-        if not self._image_current(info):
+        if not self._image_current(info, client):
             self.rec.count(up, "image_changed")
             self.rec.audit_event("request.denied", audit_base,
                                  reason="the process exec'd or exited "
@@ -481,7 +490,7 @@ class Proxy:
         conn = self.pool.get(key)
         if conn is None:
             return False
-        if not self._image_current(info):   # the coroutine's path denies and closes
+        if not self._image_current(info, client):   # the coroutine's path denies and closes
             self.pool.put(key, conn)
             return False
         started = time.perf_counter()

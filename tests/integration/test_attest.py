@@ -89,6 +89,34 @@ def test_exec_makes_a_new_image_and_the_old_one_misses(attestor, procs):
         assert attestor.attest_image(first.tgid, first.exec_ns, timeout=0) is None
 
 
+def test_image_change_counter_moves_on_exec_and_exit_before_user_code_runs(attestor, procs):
+    """The proxy skips its per-request bpf(2) lookup while a tgid's mapped change counter
+    stays put; so the counter must move on exec and on exit, and already have moved by the
+    time the new image can write anything."""
+    src = attestor.source
+    with cgroup_child() as cg, copied_binaries("sh", "cat") as bins:
+        # the shell execs into cat on a line; cat echoes the next line back: once that echo
+        # is read, the new image has run, and the counter must already show the exec
+        p = subprocess.Popen([str(bins["sh"]), "-c", f"read x; exec {bins['cat']}"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             preexec_fn=enter_cgroup(cg))
+        procs.append(p)
+        wait_for(lambda: src.kernel_image(p.pid) is not None, what="process seen")
+        before = src.image_changes(p.pid)
+        assert before is not None, "image change counters are not mapped on this kernel"
+        time.sleep(0.2)
+        assert src.image_changes(p.pid) == before   # nothing happened to it: no movement
+        p.stdin.write(b"go\nhello\n")
+        p.stdin.flush()
+        assert p.stdout.readline() == b"hello\n"
+        after_exec = src.image_changes(p.pid)
+        assert after_exec > before
+        p.stdin.close()
+        p.wait(10)
+        wait_for(lambda: src.image_changes(p.pid) > after_exec, 5, what="exit counted")
+        assert src.kernel_image(p.pid) is None
+
+
 def test_unknown_pid_is_a_miss(attestor):
     assert attestor.attest(2**22 + 11, timeout=0.1) is None
 
