@@ -46,11 +46,12 @@ class ClientSide(asyncio.Protocol):
         self.closed = False
         self.last_rx = time.monotonic()   # for the proxy's timeouts (inject/timeouts.py)
         self.served: tuple = (None, {})   # (Upstream, who) once the proxy knows them
-        # The proxy's synchronous path (Proxy._fast): given a whole request read at once, it
-        # sends it from this callback and returns True, or declines (False) and the request
-        # is queued for the serving coroutine. While its answer is relayed (fast_inflight),
-        # the coroutine is given nothing, so answers stay in order.
+        # The proxy's synchronous path (Proxy._fast): offered a read between requests, it
+        # sends a whole request from this callback and returns True, or declines (False)
+        # and the read goes to the parser and the serving coroutine. While its answer is
+        # relayed (fast_inflight), the coroutine is given nothing, so answers stay in order.
         self.fast = None
+        self.whole = http1.WholeMessage()   # the fast path's test of a read
         self.fast_inflight = False
         self.busy = False   # the serving coroutine is inside a request (set by the proxy)
         # the process image's change count when the proxy last found it current (None: ask
@@ -67,14 +68,14 @@ class ClientSide(asyncio.Protocol):
         self.last_rx = time.monotonic()
         if self._error is not None:
             return
+        if (self.fast is not None and not self._events and not self.fast_inflight
+                and not self.busy and self.upstream is None and not self.write_paused
+                and not self._reader.in_message and self.fast(data)):
+            return
         try:
             events = self._reader.feed(data)
         except ProtocolError as e:
             self._error, events = e, []
-        if (self.fast is not None and events and not self._events and not self.fast_inflight
-                and not self.busy and events[-1][0] == END and self.upstream is None
-                and not self.write_paused and self.fast(events)):
-            return
         for ev in events:
             if ev[0] == BODY:
                 self._queued += len(ev[1])
@@ -182,7 +183,9 @@ class UpstreamSide(asyncio.Protocol):
         self._write_paused = False
         self._writable: asyncio.Future | None = None
         # the current (or last) exchange's outcome
-        self.head: Head | None = None       # final (non-1xx) response head
+        self.head: Head | None = None       # final (non-1xx) response head, if parsed
+        self.status = 0                     # its status (0: no final response yet)
+        self._whole = http1.WholeMessage(response=True)   # the verbatim lane's test
         self.complete = False               # the response ended as HTTP frames it
         self.keep_alive = True
         self.sent_at = 0.0                  # 0 until the request is sent (begin() resets it)
@@ -201,9 +204,12 @@ class UpstreamSide(asyncio.Protocol):
         if self._client is None:       # an idle connection has nothing to say: not reusable
             self.transport.close()
             return
-        first, self._first_read = self._first_read, False
+        if self._first_read:
+            self._first_read = False
+            if not (self._bodiless or self._close_client) and self._verbatim(data):
+                return
         try:
-            self._relay(self._reader.feed(data), data if first else None)
+            self._relay(self._reader.feed(data))
         except ProtocolError:
             self.abort()
 
@@ -243,7 +249,7 @@ class UpstreamSide(asyncio.Protocol):
         self._on_done = on_done
         self._done = None if on_done is not None else self._loop.create_future()
         self._first_read = True
-        self.head, self.complete = None, False
+        self.head, self.status, self.complete = None, 0, False
         self.sent_at, self.timed_out = 0.0, False
         self.close_delimited = self._skip_end = False
         self._close_client, self._bodiless = close_client, bodiless
@@ -258,7 +264,7 @@ class UpstreamSide(asyncio.Protocol):
 
     def waiting_since(self) -> float | None:
         """perf_counter() when the request went out, while its response head has not come."""
-        return self.sent_at if self.sent_at and self.head is None and self._client else None
+        return self.sent_at if self.sent_at and not self.status and self._client else None
 
     async def drain(self) -> None:
         while self._write_paused and not self.closed:
@@ -274,11 +280,7 @@ class UpstreamSide(asyncio.Protocol):
             self.transport.abort()
         self._finish()
 
-    def _relay(self, events, data: bytes | None = None) -> None:
-        """data: what this read brought, when it is the first of the exchange's response."""
-        if (data is not None and len(events) >= 2 and events[-1][0] == END
-                and events[0][0] == HEAD and self._verbatim(events[0][1], data)):
-            return
+    def _relay(self, events) -> None:
         out = bytearray()
         for i, (kind, item) in enumerate(events):
             if kind == HEAD:
@@ -286,7 +288,7 @@ class UpstreamSide(asyncio.Protocol):
                     out += item.response_bytes()
                     self._skip_end = True   # httptools ends a 1xx as a message of its own
                     continue
-                self.head, self.head_at = item, time.perf_counter()
+                self.head, self.status, self.head_at = item, item.status, time.perf_counter()
                 self.keep_alive = item.keep_alive
                 http1.strip_connection_headers(item)
                 # a body that ends when the server closes can only reach the workload the
@@ -317,28 +319,25 @@ class UpstreamSide(asyncio.Protocol):
         if self.complete:
             self._finish()
 
-    def _verbatim(self, head: Head, data: bytes) -> bool:
+    def _verbatim(self, data: bytes) -> bool:
         """The common answer, relayed as the server sent it: the exchange's first read
-        holding exactly one whole HTTP/1.1 response framed by Content-Length, with no
-        connection header but `Connection: keep-alive` (true of the workload's connection
-        too). Anything else is re-rendered by _relay (hop-by-hop headers removed, framing
-        announced)."""
-        if (head.chunked or head.status < 200 or head.version != "1.1" or self._bodiless
-                or self._close_client):
+        holding exactly one whole HTTP/1.1 final response that keeps its connection open,
+        with no hop-by-hop field but `Connection: keep-alive` (true of the workload's
+        connection too), and not a 401 (whose challenge the proxy reads). Anything else is
+        parsed and re-rendered by _relay (hop-by-hop fields removed, framing announced)."""
+        whole = self._whole
+        if not whole.one(data):
             return False
-        if not head.names.isdisjoint(http1.CONNECTION_HEADERS):
-            if b"keep-alive" in head.names or b"proxy-connection" in head.names:
-                return False
-            for k, v in head.headers:   # every Connection header: it may name others
-                if k.lower() == b"connection" and v.strip().lower() != b"keep-alive":
-                    return False
-        length = head.get(b"content-length")
+        if (whole.status < 200 or whole.status == 401 or whole.version != "1.1"
+                or not whole.keep_alive):
+            return False
         end = data.find(b"\r\n\r\n")
-        if length is None or end < 0 or len(data) != end + 4 + int(length):
-            return False   # more than this response in the read, or less: not one piece
-        self.head, self.head_at = head, time.perf_counter()
-        self.keep_alive = head.keep_alive
-        self.complete = True
+        for m in http1.RESPONSE_HOP_FIELDS.finditer(data, 0, end + 2):
+            if m.group(1).lower() != b"connection" or \
+                    m.group(2).strip().lower() != b"keep-alive":
+                return False
+        self.status, self.head_at = whole.status, time.perf_counter()
+        self.keep_alive = self.complete = True
         self._client.write(data)
         self._finish()
         return True

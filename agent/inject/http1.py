@@ -9,6 +9,8 @@ and body chunks back into wire bytes.
 
 from __future__ import annotations
 
+import re
+
 import httptools
 
 # Connection management that belongs to one hop (RFC 9110 7.6.1). Framing headers
@@ -171,6 +173,76 @@ class Reader:
                 pass
         events, self._c.events = self._c.events, []
         return events
+
+
+# The verbatim lane (WholeMessage): a message carrying one of these fields is not relayed as
+# read. Requests: credentials the workload sent, connection management, an expectation,
+# a protocol switch, framing other than Content-Length. Responses: the same hop-by-hop
+# fields (the caller allows `Connection: keep-alive`, true of both hops).
+# llhttp is strict here (no space before the colon, no folded lines, CRLF only:
+# tests/unit/test_http1.py shows each refused), so a field with one of these names is always
+# CRLF, the name in some case, and a colon: these patterns cannot miss one.
+REQUEST_OFF_LANE = re.compile(
+    rb"\r\n(?:authorization|dpop|connection|keep-alive|proxy-connection|expect|upgrade|te|"
+    rb"trailer|transfer-encoding):", re.IGNORECASE)
+RESPONSE_HOP_FIELDS = re.compile(
+    rb"\r\n(connection|keep-alive|proxy-connection|upgrade|trailer|transfer-encoding):"
+    rb"([^\r]*)", re.IGNORECASE)
+
+
+class WholeMessage:
+    """Is a read exactly one whole HTTP/1.1 message? The common case for MCP (a JSON-RPC
+    POST and its answer each arrive in one read), answered by httptools with no per-header
+    callbacks: the proxy then relays the bytes as read, with only its own fields spliced in,
+    instead of building a Head and rendering it again. One per direction of a connection,
+    used only between messages; what it declines goes to a Reader, which never saw it."""
+
+    def __init__(self, response: bool = False):
+        self._response = response
+        self._cls = httptools.HttpResponseParser if response else httptools.HttpRequestParser
+        self._parser = self._cls(self)
+        self._begun = self._ended = 0
+        # the last whole message's (llhttp resets its own at the message's end)
+        self.url = self.method = b""
+        self.status = 0
+        self.version = ""
+        self.keep_alive = False
+
+    def on_message_begin(self) -> None:
+        self._begun += 1
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_headers_complete(self) -> None:
+        p = self._parser
+        self.keep_alive = p.should_keep_alive()
+        self.version = p.get_http_version()
+        if self._response:
+            self.status = p.get_status_code()
+        else:
+            self.method = p.get_method()
+
+    def on_message_complete(self) -> None:
+        self._ended += 1
+
+    def one(self, data: bytes) -> bool:
+        """Whether data is one whole message, nothing before or after it; then url, method
+        or status, version and keep_alive describe it."""
+        self._begun = self._ended = 0
+        self.url = b""
+        try:
+            self._parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            self._parser = self._cls(self)   # the Reader will say what is wrong with it
+            return False
+        if self._begun == 1 and self._ended == 1:
+            if not self.keep_alive:   # llhttp refuses anything after it: start clean
+                self._parser = self._cls(self)
+            return True
+        if self._begun != self._ended:   # stopped inside a message: start clean next time
+            self._parser = self._cls(self)
+        return False
 
 
 def chunk(data: bytes) -> bytes:

@@ -419,17 +419,20 @@ class Proxy:
         conn.send(bytes(out))
         conn.sent()
         await conn.finished()
-        keep = self._exchanged(conn, head, client, up, ident, token, key, audit_base, started)
+        keep = self._exchanged(conn, head.keep_alive, client, up, ident, token, key,
+                               audit_base, started)
         await client.drain()
         return keep
 
-    def _exchanged(self, conn: UpstreamSide, head: Head, client: ClientSide, up: Upstream,
-                   ident, token, key: tuple, audit_base: dict, started: float) -> bool:
+    def _exchanged(self, conn: UpstreamSide, keep_alive: bool, client: ClientSide,
+                   up: Upstream, ident, token, key: tuple, audit_base: AuditBase,
+                   started: float) -> bool:
         """After an exchange: the failure answer if there was no response, the pool, the
-        audit event and the metrics. Returns whether the workload's connection stays open.
+        audit event and the metrics. keep_alive: the workload's request allows another on
+        its connection. Returns whether the workload's connection stays open.
         Synchronous: it also runs from the upstream's callback (the fast path)."""
-        resp = conn.head
-        if resp is None and conn.timed_out:
+        status = conn.status
+        if not status and conn.timed_out:
             self.rec.count(up, "upstream_timeout")
             limit = f"{self.cfg.upstream_timeout_seconds:g} s"
             self.rec.audit_event("request.failed", audit_base,
@@ -437,8 +440,8 @@ class Proxy:
                                  f"within {limit}")
             self._reply_now(client, 504, b"Gateway Timeout", "credless: the MCP server did "
                             f"not answer within {limit}")
-            return head.keep_alive
-        if resp is None:
+            return keep_alive
+        if not status:
             conn.abort()
             self.rec.count(up, "upstream_closed")
             self.rec.audit_event("request.failed", audit_base, reason="the MCP server closed the "
@@ -447,10 +450,10 @@ class Proxy:
                             "the connection without answering")
             return False
         self.rec.upstream_seconds(up.name).observe(conn.head_at - conn.sent_at)
-        if resp.status == 401 and token is not None and "invalid_token" in (
-                resp.get(b"www-authenticate") or b"").decode("latin-1"):
+        if status == 401 and token is not None and "invalid_token" in (   # parsed: see
+                conn.head.get(b"www-authenticate") or b"").decode("latin-1"):  # _verbatim
             self.oauth.invalidate(ident, up.name, token)
-        keep = conn.complete and head.keep_alive and not conn.close_delimited
+        keep = conn.complete and keep_alive and not conn.close_delimited
         if conn.reusable():
             self.pool.put(key, conn)
         else:
@@ -459,31 +462,31 @@ class Proxy:
             self.rec.count(up, "upstream_closed")
             return False
         self.rec.count(up, "injected" if token else "forwarded")
-        self.rec.request_done(audit_base, resp.status, token,
+        self.rec.request_done(audit_base, status, token,
                               round((time.perf_counter() - started) * 1000, 2))
         return keep
 
     # ------------------------------------------------------------ the fast path
     def _fast(self, client: ClientSide, info: RedirectInfo, up: Upstream, ident,
-              fragment: str, key: tuple, events: list) -> bool:
-        """A whole request that needs nothing awaited (token cached, upstream connection
-        pooled, no body to decide, no 100-continue) is sent from the workload's read
-        callback, and its answer finished from the upstream's: no coroutine is resumed for
-        it. Every check of the coroutine's path is made here too; anything else declines
-        (False) and the serving coroutine takes the request as usual."""
-        kind, head = events[0]
-        if kind != HEAD or head.upgrade or b"expect" in head.names:
+              fragment: str, key: tuple, data: bytes) -> bool:
+        """A read that is one whole request needing nothing awaited (token cached, upstream
+        connection pooled, no body to decide) and nothing changed (no credentials, connection
+        fields, expectation or upgrade of the workload's: http1.REQUEST_OFF_LANE) is sent
+        from the workload's read callback as read, with the credential fields spliced in
+        after its last field; its answer is finished from the upstream's callback. No
+        coroutine is resumed and no head is built for it. Every check of the coroutine's
+        path is made here too; anything else declines (False), and the read goes to the
+        parser and the serving coroutine as usual."""
+        whole = client.whole
+        if not whole.one(data) or not whole.keep_alive or whole.method in (b"HEAD",
+                                                                          b"CONNECT"):
             return False
-        if len(events) > 3:   # HEAD, BODY..., END: one request, nothing after it
-            for kind, _ in events[1:-1]:
-                if kind != BODY:
-                    return False
+        end = data.find(b"\r\n\r\n")
+        if http1.REQUEST_OFF_LANE.search(data, 0, end + 2) is not None:
+            return False
         broker = up.mode != "passthrough"
-        if broker and self.policy is not None and head.method == b"POST":
+        if broker and self.policy is not None and whole.method == b"POST":
             return False   # the body is decided on the coroutine's path
-        if broker and self.cfg.workload_authorization == "reject" \
-                and not head.names.isdisjoint((b"authorization", b"dpop")):
-            return False
         token = self.oauth.cached_token(ident, up.name) if broker else None
         if broker and token is None:
             return False
@@ -494,33 +497,24 @@ class Proxy:
             self.pool.put(key, conn)
             return False
         started = time.perf_counter()
-        path = head.target.decode("latin-1")
-        method = head.method.decode()
+        path = whole.url.decode("latin-1")
+        method = whole.method.decode()
         audit_base = AuditBase({"method": method, "path": path.split("?", 1)[0]}, fragment)
-        credentials = []
         if broker:
-            try:   # before the head changes: on failure the coroutine's path starts afresh
-                credentials = self._credentials(token, method, up, path)
+            try:
+                fields = b"".join([b"\r\n%s: %s" % nv for nv in
+                                   self._credentials(token, method, up, path)])
             except Exception:
                 log.exception("fast path: credentials for a request failed; taking the "
                               "full path")
                 self.pool.put(key, conn)
                 return False
-        http1.strip_connection_headers(head)
-        if broker:
-            head.remove(b"authorization", b"dpop")
-            for name, value in credentials:
-                head.add(name, value)
-        out = bytearray(head.request_bytes())
-        for kind, data in events[1:-1]:
-            out += chunk(data) if head.chunked else data
-        if head.chunked:
-            out += LAST_CHUNK
+            data = data[:end] + fields + data[end:]
 
         def done(conn: UpstreamSide) -> None:
             client.fast_inflight = False
             try:
-                if not self._exchanged(conn, head, client, up, ident, token, key,
+                if not self._exchanged(conn, True, client, up, ident, token, key,
                                        audit_base, started):
                     client.close()
             except Exception:
@@ -529,9 +523,8 @@ class Proxy:
             client.wake()
 
         client.fast_inflight = True
-        conn.begin(client, close_client=not head.keep_alive,
-                   bodiless=head.method == b"HEAD", on_done=done)
-        conn.send(bytes(out))
+        conn.begin(client, on_done=done)
+        conn.send(data)
         conn.sent()
         self.rec.m_added.observe(time.perf_counter() - started)
         return True

@@ -25,6 +25,7 @@ from agent.oauth.dpop import DPoPKey
 from agent.oauth.errors import OAuthError, RegistrationError
 from agent.oauth.tokens import Token, request_token
 from agent.observe.logging import AuditLog, get_logger
+from agent.observe.tally import TallyCounter
 
 # how long cached_token() trusts the cache key token() resolved for (identity, server)
 KEY_MEMO_SECONDS = 30.0
@@ -64,8 +65,9 @@ class OAuthService:
         self._token_keys: dict[tuple[str, str], tuple[tuple, float]] = {}
         self.m_requests = Counter("credless_token_requests", "Token requests by server and "
                                   "outcome", ["server", "outcome"], registry=registry)
-        self.m_lookups = Counter("credless_token_cache_lookups", "Token cache lookups",
-                                 ["result"], registry=registry)
+        # counted per proxied request, from the event loop only: a plain-number tally
+        self.m_lookups = TallyCounter("credless_token_cache_lookups", "Token cache lookups",
+                                      ["result"], registry=registry)
         self._m_hit = self.m_lookups.labels("hit")
         Gauge("credless_token_cache_size", "Tokens held in memory", registry=registry) \
             .set_function(lambda: len(self.cache))

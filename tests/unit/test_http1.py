@@ -51,3 +51,24 @@ def test_parsed_request_carries_names_and_framing():
 def test_garbage_is_a_protocol_error():
     with pytest.raises(http1.ProtocolError):
         http1.Reader().feed(b"NOT HTTP AT ALL\r\n\r\n")
+
+
+# The fast path's field patterns (http1.REQUEST_OFF_LANE) rely on llhttp refusing every
+# other way of writing a field: if one of these were accepted, a credential field could be
+# written in a form the pattern does not see.
+LENIENT_FORMS = {
+    "space before the colon": b"POST / HTTP/1.1\r\nAuthorization : x\r\nContent-Length: 0\r\n\r\n",
+    "tab before the colon": b"POST / HTTP/1.1\r\nAuthorization\t: x\r\nContent-Length: 0\r\n\r\n",
+    "folded line": b"POST / HTTP/1.1\r\nHost: x\r\n Authorization: x\r\nContent-Length: 0\r\n\r\n",
+    "bare LF": b"POST / HTTP/1.1\r\nHost: x\nAuthorization: x\r\nContent-Length: 0\r\n\r\n",
+    "bare CR": b"POST / HTTP/1.1\r\nHost: x\rAuthorization: x\r\nContent-Length: 0\r\n\r\n",
+    "bare LF line ends": b"POST / HTTP/1.1\nAuthorization: x\nContent-Length: 0\n\n",
+    "NUL in the name": b"POST / HTTP/1.1\r\nAuthori\x00zation: x\r\nContent-Length: 0\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("raw", LENIENT_FORMS.values(), ids=LENIENT_FORMS.keys())
+def test_llhttp_refuses_every_other_spelling_of_a_field(raw):
+    with pytest.raises(http1.ProtocolError):
+        http1.Reader().feed(raw)
+    assert not http1.WholeMessage().one(raw)

@@ -1,0 +1,182 @@
+"""Proxy._fast without sockets: which reads go upstream as read, with only the credential
+fields spliced in, and which are left to the full path (parser, coroutine). A read the
+fast path declines is untouched: the full path makes every decision again."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import io
+import json
+import time
+import types
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from agent.inject.flows import ClientSide, UpstreamSide
+from agent.inject.proxy import Proxy
+from agent.inject.redirect import RedirectInfo
+from agent.inject.upstreams import Upstream
+from agent.oauth.tokens import Token
+from agent.observe.logging import AuditLog
+from tests.unit.transport import Transport
+
+SID = "spiffe://example.org/w"
+TOKEN = Token("header.payload.sig", "Bearer", 0, time.time() + 3600, "tools", "r", "i", SID,
+              "c", None, "sha-of-token", "jti-1")
+UP = Upstream("tools", "http", "127.0.0.1", 8080, "http://127.0.0.1:8080", "broker")
+INFO = RedirectInfo("127.0.0.1", 8080, 100, 100, 0, 1, 1, 5, 1)
+BODY = b'{"jsonrpc":"2.0","id":1,"method":"tools/list"}'
+ANSWER = b'{"jsonrpc":"2.0","id":1,"result":{}}'
+RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(ANSWER), ANSWER)
+
+
+def request(*fields: bytes, version: bytes = b"1.1", method: bytes = b"POST",
+            body: bytes = BODY) -> bytes:
+    return (b"%s /mcp?session=1 HTTP/%s\r\nHost: 127.0.0.1:8080\r\n%sContent-Length: %d\r\n\r\n%s"
+            % (method, version, b"".join(f + b"\r\n" for f in fields), len(body), body))
+
+
+class World:
+    """A proxy with its kernel, identity and OAuth parts answered from fields."""
+
+    def __init__(self, token=TOKEN, pooled=True, image=(1, 5), policy=None):
+        self.audit_out = io.StringIO()
+        source = types.SimpleNamespace(kernel_image=lambda tgid: image,
+                                       image_changes=lambda tgid: None)
+        oauth = types.SimpleNamespace(cached_token=lambda ident, name: token)
+        cfg = types.SimpleNamespace(upstream_pool_size=4, upstream_idle_seconds=4.0,
+                                    workload_authorization="strip")
+        self.proxy = Proxy(cfg, {}, None, types.SimpleNamespace(source=source), None, oauth,
+                           audit=AuditLog("node", stream=self.audit_out),
+                           registry=CollectorRegistry(), policy=policy)
+        self.client = ClientSide(lambda c: None)
+        self.client.connection_made(Transport())
+        self.upstream = UpstreamSide()
+        self.upstream.connection_made(Transport())
+        self.key = (SID, UP.host, UP.port, UP.scheme)
+        if pooled:
+            self.proxy.pool.put(self.key, self.upstream)
+        ident = types.SimpleNamespace(spiffe_id=SID)
+        self.client.fast = functools.partial(self.proxy._fast, self.client, INFO, UP, ident,
+                                             "", self.key)
+
+    def audit(self) -> list[dict]:
+        return [json.loads(line) for line in self.audit_out.getvalue().splitlines()]
+
+
+def run(world: World, *reads: bytes, answer: bytes = RESPONSE) -> None:
+    for data in reads:
+        world.client.data_received(data)
+    if world.upstream.transport.out:
+        world.upstream.data_received(answer)
+
+
+def in_loop(test):
+    """The protocols ask for the running loop: run the test's body inside one."""
+    @functools.wraps(test)
+    def wrapper(*args, **kwargs):
+        async def body():
+            return test(*args, **kwargs)
+        return asyncio.run(body())
+    return wrapper
+
+
+@in_loop
+def test_a_plain_request_goes_as_read_with_the_token_spliced_in():
+    w = World()
+    run(w, request(b"Content-Type: application/json"))
+    sent = w.upstream.transport.out
+    head, body = sent.split(b"\r\n\r\n")
+    assert body == BODY
+    assert head == (b"POST /mcp?session=1 HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
+                    b"Content-Type: application/json\r\nContent-Length: %d\r\n"
+                    b"Authorization: Bearer header.payload.sig" % len(BODY))
+    assert w.client.transport.out == RESPONSE          # the answer, byte for byte
+    assert not w.client.fast_inflight and not w.client._events
+    [rec] = w.audit()
+    assert rec["event"] == "request.injected" and rec["status"] == 200
+    assert rec["path"] == "/mcp" and rec["jti"] == "jti-1"
+    assert "header.payload.sig" not in w.audit_out.getvalue()
+    assert w.proxy.pool.get(w.key) is w.upstream        # back in the pool
+
+
+# table: reads the fast path must leave to the full path (which strips, rejects, re-frames)
+DECLINED = {
+    "the workload's own credentials": request(b"Authorization: Bearer stolen"),
+    "... in any case": request(b"aUtHoRiZaTiOn: Bearer stolen"),
+    "a DPoP proof": request(b"DPoP: eyJ.proof"),
+    "a Connection field": request(b"Connection: keep-alive, X-Secret"),
+    "Keep-Alive": request(b"Keep-Alive: timeout=5"),
+    "Proxy-Connection": request(b"Proxy-Connection: keep-alive"),
+    "an expectation": request(b"Expect: 100-continue"),
+    "an upgrade": request(b"Connection: Upgrade", b"Upgrade: websocket"),
+    "TE": request(b"TE: trailers"),
+    "a chunked body": (b"POST /mcp HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+                       b"2\r\n{}\r\n0\r\n\r\n"),
+    "HTTP/1.0": request(version=b"1.0"),
+    "a HEAD request": request(method=b"HEAD", body=b""),
+    "two requests in one read": request() + request(),
+    "half a request": request()[:25],
+    "not HTTP": b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("read", DECLINED.values(), ids=DECLINED.keys())
+@in_loop
+def test_reads_that_need_the_full_path_are_declined_untouched(read):
+    w = World()
+    assert w.proxy._fast(w.client, INFO, UP, types.SimpleNamespace(spiffe_id=SID), "",
+                         w.key, read) is False
+    assert w.upstream.transport.out == b"" and not w.client.fast_inflight
+    assert w.proxy.pool.get(w.key) is w.upstream   # not taken from the pool either
+
+
+@in_loop
+def test_a_field_whose_name_only_contains_authorization_is_not_mistaken_for_it():
+    w = World()
+    run(w, request(b"X-Authorization: kept"))
+    assert b"X-Authorization: kept\r\n" in w.upstream.transport.out
+    assert b"Authorization: Bearer header.payload.sig" in w.upstream.transport.out
+
+
+@pytest.mark.parametrize("world", [
+    dict(token=None),                # no cached token: the coroutine awaits one
+    dict(pooled=False),              # no idle upstream connection: it connects
+    dict(image=(1, 6)),              # exec'd since it connected: the coroutine closes it
+    dict(image=None),                # exited
+    dict(policy=object()),           # a POST body to decide
+])
+@in_loop
+def test_what_needs_awaiting_or_deciding_is_declined(world):
+    w = World(**world)
+    read = request()
+    assert w.proxy._fast(w.client, INFO, UP, types.SimpleNamespace(spiffe_id=SID), "",
+                         w.key, read) is False
+    assert w.upstream.transport.out == b""
+    if world.get("pooled", True):
+        assert w.proxy.pool.get(w.key) is w.upstream   # returned to the pool
+
+
+@in_loop
+def test_a_declined_partial_read_leaves_the_next_whole_request_to_the_fast_path():
+    w = World()
+    run(w, request()[:25])             # the parser has begun a request: the rest goes there
+    assert w.upstream.transport.out == b""
+    w.client._events.clear()
+    w.client._reader = type(w.client._reader)()   # as if the coroutine took that request
+    run(w, request())
+    assert b"Authorization: Bearer" in w.upstream.transport.out
+
+
+@in_loop
+def test_a_401_answer_is_parsed_so_its_challenge_is_read():
+    w = World()
+    invalidated = []
+    w.proxy.oauth.invalidate = lambda ident, name, tok: invalidated.append(tok)
+    answer = (b'HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer error="invalid_token"'
+              b"\r\nContent-Length: 0\r\n\r\n")
+    run(w, request(), answer=answer)
+    assert invalidated == [TOKEN]
+    assert w.client.transport.out.startswith(b"HTTP/1.1 401")
