@@ -500,7 +500,9 @@ class Proxy:
         path = whole.url.decode("latin-1")
         method = whole.method.decode()
         audit_base = AuditBase({"method": method, "path": path.split("?", 1)[0]}, fragment)
-        if broker:
+        if broker and token.token_type != "DPoP":   # the same field for every request
+            data = data[:end] + token.authorization_field + data[end:]
+        elif broker:
             try:
                 fields = b"".join([b"\r\n%s: %s" % nv for nv in
                                    self._credentials(token, method, up, path)])

@@ -83,6 +83,12 @@ class Token:
         """authorization() as header bytes, made once: it goes on every proxied request."""
         return self.authorization().encode()
 
+    @functools.cached_property
+    def authorization_field(self) -> bytes:
+        """The whole `Authorization` field as spliced after a request's last field (CRLF
+        first), made once."""
+        return b"\r\nAuthorization: " + self.authorization_bytes
+
     def summary(self) -> dict:
         """Everything an operator may see: never the token itself."""
         return {"token_type": self.token_type, "expires_in": int(self.expires_at - time.time()),

@@ -236,19 +236,17 @@ class RecordShape:
         self._prefix = ('", "event": ' + _encode_str(event) + ', "stream": "audit", "node": '
                         + _json_value(log._node))
         self._keys = tuple(", " + _encode_str(n) + ": " for n in names)
-        redacted = {n for n in names if n.lower() in SECRET_FIELDS}
-        self._secret = tuple(n in redacted for n in names)
+        # a secret field's value is never rendered: the redaction text takes its place
+        self._secret = tuple(n.lower() in SECRET_FIELDS for n in names)
         self._redacted = _encode_str(REDACTED)
 
     def emit(self, fragment: str, *values: Any) -> None:
         if len(values) != len(self._keys):
             raise ValueError(f"record shape: {len(self._keys)} values expected")
-        parts = ['{"time": "', _utc_timestamp(), self._prefix]
-        for key, secret, v in zip(self._keys, self._secret, values):
-            parts.append(key)
-            parts.append(self._redacted if secret else _json_value(v))
-        if fragment:
-            parts.append(", ")
-            parts.append(fragment)
-        parts.append("}")
-        self._log._queue("".join(parts))
+        if True in self._secret:
+            values = tuple(REDACTED if secret else v for secret, v in zip(self._secret, values))
+        enc = _encode_str   # strings inline: most values are, and a call each costs
+        members = "".join([k + (enc(v) if v.__class__ is str else _json_value(v))
+                           for k, v in zip(self._keys, values)])
+        self._log._queue(f'{{"time": "{_utc_timestamp()}{self._prefix}{members}'
+                         f'{", " if fragment else ""}{fragment}}}')

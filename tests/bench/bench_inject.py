@@ -1,9 +1,13 @@
 """bench-inject: requests/s and latency through credless, beside direct and nginx, one run.
 
 Same upstream for all three: nginx (one worker) returning a fixed JSON-RPC result, so the
-proxy under test is the bottleneck. Same load: wrk, 1 thread, 16 keep-alive connections,
-POSTing a tools/call body. The two proxies under test each get one core (CPU 1; wrk and the
-upstream share CPU 0):
+proxy under test is the bottleneck. Same load: wrk, 1 thread, POSTing a tools/call body;
+requests/s from 16 keep-alive connections (saturating), latency from a second run of each
+with 1 connection. Under 16 saturating connections a request's latency is mostly time
+queued behind the other 15 (Little's law: p50 ~ 16 / rps, a throughput figure again); with
+one it is the time the path itself takes, so "added p50" is p50 minus direct's there. The
+16-connection latencies are printed too (inject-bench-loaded). The two proxies under test
+each get one core (CPU 1; wrk and the upstream share CPU 0):
 - nginx: a header-adding reverse proxy (one worker, upstream keep-alive);
 - credless: the agent in broker mode with a real token from oidc-provider (Bearer, as nginx
   adds one), wrk running inside a managed cgroup so its connections are redirected like a
@@ -13,8 +17,9 @@ this loop and parser must do per request, on the same core: the ceiling for this
 sse_first_event_added_ms: time to the first SSE event through credless minus direct, from a
 small streaming upstream (first event at once, the rest later), median of 20.
 
-Prints: inject-bench: direct_rps=… nginx_rps=… credless_rps=… direct_p50_us=… nginx_p50_us=…
-credless_p50_us=… credless_p99_us=… sse_first_event_added_ms=…
+Prints: inject-bench: direct_rps=… nginx_rps=… credless_rps=… direct_p50_us=…
+nginx_p50_us=… credless_p50_us=… credless_p99_us=… sse_first_event_added_ms=…, then the loaded latencies,
+the targets' ratios (inject-bench-target) and the floor.
 """
 
 from __future__ import annotations
@@ -56,10 +61,11 @@ http {{
     return conf
 
 
-def wrk(url: str, lua: Path, preexec=None) -> tuple[float, float, float]:
-    out = subprocess.run(["taskset", "-c", "0", "wrk", "-t1", "-c16", f"-d{DURATION}s",
-                          "--latency", "-s", str(lua), url], capture_output=True, text=True,
-                         preexec_fn=preexec, timeout=DURATION + 60).stdout
+def wrk(url: str, lua: Path, preexec=None, connections: int = 16) -> tuple[float, float, float]:
+    out = subprocess.run(["taskset", "-c", "0", "wrk", "-t1", f"-c{connections}",
+                          f"-d{DURATION}s", "--latency", "-s", str(lua), url],
+                         capture_output=True, text=True, preexec_fn=preexec,
+                         timeout=DURATION + 60).stdout
 
     def us(label: str) -> float:
         m = re.search(rf"\s{label}%\s+([\d.]+)(us|ms|s)", out)
@@ -139,6 +145,8 @@ def main() -> int:
             time.sleep(0.5)
             direct = wrk(f"http://127.0.0.1:{up_port}/mcp", lua)
             nginx = wrk(f"http://127.0.0.1:{px_port}/mcp", lua)
+            direct1 = wrk(f"http://127.0.0.1:{up_port}/mcp", lua, connections=1)
+            nginx1 = wrk(f"http://127.0.0.1:{px_port}/mcp", lua, connections=1)
             floor_port = free_port()
             floor_proc = subprocess.Popen(["taskset", "-c", "1", sys.executable, "-m",
                                            "tests.bench.relay_floor", str(floor_port),
@@ -186,6 +194,8 @@ dpop = "never"
                         inside = enter_cgroup(cg)
                         wrk(f"http://127.0.0.1:{up_port}/mcp", lua, inside)  # warm: token
                         cred = wrk(f"http://127.0.0.1:{up_port}/mcp", lua, inside)
+                        cred1 = wrk(f"http://127.0.0.1:{up_port}/mcp", lua, inside,
+                                    connections=1)
                         sse_cred = sse_first_ms(sse_port, inside)
         finally:
             for p in (up, px):
@@ -193,13 +203,22 @@ dpop = "never"
                 p.wait()
             sse.shutdown()
             sse.server_close()
-    print(f"# one run: 1 wrk thread, 16 connections, {DURATION}s each; proxies pinned to "
-          "one core (CPU 1)")
+    print(f"# one run, {DURATION}s per figure, 1 wrk thread; proxies pinned to one core "
+          "(CPU 1). rps: 16 keep-alive connections (saturating). p50/p99: 1 connection, the "
+          "latency of the path itself, not time queued behind 15 others (16-connection "
+          "latencies: inject-bench-loaded)")
     print(f"inject-bench: direct_rps={direct[0]:.0f} nginx_rps={nginx[0]:.0f} "
-          f"credless_rps={cred[0]:.0f} direct_p50_us={direct[1]:.0f} "
-          f"nginx_p50_us={nginx[1]:.0f} credless_p50_us={cred[1]:.0f} "
-          f"credless_p99_us={cred[2]:.0f} "
+          f"credless_rps={cred[0]:.0f} direct_p50_us={direct1[1]:.0f} "
+          f"nginx_p50_us={nginx1[1]:.0f} credless_p50_us={cred1[1]:.0f} "
+          f"credless_p99_us={cred1[2]:.0f} "
           f"sse_first_event_added_ms={sse_cred - sse_direct:.2f}")
+    print(f"inject-bench-loaded: direct_p50_us={direct[1]:.0f} nginx_p50_us={nginx[1]:.0f} "
+          f"credless_p50_us={cred[1]:.0f} nginx_p99_us={nginx[2]:.0f} "
+          f"credless_p99_us={cred[2]:.0f}")
+    added_nginx, added_cred = nginx1[1] - direct1[1], cred1[1] - direct1[1]
+    print(f"inject-bench-target: credless_of_nginx_rps={cred[0] / nginx[0]:.2f} (target >= "
+          f"0.40) added_p50_us nginx={added_nginx:.0f} credless={added_cred:.0f} "
+          f"ratio={added_cred / max(added_nginx, 1):.2f} (target <= 1.5)")
     # the ceiling for a CPython proxy here (tests/bench/relay_floor.py), same core, same run
     print(f"inject-bench-floor: python_relay_rps={floor[0]:.0f} "
           f"python_relay_p50_us={floor[1]:.0f} "

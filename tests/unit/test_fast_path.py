@@ -180,3 +180,24 @@ def test_a_401_answer_is_parsed_so_its_challenge_is_read():
     run(w, request(), answer=answer)
     assert invalidated == [TOKEN]
     assert w.client.transport.out.startswith(b"HTTP/1.1 401")
+
+
+@in_loop
+def test_a_dpop_token_gets_a_fresh_proof_bound_to_this_method_and_url_without_query():
+    dpop = Token("header.payload.sig", "DPoP", 0, time.time() + 3600, "tools", "r", "i", SID,
+                 "c", "jkt-1", "sha-of-token", "jti-1")
+    proofs = []
+
+    class Key:
+        def proof(self, method, url, access_token=None):
+            proofs.append((method, url, access_token))
+            return f"proof-{len(proofs)}"
+    w = World(token=dpop)
+    w.proxy.oauth.dpop_key = lambda spiffe_id: Key()
+    run(w, request())
+    head = w.upstream.transport.out.split(b"\r\n\r\n")[0]
+    assert head.endswith(b"\r\nAuthorization: DPoP header.payload.sig\r\nDPoP: proof-1")
+    assert proofs == [("POST", "http://127.0.0.1:8080/mcp", "header.payload.sig")]
+    w.upstream.transport.out = b""
+    run(w, request())   # the next request: a new proof
+    assert w.upstream.transport.out.split(b"\r\n\r\n")[0].endswith(b"DPoP: proof-2")
