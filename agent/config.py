@@ -346,6 +346,10 @@ class AuditSection:
     max_bytes: int = _setting(52428800, "rotate the audit file at this size", _positive)
     backups: int = _setting(5, "rotated audit files kept (file.1 ... file.N)",
                             lambda v: None if v >= 1 else "at least 1")
+    flush_ms: float = _setting(5.0, "under load, write the proxy's audit events together at "
+                               "most this often (milliseconds; a quiet spell's first event "
+                               "is written at once; 0: every loop iteration)",
+                               lambda v: None if 0 <= v <= 1000 else "between 0 and 1000")
 
 
 @dataclass(frozen=True)

@@ -104,7 +104,8 @@ class Daemon:
         self.metrics = Metrics()
         self.audit = audit or AuditLog(cfg.agent.resolved_node_name(), file=cfg.audit.file,
                                        max_bytes=cfg.audit.max_bytes,
-                                       backups=cfg.audit.backups, to_stream=cfg.audit.stdout)
+                                       backups=cfg.audit.backups, to_stream=cfg.audit.stdout,
+                                       flush_interval=cfg.audit.flush_ms / 1000)
         self.components: list[Component] = []
         from prometheus_client.core import CounterMetricFamily
 

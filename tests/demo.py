@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from agent import doctor
-from tests.helpers import AgentProcess, free_port, wait_for, write_config
+from tests.helpers import AgentProcess, audit_events, free_port, wait_for, write_config
 from tests.kernel import cgroup_child, enter_cgroup, network_namespace
 from tests.mcp.peers import McpServer, run_client
 from tests.oidc.peer import OidcProvider
@@ -97,7 +97,7 @@ url = "{mcp_url}"
                     say(f"   <- {json.dumps(line)}")
                 pod = pod_step(cg, mcp_url, proxy_port)
                 say()
-                events = [json.loads(ln) for ln in agent.stdout_path.read_text().splitlines()]
+                events = audit_events(agent.stdout_path)
                 inj = next((e for e in events if e["event"] == "request.injected"), None)
                 tok = next((e for e in events if e["event"] == "token.obtained"), None)
                 if inj:

@@ -41,6 +41,13 @@ def http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:
         return e.code, e.read().decode()
 
 
+def audit_events(stdout_path: Path, settle: float = 0.1) -> list[dict]:
+    """The agent's audit events on stdout, read once it has had time to write those it holds:
+    under load it writes them together, at most audit.flush_ms (5 ms by default) late."""
+    time.sleep(settle)
+    return [json.loads(ln) for ln in Path(stdout_path).read_text().splitlines()]
+
+
 def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05, what: str = "condition"):
     deadline = time.monotonic() + timeout
     last = None

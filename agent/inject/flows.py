@@ -46,7 +46,7 @@ class ClientSide(asyncio.Protocol):
         self.closed = False
         self.last_rx = time.monotonic()   # for the proxy's timeouts (inject/timeouts.py)
         self.served: tuple = (None, {})   # (Upstream, who) once the proxy knows them
-        # The proxy's synchronous path (Proxy._fast): offered a read between requests, it
+        # The proxy's fast lane (agent/inject/lane.py): offered a read between requests, it
         # sends a whole request from this callback and returns True, or declines (False)
         # and the read goes to the parser and the serving coroutine. While its answer is
         # relayed (fast_inflight), the coroutine is given nothing, so answers stay in order.
@@ -55,7 +55,7 @@ class ClientSide(asyncio.Protocol):
         self.fast_inflight = False
         self.busy = False   # the serving coroutine is inside a request (set by the proxy)
         # the process image's change count when the proxy last found it current (None: ask
-        # the kernel on the next request; see Proxy._image_current)
+        # the kernel on the next request; see Proxy.image_current)
         self.image_mark: int | None = None
 
     # --- asyncio callbacks

@@ -14,7 +14,6 @@ The I/O is in agent/inject/flows.py (asyncio Protocols); this module decides.
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import ssl
 import time
@@ -24,6 +23,7 @@ from agent.inject import http1
 from agent.inject.bodies import Replay, drain_body, read_body
 from agent.inject.flows import ClientSide, UpstreamSide
 from agent.inject.http1 import BODY, END, HEAD, LAST_CHUNK, Head, ProtocolError, chunk
+from agent.inject.lane import FastLane
 from agent.inject.record import AuditBase, Recorder
 from agent.inject.redirect import RedirectInfo
 from agent.inject.timeouts import SLOW_REQUEST, UPSTREAM
@@ -135,8 +135,8 @@ class Proxy:
         if upstream.mode != "assertion" and (ident is not None or upstream.mode ==
                                              "passthrough"):
             key = _pool_key(ident, upstream)
-            client.fast = functools.partial(self._fast, client, info, upstream, ident,
-                                            fragment, key)
+            client.fast = FastLane(self, client, info, upstream, ident, fragment,
+                                   key).offer
         while True:
             ev = await client.next()
             if ev is None or client.closed:   # gone: queued requests are not sent for it
@@ -161,7 +161,7 @@ class Proxy:
                 return str(ident.spiffe_id)
         return None
 
-    def _image_current(self, info: RedirectInfo, client: ClientSide) -> bool:
+    def image_current(self, info: RedirectInfo, client: ClientSide) -> bool:
         """Whether the process that connected still runs the image it connected with. The
         kernel's answer (a bpf(2) lookup) is kept while the tgid's change counter, read
         first and from mapped memory, stays the same (bpf/process_events.c)."""
@@ -185,7 +185,7 @@ class Proxy:
         body = json.dumps({"error": error, **extra}).encode()
         client.write(http1.simple_response(status, reason, body))
 
-    def _credentials(self, token, method: str, up: Upstream, path: str) -> list:
+    def credentials(self, token, method: str, up: Upstream, path: str) -> list:
         """The headers that carry token for this request: Authorization, and for a DPoP
         token a proof bound to this method and URL (without its query, RFC 9449 4.2)."""
         out = [(b"Authorization", token.authorization_bytes)]
@@ -201,7 +201,7 @@ class Proxy:
         method = head.method.decode()
         path = head.target.decode("latin-1")
         audit_base = AuditBase({"method": method, "path": path.split("?", 1)[0]}, fragment)
-        if not self._image_current(info, client):
+        if not self.image_current(info, client):
             self.rec.count(up, "image_changed")
             self.rec.audit_event("request.denied", audit_base,
                                  reason="the process exec'd or exited "
@@ -268,7 +268,7 @@ class Proxy:
                                   "token from the authorization server", kind=e.kind,
                                   detail=str(e))
                 return head.keep_alive
-            for name, value in self._credentials(token, method, up, path):
+            for name, value in self.credentials(token, method, up, path):
                 head.add(name, value)
         self.rec.m_added.observe(time.perf_counter() - started)
         return await self._exchange(head, src, client, up, ident, token, audit_base,
@@ -419,18 +419,18 @@ class Proxy:
         conn.send(bytes(out))
         conn.sent()
         await conn.finished()
-        keep = self._exchanged(conn, head.keep_alive, client, up, ident, token, key,
+        keep = self.exchanged(conn, head.keep_alive, client, up, ident, token, key,
                                audit_base, started)
         await client.drain()
         return keep
 
-    def _exchanged(self, conn: UpstreamSide, keep_alive: bool, client: ClientSide,
+    def exchanged(self, conn: UpstreamSide, keep_alive: bool, client: ClientSide,
                    up: Upstream, ident, token, key: tuple, audit_base: AuditBase,
                    started: float) -> bool:
         """After an exchange: the failure answer if there was no response, the pool, the
         audit event and the metrics. keep_alive: the workload's request allows another on
         its connection. Returns whether the workload's connection stays open.
-        Synchronous: it also runs from the upstream's callback (the fast path)."""
+        Synchronous: it also runs from the upstream's callback (agent/inject/lane.py)."""
         status = conn.status
         if not status and conn.timed_out:
             self.rec.count(up, "upstream_timeout")
@@ -465,68 +465,3 @@ class Proxy:
         self.rec.request_done(audit_base, status, token,
                               round((time.perf_counter() - started) * 1000, 2))
         return keep
-
-    # ------------------------------------------------------------ the fast path
-    def _fast(self, client: ClientSide, info: RedirectInfo, up: Upstream, ident,
-              fragment: str, key: tuple, data: bytes) -> bool:
-        """A read that is one whole request needing nothing awaited (token cached, upstream
-        connection pooled, no body to decide) and nothing changed (no credentials, connection
-        fields, expectation or upgrade of the workload's: http1.REQUEST_OFF_LANE) is sent
-        from the workload's read callback as read, with the credential fields spliced in
-        after its last field; its answer is finished from the upstream's callback. No
-        coroutine is resumed and no head is built for it. Every check of the coroutine's
-        path is made here too; anything else declines (False), and the read goes to the
-        parser and the serving coroutine as usual."""
-        whole = client.whole
-        if not whole.one(data) or not whole.keep_alive or whole.method in (b"HEAD",
-                                                                          b"CONNECT"):
-            return False
-        end = data.find(b"\r\n\r\n")
-        if http1.REQUEST_OFF_LANE.search(data, 0, end + 2) is not None:
-            return False
-        broker = up.mode != "passthrough"
-        if broker and self.policy is not None and whole.method == b"POST":
-            return False   # the body is decided on the coroutine's path
-        token = self.oauth.cached_token(ident, up.name) if broker else None
-        if broker and token is None:
-            return False
-        conn = self.pool.get(key)
-        if conn is None:
-            return False
-        if not self._image_current(info, client):   # the coroutine's path denies and closes
-            self.pool.put(key, conn)
-            return False
-        started = time.perf_counter()
-        path = whole.url.decode("latin-1")
-        method = whole.method.decode()
-        audit_base = AuditBase({"method": method, "path": path.split("?", 1)[0]}, fragment)
-        if broker and token.token_type != "DPoP":   # the same field for every request
-            data = data[:end] + token.authorization_field + data[end:]
-        elif broker:
-            try:
-                fields = b"".join([b"\r\n%s: %s" % nv for nv in
-                                   self._credentials(token, method, up, path)])
-            except Exception:
-                log.exception("fast path: credentials for a request failed; taking the "
-                              "full path")
-                self.pool.put(key, conn)
-                return False
-            data = data[:end] + fields + data[end:]
-
-        def done(conn: UpstreamSide) -> None:
-            client.fast_inflight = False
-            try:
-                if not self._exchanged(conn, True, client, up, ident, token, key,
-                                       audit_base, started):
-                    client.close()
-            except Exception:
-                log.exception("finishing a request failed; connection closed")
-                client.close()
-            client.wake()
-
-        client.fast_inflight = True
-        conn.begin(client, on_done=done)
-        conn.send(data)
-        conn.sent()
-        self.rec.m_added.observe(time.perf_counter() - started)
-        return True

@@ -24,10 +24,11 @@ class AuditBase:
 class Recorder:
     def __init__(self, audit: AuditLog | None, registry: Any = None):
         self.audit = audit
-        # the per-request records, one of these per proxied request: fixed shapes
-        self._done = {e: audit.shape(e, "method", "path", "status", "token_sha256", "jti",
-                                     "jkt", "latency_ms")
+        # the record of every proxied request: a fixed shape for what changes per request,
+        # then what a connection's requests with one token share, rendered once (_tail)
+        self._done = {e: audit.shape(e, "method", "path", "status", "latency_ms")
                       for e in ("request.injected", "request.forwarded")} if audit else {}
+        self._tails: dict[tuple[str | None, str], str] = {}
         # per-request series: plain-number tallies (agent/observe/tally.py), not locks
         self.m_requests = TallyCounter(
             "credless_injected_requests", "Requests through the proxy",
@@ -75,11 +76,17 @@ class Recorder:
         token's fingerprints, or request.forwarded (no token: passthrough)."""
         if self.audit:
             f = base.fields
-            if token is not None:
-                self._done["request.injected"].emit(
-                    base.fragment, f["method"], f["path"], status, token.fingerprint,
-                    token.jti, token.jkt, latency_ms)
-            else:
-                self._done["request.forwarded"].emit(
-                    base.fragment, f["method"], f["path"], status, None, None, None,
-                    latency_ms)
+            self._done["request.injected" if token is not None else "request.forwarded"].emit(
+                self._tail(token, base.fragment), f["method"], f["path"], status, latency_ms)
+
+    def _tail(self, token, fragment: str) -> str:
+        key = (token.fingerprint if token is not None else None, fragment)
+        tail = self._tails.get(key)
+        if tail is None:
+            if len(self._tails) >= 4096:   # tokens and connections come and go
+                self._tails.clear()
+            tail = self.audit.fragment(
+                token_sha256=token.fingerprint if token else None,
+                jti=token.jti if token else None, jkt=token.jkt if token else None)
+            tail = self._tails[key] = f"{tail}, {fragment}" if fragment else tail
+        return tail

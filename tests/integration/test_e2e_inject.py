@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from tests.helpers import AgentProcess, free_port, write_config
+from tests.helpers import AgentProcess, audit_events, free_port, write_config
 from tests.kernel import cgroup_child, enter_cgroup
 from tests.mcp.peers import McpServer, run_client
 from tests.oidc.peer import OidcProvider
@@ -73,7 +73,7 @@ def world(tmp_path, request):
 
 
 def audit(world) -> list[dict]:
-    return [json.loads(ln) for ln in world.agent.stdout_path.read_text().splitlines()]
+    return audit_events(world.agent.stdout_path)
 
 
 def test_without_credless_the_server_refuses(world):

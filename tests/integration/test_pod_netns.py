@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from tests.helpers import AgentProcess, free_port, wait_for, write_config
+from tests.helpers import AgentProcess, audit_events, free_port, wait_for, write_config
 from tests.integration.test_proxy_passthrough import upstream  # noqa: F401  (fixture)
 from tests.kernel import cgroup_child, enter_cgroup, network_namespace
 
@@ -106,7 +106,7 @@ def test_a_pod_with_its_own_network_is_served_inside_it(agent):
             wait_for(lambda: listening_in(ns, agent.port), 10, what="listener in the netns")
             out = result(start_client(agent, ns))
             assert out["status"] == 200 and out["body"] == {"echo": {"pid": out["pid"]}}
-            audit = [json.loads(ln) for ln in agent.stdout_path.read_text().splitlines()]
+            audit = audit_events(agent.stdout_path)
             forwarded = [e for e in audit if e["event"] == "request.forwarded"]
             assert [e["pid"] for e in forwarded] == [out["pid"]]
         finally:
@@ -157,7 +157,7 @@ def test_the_same_local_port_in_two_namespaces_is_told_apart(agent):
             outs = [result(pod), result(node)]
             for out in outs:
                 assert out["status"] == 200 and out["body"] == {"echo": {"pid": out["pid"]}}
-            audit = [json.loads(ln) for ln in agent.stdout_path.read_text().splitlines()]
+            audit = audit_events(agent.stdout_path)
             forwarded = sorted(e["pid"] for e in audit if e["event"] == "request.forwarded")
             assert forwarded == sorted(o["pid"] for o in outs)
         finally:

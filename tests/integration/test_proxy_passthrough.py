@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from agent import config
-from tests.helpers import AgentProcess, free_port, write_config
+from tests.helpers import AgentProcess, audit_events, free_port, write_config
 from tests.kernel import cgroup_child, enter_cgroup
 
 pytestmark = pytest.mark.kernel
@@ -199,7 +199,7 @@ def test_managed_process_goes_through_the_proxy_with_http_semantics_intact(agent
     assert [s["auth"] for s in Upstream.seen[:3]] == ["Bearer workload-fake"] * 3
     # all five requests reused one upstream connection from the proxy's pool
     assert len({s["peer_port"] for s in Upstream.seen}) == 1
-    audit = [json.loads(ln) for ln in agent.stdout_path.read_text().splitlines()]
+    audit = audit_events(agent.stdout_path)
     forwarded = [a for a in audit if a["event"] == "request.forwarded"]
     assert len(forwarded) == 5 and forwarded[0]["server"] == "up"
     assert forwarded[0]["pid"] > 0 and forwarded[0]["status"] == 200
@@ -207,7 +207,7 @@ def test_managed_process_goes_through_the_proxy_with_http_semantics_intact(agent
 
 def test_unmanaged_process_is_not_redirected(agent):
     run_client(agent.upstream, "basic")           # not in the managed cgroup
-    audit = [json.loads(ln) for ln in agent.stdout_path.read_text().splitlines()]
+    audit = audit_events(agent.stdout_path)
     assert not [a for a in audit if a["event"].startswith("request.")]
     assert len({s["peer_port"] for s in Upstream.seen}) == 1   # its own direct connection
 
@@ -363,7 +363,7 @@ def test_upstream_that_hangs_up_without_answering_gets_a_502_and_an_audit_event(
                        "Content-Length: 2\\r\\n\\r\\n{}", agent.cg)
     assert out.startswith("HTTP/1.1 502 Bad Gateway")
     assert "closed the connection without answering" in out
-    audit = [json.loads(ln) for ln in agent.stdout_path.read_text().splitlines()]
+    audit = audit_events(agent.stdout_path)
     failed = [a for a in audit if a["event"] == "request.failed"]
     assert failed and failed[-1]["server"] == "hangup"
 
@@ -374,7 +374,7 @@ def test_unreachable_upstream_gets_a_502_naming_the_cause(agent):
     assert out.startswith("HTTP/1.1 502 Bad Gateway")
     body = json.loads(out.split("\n\n", 1)[1])   # text mode turned CRLF into LF
     assert body["error"] == "credless: the MCP server is unreachable"
-    audit = [json.loads(ln) for ln in agent.stdout_path.read_text().splitlines()]
+    audit = audit_events(agent.stdout_path)
     assert any(a["event"] == "request.failed" and a["server"] == "dead" for a in audit)
 
 
@@ -437,7 +437,7 @@ def test_each_side_manages_its_own_connection(agent):
     # a body that ends with the server's connection ends the workload's too, and says so;
     # it is a complete answer, audited as forwarded
     assert out["eof"] == [200, "until the end", "close"]
-    audit = [json.loads(ln) for ln in agent.stdout_path.read_text().splitlines()]
+    audit = audit_events(agent.stdout_path)
     paths = [a["path"] for a in audit if a["event"] == "request.forwarded"]
     assert paths.count("/eof") == 1
     assert not [a for a in audit if a["event"] == "request.failed"]
@@ -527,7 +527,7 @@ def test_an_interim_response_is_relayed_and_the_answer_follows(agent):
                        "Connection: close\\r\\n\\r\\n", agent.cg)
     assert out.startswith("HTTP/1.1 103 ") and "rel=preload" in out
     assert "HTTP/1.1 200 OK" in out and out.endswith("after hints")
-    audit = [json.loads(ln) for ln in agent.stdout_path.read_text().splitlines()]
+    audit = audit_events(agent.stdout_path)
     done = [a for a in audit if a["event"].startswith("request.")]
     assert [(a["event"], a["status"]) for a in done] == [("request.forwarded", 200)]
 
@@ -580,7 +580,7 @@ def test_a_connection_that_changed_hands_is_closed_not_served(agent, how):
     assert out["first"] == "HTTP/1.1 200 OK"
     assert out["second"] == ""            # closed without an answer
     assert len(Upstream.seen) == 1        # the second request never reached the server
-    audit = [json.loads(ln) for ln in agent.stdout_path.read_text().splitlines()]
+    audit = audit_events(agent.stdout_path)
     denied = [a for a in audit if a["event"] == "request.denied"]
     assert len(denied) == 1 and "exec'd or exited" in denied[0]["reason"]
 
@@ -605,7 +605,7 @@ def test_a_protocol_upgrade_is_refused_and_the_connection_closed(agent):
     assert r.returncode == 0, r.stderr[-2000:]   # the proxy closed: recv returned b""
     assert r.stdout.startswith("HTTP/1.1 501 Not Implemented")
     assert "upgrades" in r.stdout
-    audit = [json.loads(ln) for ln in agent.stdout_path.read_text().splitlines()]
+    audit = audit_events(agent.stdout_path)
     assert not [a for a in audit if a["event"] == "request.forwarded"]   # never sent
     denied = [a for a in audit if a["event"] == "request.denied"]
     assert len(denied) == 1 and "websocket" in denied[0]["reason"]

@@ -14,7 +14,7 @@ import threading
 
 import pytest
 
-from tests.helpers import AgentProcess, free_port, write_config
+from tests.helpers import AgentProcess, audit_events, free_port, write_config
 from tests.integration.test_proxy_passthrough import Upstream
 from tests.integration.test_proxy_passthrough import upstream  # noqa: F401  (fixture)
 from tests.kernel import cgroup_child, enter_cgroup
@@ -134,7 +134,7 @@ def run(a, server: str, mode: str) -> dict:
 
 
 def audit(a) -> list[dict]:
-    return [json.loads(ln) for ln in a.stdout_path.read_text().splitlines()]
+    return audit_events(a.stdout_path)
 
 
 def test_an_idle_workload_connection_is_closed(agent):

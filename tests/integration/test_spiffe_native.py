@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from tests.helpers import AgentProcess, free_port, write_config
+from tests.helpers import AgentProcess, audit_events, free_port, write_config
 from tests.kernel import cgroup_child, enter_cgroup
 from tests.mcp.peers import McpServer
 from tests.oidc.peer import OidcProvider
@@ -53,7 +53,7 @@ def test_mcp_sdk_private_key_jwt_with_a_jwt_svid_from_the_workload_api(tmp_path)
                 assert out["assertion_audiences"] == [oidc.issuer]
                 assert [e["client_id"] for e in oidc.events("grant.success")] == [SPIFFE_ID]
                 assert mcp.stats()["calls"] == {"echo": 1}
-                events = [json.loads(ln) for ln in agent.stdout_path.read_text().splitlines()]
+                events = audit_events(agent.stdout_path)
                 jwt_issued = [e for e in events if e["event"] == "svid.issued"
                               and e["type"] == "jwt"]
                 assert jwt_issued and jwt_issued[0]["audience"] == [oidc.issuer]
@@ -99,7 +99,7 @@ mode = "assertion"
             assert "error" not in out, out
             assert out["text"] == "spiffe-native"
             assert [e["client_id"] for e in oidc.events("grant.success")] == [sid]
-            events = [json.loads(ln) for ln in agent.stdout_path.read_text().splitlines()]
+            events = audit_events(agent.stdout_path)
             injected = [e for e in events if e["event"] == "assertion.injected"]
             assert len(injected) == 1 and injected[0]["spiffe_id"] == sid
             assert injected[0]["audience"] == oidc.issuer

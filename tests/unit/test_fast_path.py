@@ -1,6 +1,6 @@
-"""Proxy._fast without sockets: which reads go upstream as read, with only the credential
-fields spliced in, and which are left to the full path (parser, coroutine). A read the
-fast path declines is untouched: the full path makes every decision again."""
+"""The fast lane (agent/inject/lane.py) without sockets: which reads go upstream as read,
+with only the credential fields spliced in, and which are left to the full path (parser,
+coroutine). A read the lane declines is untouched: the full path decides it afresh."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from agent.inject.flows import ClientSide, UpstreamSide
+from agent.inject.lane import FastLane
 from agent.inject.proxy import Proxy
 from agent.inject.redirect import RedirectInfo
 from agent.inject.upstreams import Upstream
@@ -59,8 +60,9 @@ class World:
         if pooled:
             self.proxy.pool.put(self.key, self.upstream)
         ident = types.SimpleNamespace(spiffe_id=SID)
-        self.client.fast = functools.partial(self.proxy._fast, self.client, INFO, UP, ident,
-                                             "", self.key)
+        fragment = self.proxy.rec.fragment(server=UP.name, pid=INFO.tgid, spiffe_id=SID)
+        self.lane = FastLane(self.proxy, self.client, INFO, UP, ident, fragment, self.key)
+        self.client.fast = self.lane.offer
 
     def audit(self) -> list[dict]:
         return [json.loads(line) for line in self.audit_out.getvalue().splitlines()]
@@ -97,7 +99,10 @@ def test_a_plain_request_goes_as_read_with_the_token_spliced_in():
     assert not w.client.fast_inflight and not w.client._events
     [rec] = w.audit()
     assert rec["event"] == "request.injected" and rec["status"] == 200
-    assert rec["path"] == "/mcp" and rec["jti"] == "jti-1"
+    assert rec["method"] == "POST" and rec["path"] == "/mcp" and rec["jti"] == "jti-1"
+    assert rec["token_sha256"] == "sha-of-token" and rec["jkt"] is None
+    assert rec["server"] == "tools" and rec["pid"] == 100 and rec["spiffe_id"] == SID
+    assert rec["latency_ms"] >= 0 and rec["node"] == "node"
     assert "header.payload.sig" not in w.audit_out.getvalue()
     assert w.proxy.pool.get(w.key) is w.upstream        # back in the pool
 
@@ -127,8 +132,7 @@ DECLINED = {
 @in_loop
 def test_reads_that_need_the_full_path_are_declined_untouched(read):
     w = World()
-    assert w.proxy._fast(w.client, INFO, UP, types.SimpleNamespace(spiffe_id=SID), "",
-                         w.key, read) is False
+    assert w.lane.offer(read) is False
     assert w.upstream.transport.out == b"" and not w.client.fast_inflight
     assert w.proxy.pool.get(w.key) is w.upstream   # not taken from the pool either
 
@@ -152,8 +156,7 @@ def test_a_field_whose_name_only_contains_authorization_is_not_mistaken_for_it()
 def test_what_needs_awaiting_or_deciding_is_declined(world):
     w = World(**world)
     read = request()
-    assert w.proxy._fast(w.client, INFO, UP, types.SimpleNamespace(spiffe_id=SID), "",
-                         w.key, read) is False
+    assert w.lane.offer(read) is False
     assert w.upstream.transport.out == b""
     if world.get("pooled", True):
         assert w.proxy.pool.get(w.key) is w.upstream   # returned to the pool
@@ -201,3 +204,17 @@ def test_a_dpop_token_gets_a_fresh_proof_bound_to_this_method_and_url_without_qu
     w.upstream.transport.out = b""
     run(w, request())   # the next request: a new proof
     assert w.upstream.transport.out.split(b"\r\n\r\n")[0].endswith(b"DPoP: proof-2")
+
+
+@in_loop
+def test_each_token_is_recorded_as_itself_on_one_connection():
+    w = World()
+    run(w, request())
+    w.proxy.oauth.cached_token = lambda ident, name: NEXT
+    run(w, request())
+    assert [(r["jti"], r["token_sha256"]) for r in w.audit()] == [
+        ("jti-1", "sha-of-token"), ("jti-2", "sha-of-next")]
+
+
+NEXT = Token("next.payload.sig", "Bearer", 0, time.time() + 3600, "tools", "r", "i", SID, "c",
+             None, "sha-of-next", "jti-2")

@@ -150,9 +150,9 @@ def _body(line: str) -> str:
 
 def test_record_shape_writes_what_emit_with_writes():
     names = ("method", "path", "status", "token_sha256", "jti", "jkt", "latency_ms")
-    for values in SHAPE_VALUES:
+    for node, values in [("node-\u00e9", v) for v in SHAPE_VALUES] + [("n%s%%d", SHAPE_VALUES[0])]:
         out = io.StringIO()
-        log = obs.AuditLog("node-\u00e9", stream=out)
+        log = obs.AuditLog(node, stream=out)
         frag = log.fragment(server="s", pid=7, spiffe_id="spiffe://example.org/w", pod=None)
         log.emit_with("request.injected", frag, **dict(zip(names, values)))
         log.shape("request.injected", *names).emit(frag, *values)
@@ -172,3 +172,43 @@ def test_record_shape_redacts_secret_names_and_checks_arity():
     assert json.loads(line)["jti"] == "j-1"
     with pytest.raises(ValueError, match="3 values expected"):
         shape.emit("", "only-one")
+
+
+def test_under_load_loop_events_are_written_at_most_once_per_flush_interval():
+    import asyncio
+
+    class CountingStream(io.StringIO):
+        writes = 0
+
+        def write(self, s):
+            CountingStream.writes += 1
+            return super().write(s)
+
+    out = CountingStream()
+    audit = obs.AuditLog(node="n", stream=out, flush_interval=0.2)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        audit.attach_loop(loop)
+        audit.emit("first")                    # after a quiet spell: this iteration
+        await asyncio.sleep(0)
+        assert CountingStream.writes == 1
+        t0 = loop.time()
+        for i in range(3):                     # busy: held back, then written together
+            audit.emit("busy", i=i)
+            await asyncio.sleep(0)
+        assert CountingStream.writes == 1
+        while CountingStream.writes == 1:
+            await asyncio.sleep(0.01)
+        assert loop.time() - t0 >= 0.15        # not before the interval ...
+        assert CountingStream.writes == 2      # ... and then in one write
+        for i in range(obs.AuditLog.MAX_PENDING):   # a full batch does not wait
+            audit.emit("burst", i=i)
+        assert CountingStream.writes == 3
+        audit.emit("pending at close")
+
+    asyncio.run(main())
+    audit.close()                              # nothing pending is lost
+    events = [json.loads(ln)["event"] for ln in out.getvalue().splitlines()]
+    assert events == (["first"] + ["busy"] * 3 + ["burst"] * obs.AuditLog.MAX_PENDING
+                      + ["pending at close"])
