@@ -83,16 +83,21 @@ def test_audit_file_sink_rotates_by_size_and_counts_drops(tmp_path):
     assert broken.dropped == 1
 
 
+class CountingStream(io.StringIO):
+    """A stream that counts its writes: one write(2) each, for a file."""
+
+    def __init__(self):
+        super().__init__()
+        self.writes = 0
+
+    def write(self, s):
+        self.writes += 1
+        return super().write(s)
+
+
 def test_audit_events_on_the_loop_are_written_together_at_the_end_of_the_iteration():
     import asyncio
     import threading
-
-    class CountingStream(io.StringIO):
-        writes = 0
-
-        def write(self, s):
-            CountingStream.writes += 1
-            return super().write(s)
 
     out = CountingStream()
     audit = obs.AuditLog(node="n", stream=out)
@@ -103,12 +108,12 @@ def test_audit_events_on_the_loop_are_written_together_at_the_end_of_the_iterati
             audit.emit("request.injected", i=i)
         assert out.getvalue() == ""            # pending until the iteration ends
         await asyncio.sleep(0)
-        assert CountingStream.writes == 1      # one write for all five
+        assert out.writes == 1      # one write for all five
         # another thread's events are written at once, not deferred to the loop
         t = threading.Thread(target=audit.emit, args=("attested",))
         t.start()
         t.join()
-        assert CountingStream.writes == 2
+        assert out.writes == 2
         audit.emit("last")                     # pending when the loop detaches ...
 
     asyncio.run(main())
@@ -177,13 +182,6 @@ def test_record_shape_redacts_secret_names_and_checks_arity():
 def test_under_load_loop_events_are_written_at_most_once_per_flush_interval():
     import asyncio
 
-    class CountingStream(io.StringIO):
-        writes = 0
-
-        def write(self, s):
-            CountingStream.writes += 1
-            return super().write(s)
-
     out = CountingStream()
     audit = obs.AuditLog(node="n", stream=out, flush_interval=0.2)
 
@@ -192,19 +190,19 @@ def test_under_load_loop_events_are_written_at_most_once_per_flush_interval():
         audit.attach_loop(loop)
         audit.emit("first")                    # after a quiet spell: this iteration
         await asyncio.sleep(0)
-        assert CountingStream.writes == 1
+        assert out.writes == 1
         t0 = loop.time()
         for i in range(3):                     # busy: held back, then written together
             audit.emit("busy", i=i)
             await asyncio.sleep(0)
-        assert CountingStream.writes == 1
-        while CountingStream.writes == 1:
+        assert out.writes == 1
+        while out.writes == 1:
             await asyncio.sleep(0.01)
         assert loop.time() - t0 >= 0.15        # not before the interval ...
-        assert CountingStream.writes == 2      # ... and then in one write
+        assert out.writes == 2      # ... and then in one write
         for i in range(obs.AuditLog.MAX_PENDING):   # a full batch does not wait
             audit.emit("burst", i=i)
-        assert CountingStream.writes == 3
+        assert out.writes == 3
         audit.emit("pending at close")
 
     asyncio.run(main())
