@@ -27,6 +27,7 @@ from agent.inject.flows import ClientSide, UpstreamSide
 from agent.inject.record import AuditBase
 from agent.inject.redirect import RedirectInfo
 from agent.inject.upstreams import Upstream
+from agent.oauth.tokens import EXPIRY_SKEW_SECONDS
 from agent.observe.logging import get_logger
 
 log = get_logger("inject.lane")
@@ -34,7 +35,11 @@ log = get_logger("inject.lane")
 
 class FastLane:
     __slots__ = ("proxy", "client", "info", "up", "ident", "fragment", "key", "broker",
-                 "token", "started", "audit_base")
+                 "token", "started", "audit_base", "_memo", "_memo_gen", "_memo_until")
+
+    # how long a token from the cache is reused without asking it again, at most (while the
+    # cache's generation says no token changed, and never past the token's own validity)
+    TOKEN_MEMO_SECONDS = 1.0
 
     def __init__(self, proxy: Any, client: ClientSide, info: RedirectInfo, up: Upstream,
                  ident: Any, fragment: str, key: tuple):
@@ -46,6 +51,26 @@ class FastLane:
         self.token = None
         self.started = 0.0
         self.audit_base: AuditBase | None = None
+        self._memo = None                 # the token last found in the cache
+        self._memo_gen = -1
+        self._memo_until = 0.0
+
+    def _token(self):
+        """The cached token for this connection's identity and server, or None (then the
+        coroutine awaits one). Asking the cache costs as much as relaying a request, so
+        its answer is kept while no cached token has changed, for at most a second."""
+        oauth = self.proxy.oauth
+        now = time.monotonic()
+        if self._memo_gen == oauth.cache.generation and now < self._memo_until:
+            oauth.m_hit.inc()
+            return self._memo
+        token = oauth.cached_token(self.ident, self.up.name)
+        if token is not None:
+            self._memo, self._memo_gen = token, oauth.cache.generation
+            self._memo_until = now + min(self.TOKEN_MEMO_SECONDS,
+                                         token.expires_at - EXPIRY_SKEW_SECONDS
+                                         - time.time())
+        return token
 
     def offer(self, data: bytes) -> bool:
         """Send data upstream if it is one whole request the lane can take; else False,
@@ -61,7 +86,7 @@ class FastLane:
         broker = self.broker
         if broker and proxy.policy is not None and whole.method == b"POST":
             return False   # the body is decided on the coroutine's path
-        token = proxy.oauth.cached_token(self.ident, self.up.name) if broker else None
+        token = self._token() if broker else None
         if broker and token is None:
             return False
         pool = proxy.pool

@@ -45,6 +45,9 @@ class TokenCache:
         self._on_event = on_event or (lambda *_: None)
         self.hits = 0
         self.misses = 0
+        # bumped whenever a cached token changes (obtained, refreshed, invalidated, dropped):
+        # a caller holding a token from peek() may keep using it while this stays the same
+        self.generation = 0
 
     def __len__(self) -> int:
         return sum(1 for e in self._entries.values() if e.token is not None)
@@ -102,6 +105,7 @@ class TokenCache:
         finally:
             self._inflight.pop(key, None)
         entry.token, entry.failures, entry.next_attempt, entry.last_error = token, 0, 0.0, None
+        self.generation += 1
         self._on_event("refreshed" if refresh else "obtained", key, token)
         return token
 
@@ -111,10 +115,12 @@ class TokenCache:
         if entry is not None:
             entry.token = None
             entry.next_attempt = 0.0
+        self.generation += 1
 
     def drop(self, predicate: Callable[[Hashable], bool]) -> list[Hashable]:
         """Remove every entry whose key matches (e.g. all tokens of one SPIFFE ID)."""
         gone = [k for k in self._entries if predicate(k)]
+        self.generation += 1
         for k in gone:
             del self._entries[k]
             task = self._inflight.pop(k, None)

@@ -68,7 +68,7 @@ class OAuthService:
         # counted per proxied request, from the event loop only: a plain-number tally
         self.m_lookups = TallyCounter("credless_token_cache_lookups", "Token cache lookups",
                                       ["result"], registry=registry)
-        self._m_hit = self.m_lookups.labels("hit")
+        self.m_hit = self.m_lookups.labels("hit")   # also counted by the proxy's fast lane
         Gauge("credless_token_cache_size", "Tokens held in memory", registry=registry) \
             .set_function(lambda: len(self.cache))
         self.m_registrations = Counter("credless_oauth_registrations", "Dynamic client "
@@ -136,7 +136,7 @@ class OAuthService:
             return None
         tok = self.cache.peek(memo[0])
         if tok is not None:
-            self._m_hit.inc()
+            self.m_hit.inc()
         return tok
 
     async def token(self, ident: Identity, server_name: str, challenge: str | None = None

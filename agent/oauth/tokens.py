@@ -49,6 +49,10 @@ def _jwt_claims_unverified(token: str) -> dict:
         return {}
 
 
+# a token this close to its expiry is not used: it could expire on the way
+EXPIRY_SKEW_SECONDS = 5.0
+
+
 @dataclass(frozen=True, repr=False)
 class Token:
     access_token: str
@@ -72,7 +76,7 @@ class Token:
 
     __str__ = __repr__
 
-    def valid(self, now: float | None = None, skew: float = 5.0) -> bool:
+    def valid(self, now: float | None = None, skew: float = EXPIRY_SKEW_SECONDS) -> bool:
         return (time.time() if now is None else now) < self.expires_at - skew
 
     def authorization(self) -> str:

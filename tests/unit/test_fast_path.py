@@ -21,6 +21,7 @@ from agent.inject.redirect import RedirectInfo
 from agent.inject.upstreams import Upstream
 from agent.oauth.tokens import Token
 from agent.observe.logging import AuditLog
+from agent.observe.tally import CounterCell
 from tests.unit.transport import Transport
 
 SID = "spiffe://example.org/w"
@@ -46,7 +47,15 @@ class World:
         self.audit_out = io.StringIO()
         source = types.SimpleNamespace(kernel_image=lambda tgid: image,
                                        image_changes=lambda tgid: None)
-        oauth = types.SimpleNamespace(cached_token=lambda ident, name: token)
+        self.asked = 0
+
+        def cached_token(ident, name):
+            self.asked += 1
+            return self.token
+        self.token = token
+        oauth = types.SimpleNamespace(cached_token=cached_token,
+                                      cache=types.SimpleNamespace(generation=0),
+                                      m_hit=CounterCell())
         cfg = types.SimpleNamespace(upstream_pool_size=4, upstream_idle_seconds=4.0,
                                     workload_authorization="strip")
         self.proxy = Proxy(cfg, {}, None, types.SimpleNamespace(source=source), None, oauth,
@@ -210,7 +219,8 @@ def test_a_dpop_token_gets_a_fresh_proof_bound_to_this_method_and_url_without_qu
 def test_each_token_is_recorded_as_itself_on_one_connection():
     w = World()
     run(w, request())
-    w.proxy.oauth.cached_token = lambda ident, name: NEXT
+    w.token = NEXT                      # refreshed: the cache says a token changed
+    w.proxy.oauth.cache.generation += 1
     run(w, request())
     assert [(r["jti"], r["token_sha256"]) for r in w.audit()] == [
         ("jti-1", "sha-of-token"), ("jti-2", "sha-of-next")]
@@ -218,3 +228,27 @@ def test_each_token_is_recorded_as_itself_on_one_connection():
 
 NEXT = Token("next.payload.sig", "Bearer", 0, time.time() + 3600, "tools", "r", "i", SID, "c",
              None, "sha-of-next", "jti-2")
+
+
+@in_loop
+def test_the_cached_token_is_reused_only_while_no_token_changed_and_for_a_second():
+    w = World()
+    for _ in range(3):
+        run(w, request())
+    assert w.asked == 1 and w.proxy.oauth.m_hit.value == 2   # reuses still count as hits
+    w.token = None                      # invalidated (a 401 elsewhere): generation moves
+    w.proxy.oauth.cache.generation += 1
+    assert w.lane.offer(request()) is False and w.asked == 2
+    w.token = TOKEN
+    w.lane._memo_until = 0.0            # a second later: asked again
+    run(w, request())
+    assert w.asked == 3
+
+
+@in_loop
+def test_a_token_at_its_expiry_skew_is_not_held():
+    w = World(token=Token("header.payload.sig", "Bearer", 0, time.time() + 5.0, "tools",
+                          "r", "i", SID, "c", None, "sha-of-token", "jti-1"))
+    run(w, request())
+    run(w, request())
+    assert w.asked == 2                 # no validity left past the skew: asked each time
