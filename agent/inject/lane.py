@@ -35,7 +35,8 @@ log = get_logger("inject.lane")
 
 class FastLane:
     __slots__ = ("proxy", "client", "info", "up", "ident", "fragment", "key", "broker",
-                 "token", "started", "audit_base", "_memo", "_memo_gen", "_memo_until")
+                 "token", "started", "audit_base", "_memo", "_memo_gen", "_memo_until",
+                 "_held", "_held_since")
 
     # how long a token from the cache is reused without asking it again, at most (while the
     # cache's generation says no token changed, and never past the token's own validity)
@@ -51,6 +52,10 @@ class FastLane:
         self.token = None
         self.started = 0.0
         self.audit_base: AuditBase | None = None
+        # the upstream connection this workload connection last used, held for its next
+        # request instead of going through the pool (release() gives it back)
+        self._held: UpstreamSide | None = None
+        self._held_since = 0.0
         self._memo = None                 # the token last found in the cache
         self._memo_gen = -1
         self._memo_until = 0.0
@@ -72,6 +77,25 @@ class FastLane:
                                          - time.time())
         return token
 
+    def _take(self) -> UpstreamSide | None:
+        conn, self._held = self._held, None
+        if conn is not None:
+            if not conn.closed and not conn.transport.is_closing() and \
+                    time.monotonic() - self._held_since <= self.proxy.pool.max_idle:
+                return conn
+            conn.transport.close()   # idle too long: the server may be closing it
+        return self.proxy.pool.get(self.key)
+
+    def _hold(self, conn: UpstreamSide) -> None:
+        self._held, self._held_since = conn, time.monotonic()
+
+    def release(self) -> None:
+        """The workload connection has ended: its held upstream connection goes back to the
+        pool (as idle since it was last used), or is closed if it has been idle too long."""
+        conn, self._held = self._held, None
+        if conn is not None and not conn.closed:
+            self.proxy.pool.put(self.key, conn, since=self._held_since)
+
     def offer(self, data: bytes) -> bool:
         """Send data upstream if it is one whole request the lane can take; else False,
         with nothing sent, taken or changed."""
@@ -89,12 +113,11 @@ class FastLane:
         token = self._token() if broker else None
         if broker and token is None:
             return False
-        pool = proxy.pool
-        conn = pool.get(self.key)
+        conn = self._take()
         if conn is None:
             return False
         if not proxy.image_current(self.info, client):   # the full path denies and closes
-            pool.put(self.key, conn)
+            self._hold(conn)
             return False
         started = time.perf_counter()
         path = whole.url.decode("latin-1")
@@ -108,7 +131,7 @@ class FastLane:
                                        proxy.credentials(token, method, self.up, path)])
                 except Exception:
                     log.exception("credentials for a request failed; taking the full path")
-                    pool.put(self.key, conn)
+                    self._hold(conn)
                     return False
             data = data[:end] + fields + data[end:]
         self.token, self.started = token, started
@@ -127,7 +150,8 @@ class FastLane:
         client.fast_inflight = False
         try:
             if not self.proxy.exchanged(conn, True, client, self.up, self.ident, self.token,
-                                        self.key, self.audit_base, self.started):
+                                        self.key, self.audit_base, self.started,
+                                        hold=self._hold):
                 client.close()
         except Exception:
             log.exception("finishing a request failed; connection closed")

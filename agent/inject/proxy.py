@@ -132,11 +132,20 @@ class Proxy:
                "parent_spiffe_id": parent}
         client.served = (upstream, who)   # for the timeouts' audit events
         fragment = self.rec.fragment(server=upstream.name, mode=upstream.mode, **who)
+        lane = None
         if upstream.mode != "assertion" and (ident is not None or upstream.mode ==
                                              "passthrough"):
             key = _pool_key(ident, upstream)
-            client.fast = FastLane(self, client, info, upstream, ident, fragment,
-                                   key).offer
+            lane = FastLane(self, client, info, upstream, ident, fragment, key)
+            client.fast = lane.offer
+        try:
+            await self._serve_requests(client, info, upstream, ident, who, fragment)
+        finally:
+            if lane is not None:
+                lane.release()
+
+    async def _serve_requests(self, client: ClientSide, info: RedirectInfo, upstream: Upstream,
+                              ident, who: dict, fragment: str) -> None:
         while True:
             ev = await client.next()
             if ev is None or client.closed:   # gone: queued requests are not sent for it
@@ -425,11 +434,12 @@ class Proxy:
         return keep
 
     def exchanged(self, conn: UpstreamSide, keep_alive: bool, client: ClientSide,
-                   up: Upstream, ident, token, key: tuple, audit_base: AuditBase,
-                   started: float) -> bool:
+                  up: Upstream, ident, token, key: tuple, audit_base: AuditBase,
+                  started: float, hold=None) -> bool:
         """After an exchange: the failure answer if there was no response, the pool, the
         audit event and the metrics. keep_alive: the workload's request allows another on
-        its connection. Returns whether the workload's connection stays open.
+        its connection; hold(conn): takes a reusable upstream connection instead of the
+        pool. Returns whether the workload's connection stays open.
         Synchronous: it also runs from the upstream's callback (agent/inject/lane.py)."""
         status = conn.status
         if not status and conn.timed_out:
@@ -455,7 +465,10 @@ class Proxy:
             self.oauth.invalidate(ident, up.name, token)
         keep = conn.complete and keep_alive and not conn.close_delimited
         if conn.reusable():
-            self.pool.put(key, conn)
+            if hold is not None:
+                hold(conn)
+            else:
+                self.pool.put(key, conn)
         else:
             conn.transport.close()
         if not conn.complete:   # cut short: closing tells the workload the answer is partial

@@ -57,15 +57,19 @@ class Pool:
                 return conn
         return None
 
-    def put(self, key: tuple, conn: UpstreamSide) -> None:
+    def put(self, key: tuple, conn: UpstreamSide, since: float | None = None) -> None:
+        """Keep conn for reuse; since: when it became idle (clock()), if before now."""
         q = self._idle.setdefault(key, deque())
         now = self._clock()
+        if since is not None and now - since > self.max_idle:
+            conn.transport.close()
+            return
         while q and now - q[0][1] > self.max_idle:
             q.popleft()[0].transport.close()
         if len(q) >= self.size:
             conn.transport.close()
             return
-        q.append((conn, now))
+        q.append((conn, now if since is None else since))
 
     @staticmethod
     def _close_all(q: deque) -> None:

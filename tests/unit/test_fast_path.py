@@ -113,6 +113,7 @@ def test_a_plain_request_goes_as_read_with_the_token_spliced_in():
     assert rec["server"] == "tools" and rec["pid"] == 100 and rec["spiffe_id"] == SID
     assert rec["latency_ms"] >= 0 and rec["node"] == "node"
     assert "header.payload.sig" not in w.audit_out.getvalue()
+    w.lane.release()                                    # the workload connection ends:
     assert w.proxy.pool.get(w.key) is w.upstream        # back in the pool
 
 
@@ -168,7 +169,8 @@ def test_what_needs_awaiting_or_deciding_is_declined(world):
     assert w.lane.offer(read) is False
     assert w.upstream.transport.out == b""
     if world.get("pooled", True):
-        assert w.proxy.pool.get(w.key) is w.upstream   # returned to the pool
+        w.lane.release()
+        assert w.proxy.pool.get(w.key) is w.upstream   # back in the pool once released
 
 
 @in_loop
@@ -252,3 +254,25 @@ def test_a_token_at_its_expiry_skew_is_not_held():
     run(w, request())
     run(w, request())
     assert w.asked == 2                 # no validity left past the skew: asked each time
+
+
+@in_loop
+def test_the_upstream_connection_is_held_for_the_next_request_while_fresh():
+    w = World()
+    run(w, request())
+    assert w.proxy.pool.get(w.key) is None         # held by the lane, not in the pool
+    w.upstream.transport.out = b""
+    run(w, request())
+    assert b"Authorization: Bearer" in w.upstream.transport.out   # the same connection
+    w.lane._held_since -= w.proxy.pool.max_idle + 1   # idle past the servers' timeouts
+    assert w.lane.offer(request()) is False           # not reused: the pool has none
+    assert w.upstream.transport.closed
+
+
+@in_loop
+def test_a_held_connection_idle_too_long_is_closed_on_release_not_pooled():
+    w = World()
+    run(w, request())
+    w.lane._held_since -= w.proxy.pool.max_idle + 1
+    w.lane.release()
+    assert w.upstream.transport.closed and w.proxy.pool.get(w.key) is None
