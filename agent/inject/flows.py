@@ -326,7 +326,9 @@ class UpstreamSide(asyncio.Protocol):
         connection too), and not a 401 (whose challenge the proxy reads). Anything else is
         parsed and re-rendered by _relay (hop-by-hop fields removed, framing announced)."""
         whole = self._whole
-        if not whole.one(data):
+        # llhttp skips empty lines before a message: the head must start the read, or the
+        # field search would stop at those lines
+        if data[:1] in (b"\r", b"\n") or not whole.one(data):
             return False
         if (whole.status < 200 or whole.status == 401 or whole.version != "1.1"
                 or not whole.keep_alive):

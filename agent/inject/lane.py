@@ -101,8 +101,10 @@ class FastLane:
         with nothing sent, taken or changed."""
         client, proxy = self.client, self.proxy
         whole = client.whole
-        if not whole.one(data) or not whole.keep_alive or whole.method in (b"HEAD",
-                                                                          b"CONNECT"):
+        # llhttp skips empty lines before a request line: the head must start the read, or
+        # its end (the first blank line) and the fields' search would be found before it
+        if data[:1] in (b"\r", b"\n") or not whole.one(data) or not whole.keep_alive \
+                or whole.method in (b"HEAD", b"CONNECT"):
             return False
         end = data.find(b"\r\n\r\n")
         if http1.REQUEST_OFF_LANE.search(data, 0, end + 2) is not None:
@@ -113,11 +115,7 @@ class FastLane:
         token = self._token() if broker else None
         if broker and token is None:
             return False
-        conn = self._take()
-        if conn is None:
-            return False
         if not proxy.image_current(self.info, client):   # the full path denies and closes
-            self._hold(conn)
             return False
         started = time.perf_counter()
         path = whole.url.decode("latin-1")
@@ -131,9 +129,13 @@ class FastLane:
                                        proxy.credentials(token, method, self.up, path)])
                 except Exception:
                     log.exception("credentials for a request failed; taking the full path")
-                    self._hold(conn)
                     return False
             data = data[:end] + fields + data[end:]
+        # last: nothing declines once an upstream connection is taken (its idle time stays
+        # what it was: see release())
+        conn = self._take()
+        if conn is None:
+            return False
         self.token, self.started = token, started
         self.audit_base = AuditBase({"method": method, "path": path.split("?", 1)[0]},
                                     self.fragment)

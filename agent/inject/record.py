@@ -38,10 +38,11 @@ class Recorder:
             "upstream (attest, token, proof)", buckets=(
                 .0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, 1),
             registry=registry)
-        self.m_upstream = TallyHistogram(   # prometheus_client's default buckets
+        self.m_upstream = TallyHistogram(
             "credless_upstream_seconds", "From request sent upstream to response head",
             ["server"], buckets=(.005, .01, .025, .05, .075, .1, .25, .5, .75, 1, 2.5, 5,
-                                 7.5, 10), registry=registry)
+                                 7.5, 10),   # prometheus_client's default buckets
+            registry=registry)
         self._m_requests: dict[tuple[str, str, str], Any] = {}
         self._m_upstream: dict[str, Any] = {}
         self.m_active = Gauge("credless_proxy_active_connections", "Open client connections",

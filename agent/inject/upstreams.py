@@ -43,6 +43,7 @@ class Pool:
         self.max_idle = max_idle
         self._clock = clock
         self._idle: dict[tuple, deque] = {}   # per key: (connection, idle since), oldest left
+        self._closed = False
 
     def get(self, key: tuple) -> UpstreamSide | None:
         q = self._idle.get(key)
@@ -61,7 +62,7 @@ class Pool:
         """Keep conn for reuse; since: when it became idle (clock()), if before now."""
         q = self._idle.setdefault(key, deque())
         now = self._clock()
-        if since is not None and now - since > self.max_idle:
+        if self._closed or (since is not None and now - since > self.max_idle):
             conn.transport.close()
             return
         while q and now - q[0][1] > self.max_idle:
@@ -69,7 +70,13 @@ class Pool:
         if len(q) >= self.size:
             conn.transport.close()
             return
-        q.append((conn, now if since is None else since))
+        if since is None:
+            q.append((conn, now))
+            return
+        i = len(q)   # kept in idle-since order, oldest left: get() relies on it
+        while i and q[i - 1][1] > since:
+            i -= 1
+        q.insert(i, (conn, since))
 
     @staticmethod
     def _close_all(q: deque) -> None:
@@ -77,6 +84,8 @@ class Pool:
             q.pop()[0].transport.close()
 
     def close(self) -> None:
+        """Close every idle connection, and those given back from now on."""
+        self._closed = True
         for q in self._idle.values():
             self._close_all(q)
         self._idle.clear()

@@ -49,6 +49,7 @@ def with_headers(extra: bytes, version: bytes = b"1.1") -> bytes:
     ([with_headers(b"", b"1.0")], False),                       # said as HTTP/1.1 to ours
     ([PLAIN[:30], PLAIN[30:]], False),                         # in two reads
     ([PLAIN + b"HTTP/1.1 200 OK\r\n"], False),                 # bytes after the answer
+    ([b"\r\n\r\n" + with_headers(b"Keep-Alive: timeout=5\r\n")], False),  # blank lines first
 ])
 def test_an_answer_is_relayed_verbatim_only_when_nothing_in_it_is_hop_by_hop(reads, verbatim):
     out, up, done = exchange(reads)

@@ -124,3 +124,25 @@ def test_pool_reuses_the_freshest_and_closes_connections_idle_too_long():
     assert extra.closed
     pool.close()
     assert a.closed and c.closed and d.closed
+
+
+def test_a_connection_given_back_with_its_idle_start_keeps_the_pool_in_order():
+    """A workload connection's held upstream connection comes back as idle since its last
+    use (FastLane.release): older than what is already pooled, it must not be handed out
+    first, nor take fresher connections down with it when it has expired."""
+    from agent.inject.upstreams import Pool
+    clock = Clock()
+    pool = Pool(size=4, max_idle=4.0, clock=clock)
+    fresh, held, stale = FakeConn("fresh"), FakeConn("held"), FakeConn("stale")
+    clock.now = 3
+    pool.put("k", fresh)
+    clock.now = 3.5
+    pool.put("k", held, since=0)               # idle 3.5 s already
+    pool.put("k", stale, since=-1)             # idle 4.5 s: closed, not pooled
+    assert stale.closed
+    clock.now = 4.5                            # held: 4.5 s, fresh: 1.5 s
+    assert pool.get("k") is fresh and not fresh.closed
+    assert pool.get("k") is None and held.closed
+    pool.close()                               # the agent stops: what comes back is closed
+    pool.put("k", fresh)
+    assert fresh.closed and pool.get("k") is None
