@@ -51,7 +51,7 @@ class ClientSide(asyncio.Protocol):
         # and the read goes to the parser and the serving coroutine. While its answer is
         # relayed (fast_inflight), the coroutine is given nothing, so answers stay in order.
         self.fast = None
-        self.whole = http1.WholeMessage()   # the fast path's test of a read
+        self.whole = http1.WholeMessage()   # the fast lane's test of a read
         self.fast_inflight = False
         self.busy = False   # the serving coroutine is inside a request (set by the proxy)
         # the process image's change count when the proxy last found it current (None: ask
