@@ -320,6 +320,11 @@ class InjectSection:
                                                "to its response head; then 504 (a response "
                                                "that has begun, an SSE stream, is not cut)",
                                                _positive)
+    drain_seconds: float = _setting(10.0, "on stop, requests in flight get this long to "
+                                    "finish (idle connections are closed at once, new ones "
+                                    "refused); keep it under the stop timeout (systemd "
+                                    "TimeoutStopSec, Kubernetes terminationGracePeriodSeconds)",
+                                    lambda v: None if 0 <= v <= 600 else "between 0 and 600")
     upstream_pool_size: int = _setting(16, "idle upstream connections kept per identity and "
                                        "server", _positive)
     upstream_ca_file: str = _setting("", "CA bundle to verify https MCP servers; empty means "

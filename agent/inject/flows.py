@@ -54,6 +54,7 @@ class ClientSide(asyncio.Protocol):
         self.whole = http1.WholeMessage()   # the fast lane's test of a read
         self.fast_inflight = False
         self.busy = False   # the serving coroutine is inside a request (set by the proxy)
+        self.draining = False   # the agent is stopping: close after the answer in flight
         # the process image's change count when the proxy last found it current (None: ask
         # the kernel on the next request; see Proxy.image_current)
         self.image_mark: int | None = None
@@ -117,7 +118,7 @@ class ClientSide(asyncio.Protocol):
         again, and a task step per request costs more than the fast path saves."""
         w = self._waiter
         if w is not None and not w.done() and (self._events or self.closed or self._eof
-                                               or self._error is not None):
+                                               or self._error is not None or self.draining):
             w.set_result(None)
 
     # --- used by the serving coroutine and the proxy's timeouts
@@ -134,6 +135,8 @@ class ClientSide(asyncio.Protocol):
         while not self._events or self.fast_inflight:
             if self.closed:
                 return None
+            if self.draining and not self.fast_inflight and not self._reader.in_message:
+                return None   # between requests while the agent stops: begin no other
             if not self.fast_inflight:
                 if self._error is not None:
                     raise self._error
@@ -158,6 +161,14 @@ class ClientSide(asyncio.Protocol):
         while self.write_paused and not self.closed:
             self._writable = self._loop.create_future()
             await self._writable
+
+    def drain_and_close(self) -> None:
+        """The agent is stopping: no request is begun on this connection from now on (next()
+        says the workload is done, the fast lane is off); the one under way, if any, is
+        answered, and then the serving coroutine ends and the connection is closed."""
+        self.draining = True
+        self.fast = None
+        self.wake()
 
     def close(self) -> None:
         """Close (after what was written): nothing more is read from it or served on it."""

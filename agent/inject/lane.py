@@ -153,7 +153,7 @@ class FastLane:
         try:
             if not self.proxy.exchanged(conn, True, client, self.up, self.ident, self.token,
                                         self.key, self.audit_base, self.started,
-                                        hold=self._hold):
+                                        hold=self._hold) or client.draining:
                 client.close()
         except Exception:
             log.exception("finishing a request failed; connection closed")

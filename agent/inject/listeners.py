@@ -146,8 +146,19 @@ class ProxyListeners:
         task.add_done_callback(lambda _t: self._conns.pop(client, None))
 
     async def astop(self) -> None:
+        """Drain: no new connections; idle ones closed now; the others each closed after
+        the answer in flight, within inject.drain_seconds, then cut."""
         for s in self._servers:
             s.close()
+        for client in list(self._conns):
+            client.drain_and_close()
+        if self._conns:
+            log.info("draining proxy connections", connections=len(self._conns),
+                     seconds=self.cfg.drain_seconds)
+            await asyncio.wait(list(self._conns.values()), timeout=self.cfg.drain_seconds)
+        if self._conns:
+            log.warning("drain time over: closing connections with requests in flight",
+                        connections=len(self._conns))
         if self._sweeper is not None:
             self._sweeper.cancel()
         for t in list(self._conns.values()):

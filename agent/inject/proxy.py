@@ -158,7 +158,7 @@ class Proxy:
                                            who, fragment)
             finally:
                 client.busy = False
-            if not keep:
+            if not keep or client.draining:
                 return
 
     def _parent_identity(self, att) -> str | None:

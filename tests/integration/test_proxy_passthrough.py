@@ -8,6 +8,7 @@ Expect: 100-continue, streamed responses, and processes outside the managed cgro
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -609,3 +610,50 @@ def test_a_protocol_upgrade_is_refused_and_the_connection_closed(agent):
     assert not [a for a in audit if a["event"] == "request.forwarded"]   # never sent
     denied = [a for a in audit if a["event"] == "request.denied"]
     assert len(denied) == 1 and "websocket" in denied[0]["reason"]
+
+
+# An idle keep-alive connection and an SSE stream in flight when the agent is told to stop.
+STOPPING_CLIENT = r'''
+import json, socket, sys, time
+port = int(sys.argv[1])
+idle = socket.create_connection(("127.0.0.1", port), timeout=10)
+idle.sendall(b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Length: 8\r\n\r\n{\"n\": 1}")
+idle.recv(65536)                      # answered; the connection stays open, idle
+stream = socket.create_connection(("127.0.0.1", port), timeout=10)
+stream.sendall(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+buf = b""
+while b"data: 0" not in buf:
+    buf += stream.recv(65536)
+print("streaming", flush=True)        # the test stops the agent now
+t0 = time.monotonic()
+idle_closed = idle.recv(65536) == b""
+idle_after = time.monotonic() - t0
+while not buf.endswith(b"0\r\n\r\n"):
+    data = stream.recv(65536)
+    if not data:
+        break
+    buf += data
+print(json.dumps({"idle_closed": idle_closed, "idle_after": idle_after,
+                  "events": buf.count(b"data: "), "complete": buf.endswith(b"0\r\n\r\n")}))
+'''
+
+
+def test_stopping_drains_answers_in_flight_and_closes_idle_connections(agent):
+    client = subprocess.Popen([sys.executable, "-c", STOPPING_CLIENT, str(agent.upstream)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=enter_cgroup(agent.cg))
+    try:
+        assert client.stdout.readline().strip() == "streaming", client.stderr.read()[-2000:]
+        stopped_at = time.monotonic()
+        agent.proc.send_signal(signal.SIGTERM)
+        out, err = client.communicate(timeout=30)
+        assert agent.proc.wait(30) == 0
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+    result = json.loads(out)
+    assert result["idle_closed"] and result["idle_after"] < 2      # closed at once, cleanly
+    assert result["events"] == 3 and result["complete"]            # the stream ran to its end
+    assert time.monotonic() - stopped_at < 10                      # not the whole drain time
+    assert "draining proxy connections" in agent.stderr_path.read_text()

@@ -124,3 +124,26 @@ def test_a_closed_workload_connection_is_not_served_again():
         return client
     client = asyncio.run(run())
     assert client.closed and client.transport.closed
+
+
+def test_draining_ends_an_idle_connection_but_finishes_a_request_under_way():
+    async def run():
+        idle = ClientSide(lambda c: None)
+        idle.connection_made(Transport())
+        waiting = asyncio.ensure_future(idle.next())
+        await asyncio.sleep(0)
+        idle.drain_and_close()
+        assert await waiting is None and idle.fast is None   # no request begun after it
+
+        busy = ClientSide(lambda c: None)
+        busy.connection_made(Transport())
+        busy.data_received(REQUEST[:-1])                      # a request under way ...
+        assert [(await busy.next())[0] for _ in range(2)] == [1, 2]   # HEAD, BODY
+        busy.drain_and_close()
+        rest = asyncio.ensure_future(busy.next())
+        await asyncio.sleep(0)
+        assert not rest.done()                                # ... is read to its end
+        busy.data_received(REQUEST[-1:])
+        assert (await rest)[0] == 2 and (await busy.next())[0] == 3   # BODY, END
+        assert await busy.next() is None                      # and then it is over
+    asyncio.run(run())
