@@ -88,8 +88,16 @@ class ClientSide(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self._eof = True
+        up = self.upstream
+        if up is not None:
+            # the workload closed while its request was with the server: it has gone (so
+            # nginx takes it too: "client prematurely closed connection"), and an answer it
+            # will never read, such as an MCP session's notification stream, would otherwise
+            # hold both connections until the server ends it, which may be never
+            up.client_gone = True
+            up.abort()
         self.wake()
-        return True   # keep the write side open: a half-closed client still gets its answer
+        return True   # between requests: what was written still goes out, then it closes
 
     def connection_lost(self, exc) -> None:
         self.closed = self._eof = True
@@ -202,6 +210,7 @@ class UpstreamSide(asyncio.Protocol):
         self.sent_at = 0.0                  # 0 until the request is sent (begin() resets it)
         self.head_at = 0.0
         self.timed_out = False              # aborted by the proxy's upstream timeout
+        self.client_gone = False            # aborted: the workload closed mid-answer
         self.close_delimited = False
         self._close_client = self._bodiless = False
         self._skip_end = False    # the parser's end of an interim (1xx) response
@@ -261,7 +270,7 @@ class UpstreamSide(asyncio.Protocol):
         self._done = None if on_done is not None else self._loop.create_future()
         self._first_read = True
         self.head, self.status, self.complete = None, 0, False
-        self.sent_at, self.timed_out = 0.0, False
+        self.sent_at, self.timed_out, self.client_gone = 0.0, False, False
         self.close_delimited = self._skip_end = False
         self._close_client, self._bodiless = close_client, bodiless
         if client.write_paused and not client.closed:

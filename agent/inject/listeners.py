@@ -158,7 +158,8 @@ class ProxyListeners:
             await asyncio.wait(list(self._conns.values()), timeout=self.cfg.drain_seconds)
         if self._conns:
             log.warning("drain time over: closing connections with requests in flight",
-                        connections=len(self._conns))
+                        connections=len(self._conns),
+                        streaming=sum(1 for c in self._conns if c.upstream is not None))
         if self._sweeper is not None:
             self._sweeper.cancel()
         for t in list(self._conns.values()):

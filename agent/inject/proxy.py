@@ -249,10 +249,10 @@ class Proxy:
             return await self._assertion(head, src, client, up, ident, audit_base, started)
         if self.policy is not None and up.mode != "passthrough" and ident is not None \
                 and head.method == b"POST":
-            verdict, body = await self._enforce(head, src, client, up, who, audit_base)
-            if verdict is not True:
-                return verdict
-            src = Replay(body)
+            decided = await self._enforce(head, src, client, up, who, audit_base)
+            if not isinstance(decided, bytes):   # answered here: keep the connection?
+                return decided
+            src = Replay(decided)
         token = None
         if up.mode != "passthrough":
             if ident is None:
@@ -284,9 +284,11 @@ class Proxy:
                                     started)
 
     async def _enforce(self, head: Head, src, client, up: Upstream, who: dict,
-                       audit_base: dict):
-        """Read the JSON-RPC body and decide every call: (True, body) to go on, else
-        (keep-alive, None) once the answer has been sent."""
+                       audit_base: dict) -> bytes | bool:
+        """Read the JSON-RPC body and decide every call: the body (bytes) to go on, else,
+        once the answer has been sent, whether the connection stays open (bool). Two types,
+        not a flag beside a value: a denial on a keep-alive connection must never read as
+        "go on" (it once did, and the denied request's head went upstream with a token)."""
         from agent.policy import jsonrpc
 
         body = await read_body(src, self.max_body)
@@ -294,13 +296,13 @@ class Proxy:
             await self._rpc_error(client, 413, b"Payload Too Large", None, False,
                                   jsonrpc.INVALID_REQUEST, "credless: request body "
                                   f"larger than {self.max_body} bytes")
-            return False, None
+            return False
         try:
             calls, batch = jsonrpc.parse_calls(body)
         except jsonrpc.Malformed as e:
             self.rec.audit_event("call.denied", audit_base, reason=e.message)
             await self._rpc_error(client, 400, b"Bad Request", None, False, e.code, e.message)
-            return head.keep_alive, None
+            return head.keep_alive
         mismatch = jsonrpc.header_mismatch(
             calls, (head.get(b"mcp-method") or b"").decode() or None,
             (head.get(b"mcp-name") or b"").decode() or None)
@@ -308,7 +310,7 @@ class Proxy:
             self.rec.audit_event("call.denied", audit_base, reason=mismatch)
             await self._rpc_error(client, 400, b"Bad Request", calls, batch,
                                   jsonrpc.HEADER_MISMATCH, f"credless: {mismatch}")
-            return head.keep_alive, None
+            return head.keep_alive
         denied = []
         for c in calls:
             if not c.is_request and c.method == "(response)":
@@ -325,11 +327,11 @@ class Proxy:
             await self._rpc_error(client, 403, b"Forbidden", calls, batch,
                                   jsonrpc.POLICY_DENIED, "credless: denied by policy: "
                                   + "; ".join(denied))
-            return head.keep_alive, None
+            return head.keep_alive
         head.remove(b"transfer-encoding", b"content-length")
         head.add(b"Content-Length", b"%d" % len(body))
         head.chunked = False
-        return True, body
+        return body
 
     async def _assertion(self, head: Head, src, client, up: Upstream, ident,
                          audit_base: dict, started: float) -> bool:
@@ -442,6 +444,12 @@ class Proxy:
         pool. Returns whether the workload's connection stays open.
         Synchronous: it also runs from the upstream's callback (agent/inject/lane.py)."""
         status = conn.status
+        if conn.client_gone:   # no one to answer: the exchange was aborted for it
+            self.rec.count(up, "workload_closed")
+            self.rec.audit_event("request.aborted", audit_base, status=status or None,
+                                 reason="the workload closed its connection before its answer "
+                                 "ended; the server's side was closed too")
+            return False
         if not status and conn.timed_out:
             self.rec.count(up, "upstream_timeout")
             limit = f"{self.cfg.upstream_timeout_seconds:g} s"

@@ -76,9 +76,6 @@ class TallyCounter(_Family):
     def _new_cell(self) -> CounterCell:
         return CounterCell()
 
-    def inc(self, amount: int = 1) -> None:
-        self._cells[()].inc(amount)
-
     def describe(self):   # for the registry's duplicate-name check
         yield CounterMetricFamily(self.name, self.doc, labels=self.labelnames)
 

@@ -252,12 +252,13 @@ def test_a_batch_with_one_denied_call_is_refused_whole(world):
     import sys
 
     code = f"""
-import http.client, json
+import http.client, json, time
 c = http.client.HTTPConnection("127.0.0.1", {world.mcp.port}, timeout=20)
 batch = [{{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {{"name": "echo", "arguments": {{"text": "a"}}}}}},
          {{"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {{"name": "secret_tool", "arguments": {{}}}}}}]
 c.request("POST", "/mcp", body=json.dumps(batch), headers={{"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}})
-r = c.getresponse(); print(json.dumps([r.status, json.loads(r.read())]))
+r = c.getresponse(); print(json.dumps([r.status, json.loads(r.read())]), flush=True)
+time.sleep(1)   # the connection stays open: anything the proxy sent on would reach the server
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        timeout=60, preexec_fn=enter_cgroup(world.cg))
@@ -267,6 +268,8 @@ r = c.getresponse(); print(json.dumps([r.status, json.loads(r.read())]))
     assert all(e["error"]["code"] == -32001 for e in body)
     assert "secret_tool" in body[0]["error"]["message"]
     assert "echo" not in world.mcp.stats()["calls"]   # nothing of the batch reached it
+    # not even its head: no credentialed request reached the server
+    assert [q for q in world.mcp.stats()["requests"] if q["auth_scheme"]] == []
 
 
 def test_sub_agent_is_restricted_to_its_parents_tools(tmp_path):

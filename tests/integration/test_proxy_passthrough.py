@@ -8,6 +8,7 @@ Expect: 100-continue, streamed responses, and processes outside the managed cgro
 from __future__ import annotations
 
 import json
+import select
 import signal
 import socket
 import subprocess
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from agent import config
-from tests.helpers import AgentProcess, audit_events, free_port, write_config
+from tests.helpers import AgentProcess, audit_events, free_port, wait_for, write_config
 from tests.kernel import cgroup_child, enter_cgroup
 
 pytestmark = pytest.mark.kernel
@@ -100,6 +101,22 @@ class Upstream(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.write(b"until the end")
+            self.close_connection = True
+            return
+        if self.path == "/forever":   # one event, then silence until its reader is gone
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.write(b"9\r\ndata: 0\n\n\r\n")
+            self.wfile.flush()
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 30:
+                readable, _, _ = select.select([self.connection], [], [], 0.1)
+                if readable and self.connection.recv(1, socket.MSG_PEEK) == b"":
+                    Upstream.seen.append({"path": self.path,
+                                          "closed_after": time.monotonic() - t0})
+                    break
             self.close_connection = True
             return
         if self.path == "/big":   # BIG_BODY, more than the socket buffers hold
@@ -618,7 +635,9 @@ import json, socket, sys, time
 port = int(sys.argv[1])
 idle = socket.create_connection(("127.0.0.1", port), timeout=10)
 idle.sendall(b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Length: 8\r\n\r\n{\"n\": 1}")
-idle.recv(65536)                      # answered; the connection stays open, idle
+answer = b""
+while not answer.endswith(b"}}"):     # answered (in however many reads); then idle
+    answer += idle.recv(65536)
 stream = socket.create_connection(("127.0.0.1", port), timeout=10)
 stream.sendall(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
 buf = b""
@@ -657,3 +676,23 @@ def test_stopping_drains_answers_in_flight_and_closes_idle_connections(agent):
     assert result["events"] == 3 and result["complete"]            # the stream ran to its end
     assert time.monotonic() - stopped_at < 10                      # not the whole drain time
     assert "draining proxy connections" in agent.stderr_path.read_text()
+
+
+def test_a_stream_whose_workload_has_gone_is_closed_on_the_server_side_too(agent):
+    """An MCP session's notification stream may stay silent for as long as the session
+    lives: when its workload exits, the proxy must not hold it (and the server's side)
+    open until the server ends it."""
+    code = ("import socket, sys\n"
+            "s = socket.create_connection(('127.0.0.1', int(sys.argv[1])), timeout=10)\n"
+            "s.sendall(b'GET /forever HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n')\n"
+            "buf = b''\n"
+            "while b'data: 0' not in buf:\n"
+            "    buf += s.recv(65536)\n")      # then exits: its socket closes
+    r = subprocess.run([sys.executable, "-c", code, str(agent.upstream)], capture_output=True,
+                       text=True, timeout=30, preexec_fn=enter_cgroup(agent.cg))
+    assert r.returncode == 0, r.stderr[-2000:]
+    closed = wait_for(lambda: [s for s in Upstream.seen if s.get("path") == "/forever"], 10,
+                      what="the server's side of the stream closed")
+    assert closed[0]["closed_after"] < 5
+    aborted = [a for a in audit_events(agent.stdout_path) if a["event"] == "request.aborted"]
+    assert aborted and aborted[-1]["server"] == "up" and aborted[-1]["status"] == 200
