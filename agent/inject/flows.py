@@ -45,7 +45,7 @@ class ClientSide(asyncio.Protocol):
         self._writable: asyncio.Future | None = None
         self.closed = False
         self.last_rx = time.monotonic()   # for the proxy's timeouts (inject/timeouts.py)
-        self.served: tuple = (None, {})   # (Upstream, who) once the proxy knows them
+        self.served: tuple = (None, "")   # (Upstream, audit fragment) once the proxy knows
         # The proxy's fast lane (agent/inject/lane.py): offered a read between requests, it
         # sends a whole request from this callback and returns True, or declines (False)
         # and the read goes to the parser and the serving coroutine. While its answer is
@@ -346,15 +346,10 @@ class UpstreamSide(asyncio.Protocol):
         connection too), and not a 401 (whose challenge the proxy reads). Anything else is
         parsed and re-rendered by _relay (hop-by-hop fields removed, framing announced)."""
         whole = self._whole
-        # llhttp skips empty lines before a message: the head must start the read, or the
-        # field search would stop at those lines
-        if data[:1] in (b"\r", b"\n") or not whole.one(data):
+        if not whole.one(data) or whole.status < 200 or whole.status == 401 \
+                or whole.version != "1.1" or not whole.keep_alive:
             return False
-        if (whole.status < 200 or whole.status == 401 or whole.version != "1.1"
-                or not whole.keep_alive):
-            return False
-        end = data.find(b"\r\n\r\n")
-        for m in http1.RESPONSE_HOP_FIELDS.finditer(data, 0, end + 2):
+        for m in http1.RESPONSE_HOP_FIELDS.finditer(data, 0, whole.head_end + 2):
             if m.group(1).lower() != b"connection" or \
                     m.group(2).strip().lower() != b"keep-alive":
                 return False

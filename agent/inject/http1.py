@@ -98,7 +98,6 @@ class _Collector:
         self._response = response
         self._head: Head | None = None
         self._url = b""
-        self._last_name: bytes | None = None
         self.parser = None
         self.in_message = False
 
@@ -207,6 +206,7 @@ class WholeMessage:
         self.status = 0
         self.version = ""
         self.keep_alive = False
+        self.head_end = -1   # where the last whole message's head ends (its blank line)
 
     def on_message_begin(self) -> None:
         self._begun += 1
@@ -228,7 +228,11 @@ class WholeMessage:
 
     def one(self, data: bytes) -> bool:
         """Whether data is one whole message, nothing before or after it; then url, method
-        or status, version and keep_alive describe it."""
+        or status, version, keep_alive and head_end describe it."""
+        # llhttp skips empty lines before a message: they are something before it, and with
+        # them the head's end (the first blank line) would be found before the head
+        if data[:1] in (b"\r", b"\n"):
+            return False
         self._begun = self._ended = 0
         self.url = b""
         try:
@@ -239,6 +243,7 @@ class WholeMessage:
         if self._begun == 1 and self._ended == 1:
             if not self.keep_alive:   # llhttp refuses anything after it: start clean
                 self._parser = self._cls(self)
+            self.head_end = data.find(b"\r\n\r\n")
             return True
         if self._begun != self._ended:   # stopped inside a message: start clean next time
             self._parser = self._cls(self)

@@ -79,15 +79,15 @@ class FastLane:
 
     def _take(self) -> UpstreamSide | None:
         conn, self._held = self._held, None
+        pool = self.proxy.pool
         if conn is not None:
-            if not conn.closed and not conn.transport.is_closing() and \
-                    time.monotonic() - self._held_since <= self.proxy.pool.max_idle:
+            if pool.usable(conn, self._held_since):
                 return conn
             conn.transport.close()   # idle too long: the server may be closing it
-        return self.proxy.pool.get(self.key)
+        return pool.get(self.key)
 
     def _hold(self, conn: UpstreamSide) -> None:
-        self._held, self._held_since = conn, time.monotonic()
+        self._held, self._held_since = conn, self.proxy.pool.now()
 
     def release(self) -> None:
         """The workload connection has ended: its held upstream connection goes back to the
@@ -101,12 +101,10 @@ class FastLane:
         with nothing sent, taken or changed."""
         client, proxy = self.client, self.proxy
         whole = client.whole
-        # llhttp skips empty lines before a request line: the head must start the read, or
-        # its end (the first blank line) and the fields' search would be found before it
-        if data[:1] in (b"\r", b"\n") or not whole.one(data) or not whole.keep_alive \
-                or whole.method in (b"HEAD", b"CONNECT"):
+        if not whole.one(data) or not whole.keep_alive or whole.method in (b"HEAD",
+                                                                          b"CONNECT"):
             return False
-        end = data.find(b"\r\n\r\n")
+        end = whole.head_end
         if http1.REQUEST_OFF_LANE.search(data, 0, end + 2) is not None:
             return False
         broker = self.broker

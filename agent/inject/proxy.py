@@ -70,11 +70,10 @@ class Proxy:
             client.upstream.abort()
             return
         if what == SLOW_REQUEST:
-            up, who = client.served
+            up, fragment = client.served
             if up is not None:
                 self.rec.count(up, "request_timeout")
-                self.rec.audit_event("request.failed",
-                                     {"server": up.name, "mode": up.mode, **who},
+                self.rec.audit_event("request.failed", AuditBase({}, fragment),
                                      reason="the request stopped arriving for "
                                      f"{self.cfg.request_timeout_seconds:g} s; connection "
                                      "closed")
@@ -130,8 +129,8 @@ class Proxy:
                "spiffe_id": str(ident.spiffe_id) if ident else None,
                "pod": f"{att.pod.namespace}/{att.pod.name}" if att and att.pod else None,
                "parent_spiffe_id": parent}
-        client.served = (upstream, who)   # for the timeouts' audit events
         fragment = self.rec.fragment(server=upstream.name, mode=upstream.mode, **who)
+        client.served = (upstream, fragment)   # for the timeouts' audit events
         lane = None
         if upstream.mode != "assertion" and (ident is not None or upstream.mode ==
                                              "passthrough"):
@@ -467,7 +466,7 @@ class Proxy:
             self._reply_now(client, 502, b"Bad Gateway", "credless: the MCP server closed "
                             "the connection without answering")
             return False
-        self.rec.upstream_seconds(up.name).observe(conn.head_at - conn.sent_at)
+        self.rec.m_upstream.labels(up.name).observe(conn.head_at - conn.sent_at)
         if status == 401 and token is not None and "invalid_token" in (   # parsed: see
                 conn.head.get(b"www-authenticate") or b"").decode("latin-1"):  # _verbatim
             self.oauth.invalidate(ident, up.name, token)

@@ -43,8 +43,6 @@ class Recorder:
             ["server"], buckets=(.005, .01, .025, .05, .075, .1, .25, .5, .75, 1, 2.5, 5,
                                  7.5, 10),   # prometheus_client's default buckets
             registry=registry)
-        self._m_requests: dict[tuple[str, str, str], Any] = {}
-        self._m_upstream: dict[str, Any] = {}
         self.m_active = Gauge("credless_proxy_active_connections", "Open client connections",
                               registry=registry)
 
@@ -52,18 +50,8 @@ class Recorder:
         """A connection's audit fields, serialized once (AuditLog.fragment)."""
         return self.audit.fragment(**fields) if self.audit else ""
 
-    def upstream_seconds(self, server: str):
-        child = self._m_upstream.get(server)
-        if child is None:
-            child = self._m_upstream[server] = self.m_upstream.labels(server)
-        return child
-
     def count(self, up: Upstream, outcome: str) -> None:
-        key = (up.name, up.mode, outcome)
-        child = self._m_requests.get(key)
-        if child is None:   # labels() costs more than the increment: resolve once
-            child = self._m_requests[key] = self.m_requests.labels(*key)
-        child.inc()
+        self.m_requests.labels(up.name, up.mode, outcome).inc()
 
     def audit_event(self, event: str, base: dict | AuditBase, **fields) -> None:
         if self.audit:

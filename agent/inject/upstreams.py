@@ -58,20 +58,28 @@ class Pool:
                 return conn
         return None
 
+    def now(self) -> float:
+        """The pool's clock: what put(since=) and usable() take."""
+        return self._clock()
+
+    def usable(self, conn: UpstreamSide, since: float) -> bool:
+        """Whether conn, idle since then, may carry another request (open, and idle no
+        longer than max_idle)."""
+        return (not conn.closed and not conn.transport.is_closing()
+                and self._clock() - since <= self.max_idle)
+
     def put(self, key: tuple, conn: UpstreamSide, since: float | None = None) -> None:
-        """Keep conn for reuse; since: when it became idle (clock()), if before now."""
+        """Keep conn for reuse; since: when it became idle (now() if not given)."""
         q = self._idle.setdefault(key, deque())
         now = self._clock()
-        if self._closed or (since is not None and now - since > self.max_idle):
+        since = now if since is None else since
+        if self._closed or now - since > self.max_idle:
             conn.transport.close()
             return
         while q and now - q[0][1] > self.max_idle:
             q.popleft()[0].transport.close()
         if len(q) >= self.size:
             conn.transport.close()
-            return
-        if since is None:
-            q.append((conn, now))
             return
         i = len(q)   # kept in idle-since order, oldest left: get() relies on it
         while i and q[i - 1][1] > since:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import logging.handlers
+import math
 import os
 import sys
 import threading

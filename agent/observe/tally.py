@@ -60,12 +60,15 @@ class _Family:
     def labels(self, *values: str):
         """The series for these label values (created on first use). Callers on a hot path
         keep the cell: labels() is a dict lookup, the cell's update is the cheap part."""
-        if len(values) != len(self.labelnames):
-            raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {values}")
-        key = tuple(str(v) for v in values)
-        cell = self._cells.get(key)
+        cell = self._cells.get(values)   # the usual call: a series already made, str labels
         if cell is None:
-            cell = self._cells[key] = self._new_cell()
+            if len(values) != len(self.labelnames):
+                raise ValueError(f"{self.name}: expected labels {self.labelnames}, "
+                                 f"got {values}")
+            key = tuple(str(v) for v in values)
+            cell = self._cells.get(key)
+            if cell is None:
+                cell = self._cells[key] = self._new_cell()
         return cell
 
     def _series(self):

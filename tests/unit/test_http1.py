@@ -72,3 +72,13 @@ def test_llhttp_refuses_every_other_spelling_of_a_field(raw):
     with pytest.raises(http1.ProtocolError):
         http1.Reader().feed(raw)
     assert not http1.WholeMessage().one(raw)
+
+
+def test_whole_message_is_one_message_from_the_first_byte_and_says_where_its_head_ends():
+    request = b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
+    whole = http1.WholeMessage()
+    assert whole.one(request) and whole.head_end == request.index(b"\r\n\r\n")
+    # llhttp skips empty lines before a message; the test does not
+    for before in (b"\r\n", b"\r\n\r\n", b"\n"):
+        assert not whole.one(before + request)
+    assert whole.one(request)   # and is ready for the next read
