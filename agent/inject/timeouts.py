@@ -25,12 +25,17 @@ IDLE, SLOW_REQUEST, UPSTREAM = "idle", "slow_request", "upstream"
 
 class Timeouts:
     def __init__(self, client_idle: float, request: float, upstream: float,
-                 clients: Callable[[], Iterable], on_expired: Callable[[object, str], None]):
+                 clients: Callable[[], Iterable], on_expired: Callable[[object, str], None],
+                 clock: Callable[[], float] = time.monotonic,
+                 perf_clock: Callable[[], float] = time.perf_counter):
         self.client_idle = client_idle
         self.request = request
         self.upstream = upstream
         self._clients = clients            # the live ClientSides
         self._on_expired = on_expired      # (client, IDLE | SLOW_REQUEST | UPSTREAM)
+        # the clocks the flows stamp with (last_rx: monotonic, sent_at: perf_counter),
+        # injected so that tests do not depend on how long the machine has been up
+        self._clock, self._perf_clock = clock, perf_clock
         # a limit is enforced within a quarter of itself (at most a second) of expiring
         self.interval = min(1.0, max(0.05, min(client_idle, request, upstream) / 4))
 
@@ -49,7 +54,7 @@ class Timeouts:
         return None
 
     def sweep(self) -> int:
-        now, now_perf = time.monotonic(), time.perf_counter()
+        now, now_perf = self._clock(), self._perf_clock()
         n = 0
         for client in list(self._clients()):
             what = self.expired(client, now, now_perf)

@@ -45,9 +45,11 @@ def test_what_has_waited_too_long(client, expected):
 
 def test_sweep_reports_each_expired_client_once():
     seen = []
-    fresh = Client("request", float("inf"))
-    stale = Client("request", 0.0)
-    t = Timeouts(300, 60, 120, lambda: [fresh, stale], lambda c, w: seen.append((c, w)))
+    fresh = Client("request", NOW - 1)
+    stale = Client("request", NOW - 301)
+    # the clocks are the test's: a just-booted machine's monotonic clock is under 300 s
+    t = Timeouts(300, 60, 120, lambda: [fresh, stale], lambda c, w: seen.append((c, w)),
+                 clock=lambda: NOW, perf_clock=lambda: NOW_PERF)
     assert t.sweep() == 1 and seen == [(stale, IDLE)]
 
 
