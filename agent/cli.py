@@ -128,9 +128,7 @@ def cmd_policy_explain(args) -> int:
     name = args.tool or args.resource or args.prompt
     d = policy.decide(args.spiffe_id, args.server, args.method, name)
     print(json.dumps({"decision": "allow" if d.allowed else "deny", "rule": d.rule_id,
-                      "reason": d.reason, "scope": policy.scope_for(args.spiffe_id,
-                                                                    args.server) or None},
-                     indent=2))
+                      "reason": d.reason}, indent=2))
     return 0 if d.allowed else 1
 
 

@@ -60,10 +60,29 @@ def _call(msg: Any) -> Call:
     return Call(method, name, msg.get("id"), "id" in msg)
 
 
+class _Duplicate(ValueError):
+    pass
+
+
+def _unique_members(pairs: list[tuple[str, Any]]) -> dict:
+    """An object whose member names are unique. JSON parsers disagree on duplicates (Python
+    keeps the last, others the first or refuse), so `{"name": "a", "name": "b"}` could be
+    decided as one tool and run as another: refused, not interpreted."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise _Duplicate(dup)
+    return obj
+
+
 def parse_calls(body: bytes) -> tuple[list[Call], bool]:
     """(calls, is_batch). Raises Malformed with the JSON-RPC error code to answer."""
     try:
-        doc = json.loads(body)
+        doc = json.loads(body, object_pairs_hook=_unique_members)
+    except _Duplicate as e:
+        raise Malformed(INVALID_REQUEST, f"duplicate member name {str(e)[:100]!r} in a JSON "
+                        "object") from None
     except (ValueError, UnicodeDecodeError):
         raise Malformed(PARSE_ERROR, "parse error: the body is not valid JSON") from None
     if isinstance(doc, list):

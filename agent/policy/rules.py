@@ -10,17 +10,21 @@ A TOML file of `[[rule]]` tables:
     tools = ["get_*"]                            # tools/call names (globs); default any
     resources = ["file:///docs/*"]               # resources/read URIs (globs); default any
     prompts = ["*"]                              # prompts/get names (globs); default any
-    oauth = ["token"]                            # OAuth operations: token, registration,
-                                                 # introspection; default ["token"]
     effect = "allow"                             # or "deny"
-    scope = "tools:read"                         # optional: scope to request for this pair
 
 Evaluation: explicit deny wins; then any allow; else deny. A server with no rules at all is
 governed by `default_unlisted` ("allow" keeps servers that were never put under policy
 working; "deny" makes every server need rules). Session lifecycle methods (initialize,
 notifications/initialized, notifications/cancelled, ping, server/discover) are allowed for
 an identity whenever any rule allows it something on that server: a client that may call a
-tool must be able to open the session first.
+tool must be able to open the session first. So are the HTTP requests of a session that carry
+no JSON-RPC message, named here as the methods `http:GET` (the server-to-client event
+stream) and `http:DELETE` (ending the session): a deny rule whose methods cover them (such
+as `methods = ["*"]`) refuses them too.
+
+Rules once had `oauth` and `scope` keys that nothing enforced; a file that still uses them
+is refused with a message saying what to do instead (a control that looks active but is
+not is worse than none).
 """
 
 from __future__ import annotations
@@ -32,10 +36,14 @@ from pathlib import Path
 from typing import Any
 
 LIFECYCLE = frozenset({"initialize", "notifications/initialized", "notifications/cancelled",
-                       "ping", "server/discover"})
-OAUTH_OPS = ("token", "registration", "introspection")
-_KEYS = {"id", "spiffe_id", "server", "methods", "tools", "resources", "prompts", "oauth",
-         "effect", "scope"}
+                       "ping", "server/discover", "http:GET", "http:DELETE"})
+_KEYS = {"id", "spiffe_id", "server", "methods", "tools", "resources", "prompts", "effect"}
+_REMOVED = {
+    "oauth": "removed: it was never enforced. Which identities obtain tokens for a server "
+             "follows from their call rules (an identity with no allowed call gets none used)",
+    "scope": "removed: it was never enforced. Set the scope to request per server with "
+             "`scope` in the agent's [[servers]] table",
+}
 
 
 class PolicyError(Exception):
@@ -53,9 +61,7 @@ class Rule:
     tools: tuple[str, ...] = ("*",)
     resources: tuple[str, ...] = ("*",)
     prompts: tuple[str, ...] = ("*",)
-    oauth: tuple[str, ...] = ("token",)
     effect: str = "allow"
-    scope: str = ""
 
     def applies(self, spiffe_id: str, server: str) -> bool:
         return fnmatch.fnmatchcase(spiffe_id, self.spiffe_id) and \
@@ -105,23 +111,6 @@ class Policy:
         what = f"{method} {name}" if name else method
         return Decision(False, None, f"no rule allows {what} on {server!r} for {spiffe_id}")
 
-    def decide_oauth(self, spiffe_id: str, server: str, op: str) -> Decision:
-        if not self._governed(server):
-            ok = self.default_unlisted == "allow"
-            return Decision(ok, None, f"server {server!r} has no rules")
-        applicable = [r for r in self.rules if r.applies(spiffe_id, server)]
-        for effect in ("deny", "allow"):
-            for r in applicable:
-                if r.effect == effect and op in r.oauth:
-                    return Decision(effect == "allow", r.id, f"{effect} by rule {r.id!r}")
-        return Decision(False, None, f"no rule allows OAuth {op} on {server!r} for {spiffe_id}")
-
-    def scope_for(self, spiffe_id: str, server: str) -> str:
-        for r in self.rules:
-            if r.effect == "allow" and r.scope and r.applies(spiffe_id, server):
-                return r.scope
-        return ""
-
 
 def _strings(v: Any) -> bool:
     return isinstance(v, list) and all(isinstance(x, str) and x for x in v)
@@ -145,7 +134,8 @@ def parse(data: dict, source: str = "<policy>", servers: set[str] | None = None)
         if not isinstance(raw, dict):
             problems.append(f"{where}: expected a table")
             continue
-        errs = [f"{where}: unknown key {k!r}; accepted: {', '.join(sorted(_KEYS))}"
+        errs = [f"{where}: {k}: {_REMOVED[k]}" if k in _REMOVED else
+                f"{where}: unknown key {k!r}; accepted: {', '.join(sorted(_KEYS))}"
                 for k in raw if k not in _KEYS]
         rid = raw.get("id")
         if not isinstance(rid, str) or not rid:
@@ -161,19 +151,13 @@ def parse(data: dict, source: str = "<policy>", servers: set[str] | None = None)
         elif servers is not None and server != "*" and server not in servers:
             errs.append(f"{where}: server {server!r} is not configured; known: "
                         + ", ".join(sorted(servers)))
-        for key in ("methods", "tools", "resources", "prompts", "oauth"):
+        for key in ("methods", "tools", "resources", "prompts"):
             if key in raw and not _strings(raw[key]):
                 errs.append(f"{where}: {key} must be a list of non-empty strings")
-        if "methods" not in raw and raw.get("effect", "allow") == "allow" and "oauth" not in raw:
+        if "methods" not in raw and raw.get("effect", "allow") == "allow":
             errs.append(f"{where}: methods is required (e.g. [\"tools/list\", \"tools/call\"])")
-        if _strings(raw.get("oauth", [])):
-            bad = [o for o in raw.get("oauth", []) if o not in OAUTH_OPS]
-            if bad:
-                errs.append(f"{where}: oauth {bad} unknown; accepted: {', '.join(OAUTH_OPS)}")
         if raw.get("effect", "allow") not in ("allow", "deny"):
             errs.append(f"{where}: effect must be allow or deny, got {raw.get('effect')!r}")
-        if "scope" in raw and not isinstance(raw["scope"], str):
-            errs.append(f"{where}: scope must be a string")
         if isinstance(rid, str):
             seen.add(rid)
         if errs:
@@ -184,10 +168,7 @@ def parse(data: dict, source: str = "<policy>", servers: set[str] | None = None)
                           tools=tuple(raw.get("tools", ("*",))),
                           resources=tuple(raw.get("resources", ("*",))),
                           prompts=tuple(raw.get("prompts", ("*",))),
-                          # a deny rule about calls says nothing about OAuth unless it says so
-                          oauth=tuple(raw.get("oauth", ("token",) if raw.get("effect", "allow")
-                                              == "allow" else ())),
-                          effect=raw.get("effect", "allow"), scope=raw.get("scope", "")))
+                          effect=raw.get("effect", "allow")))
     if problems:
         raise PolicyError(source, problems)
     return Policy(rules, default, source)

@@ -30,12 +30,34 @@ def test_unlisted_servers_follow_the_default():
     assert p.decide("spiffe://e/x", "b", "tools/list").allowed is False
 
 
-def test_oauth_operations_and_scopes():
-    assert POLICY.decide_oauth("spiffe://example.org/agent/a", "weather", "token").allowed
-    assert not POLICY.decide_oauth("spiffe://example.org/agent/a", "weather",
-                                   "registration").allowed
-    assert POLICY.decide_oauth("spiffe://example.org/admin", "weather", "registration").allowed
-    assert POLICY.scope_for("spiffe://example.org/agent/a", "weather") == "tools:read"
+@pytest.mark.parametrize("spiffe_id,verb,allowed", [
+    ("spiffe://example.org/agent/a", "http:GET", True),     # any allowed call: a session
+    ("spiffe://example.org/agent/a", "http:DELETE", True),
+    ("spiffe://example.org/nobody", "http:GET", False),     # no rule: default deny
+    ("spiffe://example.org/admin", "http:GET", True),       # methods = ["*"] covers it
+])
+def test_session_requests_without_a_body_follow_the_identity_rules(spiffe_id, verb, allowed):
+    assert POLICY.decide(spiffe_id, "weather", verb).allowed is allowed
+
+
+def test_a_deny_rule_covering_every_method_refuses_the_event_stream_too():
+    p = rules.parse({"rule": [
+        {"id": "calls", "spiffe_id": "spiffe://e/x", "server": "a", "methods": ["tools/*"]},
+        {"id": "off", "spiffe_id": "spiffe://e/x", "server": "a", "methods": ["*"],
+         "effect": "deny"}]})
+    assert p.decide("spiffe://e/x", "a", "http:GET").rule_id == "off"
+
+
+@pytest.mark.parametrize("key,value,says", [
+    ("oauth", ["token"], "oauth: removed: it was never enforced"),
+    ("scope", "tools:read", "scope: removed: it was never enforced. Set the scope to "
+                            "request per server with `scope` in the agent's [[servers]]"),
+])
+def test_rule_keys_that_were_never_enforced_are_refused_saying_what_to_do(key, value, says):
+    with pytest.raises(rules.PolicyError) as err:
+        rules.parse({"rule": [{"id": "r", "spiffe_id": "spiffe://e/x", "server": "a",
+                               "methods": ["tools/list"], key: value}]})
+    assert len(err.value.problems) == 1 and says in err.value.problems[0]
 
 
 def test_invalid_policy_names_rule_and_reason():
@@ -43,16 +65,16 @@ def test_invalid_policy_names_rule_and_reason():
         rules.parse({"colour": 1, "rule": [
             {"id": "a", "spiffe_id": "example.org/x", "server": "nope", "methods": ["x"]},
             {"id": "a", "spiffe_id": "spiffe://e/x", "server": "weather", "effect": "maybe",
-             "methods": "tools/call", "oauth": ["steal"]},
+             "methods": "tools/call", "colour": ["steal"]},
             {"spiffe_id": "spiffe://e/x", "server": "weather"}]}, servers={"weather"})
     assert err.value.problems == [
         "unknown top-level key 'colour'; accepted: default_unlisted, [[rule]]",
         'rule[0] (id "a"): spiffe_id must be a SPIFFE ID or glob starting spiffe://',
         "rule[0] (id \"a\"): server 'nope' is not configured; known: weather",
+        "rule[1] (id \"a\"): unknown key 'colour'; accepted: effect, id, methods, "
+        "prompts, resources, server, spiffe_id, tools",
         'rule[1] (id "a"): duplicate id',
         'rule[1] (id "a"): methods must be a list of non-empty strings',
-        "rule[1] (id \"a\"): oauth ['steal'] unknown; accepted: token, registration, "
-        "introspection",
         "rule[1] (id \"a\"): effect must be allow or deny, got 'maybe'",
         "rule[2]: id is required (it names the rule in audit events)",
         'rule[2]: methods is required (e.g. ["tools/list", "tools/call"])',
@@ -121,5 +143,4 @@ def test_policy_cli(credless_cmd):
                         "tools/call", "--tool", "secret_x"], capture_output=True, text=True)
     assert r.returncode == 1
     assert json.loads(r.stdout) == {"decision": "deny", "rule": "no-secrets",
-                                    "reason": "denied by rule 'no-secrets'",
-                                    "scope": "tools:read"}
+                                    "reason": "denied by rule 'no-secrets'"}
