@@ -280,7 +280,7 @@ class InjectSection:
                                      "empty means every cgroup but the agent's own",
                                      _cgroup_paths)
     unattested: str = _setting("deny", "a process without identity: deny (HTTP 403) or "
-                               "passthrough (forwarded without credentials)",
+                               "passthrough (forwarded as sent, nothing added or removed)",
                                _one_of("deny", "passthrough"))
     workload_authorization: str = _setting("strip", "Authorization/DPoP a workload sends: "
                                            "strip them, or reject the request (HTTP 400)",
@@ -325,6 +325,14 @@ class InjectSection:
                                     "refused); keep it under the stop timeout (systemd "
                                     "TimeoutStopSec, Kubernetes terminationGracePeriodSeconds)",
                                     lambda v: None if 0 <= v <= 600 else "between 0 and 600")
+    max_head_bytes: int = _setting(65536, "largest request head (request line and header "
+                                   "fields) a workload may send; larger: HTTP 431 and the "
+                                   "connection closed", lambda v: None if 1024 <= v <= 1 << 24
+                                   else "between 1024 and 16777216")
+    max_header_fields: int = _setting(100, "most header fields in a request head; more: HTTP "
+                                      "431 and the connection closed",
+                                      lambda v: None if 8 <= v <= 10000 else
+                                      "between 8 and 10000")
     upstream_pool_size: int = _setting(16, "idle upstream connections kept per identity and "
                                        "server", _positive)
     upstream_ca_file: str = _setting("", "CA bundle to verify https MCP servers; empty means "

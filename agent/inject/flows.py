@@ -30,11 +30,13 @@ LOW_WATER = 64 << 10
 class ClientSide(asyncio.Protocol):
     """The workload's connection: request events in (next()), response bytes out (write())."""
 
-    def __init__(self, on_connect):
+    def __init__(self, on_connect, max_head: int = http1.MAX_HEAD_BYTES,
+                 max_fields: int = http1.MAX_HEADER_FIELDS):
         self._on_connect = on_connect
         self.transport: asyncio.Transport | None = None
         self.upstream: UpstreamSide | None = None   # streaming a response into us
-        self._reader = http1.Reader()
+        self.max_head, self.max_fields = max_head, max_fields   # of a request head
+        self._reader = http1.Reader(max_head=max_head, max_fields=max_fields)
         self._events: deque = deque()
         self._queued = 0
         self._error: ProtocolError | None = None

@@ -34,7 +34,20 @@ def strip_connection_headers(head: "Head") -> None:
 
 
 class ProtocolError(Exception):
-    pass
+    """What a peer sent cannot be framed as one HTTP/1.1 message the proxy accepts. status:
+    the answer to give a workload (400, or 431 for a head over the limits); the connection
+    is closed after it, since nothing after the error can be framed with confidence."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+# Limits on a request head (inject.max_head_bytes, inject.max_header_fields): without them a
+# workload could make the proxy buffer a header of any size (httptools joins a field's pieces
+# in memory) and stall every other connection on the loop while it does.
+MAX_HEAD_BYTES = 64 << 10
+MAX_HEADER_FIELDS = 100
 
 
 class Head:
@@ -93,36 +106,70 @@ HEAD, BODY, END = 1, 2, 3
 
 
 class _Collector:
-    def __init__(self, response: bool):
+    def __init__(self, response: bool, max_head: int, max_fields: int):
         self.events: list[tuple[int, object]] = []
         self._response = response
         self._head: Head | None = None
         self._url = b""
         self.parser = None
         self.in_message = False
+        self.in_head = False     # between a message's start and the end of its head
+        self.head_bytes = 0      # of the head being read, as the callbacks saw it
+        self.heads = self.ends = 0   # heads and messages completed (for Reader.feed)
+        self.max_head, self.max_fields = max_head, max_fields
+        self.error: ProtocolError | None = None   # raised from a callback to stop llhttp
+
+    def _fail(self, message: str, status: int = 400) -> None:
+        self.error = ProtocolError(message, status)
+        raise self.error
 
     def on_message_begin(self) -> None:
         self._head = Head()
         self._url = b""
-        self.in_message = True
+        self.in_message = self.in_head = True
+        self.head_bytes = 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
+        self.head_bytes += len(url)
 
     def on_status(self, status: bytes) -> None:
         self._head.reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._head.headers.append((name, value))   # names: once, at the end of the head
+        if not self.in_head:
+            # a field after a chunked body's last chunk: the trailer section. It is never
+            # merged into the head (whose checks have run: credentials stripped, routing
+            # fields compared with the body) and never relayed: a request carrying one is
+            # refused, the way the proxy refuses any framing it does not need
+            if not self._response:
+                self._fail("trailer fields after a chunked body are not accepted")
+            return   # a response's trailers are dropped: the proxy re-frames the body
+        headers = self._head.headers
+        headers.append((name, value))   # names: once, at the end of the head
+        self.head_bytes += len(name) + len(value) + 4
+        if not self._response and len(headers) > self.max_fields:
+            self._fail(f"more than {self.max_fields} header fields", 431)
 
     def on_headers_complete(self) -> None:
+        self.in_head = False
+        self.heads += 1
         h = self._head
         h.names = {k.lower() for k, _ in h.headers}
         p = self.parser
         h.version = p.get_http_version()
         h.keep_alive = p.should_keep_alive()
-        te = h.get(b"transfer-encoding")
-        h.chunked = bool(te and b"chunked" in te.lower())
+        if self._response:
+            te = h.get(b"transfer-encoding")
+            h.chunked = bool(te and b"chunked" in te.lower())
+        else:
+            if self.head_bytes > self.max_head:
+                self._fail(f"request head larger than {self.max_head} bytes", 431)
+            try:
+                h.chunked = _request_chunked(h)
+            except ProtocolError as e:
+                self.error = e
+                raise
         if self._response:
             h.status = p.get_status_code()
         else:
@@ -137,16 +184,35 @@ class _Collector:
     def on_message_complete(self) -> None:
         self.events.append((END, None))
         self.in_message = False
+        self.ends += 1
+
+
+def _request_chunked(h: Head) -> bool:
+    """A request's framing, which must be exactly one of: no body, one Content-Length (llhttp
+    refuses two, and Content-Length beside Transfer-Encoding), or one Transfer-Encoding field
+    whose value is `chunked`. Anything else is refused, not interpreted: llhttp frames
+    `Transfer-Encoding: gzip` + `Transfer-Encoding: chunked` as chunked while a proxy reading
+    the first field would not, and a server that disagrees with the proxy about where a body
+    ends reads a request hidden in it."""
+    if b"transfer-encoding" not in h.names:
+        return False
+    codings = [v for k, v in h.headers if k.lower() == b"transfer-encoding"]
+    if len(codings) != 1 or codings[0].strip(b" \t").lower() != b"chunked":
+        raise ProtocolError("Transfer-Encoding must be one field saying chunked, got "
+                            + ", ".join(repr(c.decode("latin-1")) for c in codings))
+    return True
 
 
 class Reader:
     """Feed bytes; take events. One instance per direction of one connection."""
 
-    def __init__(self, response: bool = False):
-        self._c = _Collector(response)
+    def __init__(self, response: bool = False, max_head: int = MAX_HEAD_BYTES,
+                 max_fields: int = MAX_HEADER_FIELDS):
+        self._c = _Collector(response, max_head, max_fields)
         self._c.parser = (httptools.HttpResponseParser if response
                           else httptools.HttpRequestParser)(self._c)
         self.response = response
+        self._head_fed = 0   # bytes fed while a request head stayed unfinished
 
     @property
     def in_message(self) -> bool:
@@ -154,13 +220,24 @@ class Reader:
         return self._c.in_message
 
     def feed(self, data: bytes) -> list[tuple[int, object]]:
+        c = self._c
+        marks = c.heads + c.ends
         try:
-            self._c.parser.feed_data(data)
+            c.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             pass  # the upgrade event was recorded; the caller switches to raw bytes
         except httptools.HttpParserError as e:
-            raise ProtocolError(str(e)) from None
-        events, self._c.events = self._c.events, []
+            raise (c.error or ProtocolError(str(e))) from None
+        if not self.response:
+            # httptools holds an unfinished field in memory until its end arrives: bound what
+            # a head may make it hold (the callbacks' count only sees finished fields)
+            if c.heads + c.ends != marks:   # a head or message ended: count afresh
+                self._head_fed = 0
+            elif c.in_head or not c.in_message:
+                self._head_fed += len(data)
+                if self._head_fed > c.max_head:
+                    raise ProtocolError(f"request head larger than {c.max_head} bytes", 431)
+        events, c.events = c.events, []
         return events
 
     def feed_eof(self) -> list[tuple[int, object]]:

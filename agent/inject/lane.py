@@ -3,15 +3,17 @@
 An MCP call is one JSON-RPC POST that arrives in one read, and its answer comes back in one
 read. For that request the proxy's full path (parse into a head, a coroutine deciding,
 render the head again) costs several times what relaying it does. The lane takes a read
-that is one whole request needing nothing awaited (token cached, upstream connection pooled,
-no body to decide) and nothing changed (no credentials, connection fields, expectation or
-upgrade of the workload's: http1.REQUEST_OFF_LANE), sends it upstream as read with the
+that is one whole request, asks agent/inject/decide.py about it (the same decision the full
+path asks for), and when the verdict is to forward and needs nothing the lane cannot do —
+nothing awaited (token cached, upstream connection at hand), no body to decide, nothing of
+the workload's to remove (no credentials, connection fields, expectation, upgrade or framing
+other than Content-Length: http1.REQUEST_OFF_LANE) — sends it upstream as read with the
 credential fields spliced in after its last field, and finishes it when the upstream side
 has relayed the answer (UpstreamSide._verbatim, or its parser for anything else).
 
-Every check of the full path is made here too: the identity re-check, the token, the pool
-key. Anything else declines (offer() returns False) and the read goes to the parser and the
-serving coroutine, which decides it afresh: the lane never half-handles a request.
+The lane has no admission rule of its own: what it declines (offer() returns False) goes to
+the parser and the serving coroutine, which asks the same decision and carries it out
+(including every refusal): the lane never half-handles a request.
 
 One lane per workload connection (Proxy._serve makes it once the connection's identity is
 known); it holds what is the same for every request on it, and the one request in flight.
@@ -22,11 +24,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from agent.inject import http1
-from agent.inject.flows import ClientSide, UpstreamSide
+from agent.inject import decide, http1
+from agent.inject.flows import UpstreamSide
 from agent.inject.record import AuditBase
-from agent.inject.redirect import RedirectInfo
-from agent.inject.upstreams import Upstream
+from agent.inject.served import Served
 from agent.oauth.tokens import EXPIRY_SKEW_SECONDS
 from agent.observe.logging import get_logger
 
@@ -34,20 +35,17 @@ log = get_logger("inject.lane")
 
 
 class FastLane:
-    __slots__ = ("proxy", "client", "info", "up", "ident", "fragment", "key", "broker",
-                 "token", "started", "audit_base", "_memo", "_memo_gen", "_memo_until",
-                 "_held", "_held_since")
+    __slots__ = ("proxy", "served", "client", "up", "token", "started", "audit_base",
+                 "_memo", "_memo_gen", "_memo_until", "_held", "_held_since")
 
     # how long a token from the cache is reused without asking it again, at most (while the
     # cache's generation says no token changed, and never past the token's own validity)
     TOKEN_MEMO_SECONDS = 1.0
 
-    def __init__(self, proxy: Any, client: ClientSide, info: RedirectInfo, up: Upstream,
-                 ident: Any, fragment: str, key: tuple):
-        self.proxy = proxy            # agent.inject.proxy.Proxy: its decisions and records
-        self.client, self.info, self.up, self.ident = client, info, up, ident
-        self.fragment, self.key = fragment, key
-        self.broker = up.mode != "passthrough"
+    def __init__(self, proxy: Any, served: Served):
+        self.proxy = proxy            # agent.inject.proxy.Proxy: its caller check and records
+        self.served = served
+        self.client, self.up = served.client, served.up
         # the request in flight (one at a time: the client side offers nothing meanwhile)
         self.token = None
         self.started = 0.0
@@ -69,7 +67,7 @@ class FastLane:
         if self._memo_gen == oauth.cache.generation and now < self._memo_until:
             oauth.m_hit.inc()
             return self._memo
-        token = oauth.cached_token(self.ident, self.up.name)
+        token = oauth.cached_token(self.served.ident, self.up.name)
         if token is not None:
             self._memo, self._memo_gen = token, oauth.cache.generation
             self._memo_until = now + min(self.TOKEN_MEMO_SECONDS,
@@ -84,7 +82,7 @@ class FastLane:
             if pool.usable(conn, self._held_since):
                 return conn
             conn.transport.close()   # idle too long: the server may be closing it
-        return pool.get(self.key)
+        return pool.get(self.served.key)
 
     def _hold(self, conn: UpstreamSide) -> None:
         self._held, self._held_since = conn, self.proxy.pool.now()
@@ -94,7 +92,7 @@ class FastLane:
         pool (as idle since it was last used), or is closed if it has been idle too long."""
         conn, self._held = self._held, None
         if conn is not None and not conn.closed:
-            self.proxy.pool.put(self.key, conn, since=self._held_since)
+            self.proxy.pool.put(self.served.key, conn, since=self._held_since)
 
     def offer(self, data: bytes) -> bool:
         """Send data upstream if it is one whole request the lane can take; else False,
@@ -105,20 +103,23 @@ class FastLane:
                                                                           b"CONNECT"):
             return False
         end = whole.head_end
+        if end > client.max_head or data.count(b"\r\n", 0, end) > client.max_fields:
+            return False   # the parser refuses it (431)
         if http1.REQUEST_OFF_LANE.search(data, 0, end + 2) is not None:
             return False
-        broker = self.broker
-        if broker and proxy.policy is not None and whole.method == b"POST":
-            return False   # the body is decided on the coroutine's path
-        token = self._token() if broker else None
-        if broker and token is None:
-            return False
-        if not proxy.image_current(self.info, client):   # the full path denies and closes
-            return False
+        verdict = decide.decide(decide.Request.from_read(data, end, whole.method, whole.url),
+                                self.up, proxy.caller(self.served), proxy.cfg, proxy.policy)
+        if verdict.action != decide.FORWARD or verdict.read_body:
+            return False   # the full path answers it, or reads its body to decide
+        token = None
+        if verdict.credential:
+            token = self._token()
+            if token is None:
+                return False
         started = time.perf_counter()
         path = whole.url.decode("latin-1")
         method = whole.method.decode()
-        if broker:
+        if token is not None:
             if token.token_type != "DPoP":   # the same field for every request
                 fields = token.authorization_field
             else:
@@ -136,7 +137,7 @@ class FastLane:
             return False
         self.token, self.started = token, started
         self.audit_base = AuditBase({"method": method, "path": path.split("?", 1)[0]},
-                                    self.fragment)
+                                    self.served.fragment)
         client.fast_inflight = True
         conn.begin(client, on_done=self.finish)
         conn.send(data)
@@ -149,8 +150,8 @@ class FastLane:
         client = self.client
         client.fast_inflight = False
         try:
-            if not self.proxy.exchanged(conn, True, client, self.up, self.ident, self.token,
-                                        self.key, self.audit_base, self.started,
+            if not self.proxy.exchanged(conn, True, self.served, self.token,
+                                        self.audit_base, self.started,
                                         hold=self._hold) or client.draining:
                 client.close()
         except Exception:

@@ -114,7 +114,9 @@ class ProxyListeners:
             for sock, spec in socks:
                 on_connect = functools.partial(self._accept, netns=netns_cookie(sock))
                 servers.append(await loop.create_server(
-                    functools.partial(ClientSide, on_connect), sock=sock,
+                    functools.partial(ClientSide, on_connect,
+                                      max_head=self.cfg.max_head_bytes,
+                                      max_fields=self.cfg.max_header_fields), sock=sock,
                     ssl=self._tls if spec.tls else None,
                     ssl_handshake_timeout=10 if spec.tls else None))
         except BaseException:   # all or nothing: no listener left that nobody tracks

@@ -2,13 +2,16 @@
 
 Per accepted connection: the redirect record (bpf/redirect.c) names the original
 destination and the process image that connected; the attestor says who that image is, the
-identity manager which SPIFFE ID it holds. Per request: the image is checked again (a process
-that exec'd or exited since it connected is not served with the old identity: the connection
-is closed), whatever Authorization/DPoP the workload sent is removed, and a token for this
-identity and server is added, with a DPoP proof bound to this request's method and URL.
-Responses stream back as they arrive (SSE events reach the client at once).
+identity manager which SPIFFE ID it holds. Per request: agent/inject/decide.py decides (the
+caller still the image and identity it connected as, the request framed unambiguously and
+addressed to the configured server, policy), and this module carries the verdict out: the
+refusal answered and audited, or the request forwarded with whatever Authorization/DPoP the
+workload sent removed and a token for this identity and server added, with a DPoP proof
+bound to this request's method and URL. Responses stream back as they arrive (SSE events
+reach the client at once).
 
-The I/O is in agent/inject/flows.py (asyncio Protocols); this module decides.
+The I/O is in agent/inject/flows.py (asyncio Protocols); the decision in decide.py; the fast
+lane (lane.py) carries out the same decisions for the common request without a coroutine.
 """
 
 from __future__ import annotations
@@ -19,25 +22,23 @@ import ssl
 import time
 from typing import Any
 
-from agent.inject import http1
+from agent.inject import decide, http1
 from agent.inject.bodies import Replay, drain_body, read_body
+from agent.inject.decide import FORWARD, Caller, Verdict
 from agent.inject.flows import ClientSide, UpstreamSide
 from agent.inject.http1 import BODY, END, HEAD, LAST_CHUNK, Head, ProtocolError, chunk
 from agent.inject.lane import FastLane
 from agent.inject.record import AuditBase, Recorder
 from agent.inject.redirect import RedirectInfo
+from agent.inject.served import Served
 from agent.inject.timeouts import SLOW_REQUEST, UPSTREAM
 from agent.inject.upstreams import Pool, Upstream
 from agent.oauth.errors import OAuthError
 from agent.observe.logging import AuditLog, get_logger
+from agent.policy import jsonrpc
 
 log = get_logger("inject.proxy")
 READ_SIZE = 65536
-
-
-def _pool_key(ident, up: Upstream) -> tuple:
-    """Upstream connections are reused only by the same identity to the same server."""
-    return (str(ident.spiffe_id) if ident else None, up.host, up.port, up.scheme)
 
 
 class Proxy:
@@ -97,8 +98,7 @@ class Proxy:
         except ConnectionError:
             pass
         except ProtocolError as e:   # not HTTP/1.1 we can frame: answer once and close
-            client.write(http1.simple_response(400, b"Bad Request", json.dumps(
-                {"error": f"credless: malformed HTTP: {e}"}).encode()))
+            self._malformed(client, e)
         except ssl.SSLError as e:
             self.rec.audit_event("connection.tls_failed", {"peer_port": peer[1]},
                                  reason=f"TLS with the workload failed: {e.reason}")
@@ -110,6 +110,20 @@ class Proxy:
             self.rec.m_active.dec()
             client.close()
 
+    def _malformed(self, client: ClientSide, e: ProtocolError) -> None:
+        """What the workload sent cannot be framed as a request credless accepts (http1.py):
+        answered, audited and counted, and the connection closed (where the next request
+        would begin is not known)."""
+        up, fragment = client.served
+        if up is not None:
+            self.rec.count(up, "head_too_large" if e.status == 431 else "malformed")
+            self.rec.audit_event("request.denied", AuditBase({}, fragment), status=e.status,
+                                 reason=f"malformed HTTP: {e}; connection closed")
+        reason = b"Request Header Fields Too Large" if e.status == 431 else b"Bad Request"
+        client.write(http1.simple_response(e.status, reason, json.dumps(
+            {"error": f"credless: malformed HTTP: {e}"}).encode(),
+            extra=[(b"Connection", b"close")]))
+
     async def _serve(self, client: ClientSide, info: RedirectInfo) -> None:
         upstream = self.upstreams.get((info.orig_host, info.orig_port))
         if upstream is None:
@@ -118,6 +132,7 @@ class Proxy:
         if (upstream.scheme == "https") != tls:
             return  # arrived on the wrong listener: never serve https traffic in clear
         loop = asyncio.get_running_loop()
+        generation = self.identity.generation
         att = await loop.run_in_executor(None, self.attestor.attest_image, info.tgid,
                                          info.exec_ns, 1.0) if info.exec_ns else None
         ident = self.identity.resolve(att) if att is not None else None
@@ -131,20 +146,19 @@ class Proxy:
                "parent_spiffe_id": parent}
         fragment = self.rec.fragment(server=upstream.name, mode=upstream.mode, **who)
         client.served = (upstream, fragment)   # for the timeouts' audit events
+        served = Served(client, info, upstream, ident, generation, who, fragment)
         lane = None
-        if upstream.mode != "assertion" and (ident is not None or upstream.mode ==
-                                             "passthrough"):
-            key = _pool_key(ident, upstream)
-            lane = FastLane(self, client, info, upstream, ident, fragment, key)
+        if upstream.mode != "assertion":
+            lane = FastLane(self, served)
             client.fast = lane.offer
         try:
-            await self._serve_requests(client, info, upstream, ident, who, fragment)
+            await self._serve_requests(served)
         finally:
             if lane is not None:
                 lane.release()
 
-    async def _serve_requests(self, client: ClientSide, info: RedirectInfo, upstream: Upstream,
-                              ident, who: dict, fragment: str) -> None:
+    async def _serve_requests(self, served: Served) -> None:
+        client = served.client
         while True:
             ev = await client.next()
             if ev is None or client.closed:   # gone: queued requests are not sent for it
@@ -153,8 +167,7 @@ class Proxy:
                 continue
             client.busy = True   # no fast path while this request is under way
             try:
-                keep = await self._request(ev[1], client, client, info, upstream, ident,
-                                           who, fragment)
+                keep = await self._request(ev[1], served)
             finally:
                 client.busy = False
             if not keep or client.draining:
@@ -182,6 +195,27 @@ class Proxy:
         client.image_mark = mark if current else None
         return current
 
+    def caller(self, served: Served) -> Caller:
+        """Who asks on this connection, as of now: the decision's first input. The image is
+        checked on every request (a process that exec'd or exited is not served with the old
+        identity); the identity again whenever the registration entries have changed since
+        it was resolved (an entry removed or changed revokes it on live connections too)."""
+        if not self.image_current(served.info, served.client):
+            return Caller(False, served.caller.spiffe_id)
+        generation = self.identity.generation
+        if generation != served.generation:
+            att = self.attestor.attest_image(served.info.tgid, served.info.exec_ns,
+                                             timeout=0)
+            ident = self.identity.resolve(att, quiet=True) if att is not None else None
+            now = str(ident.spiffe_id) if ident is not None else None
+            if now != served.caller.spiffe_id:
+                return Caller(False, served.caller.spiffe_id, changed=(
+                    f"the registration entries changed: the process is now {now}"
+                    if now else "the registration entries changed: the process has no "
+                    "identity any more") + "; connection closed")
+            served.generation = generation
+        return served.caller
+
     async def _reply(self, client: ClientSide, status: int, reason: bytes, error: str,
                      **extra) -> None:
         self._reply_now(client, status, reason, error, **extra)
@@ -203,29 +237,18 @@ class Proxy:
                 access_token=token.access_token).encode()))
         return out
 
-    async def _request(self, head: Head, src, client: ClientSide, info: RedirectInfo,
-                       up: Upstream, ident, who: dict, fragment: str) -> bool:
+    async def _request(self, head: Head, served: Served) -> bool:
         started = time.perf_counter()
+        client, up = served.client, served.up
         method = head.method.decode()
         path = head.target.decode("latin-1")
-        audit_base = AuditBase({"method": method, "path": path.split("?", 1)[0]}, fragment)
-        if not self.image_current(info, client):
-            self.rec.count(up, "image_changed")
-            self.rec.audit_event("request.denied", audit_base,
-                                 reason="the process exec'd or exited "
-                                 "since it connected; connection closed")
-            return False
-        if head.upgrade:
-            # the parser stops at an upgrade: what follows would be another protocol, which
-            # credless neither inspects nor credentials (MCP over HTTP never upgrades)
-            self.rec.count(up, "upgrade_refused")
-            self.rec.audit_event("request.denied", audit_base, reason="protocol upgrade "
-                                 f"({(head.get(b'upgrade') or b'?').decode('latin-1')}) "
-                                 "refused; connection closed")
-            head.keep_alive = False
-            self._reply_now(client, 501, b"Not Implemented", "credless: protocol upgrades "
-                            "(WebSocket, h2c) are not relayed")
-            return False
+        audit_base = AuditBase({"method": method, "path": path.split("?", 1)[0]},
+                               served.fragment)
+        req = decide.Request.from_head(head)
+        caller = self.caller(served)
+        verdict = decide.decide(req, up, caller, self.cfg, self.policy)
+        if verdict.action != FORWARD:
+            return await self._refuse(verdict, head, client, up, audit_base)
         # before anything is injected: a workload's Connection header must not be able to
         # name (and so strip) what credless adds
         http1.strip_connection_headers(head)
@@ -235,36 +258,19 @@ class Proxy:
             # or a workload that waits for 100 before sending it waits forever
             head.remove(b"expect")
             client.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        sent_auth = head.remove(b"authorization", b"dpop") if up.mode != "passthrough" else []
-        if sent_auth and self.cfg.workload_authorization == "reject":
-            await drain_body(src)
-            self.rec.count(up, "workload_credentials")
-            self.rec.audit_event("request.denied", audit_base, reason="the workload sent its own "
-                                 "credentials")
-            await self._reply(client, 400, b"Bad Request", "credless: this workload must not "
-                              "send Authorization or DPoP headers; credless adds them")
-            return head.keep_alive
-        if up.mode == "assertion":
-            return await self._assertion(head, src, client, up, ident, audit_base, started)
-        if self.policy is not None and up.mode != "passthrough" and ident is not None \
-                and head.method == b"POST":
-            decided = await self._enforce(head, src, client, up, who, audit_base)
+        if verdict.strip:
+            head.remove(b"authorization", b"dpop")
+        src = client
+        if verdict.read_body:
+            if up.mode == "assertion":
+                return await self._assertion(head, served, audit_base, started)
+            decided = await self._enforce(head, req, served, caller, audit_base)
             if not isinstance(decided, bytes):   # answered here: keep the connection?
                 return decided
             src = Replay(decided)
         token = None
-        if up.mode != "passthrough":
-            if ident is None:
-                await drain_body(src)
-                self.rec.count(up, "unattested")
-                self.rec.audit_event("request.denied", audit_base, reason="process not attested or "
-                                     "matching no registration entry")
-                if self.cfg.unattested == "deny":
-                    await self._reply(client, 403, b"Forbidden", "credless: this process has "
-                                      "no identity (not attested, or no registration entry "
-                                      "matches it)")
-                    return head.keep_alive
-                return False
+        if verdict.credential:
+            ident = served.ident
             try:
                 token = self.oauth.cached_token(ident, up.name) \
                     or await self.oauth.token(ident, up.name)
@@ -279,84 +285,80 @@ class Proxy:
             for name, value in self.credentials(token, method, up, path):
                 head.add(name, value)
         self.rec.m_added.observe(time.perf_counter() - started)
-        return await self._exchange(head, src, client, up, ident, token, audit_base,
-                                    started)
+        return await self._exchange(head, src, served, token, audit_base, started)
 
-    async def _enforce(self, head: Head, src, client, up: Upstream, who: dict,
-                       audit_base: dict) -> bytes | bool:
-        """Read the JSON-RPC body and decide every call: the body (bytes) to go on, else,
-        once the answer has been sent, whether the connection stays open (bool). Two types,
-        not a flag beside a value: a denial on a keep-alive connection must never read as
-        "go on" (it once did, and the denied request's head went upstream with a token)."""
-        from agent.policy import jsonrpc
-
-        body = await read_body(src, self.max_body)
-        if body is None:
-            await self._rpc_error(client, 413, b"Payload Too Large", None, False,
-                                  jsonrpc.INVALID_REQUEST, "credless: request body "
-                                  f"larger than {self.max_body} bytes")
+    async def _refuse(self, verdict: Verdict, head: Head, client: ClientSide, up: Upstream,
+                      audit_base: AuditBase, calls: list | None = None, batch: bool = False,
+                      audited: bool = False) -> bool:
+        """Carry out a refusal: count it, audit it (unless the calls' records did), answer
+        it (unless the verdict is to close), and say whether the connection stays open. A
+        request whose body is unread is answered and its connection closed if the workload
+        awaits 100 Continue or the verdict says close; otherwise its body is read and
+        dropped first, so the next request on the connection is framed where it begins."""
+        self.rec.count(up, verdict.outcome)
+        if not audited:
+            self.rec.audit_event("request.denied", audit_base, status=verdict.status or None,
+                                 reason=verdict.message)
+        if verdict.action == decide.CLOSE:
             return False
-        try:
-            calls, batch = jsonrpc.parse_calls(body)
-        except jsonrpc.Malformed as e:
-            self.rec.audit_event("call.denied", audit_base, reason=e.message)
-            await self._rpc_error(client, 400, b"Bad Request", None, False, e.code, e.message)
-            return head.keep_alive
-        mismatch = jsonrpc.header_mismatch(
-            calls, (head.get(b"mcp-method") or b"").decode() or None,
-            (head.get(b"mcp-name") or b"").decode() or None)
-        if mismatch:
-            self.rec.audit_event("call.denied", audit_base, reason=mismatch)
-            await self._rpc_error(client, 400, b"Bad Request", calls, batch,
-                                  jsonrpc.HEADER_MISMATCH, f"credless: {mismatch}")
-            return head.keep_alive
-        denied = []
-        for c in calls:
-            if not c.is_request and c.method == "(response)":
-                continue
-            d = self.policy.decide(who["spiffe_id"], up.name, c.method, c.name,
-                                   who.get("parent_spiffe_id"))
-            self.rec.audit_event("call.allowed" if d.allowed else "call.denied", audit_base,
-                                 rpc_method=c.method, tool=c.name, rpc_id=c.id, rule=d.rule_id,
-                                 decision="allow" if d.allowed else "deny", reason=d.reason)
-            if not d.allowed:
-                denied.append(f"{c.method} {c.name or ''}".strip() + f": {d.reason}")
-        if denied:
-            self.rec.count(up, "policy_denied")
-            await self._rpc_error(client, 403, b"Forbidden", calls, batch,
-                                  jsonrpc.POLICY_DENIED, "credless: denied by policy: "
-                                  + "; ".join(denied))
-            return head.keep_alive
+        expect = head.get(b"expect")
+        keep = head.keep_alive and not verdict.close and not (
+            expect is not None and expect.lower() == b"100-continue")
+        if keep and calls is None:   # a decided body has been read whole already
+            await drain_body(client)
+        if verdict.rpc_code is not None:
+            body = jsonrpc.error_body(calls, batch, verdict.rpc_code, verdict.message)
+        else:
+            body = json.dumps({"error": verdict.message}).encode()
+        extra = [(b"Allow", verdict.allow)] if verdict.allow else []
+        if not keep:
+            extra.append((b"Connection", b"close"))
+        client.write(http1.simple_response(verdict.status, verdict.reason, body, extra=extra))
+        await client.drain()
+        return keep
+
+    async def _enforce(self, head: Head, req: decide.Request, served: Served, caller: Caller,
+                       audit_base: AuditBase) -> bytes | bool:
+        """Read the JSON-RPC body and have it decided: the body (bytes) to go on, else, once
+        the answer has been sent, whether the connection stays open (bool). Two types, not
+        a flag beside a value: a denial on a keep-alive connection must never read as "go
+        on" (it once did, and the denied request's head went upstream with a token)."""
+        client, up = served.client, served.up
+        body = await read_body(client, self.max_body)
+        if body is None:
+            return await self._refuse(Verdict(
+                decide.ANSWER, status=413, reason=b"Payload Too Large", close=True,
+                outcome="body_too_large", rpc_code=jsonrpc.INVALID_REQUEST,
+                message=f"credless: request body larger than {self.max_body} bytes"),
+                head, client, up, audit_base, calls=[])
+        verdict, records, calls, batch = decide.decide_body(body, req, up, caller,
+                                                            self.policy)
+        for r in records:
+            self.rec.audit_event(r.event, audit_base, **r.fields)
+        if verdict.action != FORWARD:
+            return await self._refuse(verdict, head, client, up, audit_base, calls or [],
+                                      batch, audited=True)
         head.remove(b"transfer-encoding", b"content-length")
         head.add(b"Content-Length", b"%d" % len(body))
         head.chunked = False
         return body
 
-    async def _assertion(self, head: Head, src, client, up: Upstream, ident,
-                         audit_base: dict, started: float) -> bool:
-        """Assertion mode: the workload runs its own client_credentials request; credless
-        puts the client authentication in it (a fresh JWT-SVID, aud = the issuer) in place
-        of whatever placeholder it sent. Other requests to the server pass unchanged."""
+    async def _assertion(self, head: Head, served: Served, audit_base: AuditBase,
+                         started: float) -> bool:
+        """Assertion mode, a token request to the configured token endpoint from an attested
+        process (decide.py has checked): credless puts the client authentication in it (a
+        fresh JWT-SVID, aud = the issuer) in place of whatever placeholder it sent, when it
+        is a client_credentials grant. Other grants go on as sent."""
         from urllib.parse import parse_qsl, urlencode
 
-        ctype = (head.get(b"content-type") or b"").split(b";")[0].strip().lower()
-        if head.method != b"POST" or ctype != b"application/x-www-form-urlencoded":
-            return await self._exchange(head, src, client, up, ident, None, audit_base,
-                                        started)
-        body = await read_body(src, self.max_body)
+        client, up, ident = served.client, served.up, served.ident
+        body = await read_body(client, self.max_body)
         if body is None:
             await self._reply(client, 413, b"Payload Too Large", "credless: token request "
                               f"body larger than {self.max_body} bytes")
             return False
         form = dict(parse_qsl(body.decode("latin-1"), keep_blank_values=True))
         if form.get("grant_type") == "client_credentials":
-            if ident is None:
-                self.rec.count(up, "unattested")
-                self.rec.audit_event("request.denied", audit_base, reason="token request from a "
-                                     "process with no identity")
-                await self._reply(client, 403, b"Forbidden", "credless: this process has no "
-                                  "identity to authenticate with")
-                return head.keep_alive
             sid = str(ident.spiffe_id)
             svid = self.identity.jwt_svid(ident, [self.upstream_issuer(up)], ttl=60, iss=sid)
             form.update(client_id=sid, client_assertion=svid.token, client_assertion_type=
@@ -368,22 +370,14 @@ class Proxy:
         head.remove(b"content-length", b"transfer-encoding")
         head.add(b"Content-Length", b"%d" % len(new_body))
         head.chunked = False
-        return await self._exchange(head, Replay(new_body), client, up, ident, None,
-                                    audit_base, started)
+        return await self._exchange(head, Replay(new_body), served, None, audit_base, started)
 
     def upstream_issuer(self, up: Upstream) -> str:
         return self.oauth.servers[up.name].issuer
 
-    async def _rpc_error(self, client, status: int, reason: bytes, calls, batch: bool,
-                         code: int, message: str) -> None:
-        from agent.policy import jsonrpc
-        client.write(http1.simple_response(status, reason,
-                                           jsonrpc.error_body(calls, batch, code, message)))
-        await client.drain()
-
-    async def _exchange(self, head: Head, src, client: ClientSide, up: Upstream, ident, token,
-                        audit_base: dict, started: float) -> bool:
-        key = _pool_key(ident, up)
+    async def _exchange(self, head: Head, src, served: Served, token, audit_base: AuditBase,
+                        started: float) -> bool:
+        client, up, key = served.client, served.up, served.key
         conn = self.pool.get(key)
         try:
             if conn is None:
@@ -429,19 +423,18 @@ class Proxy:
         conn.send(bytes(out))
         conn.sent()
         await conn.finished()
-        keep = self.exchanged(conn, head.keep_alive, client, up, ident, token, key,
-                               audit_base, started)
+        keep = self.exchanged(conn, head.keep_alive, served, token, audit_base, started)
         await client.drain()
         return keep
 
-    def exchanged(self, conn: UpstreamSide, keep_alive: bool, client: ClientSide,
-                  up: Upstream, ident, token, key: tuple, audit_base: AuditBase,
-                  started: float, hold=None) -> bool:
+    def exchanged(self, conn: UpstreamSide, keep_alive: bool, served: Served, token,
+                  audit_base: AuditBase, started: float, hold=None) -> bool:
         """After an exchange: the failure answer if there was no response, the pool, the
         audit event and the metrics. keep_alive: the workload's request allows another on
         its connection; hold(conn): takes a reusable upstream connection instead of the
         pool. Returns whether the workload's connection stays open.
         Synchronous: it also runs from the upstream's callback (agent/inject/lane.py)."""
+        client, up = served.client, served.up
         status = conn.status
         if conn.client_gone:   # no one to answer: the exchange was aborted for it
             self.rec.count(up, "workload_closed")
@@ -469,13 +462,13 @@ class Proxy:
         self.rec.m_upstream.labels(up.name).observe(conn.head_at - conn.sent_at)
         if status == 401 and token is not None and "invalid_token" in (   # parsed: see
                 conn.head.get(b"www-authenticate") or b"").decode("latin-1"):  # _verbatim
-            self.oauth.invalidate(ident, up.name, token)
+            self.oauth.invalidate(served.ident, up.name, token)
         keep = conn.complete and keep_alive and not conn.close_delimited
         if conn.reusable():
             if hold is not None:
                 hold(conn)
             else:
-                self.pool.put(key, conn)
+                self.pool.put(served.key, conn)
         else:
             conn.transport.close()
         if not conn.complete:   # cut short: closing tells the workload the answer is partial

@@ -23,7 +23,23 @@ class Upstream:
     host: str           # host in the URL (SNI, Host)
     port: int
     origin: str         # scheme://host:port, for DPoP htu
-    mode: str           # broker | passthrough
+    mode: str           # broker | assertion | passthrough
+    # the URL's path (the MCP endpoint; in assertion mode the token endpoint) and the Host
+    # values that name this server (the first is the one credless sends), lower case
+    path: bytes = b"/"
+    authorities: tuple[bytes, ...] = ()
+
+
+def authorities(scheme: str, netloc: str, port: int | None) -> tuple[bytes, ...]:
+    """The Host values naming a URL's server: as written, and with or without the scheme's
+    default port."""
+    hostport = netloc.rpartition("@")[2].lower()
+    default = 443 if scheme == "https" else 80
+    if port is None:
+        return (hostport.encode(), f"{hostport}:{default}".encode())
+    if port == default:
+        return (hostport.encode(), hostport.rsplit(":", 1)[0].encode())
+    return (hostport.encode(),)
 
 
 class Pool:
@@ -104,9 +120,10 @@ def _servers(servers) -> list[tuple[str, int, Upstream]]:
     for s in servers:
         u = urlsplit(s.url)
         port = u.port or (443 if u.scheme == "https" else 80)
-        out.append((u.hostname, port, Upstream(s.name, u.scheme, u.hostname, port,
-                                              f"{u.scheme}://{u.netloc}",
-                                              getattr(s, "mode", "broker"))))
+        out.append((u.hostname, port, Upstream(
+            s.name, u.scheme, u.hostname, port, f"{u.scheme}://{u.netloc}",
+            getattr(s, "mode", "broker"), (u.path or "/").encode(),
+            authorities(u.scheme, u.netloc, u.port))))
     return out
 
 

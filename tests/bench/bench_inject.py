@@ -105,7 +105,8 @@ out = []
 for _ in range(n):
     s = socket.create_connection(("127.0.0.1", port))
     t0 = time.perf_counter()
-    s.sendall(b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+    s.sendall(b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Length: 2\r\n"
+              b"Connection: close\r\n\r\n{}" % port)
     buf = b""
     while b"data: 0" not in buf:
         buf += s.recv(4096)

@@ -171,10 +171,10 @@ def test_status_shows_workloads_and_expiries_without_secrets(world, credless_cmd
     import sys
 
     code = ("import socket, time; s = socket.create_connection(('127.0.0.1', %d)); "
-            "s.sendall(b'POST /mcp HTTP/1.1\\r\\nHost: x\\r\\nContent-Type: application/json\\r\\n"
+            "s.sendall(b'POST /mcp HTTP/1.1\\r\\nHost: 127.0.0.1:%d\\r\\nContent-Type: application/json\\r\\n"
             "Accept: application/json, text/event-stream\\r\\nContent-Length: 40\\r\\n\\r\\n"
             "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"ping\"}'); s.recv(65536); "
-            "print('sent', flush=True); time.sleep(30)" % world.mcp.port)
+            "print('sent', flush=True); time.sleep(30)" % (world.mcp.port, world.mcp.port))
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
                               preexec_fn=enter_cgroup(world.cg))
     try:

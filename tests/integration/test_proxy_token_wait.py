@@ -34,8 +34,8 @@ port = int(sys.argv[1])
 s = socket.create_connection(("127.0.0.1", port), timeout=30)
 def request(n, close=False):
     body = json.dumps({"n": n}).encode()
-    return (b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\n%s\r\n%s" % (len(body),
+    return (b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n%s\r\n%s" % (port, len(body),
             b"Connection: close\r\n" if close else b"", body))
 s.sendall(request(1))
 time.sleep(0.3)

@@ -18,6 +18,7 @@ from agent.inject.flows import ClientSide, UpstreamSide
 from agent.inject.lane import FastLane
 from agent.inject.proxy import Proxy
 from agent.inject.redirect import RedirectInfo
+from agent.inject.served import Served
 from agent.inject.upstreams import Upstream
 from agent.oauth.tokens import Token
 from agent.observe.logging import AuditLog
@@ -27,7 +28,8 @@ from tests.unit.transport import Transport
 SID = "spiffe://example.org/w"
 TOKEN = Token("header.payload.sig", "Bearer", 0, time.time() + 3600, "tools", "r", "i", SID,
               "c", None, "sha-of-token", "jti-1")
-UP = Upstream("tools", "http", "127.0.0.1", 8080, "http://127.0.0.1:8080", "broker")
+UP = Upstream("tools", "http", "127.0.0.1", 8080, "http://127.0.0.1:8080", "broker", b"/mcp",
+              (b"127.0.0.1:8080",))
 INFO = RedirectInfo("127.0.0.1", 8080, 100, 100, 0, 1, 1, 5, 1)
 BODY = b'{"jsonrpc":"2.0","id":1,"method":"tools/list"}'
 ANSWER = b'{"jsonrpc":"2.0","id":1,"result":{}}'
@@ -57,8 +59,10 @@ class World:
                                       cache=types.SimpleNamespace(generation=0),
                                       m_hit=CounterCell())
         cfg = types.SimpleNamespace(upstream_pool_size=4, upstream_idle_seconds=4.0,
-                                    workload_authorization="strip")
-        self.proxy = Proxy(cfg, {}, None, types.SimpleNamespace(source=source), None, oauth,
+                                    workload_authorization="strip", unattested="deny")
+        identity = types.SimpleNamespace(generation=0)
+        self.proxy = Proxy(cfg, {}, None, types.SimpleNamespace(source=source), identity,
+                           oauth,
                            audit=AuditLog("node", stream=self.audit_out),
                            registry=CollectorRegistry(), policy=policy)
         self.client = ClientSide(lambda c: None)
@@ -70,7 +74,8 @@ class World:
             self.proxy.pool.put(self.key, self.upstream)
         ident = types.SimpleNamespace(spiffe_id=SID)
         fragment = self.proxy.rec.fragment(server=UP.name, pid=INFO.tgid, spiffe_id=SID)
-        self.lane = FastLane(self.proxy, self.client, INFO, UP, ident, fragment, self.key)
+        self.served = Served(self.client, INFO, UP, ident, 0, {"spiffe_id": SID}, fragment)
+        self.lane = FastLane(self.proxy, self.served)
         self.client.fast = self.lane.offer
 
     def audit(self) -> list[dict]:

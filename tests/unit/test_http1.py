@@ -82,3 +82,79 @@ def test_whole_message_is_one_message_from_the_first_byte_and_says_where_its_hea
     for before in (b"\r\n", b"\r\n\r\n", b"\n"):
         assert not whole.one(before + request)
     assert whole.one(request)   # and is ready for the next read
+
+
+# Request framing the proxy accepts: no body, one Content-Length, or one Transfer-Encoding
+# field saying chunked. Everything else is refused before a head reaches the decision, so
+# the proxy and any server behind it agree on where each request ends.
+def post(*fields: bytes, body: bytes = b"") -> bytes:
+    return b"POST /mcp HTTP/1.1\r\nHost: x\r\n" + b"".join(f + b"\r\n" for f in fields) \
+        + b"\r\n" + body
+
+
+FRAMING = {
+    "Content-Length and Transfer-Encoding": (
+        post(b"Content-Length: 5", b"Transfer-Encoding: chunked", body=b"0\r\n\r\n"), 400),
+    "Content-Length twice, even equal": (
+        post(b"Content-Length: 2", b"Content-Length: 2", body=b"{}"), 400),
+    "Transfer-Encoding split over two fields": (
+        post(b"Transfer-Encoding: gzip", b"Transfer-Encoding: chunked",
+             body=b"2\r\n{}\r\n0\r\n\r\n"), 400),
+    "chunked, identity": (post(b"Transfer-Encoding: chunked, identity"), 400),
+    "a coding other than chunked": (post(b"Transfer-Encoding: gzip", body=b"xx"), 400),
+    "chunked twice in one field": (post(b"Transfer-Encoding: chunked, chunked"), 400),
+    "an invalid chunk size": (post(b"Transfer-Encoding: chunked", body=b"zz\r\n"), 400),
+    "trailer fields": (post(b"Transfer-Encoding: chunked", body=b"2\r\n{}\r\n0\r\n"
+                            b"Authorization: Bearer OWN\r\nMcp-Name: secret_tool\r\n\r\n"), 400),
+}
+
+
+@pytest.mark.parametrize("raw,status", FRAMING.values(), ids=FRAMING.keys())
+def test_framing_other_than_one_length_or_chunked_is_refused(raw, status):
+    with pytest.raises(http1.ProtocolError) as err:
+        http1.Reader().feed(raw)
+    assert err.value.status == status
+
+
+def test_trailers_never_reach_the_head_even_when_the_body_was_already_taken():
+    reader = http1.Reader()
+    events = reader.feed(post(b"Transfer-Encoding: chunked", body=b"2\r\n{}\r\n0\r\n"))
+    head = events[0][1]
+    with pytest.raises(http1.ProtocolError, match="trailer"):
+        reader.feed(b"Authorization: Bearer OWN\r\n\r\n")
+    assert head.get(b"authorization") is None and b"authorization" not in head.names
+
+
+@pytest.mark.parametrize("value", [b"chunked", b"Chunked", b" chunked ", b"CHUNKED"])
+def test_one_chunked_coding_in_any_case_and_spacing_frames_a_chunked_body(value):
+    events = http1.Reader().feed(post(b"Transfer-Encoding: " + value,
+                                      body=b"2\r\n{}\r\n0\r\n\r\n"))
+    assert events[0][1].chunked and [e[0] for e in events] == [HEAD, BODY, END]
+
+
+LIMITS = {
+    "a head over the byte limit in one read": [post(b"X-Big: " + b"a" * 2000)],
+    "a field growing over many reads": [post()[:-2] + b"X-Big: "] + [b"a" * 300] * 10,
+    "too many fields": [post(*[b"X-%d: 1" % i for i in range(20)])],
+}
+
+
+@pytest.mark.parametrize("reads", LIMITS.values(), ids=LIMITS.keys())
+def test_a_head_over_the_limits_is_refused_431_before_it_is_held_whole(reads):
+    reader = http1.Reader(max_head=1024, max_fields=16)
+    with pytest.raises(http1.ProtocolError) as err:
+        for i, data in enumerate(reads):
+            reader.feed(data)
+    assert err.value.status == 431
+    assert sum(len(r) for r in reads[:i + 1]) <= 1024 + max(len(r) for r in reads)
+
+
+def test_many_requests_on_one_connection_do_not_add_up_to_the_head_limit():
+    reader = http1.Reader(max_head=1024, max_fields=16)
+    one = post(b"Content-Length: 2", b"X-Pad: " + b"p" * 400, body=b"{}")
+    for _ in range(50):
+        assert [e[0] for e in reader.feed(one)] == [HEAD, BODY, END]
+    # and a head arriving in pieces just under the limit is still accepted
+    head = post(b"Content-Length: 2", b"X-Pad: " + b"p" * 900, body=b"{}")
+    events = reader.feed(head[:500]) + reader.feed(head[500:])
+    assert [e[0] for e in events] == [HEAD, BODY, END]

@@ -1,0 +1,254 @@
+"""The proxy's one decision on a request, sans-IO: facts in, a Verdict out.
+
+Both executors ask this module and nothing else whether and how a request goes upstream:
+the full path (proxy.py: a parsed Head, a coroutine that may await a token or read a body)
+and the fast lane (lane.py: a whole request relayed as read). Neither has admission rules
+of its own; the lane only declines what it cannot execute (a field it would have to remove,
+a body to read, a token not yet cached), and the full path then decides the same request
+again, here, with the same answer. Two executors each deciding once let a refused request's
+head reach the server with a token; one decision cannot disagree with itself.
+
+The order of the checks is the order of what the server must be able to rely on (docs/
+inject.md, "What the upstream can rely on"):
+1. the caller is still the process the connection was attested as (its image, its entry);
+2. the request is one the proxy can frame unambiguously: origin-form target, one Host, no
+   duplicated routing field (framing itself, Content-Length / chunked, is the parser's:
+   agent/inject/http1.py refuses anything else before a head reaches this module);
+3. a request that will carry credless's credential goes to the configured server only: its
+   method is one MCP uses, its Host the server's authority, its path under the MCP endpoint;
+4. the caller has an identity (else 403, or forwarded bare when inject.unattested says so);
+5. policy: GET and DELETE by the identity's rules for the server, POST by its JSON-RPC body
+   (decide_body), each call of a batch.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from agent.policy import jsonrpc
+
+FORWARD, ANSWER, CLOSE = "forward", "answer", "close"
+
+# The HTTP methods MCP's Streamable HTTP transport uses: POST for every message, GET to
+# open a server-to-client stream, DELETE to end a session (2025-11-25; 2026-07-28 uses POST
+# only). A credentialed request with any other method is refused.
+MCP_METHODS = frozenset({b"POST", b"GET", b"DELETE"})
+ALLOW = b"POST, GET, DELETE"
+
+# Fields the decision reads. Lower-case names; values with surrounding whitespace removed.
+DECISION_FIELDS = frozenset({b"host", b"mcp-method", b"mcp-name", b"expect",
+                             b"content-encoding", b"content-type", b"authorization", b"dpop",
+                             b"upgrade"})
+# A routing or expectation field the server could read either copy of
+SINGLE_FIELDS = (b"host", b"mcp-method", b"mcp-name", b"expect")
+WORKLOAD_CREDENTIALS = (b"authorization", b"dpop")
+
+# the lane's reads: decision fields other than those that already make it decline
+# (http1.REQUEST_OFF_LANE); llhttp's strictness makes `CRLF name:` the only spelling
+_READ_FIELDS = re.compile(rb"\r\n(host|mcp-method|mcp-name|content-encoding|content-type):"
+                          rb"([^\r]*)", re.IGNORECASE)
+# a path segment under the MCP endpoint: RFC 3986 pchar without percent-encoding (which
+# would let `%2e%2e` or `%2f` mean something else to the server than to this check)
+_SEGMENT = re.compile(rb"[A-Za-z0-9\-._~!$&'()*+,;=:@]*")
+
+
+class Request:
+    """What the decision needs of a request head."""
+    __slots__ = ("method", "target", "upgrade", "fields")
+
+    def __init__(self, method: bytes, target: bytes, fields: dict[bytes, list[bytes]],
+                 upgrade: bool = False):
+        self.method, self.target, self.upgrade, self.fields = method, target, upgrade, fields
+
+    @classmethod
+    def from_head(cls, head: Any) -> "Request":
+        fields: dict[bytes, list[bytes]] = {}
+        if not head.names.isdisjoint(DECISION_FIELDS):
+            for k, v in head.headers:
+                k = k.lower()
+                if k in DECISION_FIELDS:
+                    fields.setdefault(k, []).append(v.strip(b" \t"))
+        return cls(head.method, head.target, fields, head.upgrade)
+
+    @classmethod
+    def from_read(cls, data: bytes, head_end: int, method: bytes, target: bytes) -> "Request":
+        """A whole request as read (the lane's): its head ends at head_end, and it carries
+        none of http1.REQUEST_OFF_LANE's fields (the lane has checked)."""
+        fields: dict[bytes, list[bytes]] = {}
+        for m in _READ_FIELDS.finditer(data, 0, head_end + 2):
+            fields.setdefault(m.group(1).lower(), []).append(m.group(2).strip(b" \t"))
+        return cls(method, target, fields)
+
+    def get(self, name: bytes) -> bytes | None:
+        values = self.fields.get(name)
+        return values[0] if values else None
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who asks, as of this request."""
+    current: bool                   # still the image (and entry) the connection was served as
+    spiffe_id: str | None           # None: not attested, or no registration entry matches
+    parent_spiffe_id: str | None = None
+    changed: str = ""               # why not current (audited)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    action: str                     # FORWARD, ANSWER (then keep the connection unless close)
+    #                                 or CLOSE (no answer: the connection is closed)
+    credential: bool = False        # add credless's credential (broker: the token, assertion:
+    #                                 a client assertion in the token request's form)
+    read_body: bool = False         # the body decides (decide_body) before anything goes out
+    strip: bool = False             # remove the workload's Authorization and DPoP first
+    status: int = 0
+    reason: bytes = b""
+    message: str = ""               # for the workload and the audit
+    rpc_code: int | None = None     # answer as a JSON-RPC error (keeping the request's ids)
+    close: bool = False             # close the connection after the answer
+    outcome: str = ""               # the refusal's outcome label on the request counter
+    allow: bytes = b""              # the Allow field of a 405
+
+
+def _refuse(status: int, reason: bytes, outcome: str, message: str, close: bool = False,
+            **kw: Any) -> Verdict:
+    return Verdict(ANSWER, status=status, reason=reason, outcome=outcome,
+                   message=f"credless: {message}", close=close, **kw)
+
+
+def under_endpoint(target: bytes, endpoint: bytes) -> bool:
+    """Whether an origin-form target names the MCP endpoint or a path below it, spelled so
+    that no server can read it as another path (no dot segment, no percent-encoding)."""
+    path = target.split(b"?", 1)[0]
+    if path == endpoint:
+        return True
+    base = endpoint.rstrip(b"/") + b"/"
+    if not path.startswith(base):
+        return False
+    for seg in path[len(base):].split(b"/"):
+        if seg in (b".", b"..") or _SEGMENT.fullmatch(seg) is None:
+            return False
+    return True
+
+
+def decide(req: Request, up: Any, caller: Caller, settings: Any, policy: Any) -> Verdict:
+    """The decision on a request head. up: agent.inject.upstreams.Upstream; settings: the
+    inject section (unattested, workload_authorization); policy: a PolicyEngine or None."""
+    if not caller.current:
+        return Verdict(CLOSE, outcome="image_changed" if not caller.changed else
+                       "identity_changed", message=caller.changed or "the process exec'd or "
+                       "exited since it connected; connection closed")
+    fields = req.fields
+    mode = up.mode
+    token_request = mode == "assertion" and req.method == b"POST" and \
+        (req.get(b"content-type") or b"").split(b";")[0].strip().lower() == \
+        b"application/x-www-form-urlencoded" and req.target.split(b"?", 1)[0] == up.path
+    credentialed = mode == "broker" or token_request
+    if credentialed and req.method not in MCP_METHODS:
+        return _refuse(405, b"Method Not Allowed", "method_refused",
+                       f"{req.method.decode('latin-1')} is not a method MCP uses; "
+                       "connection closed", close=True, allow=ALLOW)
+    if req.upgrade:
+        # the parser stops at an upgrade: what follows would be another protocol, which
+        # credless neither inspects nor credentials (MCP over HTTP never upgrades)
+        return _refuse(501, b"Not Implemented", "upgrade_refused", "protocol upgrades "
+                       f"({(req.get(b'upgrade') or req.method).decode('latin-1')}) are not "
+                       "relayed; connection closed", close=True)
+    if not req.target.startswith(b"/"):
+        return _refuse(400, b"Bad Request", "target_refused", "the request target must be a "
+                       "path (origin-form), not "
+                       f"{req.target[:200].decode('latin-1')!r}; connection closed",
+                       close=True)
+    for name in SINGLE_FIELDS:
+        n = len(fields.get(name, ()))
+        if n > 1 or (n == 0 and name == b"host"):
+            return _refuse(400, b"Bad Request", "framing_refused",
+                           f"{'no' if n == 0 else n} {name.decode().title()} fields: the "
+                           "request must carry "
+                           + ("exactly one" if name == b"host" else "at most one")
+                           + "; connection closed", close=True)
+    if caller.spiffe_id is None and credentialed:
+        if settings.unattested == "passthrough":
+            return Verdict(FORWARD)      # as a passthrough server: nothing added or removed
+        return _refuse(403, b"Forbidden", "unattested", "this process has no identity (not "
+                       "attested, or no registration entry matches it)")
+    if credentialed:
+        host = fields[b"host"][0].lower()
+        if host not in up.authorities:
+            return _refuse(421, b"Misdirected Request", "host_refused",
+                           f"Host {host[:200].decode('latin-1')!r} is not {up.name!r} "
+                           f"({up.authorities[0].decode()}); credless sends credentials only "
+                           "to the server they are for; connection closed", close=True)
+        if mode == "broker" and not under_endpoint(req.target, up.path):
+            return _refuse(403, b"Forbidden", "path_refused",
+                           f"{req.target.split(b'?', 1)[0][:200].decode('latin-1')!r} is "
+                           f"not under the MCP endpoint {up.path.decode()} of {up.name!r}")
+    strip = mode != "passthrough" and not fields.keys().isdisjoint(WORKLOAD_CREDENTIALS)
+    if strip and settings.workload_authorization == "reject":
+        return _refuse(400, b"Bad Request", "workload_credentials", "this workload must not "
+                       "send Authorization or DPoP headers; credless adds them")
+    if mode == "assertion":
+        return Verdict(FORWARD, credential=token_request, read_body=token_request,
+                       strip=strip)
+    if mode == "passthrough":
+        return Verdict(FORWARD)
+    if policy is not None:
+        if req.method == b"POST":
+            coding = req.get(b"content-encoding")
+            if coding is not None and coding.lower() != b"identity":
+                return _refuse(415, b"Unsupported Media Type", "encoding_refused",
+                               f"a body with Content-Encoding {coding.decode('latin-1')!r} "
+                               "cannot be checked against policy; send it unencoded",
+                               rpc_code=jsonrpc.INVALID_REQUEST)
+            return Verdict(FORWARD, credential=True, read_body=True, strip=strip)
+        d = policy.decide(caller.spiffe_id, up.name, "http:" + req.method.decode(), None,
+                          caller.parent_spiffe_id)
+        if not d.allowed:
+            return _refuse(403, b"Forbidden", "policy_denied",
+                           f"{req.method.decode()} denied by policy: {d.reason}")
+    return Verdict(FORWARD, credential=True, strip=strip)
+
+
+@dataclass(frozen=True, slots=True)
+class CallRecord:
+    """One JSON-RPC call's policy decision, for the audit."""
+    event: str
+    fields: dict
+
+
+def decide_body(body: bytes, req: Request, up: Any, caller: Caller, policy: Any
+                ) -> tuple[Verdict, list[CallRecord], list[jsonrpc.Call] | None, bool]:
+    """The decision on a POST body read whole: every JSON-RPC call of it by policy, and the
+    routing fields (Mcp-Method, Mcp-Name) against it. Returns the verdict, the calls'
+    audit records, and the calls and whether they were a batch (for the error's ids)."""
+    try:
+        calls, batch = jsonrpc.parse_calls(body)
+    except jsonrpc.Malformed as e:
+        return (_refuse(400, b"Bad Request", "malformed_body", e.message, rpc_code=e.code),
+                [CallRecord("call.denied", {"reason": e.message})], None, False)
+    mismatch = jsonrpc.header_mismatch(
+        calls, (req.get(b"mcp-method") or b"").decode("latin-1") or None,
+        (req.get(b"mcp-name") or b"").decode("latin-1") or None)
+    if mismatch:
+        return (_refuse(400, b"Bad Request", "header_mismatch", mismatch,
+                        rpc_code=jsonrpc.HEADER_MISMATCH),
+                [CallRecord("call.denied", {"reason": mismatch})], calls, batch)
+    records, denied, rule = [], [], None
+    for c in calls:
+        if not c.is_request and c.method == "(response)":
+            continue
+        d = policy.decide(caller.spiffe_id, up.name, c.method, c.name,
+                          caller.parent_spiffe_id)
+        records.append(CallRecord("call.allowed" if d.allowed else "call.denied", {
+            "rpc_method": c.method, "tool": c.name, "rpc_id": c.id, "rule": d.rule_id,
+            "decision": "allow" if d.allowed else "deny", "reason": d.reason}))
+        if not d.allowed:
+            denied.append(f"{c.method} {c.name or ''}".strip() + f": {d.reason}")
+            rule = rule or d.rule_id
+    if denied:
+        return (_refuse(403, b"Forbidden", "policy_denied", "denied by policy: "
+                        + "; ".join(denied), rpc_code=jsonrpc.POLICY_DENIED),
+                records, calls, batch)
+    return Verdict(FORWARD, credential=True), records, calls, batch
