@@ -73,3 +73,10 @@ install: setup
 	@install -d -m 0755 /etc/credless
 	@for f in credless entries policy; do install -m 0644 deploy/$$f.example.toml /etc/credless/$$f.example.toml; done
 	@echo "installed; copy /etc/credless/credless.example.toml to credless.toml, then: systemctl enable --now credless"
+
+# A long run of the data path's property-based differential test
+# (tests/integration/test_differential.py): fresh randomness and shrinking instead of the
+# bounded, derandomized set `make test` runs. CREDLESS_FUZZ_EXAMPLES=N sets the length.
+.PHONY: fuzz
+fuzz: setup
+	CREDLESS_FUZZ_EXAMPLES=$${CREDLESS_FUZZ_EXAMPLES:-2000} $(PY) -m pytest tests/integration/test_differential.py -p no:cacheprovider --timeout=0 -q
