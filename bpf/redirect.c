@@ -14,9 +14,14 @@
 // sent to ::ffff:<listen_ip4>, which the IPv4 listener accepts on a dual-stack socket.
 //
 // sockops sees the same socket once its local port exists (TCP_CONNECT_CB) and maps
-// (network namespace, local address, local port) to the cookie: on accept() the proxy only
-// knows the peer's address and which of its listeners accepted, and this map turns them
-// back into the cookie, the original destination, and the process that connected.
+// (network namespace, local address and port, listener address and port) to the cookie: on
+// accept() the proxy only knows the peer's address and which of its listeners accepted, and
+// this map turns them back into the cookie, the original destination, and the process that
+// connected. Both records are deleted when the client's socket reaches TCP_CLOSE (STATE_CB,
+// asked for at TCP_CONNECT_CB): a connect refused while no agent listens, one made before a
+// pod's listener exists, or one cut by a crash would otherwise leave a record behind (the
+// maps are pinned across restarts), and a process that later bound the same local port and
+// dialled the listener directly would be served as the process that made it.
 //
 // The rewritten destination (127.0.0.1 or ::1) is resolved in the *workload's* network
 // namespace. For processes on the node's network that is the agent's own listener; for a
@@ -24,8 +29,11 @@
 // that namespace (agent/inject/netns.py). Until it does, the connect is refused: an
 // intercepted destination is never reached unredirected.
 //
-// The proxy's own upstream connects are exempt by tgid. A missing config entry or
-// enabled == 0 leaves every connect untouched.
+// The agent's own connects (to MCP and authorization servers) are exempt by its cgroup, not
+// its tgid: a tgid pinned in the config outlives the agent, and while none runs a process
+// given the same pid would go out unredirected. Nothing but root can move a process into the
+// agent's cgroup, and cgroup ids are not reused. A missing config entry or enabled == 0
+// leaves every connect untouched.
 
 #include <uapi/linux/bpf.h>
 #include <linux/socket.h>
@@ -68,8 +76,10 @@ static __always_inline void count(int i)
 
 static __always_inline int task_is_managed(struct redirect_config *cfg)
 {
+    if (bpf_get_current_cgroup_id() == cfg->excluded_cgroup)
+        return 0;
     if (cfg->all_cgroups)
-        return bpf_get_current_cgroup_id() != cfg->excluded_cgroup;
+        return 1;
 #pragma unroll
     for (int level = 0; level < MAX_CGROUP_DEPTH; level++) {
         u64 id = bpf_get_current_ancestor_cgroup_id(level);
@@ -92,8 +102,6 @@ static __always_inline int take(struct bpf_sock_addr *ctx, struct redirect_targe
         return 0;
     u64 pid_tgid = bpf_get_current_pid_tgid();
     u32 tgid = pid_tgid >> 32;
-    if (tgid == cfg->agent_tgid)
-        return 0;
     u32 *listen_port = redirect_targets.lookup(key);
     if (!listen_port)
         return 0;
@@ -177,30 +185,70 @@ int credless_connect6(struct bpf_sock_addr *ctx)
     return 1;
 }
 
+// An address as the proxy's listener will see it: a v4-mapped IPv6 address (a dual-stack
+// socket talking IPv4) is the IPv4 address its IPv4 listener accepts from.
+static __always_inline void endpoint_addr(u32 family, u32 ip4, u32 *ip6, u32 *out_family,
+                                          u32 *out)
+{
+    if (family == AF_INET) {
+        *out_family = AF_INET;
+        out[0] = ip4;
+    } else if (ip6[0] == 0 && ip6[1] == 0 && ip6[2] == bpf_htonl(0x0000ffff)) {
+        *out_family = AF_INET;
+        out[0] = ip6[3];
+    } else {
+        *out_family = AF_INET6;
+        out[0] = ip6[0];
+        out[1] = ip6[1];
+        out[2] = ip6[2];
+        out[3] = ip6[3];
+    }
+}
+
+static __always_inline void endpoint_key(struct bpf_sock_ops *skops,
+                                         struct local_endpoint *key)
+{
+    u32 local6[4] = {skops->local_ip6[0], skops->local_ip6[1], skops->local_ip6[2],
+                     skops->local_ip6[3]};
+    u32 remote6[4] = {skops->remote_ip6[0], skops->remote_ip6[1], skops->remote_ip6[2],
+                      skops->remote_ip6[3]};
+    u32 remote_family = 0;
+    endpoint_addr(skops->family, skops->local_ip4, local6, &key->family, key->addr);
+    endpoint_addr(skops->family, skops->remote_ip4, remote6, &remote_family,
+                  key->listen_addr);
+    key->port = skops->local_port;
+    // remote_port is the network-order port in the upper half of the word
+    key->listen_port = bpf_ntohl(skops->remote_port);
+    key->netns = bpf_get_netns_cookie(skops);
+}
+
 int credless_sockops(struct bpf_sock_ops *skops)
 {
-    if (skops->op != BPF_SOCK_OPS_TCP_CONNECT_CB)
+    u64 cookie;
+    struct local_endpoint key;
+    switch (skops->op) {
+    case BPF_SOCK_OPS_TCP_CONNECT_CB:
+        cookie = bpf_get_socket_cookie(skops);
+        if (!redirected.lookup(&cookie))
+            return 1;
+        __builtin_memset(&key, 0, sizeof(key));
+        endpoint_key(skops, &key);
+        local_to_cookie.update(&key, &cookie);
+        // be told when this socket closes, to delete both records
+        bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
+                                  BPF_SOCK_OPS_STATE_CB_FLAG);
         return 1;
-    u64 cookie = bpf_get_socket_cookie(skops);
-    if (!redirected.lookup(&cookie))
+    case BPF_SOCK_OPS_STATE_CB:
+        if (skops->args[1] != BPF_TCP_CLOSE)
+            return 1;
+        cookie = bpf_get_socket_cookie(skops);
+        if (!redirected.lookup(&cookie))
+            return 1;
+        __builtin_memset(&key, 0, sizeof(key));
+        endpoint_key(skops, &key);
+        local_to_cookie.delete(&key);
+        redirected.delete(&cookie);
         return 1;
-    struct local_endpoint key = {};
-    key.family = skops->family;
-    key.port = skops->local_port;
-    key.netns = bpf_get_netns_cookie(skops);
-    if (skops->family == AF_INET) {
-        key.addr[0] = skops->local_ip4;
-    } else if (skops->local_ip6[0] == 0 && skops->local_ip6[1] == 0 &&
-               skops->local_ip6[2] == bpf_htonl(0x0000ffff)) {
-        // a dual-stack socket talking IPv4: the IPv4 listener sees a plain IPv4 peer
-        key.family = AF_INET;
-        key.addr[0] = skops->local_ip6[3];
-    } else {
-        key.addr[0] = skops->local_ip6[0];
-        key.addr[1] = skops->local_ip6[1];
-        key.addr[2] = skops->local_ip6[2];
-        key.addr[3] = skops->local_ip6[3];
     }
-    local_to_cookie.update(&key, &cookie);
     return 1;
 }

@@ -18,14 +18,14 @@ struct redirect_target {
 // The agent's listeners and switches. One entry, index 0.
 struct redirect_config {
     u32 enabled;
-    u32 agent_tgid;           // the agent's own connects are never redirected
     u32 all_cgroups;          // 1: every cgroup except the excluded one; 0: managed subtrees
     u32 fail_open;            // 1: while agent_up is 0, leave connects alone
     u32 agent_up;             // set while the agent's proxy accepts connections
     u32 listen_ip4;           // network byte order
     u32 listen_port4;         // network byte order, low 16 bits
     u32 listen_port6;         // network byte order, low 16 bits; the v6 listener is on ::1
-    u64 excluded_cgroup;      // the agent's own cgroup (all_cgroups mode)
+    u32 pad;
+    u64 excluded_cgroup;      // the agent's own cgroup: its connects are never redirected
 };
 
 // What the proxy needs to know about a redirected connection, keyed by socket cookie.
@@ -43,14 +43,20 @@ struct redirect_info {
     u64 netns;                // network namespace cookie of the connecting socket
 };
 
-// The client side of a redirected connection as the proxy sees it on accept(). The
-// network namespace is part of the key: every pod has its own 127.0.0.1, so two workloads
-// in two pods can hold the same local address and port at the same time, and the proxy's
-// listener inside each pod knows which namespace it accepted in (SO_NETNS_COOKIE).
+// A redirected connection as the proxy sees it on accept(): the full 4-tuple (the client's
+// address and port, and the listener's, which the connect was rewritten to) and the network
+// namespace. The namespace is part of the key because every pod has its own 127.0.0.1: two
+// workloads in two pods can hold the same address and port at the same time, and the
+// proxy's listener inside each pod knows which namespace it accepted in (SO_NETNS_COOKIE).
+// The listener's half makes a record name one connection, not a port a process may bind
+// later; the record is also deleted when the client's socket closes (bpf/redirect.c).
 struct local_endpoint {
-    u32 family;
-    u32 port;                 // host byte order (as sockops reports local_port)
+    u32 family;               // of both ends: a v4-mapped client counts as AF_INET
+    u32 port;                 // the client's, host byte order (as sockops reports it)
     u32 addr[4];
+    u32 listen_port;          // the listener's, host byte order
+    u32 listen_addr[4];
+    u32 pad;
     u64 netns;                // bpf_get_netns_cookie() of the client's socket
 };
 

@@ -87,14 +87,21 @@ class Proxy:
         """Serve one accepted workload connection (netns: its namespace's cookie)."""
         self.rec.m_active.inc()
         peer = client.transport.get_extra_info("peername")
+        local = client.transport.get_extra_info("sockname")
         try:
-            info = self.redirect.lookup(peer[0], peer[1], netns)
+            info = self.redirect.lookup(peer, local, netns)
             if info is None:
-                return  # not a redirected connection: someone dialled the proxy directly
+                # not a connection the kernel redirected (or whose socket is gone): someone
+                # dialled the proxy directly, perhaps from a port a workload once used
+                self.rec.audit_event("connection.refused", {
+                    "peer": f"{peer[0]}:{peer[1]}", "listener": f"{local[0]}:{local[1]}",
+                    "netns": netns}, reason="no redirect record for this connection: it was "
+                    "not redirected by the kernel; closed")
+                return
             try:
                 await self._serve(client, info)
             finally:
-                self.redirect.forget(peer[0], peer[1], info)
+                self.redirect.forget(peer, local, info)
         except ConnectionError:
             pass
         except ProtocolError as e:   # not HTTP/1.1 we can frame: answer once and close

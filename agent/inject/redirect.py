@@ -76,6 +76,14 @@ def _addr_words(host: str) -> tuple[int, list[int]]:
     return socket.AF_INET6, [int.from_bytes(p[i:i + 4], "little") for i in range(0, 16, 4)]
 
 
+def _unmapped(host: str) -> str:
+    """A v4-mapped IPv6 address as the IPv4 address it is (bpf/redirect.c keys those
+    connections as IPv4)."""
+    ip = ipaddress.ip_address(host.split("%", 1)[0])
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return str(mapped) if mapped is not None else str(ip)
+
+
 def _net_port(port: int) -> int:
     return socket.htons(port)
 
@@ -169,7 +177,6 @@ class Redirector:
         cfg_table = self._bpf[b"redirect_config"]
         leaf = cfg_table.Leaf()
         leaf.enabled = 1
-        leaf.agent_tgid = os.getpid()
         leaf.all_cgroups = 0 if self.managed_paths else 1
         leaf.fail_open = 1 if self.fail_open else 0
         leaf.agent_up = 0
@@ -257,20 +264,23 @@ class Redirector:
         return key
 
     # ------------------------------------------------------------ lookups
-    def _endpoint_key(self, peer_host: str, peer_port: int, netns: int):
+    def _endpoint_key(self, peer: tuple, local: tuple, netns: int):
         key = self._bpf[b"local_to_cookie"].Key()
-        family, words = _addr_words(peer_host)
-        key.family, key.port, key.netns = family, peer_port, netns
-        for i, w in enumerate(words):
-            key.addr[i] = w
+        family, words = _addr_words(_unmapped(peer[0]))
+        _, listen_words = _addr_words(_unmapped(local[0]))
+        key.family, key.port, key.listen_port, key.netns = family, peer[1], local[1], netns
+        for i in range(4):
+            key.addr[i], key.listen_addr[i] = words[i], listen_words[i]
         return key
 
-    def lookup(self, peer_host: str, peer_port: int, netns: int) -> RedirectInfo | None:
-        """The redirect record of an accepted connection, by the client's address and the
-        network namespace (cookie) of the listener that accepted it."""
+    def lookup(self, peer: tuple, local: tuple, netns: int) -> RedirectInfo | None:
+        """The redirect record of an accepted connection, by its 4-tuple (the client's
+        address and port, the listener's) and the network namespace (cookie) of the
+        listener that accepted it. None: the kernel did not redirect this connection (it
+        was dialled directly, or its record went with the socket that made it)."""
         try:
             cookie = self._bpf[b"local_to_cookie"][
-                self._endpoint_key(peer_host, peer_port, netns)].value
+                self._endpoint_key(peer, local, netns)].value
         except KeyError:
             return None
         try:
@@ -288,9 +298,11 @@ class Redirector:
                             info.uid, info.cgroup_id, info.start_ns, info.exec_ns, cookie,
                             info.netns)
 
-    def forget(self, peer_host: str, peer_port: int, info: RedirectInfo) -> None:
+    def forget(self, peer: tuple, local: tuple, info: RedirectInfo) -> None:
+        """Delete a served connection's records (the kernel does too when the client's socket
+        closes; this frees them as soon as the proxy is done)."""
         for table, k in ((self._bpf[b"local_to_cookie"],
-                          self._endpoint_key(peer_host, peer_port, info.netns)),
+                          self._endpoint_key(peer, local, info.netns)),
                          (self._bpf[b"redirected"], ct.c_uint64(info.cookie))):
             try:
                 del table[k]

@@ -212,7 +212,8 @@ def test_a_redirect_pinned_with_an_older_layout_is_replaced(tmp_path, upstream):
             a.wait_ready()
             fd = bpfsys.obj_get(str(pin / "local_to_cookie"))
             try:
-                assert bpfsys.map_sizes(fd) == (32, 8)
+                # this agent's key: client and listener address and port, namespace
+                assert bpfsys.map_sizes(fd) == (56, 8)
             finally:
                 os.close(fd)
             warned = netns_events(a, "pinned redirect maps not reusable; replacing them")

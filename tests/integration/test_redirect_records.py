@@ -1,0 +1,151 @@
+"""The redirect's records name one live connection, and the agent's exemption one agent, on
+the real kernel (issue 15, items 2 and 5).
+
+bpf/redirect.c records each redirected connect under its socket cookie and its 4-tuple.
+A record that outlived its socket (a connection cut by an agent's crash, a connect refused
+while no agent listened; the maps are pinned across restarts) once let any local process
+that bound the same port and dialled the proxy directly be served as the process that made
+it, for as long as that process ran. And the agent's own connects were
+exempt by a tgid pinned in the config, which outlived the agent: a process given that pid
+while no agent ran went out unredirected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import AgentProcess, audit_events, free_port, wait_for, write_config
+from tests.integration.test_proxy_passthrough import (Upstream, passthrough_config,  # noqa: F401
+                                                      upstream)
+from tests.kernel import cgroup_child, enter_cgroup
+
+pytestmark = pytest.mark.kernel
+
+# Connects from 127.0.0.1:<local port> to <port> and sends one request; prints "refused",
+# "closed" (accepted, then closed with no answer) or the answer's status line.
+DIAL = r'''
+import socket, sys
+local, port = int(sys.argv[1]), int(sys.argv[2])
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", local))
+s.settimeout(10)
+try:
+    s.connect(("127.0.0.1", port))
+except ConnectionRefusedError:
+    print("refused"); sys.exit()
+s.sendall(b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\n\r\n{}")
+data = s.recv(65536)
+print(data.split(b"\r\n")[0].decode() if data else "closed")
+'''
+
+
+def dial(local: int, port: int, cgroup=None) -> str:
+    r = subprocess.run([sys.executable, "-c", DIAL, str(local), str(port)],
+                       capture_output=True, text=True, timeout=30,
+                       preexec_fn=enter_cgroup(cgroup) if cgroup else None)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout.strip()
+
+
+@contextlib.contextmanager
+def stopped_agent(tmp_path, upstream_port):
+    """An agent started and stopped with its redirect left pinned (the default), as during
+    a restart or after a crash: intercepted connects go to a port where nothing listens."""
+    with cgroup_child() as cg:
+        cfg = passthrough_config(tmp_path, cg, {"up": upstream_port})
+        with AgentProcess(cfg, tmp_path) as first:
+            first.wait_ready()
+            pid = first.proc.pid
+            assert first.stop() == 0
+            yield cfg, cg, pid
+
+
+# A workload that connects from 127.0.0.1:<local port>, is served once, and keeps its
+# connection until the proxy's side goes away; then closes it and goes on running.
+WORKLOAD = r'''
+import socket, sys
+local, port = int(sys.argv[1]), int(sys.argv[2])
+s = socket.socket()
+s.bind(("127.0.0.1", local))
+s.connect(("127.0.0.1", port))
+s.sendall(b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\n\r\n{}")
+print(s.recv(65536).split(b"\r\n")[0].decode(), flush=True)
+while s.recv(65536):
+    pass
+s.close()
+print("cut", flush=True)
+sys.stdin.read()
+'''
+
+
+def test_a_port_a_crashed_agents_connection_used_is_not_served_as_its_owner(tmp_path,
+                                                                             upstream):
+    port = free_port()
+    with cgroup_child() as cg, contextlib.ExitStack() as stack:
+        cfg = passthrough_config(tmp_path, cg, {"up": upstream})
+        first = stack.enter_context(AgentProcess(cfg, tmp_path))
+        first.wait_ready()
+        victim = subprocess.Popen([sys.executable, "-c", WORKLOAD, str(port), str(upstream)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                  preexec_fn=enter_cgroup(cg))
+        stack.callback(victim.wait)
+        stack.callback(victim.kill)
+        assert victim.stdout.readline().strip() == "HTTP/1.1 200 OK"
+        first.stop(signal.SIGKILL)              # the agent crashes: its connections are cut
+        assert victim.stdout.readline().strip() == "cut"   # the workload runs on
+        (tmp_path / "second").mkdir()
+        second = stack.enter_context(AgentProcess(cfg, tmp_path / "second"))
+        second.wait_ready()
+        listen_port = int(cfg.read_text().split("listen_port = ")[1].split()[0])
+        # anyone, from the port the cut connection used, dials the proxy directly
+        assert dial(port, listen_port) == "closed"
+        assert len(Upstream.seen) == 1            # the workload's own request, no other
+        events = wait_for(lambda: audit_events(second.stdout_path), what="an audit event")
+        # never taken for the workload (a stale record named it: its pid, its image)
+        assert not [e for e in events if e.get("pid") == victim.pid], events
+        [refused] = [e for e in events if e["event"] == "connection.refused"]
+        assert refused["peer"] == f"127.0.0.1:{port}"
+
+
+def test_a_process_given_the_stopped_agents_pid_is_still_redirected(tmp_path, upstream):
+    with stopped_agent(tmp_path, upstream) as (_, cg, agent_pid):
+        # the next fork gets the agent's old pid, if nothing else forks first: retry
+        for _ in range(50):
+            with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+                f.write(str(agent_pid - 1))
+            proc = subprocess.Popen([sys.executable, "-c", DIAL, str(free_port()),
+                                     str(upstream)], stdout=subprocess.PIPE, text=True,
+                                    preexec_fn=enter_cgroup(cg))
+            out, _ = proc.communicate(timeout=30)
+            if proc.pid == agent_pid:
+                break
+        else:
+            pytest.fail(f"could not fork a process with pid {agent_pid} in 50 tries")
+        # redirected to the stopped agent's listener, where nothing listens: refused
+        assert out.strip() == "refused"
+        assert Upstream.seen == []
+
+
+def test_the_agents_own_connects_are_exempt_while_it_runs(tmp_path, upstream):
+    """The exemption by cgroup still lets the agent reach its servers: in all-cgroups mode
+    (no managed_cgroups) every process but the agent is redirected, the agent itself too if
+    the exemption failed, and its proxied request would loop back into its own listener."""
+    port = free_port()
+    cfg = write_config(tmp_path, extra=(
+        f'[inject]\nlisten_port = {port}\nlisten_port6 = {port}\n'
+        f'[[servers]]\nname = "up"\nurl = "http://127.0.0.1:{upstream}/mcp"\n'
+        'mode = "passthrough"\n'))
+    with cgroup_child() as cg, AgentProcess(cfg, tmp_path) as agent:
+        agent.wait_ready()
+        assert dial(free_port(), upstream, cg).startswith("HTTP/1.1 200")
+        assert len(Upstream.seen) == 1
+        forwarded = [e for e in audit_events(agent.stdout_path)
+                     if e["event"] == "request.forwarded"]
+        assert len(forwarded) == 1 and forwarded[0]["pid"] != os.getpid()
