@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 PYTHON ?= python3
 BCC_SRC := /usr/lib/python3/dist-packages/bcc
 
-.PHONY: setup host venv peers test demo bench bench-attest bench-identity bench-inject proto install clean
+.PHONY: setup host venv peers test demo bench bench-attest bench-identity bench-inject bench-workload-api proto install clean
 
 setup: host venv peers
 
@@ -39,7 +39,7 @@ test: setup
 demo: setup
 	$(PY) -m tests.demo
 
-bench: setup bench-attest bench-identity bench-inject
+bench: setup bench-attest bench-identity bench-inject bench-workload-api
 
 bench-attest: setup
 	$(PY) -m tests.bench.bench_attest
@@ -49,6 +49,9 @@ bench-identity: setup
 
 bench-inject: setup
 	$(PY) -m tests.bench.bench_inject
+
+bench-workload-api: setup
+	$(PY) -m tests.bench.bench_workload_api
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -4,8 +4,8 @@
 by checking the process start time here and the kernel's image map afterwards
 (agent/attest/attestor.py). The executable is hashed through an fd opened on
 /proc/<pid>/exe, which names the file the process really runs even if its path has since
-been replaced or deleted; hashes are cached by (device, inode, mtime, size) so an exec storm
-of one binary hashes it once.
+been replaced or deleted; hashes are cached by file identity and change time (see
+ExeHasher) so an exec storm of one binary hashes it once.
 """
 
 from __future__ import annotations
@@ -79,29 +79,60 @@ def same_start(start_ns: int, start_ticks: int) -> bool:
 
 
 class ExeHasher:
-    """SHA-256 of executables, cached by file identity. Thread-safe."""
+    """SHA-256 of executables, cached by file identity and change time. Thread-safe.
+
+    The cache key is (st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns). mtime alone is not
+    enough: utime(2) lets the file's owner put it back after writing new code of the same
+    size over the same inode, and the cached digest of the old code would then vouch for
+    the new. ctime cannot be set from user space (utime and every write set it to the
+    current time; only root, by moving the clock, could aim it), so a same-size in-place
+    overwrite changes the key. On filesystems with multigrain timestamps (Linux 6.13+:
+    ext4, xfs, btrfs, tmpfs) the fstat below marks ctime as queried, so the next change
+    gets a fresh fine-grained ctime even within one timer tick (seen on this project's
+    test kernels); on older kernels two changes within one tick can share a coarse ctime,
+    which is also why a file that changes while it is being hashed is not cached at all.
+
+    What is hashed is the file the process runs: the caller passes an fd opened on
+    /proc/<pid>/exe, so a path swapped by rename(2) names another inode (another key),
+    and the kernel refuses writes to a file mapped for execution (ETXTBSY), so the bytes
+    cannot change under a running image. What this cannot see is an overwrite between the
+    exec and the hash on kernels that allow writing to a running executable. The inode's
+    i_version (the NFSv4 change attribute) would be a stronger key but is not exposed to
+    user space (statx's STATX_CHANGE_COOKIE is kernel-internal); the complete answer is a
+    digest taken in the kernel at exec (bpf_ima_file_hash() from an LSM program on
+    bprm_committed_creds), which needs CONFIG_BPF_LSM and IMA and is not done here.
+    """
 
     def __init__(self, max_entries: int = 4096, max_bytes: int = 512 * 1024 * 1024):
-        self._cache: dict[tuple[int, int, int, int], str] = {}
+        self._cache: dict[tuple[int, int, int, int, int], str] = {}
         self._lock = threading.Lock()
         self._max_entries = max_entries
         self._max_bytes = max_bytes
         self.hits = 0
         self.misses = 0
 
+    @staticmethod
+    def _key(st: os.stat_result) -> tuple[int, int, int, int, int]:
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
     def hash_fd(self, fd: int) -> str | None:
-        st = os.fstat(fd)
-        key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+        """The digest of the file open at `fd` (read from offset 0), or None when it is too
+        large to hash or changed while being hashed (a sha256 selector then never matches)."""
+        key = self._key(os.fstat(fd))
         with self._lock:
             cached = self._cache.get(key)
             if cached is not None:
                 self.hits += 1
                 return cached
-        if st.st_size > self._max_bytes:
-            return None  # not hashed: a sha256 selector never matches it
+        if key[2] > self._max_bytes:
+            return None
         h = hashlib.sha256()
-        while chunk := os.read(fd, 1 << 20):
+        offset = 0
+        while chunk := os.pread(fd, 1 << 20, offset):
             h.update(chunk)
+            offset += len(chunk)
+        if self._key(os.fstat(fd)) != key:
+            return None   # written while read: the digest names no version of the file
         digest = h.hexdigest()
         with self._lock:
             self.misses += 1

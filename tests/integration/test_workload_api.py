@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import io
+import ipaddress
 import json
 import os
 import subprocess
@@ -30,6 +32,7 @@ from tests.kernel import cgroup_child, enter_cgroup
 pytestmark = pytest.mark.kernel
 
 AUDIENCE = "https://as.example/token"
+NOBODY, NOGROUP = 65534, 65534
 
 
 @pytest.fixture
@@ -53,25 +56,94 @@ id = "test-workload"
 spiffe_id = "spiffe://example.org/workload/{{unix:user}}"
 selectors = ["cgroup:path:/{cg.name}", "unix:uid:0"]
 ''')
+        listeners_before = agent_tcp()[0]
+        unix_before = agent_unix_listeners()
         try:
             for c in (attestor, manager, server):
                 c.start()
                 started.append(c)
             yield SimpleNamespace(cg=cg, sock=sock_dir / "agent.sock", manager=manager, server=server,
-                                  audit=audit_out, entries=entries, cfg=cfg)
+                                  audit=audit_out, entries=entries, cfg=cfg,
+                                  listeners_before=listeners_before,
+                                  unix_before=unix_before)
         finally:
             for c in reversed(started):
                 c.stop()
             subprocess.run(["rm", "-rf", str(sock_dir)])
 
 
-def run_workload(stack, *args, cgroup=True, timeout=60) -> list[dict]:
-    r = subprocess.run([sys.executable, "-m", "tests.workloads.spiffe_client", str(stack.sock),
-                        *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                       preexec_fn=enter_cgroup(stack.cg) if cgroup else None)
+def run_workload(stack, *args, cgroup=True, timeout=60, addr=None, as_nobody_in=None
+                 ) -> list[dict]:
+    """py-spiffe in a process of its own: in the entry's cgroup as root by default; with
+    as_nobody_in, in that (unmanaged) cgroup as nobody. addr overrides the socket."""
+    target = addr or str(stack.sock)
+    if as_nobody_in is not None:
+        cmd = [sys.executable, "-m", "tests.workloads.as_user", str(as_nobody_in), str(NOBODY),
+               str(NOGROUP), "tests.workloads.spiffe_client", target, *args]
+        preexec = None
+    else:
+        cmd = [sys.executable, "-m", "tests.workloads.spiffe_client", target, *args]
+        preexec = enter_cgroup(stack.cg) if cgroup else None
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                       preexec_fn=preexec)
     lines = [json.loads(ln) for ln in r.stdout.splitlines() if ln.startswith("{")]
     assert lines, r.stderr[-3000:]
     return lines
+
+
+# ------------------------------------------------------------ what /proc/net/tcp shows
+# Any local user can read /proc/net/tcp and /proc/net/tcp6; these helpers pick out the lines
+# that belong to the agent (here: this test process, which runs the server), as an attacker
+# would find them by trying each loopback connection in turn.
+
+def _hex_addr(text: str) -> tuple[str, int]:
+    addr, port = text.split(":")
+    raw = bytes.fromhex(addr)
+    # the kernel prints each 32-bit word in host (little-endian) order
+    raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    ip = ipaddress.ip_address(raw)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return str(ip), int(port, 16)
+
+
+def _socket_inodes(pid: int | None = None) -> set[str]:
+    fd_dir = f"/proc/{pid or os.getpid()}/fd"
+    inodes = set()
+    for fd in os.listdir(fd_dir):
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"{fd_dir}/{fd}")
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    return inodes
+
+
+def agent_unix_listeners(pid: int | None = None) -> set[str]:
+    """The unix sockets the process `pid` (default: this one) listens on, by path."""
+    inodes = _socket_inodes(pid)
+    with open("/proc/net/unix") as f:
+        rows = [line.split() for line in list(f)[1:]]
+    return {cols[7] if len(cols) > 7 else f"(unnamed {cols[6]})" for cols in rows
+            if cols[6] in inodes and int(cols[3], 16) & 0x10000}   # __SO_ACCEPTCON
+
+
+def agent_tcp(pid: int | None = None) -> tuple[set[tuple[str, int]], set[tuple[int, tuple]]]:
+    """(TCP listeners, loopback connections to those listeners as (local port, listener))
+    of the process `pid` (default: this one)."""
+    inodes = _socket_inodes(pid)
+    rows = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in list(f)[1:]:
+                cols = line.split()
+                if cols[9] in inodes:
+                    rows.append((_hex_addr(cols[1]), _hex_addr(cols[2]), cols[3]))
+    listeners = {local for local, _remote, state in rows if state == "0A"}
+    ports = {port for _addr, port in listeners}
+    connections = {(local[1], remote) for local, remote, state in rows
+                   if state == "01" and remote[1] in ports and local[1] not in ports
+                   and ipaddress.ip_address(local[0]).is_loopback}
+    return listeners, connections
 
 
 def test_py_spiffe_fetches_and_validates_svids(stack):
@@ -160,12 +232,14 @@ def test_an_unattested_caller_and_a_direct_backend_connection_are_refused(stack)
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert err.value.details() == ("no identity issued: no registration entry matches this "
                                    "process")
-    with grpc.insecure_channel(f"127.0.0.1:{stack.server._backend_port}") as ch:
-        with pytest.raises(grpc.RpcError) as err:
-            client_call(ch, "FetchJWTSVID")(
-                pb.JWTSVIDRequest(audience=["x"]), timeout=10, metadata=md)
-    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert err.value.details() == f"connect through the Workload API socket {stack.sock}"
+    # whatever the agent listens on over TCP (nothing, since the server reads the caller's
+    # own socket), a direct connection there is refused too
+    for host, port in agent_tcp()[0] - stack.listeners_before:
+        with grpc.insecure_channel(f"{host}:{port}") as ch:
+            with pytest.raises(grpc.RpcError) as err:
+                client_call(ch, "FetchJWTSVID")(
+                    pb.JWTSVIDRequest(audience=["x"]), timeout=10, metadata=md)
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
 def test_entries_reload_revokes_on_the_stream(stack):
@@ -184,3 +258,96 @@ def test_entries_reload_revokes_on_the_stream(stack):
     finally:
         proc.kill()
         proc.wait()
+
+
+def _svids_issued(stack) -> list[dict]:
+    return [a for a in (json.loads(ln) for ln in stack.audit.getvalue().splitlines())
+            if a["event"] == "svid.issued"]
+
+
+def _denied(out: dict) -> bool:
+    return "spiffe_id" not in out and "error" in out and (
+        "PERMISSION_DENIED" in out["message"] or "PermissionDenied" in out["message"]
+        or "no identity issued" in out["message"])
+
+
+@contextlib.contextmanager
+def _relay(outsider, dest: tuple[str, int], bind: tuple[str, int] = ("127.0.0.1", 0)):
+    """tests.workloads.loopback_relay as nobody in `outsider`, connecting to `dest` from
+    `bind`: yields its unix socket (py-spiffe speaks to unix sockets only)."""
+    d = Path(tempfile.mkdtemp(prefix="credless-relay-"))
+    os.chown(d, NOBODY, NOGROUP)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.workloads.as_user", str(outsider), str(NOBODY),
+         str(NOGROUP), "tests.workloads.loopback_relay", str(d / "relay.sock"), bind[0],
+         str(bind[1]), dest[0], str(dest[1])],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ready = json.loads(proc.stdout.readline() or "{}")
+        if not ready.get("ready"):
+            raise AssertionError(f"the relay did not start (exit {proc.wait()}): "
+                                 f"{proc.stderr.read()[-2000:]}")
+        assert ready["uid"] == NOBODY
+        yield d / "relay.sock"
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+        subprocess.run(["rm", "-rf", str(d)])
+
+
+def test_a_relay_on_a_victims_port_from_another_loopback_address_gets_nothing(stack):
+    """Issue 15 item 1: the victim holds a FetchX509SVID stream open; a process running as
+    nobody in a cgroup no entry names finds the agent's loopback connections in
+    /proc/net/tcp{,6}, relays a py-spiffe client through a socket bound to 127.0.0.2 and the
+    victim's port, and also connects to every agent TCP listener directly. It gets no SVID;
+    the victim keeps its stream and still gets its SVIDs; nothing is issued to the attacker."""
+    victim = subprocess.Popen([sys.executable, "-m", "tests.workloads.spiffe_client",
+                               str(stack.sock), "watch", "1000"], cwd=REPO,
+                              stdout=subprocess.PIPE, text=True,
+                              preexec_fn=enter_cgroup(stack.cg))
+    try:
+        first = json.loads(victim.stdout.readline() or "{}")
+        assert first.get("spiffe_id") == "spiffe://example.org/workload/root", first
+        issued_before = len(_svids_issued(stack))
+        listeners, connections = agent_tcp()
+        listeners -= stack.listeners_before
+        attempts = []
+        with cgroup_child("credless-outsider") as outsider:
+            for port, dest in sorted(connections):      # the relay from the victim's port
+                with _relay(outsider, dest, bind=("127.0.0.2", port)) as relay_sock:
+                    out = run_workload(stack, "fetch", AUDIENCE, addr=str(relay_sock),
+                                       as_nobody_in=outsider)[0]
+                attempts.append((f"relay from 127.0.0.2:{port} to {dest}", out))
+            for dest in sorted(listeners):                  # straight to a backend
+                with _relay(outsider, dest) as relay_sock:
+                    out = run_workload(stack, "fetch", AUDIENCE, addr=str(relay_sock),
+                                       as_nobody_in=outsider)[0]
+                attempts.append((f"direct to {dest}", out))
+        leaked = [f"{what}: got {out.get('spiffe_id') or out.get('message', '')[:200]}"
+                  for what, out in attempts if not _denied(out)]
+        assert not leaked, f"a process running as nobody outside every managed cgroup: {leaked}"
+        assert len(_svids_issued(stack)) == issued_before
+        # the root of it: no backend at all; nothing reachable over the network, and no
+        # socket but the public one, where the kernel names every caller
+        assert not listeners, f"the Workload API listens on TCP: {sorted(listeners)}"
+        assert agent_unix_listeners() - stack.unix_before == {str(stack.sock)}
+        # the victim was not disturbed: its stream is open, and it still gets its SVIDs
+        assert victim.poll() is None
+        out = run_workload(stack, "fetch", AUDIENCE)[0]
+        assert out.get("spiffe_id") == "spiffe://example.org/workload/root", out.get("error")
+    finally:
+        victim.kill()
+        victim.wait()
+        victim.stdout.close()
+
+
+def test_a_process_running_as_nobody_outside_managed_cgroups_gets_nothing(stack):
+    with cgroup_child("credless-outsider") as outsider:
+        out = run_workload(stack, "fetch", AUDIENCE, as_nobody_in=outsider)[0]
+    denied = _denied(out)
+    assert denied, f"received {out.get('spiffe_id')}"
+    assert not _svids_issued(stack)
+    audit = [json.loads(ln) for ln in stack.audit.getvalue().splitlines()]
+    assert any(a["event"] == "workload_api.denied" for a in audit)

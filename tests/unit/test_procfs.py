@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import pytest
@@ -54,3 +55,99 @@ def test_read_process_detects_another_process_on_the_pid():
 def test_read_missing_process():
     with pytest.raises(procfs.ProcessGone, match="exited"):
         procfs.read_process(2**22 + 7, None, procfs.ExeHasher())
+
+
+# ------------------------------------------------------------ the executable-hash cache
+
+def _overwrite_same_size(path, st):
+    """Issue 15 item 4: new code of the same size written in place, mtime put back."""
+    data = path.read_bytes()
+    with open(path, "r+b") as f:
+        f.write(bytes(b ^ 0xFF for b in data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _overwrite_same_size_new_mtime(path, st):
+    with open(path, "r+b") as f:
+        f.write(b"X" * st.st_size)
+
+
+def _chmod(path, st):
+    os.chmod(path, 0o700)        # metadata only: the bytes are the same
+
+
+def _replace_by_rename(path, st):
+    tmp = path.with_name("new")
+    tmp.write_bytes(b"Y" * st.st_size)
+    os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.rename(tmp, path)
+
+
+def _append(path, st):
+    with open(path, "ab") as f:
+        f.write(b"\0")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _untouched(path, st):
+    pass
+
+
+@pytest.mark.parametrize("change, same_inode, rehashed", [
+    (_untouched, True, False),
+    (_overwrite_same_size, True, True),          # the poisoning: dev, ino, mtime, size equal
+    (_overwrite_same_size_new_mtime, True, True),
+    (_chmod, True, True),                        # ctime moved: hashed again (same digest)
+    (_replace_by_rename, False, True),
+    (_append, True, True),
+], ids=lambda v: v.__name__.strip("_") if callable(v) else None)
+def test_exe_hash_cache_follows_every_change_to_the_file(tmp_path, change, same_inode, rehashed):
+    path = tmp_path / "tool"
+    path.write_bytes(os.urandom(4096))
+    os.utime(path, ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
+    hasher = procfs.ExeHasher()
+
+    def digest():
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return hasher.hash_fd(fd)
+        finally:
+            os.close(fd)
+
+    before = os.stat(path)
+    assert digest() == hashlib.sha256(path.read_bytes()).hexdigest()
+    change(path, before)
+    after = os.stat(path)
+    assert (after.st_ino == before.st_ino) == same_inode
+    got = digest()
+    assert got == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert (hasher.hits, hasher.misses) == ((0, 2) if rehashed else (1, 1))
+
+
+def test_a_file_that_changes_while_hashed_is_not_cached(tmp_path, monkeypatch):
+    path = tmp_path / "tool"
+    path.write_bytes(b"A" * (3 << 20))
+    hasher = procfs.ExeHasher()
+    real_pread = os.pread
+    writes = []
+
+    def read_then_write(fd, n, offset):
+        chunk = real_pread(fd, n, offset)
+        if not writes:    # someone writes the file between the hasher's first and last read
+            with open(path, "r+b") as f:
+                f.write(b"B")
+            writes.append(1)
+        return chunk
+    monkeypatch.setattr(procfs.os, "pread", read_then_write)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert hasher.hash_fd(fd) is None      # no digest of bytes no one can name
+    finally:
+        os.close(fd)
+    monkeypatch.undo()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert hasher.hash_fd(fd) == hashlib.sha256(path.read_bytes()).hexdigest()
+    finally:
+        os.close(fd)
+    assert hasher.hits == 0
