@@ -251,16 +251,12 @@ class Reader:
         return events
 
 
-# The verbatim lane (WholeMessage): a message carrying one of these fields is not relayed as
-# read. Requests: credentials the workload sent, connection management, an expectation,
-# a protocol switch, framing other than Content-Length. Responses: the same hop-by-hop
-# fields (the caller allows `Connection: keep-alive`, true of both hops).
+# The verbatim answer (WholeMessage, UpstreamSide._verbatim): a response carrying one of
+# these hop-by-hop fields is not relayed as read (the caller allows `Connection:
+# keep-alive`, true of both hops). Requests: decide.py reads the lane's fields the same way.
 # llhttp is strict here (no space before the colon, no folded lines, CRLF only:
 # tests/unit/test_http1.py shows each refused), so a field with one of these names is always
-# CRLF, the name in some case, and a colon: these patterns cannot miss one.
-REQUEST_OFF_LANE = re.compile(
-    rb"\r\n(?:authorization|dpop|connection|keep-alive|proxy-connection|expect|upgrade|te|"
-    rb"trailer|transfer-encoding):", re.IGNORECASE)
+# CRLF, the name in some case, and a colon: the pattern cannot miss one.
 RESPONSE_HOP_FIELDS = re.compile(
     rb"\r\n(connection|keep-alive|proxy-connection|upgrade|trailer|transfer-encoding):"
     rb"([^\r]*)", re.IGNORECASE)

@@ -7,7 +7,7 @@ that is one whole request, asks agent/inject/decide.py about it (the same decisi
 path asks for), and when the verdict is to forward and needs nothing the lane cannot do —
 nothing awaited (token cached, upstream connection at hand), no body to decide, nothing of
 the workload's to remove (no credentials, connection fields, expectation, upgrade or framing
-other than Content-Length: http1.REQUEST_OFF_LANE) — sends it upstream as read with the
+other than Content-Length: decide.LANE_CANNOT) — sends it upstream as read with the
 credential fields spliced in after its last field, and finishes it when the upstream side
 has relayed the answer (UpstreamSide._verbatim, or its parser for anything else).
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from agent.inject import decide, http1
+from agent.inject import decide
 from agent.inject.flows import UpstreamSide
 from agent.inject.record import AuditBase
 from agent.inject.served import Served
@@ -105,10 +105,11 @@ class FastLane:
         end = whole.head_end
         if end > client.max_head or data.count(b"\r\n", 0, end) > client.max_fields:
             return False   # the parser refuses it (431)
-        if http1.REQUEST_OFF_LANE.search(data, 0, end + 2) is not None:
+        req = decide.Request.from_read(data, end, whole.method, whole.url)
+        if req is None:   # a field of the workload's to remove or act on: the full path
             return False
-        verdict = decide.decide(decide.Request.from_read(data, end, whole.method, whole.url),
-                                self.up, proxy.caller(self.served), proxy.cfg, proxy.policy)
+        verdict = decide.decide(req, self.up, proxy.caller(self.served), proxy.cfg,
+                                proxy.policy)
         if verdict.action != decide.FORWARD or verdict.read_body:
             return False   # the full path answers it, or reads its body to decide
         token = None

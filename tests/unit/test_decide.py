@@ -92,12 +92,11 @@ def test_decision(row):
     # the fast lane's reading of the same head, where it could take it, decides the same
     whole = http1.WholeMessage()
     request = head_bytes + (b"{}" if b"Content-Length: 2" in head_bytes else b"")
-    if whole.one(request) and http1.REQUEST_OFF_LANE.search(request, 0,
-                                                             whole.head_end + 2) is None:
-        lane = decide.decide(decide.Request.from_read(request, whole.head_end, whole.method,
-                                                      whole.url), up, caller, settings,
-                             policy)
-        assert lane == verdict
+    read = decide.Request.from_read(request, whole.head_end, whole.method, whole.url) \
+        if whole.one(request) else None
+    if read is not None:
+        assert read.fields == decide.Request.from_head(parsed(head_bytes)).fields
+        assert decide.decide(read, up, caller, settings, policy) == verdict
 
 
 def test_every_refusal_outcome_is_a_distinct_metric_label():

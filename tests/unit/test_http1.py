@@ -53,7 +53,7 @@ def test_garbage_is_a_protocol_error():
         http1.Reader().feed(b"NOT HTTP AT ALL\r\n\r\n")
 
 
-# The fast path's field patterns (http1.REQUEST_OFF_LANE) rely on llhttp refusing every
+# The fast path's field patterns (decide.Request.from_read) rely on llhttp refusing every
 # other way of writing a field: if one of these were accepted, a credential field could be
 # written in a form the pattern does not see.
 LENIENT_FORMS = {
