@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 PYTHON ?= python3
 BCC_SRC := /usr/lib/python3/dist-packages/bcc
 
-.PHONY: setup host venv peers test demo bench bench-attest bench-identity bench-inject bench-workload-api proto install clean
+.PHONY: setup host venv peers test unit demo bench bench-attest bench-identity bench-inject bench-workload-api proto install clean
 
 setup: host venv peers
 
@@ -35,6 +35,10 @@ tests/oidc/node_modules/.installed: tests/oidc/package-lock.json
 
 test: setup
 	$(PY) -m pytest tests/unit tests/integration
+
+# The inner loop: the sans-IO and unit tests only (no root, no kernel, no peers; seconds).
+unit: venv
+	$(PY) -m pytest tests/unit -q
 
 demo: setup
 	$(PY) -m tests.demo
