@@ -146,6 +146,7 @@ def test_the_agents_own_connects_are_exempt_while_it_runs(tmp_path, upstream):
         agent.wait_ready()
         assert dial(free_port(), upstream, cg).startswith("HTTP/1.1 200")
         assert len(Upstream.seen) == 1
-        forwarded = [e for e in audit_events(agent.stdout_path)
-                     if e["event"] == "request.forwarded"]
+        forwarded = wait_for(lambda: [e for e in audit_events(agent.stdout_path)
+                                      if e["event"] == "request.forwarded"],
+                             what="the request audited")
         assert len(forwarded) == 1 and forwarded[0]["pid"] != os.getpid()
