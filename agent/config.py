@@ -213,6 +213,29 @@ def _optional_url(v: Any) -> str | None:
     return None if v == "" else _url(v)
 
 
+_ISSUER = ("https, or http only to a loopback host (127.0.0.0/8, ::1, localhost), with no "
+           'query or fragment, such as "https://as.example.com"')
+
+
+def _issuer(v: Any) -> str | None:
+    """An authorization server issuer identifier (RFC 8414 §2) the agent may send
+    assertions to: the rule it also applies at run time (agent/oauth/trust.py)."""
+    from agent.oauth.trust import insecure_reason
+
+    ok = isinstance(v, str) and not _url(v) and not insecure_reason(v) and "?" not in v \
+        and "#" not in v
+    return None if ok else "an issuer URL: " + _ISSUER
+
+
+def _optional_issuer(v: Any) -> str | None:
+    return None if v == "" else _issuer(v)
+
+
+def _issuers(v: Any) -> str | None:
+    ok = isinstance(v, list) and not any(_issuer(x) for x in v)
+    return None if ok else "a list of issuer URLs, each " + _ISSUER
+
+
 @dataclass(frozen=True)
 class ServerSection:
     """One MCP server the agent obtains credentials for."""
@@ -227,7 +250,13 @@ class ServerSection:
                                        "identifier, or the token endpoint URL",
                                        _one_of("issuer", "token_endpoint"))
     issuer: str = _setting("", "authorization server issuer; empty means discovered",
-                           _optional_url)
+                           _optional_issuer)
+    authorization_servers: list = _setting([], "authorization servers (issuer URLs) that may "
+                                           "receive this server's client assertions; the "
+                                           "first one the server's metadata names is used; "
+                                           "empty means issuer if set, else the first one "
+                                           "discovered, pinned in <state_dir>/oauth/"
+                                           "authorization_servers.json", _issuers)
     scope: str = _setting("", "scope to request; empty means the 401 challenge's, then the "
                           "resource metadata's, then none")
     registration: str = _setting("preregistered", "preregistered (client_id = the SPIFFE ID "

@@ -1,13 +1,27 @@
 """Discovery: from an MCP server URL to its authorization server's token endpoint.
 
 Order (MCP authorization, RFC 9728, RFC 8414):
-1. the `resource_metadata` parameter of the server's 401 `WWW-Authenticate` challenge;
+1. the `resource_metadata` parameter of the server's 401 `WWW-Authenticate` challenge, if it
+   is on the server's own origin;
 2. else the well-known protected-resource URL with the MCP path, then without it;
-3. the first of the resource's `authorization_servers`, whose metadata is read from
-   /.well-known/oauth-authorization-server, then the OpenID discovery URLs.
+3. an authorization server the resource names (which one: service.py, by the allow list),
+   whose metadata is read from /.well-known/oauth-authorization-server, then the OpenID
+   discovery URLs.
 Every document must name what it was fetched for (`resource`, `issuer`); a mismatch is an
 error, not a warning: it is how a hostile resource would point the agent at its own server.
-Results are cached for `ttl` seconds; configured values bypass discovery entirely.
+Every URL fetched, and every endpoint the metadata names, must be https or http to a
+loopback host (trust.py). Results are cached for `ttl` seconds; configured values bypass
+discovery entirely.
+
+A challenge's `resource_metadata` URL on another origin (scheme, host, port) is *ignored*,
+never fetched: the challenge comes from an unauthenticated exchange, and a URL chosen there
+would make the agent (root, on the host network) GET anything the server likes. RFC 9728
+§3 derives the metadata URL from the resource identifier, so the well-known URLs on the
+server's origin are where its metadata lives; a server whose metadata is hosted elsewhere
+still works if it also publishes it at those well-known URLs. Ignored rather than refused:
+refusing would gain nothing, since the server controls its own well-known documents anyway
+(which face the same checks). The ignored URL is reported (audited by the service as
+oauth.refused, check = resource_metadata_origin).
 """
 
 from __future__ import annotations
@@ -15,12 +29,13 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
-from agent.oauth.errors import DiscoveryError, ServerUnavailable
+from agent.oauth import trust
+from agent.oauth.errors import DiscoveryError, MetadataMismatch, ServerUnavailable
 
 _PARAM = re.compile(r'([A-Za-z0-9_!#$%&\'*+.^`|~-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^\s,]+)')
 
@@ -78,6 +93,7 @@ class ResourceMetadata:
     scopes_supported: tuple[str, ...] = ()
     dpop_bound_access_tokens_required: bool = False
     challenge_scope: str | None = None   # the scope the 401 challenge asked for, if any
+    ignored_metadata_url: str | None = None   # the challenge's, when on another origin
 
 
 @dataclass(frozen=True)
@@ -98,6 +114,10 @@ class Discovery:
         self.ttl = ttl
         self.clock = clock
         self._cache: dict[tuple[str, str], tuple[float, Any]] = {}
+        # every authorization server endpoint discovered so far (never expires: a JWT-SVID
+        # for any of them is a client assertion there; see OAuthService.assertion_audiences).
+        # Replaced whole, never changed in place: other threads read it without a lock.
+        self.endpoints: frozenset[str] = frozenset()
 
     def _cached(self, kind: str, key: str):
         hit = self._cache.get((kind, key))
@@ -134,25 +154,45 @@ class Discovery:
             return parse_www_authenticate(r.headers.get("www-authenticate", ""))
         return {}
 
-    async def resource(self, mcp_url: str, www_authenticate: str | None = None
+    async def resource(self, mcp_url: str, www_authenticate: str | None = None,
+                       report: Callable[[str, str], None] | None = None
                        ) -> ResourceMetadata:
+        """The protected resource metadata of mcp_url. `report(url, reason)` is told of a
+        challenge's metadata URL that was ignored (another origin)."""
         resource = canonical_resource(mcp_url)
         cached = self._cached("prm", resource)
         if cached is not None and www_authenticate is None:
             return cached
+        with_path = _well_known(mcp_url, "oauth-protected-resource", keep_path=True)
+        root = _well_known(mcp_url, "oauth-protected-resource", keep_path=False)
+        for url in (with_path, root):
+            trust.check_endpoint(url, f"protected resource metadata URL of {resource}")
         challenges = parse_www_authenticate(www_authenticate) if www_authenticate \
             else await self.challenge(mcp_url)
         params = challenges.get("bearer") or challenges.get("dpop") or {}
-        candidates = [params["resource_metadata"]] if params.get("resource_metadata") else []
-        candidates += [_well_known(mcp_url, "oauth-protected-resource", keep_path=True),
-                       _well_known(mcp_url, "oauth-protected-resource", keep_path=False)]
+        candidates = []
+        ignored = params.get("resource_metadata") or None
+        if ignored and trust.same_origin(ignored, mcp_url):
+            candidates.append(ignored)
+            ignored = None
+        elif ignored and report is not None:
+            report(ignored, f"the 401 challenge of {resource} names resource metadata at "
+                   f"{ignored!r}, not on the server's origin: ignored, never fetched; the "
+                   "well-known URLs on the server's origin are used instead (RFC 9728 §3)")
+        candidates += [with_path, root]
         tried = []
         for url in dict.fromkeys(candidates):
             status, doc = await self._get_json(url)
             tried.append(f"{url} (HTTP {status})")
             if doc is None:
                 continue
-            meta = self._parse_prm(doc, resource, url, params.get("scope"))
+            # RFC 9728 §3.3: `resource` is the identifier the URL was made from: the MCP URL,
+            # or, for the origin's own well-known URL, the origin
+            identifiers = {resource}
+            if _same_url(url, root):
+                identifiers.add(canonical_resource(root.split("/.well-known/", 1)[0]))
+            meta = self._parse_prm(doc, resource, url, params.get("scope"), identifiers,
+                                   ignored)
             self._cache[("prm", resource)] = (self.clock(), meta)
             return meta
         raise DiscoveryError(f"no protected resource metadata for {resource}; tried "
@@ -160,29 +200,39 @@ class Discovery:
                              url=mcp_url)
 
     @staticmethod
-    def _parse_prm(doc: Any, resource: str, url: str, scope: str | None) -> ResourceMetadata:
+    def _parse_prm(doc: Any, resource: str, url: str, scope: str | None,
+                   identifiers: set[str] | None = None, ignored: str | None = None
+                   ) -> ResourceMetadata:
         if not isinstance(doc, dict):
             raise DiscoveryError(f"{url}: protected resource metadata is not a JSON object",
                                  url=url)
         got = doc.get("resource")
-        origin = canonical_resource(urlunsplit(urlsplit(resource)[:2] + ("", "", "")))
-        if not isinstance(got, str) or canonical_resource(got) not in (resource, origin):
-            raise DiscoveryError(f"{url}: metadata is for resource {got!r}, not {resource}",
-                                 url=url)
+        try:
+            ok = isinstance(got, str) and canonical_resource(got) in (identifiers or {resource})
+        except DiscoveryError:
+            ok = False
+        if not ok:
+            raise MetadataMismatch(f"{url}: protected resource metadata is for resource "
+                                   f"{got!r}, not {resource} (RFC 9728 §3.3)", url=url)
         servers = doc.get("authorization_servers")
         if not isinstance(servers, list) or not servers or \
                 not all(isinstance(s, str) for s in servers):
             raise DiscoveryError(f"{url}: authorization_servers must list at least one "
                                  "issuer", url=url)
+        jwks = doc.get("jwks_uri")
+        if jwks is not None:
+            trust.check_endpoint(jwks, f"{url}: jwks_uri")
         scopes = doc.get("scopes_supported") or []
         return ResourceMetadata(resource, tuple(servers),
                                 tuple(s for s in scopes if isinstance(s, str)),
-                                bool(doc.get("dpop_bound_access_tokens_required")), scope)
+                                bool(doc.get("dpop_bound_access_tokens_required")), scope,
+                                ignored)
 
     async def server(self, issuer: str) -> ServerMetadata:
         cached = self._cached("as", issuer)
         if cached is not None:
             return cached
+        trust.check_endpoint(issuer, "authorization server issuer")
         p = urlsplit(issuer)
         path = p.path.rstrip("/")
         base = urlunsplit((p.scheme, p.netloc, "", "", ""))
@@ -198,6 +248,9 @@ class Discovery:
                 continue
             meta = self._parse_as(doc, issuer, url)
             self._cache[("as", issuer)] = (self.clock(), meta)
+            self.endpoints = self.endpoints | {
+                u for u in (meta.issuer, meta.token_endpoint, meta.registration_endpoint,
+                            meta.introspection_endpoint, meta.revocation_endpoint) if u}
             return meta
         raise DiscoveryError(f"no authorization server metadata for {issuer}; tried "
                              + ", ".join(tried), url=issuer)
@@ -206,11 +259,17 @@ class Discovery:
     def _parse_as(doc: Any, issuer: str, url: str) -> ServerMetadata:
         if not isinstance(doc, dict) or doc.get("issuer") != issuer:
             got = doc.get("issuer") if isinstance(doc, dict) else None
-            raise DiscoveryError(f"{url}: metadata names issuer {got!r}, expected {issuer} "
-                                 "(RFC 8414 §3.3)", url=url)
+            raise MetadataMismatch(f"{url}: metadata names issuer {got!r}, expected {issuer} "
+                                   "(RFC 8414 §3.3)", url=url)
         token = doc.get("token_endpoint")
-        if not isinstance(token, str) or not token.startswith(("https://", "http://")):
+        if not isinstance(token, str):
             raise DiscoveryError(f"{url}: no usable token_endpoint", url=url)
+        # every endpoint the agent could use on this document's word: https unless loopback
+        # (jwks_uri too: an AS publishing its keys in clear is not one to send assertions to)
+        for key in ("token_endpoint", "registration_endpoint", "introspection_endpoint",
+                    "revocation_endpoint", "jwks_uri"):
+            if doc.get(key) is not None:
+                trust.check_endpoint(doc[key], f"{url}: {key}")
 
         def strs(key: str) -> tuple[str, ...]:
             v = doc.get(key) or []
@@ -228,3 +287,10 @@ class Discovery:
             token_endpoint_auth_methods_supported=strs("token_endpoint_auth_methods_supported"),
             dpop_signing_alg_values_supported=strs("dpop_signing_alg_values_supported"),
             raw=doc)
+
+
+def _same_url(a: str, b: str) -> bool:
+    """The same http(s) URL up to the spelling of its origin and a trailing slash."""
+    pa, pb = urlsplit(a), urlsplit(b)
+    return trust.same_origin(a, b) and pa.path.rstrip("/") == pb.path.rstrip("/") \
+        and pa.query == pb.query

@@ -58,6 +58,37 @@ class IdentityNotIssuable(OAuthError):
     kind = "identity"
 
 
+class TrustRefused(OAuthError):
+    """The agent refused to believe or use something a server said: an authorization server
+    not allowed for the MCP server, a plain-http endpoint off loopback, metadata naming
+    another resource or issuer, a token for another audience or weaker than required. Never
+    retried sooner than other client errors; audited (oauth.refused or token.failed)."""
+    kind = "refused"
+
+
+class UntrustedAuthorizationServer(TrustRefused):
+    kind = "untrusted_authorization_server"
+
+    def __init__(self, message: str, *, server: str, named: tuple[str, ...] | list[str],
+                 allowed: tuple[str, ...] | list[str], url: str | None = None):
+        self.server = server
+        self.named = tuple(named)
+        self.allowed = tuple(allowed)
+        super().__init__(message, url=url)
+
+
+class InsecureEndpoint(TrustRefused):
+    kind = "insecure_endpoint"
+
+
+class MetadataMismatch(TrustRefused, DiscoveryError):
+    kind = "metadata_mismatch"
+
+
+class TokenRefused(TrustRefused, MalformedResponse):
+    kind = "token_refused"
+
+
 def from_error_response(status: int, body: dict, url: str, what: str) -> OAuthError:
     """Map an RFC 6749 §5.2 error body to its type."""
     err = body.get("error") if isinstance(body, dict) else None

@@ -24,6 +24,7 @@ import httpx
 
 from agent.fsutil import atomic_write
 from agent.oauth.errors import MalformedResponse, RegistrationError, ServerUnavailable
+from agent.oauth.trust import check_endpoint
 
 
 @dataclass(frozen=True, repr=False)
@@ -104,6 +105,7 @@ async def register(http: httpx.AsyncClient, *, endpoint: str, issuer: str, spiff
         meta["jwks"] = jwks
     from agent.oauth.tokens import post_form
 
+    check_endpoint(endpoint, "registration endpoint")   # also checked on the metadata
     status, body, _ = await post_form(http, endpoint, None, {}, "registration", json_body=meta)
     if status not in (200, 201):
         err = body if isinstance(body, dict) else {}
@@ -123,6 +125,8 @@ async def delete(http: httpx.AsyncClient, client: RegisteredClient) -> bool:
     """RFC 7592 delete; False when the server offers no management for this client."""
     if not client.registration_client_uri or not client.registration_access_token:
         return False
+    # the registration access token goes only where https (or loopback) protects it
+    check_endpoint(client.registration_client_uri, "registration_client_uri")
     try:
         r = await http.delete(client.registration_client_uri, headers={
             "Authorization": f"Bearer {client.registration_access_token}"})

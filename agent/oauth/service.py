@@ -3,6 +3,13 @@
 Ties discovery, registration, the DPoP keys (one per SPIFFE ID, memory only), the token
 request and the cache together, and emits one audit event and one metric per outcome.
 Runs on the agent's asyncio loop; `run_sync` lets other threads (admin socket) call in.
+
+Which authorization server gets a server's assertions is decided here, before any is
+minted (trust.py states the rules): the server's `authorization_servers` plus its `issuer`,
+else the AS pinned on first discovery. A refusal is an UntrustedAuthorizationServer (or
+another TrustRefused) naming the server, the AS named and the allowed ones, and an
+`oauth.refused` audit event under the identity that asked; the proxy answers its request
+with a 502 carrying that message.
 """
 
 from __future__ import annotations
@@ -22,8 +29,10 @@ from agent.oauth import registration as reg
 from agent.oauth.cache import TokenCache
 from agent.oauth.discovery import Discovery, ServerMetadata, canonical_resource
 from agent.oauth.dpop import DPoPKey
-from agent.oauth.errors import OAuthError, RegistrationError
+from agent.oauth.errors import OAuthError, RegistrationError, TrustRefused, \
+    UntrustedAuthorizationServer
 from agent.oauth.tokens import Token, request_token
+from agent.oauth.trust import PinStore, choose_authorization_server
 from agent.observe.logging import AuditLog, get_logger
 from agent.observe.tally import TallyCounter
 
@@ -39,7 +48,8 @@ class Resolved:
     issuer: str
     metadata: ServerMetadata
     scope: str
-    dpop: bool
+    dpop: bool                        # send DPoP proofs
+    dpop_required: str | None = None  # why a Bearer token would be refused (None: it is not)
 
 
 class OAuthService:
@@ -52,6 +62,7 @@ class OAuthService:
         self.audit = audit
         self.jwks_uri = cfg.oauth.jwks_uri or jwks_uri
         self.store = reg.ClientStore(Path(state_dir))
+        self.pins = PinStore(state_dir)
         self.servers = {s.name: s for s in cfg.servers}
         self.http: httpx.AsyncClient | None = None
         self.discovery: Discovery | None = None
@@ -71,6 +82,12 @@ class OAuthService:
         self.m_hit = self.m_lookups.labels("hit")   # also counted by the proxy's fast lane
         Gauge("credless_token_cache_size", "Tokens held in memory", registry=registry) \
             .set_function(lambda: len(self.cache))
+        self.m_refused = Counter("credless_oauth_refused", "What a server's challenge, "
+                                 "metadata or token response said that the agent refused to "
+                                 "use (issue 15: untrusted authorization server, insecure "
+                                 "endpoint, mismatched metadata, token for another audience "
+                                 "or weaker than required), by server and check",
+                                 ["server", "check"], registry=registry)
         self.m_registrations = Counter("credless_oauth_registrations", "Dynamic client "
                                        "registrations and deletions", ["server", "action",
                                                                        "outcome"],
@@ -103,21 +120,126 @@ class OAuthService:
             raise OAuthError(f"no [[servers]] entry named {name!r}; configured: "
                              + ", ".join(sorted(self.servers))) from None
 
-    async def resolve(self, server: Any, challenge: str | None = None) -> Resolved:
+    @staticmethod
+    def configured_authorization_servers(server: Any) -> tuple[str, ...]:
+        """The ASes the configuration allows for server: its authorization_servers, and its
+        issuer when set. Empty: the AS pinned on first discovery decides."""
+        allowed = tuple(getattr(server, "authorization_servers", ()) or ())
+        if server.issuer and server.issuer not in allowed:
+            allowed += (server.issuer,)
+        return allowed
+
+    def authorization_servers(self, server_name: str) -> tuple[str, ...]:
+        """Every AS that may receive assertions for this server now: configured, else
+        pinned (empty before the first discovery of an unconfigured server)."""
+        server = self.server(server_name)
+        allowed = self.configured_authorization_servers(server)
+        if allowed:
+            return allowed
+        pinned = self.pins.get(server.name, canonical_resource(server.url))
+        return (pinned,) if pinned else ()
+
+    def assertion_audiences(self) -> frozenset[str]:
+        """Every authorization server credless sends client assertions to, or may: the
+        configured and pinned issuers of every server, and each endpoint discovered. The
+        Workload API refuses JWT-SVIDs for these audiences (a JWT-SVID for one of them is a
+        client assertion there, and would let a workload get tokens past the proxy).
+        Callable from any thread."""
+        out = set(self.discovery.endpoints)
+        for name in list(self.servers):
+            out.update(self.authorization_servers(name))
+        return frozenset(out)
+
+    async def resolve(self, server: Any, challenge: str | None = None,
+                      ident: Identity | None = None) -> Resolved:
+        """Where and how to ask for a token for server. `ident` is the identity asking: a
+        refusal is audited under it."""
         resource = canonical_resource(server.url)
+        sid = str(ident.spiffe_id) if ident is not None else None
+
+        def report(url: str, reason: str) -> None:
+            log.warning("resource metadata URL ignored", server=server.name, url=url)
+            self.m_refused.labels(server.name, "resource_metadata_origin").inc()
+            if self.audit:
+                self.audit.emit("oauth.refused", spiffe_id=sid, server=server.name,
+                                resource=resource, check="resource_metadata_origin", url=url,
+                                reason=reason)
+        try:
+            return await self._resolve(server, resource, challenge, report, sid)
+        except TrustRefused as e:
+            extra = {}
+            if isinstance(e, UntrustedAuthorizationServer):
+                extra = {"authorization_server": e.named[0] if e.named else None,
+                         "named": list(e.named), "allowed": list(e.allowed)}
+            log.warning("discovery refused", server=server.name, check=e.kind, error=str(e))
+            self.m_refused.labels(server.name, e.kind).inc()
+            if self.audit:
+                self.audit.emit("oauth.refused", spiffe_id=sid, server=server.name,
+                                resource=resource, check=e.kind, url=e.url, reason=str(e),
+                                **extra)
+            raise
+
+    async def _resolve(self, server: Any, resource: str, challenge: str | None, report,
+                       sid: str | None) -> Resolved:
         scope = server.scope
         prm = None
+        allowed = self.configured_authorization_servers(server)
+        # an operator's `credless oauth probe` of a URL no [[servers]] entry names: nothing
+        # is configured and nothing is pinned for it; it uses what it discovers, and says so
+        persist = not isinstance(server, _AdHoc)
+        to_pin = False
         if server.issuer:
-            issuer = server.issuer
+            issuer = server.issuer          # configured: the server is not asked at all
         else:
-            prm = await self.discovery.resource(server.url, challenge)
-            issuer = prm.authorization_servers[0]
+            prm = await self.discovery.resource(server.url, challenge, report=report)
             scope = scope or prm.challenge_scope or " ".join(prm.scopes_supported)
+            source = "servers.authorization_servers"
+            if not allowed and persist:
+                pinned = self.pins.get(server.name, resource)
+                if pinned:
+                    allowed = (pinned,)
+                    source = f"pinned on first discovery in {self.pins.path}"
+            if allowed:
+                chosen = choose_authorization_server(prm.authorization_servers, allowed)
+                if chosen is None:
+                    named = prm.authorization_servers
+                    raise UntrustedAuthorizationServer(
+                        f"server {server.name!r} ({resource}) names authorization server"
+                        f"{'s' if len(named) > 1 else ''} {', '.join(named)}, not allowed "
+                        f"for it; allowed: {', '.join(allowed)} ({source}). No assertion "
+                        "was sent. If the server really moved to another authorization "
+                        "server, list it in the server's authorization_servers",
+                        server=server.name, named=named, allowed=allowed)
+                issuer = chosen
+            else:
+                issuer = prm.authorization_servers[0]     # trust on first use: pinned below
+                to_pin = persist
         meta = await self.discovery.server(issuer)
+        if to_pin:
+            # get and pin run with no await between them: atomic on this loop
+            already = self.pins.get(server.name, resource)
+            pinned = self.pins.pin(server.name, resource, issuer)
+            if pinned != issuer:       # another discovery pinned another AS meanwhile
+                raise UntrustedAuthorizationServer(
+                    f"server {server.name!r} ({resource}) names authorization server "
+                    f"{issuer}, not allowed for it; allowed: {pinned} (pinned on first "
+                    f"discovery in {self.pins.path}). No assertion was sent",
+                    server=server.name, named=(issuer,), allowed=(pinned,))
+            if already is None:
+                log.info("authorization server pinned", server=server.name, issuer=issuer)
+                if self.audit:
+                    self.audit.emit("oauth.pinned", spiffe_id=sid, server=server.name,
+                                    resource=resource, issuer=issuer, path=str(self.pins.path))
+        required = None
+        if server.dpop == "always":
+            required = 'servers.dpop = "always"'
+        elif server.dpop == "auto" and prm is not None and prm.dpop_bound_access_tokens_required:
+            required = (f"the resource metadata of {resource} says "
+                        "dpop_bound_access_tokens_required")
         dpop = server.dpop == "always" or (server.dpop == "auto" and (
             "ES256" in meta.dpop_signing_alg_values_supported
             or bool(prm and prm.dpop_bound_access_tokens_required)))
-        return Resolved(resource, issuer, meta, scope, dpop)
+        return Resolved(resource, issuer, meta, scope, dpop, required)
 
     def dpop_key(self, spiffe_id: str) -> DPoPKey:
         key = self._dpop_keys.get(spiffe_id)
@@ -142,7 +264,7 @@ class OAuthService:
     async def token(self, ident: Identity, server_name: str, challenge: str | None = None
                     ) -> Token:
         server = self.server(server_name)
-        resolved = await self.resolve(server, challenge)
+        resolved = await self.resolve(server, challenge, ident)
         key = (str(ident.spiffe_id), server.name, resolved.resource, resolved.scope)
         self._pending[key] = (ident, resolved)
         if challenge is None:
@@ -210,9 +332,12 @@ class OAuthService:
                 issuer=resolved.issuer, resource=resolved.resource, scope=resolved.scope,
                 profile=server.auth_profile, assertion_audience=server.assertion_audience,
                 client_id=client_id, spiffe_id=sid, mint_assertion=mint,
-                dpop=self.dpop_key(sid) if resolved.dpop else None, nonces=self._nonces)
+                dpop=self.dpop_key(sid) if resolved.dpop else None, nonces=self._nonces,
+                dpop_required=resolved.dpop_required)
         except OAuthError as e:
             self.m_requests.labels(server.name, e.kind).inc()
+            if isinstance(e, TrustRefused):
+                self.m_refused.labels(server.name, e.kind).inc()
             if self.audit:
                 self.audit.emit("token.failed", spiffe_id=sid, server=server.name,
                                 issuer=resolved.issuer, error=e.error, kind=e.kind,
@@ -264,7 +389,7 @@ class OAuthService:
         from agent.oauth.errors import from_error_response
 
         server = self.server(server_name)
-        resolved = await self.resolve(server)
+        resolved = await self.resolve(server, ident=ident)
         endpoint = resolved.metadata.introspection_endpoint
         if not endpoint:
             raise OAuthError(f"{resolved.issuer} advertises no introspection_endpoint")
@@ -286,7 +411,7 @@ class OAuthService:
         match = [s for s in self.servers.values()
                  if canonical_resource(s.url) == canonical_resource(url)]
         server = match[0] if match else _AdHoc(name="probe", url=url)
-        resolved = await self.resolve(server)
+        resolved = await self.resolve(server, ident=ident)
         key = (str(ident.spiffe_id), server.name, resolved.resource, resolved.scope)
         self._pending[key] = (ident, resolved)
         self.servers.setdefault(server.name, server)
@@ -315,3 +440,4 @@ class _AdHoc:
     registration: str = "preregistered"
     client_id: str = ""
     dpop: str = "auto"
+    authorization_servers: tuple = ()

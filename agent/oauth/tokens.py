@@ -17,15 +17,18 @@ import base64
 import functools
 import hashlib
 import json
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
+from agent.oauth.discovery import canonical_resource
 from agent.oauth.dpop import DPoPKey
-from agent.oauth.errors import MalformedResponse, OAuthError, ServerUnavailable, \
+from agent.oauth.errors import MalformedResponse, OAuthError, ServerUnavailable, TokenRefused, \
     from_error_response
+from agent.oauth.trust import check_endpoint
 
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 JWT_SPIFFE = "urn:ietf:params:oauth:client-assertion-type:jwt-spiffe"
@@ -36,17 +39,66 @@ def fingerprint(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()[:16]
 
 
-def _jwt_claims_unverified(token: str) -> dict:
-    """Claims of a JWT access token, for fingerprints only (jti, aud, cnf); never trusted."""
+_B64URL = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _b64json(segment: str) -> Any:
+    return json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+
+
+def _jwt_claims_unverified(token: str, url: str = "") -> dict | None:
+    """The claims of an access token that is a JWT (three base64url segments, the first a
+    JSON object: its JOSE header); None for any other (opaque) token. A token with a JWT's
+    header whose payload is not a JSON object is refused: the checks below must not be
+    dodged by a malformed JWT. Nothing is verified: the agent is not the resource server and
+    holds none of the AS's keys; it reads the claims to refuse a token it must not forward
+    (another audience, no key binding) and for fingerprints (jti, cnf)."""
     parts = token.split(".")
-    if len(parts) != 3:
-        return {}
+    if len(parts) != 3 or not all(_B64URL.fullmatch(p) for p in parts[:2]):
+        return None
     try:
-        pad = "=" * (-len(parts[1]) % 4)
-        claims = json.loads(base64.urlsafe_b64decode(parts[1] + pad))
-        return claims if isinstance(claims, dict) else {}
+        header = _b64json(parts[0])
     except ValueError:
-        return {}
+        return None
+    if not isinstance(header, dict):
+        return None
+    try:
+        claims = _b64json(parts[1])
+    except ValueError:
+        claims = None
+    if not isinstance(claims, dict):
+        raise TokenRefused(f"token response from {url}: the access token is a JWT whose "
+                           "payload is not a JSON object", url=url or None)
+    return claims
+
+
+def _canonical(value: Any) -> str | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return canonical_resource(value)
+    except OAuthError:
+        return None
+
+
+def check_audience(claims: dict, resource: str, url: str) -> None:
+    """A JWT access token must name this server: `aud` (RFC 9068 §2.2, RFC 8707), or, when
+    it has no `aud`, a `resource` claim. A token for another resource is refused: forwarded
+    to this server, the server could replay it where it is valid.
+
+    The signature is deliberately not checked: the agent is not the resource server (it
+    holds none of the AS's keys and need not), and the check is about what the agent would
+    forward, not about whether the token is genuine. Claims that name this server on a
+    token that is not genuine gain nobody anything: the server verifies the signature and
+    the audience itself and refuses it."""
+    named = claims["aud"] if "aud" in claims else claims.get("resource")
+    names = named if isinstance(named, list) else [named]
+    if any(_canonical(n) == resource for n in names):
+        return
+    what = "names no audience" if named is None else f"is for audience {named!r}"
+    raise TokenRefused(f"token response from {url}: the access token {what}, not this "
+                       f"server ({resource}); a token for another resource is never sent to "
+                       "it (RFC 8707, RFC 9068 §4)", url=url)
 
 
 # a token this close to its expiry is not used: it could expire on the way
@@ -102,7 +154,12 @@ class Token:
 
 
 def parse_token_response(body: Any, *, url: str, resource: str, issuer: str, spiffe_id: str,
-                         client_id: str, dpop: DPoPKey | None, now: float) -> Token:
+                         client_id: str, dpop: DPoPKey | None, now: float,
+                         dpop_required: str | None = None) -> Token:
+    """The Token in a token response, or the reason it cannot be used.
+
+    `dpop_required` says why a DPoP-bound token is required (None: it is not): a Bearer
+    token, or a JWT without the key binding, is then refused as weaker than required."""
     if not isinstance(body, dict):
         raise MalformedResponse(f"token response from {url} is not a JSON object", url=url)
     access = body.get("access_token")
@@ -117,21 +174,33 @@ def parse_token_response(body: Any, *, url: str, resource: str, issuer: str, spi
     if ttype == "DPoP" and dpop is None:
         raise MalformedResponse(f"{url} issued a DPoP token to a request without a proof",
                                 url=url)
-    claims = _jwt_claims_unverified(access)
+    if ttype == "Bearer" and dpop_required:
+        raise TokenRefused(f"{url} issued a Bearer token for {resource}, but DPoP-bound tokens "
+                           f"are required ({dpop_required}); a stealable token is never "
+                           "used where a bound one was asked for (RFC 9449)", url=url)
+    claims = _jwt_claims_unverified(access, url)
     expires_in = body.get("expires_in")
     if isinstance(expires_in, (int, float)) and not isinstance(expires_in, bool) \
             and expires_in > 0:
         expires_at = now + float(expires_in)
-    elif isinstance(claims.get("exp"), (int, float)):
+    elif claims is not None and isinstance(claims.get("exp"), (int, float)):
         expires_at = float(claims["exp"])
     else:
         expires_at = now + 60.0  # no lifetime given: assume short, refresh early
     jkt = None
     if ttype == "DPoP":
-        cnf = claims.get("cnf") if isinstance(claims.get("cnf"), dict) else {}
+        cnf = claims.get("cnf") if claims is not None and isinstance(claims.get("cnf"), dict) \
+            else {}
+        if dpop_required and claims is not None and "jkt" not in cnf:
+            raise TokenRefused(f"{url} issued a DPoP token for {resource} that is a JWT "
+                               f"without cnf.jkt (no key binding, RFC 9449 §6.1), but "
+                               f"DPoP-bound tokens are required ({dpop_required})", url=url)
         jkt = cnf.get("jkt", dpop.jkt)
         if jkt != dpop.jkt:
             raise MalformedResponse(f"{url} bound the token to key {jkt}, not ours", url=url)
+    if claims is not None:
+        check_audience(claims, resource, url)
+    claims = claims or {}
     scope = body.get("scope") if isinstance(body.get("scope"), str) else ""
     return Token(access_token=access, token_type=ttype, issued_at=now, expires_at=expires_at,
                  scope=scope, resource=resource, issuer=issuer, spiffe_id=spiffe_id,
@@ -166,11 +235,13 @@ async def post_form(http: httpx.AsyncClient, url: str, form: dict | None, header
 async def request_token(http: httpx.AsyncClient, *, token_endpoint: str, issuer: str,
                         resource: str, scope: str, profile: str, assertion_audience: str,
                         client_id: str, spiffe_id: str, mint_assertion, dpop: DPoPKey | None,
-                        nonces: dict[str, str]) -> Token:
+                        nonces: dict[str, str], dpop_required: str | None = None) -> Token:
     """One client_credentials token request, with one retry on a DPoP nonce challenge.
 
-    `mint_assertion(audience, iss)` returns a fresh JWT-SVID string.
+    `mint_assertion(audience, iss)` returns a fresh JWT-SVID string. It is called only once
+    the token endpoint passed the https-unless-loopback check (also made on the metadata).
     """
+    check_endpoint(token_endpoint, "token endpoint")
     aud = issuer if profile == "jwt-spiffe" or assertion_audience == "issuer" \
         else token_endpoint
     for attempt in (1, 2):
@@ -193,7 +264,8 @@ async def request_token(http: httpx.AsyncClient, *, token_endpoint: str, issuer:
         if status == 200:
             return parse_token_response(body, url=token_endpoint, resource=resource,
                                         issuer=issuer, spiffe_id=spiffe_id,
-                                        client_id=client_id, dpop=dpop, now=now)
+                                        client_id=client_id, dpop=dpop, now=now,
+                                        dpop_required=dpop_required)
         if attempt == 1 and dpop is not None and isinstance(body, dict) \
                 and body.get("error") == "use_dpop_nonce" and resp_headers.get("dpop-nonce"):
             continue

@@ -9,21 +9,14 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-from types import SimpleNamespace
 
 import httpx
 import jwt
 import pytest
-from prometheus_client import CollectorRegistry
 
-from agent import config
-from agent.identity.bundle_endpoint import BundleEndpoint
-from agent.identity.manager import IdentityManager
 from agent.oauth import errors
-from agent.oauth.service import OAuthService
 from agent.observe import logging as obs
-from tests.helpers import free_port
-from tests.oidc.peer import OidcProvider
+from tests.oidc.stack import build as stack_build, running
 
 A = "spiffe://example.org/workload/a"
 B = "spiffe://example.org/workload/b"
@@ -43,31 +36,11 @@ DEFAULT_SERVERS = [{"name": "jwt", "url": JWT_RES, "scope": "tools:read tools:ca
 
 
 def build(tmp_path, oidc_kwargs=None, servers=None, registered=(A,)):
-    entries = tmp_path / "entries.toml"
-    entries.write_text("".join(f'[[entry]]\nid = "{s.rsplit("/", 1)[-1]}"\nspiffe_id = "{s}"\n'
-                               f'selectors = ["unix:uid:{i}"]\n' for i, s in enumerate((A, B))))
-    cfg = config.parse({"identity": {"entries_file": str(entries)},
-                        "servers": servers or DEFAULT_SERVERS})
-    audit = obs.AuditLog("test-node", CAPTURED)
-    mgr = IdentityManager(cfg.identity, str(tmp_path / "state"), audit=audit,
-                          registry=CollectorRegistry())
-    mgr.start()
-    port = free_port()
-    bundle = BundleEndpoint(mgr, "127.0.0.1", port)
-    bundle.start()
-    jwks_uri = f"http://127.0.0.1:{port}/jwks.json"
-    kw = {"resources": {JWT_RES: {"format": "jwt", "scope": "tools:read tools:call"},
-                        OPAQUE_RES: {"format": "opaque", "scope": "tools:read"}},
-          "clients": [{"client_id": s, "jwks_uri": jwks_uri} for s in registered]}
-    kw.update(oidc_kwargs or {})
-    oidc = OidcProvider(tmp_path, **kw).start()
-    servers = [dict(s, issuer=s.get("issuer", oidc.issuer)) for s in
-               (servers or DEFAULT_SERVERS)]
-    cfg = config.parse({"identity": {"entries_file": str(entries)}, "servers": servers})
-    svc = OAuthService(cfg, mgr, str(tmp_path / "state"), audit=audit,
-                       registry=CollectorRegistry(), jwks_uri=jwks_uri)
-    return SimpleNamespace(mgr=mgr, bundle=bundle, oidc=oidc, svc=svc, jwks_uri=jwks_uri,
-                           ident=lambda sid: mgr.identity_for_id(sid))
+    return stack_build(tmp_path, stream=CAPTURED, identities=(A, B),
+                       servers=servers or DEFAULT_SERVERS, registered=registered,
+                       resources={JWT_RES: {"format": "jwt", "scope": "tools:read tools:call"},
+                                  OPAQUE_RES: {"format": "opaque", "scope": "tools:read"}},
+                       oidc_kwargs=oidc_kwargs)
 
 
 @pytest.fixture
@@ -75,22 +48,13 @@ def stack(tmp_path, request):
     params = getattr(request, "param", {}) or {}
     s = build(tmp_path, **params)
     s.params = params
-    loop = asyncio.new_event_loop()
-    loop.run_until_complete(s.svc.astart())
-    s.run = loop.run_until_complete
     s.tokens = []
-    try:
+    with running(s):
         yield s
-    finally:
-        loop.run_until_complete(s.svc.astop())
-        loop.close()
-        s.oidc.stop()
-        s.bundle.stop()
-        s.mgr.stop()
-        # the whole module's logs must hold none of the credentials it handled
-        text = CAPTURED.getvalue()
-        for t in s.tokens:
-            assert t not in text
+    # the whole module's logs must hold none of the credentials it handled
+    text = CAPTURED.getvalue()
+    for t in s.tokens:
+        assert t not in text
 
 
 def server_jwks(oidc) -> jwt.PyJWKSet:

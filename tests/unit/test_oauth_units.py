@@ -7,10 +7,12 @@ import base64
 import hashlib
 import json
 
+import httpx
 import jwt
 import pytest
 
-from agent.oauth import discovery as disc
+from agent import config
+from agent.oauth import discovery as disc, errors, trust
 from agent.oauth.cache import TokenCache
 from agent.oauth.dpop import DPoPKey, htu
 from agent.oauth.errors import InvalidClient, MalformedResponse, ServerUnavailable, \
@@ -203,3 +205,332 @@ def test_invalidate_and_drop():
         assert cache.drop(lambda k: k[0] == "spiffe://x") == [("spiffe://x", "s")]
         assert len(cache) == 1
     asyncio.run(main())
+
+
+# ---------------------------------------------------------------- what discovery trusts
+# (issue 15 item 6: a hostile MCP server or authorization server must not get assertions
+# sent elsewhere, plain-http endpoints used, or a token for another audience served)
+MCP = "https://mcp.example.com/mcp"
+PATH_PRM = "https://mcp.example.com/.well-known/oauth-protected-resource/mcp"
+ROOT_PRM = "https://mcp.example.com/.well-known/oauth-protected-resource"
+
+
+def discover(handler, call):
+    """Run call(Discovery) over an httpx MockTransport: nothing is dialled. Returns
+    (result or the OAuthError raised, every URL the discovery asked for)."""
+    asked: list[str] = []
+
+    def record(request: httpx.Request) -> httpx.Response:
+        asked.append(str(request.url))
+        return handler(request)
+
+    async def main():
+        async with httpx.AsyncClient(transport=httpx.MockTransport(record)) as http:
+            try:
+                return await call(disc.Discovery(http))
+            except errors.OAuthError as e:
+                return e
+    return asyncio.run(main()), asked
+
+
+def serve(docs: dict[str, object]):
+    def handler(request: httpx.Request) -> httpx.Response:
+        url = str(request.url)
+        return httpx.Response(200, json=docs[url]) if url in docs else httpx.Response(404)
+    return handler
+
+
+@pytest.mark.parametrize("url,allowed", [
+    ("https://as.example/token", True),
+    ("https://10.0.0.1/token", True),
+    ("http://127.0.0.1:8080/token", True),
+    ("http://127.0.0.2/token", True),            # all of 127.0.0.0/8 is loopback
+    ("http://127.255.255.254:1/t", True),
+    ("http://[::1]:9/token", True),
+    ("http://localhost:9/token", True),
+    ("http://LocalHost/token", True),
+    ("http://[::ffff:127.0.0.1]:9/t", True),     # v4-mapped loopback
+    ("http://as.example/token", False),
+    ("http://10.0.0.1/token", False),
+    ("http://192.0.2.1:80/token", False),
+    ("http://0.0.0.0/token", False),             # "this host": not a loopback address
+    ("http://[::]/token", False),
+    ("http://127.0.0.1.nip.io/token", False),    # a name, however it looks
+    ("http://localhost.example/token", False),
+    ("http://127.0.0.1@as.example/token", False),  # userinfo: the host is as.example
+    ("http://2130706433/token", False),          # an integer "address" is a name here
+    ("ftp://127.0.0.1/token", False),
+    ("file:///etc/passwd", False),
+    ("//127.0.0.1/token", False),
+    ("", False),
+])
+def test_endpoints_need_https_unless_loopback(url, allowed):
+    if allowed:
+        assert trust.check_endpoint(url, "token endpoint") == url
+    else:
+        with pytest.raises(errors.InsecureEndpoint) as err:
+            trust.check_endpoint(url, "token endpoint")
+        assert "token endpoint" in str(err.value) and repr(url) in str(err.value)
+
+
+@pytest.mark.parametrize("challenge_url", [
+    "https://evil.example/.well-known/oauth-protected-resource/mcp",   # another host
+    "https://mcp.example.com:8443/.well-known/oauth-protected-resource/mcp",  # another port
+    "http://mcp.example.com/.well-known/oauth-protected-resource/mcp",  # another scheme
+    "https://mcp.example.com@evil.example/prm",                         # userinfo trick
+    "http://127.0.0.1:9890/metrics",                                    # the node itself
+])
+def test_resource_metadata_url_off_the_servers_origin_is_never_fetched(challenge_url):
+    docs = {PATH_PRM: {"resource": MCP, "authorization_servers": ["https://as.example"]},
+            challenge_url: {"resource": MCP, "authorization_servers": ["https://evil.example"]}}
+    meta, asked = discover(serve(docs), lambda d: d.resource(
+        MCP, f'Bearer resource_metadata="{challenge_url}"'))
+    assert challenge_url not in asked
+    assert meta.authorization_servers == ("https://as.example",)
+    assert meta.ignored_metadata_url == challenge_url
+
+
+def test_resource_metadata_url_on_the_servers_origin_is_used():
+    other = "https://MCP.example.com:443/custom/prm"      # same origin, spelt differently
+    docs = {"https://mcp.example.com/custom/prm": {"resource": MCP, "authorization_servers":
+                                                   ["https://as.example"]}}
+    meta, asked = discover(serve(docs), lambda d: d.resource(
+        MCP, f'Bearer resource_metadata="{other}"'))
+    assert asked == ["https://mcp.example.com/custom/prm"]
+    assert meta.ignored_metadata_url is None
+
+
+@pytest.mark.parametrize("served_at,resource,ok", [
+    (PATH_PRM, MCP, True),
+    (PATH_PRM, "HTTPS://MCP.EXAMPLE.COM/mcp/", True),          # canonically the same
+    (PATH_PRM, "https://mcp.example.com", False),               # the origin, from /mcp's URL
+    (PATH_PRM, "https://mcp.example.com/other", False),         # another resource
+    (PATH_PRM, "https://evil.example/mcp", False),
+    (PATH_PRM, None, False),
+    (ROOT_PRM, "https://mcp.example.com", True),                # RFC 9728 §3.3: the origin's
+    (ROOT_PRM, MCP, True),
+    (ROOT_PRM, "https://mcp.example.com/other", False),
+])
+def test_resource_metadata_must_name_the_configured_server(served_at, resource, ok):
+    doc = {"authorization_servers": ["https://as.example"]}
+    if resource is not None:
+        doc["resource"] = resource
+    meta, asked = discover(serve({served_at: doc}), lambda d: d.resource(MCP, 'Bearer realm="x"'))
+    if ok:
+        assert meta.authorization_servers == ("https://as.example",)
+    else:
+        assert isinstance(meta, errors.DiscoveryError), meta
+        assert "RFC 9728" in str(meta) and meta.kind == "metadata_mismatch"
+
+
+@pytest.mark.parametrize("doc_issuer", [
+    "https://as.example/",            # one character more is another issuer
+    "https://AS.example",
+    "https://evil.example",
+    None,
+    "",
+])
+def test_authorization_server_metadata_must_name_the_issuer_it_was_fetched_for(doc_issuer):
+    """RFC 8414 §3.3 (also issue 16's missing test): an AS whose metadata names another
+    issuer is refused before its token endpoint is used."""
+    doc = {"token_endpoint": "https://evil.example/token"}
+    if doc_issuer is not None:
+        doc["issuer"] = doc_issuer
+    url = "https://as.example/.well-known/oauth-authorization-server"
+    meta, asked = discover(serve({url: doc}), lambda d: d.server("https://as.example"))
+    assert isinstance(meta, errors.DiscoveryError), meta
+    assert "RFC 8414 §3.3" in str(meta) and meta.kind == "metadata_mismatch"
+    assert all("evil" not in u for u in asked)
+
+
+@pytest.mark.parametrize("key,value,ok", [
+    ("token_endpoint", "https://as.example/token", True),
+    ("token_endpoint", "http://127.0.0.2:8080/token", True),
+    ("token_endpoint", "http://as.example/token", False),
+    ("token_endpoint", "http://192.0.2.1/token", False),
+    ("token_endpoint", "ftp://as.example/token", False),
+    ("registration_endpoint", "http://as.example/register", False),
+    ("introspection_endpoint", "http://as.example/introspect", False),
+    ("revocation_endpoint", "http://as.example/revoke", False),
+    ("jwks_uri", "http://as.example/jwks", False),
+    ("jwks_uri", "https://as.example/jwks", True),
+])
+def test_authorization_server_metadata_with_plain_http_endpoints_is_refused(key, value, ok):
+    doc = {"issuer": "https://as.example", "token_endpoint": "https://as.example/token",
+           key: value}
+    if ok:
+        assert disc.Discovery._parse_as(doc, "https://as.example", "u").raw[key] == value
+    else:
+        with pytest.raises(errors.InsecureEndpoint, match=key):
+            disc.Discovery._parse_as(doc, "https://as.example", "u")
+
+
+@pytest.mark.parametrize("issuer", ["http://as.example", "http://192.0.2.1:8080/tenant"])
+def test_an_insecure_issuer_is_never_fetched(issuer):
+    err, asked = discover(serve({}), lambda d: d.server(issuer))
+    assert isinstance(err, errors.InsecureEndpoint) and asked == []
+
+
+def test_an_insecure_well_known_metadata_url_is_never_fetched():
+    err, asked = discover(serve({}), lambda d: d.resource("http://mcp.example.com/mcp",
+                                                          'Bearer realm="x"'))
+    assert isinstance(err, errors.InsecureEndpoint) and asked == []
+
+
+RES = "https://mcp.example.com/mcp"
+
+
+@pytest.mark.parametrize("claims,ok", [
+    ({"aud": RES}, True),
+    ({"aud": ["https://other.example", RES]}, True),
+    ({"aud": "HTTPS://MCP.example.com/mcp/"}, True),
+    ({"resource": RES}, True),                               # no aud: the resource claim
+    ({"aud": "https://other.example/mcp"}, False),
+    ({"aud": ["https://other.example/mcp", "https://x.example"]}, False),
+    ({"aud": "https://mcp.example.com"}, False),              # the origin is another resource
+    ({"aud": "https://mcp.example.com/mcp/other"}, False),
+    ({"aud": "api://default"}, False),
+    ({"aud": 42}, False),
+    ({"resource": "https://other.example/mcp"}, False),
+    ({"aud": "https://other.example/mcp", "resource": RES}, False),   # aud wins when present
+    ({}, False),                                              # a JWT naming no audience
+])
+def test_jwt_access_token_must_be_for_this_server(claims, ok):
+    access = _jwt_like({"jti": "j", **claims})
+    body = {"access_token": access, "token_type": "Bearer", "expires_in": 60}
+    kw = dict(url="https://as.example/token", resource=RES, issuer="i", spiffe_id="s",
+              client_id="s", dpop=None, now=0)
+    if ok:
+        assert parse_token_response(body, **kw).fingerprint == fingerprint(access)
+    else:
+        with pytest.raises(errors.OAuthError) as err:
+            parse_token_response(body, **kw)
+        assert err.value.kind == "token_refused" and RES in str(err.value)
+        assert access not in str(err.value)
+
+
+@pytest.mark.parametrize("access", [
+    "opaque-token-value",
+    "a.b.c",                           # three segments, no JSON header: opaque
+    "v2.local.xyz",                    # PASETO-like: opaque
+])
+def test_opaque_access_tokens_are_not_audience_checked(access):
+    tok = parse_token_response({"access_token": access, "token_type": "Bearer"},
+                               url="u", resource=RES, issuer="i", spiffe_id="s",
+                               client_id="s", dpop=None, now=0)
+    assert tok.jti is None and tok.audience is None
+
+
+def test_a_jwt_whose_payload_is_not_json_is_refused():
+    head = base64.urlsafe_b64encode(b'{"alg":"ES256"}').rstrip(b"=").decode()
+    with pytest.raises(errors.OAuthError) as err:
+        parse_token_response({"access_token": f"{head}.bm90IGpzb24.sig", "token_type": "Bearer"},
+                             url="u", resource=RES, issuer="i", spiffe_id="s",
+                             client_id="s", dpop=None, now=0)
+    assert err.value.kind == "token_refused"
+
+
+@pytest.mark.parametrize("token_type,with_key,required,ok", [
+    ("Bearer", False, "servers.dpop = \"always\"", False),
+    ("Bearer", True, "the resource metadata says dpop_bound_access_tokens_required", False),
+    ("bearer", True, "servers.dpop = \"always\"", False),
+    ("Bearer", True, None, True),          # DPoP offered but not required: Bearer is fine
+    ("Bearer", False, None, True),
+    ("DPoP", True, "servers.dpop = \"always\"", True),
+])
+def test_a_token_weaker_than_required_is_refused(token_type, with_key, required, ok):
+    key = DPoPKey() if with_key else None
+    claims = {"aud": RES, **({"cnf": {"jkt": key.jkt}} if key else {})}
+    body = {"access_token": _jwt_like(claims), "token_type": token_type, "expires_in": 60}
+    kw = dict(url="https://as.example/token", resource=RES, issuer="i", spiffe_id="s",
+              client_id="s", dpop=key, now=0, dpop_required=required)
+    if ok:
+        expected = "DPoP" if token_type.lower() == "dpop" else "Bearer"
+        assert parse_token_response(body, **kw).token_type == expected
+    else:
+        with pytest.raises(errors.OAuthError) as err:
+            parse_token_response(body, **kw)
+        assert err.value.kind == "token_refused"
+        assert "Bearer" in str(err.value) and required in str(err.value)
+
+
+def test_a_dpop_jwt_without_its_key_binding_is_refused_where_dpop_is_required():
+    key = DPoPKey()
+    body = {"access_token": _jwt_like({"aud": RES}), "token_type": "DPoP"}
+    with pytest.raises(errors.OAuthError, match="cnf.jkt") as err:
+        parse_token_response(body, url="u", resource=RES, issuer="i", spiffe_id="s",
+                             client_id="s", dpop=key, now=0, dpop_required="x")
+    assert err.value.kind == "token_refused"
+
+
+@pytest.mark.parametrize("named,allowed,chosen", [
+    (["https://as.example"], ["https://as.example"], "https://as.example"),
+    (["https://evil.example", "https://as.example"], ["https://as.example"],
+     "https://as.example"),                                  # the first allowed one
+    (["https://AS.example/"], ["https://as.example"], "https://as.example"),  # as configured
+    (["https://evil.example"], ["https://as.example"], None),
+    (["https://as.example.evil.example"], ["https://as.example"], None),
+    (["https://as.example/tenant2"], ["https://as.example/tenant1"], None),
+    ([], ["https://as.example"], None),
+])
+def test_choose_authorization_server(named, allowed, chosen):
+    assert trust.choose_authorization_server(named, allowed) == chosen
+
+
+def test_pinned_authorization_servers_persist_and_never_move(tmp_path):
+    store = trust.PinStore(tmp_path)
+    assert store.get("weather", MCP) is None
+    assert store.pin("weather", MCP, "https://as.example") == "https://as.example"
+    # a later, different answer does not move the pin: the first one is returned
+    assert store.pin("weather", MCP, "https://evil.example") == "https://as.example"
+    again = trust.PinStore(tmp_path)                   # a restarted agent
+    assert again.get("weather", MCP) == "https://as.example"
+    assert again.get("weather", "https://mcp.example.com/other") is None   # per resource
+    assert again.get("other", MCP) is None                                 # per server
+    assert oct(store.path.stat().st_mode & 0o777) == "0o600"
+    assert store.path.parent == tmp_path / "oauth"
+
+
+@pytest.mark.parametrize("value,problem", [
+    (["https://as.example"], None),
+    (["https://as.example/tenant1", "http://127.0.0.1:8080"], None),
+    ([], None),
+    (["http://as.example"], "https"),
+    (["https://as.example#x"], "no query or fragment"),
+    (["https://as.example?x=1"], "no query or fragment"),
+    (["as.example"], "https"),
+    ([1], "https"),
+    ("https://as.example", "expected an array"),
+])
+def test_authorization_servers_setting(value, problem):
+    data = {"servers": [{"name": "w", "url": MCP, "authorization_servers": value}]}
+    if problem is None:
+        assert config.parse(data).servers[0].authorization_servers == value
+    else:
+        with pytest.raises(config.ConfigError) as err:
+            config.parse(data)
+        assert len(err.value.problems) == 1
+        assert err.value.problems[0].startswith("servers[0].authorization_servers: got ")
+        assert problem in err.value.problems[0]
+
+
+def test_a_configured_issuer_must_be_https_unless_loopback():
+    with pytest.raises(config.ConfigError) as err:
+        config.parse({"servers": [{"name": "w", "url": MCP, "issuer": "http://as.example"}]})
+    assert err.value.problems[0].startswith('servers[0].issuer: got "http://as.example"')
+    assert config.parse({"servers": [{"name": "w", "url": MCP, "issuer":
+                                      "http://127.0.0.1:4444"}]}).servers[0].issuer
+
+
+@pytest.mark.parametrize("uri,sent", [
+    ("http://as.example/reg/c1", False),        # the management token would go in clear
+    ("http://127.0.0.1:9/reg/c1", True),
+    ("https://as.example/reg/c1", True),
+])
+def test_registration_management_token_goes_only_over_https_or_loopback(uri, sent):
+    from agent.oauth import registration as reg
+    client = reg.RegisteredClient("spiffe://example.org/a", "https://as.example", "c1", uri,
+                                  "registration-access-token")
+    result, asked = discover(lambda r: httpx.Response(204), lambda d: reg.delete(d.http, client))
+    assert (asked == [uri]) is sent
+    assert result is True if sent else isinstance(result, errors.InsecureEndpoint)

@@ -1,0 +1,165 @@
+"""What discovery may believe, and where the agent may send what it has.
+
+Discovery starts from an unauthenticated request to an MCP server, so everything it learns
+first comes from a party the agent does not trust yet: a hostile MCP server answers the
+probe, a hostile authorization server (AS) answers metadata and token requests. The rules
+(issue 15, item 6; docs/security.md):
+
+- **Which AS may receive a server's assertions** (JWT-SVIDs, software statements): those in
+  the server's `authorization_servers` setting, plus its `issuer` if set; with neither, the
+  first AS discovered for it, pinned in `<state_dir>/oauth/authorization_servers.json` so a
+  later change of the server's metadata is refused, across restarts too. An AS not allowed is
+  never contacted at all (not even for its metadata).
+- **Which URLs the agent uses on a server's word**: https, or http only to a loopback host
+  (127.0.0.0/8, ::1, `localhost`). A host *name* that resolves to loopback does not count:
+  only what the URL itself says is checked, before any connection.
+- **Which origin metadata may come from**: a challenge's `resource_metadata` URL on another
+  origin than the MCP server's is ignored (see discovery.py).
+
+This module holds the checks themselves; discovery.py, tokens.py and service.py apply them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Iterable
+from urllib.parse import urlsplit
+
+from agent.fsutil import atomic_write
+from agent.oauth.errors import InsecureEndpoint, TrustRefused
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def is_loopback_host(host: str) -> bool:
+    """A loopback address literal (127.0.0.0/8, ::1, IPv4-mapped 127.x) or `localhost`.
+    Any other name is not loopback here, whatever it resolves to."""
+    host = host.lower().strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def insecure_reason(url: object) -> str | None:
+    """None when url is https, or http to a loopback host; else what is wrong with it."""
+    if not isinstance(url, str):
+        return "not a URL"
+    try:
+        p = urlsplit(url)
+        host = p.hostname
+        p.port  # noqa: B018  (raises on a malformed port)
+    except ValueError:
+        return "not a valid URL"
+    if p.scheme not in ("https", "http") or not host:
+        return "not an absolute https URL"
+    if p.scheme == "http" and not is_loopback_host(host):
+        return ("plain http to a host that is not loopback: https is required (http is "
+                "allowed only to 127.0.0.0/8, ::1 or localhost)")
+    return None
+
+
+def check_endpoint(url: object, what: str) -> str:
+    """url itself when the agent may use it for `what`; else InsecureEndpoint."""
+    reason = insecure_reason(url)
+    if reason is not None:
+        raise InsecureEndpoint(f"{what} {url!r} refused: {reason}",
+                               url=url if isinstance(url, str) else None)
+    return url  # type: ignore[return-value]
+
+
+def origin(url: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) of an http(s) URL, the default port filled in; None for anything
+    else, including a URL with userinfo (whose "host" a reader easily misreads)."""
+    try:
+        p = urlsplit(url)
+        host, port = p.hostname, p.port
+    except ValueError:
+        return None
+    scheme = p.scheme.lower()
+    if scheme not in _DEFAULT_PORTS or not host or p.username is not None \
+            or p.password is not None:
+        return None
+    return scheme, host.lower(), port or _DEFAULT_PORTS[scheme]
+
+
+def same_origin(a: str, b: str) -> bool:
+    oa = origin(a)
+    return oa is not None and oa == origin(b)
+
+
+def _issuer_key(url: str) -> tuple:
+    o = origin(url)
+    if o is None:
+        return (url,)
+    p = urlsplit(url)
+    return o, p.path.rstrip("/"), p.query
+
+
+def choose_authorization_server(named: Iterable[str], allowed: Iterable[str]) -> str | None:
+    """The first AS the metadata names that is allowed, spelt as allowed (the operator's
+    spelling is the issuer identifier the agent uses); None when none is. Names compare with
+    case-insensitive scheme and host, default ports and a trailing slash ignored; paths
+    (tenants) must be equal."""
+    wanted = {_issuer_key(a): a for a in allowed}
+    for n in named:
+        hit = wanted.get(_issuer_key(n))
+        if hit is not None:
+            return hit
+    return None
+
+
+class PinStore:
+    """Authorization servers pinned on first discovery, one per (server name, resource), in
+    <state_dir>/oauth/authorization_servers.json (0600, written atomically). A pin is never
+    moved by the agent: to trust another AS, list it in the server's `authorization_servers`
+    or delete the entry (or the file) while the agent is stopped."""
+
+    def __init__(self, state_dir: str | Path):
+        self.path = Path(state_dir) / "oauth" / "authorization_servers.json"
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(server: str, resource: str) -> str:
+        return f"{server} {resource}"
+
+    def _read(self) -> dict:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            # fail closed: an unreadable pin file must not become "nothing pinned"
+            raise TrustRefused(f"{self.path}: cannot read pinned authorization servers "
+                               f"({e}); fix or remove the file") from None
+        if not isinstance(data, dict):
+            raise TrustRefused(f"{self.path}: not a JSON object; fix or remove the file")
+        return data
+
+    def get(self, server: str, resource: str) -> str | None:
+        with self._lock:
+            entry = self._read().get(self._key(server, resource))
+        return entry.get("issuer") if isinstance(entry, dict) else None
+
+    def pin(self, server: str, resource: str, issuer: str) -> str:
+        """Pin issuer unless an AS is pinned already; return the pinned one."""
+        with self._lock:
+            data = self._read()
+            entry = data.get(self._key(server, resource))
+            if isinstance(entry, dict) and isinstance(entry.get("issuer"), str):
+                return entry["issuer"]
+            data[self._key(server, resource)] = {
+                "server": server, "resource": resource, "issuer": issuer,
+                "pinned_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            atomic_write(self.path, json.dumps(data, indent=1, sort_keys=True).encode(), 0o600)
+            return issuer
