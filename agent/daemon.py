@@ -149,9 +149,12 @@ class Daemon:
         if cfg.workload_api.enabled:
             from agent.identity.workload_api import WorkloadApiServer
 
+            # FetchJWTSVID refuses audiences naming an authorization server credless uses
+            # (self.oauth, made below, is there before the first call)
             self.components.append(WorkloadApiServer(
                 cfg.workload_api.socket, self.identity, self.attestor, audit=self.audit,
-                registry=self.metrics.registry))
+                registry=self.metrics.registry,
+                authorization_servers=lambda: self.oauth.assertion_audiences()))
         if cfg.bundle_endpoint.enabled:
             from agent.identity.bundle_endpoint import BundleEndpoint
 

@@ -8,6 +8,14 @@ A TOML file of `[[entry]]` tables:
     selectors = ["k8s:ns:prod", "k8s:container-name:agent"]
     x509_svid_ttl_seconds = 1800           # optional, else identity.x509_svid_ttl_seconds
     jwt_svid_ttl_seconds = 300             # optional, else identity.jwt_svid_ttl_seconds
+    authorization_server_audience = false  # optional: may this workload get JWT-SVIDs
+                                           # for an authorization server credless uses?
+
+By default the Workload API refuses a JWT-SVID whose audience is an authorization server
+credless obtains tokens from: that JWT-SVID is exactly the client assertion credless sends,
+and a workload holding one could get its own tokens, past the proxy's policy, its DPoP
+binding and its audit. A SPIFFE-native workload that is meant to talk to the authorization
+server itself gets `authorization_server_audience = true`.
 
 Matching: an entry matches when *all* its selectors are among the process's selectors.
 No match ⇒ no identity (fail closed). Several matches ⇒ the entry with the most selectors
@@ -31,7 +39,8 @@ from typing import Any, Iterable
 from agent.identity.spiffeid import InvalidSpiffeId, SpiffeId, TrustDomain
 
 _PLACEHOLDER = re.compile(r"\{([a-z0-9_-]+:[a-z0-9_.-]+)\}")
-_ENTRY_KEYS = {"id", "spiffe_id", "selectors", "x509_svid_ttl_seconds", "jwt_svid_ttl_seconds"}
+_ENTRY_KEYS = {"id", "spiffe_id", "selectors", "x509_svid_ttl_seconds", "jwt_svid_ttl_seconds",
+               "authorization_server_audience"}
 
 
 class EntriesError(Exception):
@@ -48,6 +57,7 @@ class Entry:
     x509_svid_ttl_seconds: int | None = None
     jwt_svid_ttl_seconds: int | None = None
     order: int = 0
+    authorization_server_audience: bool = False   # JWT-SVIDs for an AS credless uses
 
     @property
     def is_template(self) -> bool:
@@ -149,12 +159,17 @@ def _check_entry(raw: Any, index: int, td: TrustDomain, seen: set[str]) -> tuple
         v = raw.get(ttl_key)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
             problems.append(f"{where}: {ttl_key} must be a positive integer, got {v!r}")
+    as_audience = raw.get("authorization_server_audience", False)
+    if not isinstance(as_audience, bool):
+        problems.append(f"{where}: authorization_server_audience must be true or false, got "
+                        f"{as_audience!r}")
     if problems:
         return None, problems
     seen.add(eid)
     return Entry(id=eid, spiffe_id=sid, selectors=frozenset(sels),
                  x509_svid_ttl_seconds=raw.get("x509_svid_ttl_seconds"),
-                 jwt_svid_ttl_seconds=raw.get("jwt_svid_ttl_seconds"), order=index), []
+                 jwt_svid_ttl_seconds=raw.get("jwt_svid_ttl_seconds"), order=index,
+                 authorization_server_audience=as_audience), []
 
 
 def parse(data: dict, trust_domain: TrustDomain, source: str = "<entries>") -> Registry:

@@ -57,7 +57,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
+from urllib.parse import urlsplit
 
 import grpc
 from google.protobuf import struct_pb2
@@ -215,6 +216,35 @@ class _Server(Server):
         return _Connection(self._api, super()._protocol_factory())
 
 
+def _origin(url: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) of an http(s) URL, case and default port normalised."""
+    try:
+        u = urlsplit(url.strip())
+        if u.scheme.lower() not in ("http", "https") or not u.hostname:
+            return None
+        return (u.scheme.lower(), u.hostname.lower(),
+                u.port or (443 if u.scheme.lower() == "https" else 80))
+    except ValueError:
+        return None
+
+
+def names_an_as(audience: Iterable[str], servers: Iterable[str]
+                ) -> tuple[str, str] | None:
+    """The first (audience, authorization server) where the audience names that server: the
+    same identifier, or any URL on its origin. Any endpoint counts, not only the issuer and
+    the token endpoint: authorization servers accept the URL of the endpoint being called
+    as an assertion's audience (oidc-provider does), so a JWT-SVID for any of them is a
+    client assertion there."""
+    servers = [(s, _origin(s)) for s in servers if s]
+    for aud in audience:
+        origin = _origin(aud)
+        for server, server_origin in servers:
+            if aud.rstrip("/") == server.rstrip("/") or \
+                    (origin is not None and origin == server_origin):
+                return aud, server
+    return None
+
+
 def _transport_of(stream) -> Any:
     """The transport a request arrived on (grpclib 0.4: Stream.peer wraps it)."""
     return getattr(stream.peer, "_transport", None)
@@ -224,11 +254,15 @@ class WorkloadApiServer:
     name = "workload_api"
 
     def __init__(self, socket_path: str, manager: Any, attestor: Any,
-                 audit: AuditLog | None = None, registry: Any = None, max_streams: int = 256):
+                 audit: AuditLog | None = None, registry: Any = None, max_streams: int = 256,
+                 authorization_servers: Callable[[], Iterable[str]] = tuple):
         self.socket_path = Path(socket_path)
         self.manager = manager
         self.attestor = attestor
         self.audit = audit
+        # the authorization servers credless obtains tokens from (configured and discovered
+        # issuers and endpoints): FetchJWTSVID refuses them as audiences (see names_an_as)
+        self.authorization_servers = authorization_servers
         self.max_streams = max_streams
         self._callers: dict[Any, Caller] = {}          # transport -> who connected on it
         self._connections: set[_Connection] = set()
@@ -461,6 +495,22 @@ class _Servicer:
             if request.spiffe_id and request.spiffe_id != str(ident.spiffe_id):
                 raise _Refused(Status.PERMISSION_DENIED,
                                f"no identity issued for {request.spiffe_id} to this process")
+            if not ident.entry.authorization_server_audience:
+                named = names_an_as(audience, self.s.authorization_servers())
+                if named is not None:
+                    if self.s.audit:
+                        self.s.audit.emit(
+                            "workload_api.denied", method="FetchJWTSVID",
+                            spiffe_id=str(ident.spiffe_id), pid=att.tgid, exe=att.exe,
+                            audience=audience, reason="audience is an authorization server "
+                            "credless uses")
+                    raise _Refused(Status.PERMISSION_DENIED, (
+                        f"audience {named[0]!r} is the authorization server {named[1]!r}, "
+                        "which credless obtains this identity's tokens from: a JWT-SVID for "
+                        "it would let the workload get tokens past credless's policy, DPoP "
+                        "binding and audit. Call the MCP server through credless instead, or "
+                        "set authorization_server_audience = true on the registration entry "
+                        f"{ident.entry.id!r} if this workload must talk to it itself"))
             return ident, att, self.s.manager.jwt_svid(ident, audience)
         try:
             ident, att, svid = await self._authorized("FetchJWTSVID", stream, issue)

@@ -104,3 +104,54 @@ mode = "assertion"
             assert len(injected) == 1 and injected[0]["spiffe_id"] == sid
             assert injected[0]["audience"] == oidc.issuer
             assert mcp.stats()["calls"] == {"echo": 1}
+
+
+@pytest.mark.parametrize("opted_in", [False, True], ids=["default", "entry-opts-in"])
+def test_a_jwt_svid_for_an_authorization_server_credless_uses_is_refused_by_default(
+        tmp_path, opted_in):
+    """Issue 15, item 3. A JWT-SVID whose audience is an authorization server credless
+    obtains tokens from is exactly the client assertion credless sends: a workload holding
+    one could get its own token and call the MCP server without the proxy (no policy, no
+    DPoP binding to the agent's key, no audit). The Workload API refuses it unless the
+    registration entry opts in; so the AS never sees such an assertion from the workload."""
+    sock_dir = Path(tempfile.mkdtemp(prefix="credless-native-"))
+    os.chmod(sock_dir, 0o755)
+    bundle_port, mcp_port = free_port(), free_port()
+    mcp_url = f"http://127.0.0.1:{mcp_port}/mcp"
+    try:
+        with cgroup_child() as cg, OidcProvider(
+                tmp_path, dpop=False, resources={mcp_url: {"format": "jwt", "scope": "tools"}},
+                clients=[{"client_id": SPIFFE_ID,
+                          "jwks_uri": f"http://127.0.0.1:{bundle_port}/jwks.json"}]) as oidc, \
+                McpServer(tmp_path, mcp_port, oidc.issuer) as mcp:
+            (tmp_path / "entries.toml").write_text(
+                f'[[entry]]\nid = "native"\nspiffe_id = "{SPIFFE_ID}"\n'
+                f'selectors = ["cgroup:path:/{cg.name}"]\n'
+                + ("authorization_server_audience = true\n" if opted_in else ""))
+            # credless obtains tokens for this MCP server from this authorization server
+            cfg = write_config(tmp_path, bundle_port=bundle_port, extra=(
+                f'[inject]\nenabled = false\n[[servers]]\nname = "weather"\nurl = "{mcp_url}"\n'
+                f'issuer = "{oidc.issuer}"\n'))
+            cfg.write_text(cfg.read_text().replace(
+                f'socket = "{tmp_path / "run" / "agent.sock"}"',
+                f'socket = "{sock_dir / "agent.sock"}"'))
+            with AgentProcess(cfg, tmp_path) as agent:
+                agent.wait_ready()
+                r = subprocess.run([sys.executable, "-m", "tests.mcp.spiffe_client", mcp_url,
+                                    oidc.issuer, SPIFFE_ID, str(sock_dir / "agent.sock")],
+                                   cwd=REPO, capture_output=True, text=True, timeout=120,
+                                   preexec_fn=enter_cgroup(cg))
+                out = json.loads(r.stdout.splitlines()[-1])
+                events = audit_events(agent.stdout_path)
+                if opted_in:
+                    assert "error" not in out, out
+                    assert [e["client_id"] for e in oidc.events("grant.success")] == [SPIFFE_ID]
+                    return
+                assert out.get("error") and "authorization server" in out.get("message", ""), out
+                assert not oidc.events("grant.success") and mcp.stats()["calls"] == {}
+                assert not [e for e in events if e["event"] == "svid.issued"
+                            and e["type"] == "jwt"]
+                [denied] = [e for e in events if e["event"] == "workload_api.denied"]
+                assert denied["spiffe_id"] == SPIFFE_ID and denied["audience"] == [oidc.issuer]
+    finally:
+        shutil.rmtree(sock_dir, ignore_errors=True)

@@ -69,3 +69,19 @@ def test_template_values_cannot_add_segments_or_bad_characters():
     assert r.match({"unix:uid:0", "systemd:id:has space"}) is None
     assert str(r.match({"unix:uid:0", "systemd:id:web.service"}).spiffe_id) == \
         "spiffe://example.org/svc/web.service"
+
+
+def test_an_entry_may_opt_in_to_authorization_server_audiences_and_says_so_plainly():
+    td = TrustDomain.parse("example.org")
+    reg = entries.parse({"entry": [
+        {"id": "native", "spiffe_id": "spiffe://example.org/native", "selectors": ["a:b:c"],
+         "authorization_server_audience": True},
+        {"id": "proxied", "spiffe_id": "spiffe://example.org/proxied",
+         "selectors": ["a:b:d"]}]}, td)
+    assert [e.authorization_server_audience for e in reg.entries] == [True, False]
+    with pytest.raises(entries.EntriesError) as err:
+        entries.parse({"entry": [{"id": "x", "spiffe_id": "spiffe://example.org/x",
+                                  "selectors": ["a:b:c"],
+                                  "authorization_server_audience": "yes"}]}, td)
+    assert err.value.problems == ['entry[0] (id "x"): authorization_server_audience must be '
+                                  "true or false, got 'yes'"]

@@ -156,3 +156,26 @@ def test_a_connection_lost_while_its_caller_is_attested_never_reaches_grpclib(se
             await _settle(conn)
         assert inner.calls == [] and api._callers == {} and api._connections == set()
     asyncio.run(run())
+
+
+# FetchJWTSVID's refusal of audiences naming an authorization server credless uses: the
+# JWT-SVID would be exactly the client assertion credless sends (issue 15, item 3).
+AS = ["https://as.example.com/realms/mcp", "http://127.0.0.1:8444"]
+AUDIENCES = {
+    "the issuer": (["https://as.example.com/realms/mcp"], True),
+    "the issuer with a trailing slash": (["https://as.example.com/realms/mcp/"], True),
+    "its token endpoint": (["https://as.example.com/realms/mcp/protocol/token"], True),
+    "another endpoint on its origin": (["https://AS.example.com:443/register"], True),
+    "a loopback AS by its token endpoint": (["http://127.0.0.1:8444/token"], True),
+    "one of several audiences": (["https://api.example.com", "http://127.0.0.1:8444"], True),
+    "another service": (["https://api.example.com/"], False),
+    "the AS's host on another port": (["https://as.example.com:8443/token"], False),
+    "the same host over http": (["http://as.example.com/realms/mcp/protocol/token"], False),
+    "a name that is not a URL": (["spiffe://example.org/service"], False),
+}
+
+
+@pytest.mark.parametrize("audience,refused", AUDIENCES.values(), ids=AUDIENCES.keys())
+def test_an_audience_naming_an_authorization_server_is_recognised(audience, refused):
+    from agent.identity.workload_api import names_an_as
+    assert (names_an_as(audience, AS) is not None) is refused
