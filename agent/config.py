@@ -498,6 +498,14 @@ def _check_servers(cfg: Config, problems: list[str]) -> None:
         if srv.mode == "assertion" and not srv.issuer:
             problems.append(f"{where}.issuer: required with mode = \"assertion\" (the "
                             "assertion's audience is the authorization server's issuer)")
+        if srv.mode == "assertion" and srv.url:
+            # the proxy puts client assertions into requests to this URL: the same rule as
+            # for every endpoint assertions go to (agent/oauth/trust.py)
+            from agent.oauth.trust import insecure_reason
+            reason = insecure_reason(srv.url)
+            if reason is not None:
+                problems.append(f"{where}.url: {srv.url!r} with mode = \"assertion\": "
+                                f"{reason}")
         if srv.name in seen:
             problems.append(f"{where}.name: {srv.name!r} is used twice; names must be unique")
         seen.add(srv.name)

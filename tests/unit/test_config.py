@@ -123,3 +123,23 @@ def test_servers_array_is_validated_per_entry():
                                   "servers[2].name: required"]
     cfg = config.parse({"servers": [{"name": "w", "url": "http://127.0.0.1:1/mcp"}]})
     assert cfg.servers[0].auth_profile == "jwt-bearer" and cfg.servers[0].dpop == "auto"
+
+
+@pytest.mark.parametrize("url,refused", [
+    ("https://as.example.com/token", False),
+    ("http://127.0.0.1:8444/token", False),       # loopback http: tests, a node-local AS
+    ("http://[::1]:8444/token", False),
+    ("http://as.example.com/token", True),        # client assertions in clear
+    ("http://10.0.0.5/token", True),
+])
+def test_assertion_mode_puts_assertions_only_into_https_or_loopback_urls(url, refused):
+    server = {"name": "as", "url": url, "issuer": "https://as.example.com",
+              "mode": "assertion"}
+    if not refused:
+        assert config.parse({"servers": [server]}).servers[0].url == url
+        return
+    with pytest.raises(config.ConfigError) as err:
+        config.parse({"servers": [server]})
+    assert err.value.problems == [f'servers[0].url: {url!r} with mode = "assertion": plain '
+                                  "http to a host that is not loopback: https is required "
+                                  "(http is allowed only to 127.0.0.0/8, ::1 or localhost)"]
