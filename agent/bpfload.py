@@ -20,8 +20,10 @@ def source_dir() -> Path:
     for candidate in (here / "_bpf", here.parent / "bpf"):
         if candidate.is_dir():
             return candidate
-    raise FileNotFoundError(f"BPF sources not found in {here / '_bpf'} or {here.parent / 'bpf'};"
-                            " set CREDLESS_BPF_DIR to the directory holding bpf/*.c")
+    raise FileNotFoundError(
+        f"BPF sources not found in {here / '_bpf'} or {here.parent / 'bpf'};"
+        " set CREDLESS_BPF_DIR to the directory holding bpf/*.c"
+    )
 
 
 def compile_program(name: str, cflags: list[str] | None = None):

@@ -26,7 +26,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 
 class _Attr(ctypes.Structure):
-    _fields_ = [("w", ctypes.c_uint32 * 32)]   # union bpf_attr, zero-padded
+    _fields_ = [("w", ctypes.c_uint32 * 32)]  # union bpf_attr, zero-padded
 
 
 def _bpf(cmd: int, attr: _Attr) -> int:
@@ -69,10 +69,14 @@ def obj_get(path: str) -> int:
 
 def map_sizes(map_fd: int) -> tuple[int, int]:
     """(key_size, value_size) of a map, as the kernel has it (struct bpf_map_info)."""
-    info = (ctypes.c_uint32 * 20)()   # type, id, key_size, value_size, ...
+    info = (ctypes.c_uint32 * 20)()  # type, id, key_size, value_size, ...
     attr = _Attr()
     ptr = ctypes.addressof(info)
-    attr.w[0], attr.w[1], attr.w[2], attr.w[3] = map_fd, ctypes.sizeof(info), \
-        ptr & 0xFFFFFFFF, ptr >> 32
+    attr.w[0], attr.w[1], attr.w[2], attr.w[3] = (
+        map_fd,
+        ctypes.sizeof(info),
+        ptr & 0xFFFFFFFF,
+        ptr >> 32,
+    )
     _bpf(BPF_OBJ_GET_INFO_BY_FD, attr)
     return info[2], info[3]

@@ -23,8 +23,7 @@ def _admin_call(args, cmd: str, timeout: float = 10.0, **fields):
 
     cfg = _load_config(args.config)
     try:
-        return admin.call(Path(cfg.agent.run_dir) / "admin.sock", cmd, timeout=timeout,
-                          **fields)
+        return admin.call(Path(cfg.agent.run_dir) / "admin.sock", cmd, timeout=timeout, **fields)
     except RuntimeError as e:
         print(f"credless: {e}", file=sys.stderr)
         return None
@@ -41,8 +40,9 @@ def cmd_run(args) -> int:
     from agent.observe import logging as obs_logging
 
     cfg = _load_config(args.config)
-    obs_logging.configure(level=args.log_level or cfg.log.level,
-                          fmt=args.log_format or cfg.log.format)
+    obs_logging.configure(
+        level=args.log_level or cfg.log.level, fmt=args.log_format or cfg.log.format
+    )
     try:
         daemon = Daemon(cfg)
     except StartupError as e:
@@ -91,8 +91,9 @@ def cmd_ps(args) -> int:
 def cmd_oauth_probe(args) -> int:
     import json
 
-    out = _admin_call(args, "oauth_probe", timeout=120, server=args.server,
-                      spiffe_id=args.spiffe_id)
+    out = _admin_call(
+        args, "oauth_probe", timeout=120, server=args.server, spiffe_id=args.spiffe_id
+    )
     if out is None:
         return 1
     print(json.dumps(out, indent=2))
@@ -110,8 +111,9 @@ def cmd_policy_check(args) -> int:
     except PolicyError as e:
         print(f"credless: policy error\n{e}", file=sys.stderr)
         return 2
-    print(f"{args.file}: ok ({len(policy.rules)} rules, default_unlisted = "
-          f"{policy.default_unlisted})")
+    print(
+        f"{args.file}: ok ({len(policy.rules)} rules, default_unlisted = {policy.default_unlisted})"
+    )
     return 0
 
 
@@ -127,8 +129,12 @@ def cmd_policy_explain(args) -> int:
         return 2
     name = args.tool or args.resource or args.prompt
     d = policy.decide(args.spiffe_id, args.server, args.method, name)
-    print(json.dumps({"decision": "allow" if d.allowed else "deny", "rule": d.rule_id,
-                      "reason": d.reason}, indent=2))
+    print(
+        json.dumps(
+            {"decision": "allow" if d.allowed else "deny", "rule": d.rule_id, "reason": d.reason},
+            indent=2,
+        )
+    )
     return 0 if d.allowed else 1
 
 
@@ -149,8 +155,10 @@ def cmd_status(args) -> int:
         print(f"  {s_['spiffe_id']:50} expires in {s_['expires_in']}s")
     print("TOKENS")
     for t in st["tokens"]:
-        print(f"  {t['spiffe_id']:40} {t['server']:12} {t['token_type']:6} expires in "
-              f"{t['expires_in']}s  sha256 {t['token_sha256']}")
+        print(
+            f"  {t['spiffe_id']:40} {t['server']:12} {t['token_type']:6} expires in "
+            f"{t['expires_in']}s  sha256 {t['token_sha256']}"
+        )
     print("REDIRECT  " + ", ".join(st["redirect_targets"]) + f"  {st['redirect_counts']}")
     print(f"BPF EVENTS LOST  {st['bpf_events_lost']}")
     return 0
@@ -164,15 +172,21 @@ def cmd_detach(args) -> int:
     if not removed:
         print(f"credless: no redirect pinned under {pin_dir}")
         return 0
-    print(f"credless: redirect detached ({len(removed)} pins removed under {pin_dir}); "
-          "MCP connects now go out untouched until an agent starts")
+    print(
+        f"credless: redirect detached ({len(removed)} pins removed under {pin_dir}); "
+        "MCP connects now go out untouched until an agent starts"
+    )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="credless", description=(
-        "Node-local credential injection agent: attests processes with eBPF, gives them "
-        "SPIFFE identities, and injects OAuth credentials into their MCP traffic."))
+    p = argparse.ArgumentParser(
+        prog="credless",
+        description=(
+            "Node-local credential injection agent: attests processes with eBPF, gives them "
+            "SPIFFE identities, and injects OAuth credentials into their MCP traffic."
+        ),
+    )
     p.add_argument("--version", action="version", version=f"credless {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -188,8 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     doc = sub.add_parser("doctor", help="check that this host can run credless")
     doc.add_argument("--config", help="read attest.cgroup_root from this config")
-    doc.add_argument("--cgroup-root", help="cgroup v2 mount point to check (default: "
-                     "found in /proc/mounts)")
+    doc.add_argument(
+        "--cgroup-root", help="cgroup v2 mount point to check (default: found in /proc/mounts)"
+    )
     doc.add_argument("--json", action="store_true", help="machine-readable output")
     doc.set_defaults(func=cmd_doctor)
 
@@ -200,35 +215,47 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--json", action="store_true", help="JSON (the default when not a TTY)")
     ps.set_defaults(func=cmd_ps)
 
-    status = sub.add_parser("status", help="workloads, SVID and token expiries (no secrets), "
-                            "redirect targets and lost events of the running agent")
+    status = sub.add_parser(
+        "status",
+        help="workloads, SVID and token expiries (no secrets), "
+        "redirect targets and lost events of the running agent",
+    )
     status.add_argument("--config", help=f"config file (default {config.DEFAULT_CONFIG_PATH})")
     status.add_argument("--json", action="store_true", help="JSON (the default when not a TTY)")
     status.set_defaults(func=cmd_status)
 
-    det = sub.add_parser("detach", help="remove the pinned connect redirect the agent leaves "
-                         "attached across restarts (for uninstalling)")
+    det = sub.add_parser(
+        "detach",
+        help="remove the pinned connect redirect the agent leaves "
+        "attached across restarts (for uninstalling)",
+    )
     det.add_argument("--config", help=f"config file (default {config.DEFAULT_CONFIG_PATH})")
     det.set_defaults(func=cmd_detach)
 
-    oauth = sub.add_parser("oauth", help="OAuth tools").add_subparsers(dest="oauth_command",
-                                                                        required=True)
-    probe = oauth.add_parser("probe", help="discovery, registration and a token request for "
-                             "one identity, through the running agent; prints a summary, "
-                             "never the token")
+    oauth = sub.add_parser("oauth", help="OAuth tools").add_subparsers(
+        dest="oauth_command", required=True
+    )
+    probe = oauth.add_parser(
+        "probe",
+        help="discovery, registration and a token request for "
+        "one identity, through the running agent; prints a summary, "
+        "never the token",
+    )
     probe.add_argument("--config", help=f"config file (default {config.DEFAULT_CONFIG_PATH})")
     probe.add_argument("--server", required=True, help="MCP server URL")
     probe.add_argument("--spiffe-id", required=True, help="an identity the agent can issue")
     probe.set_defaults(func=cmd_oauth_probe)
 
     pol = sub.add_parser("policy", help="check and try MCP policy files").add_subparsers(
-        dest="policy_command", required=True)
+        dest="policy_command", required=True
+    )
     pc = pol.add_parser("check", help="validate a policy file")
     pc.add_argument("file")
     pc.add_argument("--config", help="also check that servers named in rules are configured")
     pc.set_defaults(func=cmd_policy_check)
-    pe = pol.add_parser("explain", help="which rule decides a call, without traffic "
-                        "(exit 0 allow, 1 deny)")
+    pe = pol.add_parser(
+        "explain", help="which rule decides a call, without traffic (exit 0 allow, 1 deny)"
+    )
     pe.add_argument("--file", help="policy file (default: policy.file of --config)")
     pe.add_argument("--config", help=f"config file (default {config.DEFAULT_CONFIG_PATH})")
     pe.add_argument("--spiffe-id", required=True)

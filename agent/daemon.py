@@ -63,8 +63,10 @@ class PidFile:
         except BlockingIOError:
             other = os.read(fd, 32).decode().strip() or "?"
             os.close(fd)
-            raise StartupError(f"another credless agent (pid {other}) holds {self.path}; "
-                               "stop it or give this one another agent.run_dir") from None
+            raise StartupError(
+                f"another credless agent (pid {other}) holds {self.path}; "
+                "stop it or give this one another agent.run_dir"
+            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
@@ -90,9 +92,11 @@ class _Bound:
         except OSError as e:
             host, port = self.endpoint.requested_address
             section = self.setting.split(".")[0]
-            raise StartupError(f"{self.setting} {host}:{port}: {e.strerror}; choose a free "
-                               f"port or set {section}.enabled = false") from None
-        log.info("listening", endpoint=self.name, address="%s:%d" % self.endpoint.address)
+            raise StartupError(
+                f"{self.setting} {host}:{port}: {e.strerror}; choose a free "
+                f"port or set {section}.enabled = false"
+            ) from None
+        log.info("listening", endpoint=self.name, address="{}:{}".format(*self.endpoint.address))
 
     def stop(self) -> None:
         self.endpoint.stop()
@@ -102,10 +106,14 @@ class Daemon:
     def __init__(self, cfg: Config, audit: AuditLog | None = None):
         self.cfg = cfg
         self.metrics = Metrics()
-        self.audit = audit or AuditLog(cfg.agent.resolved_node_name(), file=cfg.audit.file,
-                                       max_bytes=cfg.audit.max_bytes,
-                                       backups=cfg.audit.backups, to_stream=cfg.audit.stdout,
-                                       flush_interval=cfg.audit.flush_ms / 1000)
+        self.audit = audit or AuditLog(
+            cfg.agent.resolved_node_name(),
+            file=cfg.audit.file,
+            max_bytes=cfg.audit.max_bytes,
+            backups=cfg.audit.backups,
+            to_stream=cfg.audit.stdout,
+            flush_interval=cfg.audit.flush_ms / 1000,
+        )
         self.components: list[Component] = []
         from prometheus_client.core import CounterMetricFamily
 
@@ -113,8 +121,9 @@ class Daemon:
 
         class _AuditDropped:
             def collect(self):
-                c = CounterMetricFamily("credless_audit_events_dropped",
-                                        "Audit events that could not be written")
+                c = CounterMetricFamily(
+                    "credless_audit_events_dropped", "Audit events that could not be written"
+                )
                 c.add_metric([], getattr(audit, "dropped", 0))
                 yield c
 
@@ -131,18 +140,27 @@ class Daemon:
                 url = expand_url(k.url, os.environ)
             except KubeletError as e:
                 raise StartupError(str(e)) from None
-            kubelet = KubeletClient(url, token_file=k.token_file, ca_file=k.ca_file,
-                                    cache_ttl_seconds=k.cache_ttl_seconds,
-                                    insecure_skip_verify=k.insecure_skip_verify)
-        self.attestor = Attestor(cfg.attest, registry=self.metrics.registry, kubelet=kubelet,
-                                 pin_dir=cfg.agent.bpf_pin_dir)
+            kubelet = KubeletClient(
+                url,
+                token_file=k.token_file,
+                ca_file=k.ca_file,
+                cache_ttl_seconds=k.cache_ttl_seconds,
+                insecure_skip_verify=k.insecure_skip_verify,
+            )
+        self.attestor = Attestor(
+            cfg.attest,
+            registry=self.metrics.registry,
+            kubelet=kubelet,
+            pin_dir=cfg.agent.bpf_pin_dir,
+        )
         self.metrics.add_ready_check("attest", self.attestor.ready)
         self.components.append(self.attestor)
 
         from agent.identity.manager import IdentityManager
 
-        self.identity = IdentityManager(cfg.identity, cfg.agent.state_dir, audit=self.audit,
-                                        registry=self.metrics.registry)
+        self.identity = IdentityManager(
+            cfg.identity, cfg.agent.state_dir, audit=self.audit, registry=self.metrics.registry
+        )
         self.metrics.add_ready_check("identity", self.identity.ready)
         self.components.append(self.identity)
         self.reload_hooks = [self.identity.reload_entries]
@@ -151,23 +169,36 @@ class Daemon:
 
             # FetchJWTSVID refuses audiences naming an authorization server credless uses
             # (self.oauth, made below, is there before the first call)
-            self.components.append(WorkloadApiServer(
-                cfg.workload_api.socket, self.identity, self.attestor, audit=self.audit,
-                registry=self.metrics.registry,
-                authorization_servers=lambda: self.oauth.assertion_audiences()))
+            self.components.append(
+                WorkloadApiServer(
+                    cfg.workload_api.socket,
+                    self.identity,
+                    self.attestor,
+                    audit=self.audit,
+                    registry=self.metrics.registry,
+                    authorization_servers=lambda: self.oauth.assertion_audiences(),
+                )
+            )
         if cfg.bundle_endpoint.enabled:
             from agent.identity.bundle_endpoint import BundleEndpoint
 
             host, port = parse_listen(cfg.bundle_endpoint.listen)
-            self.components.append(_Bound(BundleEndpoint(self.identity, host, port),
-                                          "bundle_endpoint.listen"))
+            self.components.append(
+                _Bound(BundleEndpoint(self.identity, host, port), "bundle_endpoint.listen")
+            )
         from agent.oauth.service import OAuthService
 
-        bundle_host, bundle_port = parse_listen(cfg.bundle_endpoint.listen)
-        self.oauth = OAuthService(cfg, self.identity, cfg.agent.state_dir, audit=self.audit,
-                                  registry=self.metrics.registry,
-                                  jwks_uri=f"http://{cfg.bundle_endpoint.listen}/jwks.json"
-                                  if cfg.bundle_endpoint.enabled else None)
+        _bundle_host, _bundle_port = parse_listen(cfg.bundle_endpoint.listen)
+        self.oauth = OAuthService(
+            cfg,
+            self.identity,
+            cfg.agent.state_dir,
+            audit=self.audit,
+            registry=self.metrics.registry,
+            jwks_uri=f"http://{cfg.bundle_endpoint.listen}/jwks.json"
+            if cfg.bundle_endpoint.enabled
+            else None,
+        )
         self.components.append(self.oauth)
         self.attestor.add_event_listener(self.identity.process_event)
         self.identity.on_identity_ended.append(self._identity_ended)
@@ -180,8 +211,9 @@ class Daemon:
         self.components.append(self.admin)
         if cfg.metrics.enabled:
             host, port = parse_listen(cfg.metrics.listen)
-            self.components.append(_Bound(MetricsServer(self.metrics, host, port),
-                                          "metrics.listen"))
+            self.components.append(
+                _Bound(MetricsServer(self.metrics, host, port), "metrics.listen")
+            )
         self._started: list[Component] = []
         self._stop = asyncio.Event()
 
@@ -200,31 +232,49 @@ class Daemon:
         if root is None:
             raise StartupError("no cgroup v2 mount: the redirect needs one (credless doctor)")
         inj = cfg.inject
-        self.redirector = Redirector(cfg.agent.bpf_pin_dir, root,
-                                     (inj.listen_host, inj.listen_port), inj.listen_port6,
-                                     list(inj.managed_cgroups), fail_open=inj.fail_open,
-                                     keep_on_stop=inj.keep_redirect_on_stop)
+        self.redirector = Redirector(
+            cfg.agent.bpf_pin_dir,
+            root,
+            (inj.listen_host, inj.listen_port),
+            inj.listen_port6,
+            list(inj.managed_cgroups),
+            fail_open=inj.fail_open,
+            keep_on_stop=inj.keep_redirect_on_stop,
+        )
         from agent.inject.tls import InjectionCA, upstream_context
 
-        self.inject_ca = InjectionCA(cfg.agent.state_dir,
-                                     Path(cfg.agent.run_dir) / "inject-ca.crt") \
-            if any(u.scheme == "https" for u in upstreams.values()) else None
+        self.inject_ca = (
+            InjectionCA(cfg.agent.state_dir, Path(cfg.agent.run_dir) / "inject-ca.crt")
+            if any(u.scheme == "https" for u in upstreams.values())
+            else None
+        )
         from agent.policy.engine import PolicyEngine
 
-        self.policy = PolicyEngine(cfg.policy, {s.name for s in cfg.servers},
-                                   registry=self.metrics.registry)
+        self.policy = PolicyEngine(
+            cfg.policy, {s.name for s in cfg.servers}, registry=self.metrics.registry
+        )
         self.components.append(self.policy)
         self.reload_hooks.append(self.policy.reload)
-        self.proxy = Proxy(inj, upstreams, self.redirector, self.attestor, self.identity,
-                           self.oauth, audit=self.audit, registry=self.metrics.registry,
-                           ssl_context=upstream_context(inj.upstream_ca_file),
-                           policy=self.policy if cfg.policy.file else None,
-                           max_body=cfg.policy.max_body_bytes)
+        self.proxy = Proxy(
+            inj,
+            upstreams,
+            self.redirector,
+            self.attestor,
+            self.identity,
+            self.oauth,
+            audit=self.audit,
+            registry=self.metrics.registry,
+            ssl_context=upstream_context(inj.upstream_ca_file),
+            policy=self.policy if cfg.policy.file else None,
+            max_body=cfg.policy.max_body_bytes,
+        )
         redirector = self.redirector
 
         def targets(ups) -> set:
-            return {Target(h, p, inj.tls_listen_port if up.scheme == "https" else 0)
-                    for (h, p), up in ups.items()}
+            return {
+                Target(h, p, inj.tls_listen_port if up.scheme == "https" else 0)
+                for (h, p), up in ups.items()
+            }
 
         async def follow_dns() -> None:
             """Servers' addresses as their names resolve now (UpstreamResolver)."""
@@ -233,14 +283,16 @@ class Daemon:
                 await asyncio.sleep(inj.resolve_interval_seconds)
                 try:
                     fresh = await loop.run_in_executor(None, resolver.refresh)
-                except Exception:   # keep following; the addresses known stay intercepted
+                except Exception:  # keep following; the addresses known stay intercepted
                     log.exception("resolving MCP servers failed")
                     continue
                 if fresh != self.proxy.upstreams:
                     redirector.set_targets(targets(fresh))
                     self.proxy.upstreams = fresh
-                    log.info("MCP server addresses changed",
-                             addresses=sorted(f"{h}:{p}" for h, p in fresh))
+                    log.info(
+                        "MCP server addresses changed",
+                        addresses=sorted(f"{h}:{p}" for h, p in fresh),
+                    )
 
         class RedirectComponent:
             name = "redirect"
@@ -262,10 +314,14 @@ class Daemon:
             from agent.attest.cgroupfs import process_cgroup
             from agent.inject.netns import NetnsListeners
 
-            pods = NetnsListeners(listeners.listen_specs(), listeners.serve,
-                                  list(inj.managed_cgroups),
-                                  process_cgroup(os.getpid()) or "/", inj.netns_scan_seconds,
-                                  registry=self.metrics.registry)
+            pods = NetnsListeners(
+                listeners.listen_specs(),
+                listeners.serve,
+                list(inj.managed_cgroups),
+                process_cgroup(os.getpid()) or "/",
+                inj.netns_scan_seconds,
+                registry=self.metrics.registry,
+            )
             self.attestor.add_event_listener(pods.process_event)
 
         class ProxyComponent:
@@ -277,8 +333,9 @@ class Daemon:
                 if pods is not None:
                     await pods.astart()
                 redirector.set_agent_up(True)
-                self.dns = asyncio.create_task(follow_dns()) \
-                    if inj.resolve_interval_seconds > 0 else None
+                self.dns = (
+                    asyncio.create_task(follow_dns()) if inj.resolve_interval_seconds > 0 else None
+                )
 
             async def astop(self) -> None:
                 if self.dns is not None:
@@ -290,8 +347,9 @@ class Daemon:
                 proxy.close()
 
         self.components += [RedirectComponent(), ProxyComponent()]
-        self.metrics.add_ready_check("redirect", lambda: (bool(redirector._links),
-                                                          f"{len(redirector.targets)} targets"))
+        self.metrics.add_ready_check(
+            "redirect", lambda: (bool(redirector._links), f"{len(redirector.targets)} targets")
+        )
 
     def _identity_ended(self, spiffe_id: str) -> None:
         if self.oauth.loop is not None:
@@ -302,8 +360,10 @@ class Daemon:
 
         ident = self.identity.identity_for_id(str(req.get("spiffe_id", "")))
         if ident is None:
-            raise RuntimeError(f"{req.get('spiffe_id')!r} is not an identity this agent can "
-                               "issue: no registration entry produces it")
+            raise RuntimeError(
+                f"{req.get('spiffe_id')!r} is not an identity this agent can "
+                "issue: no registration entry produces it"
+            )
         try:
             return self.oauth.run_sync(self.oauth.probe(str(req.get("server", "")), ident))
         except OAuthError as e:
@@ -329,21 +389,43 @@ class Daemon:
         for att in self.attestor.snapshot():
             ident = self.identity.resolve(att, quiet=True)
             if ident is not None:
-                workloads.append({"pid": att.tgid, "exe": att.exe,
-                                  "spiffe_id": str(ident.spiffe_id),
-                                  "active": str(ident.spiffe_id) in users})
-        svids = [{"spiffe_id": sid, "not_after": svid.not_after.isoformat(),
-                  "expires_in": int(svid.not_after.timestamp() - now)}
-                 for sid, svid in list(self.identity._svids.items())]
-        tokens = [{"spiffe_id": key[0], "server": key[1], "token_type": tok.token_type,
-                   "expires_in": int(tok.expires_at - now), "token_sha256": tok.fingerprint}
-                  for key, tok in self.oauth.cache.tokens()]
+                workloads.append(
+                    {
+                        "pid": att.tgid,
+                        "exe": att.exe,
+                        "spiffe_id": str(ident.spiffe_id),
+                        "active": str(ident.spiffe_id) in users,
+                    }
+                )
+        svids = [
+            {
+                "spiffe_id": sid,
+                "not_after": svid.not_after.isoformat(),
+                "expires_in": int(svid.not_after.timestamp() - now),
+            }
+            for sid, svid in list(self.identity._svids.items())
+        ]
+        tokens = [
+            {
+                "spiffe_id": key[0],
+                "server": key[1],
+                "token_type": tok.token_type,
+                "expires_in": int(tok.expires_at - now),
+                "token_sha256": tok.fingerprint,
+            }
+            for key, tok in self.oauth.cache.tokens()
+        ]
         redirector = getattr(self, "redirector", None)
-        return {"workloads": workloads, "svids": svids, "tokens": tokens,
-                "redirect_targets": sorted(f"{t.host}:{t.port}" for t in redirector.targets)
-                if redirector else [],
-                "redirect_counts": redirector.counts() if redirector else {},
-                "bpf_events_lost": self.attestor.lost_events()}
+        return {
+            "workloads": workloads,
+            "svids": svids,
+            "tokens": tokens,
+            "redirect_targets": sorted(f"{t.host}:{t.port}" for t in redirector.targets)
+            if redirector
+            else [],
+            "redirect_counts": redirector.counts() if redirector else {},
+            "bpf_events_lost": self.attestor.lost_events(),
+        }
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -396,8 +478,7 @@ class Daemon:
             # long as the agent: keep it out of the collector's scans, which otherwise cost
             # the proxy a full-heap walk every few thousand requests.
             gc.freeze()
-            log.info("ready", pid=os.getpid(),
-                     components=[c.name for c in self._started])
+            log.info("ready", pid=os.getpid(), components=[c.name for c in self._started])
             sd_notify("READY=1\nSTATUS=serving")
             watchdog = asyncio.create_task(self._watchdog())
             await self._stop.wait()
@@ -410,7 +491,7 @@ class Daemon:
             return 1
         finally:
             await self._stop_all()
-            self.audit.attach_loop(None)   # writes what the last iteration left pending
+            self.audit.attach_loop(None)  # writes what the last iteration left pending
             pidfile.release()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)

@@ -12,9 +12,9 @@ import errno
 import json
 import os
 import platform
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 from agent.attest import cgroupfs
 
@@ -22,8 +22,14 @@ from agent.attest import cgroupfs
 _SYS_BPF = {"x86_64": 321, "aarch64": 280}
 
 # Linux capability numbers (include/uapi/linux/capability.h).
-CAPS = {"CAP_NET_ADMIN": 12, "CAP_SYS_ADMIN": 21, "CAP_SYS_PTRACE": 19,
-        "CAP_DAC_READ_SEARCH": 2, "CAP_PERFMON": 38, "CAP_BPF": 39}
+CAPS = {
+    "CAP_NET_ADMIN": 12,
+    "CAP_SYS_ADMIN": 21,
+    "CAP_SYS_PTRACE": 19,
+    "CAP_DAC_READ_SEARCH": 2,
+    "CAP_PERFMON": 38,
+    "CAP_BPF": 39,
+}
 
 
 @dataclass
@@ -37,7 +43,7 @@ class CheckResult:
 
 @dataclass
 class DoctorOptions:
-    cgroup_root: str = ""          # empty: find it in /proc/mounts
+    cgroup_root: str = ""  # empty: find it in /proc/mounts
     tracefs: str = "/sys/kernel/tracing"
     btf: str = "/sys/kernel/btf/vmlinux"
 
@@ -49,23 +55,38 @@ def _libc():
 def check_bpf_syscall(_: DoctorOptions) -> CheckResult:
     nr = _SYS_BPF.get(platform.machine())
     if nr is None:
-        return CheckResult("bpf_syscall", False, f"unsupported machine {platform.machine()}",
-                           "run credless on x86_64 or aarch64")
+        return CheckResult(
+            "bpf_syscall",
+            False,
+            f"unsupported machine {platform.machine()}",
+            "run credless on x86_64 or aarch64",
+        )
 
     class MapCreateAttr(ctypes.Structure):
-        _fields_ = [("map_type", ctypes.c_uint32), ("key_size", ctypes.c_uint32),
-                    ("value_size", ctypes.c_uint32), ("max_entries", ctypes.c_uint32),
-                    ("pad", ctypes.c_uint8 * 112)]
+        _fields_ = [
+            ("map_type", ctypes.c_uint32),
+            ("key_size", ctypes.c_uint32),
+            ("value_size", ctypes.c_uint32),
+            ("max_entries", ctypes.c_uint32),
+            ("pad", ctypes.c_uint8 * 112),
+        ]
 
     attr = MapCreateAttr(2, 4, 8, 1)
     libc = _libc()
     fd = libc.syscall(nr, 0, ctypes.byref(attr), ctypes.sizeof(attr))
     if fd < 0:
         err = ctypes.get_errno()
-        fix = ("run as root (or grant CAP_BPF)" if err == errno.EPERM
-               else "use a kernel built with CONFIG_BPF_SYSCALL=y")
-        return CheckResult("bpf_syscall", False, f"bpf(BPF_MAP_CREATE) failed: "
-                           f"{errno.errorcode.get(err, err)} {os.strerror(err)}", fix)
+        fix = (
+            "run as root (or grant CAP_BPF)"
+            if err == errno.EPERM
+            else "use a kernel built with CONFIG_BPF_SYSCALL=y"
+        )
+        return CheckResult(
+            "bpf_syscall",
+            False,
+            f"bpf(BPF_MAP_CREATE) failed: {errno.errorcode.get(err, err)} {os.strerror(err)}",
+            fix,
+        )
     os.close(fd)
     return CheckResult("bpf_syscall", True, "created and closed an array map")
 
@@ -74,9 +95,13 @@ def check_kernel_headers(_: DoctorOptions) -> CheckResult:
     build = Path(f"/lib/modules/{os.uname().release}/build")
     if (build / "include").is_dir():
         return CheckResult("kernel_headers", True, f"{build} -> {build.resolve()}")
-    return CheckResult("kernel_headers", False, f"{build}/include missing (BCC compiles "
-                       "bpf/*.c against it)", "make setup (installs linux-headers-amd64 and "
-                       f"links {build} to /usr/src/linux-headers-*-amd64)")
+    return CheckResult(
+        "kernel_headers",
+        False,
+        f"{build}/include missing (BCC compiles bpf/*.c against it)",
+        "make setup (installs linux-headers-amd64 and "
+        f"links {build} to /usr/src/linux-headers-*-amd64)",
+    )
 
 
 def check_tracefs(opts: DoctorOptions) -> CheckResult:
@@ -85,8 +110,12 @@ def check_tracefs(opts: DoctorOptions) -> CheckResult:
         parts = line.split()
         if len(parts) >= 3 and parts[2] == "tracefs" and parts[1] == opts.tracefs:
             return CheckResult("tracefs", True, f"mounted at {opts.tracefs}")
-    return CheckResult("tracefs", False, f"tracefs not mounted at {opts.tracefs}",
-                       f"mount -t tracefs tracefs {opts.tracefs}")
+    return CheckResult(
+        "tracefs",
+        False,
+        f"tracefs not mounted at {opts.tracefs}",
+        f"mount -t tracefs tracefs {opts.tracefs}",
+    )
 
 
 def check_bpffs(_: DoctorOptions) -> CheckResult:
@@ -94,8 +123,12 @@ def check_bpffs(_: DoctorOptions) -> CheckResult:
         parts = line.split()
         if len(parts) >= 3 and parts[2] == "bpf" and parts[1] == "/sys/fs/bpf":
             return CheckResult("bpffs", True, "mounted at /sys/fs/bpf")
-    return CheckResult("bpffs", False, "bpffs not mounted at /sys/fs/bpf (the redirect pins "
-                       "its maps there)", "mount -t bpf bpf /sys/fs/bpf")
+    return CheckResult(
+        "bpffs",
+        False,
+        "bpffs not mounted at /sys/fs/bpf (the redirect pins its maps there)",
+        "mount -t bpf bpf /sys/fs/bpf",
+    )
 
 
 def check_btf(opts: DoctorOptions) -> CheckResult:
@@ -103,13 +136,24 @@ def check_btf(opts: DoctorOptions) -> CheckResult:
         with open(opts.btf, "rb") as f:
             magic = f.read(2)
     except OSError as e:
-        return CheckResult("btf", False, f"cannot read {opts.btf}: {e.strerror}",
-                           "use a kernel built with CONFIG_DEBUG_INFO_BTF=y", required=False)
+        return CheckResult(
+            "btf",
+            False,
+            f"cannot read {opts.btf}: {e.strerror}",
+            "use a kernel built with CONFIG_DEBUG_INFO_BTF=y",
+            required=False,
+        )
     if magic not in (b"\x9f\xeb", b"\xeb\x9f"):
-        return CheckResult("btf", False, f"{opts.btf} has no BTF magic",
-                           "use a kernel built with CONFIG_DEBUG_INFO_BTF=y", required=False)
-    return CheckResult("btf", True, f"{opts.btf} ({os.path.getsize(opts.btf)} bytes)",
-                       required=False)
+        return CheckResult(
+            "btf",
+            False,
+            f"{opts.btf} has no BTF magic",
+            "use a kernel built with CONFIG_DEBUG_INFO_BTF=y",
+            required=False,
+        )
+    return CheckResult(
+        "btf", True, f"{opts.btf} ({os.path.getsize(opts.btf)} bytes)", required=False
+    )
 
 
 def check_capabilities(_: DoctorOptions) -> CheckResult:
@@ -119,8 +163,12 @@ def check_capabilities(_: DoctorOptions) -> CheckResult:
             eff = int(line.split()[1], 16)
     missing = [n for n, bit in CAPS.items() if not eff >> bit & 1]
     if missing:
-        return CheckResult("capabilities", False, "missing " + ", ".join(missing),
-                           "run as root, or grant them (AmbientCapabilities= in the unit)")
+        return CheckResult(
+            "capabilities",
+            False,
+            "missing " + ", ".join(missing),
+            "run as root, or grant them (AmbientCapabilities= in the unit)",
+        )
     return CheckResult("capabilities", True, "effective set has " + ", ".join(CAPS))
 
 
@@ -128,10 +176,13 @@ def check_cgroup2(opts: DoctorOptions) -> CheckResult:
     root = cgroupfs.cgroup2_root(opts.cgroup_root)
     if root is None:
         where = opts.cgroup_root or "any mount point"
-        return CheckResult("cgroup_v2", False, f"no cgroup2 filesystem at {where} "
-                           "(per /proc/mounts)",
-                           "mount -t cgroup2 none /sys/fs/cgroup/unified, or set "
-                           "attest.cgroup_root to the cgroup2 mount point")
+        return CheckResult(
+            "cgroup_v2",
+            False,
+            f"no cgroup2 filesystem at {where} (per /proc/mounts)",
+            "mount -t cgroup2 none /sys/fs/cgroup/unified, or set "
+            "attest.cgroup_root to the cgroup2 mount point",
+        )
     return CheckResult("cgroup_v2", True, f"cgroup2 mounted at {root}")
 
 
@@ -141,17 +192,28 @@ def check_bcc_tracepoint(_: DoctorOptions) -> CheckResult:
 
         prog = compile_program("doctor")
     except ImportError:
-        return CheckResult("bcc_tracepoint", False, "cannot import bcc",
-                           "make setup (installs python3-bpfcc and links it into .venv)")
-    except Exception as e:  # BCC raises bare Exception on compile/verify failures
-        return CheckResult("bcc_tracepoint", False, f"loading bpf/doctor.c failed: {e}",
-                           "make setup (kernel headers, tracefs), then run as root")
+        return CheckResult(
+            "bcc_tracepoint",
+            False,
+            "cannot import bcc",
+            "make setup (installs python3-bpfcc and links it into .venv)",
+        )
+    except Exception as e:  # noqa: BLE001 — BCC raises bare Exception on compile/verify failures
+        return CheckResult(
+            "bcc_tracepoint",
+            False,
+            f"loading bpf/doctor.c failed: {e}",
+            "make setup (kernel headers, tracefs), then run as root",
+        )
     try:
         if not prog.tracepoint_exists("sched", "sched_process_exec"):
-            return CheckResult("bcc_tracepoint", False, "tracepoint sched:sched_process_exec "
-                               "not found", "mount tracefs; use a kernel with CONFIG_TRACEPOINTS")
-        return CheckResult("bcc_tracepoint", True,
-                           "loaded and attached sched:sched_process_exec")
+            return CheckResult(
+                "bcc_tracepoint",
+                False,
+                "tracepoint sched:sched_process_exec not found",
+                "mount tracefs; use a kernel with CONFIG_TRACEPOINTS",
+            )
+        return CheckResult("bcc_tracepoint", True, "loaded and attached sched:sched_process_exec")
     finally:
         prog.cleanup()
 
@@ -159,30 +221,40 @@ def check_bcc_tracepoint(_: DoctorOptions) -> CheckResult:
 def check_cgroup_connect4(opts: DoctorOptions) -> CheckResult:
     root = cgroupfs.cgroup2_root(opts.cgroup_root)
     if root is None:
-        return CheckResult("cgroup_connect4", False, "no cgroup v2 mount to attach to",
-                           "fix cgroup_v2 first")
+        return CheckResult(
+            "cgroup_connect4", False, "no cgroup v2 mount to attach to", "fix cgroup_v2 first"
+        )
     try:
         from bcc import BPF, BPFAttachType
 
         from agent.bpfload import compile_program
+
         prog = compile_program("doctor")
-    except Exception as e:
-        return CheckResult("cgroup_connect4", False, f"cannot compile bpf/doctor.c: {e}",
-                           "fix bcc_tracepoint first")
+    except Exception as e:  # noqa: BLE001 — a failing check, reported
+        return CheckResult(
+            "cgroup_connect4",
+            False,
+            f"cannot compile bpf/doctor.c: {e}",
+            "fix bcc_tracepoint first",
+        )
     child = Path(root) / f"credless-doctor-{os.getpid()}"
     fd = -1
     try:
-        fn = prog.load_func(b"doctor_connect4", BPF.CGROUP_SOCK_ADDR, None,
-                            BPFAttachType.CGROUP_INET4_CONNECT)
+        fn = prog.load_func(
+            b"doctor_connect4", BPF.CGROUP_SOCK_ADDR, None, BPFAttachType.CGROUP_INET4_CONNECT
+        )
         child.mkdir()
         fd = os.open(child, os.O_RDONLY | os.O_DIRECTORY)
         BPF.attach_func(fn, fd, BPFAttachType.CGROUP_INET4_CONNECT)
         BPF.detach_func(fn, fd, BPFAttachType.CGROUP_INET4_CONNECT)
-        return CheckResult("cgroup_connect4", True,
-                           f"attached and detached connect4 on {child}")
-    except Exception as e:
-        return CheckResult("cgroup_connect4", False, f"attach to {child} failed: {e}",
-                           "run as root on a kernel with CONFIG_CGROUP_BPF=y")
+        return CheckResult("cgroup_connect4", True, f"attached and detached connect4 on {child}")
+    except Exception as e:  # noqa: BLE001 — a failing check, reported
+        return CheckResult(
+            "cgroup_connect4",
+            False,
+            f"attach to {child} failed: {e}",
+            "run as root on a kernel with CONFIG_CGROUP_BPF=y",
+        )
     finally:
         if fd >= 0:
             os.close(fd)
@@ -194,9 +266,15 @@ def check_cgroup_connect4(opts: DoctorOptions) -> CheckResult:
 
 
 CHECKS: list[Callable[[DoctorOptions], CheckResult]] = [
-    check_capabilities, check_bpf_syscall, check_kernel_headers, check_tracefs, check_bpffs,
+    check_capabilities,
+    check_bpf_syscall,
+    check_kernel_headers,
+    check_tracefs,
+    check_bpffs,
     check_btf,
-    check_cgroup2, check_bcc_tracepoint, check_cgroup_connect4,
+    check_cgroup2,
+    check_bcc_tracepoint,
+    check_cgroup_connect4,
 ]
 
 
@@ -205,16 +283,27 @@ def run_checks(opts: DoctorOptions) -> list[CheckResult]:
     for check in CHECKS:
         try:
             results.append(check(opts))
-        except Exception as e:  # a crashing check is a failed check, not a crashed doctor
-            results.append(CheckResult(check.__name__.removeprefix("check_"), False,
-                                       f"check crashed: {e!r}", "report this as a bug"))
+        except Exception as e:  # noqa: BLE001 — a crashing check is a failed check, not a crashed doctor
+            results.append(
+                CheckResult(
+                    check.__name__.removeprefix("check_"),
+                    False,
+                    f"check crashed: {e!r}",
+                    "report this as a bug",
+                )
+            )
     return results
 
 
 def render(results: list[CheckResult], as_json: bool) -> str:
     if as_json:
-        return json.dumps({"ok": all(r.ok or not r.required for r in results),
-                           "checks": [asdict(r) for r in results]}, indent=2)
+        return json.dumps(
+            {
+                "ok": all(r.ok or not r.required for r in results),
+                "checks": [asdict(r) for r in results],
+            },
+            indent=2,
+        )
     lines = []
     for r in results:
         status = "ok" if r.ok else ("missing" if r.required else "warn")

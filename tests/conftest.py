@@ -18,8 +18,11 @@ TESTDATA = Path(__file__).resolve().parent / "testdata"
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("kernel") and os.geteuid() != 0:
-        pytest.fail("kernel test needs root (CAP_BPF, CAP_NET_ADMIN, cgroup writes): run "
-                    "`sudo make test`; kernel tests are never skipped", pytrace=False)
+        pytest.fail(
+            "kernel test needs root (CAP_BPF, CAP_NET_ADMIN, cgroup writes): run "
+            "`sudo make test`; kernel tests are never skipped",
+            pytrace=False,
+        )
 
 
 @pytest.fixture

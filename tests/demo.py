@@ -33,16 +33,26 @@ def pod_step(cg, mcp_url: str, proxy_port: int) -> list[dict]:
     listens inside that namespace once a managed process lives there."""
     say("3. the MCP client in a network namespace of its own (a pod's), no credentials:")
     with network_namespace("credless-demo") as ns:
-        pause = subprocess.Popen(["ip", "netns", "exec", ns, "sleep", "120"],
-                                 preexec_fn=enter_cgroup(cg))   # the pod's first process
+        pause = subprocess.Popen(
+            ["ip", "netns", "exec", ns, "sleep", "120"], preexec_fn=enter_cgroup(cg)
+        )  # the pod's first process
         try:
-            wait_for(lambda: subprocess.run(
-                ["ip", "netns", "exec", ns, "ss", "-Htln", f"sport = :{proxy_port}"],
-                capture_output=True, text=True).stdout.strip(), 15,
-                what="the agent's listener in the pod's namespace")
+            wait_for(
+                lambda: subprocess.run(
+                    ["ip", "netns", "exec", ns, "ss", "-Htln", f"sport = :{proxy_port}"],
+                    capture_output=True,
+                    text=True,
+                ).stdout.strip(),
+                15,
+                what="the agent's listener in the pod's namespace",
+            )
             say(f"   the agent now listens inside namespace {ns} too")
-            out = run_client(mcp_url, 'call:echo:{"text": "hello from a pod"}',
-                             preexec=enter_cgroup(cg), prefix=["ip", "netns", "exec", ns])
+            out = run_client(
+                mcp_url,
+                'call:echo:{"text": "hello from a pod"}',
+                preexec=enter_cgroup(cg),
+                prefix=["ip", "netns", "exec", ns],
+            )
             for line in out:
                 say(f"   <- {json.dumps(line)}")
             return out
@@ -62,17 +72,29 @@ def main() -> int:
         tmp = Path(tmp)
         bundle_port, mcp_port, proxy_port = free_port(), free_port(), free_port()
         mcp_url = f"http://127.0.0.1:{mcp_port}/mcp"
-        with cgroup_child("credless-demo") as cg, OidcProvider(
-                tmp, resources={mcp_url: {"format": "jwt", "scope": "tools"}},
-                clients=[{"client_id": SPIFFE_ID,
-                          "jwks_uri": f"http://127.0.0.1:{bundle_port}/jwks.json"}]) as oidc, \
-                McpServer(tmp, mcp_port, oidc.issuer, dpop=True):
+        with (
+            cgroup_child("credless-demo") as cg,
+            OidcProvider(
+                tmp,
+                resources={mcp_url: {"format": "jwt", "scope": "tools"}},
+                clients=[
+                    {
+                        "client_id": SPIFFE_ID,
+                        "jwks_uri": f"http://127.0.0.1:{bundle_port}/jwks.json",
+                    }
+                ],
+            ) as oidc,
+            McpServer(tmp, mcp_port, oidc.issuer, dpop=True),
+        ):
             say(f"authorization server (oidc-provider): {oidc.issuer}")
             say(f"MCP server (official SDK, requires DPoP-bound tokens): {mcp_url}")
             (tmp / "entries.toml").write_text(
                 f'[[entry]]\nid = "weather-bot"\nspiffe_id = "{SPIFFE_ID}"\n'
-                f'selectors = ["cgroup:path:/{cg.name}"]\n')
-            cfg = write_config(tmp, extra=f'''
+                f'selectors = ["cgroup:path:/{cg.name}"]\n'
+            )
+            cfg = write_config(
+                tmp,
+                extra=f'''
 [inject]
 listen_port = {proxy_port}
 listen_port6 = {proxy_port}
@@ -80,19 +102,27 @@ managed_cgroups = ["/{cg.name}"]
 [[servers]]
 name = "weather"
 url = "{mcp_url}"
-''', bundle_port=bundle_port)
+''',
+                bundle_port=bundle_port,
+            )
             with AgentProcess(cfg, tmp) as agent:
                 agent.wait_ready()
-                say(f"credless agent running (pid {agent.proc.pid}); workloads in cgroup "
-                    f"/{cg.name} are redirected to it")
+                say(
+                    f"credless agent running (pid {agent.proc.pid}); workloads in cgroup "
+                    f"/{cg.name} are redirected to it"
+                )
                 say()
                 say("1. the same MCP client, outside the managed cgroup (no credless):")
                 out = run_client(mcp_url, "list")
                 say(f"   -> {out[0].get('error')}: {out[0].get('message')}")
                 say("2. the MCP client inside the managed cgroup, still with no credentials:")
-                out = run_client(mcp_url, "list", 'call:echo:{"text": "hello from a '
-                                 'workload that holds nothing"}', 'call:add:{"a": 20, "b": 22}',
-                                 preexec=enter_cgroup(cg))
+                out = run_client(
+                    mcp_url,
+                    "list",
+                    'call:echo:{"text": "hello from a workload that holds nothing"}',
+                    'call:add:{"a": 20, "b": 22}',
+                    preexec=enter_cgroup(cg),
+                )
                 for line in out:
                     say(f"   <- {json.dumps(line)}")
                 pod = pod_step(cg, mcp_url, proxy_port)
@@ -104,15 +134,19 @@ url = "{mcp_url}"
                     say(f"attested: pid {inj['pid']} {inj['exe']} in cgroup {inj['cgroup']}")
                     say(f"   as {inj['spiffe_id']}")
                 if tok:
-                    say(f"token: {tok['token_type']} from {tok['issuer']}, expires in "
+                    say(
+                        f"token: {tok['token_type']} from {tok['issuer']}, expires in "
                         f"{tok['expires_in']}s, jti {tok['jti']}, bound to DPoP key "
                         f"{tok['jkt']}, sha256 {tok['token_sha256']} (the token itself never "
-                        "left the agent)")
+                        "left the agent)"
+                    )
                 n = sum(1 for e in events if e["event"] == "request.injected")
                 say(f"{n} requests injected, each an audit event (agent stdout)")
                 ok = bool(inj and tok and all("error" not in ln for ln in out + pod))
-        say("stopped the agent, the MCP server and the authorization server; removed the "
-            "cgroup and the namespace")
+        say(
+            "stopped the agent, the MCP server and the authorization server; removed the "
+            "cgroup and the namespace"
+        )
     return 0 if ok else 1
 
 

@@ -62,23 +62,24 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05, what: str
     raise TimeoutError(f"timed out waiting for {what} (last: {last!r})")
 
 
-def write_config(tmp: Path, extra: str = "", metrics_port: int | None = None,
-                 bundle_port: int | None = None) -> Path:
+def write_config(
+    tmp: Path, extra: str = "", metrics_port: int | None = None, bundle_port: int | None = None
+) -> Path:
     port = metrics_port or free_port()
     cfg = tmp / "credless.toml"
     cfg.write_text(f"""
 [agent]
-state_dir = "{tmp / 'state'}"
-run_dir = "{tmp / 'run'}"
+state_dir = "{tmp / "state"}"
+run_dir = "{tmp / "run"}"
 bpf_pin_dir = "/sys/fs/bpf/credless-test-{tmp.name[-24:]}"
 [log]
 format = "json"
 [metrics]
 listen = "127.0.0.1:{port}"
 [identity]
-entries_file = "{tmp / 'entries.toml'}"
+entries_file = "{tmp / "entries.toml"}"
 [workload_api]
-socket = "{tmp / 'run' / 'agent.sock'}"
+socket = "{tmp / "run" / "agent.sock"}"
 [bundle_endpoint]
 listen = "127.0.0.1:{bundle_port or free_port()}"
 {extra}
@@ -89,14 +90,16 @@ listen = "127.0.0.1:{bundle_port or free_port()}"
 class AgentProcess:
     """`credless run` as a child process; stop() sends SIGTERM, kill on context exit."""
 
-    def __init__(self, config: Path, log_dir: Path, args: list[str] = ()):  # noqa: B006
+    def __init__(self, config: Path, log_dir: Path, args: list[str] = ()):
         self.config = config
         self.stdout_path = log_dir / "agent.stdout"
         self.stderr_path = log_dir / "agent.stderr"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "agent", "run", "--config", str(config), *args],
-            stdout=open(self.stdout_path, "wb"), stderr=open(self.stderr_path, "wb"),
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            stdout=open(self.stdout_path, "wb"),
+            stderr=open(self.stderr_path, "wb"),
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
 
     def log_events(self) -> list[dict]:
         out = []
@@ -108,9 +111,11 @@ class AgentProcess:
     def wait_ready(self, timeout: float = 60.0) -> None:
         def ready():
             if self.proc.poll() is not None:
-                raise RuntimeError(f"agent exited {self.proc.returncode}: "
-                                   f"{self.stderr_path.read_text()[-2000:]}")
+                raise RuntimeError(
+                    f"agent exited {self.proc.returncode}: {self.stderr_path.read_text()[-2000:]}"
+                )
             return any(e.get("event") == "ready" for e in self.log_events())
+
         wait_for(ready, timeout, what="agent ready")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
@@ -125,6 +130,7 @@ class AgentProcess:
         stop_process(self.proc, 30)
         # whatever happened, leave no pinned BPF object behind
         from agent import config
+
         with contextlib.suppress(Exception):
             pin = Path(config.load(self.config).agent.bpf_pin_dir)
             for f in pin.glob("*"):

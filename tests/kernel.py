@@ -30,8 +30,9 @@ def cgroup_child(prefix: str = "credless-test"):
 
 def remove_cgroup(path: Path) -> None:
     for _ in range(100):
-        pids = [int(p) for p in (path / "cgroup.procs").read_text().split()] \
-            if path.exists() else []
+        pids = (
+            [int(p) for p in (path / "cgroup.procs").read_text().split()] if path.exists() else []
+        )
         if not pids:
             break
         for pid in pids:
@@ -57,6 +58,7 @@ def enter_cgroup(path: Path, uid: int | None = None, gid: int | None = None):
             os.setgid(gid)
         if uid is not None:
             os.setuid(uid)
+
     return preexec
 
 
@@ -91,8 +93,9 @@ def network_namespace(prefix: str = "credless-test"):
         yield name
     finally:
         for _ in range(100):
-            pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True,
-                                  text=True).stdout.split()
+            pids = subprocess.run(
+                ["ip", "netns", "pids", name], capture_output=True, text=True
+            ).stdout.split()
             if not pids:
                 break
             for pid in pids:

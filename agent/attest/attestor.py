@@ -39,13 +39,15 @@ _BOOTTIME = time.CLOCK_BOOTTIME
 
 
 class _LostEventsCollector:
-    def __init__(self, attestor: "Attestor"):
+    def __init__(self, attestor: Attestor):
         self._attestor = attestor
 
     def collect(self):
-        c = CounterMetricFamily("credless_bpf_events_lost",
-                                "Process events the kernel could not put in the ring buffer",
-                                labels=["program"])
+        c = CounterMetricFamily(
+            "credless_bpf_events_lost",
+            "Process events the kernel could not put in the ring buffer",
+            labels=["program"],
+        )
         c.add_metric(["process_events"], self._attestor.lost_events())
         yield c
 
@@ -53,8 +55,14 @@ class _LostEventsCollector:
 class Attestor:
     name = "attest"
 
-    def __init__(self, cfg: AttestSection, registry: Any = None, kubelet: Any = None,
-                 event_source_factory: Any = None, pin_dir: str | None = None):
+    def __init__(
+        self,
+        cfg: AttestSection,
+        registry: Any = None,
+        kubelet: Any = None,
+        event_source_factory: Any = None,
+        pin_dir: str | None = None,
+    ):
         self.cfg = cfg
         self.table = ProcessTable(grace_seconds=cfg.exit_grace_seconds)
         self.hasher = procfs.ExeHasher()
@@ -67,6 +75,7 @@ class Attestor:
         self._event_listeners: list = []
         if event_source_factory is None:
             from agent.attest.events import ProcessEventSource
+
             event_source_factory = ProcessEventSource
         self.source = event_source_factory(self._on_event, cfg.ring_buffer_pages, pin_dir)
         self._started = False
@@ -74,17 +83,24 @@ class Attestor:
 
     def _init_metrics(self, registry: Any) -> None:
         kw = {"registry": registry} if registry is not None else {"registry": None}
-        self.m_events = Counter("credless_attest_events", "Process lifecycle events consumed",
-                                ["type"], **kw)
-        self.m_lookups = Counter("credless_attest_lookups", "Attestation lookups by result",
-                                 ["result"], **kw)
-        self.m_enrich = Histogram("credless_attest_enrich_seconds",
-                                  "From the kernel event to the finished attestation",
-                                  buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25,
-                                           .5, 1, 2.5), **kw)
-        self.m_enrich_fail = Counter("credless_attest_enrich_failures",
-                                     "Images that could not be attested, by reason",
-                                     ["reason"], **kw)
+        self.m_events = Counter(
+            "credless_attest_events", "Process lifecycle events consumed", ["type"], **kw
+        )
+        self.m_lookups = Counter(
+            "credless_attest_lookups", "Attestation lookups by result", ["result"], **kw
+        )
+        self.m_enrich = Histogram(
+            "credless_attest_enrich_seconds",
+            "From the kernel event to the finished attestation",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            **kw,
+        )
+        self.m_enrich_fail = Counter(
+            "credless_attest_enrich_failures",
+            "Images that could not be attested, by reason",
+            ["reason"],
+            **kw,
+        )
         self.m_live = Gauge("credless_attest_processes", "Live processes in the table", **kw)
         self.m_live.set_function(lambda: len(self.table))
         if registry is not None:
@@ -98,8 +114,10 @@ class Attestor:
     def start(self) -> None:
         self.source.start()  # attach first, then seed: nothing falls between the two
         seeded = self._seed_from_proc()
-        for target, name in ((self._enrich_loop, "attest-enrich"),
-                             (self._expire_loop, "attest-expire")):
+        for target, name in (
+            (self._enrich_loop, "attest-enrich"),
+            (self._expire_loop, "attest-expire"),
+        ):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
@@ -154,10 +172,18 @@ class Attestor:
             start_ns = procfs.start_ns_from_ticks(info.start_ticks)
             if not self.source.seed_image(pid, start_ns, start_ns):
                 continue  # an exec or fork since attach already describes it
-            img = ProcessImage(tgid=pid, exec_ns=start_ns, start_ns=start_ns,
-                               ppid=info.status.ppid, uid=info.status.uids[0],
-                               gid=info.status.gids[0], cgroup_id=0, comm=info.status.name,
-                               filename=info.exe, source="proc")
+            img = ProcessImage(
+                tgid=pid,
+                exec_ns=start_ns,
+                start_ns=start_ns,
+                ppid=info.status.ppid,
+                uid=info.status.uids[0],
+                gid=info.status.gids[0],
+                cgroup_id=0,
+                comm=info.status.name,
+                filename=info.exe,
+                source="proc",
+            )
             if self.table.seed(img):
                 self._finish(img, info, time.clock_gettime_ns(_BOOTTIME))
                 n += 1
@@ -206,25 +232,44 @@ class Attestor:
                 # outside the agent's cgroup namespace: attest without cgroup-derived facts
                 log.warning("cgroup path not resolvable", pid=img.tgid, error=str(e))
         pod = None
-        if self.kubelet is not None and facts is not None and facts.pod_uid \
-                and facts.container_id and facts.user_manager_uid is None:
+        if (
+            self.kubelet is not None
+            and facts is not None
+            and facts.pod_uid
+            and facts.container_id
+            and facts.user_manager_uid is None
+        ):
             try:
                 pod = self.kubelet.pod(facts.pod_uid)
-            except Exception as e:  # kubelet down: attest without k8s selectors, say so
+            except Exception as e:  # noqa: BLE001 — kubelet down: attest without k8s selectors, say so
                 log.warning("kubelet lookup failed", pod_uid=facts.pod_uid, error=str(e))
         cgroup_id = img.cgroup_id or self._cgroup_id(info.cgroup_path)
         selectors = unix_selectors(info) | cgroup_selectors(info.cgroup_path, cgroup_id, facts)
         selectors |= k8s_selectors(pod, facts.container_id if facts else None)
-        lineage = tuple((p.tgid, p.exec_ns, p.enrichment.exe if p.enrichment else p.filename)
-                        for p in self.table.lineage(img))
+        lineage = tuple(
+            (p.tgid, p.exec_ns, p.enrichment.exe if p.enrichment else p.filename)
+            for p in self.table.lineage(img)
+        )
         img.enrichment = Attestation(
-            tgid=img.tgid, exec_ns=img.exec_ns, start_ns=img.start_ns, ppid=info.status.ppid,
-            comm=img.comm, exe=info.exe, sha256=info.sha256, uid=info.status.uids[1],
-            gid=info.status.gids[1], real_uid=info.status.uids[0],
-            real_gid=info.status.gids[0], groups=info.status.groups,
-            cgroup_path=info.cgroup_path, cgroup_id=cgroup_id, lineage=lineage,
-            selectors=frozenset(selectors), container_id=facts.container_id if facts else None,
-            pod=pod)
+            tgid=img.tgid,
+            exec_ns=img.exec_ns,
+            start_ns=img.start_ns,
+            ppid=info.status.ppid,
+            comm=img.comm,
+            exe=info.exe,
+            sha256=info.sha256,
+            uid=info.status.uids[1],
+            gid=info.status.gids[1],
+            real_uid=info.status.uids[0],
+            real_gid=info.status.gids[0],
+            groups=info.status.groups,
+            cgroup_path=info.cgroup_path,
+            cgroup_id=cgroup_id,
+            lineage=lineage,
+            selectors=frozenset(selectors),
+            container_id=facts.container_id if facts else None,
+            pod=pod,
+        )
         if event_ts:
             self.m_enrich.observe(max(0, time.clock_gettime_ns(_BOOTTIME) - event_ts) / 1e9)
         for fn in self._listeners:
@@ -232,6 +277,7 @@ class Attestor:
 
     def _cgroup_id(self, path: str | None) -> int:
         from agent.attest.cgroupfs import cgroup_id
+
         root = cgroup2_root(self.cfg.cgroup_root)
         try:
             return cgroup_id(root, path) if root and path else 0

@@ -21,8 +21,27 @@ from pathlib import Path
 VMLINUX = Path("/sys/kernel/btf/vmlinux")
 
 # linux/btf.h kinds
-_INT, _PTR, _ARRAY, _STRUCT, _UNION, _ENUM, _FWD, _TYPEDEF, _VOLATILE, _CONST, _RESTRICT, \
-    _FUNC, _FUNC_PROTO, _VAR, _DATASEC, _FLOAT, _DECL_TAG, _TYPE_TAG, _ENUM64 = range(1, 20)
+(
+    _INT,
+    _PTR,
+    _ARRAY,
+    _STRUCT,
+    _UNION,
+    _ENUM,
+    _FWD,
+    _TYPEDEF,
+    _VOLATILE,
+    _CONST,
+    _RESTRICT,
+    _FUNC,
+    _FUNC_PROTO,
+    _VAR,
+    _DATASEC,
+    _FLOAT,
+    _DECL_TAG,
+    _TYPE_TAG,
+    _ENUM64,
+) = range(1, 20)
 _MODIFIERS = {_TYPEDEF, _VOLATILE, _CONST, _RESTRICT, _TYPE_TAG}
 
 
@@ -43,23 +62,26 @@ class BTF:
     def __init__(self, data: bytes):
         if len(data) < 24:
             raise BTFError("BTF blob too short")
-        magic, = struct.unpack_from("<H", data, 0)
+        (magic,) = struct.unpack_from("<H", data, 0)
         if magic != 0xEB9F:
             raise BTFError("not a little-endian BTF blob (bad magic)")
-        _, _, hdr_len, type_off, type_len, str_off, str_len = struct.unpack_from("<BBIIIII",
-                                                                                 data, 2)
-        self._strings = data[hdr_len + str_off: hdr_len + str_off + str_len]
+        _, _, hdr_len, type_off, type_len, str_off, str_len = struct.unpack_from(
+            "<BBIIIII", data, 2
+        )
+        self._strings = data[hdr_len + str_off : hdr_len + str_off + str_len]
         self._types: list[_Type | None] = [None]  # type id 0 is void
         self._by_name: dict[tuple[int, str], int] = {}
-        self._parse(data[hdr_len + type_off: hdr_len + type_off + type_len])
+        self._parse(data[hdr_len + type_off : hdr_len + type_off + type_len])
 
     @classmethod
-    def from_file(cls, path: Path = VMLINUX) -> "BTF":
+    def from_file(cls, path: Path = VMLINUX) -> BTF:
         try:
             return cls(path.read_bytes())
         except OSError as e:
-            raise BTFError(f"cannot read {path}: {e.strerror}; credless needs a kernel built "
-                           "with CONFIG_DEBUG_INFO_BTF=y") from None
+            raise BTFError(
+                f"cannot read {path}: {e.strerror}; credless needs a kernel built "
+                "with CONFIG_DEBUG_INFO_BTF=y"
+            ) from None
 
     def _str(self, off: int) -> str:
         end = self._strings.index(b"\0", off)
@@ -129,8 +151,12 @@ class BTF:
 
 
 # The task_struct fields bpf/process_events.c reads, and the macro each becomes.
-TASK_FIELDS = {"pid": "TASK_PID_OFF", "tgid": "TASK_TGID_OFF",
-               "real_parent": "TASK_REAL_PARENT_OFF", "start_boottime": "TASK_START_BOOTTIME_OFF"}
+TASK_FIELDS = {
+    "pid": "TASK_PID_OFF",
+    "tgid": "TASK_TGID_OFF",
+    "real_parent": "TASK_REAL_PARENT_OFF",
+    "start_boottime": "TASK_START_BOOTTIME_OFF",
+}
 
 
 def task_offset_cflags(btf: BTF | None = None) -> list[str]:

@@ -17,8 +17,8 @@ def _unescape_mount_field(s: str) -> str:
     # /proc/mounts escapes space, tab, newline and backslash as octal (\040 ...).
     out, i = [], 0
     while i < len(s):
-        if s[i] == "\\" and len(s[i + 1:i + 4]) == 3 and s[i + 1:i + 4].isdigit():
-            out.append(chr(int(s[i + 1:i + 4], 8)))
+        if s[i] == "\\" and len(s[i + 1 : i + 4]) == 3 and s[i + 1 : i + 4].isdigit():
+            out.append(chr(int(s[i + 1 : i + 4], 8)))
             i += 4
         else:
             out.append(s[i])

@@ -12,8 +12,8 @@ from __future__ import annotations
 import ctypes as ct
 import mmap
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from agent.attest.btf import task_offset_cflags
 from agent.attest.table import ProcessEvent
@@ -24,7 +24,7 @@ log = get_logger("attest.events")
 
 _EXIT_FORMAT = Path("/sys/kernel/tracing/events/sched/sched_process_exit/format")
 _BPF_NOEXIST = 1
-IMAGE_CHANGE_SLOTS = 65536   # bpf/process_events.c's default
+IMAGE_CHANGE_SLOTS = 65536  # bpf/process_events.c's default
 
 
 def _has_group_dead() -> bool:
@@ -36,8 +36,12 @@ def _has_group_dead() -> bool:
 
 
 class ProcessEventSource:
-    def __init__(self, on_event: Callable[[ProcessEvent], None], ring_pages: int = 2048,
-                 pin_dir: str | None = None):
+    def __init__(
+        self,
+        on_event: Callable[[ProcessEvent], None],
+        ring_pages: int = 2048,
+        pin_dir: str | None = None,
+    ):
         self._on_event = on_event
         self._pin_dir = pin_dir
         self._ring_pages = ring_pages
@@ -66,23 +70,34 @@ class ProcessEventSource:
         self._event_ptr = ct.POINTER(ring._event_class or _event_class(ring))
         self._images = self._bpf[b"process_images"]
         from bcc import libbcc
+
         self._lookup_elem = libbcc.lib.bpf_lookup_elem
         self._images_fd, self._image_leaf = self._images.map_fd, self._images.Leaf
         self._lost = self._bpf[b"process_events_lost"]
         self._map_image_changes()
-        self._thread = threading.Thread(target=self._poll, name="bpf-process-events",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._poll, name="bpf-process-events", daemon=True)
         self._thread.start()
         log.info("process event tracepoints attached", ring_buffer_pages=self._ring_pages)
 
     def _callback(self, _ctx, data, _size) -> int:
         try:
             e = ct.cast(data, self._event_ptr).contents
-            self._on_event(ProcessEvent(
-                type=e.type, tgid=e.tgid, pid=e.pid, ppid=e.ppid, uid=e.uid, gid=e.gid,
-                start_ns=e.start_ns, exec_ns=e.exec_ns, cgroup_id=e.cgroup_id,
-                ts_ns=e.ts_ns, comm=e.comm.decode(errors="replace"),
-                filename=e.filename.decode(errors="replace")))
+            self._on_event(
+                ProcessEvent(
+                    type=e.type,
+                    tgid=e.tgid,
+                    pid=e.pid,
+                    ppid=e.ppid,
+                    uid=e.uid,
+                    gid=e.gid,
+                    start_ns=e.start_ns,
+                    exec_ns=e.exec_ns,
+                    cgroup_id=e.cgroup_id,
+                    ts_ns=e.ts_ns,
+                    comm=e.comm.decode(errors="replace"),
+                    filename=e.filename.decode(errors="replace"),
+                )
+            )
         except Exception:  # a bad event must not stop the stream; counted and logged
             self.callback_errors += 1
             log.exception("process event handler failed")
@@ -95,13 +110,15 @@ class ProcessEventSource:
     def _map_image_changes(self) -> None:
         try:
             fd = self._bpf[b"image_changes"].map_fd
-            self._change_map = mmap.mmap(fd, IMAGE_CHANGE_SLOTS * 8, mmap.MAP_SHARED,
-                                         mmap.PROT_READ)
-        except (OSError, KeyError) as e:   # no BPF_F_MMAPABLE (before 5.5): syscalls only
-            log.warning("image change counters not mapped; every image check is a bpf(2) "
-                        "call", error=str(e))
+            self._change_map = mmap.mmap(
+                fd, IMAGE_CHANGE_SLOTS * 8, mmap.MAP_SHARED, mmap.PROT_READ
+            )
+        except (OSError, KeyError) as e:  # no BPF_F_MMAPABLE (before 5.5): syscalls only
+            log.warning(
+                "image change counters not mapped; every image check is a bpf(2) call", error=str(e)
+            )
             return
-        self._change_slots = memoryview(self._change_map).cast("Q")   # u64 slots
+        self._change_slots = memoryview(self._change_map).cast("Q")  # u64 slots
 
     def image_changes(self, tgid: int) -> int | None:
         """How many times tgid's slot has changed (exec or exit of a tgid in it), read from
@@ -112,7 +129,7 @@ class ProcessEventSource:
             return None
         try:
             return slots[tgid % IMAGE_CHANGE_SLOTS]
-        except ValueError:   # released by stop() on another thread
+        except ValueError:  # released by stop() on another thread
             return None
 
     def stop(self) -> None:
@@ -152,10 +169,16 @@ class ProcessEventSource:
         key = ct.c_uint32(tgid)
         leaf = self._images.Leaf(start_ns, exec_ns)
         from bcc import libbcc
-        return libbcc.lib.bpf_update_elem(self._images.map_fd, ct.byref(key), ct.byref(leaf),
-                                          _BPF_NOEXIST) == 0
+
+        return (
+            libbcc.lib.bpf_update_elem(
+                self._images.map_fd, ct.byref(key), ct.byref(leaf), _BPF_NOEXIST
+            )
+            == 0
+        )
 
 
 def _event_class(ring):
     from bcc.table import _get_event_class
+
     return _get_event_class(ring)

@@ -25,9 +25,10 @@ import ssl
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import structlog
 
@@ -87,12 +88,15 @@ def expand_url(url: str, env: Mapping[str, str]) -> str:
     """attest.kubelet.url with ${VAR} taken from the environment (NODE_IP from the downward
     API on Kubernetes). An IPv6 address lands in brackets, as a URL host must be; a variable
     that is not set is an error naming it, not a literal "${NODE_IP}" to connect to."""
+
     def sub(m: re.Match) -> str:
         name = m.group(1)
         if name not in env or not env[name]:
-            raise KubeletError(f"attest.kubelet.url uses ${{{name}}}, which is not set in "
-                               "the agent's environment (on Kubernetes: set it from the "
-                               "downward API, fieldRef status.hostIP)")
+            raise KubeletError(
+                f"attest.kubelet.url uses ${{{name}}}, which is not set in "
+                "the agent's environment (on Kubernetes: set it from the "
+                "downward API, fieldRef status.hostIP)"
+            )
         value = env[name]
         if ":" in value and not value.startswith("["):
             try:
@@ -101,6 +105,7 @@ def expand_url(url: str, env: Mapping[str, str]) -> str:
             except ValueError:
                 pass
         return value
+
     return _VAR.sub(sub, url)
 
 
@@ -113,12 +118,16 @@ def parse_pod_list(doc: bytes | str) -> dict[str, PodInfo]:
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
         raise KubeletError(f"kubelet /pods response is not JSON: {e}") from None
     if not isinstance(data, dict):
-        raise KubeletError("kubelet /pods response is not a JSON object "
-                           f"(want a v1 PodList, got {_json_type(data)})")
+        raise KubeletError(
+            "kubelet /pods response is not a JSON object "
+            f"(want a v1 PodList, got {_json_type(data)})"
+        )
     kind, version = data.get("kind"), data.get("apiVersion")
     if (kind, version) != ("PodList", "v1"):
-        raise KubeletError(f"kubelet /pods response has kind {kind!r} apiVersion {version!r}, "
-                           "want 'PodList' 'v1'; check that the URL is the kubelet's")
+        raise KubeletError(
+            f"kubelet /pods response has kind {kind!r} apiVersion {version!r}, "
+            "want 'PodList' 'v1'; check that the URL is the kubelet's"
+        )
     items = data.get("items")
     if items is None:  # Go encodes an empty list as null
         return {}
@@ -140,9 +149,11 @@ def _parse_pod(item: Any, where: str) -> PodInfo:
         # serviceAccount is the deprecated alias of serviceAccountName. Unset, the pod runs
         # as the namespace's `default` account (what the ServiceAccount admission plugin
         # fills in); in kubelet output that is seen only for static pods.
-        service_account=(_optional_string(spec, "serviceAccountName", f"{where}.spec")
-                         or _optional_string(spec, "serviceAccount", f"{where}.spec")
-                         or "default"),
+        service_account=(
+            _optional_string(spec, "serviceAccountName", f"{where}.spec")
+            or _optional_string(spec, "serviceAccount", f"{where}.spec")
+            or "default"
+        ),
         node_name=_optional_string(spec, "nodeName", f"{where}.spec"),
         labels=MappingProxyType(_labels(meta.get("labels"), f"{where}.metadata.labels")),
         containers=MappingProxyType(_containers(status, f"{where}.status")),
@@ -156,8 +167,9 @@ def _containers(status: dict, where: str) -> dict[str, ContainerRef]:
         if statuses is None:
             continue
         if not isinstance(statuses, list):
-            raise KubeletError(f"kubelet /pods response: {where}.{key} is "
-                               f"{_json_type(statuses)}, want a list")
+            raise KubeletError(
+                f"kubelet /pods response: {where}.{key} is {_json_type(statuses)}, want a list"
+            )
         for j, entry in enumerate(statuses):
             cs = _object(entry, f"{where}.{key}[{j}]")
             cid = _bare_container_id(cs.get("containerID"))
@@ -191,16 +203,18 @@ def _labels(value: Any, where: str) -> dict[str, str]:
 
 def _object(value: Any, where: str) -> dict:
     if not isinstance(value, dict):
-        raise KubeletError(f"kubelet /pods response: {where} is {_json_type(value)}, "
-                           "want an object")
+        raise KubeletError(
+            f"kubelet /pods response: {where} is {_json_type(value)}, want an object"
+        )
     return value
 
 
 def _required_string(obj: dict, key: str, where: str) -> str:
     value = obj.get(key)
     if not isinstance(value, str) or not value:
-        raise KubeletError(f"kubelet /pods response: {where}.{key} is missing or not a "
-                           "non-empty string")
+        raise KubeletError(
+            f"kubelet /pods response: {where}.{key} is missing or not a non-empty string"
+        )
     return value
 
 
@@ -209,14 +223,20 @@ def _optional_string(obj: dict, key: str, where: str) -> str:
     if value is None:
         return ""
     if not isinstance(value, str):
-        raise KubeletError(f"kubelet /pods response: {where}.{key} is {_json_type(value)}, "
-                           "want a string")
+        raise KubeletError(
+            f"kubelet /pods response: {where}.{key} is {_json_type(value)}, want a string"
+        )
     return value
 
 
 def _json_type(value: Any) -> str:
-    for py, name in ((bool, "boolean"), (dict, "object"), (list, "array"), (str, "string"),
-                     ((int, float), "number")):
+    for py, name in (
+        (bool, "boolean"),
+        (dict, "object"),
+        (list, "array"),
+        (str, "string"),
+        ((int, float), "number"),
+    ):
         if isinstance(value, py):
             return name
     return "null"
@@ -233,21 +253,33 @@ class KubeletClient:
     look alike. `clock` is injectable for tests; it must be monotonic.
     """
 
-    def __init__(self, url: str = DEFAULT_URL, *, token_file: str = DEFAULT_TOKEN_FILE,
-                 ca_file: str = DEFAULT_CA_FILE, cache_ttl_seconds: float = 5.0,
-                 min_refresh_interval: float = 0.5, timeout: float = 5.0,
-                 insecure_skip_verify: bool = False,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        token_file: str = DEFAULT_TOKEN_FILE,
+        ca_file: str = DEFAULT_CA_FILE,
+        cache_ttl_seconds: float = 5.0,
+        min_refresh_interval: float = 0.5,
+        timeout: float = 5.0,
+        insecure_skip_verify: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme != "https" or not parts.hostname:
-            raise ValueError(f"kubelet url {url!r} must be https://host[:port]: the bearer "
-                             "token must not travel in clear text")
+            raise ValueError(
+                f"kubelet url {url!r} must be https://host[:port]: the bearer "
+                "token must not travel in clear text"
+            )
         if parts.username or parts.password or parts.query or parts.fragment:
-            raise ValueError("kubelet url must not carry credentials, a query or a fragment; "
-                             "the token comes from token_file")
+            raise ValueError(
+                "kubelet url must not carry credentials, a query or a fragment; "
+                "the token comes from token_file"
+            )
         if cache_ttl_seconds < 0 or min_refresh_interval < 0 or timeout <= 0:
-            raise ValueError("cache_ttl_seconds and min_refresh_interval must be >= 0 and "
-                             "timeout > 0")
+            raise ValueError(
+                "cache_ttl_seconds and min_refresh_interval must be >= 0 and timeout > 0"
+            )
         self._url = urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
         self._host, self._port = parts.hostname, parts.port or 443
         # A path prefix lets the same client go through the API server's node proxy.
@@ -295,12 +327,19 @@ class KubeletClient:
 
     def _fetch(self) -> dict[str, PodInfo]:
         token = self._read_token()  # every time: projected tokens rotate on disk
-        conn = http.client.HTTPSConnection(self._host, self._port, timeout=self._timeout,
-                                           context=self._tls_context())
+        conn = http.client.HTTPSConnection(
+            self._host, self._port, timeout=self._timeout, context=self._tls_context()
+        )
         try:
-            conn.request("GET", self._path, headers={
-                "Authorization": f"Bearer {token}", "Accept": "application/json",
-                "User-Agent": "credless"})
+            conn.request(
+                "GET",
+                self._path,
+                headers={
+                    "Authorization": f"Bearer {token}",
+                    "Accept": "application/json",
+                    "User-Agent": "credless",
+                },
+            )
             response = conn.getresponse()
             body = response.read(MAX_RESPONSE_BYTES + 1)
         except ssl.SSLCertVerificationError as e:
@@ -308,30 +347,39 @@ class KubeletClient:
                 f"TLS verification of the kubelet at {self._url} failed ({e.verify_message}); "
                 f"check that {self._ca_file} holds the CA that signed the kubelet's serving "
                 "certificate and that the certificate names the url's host, or set "
-                "insecure_skip_verify") from None
+                "insecure_skip_verify"
+            ) from None
         except ssl.SSLError as e:
-            raise KubeletError(f"TLS handshake with the kubelet at {self._url} failed: "
-                               f"{e.reason or e}") from None
+            raise KubeletError(
+                f"TLS handshake with the kubelet at {self._url} failed: {e.reason or e}"
+            ) from None
         except TimeoutError:
-            raise KubeletError(f"kubelet at {self._url} did not answer within "
-                               f"{self._timeout:g}s; check the url and the kubelet's health"
-                               ) from None
+            raise KubeletError(
+                f"kubelet at {self._url} did not answer within "
+                f"{self._timeout:g}s; check the url and the kubelet's health"
+            ) from None
         except OSError as e:
-            raise KubeletError(f"cannot reach the kubelet at {self._url}: {e.strerror or e}; "
-                               "check the url (node address and kubelet --port)") from None
+            raise KubeletError(
+                f"cannot reach the kubelet at {self._url}: {e.strerror or e}; "
+                "check the url (node address and kubelet --port)"
+            ) from None
         except (http.client.HTTPException, ValueError) as e:
             # Exception text is left out: http.client quotes header values, and one of them
             # holds the token.
-            raise KubeletError(f"kubelet at {self._url} sent no valid HTTP response "
-                               f"({type(e).__name__})") from None
+            raise KubeletError(
+                f"kubelet at {self._url} sent no valid HTTP response ({type(e).__name__})"
+            ) from None
         finally:
             conn.close()
         if response.status != 200:
-            raise KubeletError(self._status_message(response.status, body, token),
-                               status=response.status)
+            raise KubeletError(
+                self._status_message(response.status, body, token), status=response.status
+            )
         if len(body) > MAX_RESPONSE_BYTES:
-            raise KubeletError(f"kubelet /pods response from {self._url} is larger than "
-                               f"{MAX_RESPONSE_BYTES >> 20} MiB")
+            raise KubeletError(
+                f"kubelet /pods response from {self._url} is larger than "
+                f"{MAX_RESPONSE_BYTES >> 20} MiB"
+            )
         pods = parse_pod_list(body)
         log.debug("kubelet pods refreshed", url=self._url, pods=len(pods))
         return pods
@@ -342,11 +390,15 @@ class KubeletClient:
                 token = f.read().strip()
         except (OSError, UnicodeDecodeError) as e:
             reason = e.strerror if isinstance(e, OSError) else "not UTF-8"
-            raise KubeletError(f"cannot read the kubelet bearer token from {self._token_file}: "
-                               f"{reason}; mount a service account token there") from None
+            raise KubeletError(
+                f"cannot read the kubelet bearer token from {self._token_file}: "
+                f"{reason}; mount a service account token there"
+            ) from None
         if not _TOKEN.fullmatch(token):
-            raise KubeletError(f"{self._token_file} does not hold a bearer token (it is empty "
-                               "or has spaces or control characters inside)")
+            raise KubeletError(
+                f"{self._token_file} does not hold a bearer token (it is empty "
+                "or has spaces or control characters inside)"
+            )
         return token
 
     def _tls_context(self) -> ssl.SSLContext:
@@ -361,19 +413,25 @@ class KubeletClient:
             return ssl.create_default_context(cafile=self._ca_file)
         except (OSError, ssl.SSLError) as e:
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-            raise KubeletError(f"cannot load the kubelet CA from {self._ca_file}: {reason}; "
-                               "point ca_file at a PEM bundle with the CA that signed the "
-                               "kubelet's serving certificate") from None
+            raise KubeletError(
+                f"cannot load the kubelet CA from {self._ca_file}: {reason}; "
+                "point ca_file at a PEM bundle with the CA that signed the "
+                "kubelet's serving certificate"
+            ) from None
 
     def _status_message(self, status: int, body: bytes, token: str) -> str:
         if status == 401:
-            text = (f"kubelet at {self._url} answered 401 Unauthorized: it did not accept the "
-                    f"bearer token from {self._token_file}; check that the token is current "
-                    "and that the kubelet runs with --authentication-token-webhook")
+            text = (
+                f"kubelet at {self._url} answered 401 Unauthorized: it did not accept the "
+                f"bearer token from {self._token_file}; check that the token is current "
+                "and that the kubelet runs with --authentication-token-webhook"
+            )
         elif status == 403:
-            text = (f"kubelet at {self._url} answered 403 Forbidden: grant the token's "
-                    "identity 'get' on 'nodes/pods' (kubelets with KubeletFineGrainedAuthz, "
-                    "Kubernetes 1.33+) or on 'nodes/proxy' (older kubelets)")
+            text = (
+                f"kubelet at {self._url} answered 403 Forbidden: grant the token's "
+                "identity 'get' on 'nodes/pods' (kubelets with KubeletFineGrainedAuthz, "
+                "Kubernetes 1.33+) or on 'nodes/proxy' (older kubelets)"
+            )
         else:
             text = f"kubelet at {self._url} answered HTTP {status}; check the kubelet's logs"
         # The kubelet's own words say which user and subresource it checked: worth keeping,

@@ -32,7 +32,7 @@ class ProcStatus:
     name: str
     tgid: int
     ppid: int
-    uids: tuple[int, int, int, int]   # real, effective, saved, filesystem
+    uids: tuple[int, int, int, int]  # real, effective, saved, filesystem
     gids: tuple[int, int, int, int]
     groups: tuple[int, ...]
 
@@ -56,16 +56,21 @@ def parse_status(text: str) -> ProcStatus:
     try:
         uids = tuple(int(x) for x in fields["Uid"].split())
         gids = tuple(int(x) for x in fields["Gid"].split())
-        return ProcStatus(name=fields.get("Name", ""), tgid=int(fields["Tgid"]), ppid=int(fields["PPid"]),
-                          uids=uids, gids=gids,  # type: ignore[arg-type]
-                          groups=tuple(int(x) for x in fields.get("Groups", "").split()))
+        return ProcStatus(
+            name=fields.get("Name", ""),
+            tgid=int(fields["Tgid"]),
+            ppid=int(fields["PPid"]),
+            uids=uids,
+            gids=gids,  # type: ignore[arg-type]
+            groups=tuple(int(x) for x in fields.get("Groups", "").split()),
+        )
     except (KeyError, ValueError) as e:
         raise ValueError(f"unexpected /proc/<pid>/status format: {e}") from None
 
 
 def parse_stat_start_ticks(text: str) -> int:
     """Field 22 (starttime) of /proc/<pid>/stat; comm (field 2) may hold spaces and ')'."""
-    rest = text[text.rindex(")") + 2:].split()
+    rest = text[text.rindex(")") + 2 :].split()
     return int(rest[19])  # fields 3.. start at index 0, so field 22 is index 19
 
 
@@ -132,7 +137,7 @@ class ExeHasher:
             h.update(chunk)
             offset += len(chunk)
         if self._key(os.fstat(fd)) != key:
-            return None   # written while read: the digest names no version of the file
+            return None  # written while read: the digest names no version of the file
         digest = h.hexdigest()
         with self._lock:
             self.misses += 1
@@ -142,8 +147,7 @@ class ExeHasher:
         return digest
 
 
-def read_process(pid: int, start_ns: int | None, hasher: ExeHasher,
-                 proc: Path = PROC) -> ProcInfo:
+def read_process(pid: int, start_ns: int | None, hasher: ExeHasher, proc: Path = PROC) -> ProcInfo:
     """Read one process's facts; ProcessGone if it is gone or is not the expected process."""
     base = proc / str(pid)
     try:
@@ -173,8 +177,15 @@ def read_process(pid: int, start_ns: int | None, hasher: ExeHasher,
             raise ProcessGone(f"pid {pid} was reused while being read")
     except (FileNotFoundError, ProcessLookupError) as e:
         raise ProcessGone(f"pid {pid} exited") from e
-    return ProcInfo(exe=exe, sha256=digest, exe_dev=st.st_dev, exe_ino=st.st_ino,
-                    status=status, cgroup_path=cgroup_path, start_ticks=start_ticks)
+    return ProcInfo(
+        exe=exe,
+        sha256=digest,
+        exe_dev=st.st_dev,
+        exe_ino=st.st_ino,
+        status=status,
+        cgroup_path=cgroup_path,
+        start_ticks=start_ticks,
+    )
 
 
 def list_pids(proc: Path = PROC) -> list[int]:

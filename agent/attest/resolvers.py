@@ -74,8 +74,7 @@ _CONTAINER = re.compile(
     r"(?P<prefix>docker|cri-containerd|crio|libpod)-(?P<conmon>conmon-)?"
     r"(?P<id>[0-9a-f]{64})(?P<scope>\.scope)?"
 )
-_RUNTIME = {"docker": "docker", "cri-containerd": "containerd", "crio": "crio",
-            "libpod": "podman"}
+_RUNTIME = {"docker": "docker", "cri-containerd": "containerd", "crio": "crio", "libpod": "podman"}
 _SCOPE_REQUIRED = frozenset({"docker", "cri-containerd"})
 
 _UUID_DASHED = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
@@ -146,8 +145,9 @@ def _components(path: str) -> list[str]:
     return parts
 
 
-def _container_at(parts: list[str], i: int,
-                  pods: dict[int, tuple[str, str]]) -> tuple[str | None, str] | None:
+def _container_at(
+    parts: list[str], i: int, pods: dict[int, tuple[str, str]]
+) -> tuple[str | None, str] | None:
     """(runtime, id) if parts[i] is a container's own cgroup, else None."""
     name = parts[i]
     m = _CONTAINER.fullmatch(name)

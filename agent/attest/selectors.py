@@ -22,6 +22,7 @@ from agent.attest.procfs import ProcInfo
 @dataclass(frozen=True)
 class Attestation:
     """Who a process image is: a frozen snapshot, safe to hand to other components."""
+
     tgid: int
     exec_ns: int
     start_ns: int
@@ -29,26 +30,34 @@ class Attestation:
     comm: str
     exe: str
     sha256: str | None
-    uid: int            # effective
-    gid: int            # effective
+    uid: int  # effective
+    gid: int  # effective
     real_uid: int
     real_gid: int
     groups: tuple[int, ...]
     cgroup_path: str | None
     cgroup_id: int
-    lineage: tuple[tuple[int, int, str], ...]   # ancestors (tgid, exec_ns, exe), nearest first
+    lineage: tuple[tuple[int, int, str], ...]  # ancestors (tgid, exec_ns, exe), nearest first
     selectors: frozenset[str]
     container_id: str | None = None
-    pod: Any = None                               # agent.attest.kubelet.PodInfo when known
+    pod: Any = None  # agent.attest.kubelet.PodInfo when known
     exited: bool = False
     extra: dict = field(default_factory=dict, compare=False)
 
     def to_dict(self) -> dict:
         return {
-            "pid": self.tgid, "exec_ns": self.exec_ns, "start_ns": self.start_ns,
-            "ppid": self.ppid, "comm": self.comm, "exe": self.exe, "sha256": self.sha256,
-            "uid": self.uid, "gid": self.gid, "cgroup": self.cgroup_path,
-            "cgroup_id": self.cgroup_id, "exited": self.exited,
+            "pid": self.tgid,
+            "exec_ns": self.exec_ns,
+            "start_ns": self.start_ns,
+            "ppid": self.ppid,
+            "comm": self.comm,
+            "exe": self.exe,
+            "sha256": self.sha256,
+            "uid": self.uid,
+            "gid": self.gid,
+            "cgroup": self.cgroup_path,
+            "cgroup_id": self.cgroup_id,
+            "exited": self.exited,
             "pod": f"{self.pod.namespace}/{self.pod.name}" if self.pod else None,
             "lineage": [{"pid": t, "exe": e} for t, _, e in self.lineage],
             "selectors": sorted(self.selectors),
@@ -120,9 +129,13 @@ def k8s_selectors(pod: Any, container_id: str | None) -> set[str]:
     ref = pod.containers.get(container_id) if pod is not None and container_id else None
     if ref is None:
         return set()
-    out = {f"k8s:ns:{pod.namespace}", f"k8s:sa:{pod.service_account}",
-           f"k8s:pod-name:{pod.name}", f"k8s:pod-uid:{pod.uid}",
-           f"k8s:node-name:{pod.node_name}"}
+    out = {
+        f"k8s:ns:{pod.namespace}",
+        f"k8s:sa:{pod.service_account}",
+        f"k8s:pod-name:{pod.name}",
+        f"k8s:pod-uid:{pod.uid}",
+        f"k8s:node-name:{pod.node_name}",
+    }
     for k, v in pod.labels.items():
         out.add(f"k8s:pod-label:{k}:{v}")
     out.add(f"k8s:container-name:{ref.name}")

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 EV_EXEC, EV_FORK, EV_EXIT = 1, 2, 3
 EVENT_NAMES = {EV_EXEC: "exec", EV_FORK: "fork", EV_EXIT: "exit"}
@@ -32,6 +33,7 @@ ImageKey = tuple[int, int]  # (tgid, exec_ns)
 @dataclass(frozen=True)
 class ProcessEvent:
     """A decoded bpf/process_events.h `struct process_event`."""
+
     type: int
     tgid: int
     pid: int
@@ -57,13 +59,13 @@ class ProcessImage:
     cgroup_id: int
     comm: str
     filename: str
-    source: str                       # "exec", "fork" or "proc" (seeded at start-up)
-    parent: ImageKey | None = None    # the parent's image when this one began
-    exited_at: float | None = None    # clock time of exit
-    replaced: bool = False            # the process exec'd another program
-    enrichment: Any = None            # set once by the enricher (agent/attest/attestor.py)
+    source: str  # "exec", "fork" or "proc" (seeded at start-up)
+    parent: ImageKey | None = None  # the parent's image when this one began
+    exited_at: float | None = None  # clock time of exit
+    replaced: bool = False  # the process exec'd another program
+    enrichment: Any = None  # set once by the enricher (agent/attest/attestor.py)
     enrich_error: str | None = None
-    event_ts_ns: int = 0              # CLOCK_BOOTTIME of the kernel event, for latency
+    event_ts_ns: int = 0  # CLOCK_BOOTTIME of the kernel event, for latency
 
     @property
     def key(self) -> ImageKey:
@@ -82,16 +84,17 @@ class ProcessTable:
         self._clock = clock
         self._lock = threading.Lock()
         self._images: dict[ImageKey, ProcessImage] = {}
-        self._current: dict[int, ImageKey] = {}     # tgid -> its live image
-        self._exited: list[ImageKey] = []           # in exit order, for expiry
+        self._current: dict[int, ImageKey] = {}  # tgid -> its live image
+        self._exited: list[ImageKey] = []  # in exit order, for expiry
         self.stats = TableStats()
 
     # ------------------------------------------------------------ feeding
     def apply(self, ev: ProcessEvent) -> ProcessImage | None:
         """Apply one kernel event; returns the image it created (exec/fork) or ended (exit)."""
         with self._lock:
-            self.stats.events[EVENT_NAMES.get(ev.type, "other")] = \
+            self.stats.events[EVENT_NAMES.get(ev.type, "other")] = (
                 self.stats.events.get(EVENT_NAMES.get(ev.type, "other"), 0) + 1
+            )
             if ev.type == EV_EXIT:
                 return self._exit(ev.tgid, ev.exec_ns)
             if ev.type not in (EV_EXEC, EV_FORK):
@@ -102,10 +105,19 @@ class ProcessTable:
                     old.replaced = True
                     self._images.pop(old.key, None)
             img = ProcessImage(
-                tgid=ev.tgid, exec_ns=ev.exec_ns, start_ns=ev.start_ns, ppid=ev.ppid,
-                uid=ev.uid, gid=ev.gid, cgroup_id=ev.cgroup_id, comm=ev.comm,
-                filename=ev.filename, source=EVENT_NAMES[ev.type],
-                parent=self._current.get(ev.ppid), event_ts_ns=ev.ts_ns)
+                tgid=ev.tgid,
+                exec_ns=ev.exec_ns,
+                start_ns=ev.start_ns,
+                ppid=ev.ppid,
+                uid=ev.uid,
+                gid=ev.gid,
+                cgroup_id=ev.cgroup_id,
+                comm=ev.comm,
+                filename=ev.filename,
+                source=EVENT_NAMES[ev.type],
+                parent=self._current.get(ev.ppid),
+                event_ts_ns=ev.ts_ns,
+            )
             self._images[img.key] = img
             self._current[ev.tgid] = img.key
             return img
@@ -143,8 +155,11 @@ class ProcessTable:
         with self._lock:
             while self._exited:
                 img = self._images.get(self._exited[0])
-                if img is not None and img.exited_at is not None \
-                        and now - img.exited_at < self._grace:
+                if (
+                    img is not None
+                    and img.exited_at is not None
+                    and now - img.exited_at < self._grace
+                ):
                     break
                 self._exited.pop(0)
                 if img is not None:

@@ -16,9 +16,10 @@ import base64
 import hashlib
 import json
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Mapping, Sequence, Union
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -27,7 +28,7 @@ from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from agent.identity.spiffeid import TrustDomain
 
-PublicKey = Union[ec.EllipticCurvePublicKey, rsa.RSAPublicKey]
+PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
 
 USE_X509 = "x509-svid"
 USE_JWT = "jwt-svid"
@@ -62,8 +63,9 @@ def jwk_thumbprint(key: PublicKey) -> str:
 
 
 def _spki(key: PublicKey) -> bytes:
-    return key.public_bytes(serialization.Encoding.DER,
-                            serialization.PublicFormat.SubjectPublicKeyInfo)
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
 
 
 def _jwk_to_public_key(jwk: Mapping[str, Any], where: str) -> PublicKey:
@@ -72,7 +74,7 @@ def _jwk_to_public_key(jwk: Mapping[str, Any], where: str) -> PublicKey:
             key = ECAlgorithm.from_jwk(dict(jwk))
         else:
             key = RSAAlgorithm.from_jwk(dict(jwk))
-    except Exception as e:  # PyJWT raises several types for malformed parameters
+    except Exception as e:  # noqa: BLE001 — PyJWT raises several types for malformed parameters
         raise BundleError(f"{where}: invalid {jwk['kty']} key parameters ({e})") from None
     if not isinstance(key, (ec.EllipticCurvePublicKey, rsa.RSAPublicKey)):
         raise BundleError(f"{where}: expected a public key")
@@ -113,16 +115,22 @@ class TrustBundle:
         if not isinstance(self.sequence, int) or self.sequence < 0:
             raise BundleError(f"sequence must be a non-negative integer, got {self.sequence!r}")
         if not isinstance(self.refresh_hint, int) or self.refresh_hint <= 0:
-            raise BundleError("refresh_hint must be a positive number of seconds, "
-                              f"got {self.refresh_hint!r}")
+            raise BundleError(
+                f"refresh_hint must be a positive number of seconds, got {self.refresh_hint!r}"
+            )
         for kid in self.jwt_authorities:
             if not isinstance(kid, str) or not kid:
                 raise BundleError("every JWT authority needs a non-empty string kid (§4.2.2)")
 
     @classmethod
-    def new(cls, trust_domain: TrustDomain, x509_authorities: Sequence[x509.Certificate] = (),
-            jwt_authorities: Mapping[str, PublicKey] | None = None,
-            refresh_hint: int = DEFAULT_REFRESH_HINT, now: float | None = None) -> TrustBundle:
+    def new(
+        cls,
+        trust_domain: TrustDomain,
+        x509_authorities: Sequence[x509.Certificate] = (),
+        jwt_authorities: Mapping[str, PublicKey] | None = None,
+        refresh_hint: int = DEFAULT_REFRESH_HINT,
+        now: float | None = None,
+    ) -> TrustBundle:
         """A first bundle whose sequence is seeded from the clock (Unix seconds).
 
         Why: the sequence must only ever grow, and this module keeps no state on disk. Seeding
@@ -134,17 +142,24 @@ class TrustBundle:
 
     # ---------------------------------------------------------------- content and updates
     def _content_key(self) -> tuple:
-        return (tuple(c.public_bytes(serialization.Encoding.DER) for c in self.x509_authorities),
-                tuple(sorted((k, _spki(v)) for k, v in self.jwt_authorities.items())),
-                self.refresh_hint)
+        return (
+            tuple(c.public_bytes(serialization.Encoding.DER) for c in self.x509_authorities),
+            tuple(sorted((k, _spki(v)) for k, v in self.jwt_authorities.items())),
+            self.refresh_hint,
+        )
 
     def same_content(self, other: TrustBundle) -> bool:
-        return (self.trust_domain == other.trust_domain
-                and self._content_key() == other._content_key())
+        return (
+            self.trust_domain == other.trust_domain and self._content_key() == other._content_key()
+        )
 
-    def updated(self, *, x509_authorities: Sequence[x509.Certificate] | None = None,
-                jwt_authorities: Mapping[str, PublicKey] | None = None,
-                refresh_hint: int | None = None) -> TrustBundle:
+    def updated(
+        self,
+        *,
+        x509_authorities: Sequence[x509.Certificate] | None = None,
+        jwt_authorities: Mapping[str, PublicKey] | None = None,
+        refresh_hint: int | None = None,
+    ) -> TrustBundle:
         """The bundle with the given parts replaced and ``sequence + 1``.
 
         Returns ``self`` (same sequence) when nothing actually changed.
@@ -185,8 +200,11 @@ class TrustBundle:
                 keys.append(jwk)
         doc: dict[str, Any] = {"keys": keys}
         if spiffe_fields:
-            doc = {"spiffe_sequence": self.sequence,
-                   "spiffe_refresh_hint": self.refresh_hint, **doc}
+            doc = {
+                "spiffe_sequence": self.sequence,
+                "spiffe_refresh_hint": self.refresh_hint,
+                **doc,
+            }
         return doc
 
     def to_jwks_json(self) -> str:
@@ -213,8 +231,9 @@ class TrustBundle:
                 raise
             raise BundleError(f"bundle for {trust_domain} is not valid JSON: {e}") from None
         if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
-            raise BundleError(f"bundle for {trust_domain} must be a JSON object with a "
-                              "'keys' array")
+            raise BundleError(
+                f"bundle for {trust_domain} must be a JSON object with a 'keys' array"
+            )
         seq = doc.get("spiffe_sequence", 0)
         hint = doc.get("spiffe_refresh_hint", DEFAULT_REFRESH_HINT)
         if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
@@ -235,30 +254,37 @@ class TrustBundle:
                 continue  # §4.2: ignore unknown use (incl. wit-svid) and unknown kty
             leaked = _PRIVATE_MEMBERS & jwk.keys()
             if leaked:
-                raise BundleError(f"{where}: contains private key members {sorted(leaked)}; a "
-                                  "bundle must only hold public keys (rotate the leaked key)")
+                raise BundleError(
+                    f"{where}: contains private key members {sorted(leaked)}; a "
+                    "bundle must only hold public keys (rotate the leaked key)"
+                )
             key = _jwk_to_public_key(jwk, where)
             if use == USE_X509:
                 if "kid" in jwk:
                     raise BundleError(f"{where}: an x509-svid key must not have a 'kid' (§4.2.1)")
                 x5c = jwk.get("x5c")
                 if not isinstance(x5c, list) or len(x5c) != 1 or not isinstance(x5c[0], str):
-                    raise BundleError(f"{where}: an x509-svid key must have 'x5c' with exactly one "
-                                      "base64 DER certificate")
+                    raise BundleError(
+                        f"{where}: an x509-svid key must have 'x5c' with exactly one "
+                        "base64 DER certificate"
+                    )
                 try:
                     cert = x509.load_der_x509_certificate(base64.b64decode(x5c[0], validate=True))
                 except ValueError as e:
-                    raise BundleError(f"{where}: x5c[0] is not a base64 DER certificate "
-                                      f"({e})") from None
+                    raise BundleError(
+                        f"{where}: x5c[0] is not a base64 DER certificate ({e})"
+                    ) from None
                 if _spki(cert.public_key()) != _spki(key):  # type: ignore[arg-type]
-                    raise BundleError(f"{where}: the key parameters do not match the x5c "
-                                      "certificate")
+                    raise BundleError(
+                        f"{where}: the key parameters do not match the x5c certificate"
+                    )
                 cas.append(cert)
             else:
                 kid = jwk.get("kid")
                 if not isinstance(kid, str) or not kid:
-                    raise BundleError(f"{where}: a jwt-svid key must have a non-empty 'kid' "
-                                      "(§4.2.2)")
+                    raise BundleError(
+                        f"{where}: a jwt-svid key must have a non-empty 'kid' (§4.2.2)"
+                    )
                 if kid in jwt_keys:
                     raise BundleError(f"{where}: duplicate kid {kid!r}")
                 jwt_keys[kid] = key

@@ -30,9 +30,13 @@ def oauth_jwks(bundle: Any) -> bytes:
     keys = []
     for kid, key in bundle.jwt_authorities.items():
         jwk = public_key_to_jwk(key)
-        jwk.update(kid=kid, use="sig",
-                   alg=_EC_ALG.get(key.curve.name, "ES256") if isinstance(
-                       key, ec.EllipticCurvePublicKey) else "RS256")
+        jwk.update(
+            kid=kid,
+            use="sig",
+            alg=_EC_ALG.get(key.curve.name, "ES256")
+            if isinstance(key, ec.EllipticCurvePublicKey)
+            else "RS256",
+        )
         keys.append(jwk)
     return json.dumps({"keys": keys}, separators=(",", ":")).encode()
 
@@ -41,7 +45,12 @@ class BundleEndpoint(HttpEndpoint):
     name = "bundle_endpoint"
 
     def __init__(self, manager: Any, host: str, port: int):
-        super().__init__(host, port, {
-            "/": lambda: (200, manager.bundle().to_jwks_json().encode(), JSON),
-            "/jwks.json": lambda: (200, oauth_jwks(manager.bundle()), JSON),
-        }, name="bundle-endpoint")
+        super().__init__(
+            host,
+            port,
+            {
+                "/": lambda: (200, manager.bundle().to_jwks_json().encode(), JSON),
+                "/jwks.json": lambda: (200, oauth_jwks(manager.bundle()), JSON),
+            },
+            name="bundle-endpoint",
+        )

@@ -21,7 +21,6 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -32,7 +31,7 @@ from cryptography.x509.oid import NameOID
 from agent.fsutil import atomic_write
 from agent.identity.spiffeid import InvalidSpiffeId, SpiffeId, TrustDomain
 
-PrivateKey = Union[ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey]
+PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 KEY_TYPES = ("ec-p256", "ec-p384", "rsa-2048", "rsa-3072", "rsa-4096")
 DEFAULT_CA_TTL = dt.timedelta(days=365)
 # Backdating notBefore absorbs clock skew between this node and whoever validates its certs.
@@ -64,12 +63,13 @@ def signature_hash(key: PrivateKey) -> hashes.HashAlgorithm:
 
 
 def _utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def _spki(key) -> bytes:
-    return key.public_bytes(serialization.Encoding.DER,
-                            serialization.PublicFormat.SubjectPublicKeyInfo)
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
 
 
 def _uri_sans(cert: x509.Certificate) -> list[str]:
@@ -120,8 +120,13 @@ class SigningCA:
 
     # ------------------------------------------------------------------ creation
     @classmethod
-    def generate(cls, trust_domain: TrustDomain, key_type: str = "ec-p256",
-                 ttl: dt.timedelta = DEFAULT_CA_TTL, now: dt.datetime | None = None) -> SigningCA:
+    def generate(
+        cls,
+        trust_domain: TrustDomain,
+        key_type: str = "ec-p256",
+        ttl: dt.timedelta = DEFAULT_CA_TTL,
+        now: dt.datetime | None = None,
+    ) -> SigningCA:
         """A new self-signed root CA for `trust_domain` (URI SAN ``spiffe://<td>``)."""
         if ttl <= dt.timedelta(0):
             raise CAError(f"CA ttl must be positive, got {ttl}")
@@ -130,38 +135,63 @@ class SigningCA:
         serial = x509.random_serial_number()
         # A unique subject per CA generation (serialNumber attribute, as SPIRE does) keeps path
         # building unambiguous while an old and a new root are both in the bundle.
-        name = x509.Name([
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "credless"),
-            x509.NameAttribute(NameOID.COMMON_NAME, "credless CA"),
-            x509.NameAttribute(NameOID.SERIAL_NUMBER, format(serial, "x")[:32]),
-        ])
+        name = x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "credless"),
+                x509.NameAttribute(NameOID.COMMON_NAME, "credless CA"),
+                x509.NameAttribute(NameOID.SERIAL_NUMBER, format(serial, "x")[:32]),
+            ]
+        )
         ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
         builder = (
             x509.CertificateBuilder()
-            .subject_name(name).issuer_name(name)
+            .subject_name(name)
+            .issuer_name(name)
             .public_key(key.public_key())
             .serial_number(serial)
             .not_valid_before(now - CLOCK_SKEW)
             .not_valid_after(now + ttl)
             # pathLen 0: this root signs leaf SVIDs only, never further CAs.
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False,
-                                         key_encipherment=False, data_encipherment=False,
-                                         key_agreement=False, key_cert_sign=True, crl_sign=True,
-                                         encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=False,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
             .add_extension(ski, critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski),
-                           critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
+            )
             # X509-SVID.md §4.1: a signing certificate MAY carry the trust domain's ID (no path).
-            .add_extension(x509.SubjectAlternativeName(
-                [x509.UniformResourceIdentifier(trust_domain.id_string())]), critical=False)
+            .add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.UniformResourceIdentifier(trust_domain.id_string())]
+                ),
+                critical=False,
+            )
         )
         cert = builder.sign(key, signature_hash(key))
         return cls(trust_domain, cert, key, (), (cert,))
 
     @classmethod
-    def load_intermediate(cls, cert_pem: bytes, key_pem: bytes, chain_pem: bytes, *,
-                          trust_domain: TrustDomain, now: dt.datetime | None = None) -> SigningCA:
+    def load_intermediate(
+        cls,
+        cert_pem: bytes,
+        key_pem: bytes,
+        chain_pem: bytes,
+        *,
+        trust_domain: TrustDomain,
+        now: dt.datetime | None = None,
+    ) -> SigningCA:
         """Use an organisation-issued intermediate CA.
 
         `chain_pem` holds the certificates above the intermediate, in order, ending with the
@@ -179,12 +209,15 @@ class SigningCA:
         try:
             key = serialization.load_pem_private_key(key_pem, password=None)
         except TypeError:
-            raise CAError("the intermediate CA key is encrypted; provide it unencrypted and "
-                          "protect the file with permissions (chmod 600)") from None
+            raise CAError(
+                "the intermediate CA key is encrypted; provide it unencrypted and "
+                "protect the file with permissions (chmod 600)"
+            ) from None
         except ValueError:
             # Never echo key material: say only what kind of input was expected.
-            raise CAError("the intermediate CA key is not a PEM private key (PKCS#8 or "
-                          "traditional EC/RSA)") from None
+            raise CAError(
+                "the intermediate CA key is not a PEM private key (PKCS#8 or traditional EC/RSA)"
+            ) from None
         if not isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey)):
             raise CAError(f"unsupported CA key type {type(key).__name__}; use EC or RSA")
         ca = cls._assemble(trust_domain, cert, key, above)
@@ -192,40 +225,56 @@ class SigningCA:
         return ca
 
     @classmethod
-    def _assemble(cls, trust_domain: TrustDomain, cert: x509.Certificate, key: PrivateKey,
-                  above: list[x509.Certificate]) -> SigningCA:
+    def _assemble(
+        cls,
+        trust_domain: TrustDomain,
+        cert: x509.Certificate,
+        key: PrivateKey,
+        above: list[x509.Certificate],
+    ) -> SigningCA:
         fp = cert.fingerprint(hashes.SHA256()).hex()[:16]
         if not _is_ca(cert):
-            raise CAError(f"certificate {fp} is not a CA (needs basicConstraints cA=true and "
-                          "keyUsage keyCertSign); ask your PKI for an intermediate CA certificate")
+            raise CAError(
+                f"certificate {fp} is not a CA (needs basicConstraints cA=true and "
+                "keyUsage keyCertSign); ask your PKI for an intermediate CA certificate"
+            )
         if _spki(cert.public_key()) != _spki(key.public_key()):
-            raise CAError(f"the CA private key does not match certificate {fp}; "
-                          "check that the key and certificate files belong together")
+            raise CAError(
+                f"the CA private key does not match certificate {fp}; "
+                "check that the key and certificate files belong together"
+            )
         for uri in _uri_sans(cert):
             try:
                 sid = SpiffeId.parse(uri)
             except InvalidSpiffeId as e:
-                raise CAError(f"CA certificate {fp} has a URI SAN that is not a SPIFFE ID: "
-                              f"{e}") from None
+                raise CAError(
+                    f"CA certificate {fp} has a URI SAN that is not a SPIFFE ID: {e}"
+                ) from None
             if sid.trust_domain != trust_domain or not sid.is_root:
-                raise CAError(f"CA certificate {fp} names {uri!r}, but this agent's trust "
-                              f"domain is {trust_domain} (a signing CA must name "
-                              f"{trust_domain.id_string()!r}, with no path)")
+                raise CAError(
+                    f"CA certificate {fp} names {uri!r}, but this agent's trust "
+                    f"domain is {trust_domain} (a signing CA must name "
+                    f"{trust_domain.id_string()!r}, with no path)"
+                )
         if _is_self_signed(cert):
             if above:
                 raise CAError("a self-signed CA must not come with a chain")
             return cls(trust_domain, cert, key, (), (cert,))
         if not above or not _is_self_signed(above[-1]):
-            raise CAError("the CA chain must end with the organisation's self-signed root CA, so "
-                          "that it can be published as the trust anchor in the bundle")
+            raise CAError(
+                "the CA chain must end with the organisation's self-signed root CA, so "
+                "that it can be published as the trust anchor in the bundle"
+            )
         child = cert
         for parent in above:
             try:
                 child.verify_directly_issued_by(parent)
             except (ValueError, TypeError, InvalidSignature):
-                raise CAError(f"CA chain is broken: {child.subject.rfc4514_string()!r} is not "
-                              f"issued by {parent.subject.rfc4514_string()!r}; list the chain "
-                              "from the intermediate's issuer up to the root, in order") from None
+                raise CAError(
+                    f"CA chain is broken: {child.subject.rfc4514_string()!r} is not "
+                    f"issued by {parent.subject.rfc4514_string()!r}; list the chain "
+                    "from the intermediate's issuer up to the root, in order"
+                ) from None
             child = parent
         return cls(trust_domain, cert, key, tuple(above[:-1]), (above[-1],))
 
@@ -249,11 +298,15 @@ class SigningCA:
         for c in (self.certificate, *self.chain, *self.roots):
             fp = c.fingerprint(hashes.SHA256()).hex()[:16]
             if c.not_valid_after_utc <= now:
-                raise CAError(f"CA certificate {fp} ({c.subject.rfc4514_string()}) expired at "
-                              f"{c.not_valid_after_utc.isoformat()}; issue or generate a new CA")
+                raise CAError(
+                    f"CA certificate {fp} ({c.subject.rfc4514_string()}) expired at "
+                    f"{c.not_valid_after_utc.isoformat()}; issue or generate a new CA"
+                )
             if c.not_valid_before_utc > now + CLOCK_SKEW:
-                raise CAError(f"CA certificate {fp} is not valid until "
-                              f"{c.not_valid_before_utc.isoformat()}; check the system clock")
+                raise CAError(
+                    f"CA certificate {fp} is not valid until "
+                    f"{c.not_valid_before_utc.isoformat()}; check the system clock"
+                )
 
     def public_key(self):
         return self._private_key.public_key()
@@ -270,12 +323,16 @@ class SigningCA:
         if stat.S_IMODE(d.stat().st_mode) & 0o077:
             os.chmod(d, 0o700)
         pem = serialization.Encoding.PEM
-        key_pem = self._private_key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
-                                                  serialization.NoEncryption())
+        key_pem = self._private_key.private_bytes(
+            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
         atomic_write(d / KEY_FILE, key_pem, 0o600)
         atomic_write(d / CERT_FILE, self.certificate.public_bytes(pem), 0o644)
-        chain = b"" if self.is_self_signed else b"".join(
-            c.public_bytes(pem) for c in (*self.chain, *self.roots))
+        chain = (
+            b""
+            if self.is_self_signed
+            else b"".join(c.public_bytes(pem) for c in (*self.chain, *self.roots))
+        )
         atomic_write(d / CHAIN_FILE, chain, 0o644)
         meta = {"format": _STATE_FORMAT, "trust_domain": self.trust_domain.name}
         atomic_write(d / META_FILE, json.dumps(meta).encode() + b"\n", 0o644)
@@ -286,13 +343,17 @@ class SigningCA:
         meta_path = d / META_FILE
         if not meta_path.exists():
             if (d / KEY_FILE).exists():
-                raise CAError(f"incomplete CA state in {d} ({META_FILE} missing): a save was "
-                              f"interrupted; move {d} aside to create a new CA")
+                raise CAError(
+                    f"incomplete CA state in {d} ({META_FILE} missing): a save was "
+                    f"interrupted; move {d} aside to create a new CA"
+                )
             raise CAError(f"no CA in {d}")
         dmode = stat.S_IMODE(d.stat().st_mode)
         if dmode & 0o022:
-            raise CAError(f"CA directory {d} is writable by group or others (mode {dmode:o}); "
-                          f"run: chmod 700 {d}")
+            raise CAError(
+                f"CA directory {d} is writable by group or others (mode {dmode:o}); "
+                f"run: chmod 700 {d}"
+            )
         try:
             meta = json.loads(meta_path.read_text())
             td = TrustDomain(meta["trust_domain"])
@@ -316,8 +377,13 @@ class SigningCA:
         return cls._assemble(td, cert, key, above)
 
     @classmethod
-    def load_or_create(cls, state_dir: str | os.PathLike[str], trust_domain: TrustDomain,
-                       key_type: str = "ec-p256", ttl: dt.timedelta = DEFAULT_CA_TTL) -> SigningCA:
+    def load_or_create(
+        cls,
+        state_dir: str | os.PathLike[str],
+        trust_domain: TrustDomain,
+        key_type: str = "ec-p256",
+        ttl: dt.timedelta = DEFAULT_CA_TTL,
+    ) -> SigningCA:
         """Load the CA in `state_dir`, or generate and save a self-signed one if there is none."""
         d = Path(state_dir)
         if not (d / META_FILE).exists() and not (d / KEY_FILE).exists():
@@ -329,10 +395,10 @@ class SigningCA:
             raise CAError(
                 f"the CA in {d} is for trust domain {ca.trust_domain}, but the configured trust "
                 f"domain is {trust_domain}. Either fix trust_domain in the configuration, or move "
-                f"{d} aside to create a new CA (every SVID issued so far then stops validating)")
+                f"{d} aside to create a new CA (every SVID issued so far then stops validating)"
+            )
         ca.check_usable()
         return ca
-
 
 
 def _read_private_file(path: Path) -> bytes:
@@ -341,20 +407,27 @@ def _read_private_file(path: Path) -> bytes:
         # O_NOFOLLOW + fstat: the checks apply to the very file we read (no symlink, no race).
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise CAError(f"CA key file {path} is missing; restore it or move {path.parent} aside "
-                      "to create a new CA") from None
+        raise CAError(
+            f"CA key file {path} is missing; restore it or move {path.parent} aside "
+            "to create a new CA"
+        ) from None
     except OSError as e:
-        raise CAError(f"cannot open CA key file {path}: {e.strerror} "
-                      "(symlinks are refused)") from None
+        raise CAError(
+            f"cannot open CA key file {path}: {e.strerror} (symlinks are refused)"
+        ) from None
     with os.fdopen(fd, "rb") as f:
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode):
             raise CAError(f"CA key file {path} is not a regular file")
         if st.st_uid != os.geteuid():
-            raise CAError(f"CA key file {path} is owned by uid {st.st_uid}, not by this agent "
-                          f"(uid {os.geteuid()}); run: chown {os.geteuid()} {path}")
+            raise CAError(
+                f"CA key file {path} is owned by uid {st.st_uid}, not by this agent "
+                f"(uid {os.geteuid()}); run: chown {os.geteuid()} {path}"
+            )
         if stat.S_IMODE(st.st_mode) & 0o077:
-            raise CAError(f"CA key file {path} is readable by group or others (mode "
-                          f"{stat.S_IMODE(st.st_mode):o}); treat the key as possibly leaked, and "
-                          f"if you are sure it is not, run: chmod 600 {path}")
+            raise CAError(
+                f"CA key file {path} is readable by group or others (mode "
+                f"{stat.S_IMODE(st.st_mode):o}); treat the key as possibly leaked, and "
+                f"if you are sure it is not, run: chmod 600 {path}"
+            )
         return f.read()

@@ -32,15 +32,22 @@ from __future__ import annotations
 
 import re
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from agent.identity.spiffeid import InvalidSpiffeId, SpiffeId, TrustDomain
 
 _PLACEHOLDER = re.compile(r"\{([a-z0-9_-]+:[a-z0-9_.-]+)\}")
-_ENTRY_KEYS = {"id", "spiffe_id", "selectors", "x509_svid_ttl_seconds", "jwt_svid_ttl_seconds",
-               "authorization_server_audience"}
+_ENTRY_KEYS = {
+    "id",
+    "spiffe_id",
+    "selectors",
+    "x509_svid_ttl_seconds",
+    "jwt_svid_ttl_seconds",
+    "authorization_server_audience",
+}
 
 
 class EntriesError(Exception):
@@ -52,12 +59,12 @@ class EntriesError(Exception):
 @dataclass(frozen=True)
 class Entry:
     id: str
-    spiffe_id: str                       # a SPIFFE ID, or a template with {type:key} fields
+    spiffe_id: str  # a SPIFFE ID, or a template with {type:key} fields
     selectors: frozenset[str]
     x509_svid_ttl_seconds: int | None = None
     jwt_svid_ttl_seconds: int | None = None
     order: int = 0
-    authorization_server_audience: bool = False   # JWT-SVIDs for an AS credless uses
+    authorization_server_audience: bool = False  # JWT-SVIDs for an AS credless uses
 
     @property
     def is_template(self) -> bool:
@@ -70,7 +77,7 @@ class Entry:
         sels = list(selectors)
         values: dict[str, str] = {}
         for name in set(_PLACEHOLDER.findall(self.spiffe_id)):
-            found = [s[len(name) + 1:] for s in sels if s.startswith(name + ":")]
+            found = [s[len(name) + 1 :] for s in sels if s.startswith(name + ":")]
             if len(found) != 1:
                 return None
             values[name] = found[0]
@@ -89,7 +96,7 @@ class Entry:
 class Match:
     entry: Entry
     spiffe_id: SpiffeId
-    also_matched: tuple[str, ...] = ()   # ids of other matching entries (a warning)
+    also_matched: tuple[str, ...] = ()  # ids of other matching entries (a warning)
 
 
 class Registry:
@@ -115,15 +122,19 @@ class Registry:
         return len(self.entries)
 
 
-def _check_entry(raw: Any, index: int, td: TrustDomain, seen: set[str]) -> tuple[Entry | None,
-                                                                                  list[str]]:
+def _check_entry(
+    raw: Any, index: int, td: TrustDomain, seen: set[str]
+) -> tuple[Entry | None, list[str]]:
     where = f"entry[{index}]"
     if not isinstance(raw, dict):
         return None, [f"{where}: expected a table [[entry]], got {type(raw).__name__}"]
     if isinstance(raw.get("id"), str):
         where += f' (id "{raw["id"]}")'
-    problems = [f"{where}: unknown key {k!r}; accepted: {', '.join(sorted(_ENTRY_KEYS))}"
-                for k in raw if k not in _ENTRY_KEYS]
+    problems = [
+        f"{where}: unknown key {k!r}; accepted: {', '.join(sorted(_ENTRY_KEYS))}"
+        for k in raw
+        if k not in _ENTRY_KEYS
+    ]
     eid = raw.get("id", f"entry-{index}")
     if not isinstance(eid, str) or not eid:
         problems.append(f"{where}: id must be a non-empty string")
@@ -131,25 +142,32 @@ def _check_entry(raw: Any, index: int, td: TrustDomain, seen: set[str]) -> tuple
         problems.append(f"{where}: duplicate id; every entry needs its own")
     sid = raw.get("spiffe_id")
     if not isinstance(sid, str):
-        problems.append(f"{where}: spiffe_id is required, a string like "
-                        f'"spiffe://{td.name}/workload"')
+        problems.append(
+            f'{where}: spiffe_id is required, a string like "spiffe://{td.name}/workload"'
+        )
     else:
         # validate the template with every placeholder filled by a harmless segment
         probe = _PLACEHOLDER.sub("x", sid)
         try:
             parsed = SpiffeId.parse(probe)
             if parsed.trust_domain != td:
-                problems.append(f"{where}: spiffe_id {sid!r} is outside the trust domain "
-                                f"{td.name} this agent issues in")
+                problems.append(
+                    f"{where}: spiffe_id {sid!r} is outside the trust domain "
+                    f"{td.name} this agent issues in"
+                )
             elif parsed.is_root:
-                problems.append(f"{where}: spiffe_id {sid!r} needs a path: workloads never get "
-                                "the trust domain's own ID")
+                problems.append(
+                    f"{where}: spiffe_id {sid!r} needs a path: workloads never get "
+                    "the trust domain's own ID"
+                )
         except InvalidSpiffeId as e:
             problems.append(f"{where}: spiffe_id {sid!r} is not a valid SPIFFE ID: {e}")
     sels = raw.get("selectors")
     if not isinstance(sels, list) or not sels or not all(isinstance(s, str) for s in sels):
-        problems.append(f"{where}: selectors must be a non-empty list of strings like "
-                        '"unix:uid:1000" (an entry without selectors would match everything)')
+        problems.append(
+            f"{where}: selectors must be a non-empty list of strings like "
+            '"unix:uid:1000" (an entry without selectors would match everything)'
+        )
         sels = []
     else:
         for s in sels:
@@ -161,15 +179,21 @@ def _check_entry(raw: Any, index: int, td: TrustDomain, seen: set[str]) -> tuple
             problems.append(f"{where}: {ttl_key} must be a positive integer, got {v!r}")
     as_audience = raw.get("authorization_server_audience", False)
     if not isinstance(as_audience, bool):
-        problems.append(f"{where}: authorization_server_audience must be true or false, got "
-                        f"{as_audience!r}")
+        problems.append(
+            f"{where}: authorization_server_audience must be true or false, got {as_audience!r}"
+        )
     if problems:
         return None, problems
     seen.add(eid)
-    return Entry(id=eid, spiffe_id=sid, selectors=frozenset(sels),
-                 x509_svid_ttl_seconds=raw.get("x509_svid_ttl_seconds"),
-                 jwt_svid_ttl_seconds=raw.get("jwt_svid_ttl_seconds"), order=index,
-                 authorization_server_audience=as_audience), []
+    return Entry(
+        id=eid,
+        spiffe_id=sid,
+        selectors=frozenset(sels),
+        x509_svid_ttl_seconds=raw.get("x509_svid_ttl_seconds"),
+        jwt_svid_ttl_seconds=raw.get("jwt_svid_ttl_seconds"),
+        order=index,
+        authorization_server_audience=as_audience,
+    ), []
 
 
 def parse(data: dict, trust_domain: TrustDomain, source: str = "<entries>") -> Registry:
@@ -194,8 +218,13 @@ def load(path: str | Path, trust_domain: TrustDomain) -> Registry:
     try:
         data = tomllib.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise EntriesError(str(p), ["file not found; create it or set identity.entries_file "
-                                    "(an empty file means no process gets an identity)"]) from None
+        raise EntriesError(
+            str(p),
+            [
+                "file not found; create it or set identity.entries_file "
+                "(an empty file means no process gets an identity)"
+            ],
+        ) from None
     except (OSError, UnicodeDecodeError) as e:
         raise EntriesError(str(p), [f"cannot read: {e}"]) from None
     except tomllib.TOMLDecodeError as e:

@@ -24,9 +24,10 @@ import datetime as dt
 import secrets
 import threading
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -36,8 +37,9 @@ from agent.identity.spiffeid import InvalidSpiffeId, SpiffeId, TrustDomain
 
 # JWT-SVID.md §3: the only algorithms a JWT-SVID may use; anything else (none, HS*, EdDSA) is
 # refused.
-ALLOWED_ALGS = frozenset({"RS256", "RS384", "RS512", "ES256", "ES384", "ES512",
-                          "PS256", "PS384", "PS512"})
+ALLOWED_ALGS = frozenset(
+    {"RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512"}
+)
 _ALLOWED_HEADER = frozenset({"alg", "kid", "typ"})
 _EC_CURVE = {"ES256": "secp256r1", "ES384": "secp384r1", "ES512": "secp521r1"}
 # Algorithms we can *sign* with; validation accepts the whole ALLOWED_ALGS set.
@@ -90,10 +92,14 @@ class JwtSigningKeys:
     the bundle fresh.
     """
 
-    def __init__(self, alg: str = "ES256", rotate_every: Seconds = dt.timedelta(hours=24),
-                 max_jwt_ttl: Seconds = dt.timedelta(hours=1),
-                 prepublish: Seconds = dt.timedelta(minutes=30),
-                 clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        alg: str = "ES256",
+        rotate_every: Seconds = dt.timedelta(hours=24),
+        max_jwt_ttl: Seconds = dt.timedelta(hours=1),
+        prepublish: Seconds = dt.timedelta(minutes=30),
+        clock: Callable[[], float] = time.time,
+    ):
         if alg not in _KEYGEN:
             raise JwtSvidError(f"cannot sign JWT-SVIDs with {alg!r}; use one of {sorted(_KEYGEN)}")
         self.alg = alg
@@ -103,8 +109,10 @@ class JwtSigningKeys:
         if self.rotate_every <= 0 or self.max_jwt_ttl <= 0 or self.prepublish < 0:
             raise JwtSvidError("rotate_every and max_jwt_ttl must be positive, prepublish >= 0")
         if self.prepublish >= self.rotate_every:
-            raise JwtSvidError(f"prepublish ({self.prepublish:g}s) must be shorter than "
-                               f"rotate_every ({self.rotate_every:g}s)")
+            raise JwtSvidError(
+                f"prepublish ({self.prepublish:g}s) must be shorter than "
+                f"rotate_every ({self.rotate_every:g}s)"
+            )
         self.clock = clock
         self._lock = threading.Lock()
         now = clock()
@@ -137,8 +145,7 @@ class JwtSigningKeys:
             # key is used at once anyway: signing with an overdue key is worse.
             self._retire_current(now)
             changed = True
-        kept = [k for k in self._retired
-                if now <= k.retired_at + self.max_jwt_ttl]  # type: ignore[operator]
+        kept = [k for k in self._retired if now <= k.retired_at + self.max_jwt_ttl]  # type: ignore[operator]
         if len(kept) != len(self._retired):
             self._retired = kept
             changed = True
@@ -201,8 +208,10 @@ class JwtSvid:
     claims: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     def __repr__(self) -> str:
-        return (f"JwtSvid(spiffe_id={str(self.spiffe_id)!r}, audience={list(self.audience)!r}, "
-                f"jti={self.jti!r}, kid={self.kid!r}, expires_at={self.expires_at})")
+        return (
+            f"JwtSvid(spiffe_id={str(self.spiffe_id)!r}, audience={list(self.audience)!r}, "
+            f"jti={self.jti!r}, kid={self.kid!r}, expires_at={self.expires_at})"
+        )
 
     __str__ = __repr__
 
@@ -210,9 +219,15 @@ class JwtSvid:
 _RESERVED = frozenset({"sub", "aud", "exp", "iat", "jti", "iss"})
 
 
-def mint_jwt_svid(keys: JwtSigningKeys, spiffe_id: SpiffeId | str, audience: Iterable[str] | str,
-                  ttl: int = DEFAULT_JWT_SVID_TTL, iss: str | None = None,
-                  extra_claims: Mapping[str, Any] | None = None, jti: bool | str = True) -> JwtSvid:
+def mint_jwt_svid(
+    keys: JwtSigningKeys,
+    spiffe_id: SpiffeId | str,
+    audience: Iterable[str] | str,
+    ttl: int = DEFAULT_JWT_SVID_TTL,
+    iss: str | None = None,
+    extra_claims: Mapping[str, Any] | None = None,
+    jti: bool | str = True,
+) -> JwtSvid:
     """Sign a JWT-SVID for `spiffe_id` with the current key of `keys`."""
     sid = spiffe_id if isinstance(spiffe_id, SpiffeId) else SpiffeId.parse(spiffe_id)
     if sid.is_root:
@@ -221,16 +236,23 @@ def mint_jwt_svid(keys: JwtSigningKeys, spiffe_id: SpiffeId | str, audience: Ite
     if not auds or not all(isinstance(a, str) and a for a in auds):
         raise JwtSvidError("audience must be one or more non-empty strings (JWT-SVID.md §3.2)")
     if not 0 < ttl <= keys.max_jwt_ttl:
-        raise JwtSvidError(f"ttl must be between 1 and max_jwt_ttl ({keys.max_jwt_ttl:g}s), got "
-                           f"{ttl}; a longer-lived token would outlive its key's publication")
+        raise JwtSvidError(
+            f"ttl must be between 1 and max_jwt_ttl ({keys.max_jwt_ttl:g}s), got "
+            f"{ttl}; a longer-lived token would outlive its key's publication"
+        )
     now = keys.clock()
     key = keys.current(now)
     sub = str(sid)
     iat = int(now)
     exp = iat + int(ttl)
     token_id = secrets.token_urlsafe(16) if jti is True else (jti or None)
-    claims: dict[str, Any] = {"sub": sub, "aud": auds[0] if len(auds) == 1 else list(auds),
-                              "exp": exp, "iat": iat, "iss": iss if iss is not None else sub}
+    claims: dict[str, Any] = {
+        "sub": sub,
+        "aud": auds[0] if len(auds) == 1 else list(auds),
+        "exp": exp,
+        "iat": iat,
+        "iss": iss if iss is not None else sub,
+    }
     if token_id:
         claims["jti"] = token_id
     if extra_claims:
@@ -239,8 +261,7 @@ def mint_jwt_svid(keys: JwtSigningKeys, spiffe_id: SpiffeId | str, audience: Ite
             raise JwtSvidError(f"extra_claims must not set {sorted(clash)}; use the parameters")
         claims.update(extra_claims)
     # PyJWT does the JWS work; alg + the cached {kid, typ} are the only header members (§2.2).
-    token = jwt.encode(claims, key.private_key, algorithm=key.alg,
-                       headers=key.headers)  # type: ignore[arg-type]
+    token = jwt.encode(claims, key.private_key, algorithm=key.alg, headers=key.headers)  # type: ignore[arg-type]
     return JwtSvid(token, sid, auds, token_id, iat, exp, key.kid, claims)
 
 
@@ -257,11 +278,15 @@ def _lookup(bundle_keys: Mapping[Any, Any], td: TrustDomain) -> Mapping[str, Pub
     return found
 
 
-def validate_jwt_svid(token: str, audience: str,
-                      bundle_keys: Mapping[TrustDomain | str,
-                                           TrustBundle | Mapping[str, PublicKey]],
-                      *, now: float | None = None, leeway: float = 0) -> JwtSvid:
-    """Validate a JWT-SVID per JWT-SVID.md §3–§5 and return it.
+def validate_jwt_svid(
+    token: str,
+    audience: str,
+    bundle_keys: Mapping[TrustDomain | str, TrustBundle | Mapping[str, PublicKey]],
+    *,
+    now: float | None = None,
+    leeway: float = 0,
+) -> JwtSvid:
+    """Validate a JWT-SVID per JWT-SVID.md §3-§5 and return it.
 
     `bundle_keys` maps a trust domain (or its name) to its bundle or to its jwt-svid keys
     (kid → public key); the token is checked only against the keys of the trust domain named
@@ -276,12 +301,14 @@ def validate_jwt_svid(token: str, audience: str,
         raise JwtSvidError(f"malformed JWT: {e}") from None
     extra = set(header) - _ALLOWED_HEADER
     if extra:
-        raise JwtSvidError(f"header parameters {sorted(extra)} are not allowed in a JWT-SVID "
-                           "(§2.2)")
+        raise JwtSvidError(
+            f"header parameters {sorted(extra)} are not allowed in a JWT-SVID (§2.2)"
+        )
     alg = header.get("alg")
     if alg not in ALLOWED_ALGS:
-        raise JwtSvidError(f"alg {alg!r} is not allowed; a JWT-SVID uses one of "
-                           f"{sorted(ALLOWED_ALGS)}")
+        raise JwtSvidError(
+            f"alg {alg!r} is not allowed; a JWT-SVID uses one of {sorted(ALLOWED_ALGS)}"
+        )
     if "typ" in header and header["typ"] not in ("JWT", "JOSE"):
         raise JwtSvidError(f"typ {header['typ']!r} is not allowed; only 'JWT' or 'JOSE' (§2.3)")
     kid = header.get("kid")
@@ -299,15 +326,26 @@ def validate_jwt_svid(token: str, audience: str,
         raise JwtSvidError(f"no bundle for trust domain {sid.trust_domain} (from sub {sub})")
     key = keys.get(kid)
     if key is None:
-        raise JwtSvidError(f"kid {kid!r} is not in the jwt-svid keys of {sid.trust_domain}; "
-                           "the bundle may be stale (refresh it) or the token forged")
+        raise JwtSvidError(
+            f"kid {kid!r} is not in the jwt-svid keys of {sid.trust_domain}; "
+            "the bundle may be stale (refresh it) or the token forged"
+        )
     if not _key_fits(alg, key):
         raise JwtSvidError(f"alg {alg} does not match the {type(key).__name__} of kid {kid!r}")
     try:
-        claims = jwt.decode(token, key, algorithms=[alg], options={
-            # Time and audience are checked below, against an injectable clock.
-            "verify_exp": False, "verify_nbf": False, "verify_iat": False,
-            "verify_aud": False, "verify_iss": False})
+        claims = jwt.decode(
+            token,
+            key,
+            algorithms=[alg],
+            options={
+                # Time and audience are checked below, against an injectable clock.
+                "verify_exp": False,
+                "verify_nbf": False,
+                "verify_iat": False,
+                "verify_aud": False,
+                "verify_iss": False,
+            },
+        )
     except jwt.InvalidSignatureError:
         raise JwtSvidError(f"signature does not verify with kid {kid!r}") from None
     except jwt.PyJWTError as e:
@@ -330,6 +368,13 @@ def validate_jwt_svid(token: str, audience: str,
         raise JwtSvidError(f"the token is not valid before {int(nbf)}")
     iat = claims.get("iat")
     jti = claims.get("jti")
-    return JwtSvid(token, sid, auds, jti if isinstance(jti, str) else None,
-                   int(iat) if isinstance(iat, (int, float)) else 0, int(exp), kid,
-                   MappingProxyType(claims))
+    return JwtSvid(
+        token,
+        sid,
+        auds,
+        jti if isinstance(jti, str) else None,
+        int(iat) if isinstance(iat, (int, float)) else 0,
+        int(exp),
+        kid,
+        MappingProxyType(claims),
+    )

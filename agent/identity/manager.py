@@ -33,6 +33,7 @@ log = get_logger("identity")
 @dataclass(frozen=True)
 class Identity:
     """The identity decision for one attested image."""
+
     spiffe_id: SpiffeId
     entry: entries_mod.Entry
 
@@ -40,9 +41,15 @@ class Identity:
 class IdentityManager:
     name = "identity"
 
-    def __init__(self, cfg: Any, state_dir: str, audit: AuditLog | None = None,
-                 registry: Any = None, clock=time.time):
-        self.cfg = cfg                       # agent.config.IdentitySection
+    def __init__(
+        self,
+        cfg: Any,
+        state_dir: str,
+        audit: AuditLog | None = None,
+        registry: Any = None,
+        clock=time.time,
+    ):
+        self.cfg = cfg  # agent.config.IdentitySection
         self.trust_domain = TrustDomain.parse(cfg.trust_domain)
         self.state_dir = Path(state_dir)
         self.audit = audit
@@ -58,30 +65,40 @@ class IdentityManager:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.ca: SigningCA | None = None
-        self.spire = None          # agent.identity.spire_source.SpireSource
+        self.spire = None  # agent.identity.spire_source.SpireSource
         self.keys: JwtSigningKeys | None = None
         self.registry: entries_mod.Registry = entries_mod.Registry([], self.trust_domain)
         # which live process images use which identity, to know when an identity ends
         self._users: dict[str, set[int]] = {}
-        self._user_of: dict[int, tuple[int, str]] = {}   # tgid -> (exec_ns, spiffe id)
+        self._user_of: dict[int, tuple[int, str]] = {}  # tgid -> (exec_ns, spiffe id)
         self.on_identity_ended: list = []
         self._init_metrics(registry)
 
     def _init_metrics(self, registry: Any) -> None:
-        self.m_issued = Counter("credless_svids_issued", "SVIDs issued, by type", ["type"],
-                                registry=registry)
-        self.m_rotated = Counter("credless_svid_rotations", "X509-SVIDs renewed before expiry",
-                                 registry=registry)
-        self.m_decisions = Counter("credless_identity_decisions",
-                                   "Identity requests by outcome", ["result"], registry=registry)
-        self.m_entries = Gauge("credless_registration_entries", "Loaded registration entries",
-                               registry=registry)
+        self.m_issued = Counter(
+            "credless_svids_issued", "SVIDs issued, by type", ["type"], registry=registry
+        )
+        self.m_rotated = Counter(
+            "credless_svid_rotations", "X509-SVIDs renewed before expiry", registry=registry
+        )
+        self.m_decisions = Counter(
+            "credless_identity_decisions",
+            "Identity requests by outcome",
+            ["result"],
+            registry=registry,
+        )
+        self.m_entries = Gauge(
+            "credless_registration_entries", "Loaded registration entries", registry=registry
+        )
         self.m_entries.set_function(lambda: len(self.registry))
-        self.m_reloads = Counter("credless_registration_reloads", "Entry file reloads",
-                                 ["result"], registry=registry)
-        self.m_expiry = Gauge("credless_x509_svid_expiry_seconds",
-                              "Seconds until the soonest-expiring cached X509-SVID expires",
-                              registry=registry)
+        self.m_reloads = Counter(
+            "credless_registration_reloads", "Entry file reloads", ["result"], registry=registry
+        )
+        self.m_expiry = Gauge(
+            "credless_x509_svid_expiry_seconds",
+            "Seconds until the soonest-expiring cached X509-SVID expires",
+            registry=registry,
+        )
         self.m_expiry.set_function(self._soonest_expiry)
         for t in ("x509", "jwt"):
             self.m_issued.labels(t)
@@ -96,16 +113,22 @@ class IdentityManager:
             self.spire = SpireSource(self.cfg.spire_admin_socket, self.trust_domain)
             self.spire.on_change = self._notify
             self.spire.start()
-            log.info("identity from SPIRE", socket=self.cfg.spire_admin_socket,
-                     trust_domain=self.trust_domain.name)
+            log.info(
+                "identity from SPIRE",
+                socket=self.cfg.spire_admin_socket,
+                trust_domain=self.trust_domain.name,
+            )
             return
         ca_dir = self.state_dir / "ca"
         if self.cfg.upstream_ca_cert:
             self.ca = SigningCA.load_intermediate(
                 Path(self.cfg.upstream_ca_cert).read_bytes(),
                 Path(self.cfg.upstream_ca_key).read_bytes(),
-                Path(self.cfg.upstream_ca_chain).read_bytes() if self.cfg.upstream_ca_chain
-                else b"", trust_domain=self.trust_domain)
+                Path(self.cfg.upstream_ca_chain).read_bytes()
+                if self.cfg.upstream_ca_chain
+                else b"",
+                trust_domain=self.trust_domain,
+            )
         else:
             self.ca = SigningCA.load_or_create(ca_dir, self.trust_domain)
         self.ca.check_usable()
@@ -113,14 +136,18 @@ class IdentityManager:
             rotate_every=dt.timedelta(seconds=self.cfg.jwt_key_rotation_seconds),
             max_jwt_ttl=dt.timedelta(seconds=max(self.cfg.jwt_svid_ttl_seconds, 3600)),
             prepublish=dt.timedelta(seconds=min(self.cfg.jwt_key_rotation_seconds // 4, 1800)),
-            clock=self.clock)
+            clock=self.clock,
+        )
         self.reload_entries(initial=True)
         self._refresh_bundle()
-        self._thread = threading.Thread(target=self._maintain, name="identity-rotate",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._maintain, name="identity-rotate", daemon=True)
         self._thread.start()
-        log.info("identity ready", trust_domain=self.trust_domain.name,
-                 ca_not_after=self.ca.not_after.isoformat(), entries=len(self.registry))
+        log.info(
+            "identity ready",
+            trust_domain=self.trust_domain.name,
+            ca_not_after=self.ca.not_after.isoformat(),
+            entries=len(self.registry),
+        )
 
     def stop(self) -> None:
         if self.spire is not None:
@@ -149,8 +176,11 @@ class IdentityManager:
         if not path:
             return True
         if initial and not os.path.exists(path):
-            log.warning("registration entries file does not exist yet: no process gets an "
-                        "identity until it does (it is picked up when created)", path=path)
+            log.warning(
+                "registration entries file does not exist yet: no process gets an "
+                "identity until it does (it is picked up when created)",
+                path=path,
+            )
             return True
         try:
             mtime = os.stat(path).st_mtime
@@ -159,12 +189,12 @@ class IdentityManager:
             self.m_reloads.labels("error").inc()
             if initial:
                 raise
-            log.error("registration entries not reloaded; keeping the previous ones",
-                      error=str(e))
+            log.error("registration entries not reloaded; keeping the previous ones", error=str(e))
             return False
         self._entries_mtime = mtime
-        changed = [e.id for e in reg.entries] != [e.id for e in self.registry.entries] or \
-            {e.id: e for e in reg.entries} != {e.id: e for e in self.registry.entries}
+        changed = [e.id for e in reg.entries] != [e.id for e in self.registry.entries] or {
+            e.id: e for e in reg.entries
+        } != {e.id: e for e in self.registry.entries}
         self.registry = reg
         self.m_reloads.labels("ok").inc()
         if changed and not initial:
@@ -179,24 +209,38 @@ class IdentityManager:
             return None
         if self.spire is not None:
             sid = self.spire.resolve(attestation.selectors)
-            m = entries_mod.Match(entries_mod.Entry("spire", str(sid), frozenset(
-                attestation.selectors)), sid) if sid is not None else None
+            m = (
+                entries_mod.Match(
+                    entries_mod.Entry("spire", str(sid), frozenset(attestation.selectors)), sid
+                )
+                if sid is not None
+                else None
+            )
         else:
             m = self.registry.match(attestation.selectors)
         if m is None:
-            if quiet:   # looking at ancestors, not deciding for a caller
+            if quiet:  # looking at ancestors, not deciding for a caller
                 return None
             self.m_decisions.labels("no_entry").inc()
             if self.audit:
-                self.audit.emit("identity.denied", reason="no registration entry matches",
-                                pid=attestation.tgid, start_ns=attestation.start_ns,
-                                exe=attestation.exe, cgroup=attestation.cgroup_path)
+                self.audit.emit(
+                    "identity.denied",
+                    reason="no registration entry matches",
+                    pid=attestation.tgid,
+                    start_ns=attestation.start_ns,
+                    exe=attestation.exe,
+                    cgroup=attestation.cgroup_path,
+                )
             return None
         if quiet:
             return Identity(m.spiffe_id, m.entry)
         if m.also_matched:
-            log.warning("several registration entries match; the most specific wins",
-                        chosen=m.entry.id, also=list(m.also_matched), pid=attestation.tgid)
+            log.warning(
+                "several registration entries match; the most specific wins",
+                chosen=m.entry.id,
+                also=list(m.also_matched),
+                pid=attestation.tgid,
+            )
         self.m_decisions.labels("issued").inc()
         return Identity(m.spiffe_id, m.entry)
 
@@ -256,7 +300,7 @@ class IdentityManager:
         key = str(ident.spiffe_id)
         with self._lock:
             svid = self._svids.get(key)
-            now = dt.datetime.now(dt.timezone.utc)
+            now = dt.datetime.now(dt.UTC)
             if svid is not None and now < renew_at(svid):
                 return svid
             ttl = ident.entry.x509_svid_ttl_seconds or self.cfg.x509_svid_ttl_seconds
@@ -265,19 +309,26 @@ class IdentityManager:
             self._svid_ttl[key] = ttl
         self.m_issued.labels("x509").inc()
         if self.audit:
-            self.audit.emit("svid.issued", type="x509", spiffe_id=key,
-                            serial=format(svid.leaf.serial_number, "x"),
-                            fingerprint=svid.fingerprint, not_after=svid.not_after.isoformat())
+            self.audit.emit(
+                "svid.issued",
+                type="x509",
+                spiffe_id=key,
+                serial=format(svid.leaf.serial_number, "x"),
+                fingerprint=svid.fingerprint,
+                not_after=svid.not_after.isoformat(),
+            )
         return svid
 
-    def jwt_svid(self, ident: Identity, audience: list[str], ttl: int | None = None,
-                 iss: str | None = None) -> JwtSvid:
+    def jwt_svid(
+        self, ident: Identity, audience: list[str], ttl: int | None = None, iss: str | None = None
+    ) -> JwtSvid:
         if self.spire is not None:
             self.m_issued.labels("jwt").inc()
             return self.spire.jwt_svid(ident.entry.selectors, ident.spiffe_id, list(audience))
         ttl = ttl or ident.entry.jwt_svid_ttl_seconds or self.cfg.jwt_svid_ttl_seconds
-        svid = mint_jwt_svid(self.keys, ident.spiffe_id, audience, ttl=ttl,
-                             iss=iss or self.cfg.jwt_issuer or None)
+        svid = mint_jwt_svid(
+            self.keys, ident.spiffe_id, audience, ttl=ttl, iss=iss or self.cfg.jwt_issuer or None
+        )
         self.m_issued.labels("jwt").inc()
         return svid
 
@@ -286,7 +337,8 @@ class IdentityManager:
             return self.spire.bundle()
         if self.keys is not None and self.keys.version != self._keys_version:
             self._refresh_bundle()
-        assert self._bundle is not None
+        if self._bundle is None:  # _refresh_bundle() sets it, or the constructor failed
+            raise RuntimeError("the identity manager has no trust bundle")
         return self._bundle
 
     def _refresh_bundle(self) -> None:
@@ -296,8 +348,9 @@ class IdentityManager:
             if self._bundle is None:
                 self._bundle = TrustBundle.new(self.trust_domain, self.ca.roots, published)
             else:
-                self._bundle = self._bundle.updated(x509_authorities=self.ca.roots,
-                                                    jwt_authorities=published)
+                self._bundle = self._bundle.updated(
+                    x509_authorities=self.ca.roots, jwt_authorities=published
+                )
             self._keys_version = version
 
     def _soonest_expiry(self) -> float:
@@ -307,12 +360,12 @@ class IdentityManager:
             if not self._svids:
                 return 0.0
             soonest = min(s.not_after for s in self._svids.values())
-        return max(0.0, (soonest - dt.datetime.now(dt.timezone.utc)).total_seconds())
+        return max(0.0, (soonest - dt.datetime.now(dt.UTC)).total_seconds())
 
     # ------------------------------------------------------------ maintenance
     def rotate_due(self) -> list[str]:
         """Renew every cached X509-SVID past half-life; returns the SPIFFE IDs renewed."""
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         renewed = []
         with self._lock:
             due = [(k, s) for k, s in self._svids.items() if now >= renew_at(s)]
@@ -324,9 +377,14 @@ class IdentityManager:
             self.m_rotated.inc()
             self.m_issued.labels("x509").inc()
             if self.audit:
-                self.audit.emit("svid.rotated", type="x509", spiffe_id=key,
-                                fingerprint=new.fingerprint, previous=old.fingerprint,
-                                not_after=new.not_after.isoformat())
+                self.audit.emit(
+                    "svid.rotated",
+                    type="x509",
+                    spiffe_id=key,
+                    fingerprint=new.fingerprint,
+                    previous=old.fingerprint,
+                    not_after=new.not_after.isoformat(),
+                )
         if renewed:
             self._notify()
         return renewed
@@ -337,8 +395,10 @@ class IdentityManager:
         while not self._stop.wait(1.0):
             try:
                 self.rotate_due()
-                if self.keys.version != self._keys_version or \
-                        self.clock() >= self.keys.next_change_at():
+                if (
+                    self.keys.version != self._keys_version
+                    or self.clock() >= self.keys.next_change_at()
+                ):
                     before = self._bundle.sequence if self._bundle else -1
                     self.keys.published()
                     self._refresh_bundle()

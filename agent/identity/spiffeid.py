@@ -67,12 +67,16 @@ def _trust_domain_problem(name: str) -> tuple[str, str] | None:
     if ":" in name:
         return "port", "a port (':<port>') is not allowed in the trust domain"
     if name.lower() != name and _TD_RE.fullmatch(name.lower()):
-        return "td-uppercase", (f"the trust domain must be lowercase: use {name.lower()!r} "
-                                "(SPIFFE generates lowercase trust domains only)")
+        return "td-uppercase", (
+            f"the trust domain must be lowercase: use {name.lower()!r} "
+            "(SPIFFE generates lowercase trust domains only)"
+        )
     bad = _TD_BAD_CHAR.search(name)
     ch = bad.group() if bad else "?"
-    return "td-char", (f"the trust domain contains {ch!r}; only lowercase letters, digits, "
-                       "'.', '-' and '_' are allowed")
+    return "td-char", (
+        f"the trust domain contains {ch!r}; only lowercase letters, digits, "
+        "'.', '-' and '_' are allowed"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,8 +98,9 @@ class TrustDomain:
         if value.startswith(_PREFIX):
             sid = SpiffeId.parse(value)
             if sid.path:
-                raise InvalidTrustDomain(value, "td-has-path",
-                                         "expected a trust domain, got a SPIFFE ID with a path")
+                raise InvalidTrustDomain(
+                    value, "td-has-path", "expected a trust domain, got a SPIFFE ID with a path"
+                )
             return sid.trust_domain
         return cls(value)
 
@@ -128,8 +133,10 @@ def _path_problem(path: str) -> tuple[str, str] | None:
                 return "percent-encoding", "percent-encoding ('%') is not allowed"
             bad = _SEGMENT_BAD_CHAR.search(seg)
             ch = bad.group() if bad else "?"
-            return "path-char", (f"the path segment {seg!r} contains {ch!r}; only letters, digits, "
-                                 "'.', '-' and '_' are allowed")
+            return "path-char", (
+                f"the path segment {seg!r} contains {ch!r}; only letters, digits, "
+                "'.', '-' and '_' are allowed"
+            )
     return None
 
 
@@ -152,8 +159,11 @@ class SpiffeId:
             raise InvalidSpiffeId(_PREFIX + self.trust_domain.name + self.path, *problem)
         size = len(_PREFIX) + len(self.trust_domain.name) + len(self.path.encode("utf-8"))
         if size > MAX_ID_BYTES:
-            raise InvalidSpiffeId(_PREFIX + self.trust_domain.name + self.path, "too-long",
-                                  f"the ID is longer than {MAX_ID_BYTES} bytes")
+            raise InvalidSpiffeId(
+                _PREFIX + self.trust_domain.name + self.path,
+                "too-long",
+                f"the ID is longer than {MAX_ID_BYTES} bytes",
+            )
 
     @classmethod
     def parse(cls, value: str) -> SpiffeId:
@@ -177,15 +187,19 @@ class SpiffeId:
             if value[: len(_PREFIX)].lower() == _PREFIX:
                 raise bad("scheme-uppercase", "the scheme must be lowercase 'spiffe://'")
             if "://" not in value:
-                raise bad("scheme", "the ID must start with 'spiffe://' (e.g. "
-                                    "'spiffe://example.org/ns/prod/sa/web')")
+                raise bad(
+                    "scheme",
+                    "the ID must start with 'spiffe://' (e.g. "
+                    "'spiffe://example.org/ns/prod/sa/web')",
+                )
             raise bad("scheme", "the scheme must be 'spiffe'")
-        rest = value[len(_PREFIX):]
+        rest = value[len(_PREFIX) :]
         slash = rest.find("/")
         td_name, path = (rest, "") if slash < 0 else (rest[:slash], rest[slash:])
         if not td_name:
-            raise bad("td-empty",
-                      "the trust domain is missing (expected 'spiffe://<trust-domain>/...')")
+            raise bad(
+                "td-empty", "the trust domain is missing (expected 'spiffe://<trust-domain>/...')"
+            )
         problem = _trust_domain_problem(td_name)
         if problem:
             raise bad(*problem)

@@ -41,9 +41,9 @@ import json
 import os
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import jwt
@@ -68,21 +68,25 @@ _METADATA = (("workload.spiffe.io", "true"),)
 # ------------------------------------------------------------------------------ errors
 class SpireError(Exception):
     """A Delegated Identity call failed; the message says what to do. Never holds secrets."""
+
     retryable = False
 
-    def __init__(self, message: str, *, rpc: str = "", code: grpc.StatusCode | None = None,
-                 details: str = ""):
+    def __init__(
+        self, message: str, *, rpc: str = "", code: grpc.StatusCode | None = None, details: str = ""
+    ):
         super().__init__(message)
         self.rpc, self.code, self.details = rpc, code, details
 
 
 class SpireNotAuthorized(SpireError):
     """PermissionDenied: not an authorized delegate, or no identity issued (yet)."""
+
     retryable = True
 
 
 class SpireUnavailable(SpireError):
     """The SPIRE agent cannot be reached or cannot serve the request now."""
+
     retryable = True
 
 
@@ -112,8 +116,10 @@ class SpireJwtSvid:
     hint: str = ""
 
     def __repr__(self) -> str:  # the token is a credential: never shown
-        return (f"SpireJwtSvid(spiffe_id={str(self.spiffe_id)!r}, expires_at={self.expires_at}, "
-                f"issued_at={self.issued_at}, hint={self.hint!r})")
+        return (
+            f"SpireJwtSvid(spiffe_id={str(self.spiffe_id)!r}, expires_at={self.expires_at}, "
+            f"issued_at={self.issued_at}, hint={self.hint!r})"
+        )
 
     __str__ = __repr__
 
@@ -137,9 +143,11 @@ class SpireX509Svid:
         return self.leaf.fingerprint(hashes.SHA256()).hex()
 
     def __repr__(self) -> str:
-        return (f"SpireX509Svid(spiffe_id={str(self.spiffe_id)!r}, "
-                f"leaf_sha256={self.fingerprint[:16]}, expires_at={self.expires_at}, "
-                f"hint={self.hint!r})")
+        return (
+            f"SpireX509Svid(spiffe_id={str(self.spiffe_id)!r}, "
+            f"leaf_sha256={self.fingerprint[:16]}, expires_at={self.expires_at}, "
+            f"hint={self.hint!r})"
+        )
 
     __str__ = __repr__
 
@@ -167,8 +175,10 @@ def parse_selector(text: str) -> types_pb.Selector:
         raise SpireInvalidRequest(f"a selector must be a string, not {type(text).__name__}")
     kind, sep, value = text.partition(":")
     if not sep or not kind or not value or any(c.isspace() for c in kind):
-        raise SpireInvalidRequest(f"invalid selector {text!r}: expected 'type:value', e.g. "
-                                  "'unix:uid:1000' or 'k8s:ns:prod'")
+        raise SpireInvalidRequest(
+            f"invalid selector {text!r}: expected 'type:value', e.g. "
+            "'unix:uid:1000' or 'k8s:ns:prod'"
+        )
     return types_pb.Selector(type=kind, value=value)
 
 
@@ -177,8 +187,10 @@ def _selectors(rpc: str, selectors: Iterable[str]) -> list[types_pb.Selector]:
         selectors = [selectors]
     out = list(dict.fromkeys(selectors))  # a set in SPIRE's eyes: drop repeats, keep order
     if not out:
-        raise SpireInvalidRequest(f"{rpc}: at least one selector is required (an empty set "
-                                  "would name no workload)", rpc=rpc)
+        raise SpireInvalidRequest(
+            f"{rpc}: at least one selector is required (an empty set would name no workload)",
+            rpc=rpc,
+        )
     return [parse_selector(s) for s in out]
 
 
@@ -193,8 +205,9 @@ def _spiffe_id(msg: types_pb.SPIFFEID, what: str) -> SpiffeId:
     try:
         return SpiffeId.parse(f"spiffe://{msg.trust_domain}{path}")
     except InvalidSpiffeId as e:
-        raise SpireProtocolError(f"{what}: the SPIRE agent sent an invalid SPIFFE ID ({e})") \
-            from None
+        raise SpireProtocolError(
+            f"{what}: the SPIRE agent sent an invalid SPIFFE ID ({e})"
+        ) from None
 
 
 def _trust_domain(key: str, what: str) -> str:
@@ -218,10 +231,10 @@ def split_der(data: bytes) -> list[bytes]:
             k = n & 0x7F
             if not 1 <= k <= 4 or i + 2 + k > len(data):
                 raise ValueError(f"byte {i}: unsupported DER length encoding")
-            start, length = i + 2 + k, int.from_bytes(data[i + 2:i + 2 + k], "big")
+            start, length = i + 2 + k, int.from_bytes(data[i + 2 : i + 2 + k], "big")
         if start + length > len(data):
             raise ValueError(f"byte {i}: DER structure runs past the end of the data")
-        out.append(data[i:start + length])
+        out.append(data[i : start + length])
         i = start + length
     return out
 
@@ -261,10 +274,11 @@ def _x509_svid(m: pb.X509SVIDWithKey) -> SpireX509Svid:
         key = serialization.load_der_private_key(m.x509_svid_key, password=None)
     except (ValueError, TypeError):
         # Never echo key bytes, not even a prefix.
-        raise SpireProtocolError(f"{what}: the private key is not unencrypted PKCS#8 DER") \
-            from None
-    if not isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey)) or \
-            key.public_key() != chain[0].public_key():
+        raise SpireProtocolError(f"{what}: the private key is not unencrypted PKCS#8 DER") from None
+    if (
+        not isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey))
+        or key.public_key() != chain[0].public_key()
+    ):
         raise SpireProtocolError(f"{what}: the private key does not match the leaf certificate")
     return SpireX509Svid(sid, chain, key, int(m.x509_svid.expires_at), m.x509_svid.hint)
 
@@ -276,8 +290,9 @@ def _jwt_svid(m: types_pb.JWTSVID) -> SpireJwtSvid:
     except jwt.PyJWTError:
         sub = None
     if sub != str(sid):  # cheap consistency check; signature validation is the caller's job
-        raise SpireProtocolError(f"JWT-SVID for {sid}: the token is malformed or its sub "
-                                 "does not match the SPIFFE ID")
+        raise SpireProtocolError(
+            f"JWT-SVID for {sid}: the token is malformed or its sub does not match the SPIFFE ID"
+        )
     return SpireJwtSvid(sid, m.token, int(m.expires_at), int(m.issued_at), m.hint)
 
 
@@ -309,8 +324,12 @@ class Subscription(Iterator[T]):
     """A server stream as an iterator. `cancel()` is safe from another thread; iteration then
     stops (StopIteration) instead of raising."""
 
-    def __init__(self, start: Callable[[], Any], convert: Callable[[Any], T],
-                 on_error: Callable[[grpc.RpcError], SpireError]):
+    def __init__(
+        self,
+        start: Callable[[], Any],
+        convert: Callable[[Any], T],
+        on_error: Callable[[grpc.RpcError], SpireError],
+    ):
         self._start, self._convert, self._on_error = start, convert, on_error
         self._call: Any = None
         self._cancelled = False
@@ -353,11 +372,13 @@ class SpireDelegatedIdentityClient:
         path = admin_socket_path
         for prefix in ("unix://", "unix:"):
             if path.startswith(prefix):
-                path = path[len(prefix):]
+                path = path[len(prefix) :]
                 break
         if not path.startswith("/"):
-            raise ValueError(f"admin_socket_path must be an absolute path to the SPIRE agent's "
-                             f"admin socket, got {admin_socket_path!r}")
+            raise ValueError(
+                f"admin_socket_path must be an absolute path to the SPIRE agent's "
+                f"admin socket, got {admin_socket_path!r}"
+            )
         self.socket_path = path
         self.timeout = timeout
         self._channel = grpc.insecure_channel("unix:" + path)
@@ -380,50 +401,78 @@ class SpireDelegatedIdentityClient:
             raise SpireUnavailable(
                 f"{rpc}: no SPIRE agent admin socket at {self.socket_path}; is the SPIRE agent "
                 f'running with admin_socket_path = "{self.socket_path}"? (will retry)',
-                rpc=rpc, code=grpc.StatusCode.UNAVAILABLE)
+                rpc=rpc,
+                code=grpc.StatusCode.UNAVAILABLE,
+            )
 
     def _error(self, rpc: str, err: grpc.RpcError, selectors: Iterable[str] = ()) -> SpireError:
         code, details = err.code(), _clean(err.details())
         where = f"the SPIRE agent at {self.socket_path}"
         kw = {"rpc": rpc, "code": code, "details": details}
         if code == grpc.StatusCode.PERMISSION_DENIED:
-            fix = ("add this agent's SPIFFE ID to authorized_delegates in the SPIRE agent config "
-                   "(and register an entry for this agent itself)")
+            fix = (
+                "add this agent's SPIFFE ID to authorized_delegates in the SPIRE agent config "
+                "(and register an entry for this agent itself)"
+            )
             if "authorized delegate" not in details:  # "no identity issued" is ambiguous
-                fix = (f"either {fix}, or no registration entry for this node matches the "
-                       f"selectors {sorted(selectors)}")
+                fix = (
+                    f"either {fix}, or no registration entry for this node matches the "
+                    f"selectors {sorted(selectors)}"
+                )
             return SpireNotAuthorized(f"{rpc} denied by {where} ({details}): {fix}", **kw)
-        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                    grpc.StatusCode.CANCELLED):  # CANCELLED here: by the server, not by us
+        if code in (
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            grpc.StatusCode.CANCELLED,
+        ):  # CANCELLED here: by the server, not by us
             return SpireUnavailable(
                 f"{rpc}: {where} is unavailable ({details}); is the SPIRE agent running with "
-                f'admin_socket_path = "{self.socket_path}"? (will retry)', **kw)
+                f'admin_socket_path = "{self.socket_path}"? (will retry)',
+                **kw,
+            )
         if code == grpc.StatusCode.INVALID_ARGUMENT:
-            return SpireInvalidRequest(f"{rpc} rejected by {where} as invalid ({details}); "
-                                       "check the selectors and audience, retrying won't help",
-                                       **kw)
+            return SpireInvalidRequest(
+                f"{rpc} rejected by {where} as invalid ({details}); "
+                "check the selectors and audience, retrying won't help",
+                **kw,
+            )
         if code == grpc.StatusCode.UNIMPLEMENTED:
-            return SpireError(f"{rpc}: {where} does not serve the Delegated Identity API; "
-                              "admin_socket_path must name the admin socket, not the Workload "
-                              "API socket_path", **kw)
+            return SpireError(
+                f"{rpc}: {where} does not serve the Delegated Identity API; "
+                "admin_socket_path must name the admin socket, not the Workload "
+                "API socket_path",
+                **kw,
+            )
         return SpireError(f"{rpc} failed at {where}: {code.name} ({details})", **kw)
 
     # -------------------------------------------------------------- RPCs
-    def _subscribe(self, rpc: str, method: Any, req: Any, convert: Callable[[Any], T],
-                   sels: list[types_pb.Selector] = ()) -> Subscription[T]:
+    def _subscribe(
+        self,
+        rpc: str,
+        method: Any,
+        req: Any,
+        convert: Callable[[Any], T],
+        sels: list[types_pb.Selector] = (),
+    ) -> Subscription[T]:
         self._check_socket(rpc)  # eagerly, so a missing socket is reported at once
-        return Subscription(lambda: method(req, metadata=_METADATA), convert,
-                            lambda e: self._error(rpc, e, _text(sels)))
+        return Subscription(
+            lambda: method(req, metadata=_METADATA),
+            convert,
+            lambda e: self._error(rpc, e, _text(sels)),
+        )
 
-    def fetch_jwt_svids(self, selectors: Iterable[str],
-                        audience: Iterable[str] | str) -> list[SpireJwtSvid]:
+    def fetch_jwt_svids(
+        self, selectors: Iterable[str], audience: Iterable[str] | str
+    ) -> list[SpireJwtSvid]:
         """JWT-SVIDs for the workload described by `selectors`, for `audience` (≥ 1 value)."""
         rpc = "FetchJWTSVIDs"
         sels = _selectors(rpc, selectors)
         auds = [audience] if isinstance(audience, str) else list(audience)
         if not auds or not all(isinstance(a, str) and a for a in auds):
-            raise SpireInvalidRequest(f"{rpc}: audience must be one or more non-empty strings "
-                                      "(e.g. the OAuth issuer)", rpc=rpc)
+            raise SpireInvalidRequest(
+                f"{rpc}: audience must be one or more non-empty strings (e.g. the OAuth issuer)",
+                rpc=rpc,
+            )
         self._check_socket(rpc)
         req = pb.FetchJWTSVIDsRequest(audience=auds, selectors=sels)
         try:
@@ -451,23 +500,35 @@ class SpireDelegatedIdentityClient:
         rpc = "SubscribeToX509Bundles"
 
         def convert(msg: pb.SubscribeToX509BundlesResponse) -> dict[str, TrustBundle]:
-            return _bundle_map(msg.ca_certificates, "X.509 bundles", lambda td, der: TrustBundle(
-                TrustDomain(td), _certs([der], f"X.509 bundle for {td}")))
+            return _bundle_map(
+                msg.ca_certificates,
+                "X.509 bundles",
+                lambda td, der: TrustBundle(
+                    TrustDomain(td), _certs([der], f"X.509 bundle for {td}")
+                ),
+            )
 
-        return self._subscribe(rpc, self._stub.SubscribeToX509Bundles,
-                               pb.SubscribeToX509BundlesRequest(), convert)
+        return self._subscribe(
+            rpc, self._stub.SubscribeToX509Bundles, pb.SubscribeToX509BundlesRequest(), convert
+        )
 
     def subscribe_jwt_bundles(self) -> Subscription[dict[str, TrustBundle]]:
         """Every message: trust domain name → bundle (JWT authorities only)."""
         return self._subscribe(
-            "SubscribeToJWTBundles", self._stub.SubscribeToJWTBundles,
+            "SubscribeToJWTBundles",
+            self._stub.SubscribeToJWTBundles,
             pb.SubscribeToJWTBundlesRequest(),
-            lambda msg: _bundle_map(msg.bundles, "JWT bundles", _jwt_bundle))
+            lambda msg: _bundle_map(msg.bundles, "JWT bundles", _jwt_bundle),
+        )
 
 
 # ------------------------------------------------------------------------------ retry
-def backoff_delays(initial: float = 0.5, maximum: float = 30.0, multiplier: float = 2.0,
-                   rand: Callable[[], float] = random.random) -> Iterator[float]:
+def backoff_delays(
+    initial: float = 0.5,
+    maximum: float = 30.0,
+    multiplier: float = 2.0,
+    rand: Callable[[], float] = random.random,
+) -> Iterator[float]:
     """Exponential backoff with "equal jitter": each delay is in [d/2, d] for d = initial ·
     multiplier^n capped at `maximum`. The floor keeps a herd of agents restarted together from
     hammering a recovering SPIRE agent; the jitter spreads them out."""
@@ -477,10 +538,16 @@ def backoff_delays(initial: float = 0.5, maximum: float = 30.0, multiplier: floa
         d = min(maximum, d * multiplier)
 
 
-def retry(fn: Callable[[], T], *, attempts: int = 6, initial: float = 0.5,
-          maximum: float = 30.0, sleep: Callable[[float], None] = time.sleep,
-          rand: Callable[[], float] = random.random,
-          on_retry: Callable[[SpireError, float], None] | None = None) -> T:
+def retry(
+    fn: Callable[[], T],
+    *,
+    attempts: int = 6,
+    initial: float = 0.5,
+    maximum: float = 30.0,
+    sleep: Callable[[float], None] = time.sleep,
+    rand: Callable[[], float] = random.random,
+    on_retry: Callable[[SpireError, float], None] | None = None,
+) -> T:
     """Call `fn`, retrying retryable SpireErrors (Unavailable, PermissionDenied) with backoff.
 
     Anything else (InvalidArgument, protocol errors) propagates at once; after `attempts`

@@ -14,7 +14,7 @@ import datetime as dt
 import json
 import threading
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 from agent.identity.bundle import TrustBundle
 from agent.identity.jwtsvid import JwtSvid
@@ -48,16 +48,21 @@ class SpireSource:
 
     def start(self) -> None:
         self.client = SpireDelegatedIdentityClient(self.socket_path)
-        for kind, subscribe in (("x509", self.client.subscribe_x509_bundles),
-                                ("jwt", self.client.subscribe_jwt_bundles)):
+        for kind, subscribe in (
+            ("x509", self.client.subscribe_x509_bundles),
+            ("jwt", self.client.subscribe_jwt_bundles),
+        ):
             sub = subscribe()
             self._subs.append(sub)
-            threading.Thread(target=self._follow, args=(kind, sub), daemon=True,
-                             name=f"spire-{kind}-bundles").start()
+            threading.Thread(
+                target=self._follow, args=(kind, sub), daemon=True, name=f"spire-{kind}-bundles"
+            ).start()
         if not self._ready.wait(10):
-            raise SpireError("no trust bundle from the SPIRE agent within 10 s at "
-                             f"{self.socket_path}: is it running with admin_socket_path set, "
-                             "and is this agent in authorized_delegates?")
+            raise SpireError(
+                "no trust bundle from the SPIRE agent within 10 s at "
+                f"{self.socket_path}: is it running with admin_socket_path set, "
+                "and is this agent in authorized_delegates?"
+            )
 
     def _follow(self, kind: str, sub) -> None:
         try:
@@ -85,7 +90,7 @@ class SpireSource:
             return hit[1]
         sub = self.client.subscribe_x509_svids(sorted(selectors))
         try:
-            update = list(next(sub))   # complete state: the SVIDs these selectors earn now
+            update = list(next(sub))  # complete state: the SVIDs these selectors earn now
         except SpireNotAuthorized:
             update = []
         finally:
@@ -101,26 +106,43 @@ class SpireSource:
         for s in self._svids(frozenset(selectors)):
             if s.spiffe_id == spiffe_id:
                 leaf = s.cert_chain[0]
-                return X509Svid(spiffe_id, list(s.cert_chain), s.private_key,
-                                leaf.not_valid_before_utc, leaf.not_valid_after_utc)
+                return X509Svid(
+                    spiffe_id,
+                    list(s.cert_chain),
+                    s.private_key,
+                    leaf.not_valid_before_utc,
+                    leaf.not_valid_after_utc,
+                )
         raise SpireError(f"SPIRE issues no X509-SVID for {spiffe_id} to these selectors")
 
-    def jwt_svid(self, selectors: Iterable[str], spiffe_id: SpiffeId,
-                 audience: list[str]) -> JwtSvid:
+    def jwt_svid(
+        self, selectors: Iterable[str], spiffe_id: SpiffeId, audience: list[str]
+    ) -> JwtSvid:
         for s in self.client.fetch_jwt_svids(sorted(selectors), audience):
             if s.spiffe_id == spiffe_id:
                 claims = _claims(s.token)
-                return JwtSvid(s.token, spiffe_id, tuple(audience), claims.get("jti"),
-                               s.issued_at, s.expires_at, "", claims)
+                return JwtSvid(
+                    s.token,
+                    spiffe_id,
+                    tuple(audience),
+                    claims.get("jti"),
+                    s.issued_at,
+                    s.expires_at,
+                    "",
+                    claims,
+                )
         raise SpireError(f"SPIRE issues no JWT-SVID for {spiffe_id} to these selectors")
 
     def bundle(self) -> TrustBundle:
         with self._lock:
             x509 = self._bundles["x509"].get(self.trust_domain.name)
             jwt = self._bundles["jwt"].get(self.trust_domain.name)
-            return TrustBundle(self.trust_domain,
-                               x509.x509_authorities if x509 else (),
-                               jwt.jwt_authorities if jwt else {}, self.sequence)
+            return TrustBundle(
+                self.trust_domain,
+                x509.x509_authorities if x509 else (),
+                jwt.jwt_authorities if jwt else {},
+                self.sequence,
+            )
 
     @staticmethod
     def expiry(svid: X509Svid) -> dt.datetime:

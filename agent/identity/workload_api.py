@@ -54,10 +54,11 @@ import asyncio
 import contextlib
 import os
 import threading
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 from urllib.parse import urlsplit
 
 import grpc
@@ -86,21 +87,24 @@ METHODS = {  # name: (streaming response, request type, response type)
     "FetchJWTBundles": (True, pb.JWTBundlesRequest, pb.JWTBundlesResponse),
     "ValidateJWTSVID": (False, pb.ValidateJWTSVIDRequest, pb.ValidateJWTSVIDResponse),
 }
-_EARLY_BYTES = 1 << 20   # held per connection while its caller is being attested
+_EARLY_BYTES = 1 << 20  # held per connection while its caller is being attested
 
 
 def client_call(channel: grpc.Channel, method: str):
     """A multicallable for one Workload API method (for tools and tests)."""
     stream, req, resp = METHODS[method]
     make = channel.unary_stream if stream else channel.unary_unary
-    return make(f"/{SERVICE}/{method}", request_serializer=req.SerializeToString,
-                response_deserializer=resp.FromString)
+    return make(
+        f"/{SERVICE}/{method}",
+        request_serializer=req.SerializeToString,
+        response_deserializer=resp.FromString,
+    )
 
 
 @dataclass
 class Caller:
     cred: PeerCred
-    attestation: Any           # agent.attest.selectors.Attestation | None
+    attestation: Any  # agent.attest.selectors.Attestation | None
 
 
 class _Denied(Exception):
@@ -127,7 +131,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.caller: Caller | None = None
         self._task: asyncio.Task | None = None
-        self._open = False      # inner has been given the connection
+        self._open = False  # inner has been given the connection
         self._early = bytearray()
         self._early_eof = False
 
@@ -146,8 +150,9 @@ class _Connection(asyncio.Protocol):
             return
         try:
             att = await asyncio.get_running_loop().run_in_executor(
-                self.api._pool, self.api.attestor.attest, cred.pid)
-        except Exception:   # noqa: BLE001 - this connection ends; the server goes on
+                self.api._pool, self.api.attestor.attest, cred.pid
+            )
+        except Exception:
             log.exception("attesting a Workload API caller failed", pid=cred.pid)
             cred.close()
             transport.abort()
@@ -184,7 +189,7 @@ class _Connection(asyncio.Protocol):
         if self._open:
             return self.inner.eof_received()
         self._early_eof = True
-        return True   # keep the transport until the caller is known
+        return True  # keep the transport until the caller is known
 
     def pause_writing(self) -> None:
         if self._open:
@@ -212,7 +217,7 @@ class _Server(Server):
         super().__init__(handlers)
         self._api = api
 
-    def _protocol_factory(self):   # grpclib 0.4: the factory given to create_unix_server
+    def _protocol_factory(self):  # grpclib 0.4: the factory given to create_unix_server
         return _Connection(self._api, super()._protocol_factory())
 
 
@@ -222,14 +227,16 @@ def _origin(url: str) -> tuple[str, str, int] | None:
         u = urlsplit(url.strip())
         if u.scheme.lower() not in ("http", "https") or not u.hostname:
             return None
-        return (u.scheme.lower(), u.hostname.lower(),
-                u.port or (443 if u.scheme.lower() == "https" else 80))
+        return (
+            u.scheme.lower(),
+            u.hostname.lower(),
+            u.port or (443 if u.scheme.lower() == "https" else 80),
+        )
     except ValueError:
         return None
 
 
-def names_an_as(audience: Iterable[str], servers: Iterable[str]
-                ) -> tuple[str, str] | None:
+def names_an_as(audience: Iterable[str], servers: Iterable[str]) -> tuple[str, str] | None:
     """The first (audience, authorization server) where the audience names that server: the
     same identifier, or any URL on its origin. Any endpoint counts, not only the issuer and
     the token endpoint: authorization servers accept the URL of the endpoint being called
@@ -239,8 +246,9 @@ def names_an_as(audience: Iterable[str], servers: Iterable[str]
     for aud in audience:
         origin = _origin(aud)
         for server, server_origin in servers:
-            if aud.rstrip("/") == server.rstrip("/") or \
-                    (origin is not None and origin == server_origin):
+            if aud.rstrip("/") == server.rstrip("/") or (
+                origin is not None and origin == server_origin
+            ):
                 return aud, server
     return None
 
@@ -253,9 +261,16 @@ def _transport_of(stream) -> Any:
 class WorkloadApiServer:
     name = "workload_api"
 
-    def __init__(self, socket_path: str, manager: Any, attestor: Any,
-                 audit: AuditLog | None = None, registry: Any = None, max_streams: int = 256,
-                 authorization_servers: Callable[[], Iterable[str]] = tuple):
+    def __init__(
+        self,
+        socket_path: str,
+        manager: Any,
+        attestor: Any,
+        audit: AuditLog | None = None,
+        registry: Any = None,
+        max_streams: int = 256,
+        authorization_servers: Callable[[], Iterable[str]] = tuple,
+    ):
         self.socket_path = Path(socket_path)
         self.manager = manager
         self.attestor = attestor
@@ -264,33 +279,39 @@ class WorkloadApiServer:
         # issuers and endpoints): FetchJWTSVID refuses them as audiences (see names_an_as)
         self.authorization_servers = authorization_servers
         self.max_streams = max_streams
-        self._callers: dict[Any, Caller] = {}          # transport -> who connected on it
+        self._callers: dict[Any, Caller] = {}  # transport -> who connected on it
         self._connections: set[_Connection] = set()
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="workload-api")
         self._server: _Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._relay: threading.Thread | None = None
-        self._changed: asyncio.Event | None = None     # set (and replaced) on each change
+        self._changed: asyncio.Event | None = None  # set (and replaced) on each change
         self._stopping = threading.Event()
         self.active = 0
-        self.m_calls = Counter("credless_workload_api_calls", "Workload API calls by outcome",
-                               ["method", "code"], registry=registry)
+        self.m_calls = Counter(
+            "credless_workload_api_calls",
+            "Workload API calls by outcome",
+            ["method", "code"],
+            registry=registry,
+        )
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
         ready = threading.Event()
         errors: list[BaseException] = []
-        self._thread = threading.Thread(target=self._run, args=(ready, errors),
-                                        name="workload-api", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, args=(ready, errors), name="workload-api", daemon=True
+        )
         self._thread.start()
         ready.wait(10)
         if errors:
             self._thread.join(5)
             self._pool.shutdown(wait=False)
             raise errors[0]
-        self._relay = threading.Thread(target=self._relay_changes, name="workload-api-changes",
-                                       daemon=True)
+        self._relay = threading.Thread(
+            target=self._relay_changes, name="workload-api-changes", daemon=True
+        )
         self._relay.start()
         log.info("workload API listening", socket=str(self.socket_path))
 
@@ -304,7 +325,8 @@ class WorkloadApiServer:
             self.socket_path.parent.mkdir(parents=True, exist_ok=True)
             self.socket_path.unlink(missing_ok=True)
             await self._server.start(path=str(self.socket_path))
-            os.chmod(self.socket_path, 0o666)  # anyone may ask; the kernel says who they are
+            os.chmod(self.socket_path, 0o666)  # noqa: S103 — anyone may ask; the kernel says who they are
+
         try:
             self._loop.run_until_complete(listen())
         except BaseException as e:  # noqa: BLE001 - reported to start()
@@ -319,15 +341,17 @@ class WorkloadApiServer:
     def stop(self) -> None:
         self._stopping.set()
         with self.manager.changed:
-            self.manager.changed.notify_all()   # the change relay wakes and sees _stopping
+            self.manager.changed.notify_all()  # the change relay wakes and sees _stopping
         if self._relay is not None:
             self._relay.join(5)
         if self._loop is not None and self._server is not None and self._loop.is_running():
+
             async def close() -> None:
-                self._server.close()             # no new connections; running RPCs cancelled
+                self._server.close()  # no new connections; running RPCs cancelled
                 for conn in list(self._connections):
                     conn.transport.abort()
                 await asyncio.wait_for(self._server.wait_closed(), 5)
+
             with contextlib.suppress(Exception):
                 asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
             self._loop.call_soon_threadsafe(self._loop.stop)
@@ -351,7 +375,7 @@ class WorkloadApiServer:
                 now = mgr.generation
             if now != seen:
                 seen = now
-                with contextlib.suppress(RuntimeError):   # loop closed: stopping anyway
+                with contextlib.suppress(RuntimeError):  # loop closed: stopping anyway
                     self._loop.call_soon_threadsafe(self._wake)
 
     def _wake(self) -> None:
@@ -365,25 +389,34 @@ class WorkloadApiServer:
     def authorize(self, caller: Caller | None, metadata: Any) -> Any:
         """The caller's identity, or _Denied with the status to return. Blocks (attests)."""
         if metadata is None or metadata.get(_HEADER[0]) != _HEADER[1]:
-            raise _Denied(Status.INVALID_ARGUMENT,
-                          "security header missing from request: send metadata "
-                          "workload.spiffe.io: true")
+            raise _Denied(
+                Status.INVALID_ARGUMENT,
+                "security header missing from request: send metadata workload.spiffe.io: true",
+            )
         if caller is None:
-            raise _Denied(Status.PERMISSION_DENIED,
-                          f"connect through the Workload API socket {self.socket_path}")
+            raise _Denied(
+                Status.PERMISSION_DENIED,
+                f"connect through the Workload API socket {self.socket_path}",
+            )
         att = caller.attestation
         if att is None or not caller.cred.alive():
-            raise _Denied(Status.PERMISSION_DENIED,
-                          "no identity issued: the calling process could not be attested")
+            raise _Denied(
+                Status.PERMISSION_DENIED,
+                "no identity issued: the calling process could not be attested",
+            )
         now = self.attestor.attest(att.tgid, timeout=0.5)
         if now is None or now.exec_ns != att.exec_ns:
-            raise _Denied(Status.PERMISSION_DENIED,
-                          "no identity issued: the calling process has exec'd or exited "
-                          "since it connected; reconnect")
+            raise _Denied(
+                Status.PERMISSION_DENIED,
+                "no identity issued: the calling process has exec'd or exited "
+                "since it connected; reconnect",
+            )
         ident = self.manager.resolve(att)
         if ident is None:
-            raise _Denied(Status.PERMISSION_DENIED,
-                          "no identity issued: no registration entry matches this process")
+            raise _Denied(
+                Status.PERMISSION_DENIED,
+                "no identity issued: no registration entry matches this process",
+            )
         self.manager.note_use(ident, att)
         return ident, att
 
@@ -397,20 +430,26 @@ class _Servicer:
         for name, (streaming, req, resp) in METHODS.items():
             out[f"/{SERVICE}/{name}"] = Handler(
                 self._guarded(name, getattr(self, name)),
-                Cardinality.UNARY_STREAM if streaming else Cardinality.UNARY_UNARY, req, resp)
+                Cardinality.UNARY_STREAM if streaming else Cardinality.UNARY_UNARY,
+                req,
+                resp,
+            )
         return out
 
     def _guarded(self, method: str, fn):
         async def handle(stream) -> None:
             if self.s.active >= self.s.max_streams:
                 self._count(method, Status.RESOURCE_EXHAUSTED)
-                raise GRPCError(Status.RESOURCE_EXHAUSTED,
-                                f"more than {self.s.max_streams} Workload API calls open")
+                raise GRPCError(
+                    Status.RESOURCE_EXHAUSTED,
+                    f"more than {self.s.max_streams} Workload API calls open",
+                )
             self.s.active += 1
             try:
                 await fn(stream)
             finally:
                 self.s.active -= 1
+
         return handle
 
     def _count(self, method: str, code: Status) -> None:
@@ -429,6 +468,7 @@ class _Servicer:
         def work():
             ident, att = self.s.authorize(caller, metadata)
             return (ident, att) if then is None else then(ident, att)
+
         try:
             return await self.s._run_blocking(work)
         except _Denied as d:
@@ -445,8 +485,7 @@ class _Servicer:
         while not self.s._stopping.is_set():
             changed = self.s._changed
             gen = mgr.generation
-            msg, state = await self._authorized(method, stream,
-                                                lambda ident, _att: render(ident))
+            msg, state = await self._authorized(method, stream, lambda ident, _att: render(ident))
             if state != last:
                 self._count(method, Status.OK)
                 await stream.send_message(msg)
@@ -455,37 +494,53 @@ class _Servicer:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(changed.wait(), 1.0)
 
-    async def FetchX509SVID(self, stream) -> None:  # noqa: N802 (gRPC naming)
+    async def FetchX509SVID(self, stream) -> None:
         mgr = self.s.manager
 
         def render(ident):
             svid = mgr.x509_svid(ident)
             bundle = mgr.bundle()
-            msg = pb.X509SVIDResponse(svids=[pb.X509SVID(
-                spiffe_id=str(ident.spiffe_id), x509_svid=svid.chain_der(),
-                x509_svid_key=svid.key_pkcs8_der(), bundle=bundle.x509_der())])
+            msg = pb.X509SVIDResponse(
+                svids=[
+                    pb.X509SVID(
+                        spiffe_id=str(ident.spiffe_id),
+                        x509_svid=svid.chain_der(),
+                        x509_svid_key=svid.key_pkcs8_der(),
+                        bundle=bundle.x509_der(),
+                    )
+                ]
+            )
             return msg, (svid.fingerprint, bundle.sequence)
+
         await self._watch("FetchX509SVID", stream, render)
 
-    async def FetchX509Bundles(self, stream) -> None:  # noqa: N802
+    async def FetchX509Bundles(self, stream) -> None:
         mgr = self.s.manager
 
         def render(_ident):
             b = mgr.bundle()
-            return (pb.X509BundlesResponse(bundles={b.trust_domain.id_string(): b.x509_der()}),
-                    b.sequence)
+            return (
+                pb.X509BundlesResponse(bundles={b.trust_domain.id_string(): b.x509_der()}),
+                b.sequence,
+            )
+
         await self._watch("FetchX509Bundles", stream, render)
 
-    async def FetchJWTBundles(self, stream) -> None:  # noqa: N802
+    async def FetchJWTBundles(self, stream) -> None:
         mgr = self.s.manager
 
         def render(_ident):
             b = mgr.bundle()
-            return (pb.JWTBundlesResponse(
-                bundles={b.trust_domain.id_string(): b.jwt_jwks_json().encode()}), b.sequence)
+            return (
+                pb.JWTBundlesResponse(
+                    bundles={b.trust_domain.id_string(): b.jwt_jwks_json().encode()}
+                ),
+                b.sequence,
+            )
+
         await self._watch("FetchJWTBundles", stream, render)
 
-    async def FetchJWTSVID(self, stream) -> None:  # noqa: N802
+    async def FetchJWTSVID(self, stream) -> None:
         request = await stream.recv_message()
         audience = list(request.audience)
 
@@ -493,38 +548,57 @@ class _Servicer:
             if not audience or not all(audience):
                 raise _Refused(Status.INVALID_ARGUMENT, "audience must be specified")
             if request.spiffe_id and request.spiffe_id != str(ident.spiffe_id):
-                raise _Refused(Status.PERMISSION_DENIED,
-                               f"no identity issued for {request.spiffe_id} to this process")
+                raise _Refused(
+                    Status.PERMISSION_DENIED,
+                    f"no identity issued for {request.spiffe_id} to this process",
+                )
             if not ident.entry.authorization_server_audience:
                 named = names_an_as(audience, self.s.authorization_servers())
                 if named is not None:
                     if self.s.audit:
                         self.s.audit.emit(
-                            "workload_api.denied", method="FetchJWTSVID",
-                            spiffe_id=str(ident.spiffe_id), pid=att.tgid, exe=att.exe,
-                            audience=audience, reason="audience is an authorization server "
-                            "credless uses")
-                    raise _Refused(Status.PERMISSION_DENIED, (
-                        f"audience {named[0]!r} is the authorization server {named[1]!r}, "
-                        "which credless obtains this identity's tokens from: a JWT-SVID for "
-                        "it would let the workload get tokens past credless's policy, DPoP "
-                        "binding and audit. Call the MCP server through credless instead, or "
-                        "set authorization_server_audience = true on the registration entry "
-                        f"{ident.entry.id!r} if this workload must talk to it itself"))
+                            "workload_api.denied",
+                            method="FetchJWTSVID",
+                            spiffe_id=str(ident.spiffe_id),
+                            pid=att.tgid,
+                            exe=att.exe,
+                            audience=audience,
+                            reason="audience is an authorization server credless uses",
+                        )
+                    raise _Refused(
+                        Status.PERMISSION_DENIED,
+                        (
+                            f"audience {named[0]!r} is the authorization server {named[1]!r}, "
+                            "which credless obtains this identity's tokens from: a JWT-SVID for "
+                            "it would let the workload get tokens past credless's policy, DPoP "
+                            "binding and audit. Call the MCP server through credless instead, or "
+                            "set authorization_server_audience = true on the registration entry "
+                            f"{ident.entry.id!r} if this workload must talk to it itself"
+                        ),
+                    )
             return ident, att, self.s.manager.jwt_svid(ident, audience)
+
         try:
             ident, att, svid = await self._authorized("FetchJWTSVID", stream, issue)
         except _Refused as r:
             raise self._refuse("FetchJWTSVID", r.code, r.message) from None
         if self.s.audit:
-            self.s.audit.emit("svid.issued", type="jwt", spiffe_id=str(ident.spiffe_id),
-                              jti=svid.jti, kid=svid.kid, audience=list(svid.audience),
-                              pid=att.tgid, exe=att.exe)
+            self.s.audit.emit(
+                "svid.issued",
+                type="jwt",
+                spiffe_id=str(ident.spiffe_id),
+                jti=svid.jti,
+                kid=svid.kid,
+                audience=list(svid.audience),
+                pid=att.tgid,
+                exe=att.exe,
+            )
         self._count("FetchJWTSVID", Status.OK)
-        await stream.send_message(pb.JWTSVIDResponse(svids=[pb.JWTSVID(
-            spiffe_id=str(ident.spiffe_id), svid=svid.token)]))
+        await stream.send_message(
+            pb.JWTSVIDResponse(svids=[pb.JWTSVID(spiffe_id=str(ident.spiffe_id), svid=svid.token)])
+        )
 
-    async def ValidateJWTSVID(self, stream) -> None:  # noqa: N802
+    async def ValidateJWTSVID(self, stream) -> None:
         request = await stream.recv_message()
         bundle = self.s.manager.bundle
 
@@ -536,6 +610,7 @@ class _Servicer:
                 return validate_jwt_svid(request.svid, request.audience, {b.trust_domain: b})
             except JwtSvidError as e:
                 raise _Refused(Status.INVALID_ARGUMENT, f"invalid JWT-SVID: {e}") from None
+
         try:
             svid = await self._authorized("ValidateJWTSVID", stream, validate)
         except _Refused as r:
@@ -543,5 +618,6 @@ class _Servicer:
         claims = struct_pb2.Struct()
         claims.update({k: v for k, v in svid.claims.items()})
         self._count("ValidateJWTSVID", Status.OK)
-        await stream.send_message(pb.ValidateJWTSVIDResponse(spiffe_id=str(svid.spiffe_id),
-                                                             claims=claims))
+        await stream.send_message(
+            pb.ValidateJWTSVIDResponse(spiffe_id=str(svid.spiffe_id), claims=claims)
+        )

@@ -20,8 +20,8 @@ that owns it.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -63,36 +63,50 @@ class X509Svid:
 
     def key_pkcs8_der(self) -> bytes:
         """The private key as unencrypted PKCS#8 DER: the Workload API's x509_svid_key field."""
-        return self.private_key.private_bytes(serialization.Encoding.DER,
-                                              serialization.PrivateFormat.PKCS8,
-                                              serialization.NoEncryption())
+        return self.private_key.private_bytes(
+            serialization.Encoding.DER,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
 
     def __repr__(self) -> str:
-        return (f"X509Svid(spiffe_id={str(self.spiffe_id)!r}, leaf_sha256={self.fingerprint[:16]}, "
-                f"not_after={self.not_after.isoformat()})")
+        return (
+            f"X509Svid(spiffe_id={str(self.spiffe_id)!r}, leaf_sha256={self.fingerprint[:16]}, "
+            f"not_after={self.not_after.isoformat()})"
+        )
 
 
-def mint_x509_svid(ca: SigningCA, spiffe_id: SpiffeId,
-                   ttl: int | dt.timedelta = DEFAULT_X509_SVID_TTL,
-                   key_type: str = "ec-p256", dns_names: Sequence[str] = (),
-                   now: dt.datetime | None = None) -> X509Svid:
+def mint_x509_svid(
+    ca: SigningCA,
+    spiffe_id: SpiffeId,
+    ttl: int | dt.timedelta = DEFAULT_X509_SVID_TTL,
+    key_type: str = "ec-p256",
+    dns_names: Sequence[str] = (),
+    now: dt.datetime | None = None,
+) -> X509Svid:
     """Generate a key pair and issue a leaf X509-SVID for `spiffe_id`, signed by `ca`."""
     if isinstance(spiffe_id, str):
         spiffe_id = SpiffeId.parse(spiffe_id)
     if spiffe_id.is_root:
-        raise X509SvidError(f"{spiffe_id} names a trust domain, not a workload; an X509-SVID needs "
-                            "an ID with a path (X509-SVID.md §3.1)")
+        raise X509SvidError(
+            f"{spiffe_id} names a trust domain, not a workload; an X509-SVID needs "
+            "an ID with a path (X509-SVID.md §3.1)"
+        )
     if spiffe_id.trust_domain != ca.trust_domain:
-        raise X509SvidError(f"the CA signs for trust domain {ca.trust_domain}, not for "
-                            f"{spiffe_id.trust_domain} ({spiffe_id})")
+        raise X509SvidError(
+            f"the CA signs for trust domain {ca.trust_domain}, not for "
+            f"{spiffe_id.trust_domain} ({spiffe_id})"
+        )
     lifetime = ttl if isinstance(ttl, dt.timedelta) else dt.timedelta(seconds=ttl)
     if lifetime <= dt.timedelta(0):
         raise X509SvidError(f"X509-SVID ttl must be positive, got {lifetime}")
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = now or dt.datetime.now(dt.UTC)
     not_after = min(now + lifetime, ca.not_after)
     if not_after <= now:
-        raise X509SvidError(f"the CA expired at {ca.not_after.isoformat()}; nothing can be issued "
-                            "until it is replaced")
+        raise X509SvidError(
+            f"the CA expired at {ca.not_after.isoformat()}; nothing can be issued "
+            "until it is replaced"
+        )
     not_before = now - CLOCK_SKEW
 
     key = generate_private_key(key_type)
@@ -100,8 +114,9 @@ def mint_x509_svid(ca: SigningCA, spiffe_id: SpiffeId,
     sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(str(spiffe_id))]
     for name in dns_names:
         if not name or not name.isascii() or any(c.isspace() for c in name):
-            raise X509SvidError(f"invalid DNS name {name!r}; use an ASCII (IDNA/punycode) "
-                                "host name")
+            raise X509SvidError(
+                f"invalid DNS name {name!r}; use an ASCII (IDNA/punycode) host name"
+            )
         sans.append(x509.DNSName(name))
     is_rsa = isinstance(pub, rsa.RSAPublicKey)
     builder = (
@@ -115,18 +130,37 @@ def mint_x509_svid(ca: SigningCA, spiffe_id: SpiffeId,
         # Empty subject ⇒ SAN MUST be critical (RFC 5280 §4.2.1.6, X509-SVID.md §2).
         .add_extension(x509.SubjectAlternativeName(sans), critical=True)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
-                                     key_encipherment=is_rsa, data_encipherment=False,
-                                     key_agreement=False, key_cert_sign=False, crl_sign=False,
-                                     encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
-                                              ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=is_rsa,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(pub), critical=False)
         .add_extension(_aki(ca.certificate), critical=False)
     )
     leaf = ca.sign(builder)
-    return X509Svid(spiffe_id, (leaf, *ca.issuing_chain), key,
-                    leaf.not_valid_before_utc, leaf.not_valid_after_utc)
+    return X509Svid(
+        spiffe_id,
+        (leaf, *ca.issuing_chain),
+        key,
+        leaf.not_valid_before_utc,
+        leaf.not_valid_after_utc,
+    )
 
 
 def _aki(issuer: x509.Certificate) -> x509.AuthorityKeyIdentifier:
@@ -136,8 +170,7 @@ def _aki(issuer: x509.Certificate) -> x509.AuthorityKeyIdentifier:
         ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
         return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
     except x509.ExtensionNotFound:
-        return x509.AuthorityKeyIdentifier.from_issuer_public_key(
-            issuer.public_key())  # type: ignore[arg-type]
+        return x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.public_key())  # type: ignore[arg-type]
 
 
 def renew_at(svid: X509Svid) -> dt.datetime:

@@ -38,9 +38,19 @@ MCP_METHODS = frozenset({b"POST", b"GET", b"DELETE"})
 ALLOW = b"POST, GET, DELETE"
 
 # Fields the decision reads. Lower-case names; values with surrounding whitespace removed.
-DECISION_FIELDS = frozenset({b"host", b"mcp-method", b"mcp-name", b"expect",
-                             b"content-encoding", b"content-type", b"authorization", b"dpop",
-                             b"upgrade"})
+DECISION_FIELDS = frozenset(
+    {
+        b"host",
+        b"mcp-method",
+        b"mcp-name",
+        b"expect",
+        b"content-encoding",
+        b"content-type",
+        b"authorization",
+        b"dpop",
+        b"upgrade",
+    }
+)
 # A routing or expectation field the server could read either copy of
 SINGLE_FIELDS = (b"host", b"mcp-method", b"mcp-name", b"expect")
 WORKLOAD_CREDENTIALS = (b"authorization", b"dpop")
@@ -50,13 +60,27 @@ WORKLOAD_CREDENTIALS = (b"authorization", b"dpop")
 # credentials or connection fields, answer an expectation, or re-frame). llhttp's
 # strictness makes `CRLF name:` the only spelling of a field (tests/unit/test_http1.py), so
 # this cannot miss one.
-LANE_CANNOT = frozenset({b"authorization", b"dpop", b"connection", b"keep-alive",
-                         b"proxy-connection", b"expect", b"upgrade", b"te", b"trailer",
-                         b"transfer-encoding"})
+LANE_CANNOT = frozenset(
+    {
+        b"authorization",
+        b"dpop",
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"expect",
+        b"upgrade",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+    }
+)
 # made from the two sets, so the lane reads the same fields as Request.from_head
 _READ_FIELDS = re.compile(
-    rb"\r\n(" + b"|".join(re.escape(n) for n in sorted(DECISION_FIELDS | LANE_CANNOT))
-    + rb"):([^\r]*)", re.IGNORECASE)
+    rb"\r\n("
+    + b"|".join(re.escape(n) for n in sorted(DECISION_FIELDS | LANE_CANNOT))
+    + rb"):([^\r]*)",
+    re.IGNORECASE,
+)
 # a path segment under the MCP endpoint: RFC 3986 pchar without percent-encoding (which
 # would let `%2e%2e` or `%2f` mean something else to the server than to this check)
 _SEGMENT = re.compile(rb"[A-Za-z0-9\-._~!$&'()*+,;=:@]*")
@@ -64,14 +88,16 @@ _SEGMENT = re.compile(rb"[A-Za-z0-9\-._~!$&'()*+,;=:@]*")
 
 class Request:
     """What the decision needs of a request head."""
-    __slots__ = ("method", "target", "upgrade", "fields")
 
-    def __init__(self, method: bytes, target: bytes, fields: dict[bytes, list[bytes]],
-                 upgrade: bool = False):
+    __slots__ = ("fields", "method", "target", "upgrade")
+
+    def __init__(
+        self, method: bytes, target: bytes, fields: dict[bytes, list[bytes]], upgrade: bool = False
+    ):
         self.method, self.target, self.upgrade, self.fields = method, target, upgrade, fields
 
     @classmethod
-    def from_head(cls, head: Any) -> "Request":
+    def from_head(cls, head: Any) -> Request:
         fields: dict[bytes, list[bytes]] = {}
         if not head.names.isdisjoint(DECISION_FIELDS):
             for k, v in head.headers:
@@ -81,8 +107,7 @@ class Request:
         return cls(head.method, head.target, fields, head.upgrade)
 
     @classmethod
-    def from_read(cls, data: bytes, head_end: int, method: bytes, target: bytes
-                  ) -> "Request | None":
+    def from_read(cls, data: bytes, head_end: int, method: bytes, target: bytes) -> Request | None:
         """A whole request as read (the lane's; its head ends at head_end), or None when it
         carries a field the lane cannot carry out (LANE_CANNOT): the full path takes it."""
         fields: dict[bytes, list[bytes]] = {}
@@ -104,27 +129,28 @@ class Request:
 @dataclass(frozen=True, slots=True)
 class Caller:
     """Who asks, as of this request."""
-    current: bool                   # still the image (and entry) the connection was served as
-    spiffe_id: str | None           # None: not attested, or no registration entry matches
+
+    current: bool  # still the image (and entry) the connection was served as
+    spiffe_id: str | None  # None: not attested, or no registration entry matches
     parent_spiffe_id: str | None = None
-    changed: str = ""               # why not current (audited)
+    changed: str = ""  # why not current (audited)
 
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    action: str                     # FORWARD, ANSWER (then keep the connection unless close)
+    action: str  # FORWARD, ANSWER (then keep the connection unless close)
     #                                 or CLOSE (no answer: the connection is closed)
-    credential: bool = False        # add credless's credential (broker: the token, assertion:
+    credential: bool = False  # add credless's credential (broker: the token, assertion:
     #                                 a client assertion in the token request's form)
-    read_body: bool = False         # the body decides (decide_body) before anything goes out
-    strip: bool = False             # remove the workload's Authorization and DPoP first
+    read_body: bool = False  # the body decides (decide_body) before anything goes out
+    strip: bool = False  # remove the workload's Authorization and DPoP first
     status: int = 0
     reason: bytes = b""
-    message: str = ""               # for the workload and the audit
-    rpc_code: int | None = None     # answer as a JSON-RPC error (keeping the request's ids)
-    close: bool = False             # close the connection after the answer
-    outcome: str = ""               # the refusal's outcome label on the request counter
-    allow: bytes = b""              # the Allow field of a 405
+    message: str = ""  # for the workload and the audit
+    rpc_code: int | None = None  # answer as a JSON-RPC error (keeping the request's ids)
+    close: bool = False  # close the connection after the answer
+    outcome: str = ""  # the refusal's outcome label on the request counter
+    allow: bytes = b""  # the Allow field of a 405
 
 
 # the common verdicts, made once: a frozen dataclass costs a microsecond to build, and the
@@ -136,16 +162,24 @@ _READ_BODY = Verdict(FORWARD, credential=True, read_body=True)
 _READ_BODY_STRIP = Verdict(FORWARD, credential=True, read_body=True, strip=True)
 
 
-def _refuse(status: int, reason: bytes, outcome: str, message: str, close: bool = False,
-            **kw: Any) -> Verdict:
-    return Verdict(ANSWER, status=status, reason=reason, outcome=outcome,
-                   message=f"credless: {message}", close=close, **kw)
+def _refuse(
+    status: int, reason: bytes, outcome: str, message: str, close: bool = False, **kw: Any
+) -> Verdict:
+    return Verdict(
+        ANSWER,
+        status=status,
+        reason=reason,
+        outcome=outcome,
+        message=f"credless: {message}",
+        close=close,
+        **kw,
+    )
 
 
 def under_endpoint(target: bytes, endpoint: bytes) -> bool:
     """Whether an origin-form target names the MCP endpoint or a path below it, spelled so
     that no server can read it as another path (no dot segment, no percent-encoding)."""
-    if target == endpoint:   # the common case, first
+    if target == endpoint:  # the common case, first
         return True
     path = target.split(b"?", 1)[0]
     if path == endpoint:
@@ -153,7 +187,7 @@ def under_endpoint(target: bytes, endpoint: bytes) -> bool:
     base = endpoint.rstrip(b"/") + b"/"
     if not path.startswith(base):
         return False
-    for seg in path[len(base):].split(b"/"):
+    for seg in path[len(base) :].split(b"/"):
         if seg in (b".", b"..") or _SEGMENT.fullmatch(seg) is None:
             return False
     return True
@@ -165,35 +199,57 @@ def decide(req: Request, up: Any, caller: Caller, settings: Any, policy: Any) ->
     Written for the fast lane's budget (a few microseconds): the common verdicts are made
     once, and the checks of fields a request does not carry cost a dictionary lookup."""
     if not caller.current:
-        return Verdict(CLOSE, outcome="image_changed" if not caller.changed else
-                       "identity_changed", message=caller.changed or "the process exec'd or "
-                       "exited since it connected; connection closed")
+        return Verdict(
+            CLOSE,
+            outcome="image_changed" if not caller.changed else "identity_changed",
+            message=caller.changed
+            or "the process exec'd or exited since it connected; connection closed",
+        )
     fields = req.fields
     method = req.method
     mode = up.mode
     if mode == "broker":
         credentialed = True
     elif mode == "assertion":
-        credentialed = method == b"POST" and \
-            (req.get(b"content-type") or b"").split(b";")[0].strip().lower() == \
-            b"application/x-www-form-urlencoded" and req.target.split(b"?", 1)[0] == up.path
+        credentialed = (
+            method == b"POST"
+            and (req.get(b"content-type") or b"").split(b";")[0].strip().lower()
+            == b"application/x-www-form-urlencoded"
+            and req.target.split(b"?", 1)[0] == up.path
+        )
     else:
         credentialed = False
     if credentialed and method not in MCP_METHODS:
-        return _refuse(405, b"Method Not Allowed", "method_refused",
-                       f"{method.decode('latin-1')} is not a method MCP uses; "
-                       "connection closed", close=True, allow=ALLOW)
+        return _refuse(
+            405,
+            b"Method Not Allowed",
+            "method_refused",
+            f"{method.decode('latin-1')} is not a method MCP uses; connection closed",
+            close=True,
+            allow=ALLOW,
+        )
     if req.upgrade:
         # the parser stops at an upgrade: what follows would be another protocol, which
         # credless neither inspects nor credentials (MCP over HTTP never upgrades)
-        return _refuse(501, b"Not Implemented", "upgrade_refused", "protocol upgrades "
-                       f"({(req.get(b'upgrade') or method).decode('latin-1')}) are not "
-                       "relayed; connection closed", close=True)
+        return _refuse(
+            501,
+            b"Not Implemented",
+            "upgrade_refused",
+            "protocol upgrades "
+            f"({(req.get(b'upgrade') or method).decode('latin-1')}) are not "
+            "relayed; connection closed",
+            close=True,
+        )
     if req.target[:1] != b"/":
-        return _refuse(400, b"Bad Request", "target_refused", "the request target must be a "
-                       "path (origin-form), not "
-                       f"{req.target[:200].decode('latin-1')!r}; connection closed",
-                       close=True)
+        return _refuse(
+            400,
+            b"Bad Request",
+            "target_refused",
+            "the request target must be a "
+            "path (origin-form), not "
+            f"{req.target[:200].decode('latin-1')!r}; connection closed",
+            close=True,
+        )
     hosts = fields.get(b"host")
     if hosts is None or len(hosts) != 1:
         return _duplicated(b"host", len(hosts or ()))
@@ -202,24 +258,41 @@ def decide(req: Request, up: Any, caller: Caller, settings: Any, policy: Any) ->
             return _duplicated(name, len(values))
     if caller.spiffe_id is None and credentialed:
         if settings.unattested == "passthrough":
-            return _FORWARD              # as a passthrough server: nothing added or removed
-        return _refuse(403, b"Forbidden", "unattested", "this process has no identity (not "
-                       "attested, or no registration entry matches it)")
+            return _FORWARD  # as a passthrough server: nothing added or removed
+        return _refuse(
+            403,
+            b"Forbidden",
+            "unattested",
+            "this process has no identity (not attested, or no registration entry matches it)",
+        )
     if credentialed:
         host = hosts[0].lower()
         if host not in up.authorities:
-            return _refuse(421, b"Misdirected Request", "host_refused",
-                           f"Host {host[:200].decode('latin-1')!r} is not {up.name!r} "
-                           f"({up.authorities[0].decode()}); credless sends credentials only "
-                           "to the server they are for; connection closed", close=True)
+            return _refuse(
+                421,
+                b"Misdirected Request",
+                "host_refused",
+                f"Host {host[:200].decode('latin-1')!r} is not {up.name!r} "
+                f"({up.authorities[0].decode()}); credless sends credentials only "
+                "to the server they are for; connection closed",
+                close=True,
+            )
         if mode == "broker" and not under_endpoint(req.target, up.path):
-            return _refuse(403, b"Forbidden", "path_refused",
-                           f"{req.target.split(b'?', 1)[0][:200].decode('latin-1')!r} is "
-                           f"not under the MCP endpoint {up.path.decode()} of {up.name!r}")
+            return _refuse(
+                403,
+                b"Forbidden",
+                "path_refused",
+                f"{req.target.split(b'?', 1)[0][:200].decode('latin-1')!r} is "
+                f"not under the MCP endpoint {up.path.decode()} of {up.name!r}",
+            )
     strip = mode != "passthrough" and (b"authorization" in fields or b"dpop" in fields)
     if strip and settings.workload_authorization == "reject":
-        return _refuse(400, b"Bad Request", "workload_credentials", "this workload must not "
-                       "send Authorization or DPoP headers; credless adds them")
+        return _refuse(
+            400,
+            b"Bad Request",
+            "workload_credentials",
+            "this workload must not send Authorization or DPoP headers; credless adds them",
+        )
     if mode == "assertion":
         if not credentialed:
             return Verdict(FORWARD, strip=strip)
@@ -230,64 +303,108 @@ def decide(req: Request, up: Any, caller: Caller, settings: Any, policy: Any) ->
         if method == b"POST":
             coding = fields.get(b"content-encoding")
             if coding is not None and coding[0].lower() != b"identity":
-                return _refuse(415, b"Unsupported Media Type", "encoding_refused",
-                               f"a body with Content-Encoding {coding[0].decode('latin-1')!r} "
-                               "cannot be checked against policy; send it unencoded",
-                               rpc_code=jsonrpc.INVALID_REQUEST)
+                return _refuse(
+                    415,
+                    b"Unsupported Media Type",
+                    "encoding_refused",
+                    f"a body with Content-Encoding {coding[0].decode('latin-1')!r} "
+                    "cannot be checked against policy; send it unencoded",
+                    rpc_code=jsonrpc.INVALID_REQUEST,
+                )
             return _READ_BODY_STRIP if strip else _READ_BODY
-        d = policy.decide(caller.spiffe_id, up.name, "http:" + method.decode(), None,
-                          caller.parent_spiffe_id)
+        d = policy.decide(
+            caller.spiffe_id, up.name, "http:" + method.decode(), None, caller.parent_spiffe_id
+        )
         if not d.allowed:
-            return _refuse(403, b"Forbidden", "policy_denied",
-                           f"{method.decode()} denied by policy: {d.reason}")
+            return _refuse(
+                403,
+                b"Forbidden",
+                "policy_denied",
+                f"{method.decode()} denied by policy: {d.reason}",
+            )
     return _FORWARD_CREDENTIAL_STRIP if strip else _FORWARD_CREDENTIAL
 
 
 def _duplicated(name: bytes, n: int) -> Verdict:
-    return _refuse(400, b"Bad Request", "framing_refused",
-                   f"{'no' if n == 0 else n} {name.decode().title()} fields: the request must "
-                   "carry " + ("exactly one" if name == b"host" else "at most one")
-                   + "; connection closed", close=True)
+    return _refuse(
+        400,
+        b"Bad Request",
+        "framing_refused",
+        f"{'no' if n == 0 else n} {name.decode().title()} fields: the request must "
+        "carry " + ("exactly one" if name == b"host" else "at most one") + "; connection closed",
+        close=True,
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class CallRecord:
     """One JSON-RPC call's policy decision, for the audit."""
+
     event: str
     fields: dict
 
 
-def decide_body(body: bytes, req: Request, up: Any, caller: Caller, policy: Any
-                ) -> tuple[Verdict, list[CallRecord], list[jsonrpc.Call] | None, bool]:
+def decide_body(
+    body: bytes, req: Request, up: Any, caller: Caller, policy: Any
+) -> tuple[Verdict, list[CallRecord], list[jsonrpc.Call] | None, bool]:
     """The decision on a POST body read whole: every JSON-RPC call of it by policy, and the
     routing fields (Mcp-Method, Mcp-Name) against it. Returns the verdict, the calls'
     audit records, and the calls and whether they were a batch (for the error's ids)."""
     try:
         calls, batch = jsonrpc.parse_calls(body)
     except jsonrpc.Malformed as e:
-        return (_refuse(400, b"Bad Request", "malformed_body", e.message, rpc_code=e.code),
-                [CallRecord("call.denied", {"reason": e.message})], None, False)
+        return (
+            _refuse(400, b"Bad Request", "malformed_body", e.message, rpc_code=e.code),
+            [CallRecord("call.denied", {"reason": e.message})],
+            None,
+            False,
+        )
     mismatch = jsonrpc.header_mismatch(
-        calls, (req.get(b"mcp-method") or b"").decode("latin-1") or None,
-        (req.get(b"mcp-name") or b"").decode("latin-1") or None)
+        calls,
+        (req.get(b"mcp-method") or b"").decode("latin-1") or None,
+        (req.get(b"mcp-name") or b"").decode("latin-1") or None,
+    )
     if mismatch:
-        return (_refuse(400, b"Bad Request", "header_mismatch", mismatch,
-                        rpc_code=jsonrpc.HEADER_MISMATCH),
-                [CallRecord("call.denied", {"reason": mismatch})], calls, batch)
+        return (
+            _refuse(
+                400, b"Bad Request", "header_mismatch", mismatch, rpc_code=jsonrpc.HEADER_MISMATCH
+            ),
+            [CallRecord("call.denied", {"reason": mismatch})],
+            calls,
+            batch,
+        )
     records, denied, rule = [], [], None
     for c in calls:
         if not c.is_request and c.method == "(response)":
             continue
-        d = policy.decide(caller.spiffe_id, up.name, c.method, c.name,
-                          caller.parent_spiffe_id)
-        records.append(CallRecord("call.allowed" if d.allowed else "call.denied", {
-            "rpc_method": c.method, "tool": c.name, "rpc_id": c.id, "rule": d.rule_id,
-            "decision": "allow" if d.allowed else "deny", "reason": d.reason}))
+        d = policy.decide(caller.spiffe_id, up.name, c.method, c.name, caller.parent_spiffe_id)
+        records.append(
+            CallRecord(
+                "call.allowed" if d.allowed else "call.denied",
+                {
+                    "rpc_method": c.method,
+                    "tool": c.name,
+                    "rpc_id": c.id,
+                    "rule": d.rule_id,
+                    "decision": "allow" if d.allowed else "deny",
+                    "reason": d.reason,
+                },
+            )
+        )
         if not d.allowed:
             denied.append(f"{c.method} {c.name or ''}".strip() + f": {d.reason}")
             rule = rule or d.rule_id
     if denied:
-        return (_refuse(403, b"Forbidden", "policy_denied", "denied by policy: "
-                        + "; ".join(denied), rpc_code=jsonrpc.POLICY_DENIED),
-                records, calls, batch)
+        return (
+            _refuse(
+                403,
+                b"Forbidden",
+                "policy_denied",
+                "denied by policy: " + "; ".join(denied),
+                rpc_code=jsonrpc.POLICY_DENIED,
+            ),
+            records,
+            calls,
+            batch,
+        )
     return Verdict(FORWARD, credential=True), records, calls, batch

@@ -30,12 +30,16 @@ LOW_WATER = 64 << 10
 class ClientSide(asyncio.Protocol):
     """The workload's connection: request events in (next()), response bytes out (write())."""
 
-    def __init__(self, on_connect, max_head: int = http1.MAX_HEAD_BYTES,
-                 max_fields: int = http1.MAX_HEADER_FIELDS):
+    def __init__(
+        self,
+        on_connect,
+        max_head: int = http1.MAX_HEAD_BYTES,
+        max_fields: int = http1.MAX_HEADER_FIELDS,
+    ):
         self._on_connect = on_connect
         self.transport: asyncio.Transport | None = None
-        self.upstream: UpstreamSide | None = None   # streaming a response into us
-        self.max_head, self.max_fields = max_head, max_fields   # of a request head
+        self.upstream: UpstreamSide | None = None  # streaming a response into us
+        self.max_head, self.max_fields = max_head, max_fields  # of a request head
         self._reader = http1.Reader(max_head=max_head, max_fields=max_fields)
         self._events: deque = deque()
         self._queued = 0
@@ -46,17 +50,17 @@ class ClientSide(asyncio.Protocol):
         self.write_paused = False
         self._writable: asyncio.Future | None = None
         self.closed = False
-        self.last_rx = time.monotonic()   # for the proxy's timeouts (inject/timeouts.py)
-        self.served: tuple = (None, "")   # (Upstream, audit fragment) once the proxy knows
+        self.last_rx = time.monotonic()  # for the proxy's timeouts (inject/timeouts.py)
+        self.served: tuple = (None, "")  # (Upstream, audit fragment) once the proxy knows
         # The proxy's fast lane (agent/inject/lane.py): offered a read between requests, it
         # sends a whole request from this callback and returns True, or declines (False)
         # and the read goes to the parser and the serving coroutine. While its answer is
         # relayed (fast_inflight), the coroutine is given nothing, so answers stay in order.
         self.fast = None
-        self.whole = http1.WholeMessage()   # the fast lane's test of a read
+        self.whole = http1.WholeMessage()  # the fast lane's test of a read
         self.fast_inflight = False
-        self.busy = False   # the serving coroutine is inside a request (set by the proxy)
-        self.draining = False   # the agent is stopping: close after the answer in flight
+        self.busy = False  # the serving coroutine is inside a request (set by the proxy)
+        self.draining = False  # the agent is stopping: close after the answer in flight
         # the process image's change count when the proxy last found it current (None: ask
         # the kernel on the next request; see Proxy.image_current)
         self.image_mark: int | None = None
@@ -71,9 +75,16 @@ class ClientSide(asyncio.Protocol):
         self.last_rx = time.monotonic()
         if self._error is not None:
             return
-        if (self.fast is not None and not self._events and not self.fast_inflight
-                and not self.busy and self.upstream is None and not self.write_paused
-                and not self._reader.in_message and self.fast(data)):
+        if (
+            self.fast is not None
+            and not self._events
+            and not self.fast_inflight
+            and not self.busy
+            and self.upstream is None
+            and not self.write_paused
+            and not self._reader.in_message
+            and self.fast(data)
+        ):
             return
         try:
             events = self._reader.feed(data)
@@ -99,11 +110,11 @@ class ClientSide(asyncio.Protocol):
             up.client_gone = True
             up.abort()
         self.wake()
-        return True   # between requests: what was written still goes out, then it closes
+        return True  # between requests: what was written still goes out, then it closes
 
     def connection_lost(self, exc) -> None:
         self.closed = self._eof = True
-        self.write_paused = False   # nothing will resume it: never pause an upstream for it
+        self.write_paused = False  # nothing will resume it: never pause an upstream for it
         self.wake()
         if self._writable is not None and not self._writable.done():
             self._writable.set_result(None)
@@ -127,8 +138,13 @@ class ClientSide(asyncio.Protocol):
         then: after a fast answer with nothing queued, resuming it would only have it wait
         again, and a task step per request costs more than the fast path saves."""
         w = self._waiter
-        if w is not None and not w.done() and (self._events or self.closed or self._eof
-                                               or self._error is not None or self.draining):
+        if (
+            w is not None
+            and not w.done()
+            and (
+                self._events or self.closed or self._eof or self._error is not None or self.draining
+            )
+        ):
             w.set_result(None)
 
     # --- used by the serving coroutine and the proxy's timeouts
@@ -146,7 +162,7 @@ class ClientSide(asyncio.Protocol):
             if self.closed:
                 return None
             if self.draining and not self.fast_inflight and not self._reader.in_message:
-                return None   # between requests while the agent stops: begin no other
+                return None  # between requests while the agent stops: begin no other
             if not self.fast_inflight:
                 if self._error is not None:
                     raise self._error
@@ -200,22 +216,22 @@ class UpstreamSide(asyncio.Protocol):
         self._reader = http1.Reader(response=True)
         self._done: asyncio.Future | None = None
         self._on_done = None
-        self._first_read = False      # the next read starts the exchange's response
+        self._first_read = False  # the next read starts the exchange's response
         self._write_paused = False
         self._writable: asyncio.Future | None = None
         # the current (or last) exchange's outcome
-        self.head: Head | None = None       # final (non-1xx) response head, if parsed
-        self.status = 0                     # its status (0: no final response yet)
-        self._whole = http1.WholeMessage(response=True)   # the verbatim lane's test
-        self.complete = False               # the response ended as HTTP frames it
+        self.head: Head | None = None  # final (non-1xx) response head, if parsed
+        self.status = 0  # its status (0: no final response yet)
+        self._whole = http1.WholeMessage(response=True)  # the verbatim lane's test
+        self.complete = False  # the response ended as HTTP frames it
         self.keep_alive = True
-        self.sent_at = 0.0                  # 0 until the request is sent (begin() resets it)
+        self.sent_at = 0.0  # 0 until the request is sent (begin() resets it)
         self.head_at = 0.0
-        self.timed_out = False              # aborted by the proxy's upstream timeout
-        self.client_gone = False            # aborted: the workload closed mid-answer
+        self.timed_out = False  # aborted by the proxy's upstream timeout
+        self.client_gone = False  # aborted: the workload closed mid-answer
         self.close_delimited = False
         self._close_client = self._bodiless = False
-        self._skip_end = False    # the parser's end of an interim (1xx) response
+        self._skip_end = False  # the parser's end of an interim (1xx) response
 
     # --- asyncio callbacks
     def connection_made(self, transport) -> None:
@@ -223,7 +239,7 @@ class UpstreamSide(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
 
     def data_received(self, data: bytes) -> None:
-        if self._client is None:       # an idle connection has nothing to say: not reusable
+        if self._client is None:  # an idle connection has nothing to say: not reusable
             self.transport.close()
             return
         if self._first_read:
@@ -239,7 +255,7 @@ class UpstreamSide(asyncio.Protocol):
         if self._client is not None:
             self._relay(self._reader.feed_eof())
             if self.close_delimited and not self.complete:
-                self.complete = True   # its body ends here (httptools has no end-of-input)
+                self.complete = True  # its body ends here (httptools has no end-of-input)
                 self._finish()
         self.keep_alive = False
         return False
@@ -260,8 +276,9 @@ class UpstreamSide(asyncio.Protocol):
             self._writable.set_result(None)
 
     # --- the exchange
-    def begin(self, client: ClientSide, close_client: bool = False,
-              bodiless: bool = False, on_done=None) -> None:
+    def begin(
+        self, client: ClientSide, close_client: bool = False, bodiless: bool = False, on_done=None
+    ) -> None:
         """Relay the next response to client. close_client: the workload asked to close after
         it (the response says Connection: close). bodiless: the request was HEAD, whose
         response has no body whatever its Content-Length says. on_done(self): called when
@@ -308,20 +325,23 @@ class UpstreamSide(asyncio.Protocol):
             if kind == HEAD:
                 if 100 <= item.status < 200:
                     out += item.response_bytes()
-                    self._skip_end = True   # httptools ends a 1xx as a message of its own
+                    self._skip_end = True  # httptools ends a 1xx as a message of its own
                     continue
                 self.head, self.status, self.head_at = item, item.status, time.perf_counter()
                 self.keep_alive = item.keep_alive
                 http1.strip_connection_headers(item)
                 # a body that ends when the server closes can only reach the workload the
                 # same way: its connection is closed after it
-                self.close_delimited = not (self._bodiless or item.chunked
-                                            or item.status in (204, 304)
-                                            or item.get(b"content-length") is not None)
+                self.close_delimited = not (
+                    self._bodiless
+                    or item.chunked
+                    or item.status in (204, 304)
+                    or item.get(b"content-length") is not None
+                )
                 if self.close_delimited or self._close_client:
                     item.add(b"Connection", b"close")
                 out += item.response_bytes()
-                if self._bodiless:   # the parser would wait for Content-Length bytes
+                if self._bodiless:  # the parser would wait for Content-Length bytes
                     self.complete, self.keep_alive = True, False
                     break
             elif kind == BODY:
@@ -333,10 +353,10 @@ class UpstreamSide(asyncio.Protocol):
                 if self.head.chunked:
                     out += LAST_CHUNK
                 self.complete = True
-                if i + 1 < len(events):      # bytes after the response: out of step
+                if i + 1 < len(events):  # bytes after the response: out of step
                     self.keep_alive = False
                 break
-        if out:   # what one read brought goes out at once: SSE events are not held back
+        if out:  # what one read brought goes out at once: SSE events are not held back
             self._client.write(bytes(out))
         if self.complete:
             self._finish()
@@ -348,12 +368,16 @@ class UpstreamSide(asyncio.Protocol):
         connection too), and not a 401 (whose challenge the proxy reads). Anything else is
         parsed and re-rendered by _relay (hop-by-hop fields removed, framing announced)."""
         whole = self._whole
-        if not whole.one(data) or whole.status < 200 or whole.status == 401 \
-                or whole.version != "1.1" or not whole.keep_alive:
+        if (
+            not whole.one(data)
+            or whole.status < 200
+            or whole.status == 401
+            or whole.version != "1.1"
+            or not whole.keep_alive
+        ):
             return False
         for m in http1.RESPONSE_HOP_FIELDS.finditer(data, 0, whole.head_end + 2):
-            if m.group(1).lower() != b"connection" or \
-                    m.group(2).strip().lower() != b"keep-alive":
+            if m.group(1).lower() != b"connection" or m.group(2).strip().lower() != b"keep-alive":
                 return False
         self.status, self.head_at = whole.status, time.perf_counter()
         self.keep_alive = self.complete = True
@@ -364,7 +388,7 @@ class UpstreamSide(asyncio.Protocol):
     def _finish(self) -> None:
         client, self._client = self._client, None
         if client is not None:
-            client.last_rx = time.monotonic()   # idle from now, not from its last request
+            client.last_rx = time.monotonic()  # idle from now, not from its last request
             if client.upstream is self:
                 client.upstream = None
         if self.transport is not None and not self.transport.is_closing():
@@ -376,5 +400,9 @@ class UpstreamSide(asyncio.Protocol):
             on_done(self)
 
     def reusable(self) -> bool:
-        return (self.complete and self.keep_alive and not self.closed
-                and not self.transport.is_closing())
+        return (
+            self.complete
+            and self.keep_alive
+            and not self.closed
+            and not self.transport.is_closing()
+        )

@@ -9,6 +9,7 @@ and body chunks back into wire bytes.
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import httptools
@@ -20,7 +21,7 @@ CONNECTION_HEADERS = frozenset({b"connection", b"keep-alive", b"proxy-connection
 _FRAMING = frozenset({b"transfer-encoding", b"content-length"})
 
 
-def strip_connection_headers(head: "Head") -> None:
+def strip_connection_headers(head: Head) -> None:
     """Remove Connection, the headers it names, Keep-Alive and Proxy-Connection: each side
     of the proxy manages its own connection (a server closing its connection to the proxy
     does not close the workload's, and the reverse)."""
@@ -53,14 +54,33 @@ MAX_HEADER_FIELDS = 100
 class Head:
     """A request or response head. Header names are kept as sent; lookups are lowercase.
     A plain class with slots, not a dataclass: the proxy makes two per request."""
-    __slots__ = ("method", "target", "status", "reason", "version", "headers", "keep_alive",
-                 "chunked", "upgrade", "names")
 
-    def __init__(self, method: bytes = b"", target: bytes = b"", status: int = 0,
-                 reason: bytes = b"", version: str = "1.1",
-                 headers: list[tuple[bytes, bytes]] | None = None, keep_alive: bool = True,
-                 chunked: bool = False, upgrade: bool = False,
-                 names: set[bytes] | None = None):
+    __slots__ = (
+        "chunked",
+        "headers",
+        "keep_alive",
+        "method",
+        "names",
+        "reason",
+        "status",
+        "target",
+        "upgrade",
+        "version",
+    )
+
+    def __init__(
+        self,
+        method: bytes = b"",
+        target: bytes = b"",
+        status: int = 0,
+        reason: bytes = b"",
+        version: str = "1.1",
+        headers: list[tuple[bytes, bytes]] | None = None,
+        keep_alive: bool = True,
+        chunked: bool = False,
+        upgrade: bool = False,
+        names: set[bytes] | None = None,
+    ):
         self.method, self.target, self.status, self.reason = method, target, status, reason
         self.version = version
         self.headers = [] if headers is None else headers
@@ -113,11 +133,11 @@ class _Collector:
         self._url = b""
         self.parser = None
         self.in_message = False
-        self.in_head = False     # between a message's start and the end of its head
-        self.head_bytes = 0      # of the head being read, as the callbacks saw it
-        self.heads = self.ends = 0   # heads and messages completed (for Reader.feed)
+        self.in_head = False  # between a message's start and the end of its head
+        self.head_bytes = 0  # of the head being read, as the callbacks saw it
+        self.heads = self.ends = 0  # heads and messages completed (for Reader.feed)
         self.max_head, self.max_fields = max_head, max_fields
-        self.error: ProtocolError | None = None   # raised from a callback to stop llhttp
+        self.error: ProtocolError | None = None  # raised from a callback to stop llhttp
 
     def _fail(self, message: str, status: int = 400) -> None:
         self.error = ProtocolError(message, status)
@@ -144,9 +164,9 @@ class _Collector:
             # refused, the way the proxy refuses any framing it does not need
             if not self._response:
                 self._fail("trailer fields after a chunked body are not accepted")
-            return   # a response's trailers are dropped: the proxy re-frames the body
+            return  # a response's trailers are dropped: the proxy re-frames the body
         headers = self._head.headers
-        headers.append((name, value))   # names: once, at the end of the head
+        headers.append((name, value))  # names: once, at the end of the head
         self.head_bytes += len(name) + len(value) + 4
         if not self._response and len(headers) > self.max_fields:
             self._fail(f"more than {self.max_fields} header fields", 431)
@@ -198,21 +218,28 @@ def _request_chunked(h: Head) -> bool:
         return False
     codings = [v for k, v in h.headers if k.lower() == b"transfer-encoding"]
     if len(codings) != 1 or codings[0].strip(b" \t").lower() != b"chunked":
-        raise ProtocolError("Transfer-Encoding must be one field saying chunked, got "
-                            + ", ".join(repr(c.decode("latin-1")) for c in codings))
+        raise ProtocolError(
+            "Transfer-Encoding must be one field saying chunked, got "
+            + ", ".join(repr(c.decode("latin-1")) for c in codings)
+        )
     return True
 
 
 class Reader:
     """Feed bytes; take events. One instance per direction of one connection."""
 
-    def __init__(self, response: bool = False, max_head: int = MAX_HEAD_BYTES,
-                 max_fields: int = MAX_HEADER_FIELDS):
+    def __init__(
+        self,
+        response: bool = False,
+        max_head: int = MAX_HEAD_BYTES,
+        max_fields: int = MAX_HEADER_FIELDS,
+    ):
         self._c = _Collector(response, max_head, max_fields)
-        self._c.parser = (httptools.HttpResponseParser if response
-                          else httptools.HttpRequestParser)(self._c)
+        self._c.parser = (
+            httptools.HttpResponseParser if response else httptools.HttpRequestParser
+        )(self._c)
         self.response = response
-        self._head_fed = 0   # bytes fed while a request head stayed unfinished
+        self._head_fed = 0  # bytes fed while a request head stayed unfinished
 
     @property
     def in_message(self) -> bool:
@@ -231,7 +258,7 @@ class Reader:
         if not self.response:
             # httptools holds an unfinished field in memory until its end arrives: bound what
             # a head may make it hold (the callbacks' count only sees finished fields)
-            if c.heads + c.ends != marks:   # a head or message ended: count afresh
+            if c.heads + c.ends != marks:  # a head or message ended: count afresh
                 self._head_fed = 0
             elif c.in_head or not c.in_message:
                 self._head_fed += len(data)
@@ -243,10 +270,8 @@ class Reader:
     def feed_eof(self) -> list[tuple[int, object]]:
         """A close-delimited response body ends at EOF."""
         if self.response:
-            try:
+            with contextlib.suppress(httptools.HttpParserError):
                 self._c.parser.feed_data(b"")
-            except httptools.HttpParserError:
-                pass
         events, self._c.events = self._c.events, []
         return events
 
@@ -259,7 +284,9 @@ class Reader:
 # CRLF, the name in some case, and a colon: the pattern cannot miss one.
 RESPONSE_HOP_FIELDS = re.compile(
     rb"\r\n(connection|keep-alive|proxy-connection|upgrade|trailer|transfer-encoding):"
-    rb"([^\r]*)", re.IGNORECASE)
+    rb"([^\r]*)",
+    re.IGNORECASE,
+)
 
 
 class WholeMessage:
@@ -279,7 +306,7 @@ class WholeMessage:
         self.status = 0
         self.version = ""
         self.keep_alive = False
-        self.head_end = -1   # where the last whole message's head ends (its blank line)
+        self.head_end = -1  # where the last whole message's head ends (its blank line)
 
     def on_message_begin(self) -> None:
         self._begun += 1
@@ -311,14 +338,14 @@ class WholeMessage:
         try:
             self._parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):
-            self._parser = self._cls(self)   # the Reader will say what is wrong with it
+            self._parser = self._cls(self)  # the Reader will say what is wrong with it
             return False
         if self._begun == 1 and self._ended == 1:
-            if not self.keep_alive:   # llhttp refuses anything after it: start clean
+            if not self.keep_alive:  # llhttp refuses anything after it: start clean
                 self._parser = self._cls(self)
             self.head_end = data.find(b"\r\n\r\n")
             return True
-        if self._begun != self._ended:   # stopped inside a message: start clean next time
+        if self._begun != self._ended:  # stopped inside a message: start clean next time
             self._parser = self._cls(self)
         return False
 
@@ -330,10 +357,20 @@ def chunk(data: bytes) -> bytes:
 LAST_CHUNK = b"0\r\n\r\n"
 
 
-def simple_response(status: int, reason: bytes, body: bytes,
-                    content_type: bytes = b"application/json",
-                    extra: list[tuple[bytes, bytes]] | None = None) -> bytes:
-    head = Head(status=status, reason=reason, headers=[
-        (b"Content-Type", content_type), (b"Content-Length", b"%d" % len(body)),
-        *(extra or [])])
+def simple_response(
+    status: int,
+    reason: bytes,
+    body: bytes,
+    content_type: bytes = b"application/json",
+    extra: list[tuple[bytes, bytes]] | None = None,
+) -> bytes:
+    head = Head(
+        status=status,
+        reason=reason,
+        headers=[
+            (b"Content-Type", content_type),
+            (b"Content-Length", b"%d" % len(body)),
+            *(extra or []),
+        ],
+    )
     return head.response_bytes() + body

@@ -35,15 +35,27 @@ log = get_logger("inject.lane")
 
 
 class FastLane:
-    __slots__ = ("proxy", "served", "client", "up", "token", "started", "audit_base",
-                 "_memo", "_memo_gen", "_memo_until", "_held", "_held_since")
+    __slots__ = (
+        "_held",
+        "_held_since",
+        "_memo",
+        "_memo_gen",
+        "_memo_until",
+        "audit_base",
+        "client",
+        "proxy",
+        "served",
+        "started",
+        "token",
+        "up",
+    )
 
     # how long a token from the cache is reused without asking it again, at most (while the
     # cache's generation says no token changed, and never past the token's own validity)
     TOKEN_MEMO_SECONDS = 1.0
 
     def __init__(self, proxy: Any, served: Served):
-        self.proxy = proxy            # agent.inject.proxy.Proxy: its caller check and records
+        self.proxy = proxy  # agent.inject.proxy.Proxy: its caller check and records
         self.served = served
         self.client, self.up = served.client, served.up
         # the request in flight (one at a time: the client side offers nothing meanwhile)
@@ -54,7 +66,7 @@ class FastLane:
         # request instead of going through the pool (release() gives it back)
         self._held: UpstreamSide | None = None
         self._held_since = 0.0
-        self._memo = None                 # the token last found in the cache
+        self._memo = None  # the token last found in the cache
         self._memo_gen = -1
         self._memo_until = 0.0
 
@@ -70,9 +82,9 @@ class FastLane:
         token = oauth.cached_token(self.served.ident, self.up.name)
         if token is not None:
             self._memo, self._memo_gen = token, oauth.cache.generation
-            self._memo_until = now + min(self.TOKEN_MEMO_SECONDS,
-                                         token.expires_at - EXPIRY_SKEW_SECONDS
-                                         - time.time())
+            self._memo_until = now + min(
+                self.TOKEN_MEMO_SECONDS, token.expires_at - EXPIRY_SKEW_SECONDS - time.time()
+            )
         return token
 
     def _take(self) -> UpstreamSide | None:
@@ -81,7 +93,7 @@ class FastLane:
         if conn is not None:
             if pool.usable(conn, self._held_since):
                 return conn
-            conn.transport.close()   # idle too long: the server may be closing it
+            conn.transport.close()  # idle too long: the server may be closing it
         return pool.get(self.served.key)
 
     def _hold(self, conn: UpstreamSide) -> None:
@@ -99,19 +111,17 @@ class FastLane:
         with nothing sent, taken or changed."""
         client, proxy = self.client, self.proxy
         whole = client.whole
-        if not whole.one(data) or not whole.keep_alive or whole.method in (b"HEAD",
-                                                                          b"CONNECT"):
+        if not whole.one(data) or not whole.keep_alive or whole.method in (b"HEAD", b"CONNECT"):
             return False
         end = whole.head_end
         if end > client.max_head or data.count(b"\r\n", 0, end) > client.max_fields:
-            return False   # the parser refuses it (431)
+            return False  # the parser refuses it (431)
         req = decide.Request.from_read(data, end, whole.method, whole.url)
-        if req is None:   # a field of the workload's to remove or act on: the full path
+        if req is None:  # a field of the workload's to remove or act on: the full path
             return False
-        verdict = decide.decide(req, self.up, proxy.caller(self.served), proxy.cfg,
-                                proxy.policy)
+        verdict = decide.decide(req, self.up, proxy.caller(self.served), proxy.cfg, proxy.policy)
         if verdict.action != decide.FORWARD or verdict.read_body:
-            return False   # the full path answers it, or reads its body to decide
+            return False  # the full path answers it, or reads its body to decide
         token = None
         if verdict.credential:
             token = self._token()
@@ -121,12 +131,16 @@ class FastLane:
         path = whole.url.decode("latin-1")
         method = whole.method.decode()
         if token is not None:
-            if token.token_type != "DPoP":   # the same field for every request
+            if token.token_type != "DPoP":  # noqa: S105 — the same field for every request
                 fields = token.authorization_field
             else:
                 try:
-                    fields = b"".join([b"\r\n%s: %s" % nv for nv in
-                                       proxy.credentials(token, method, self.up, path)])
+                    fields = b"".join(
+                        [
+                            b"\r\n%s: %s" % nv
+                            for nv in proxy.credentials(token, method, self.up, path)
+                        ]
+                    )
                 except Exception:
                     log.exception("credentials for a request failed; taking the full path")
                     return False
@@ -137,8 +151,9 @@ class FastLane:
         if conn is None:
             return False
         self.token, self.started = token, started
-        self.audit_base = AuditBase({"method": method, "path": path.split("?", 1)[0]},
-                                    self.served.fragment)
+        self.audit_base = AuditBase(
+            {"method": method, "path": path.split("?", 1)[0]}, self.served.fragment
+        )
         client.fast_inflight = True
         conn.begin(client, on_done=self.finish)
         conn.send(data)
@@ -151,9 +166,18 @@ class FastLane:
         client = self.client
         client.fast_inflight = False
         try:
-            if not self.proxy.exchanged(conn, True, self.served, self.token,
-                                        self.audit_base, self.started,
-                                        hold=self._hold) or client.draining:
+            if (
+                not self.proxy.exchanged(
+                    conn,
+                    True,
+                    self.served,
+                    self.token,
+                    self.audit_base,
+                    self.started,
+                    hold=self._hold,
+                )
+                or client.draining
+            ):
                 client.close()
         except Exception:
             log.exception("finishing a request failed; connection closed")

@@ -13,8 +13,9 @@ import asyncio
 import functools
 import socket
 import ssl
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from agent.inject.flows import ClientSide
 from agent.inject.timeouts import Timeouts
@@ -22,7 +23,7 @@ from agent.observe.logging import get_logger
 
 log = get_logger("inject.listeners")
 
-SO_NETNS_COOKIE = 71        # Linux 5.14; not in Python's socket module
+SO_NETNS_COOKIE = 71  # Linux 5.14; not in Python's socket module
 
 
 def netns_cookie(sock: socket.socket) -> int:
@@ -38,8 +39,9 @@ class ListenSpec:
     tls: bool
 
 
-def bind_listeners(specs: Iterable[ListenSpec], optional_v6: bool) -> list[tuple[socket.socket,
-                                                                                ListenSpec]]:
+def bind_listeners(
+    specs: Iterable[ListenSpec], optional_v6: bool
+) -> list[tuple[socket.socket, ListenSpec]]:
     """Listening sockets for specs, in the calling thread's network namespace. With
     optional_v6, an IPv6 loopback that does not exist (IPv6 disabled) is skipped."""
     out: list[tuple[socket.socket, ListenSpec]] = []
@@ -57,8 +59,9 @@ def bind_listeners(specs: Iterable[ListenSpec], optional_v6: bool) -> list[tuple
                 s.close()
                 if optional_v6 and spec.family == socket.AF_INET6:
                     continue
-                raise OSError(e.errno, f"cannot listen on {spec.host}:{spec.port}: "
-                              f"{e.strerror}") from None
+                raise OSError(
+                    e.errno, f"cannot listen on {spec.host}:{spec.port}: {e.strerror}"
+                ) from None
             out.append((s, spec))
     except BaseException:
         for s, _ in out:
@@ -74,37 +77,47 @@ class ProxyListeners:
     name = "proxy-listeners"
 
     def __init__(self, cfg: Any, proxy: Any, inject_ca: Any = None):
-        self.cfg = cfg                       # agent.config.InjectSection
-        self.proxy = proxy                   # agent.inject.proxy.Proxy
-        self.inject_ca = inject_ca           # agent.inject.tls.InjectionCA
+        self.cfg = cfg  # agent.config.InjectSection
+        self.proxy = proxy  # agent.inject.proxy.Proxy
+        self.inject_ca = inject_ca  # agent.inject.tls.InjectionCA
         self._servers: list[asyncio.base_events.Server] = []
         self._tls: ssl.SSLContext | None = None
         self._conns: dict[ClientSide, asyncio.Task] = {}
-        self.timeouts = Timeouts(cfg.client_idle_seconds, cfg.request_timeout_seconds,
-                                 cfg.upstream_timeout_seconds, self._conns.keys,
-                                 proxy.expired)
+        self.timeouts = Timeouts(
+            cfg.client_idle_seconds,
+            cfg.request_timeout_seconds,
+            cfg.upstream_timeout_seconds,
+            self._conns.keys,
+            proxy.expired,
+        )
         self._sweeper: asyncio.Task | None = None
 
     def listen_specs(self) -> list[ListenSpec]:
         """The listeners the redirect sends connections to, in any network namespace."""
         c = self.cfg
-        specs = [ListenSpec(socket.AF_INET, c.listen_host, c.listen_port, False),
-                 ListenSpec(socket.AF_INET6, "::1", c.listen_port6, False)]
+        specs = [
+            ListenSpec(socket.AF_INET, c.listen_host, c.listen_port, False),
+            ListenSpec(socket.AF_INET6, "::1", c.listen_port6, False),
+        ]
         if self.inject_ca is not None:
-            specs += [ListenSpec(socket.AF_INET, c.listen_host, c.tls_listen_port, True),
-                      ListenSpec(socket.AF_INET6, "::1", c.tls_listen_port, True)]
+            specs += [
+                ListenSpec(socket.AF_INET, c.listen_host, c.tls_listen_port, True),
+                ListenSpec(socket.AF_INET6, "::1", c.tls_listen_port, True),
+            ]
         return specs
 
     async def astart(self) -> None:
         if self.inject_ca is not None:
             self._tls = self._tls_server_context()
-        self._servers += await self.serve(bind_listeners(self.listen_specs(),
-                                                         optional_v6=False))
+        self._servers += await self.serve(bind_listeners(self.listen_specs(), optional_v6=False))
         self._sweeper = asyncio.create_task(self.timeouts.run())
         c = self.cfg
-        log.info("proxy listening", ipv4=f"{c.listen_host}:{c.listen_port}",
-                 ipv6=f"[::1]:{c.listen_port6}",
-                 tls_port=c.tls_listen_port if self.inject_ca else None)
+        log.info(
+            "proxy listening",
+            ipv4=f"{c.listen_host}:{c.listen_port}",
+            ipv6=f"[::1]:{c.listen_port6}",
+            tls_port=c.tls_listen_port if self.inject_ca else None,
+        )
 
     async def serve(self, socks: list[tuple[socket.socket, ListenSpec]]) -> list:
         """Serve bound listening sockets (of this or a workload's network namespace)."""
@@ -113,13 +126,20 @@ class ProxyListeners:
         try:
             for sock, spec in socks:
                 on_connect = functools.partial(self._accept, netns=netns_cookie(sock))
-                servers.append(await loop.create_server(
-                    functools.partial(ClientSide, on_connect,
-                                      max_head=self.cfg.max_head_bytes,
-                                      max_fields=self.cfg.max_header_fields), sock=sock,
-                    ssl=self._tls if spec.tls else None,
-                    ssl_handshake_timeout=10 if spec.tls else None))
-        except BaseException:   # all or nothing: no listener left that nobody tracks
+                servers.append(
+                    await loop.create_server(
+                        functools.partial(
+                            ClientSide,
+                            on_connect,
+                            max_head=self.cfg.max_head_bytes,
+                            max_fields=self.cfg.max_header_fields,
+                        ),
+                        sock=sock,
+                        ssl=self._tls if spec.tls else None,
+                        ssl_handshake_timeout=10 if spec.tls else None,
+                    )
+                )
+        except BaseException:  # all or nothing: no listener left that nobody tracks
             for srv in servers:
                 srv.close()
             for sock, _ in socks:
@@ -155,13 +175,18 @@ class ProxyListeners:
         for client in list(self._conns):
             client.drain_and_close()
         if self._conns:
-            log.info("draining proxy connections", connections=len(self._conns),
-                     seconds=self.cfg.drain_seconds)
+            log.info(
+                "draining proxy connections",
+                connections=len(self._conns),
+                seconds=self.cfg.drain_seconds,
+            )
             await asyncio.wait(list(self._conns.values()), timeout=self.cfg.drain_seconds)
         if self._conns:
-            log.warning("drain time over: closing connections with requests in flight",
-                        connections=len(self._conns),
-                        streaming=sum(1 for c in self._conns if c.upstream is not None))
+            log.warning(
+                "drain time over: closing connections with requests in flight",
+                connections=len(self._conns),
+                streaming=sum(1 for c in self._conns if c.upstream is not None),
+            )
         if self._sweeper is not None:
             self._sweeper.cancel()
         for t in list(self._conns.values()):

@@ -29,7 +29,7 @@ import ctypes
 import os
 import threading
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 from agent.attest.cgroupfs import process_cgroup
 from agent.inject.listeners import ListenSpec, bind_listeners
@@ -38,7 +38,7 @@ from agent.observe.logging import get_logger
 log = get_logger("inject.netns")
 
 CLONE_NEWNET = 0x40000000
-EV_EXEC = 1                 # bpf/process_events.h
+EV_EXEC = 1  # bpf/process_events.h
 
 
 def netns_inode(pid: int | str) -> int | None:
@@ -65,7 +65,7 @@ def in_netns(ns_path: str, fn: Callable[[], object], inode: int | None = None) -
                 err = ctypes.get_errno()
                 raise OSError(err, f"setns({ns_path}): {os.strerror(err)}")
             result["value"] = fn()
-        except BaseException as e:   # handed to the caller
+        except BaseException as e:  # noqa: BLE001 — handed to the caller
             result["error"] = e
 
     try:
@@ -77,7 +77,7 @@ def in_netns(ns_path: str, fn: Callable[[], object], inode: int | None = None) -
     finally:
         os.close(fd)
     if "error" in result:
-        raise result["error"]   # type: ignore[misc]
+        raise result["error"]  # type: ignore[misc]
     return result["value"]
 
 
@@ -86,27 +86,39 @@ class NetnsListeners:
 
     name = "netns-listeners"
 
-    def __init__(self, specs: list[ListenSpec], serve, managed_cgroups: list[str],
-                 own_cgroup: str, scan_seconds: float, registry=None):
+    def __init__(
+        self,
+        specs: list[ListenSpec],
+        serve,
+        managed_cgroups: list[str],
+        own_cgroup: str,
+        scan_seconds: float,
+        registry=None,
+    ):
         from prometheus_client import Counter, Gauge
 
         self.specs = specs
-        self._serve = serve          # async (sockets) -> list of asyncio Servers
+        self._serve = serve  # async (sockets) -> list of asyncio Servers
         self.managed = [p.rstrip("/") or "/" for p in managed_cgroups]
         self.own_cgroup = own_cgroup
         self.scan_seconds = scan_seconds
         self.own_inode = netns_inode("self")
         self.served: dict[int, list[asyncio.base_events.Server]] = {}
-        self._failed: set[int] = set()      # warned once per namespace
+        self._failed: set[int] = set()  # warned once per namespace
         self._pending: deque[int] = deque()  # pids from exec events, to look at now
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
-        self.m_served = Gauge("credless_netns_served", "Network namespaces other than the "
-                              "agent's where the proxy listens (pods, containers)",
-                              registry=registry)
-        self.m_failures = Counter("credless_netns_listen_failures", "Attempts to listen in a "
-                                  "workload's network namespace that failed", registry=registry)
+        self.m_served = Gauge(
+            "credless_netns_served",
+            "Network namespaces other than the agent's where the proxy listens (pods, containers)",
+            registry=registry,
+        )
+        self.m_failures = Counter(
+            "credless_netns_listen_failures",
+            "Attempts to listen in a workload's network namespace that failed",
+            registry=registry,
+        )
 
     # ------------------------------------------------------------ decisions
     def is_managed(self, cgroup: str | None) -> bool:
@@ -114,8 +126,7 @@ class NetnsListeners:
             return False
         if not self.managed:
             return cgroup != self.own_cgroup
-        return any(cgroup == p or cgroup.startswith(p + "/") or p == "/"
-                   for p in self.managed)
+        return any(cgroup == p or cgroup.startswith(p + "/") or p == "/" for p in self.managed)
 
     def scan(self) -> dict[int, int]:
         """{netns inode: a managed pid in it} for namespaces other than the agent's."""
@@ -152,7 +163,7 @@ class NetnsListeners:
             return
         ino = netns_inode(ev.tgid)
         if ino is None or ino == self.own_inode or ino in self.served or ino in self._failed:
-            return   # failed namespaces are retried by the scan, not at every exec
+            return  # failed namespaces are retried by the scan, not at every exec
         self._pending.append(ev.tgid)
         self._loop.call_soon_threadsafe(self._wake.set)
 
@@ -180,8 +191,12 @@ class NetnsListeners:
     async def _add_pids(self, pids: set[int]) -> None:
         for pid in pids:
             ino = netns_inode(pid)
-            if ino is not None and ino != self.own_inode and ino not in self.served \
-                    and self.is_managed(process_cgroup(pid)):
+            if (
+                ino is not None
+                and ino != self.own_inode
+                and ino not in self.served
+                and self.is_managed(process_cgroup(pid))
+            ):
                 await self._open(ino, pid)
 
     async def reconcile(self) -> None:
@@ -197,26 +212,36 @@ class NetnsListeners:
     async def _open(self, ino: int, pid: int) -> None:
         loop = asyncio.get_running_loop()
         try:
-            socks = await loop.run_in_executor(None, in_netns, f"/proc/{pid}/ns/net",
-                                               lambda: bind_listeners(self.specs, True), ino)
+            socks = await loop.run_in_executor(
+                None, in_netns, f"/proc/{pid}/ns/net", lambda: bind_listeners(self.specs, True), ino
+            )
         except OSError as e:
             self.m_failures.inc()
-            if ino not in self._failed:   # once per namespace, not at every scan
+            if ino not in self._failed:  # once per namespace, not at every scan
                 self._failed.add(ino)
-                log.warning("cannot listen in a workload's network namespace: its "
-                            "intercepted connects are refused until this succeeds",
-                            netns=ino, pid=pid, cgroup=process_cgroup(pid), error=str(e))
+                log.warning(
+                    "cannot listen in a workload's network namespace: its "
+                    "intercepted connects are refused until this succeeds",
+                    netns=ino,
+                    pid=pid,
+                    cgroup=process_cgroup(pid),
+                    error=str(e),
+                )
             return
-        if ino in self.served:   # raced with another path that opened it
+        if ino in self.served:  # raced with another path that opened it
             for s, _ in socks:
                 s.close()
             return
         self.served[ino] = await self._serve(socks)
         self._failed.discard(ino)
         self.m_served.set(len(self.served))
-        log.info("listening in a workload's network namespace", netns=ino, pid=pid,
-                 cgroup=process_cgroup(pid),
-                 listeners=[f"{spec.host}:{spec.port}" for _, spec in socks])
+        log.info(
+            "listening in a workload's network namespace",
+            netns=ino,
+            pid=pid,
+            cgroup=process_cgroup(pid),
+            listeners=[f"{spec.host}:{spec.port}" for _, spec in socks],
+        )
 
     async def _close(self, ino: int) -> None:
         servers = self.served.pop(ino, [])

@@ -44,18 +44,28 @@ READ_SIZE = 65536
 class Proxy:
     name = "proxy"
 
-    def __init__(self, cfg: Any, upstreams: dict[tuple[str, int], Upstream], redirect: Any,
-                 attestor: Any, identity: Any, oauth: Any, audit: AuditLog | None = None,
-                 registry: Any = None, ssl_context: ssl.SSLContext | None = None,
-                 policy: Any = None, max_body: int = 1 << 20):
-        self.cfg = cfg                       # agent.config.InjectSection
+    def __init__(
+        self,
+        cfg: Any,
+        upstreams: dict[tuple[str, int], Upstream],
+        redirect: Any,
+        attestor: Any,
+        identity: Any,
+        oauth: Any,
+        audit: AuditLog | None = None,
+        registry: Any = None,
+        ssl_context: ssl.SSLContext | None = None,
+        policy: Any = None,
+        max_body: int = 1 << 20,
+    ):
+        self.cfg = cfg  # agent.config.InjectSection
         self.upstreams = upstreams
         self.redirect = redirect
         self.attestor = attestor
         self.identity = identity
         self.oauth = oauth
         self.ssl_context = ssl_context or ssl.create_default_context()
-        self.policy = policy                    # agent.policy.engine.PolicyEngine
+        self.policy = policy  # agent.policy.engine.PolicyEngine
         self.max_body = max_body
         self.pool = Pool(cfg.upstream_pool_size, max_idle=cfg.upstream_idle_seconds)
         self.rec = Recorder(audit, registry)
@@ -66,7 +76,7 @@ class Proxy:
     # ------------------------------------------------------------ connections
     def expired(self, client: ClientSide, what: str) -> None:
         """Timeouts found client waiting too long for what (agent/inject/timeouts.py)."""
-        if what == UPSTREAM:   # the serving coroutine answers 504 (see _exchange)
+        if what == UPSTREAM:  # the serving coroutine answers 504 (see _exchange)
             client.upstream.timed_out = True
             client.upstream.abort()
             return
@@ -74,13 +84,21 @@ class Proxy:
             up, fragment = client.served
             if up is not None:
                 self.rec.count(up, "request_timeout")
-                self.rec.audit_event("request.failed", AuditBase({}, fragment),
-                                     reason="the request stopped arriving for "
-                                     f"{self.cfg.request_timeout_seconds:g} s; connection "
-                                     "closed")
-            client.write(http1.simple_response(408, b"Request Timeout", json.dumps(
-                {"error": "credless: the request stopped arriving"}).encode(),
-                extra=[(b"Connection", b"close")]))
+                self.rec.audit_event(
+                    "request.failed",
+                    AuditBase({}, fragment),
+                    reason="the request stopped arriving for "
+                    f"{self.cfg.request_timeout_seconds:g} s; connection "
+                    "closed",
+                )
+            client.write(
+                http1.simple_response(
+                    408,
+                    b"Request Timeout",
+                    json.dumps({"error": "credless: the request stopped arriving"}).encode(),
+                    extra=[(b"Connection", b"close")],
+                )
+            )
         client.close()
 
     async def handle(self, client: ClientSide, netns: int):
@@ -93,10 +111,16 @@ class Proxy:
             if info is None:
                 # not a connection the kernel redirected (or whose socket is gone): someone
                 # dialled the proxy directly, perhaps from a port a workload once used
-                self.rec.audit_event("connection.refused", {
-                    "peer": f"{peer[0]}:{peer[1]}", "listener": f"{local[0]}:{local[1]}",
-                    "netns": netns}, reason="no redirect record for this connection: it was "
-                    "not redirected by the kernel; closed")
+                self.rec.audit_event(
+                    "connection.refused",
+                    {
+                        "peer": f"{peer[0]}:{peer[1]}",
+                        "listener": f"{local[0]}:{local[1]}",
+                        "netns": netns,
+                    },
+                    reason="no redirect record for this connection: it was "
+                    "not redirected by the kernel; closed",
+                )
                 return
             try:
                 await self._serve(client, info)
@@ -104,11 +128,14 @@ class Proxy:
                 self.redirect.forget(peer, local, info)
         except ConnectionError:
             pass
-        except ProtocolError as e:   # not HTTP/1.1 we can frame: answer once and close
+        except ProtocolError as e:  # not HTTP/1.1 we can frame: answer once and close
             self._malformed(client, e)
         except ssl.SSLError as e:
-            self.rec.audit_event("connection.tls_failed", {"peer_port": peer[1]},
-                                 reason=f"TLS with the workload failed: {e.reason}")
+            self.rec.audit_event(
+                "connection.tls_failed",
+                {"peer_port": peer[1]},
+                reason=f"TLS with the workload failed: {e.reason}",
+            )
         except asyncio.CancelledError:
             pass
         except Exception:
@@ -124,12 +151,21 @@ class Proxy:
         up, fragment = client.served
         if up is not None:
             self.rec.count(up, "head_too_large" if e.status == 431 else "malformed")
-            self.rec.audit_event("request.denied", AuditBase({}, fragment), status=e.status,
-                                 reason=f"malformed HTTP: {e}; connection closed")
+            self.rec.audit_event(
+                "request.denied",
+                AuditBase({}, fragment),
+                status=e.status,
+                reason=f"malformed HTTP: {e}; connection closed",
+            )
         reason = b"Request Header Fields Too Large" if e.status == 431 else b"Bad Request"
-        client.write(http1.simple_response(e.status, reason, json.dumps(
-            {"error": f"credless: malformed HTTP: {e}"}).encode(),
-            extra=[(b"Connection", b"close")]))
+        client.write(
+            http1.simple_response(
+                e.status,
+                reason,
+                json.dumps({"error": f"credless: malformed HTTP: {e}"}).encode(),
+                extra=[(b"Connection", b"close")],
+            )
+        )
 
     async def _serve(self, client: ClientSide, info: RedirectInfo) -> None:
         upstream = self.upstreams.get((info.orig_host, info.orig_port))
@@ -140,19 +176,28 @@ class Proxy:
             return  # arrived on the wrong listener: never serve https traffic in clear
         loop = asyncio.get_running_loop()
         generation = self.identity.generation
-        att = await loop.run_in_executor(None, self.attestor.attest_image, info.tgid,
-                                         info.exec_ns, 1.0) if info.exec_ns else None
+        att = (
+            await loop.run_in_executor(
+                None, self.attestor.attest_image, info.tgid, info.exec_ns, 1.0
+            )
+            if info.exec_ns
+            else None
+        )
         ident = self.identity.resolve(att) if att is not None else None
         if ident is not None:
             self.identity.note_use(ident, att)
         parent = self._parent_identity(att) if ident is not None else None
-        who = {"pid": info.tgid, "start_ns": info.start_ns,
-               "exe": att.exe if att else None, "cgroup": att.cgroup_path if att else None,
-               "spiffe_id": str(ident.spiffe_id) if ident else None,
-               "pod": f"{att.pod.namespace}/{att.pod.name}" if att and att.pod else None,
-               "parent_spiffe_id": parent}
+        who = {
+            "pid": info.tgid,
+            "start_ns": info.start_ns,
+            "exe": att.exe if att else None,
+            "cgroup": att.cgroup_path if att else None,
+            "spiffe_id": str(ident.spiffe_id) if ident else None,
+            "pod": f"{att.pod.namespace}/{att.pod.name}" if att and att.pod else None,
+            "parent_spiffe_id": parent,
+        }
         fragment = self.rec.fragment(server=upstream.name, mode=upstream.mode, **who)
-        client.served = (upstream, fragment)   # for the timeouts' audit events
+        client.served = (upstream, fragment)  # for the timeouts' audit events
         served = Served(client, info, upstream, ident, generation, who, fragment)
         lane = None
         if upstream.mode != "assertion":
@@ -168,11 +213,11 @@ class Proxy:
         client = served.client
         while True:
             ev = await client.next()
-            if ev is None or client.closed:   # gone: queued requests are not sent for it
+            if ev is None or client.closed:  # gone: queued requests are not sent for it
                 return
             if ev[0] != HEAD:
                 continue
-            client.busy = True   # no fast path while this request is under way
+            client.busy = True  # no fast path while this request is under way
             try:
                 keep = await self._request(ev[1], served)
             finally:
@@ -211,26 +256,32 @@ class Proxy:
             return Caller(False, served.caller.spiffe_id)
         generation = self.identity.generation
         if generation != served.generation:
-            att = self.attestor.attest_image(served.info.tgid, served.info.exec_ns,
-                                             timeout=0)
+            att = self.attestor.attest_image(served.info.tgid, served.info.exec_ns, timeout=0)
             ident = self.identity.resolve(att, quiet=True) if att is not None else None
             now = str(ident.spiffe_id) if ident is not None else None
             if now != served.caller.spiffe_id:
-                return Caller(False, served.caller.spiffe_id, changed=(
-                    f"the registration entries changed: the process is now {now}"
-                    if now else "the registration entries changed: the process has no "
-                    "identity any more") + "; connection closed")
+                return Caller(
+                    False,
+                    served.caller.spiffe_id,
+                    changed=(
+                        f"the registration entries changed: the process is now {now}"
+                        if now
+                        else "the registration entries changed: the process has no "
+                        "identity any more"
+                    )
+                    + "; connection closed",
+                )
             served.generation = generation
         return served.caller
 
-    async def _reply(self, client: ClientSide, status: int, reason: bytes, error: str,
-                     **extra) -> None:
+    async def _reply(
+        self, client: ClientSide, status: int, reason: bytes, error: str, **extra
+    ) -> None:
         self._reply_now(client, status, reason, error, **extra)
         await client.drain()
 
     @staticmethod
-    def _reply_now(client: ClientSide, status: int, reason: bytes, error: str,
-                   **extra) -> None:
+    def _reply_now(client: ClientSide, status: int, reason: bytes, error: str, **extra) -> None:
         body = json.dumps({"error": error, **extra}).encode()
         client.write(http1.simple_response(status, reason, body))
 
@@ -238,10 +289,17 @@ class Proxy:
         """The headers that carry token for this request: Authorization, and for a DPoP
         token a proof bound to this method and URL (without its query, RFC 9449 4.2)."""
         out = [(b"Authorization", token.authorization_bytes)]
-        if token.token_type == "DPoP":
-            out.append((b"DPoP", self.oauth.dpop_key(token.spiffe_id).proof(
-                method, up.origin + path.split("?", 1)[0],
-                access_token=token.access_token).encode()))
+        if token.token_type == "DPoP":  # noqa: S105 — a token type, not a secret
+            out.append(
+                (
+                    b"DPoP",
+                    self.oauth.dpop_key(token.spiffe_id)
+                    .proof(
+                        method, up.origin + path.split("?", 1)[0], access_token=token.access_token
+                    )
+                    .encode(),
+                )
+            )
         return out
 
     async def _request(self, head: Head, served: Served) -> bool:
@@ -249,8 +307,7 @@ class Proxy:
         client, up = served.client, served.up
         method = head.method.decode()
         path = head.target.decode("latin-1")
-        audit_base = AuditBase({"method": method, "path": path.split("?", 1)[0]},
-                               served.fragment)
+        audit_base = AuditBase({"method": method, "path": path.split("?", 1)[0]}, served.fragment)
         req = decide.Request.from_head(head)
         caller = self.caller(served)
         verdict = decide.decide(req, up, caller, self.cfg, self.policy)
@@ -272,31 +329,45 @@ class Proxy:
             if up.mode == "assertion":
                 return await self._assertion(head, served, audit_base, started)
             decided = await self._enforce(head, req, served, caller, audit_base)
-            if not isinstance(decided, bytes):   # answered here: keep the connection?
+            if not isinstance(decided, bytes):  # answered here: keep the connection?
                 return decided
             src = Replay(decided)
         token = None
         if verdict.credential:
             ident = served.ident
             try:
-                token = self.oauth.cached_token(ident, up.name) \
-                    or await self.oauth.token(ident, up.name)
+                token = self.oauth.cached_token(ident, up.name) or await self.oauth.token(
+                    ident, up.name
+                )
             except OAuthError as e:
                 await drain_body(src)
                 self.rec.count(up, "token_error")
                 self.rec.audit_event("request.failed", audit_base, reason=str(e), kind=e.kind)
-                await self._reply(client, 502, b"Bad Gateway", "credless: could not obtain a "
-                                  "token from the authorization server", kind=e.kind,
-                                  detail=str(e))
+                await self._reply(
+                    client,
+                    502,
+                    b"Bad Gateway",
+                    "credless: could not obtain a token from the authorization server",
+                    kind=e.kind,
+                    detail=str(e),
+                )
                 return head.keep_alive
             for name, value in self.credentials(token, method, up, path):
                 head.add(name, value)
         self.rec.m_added.observe(time.perf_counter() - started)
         return await self._exchange(head, src, served, token, audit_base, started)
 
-    async def _refuse(self, verdict: Verdict, head: Head, client: ClientSide, up: Upstream,
-                      audit_base: AuditBase, calls: list | None = None, batch: bool = False,
-                      audited: bool = False) -> bool:
+    async def _refuse(
+        self,
+        verdict: Verdict,
+        head: Head,
+        client: ClientSide,
+        up: Upstream,
+        audit_base: AuditBase,
+        calls: list | None = None,
+        batch: bool = False,
+        audited: bool = False,
+    ) -> bool:
         """Carry out a refusal: count it, audit it (unless the calls' records did), answer
         it (unless the verdict is to close), and say whether the connection stays open. A
         request whose body is unread is answered and its connection closed if the workload
@@ -304,14 +375,18 @@ class Proxy:
         dropped first, so the next request on the connection is framed where it begins."""
         self.rec.count(up, verdict.outcome)
         if not audited:
-            self.rec.audit_event("request.denied", audit_base, status=verdict.status or None,
-                                 reason=verdict.message)
+            self.rec.audit_event(
+                "request.denied", audit_base, status=verdict.status or None, reason=verdict.message
+            )
         if verdict.action == decide.CLOSE:
             return False
         expect = head.get(b"expect")
-        keep = head.keep_alive and not verdict.close and not (
-            expect is not None and expect.lower() == b"100-continue")
-        if keep and calls is None:   # a decided body has been read whole already
+        keep = (
+            head.keep_alive
+            and not verdict.close
+            and not (expect is not None and expect.lower() == b"100-continue")
+        )
+        if keep and calls is None:  # a decided body has been read whole already
             await drain_body(client)
         if verdict.rpc_code is not None:
             body = jsonrpc.error_body(calls, batch, verdict.rpc_code, verdict.message)
@@ -324,8 +399,9 @@ class Proxy:
         await client.drain()
         return keep
 
-    async def _enforce(self, head: Head, req: decide.Request, served: Served, caller: Caller,
-                       audit_base: AuditBase) -> bytes | bool:
+    async def _enforce(
+        self, head: Head, req: decide.Request, served: Served, caller: Caller, audit_base: AuditBase
+    ) -> bytes | bool:
         """Read the JSON-RPC body and have it decided: the body (bytes) to go on, else, once
         the answer has been sent, whether the connection stays open (bool). Two types, not
         a flag beside a value: a denial on a keep-alive connection must never read as "go
@@ -333,25 +409,37 @@ class Proxy:
         client, up = served.client, served.up
         body = await read_body(client, self.max_body)
         if body is None:
-            return await self._refuse(Verdict(
-                decide.ANSWER, status=413, reason=b"Payload Too Large", close=True,
-                outcome="body_too_large", rpc_code=jsonrpc.INVALID_REQUEST,
-                message=f"credless: request body larger than {self.max_body} bytes"),
-                head, client, up, audit_base, calls=[])
-        verdict, records, calls, batch = decide.decide_body(body, req, up, caller,
-                                                            self.policy)
+            return await self._refuse(
+                Verdict(
+                    decide.ANSWER,
+                    status=413,
+                    reason=b"Payload Too Large",
+                    close=True,
+                    outcome="body_too_large",
+                    rpc_code=jsonrpc.INVALID_REQUEST,
+                    message=f"credless: request body larger than {self.max_body} bytes",
+                ),
+                head,
+                client,
+                up,
+                audit_base,
+                calls=[],
+            )
+        verdict, records, calls, batch = decide.decide_body(body, req, up, caller, self.policy)
         for r in records:
             self.rec.audit_event(r.event, audit_base, **r.fields)
         if verdict.action != FORWARD:
-            return await self._refuse(verdict, head, client, up, audit_base, calls or [],
-                                      batch, audited=True)
+            return await self._refuse(
+                verdict, head, client, up, audit_base, calls or [], batch, audited=True
+            )
         head.remove(b"transfer-encoding", b"content-length")
         head.add(b"Content-Length", b"%d" % len(body))
         head.chunked = False
         return body
 
-    async def _assertion(self, head: Head, served: Served, audit_base: AuditBase,
-                         started: float) -> bool:
+    async def _assertion(
+        self, head: Head, served: Served, audit_base: AuditBase, started: float
+    ) -> bool:
         """Assertion mode, a token request to the configured token endpoint from an attested
         process (decide.py has checked): credless puts the client authentication in it (a
         fresh JWT-SVID, aud = the issuer) in place of whatever placeholder it sent, when it
@@ -361,18 +449,30 @@ class Proxy:
         client, up, ident = served.client, served.up, served.ident
         body = await read_body(client, self.max_body)
         if body is None:
-            await self._reply(client, 413, b"Payload Too Large", "credless: token request "
-                              f"body larger than {self.max_body} bytes")
+            await self._reply(
+                client,
+                413,
+                b"Payload Too Large",
+                f"credless: token request body larger than {self.max_body} bytes",
+            )
             return False
         form = dict(parse_qsl(body.decode("latin-1"), keep_blank_values=True))
         if form.get("grant_type") == "client_credentials":
             sid = str(ident.spiffe_id)
             svid = self.identity.jwt_svid(ident, [self.upstream_issuer(up)], ttl=60, iss=sid)
-            form.update(client_id=sid, client_assertion=svid.token, client_assertion_type=
-                        "urn:ietf:params:oauth:client-assertion-type:jwt-bearer")
+            form.update(
+                client_id=sid,
+                client_assertion=svid.token,
+                client_assertion_type="urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            )
             form.pop("client_secret", None)
-            self.rec.audit_event("assertion.injected", audit_base, jti=svid.jti, kid=svid.kid,
-                                 audience=self.upstream_issuer(up))
+            self.rec.audit_event(
+                "assertion.injected",
+                audit_base,
+                jti=svid.jti,
+                kid=svid.kid,
+                audience=self.upstream_issuer(up),
+            )
         new_body = urlencode(form).encode()
         head.remove(b"content-length", b"transfer-encoding")
         head.add(b"Content-Length", b"%d" % len(new_body))
@@ -382,26 +482,39 @@ class Proxy:
     def upstream_issuer(self, up: Upstream) -> str:
         return self.oauth.servers[up.name].issuer
 
-    async def _exchange(self, head: Head, src, served: Served, token, audit_base: AuditBase,
-                        started: float) -> bool:
+    async def _exchange(
+        self, head: Head, src, served: Served, token, audit_base: AuditBase, started: float
+    ) -> bool:
         client, up, key = served.client, served.up, served.key
         conn = self.pool.get(key)
         try:
             if conn is None:
                 tls = up.scheme == "https"
-                _, conn = await asyncio.wait_for(asyncio.get_running_loop().create_connection(
-                    UpstreamSide, up.host, up.port, ssl=self.ssl_context if tls else None,
-                    server_hostname=up.host if tls else None),
-                    self.cfg.upstream_connect_timeout_seconds)
+                _, conn = await asyncio.wait_for(
+                    asyncio.get_running_loop().create_connection(
+                        UpstreamSide,
+                        up.host,
+                        up.port,
+                        ssl=self.ssl_context if tls else None,
+                        server_hostname=up.host if tls else None,
+                    ),
+                    self.cfg.upstream_connect_timeout_seconds,
+                )
         except OSError as e:
-            if isinstance(e, TimeoutError):   # asyncio's: no text of its own
-                e = TimeoutError(f"no connection within "
-                                 f"{self.cfg.upstream_connect_timeout_seconds:g} s")
+            if isinstance(e, TimeoutError):  # asyncio's: no text of its own
+                e = TimeoutError(
+                    f"no connection within {self.cfg.upstream_connect_timeout_seconds:g} s"
+                )
             await drain_body(src)
             self.rec.count(up, "upstream_unreachable")
             self.rec.audit_event("request.failed", audit_base, reason=f"upstream unreachable: {e}")
-            await self._reply(client, 502, b"Bad Gateway", "credless: the MCP server is "
-                              "unreachable", detail=str(e))
+            await self._reply(
+                client,
+                502,
+                b"Bad Gateway",
+                "credless: the MCP server is unreachable",
+                detail=str(e),
+            )
             return head.keep_alive
         # from here the response streams to the workload as it arrives
         conn.begin(client, close_client=not head.keep_alive, bodiless=head.method == b"HEAD")
@@ -410,7 +523,7 @@ class Proxy:
         out = bytearray(head.request_bytes())
         try:
             while True:
-                ev = await src.next()   # inline, not body_event: this loop runs per request
+                ev = await src.next()  # inline, not body_event: this loop runs per request
                 if ev is None:
                     raise ConnectionError("the workload closed the connection inside a request")
                 kind, data = ev
@@ -434,8 +547,16 @@ class Proxy:
         await client.drain()
         return keep
 
-    def exchanged(self, conn: UpstreamSide, keep_alive: bool, served: Served, token,
-                  audit_base: AuditBase, started: float, hold=None) -> bool:
+    def exchanged(
+        self,
+        conn: UpstreamSide,
+        keep_alive: bool,
+        served: Served,
+        token,
+        audit_base: AuditBase,
+        started: float,
+        hold=None,
+    ) -> bool:
         """After an exchange: the failure answer if there was no response, the pool, the
         audit event and the metrics. keep_alive: the workload's request allows another on
         its connection; hold(conn): takes a reusable upstream connection instead of the
@@ -443,32 +564,53 @@ class Proxy:
         Synchronous: it also runs from the upstream's callback (agent/inject/lane.py)."""
         client, up = served.client, served.up
         status = conn.status
-        if conn.client_gone:   # no one to answer: the exchange was aborted for it
+        if conn.client_gone:  # no one to answer: the exchange was aborted for it
             self.rec.count(up, "workload_closed")
-            self.rec.audit_event("request.aborted", audit_base, status=status or None,
-                                 reason="the workload closed its connection before its answer "
-                                 "ended; the server's side was closed too")
+            self.rec.audit_event(
+                "request.aborted",
+                audit_base,
+                status=status or None,
+                reason="the workload closed its connection before its answer "
+                "ended; the server's side was closed too",
+            )
             return False
         if not status and conn.timed_out:
             self.rec.count(up, "upstream_timeout")
             limit = f"{self.cfg.upstream_timeout_seconds:g} s"
-            self.rec.audit_event("request.failed", audit_base,
-                                 reason="the MCP server did not answer "
-                                 f"within {limit}")
-            self._reply_now(client, 504, b"Gateway Timeout", "credless: the MCP server did "
-                            f"not answer within {limit}")
+            self.rec.audit_event(
+                "request.failed", audit_base, reason=f"the MCP server did not answer within {limit}"
+            )
+            self._reply_now(
+                client,
+                504,
+                b"Gateway Timeout",
+                f"credless: the MCP server did not answer within {limit}",
+            )
             return keep_alive
         if not status:
             conn.abort()
             self.rec.count(up, "upstream_closed")
-            self.rec.audit_event("request.failed", audit_base, reason="the MCP server closed the "
-                                 "connection without answering")
-            self._reply_now(client, 502, b"Bad Gateway", "credless: the MCP server closed "
-                            "the connection without answering")
+            self.rec.audit_event(
+                "request.failed",
+                audit_base,
+                reason="the MCP server closed the connection without answering",
+            )
+            self._reply_now(
+                client,
+                502,
+                b"Bad Gateway",
+                "credless: the MCP server closed the connection without answering",
+            )
             return False
         self.rec.m_upstream.labels(up.name).observe(conn.head_at - conn.sent_at)
-        if status == 401 and token is not None and "invalid_token" in (   # parsed: see
-                conn.head.get(b"www-authenticate") or b"").decode("latin-1"):  # _verbatim
+        if (
+            status == 401
+            and token is not None
+            and "invalid_token"
+            in (  # parsed: see
+                conn.head.get(b"www-authenticate") or b""
+            ).decode("latin-1")
+        ):  # _verbatim
             self.oauth.invalidate(served.ident, up.name, token)
         keep = conn.complete and keep_alive and not conn.close_delimited
         if conn.reusable():
@@ -478,10 +620,11 @@ class Proxy:
                 self.pool.put(served.key, conn)
         else:
             conn.transport.close()
-        if not conn.complete:   # cut short: closing tells the workload the answer is partial
+        if not conn.complete:  # cut short: closing tells the workload the answer is partial
             self.rec.count(up, "upstream_closed")
             return False
         self.rec.count(up, "injected" if token else "forwarded")
-        self.rec.request_done(audit_base, status, token,
-                              round((time.perf_counter() - started) * 1000, 2))
+        self.rec.request_done(
+            audit_base, status, token, round((time.perf_counter() - started) * 1000, 2)
+        )
         return keep

@@ -15,6 +15,7 @@ from agent.observe.tally import TallyCounter, TallyHistogram
 class AuditBase:
     """A request's own audit fields (method, path) and its connection's (server, process,
     identity), the latter serialized once per connection (AuditLog.fragment)."""
+
     __slots__ = ("fields", "fragment")
 
     def __init__(self, fields: dict, fragment: str):
@@ -26,25 +27,66 @@ class Recorder:
         self.audit = audit
         # the record of every proxied request: a fixed shape for what changes per request,
         # then what a connection's requests with one token share, rendered once (_tail)
-        self._done = {e: audit.shape(e, "method", "path", "status", "latency_ms")
-                      for e in ("request.injected", "request.forwarded")} if audit else {}
+        self._done = (
+            {
+                e: audit.shape(e, "method", "path", "status", "latency_ms")
+                for e in ("request.injected", "request.forwarded")
+            }
+            if audit
+            else {}
+        )
         self._tails: dict[tuple[str | None, str], str] = {}
         # per-request series: plain-number tallies (agent/observe/tally.py), not locks
         self.m_requests = TallyCounter(
-            "credless_injected_requests", "Requests through the proxy",
-            ["server", "mode", "outcome"], registry=registry)
+            "credless_injected_requests",
+            "Requests through the proxy",
+            ["server", "mode", "outcome"],
+            registry=registry,
+        )
         self.m_added = TallyHistogram(
-            "credless_proxy_added_seconds", "Time credless adds before the request goes "
-            "upstream (attest, token, proof)", buckets=(
-                .0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, 1),
-            registry=registry)
+            "credless_proxy_added_seconds",
+            "Time credless adds before the request goes upstream (attest, token, proof)",
+            buckets=(
+                0.0001,
+                0.00025,
+                0.0005,
+                0.001,
+                0.0025,
+                0.005,
+                0.01,
+                0.025,
+                0.05,
+                0.1,
+                0.25,
+                1,
+            ),
+            registry=registry,
+        )
         self.m_upstream = TallyHistogram(
-            "credless_upstream_seconds", "From request sent upstream to response head",
-            ["server"], buckets=(.005, .01, .025, .05, .075, .1, .25, .5, .75, 1, 2.5, 5,
-                                 7.5, 10),   # prometheus_client's default buckets
-            registry=registry)
-        self.m_active = Gauge("credless_proxy_active_connections", "Open client connections",
-                              registry=registry)
+            "credless_upstream_seconds",
+            "From request sent upstream to response head",
+            ["server"],
+            buckets=(
+                0.005,
+                0.01,
+                0.025,
+                0.05,
+                0.075,
+                0.1,
+                0.25,
+                0.5,
+                0.75,
+                1,
+                2.5,
+                5,
+                7.5,
+                10,
+            ),  # prometheus_client's default buckets
+            registry=registry,
+        )
+        self.m_active = Gauge(
+            "credless_proxy_active_connections", "Open client connections", registry=registry
+        )
 
     def fragment(self, **fields: Any) -> str:
         """A connection's audit fields, serialized once (AuditLog.fragment)."""
@@ -66,16 +108,19 @@ class Recorder:
         if self.audit:
             f = base.fields
             self._done["request.injected" if token is not None else "request.forwarded"].emit(
-                self._tail(token, base.fragment), f["method"], f["path"], status, latency_ms)
+                self._tail(token, base.fragment), f["method"], f["path"], status, latency_ms
+            )
 
     def _tail(self, token, fragment: str) -> str:
         key = (token.fingerprint if token is not None else None, fragment)
         tail = self._tails.get(key)
         if tail is None:
-            if len(self._tails) >= 4096:   # tokens and connections come and go
+            if len(self._tails) >= 4096:  # tokens and connections come and go
                 self._tails.clear()
             tail = self.audit.fragment(
                 token_sha256=token.fingerprint if token else None,
-                jti=token.jti if token else None, jkt=token.jkt if token else None)
+                jti=token.jti if token else None,
+                jkt=token.jkt if token else None,
+            )
             tail = self._tails[key] = f"{tail}, {fragment}" if fragment else tail
         return tail

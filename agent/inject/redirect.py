@@ -15,6 +15,7 @@ the pinned links in one step (BPF_LINK_UPDATE) and rewrites the maps' configurat
 
 from __future__ import annotations
 
+import contextlib
 import ctypes as ct
 import ipaddress
 import os
@@ -28,11 +29,13 @@ from agent.observe.logging import get_logger
 
 log = get_logger("inject.redirect")
 
-_MAPS = ("redirect_targets", "redirect_config", "managed_cgroups", "redirected",
-         "local_to_cookie")
+_MAPS = ("redirect_targets", "redirect_config", "managed_cgroups", "redirected", "local_to_cookie")
 # pinned link per program: what keeps the redirect attached while no agent runs
-_LINKS = {b"credless_connect4": "link_connect4", b"credless_connect6": "link_connect6",
-          b"credless_sockops": "link_sockops"}
+_LINKS = {
+    b"credless_connect4": "link_connect4",
+    b"credless_connect6": "link_connect6",
+    b"credless_sockops": "link_sockops",
+}
 
 
 def detach(pin_dir: str | os.PathLike) -> list[str]:
@@ -49,9 +52,9 @@ def detach(pin_dir: str | os.PathLike) -> list[str]:
 
 @dataclass(frozen=True)
 class Target:
-    host: str      # an IP literal (hostnames are resolved by the caller)
+    host: str  # an IP literal (hostnames are resolved by the caller)
     port: int
-    listen_port: int = 0   # the proxy listener for this target; 0: the plain one
+    listen_port: int = 0  # the proxy listener for this target; 0: the plain one
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,7 @@ class RedirectInfo:
     start_ns: int
     exec_ns: int
     cookie: int
-    netns: int = 0    # network namespace cookie of the workload's socket
+    netns: int = 0  # network namespace cookie of the workload's socket
 
 
 def _addr_words(host: str) -> tuple[int, list[int]]:
@@ -73,7 +76,7 @@ def _addr_words(host: str) -> tuple[int, list[int]]:
     if ip.version == 4:
         return socket.AF_INET, [int.from_bytes(ip.packed, "little"), 0, 0, 0]
     p = ip.packed
-    return socket.AF_INET6, [int.from_bytes(p[i:i + 4], "little") for i in range(0, 16, 4)]
+    return socket.AF_INET6, [int.from_bytes(p[i : i + 4], "little") for i in range(0, 16, 4)]
 
 
 def _unmapped(host: str) -> str:
@@ -91,9 +94,16 @@ def _net_port(port: int) -> int:
 class Redirector:
     name = "redirect"
 
-    def __init__(self, pin_dir: str, cgroup_root: str, listen4: tuple[str, int],
-                 listen6_port: int, managed_cgroups: list[str], fail_open: bool = False,
-                 keep_on_stop: bool = True):
+    def __init__(
+        self,
+        pin_dir: str,
+        cgroup_root: str,
+        listen4: tuple[str, int],
+        listen6_port: int,
+        managed_cgroups: list[str],
+        fail_open: bool = False,
+        keep_on_stop: bool = True,
+    ):
         self.pin_dir = Path(pin_dir)
         self.cgroup_root = cgroup_root
         self.listen4 = listen4
@@ -101,7 +111,7 @@ class Redirector:
         self.managed_paths = managed_cgroups
         self.fail_open = fail_open
         self.keep_on_stop = keep_on_stop
-        self.took_over = False     # found a pinned redirect of an earlier agent and kept it
+        self.took_over = False  # found a pinned redirect of an earlier agent and kept it
         self._stale_targets: list[bytes] = []
         self._bpf = None
         self._links: list[int] = []
@@ -112,27 +122,38 @@ class Redirector:
     def start(self) -> None:
         self.pin_dir.mkdir(parents=True, exist_ok=True)
         if not (self.pin_dir / "process_images").exists():
-            raise RuntimeError(f"{self.pin_dir}/process_images is not pinned: attestation "
-                               "must start before the redirect")
-        try:   # the maps an earlier agent pinned are reused (its links use them)
+            raise RuntimeError(
+                f"{self.pin_dir}/process_images is not pinned: attestation "
+                "must start before the redirect"
+            )
+        try:  # the maps an earlier agent pinned are reused (its links use them)
             self._bpf = compile_program("redirect", [f'-DPIN_DIR="{self.pin_dir}"'])
             stale = self._layout_mismatch()
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 — BCC raises bare Exception
             stale = str(e)
-        if stale:   # pinned by another version with another layout: anew
+        if stale:  # pinned by another version with another layout: anew
             log.warning("pinned redirect maps not reusable; replacing them", error=stale)
             if self._bpf is not None:
                 self._bpf.cleanup()
             for m in _MAPS:
                 (self.pin_dir / m).unlink(missing_ok=True)
             self._bpf = compile_program("redirect", [f'-DPIN_DIR="{self.pin_dir}"'])
-        self._stale_targets = [bytes(k) for k in self._bpf[b"redirect_targets"].keys()]
+        self._stale_targets = [bytes(k) for k in self._bpf[b"redirect_targets"]]
         from bcc import BPF, BPFAttachType
+
         progs = [
-            (b"credless_connect4", BPF.CGROUP_SOCK_ADDR, BPFAttachType.CGROUP_INET4_CONNECT,
-             bpfsys.CGROUP_INET4_CONNECT),
-            (b"credless_connect6", BPF.CGROUP_SOCK_ADDR, BPFAttachType.CGROUP_INET6_CONNECT,
-             bpfsys.CGROUP_INET6_CONNECT),
+            (
+                b"credless_connect4",
+                BPF.CGROUP_SOCK_ADDR,
+                BPFAttachType.CGROUP_INET4_CONNECT,
+                bpfsys.CGROUP_INET4_CONNECT,
+            ),
+            (
+                b"credless_connect6",
+                BPF.CGROUP_SOCK_ADDR,
+                BPFAttachType.CGROUP_INET6_CONNECT,
+                bpfsys.CGROUP_INET6_CONNECT,
+            ),
             (b"credless_sockops", BPF.SOCK_OPS, -1, bpfsys.CGROUP_SOCK_OPS),
         ]
         self._configure()
@@ -155,10 +176,14 @@ class Redirector:
             # intercepted connects out while this one cannot start
             self.stop(detach=not self.took_over)
             raise
-        log.info("redirect attached", cgroup_root=self.cgroup_root, took_over=self.took_over,
-                 pinned=str(self.pin_dir),
-                 listen=f"{self.listen4[0]}:{self.listen4[1]}",
-                 managed=self.managed_paths or "all but the agent's cgroup")
+        log.info(
+            "redirect attached",
+            cgroup_root=self.cgroup_root,
+            took_over=self.took_over,
+            pinned=str(self.pin_dir),
+            listen=f"{self.listen4[0]}:{self.listen4[1]}",
+            managed=self.managed_paths or "all but the agent's cgroup",
+        )
 
     def _layout_mismatch(self) -> str | None:
         """BCC reuses a pinned map whatever its key and value sizes. A map pinned by an
@@ -180,23 +205,25 @@ class Redirector:
         leaf.all_cgroups = 0 if self.managed_paths else 1
         leaf.fail_open = 1 if self.fail_open else 0
         leaf.agent_up = 0
-        leaf.listen_ip4 = int.from_bytes(ipaddress.IPv4Address(self.listen4[0]).packed,
-                                         "little")
+        leaf.listen_ip4 = int.from_bytes(ipaddress.IPv4Address(self.listen4[0]).packed, "little")
         leaf.listen_port4 = _net_port(self.listen4[1])
         leaf.listen_port6 = _net_port(self.listen6_port)
         leaf.excluded_cgroup = self._own_cgroup_id()
         cfg_table[ct.c_int(0)] = leaf
         managed = self._bpf[b"managed_cgroups"]
-        ids = {os.stat(os.path.join(self.cgroup_root, rel.lstrip("/"))).st_ino
-               for rel in self.managed_paths}
+        ids = {
+            os.stat(os.path.join(self.cgroup_root, rel.lstrip("/"))).st_ino
+            for rel in self.managed_paths
+        }
         for cg_id in ids:
             managed[ct.c_uint64(cg_id)] = ct.c_uint32(1)
-        for key in list(managed.keys()):   # an earlier agent's configuration
+        for key in list(managed.keys()):  # an earlier agent's configuration
             if key.value not in ids:
                 del managed[key]
 
     def _own_cgroup_id(self) -> int:
         from agent.attest.cgroupfs import process_cgroup
+
         path = process_cgroup(os.getpid()) or "/"
         return os.stat(os.path.join(self.cgroup_root, path.lstrip("/"))).st_ino
 
@@ -215,7 +242,7 @@ class Redirector:
             for name in _LINKS.values():
                 (self.pin_dir / name).unlink(missing_ok=True)
         for fd in self._links:
-            os.close(fd)   # the last reference to an unpinned link: detaches the program
+            os.close(fd)  # the last reference to an unpinned link: detaches the program
         self._links.clear()
         if self._root_fd >= 0:
             os.close(self._root_fd)
@@ -227,30 +254,30 @@ class Redirector:
             for m in _MAPS:
                 (self.pin_dir / m).unlink(missing_ok=True)
         else:
-            log.info("redirect left attached while no agent runs: intercepted connects are "
-                     + ("let out" if self.fail_open else "refused"), pinned=str(self.pin_dir))
+            log.info(
+                "redirect left attached while no agent runs: intercepted connects are "
+                + ("let out" if self.fail_open else "refused"),
+                pinned=str(self.pin_dir),
+            )
 
     # ------------------------------------------------------------ targets
     def set_targets(self, targets: set[Target]) -> None:
         table = self._bpf[b"redirect_targets"]
         for t in self.targets - targets:
-            try:
+            with contextlib.suppress(KeyError):
                 del table[self._target_key(table, t)]
-            except KeyError:
-                pass
         for t in targets - self.targets:
             table[self._target_key(table, t)] = ct.c_uint32(
-                _net_port(t.listen_port) if t.listen_port else 0)
+                _net_port(t.listen_port) if t.listen_port else 0
+            )
         self.targets = set(targets)
-        if self._stale_targets:   # an earlier agent's targets this configuration lacks
+        if self._stale_targets:  # an earlier agent's targets this configuration lacks
             wanted = {bytes(self._target_key(table, t)) for t in targets}
             for raw in self._stale_targets:
                 if raw not in wanted:
                     key = table.Key.from_buffer_copy(raw)
-                    try:
+                    with contextlib.suppress(KeyError):
                         del table[key]
-                    except KeyError:
-                        pass
             self._stale_targets = []
 
     @staticmethod
@@ -279,39 +306,49 @@ class Redirector:
         listener that accepted it. None: the kernel did not redirect this connection (it
         was dialled directly, or its record went with the socket that made it)."""
         try:
-            cookie = self._bpf[b"local_to_cookie"][
-                self._endpoint_key(peer, local, netns)].value
+            cookie = self._bpf[b"local_to_cookie"][self._endpoint_key(peer, local, netns)].value
         except KeyError:
             return None
         try:
             info = self._bpf[b"redirected"][ct.c_uint64(cookie)]
         except KeyError:
             return None
-        if info.netns != netns:   # a record of another namespace's socket: never serve it
+        if info.netns != netns:  # a record of another namespace's socket: never serve it
             return None
         if info.family == socket.AF_INET:
             host = str(ipaddress.IPv4Address(info.orig_addr[0].to_bytes(4, "little")))
         else:
-            host = str(ipaddress.IPv6Address(b"".join(w.to_bytes(4, "little")
-                                                      for w in info.orig_addr)))
-        return RedirectInfo(host, socket.ntohs(info.orig_port & 0xFFFF), info.tgid, info.pid,
-                            info.uid, info.cgroup_id, info.start_ns, info.exec_ns, cookie,
-                            info.netns)
+            host = str(
+                ipaddress.IPv6Address(b"".join(w.to_bytes(4, "little") for w in info.orig_addr))
+            )
+        return RedirectInfo(
+            host,
+            socket.ntohs(info.orig_port & 0xFFFF),
+            info.tgid,
+            info.pid,
+            info.uid,
+            info.cgroup_id,
+            info.start_ns,
+            info.exec_ns,
+            cookie,
+            info.netns,
+        )
 
     def forget(self, peer: tuple, local: tuple, info: RedirectInfo) -> None:
         """Delete a served connection's records (the kernel does too when the client's socket
         closes; this frees them as soon as the proxy is done)."""
-        for table, k in ((self._bpf[b"local_to_cookie"],
-                          self._endpoint_key(peer, local, info.netns)),
-                         (self._bpf[b"redirected"], ct.c_uint64(info.cookie))):
-            try:
+        for table, k in (
+            (self._bpf[b"local_to_cookie"], self._endpoint_key(peer, local, info.netns)),
+            (self._bpf[b"redirected"], ct.c_uint64(info.cookie)),
+        ):
+            with contextlib.suppress(KeyError):
                 del table[k]
-            except KeyError:
-                pass
 
     def counts(self) -> dict[str, int]:
         if self._bpf is None:
             return {}
         table = self._bpf[b"redirect_counts"]
-        return {name: table[ct.c_int(i)].value
-                for i, name in enumerate(("redirected_v4", "redirected_v6", "unmanaged"))}
+        return {
+            name: table[ct.c_int(i)].value
+            for i, name in enumerate(("redirected_v4", "redirected_v6", "unmanaged"))
+        }

@@ -21,16 +21,33 @@ def pool_key(ident: Any, up: Upstream) -> tuple:
 
 
 class Served:
-    __slots__ = ("client", "info", "up", "ident", "generation", "who", "fragment", "key",
-                 "caller")
+    __slots__ = (
+        "caller",
+        "client",
+        "fragment",
+        "generation",
+        "ident",
+        "info",
+        "key",
+        "up",
+        "who",
+    )
 
-    def __init__(self, client: ClientSide, info: RedirectInfo, up: Upstream, ident: Any,
-                 generation: int, who: dict, fragment: str):
+    def __init__(
+        self,
+        client: ClientSide,
+        info: RedirectInfo,
+        up: Upstream,
+        ident: Any,
+        generation: int,
+        who: dict,
+        fragment: str,
+    ):
         self.client, self.info, self.up = client, info, up
-        self.ident = ident                # agent.identity.manager.Identity, or None
-        self.generation = generation      # of the registration entries it was resolved by
-        self.who = who                    # the process's audit fields
-        self.fragment = fragment          # those fields serialized once (AuditLog.fragment)
+        self.ident = ident  # agent.identity.manager.Identity, or None
+        self.generation = generation  # of the registration entries it was resolved by
+        self.who = who  # the process's audit fields
+        self.fragment = fragment  # those fields serialized once (AuditLog.fragment)
         self.key = pool_key(ident, up)
         # the decision's view of the caller while nothing has changed (one object, reused)
         self.caller = Caller(True, who["spiffe_id"], who.get("parent_spiffe_id"))

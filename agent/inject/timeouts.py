@@ -18,21 +18,27 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 IDLE, SLOW_REQUEST, UPSTREAM = "idle", "slow_request", "upstream"
 
 
 class Timeouts:
-    def __init__(self, client_idle: float, request: float, upstream: float,
-                 clients: Callable[[], Iterable], on_expired: Callable[[object, str], None],
-                 clock: Callable[[], float] = time.monotonic,
-                 perf_clock: Callable[[], float] = time.perf_counter):
+    def __init__(
+        self,
+        client_idle: float,
+        request: float,
+        upstream: float,
+        clients: Callable[[], Iterable],
+        on_expired: Callable[[object, str], None],
+        clock: Callable[[], float] = time.monotonic,
+        perf_clock: Callable[[], float] = time.perf_counter,
+    ):
         self.client_idle = client_idle
         self.request = request
         self.upstream = upstream
-        self._clients = clients            # the live ClientSides
-        self._on_expired = on_expired      # (client, IDLE | SLOW_REQUEST | UPSTREAM)
+        self._clients = clients  # the live ClientSides
+        self._on_expired = on_expired  # (client, IDLE | SLOW_REQUEST | UPSTREAM)
         # the clocks the flows stamp with (last_rx: monotonic, sent_at: perf_counter),
         # injected so that tests do not depend on how long the machine has been up
         self._clock, self._perf_clock = clock, perf_clock

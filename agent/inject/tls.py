@@ -43,64 +43,91 @@ class InjectionCA:
         self._lock = threading.Lock()
         self._load_or_create()
         self.cert_path = Path(export_path) if export_path else self._own_cert_path
-        if export_path:   # the certificate (public) where workloads can read it
+        if export_path:  # the certificate (public) where workloads can read it
             self.cert_path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(self.cert_path, self.cert.public_bytes(serialization.Encoding.PEM),
-                         0o644)
+            atomic_write(self.cert_path, self.cert.public_bytes(serialization.Encoding.PEM), 0o644)
 
     def _load_or_create(self) -> None:
         if self._key_path.exists():
             if self._key_path.stat().st_mode & 0o077:
-                raise PermissionError(f"{self._key_path} is readable by others: "
-                                      f"chmod 600 {self._key_path}")
+                raise PermissionError(
+                    f"{self._key_path} is readable by others: chmod 600 {self._key_path}"
+                )
             self._key = serialization.load_pem_private_key(self._key_path.read_bytes(), None)
             self.cert = x509.load_pem_x509_certificate(self._own_cert_path.read_bytes())
-            if self.cert.not_valid_after_utc > dt.datetime.now(dt.timezone.utc) + LEAF_TTL:
+            if self.cert.not_valid_after_utc > dt.datetime.now(dt.UTC) + LEAF_TTL:
                 return
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._key = ec.generate_private_key(ec.SECP256R1())
-        now = dt.datetime.now(dt.timezone.utc)
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "credless injection CA"),
-                          x509.NameAttribute(NameOID.SERIAL_NUMBER, secrets.token_hex(8))])
-        self.cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-                     .public_key(self._key.public_key())
-                     .serial_number(x509.random_serial_number())
-                     .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + CA_TTL)
-                     .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-                     .add_extension(x509.KeyUsage(False, False, False, False, False, True, True,
-                                                  False, False), critical=True)
-                     .add_extension(x509.SubjectKeyIdentifier.from_public_key(
-                         self._key.public_key()), critical=False)
-                     .sign(self._key, hashes.SHA256()))
-        atomic_write(self._key_path, self._key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption()), 0o600)
-        atomic_write(self._own_cert_path, self.cert.public_bytes(serialization.Encoding.PEM),
-                     0o644)
+        now = dt.datetime.now(dt.UTC)
+        name = x509.Name(
+            [
+                x509.NameAttribute(NameOID.COMMON_NAME, "credless injection CA"),
+                x509.NameAttribute(NameOID.SERIAL_NUMBER, secrets.token_hex(8)),
+            ]
+        )
+        self.cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(self._key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + CA_TTL)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+                critical=True,
+            )
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(self._key.public_key()), critical=False
+            )
+            .sign(self._key, hashes.SHA256())
+        )
+        atomic_write(
+            self._key_path,
+            self._key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ),
+            0o600,
+        )
+        atomic_write(self._own_cert_path, self.cert.public_bytes(serialization.Encoding.PEM), 0o644)
 
     def _leaf(self, name: str) -> tuple[bytes, bytes]:
         key = ec.generate_private_key(ec.SECP256R1())
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         try:
             san: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(name))
         except ValueError:
             san = x509.DNSName(name)
-        cert = (x509.CertificateBuilder()
-                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name[:64])]))
-                .issuer_name(self.cert.subject).public_key(key.public_key())
-                .serial_number(x509.random_serial_number())
-                .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + LEAF_TTL)
-                .add_extension(x509.SubjectAlternativeName([san]), critical=False)
-                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
-                               critical=False)
-                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
-                    self._key.public_key()), critical=False)
-                .sign(self._key, hashes.SHA256()))
-        return (cert.public_bytes(serialization.Encoding.PEM)
-                + self.cert.public_bytes(serialization.Encoding.PEM),
-                key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption()))
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name[:64])]))
+            .issuer_name(self.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + LEAF_TTL)
+            .add_extension(x509.SubjectAlternativeName([san]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()),
+                critical=False,
+            )
+            .sign(self._key, hashes.SHA256())
+        )
+        return (
+            cert.public_bytes(serialization.Encoding.PEM)
+            + self.cert.public_bytes(serialization.Encoding.PEM),
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ),
+        )
 
     def server_context(self, name: str) -> ssl.SSLContext:
         """A TLS server context presenting a leaf for `name` (cached per name)."""

@@ -6,8 +6,8 @@ from __future__ import annotations
 import socket
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 from urllib.parse import urlsplit
 
 from agent.inject.flows import UpstreamSide
@@ -18,12 +18,12 @@ log = get_logger("inject.upstreams")
 
 @dataclass(frozen=True)
 class Upstream:
-    name: str           # [[servers]] name
+    name: str  # [[servers]] name
     scheme: str
-    host: str           # host in the URL (SNI, Host)
+    host: str  # host in the URL (SNI, Host)
     port: int
-    origin: str         # scheme://host:port, for DPoP htu
-    mode: str           # broker | assertion | passthrough
+    origin: str  # scheme://host:port, for DPoP htu
+    mode: str  # broker | assertion | passthrough
     # the URL's path (the MCP endpoint; in assertion mode the token endpoint) and the Host
     # values that name this server (the first is the one credless sends), lower case
     path: bytes = b"/"
@@ -53,12 +53,13 @@ class Pool:
     instead of retrying.
     """
 
-    def __init__(self, size: int, max_idle: float = 4.0,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self, size: int, max_idle: float = 4.0, clock: Callable[[], float] = time.monotonic
+    ):
         self.size = size
         self.max_idle = max_idle
         self._clock = clock
-        self._idle: dict[tuple, deque] = {}   # per key: (connection, idle since), oldest left
+        self._idle: dict[tuple, deque] = {}  # per key: (connection, idle since), oldest left
         self._closed = False
 
     def get(self, key: tuple) -> UpstreamSide | None:
@@ -66,7 +67,7 @@ class Pool:
         now = self._clock()
         while q:
             conn, since = q.pop()
-            if now - since > self.max_idle:   # and so is everything older, to its left
+            if now - since > self.max_idle:  # and so is everything older, to its left
                 conn.transport.close()
                 self._close_all(q)
                 break
@@ -81,8 +82,11 @@ class Pool:
     def usable(self, conn: UpstreamSide, since: float) -> bool:
         """Whether conn, idle since then, may carry another request (open, and idle no
         longer than max_idle)."""
-        return (not conn.closed and not conn.transport.is_closing()
-                and self._clock() - since <= self.max_idle)
+        return (
+            not conn.closed
+            and not conn.transport.is_closing()
+            and self._clock() - since <= self.max_idle
+        )
 
     def put(self, key: tuple, conn: UpstreamSide, since: float | None = None) -> None:
         """Keep conn for reuse; since: when it became idle (now() if not given)."""
@@ -97,7 +101,7 @@ class Pool:
         if len(q) >= self.size:
             conn.transport.close()
             return
-        i = len(q)   # kept in idle-since order, oldest left: get() relies on it
+        i = len(q)  # kept in idle-since order, oldest left: get() relies on it
         while i and q[i - 1][1] > since:
             i -= 1
         q.insert(i, (conn, since))
@@ -120,10 +124,22 @@ def _servers(servers) -> list[tuple[str, int, Upstream]]:
     for s in servers:
         u = urlsplit(s.url)
         port = u.port or (443 if u.scheme == "https" else 80)
-        out.append((u.hostname, port, Upstream(
-            s.name, u.scheme, u.hostname, port, f"{u.scheme}://{u.netloc}",
-            getattr(s, "mode", "broker"), (u.path or "/").encode(),
-            authorities(u.scheme, u.netloc, u.port))))
+        out.append(
+            (
+                u.hostname,
+                port,
+                Upstream(
+                    s.name,
+                    u.scheme,
+                    u.hostname,
+                    port,
+                    f"{u.scheme}://{u.netloc}",
+                    getattr(s, "mode", "broker"),
+                    (u.path or "/").encode(),
+                    authorities(u.scheme, u.netloc, u.port),
+                ),
+            )
+        )
     return out
 
 
@@ -135,7 +151,8 @@ def _conflict(kept: Upstream, other: Upstream, key: tuple[str, int]) -> Upstream
     return UpstreamConflict(
         f"[[servers]] {kept.name!r} and {other.name!r} both resolve to {key[0]}:{key[1]}; "
         "credless tells servers apart by the address a workload dials, so each needs "
-        "its own address or port")
+        "its own address or port"
+    )
 
 
 class UpstreamResolver:
@@ -149,8 +166,13 @@ class UpstreamResolver:
     (inject.resolve_interval_seconds).
     """
 
-    def __init__(self, servers, resolve: Callable = socket.getaddrinfo,
-                 retain: float = 600.0, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        servers,
+        resolve: Callable = socket.getaddrinfo,
+        retain: float = 600.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self._servers = _servers(servers)
         self._resolve = resolve
         self._retain = retain
@@ -168,8 +190,12 @@ class UpstreamResolver:
                 infos = self._resolve(host, port, type=socket.SOCK_STREAM)
             except OSError as e:
                 self.failures += 1
-                log.warning("could not resolve an MCP server; keeping its addresses",
-                            server=up.name, host=host, error=str(e))
+                log.warning(
+                    "could not resolve an MCP server; keeping its addresses",
+                    server=up.name,
+                    host=host,
+                    error=str(e),
+                )
                 for key, (_, known) in list(self._last_seen.items()):
                     if known.name == up.name:
                         self._last_seen[key] = (now, known)
@@ -180,9 +206,12 @@ class UpstreamResolver:
                 if held is not None and held[1].name != up.name:
                     if first:
                         raise _conflict(held[1], up, key)
-                    log.warning("two servers resolve to one address; it stays with the first",
-                                address=f"{key[0]}:{key[1]}", kept=held[1].name,
-                                ignored=up.name)
+                    log.warning(
+                        "two servers resolve to one address; it stays with the first",
+                        address=f"{key[0]}:{key[1]}",
+                        kept=held[1].name,
+                        ignored=up.name,
+                    )
                     continue
                 self._last_seen[key] = (now, up)
         for key, (seen, _) in list(self._last_seen.items()):

@@ -15,8 +15,8 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Hashable
 
 from agent.oauth.errors import OAuthError, ServerUnavailable
 from agent.oauth.tokens import Token
@@ -31,10 +31,16 @@ class _Entry:
 
 
 class TokenCache:
-    def __init__(self, fetch: Callable[[Hashable], Awaitable[Token]], *,
-                 refresh_ahead: float = 0.8, backoff_base: float = 0.5,
-                 backoff_max: float = 60.0, clock: Callable[[], float] = time.time,
-                 on_event: Callable[[str, Hashable, object], None] | None = None):
+    def __init__(
+        self,
+        fetch: Callable[[Hashable], Awaitable[Token]],
+        *,
+        refresh_ahead: float = 0.8,
+        backoff_base: float = 0.5,
+        backoff_max: float = 60.0,
+        clock: Callable[[], float] = time.time,
+        on_event: Callable[[str, Hashable, object], None] | None = None,
+    ):
         self._fetch = fetch
         self.refresh_ahead = refresh_ahead
         self.backoff_base = backoff_base
@@ -64,8 +70,11 @@ class TokenCache:
         if not entry.token.valid(now):
             return None
         self.hits += 1
-        if now >= self._refresh_at(entry.token) and now >= entry.next_attempt \
-                and key not in self._inflight:
+        if (
+            now >= self._refresh_at(entry.token)
+            and now >= entry.next_attempt
+            and key not in self._inflight
+        ):
             self._start(key, refresh=True)
         return entry.token
 
@@ -76,8 +85,12 @@ class TokenCache:
         entry = self._entries.get(key)
         now = self.clock()
         self.misses += 1
-        if entry is not None and now < entry.next_attempt and key not in self._inflight \
-                and entry.last_error is not None:
+        if (
+            entry is not None
+            and now < entry.next_attempt
+            and key not in self._inflight
+            and entry.last_error is not None
+        ):
             raise entry.last_error  # backing off: answer at once with the last failure
         task = self._inflight.get(key) or self._start(key, refresh=False)
         return await asyncio.shield(task)
@@ -97,8 +110,9 @@ class TokenCache:
             entry.failures += 1
             delay = min(self.backoff_max, self.backoff_base * 2 ** (entry.failures - 1))
             # full jitter for transient failures; client errors wait the whole step
-            entry.next_attempt = self.clock() + (random.uniform(0, delay)
-                                                 if isinstance(e, ServerUnavailable) else delay)
+            entry.next_attempt = self.clock() + (
+                random.uniform(0, delay) if isinstance(e, ServerUnavailable) else delay  # noqa: S311 — jitter, not a secret
+            )
             entry.last_error = e
             self._on_event("refresh_failed" if refresh else "failed", key, e)
             raise

@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -92,8 +93,8 @@ class ResourceMetadata:
     authorization_servers: tuple[str, ...]
     scopes_supported: tuple[str, ...] = ()
     dpop_bound_access_tokens_required: bool = False
-    challenge_scope: str | None = None   # the scope the 401 challenge asked for, if any
-    ignored_metadata_url: str | None = None   # the challenge's, when on another origin
+    challenge_scope: str | None = None  # the scope the 401 challenge asked for, if any
+    ignored_metadata_url: str | None = None  # the challenge's, when on another origin
 
 
 @dataclass(frozen=True)
@@ -132,8 +133,9 @@ class Discovery:
         try:
             r = await self.http.get(url, headers={"Accept": "application/json"})
         except httpx.HTTPError as e:
-            raise ServerUnavailable(f"cannot fetch {url}: {type(e).__name__}: {e}",
-                                    url=url) from None
+            raise ServerUnavailable(
+                f"cannot fetch {url}: {type(e).__name__}: {e}", url=url
+            ) from None
         if r.status_code != 200:
             return r.status_code, None
         try:
@@ -145,18 +147,23 @@ class Discovery:
         """Ask the MCP server without credentials and read its 401 challenge (if any)."""
         body = {"jsonrpc": "2.0", "id": 0, "method": "ping"}
         try:
-            r = await self.http.post(mcp_url, json=body, headers={
-                "Accept": "application/json, text/event-stream"})
+            r = await self.http.post(
+                mcp_url, json=body, headers={"Accept": "application/json, text/event-stream"}
+            )
         except httpx.HTTPError as e:
-            raise ServerUnavailable(f"cannot reach MCP server {mcp_url}: {e}",
-                                    url=mcp_url) from None
+            raise ServerUnavailable(
+                f"cannot reach MCP server {mcp_url}: {e}", url=mcp_url
+            ) from None
         if r.status_code in (401, 403):
             return parse_www_authenticate(r.headers.get("www-authenticate", ""))
         return {}
 
-    async def resource(self, mcp_url: str, www_authenticate: str | None = None,
-                       report: Callable[[str, str], None] | None = None
-                       ) -> ResourceMetadata:
+    async def resource(
+        self,
+        mcp_url: str,
+        www_authenticate: str | None = None,
+        report: Callable[[str, str], None] | None = None,
+    ) -> ResourceMetadata:
         """The protected resource metadata of mcp_url. `report(url, reason)` is told of a
         challenge's metadata URL that was ignored (another origin)."""
         resource = canonical_resource(mcp_url)
@@ -167,8 +174,11 @@ class Discovery:
         root = _well_known(mcp_url, "oauth-protected-resource", keep_path=False)
         for url in (with_path, root):
             trust.check_endpoint(url, f"protected resource metadata URL of {resource}")
-        challenges = parse_www_authenticate(www_authenticate) if www_authenticate \
+        challenges = (
+            parse_www_authenticate(www_authenticate)
+            if www_authenticate
             else await self.challenge(mcp_url)
+        )
         params = challenges.get("bearer") or challenges.get("dpop") or {}
         candidates = []
         ignored = params.get("resource_metadata") or None
@@ -176,9 +186,12 @@ class Discovery:
             candidates.append(ignored)
             ignored = None
         elif ignored and report is not None:
-            report(ignored, f"the 401 challenge of {resource} names resource metadata at "
-                   f"{ignored!r}, not on the server's origin: ignored, never fetched; the "
-                   "well-known URLs on the server's origin are used instead (RFC 9728 §3)")
+            report(
+                ignored,
+                f"the 401 challenge of {resource} names resource metadata at "
+                f"{ignored!r}, not on the server's origin: ignored, never fetched; the "
+                "well-known URLs on the server's origin are used instead (RFC 9728 §3)",
+            )
         candidates += [with_path, root]
         tried = []
         for url in dict.fromkeys(candidates):
@@ -191,42 +204,61 @@ class Discovery:
             identifiers = {resource}
             if _same_url(url, root):
                 identifiers.add(canonical_resource(root.split("/.well-known/", 1)[0]))
-            meta = self._parse_prm(doc, resource, url, params.get("scope"), identifiers,
-                                   ignored)
+            meta = self._parse_prm(doc, resource, url, params.get("scope"), identifiers, ignored)
             self._cache[("prm", resource)] = (self.clock(), meta)
             return meta
-        raise DiscoveryError(f"no protected resource metadata for {resource}; tried "
-                             + ", ".join(tried) + "; or configure the server's issuer",
-                             url=mcp_url)
+        raise DiscoveryError(
+            f"no protected resource metadata for {resource}; tried "
+            + ", ".join(tried)
+            + "; or configure the server's issuer",
+            url=mcp_url,
+        )
 
     @staticmethod
-    def _parse_prm(doc: Any, resource: str, url: str, scope: str | None,
-                   identifiers: set[str] | None = None, ignored: str | None = None
-                   ) -> ResourceMetadata:
+    def _parse_prm(
+        doc: Any,
+        resource: str,
+        url: str,
+        scope: str | None,
+        identifiers: set[str] | None = None,
+        ignored: str | None = None,
+    ) -> ResourceMetadata:
         if not isinstance(doc, dict):
-            raise DiscoveryError(f"{url}: protected resource metadata is not a JSON object",
-                                 url=url)
+            raise DiscoveryError(
+                f"{url}: protected resource metadata is not a JSON object", url=url
+            )
         got = doc.get("resource")
         try:
             ok = isinstance(got, str) and canonical_resource(got) in (identifiers or {resource})
         except DiscoveryError:
             ok = False
         if not ok:
-            raise MetadataMismatch(f"{url}: protected resource metadata is for resource "
-                                   f"{got!r}, not {resource} (RFC 9728 §3.3)", url=url)
+            raise MetadataMismatch(
+                f"{url}: protected resource metadata is for resource "
+                f"{got!r}, not {resource} (RFC 9728 §3.3)",
+                url=url,
+            )
         servers = doc.get("authorization_servers")
-        if not isinstance(servers, list) or not servers or \
-                not all(isinstance(s, str) for s in servers):
-            raise DiscoveryError(f"{url}: authorization_servers must list at least one "
-                                 "issuer", url=url)
+        if (
+            not isinstance(servers, list)
+            or not servers
+            or not all(isinstance(s, str) for s in servers)
+        ):
+            raise DiscoveryError(
+                f"{url}: authorization_servers must list at least one issuer", url=url
+            )
         jwks = doc.get("jwks_uri")
         if jwks is not None:
             trust.check_endpoint(jwks, f"{url}: jwks_uri")
         scopes = doc.get("scopes_supported") or []
-        return ResourceMetadata(resource, tuple(servers),
-                                tuple(s for s in scopes if isinstance(s, str)),
-                                bool(doc.get("dpop_bound_access_tokens_required")), scope,
-                                ignored)
+        return ResourceMetadata(
+            resource,
+            tuple(servers),
+            tuple(s for s in scopes if isinstance(s, str)),
+            bool(doc.get("dpop_bound_access_tokens_required")),
+            scope,
+            ignored,
+        )
 
     async def server(self, issuer: str) -> ServerMetadata:
         cached = self._cached("as", issuer)
@@ -236,8 +268,10 @@ class Discovery:
         p = urlsplit(issuer)
         path = p.path.rstrip("/")
         base = urlunsplit((p.scheme, p.netloc, "", "", ""))
-        urls = [f"{base}/.well-known/oauth-authorization-server{path}",
-                f"{base}/.well-known/openid-configuration{path}"]
+        urls = [
+            f"{base}/.well-known/oauth-authorization-server{path}",
+            f"{base}/.well-known/openid-configuration{path}",
+        ]
         if path:
             urls.append(f"{base}{path}/.well-known/openid-configuration")
         tried = []
@@ -249,25 +283,40 @@ class Discovery:
             meta = self._parse_as(doc, issuer, url)
             self._cache[("as", issuer)] = (self.clock(), meta)
             self.endpoints = self.endpoints | {
-                u for u in (meta.issuer, meta.token_endpoint, meta.registration_endpoint,
-                            meta.introspection_endpoint, meta.revocation_endpoint) if u}
+                u
+                for u in (
+                    meta.issuer,
+                    meta.token_endpoint,
+                    meta.registration_endpoint,
+                    meta.introspection_endpoint,
+                    meta.revocation_endpoint,
+                )
+                if u
+            }
             return meta
-        raise DiscoveryError(f"no authorization server metadata for {issuer}; tried "
-                             + ", ".join(tried), url=issuer)
+        raise DiscoveryError(
+            f"no authorization server metadata for {issuer}; tried " + ", ".join(tried), url=issuer
+        )
 
     @staticmethod
     def _parse_as(doc: Any, issuer: str, url: str) -> ServerMetadata:
         if not isinstance(doc, dict) or doc.get("issuer") != issuer:
             got = doc.get("issuer") if isinstance(doc, dict) else None
-            raise MetadataMismatch(f"{url}: metadata names issuer {got!r}, expected {issuer} "
-                                   "(RFC 8414 §3.3)", url=url)
+            raise MetadataMismatch(
+                f"{url}: metadata names issuer {got!r}, expected {issuer} (RFC 8414 §3.3)", url=url
+            )
         token = doc.get("token_endpoint")
         if not isinstance(token, str):
             raise DiscoveryError(f"{url}: no usable token_endpoint", url=url)
         # every endpoint the agent could use on this document's word: https unless loopback
         # (jwks_uri too: an AS publishing its keys in clear is not one to send assertions to)
-        for key in ("token_endpoint", "registration_endpoint", "introspection_endpoint",
-                    "revocation_endpoint", "jwks_uri"):
+        for key in (
+            "token_endpoint",
+            "registration_endpoint",
+            "introspection_endpoint",
+            "revocation_endpoint",
+            "jwks_uri",
+        ):
             if doc.get(key) is not None:
                 trust.check_endpoint(doc[key], f"{url}: {key}")
 
@@ -280,17 +329,22 @@ class Discovery:
             return v if isinstance(v, str) else None
 
         return ServerMetadata(
-            issuer=issuer, token_endpoint=token,
+            issuer=issuer,
+            token_endpoint=token,
             registration_endpoint=opt("registration_endpoint"),
             introspection_endpoint=opt("introspection_endpoint"),
             revocation_endpoint=opt("revocation_endpoint"),
             token_endpoint_auth_methods_supported=strs("token_endpoint_auth_methods_supported"),
             dpop_signing_alg_values_supported=strs("dpop_signing_alg_values_supported"),
-            raw=doc)
+            raw=doc,
+        )
 
 
 def _same_url(a: str, b: str) -> bool:
     """The same http(s) URL up to the spelling of its origin and a trailing slash."""
     pa, pb = urlsplit(a), urlsplit(b)
-    return trust.same_origin(a, b) and pa.path.rstrip("/") == pb.path.rstrip("/") \
+    return (
+        trust.same_origin(a, b)
+        and pa.path.rstrip("/") == pb.path.rstrip("/")
         and pa.query == pb.query
+    )

@@ -41,15 +41,25 @@ class DPoPKey:
         self._key = ec.generate_private_key(ec.SECP256R1())
         public = self._key.public_key()
         self._headers = {"typ": "dpop+jwt", "jwk": public_key_to_jwk(public)}
-        self.jkt = jwk_thumbprint(public)   # RFC 7638: what the AS puts in cnf.jkt
+        self.jkt = jwk_thumbprint(public)  # RFC 7638: what the AS puts in cnf.jkt
 
     def __repr__(self) -> str:
         return f"DPoPKey(jkt={self.jkt!r})"
 
-    def proof(self, method: str, url: str, access_token: str | None = None,
-              nonce: str | None = None, now: float | None = None) -> str:
-        claims = {"jti": secrets.token_urlsafe(16), "htm": method.upper(), "htu": htu(url),
-                  "iat": int(time.time() if now is None else now)}
+    def proof(
+        self,
+        method: str,
+        url: str,
+        access_token: str | None = None,
+        nonce: str | None = None,
+        now: float | None = None,
+    ) -> str:
+        claims = {
+            "jti": secrets.token_urlsafe(16),
+            "htm": method.upper(),
+            "htu": htu(url),
+            "iat": int(time.time() if now is None else now),
+        }
         if access_token is not None:
             claims["ath"] = ath(access_token)
         if nonce is not None:

@@ -7,9 +7,15 @@ from __future__ import annotations
 class OAuthError(Exception):
     kind = "oauth"
 
-    def __init__(self, message: str, *, error: str | None = None,
-                 error_description: str | None = None, status: int | None = None,
-                 url: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        error: str | None = None,
+        error_description: str | None = None,
+        status: int | None = None,
+        url: str | None = None,
+    ):
         self.error = error
         self.error_description = error_description
         self.status = status
@@ -21,8 +27,13 @@ class OAuthError(Exception):
         super().__init__(detail)
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "error": self.error, "error_description":
-                self.error_description, "status": self.status, "message": str(self)}
+        return {
+            "kind": self.kind,
+            "error": self.error,
+            "error_description": self.error_description,
+            "status": self.status,
+            "message": str(self),
+        }
 
 
 class DiscoveryError(OAuthError):
@@ -47,6 +58,7 @@ class InvalidTarget(OAuthError):
 
 class ServerUnavailable(OAuthError):
     """Network errors, timeouts and 5xx: worth retrying with backoff."""
+
     kind = "unavailable"
 
 
@@ -63,14 +75,22 @@ class TrustRefused(OAuthError):
     not allowed for the MCP server, a plain-http endpoint off loopback, metadata naming
     another resource or issuer, a token for another audience or weaker than required. Never
     retried sooner than other client errors; audited (oauth.refused or token.failed)."""
+
     kind = "refused"
 
 
 class UntrustedAuthorizationServer(TrustRefused):
     kind = "untrusted_authorization_server"
 
-    def __init__(self, message: str, *, server: str, named: tuple[str, ...] | list[str],
-                 allowed: tuple[str, ...] | list[str], url: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        server: str,
+        named: tuple[str, ...] | list[str],
+        allowed: tuple[str, ...] | list[str],
+        url: str | None = None,
+    ):
         self.server = server
         self.named = tuple(named)
         self.allowed = tuple(allowed)
@@ -95,14 +115,20 @@ def from_error_response(status: int, body: dict, url: str, what: str) -> OAuthEr
     desc = body.get("error_description") if isinstance(body, dict) else None
     err = err if isinstance(err, str) else None
     desc = desc if isinstance(desc, str) else None
-    cls = {"invalid_client": InvalidClient, "unauthorized_client": InvalidClient,
-           "invalid_grant": InvalidGrant, "invalid_target": InvalidTarget}.get(err or "")
+    cls = {
+        "invalid_client": InvalidClient,
+        "unauthorized_client": InvalidClient,
+        "invalid_grant": InvalidGrant,
+        "invalid_target": InvalidTarget,
+    }.get(err or "")
     if cls is None:
         cls = ServerUnavailable if status >= 500 else OAuthError
-    hint = {InvalidClient: "check that the client is registered at the authorization server "
-            "with this SPIFFE ID and that its jwks_uri points at the agent's bundle endpoint",
-            InvalidTarget: "check that the authorization server knows this MCP server URL as "
-            "a resource"}.get(cls, "")
+    hint = {
+        InvalidClient: "check that the client is registered at the authorization server "
+        "with this SPIFFE ID and that its jwks_uri points at the agent's bundle endpoint",
+        InvalidTarget: "check that the authorization server knows this MCP server URL as "
+        "a resource",
+    }.get(cls, "")
     msg = f"{what} at {url} failed with HTTP {status}"
     if hint:
         msg += f"; {hint}"

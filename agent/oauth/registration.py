@@ -79,13 +79,22 @@ class ClientStore:
 
     def for_identity(self, spiffe_id: str) -> list[RegisteredClient]:
         with self._lock:
-            return [RegisteredClient(**v) for v in self._read().values()
-                    if v["spiffe_id"] == spiffe_id]
+            return [
+                RegisteredClient(**v) for v in self._read().values() if v["spiffe_id"] == spiffe_id
+            ]
 
 
-async def register(http: httpx.AsyncClient, *, endpoint: str, issuer: str, spiffe_id: str,
-                   jwks_uri: str | None, jwks: dict | None, software_statement: str,
-                   dpop: bool) -> RegisteredClient:
+async def register(
+    http: httpx.AsyncClient,
+    *,
+    endpoint: str,
+    issuer: str,
+    spiffe_id: str,
+    jwks_uri: str | None,
+    jwks: dict | None,
+    software_statement: str,
+    dpop: bool,
+) -> RegisteredClient:
     meta: dict[str, Any] = {
         "client_name": spiffe_id,
         "grant_types": ["client_credentials"],
@@ -94,7 +103,7 @@ async def register(http: httpx.AsyncClient, *, endpoint: str, issuer: str, spiff
         "token_endpoint_auth_method": "private_key_jwt",
         "token_endpoint_auth_signing_alg": "ES256",
         "software_statement": software_statement,
-        "spiffe_id": spiffe_id,          # draft-ietf-oauth-spiffe-client-auth metadata
+        "spiffe_id": spiffe_id,  # draft-ietf-oauth-spiffe-client-auth metadata
         "application_type": "web",
     }
     if dpop:
@@ -105,20 +114,26 @@ async def register(http: httpx.AsyncClient, *, endpoint: str, issuer: str, spiff
         meta["jwks"] = jwks
     from agent.oauth.tokens import post_form
 
-    check_endpoint(endpoint, "registration endpoint")   # also checked on the metadata
+    check_endpoint(endpoint, "registration endpoint")  # also checked on the metadata
     status, body, _ = await post_form(http, endpoint, None, {}, "registration", json_body=meta)
     if status not in (200, 201):
         err = body if isinstance(body, dict) else {}
-        raise RegistrationError(f"registration at {endpoint} failed with HTTP {status}",
-                                error=err.get("error"),
-                                error_description=err.get("error_description"),
-                                status=status, url=endpoint)
+        raise RegistrationError(
+            f"registration at {endpoint} failed with HTTP {status}",
+            error=err.get("error"),
+            error_description=err.get("error_description"),
+            status=status,
+            url=endpoint,
+        )
     if not isinstance(body, dict) or not isinstance(body.get("client_id"), str):
-        raise MalformedResponse(f"registration at {endpoint} returned no client_id",
-                                url=endpoint)
-    return RegisteredClient(spiffe_id=spiffe_id, issuer=issuer, client_id=body["client_id"],
-                            registration_client_uri=body.get("registration_client_uri"),
-                            registration_access_token=body.get("registration_access_token"))
+        raise MalformedResponse(f"registration at {endpoint} returned no client_id", url=endpoint)
+    return RegisteredClient(
+        spiffe_id=spiffe_id,
+        issuer=issuer,
+        client_id=body["client_id"],
+        registration_client_uri=body.get("registration_client_uri"),
+        registration_access_token=body.get("registration_access_token"),
+    )
 
 
 async def delete(http: httpx.AsyncClient, client: RegisteredClient) -> bool:
@@ -128,15 +143,21 @@ async def delete(http: httpx.AsyncClient, client: RegisteredClient) -> bool:
     # the registration access token goes only where https (or loopback) protects it
     check_endpoint(client.registration_client_uri, "registration_client_uri")
     try:
-        r = await http.delete(client.registration_client_uri, headers={
-            "Authorization": f"Bearer {client.registration_access_token}"})
+        r = await http.delete(
+            client.registration_client_uri,
+            headers={"Authorization": f"Bearer {client.registration_access_token}"},
+        )
     except httpx.HTTPError as e:
-        raise ServerUnavailable(f"client deletion at {client.registration_client_uri}: {e}",
-                                url=client.registration_client_uri) from None
+        raise ServerUnavailable(
+            f"client deletion at {client.registration_client_uri}: {e}",
+            url=client.registration_client_uri,
+        ) from None
     if r.status_code in (204, 200, 404):  # 404/401: already gone at the server
         return True
     if r.status_code == 401:
         return True
-    raise RegistrationError(f"client deletion at {client.registration_client_uri} failed "
-                            f"with HTTP {r.status_code}", status=r.status_code,
-                            url=client.registration_client_uri)
+    raise RegistrationError(
+        f"client deletion at {client.registration_client_uri} failed with HTTP {r.status_code}",
+        status=r.status_code,
+        url=client.registration_client_uri,
+    )

@@ -26,8 +26,13 @@ import httpx
 
 from agent.oauth.discovery import canonical_resource
 from agent.oauth.dpop import DPoPKey
-from agent.oauth.errors import MalformedResponse, OAuthError, ServerUnavailable, TokenRefused, \
-    from_error_response
+from agent.oauth.errors import (
+    MalformedResponse,
+    OAuthError,
+    ServerUnavailable,
+    TokenRefused,
+    from_error_response,
+)
 from agent.oauth.trust import check_endpoint
 
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
@@ -67,8 +72,11 @@ def _jwt_claims_unverified(token: str, url: str = "") -> dict | None:
     except ValueError:
         claims = None
     if not isinstance(claims, dict):
-        raise TokenRefused(f"token response from {url}: the access token is a JWT whose "
-                           "payload is not a JSON object", url=url or None)
+        raise TokenRefused(
+            f"token response from {url}: the access token is a JWT whose "
+            "payload is not a JSON object",
+            url=url or None,
+        )
     return claims
 
 
@@ -96,9 +104,12 @@ def check_audience(claims: dict, resource: str, url: str) -> None:
     if any(_canonical(n) == resource for n in names):
         return
     what = "names no audience" if named is None else f"is for audience {named!r}"
-    raise TokenRefused(f"token response from {url}: the access token {what}, not this "
-                       f"server ({resource}); a token for another resource is never sent to "
-                       "it (RFC 8707, RFC 9068 §4)", url=url)
+    raise TokenRefused(
+        f"token response from {url}: the access token {what}, not this "
+        f"server ({resource}); a token for another resource is never sent to "
+        "it (RFC 8707, RFC 9068 §4)",
+        url=url,
+    )
 
 
 # a token this close to its expiry is not used: it could expire on the way
@@ -108,7 +119,7 @@ EXPIRY_SKEW_SECONDS = 5.0
 @dataclass(frozen=True, repr=False)
 class Token:
     access_token: str
-    token_type: str            # "Bearer" or "DPoP"
+    token_type: str  # "Bearer" or "DPoP"
     issued_at: float
     expires_at: float
     scope: str
@@ -116,15 +127,17 @@ class Token:
     issuer: str
     spiffe_id: str
     client_id: str
-    jkt: str | None            # the DPoP key thumbprint the token is bound to
+    jkt: str | None  # the DPoP key thumbprint the token is bound to
     fingerprint: str
     jti: str | None
     audience: Any = None
 
     def __repr__(self) -> str:
-        return (f"Token(type={self.token_type}, fingerprint={self.fingerprint}, "
-                f"spiffe_id={self.spiffe_id}, resource={self.resource}, "
-                f"expires_at={self.expires_at:.0f})")
+        return (
+            f"Token(type={self.token_type}, fingerprint={self.fingerprint}, "
+            f"spiffe_id={self.spiffe_id}, resource={self.resource}, "
+            f"expires_at={self.expires_at:.0f})"
+        )
 
     __str__ = __repr__
 
@@ -147,15 +160,33 @@ class Token:
 
     def summary(self) -> dict:
         """Everything an operator may see: never the token itself."""
-        return {"token_type": self.token_type, "expires_in": int(self.expires_at - time.time()),
-                "scope": self.scope, "audience": self.audience, "resource": self.resource,
-                "issuer": self.issuer, "client_id": self.client_id, "spiffe_id": self.spiffe_id,
-                "cnf_jkt": self.jkt, "jti": self.jti, "token_sha256": self.fingerprint}
+        return {
+            "token_type": self.token_type,
+            "expires_in": int(self.expires_at - time.time()),
+            "scope": self.scope,
+            "audience": self.audience,
+            "resource": self.resource,
+            "issuer": self.issuer,
+            "client_id": self.client_id,
+            "spiffe_id": self.spiffe_id,
+            "cnf_jkt": self.jkt,
+            "jti": self.jti,
+            "token_sha256": self.fingerprint,
+        }
 
 
-def parse_token_response(body: Any, *, url: str, resource: str, issuer: str, spiffe_id: str,
-                         client_id: str, dpop: DPoPKey | None, now: float,
-                         dpop_required: str | None = None) -> Token:
+def parse_token_response(
+    body: Any,
+    *,
+    url: str,
+    resource: str,
+    issuer: str,
+    spiffe_id: str,
+    client_id: str,
+    dpop: DPoPKey | None,
+    now: float,
+    dpop_required: str | None = None,
+) -> Token:
     """The Token in a token response, or the reason it cannot be used.
 
     `dpop_required` says why a DPoP-bound token is required (None: it is not): a Bearer
@@ -165,23 +196,26 @@ def parse_token_response(body: Any, *, url: str, resource: str, issuer: str, spi
     access = body.get("access_token")
     ttype = body.get("token_type")
     if not isinstance(access, str) or not access or not isinstance(ttype, str):
-        raise MalformedResponse(f"token response from {url} lacks access_token or token_type",
-                                url=url)
+        raise MalformedResponse(
+            f"token response from {url} lacks access_token or token_type", url=url
+        )
     if ttype.lower() not in ("bearer", "dpop"):
-        raise MalformedResponse(f"token response from {url} has token_type {ttype!r}; "
-                                "expected Bearer or DPoP", url=url)
+        raise MalformedResponse(
+            f"token response from {url} has token_type {ttype!r}; expected Bearer or DPoP", url=url
+        )
     ttype = "DPoP" if ttype.lower() == "dpop" else "Bearer"
     if ttype == "DPoP" and dpop is None:
-        raise MalformedResponse(f"{url} issued a DPoP token to a request without a proof",
-                                url=url)
+        raise MalformedResponse(f"{url} issued a DPoP token to a request without a proof", url=url)
     if ttype == "Bearer" and dpop_required:
-        raise TokenRefused(f"{url} issued a Bearer token for {resource}, but DPoP-bound tokens "
-                           f"are required ({dpop_required}); a stealable token is never "
-                           "used where a bound one was asked for (RFC 9449)", url=url)
+        raise TokenRefused(
+            f"{url} issued a Bearer token for {resource}, but DPoP-bound tokens "
+            f"are required ({dpop_required}); a stealable token is never "
+            "used where a bound one was asked for (RFC 9449)",
+            url=url,
+        )
     claims = _jwt_claims_unverified(access, url)
     expires_in = body.get("expires_in")
-    if isinstance(expires_in, (int, float)) and not isinstance(expires_in, bool) \
-            and expires_in > 0:
+    if isinstance(expires_in, (int, float)) and not isinstance(expires_in, bool) and expires_in > 0:
         expires_at = now + float(expires_in)
     elif claims is not None and isinstance(claims.get("exp"), (int, float)):
         expires_at = float(claims["exp"])
@@ -189,12 +223,16 @@ def parse_token_response(body: Any, *, url: str, resource: str, issuer: str, spi
         expires_at = now + 60.0  # no lifetime given: assume short, refresh early
     jkt = None
     if ttype == "DPoP":
-        cnf = claims.get("cnf") if claims is not None and isinstance(claims.get("cnf"), dict) \
-            else {}
+        cnf = (
+            claims.get("cnf") if claims is not None and isinstance(claims.get("cnf"), dict) else {}
+        )
         if dpop_required and claims is not None and "jkt" not in cnf:
-            raise TokenRefused(f"{url} issued a DPoP token for {resource} that is a JWT "
-                               f"without cnf.jkt (no key binding, RFC 9449 §6.1), but "
-                               f"DPoP-bound tokens are required ({dpop_required})", url=url)
+            raise TokenRefused(
+                f"{url} issued a DPoP token for {resource} that is a JWT "
+                f"without cnf.jkt (no key binding, RFC 9449 §6.1), but "
+                f"DPoP-bound tokens are required ({dpop_required})",
+                url=url,
+            )
         jkt = cnf.get("jkt", dpop.jkt)
         if jkt != dpop.jkt:
             raise MalformedResponse(f"{url} bound the token to key {jkt}, not ours", url=url)
@@ -202,53 +240,89 @@ def parse_token_response(body: Any, *, url: str, resource: str, issuer: str, spi
         check_audience(claims, resource, url)
     claims = claims or {}
     scope = body.get("scope") if isinstance(body.get("scope"), str) else ""
-    return Token(access_token=access, token_type=ttype, issued_at=now, expires_at=expires_at,
-                 scope=scope, resource=resource, issuer=issuer, spiffe_id=spiffe_id,
-                 client_id=client_id, jkt=jkt, fingerprint=fingerprint(access),
-                 jti=claims.get("jti") if isinstance(claims.get("jti"), str) else None,
-                 audience=claims.get("aud"))
+    return Token(
+        access_token=access,
+        token_type=ttype,
+        issued_at=now,
+        expires_at=expires_at,
+        scope=scope,
+        resource=resource,
+        issuer=issuer,
+        spiffe_id=spiffe_id,
+        client_id=client_id,
+        jkt=jkt,
+        fingerprint=fingerprint(access),
+        jti=claims.get("jti") if isinstance(claims.get("jti"), str) else None,
+        audience=claims.get("aud"),
+    )
 
 
-async def post_form(http: httpx.AsyncClient, url: str, form: dict | None, headers: dict,
-                    what: str, json_body: Any = None) -> tuple[int, Any, httpx.Headers]:
+async def post_form(
+    http: httpx.AsyncClient,
+    url: str,
+    form: dict | None,
+    headers: dict,
+    what: str,
+    json_body: Any = None,
+) -> tuple[int, Any, httpx.Headers]:
     """POST a form (or a JSON body) and read a JSON answer; network errors and 5xx are
     ServerUnavailable, a body that is not JSON is MalformedResponse."""
     try:
-        r = await http.post(url, data=form, json=json_body,
-                            headers={"Accept": "application/json", **headers})
+        r = await http.post(
+            url, data=form, json=json_body, headers={"Accept": "application/json", **headers}
+        )
     except httpx.HTTPError as e:
-        raise ServerUnavailable(f"{what} at {url}: {type(e).__name__}: {e or 'no answer'}",
-                                url=url) from None
+        raise ServerUnavailable(
+            f"{what} at {url}: {type(e).__name__}: {e or 'no answer'}", url=url
+        ) from None
     try:
         body = r.json()
     except ValueError:
         body = None
     if r.status_code >= 500:
-        raise ServerUnavailable(f"{what} at {url} failed with HTTP {r.status_code}",
-                                status=r.status_code, url=url)
+        raise ServerUnavailable(
+            f"{what} at {url} failed with HTTP {r.status_code}", status=r.status_code, url=url
+        )
     if body is None:
-        raise MalformedResponse(f"{what} at {url} answered HTTP {r.status_code} with a body "
-                                "that is not JSON", status=r.status_code, url=url)
+        raise MalformedResponse(
+            f"{what} at {url} answered HTTP {r.status_code} with a body that is not JSON",
+            status=r.status_code,
+            url=url,
+        )
     return r.status_code, body, r.headers
 
 
-async def request_token(http: httpx.AsyncClient, *, token_endpoint: str, issuer: str,
-                        resource: str, scope: str, profile: str, assertion_audience: str,
-                        client_id: str, spiffe_id: str, mint_assertion, dpop: DPoPKey | None,
-                        nonces: dict[str, str], dpop_required: str | None = None) -> Token:
+async def request_token(
+    http: httpx.AsyncClient,
+    *,
+    token_endpoint: str,
+    issuer: str,
+    resource: str,
+    scope: str,
+    profile: str,
+    assertion_audience: str,
+    client_id: str,
+    spiffe_id: str,
+    mint_assertion,
+    dpop: DPoPKey | None,
+    nonces: dict[str, str],
+    dpop_required: str | None = None,
+) -> Token:
     """One client_credentials token request, with one retry on a DPoP nonce challenge.
 
     `mint_assertion(audience, iss)` returns a fresh JWT-SVID string. It is called only once
     the token endpoint passed the https-unless-loopback check (also made on the metadata).
     """
     check_endpoint(token_endpoint, "token endpoint")
-    aud = issuer if profile == "jwt-spiffe" or assertion_audience == "issuer" \
-        else token_endpoint
+    aud = issuer if profile == "jwt-spiffe" or assertion_audience == "issuer" else token_endpoint
     for attempt in (1, 2):
         assertion = mint_assertion(aud, client_id if profile == "jwt-bearer" else None)
-        form = {"grant_type": "client_credentials", "resource": resource,
-                "client_assertion_type": JWT_SPIFFE if profile == "jwt-spiffe" else JWT_BEARER,
-                "client_assertion": assertion}
+        form = {
+            "grant_type": "client_credentials",
+            "resource": resource,
+            "client_assertion_type": JWT_SPIFFE if profile == "jwt-spiffe" else JWT_BEARER,
+            "client_assertion": assertion,
+        }
         if scope:
             form["scope"] = scope
         if profile == "jwt-bearer" and client_id != spiffe_id:
@@ -257,17 +331,30 @@ async def request_token(http: httpx.AsyncClient, *, token_endpoint: str, issuer:
         if dpop is not None:
             headers["DPoP"] = dpop.proof("POST", token_endpoint, nonce=nonces.get(issuer))
         now = time.time()
-        status, body, resp_headers = await post_form(http, token_endpoint, form, headers,
-                                                     "token request")
+        status, body, resp_headers = await post_form(
+            http, token_endpoint, form, headers, "token request"
+        )
         if resp_headers.get("dpop-nonce"):
             nonces[issuer] = resp_headers["dpop-nonce"]
         if status == 200:
-            return parse_token_response(body, url=token_endpoint, resource=resource,
-                                        issuer=issuer, spiffe_id=spiffe_id,
-                                        client_id=client_id, dpop=dpop, now=now,
-                                        dpop_required=dpop_required)
-        if attempt == 1 and dpop is not None and isinstance(body, dict) \
-                and body.get("error") == "use_dpop_nonce" and resp_headers.get("dpop-nonce"):
+            return parse_token_response(
+                body,
+                url=token_endpoint,
+                resource=resource,
+                issuer=issuer,
+                spiffe_id=spiffe_id,
+                client_id=client_id,
+                dpop=dpop,
+                now=now,
+                dpop_required=dpop_required,
+            )
+        if (
+            attempt == 1
+            and dpop is not None
+            and isinstance(body, dict)
+            and body.get("error") == "use_dpop_nonce"
+            and resp_headers.get("dpop-nonce")
+        ):
             continue
         raise from_error_response(status, body, token_endpoint, "token request")
     raise OAuthError("unreachable")  # pragma: no cover

@@ -25,8 +25,8 @@ import ipaddress
 import json
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 from urllib.parse import urlsplit
 
 from agent.fsutil import atomic_write
@@ -63,8 +63,10 @@ def insecure_reason(url: object) -> str | None:
     if p.scheme not in ("https", "http") or not host:
         return "not an absolute https URL"
     if p.scheme == "http" and not is_loopback_host(host):
-        return ("plain http to a host that is not loopback: https is required (http is "
-                "allowed only to 127.0.0.0/8, ::1 or localhost)")
+        return (
+            "plain http to a host that is not loopback: https is required (http is "
+            "allowed only to 127.0.0.0/8, ::1 or localhost)"
+        )
     return None
 
 
@@ -72,8 +74,9 @@ def check_endpoint(url: object, what: str) -> str:
     """url itself when the agent may use it for `what`; else InsecureEndpoint."""
     reason = insecure_reason(url)
     if reason is not None:
-        raise InsecureEndpoint(f"{what} {url!r} refused: {reason}",
-                               url=url if isinstance(url, str) else None)
+        raise InsecureEndpoint(
+            f"{what} {url!r} refused: {reason}", url=url if isinstance(url, str) else None
+        )
     return url  # type: ignore[return-value]
 
 
@@ -86,8 +89,7 @@ def origin(url: str) -> tuple[str, str, int] | None:
     except ValueError:
         return None
     scheme = p.scheme.lower()
-    if scheme not in _DEFAULT_PORTS or not host or p.username is not None \
-            or p.password is not None:
+    if scheme not in _DEFAULT_PORTS or not host or p.username is not None or p.password is not None:
         return None
     return scheme, host.lower(), port or _DEFAULT_PORTS[scheme]
 
@@ -139,8 +141,10 @@ class PinStore:
             return {}
         except (OSError, ValueError) as e:
             # fail closed: an unreadable pin file must not become "nothing pinned"
-            raise TrustRefused(f"{self.path}: cannot read pinned authorization servers "
-                               f"({e}); fix or remove the file") from None
+            raise TrustRefused(
+                f"{self.path}: cannot read pinned authorization servers "
+                f"({e}); fix or remove the file"
+            ) from None
         if not isinstance(data, dict):
             raise TrustRefused(f"{self.path}: not a JSON object; fix or remove the file")
         return data
@@ -158,8 +162,11 @@ class PinStore:
             if isinstance(entry, dict) and isinstance(entry.get("issuer"), str):
                 return entry["issuer"]
             data[self._key(server, resource)] = {
-                "server": server, "resource": resource, "issuer": issuer,
-                "pinned_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                "server": server,
+                "resource": resource,
+                "issuer": issuer,
+                "pinned_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             atomic_write(self.path, json.dumps(data, indent=1, sort_keys=True).encode(), 0o600)
             return issuer

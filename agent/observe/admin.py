@@ -12,8 +12,9 @@ import os
 import socket
 import socketserver
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from agent.observe.logging import get_logger
 from agent.peercred import peer_cred
@@ -49,8 +50,9 @@ class AdminServer:
                     req = json.loads(line)
                     handler = handlers[req["cmd"]]
                 except (ValueError, KeyError, TypeError):
-                    self._reply({"error": "bad request; known commands: "
-                                 + ", ".join(sorted(handlers))})
+                    self._reply(
+                        {"error": "bad request; known commands: " + ", ".join(sorted(handlers))}
+                    )
                     return
                 try:
                     self._reply({"ok": handler(req)})
@@ -86,8 +88,9 @@ def call(path: Path, cmd: str, timeout: float = 10.0, **args: Any) -> Any:
         try:
             s.connect(str(path))
         except (FileNotFoundError, ConnectionRefusedError):
-            raise RuntimeError(f"no agent is listening on {path}; is `credless run` running "
-                               "with this config?") from None
+            raise RuntimeError(
+                f"no agent is listening on {path}; is `credless run` running with this config?"
+            ) from None
         except PermissionError:
             raise RuntimeError(f"permission denied on {path}: run as root") from None
         s.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")

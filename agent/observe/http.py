@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import socket
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
 
 # A route returns (status, body, content type).
 Route = Callable[[], "tuple[int, bytes, str]"]
@@ -30,7 +30,8 @@ class HttpEndpoint:
 
     @property
     def address(self) -> tuple[str, int]:
-        assert self._httpd is not None
+        if self._httpd is None:
+            raise RuntimeError("the metrics endpoint is not started")
         return self._httpd.server_address[:2]
 
     def start(self) -> None:
@@ -39,7 +40,7 @@ class HttpEndpoint:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            def do_GET(self) -> None:
                 route = routes.get(self.path.split("?", 1)[0])
                 if route is None:
                     known = ", ".join(sorted(routes))
@@ -59,8 +60,9 @@ class HttpEndpoint:
                 pass
 
         family = socket.AF_INET6 if ":" in self._addr[0] else socket.AF_INET
-        server_cls = type("Server", (ThreadingHTTPServer,), {"address_family": family,
-                                                             "daemon_threads": True})
+        server_cls = type(
+            "Server", (ThreadingHTTPServer,), {"address_family": family, "daemon_threads": True}
+        )
         self._httpd = server_cls(self._addr, Handler)
         threading.Thread(target=self._httpd.serve_forever, name=self._name, daemon=True).start()
 

@@ -22,19 +22,38 @@ import structlog
 
 # Field names whose values are credentials. Matching is on the whole lower-cased name, so
 # `token_fingerprint`, `jti` and `jkt` stay visible.
-SECRET_FIELDS = frozenset({
-    "token", "access_token", "refresh_token", "id_token", "assertion", "client_assertion",
-    "client_secret", "software_statement", "authorization", "dpop", "private_key", "key",
-    "password", "svid", "jwt", "jwt_svid",
-})
+SECRET_FIELDS = frozenset(
+    {
+        "token",
+        "access_token",
+        "refresh_token",
+        "id_token",
+        "assertion",
+        "client_assertion",
+        "client_secret",
+        "software_statement",
+        "authorization",
+        "dpop",
+        "private_key",
+        "key",
+        "password",
+        "svid",
+        "jwt",
+        "jwt_svid",
+    }
+)
 REDACTED = "[redacted]"
 
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
-           "error": logging.ERROR}
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
 
 
 def redact_secrets(_logger: Any, _method: str, event: dict) -> dict:
-    if "".join(event).islower():     # every key lower-case (the usual case): one set test
+    if "".join(event).islower():  # every key lower-case (the usual case): one set test
         for k in SECRET_FIELDS.intersection(event):
             event[k] = REDACTED
         return event
@@ -123,9 +142,16 @@ class AuditLog:
 
     MAX_PENDING = 1024
 
-    def __init__(self, node: str, stream: TextIO | None = None, file: str = "",
-                 max_bytes: int = 50 << 20, backups: int = 5, to_stream: bool = True,
-                 flush_interval: float = 0.005):
+    def __init__(
+        self,
+        node: str,
+        stream: TextIO | None = None,
+        file: str = "",
+        max_bytes: int = 50 << 20,
+        backups: int = 5,
+        to_stream: bool = True,
+        flush_interval: float = 0.005,
+    ):
         self._node = node
         self._flush_interval = flush_interval
         self._last_write = 0.0
@@ -138,8 +164,9 @@ class AuditLog:
         self._loop_thread = 0
         self._flush_scheduled = False
         if file:
-            self._file = _PrivateRotatingFile(file, maxBytes=max_bytes, backupCount=backups,
-                                              encoding="utf-8")
+            self._file = _PrivateRotatingFile(
+                file, maxBytes=max_bytes, backupCount=backups, encoding="utf-8"
+            )
             self._file.setFormatter(logging.Formatter("%(message)s"))
 
     def attach_loop(self, loop) -> None:
@@ -156,8 +183,11 @@ class AuditLog:
     def _queue(self, line: str) -> None:
         with self._lock:
             self._pending.append(line)
-            if self._loop is not None and threading.get_ident() == self._loop_thread \
-                    and len(self._pending) < self.MAX_PENDING:
+            if (
+                self._loop is not None
+                and threading.get_ident() == self._loop_thread
+                and len(self._pending) < self.MAX_PENDING
+            ):
                 if not self._flush_scheduled:
                     self._flush_scheduled = True
                     wait = self._last_write + self._flush_interval - time.monotonic()
@@ -175,13 +205,18 @@ class AuditLog:
 
     def emit_with(self, event: str, fragment: str, **fields: Any) -> None:
         """emit(event, **fields) plus the members of fragment (from fragment(), or "")."""
-        record = {"time": _utc_timestamp(), "event": event, "stream": "audit",
-                  "node": self._node, **fields}
+        record = {
+            "time": _utc_timestamp(),
+            "event": event,
+            "stream": "audit",
+            "node": self._node,
+            **fields,
+        }
         redact_secrets(None, "", record)
         line = json.dumps(record, default=str)
         self._queue(f"{line[:-1]}, {fragment}}}" if fragment else line)
 
-    def shape(self, event: str, *names: str) -> "RecordShape":
+    def shape(self, event: str, *names: str) -> RecordShape:
         """A writer for the event's records that carry these fields, in this order: the
         same line emit_with() writes, without building and serializing a dict per event."""
         return RecordShape(self, event, names)
@@ -223,7 +258,7 @@ class AuditLog:
             self._file.close()
 
 
-_encode_str = json.encoder.encode_basestring_ascii   # json.dumps's own, ensure_ascii=True
+_encode_str = json.encoder.encode_basestring_ascii  # json.dumps's own, ensure_ascii=True
 
 
 def _json_value(v: Any) -> str:
@@ -248,13 +283,21 @@ class RecordShape:
 
     def __init__(self, log: AuditLog, event: str, names: tuple[str, ...]):
         self._log = log
-        self._prefix = ('", "event": ' + _encode_str(event) + ', "stream": "audit", "node": '
-                        + _json_value(log._node))
+        self._prefix = (
+            '", "event": '
+            + _encode_str(event)
+            + ', "stream": "audit", "node": '
+            + _json_value(log._node)
+        )
         self._keys = tuple(", " + _encode_str(n) + ": " for n in names)
         # one %-template for the line: time, each value, then the fragment's separator and
         # the fragment (literal text escaped for %)
-        self._template = ('{"time": "%s' + self._prefix.replace("%", "%%")
-                          + "".join(k.replace("%", "%%") + "%s" for k in self._keys) + "%s%s}")
+        self._template = (
+            '{"time": "%s'
+            + self._prefix.replace("%", "%%")
+            + "".join(k.replace("%", "%%") + "%s" for k in self._keys)
+            + "%s%s}"
+        )
         # a secret field's value is never rendered: the redaction text takes its place
         self._secret = tuple(n.lower() in SECRET_FIELDS for n in names)
 
@@ -262,10 +305,23 @@ class RecordShape:
         if len(values) != len(self._keys):
             raise ValueError(f"record shape: {len(self._keys)} values expected")
         if True in self._secret:
-            values = tuple(REDACTED if secret else v for secret, v in zip(self._secret, values))
-        enc = _encode_str   # strings and ints inline: most values are, and a call each costs
-        self._log._queue(self._template % (
-            _utc_timestamp(),
-            *[enc(v) if v.__class__ is str else
-              int.__repr__(v) if v.__class__ is int else _json_value(v) for v in values],
-            ", " if fragment else "", fragment))
+            values = tuple(
+                REDACTED if secret else v for secret, v in zip(self._secret, values, strict=False)
+            )
+        enc = _encode_str  # strings and ints inline: most values are, and a call each costs
+        self._log._queue(
+            self._template
+            % (
+                _utc_timestamp(),
+                *[
+                    enc(v)
+                    if v.__class__ is str
+                    else int.__repr__(v)
+                    if v.__class__ is int
+                    else _json_value(v)
+                    for v in values
+                ],
+                ", " if fragment else "",
+                fragment,
+            )
+        )

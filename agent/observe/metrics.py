@@ -7,10 +7,15 @@ in one process. Components register their series on `Metrics.registry` when they
 from __future__ import annotations
 
 import platform
-from typing import Callable
+from collections.abc import Callable
 
-from prometheus_client import (CollectorRegistry, Info, PlatformCollector, ProcessCollector,
-                               generate_latest)
+from prometheus_client import (
+    CollectorRegistry,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from agent import __version__
@@ -25,7 +30,8 @@ class Metrics:
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         Info("credless_build", "credless build information", registry=self.registry).info(
-            {"version": __version__, "python": platform.python_version()})
+            {"version": __version__, "python": platform.python_version()}
+        )
         self._ready_checks: dict[str, ReadyCheck] = {}
 
     def add_ready_check(self, name: str, check: ReadyCheck) -> None:
@@ -52,5 +58,5 @@ def metrics_routes(metrics: Metrics) -> dict:
     return {"/metrics": scrape, "/healthz": lambda: (200, b"ok\n", TEXT), "/readyz": ready}
 
 
-def MetricsServer(metrics: Metrics, host: str, port: int) -> HttpEndpoint:  # noqa: N802
+def MetricsServer(metrics: Metrics, host: str, port: int) -> HttpEndpoint:
     return HttpEndpoint(host, port, metrics_routes(metrics), name="metrics-http")

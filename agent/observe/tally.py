@@ -16,7 +16,8 @@ number (each update is one assignment under the GIL).
 from __future__ import annotations
 
 from bisect import bisect_left
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
@@ -37,7 +38,7 @@ class HistogramCell:
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)   # the last: above every bound (+Inf only)
+        self.counts = [0] * (len(bounds) + 1)  # the last: above every bound (+Inf only)
         self.sum = 0.0
 
     def observe(self, value: float) -> None:
@@ -47,24 +48,22 @@ class HistogramCell:
 
 
 class _Family:
-    def __init__(self, name: str, doc: str, labelnames: Iterable[str] = (),
-                 registry: Any = None):
+    def __init__(self, name: str, doc: str, labelnames: Iterable[str] = (), registry: Any = None):
         self.name, self.doc = name, doc
         self.labelnames = tuple(labelnames)
         self._cells: dict[tuple[str, ...], Any] = {}
         if not self.labelnames:
             self._cells[()] = self._new_cell()
-        if registry is not None:   # as prometheus_client: None registers nowhere
+        if registry is not None:  # as prometheus_client: None registers nowhere
             registry.register(self)
 
     def labels(self, *values: str):
         """The series for these label values (created on first use). Callers on a hot path
         keep the cell: labels() is a dict lookup, the cell's update is the cheap part."""
-        cell = self._cells.get(values)   # the usual call: a series already made, str labels
+        cell = self._cells.get(values)  # the usual call: a series already made, str labels
         if cell is None:
             if len(values) != len(self.labelnames):
-                raise ValueError(f"{self.name}: expected labels {self.labelnames}, "
-                                 f"got {values}")
+                raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {values}")
             key = tuple(str(v) for v in values)
             cell = self._cells.get(key)
             if cell is None:
@@ -72,14 +71,14 @@ class _Family:
         return cell
 
     def _series(self):
-        return list(self._cells.items())   # a snapshot: the loop may add a series meanwhile
+        return list(self._cells.items())  # a snapshot: the loop may add a series meanwhile
 
 
 class TallyCounter(_Family):
     def _new_cell(self) -> CounterCell:
         return CounterCell()
 
-    def describe(self):   # for the registry's duplicate-name check
+    def describe(self):  # for the registry's duplicate-name check
         yield CounterMetricFamily(self.name, self.doc, labels=self.labelnames)
 
     def collect(self):
@@ -90,8 +89,14 @@ class TallyCounter(_Family):
 
 
 class TallyHistogram(_Family):
-    def __init__(self, name: str, doc: str, labelnames: Iterable[str] = (),
-                 buckets: Iterable[float] = (), registry: Any = None):
+    def __init__(
+        self,
+        name: str,
+        doc: str,
+        labelnames: Iterable[str] = (),
+        buckets: Iterable[float] = (),
+        registry: Any = None,
+    ):
         self.bounds = tuple(sorted(float(b) for b in buckets if b != float("inf")))
         if not self.bounds:
             raise ValueError(f"{name}: a histogram needs at least one finite bucket bound")
@@ -111,7 +116,7 @@ class TallyHistogram(_Family):
         for key, cell in self._series():
             counts, total = list(cell.counts), cell.sum
             cumulative, running = [], 0
-            for bound, n in zip((*self.bounds, float("inf")), counts):
+            for bound, n in zip((*self.bounds, float("inf")), counts, strict=False):
                 running += n
                 cumulative.append((floatToGoString(bound), running))
             family.add_metric(list(key), cumulative, total)

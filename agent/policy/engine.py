@@ -19,22 +19,26 @@ class PolicyEngine:
     name = "policy"
 
     def __init__(self, cfg: Any, servers: set[str], registry: Any = None):
-        self.cfg = cfg                 # agent.config.PolicySection
+        self.cfg = cfg  # agent.config.PolicySection
         self.servers = servers
         self.policy: Policy | None = None
         self._mtime = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.m_decisions = Counter("credless_policy_decisions", "Policy decisions",
-                                   ["server", "decision"], registry=registry)
-        self.m_reloads = Counter("credless_policy_reloads", "Policy file reloads", ["result"],
-                                 registry=registry)
+        self.m_decisions = Counter(
+            "credless_policy_decisions",
+            "Policy decisions",
+            ["server", "decision"],
+            registry=registry,
+        )
+        self.m_reloads = Counter(
+            "credless_policy_reloads", "Policy file reloads", ["result"], registry=registry
+        )
 
     def start(self) -> None:
         if self.cfg.file:
             self.reload(initial=True)
-            self._thread = threading.Thread(target=self._watch, name="policy-watch",
-                                            daemon=True)
+            self._thread = threading.Thread(target=self._watch, name="policy-watch", daemon=True)
             self._thread.start()
 
     def stop(self) -> None:
@@ -67,8 +71,14 @@ class PolicyEngine:
             except OSError:
                 pass
 
-    def decide(self, spiffe_id: str, server: str, method: str, name: str | None,
-               parent_spiffe_id: str | None = None) -> Decision:
+    def decide(
+        self,
+        spiffe_id: str,
+        server: str,
+        method: str,
+        name: str | None,
+        parent_spiffe_id: str | None = None,
+    ) -> Decision:
         policy = self.policy
         if policy is None:
             d = Decision(True, None, "no policy configured")
@@ -77,7 +87,10 @@ class PolicyEngine:
             if d.allowed and parent_spiffe_id and self.cfg.subagents == "restrict_to_parent":
                 p = policy.decide(parent_spiffe_id, server, method, name)
                 if not p.allowed:
-                    d = Decision(False, p.rule_id, f"sub-agent of {parent_spiffe_id}, which "
-                                 f"may not: {p.reason}")
+                    d = Decision(
+                        False,
+                        p.rule_id,
+                        f"sub-agent of {parent_spiffe_id}, which may not: {p.reason}",
+                    )
         self.m_decisions.labels(server, "allow" if d.allowed else "deny").inc()
         return d

@@ -19,15 +19,15 @@ from dataclasses import dataclass
 from typing import Any
 
 PARSE_ERROR, INVALID_REQUEST = -32700, -32600
-HEADER_MISMATCH = -32020          # MCP 2026-07-28
-POLICY_DENIED = -32001            # implementation-defined server error range
+HEADER_MISMATCH = -32020  # MCP 2026-07-28
+POLICY_DENIED = -32001  # implementation-defined server error range
 
 
 @dataclass(frozen=True)
 class Call:
     method: str
-    name: str | None      # params.name (tools/call, prompts/get) or params.uri (resources/read)
-    id: Any               # None for notifications
+    name: str | None  # params.name (tools/call, prompts/get) or params.uri (resources/read)
+    id: Any  # None for notifications
     is_request: bool
 
 
@@ -55,8 +55,10 @@ def _call(msg: Any) -> Call:
         if isinstance(params.get(key), str):
             name = params[key]
     if method in ("tools/call", "prompts/get", "resources/read") and name is None:
-        raise Malformed(INVALID_REQUEST, f"{method} without params."
-                        + ("uri" if method == "resources/read" else "name"))
+        raise Malformed(
+            INVALID_REQUEST,
+            f"{method} without params." + ("uri" if method == "resources/read" else "name"),
+        )
     return Call(method, name, msg.get("id"), "id" in msg)
 
 
@@ -81,8 +83,9 @@ def parse_calls(body: bytes) -> tuple[list[Call], bool]:
     try:
         doc = json.loads(body, object_pairs_hook=_unique_members)
     except _Duplicate as e:
-        raise Malformed(INVALID_REQUEST, f"duplicate member name {str(e)[:100]!r} in a JSON "
-                        "object") from None
+        raise Malformed(
+            INVALID_REQUEST, f"duplicate member name {str(e)[:100]!r} in a JSON object"
+        ) from None
     except (ValueError, UnicodeDecodeError):
         raise Malformed(PARSE_ERROR, "parse error: the body is not valid JSON") from None
     if isinstance(doc, list):
@@ -105,8 +108,7 @@ def _header_value(v: str) -> str:
     return v
 
 
-def header_mismatch(calls: list[Call], mcp_method: str | None, mcp_name: str | None
-                    ) -> str | None:
+def header_mismatch(calls: list[Call], mcp_method: str | None, mcp_name: str | None) -> str | None:
     """Why the routing headers disagree with the body, or None when they agree/are absent."""
     if mcp_method is None and mcp_name is None:
         return None
@@ -129,13 +131,13 @@ def error_object(id_: Any, code: int, message: str, data: Any = None) -> dict:
     return {"jsonrpc": "2.0", "id": id_, "error": err}
 
 
-def error_body(calls: list[Call] | None, is_batch: bool, code: int, message: str,
-               data: Any = None) -> bytes:
+def error_body(
+    calls: list[Call] | None, is_batch: bool, code: int, message: str, data: Any = None
+) -> bytes:
     """The JSON-RPC error answer: one per request id (notifications get none)."""
     if not calls:
         return json.dumps(error_object(None, code, message, data)).encode()
     errors = [error_object(c.id, code, message, data) for c in calls if c.is_request]
     if not is_batch:
-        return json.dumps(errors[0] if errors else error_object(None, code, message,
-                                                                  data)).encode()
+        return json.dumps(errors[0] if errors else error_object(None, code, message, data)).encode()
     return json.dumps(errors).encode()

@@ -35,14 +35,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-LIFECYCLE = frozenset({"initialize", "notifications/initialized", "notifications/cancelled",
-                       "ping", "server/discover", "http:GET", "http:DELETE"})
+LIFECYCLE = frozenset(
+    {
+        "initialize",
+        "notifications/initialized",
+        "notifications/cancelled",
+        "ping",
+        "server/discover",
+        "http:GET",
+        "http:DELETE",
+    }
+)
 _KEYS = {"id", "spiffe_id", "server", "methods", "tools", "resources", "prompts", "effect"}
 _REMOVED = {
     "oauth": "removed: it was never enforced. Which identities obtain tokens for a server "
-             "follows from their call rules (an identity with no allowed call gets none used)",
+    "follows from their call rules (an identity with no allowed call gets none used)",
     "scope": "removed: it was never enforced. Set the scope to request per server with "
-             "`scope` in the agent's [[servers]] table",
+    "`scope` in the agent's [[servers]] table",
 }
 
 
@@ -64,14 +73,18 @@ class Rule:
     effect: str = "allow"
 
     def applies(self, spiffe_id: str, server: str) -> bool:
-        return fnmatch.fnmatchcase(spiffe_id, self.spiffe_id) and \
-            (self.server == "*" or self.server == server)
+        return fnmatch.fnmatchcase(spiffe_id, self.spiffe_id) and (
+            self.server == "*" or self.server == server
+        )
 
     def covers(self, method: str, name: str | None) -> bool:
         if not any(fnmatch.fnmatchcase(method, m) for m in self.methods):
             return False
-        names = {"tools/call": self.tools, "resources/read": self.resources,
-                 "prompts/get": self.prompts}.get(method)
+        names = {
+            "tools/call": self.tools,
+            "resources/read": self.resources,
+            "prompts/get": self.prompts,
+        }.get(method)
         if names is None:
             return True
         return name is not None and any(fnmatch.fnmatchcase(name, n) for n in names)
@@ -93,12 +106,14 @@ class Policy:
     def _governed(self, server: str) -> bool:
         return any(r.server in (server, "*") for r in self.rules)
 
-    def decide(self, spiffe_id: str, server: str, method: str,
-               name: str | None = None) -> Decision:
+    def decide(self, spiffe_id: str, server: str, method: str, name: str | None = None) -> Decision:
         if not self._governed(server):
             ok = self.default_unlisted == "allow"
-            return Decision(ok, None, f"server {server!r} has no rules; default_unlisted = "
-                            f"{self.default_unlisted}")
+            return Decision(
+                ok,
+                None,
+                f"server {server!r} has no rules; default_unlisted = {self.default_unlisted}",
+            )
         applicable = [r for r in self.rules if r.applies(spiffe_id, server)]
         for r in applicable:
             if r.effect == "deny" and r.covers(method, name):
@@ -119,8 +134,10 @@ def _strings(v: Any) -> bool:
 def parse(data: dict, source: str = "<policy>", servers: set[str] | None = None) -> Policy:
     problems: list[str] = []
     unknown = set(data) - {"rule", "default_unlisted"}
-    problems += [f"unknown top-level key {k!r}; accepted: default_unlisted, [[rule]]"
-                 for k in sorted(unknown)]
+    problems += [
+        f"unknown top-level key {k!r}; accepted: default_unlisted, [[rule]]"
+        for k in sorted(unknown)
+    ]
     default = data.get("default_unlisted", "allow")
     if default not in ("allow", "deny"):
         problems.append(f"default_unlisted: got {default!r}, expected allow or deny")
@@ -129,14 +146,21 @@ def parse(data: dict, source: str = "<policy>", servers: set[str] | None = None)
     if not isinstance(raw_rules, list):
         raise PolicyError(source, ["'rule' must be an array of tables: write [[rule]]"])
     for i, raw in enumerate(raw_rules):
-        where = f"rule[{i}]" + (f' (id "{raw.get("id")}")' if isinstance(raw, dict)
-                                and isinstance(raw.get("id"), str) else "")
+        where = f"rule[{i}]" + (
+            f' (id "{raw.get("id")}")'
+            if isinstance(raw, dict) and isinstance(raw.get("id"), str)
+            else ""
+        )
         if not isinstance(raw, dict):
             problems.append(f"{where}: expected a table")
             continue
-        errs = [f"{where}: {k}: {_REMOVED[k]}" if k in _REMOVED else
-                f"{where}: unknown key {k!r}; accepted: {', '.join(sorted(_KEYS))}"
-                for k in raw if k not in _KEYS]
+        errs = [
+            f"{where}: {k}: {_REMOVED[k]}"
+            if k in _REMOVED
+            else f"{where}: unknown key {k!r}; accepted: {', '.join(sorted(_KEYS))}"
+            for k in raw
+            if k not in _KEYS
+        ]
         rid = raw.get("id")
         if not isinstance(rid, str) or not rid:
             errs.append(f"{where}: id is required (it names the rule in audit events)")
@@ -149,13 +173,15 @@ def parse(data: dict, source: str = "<policy>", servers: set[str] | None = None)
         if not isinstance(server, str) or not server:
             errs.append(f'{where}: server must be a [[servers]] name or "*"')
         elif servers is not None and server != "*" and server not in servers:
-            errs.append(f"{where}: server {server!r} is not configured; known: "
-                        + ", ".join(sorted(servers)))
+            errs.append(
+                f"{where}: server {server!r} is not configured; known: "
+                + ", ".join(sorted(servers))
+            )
         for key in ("methods", "tools", "resources", "prompts"):
             if key in raw and not _strings(raw[key]):
                 errs.append(f"{where}: {key} must be a list of non-empty strings")
         if "methods" not in raw and raw.get("effect", "allow") == "allow":
-            errs.append(f"{where}: methods is required (e.g. [\"tools/list\", \"tools/call\"])")
+            errs.append(f'{where}: methods is required (e.g. ["tools/list", "tools/call"])')
         if raw.get("effect", "allow") not in ("allow", "deny"):
             errs.append(f"{where}: effect must be allow or deny, got {raw.get('effect')!r}")
         if isinstance(rid, str):
@@ -163,12 +189,18 @@ def parse(data: dict, source: str = "<policy>", servers: set[str] | None = None)
         if errs:
             problems += errs
             continue
-        rules.append(Rule(id=rid, spiffe_id=sid, server=server,
-                          methods=tuple(raw.get("methods", ())),
-                          tools=tuple(raw.get("tools", ("*",))),
-                          resources=tuple(raw.get("resources", ("*",))),
-                          prompts=tuple(raw.get("prompts", ("*",))),
-                          effect=raw.get("effect", "allow")))
+        rules.append(
+            Rule(
+                id=rid,
+                spiffe_id=sid,
+                server=server,
+                methods=tuple(raw.get("methods", ())),
+                tools=tuple(raw.get("tools", ("*",))),
+                resources=tuple(raw.get("resources", ("*",))),
+                prompts=tuple(raw.get("prompts", ("*",))),
+                effect=raw.get("effect", "allow"),
+            )
+        )
     if problems:
         raise PolicyError(source, problems)
     return Policy(rules, default, source)

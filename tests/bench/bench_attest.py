@@ -47,8 +47,11 @@ def main() -> int:
             cg_id = cg.stat().st_ino
 
             def on_event(ev):
-                if ev.type == EV_EXEC and ev.cgroup_id == cg_id and \
-                        ev.filename.rsplit("/", 1)[-1] in ("true", "sleep"):
+                if (
+                    ev.type == EV_EXEC
+                    and ev.cgroup_id == cg_id
+                    and ev.filename.rsplit("/", 1)[-1] in ("true", "sleep")
+                ):
                     seen["n"] += 1
 
             def on_attested(img, _att):
@@ -62,16 +65,21 @@ def main() -> int:
             lost_before = attestor.lost_events()
             cpu_before = cpu_seconds()
             half = args.execs // 2
-            loops = [subprocess.Popen(
-                ["bash", "-c", f"for ((i=0;i<{n};i++)); do /bin/true; done"],
-                preexec_fn=enter_cgroup(cg)) for n in (half, args.execs - half)]
+            loops = [
+                subprocess.Popen(
+                    ["bash", "-c", f"for ((i=0;i<{n};i++)); do /bin/true; done"],
+                    preexec_fn=enter_cgroup(cg),
+                )
+                for n in (half, args.execs - half)
+            ]
             t0 = time.monotonic()
             for p in loops:
                 p.wait()
             storm_s = time.monotonic() - t0
             burst = subprocess.Popen(
                 ["bash", "-c", f"for i in {{1..{args.burst}}}; do /bin/sleep 1 & done; wait"],
-                preexec_fn=enter_cgroup(cg))
+                preexec_fn=enter_cgroup(cg),
+            )
             burst.wait()
             expected = args.execs + args.burst
             deadline = time.monotonic() + 30
@@ -84,10 +92,16 @@ def main() -> int:
         attestor.stop()
     latencies.sort()
     p99 = latencies[int(len(latencies) * 0.99) - 1] if latencies else float("nan")
-    print(f"# storm: {args.execs} execs in {storm_s:.1f}s ({args.execs / storm_s:.0f}/s), "
-          f"attested before exit: {len(latencies)}", flush=True)
-    print(f"attest-bench: execs={expected} seen={seen['n']} lost={lost} "
-          f"p99_enrich_ms={p99:.2f} agent_cpu_s={cpu:.2f}", flush=True)
+    print(
+        f"# storm: {args.execs} execs in {storm_s:.1f}s ({args.execs / storm_s:.0f}/s), "
+        f"attested before exit: {len(latencies)}",
+        flush=True,
+    )
+    print(
+        f"attest-bench: execs={expected} seen={seen['n']} lost={lost} "
+        f"p99_enrich_ms={p99:.2f} agent_cpu_s={cpu:.2f}",
+        flush=True,
+    )
     return 0 if seen["n"] == expected and lost == 0 else 1
 
 

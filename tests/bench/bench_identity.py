@@ -37,8 +37,7 @@ def rate(fn, seconds: float) -> float:
 def main() -> int:
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     with tempfile.TemporaryDirectory() as state:
-        mgr = IdentityManager(IdentitySection(entries_file=""), state,
-                              registry=CollectorRegistry())
+        mgr = IdentityManager(IdentitySection(entries_file=""), state, registry=CollectorRegistry())
         mgr.start()
         try:
             sid = SpiffeId.parse("spiffe://example.org/bench/workload")
@@ -47,10 +46,20 @@ def main() -> int:
             jwt_rate = rate(lambda: mgr.jwt_svid(ident, aud), 3.0)
             x509_rate = rate(lambda: mint_x509_svid(mgr.ca, sid, ttl=3600), 3.0)
             key = ec.generate_private_key(ec.SECP256R1())
-            claims = {"sub": str(sid), "aud": aud[0], "exp": int(time.time()) + 300,
-                      "iat": int(time.time()), "iss": str(sid), "jti": "x" * 22}
-            base = rate(lambda: jwt.encode(claims, key, algorithm="ES256",
-                                           headers={"kid": "k", "typ": "JWT"}), 3.0)
+            claims = {
+                "sub": str(sid),
+                "aud": aud[0],
+                "exp": int(time.time()) + 300,
+                "iat": int(time.time()),
+                "iss": str(sid),
+                "jti": "x" * 22,
+            }
+            base = rate(
+                lambda: jwt.encode(
+                    claims, key, algorithm="ES256", headers={"kid": "k", "typ": "JWT"}
+                ),
+                3.0,
+            )
         finally:
             mgr.stop()
     print(f"# baseline (same run, one core): pyjwt_es256_sign_per_s={base:.0f}")

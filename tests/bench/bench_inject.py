@@ -18,8 +18,8 @@ sse_first_event_added_ms: time to the first SSE event through credless minus dir
 small streaming upstream (first event at once, the rest later), median of 20.
 
 Prints: inject-bench: direct_rps=… nginx_rps=… credless_rps=… direct_p50_us=…
-nginx_p50_us=… credless_p50_us=… credless_p99_us=… sse_first_event_added_ms=…, then the loaded latencies,
-the targets' ratios (inject-bench-target) and the floor.
+nginx_p50_us=… credless_p50_us=… credless_p99_us=… sse_first_event_added_ms=…, then the
+loaded latencies, the targets' ratios (inject-bench-target) and the floor.
 """
 
 from __future__ import annotations
@@ -40,8 +40,10 @@ from tests.helpers import AgentProcess, free_port, wait_for, write_config
 from tests.kernel import cgroup_child, enter_cgroup
 from tests.oidc.peer import OidcProvider
 
-BODY = ('{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo",'
-        '"arguments":{"text":"hi"}}}')
+BODY = (
+    '{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo",'
+    '"arguments":{"text":"hi"}}}'
+)
 RESULT = '{"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"text","text":"hi"}]}}'
 DURATION = int(os.environ.get("BENCH_SECONDS", "8"))
 
@@ -62,15 +64,31 @@ http {{
 
 
 def wrk(url: str, lua: Path, preexec=None, connections: int = 16) -> tuple[float, float, float]:
-    out = subprocess.run(["taskset", "-c", "0", "wrk", "-t1", f"-c{connections}",
-                          f"-d{DURATION}s", "--latency", "-s", str(lua), url],
-                         capture_output=True, text=True, preexec_fn=preexec,
-                         timeout=DURATION + 60).stdout
+    out = subprocess.run(
+        [
+            "taskset",
+            "-c",
+            "0",
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{DURATION}s",
+            "--latency",
+            "-s",
+            str(lua),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        preexec_fn=preexec,
+        timeout=DURATION + 60,
+    ).stdout
 
     def us(label: str) -> float:
         m = re.search(rf"\s{label}%\s+([\d.]+)(us|ms|s)", out)
         v, unit = float(m.group(1)), m.group(2)
         return v * {"us": 1, "ms": 1000, "s": 1e6}[unit]
+
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     return rps, us("50"), us("99")
 
@@ -78,7 +96,7 @@ def wrk(url: str, lua: Path, preexec=None, connections: int = 16) -> tuple[float
 class Sse(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
-    def do_POST(self):  # noqa: N802  first event at once, the second 200 ms later
+    def do_POST(self):
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
@@ -92,13 +110,13 @@ class Sse(BaseHTTPRequestHandler):
                 time.sleep(pause)
             self.wfile.write(b"0\r\n\r\n")
         except (BrokenPipeError, ConnectionResetError):
-            pass   # the client stops reading after the first event
+            pass  # the client stops reading after the first event
 
     def log_message(self, *a):
         pass
 
 
-SSE_CLIENT = r'''
+SSE_CLIENT = r"""
 import socket, sys, time, json
 port, n = int(sys.argv[1]), int(sys.argv[2])
 out = []
@@ -113,13 +131,19 @@ for _ in range(n):
     out.append((time.perf_counter() - t0) * 1000)
     s.close()
 print(json.dumps(out))
-'''
+"""
 
 
 def sse_first_ms(port: int, preexec=None) -> float:
-    r = subprocess.run(["python3", "-c", SSE_CLIENT, str(port), "20"], capture_output=True,
-                       text=True, preexec_fn=preexec, timeout=60)
+    r = subprocess.run(
+        ["python3", "-c", SSE_CLIENT, str(port), "20"],
+        capture_output=True,
+        text=True,
+        preexec_fn=preexec,
+        timeout=60,
+    )
     import json
+
     return statistics.median(json.loads(r.stdout))
 
 
@@ -127,18 +151,49 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="credless-bench-") as tmp:
         tmp = Path(tmp)
         lua = tmp / "post.lua"
-        lua.write_text(f"wrk.method = 'POST'\nwrk.body = '{BODY}'\n"
-                       "wrk.headers['Content-Type'] = 'application/json'\n"
-                       "wrk.headers['Accept'] = 'application/json, text/event-stream'\n")
+        lua.write_text(
+            f"wrk.method = 'POST'\nwrk.body = '{BODY}'\n"
+            "wrk.headers['Content-Type'] = 'application/json'\n"
+            "wrk.headers['Accept'] = 'application/json, text/event-stream'\n"
+        )
         up_port, px_port = free_port(), free_port()
-        up = subprocess.Popen(["taskset", "-c", "0", "nginx", "-c", str(nginx_conf(
-            tmp, "upstream", f"server {{ listen 127.0.0.1:{up_port}; location / {{ "
-            f"default_type application/json; return 200 '{RESULT}'; }} }}"))])
-        px = subprocess.Popen(["taskset", "-c", "1", "nginx", "-c", str(nginx_conf(
-            tmp, "proxy", f"upstream up {{ server 127.0.0.1:{up_port}; keepalive 32; }} "
-            f"server {{ listen 127.0.0.1:{px_port}; location / {{ proxy_pass http://up; "
-            "proxy_http_version 1.1; proxy_set_header Connection ''; "
-            "proxy_set_header Authorization 'Bearer bench-token'; } }"))])
+        up = subprocess.Popen(
+            [
+                "taskset",
+                "-c",
+                "0",
+                "nginx",
+                "-c",
+                str(
+                    nginx_conf(
+                        tmp,
+                        "upstream",
+                        f"server {{ listen 127.0.0.1:{up_port}; location / {{ "
+                        f"default_type application/json; return 200 '{RESULT}'; }} }}",
+                    )
+                ),
+            ]
+        )
+        px = subprocess.Popen(
+            [
+                "taskset",
+                "-c",
+                "1",
+                "nginx",
+                "-c",
+                str(
+                    nginx_conf(
+                        tmp,
+                        "proxy",
+                        f"upstream up {{ server 127.0.0.1:{up_port}; keepalive 32; }} "
+                        f"server {{ listen 127.0.0.1:{px_port}; "
+                        "location / { proxy_pass http://up; "
+                        "proxy_http_version 1.1; proxy_set_header Connection ''; "
+                        "proxy_set_header Authorization 'Bearer bench-token'; } }",
+                    )
+                ),
+            ]
+        )
         sse = ThreadingHTTPServer(("127.0.0.1", 0), Sse)
         threading.Thread(target=sse.serve_forever, daemon=True).start()
         sse_port = sse.server_address[1]
@@ -149,12 +204,24 @@ def main() -> int:
             direct1 = wrk(f"http://127.0.0.1:{up_port}/mcp", lua, connections=1)
             nginx1 = wrk(f"http://127.0.0.1:{px_port}/mcp", lua, connections=1)
             floor_port = free_port()
-            floor_proc = subprocess.Popen(["taskset", "-c", "1", sys.executable, "-m",
-                                           "tests.bench.relay_floor", str(floor_port),
-                                           str(up_port)])
+            floor_proc = subprocess.Popen(
+                [
+                    "taskset",
+                    "-c",
+                    "1",
+                    sys.executable,
+                    "-m",
+                    "tests.bench.relay_floor",
+                    str(floor_port),
+                    str(up_port),
+                ]
+            )
             try:
-                wait_for(lambda: socket.create_connection(("127.0.0.1", floor_port)).close()
-                         or True, 10, what="floor relay")
+                wait_for(
+                    lambda: socket.create_connection(("127.0.0.1", floor_port)).close() or True,
+                    10,
+                    what="floor relay",
+                )
                 floor = wrk(f"http://127.0.0.1:{floor_port}/mcp", lua)
             finally:
                 floor_proc.terminate()
@@ -163,16 +230,26 @@ def main() -> int:
             with cgroup_child("credless-bench") as cg:
                 sid = "spiffe://example.org/bench/wrk"
                 bundle_port = free_port()
-                resources = {f"http://127.0.0.1:{p}/mcp": {"format": "jwt", "scope": "tools"}
-                             for p in (up_port, sse_port)}
-                with OidcProvider(tmp, resources=resources, clients=[{
-                        "client_id": sid,
-                        "jwks_uri": f"http://127.0.0.1:{bundle_port}/jwks.json"}]) as oidc:
+                resources = {
+                    f"http://127.0.0.1:{p}/mcp": {"format": "jwt", "scope": "tools"}
+                    for p in (up_port, sse_port)
+                }
+                with OidcProvider(
+                    tmp,
+                    resources=resources,
+                    clients=[
+                        {"client_id": sid, "jwks_uri": f"http://127.0.0.1:{bundle_port}/jwks.json"}
+                    ],
+                ) as oidc:
                     (tmp / "entries.toml").write_text(
                         f'[[entry]]\nid = "wrk"\nspiffe_id = "{sid}"\n'
-                        f'selectors = ["cgroup:path:/{cg.name}"]\n')
+                        f'selectors = ["cgroup:path:/{cg.name}"]\n'
+                    )
                     proxy_port = free_port()
-                    cfg = write_config(tmp, bundle_port=bundle_port, extra=f'''
+                    cfg = write_config(
+                        tmp,
+                        bundle_port=bundle_port,
+                        extra=f'''
 [inject]
 listen_port = {proxy_port}
 listen_port6 = {proxy_port}
@@ -187,16 +264,17 @@ name = "sse"
 url = "http://127.0.0.1:{sse_port}/mcp"
 issuer = "{oidc.issuer}"
 dpop = "never"
-''')
+''',
+                    )
                     with AgentProcess(cfg, tmp) as agent:
                         agent.wait_ready()
-                        subprocess.run(["taskset", "-a", "-cp", "1", str(agent.proc.pid)],
-                                       capture_output=True)
+                        subprocess.run(
+                            ["taskset", "-a", "-cp", "1", str(agent.proc.pid)], capture_output=True
+                        )
                         inside = enter_cgroup(cg)
                         wrk(f"http://127.0.0.1:{up_port}/mcp", lua, inside)  # warm: token
                         cred = wrk(f"http://127.0.0.1:{up_port}/mcp", lua, inside)
-                        cred1 = wrk(f"http://127.0.0.1:{up_port}/mcp", lua, inside,
-                                    connections=1)
+                        cred1 = wrk(f"http://127.0.0.1:{up_port}/mcp", lua, inside, connections=1)
                         sse_cred = sse_first_ms(sse_port, inside)
         finally:
             for p in (up, px):
@@ -204,26 +282,36 @@ dpop = "never"
                 p.wait()
             sse.shutdown()
             sse.server_close()
-    print(f"# one run, {DURATION}s per figure, 1 wrk thread; proxies pinned to one core "
-          "(CPU 1). rps: 16 keep-alive connections (saturating). p50/p99: 1 connection, the "
-          "latency of the path itself, not time queued behind 15 others (16-connection "
-          "latencies: inject-bench-loaded)")
-    print(f"inject-bench: direct_rps={direct[0]:.0f} nginx_rps={nginx[0]:.0f} "
-          f"credless_rps={cred[0]:.0f} direct_p50_us={direct1[1]:.0f} "
-          f"nginx_p50_us={nginx1[1]:.0f} credless_p50_us={cred1[1]:.0f} "
-          f"credless_p99_us={cred1[2]:.0f} "
-          f"sse_first_event_added_ms={sse_cred - sse_direct:.2f}")
-    print(f"inject-bench-loaded: direct_p50_us={direct[1]:.0f} nginx_p50_us={nginx[1]:.0f} "
-          f"credless_p50_us={cred[1]:.0f} nginx_p99_us={nginx[2]:.0f} "
-          f"credless_p99_us={cred[2]:.0f}")
+    print(
+        f"# one run, {DURATION}s per figure, 1 wrk thread; proxies pinned to one core "
+        "(CPU 1). rps: 16 keep-alive connections (saturating). p50/p99: 1 connection, the "
+        "latency of the path itself, not time queued behind 15 others (16-connection "
+        "latencies: inject-bench-loaded)"
+    )
+    print(
+        f"inject-bench: direct_rps={direct[0]:.0f} nginx_rps={nginx[0]:.0f} "
+        f"credless_rps={cred[0]:.0f} direct_p50_us={direct1[1]:.0f} "
+        f"nginx_p50_us={nginx1[1]:.0f} credless_p50_us={cred1[1]:.0f} "
+        f"credless_p99_us={cred1[2]:.0f} "
+        f"sse_first_event_added_ms={sse_cred - sse_direct:.2f}"
+    )
+    print(
+        f"inject-bench-loaded: direct_p50_us={direct[1]:.0f} nginx_p50_us={nginx[1]:.0f} "
+        f"credless_p50_us={cred[1]:.0f} nginx_p99_us={nginx[2]:.0f} "
+        f"credless_p99_us={cred[2]:.0f}"
+    )
     added_nginx, added_cred = nginx1[1] - direct1[1], cred1[1] - direct1[1]
-    print(f"inject-bench-target: credless_of_nginx_rps={cred[0] / nginx[0]:.2f} (target >= "
-          f"0.40) added_p50_us nginx={added_nginx:.0f} credless={added_cred:.0f} "
-          f"ratio={added_cred / max(added_nginx, 1):.2f} (target <= 1.5)")
+    print(
+        f"inject-bench-target: credless_of_nginx_rps={cred[0] / nginx[0]:.2f} (target >= "
+        f"0.40) added_p50_us nginx={added_nginx:.0f} credless={added_cred:.0f} "
+        f"ratio={added_cred / max(added_nginx, 1):.2f} (target <= 1.5)"
+    )
     # the ceiling for a CPython proxy here (tests/bench/relay_floor.py), same core, same run
-    print(f"inject-bench-floor: python_relay_rps={floor[0]:.0f} "
-          f"python_relay_p50_us={floor[1]:.0f} "
-          f"credless_of_floor={cred[0] / floor[0]:.2f} floor_of_nginx={floor[0] / nginx[0]:.2f}")
+    print(
+        f"inject-bench-floor: python_relay_rps={floor[0]:.0f} "
+        f"python_relay_p50_us={floor[1]:.0f} "
+        f"credless_of_floor={cred[0] / floor[0]:.2f} floor_of_nginx={floor[0] / nginx[0]:.2f}"
+    )
     return 0
 
 

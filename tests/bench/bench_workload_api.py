@@ -22,7 +22,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
@@ -83,24 +82,40 @@ def main() -> int:
     calls, connects, streams = 2000, 200, 64
     with tempfile.TemporaryDirectory() as tmp:
         entries = Path(tmp) / "entries.toml"
-        entries.write_text('[[entry]]\nid = "bench"\n'
-                           'spiffe_id = "spiffe://example.org/bench"\n'
-                           'selectors = ["unix:uid:0"]\n')
+        entries.write_text(
+            '[[entry]]\nid = "bench"\n'
+            'spiffe_id = "spiffe://example.org/bench"\n'
+            'selectors = ["unix:uid:0"]\n'
+        )
         registry = CollectorRegistry()
         attestor = Attestor(AttestSection(), registry=registry)
-        manager = IdentityManager(IdentitySection(entries_file=str(entries)),
-                                  str(Path(tmp) / "state"), registry=registry)
-        server = WorkloadApiServer(str(Path(tmp) / "agent.sock"), manager, attestor,
-                                   registry=registry)
+        manager = IdentityManager(
+            IdentitySection(entries_file=str(entries)), str(Path(tmp) / "state"), registry=registry
+        )
+        server = WorkloadApiServer(
+            str(Path(tmp) / "agent.sock"), manager, attestor, registry=registry
+        )
         started = []
         try:
             for c in (attestor, manager, server):
                 c.start()
                 started.append(c)
-            r = subprocess.run([sys.executable, "-c", CLIENT, str(server.socket_path),
-                                str(calls), str(connects), str(streams)], cwd=REPO,
-                               capture_output=True, text=True, timeout=600,
-                               env={**os.environ, "PYTHONPATH": str(REPO)})
+            r = subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    CLIENT,
+                    str(server.socket_path),
+                    str(calls),
+                    str(connects),
+                    str(streams),
+                ],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=600,
+                env={**os.environ, "PYTHONPATH": str(REPO)},
+            )
         finally:
             for c in reversed(started):
                 c.stop()
@@ -108,10 +123,12 @@ def main() -> int:
         print(r.stderr[-3000:], file=sys.stderr)
         return 1
     out = json.loads(r.stdout.splitlines()[-1])
-    print(f"workload-api-bench: jwt_per_s={out['jwt_per_s']:.0f} "
-          f"connect_x509_p50_ms={out['connect_x509_p50_ms']:.2f} "
-          f"connect_x509_p99_ms={out['connect_x509_p99_ms']:.2f} "
-          f"streams_ok={out['streams_ok']}/{streams}")
+    print(
+        f"workload-api-bench: jwt_per_s={out['jwt_per_s']:.0f} "
+        f"connect_x509_p50_ms={out['connect_x509_p50_ms']:.2f} "
+        f"connect_x509_p99_ms={out['connect_x509_p99_ms']:.2f} "
+        f"streams_ok={out['streams_ok']}/{streams}"
+    )
     return 0 if out["streams_ok"] == streams else 1
 
 

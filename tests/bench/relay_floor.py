@@ -18,7 +18,7 @@ import uvloop
 
 
 class UpstreamConn(asyncio.Protocol):
-    def __init__(self, client: "WorkloadConn"):
+    def __init__(self, client: WorkloadConn):
         self.client = client
         self.parser = httptools.HttpResponseParser(self)
         self.transport = None
@@ -27,8 +27,8 @@ class UpstreamConn(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
-        self.client.transport.write(data)   # streamed as it arrives
-        self.parser.feed_data(data)         # only to find the response's end
+        self.client.transport.write(data)  # streamed as it arrives
+        self.parser.feed_data(data)  # only to find the response's end
 
     def on_message_complete(self) -> None:
         self.client.response_done()
@@ -63,8 +63,10 @@ class WorkloadConn(asyncio.Protocol):
         self.body += body
 
     def on_message_complete(self) -> None:
-        self.queue.append(b"%s %s HTTP/1.1\r\n%sAuthorization: Bearer floor\r\n\r\n%s" % (
-            self.parser.get_method(), self.url, b"".join(self.headers), self.body))
+        self.queue.append(
+            b"%s %s HTTP/1.1\r\n%sAuthorization: Bearer floor\r\n\r\n%s"
+            % (self.parser.get_method(), self.url, b"".join(self.headers), self.body)
+        )
         self._next()
 
     def _next(self) -> None:
@@ -72,14 +74,15 @@ class WorkloadConn(asyncio.Protocol):
             return
         self.busy = True
         if self.upstream is None:
-            asyncio.ensure_future(self._connect())
+            self._connecting = asyncio.ensure_future(self._connect())
         else:
             self.upstream.transport.write(self.queue.pop(0))
 
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
-        _, self.upstream = await loop.create_connection(lambda: UpstreamConn(self),
-                                                        "127.0.0.1", self.upstream_port)
+        _, self.upstream = await loop.create_connection(
+            lambda: UpstreamConn(self), "127.0.0.1", self.upstream_port
+        )
         self.upstream.transport.write(self.queue.pop(0))
 
     def response_done(self) -> None:
@@ -93,8 +96,7 @@ class WorkloadConn(asyncio.Protocol):
 
 async def serve(listen_port: int, upstream_port: int) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: WorkloadConn(upstream_port), "127.0.0.1",
-                                      listen_port)
+    server = await loop.create_server(lambda: WorkloadConn(upstream_port), "127.0.0.1", listen_port)
     await server.serve_forever()
 
 

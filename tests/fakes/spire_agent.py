@@ -29,10 +29,10 @@ import json
 import shutil
 import tempfile
 import threading
+from collections.abc import Iterable
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import grpc
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -59,7 +59,7 @@ class FakeEntry:
 @dataclass(frozen=True)
 class RecordedCall:
     method: str
-    selectors: tuple[tuple[str, str], ...]   # (type, value) exactly as received
+    selectors: tuple[tuple[str, str], ...]  # (type, value) exactly as received
     pid: int
     audience: tuple[str, ...]
     metadata: dict[str, str] = field(default_factory=dict)
@@ -73,11 +73,13 @@ class _Abort(Exception):
 def _status(method):
     """Turn an _Abort raised by a handler (unary or streaming) into a gRPC status."""
     if inspect.isgeneratorfunction(method):
+
         def streaming(self, request, context):
             try:
                 yield from method(self, request, context)
             except _Abort as a:
                 context.abort(a.code, a.message)
+
         return streaming
 
     def unary(self, request, context):
@@ -85,15 +87,22 @@ def _status(method):
             return method(self, request, context)
         except _Abort as a:
             context.abort(a.code, a.message)
+
     return unary
 
 
 class FakeSpireAgent(pb_grpc.DelegatedIdentityServicer):
     """A FAKE Delegated Identity server; use as a context manager (always stops)."""
 
-    def __init__(self, trust_domain: str = "example.org",
-                 federated_trust_domain: str = "partner.example", *,
-                 bundle_key_form: str = "id", x509_ttl: int = 3600, jwt_ttl: int = 300):
+    def __init__(
+        self,
+        trust_domain: str = "example.org",
+        federated_trust_domain: str = "partner.example",
+        *,
+        bundle_key_form: str = "id",
+        x509_ttl: int = 3600,
+        jwt_ttl: int = 300,
+    ):
         if bundle_key_form not in ("id", "name"):
             raise ValueError("bundle_key_form is 'id' (spiffe://td, as SPIRE's code) or 'name'")
         self.trust_domain = TrustDomain(trust_domain)
@@ -121,8 +130,14 @@ class FakeSpireAgent(pb_grpc.DelegatedIdentityServicer):
         self._server: grpc.Server | None = None
 
     # ---------------------------------------------------------------- test controls
-    def register(self, selectors: Iterable[str], spiffe_id: str, *, hint: str = "",
-                 federates_with: Iterable[str] = ()) -> None:
+    def register(
+        self,
+        selectors: Iterable[str],
+        spiffe_id: str,
+        *,
+        hint: str = "",
+        federates_with: Iterable[str] = (),
+    ) -> None:
         """Add a registration entry (selectors → SPIFFE ID) and push it to streams."""
         sid = SpiffeId.parse(spiffe_id)
         entry = FakeEntry(frozenset(selectors), sid, hint, tuple(federates_with))
@@ -148,8 +163,11 @@ class FakeSpireAgent(pb_grpc.DelegatedIdentityServicer):
         return TrustBundle(self.trust_domain, self.ca.roots, self.jwt_keys.published())
 
     def federated_bundle(self) -> TrustBundle:
-        return TrustBundle(self.federated_trust_domain, self.federated_ca.roots,
-                           self.federated_jwt_keys.published())
+        return TrustBundle(
+            self.federated_trust_domain,
+            self.federated_ca.roots,
+            self.federated_jwt_keys.published(),
+        )
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> FakeSpireAgent:
@@ -184,9 +202,15 @@ class FakeSpireAgent(pb_grpc.DelegatedIdentityServicer):
 
     def _record(self, method: str, request, context) -> None:
         sels = tuple((s.type, s.value) for s in getattr(request, "selectors", ()))
-        self.calls.append(RecordedCall(method, sels, getattr(request, "pid", 0),
-                                       tuple(getattr(request, "audience", ())),
-                                       {m.key: m.value for m in context.invocation_metadata()}))
+        self.calls.append(
+            RecordedCall(
+                method,
+                sels,
+                getattr(request, "pid", 0),
+                tuple(getattr(request, "audience", ())),
+                {m.key: m.value for m in context.invocation_metadata()},
+            )
+        )
         with self._cond:
             if self._failures:
                 raise _Abort(*self._failures.pop(0))
@@ -195,13 +219,16 @@ class FakeSpireAgent(pb_grpc.DelegatedIdentityServicer):
         if not self.caller_registered:
             raise _Abort(grpc.StatusCode.PERMISSION_DENIED, "no identity issued")
         if not self.caller_authorized:
-            raise _Abort(grpc.StatusCode.PERMISSION_DENIED,
-                         "caller not configured as an authorized delegate")
+            raise _Abort(
+                grpc.StatusCode.PERMISSION_DENIED, "caller not configured as an authorized delegate"
+            )
 
     def _workload_selectors(self, selectors, pid: int) -> frozenset[str]:
         if bool(selectors) == bool(pid):  # both or neither; pid 0 means unset
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
-                         "must provide either selectors or non-zero PID, but not both")
+            raise _Abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "must provide either selectors or non-zero PID, but not both",
+            )
         if pid:
             if pid not in self.pids:
                 raise _Abort(grpc.StatusCode.UNAVAILABLE, f"could not attest PID {pid}")
@@ -225,8 +252,7 @@ class FakeSpireAgent(pb_grpc.DelegatedIdentityServicer):
         sent = None
         while True:
             with self._cond:
-                while (self._generation == sent and not self._stopping
-                       and context.is_active()):
+                while self._generation == sent and not self._stopping and context.is_active():
                     self._cond.wait(0.05)
                 if self._stopping or not context.is_active():
                     return
@@ -249,11 +275,18 @@ class FakeSpireAgent(pb_grpc.DelegatedIdentityServicer):
                 raise _Abort(grpc.StatusCode.PERMISSION_DENIED, "no identity issued")
             svids = []
             for e in entries:
-                j = mint_jwt_svid(self.jwt_keys, e.spiffe_id, list(request.audience),
-                                  ttl=self.jwt_ttl)
-                svids.append(types_pb.JWTSVID(token=j.token, id=self._id(e.spiffe_id),
-                                              expires_at=j.expires_at, issued_at=j.issued_at,
-                                              hint=e.hint))
+                j = mint_jwt_svid(
+                    self.jwt_keys, e.spiffe_id, list(request.audience), ttl=self.jwt_ttl
+                )
+                svids.append(
+                    types_pb.JWTSVID(
+                        token=j.token,
+                        id=self._id(e.spiffe_id),
+                        expires_at=j.expires_at,
+                        issued_at=j.issued_at,
+                        hint=e.hint,
+                    )
+                )
         return self._hooked(pb.FetchJWTSVIDsResponse(svids=svids))
 
     @_status
@@ -264,16 +297,24 @@ class FakeSpireAgent(pb_grpc.DelegatedIdentityServicer):
 
         def build():
             entries = self._matching(workload)
-            feds = sorted({TrustDomain.parse(t) for e in entries for t in e.federates_with},
-                          key=str)
+            feds = sorted(
+                {TrustDomain.parse(t) for e in entries for t in e.federates_with}, key=str
+            )
             return pb.SubscribeToX509SVIDsResponse(
-                x509_svids=[pb.X509SVIDWithKey(
-                    x509_svid=types_pb.X509SVID(
-                        cert_chain=[c.public_bytes(Encoding.DER) for c in e.svid.cert_chain],
-                        id=self._id(e.spiffe_id),
-                        expires_at=int(e.svid.not_after.timestamp()), hint=e.hint),
-                    x509_svid_key=e.svid.key_pkcs8_der()) for e in entries],
-                federates_with=[self._key(t) for t in feds])
+                x509_svids=[
+                    pb.X509SVIDWithKey(
+                        x509_svid=types_pb.X509SVID(
+                            cert_chain=[c.public_bytes(Encoding.DER) for c in e.svid.cert_chain],
+                            id=self._id(e.spiffe_id),
+                            expires_at=int(e.svid.not_after.timestamp()),
+                            hint=e.hint,
+                        ),
+                        x509_svid_key=e.svid.key_pkcs8_der(),
+                    )
+                    for e in entries
+                ],
+                federates_with=[self._key(t) for t in feds],
+            )
 
         yield from self._stream(context, build)
 
@@ -283,9 +324,12 @@ class FakeSpireAgent(pb_grpc.DelegatedIdentityServicer):
         self._check_caller()
 
         def build():
-            return pb.SubscribeToX509BundlesResponse(ca_certificates={
-                self._key(b.trust_domain): b.x509_der()
-                for b in (self.local_bundle(), self.federated_bundle())})
+            return pb.SubscribeToX509BundlesResponse(
+                ca_certificates={
+                    self._key(b.trust_domain): b.x509_der()
+                    for b in (self.local_bundle(), self.federated_bundle())
+                }
+            )
 
         yield from self._stream(context, build)
 

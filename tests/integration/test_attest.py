@@ -44,45 +44,69 @@ def procs():
 
 def test_exact_selectors_for_a_copied_binary_as_another_uid_in_a_fresh_cgroup(attestor, procs):
     with cgroup_child() as cg, copied_binaries("sleep") as bins:
-        p = subprocess.Popen([str(bins["sleep"]), "30"],
-                             preexec_fn=enter_cgroup(cg, uid=NOBODY, gid=NOGROUP))
+        p = subprocess.Popen(
+            [str(bins["sleep"]), "30"], preexec_fn=enter_cgroup(cg, uid=NOBODY, gid=NOGROUP)
+        )
         procs.append(p)
         att = attestor.attest(p.pid, timeout=5)
         assert att is not None
         sha = hashlib.sha256(bins["sleep"].read_bytes()).hexdigest()
         cg_path = "/" + cg.name
         assert att.selectors == {
-            f"unix:uid:{NOBODY}", "unix:user:nobody", f"unix:gid:{NOGROUP}",
-            "unix:group:nogroup", f"unix:path:{bins['sleep']}", f"unix:sha256:{sha}",
-            f"cgroup:path:{cg_path}", f"cgroup:id:{cg.stat().st_ino}",
+            f"unix:uid:{NOBODY}",
+            "unix:user:nobody",
+            f"unix:gid:{NOGROUP}",
+            "unix:group:nogroup",
+            f"unix:path:{bins['sleep']}",
+            f"unix:sha256:{sha}",
+            f"cgroup:path:{cg_path}",
+            f"cgroup:id:{cg.stat().st_ino}",
         }
         assert att.exe == str(bins["sleep"]) and att.comm == "copied-sleep"
         assert att.uid == NOBODY and att.cgroup_path == cg_path
         assert att.cgroup_id == cg.stat().st_ino
-        assert att.lineage[0][0] == os.getpid()   # the test spawned it
+        assert att.lineage[0][0] == os.getpid()  # the test spawned it
         # exit: the current-pid lookup misses at once; the image answers for the grace period
         p.kill()
         p.wait()
         wait_for(lambda: attestor.attest(p.pid, timeout=0) is None, what="exit seen")
-        late = wait_for(lambda: (a := attestor.attest_image(att.tgid, att.exec_ns, timeout=0))
-                        is not None and a.exited and a, what="exit event processed")
+        late = wait_for(
+            lambda: (
+                (a := attestor.attest_image(att.tgid, att.exec_ns, timeout=0)) is not None
+                and a.exited
+                and a
+            ),
+            what="exit event processed",
+        )
         assert late.selectors == att.selectors
-        wait_for(lambda: attestor.attest_image(att.tgid, att.exec_ns, timeout=0) is None,
-                 timeout=10, what="grace period over")
+        wait_for(
+            lambda: attestor.attest_image(att.tgid, att.exec_ns, timeout=0) is None,
+            timeout=10,
+            what="grace period over",
+        )
 
 
 def test_exec_makes_a_new_image_and_the_old_one_misses(attestor, procs):
     with cgroup_child() as cg, copied_binaries("sh", "sleep") as bins:
         # the shell waits for a line on stdin, then execs into sleep
-        p = subprocess.Popen([str(bins["sh"]), "-c", f"read x; exec {bins['sleep']} 30"],
-                             stdin=subprocess.PIPE, preexec_fn=enter_cgroup(cg))
+        p = subprocess.Popen(
+            [str(bins["sh"]), "-c", f"read x; exec {bins['sleep']} 30"],
+            stdin=subprocess.PIPE,
+            preexec_fn=enter_cgroup(cg),
+        )
         procs.append(p)
         first = attestor.attest(p.pid, timeout=5)
         assert first is not None and f"unix:path:{bins['sh']}" in first.selectors
         p.stdin.write(b"go\n")
         p.stdin.flush()
-        second = wait_for(lambda: (a := attestor.attest(p.pid, timeout=0.2)) is not None
-                          and a.exe == str(bins["sleep"]) and a, what="exec seen")
+        second = wait_for(
+            lambda: (
+                (a := attestor.attest(p.pid, timeout=0.2)) is not None
+                and a.exe == str(bins["sleep"])
+                and a
+            ),
+            what="exec seen",
+        )
         assert second.exec_ns > first.exec_ns and second.start_ns == first.start_ns
         assert f"unix:path:{bins['sleep']}" in second.selectors
         assert f"unix:path:{bins['sh']}" not in second.selectors
@@ -97,15 +121,18 @@ def test_image_change_counter_moves_on_exec_and_exit_before_user_code_runs(attes
     with cgroup_child() as cg, copied_binaries("sh", "cat") as bins:
         # the shell execs into cat on a line; cat echoes the next line back: once that echo
         # is read, the new image has run, and the counter must already show the exec
-        p = subprocess.Popen([str(bins["sh"]), "-c", f"read x; exec {bins['cat']}"],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             preexec_fn=enter_cgroup(cg))
+        p = subprocess.Popen(
+            [str(bins["sh"]), "-c", f"read x; exec {bins['cat']}"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            preexec_fn=enter_cgroup(cg),
+        )
         procs.append(p)
         wait_for(lambda: src.kernel_image(p.pid) is not None, what="process seen")
         before = src.image_changes(p.pid)
         assert before is not None, "image change counters are not mapped on this kernel"
         time.sleep(0.2)
-        assert src.image_changes(p.pid) == before   # nothing happened to it: no movement
+        assert src.image_changes(p.pid) == before  # nothing happened to it: no movement
         p.stdin.write(b"go\nhello\n")
         p.stdin.flush()
         assert p.stdout.readline() == b"hello\n"
@@ -138,6 +165,7 @@ def test_processes_that_predate_the_agent_are_seeded(procs):
 def test_metrics_count_events_and_no_loss(attestor, procs):
     for _ in range(20):
         subprocess.run(["true"], check=True)
+
     def execs_counted():
         text = generate_latest(attestor.registry).decode()
         n = float(text.split('credless_attest_events_total{type="exec"} ')[1].split()[0])

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import signal
 import subprocess
-
-import json
-import os
 
 import pytest
 
@@ -27,8 +26,9 @@ def agent(tmp_path):
 
 
 def _bpf_prog_ids() -> set[int]:
-    out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        ["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True
+    ).stdout
     return {p["id"] for p in json.loads(out or "[]")}
 
 
@@ -55,8 +55,12 @@ def test_metrics_endpoint_passes_promtool(agent):
     assert status == 200
     assert 'credless_build_info{python="' in body and 'version="' in body
     assert "process_cpu_seconds_total" in body
-    lint = subprocess.run([shutil.which("promtool") or "promtool", "check", "metrics"],
-                          input=body, capture_output=True, text=True)
+    lint = subprocess.run(
+        [shutil.which("promtool") or "promtool", "check", "metrics"],
+        input=body,
+        capture_output=True,
+        text=True,
+    )
     assert lint.returncode == 0, lint.stdout + lint.stderr
     assert lint.stdout.strip() == "" and lint.stderr.strip() == ""
 
@@ -89,16 +93,20 @@ def test_busy_metrics_port_fails_startup_with_a_fix(tmp_path, agent):
     errors = [e for e in b.log_events() if e.get("event") == "start-up failed"]
     assert errors and errors[0]["error"] == (
         f"metrics.listen 127.0.0.1:{agent.port}: Address already in use; choose a free "
-        "port or set metrics.enabled = false")
+        "port or set metrics.enabled = false"
+    )
     assert not (other / "run" / "credless.pid").exists()
 
 
 def test_kubelet_url_naming_an_unset_variable_fails_startup_with_a_fix(tmp_path):
-    cfg = write_config(tmp_path, extra='''
+    cfg = write_config(
+        tmp_path,
+        extra="""
 [attest.kubelet]
 enabled = true
 url = "https://${CREDLESS_TEST_UNSET_NODE_IP}:10250"
-''')
+""",
+    )
     env_before = os.environ.pop("CREDLESS_TEST_UNSET_NODE_IP", None)
     try:
         with AgentProcess(cfg, tmp_path) as a:
@@ -114,16 +122,31 @@ url = "https://${CREDLESS_TEST_UNSET_NODE_IP}:10250"
 def test_bad_config_exits_2_without_traceback(tmp_path, credless_cmd):
     cfg = tmp_path / "c.toml"
     cfg.write_text('[log]\nlevel = "loud"\n')
-    r = subprocess.run([*credless_cmd, "run", "--config", str(cfg)], capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run(
+        [*credless_cmd, "run", "--config", str(cfg)], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 2
-    assert r.stderr == (f'credless: config error\n{cfg}: log.level: got "loud", expected one '
-                        "of: debug, info, warning, error\n")
+    assert r.stderr == (
+        f'credless: config error\n{cfg}: log.level: got "loud", expected one '
+        "of: debug, info, warning, error\n"
+    )
 
 
 def test_ps_lists_processes_with_selectors(agent, credless_cmd):
-    r = subprocess.run([*credless_cmd, "ps", "--config", str(agent.config), "--json",
-                        "--pid", str(agent.proc.pid)], capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        [
+            *credless_cmd,
+            "ps",
+            "--config",
+            str(agent.config),
+            "--json",
+            "--pid",
+            str(agent.proc.pid),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)
     assert len(rows) == 1 and rows[0]["pid"] == agent.proc.pid
@@ -136,11 +159,14 @@ def test_ps_lists_processes_with_selectors(agent, credless_cmd):
 
 def test_ps_without_agent_says_what_to_do(tmp_path, credless_cmd):
     cfg = write_config(tmp_path)
-    r = subprocess.run([*credless_cmd, "ps", "--config", str(cfg)], capture_output=True,
-                       text=True, timeout=30)
+    r = subprocess.run(
+        [*credless_cmd, "ps", "--config", str(cfg)], capture_output=True, text=True, timeout=30
+    )
     assert r.returncode == 1
-    assert r.stderr == (f"credless: no agent is listening on {tmp_path / 'run' / 'admin.sock'}; "
-                        "is `credless run` running with this config?\n")
+    assert r.stderr == (
+        f"credless: no agent is listening on {tmp_path / 'run' / 'admin.sock'}; "
+        "is `credless run` running with this config?\n"
+    )
 
 
 def test_bundle_endpoint_serves_the_spiffe_bundle(agent):

@@ -15,15 +15,23 @@ DASHBOARD = REPO / "deploy" / "grafana" / "credless-dashboard.json"
 
 
 # ------------------------------------------------------------------------- dashboard
-_KINDS = r"(Counter|Gauge|Histogram|Summary|Info|Enum|CounterMetricFamily|GaugeMetricFamily|" \
-         r"HistogramMetricFamily|SummaryMetricFamily|InfoMetricFamily)"
+_KINDS = (
+    r"(Counter|Gauge|Histogram|Summary|Info|Enum|CounterMetricFamily|GaugeMetricFamily|"
+    r"HistogramMetricFamily|SummaryMetricFamily|InfoMetricFamily)"
+)
 _SUFFIXES = {
-    "Counter": ("_total", "_created"), "CounterMetricFamily": ("_total", "_created"),
-    "Gauge": ("",), "GaugeMetricFamily": ("",), "Enum": ("",),
+    "Counter": ("_total", "_created"),
+    "CounterMetricFamily": ("_total", "_created"),
+    "Gauge": ("",),
+    "GaugeMetricFamily": ("",),
+    "Enum": ("",),
     "Histogram": ("_bucket", "_sum", "_count", "_created"),
     "HistogramMetricFamily": ("_bucket", "_sum", "_count", "_created"),
-    "Summary": ("", "_sum", "_count", "_created"), "SummaryMetricFamily": ("", "_sum", "_count"),
-    "Info": ("_info",), "InfoMetricFamily": ("_info",)}
+    "Summary": ("", "_sum", "_count", "_created"),
+    "SummaryMetricFamily": ("", "_sum", "_count"),
+    "Info": ("_info",),
+    "InfoMetricFamily": ("_info",),
+}
 
 
 def _exported_series() -> set[str]:
@@ -36,6 +44,7 @@ def _exported_series() -> set[str]:
             base = name.removesuffix("_total") if "Counter" in kind else name
             names |= {base + s for s in _SUFFIXES[kind]}
     from agent.observe.metrics import Metrics
+
     for family in Metrics().registry.collect():
         names |= {s.name for s in family.samples}
     return names
@@ -55,27 +64,49 @@ def test_dashboard_uses_only_metrics_the_agent_exports():
     assert used, "no metric found in the dashboard"
     assert used <= exported, f"not exported by the agent: {sorted(used - exported)}"
     # every family operators were promised a panel for has one
-    promised = {"credless_attest_events_total", "credless_bpf_events_lost_total",
-                "credless_attest_lookups_total", "credless_attest_enrich_seconds_bucket",
-                "credless_svids_issued_total", "credless_svid_rotations_total",
-                "credless_x509_svid_expiry_seconds", "credless_token_requests_total",
-                "credless_token_cache_lookups_total", "credless_token_cache_size",
-                "credless_injected_requests_total", "credless_proxy_added_seconds_bucket",
-                "credless_upstream_seconds_bucket", "credless_proxy_active_connections",
-                "credless_workload_api_calls_total", "credless_identity_decisions_total",
-                "credless_build_info", "process_resident_memory_bytes",
-                "process_cpu_seconds_total"}
+    promised = {
+        "credless_attest_events_total",
+        "credless_bpf_events_lost_total",
+        "credless_attest_lookups_total",
+        "credless_attest_enrich_seconds_bucket",
+        "credless_svids_issued_total",
+        "credless_svid_rotations_total",
+        "credless_x509_svid_expiry_seconds",
+        "credless_token_requests_total",
+        "credless_token_cache_lookups_total",
+        "credless_token_cache_size",
+        "credless_injected_requests_total",
+        "credless_proxy_added_seconds_bucket",
+        "credless_upstream_seconds_bucket",
+        "credless_proxy_active_connections",
+        "credless_workload_api_calls_total",
+        "credless_identity_decisions_total",
+        "credless_build_info",
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+    }
     assert promised <= used, f"no panel for: {sorted(promised - used)}"
 
 
 def test_dashboard_queries_are_valid_promql(tmp_path):
     promtool = shutil.which("promtool")
     assert promtool, "promtool missing: make setup installs Debian's prometheus package"
-    rules = {"groups": [{"name": "dashboard", "rules": [
-        {"record": f"dashboard:query{i}",
-         "expr": e.replace("$instance", ".*").replace("$__range", "1h")
-                  .replace("$__rate_interval", "5m")}
-        for i, e in enumerate(_dashboard_exprs())]}]}
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [
+                    {
+                        "record": f"dashboard:query{i}",
+                        "expr": e.replace("$instance", ".*")
+                        .replace("$__range", "1h")
+                        .replace("$__rate_interval", "5m"),
+                    }
+                    for i, e in enumerate(_dashboard_exprs())
+                ],
+            }
+        ]
+    }
     path = tmp_path / "dashboard-rules.yml"
     path.write_text(yaml.safe_dump(rules))
     r = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True)

@@ -68,43 +68,98 @@ def test_manifests_validate_strictly_against_kubernetes_schemas():
 # The part of monitoring.coreos.com/v1 PodMonitor's openAPIV3Schema (prometheus-operator
 # example/prometheus-operator-crd/monitoring.coreos.com_podmonitors.yaml) that the manifest
 # uses; unknown fields are refused, as the API server's structural pruning would drop them.
-_RELABEL = {"type": "object", "additionalProperties": False, "properties": {
-    "action": {"enum": ["replace", "Replace", "keep", "Keep", "drop", "Drop", "hashmod",
-                        "HashMod", "labelmap", "LabelMap", "labeldrop", "LabelDrop",
-                        "labelkeep", "LabelKeep", "lowercase", "Lowercase", "uppercase",
-                        "Uppercase", "keepequal", "KeepEqual", "dropequal", "DropEqual"]},
-    "modulus": {"type": "integer"}, "regex": {"type": "string"},
-    "replacement": {"type": "string"}, "separator": {"type": "string"},
-    "sourceLabels": {"type": "array", "items": {"type": "string"}},
-    "targetLabel": {"type": "string"}}}
-_DURATION = {"type": "string",
-             "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?"
-                        r"(([0-9]+)s)?(([0-9]+)ms)?)$"}
+_RELABEL = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "action": {
+            "enum": [
+                "replace",
+                "Replace",
+                "keep",
+                "Keep",
+                "drop",
+                "Drop",
+                "hashmod",
+                "HashMod",
+                "labelmap",
+                "LabelMap",
+                "labeldrop",
+                "LabelDrop",
+                "labelkeep",
+                "LabelKeep",
+                "lowercase",
+                "Lowercase",
+                "uppercase",
+                "Uppercase",
+                "keepequal",
+                "KeepEqual",
+                "dropequal",
+                "DropEqual",
+            ]
+        },
+        "modulus": {"type": "integer"},
+        "regex": {"type": "string"},
+        "replacement": {"type": "string"},
+        "separator": {"type": "string"},
+        "sourceLabels": {"type": "array", "items": {"type": "string"}},
+        "targetLabel": {"type": "string"},
+    },
+}
+_DURATION = {
+    "type": "string",
+    "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?"
+    r"(([0-9]+)s)?(([0-9]+)ms)?)$",
+}
 PODMONITOR_SCHEMA = {
-    "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
     "additionalProperties": False,
     "properties": {
         "apiVersion": {"const": "monitoring.coreos.com/v1"},
         "kind": {"const": "PodMonitor"},
         "metadata": {"type": "object", "required": ["name", "namespace"]},
-        "spec": {"type": "object", "required": ["selector", "podMetricsEndpoints"],
-                 "additionalProperties": False, "properties": {
-                     "jobLabel": {"type": "string"},
-                     "namespaceSelector": {"type": "object"},
-                     "podTargetLabels": {"type": "array", "items": {"type": "string"}},
-                     "selector": {"type": "object", "additionalProperties": False,
-                                  "properties": {
-                                      "matchLabels": {"type": "object",
-                                                      "additionalProperties": {"type": "string"}},
-                                      "matchExpressions": {"type": "array"}}},
-                     "podMetricsEndpoints": {"type": "array", "minItems": 1, "items": {
-                         "type": "object", "additionalProperties": False, "properties": {
-                             "port": {"type": "string"}, "path": {"type": "string"},
-                             "scheme": {"enum": ["http", "https", "HTTP", "HTTPS"]},
-                             "interval": _DURATION, "scrapeTimeout": _DURATION,
-                             "honorLabels": {"type": "boolean"},
-                             "relabelings": {"type": "array", "items": _RELABEL},
-                             "metricRelabelings": {"type": "array", "items": _RELABEL}}}}}}}}
+        "spec": {
+            "type": "object",
+            "required": ["selector", "podMetricsEndpoints"],
+            "additionalProperties": False,
+            "properties": {
+                "jobLabel": {"type": "string"},
+                "namespaceSelector": {"type": "object"},
+                "podTargetLabels": {"type": "array", "items": {"type": "string"}},
+                "selector": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "matchLabels": {
+                            "type": "object",
+                            "additionalProperties": {"type": "string"},
+                        },
+                        "matchExpressions": {"type": "array"},
+                    },
+                },
+                "podMetricsEndpoints": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "port": {"type": "string"},
+                            "path": {"type": "string"},
+                            "scheme": {"enum": ["http", "https", "HTTP", "HTTPS"]},
+                            "interval": _DURATION,
+                            "scrapeTimeout": _DURATION,
+                            "honorLabels": {"type": "boolean"},
+                            "relabelings": {"type": "array", "items": _RELABEL},
+                            "metricRelabelings": {"type": "array", "items": _RELABEL},
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
 
 
 def _pod_spec() -> dict:
@@ -136,7 +191,7 @@ def test_metrics_service_and_ports_reach_the_agents_metrics_endpoint(tmp_path):
     host, port = config.parse_listen(cfg.metrics.listen)
     assert ports["metrics"] == port
     # Prometheus scrapes the pod IP (the node's, with hostNetwork): not reachable on loopback
-    assert cfg.metrics.expose and host in ("0.0.0.0", "::"), cfg.metrics.listen
+    assert cfg.metrics.expose and host in ("0.0.0.0", "::")  # noqa: S104, cfg.metrics.listen
     container = _pod_spec()["containers"][0]
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         get = container[probe]["httpGet"]
@@ -167,13 +222,20 @@ def test_daemonset_mounts_what_the_config_uses(tmp_path):
     assert host_path("/sys/fs/bpf") == "/sys/fs/bpf"
     assert cfg.agent.bpf_pin_dir.startswith("/sys/fs/bpf/")
     assert mounts["/sys/fs/bpf"]["mountPropagation"] == "HostToContainer"
-    for ro in ("/sys/fs/cgroup", "/sys/kernel/tracing", "/lib/modules", "/usr/src",
-               "/etc/credless"):
+    for ro in (
+        "/sys/fs/cgroup",
+        "/sys/kernel/tracing",
+        "/lib/modules",
+        "/usr/src",
+        "/etc/credless",
+    ):
         assert mounts[ro]["readOnly"] is True, ro
     # the files credless.toml names are in the ConfigMap mounted at /etc/credless
     data = _one("configmap.yaml")["data"]
-    assert volumes[mounts["/etc/credless"]["name"]]["configMap"]["name"] == \
-        _one("configmap.yaml")["metadata"]["name"]
+    assert (
+        volumes[mounts["/etc/credless"]["name"]]["configMap"]["name"]
+        == _one("configmap.yaml")["metadata"]["name"]
+    )
     assert "subPath" not in mounts["/etc/credless"], "subPath mounts never see updates"
     for path in (cfg.identity.entries_file, cfg.policy.file):
         assert Path(path).parent == Path("/etc/credless") and Path(path).name in data, path
@@ -183,8 +245,10 @@ def test_daemonset_mounts_what_the_config_uses(tmp_path):
     for var in re.findall(r"\$\{(\w+)\}", cfg.attest.kubelet.url):
         assert env[var]["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"
     assert cfg.attest.kubelet.enabled
-    assert os.path.expandvars(cfg.attest.kubelet.url.replace("${NODE_IP}", "10.0.0.7")) == \
-        "https://10.0.0.7:10250"
+    assert (
+        os.path.expandvars(cfg.attest.kubelet.url.replace("${NODE_IP}", "10.0.0.7"))
+        == "https://10.0.0.7:10250"
+    )
     assert container["securityContext"]["privileged"] is True
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
 
@@ -195,8 +259,13 @@ def test_rbac_grants_only_get_on_nodes_pods():
     assert role["rules"] == [{"apiGroups": [""], "resources": ["nodes/pods"], "verbs": ["get"]}]
     sa = _one("serviceaccount.yaml")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"],
-                                    "namespace": sa["metadata"]["namespace"]}]
+    assert binding["subjects"] == [
+        {
+            "kind": "ServiceAccount",
+            "name": sa["metadata"]["name"],
+            "namespace": sa["metadata"]["namespace"],
+        }
+    ]
     assert _pod_spec()["serviceAccountName"] == sa["metadata"]["name"]
 
 
@@ -207,16 +276,19 @@ def test_configmap_files_are_valid_for_the_agent(tmp_path, key):
         (tmp_path / name).write_text(text)
     credless = str(VENV_BIN / "credless")
     if key == "credless.toml":
-        r = subprocess.run([credless, "check-config", str(tmp_path / key)],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            [credless, "check-config", str(tmp_path / key)], capture_output=True, text=True
+        )
         assert r.returncode == 0 and r.stdout.strip().endswith(": ok"), r.stdout + r.stderr
     elif key == "policy.toml":
-        r = subprocess.run([credless, "policy", "check", str(tmp_path / key)],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            [credless, "policy", "check", str(tmp_path / key)], capture_output=True, text=True
+        )
         assert r.returncode == 0, r.stdout + r.stderr
     else:
         from agent.identity import entries
         from agent.identity.spiffeid import TrustDomain
+
         loaded = entries.load(tmp_path / key, TrustDomain.parse("example.org"))
         assert len(loaded) == 1
         assert "{k8s:ns}" in data[key] and "{k8s:sa}" in data[key]

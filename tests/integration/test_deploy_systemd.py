@@ -3,6 +3,7 @@ README states, and really runs the agent in its sandbox (a private systemd)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -40,14 +41,16 @@ def _unit_values(section: str, key: str) -> list[str]:
 def _unit_with_local_binary(tmp_path: Path) -> Path:
     # verify checks that ExecStart's binary exists: point it at this venv's console script
     unit = tmp_path / "credless.service"
-    unit.write_text(UNIT.read_text().replace("/usr/local/bin/credless",
-                                             str(VENV_BIN / "credless")))
+    unit.write_text(UNIT.read_text().replace("/usr/local/bin/credless", str(VENV_BIN / "credless")))
     return unit
 
 
 def test_systemd_unit_verifies_without_any_warning(tmp_path):
-    r = subprocess.run(["systemd-analyze", "verify", str(_unit_with_local_binary(tmp_path))],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["systemd-analyze", "verify", str(_unit_with_local_binary(tmp_path))],
+        capture_output=True,
+        text=True,
+    )
     # systemd-analyze verify exits 0 on warnings too: any output at all is a failure
     assert r.returncode == 0 and (r.stdout + r.stderr).strip() == "", r.stdout + r.stderr
 
@@ -55,8 +58,9 @@ def test_systemd_unit_verifies_without_any_warning(tmp_path):
 def test_systemd_exposure_score_is_what_the_readme_says(tmp_path):
     unit = tmp_path / "credless.service"
     shutil.copy(UNIT, unit)
-    r = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(unit)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", str(unit)], capture_output=True, text=True
+    )
     score = re.search(r"Overall exposure level for credless.service: ([\d.]+)", r.stdout)
     assert score, r.stdout[-2000:] + r.stderr
     readme = (REPO / "deploy/systemd/README.md").read_text()
@@ -64,7 +68,8 @@ def test_systemd_exposure_score_is_what_the_readme_says(tmp_path):
     assert documented, "deploy/systemd/README.md must state the exposure score"
     # a looser unit must be a deliberate, documented change
     assert score.group(1) == documented.group(1), (
-        f"systemd-analyze says {score.group(1)}, the README says {documented.group(1)}")
+        f"systemd-analyze says {score.group(1)}, the README says {documented.group(1)}"
+    )
 
 
 def test_systemd_unit_agrees_with_the_agent():
@@ -80,15 +85,21 @@ def test_systemd_unit_agrees_with_the_agent():
     assert config.WorkloadApiSection().socket.startswith(defaults.run_dir + "/")
     pin = defaults.bpf_pin_dir
     assert _unit_values("Service", "ReadWritePaths") == [f"-{pin}"]
-    assert any(v.endswith(f"mkdir -p -m 0700 {pin}")
-               for v in _unit_values("Service", "ExecStartPre"))
+    assert any(
+        v.endswith(f"mkdir -p -m 0700 {pin}") for v in _unit_values("Service", "ExecStartPre")
+    )
     assert _unit_values("Service", "Type") == ["notify"]
     assert _unit_values("Service", "WatchdogSec") == ["30"]
     daemon = (REPO / "agent" / "daemon.py").read_text()
     assert "READY=1" in daemon and "WATCHDOG=1" in daemon and "WATCHDOG_USEC" in daemon
     assert set(_unit_values("Service", "CapabilityBoundingSet")[0].split()) == {
-        "CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN", "CAP_SYS_ADMIN", "CAP_SYS_PTRACE",
-        "CAP_DAC_READ_SEARCH"}
+        "CAP_BPF",
+        "CAP_PERFMON",
+        "CAP_NET_ADMIN",
+        "CAP_SYS_ADMIN",
+        "CAP_SYS_PTRACE",
+        "CAP_DAC_READ_SEARCH",
+    }
 
 
 # The unit's sandbox is only credible if the agent really runs in it: boot a private systemd
@@ -119,16 +130,22 @@ def test_systemd_sandbox_runs_the_agent(tmp_path):
         assert re.search(r'^credless_attest_events_total\{type="exec"\} [1-9]', metrics, re.M)
         # the daemon pings the watchdog (WatchdogSec=30): still running after 35 s
         time.sleep(35)
-        assert sandbox.prop("NRestarts") == "0" and sandbox.prop("ActiveState") == "active", \
+        assert sandbox.prop("NRestarts") == "0" and sandbox.prop("ActiveState") == "active", (
             sandbox.journal()
+        )
         sandbox.ctl("reload", "credless.service")
         sandbox.ctl("stop", "credless.service")
         assert sandbox.prop("Result") == "success", sandbox.journal()
         # nothing the sandbox refused (the agent's own bugs are other tests' business)
-        refused = [line for line in out.splitlines() if re.search(
-            r"Operation not permitted|Permission denied|Read-only file system|EPERM|EACCES|"
-            r"EROFS|Bad system call|No such file or directory: '/(proc|sys|dev|lib|usr)/",
-            line)]
+        refused = [
+            line
+            for line in out.splitlines()
+            if re.search(
+                r"Operation not permitted|Permission denied|Read-only file system|EPERM|EACCES|"
+                r"EROFS|Bad system call|No such file or directory: '/(proc|sys|dev|lib|usr)/",
+                line,
+            )
+        ]
         assert not refused, "\n".join(refused)
     finally:
         sandbox.teardown()
@@ -183,12 +200,27 @@ url = "http://127.0.0.1:9/mcp"
         units = self.tmp / "units"
         (units / "credless.service.d").mkdir(parents=True)
         shutil.copy(UNIT, units / "credless.service")
-        for t in ("sysinit", "basic", "shutdown", "network", "multi-user", "local-fs",
-                  "sockets", "timers", "paths", "slices", "umount", "swap"):
+        for t in (
+            "sysinit",
+            "basic",
+            "shutdown",
+            "network",
+            "multi-user",
+            "local-fs",
+            "sockets",
+            "timers",
+            "paths",
+            "slices",
+            "umount",
+            "swap",
+        ):
             (units / f"{t}.target").write_text("[Unit]\nDefaultDependencies=no\n")
         (units / "system.slice").write_text("[Unit]\nDefaultDependencies=no\n")
-        for u in ("systemd-journald.service", "systemd-journald.socket",
-                  "systemd-journald-dev-log.socket"):
+        for u in (
+            "systemd-journald.service",
+            "systemd-journald.socket",
+            "systemd-journald-dev-log.socket",
+        ):
             shutil.copy(Path("/lib/systemd/system") / u, units / u)
         # The unit hides /tmp (PrivateTmp=) and home directories (ProtectHome=); a checkout
         # or an interpreter there is bound in read-only, and nothing else of them is visible
@@ -201,7 +233,7 @@ url = "http://127.0.0.1:9/mcp"
             home_binds = "ProtectHome=tmpfs\n" + home_binds
         (units / "credless.service.d" / "test.conf").write_text(f"""[Service]
 ExecStart=
-ExecStart={VENV_BIN / 'credless'} run --config {self.conf / 'credless.toml'}
+ExecStart={VENV_BIN / "credless"} run --config {self.conf / "credless.toml"}
 ExecStartPre=
 ExecStartPre=+/bin/mkdir -p -m 0700 {self.pin}
 ReadWritePaths=
@@ -215,20 +247,40 @@ StandardError=append:/run/credless-test.out
 {home_binds}""")
         empty = self.tmp / "empty"
         empty.mkdir()
-        inner = (f"mount -t tmpfs -o mode=755 tmpfs /run && "
-                 f"mount --bind {units} /etc/systemd/system && "
-                 f"mount --bind {empty} /usr/lib/systemd/system && "
-                 f"mount --bind {empty} /usr/lib/systemd/system-generators && "
-                 f"hostname credless-sdtest && "
-                 f"exec env container=credless-test /lib/systemd/systemd --system "
-                 f"--unit=basic.target --log-target=console")
+        inner = (
+            f"mount -t tmpfs -o mode=755 tmpfs /run && "
+            f"mount --bind {units} /etc/systemd/system && "
+            f"mount --bind {empty} /usr/lib/systemd/system && "
+            f"mount --bind {empty} /usr/lib/systemd/system-generators && "
+            f"hostname credless-sdtest && "
+            f"exec env container=credless-test /lib/systemd/systemd --system "
+            f"--unit=basic.target --log-target=console"
+        )
         self._make_child_cgroups()
         join = "".join(f"echo $$ > {cg}/cgroup.procs 2>/dev/null; " for cg in self.cgroups)
         self.proc = subprocess.Popen(
-            ["sh", "-c", join + 'exec "$@"', "sh",
-             "unshare", "--pid", "--mount", "--uts", "--ipc", "--fork", "--mount-proc",
-             "--propagation", "private", "sh", "-c", inner],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            [
+                "sh",
+                "-c",
+                join + 'exec "$@"',
+                "sh",
+                "unshare",
+                "--pid",
+                "--mount",
+                "--uts",
+                "--ipc",
+                "--fork",
+                "--mount-proc",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                inner,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             pid1 = _child_named(self.proc.pid, "systemd")
@@ -247,8 +299,11 @@ StandardError=append:/run/credless-test.out
         for line in Path("/proc/self/cgroup").read_text().splitlines():
             _, ctrl, path = line.split(":", 2)
             if ctrl == "":
-                base = Path("/sys/fs/cgroup/unified") if Path(
-                    "/sys/fs/cgroup/unified/cgroup.procs").exists() else Path("/sys/fs/cgroup")
+                base = (
+                    Path("/sys/fs/cgroup/unified")
+                    if Path("/sys/fs/cgroup/unified/cgroup.procs").exists()
+                    else Path("/sys/fs/cgroup")
+                )
             else:
                 base = Path("/sys/fs/cgroup", ctrl.replace("name=", ""))
             cg = base / path.lstrip("/") / f"credless-sdtest-{self.id}"
@@ -262,8 +317,13 @@ StandardError=append:/run/credless-test.out
 
     # -------------------------------------------------------------- helpers
     def nsexec(self, argv: list[str], check: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run(["nsenter", "-t", str(self.pid1), "-m", "-p", "-u", "-i", *argv],
-                              capture_output=True, text=True, check=check, timeout=60)
+        return subprocess.run(
+            ["nsenter", "-t", str(self.pid1), "-m", "-p", "-u", "-i", *argv],
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=60,
+        )
 
     def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return self.nsexec(["systemctl", *args], check=check)
@@ -286,6 +346,7 @@ StandardError=append:/run/credless-test.out
 
     def curl(self, path: str) -> str:
         import urllib.request
+
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics}{path}", timeout=5) as r:
                 return r.read().decode()
@@ -296,8 +357,10 @@ StandardError=append:/run/credless-test.out
         return self.nsexec(["cat", "/run/credless-test.out"], check=False).stdout
 
     def journal(self) -> str:
-        r = self.nsexec(["journalctl", "--no-pager", "-o", "cat", "-u", "credless.service",
-                         "-n", "40"], check=False)
+        r = self.nsexec(
+            ["journalctl", "--no-pager", "-o", "cat", "-u", "credless.service", "-n", "40"],
+            check=False,
+        )
         return r.stdout + r.stderr
 
     # -------------------------------------------------------------- clean-up
@@ -321,18 +384,14 @@ StandardError=append:/run/credless-test.out
                             break
                         except OSError:
                             time.sleep(0.1)
-            try:
+            with contextlib.suppress(OSError):
                 cg.rmdir()
-            except OSError:
-                pass
         shutil.rmtree(self.conf, ignore_errors=True)
         shutil.rmtree(f"/var/lib/credless-sdtest-{self.id}", ignore_errors=True)
         shutil.rmtree(self.pin, ignore_errors=True)
         if getattr(self, "cg_root", None):
-            try:
+            with contextlib.suppress(OSError):
                 Path(self.cg_root, self.managed.lstrip("/")).rmdir()
-            except OSError:
-                pass
 
 
 def _child_named(ppid: int, comm: str) -> int | None:
@@ -341,7 +400,7 @@ def _child_named(ppid: int, comm: str) -> int | None:
             text = stat.read_text()
         except OSError:
             continue
-        name = text[text.index("(") + 1:text.rindex(")")]
-        if name == comm and int(text[text.rindex(")") + 2:].split()[1]) == ppid:
+        name = text[text.index("(") + 1 : text.rindex(")")]
+        if name == comm and int(text[text.rindex(")") + 2 :].split()[1]) == ppid:
             return int(stat.parent.name)
     return None

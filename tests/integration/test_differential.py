@@ -22,6 +22,7 @@ more (CREDLESS_FUZZ_EXAMPLES) with fresh randomness and shrinks what it finds.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from dataclasses import dataclass, field, replace
@@ -39,7 +40,7 @@ pytestmark = pytest.mark.kernel
 UPSTREAMS = ("node", "h11-dpop")
 FUZZING = bool(os.environ.get("CREDLESS_FUZZ_EXAMPLES"))
 AUTHORITY = b"${AUTHORITY}"
-CL = b"${CL}"   # the body's length, filled in when the message is rendered
+CL = b"${CL}"  # the body's length, filled in when the message is rendered
 
 
 def rpc(method: str, id_: int | None = 1, **params) -> dict:
@@ -62,43 +63,117 @@ BASES = {
     "list": ("POST", rpc("tools/list")),
     "batch": ("POST", [call("echo", 1, text="a"), call("add", 2, a=1, b=2)]),
     "notification": ("POST", rpc("notifications/initialized", None)),
-    "denied": ("POST", call("secret_tool")),      # must never reach an upstream
+    "denied": ("POST", call("secret_tool")),  # must never reach an upstream
     "sse": ("GET", None),
     "end_session": ("DELETE", None),
 }
 
 # Values worth trying per field name: valid, subtly different, and hostile.
 FIELD_VALUES = {
-    b"Host": [AUTHORITY, b"other-vhost", b"127.0.0.1", b"", AUTHORITY + b".", b"localhost",
-              b"elsewhere:" + AUTHORITY],
-    b"Content-Length": [CL, b"0", b"1", b"-1", b"+" + CL, CL + b"0", b" " + CL, b"0x10",
-                        b"99999", CL + b", " + CL],
-    b"Transfer-Encoding": [b"chunked", b"gzip", b"chunked, identity", b"identity", b"Chunked",
-                           b" chunked", b"chunked\t", b"gzip, chunked", b"x", b"chunked,"],
+    b"Host": [
+        AUTHORITY,
+        b"other-vhost",
+        b"127.0.0.1",
+        b"",
+        AUTHORITY + b".",
+        b"localhost",
+        b"elsewhere:" + AUTHORITY,
+    ],
+    b"Content-Length": [
+        CL,
+        b"0",
+        b"1",
+        b"-1",
+        b"+" + CL,
+        CL + b"0",
+        b" " + CL,
+        b"0x10",
+        b"99999",
+        CL + b", " + CL,
+    ],
+    b"Transfer-Encoding": [
+        b"chunked",
+        b"gzip",
+        b"chunked, identity",
+        b"identity",
+        b"Chunked",
+        b" chunked",
+        b"chunked\t",
+        b"gzip, chunked",
+        b"x",
+        b"chunked,",
+    ],
     b"Authorization": [b"Bearer forged", b"Basic Zm9vOmJhcg==", b"DPoP forged", b""],
     b"DPoP": [b"x", b"forged.proof.jwt"],
     b"Mcp-Method": [b"tools/call", b"tools/list", b"=?base64?dG9vbHMvY2FsbA==?="],
     b"Mcp-Name": [b"echo", b"secret_tool", b"=?base64?c2VjcmV0X3Rvb2w=?="],
     b"Expect": [b"100-continue", b"nonsense"],
-    b"Connection": [b"close", b"keep-alive", b"Upgrade", b"authorization", b"Authorization, DPoP",
-                    b"host", b"content-length", b"transfer-encoding"],
+    b"Connection": [
+        b"close",
+        b"keep-alive",
+        b"Upgrade",
+        b"authorization",
+        b"Authorization, DPoP",
+        b"host",
+        b"content-length",
+        b"transfer-encoding",
+    ],
     b"Upgrade": [b"websocket", b"h2c"],
     b"Trailer": [b"Authorization", b"Mcp-Name"],
 }
 NAMES = list(FIELD_VALUES)
 VALUES_BY_NAME = {k.lower(): v for k, v in FIELD_VALUES.items()}
-METHODS = [b"GET", b"POST", b"PUT", b"DELETE", b"TRACE", b"CONNECT", b"OPTIONS", b"HEAD",
-           b"PATCH", b"post", b"POST\t", b"GE T"]
-TARGETS = [b"/mcp", b"/mcp?session=1", b"/not-mcp", b"http://" + AUTHORITY + b"/mcp",
-           b"http://elsewhere/mcp", b"*", b"/mcp/../admin", b"/%6dcp", b"//mcp", b"/MCP",
-           AUTHORITY, b"/mcp#frag", b"/mcp/"]
-VERSIONS = [b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"HTTP/1.10", b"http/1.1", b"HTTP/1.1 ",
-            b"HTTP/0.9", b""]
+METHODS = [
+    b"GET",
+    b"POST",
+    b"PUT",
+    b"DELETE",
+    b"TRACE",
+    b"CONNECT",
+    b"OPTIONS",
+    b"HEAD",
+    b"PATCH",
+    b"post",
+    b"POST\t",
+    b"GE T",
+]
+TARGETS = [
+    b"/mcp",
+    b"/mcp?session=1",
+    b"/not-mcp",
+    b"http://" + AUTHORITY + b"/mcp",
+    b"http://elsewhere/mcp",
+    b"*",
+    b"/mcp/../admin",
+    b"/%6dcp",
+    b"//mcp",
+    b"/MCP",
+    AUTHORITY,
+    b"/mcp#frag",
+    b"/mcp/",
+]
+VERSIONS = [
+    b"HTTP/1.1",
+    b"HTTP/1.0",
+    b"HTTP/2.0",
+    b"HTTP/1.10",
+    b"http/1.1",
+    b"HTTP/1.1 ",
+    b"HTTP/0.9",
+    b"",
+]
 STRAY = [b"\r", b"\n", b"\r\n", b"\x00", b" ", b"\t", b"\x7f", b"\xff", b"\x0b"]
-TRAILERS = [(b"Authorization", b"Bearer OWN"), (b"Mcp-Name", b"secret_tool"),
-            (b"DPoP", b"forged"), (b"X-Trailer", b"1"), (b"Content-Length", b"0")]
-HIDDEN = (b"POST /mcp HTTP/1.1\r\nHost: " + AUTHORITY + b"\r\nContent-Type: application/json"
-          b"\r\nContent-Length: %d\r\n\r\n%s")
+TRAILERS = [
+    (b"Authorization", b"Bearer OWN"),
+    (b"Mcp-Name", b"secret_tool"),
+    (b"DPoP", b"forged"),
+    (b"X-Trailer", b"1"),
+    (b"Content-Length", b"0"),
+]
+HIDDEN = (
+    b"POST /mcp HTTP/1.1\r\nHost: " + AUTHORITY + b"\r\nContent-Type: application/json"
+    b"\r\nContent-Length: %d\r\n\r\n%s"
+)
 SECRET = json.dumps(call("secret_tool"), separators=(",", ":")).encode()
 
 
@@ -106,16 +181,17 @@ SECRET = json.dumps(call("secret_tool"), separators=(",", ":")).encode()
 class Message:
     """One request, kept as parts so mutations stay meaningful and rendering can fill in the
     upstream's authority and the lengths."""
+
     method: bytes
     target: bytes
     version: bytes
-    fields: list[list[bytes]]                  # [name, separator, value]
+    fields: list[list[bytes]]  # [name, separator, value]
     body: bytes = b""
     chunked: bool = False
     chunk_size: int = 64
     trailers: list[tuple[bytes, bytes]] = field(default_factory=list)
-    hidden: bytes = b""                        # bytes after the body: a request in hiding
-    hidden_counted: bool = False               # ... inside Content-Length, or after it
+    hidden: bytes = b""  # bytes after the body: a request in hiding
+    hidden_counted: bool = False  # ... inside Content-Length, or after it
     strays: list[tuple[int, float, bytes]] = field(default_factory=list)
     line_ends: dict[int, bytes] = field(default_factory=dict)
 
@@ -123,19 +199,24 @@ class Message:
         body = self.body
         hidden = self.hidden.replace(AUTHORITY, authority)
         length = len(body) + (len(hidden) if self.hidden_counted else 0)
-        lines = [b"%s %s %s" % (self.method, self.target.replace(AUTHORITY, authority),
-                                self.version)]
-        lines += [n + sep + v.replace(AUTHORITY, authority).replace(CL, b"%d" % length)
-                  for n, sep, v in self.fields]
+        lines = [
+            b"%s %s %s" % (self.method, self.target.replace(AUTHORITY, authority), self.version)
+        ]
+        lines += [
+            n + sep + v.replace(AUTHORITY, authority).replace(CL, b"%d" % length)
+            for n, sep, v in self.fields
+        ]
         for line, at, stray in self.strays:
             i = line % len(lines)
             cut = int(at * len(lines[i]))
             lines[i] = lines[i][:cut] + stray + lines[i][cut:]
         head = b"".join(ln + self.line_ends.get(i, b"\r\n") for i, ln in enumerate(lines))
         if self.chunked:
-            chunks = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + self.chunk_size]),
-                                                 body[i:i + self.chunk_size])
-                              for i in range(0, len(body), self.chunk_size))
+            chunks = b"".join(
+                b"%x\r\n%s\r\n"
+                % (len(body[i : i + self.chunk_size]), body[i : i + self.chunk_size])
+                for i in range(0, len(body), self.chunk_size)
+            )
             trailers = b"".join(n + b": " + v + b"\r\n" for n, v in self.trailers)
             return head + b"\r\n" + chunks + b"0\r\n" + trailers + b"\r\n" + hidden
         return head + b"\r\n" + body + hidden
@@ -144,20 +225,20 @@ class Message:
 @dataclass
 class Example:
     messages: list[Message]
-    cuts: list[float]          # where the bytes are split into separate writes
+    cuts: list[float]  # where the bytes are split into separate writes
     mutations: list[str]
 
     def __repr__(self) -> str:
         return f"Example({'; '.join(self.mutations)})"
 
-    def _repr_pretty_(self, p, cycle) -> None:   # how Hypothesis shows a falsifying example
+    def _repr_pretty_(self, p, cycle) -> None:  # how Hypothesis shows a falsifying example
         p.text(repr(self))
 
     def pieces(self, authority: bytes) -> list[Piece]:
         data = b"".join(m.render(authority) for m in self.messages)
         at = sorted({int(c * len(data)) for c in self.cuts} - {0, len(data)})
         bounds = [0, *at, len(data)]
-        return [Piece(data[a:b]) for a, b in zip(bounds, bounds[1:])]
+        return [Piece(data[a:b]) for a, b in itertools.pairwise(bounds)]
 
 
 def base_message(kind: str, rid: int, chunked: bool) -> Message:
@@ -167,10 +248,13 @@ def base_message(kind: str, rid: int, chunked: bool) -> Message:
     body = b"" if doc is None else json.dumps(doc, separators=(",", ":")).encode()
     fields = [[b"Host", b": ", AUTHORITY]]
     if body:
-        fields += [[b"Content-Type", b": ", b"application/json"],
-                   [b"Accept", b": ", b"application/json, text/event-stream"],
-                   [b"Transfer-Encoding", b": ", b"chunked"] if chunked
-                   else [b"Content-Length", b": ", CL]]
+        fields += [
+            [b"Content-Type", b": ", b"application/json"],
+            [b"Accept", b": ", b"application/json, text/event-stream"],
+            [b"Transfer-Encoding", b": ", b"chunked"]
+            if chunked
+            else [b"Content-Length", b": ", CL],
+        ]
     else:
         fields += [[b"Accept", b": ", b"text/event-stream"], [b"Mcp-Session-Id", b": ", b"s1"]]
     return Message(method.encode(), b"/mcp", b"HTTP/1.1", fields, body, chunked and bool(body))
@@ -179,12 +263,34 @@ def base_message(kind: str, rid: int, chunked: bool) -> Message:
 @st.composite
 def mutated(draw, m: Message, log: list[str]) -> Message:
     """Apply 0-4 mutations to m (a copy), recording each in log."""
-    m = replace(m, fields=[list(f) for f in m.fields], trailers=list(m.trailers),
-                strays=list(m.strays), line_ends=dict(m.line_ends))
+    m = replace(
+        m,
+        fields=[list(f) for f in m.fields],
+        trailers=list(m.trailers),
+        strays=list(m.strays),
+        line_ends=dict(m.line_ends),
+    )
     for _ in range(draw(st.integers(0, 4))):
-        kind = draw(st.sampled_from(["duplicate", "insert", "delete", "case", "space",
-                                     "stray", "method", "target", "version", "trailers",
-                                     "hidden", "fold", "line_end", "rechunk"]))
+        kind = draw(
+            st.sampled_from(
+                [
+                    "duplicate",
+                    "insert",
+                    "delete",
+                    "case",
+                    "space",
+                    "stray",
+                    "method",
+                    "target",
+                    "version",
+                    "trailers",
+                    "hidden",
+                    "fold",
+                    "line_end",
+                    "rechunk",
+                ]
+            )
+        )
         n = len(m.fields)
         if kind == "duplicate" and n:
             src = m.fields[draw(st.integers(0, n - 1))]
@@ -207,8 +313,11 @@ def mutated(draw, m: Message, log: list[str]) -> Message:
             log.append(f"{how}case {f[0].decode()}")
         elif kind == "space" and n:
             f = m.fields[draw(st.integers(0, n - 1))]
-            where = draw(st.sampled_from(["before value", "after value", "tab before value",
-                                          "before colon", "no space"]))
+            where = draw(
+                st.sampled_from(
+                    ["before value", "after value", "tab before value", "before colon", "no space"]
+                )
+            )
             if where == "before value":
                 f[2] = b" " + f[2]
             elif where == "after value":
@@ -244,8 +353,10 @@ def mutated(draw, m: Message, log: list[str]) -> Message:
         elif kind == "hidden":
             m.hidden = HIDDEN % (len(SECRET), SECRET)
             m.hidden_counted = draw(st.booleans())
-            log.append("hidden request after the body"
-                       + (", inside its Content-Length" if m.hidden_counted else ""))
+            log.append(
+                "hidden request after the body"
+                + (", inside its Content-Length" if m.hidden_counted else "")
+            )
         elif kind == "fold" and n:
             f = m.fields[draw(st.integers(0, n - 1))]
             f[2] = f[2] + draw(st.sampled_from([b"\r\n x", b"\r\n\tx"]))
@@ -290,14 +401,21 @@ def parsed_requests(obs) -> list[tuple]:
 
 # make test: a bounded, derandomized run that reports the first failing example as found
 # (each shrink step is a real exchange: shrinking belongs to make fuzz, which has the time)
-@settings(max_examples=fuzz_examples(30), deadline=None, derandomize=not FUZZING,
-          database=None, print_blob=FUZZING,
-          phases=[Phase.explicit, Phase.generate] + ([Phase.shrink] if FUZZING else []),
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                 HealthCheck.filter_too_much])
+@settings(
+    max_examples=fuzz_examples(30),
+    deadline=None,
+    derandomize=not FUZZING,
+    database=None,
+    print_blob=FUZZING,
+    phases=[Phase.explicit, Phase.generate] + ([Phase.shrink] if FUZZING else []),
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.filter_too_much,
+    ],
+)
 @given(example=examples())
-def test_whatever_the_workload_sends_both_parsers_see_only_what_the_proxy_decided(
-        world, example):
+def test_whatever_the_workload_sends_both_parsers_see_only_what_the_proxy_decided(world, example):
     note("mutations: " + "; ".join(example.mutations))
     seen, problems = {}, []
     for name in UPSTREAMS:

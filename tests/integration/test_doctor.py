@@ -12,14 +12,23 @@ from agent.attest import cgroupfs
 
 pytestmark = pytest.mark.kernel
 
-EXPECTED = ["capabilities", "bpf_syscall", "kernel_headers", "tracefs", "bpffs", "btf",
-            "cgroup_v2",
-            "bcc_tracepoint", "cgroup_connect4"]
+EXPECTED = [
+    "capabilities",
+    "bpf_syscall",
+    "kernel_headers",
+    "tracefs",
+    "bpffs",
+    "btf",
+    "cgroup_v2",
+    "bcc_tracepoint",
+    "cgroup_connect4",
+]
 
 
 def _doctor(credless_cmd, *args):
-    return subprocess.run([*credless_cmd, "doctor", *args], capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [*credless_cmd, "doctor", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def _leftover_doctor_cgroups() -> list[str]:
@@ -53,8 +62,10 @@ def test_doctor_fails_with_fix_for_missing_cgroup_mount(credless_cmd, tmp_path):
     i = next(i for i, ln in enumerate(lines) if ln.split()[1] == "cgroup_v2")
     assert lines[i].split()[0] == "missing"
     assert f"no cgroup2 filesystem at {missing} (per /proc/mounts)" in lines[i]
-    assert lines[i + 1].strip() == ("fix: mount -t cgroup2 none /sys/fs/cgroup/unified, or set "
-                                    "attest.cgroup_root to the cgroup2 mount point")
+    assert lines[i + 1].strip() == (
+        "fix: mount -t cgroup2 none /sys/fs/cgroup/unified, or set "
+        "attest.cgroup_root to the cgroup2 mount point"
+    )
     report = json.loads(_doctor(credless_cmd, "--json", "--cgroup-root", str(missing)).stdout)
     by_name = {c["name"]: c for c in report["checks"]}
     assert report["ok"] is False
@@ -66,8 +77,7 @@ def test_doctor_rejects_a_directory_that_is_not_a_cgroup2_mount(credless_cmd, tm
     r = _doctor(credless_cmd, "--json", "--cgroup-root", str(tmp_path))
     report = json.loads(r.stdout)
     assert r.returncode == 1
-    assert {c["name"] for c in report["checks"] if not c["ok"]} == {"cgroup_v2",
-                                                                   "cgroup_connect4"}
+    assert {c["name"] for c in report["checks"] if not c["ok"]} == {"cgroup_v2", "cgroup_connect4"}
 
 
 def test_doctor_leaves_no_bpf_program_attached(credless_cmd):

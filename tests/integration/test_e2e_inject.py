@@ -37,33 +37,45 @@ def start_world(tmp_path, dpop=True, entries=None, policy=DEFAULT_POLICY, extra=
     mcp_url = f"http://127.0.0.1:{mcp_port}/mcp"
     with cgroup_child() as cg:
         ids = [SPIFFE_ID] if entries is None else [e[1] for e in entries(cg)]
-        with OidcProvider(tmp_path, dpop=dpop,
-                          resources={mcp_url: {"format": "jwt", "scope": "tools"}},
-                          clients=[{"client_id": i,
-                                    "jwks_uri": f"http://127.0.0.1:{bundle_port}/jwks.json"}
-                                   for i in ids]) as oidc, \
-                McpServer(tmp_path, mcp_port, oidc.issuer, dpop=dpop) as mcp:
+        with (
+            OidcProvider(
+                tmp_path,
+                dpop=dpop,
+                resources={mcp_url: {"format": "jwt", "scope": "tools"}},
+                clients=[
+                    {"client_id": i, "jwks_uri": f"http://127.0.0.1:{bundle_port}/jwks.json"}
+                    for i in ids
+                ],
+            ) as oidc,
+            McpServer(tmp_path, mcp_port, oidc.issuer, dpop=dpop) as mcp,
+        ):
             rows = entries(cg) if entries else [("bot", SPIFFE_ID, [f"cgroup:path:/{cg.name}"])]
-            (tmp_path / "entries.toml").write_text("".join(
-                f'[[entry]]\nid = "{i}"\nspiffe_id = "{sid}"\nselectors = {json.dumps(sel)}\n'
-                for i, sid, sel in rows))
+            (tmp_path / "entries.toml").write_text(
+                "".join(
+                    f'[[entry]]\nid = "{i}"\nspiffe_id = "{sid}"\nselectors = {json.dumps(sel)}\n'
+                    for i, sid, sel in rows
+                )
+            )
             (tmp_path / "policy.toml").write_text(policy)
-            cfg = write_config(tmp_path, bundle_port=bundle_port, extra=f'''
+            cfg = write_config(
+                tmp_path,
+                bundle_port=bundle_port,
+                extra=f'''
 [inject]
 listen_port = {proxy_port}
 listen_port6 = {proxy_port}
 managed_cgroups = ["/{cg.name}"]
 [policy]
-file = "{tmp_path / 'policy.toml'}"
+file = "{tmp_path / "policy.toml"}"
 {extra}
 [[servers]]
 name = "weather"
 url = "{mcp_url}"
-''')
+''',
+            )
             with AgentProcess(cfg, tmp_path) as agent:
                 agent.wait_ready()
-                yield type("World", (), dict(cg=cg, oidc=oidc, mcp=mcp, agent=agent,
-                                             dpop=dpop))
+                yield type("World", (), dict(cg=cg, oidc=oidc, mcp=mcp, agent=agent, dpop=dpop))
 
 
 @pytest.fixture(params=[True, False], ids=["dpop", "bearer"])
@@ -77,15 +89,20 @@ def audit(world) -> list[dict]:
 
 
 def test_without_credless_the_server_refuses(world):
-    out = run_client(world.mcp.url, "list")          # not in the managed cgroup
+    out = run_client(world.mcp.url, "list")  # not in the managed cgroup
     assert out[0]["error"]
     assert world.mcp.stats()["calls"] == {}
 
 
 def test_credential_less_client_works_through_credless(world):
-    out = run_client(world.mcp.url, "list", 'call:echo:{"text": "hi"}',
-                     'call:add:{"a": 2, "b": 3}', "stream:3:300",
-                     preexec=enter_cgroup(world.cg))
+    out = run_client(
+        world.mcp.url,
+        "list",
+        'call:echo:{"text": "hi"}',
+        'call:add:{"a": 2, "b": 3}',
+        "stream:3:300",
+        preexec=enter_cgroup(world.cg),
+    )
     assert "error" not in out[0], out
     assert out[0]["tools"] == ["add", "echo", "secret_tool", "stream_count"]
     assert out[1]["text"] == "hi" and out[2]["text"] == "5"
@@ -108,10 +125,15 @@ def test_credential_less_client_works_through_credless(world):
 
 
 def test_workload_supplied_authorization_never_reaches_the_server(world):
-    out = run_client(world.mcp.url, "list", preexec=enter_cgroup(world.cg),
-                     extra=["--header", "Authorization: Bearer stolen-or-fake"])
+    out = run_client(
+        world.mcp.url,
+        "list",
+        preexec=enter_cgroup(world.cg),
+        extra=["--header", "Authorization: Bearer stolen-or-fake"],
+    )
     assert "error" not in out[0]
     import hashlib
+
     fake = hashlib.sha256(b"stolen-or-fake").hexdigest()[:16]
     assert fake not in {r["token_sha256"] for r in world.mcp.stats()["requests"]}
 
@@ -130,30 +152,40 @@ def test_metrics_after_an_end_to_end_run_pass_promtool_and_moved(world):
     import subprocess
 
     from agent import config
-    from tests.helpers import http_get
-
-    from tests.helpers import wait_for
+    from tests.helpers import http_get, wait_for
 
     run_client(world.mcp.url, "list", 'call:echo:{"text": "x"}', preexec=enter_cgroup(world.cg))
     # the client has exited: its identity's last process is gone, so its token is dropped
-    ended = wait_for(lambda: [e for e in audit(world) if e["event"] == "identity.ended"],
-                     what="identity.ended audit event")
+    ended = wait_for(
+        lambda: [e for e in audit(world) if e["event"] == "identity.ended"],
+        what="identity.ended audit event",
+    )
     assert ended[0]["spiffe_id"] == SPIFFE_ID and ended[0]["tokens_dropped"] == 1
     assert ended[0]["dpop_key_destroyed"] is world.dpop
     listen = config.load(world.agent.config).metrics.listen
     status, body = http_get(f"http://{listen}/metrics")
     assert status == 200
-    lint = subprocess.run([shutil.which("promtool") or "promtool", "check", "metrics"],
-                          input=body, capture_output=True, text=True)
+    lint = subprocess.run(
+        [shutil.which("promtool") or "promtool", "check", "metrics"],
+        input=body,
+        capture_output=True,
+        text=True,
+    )
     assert lint.returncode == 0 and not (lint.stdout + lint.stderr).strip(), lint.stdout
 
     def value(series: str) -> float:
-        line = next(ln for ln in body.splitlines() if ln.startswith(series + " ")
-                    or ln.startswith(series + "{") and ln.split(" ")[0] == series)
+        line = next(
+            ln
+            for ln in body.splitlines()
+            if ln.startswith(series + " ")
+            or (ln.startswith(series + "{") and ln.split(" ")[0] == series)
+        )
         return float(line.rsplit(" ", 1)[1])
 
-    assert value('credless_injected_requests_total{mode="broker",outcome="injected",'
-                 'server="weather"}') >= 2
+    assert (
+        value('credless_injected_requests_total{mode="broker",outcome="injected",server="weather"}')
+        >= 2
+    )
     assert value('credless_token_requests_total{outcome="ok",server="weather"}') == 1
     assert value('credless_policy_decisions_total{decision="allow",server="weather"}') >= 2
     assert value('credless_attest_lookups_total{result="hit"}') >= 1
@@ -170,17 +202,27 @@ def test_status_shows_workloads_and_expiries_without_secrets(world, credless_cmd
     import subprocess
     import sys
 
-    code = ("import socket, time; s = socket.create_connection(('127.0.0.1', %d)); "
-            "s.sendall(b'POST /mcp HTTP/1.1\\r\\nHost: 127.0.0.1:%d\\r\\nContent-Type: application/json\\r\\n"
-            "Accept: application/json, text/event-stream\\r\\nContent-Length: 40\\r\\n\\r\\n"
-            "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"ping\"}'); s.recv(65536); "
-            "print('sent', flush=True); time.sleep(30)" % (world.mcp.port, world.mcp.port))
-    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                              preexec_fn=enter_cgroup(world.cg))
+    code = (
+        "import socket, time; s = socket.create_connection(('127.0.0.1', %d)); "
+        "s.sendall(b'POST /mcp HTTP/1.1\\r\\nHost: 127.0.0.1:%d\\r\\nContent-Type: application/json\\r\\n"
+        "Accept: application/json, text/event-stream\\r\\nContent-Length: 40\\r\\n\\r\\n"
+        '{"jsonrpc":"2.0","id":1,"method":"ping"}\'); s.recv(65536); '
+        "print('sent', flush=True); time.sleep(30)" % (world.mcp.port, world.mcp.port)
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=enter_cgroup(world.cg),
+    )
     try:
         assert holder.stdout.readline().strip() == "sent"
-        r = subprocess.run([*credless_cmd, "status", "--json", "--config",
-                            str(world.agent.config)], capture_output=True, text=True, timeout=30)
+        r = subprocess.run(
+            [*credless_cmd, "status", "--json", "--config", str(world.agent.config)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         st = json.loads(r.stdout)
     finally:
         holder.kill()
@@ -199,22 +241,42 @@ def test_typescript_sdk_client_works_through_credless(world):
     from tests.conftest import REPO
 
     def ts(preexec=None):
-        r = subprocess.run(["node", str(REPO / "tests/mcp/client.mjs"), world.mcp.url],
-                           capture_output=True, text=True, timeout=60, preexec_fn=preexec)
+        r = subprocess.run(
+            ["node", str(REPO / "tests/mcp/client.mjs"), world.mcp.url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            preexec_fn=preexec,
+        )
         return json.loads(r.stdout.strip().splitlines()[-1])
 
-    assert ts().get("error")                               # no credless: refused
+    assert ts().get("error")  # no credless: refused
     out = ts(enter_cgroup(world.cg))
-    assert out == {"tools": ["add", "echo", "secret_tool", "stream_count"],
-                   "text": "from typescript"}
+    assert out == {
+        "tools": ["add", "echo", "secret_tool", "stream_count"],
+        "text": "from typescript",
+    }
 
 
 def test_oauth_probe_prints_a_summary_never_the_token(world, credless_cmd):
     import subprocess
 
-    r = subprocess.run([*credless_cmd, "oauth", "probe", "--config", str(world.agent.config),
-                        "--server", world.mcp.url, "--spiffe-id", SPIFFE_ID],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            *credless_cmd,
+            "oauth",
+            "probe",
+            "--config",
+            str(world.agent.config),
+            "--server",
+            world.mcp.url,
+            "--spiffe-id",
+            SPIFFE_ID,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     out = json.loads(r.stdout)
     assert out["issuer"] == world.oidc.issuer and out["token_endpoint"].endswith("/token")
@@ -223,9 +285,21 @@ def test_oauth_probe_prints_a_summary_never_the_token(world, credless_cmd):
     assert (out["cnf_jkt"] is not None) is world.dpop
     assert 0 < out["expires_in"] <= 300 and len(out["token_sha256"]) == 16
     assert "access_token" not in out and "eyJ" not in r.stdout
-    bad = subprocess.run([*credless_cmd, "oauth", "probe", "--config", str(world.agent.config),
-                          "--server", world.mcp.url, "--spiffe-id",
-                          "spiffe://example.org/not/issuable"], capture_output=True, text=True)
+    bad = subprocess.run(
+        [
+            *credless_cmd,
+            "oauth",
+            "probe",
+            "--config",
+            str(world.agent.config),
+            "--server",
+            world.mcp.url,
+            "--spiffe-id",
+            "spiffe://example.org/not/issuable",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 1 and "no registration entry produces it" in bad.stderr
 
 
@@ -237,11 +311,14 @@ def test_policy_reload_takes_effect_without_restart(world):
     denied = run_client(world.mcp.url, "call:secret_tool", preexec=enter_cgroup(world.cg))
     assert denied[0].get("error") or denied[0].get("is_error")
     policy = world.agent.config.parent / "policy.toml"
-    policy.write_text(policy.read_text().replace('"stream_count"]', '"stream_count", '
-                                                 '"secret_tool"]'))
+    policy.write_text(
+        policy.read_text().replace('"stream_count"]', '"stream_count", "secret_tool"]')
+    )
     world.agent.proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: any(e.get("event") == "policy loaded" for e in world.agent.log_events()[3:]),
-             what="policy reloaded")
+    wait_for(
+        lambda: any(e.get("event") == "policy loaded" for e in world.agent.log_events()[3:]),
+        what="policy reloaded",
+    )
     out = run_client(world.mcp.url, "call:secret_tool", preexec=enter_cgroup(world.cg))
     assert out[0].get("text") == "the secret", out
     assert world.mcp.stats()["calls"]["secret_tool"] == 1
@@ -260,14 +337,19 @@ c.request("POST", "/mcp", body=json.dumps(batch), headers={{"Content-Type": "app
 r = c.getresponse(); print(json.dumps([r.status, json.loads(r.read())]), flush=True)
 time.sleep(1)   # the connection stays open: anything the proxy sent on would reach the server
 """
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=60, preexec_fn=enter_cgroup(world.cg))
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=enter_cgroup(world.cg),
+    )
     status, body = json.loads(r.stdout)
     assert status == 403
     assert [e["id"] for e in body] == [1, 2]
     assert all(e["error"]["code"] == -32001 for e in body)
     assert "secret_tool" in body[0]["error"]["message"]
-    assert "echo" not in world.mcp.stats()["calls"]   # nothing of the batch reached it
+    assert "echo" not in world.mcp.stats()["calls"]  # nothing of the batch reached it
     # not even its head: no credentialed request reached the server
     assert [q for q in world.mcp.stats()["requests"] if q["auth_scheme"]] == []
 
@@ -280,9 +362,13 @@ def test_sub_agent_is_restricted_to_its_parents_tools(tmp_path):
     parent_id, child_id = "spiffe://example.org/agent/parent", "spiffe://example.org/agent/child"
     python = os.path.realpath(sys.executable)
     with copied_binaries("sh") as bins:
+
         def entries(cg):
-            return [("parent", parent_id, [f"cgroup:path:/{cg.name}", f"unix:path:{bins['sh']}"]),
-                    ("child", child_id, [f"cgroup:path:/{cg.name}", f"unix:path:{python}"])]
+            return [
+                ("parent", parent_id, [f"cgroup:path:/{cg.name}", f"unix:path:{bins['sh']}"]),
+                ("child", child_id, [f"cgroup:path:/{cg.name}", f"unix:path:{python}"]),
+            ]
+
         policy = f"""
 [[rule]]
 id = "parent-tools"
@@ -297,15 +383,29 @@ server = "weather"
 methods = ["tools/list", "tools/call"]
 tools = ["echo", "secret_tool"]
 """
-        with start_world(tmp_path, dpop=False, entries=entries, policy=policy,
-                         extra='subagents = "restrict_to_parent"') as w:
-            cmd = (f"{sys.executable} -m tests.mcp.client {w.mcp.url} "
-                   f"'call:echo:{{\"text\": \"ok\"}}' call:secret_tool")
+        with start_world(
+            tmp_path,
+            dpop=False,
+            entries=entries,
+            policy=policy,
+            extra='subagents = "restrict_to_parent"',
+        ) as w:
+            cmd = (
+                f"{sys.executable} -m tests.mcp.client {w.mcp.url} "
+                f'\'call:echo:{{"text": "ok"}}\' call:secret_tool'
+            )
             import subprocess
 
             from tests.conftest import REPO
-            r = subprocess.run([str(bins["sh"]), "-c", cmd], cwd=REPO, capture_output=True,
-                               text=True, timeout=120, preexec_fn=enter_cgroup(w.cg))
+
+            r = subprocess.run(
+                [str(bins["sh"]), "-c", cmd],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                preexec_fn=enter_cgroup(w.cg),
+            )
             out = [json.loads(ln) for ln in r.stdout.splitlines() if ln.startswith("{")]
             assert out[0] == {"step": "call", "tool": "echo", "text": "ok", "is_error": False}
             assert out[1].get("error") or out[1].get("is_error")

@@ -34,8 +34,7 @@ def procs():
         p.wait()
 
 
-def test_a_same_size_overwrite_with_its_mtime_restored_loses_the_sha256_identity(
-        tmp_path, procs):
+def test_a_same_size_overwrite_with_its_mtime_restored_loses_the_sha256_identity(tmp_path, procs):
     registry = CollectorRegistry()
     attestor = Attestor(AttestSection(), registry=registry)
     with cgroup_child() as cg, copied_binaries("sleep", "cat") as bins:
@@ -49,15 +48,18 @@ def test_a_same_size_overwrite_with_its_mtime_restored_loses_the_sha256_identity
         os.chmod(tool, 0o755)
         trusted = hashlib.sha256(trusted_code).hexdigest()
         entries = tmp_path / "entries.toml"
-        entries.write_text(f'''
+        entries.write_text(f"""
 [[entry]]
 id = "trusted-tool"
 spiffe_id = "spiffe://example.org/trusted-tool"
 selectors = ["unix:sha256:{trusted}", "cgroup:path:/{cg.name}"]
-''')
-        manager = IdentityManager(IdentitySection(entries_file=str(entries)),
-                                  str(tmp_path / "state"), audit=AuditLog("n", io.StringIO()),
-                                  registry=registry)
+""")
+        manager = IdentityManager(
+            IdentitySection(entries_file=str(entries)),
+            str(tmp_path / "state"),
+            audit=AuditLog("n", io.StringIO()),
+            registry=registry,
+        )
         attestor.start()
         try:
             manager.start()
@@ -77,12 +79,17 @@ selectors = ["unix:sha256:{trusted}", "cgroup:path:/{cg.name}"]
                     f.write(other_code)
                 os.utime(tool, ns=(before.st_atime_ns, before.st_mtime_ns))
                 after = os.stat(tool)
-                assert (after.st_dev, after.st_ino, after.st_size, after.st_mtime_ns) == \
-                    (before.st_dev, before.st_ino, before.st_size, before.st_mtime_ns)
-                assert after.st_ctime_ns != before.st_ctime_ns   # what utime cannot put back
+                assert (after.st_dev, after.st_ino, after.st_size, after.st_mtime_ns) == (
+                    before.st_dev,
+                    before.st_ino,
+                    before.st_size,
+                    before.st_mtime_ns,
+                )
+                assert after.st_ctime_ns != before.st_ctime_ns  # what utime cannot put back
 
-                q = subprocess.Popen([str(tool)], stdin=subprocess.PIPE,
-                                     preexec_fn=enter_cgroup(cg))   # cat, waiting on stdin
+                q = subprocess.Popen(
+                    [str(tool)], stdin=subprocess.PIPE, preexec_fn=enter_cgroup(cg)
+                )  # cat, waiting on stdin
                 procs.append(q)
                 att2 = attestor.attest(q.pid, timeout=5)
                 assert att2 is not None and att2.exe == str(tool)

@@ -16,13 +16,14 @@ import pytest
 
 from agent.oauth import errors
 from agent.observe import logging as obs
-from tests.oidc.stack import build as stack_build, running
+from tests.oidc.stack import build as stack_build
+from tests.oidc.stack import running
 
 A = "spiffe://example.org/workload/a"
 B = "spiffe://example.org/workload/b"
-JWT_RES = "http://127.0.0.1:9/mcp"        # resource identifiers: never dialled here
+JWT_RES = "http://127.0.0.1:9/mcp"  # resource identifiers: never dialled here
 OPAQUE_RES = "http://127.0.0.1:10/mcp"
-CAPTURED = io.StringIO()                   # every log and audit line of this module
+CAPTURED = io.StringIO()  # every log and audit line of this module
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -36,11 +37,18 @@ DEFAULT_SERVERS = [{"name": "jwt", "url": JWT_RES, "scope": "tools:read tools:ca
 
 
 def build(tmp_path, oidc_kwargs=None, servers=None, registered=(A,)):
-    return stack_build(tmp_path, stream=CAPTURED, identities=(A, B),
-                       servers=servers or DEFAULT_SERVERS, registered=registered,
-                       resources={JWT_RES: {"format": "jwt", "scope": "tools:read tools:call"},
-                                  OPAQUE_RES: {"format": "opaque", "scope": "tools:read"}},
-                       oidc_kwargs=oidc_kwargs)
+    return stack_build(
+        tmp_path,
+        stream=CAPTURED,
+        identities=(A, B),
+        servers=servers or DEFAULT_SERVERS,
+        registered=registered,
+        resources={
+            JWT_RES: {"format": "jwt", "scope": "tools:read tools:call"},
+            OPAQUE_RES: {"format": "opaque", "scope": "tools:read"},
+        },
+        oidc_kwargs=oidc_kwargs,
+    )
 
 
 @pytest.fixture
@@ -72,16 +80,17 @@ def test_dpop_bound_jwt_token_with_a_jwt_svid_assertion(stack):
     assert set(claims["scope"].split()) == {"tools:read", "tools:call"}
     success = stack.oidc.events("grant.success")
     assert success and success[-1]["client_id"] == A
-    audit = [json.loads(ln) for ln in CAPTURED.getvalue().splitlines()
-             if '"stream": "audit"' in ln]
+    audit = [json.loads(ln) for ln in CAPTURED.getvalue().splitlines() if '"stream": "audit"' in ln]
     obtained = [e for e in audit if e["event"] == "token.obtained"][-1]
     assert obtained["jti"] == claims["jti"] and obtained["jkt"] == tok.jkt
     assert obtained["token_sha256"] == tok.fingerprint
 
 
-@pytest.mark.parametrize("stack", [{"servers": [{"name": "jwt", "url": JWT_RES,
-                                                 "auth_profile": "jwt-spiffe", "dpop": "never"}]}],
-                         indirect=True)
+@pytest.mark.parametrize(
+    "stack",
+    [{"servers": [{"name": "jwt", "url": JWT_RES, "auth_profile": "jwt-spiffe", "dpop": "never"}]}],
+    indirect=True,
+)
 def test_jwt_spiffe_profile(stack):
     tok = stack.run(stack.svc.token(stack.ident(A), "jwt"))
     stack.tokens.append(tok.access_token)
@@ -89,13 +98,12 @@ def test_jwt_spiffe_profile(stack):
     assert stack.oidc.events("grant.success")[-1]["client_id"] == A
 
 
-@pytest.mark.parametrize("stack", [{"servers": [{"name": "op", "url": OPAQUE_RES}]}],
-                         indirect=True)
+@pytest.mark.parametrize("stack", [{"servers": [{"name": "op", "url": OPAQUE_RES}]}], indirect=True)
 def test_opaque_token_is_introspected_active_with_sub_and_aud(stack):
     ident = stack.ident(A)
     tok = stack.run(stack.svc.token(ident, "op"))
     stack.tokens.append(tok.access_token)
-    assert tok.jti is None                       # opaque: nothing to read in it
+    assert tok.jti is None  # opaque: nothing to read in it
     info = stack.run(stack.svc.introspect(ident, "op", tok))
     # oidc-provider names the client of a client_credentials token in client_id; it has no
     # end-user, so it sends no sub (RFC 7662 makes sub optional)
@@ -103,9 +111,17 @@ def test_opaque_token_is_introspected_active_with_sub_and_aud(stack):
     assert info["aud"] == OPAQUE_RES and info["token_type"] == "DPoP"
 
 
-@pytest.mark.parametrize("stack", [{"oidc_kwargs": {"registration": True}, "registered": (),
-                                    "servers": [{"name": "jwt", "url": JWT_RES,
-                                                 "registration": "dynamic"}]}], indirect=True)
+@pytest.mark.parametrize(
+    "stack",
+    [
+        {
+            "oidc_kwargs": {"registration": True},
+            "registered": (),
+            "servers": [{"name": "jwt", "url": JWT_RES, "registration": "dynamic"}],
+        }
+    ],
+    indirect=True,
+)
 def test_dynamic_registration_then_token_then_delete(stack):
     ident = stack.ident(B)
     tok = stack.run(stack.svc.token(ident, "jwt"))
@@ -124,31 +140,47 @@ def test_dynamic_registration_then_token_then_delete(stack):
 
 def test_unknown_client_is_refused_with_the_servers_reason(stack):
     with pytest.raises(errors.InvalidClient) as err:
-        stack.run(stack.svc.token(stack.ident(B), "jwt"))   # B is not registered
+        stack.run(stack.svc.token(stack.ident(B), "jwt"))  # B is not registered
     assert err.value.error == "invalid_client"
     assert stack.oidc.events("grant.error")[-1]["error"] == "invalid_client"
 
 
 def _raw_request(stack, mint):
     from agent.oauth.tokens import request_token
-    return stack.run(request_token(
-        stack.svc.http, token_endpoint=stack.oidc.token_endpoint, issuer=stack.oidc.issuer,
-        resource=JWT_RES, scope="", profile="jwt-bearer", assertion_audience="issuer",
-        client_id=A, spiffe_id=A, mint_assertion=mint, dpop=None, nonces={}))
+
+    return stack.run(
+        request_token(
+            stack.svc.http,
+            token_endpoint=stack.oidc.token_endpoint,
+            issuer=stack.oidc.issuer,
+            resource=JWT_RES,
+            scope="",
+            profile="jwt-bearer",
+            assertion_audience="issuer",
+            client_id=A,
+            spiffe_id=A,
+            mint_assertion=mint,
+            dpop=None,
+            nonces={},
+        )
+    )
 
 
 def test_wrong_audience_and_expired_assertions_are_refused(stack):
     ident = stack.ident(A)
     with pytest.raises(errors.InvalidClient):
-        _raw_request(stack, lambda aud, iss: stack.mgr.jwt_svid(ident, ["https://other.example"],
-                                                               iss=iss).token)
+        _raw_request(
+            stack,
+            lambda aud, iss: stack.mgr.jwt_svid(ident, ["https://other.example"], iss=iss).token,
+        )
     assert "aud" in stack.oidc.events("grant.error")[-1]["reason"]
     real_clock = stack.mgr.keys.clock
-    stack.mgr.keys.clock = lambda: real_clock() - 3600       # minted an hour ago
+    stack.mgr.keys.clock = lambda: real_clock() - 3600  # minted an hour ago
     try:
         with pytest.raises(errors.InvalidClient):
-            _raw_request(stack, lambda aud, iss: stack.mgr.jwt_svid(ident, [aud], ttl=60,
-                                                                   iss=iss).token)
+            _raw_request(
+                stack, lambda aud, iss: stack.mgr.jwt_svid(ident, [aud], ttl=60, iss=iss).token
+            )
     finally:
         stack.mgr.keys.clock = real_clock
     assert "expired" in stack.oidc.events("grant.error")[-1]["reason"]
@@ -169,18 +201,18 @@ def test_server_stopped_cached_token_served_new_identity_gets_clear_error(stack)
     stack.tokens.append(first.access_token)
     stack.oidc.stop()
     assert stack.run(stack.svc.token(ident_a, "jwt")) is first
-    stack.mgr.registry.entries  # B's identity exists but has never had a token
+    assert stack.mgr.registry.entries  # B's identity exists but has never had a token
     with pytest.raises(errors.ServerUnavailable) as err:
         stack.run(stack.svc.token(stack.ident(B), "jwt"))
     assert "token request at" in str(err.value) and stack.oidc.issuer in str(err.value)
 
 
 def test_server_answering_garbage_is_a_malformed_response(stack, tmp_path):
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
     import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     class Garbage(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
+        def do_POST(self):
             self.rfile.read(int(self.headers["Content-Length"]))
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
@@ -194,12 +226,24 @@ def test_server_answering_garbage_is_a_malformed_response(stack, tmp_path):
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
         from agent.oauth.tokens import request_token
+
         with pytest.raises(errors.MalformedResponse, match="not JSON"):
-            stack.run(request_token(
-                stack.svc.http, token_endpoint=f"http://127.0.0.1:{srv.server_address[1]}/t",
-                issuer="x", resource=JWT_RES, scope="", profile="jwt-bearer",
-                assertion_audience="issuer", client_id=A, spiffe_id=A,
-                mint_assertion=lambda a, i: "not-a-real-assertion", dpop=None, nonces={}))
+            stack.run(
+                request_token(
+                    stack.svc.http,
+                    token_endpoint=f"http://127.0.0.1:{srv.server_address[1]}/t",
+                    issuer="x",
+                    resource=JWT_RES,
+                    scope="",
+                    profile="jwt-bearer",
+                    assertion_audience="issuer",
+                    client_id=A,
+                    spiffe_id=A,
+                    mint_assertion=lambda a, i: "not-a-real-assertion",
+                    dpop=None,
+                    nonces={},
+                )
+            )
     finally:
         srv.shutdown()
         srv.server_close()

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.kernel
 
 # One request on a connection made from a fixed local port (when given), after a pause
 # that lets another client connect from the same port in another namespace meanwhile.
-CLIENT = r'''
+CLIENT = r"""
 import json, os, socket, sys, time
 port, local_port, pause = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
 s = socket.socket()
@@ -45,20 +45,24 @@ while chunk := s.recv(65536):
     data += chunk
 head, _, rest = data.partition(b"\r\n\r\n")
 print(json.dumps({"status": int(head.split()[1]), "body": json.loads(rest), "pid": os.getpid()}))
-'''
+"""
 
 
 def agent_config(tmp_path, cg, upstream):
     port = free_port()
-    return port, write_config(tmp_path, extra=(
-        f'[inject]\nlisten_port = {port}\nlisten_port6 = {port}\n'
-        f'managed_cgroups = ["/{cg.name}"]\nnetns_scan_seconds = 0.5\n'
-        f'[[servers]]\nname = "up"\nurl = "http://127.0.0.1:{upstream}/mcp"\n'
-        'mode = "passthrough"\n'))
+    return port, write_config(
+        tmp_path,
+        extra=(
+            f"[inject]\nlisten_port = {port}\nlisten_port6 = {port}\n"
+            f'managed_cgroups = ["/{cg.name}"]\nnetns_scan_seconds = 0.5\n'
+            f'[[servers]]\nname = "up"\nurl = "http://127.0.0.1:{upstream}/mcp"\n'
+            'mode = "passthrough"\n'
+        ),
+    )
 
 
 @pytest.fixture
-def agent(tmp_path, upstream):  # noqa: F811
+def agent(tmp_path, upstream):
     with cgroup_child() as cg:
         port, cfg = agent_config(tmp_path, cg, upstream)
         with AgentProcess(cfg, tmp_path) as a:
@@ -67,13 +71,19 @@ def agent(tmp_path, upstream):  # noqa: F811
             yield a
 
 
-def start_client(a, netns: str | None, local_port: int = 0, pause: float = 0.0,
-                 managed: bool = True) -> subprocess.Popen:
+def start_client(
+    a, netns: str | None, local_port: int = 0, pause: float = 0.0, managed: bool = True
+) -> subprocess.Popen:
     cmd = [sys.executable, "-c", CLIENT, str(a.upstream), str(local_port), str(pause)]
     if netns:
         cmd = ["ip", "netns", "exec", netns, *cmd]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=enter_cgroup(a.cg) if managed else None)
+    return subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=enter_cgroup(a.cg) if managed else None,
+    )
 
 
 def result(p: subprocess.Popen) -> dict:
@@ -87,15 +97,20 @@ def netns_events(a, event: str) -> list[dict]:
 
 
 def listening_in(netns: str, port: int) -> bool:
-    out = subprocess.run(["ip", "netns", "exec", netns, "ss", "-Htln", f"sport = :{port}"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["ip", "netns", "exec", netns, "ss", "-Htln", f"sport = :{port}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return bool(out.strip())
 
 
 def hold(a, netns: str) -> subprocess.Popen:
     """A long-lived managed process in netns: the pod's first process (its pause container)."""
-    return subprocess.Popen(["ip", "netns", "exec", netns, "sleep", "300"],
-                            preexec_fn=enter_cgroup(a.cg))
+    return subprocess.Popen(
+        ["ip", "netns", "exec", netns, "sleep", "300"], preexec_fn=enter_cgroup(a.cg)
+    )
 
 
 def test_a_pod_with_its_own_network_is_served_inside_it(agent):
@@ -121,7 +136,7 @@ def test_an_unmanaged_process_in_a_namespace_gets_no_listener(agent):
             out = result(start_client(agent, ns, managed=False))
             # not redirected: its own loopback has nothing on the server's port
             assert out == {"error": "Connection refused"}
-            time.sleep(1.5)   # three scans of /proc
+            time.sleep(1.5)  # three scans of /proc
             assert not listening_in(ns, agent.port)
             assert not netns_events(agent, "listening in a workload's network namespace")
         finally:
@@ -150,8 +165,11 @@ def test_the_same_local_port_in_two_namespaces_is_told_apart(agent):
             try:
                 pod = start_client(agent, ns, local_port=local, pause=1.0)
                 node = start_client(agent, None, local_port=local, pause=1.0)
-                wait_for(lambda: connected(ns, agent.port, local)
-                         and connected(None, agent.port, local), 10, what="both connected")
+                wait_for(
+                    lambda: connected(ns, agent.port, local) and connected(None, agent.port, local),
+                    10,
+                    what="both connected",
+                )
             finally:
                 os.kill(agent.proc.pid, signal.SIGCONT)
             outs = [result(pod), result(node)]
@@ -176,7 +194,7 @@ def test_the_listener_goes_with_the_last_managed_process_and_comes_back(agent):
         assert netns_events(agent, "network namespace left: no managed process in it")
         # a new process's exec is seen at once: its first connect is served
         out = result(start_client(agent, ns, pause=0.0))
-        if "error" in out:   # raced the event: refused, never sent out unredirected
+        if "error" in out:  # raced the event: refused, never sent out unredirected
             assert out == {"error": "Connection refused"}
             out = result(start_client(agent, ns))
         assert out["status"] == 200
@@ -188,14 +206,14 @@ def pin_map(path: str, key_size: int, value_size: int) -> None:
 
     attr = bpfsys._Attr()
     attr.w[0], attr.w[1], attr.w[2], attr.w[3] = 9, key_size, value_size, 16  # LRU_HASH
-    fd = bpfsys._bpf(0, attr)   # BPF_MAP_CREATE
+    fd = bpfsys._bpf(0, attr)  # BPF_MAP_CREATE
     try:
         bpfsys.obj_pin(fd, path)
     finally:
         os.close(fd)
 
 
-def test_a_redirect_pinned_with_an_older_layout_is_replaced(tmp_path, upstream):  # noqa: F811
+def test_a_redirect_pinned_with_an_older_layout_is_replaced(tmp_path, upstream):
     """An agent before network namespaces pinned local_to_cookie with a 24-byte key. Reused
     as is, the kernel would compare only its first 24 bytes (no namespace) and pods
     connecting from one port would be served as each other: it must be replaced."""

@@ -17,6 +17,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -26,7 +27,7 @@ from tests.kernel import cgroup_child, enter_cgroup
 
 pytestmark = pytest.mark.kernel
 
-CLIENT = r'''
+CLIENT = r"""
 import http.client, json, sys, time
 port, mode = int(sys.argv[1]), sys.argv[2]
 c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
@@ -49,27 +50,32 @@ elif mode == "stream":
         if line.startswith(b"data:"): out.append([round((time.monotonic() - t0) * 1000), line.decode().strip()])
         if len(out) == 3: break
 print(json.dumps(out))
-'''
+"""
 
 
-BIG_BODY = bytes(range(256)) * (64 << 10)   # 16 MiB
+BIG_BODY = bytes(range(256)) * (64 << 10)  # 16 MiB
 
 
 class Upstream(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    seen: list = []
+    seen: ClassVar[list] = []
 
-    def do_POST(self):  # noqa: N802
+    def do_POST(self):
         if self.headers.get("Transfer-Encoding") == "chunked":
             body = b""
-            while (size := int(self.rfile.readline(), 16)):
+            while size := int(self.rfile.readline(), 16):
                 body += self.rfile.read(size)
                 self.rfile.readline()
             self.rfile.readline()
         else:
             body = self.rfile.read(int(self.headers["Content-Length"]))
-        Upstream.seen.append({"auth": self.headers.get("Authorization"),
-                              "peer_port": self.client_address[1], "body": body.decode()})
+        Upstream.seen.append(
+            {
+                "auth": self.headers.get("Authorization"),
+                "peer_port": self.client_address[1],
+                "body": body.decode(),
+            }
+        )
         out = json.dumps({"echo": json.loads(body)}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -77,8 +83,8 @@ class Upstream(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(out)
 
-    def do_GET(self):  # noqa: N802  an SSE stream: 3 events, 300 ms apart
-        if self.path == "/close":   # closes its connection after every answer
+    def do_GET(self):
+        if self.path == "/close":  # closes its connection after every answer
             Upstream.seen.append({"peer_port": self.client_address[1], "path": self.path})
             self.send_response(200)
             self.send_header("Content-Length", "2")
@@ -87,7 +93,7 @@ class Upstream(BaseHTTPRequestHandler):
             self.wfile.write(b"ok")
             self.close_connection = True
             return
-        if self.path == "/early":   # an interim 103 Early Hints before the answer
+        if self.path == "/early":  # an interim 103 Early Hints before the answer
             self.send_response_only(103)
             self.send_header("Link", "</style.css>; rel=preload")
             self.end_headers()
@@ -96,14 +102,14 @@ class Upstream(BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(b"after hints")
             return
-        if self.path == "/eof":     # a body delimited by closing the connection
+        if self.path == "/eof":  # a body delimited by closing the connection
             self.send_response(200)
             self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.write(b"until the end")
             self.close_connection = True
             return
-        if self.path == "/forever":   # one event, then silence until its reader is gone
+        if self.path == "/forever":  # one event, then silence until its reader is gone
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Transfer-Encoding", "chunked")
@@ -114,12 +120,11 @@ class Upstream(BaseHTTPRequestHandler):
             while time.monotonic() - t0 < 30:
                 readable, _, _ = select.select([self.connection], [], [], 0.1)
                 if readable and self.connection.recv(1, socket.MSG_PEEK) == b"":
-                    Upstream.seen.append({"path": self.path,
-                                          "closed_after": time.monotonic() - t0})
+                    Upstream.seen.append({"path": self.path, "closed_after": time.monotonic() - t0})
                     break
             self.close_connection = True
             return
-        if self.path == "/big":   # BIG_BODY, more than the socket buffers hold
+        if self.path == "/big":  # BIG_BODY, more than the socket buffers hold
             self.send_response(200)
             self.send_header("Content-Length", str(len(BIG_BODY)))
             self.end_headers()
@@ -136,7 +141,7 @@ class Upstream(BaseHTTPRequestHandler):
             time.sleep(0.3)
         self.wfile.write(b"0\r\n\r\n")
 
-    def do_HEAD(self):  # noqa: N802  a Content-Length but, as for any HEAD, no body
+    def do_HEAD(self):
         self.send_response(200)
         self.send_header("Content-Length", "1000")
         self.end_headers()
@@ -170,6 +175,7 @@ def hangup_upstream():
                 continue
             with conn:
                 conn.recv(65536)
+
     t = threading.Thread(target=serve, daemon=True)
     t.start()
     yield srv.getsockname()[1]
@@ -181,20 +187,24 @@ def hangup_upstream():
 def passthrough_config(tmp_path, cg, servers: dict[str, int]):
     """An agent config managing cgroup cg, with a passthrough server per name → port."""
     port = free_port()
-    extra = (f'[inject]\nlisten_port = {port}\nlisten_port6 = {port}\n'
-             f'managed_cgroups = ["/{cg.name}"]\n')
+    extra = (
+        f'[inject]\nlisten_port = {port}\nlisten_port6 = {port}\nmanaged_cgroups = ["/{cg.name}"]\n'
+    )
     for name, server_port in servers.items():
-        extra += (f'[[servers]]\nname = "{name}"\nurl = "http://127.0.0.1:{server_port}/mcp"\n'
-                  'mode = "passthrough"\n')
+        extra += (
+            f'[[servers]]\nname = "{name}"\nurl = "http://127.0.0.1:{server_port}/mcp"\n'
+            'mode = "passthrough"\n'
+        )
     return write_config(tmp_path, extra=extra)
 
 
 @pytest.fixture
 def agent(tmp_path, upstream, hangup_upstream):
     with cgroup_child() as cg:
-        dead = free_port()   # nothing listens there
-        cfg = passthrough_config(tmp_path, cg, {"up": upstream, "hangup": hangup_upstream,
-                                                "dead": dead})
+        dead = free_port()  # nothing listens there
+        cfg = passthrough_config(
+            tmp_path, cg, {"up": upstream, "hangup": hangup_upstream, "dead": dead}
+        )
         with AgentProcess(cfg, tmp_path) as a:
             a.wait_ready()
             a.cg, a.upstream, a.hangup, a.dead = cg, upstream, hangup_upstream, dead
@@ -202,17 +212,26 @@ def agent(tmp_path, upstream, hangup_upstream):
 
 
 def run_client(port, mode, cgroup=None):
-    r = subprocess.run([sys.executable, "-c", CLIENT, str(port), mode], capture_output=True,
-                       text=True, timeout=60, preexec_fn=enter_cgroup(cgroup) if cgroup else None)
+    r = subprocess.run(
+        [sys.executable, "-c", CLIENT, str(port), mode],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=enter_cgroup(cgroup) if cgroup else None,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     return json.loads(r.stdout)
 
 
 def test_managed_process_goes_through_the_proxy_with_http_semantics_intact(agent):
     out = run_client(agent.upstream, "basic", agent.cg)
-    assert out == [[200, {"echo": {"i": 0}}], [200, {"echo": {"i": 1}}],
-                   [200, {"echo": {"i": 2}}], [200, {"echo": {"chunked": 1}}],
-                   [200, {"echo": {"expect": 1}}]]
+    assert out == [
+        [200, {"echo": {"i": 0}}],
+        [200, {"echo": {"i": 1}}],
+        [200, {"echo": {"i": 2}}],
+        [200, {"echo": {"chunked": 1}}],
+        [200, {"echo": {"expect": 1}}],
+    ]
     # passthrough observes only; the workload's header passes as sent
     assert [s["auth"] for s in Upstream.seen[:3]] == ["Bearer workload-fake"] * 3
     # all five requests reused one upstream connection from the proxy's pool
@@ -224,19 +243,19 @@ def test_managed_process_goes_through_the_proxy_with_http_semantics_intact(agent
 
 
 def test_unmanaged_process_is_not_redirected(agent):
-    run_client(agent.upstream, "basic")           # not in the managed cgroup
+    run_client(agent.upstream, "basic")  # not in the managed cgroup
     audit = audit_events(agent.stdout_path)
     assert not [a for a in audit if a["event"].startswith("request.")]
-    assert len({s["peer_port"] for s in Upstream.seen}) == 1   # its own direct connection
+    assert len({s["peer_port"] for s in Upstream.seen}) == 1  # its own direct connection
 
 
 def test_sse_events_are_streamed_as_they_arrive(agent):
     out = run_client(agent.upstream, "stream", agent.cg)
     assert [e[1] for e in out] == ["data: 0", "data: 1", "data: 2"]
-    assert out[0][0] < out[1][0] < out[2][0]     # arrived one by one, not all at the end
+    assert out[0][0] < out[1][0] < out[2][0]  # arrived one by one, not all at the end
 
 
-TLS_CLIENT = r'''
+TLS_CLIENT = r"""
 import http.client, json, ssl, sys
 port, cafile = int(sys.argv[1]), sys.argv[2]
 ctx = ssl.create_default_context(cafile=cafile)
@@ -246,7 +265,7 @@ try:
     r = c.getresponse(); print(json.dumps([r.status, json.loads(r.read())]))
 except ssl.SSLError as e:
     print(json.dumps(["ssl_error", e.reason]))
-'''
+"""
 
 
 def _test_ca(tmp_path):
@@ -258,27 +277,41 @@ def _test_ca(tmp_path):
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test upstream CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-          .public_key(ca_key.public_key()).serial_number(1)
-          .not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .sign(ca_key, hashes.SHA256()))
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + dt.timedelta(1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
     key = ec.generate_private_key(ec.SECP256R1())
-    leaf = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-            .issuer_name(ca_name).public_key(key.public_key()).serial_number(2)
-            .not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(1))
-            .add_extension(x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-            .sign(ca_key, hashes.SHA256()))
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(2)
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + dt.timedelta(1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
     pem = serialization.Encoding.PEM
     (tmp_path / "up-ca.crt").write_bytes(ca.public_bytes(pem))
     (tmp_path / "up.crt").write_bytes(leaf.public_bytes(pem))
-    (tmp_path / "up.key").write_bytes(key.private_bytes(
-        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    (tmp_path / "up.key").write_bytes(
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return tmp_path / "up-ca.crt", tmp_path / "up.crt", tmp_path / "up.key"
 
 
@@ -296,7 +329,9 @@ def test_https_workload_is_intercepted_with_the_injection_ca_and_fails_closed_wi
     try:
         with cgroup_child() as cg:
             port = free_port()
-            cfg = write_config(tmp_path, extra=f'''
+            cfg = write_config(
+                tmp_path,
+                extra=f'''
 [inject]
 listen_port = {port}
 listen_port6 = {port}
@@ -306,7 +341,8 @@ upstream_ca_file = "{ca}"
 name = "tls"
 url = "https://127.0.0.1:{up_port}/mcp"
 mode = "passthrough"
-''')
+''',
+            )
             with AgentProcess(cfg, tmp_path) as a:
                 a.wait_ready()
                 # exported where workloads can read it (the state directory is 0700)
@@ -314,31 +350,42 @@ mode = "passthrough"
                 assert oct(inject_ca.stat().st_mode & 0o777) == "0o644"
 
                 def client(cafile):
-                    r = subprocess.run([sys.executable, "-c", TLS_CLIENT, str(up_port),
-                                        str(cafile)], capture_output=True, text=True,
-                                       timeout=60, preexec_fn=enter_cgroup(cg))
+                    r = subprocess.run(
+                        [sys.executable, "-c", TLS_CLIENT, str(up_port), str(cafile)],
+                        capture_output=True,
+                        text=True,
+                        timeout=60,
+                        preexec_fn=enter_cgroup(cg),
+                    )
                     assert r.stdout, r.stderr[-2000:] + a.stderr_path.read_text()[-3000:]
                     return json.loads(r.stdout)
 
                 assert client(inject_ca) == [200, {"echo": {"tls": 1}}]
-                assert client(ca)[0] == "ssl_error"   # trusts only the real server's CA
-                assert len(Upstream.seen) == 1        # nothing reached the server unprotected
+                assert client(ca)[0] == "ssl_error"  # trusts only the real server's CA
+                assert len(Upstream.seen) == 1  # nothing reached the server unprotected
     finally:
         srv.shutdown()
         srv.server_close()
 
 
 def test_malformed_http_from_a_workload_gets_400_and_nothing_upstream(agent):
-    code = (f"import socket; s = socket.create_connection(('127.0.0.1', {agent.upstream})); "
-            "s.sendall(b'NOT HTTP AT ALL\\r\\n\\r\\n'); print(s.recv(4096).decode())")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
-                       preexec_fn=enter_cgroup(agent.cg))
+    code = (
+        f"import socket; s = socket.create_connection(('127.0.0.1', {agent.upstream})); "
+        "s.sendall(b'NOT HTTP AT ALL\\r\\n\\r\\n'); print(s.recv(4096).decode())"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        preexec_fn=enter_cgroup(agent.cg),
+    )
     assert r.stdout.startswith("HTTP/1.1 400 Bad Request")
     assert "credless: malformed HTTP" in r.stdout
     assert Upstream.seen == []
 
 
-RAW_CLIENT = r'''
+RAW_CLIENT = r"""
 import socket, sys
 port, payload = int(sys.argv[1]), sys.argv[2].encode().decode("unicode_escape").encode("latin-1")
 s = socket.create_connection(("127.0.0.1", port), timeout=10)
@@ -353,13 +400,17 @@ while True:
         break
     buf += data
 sys.stdout.write(buf.decode("latin-1"))
-'''
+"""
 
 
 def raw_exchange(port: int, payload: str, cgroup) -> str:
-    r = subprocess.run([sys.executable, "-c", RAW_CLIENT, str(port), payload],
-                       capture_output=True, text=True, timeout=60,
-                       preexec_fn=enter_cgroup(cgroup))
+    r = subprocess.run(
+        [sys.executable, "-c", RAW_CLIENT, str(port), payload],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=enter_cgroup(cgroup),
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     return r.stdout
 
@@ -367,9 +418,11 @@ def raw_exchange(port: int, payload: str, cgroup) -> str:
 def test_pipelined_requests_are_answered_in_order(agent):
     one = '{"n": 1}'
     two = '{"n": 2}'
-    payload = (f"POST /mcp HTTP/1.1\\r\\nHost: x\\r\\nContent-Length: {len(one)}\\r\\n\\r\\n{one}"
-               f"POST /mcp HTTP/1.1\\r\\nHost: x\\r\\nContent-Length: {len(two)}\\r\\n"
-               f"Connection: close\\r\\n\\r\\n{two}")
+    payload = (
+        f"POST /mcp HTTP/1.1\\r\\nHost: x\\r\\nContent-Length: {len(one)}\\r\\n\\r\\n{one}"
+        f"POST /mcp HTTP/1.1\\r\\nHost: x\\r\\nContent-Length: {len(two)}\\r\\n"
+        f"Connection: close\\r\\n\\r\\n{two}"
+    )
     out = raw_exchange(agent.upstream, payload, agent.cg)
     assert out.count("HTTP/1.1 200") == 2
     assert out.index('{"echo": {"n": 1}}') < out.index('{"echo": {"n": 2}}')
@@ -377,8 +430,11 @@ def test_pipelined_requests_are_answered_in_order(agent):
 
 
 def test_upstream_that_hangs_up_without_answering_gets_a_502_and_an_audit_event(agent):
-    out = raw_exchange(agent.hangup, "POST /mcp HTTP/1.1\\r\\nHost: x\\r\\n"
-                       "Content-Length: 2\\r\\n\\r\\n{}", agent.cg)
+    out = raw_exchange(
+        agent.hangup,
+        "POST /mcp HTTP/1.1\\r\\nHost: x\\r\\nContent-Length: 2\\r\\n\\r\\n{}",
+        agent.cg,
+    )
     assert out.startswith("HTTP/1.1 502 Bad Gateway")
     assert "closed the connection without answering" in out
     audit = audit_events(agent.stdout_path)
@@ -387,16 +443,20 @@ def test_upstream_that_hangs_up_without_answering_gets_a_502_and_an_audit_event(
 
 
 def test_unreachable_upstream_gets_a_502_naming_the_cause(agent):
-    out = raw_exchange(agent.dead, "POST /mcp HTTP/1.1\\r\\nHost: x\\r\\n"
-                       "Content-Length: 2\\r\\nConnection: close\\r\\n\\r\\n{}", agent.cg)
+    out = raw_exchange(
+        agent.dead,
+        "POST /mcp HTTP/1.1\\r\\nHost: x\\r\\n"
+        "Content-Length: 2\\r\\nConnection: close\\r\\n\\r\\n{}",
+        agent.cg,
+    )
     assert out.startswith("HTTP/1.1 502 Bad Gateway")
-    body = json.loads(out.split("\n\n", 1)[1])   # text mode turned CRLF into LF
+    body = json.loads(out.split("\n\n", 1)[1])  # text mode turned CRLF into LF
     assert body["error"] == "credless: the MCP server is unreachable"
     audit = audit_events(agent.stdout_path)
     assert any(a["event"] == "request.failed" and a["server"] == "dead" for a in audit)
 
 
-SLOW_READER = r'''
+SLOW_READER = r"""
 import hashlib, http.client, sys, time
 c = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]), timeout=30)
 c.request("GET", "/big")
@@ -407,20 +467,25 @@ while chunk := r.read(256 << 10):
     n += len(chunk)
     time.sleep(0.01)     # slower than the upstream writes: the proxy must hold back
 print(n, h.hexdigest())
-'''
+"""
 
 
 def test_large_response_to_a_slow_reader_arrives_whole(agent):
     import hashlib
-    r = subprocess.run([sys.executable, "-c", SLOW_READER, str(agent.upstream)],
-                       capture_output=True, text=True, timeout=120,
-                       preexec_fn=enter_cgroup(agent.cg))
+
+    r = subprocess.run(
+        [sys.executable, "-c", SLOW_READER, str(agent.upstream)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=enter_cgroup(agent.cg),
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     n, digest = r.stdout.split()
     assert int(n) == len(BIG_BODY) and digest == hashlib.sha256(BIG_BODY).hexdigest()
 
 
-HOP_CLIENT = r'''
+HOP_CLIENT = r"""
 import http.client, json, sys
 c = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]), timeout=10)
 out = {"close": [], "head": None, "eof": None}
@@ -436,13 +501,17 @@ c.request("GET", "/eof")
 r = c.getresponse()
 out["eof"] = [r.status, r.read().decode(), r.getheader("Connection")]
 print(json.dumps(out))
-'''
+"""
 
 
 def test_each_side_manages_its_own_connection(agent):
-    r = subprocess.run([sys.executable, "-c", HOP_CLIENT, str(agent.upstream)],
-                       capture_output=True, text=True, timeout=60,
-                       preexec_fn=enter_cgroup(agent.cg))
+    r = subprocess.run(
+        [sys.executable, "-c", HOP_CLIENT, str(agent.upstream)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=enter_cgroup(agent.cg),
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout)
     # the server closes after each answer; the workload's connection stays open (the
@@ -461,7 +530,7 @@ def test_each_side_manages_its_own_connection(agent):
     assert not [a for a in audit if a["event"] == "request.failed"]
 
 
-EXPECT_CLIENT = r'''
+EXPECT_CLIENT = r"""
 import socket, sys
 s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=5)
 s.sendall(b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Length: 8\r\n"
@@ -474,19 +543,26 @@ while b"}}" not in answer:
 print(interim.decode().split("\r\n")[0])
 print(answer.decode().split("\r\n")[0])
 print(answer.decode().rsplit("\r\n", 1)[-1])
-'''
+"""
 
 
 def test_expect_100_continue_is_answered_before_the_body_is_read(agent):
-    r = subprocess.run([sys.executable, "-c", EXPECT_CLIENT, str(agent.upstream)],
-                       capture_output=True, text=True, timeout=60,
-                       preexec_fn=enter_cgroup(agent.cg))
+    r = subprocess.run(
+        [sys.executable, "-c", EXPECT_CLIENT, str(agent.upstream)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=enter_cgroup(agent.cg),
+    )
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.splitlines() == ["HTTP/1.1 100 Continue", "HTTP/1.1 200 OK",
-                                     '{"echo": {"n": 7}}']
+    assert r.stdout.splitlines() == [
+        "HTTP/1.1 100 Continue",
+        "HTTP/1.1 200 OK",
+        '{"echo": {"n": 7}}',
+    ]
 
 
-PLAIN_CLIENT = r'''
+PLAIN_CLIENT = r"""
 import http.client, json, sys
 c = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]), timeout=10)
 try:
@@ -495,19 +571,24 @@ try:
     print(json.dumps([r.status, json.loads(r.read())]))
 except ConnectionRefusedError:
     print(json.dumps(["refused"]))
-'''
+"""
 
 
-def test_redirect_stays_attached_across_a_restart_and_detach_removes_it(tmp_path, upstream,
-                                                                        credless_cmd):
+def test_redirect_stays_attached_across_a_restart_and_detach_removes_it(
+    tmp_path, upstream, credless_cmd
+):
     with cgroup_child() as cg:
         cfg = passthrough_config(tmp_path, cg, {"up": upstream})
         pin = Path(config.load(cfg).agent.bpf_pin_dir)
 
         def client(cgroup=cg):
-            r = subprocess.run([sys.executable, "-c", PLAIN_CLIENT, str(upstream)],
-                               capture_output=True, text=True, timeout=60,
-                               preexec_fn=enter_cgroup(cgroup) if cgroup else None)
+            r = subprocess.run(
+                [sys.executable, "-c", PLAIN_CLIENT, str(upstream)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                preexec_fn=enter_cgroup(cgroup) if cgroup else None,
+            )
             assert r.returncode == 0, r.stderr[-2000:]
             return json.loads(r.stdout)
 
@@ -525,13 +606,18 @@ def test_redirect_stays_attached_across_a_restart_and_detach_removes_it(tmp_path
             with AgentProcess(cfg, tmp_path) as second:
                 second.wait_ready()
                 assert client() == [200, {"echo": {"n": 1}}]
-                took_over = [e for e in second.log_events()
-                             if e.get("event") == "redirect attached"]
+                took_over = [
+                    e for e in second.log_events() if e.get("event") == "redirect attached"
+                ]
                 assert took_over and took_over[0]["took_over"] is True
                 assert second.stop() == 0
                 # (inside the block: leaving it removes every pin, whatever happened)
-                r = subprocess.run([*credless_cmd, "detach", "--config", str(cfg)],
-                                   capture_output=True, text=True, timeout=60)
+                r = subprocess.run(
+                    [*credless_cmd, "detach", "--config", str(cfg)],
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                )
                 assert r.returncode == 0 and "redirect detached" in r.stdout, r.stderr
                 assert not (pin / "link_connect4").exists()
                 # detached: the managed process now reaches the server directly
@@ -541,8 +627,11 @@ def test_redirect_stays_attached_across_a_restart_and_detach_removes_it(tmp_path
 
 
 def test_an_interim_response_is_relayed_and_the_answer_follows(agent):
-    out = raw_exchange(agent.upstream, "GET /early HTTP/1.1\\r\\nHost: x\\r\\n"
-                       "Connection: close\\r\\n\\r\\n", agent.cg)
+    out = raw_exchange(
+        agent.upstream,
+        "GET /early HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n",
+        agent.cg,
+    )
     assert out.startswith("HTTP/1.1 103 ") and "rel=preload" in out
     assert "HTTP/1.1 200 OK" in out and out.endswith("after hints")
     audit = audit_events(agent.stdout_path)
@@ -553,7 +642,7 @@ def test_an_interim_response_is_relayed_and_the_answer_follows(agent):
 # One answered request, then the connection changes hands: the process that opened it
 # exec's another image ("exec") or exits leaving it to a child ("fork"); the next request
 # on it must not be served as the process that connected.
-CHANGE_CLIENT = r'''
+CHANGE_CLIENT = r"""
 import json, os, socket, sys, time
 port, how = int(sys.argv[1]), sys.argv[2]
 REQ = b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Length: 8\r\n\r\n{\"i\": 1}"
@@ -585,25 +674,29 @@ if os.fork() == 0:
     print(json.dumps({"first": first, "second": ask(s), "pid": os.getpid()}), flush=True)
     os._exit(0)
 os._exit(0)
-'''
+"""
 
 
 @pytest.mark.parametrize("how", ["exec", "fork"])
 def test_a_connection_that_changed_hands_is_closed_not_served(agent, how):
-    r = subprocess.run([sys.executable, "-c", CHANGE_CLIENT, str(agent.upstream), how,
-                        CHANGE_CLIENT], capture_output=True, text=True, timeout=60,
-                       preexec_fn=enter_cgroup(agent.cg))
+    r = subprocess.run(
+        [sys.executable, "-c", CHANGE_CLIENT, str(agent.upstream), how, CHANGE_CLIENT],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=enter_cgroup(agent.cg),
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout)
     assert out["first"] == "HTTP/1.1 200 OK"
-    assert out["second"] == ""            # closed without an answer
-    assert len(Upstream.seen) == 1        # the second request never reached the server
+    assert out["second"] == ""  # closed without an answer
+    assert len(Upstream.seen) == 1  # the second request never reached the server
     audit = audit_events(agent.stdout_path)
     denied = [a for a in audit if a["event"] == "request.denied"]
     assert len(denied) == 1 and "exec'd or exited" in denied[0]["reason"]
 
 
-UPGRADE_CLIENT = r'''
+UPGRADE_CLIENT = r"""
 import socket, sys
 s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
 s.sendall(b"GET /mcp HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
@@ -613,24 +706,28 @@ data = b""
 while chunk := s.recv(65536):
     data += chunk
 print(data.decode("latin-1"))
-'''
+"""
 
 
 def test_a_protocol_upgrade_is_refused_and_the_connection_closed(agent):
-    r = subprocess.run([sys.executable, "-c", UPGRADE_CLIENT, str(agent.upstream)],
-                       capture_output=True, text=True, timeout=60,
-                       preexec_fn=enter_cgroup(agent.cg))
-    assert r.returncode == 0, r.stderr[-2000:]   # the proxy closed: recv returned b""
+    r = subprocess.run(
+        [sys.executable, "-c", UPGRADE_CLIENT, str(agent.upstream)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=enter_cgroup(agent.cg),
+    )
+    assert r.returncode == 0, r.stderr[-2000:]  # the proxy closed: recv returned b""
     assert r.stdout.startswith("HTTP/1.1 501 Not Implemented")
     assert "upgrades" in r.stdout
     audit = audit_events(agent.stdout_path)
-    assert not [a for a in audit if a["event"] == "request.forwarded"]   # never sent
+    assert not [a for a in audit if a["event"] == "request.forwarded"]  # never sent
     denied = [a for a in audit if a["event"] == "request.denied"]
     assert len(denied) == 1 and "websocket" in denied[0]["reason"]
 
 
 # An idle keep-alive connection and an SSE stream in flight when the agent is told to stop.
-STOPPING_CLIENT = r'''
+STOPPING_CLIENT = r"""
 import json, socket, sys, time
 port = int(sys.argv[1])
 idle = socket.create_connection(("127.0.0.1", port), timeout=10)
@@ -654,27 +751,31 @@ while not buf.endswith(b"0\r\n\r\n"):
     buf += data
 print(json.dumps({"idle_closed": idle_closed, "idle_after": idle_after,
                   "events": buf.count(b"data: "), "complete": buf.endswith(b"0\r\n\r\n")}))
-'''
+"""
 
 
 def test_stopping_drains_answers_in_flight_and_closes_idle_connections(agent):
-    client = subprocess.Popen([sys.executable, "-c", STOPPING_CLIENT, str(agent.upstream)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              preexec_fn=enter_cgroup(agent.cg))
+    client = subprocess.Popen(
+        [sys.executable, "-c", STOPPING_CLIENT, str(agent.upstream)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=enter_cgroup(agent.cg),
+    )
     try:
         assert client.stdout.readline().strip() == "streaming", client.stderr.read()[-2000:]
         stopped_at = time.monotonic()
         agent.proc.send_signal(signal.SIGTERM)
-        out, err = client.communicate(timeout=30)
+        out, _err = client.communicate(timeout=30)
         assert agent.proc.wait(30) == 0
     finally:
         if client.poll() is None:
             client.kill()
             client.wait()
     result = json.loads(out)
-    assert result["idle_closed"] and result["idle_after"] < 2      # closed at once, cleanly
-    assert result["events"] == 3 and result["complete"]            # the stream ran to its end
-    assert time.monotonic() - stopped_at < 10                      # not the whole drain time
+    assert result["idle_closed"] and result["idle_after"] < 2  # closed at once, cleanly
+    assert result["events"] == 3 and result["complete"]  # the stream ran to its end
+    assert time.monotonic() - stopped_at < 10  # not the whole drain time
     assert "draining proxy connections" in agent.stderr_path.read_text()
 
 
@@ -682,17 +783,27 @@ def test_a_stream_whose_workload_has_gone_is_closed_on_the_server_side_too(agent
     """An MCP session's notification stream may stay silent for as long as the session
     lives: when its workload exits, the proxy must not hold it (and the server's side)
     open until the server ends it."""
-    code = ("import socket, sys\n"
-            "s = socket.create_connection(('127.0.0.1', int(sys.argv[1])), timeout=10)\n"
-            "s.sendall(b'GET /forever HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n')\n"
-            "buf = b''\n"
-            "while b'data: 0' not in buf:\n"
-            "    buf += s.recv(65536)\n")      # then exits: its socket closes
-    r = subprocess.run([sys.executable, "-c", code, str(agent.upstream)], capture_output=True,
-                       text=True, timeout=30, preexec_fn=enter_cgroup(agent.cg))
+    code = (
+        "import socket, sys\n"
+        "s = socket.create_connection(('127.0.0.1', int(sys.argv[1])), timeout=10)\n"
+        "s.sendall(b'GET /forever HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n')\n"
+        "buf = b''\n"
+        "while b'data: 0' not in buf:\n"
+        "    buf += s.recv(65536)\n"
+    )  # then exits: its socket closes
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(agent.upstream)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        preexec_fn=enter_cgroup(agent.cg),
+    )
     assert r.returncode == 0, r.stderr[-2000:]
-    closed = wait_for(lambda: [s for s in Upstream.seen if s.get("path") == "/forever"], 10,
-                      what="the server's side of the stream closed")
+    closed = wait_for(
+        lambda: [s for s in Upstream.seen if s.get("path") == "/forever"],
+        10,
+        what="the server's side of the stream closed",
+    )
     assert closed[0]["closed_after"] < 5
     aborted = [a for a in audit_events(agent.stdout_path) if a["event"] == "request.aborted"]
     assert aborted and aborted[-1]["server"] == "up" and aborted[-1]["status"] == 200

@@ -15,14 +15,16 @@ import threading
 import pytest
 
 from tests.helpers import AgentProcess, audit_events, free_port, write_config
-from tests.integration.test_proxy_passthrough import Upstream
-from tests.integration.test_proxy_passthrough import upstream  # noqa: F401  (fixture)
+from tests.integration.test_proxy_passthrough import (
+    Upstream,
+    upstream,  # noqa: F401  (fixture)
+)
 from tests.kernel import cgroup_child, enter_cgroup
 
 pytestmark = pytest.mark.kernel
 
 # Runs in the managed cgroup; each mode prints what it saw as JSON.
-CLIENT = r'''
+CLIENT = r"""
 import json, socket, sys, time
 port, mode = int(sys.argv[1]), sys.argv[2]
 s = socket.create_connection(("127.0.0.1", port), timeout=20)
@@ -58,7 +60,7 @@ elif mode == "stream-then-ask":   # a long answer, a pause shorter than the idle
 elif mode == "stream":      # an SSE response lasting longer than every limit
     s.sendall(b"GET /stream HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     print(json.dumps({"answer": read_all()}))
-'''
+"""
 
 
 @contextlib.contextmanager
@@ -73,6 +75,7 @@ def silent_server():
             with contextlib.suppress(OSError):
                 conn, _ = srv.accept()
                 held.append(conn)
+
     t = threading.Thread(target=serve, daemon=True)
     t.start()
     try:
@@ -95,7 +98,7 @@ def unconnectable_server():
     port = srv.getsockname()[1]
     fillers = []
     try:
-        for _ in range(2):   # backlog 0 still queues one; the next is dropped
+        for _ in range(2):  # backlog 0 still queues one; the next is dropped
             c = socket.socket()
             c.setblocking(False)
             with contextlib.suppress(BlockingIOError):
@@ -109,16 +112,20 @@ def unconnectable_server():
 
 
 @pytest.fixture
-def agent(tmp_path, upstream):  # noqa: F811
+def agent(tmp_path, upstream):
     with cgroup_child() as cg, silent_server() as silent, unconnectable_server() as hung:
         port = free_port()
-        extra = (f'[inject]\nlisten_port = {port}\nlisten_port6 = {port}\n'
-                 f'managed_cgroups = ["/{cg.name}"]\nclient_idle_seconds = 0.5\n'
-                 'request_timeout_seconds = 0.5\nupstream_timeout_seconds = 0.5\n'
-                 'upstream_connect_timeout_seconds = 0.5\n')
+        extra = (
+            f"[inject]\nlisten_port = {port}\nlisten_port6 = {port}\n"
+            f'managed_cgroups = ["/{cg.name}"]\nclient_idle_seconds = 0.5\n'
+            "request_timeout_seconds = 0.5\nupstream_timeout_seconds = 0.5\n"
+            "upstream_connect_timeout_seconds = 0.5\n"
+        )
         for name, p in (("up", upstream), ("silent", silent), ("hung", hung)):
-            extra += (f'[[servers]]\nname = "{name}"\nurl = "http://127.0.0.1:{p}/mcp"\n'
-                      'mode = "passthrough"\n')
+            extra += (
+                f'[[servers]]\nname = "{name}"\nurl = "http://127.0.0.1:{p}/mcp"\n'
+                'mode = "passthrough"\n'
+            )
         with AgentProcess(write_config(tmp_path, extra=extra), tmp_path) as a:
             a.wait_ready()
             a.cg, a.ports = cg, {"up": upstream, "silent": silent, "hung": hung}
@@ -126,9 +133,13 @@ def agent(tmp_path, upstream):  # noqa: F811
 
 
 def run(a, server: str, mode: str) -> dict:
-    r = subprocess.run([sys.executable, "-c", CLIENT, str(a.ports[server]), mode],
-                       capture_output=True, text=True, timeout=60,
-                       preexec_fn=enter_cgroup(a.cg))
+    r = subprocess.run(
+        [sys.executable, "-c", CLIENT, str(a.ports[server]), mode],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=enter_cgroup(a.cg),
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     return json.loads(r.stdout)
 
@@ -140,7 +151,7 @@ def audit(a) -> list[dict]:
 def test_an_idle_workload_connection_is_closed(agent):
     out = run(agent, "up", "idle")
     assert out["first"] == [200, '{"echo": {"i": 1}}']
-    assert out["rest"] == ""   # closed by the proxy, nothing more sent
+    assert out["rest"] == ""  # closed by the proxy, nothing more sent
 
 
 def test_a_trickled_request_is_answered_408_and_closed(agent):
@@ -149,7 +160,7 @@ def test_a_trickled_request_is_answered_408_and_closed(agent):
     assert "stopped arriving" in out["answer"]
     failed = [e for e in audit(agent) if e["event"] == "request.failed"]
     assert failed and failed[0]["server"] == "up" and "stopped arriving" in failed[0]["reason"]
-    assert Upstream.seen == []   # the half request never reached the server
+    assert Upstream.seen == []  # the half request never reached the server
 
 
 def test_a_server_that_does_not_answer_gets_504(agent):
@@ -167,7 +178,7 @@ def test_a_server_that_cannot_be_connected_to_gets_502_naming_the_wait(agent):
 
 
 def test_a_response_that_has_begun_is_not_cut(agent):
-    out = run(agent, "up", "stream")   # three events 300 ms apart: 0.9 s > every limit
+    out = run(agent, "up", "stream")  # three events 300 ms apart: 0.9 s > every limit
     assert out["answer"].count("data: ") == 3
 
 

@@ -21,15 +21,14 @@ import sys
 import pytest
 
 from tests.helpers import AgentProcess, audit_events, free_port, wait_for, write_config
-from tests.integration.test_proxy_passthrough import (Upstream, passthrough_config,  # noqa: F401
-                                                      upstream)
+from tests.integration.test_proxy_passthrough import Upstream, passthrough_config, upstream  # noqa: F401
 from tests.kernel import cgroup_child, enter_cgroup
 
 pytestmark = pytest.mark.kernel
 
 # Connects from 127.0.0.1:<local port> to <port> and sends one request; prints "refused",
 # "closed" (accepted, then closed with no answer) or the answer's status line.
-DIAL = r'''
+DIAL = r"""
 import socket, sys
 local, port = int(sys.argv[1]), int(sys.argv[2])
 s = socket.socket()
@@ -43,13 +42,17 @@ except ConnectionRefusedError:
 s.sendall(b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\n\r\n{}")
 data = s.recv(65536)
 print(data.split(b"\r\n")[0].decode() if data else "closed")
-'''
+"""
 
 
 def dial(local: int, port: int, cgroup=None) -> str:
-    r = subprocess.run([sys.executable, "-c", DIAL, str(local), str(port)],
-                       capture_output=True, text=True, timeout=30,
-                       preexec_fn=enter_cgroup(cgroup) if cgroup else None)
+    r = subprocess.run(
+        [sys.executable, "-c", DIAL, str(local), str(port)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        preexec_fn=enter_cgroup(cgroup) if cgroup else None,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     return r.stdout.strip()
 
@@ -69,7 +72,7 @@ def stopped_agent(tmp_path, upstream_port):
 
 # A workload that connects from 127.0.0.1:<local port>, is served once, and keeps its
 # connection until the proxy's side goes away; then closes it and goes on running.
-WORKLOAD = r'''
+WORKLOAD = r"""
 import socket, sys
 local, port = int(sys.argv[1]), int(sys.argv[2])
 s = socket.socket()
@@ -82,31 +85,34 @@ while s.recv(65536):
 s.close()
 print("cut", flush=True)
 sys.stdin.read()
-'''
+"""
 
 
-def test_a_port_a_crashed_agents_connection_used_is_not_served_as_its_owner(tmp_path,
-                                                                             upstream):
+def test_a_port_a_crashed_agents_connection_used_is_not_served_as_its_owner(tmp_path, upstream):
     port = free_port()
     with cgroup_child() as cg, contextlib.ExitStack() as stack:
         cfg = passthrough_config(tmp_path, cg, {"up": upstream})
         first = stack.enter_context(AgentProcess(cfg, tmp_path))
         first.wait_ready()
-        victim = subprocess.Popen([sys.executable, "-c", WORKLOAD, str(port), str(upstream)],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                  preexec_fn=enter_cgroup(cg))
+        victim = subprocess.Popen(
+            [sys.executable, "-c", WORKLOAD, str(port), str(upstream)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            preexec_fn=enter_cgroup(cg),
+        )
         stack.callback(victim.wait)
         stack.callback(victim.kill)
         assert victim.stdout.readline().strip() == "HTTP/1.1 200 OK"
-        first.stop(signal.SIGKILL)              # the agent crashes: its connections are cut
-        assert victim.stdout.readline().strip() == "cut"   # the workload runs on
+        first.stop(signal.SIGKILL)  # the agent crashes: its connections are cut
+        assert victim.stdout.readline().strip() == "cut"  # the workload runs on
         (tmp_path / "second").mkdir()
         second = stack.enter_context(AgentProcess(cfg, tmp_path / "second"))
         second.wait_ready()
         listen_port = int(cfg.read_text().split("listen_port = ")[1].split()[0])
         # anyone, from the port the cut connection used, dials the proxy directly
         assert dial(port, listen_port) == "closed"
-        assert len(Upstream.seen) == 1            # the workload's own request, no other
+        assert len(Upstream.seen) == 1  # the workload's own request, no other
         events = wait_for(lambda: audit_events(second.stdout_path), what="an audit event")
         # never taken for the workload (a stale record named it: its pid, its image)
         assert not [e for e in events if e.get("pid") == victim.pid], events
@@ -120,9 +126,12 @@ def test_a_process_given_the_stopped_agents_pid_is_still_redirected(tmp_path, up
         for _ in range(50):
             with open("/proc/sys/kernel/ns_last_pid", "w") as f:
                 f.write(str(agent_pid - 1))
-            proc = subprocess.Popen([sys.executable, "-c", DIAL, str(free_port()),
-                                     str(upstream)], stdout=subprocess.PIPE, text=True,
-                                    preexec_fn=enter_cgroup(cg))
+            proc = subprocess.Popen(
+                [sys.executable, "-c", DIAL, str(free_port()), str(upstream)],
+                stdout=subprocess.PIPE,
+                text=True,
+                preexec_fn=enter_cgroup(cg),
+            )
             out, _ = proc.communicate(timeout=30)
             if proc.pid == agent_pid:
                 break
@@ -138,15 +147,22 @@ def test_the_agents_own_connects_are_exempt_while_it_runs(tmp_path, upstream):
     (no managed_cgroups) every process but the agent is redirected, the agent itself too if
     the exemption failed, and its proxied request would loop back into its own listener."""
     port = free_port()
-    cfg = write_config(tmp_path, extra=(
-        f'[inject]\nlisten_port = {port}\nlisten_port6 = {port}\n'
-        f'[[servers]]\nname = "up"\nurl = "http://127.0.0.1:{upstream}/mcp"\n'
-        'mode = "passthrough"\n'))
+    cfg = write_config(
+        tmp_path,
+        extra=(
+            f"[inject]\nlisten_port = {port}\nlisten_port6 = {port}\n"
+            f'[[servers]]\nname = "up"\nurl = "http://127.0.0.1:{upstream}/mcp"\n'
+            'mode = "passthrough"\n'
+        ),
+    )
     with cgroup_child() as cg, AgentProcess(cfg, tmp_path) as agent:
         agent.wait_ready()
         assert dial(free_port(), upstream, cg).startswith("HTTP/1.1 200")
         assert len(Upstream.seen) == 1
-        forwarded = wait_for(lambda: [e for e in audit_events(agent.stdout_path)
-                                      if e["event"] == "request.forwarded"],
-                             what="the request audited")
+        forwarded = wait_for(
+            lambda: [
+                e for e in audit_events(agent.stdout_path) if e["event"] == "request.forwarded"
+            ],
+            what="the request audited",
+        )
         assert len(forwarded) == 1 and forwarded[0]["pid"] != os.getpid()

@@ -18,8 +18,7 @@ import socket
 import pytest
 
 from tests.conftest import TESTDATA
-from tests.upstreams.harness import UPSTREAMS, Observation, bind_upstream, start_world, \
-    violations
+from tests.upstreams.harness import UPSTREAMS, Observation, bind_upstream, start_world, violations
 from tests.upstreams.wire import Case, load_corpus, split_responses
 
 pytestmark = pytest.mark.kernel
@@ -42,8 +41,7 @@ def answer_problems(case: Case, obs: Observation) -> list[str]:
     if case.close and not obs.closed:
         out.append("(a) the connection was left open")
     if obs.answers.junk:
-        out.append(f"(a) the answer has bytes that are not a response: "
-                   f"{obs.answers.junk[:80]!r}")
+        out.append(f"(a) the answer has bytes that are not a response: {obs.answers.junk[:80]!r}")
     if any(not r.complete for r in obs.answers.responses):
         out.append("(a) an answer was cut short")
     if case.jsonrpc_error and obs.answers.responses:
@@ -51,13 +49,17 @@ def answer_problems(case: Case, obs: Observation) -> list[str]:
             doc = json.loads(obs.answers.responses[-1].body)
         except ValueError:
             doc = None
-        if not all(isinstance(d, dict) and isinstance(d.get("error"), dict)
-                   and isinstance(d["error"].get("code"), int)
-                   for d in (doc if isinstance(doc, list) else [doc])):
+        if not all(
+            isinstance(d, dict)
+            and isinstance(d.get("error"), dict)
+            and isinstance(d["error"].get("code"), int)
+            for d in (doc if isinstance(doc, list) else [doc])
+        ):
             out.append("(a) the answer is not a JSON-RPC error")
     if len(obs.parsed()) != case.upstream:
-        out.append(f"(b) the upstream parsed {len(obs.parsed())} request(s), expected "
-                   f"{case.upstream}")
+        out.append(
+            f"(b) the upstream parsed {len(obs.parsed())} request(s), expected {case.upstream}"
+        )
     if case.refused and not any(e["event"] in DENIALS for e in obs.audit):
         out.append("(f) the refusal is not in the audit (no request.denied or call.denied)")
     return out
@@ -66,12 +68,17 @@ def answer_problems(case: Case, obs: Observation) -> list[str]:
 @pytest.mark.parametrize("upstream", list(UPSTREAMS))
 @pytest.mark.parametrize("case", CORPUS, ids=lambda c: c.name)
 def test_each_case_is_answered_as_expected_and_the_upstream_parses_only_what_was_decided(
-        world, case, upstream):
+    world, case, upstream
+):
     up = world.upstreams[upstream]
     obs = world.exchange(up, case.pieces(up.port), expect=len(case.statuses), close=case.close)
     problems = answer_problems(case, obs) + violations(obs)
-    assert not problems, (f"{case.name} ({case.why}) via {upstream}:\n  "
-                          + "\n  ".join(problems) + "\n" + obs.describe())
+    assert not problems, (
+        f"{case.name} ({case.why}) via {upstream}:\n  "
+        + "\n  ".join(problems)
+        + "\n"
+        + obs.describe()
+    )
 
 
 # The harness must not test garbage: every case the proxy should forward is, as written,
@@ -80,15 +87,17 @@ def test_each_case_is_answered_as_expected_and_the_upstream_parses_only_what_was
 # what the RFC says to accept, the proxy has to re-frame rather than relay: noted here.
 FORWARDED = [c for c in CORPUS if c.upstream]
 REFUSED_ON_ITS_OWN = {
-    "h11": {"leading_empty_lines": "h11 refuses empty lines before the request line, which "
-                                   "RFC 9112 2.2 says a server SHOULD ignore"},
+    "h11": {
+        "leading_empty_lines": "h11 refuses empty lines before the request line, which "
+        "RFC 9112 2.2 says a server SHOULD ignore"
+    },
 }
 
 
 @pytest.mark.parametrize("kind", ["node", "h11"])
 def test_the_cases_to_forward_are_valid_http_to_each_upstream_on_its_own(tmp_path, kind):
     up = bind_upstream(f"direct-{kind}", kind, False, tmp_path)
-    up.start("http://127.0.0.1:9", tmp_path)   # issuer: never fetched by these requests
+    up.start("http://127.0.0.1:9", tmp_path)  # issuer: never fetched by these requests
     try:
         offset = 0
         for case in FORWARDED:

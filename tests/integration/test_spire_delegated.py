@@ -16,9 +16,16 @@ from agent.identity.proto import delegatedidentity_pb2 as pb
 from agent.identity.proto import delegatedidentity_pb2_grpc as pb_grpc
 from agent.identity.proto import spire_types_pb2 as types_pb
 from agent.identity.spiffeid import SpiffeId
-from agent.identity.spire import (SpireDelegatedIdentityClient, SpireError, SpireInvalidRequest,
-                                  SpireNotAuthorized, SpireProtocolError, SpireUnavailable,
-                                  backoff_delays, retry)
+from agent.identity.spire import (
+    SpireDelegatedIdentityClient,
+    SpireError,
+    SpireInvalidRequest,
+    SpireNotAuthorized,
+    SpireProtocolError,
+    SpireUnavailable,
+    backoff_delays,
+    retry,
+)
 from tests.fakes.spire_agent import FakeSpireAgent
 
 pytestmark = pytest.mark.timeout(60)
@@ -27,16 +34,19 @@ AUD = "https://as.example/"
 WEB_SELECTORS = ["unix:uid:1000", "unix:gid:1000"]
 WEB = "spiffe://example.org/workload/web"
 API = "spiffe://example.org/k8s/ns/prod/sa/api"
-DELEGATE_FIX = ("add this agent's SPIFFE ID to authorized_delegates in the SPIRE agent config "
-                "(and register an entry for this agent itself)")
+DELEGATE_FIX = (
+    "add this agent's SPIFFE ID to authorized_delegates in the SPIRE agent config "
+    "(and register an entry for this agent itself)"
+)
 
 
 @pytest.fixture(params=["id", "name"])
 def fake(request):
     """Bundle maps keyed `spiffe://td` (SPIRE's code) and `td` (the proto comments)."""
     with FakeSpireAgent(bundle_key_form=request.param) as agent:
-        agent.register(["unix:uid:1000"], WEB, hint="internal",
-                       federates_with=["spiffe://partner.example"])
+        agent.register(
+            ["unix:uid:1000"], WEB, hint="internal", federates_with=["spiffe://partner.example"]
+        )
         agent.register(["k8s:ns:prod", "k8s:sa:api"], API)
         yield agent
 
@@ -92,8 +102,9 @@ def test_x509_stream_chain_verifies_and_rotation_is_pushed(fake, client):
         bundles = next(bsub)
     assert sorted(bundles) == ["example.org", "partner.example"]
     local = bundles["example.org"]
-    assert [c.fingerprint(c.signature_hash_algorithm) for c in local.x509_authorities] == \
-        [c.fingerprint(c.signature_hash_algorithm) for c in fake.ca.roots]
+    assert [c.fingerprint(c.signature_hash_algorithm) for c in local.x509_authorities] == [
+        c.fingerprint(c.signature_hash_algorithm) for c in fake.ca.roots
+    ]
 
     with client.subscribe_x509_svids(["unix:uid:1000"]) as sub:
         first = next(sub)
@@ -145,7 +156,8 @@ def test_not_an_authorized_delegate(fake, client):
         client.fetch_jwt_svids(WEB_SELECTORS, [AUD])
     assert str(ei.value) == (
         f"FetchJWTSVIDs denied by the SPIRE agent at {fake.socket_path} (caller not configured "
-        f"as an authorized delegate): {DELEGATE_FIX}")
+        f"as an authorized delegate): {DELEGATE_FIX}"
+    )
     assert ei.value.retryable and ei.value.code == grpc.StatusCode.PERMISSION_DENIED
 
 
@@ -157,7 +169,8 @@ def test_no_identity_issued(fake, client, caller_registered):
     assert str(ei.value) == (
         f"FetchJWTSVIDs denied by the SPIRE agent at {fake.socket_path} (no identity issued): "
         f"either {DELEGATE_FIX}, or no registration entry for this node matches the selectors "
-        "['unix:uid:4242']")
+        "['unix:uid:4242']"
+    )
 
 
 def test_invalid_argument_from_the_agent(fake, client):
@@ -166,22 +179,43 @@ def test_invalid_argument_from_the_agent(fake, client):
         client.fetch_jwt_svids(WEB_SELECTORS, [AUD])
     assert str(ei.value) == (
         f"FetchJWTSVIDs rejected by the SPIRE agent at {fake.socket_path} as invalid (could not "
-        "parse provided selectors); check the selectors and audience, retrying won't help")
+        "parse provided selectors); check the selectors and audience, retrying won't help"
+    )
     assert not ei.value.retryable
 
 
-@pytest.mark.parametrize("selectors, audience, message", [
-    (WEB_SELECTORS, [], "FetchJWTSVIDs: audience must be one or more non-empty strings "
-                        "(e.g. the OAuth issuer)"),
-    (WEB_SELECTORS, [""], "FetchJWTSVIDs: audience must be one or more non-empty strings "
-                          "(e.g. the OAuth issuer)"),
-    ([], [AUD], "FetchJWTSVIDs: at least one selector is required (an empty set would name no "
-                "workload)"),
-    (["unix"], [AUD], "invalid selector 'unix': expected 'type:value', e.g. 'unix:uid:1000' or "
-                      "'k8s:ns:prod'"),
-    ([":uid:1"], [AUD], "invalid selector ':uid:1': expected 'type:value', e.g. "
-                        "'unix:uid:1000' or 'k8s:ns:prod'"),
-])
+@pytest.mark.parametrize(
+    "selectors, audience, message",
+    [
+        (
+            WEB_SELECTORS,
+            [],
+            "FetchJWTSVIDs: audience must be one or more non-empty strings (e.g. the OAuth issuer)",
+        ),
+        (
+            WEB_SELECTORS,
+            [""],
+            "FetchJWTSVIDs: audience must be one or more non-empty strings (e.g. the OAuth issuer)",
+        ),
+        (
+            [],
+            [AUD],
+            "FetchJWTSVIDs: at least one selector is required (an empty set would name no "
+            "workload)",
+        ),
+        (
+            ["unix"],
+            [AUD],
+            "invalid selector 'unix': expected 'type:value', e.g. 'unix:uid:1000' or 'k8s:ns:prod'",
+        ),
+        (
+            [":uid:1"],
+            [AUD],
+            "invalid selector ':uid:1': expected 'type:value', e.g. "
+            "'unix:uid:1000' or 'k8s:ns:prod'",
+        ),
+    ],
+)
 def test_invalid_requests_are_refused_before_sending(fake, client, selectors, audience, message):
     with pytest.raises(SpireInvalidRequest) as ei:
         client.fetch_jwt_svids(selectors, audience)
@@ -196,7 +230,8 @@ def test_unavailable_when_the_socket_is_absent(tmp_path):
             c.fetch_jwt_svids(WEB_SELECTORS, [AUD])
         assert str(ei.value) == (
             f"FetchJWTSVIDs: no SPIRE agent admin socket at {path}; is the SPIRE agent running "
-            f'with admin_socket_path = "{path}"? (will retry)')
+            f'with admin_socket_path = "{path}"? (will retry)'
+        )
         assert ei.value.retryable
         with pytest.raises(SpireUnavailable, match="SubscribeToX509SVIDs: no SPIRE agent"):
             c.subscribe_x509_svids(WEB_SELECTORS)
@@ -208,8 +243,9 @@ def test_unavailable_from_the_agent(fake, client):
         client.fetch_jwt_svids(WEB_SELECTORS, [AUD])
     assert str(ei.value) == (
         f"FetchJWTSVIDs: the SPIRE agent at {fake.socket_path} is unavailable (could not fetch "
-        f'JWT-SVID: upstream down); is the SPIRE agent running with admin_socket_path = '
-        f'"{fake.socket_path}"? (will retry)')
+        f"JWT-SVID: upstream down); is the SPIRE agent running with admin_socket_path = "
+        f'"{fake.socket_path}"? (will retry)'
+    )
 
 
 def test_malformed_responses_fail_closed_without_leaking_secrets(fake, client):
@@ -220,6 +256,7 @@ def test_malformed_responses_fail_closed_without_leaking_secrets(fake, client):
             tokens.extend(s.token for s in msg.svids)
             msg.svids[0].id.path = "/workload/someone-else"
         return msg
+
     fake.response_hook = wrong_id
     with pytest.raises(SpireProtocolError) as ei:
         client.fetch_jwt_svids(WEB_SELECTORS, [AUD])
@@ -227,13 +264,14 @@ def test_malformed_responses_fail_closed_without_leaking_secrets(fake, client):
     assert tokens and tokens[0] not in str(ei.value) and tokens[0] not in repr(ei.value)
 
     other = ec.generate_private_key(ec.SECP256R1()).private_bytes(
-        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption())
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
     def wrong_key(kind, msg):
         if kind == "SubscribeToX509SVIDsResponse":
             msg.x509_svids[0].x509_svid_key = other
         return msg
+
     fake.response_hook = wrong_key
     with client.subscribe_x509_svids(["unix:uid:1000"]) as sub:
         with pytest.raises(SpireProtocolError, match="does not match the leaf certificate"):
@@ -247,9 +285,9 @@ def test_token_and_key_never_in_repr_or_str(fake, client):
         assert token not in text and token.split(".")[2] not in text
     with client.subscribe_x509_svids(["unix:uid:1000"]) as sub:
         svid = next(sub)[0]
-    pem = svid.private_key.private_bytes(serialization.Encoding.PEM,
-                                         serialization.PrivateFormat.PKCS8,
-                                         serialization.NoEncryption()).decode()
+    pem = svid.private_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
     body = "".join(pem.splitlines()[1:-1])
     assert body[:40] not in repr(svid) and "PRIVATE" not in repr(svid)
 
@@ -258,8 +296,12 @@ def test_token_and_key_never_in_repr_or_str(fake, client):
 def test_retry_backs_off_then_succeeds(fake, client):
     fake.fail_next(2, grpc.StatusCode.UNAVAILABLE, "could not fetch JWT-SVID: upstream down")
     sleeps: list[float] = []
-    svids = retry(lambda: client.fetch_jwt_svids(WEB_SELECTORS, [AUD]), initial=0.5,
-                  sleep=sleeps.append, rand=lambda: 0.5)
+    svids = retry(
+        lambda: client.fetch_jwt_svids(WEB_SELECTORS, [AUD]),
+        initial=0.5,
+        sleep=sleeps.append,
+        rand=lambda: 0.5,
+    )
     assert str(svids[0].spiffe_id) == WEB
     assert sleeps == [0.375, 0.75]  # d/2 + rand*d/2 for d = 0.5, 1.0
     assert len(fake.calls) == 3
@@ -269,6 +311,7 @@ def test_retry_waits_for_the_entry_to_appear(fake, client):
     # PermissionDenied "no identity issued" is retryable: entries may not have synced yet.
     def sleep(_):
         fake.register(["unix:uid:3000"], "spiffe://example.org/workload/late")
+
     svids = retry(lambda: client.fetch_jwt_svids(["unix:uid:3000"], [AUD]), sleep=sleep)
     assert str(svids[0].spiffe_id) == "spiffe://example.org/workload/late"
 
@@ -277,8 +320,7 @@ def test_retry_gives_up_and_never_retries_invalid(fake, client):
     fake.fail_next(5, grpc.StatusCode.UNAVAILABLE, "down")
     sleeps: list[float] = []
     with pytest.raises(SpireUnavailable):
-        retry(lambda: client.fetch_jwt_svids(WEB_SELECTORS, [AUD]), attempts=3,
-              sleep=sleeps.append)
+        retry(lambda: client.fetch_jwt_svids(WEB_SELECTORS, [AUD]), attempts=3, sleep=sleeps.append)
     assert len(sleeps) == 2 and len(fake.calls) == 3
     sleeps.clear()
     with pytest.raises(SpireInvalidRequest):
@@ -308,6 +350,7 @@ def test_fake_enforces_selectors_xor_pid_and_audience(fake):
                 return grpc.StatusCode.OK
             except grpc.RpcError as e:
                 return e.code()
+
         assert code(audience=[AUD], selectors=sel, pid=777) == grpc.StatusCode.INVALID_ARGUMENT
         assert code(audience=[AUD]) == grpc.StatusCode.INVALID_ARGUMENT
         assert code(audience=[AUD], selectors=sel, pid=0) == grpc.StatusCode.OK
@@ -322,8 +365,10 @@ def test_fake_enforces_selectors_xor_pid_and_audience(fake):
 
 def test_bundle_maps_on_the_wire(fake):
     """What the fake sends: keys in the fixture's form; JWKS without `use` (StandardJWKS)."""
-    want = {"id": ["spiffe://example.org", "spiffe://partner.example"],
-            "name": ["example.org", "partner.example"]}[fake.bundle_key_form]
+    want = {
+        "id": ["spiffe://example.org", "spiffe://partner.example"],
+        "name": ["example.org", "partner.example"],
+    }[fake.bundle_key_form]
     with grpc.insecure_channel("unix:" + fake.socket_path) as ch:
         stub = pb_grpc.DelegatedIdentityStub(ch)
         jwt_msg = next(stub.SubscribeToJWTBundles(pb.SubscribeToJWTBundlesRequest()))
@@ -340,6 +385,7 @@ def test_both_key_forms_for_one_trust_domain_are_refused(fake, client):
             msg.ca_certificates["example.org"] = der
             msg.ca_certificates["spiffe://example.org"] = der
         return msg
+
     fake.response_hook = duplicate
     with client.subscribe_x509_bundles() as sub:
         with pytest.raises(SpireProtocolError, match="trust domain example.org appears twice"):

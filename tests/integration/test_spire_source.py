@@ -34,20 +34,36 @@ def test_svids_from_spire_for_a_credless_attested_process(tmp_path):
             spire.register([f"cgroup:path:/{cg.name}"], "spiffe://example.org/spire/workload")
             registry = CollectorRegistry()
             attestor = Attestor(AttestSection(), registry=registry)
-            manager = IdentityManager(IdentitySection(source="spire", entries_file="",
-                                                      spire_admin_socket=spire.socket_path),
-                                      str(tmp_path / "state"), registry=registry)
-            server = WorkloadApiServer(str(sock_dir / "agent.sock"), manager, attestor,
-                                       registry=registry)
+            manager = IdentityManager(
+                IdentitySection(
+                    source="spire", entries_file="", spire_admin_socket=spire.socket_path
+                ),
+                str(tmp_path / "state"),
+                registry=registry,
+            )
+            server = WorkloadApiServer(
+                str(sock_dir / "agent.sock"), manager, attestor, registry=registry
+            )
             for c in (attestor, manager, server):
                 c.start()
                 started.append(c)
 
             def workload(preexec):
-                r = subprocess.run([sys.executable, "-m", "tests.workloads.spiffe_client",
-                                    str(sock_dir / "agent.sock"), "fetch", "https://as.example"],
-                                   cwd=REPO, capture_output=True, text=True, timeout=60,
-                                   preexec_fn=preexec)
+                r = subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "tests.workloads.spiffe_client",
+                        str(sock_dir / "agent.sock"),
+                        "fetch",
+                        "https://as.example",
+                    ],
+                    cwd=REPO,
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                    preexec_fn=preexec,
+                )
                 return json.loads(r.stdout.splitlines()[-1])
 
             out = workload(enter_cgroup(cg))
@@ -56,12 +72,13 @@ def test_svids_from_spire_for_a_credless_attested_process(tmp_path):
             assert out["jwt_spiffe_id"] == out["spiffe_id"] == out["remote_validated"]
             # the SVID chains to SPIRE's CA, not to any CA of credless's
             from cryptography import x509
+
             leaf = x509.load_pem_x509_certificate(out["chain_pem"][0].encode())
             assert leaf.issuer == spire.ca.certificate.subject
             assert not (tmp_path / "state" / "ca").exists()
             # SPIRE was asked with the selectors credless attested, never with a pid
             assert all(c.pid == 0 for c in spire.calls if hasattr(c, "pid"))
-            denied = workload(None)     # outside the cgroup: SPIRE has no entry for it
+            denied = workload(None)  # outside the cgroup: SPIRE has no entry for it
             assert denied["error"] == "FetchX509SvidError"
     finally:
         for c in reversed(started):

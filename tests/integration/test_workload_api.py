@@ -44,48 +44,66 @@ def stack(tmp_path):
     registry = CollectorRegistry()
     attestor = Attestor(AttestSection(), registry=registry)
     cfg = IdentitySection(entries_file=str(entries), x509_svid_ttl_seconds=3600)
-    manager = IdentityManager(cfg, str(tmp_path / "state"), audit=AuditLog("n", audit_out),
-                              registry=registry)
-    server = WorkloadApiServer(str(sock_dir / "agent.sock"), manager, attestor,
-                               audit=manager.audit, registry=registry)
+    manager = IdentityManager(
+        cfg, str(tmp_path / "state"), audit=AuditLog("n", audit_out), registry=registry
+    )
+    server = WorkloadApiServer(
+        str(sock_dir / "agent.sock"), manager, attestor, audit=manager.audit, registry=registry
+    )
     started = []
     with cgroup_child() as cg:
-        entries.write_text(f'''
+        entries.write_text(f"""
 [[entry]]
 id = "test-workload"
 spiffe_id = "spiffe://example.org/workload/{{unix:user}}"
 selectors = ["cgroup:path:/{cg.name}", "unix:uid:0"]
-''')
+""")
         listeners_before = agent_tcp()[0]
         unix_before = agent_unix_listeners()
         try:
             for c in (attestor, manager, server):
                 c.start()
                 started.append(c)
-            yield SimpleNamespace(cg=cg, sock=sock_dir / "agent.sock", manager=manager, server=server,
-                                  audit=audit_out, entries=entries, cfg=cfg,
-                                  listeners_before=listeners_before,
-                                  unix_before=unix_before)
+            yield SimpleNamespace(
+                cg=cg,
+                sock=sock_dir / "agent.sock",
+                manager=manager,
+                server=server,
+                audit=audit_out,
+                entries=entries,
+                cfg=cfg,
+                listeners_before=listeners_before,
+                unix_before=unix_before,
+            )
         finally:
             for c in reversed(started):
                 c.stop()
             subprocess.run(["rm", "-rf", str(sock_dir)])
 
 
-def run_workload(stack, *args, cgroup=True, timeout=60, addr=None, as_nobody_in=None
-                 ) -> list[dict]:
+def run_workload(stack, *args, cgroup=True, timeout=60, addr=None, as_nobody_in=None) -> list[dict]:
     """py-spiffe in a process of its own: in the entry's cgroup as root by default; with
     as_nobody_in, in that (unmanaged) cgroup as nobody. addr overrides the socket."""
     target = addr or str(stack.sock)
     if as_nobody_in is not None:
-        cmd = [sys.executable, "-m", "tests.workloads.as_user", str(as_nobody_in), str(NOBODY),
-               str(NOGROUP), "tests.workloads.spiffe_client", target, *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "tests.workloads.as_user",
+            str(as_nobody_in),
+            str(NOBODY),
+            str(NOGROUP),
+            "tests.workloads.spiffe_client",
+            target,
+            *args,
+        ]
         preexec = None
     else:
         cmd = [sys.executable, "-m", "tests.workloads.spiffe_client", target, *args]
         preexec = enter_cgroup(stack.cg) if cgroup else None
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                       preexec_fn=preexec)
+    r = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, preexec_fn=preexec
+    )
     lines = [json.loads(ln) for ln in r.stdout.splitlines() if ln.startswith("{")]
     assert lines, r.stderr[-3000:]
     return lines
@@ -96,11 +114,12 @@ def run_workload(stack, *args, cgroup=True, timeout=60, addr=None, as_nobody_in=
 # that belong to the agent (here: this test process, which runs the server), as an attacker
 # would find them by trying each loopback connection in turn.
 
+
 def _hex_addr(text: str) -> tuple[str, int]:
     addr, port = text.split(":")
     raw = bytes.fromhex(addr)
     # the kernel prints each 32-bit word in host (little-endian) order
-    raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
     ip = ipaddress.ip_address(raw)
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
@@ -123,8 +142,11 @@ def agent_unix_listeners(pid: int | None = None) -> set[str]:
     inodes = _socket_inodes(pid)
     with open("/proc/net/unix") as f:
         rows = [line.split() for line in list(f)[1:]]
-    return {cols[7] if len(cols) > 7 else f"(unnamed {cols[6]})" for cols in rows
-            if cols[6] in inodes and int(cols[3], 16) & 0x10000}   # __SO_ACCEPTCON
+    return {
+        cols[7] if len(cols) > 7 else f"(unnamed {cols[6]})"
+        for cols in rows
+        if cols[6] in inodes and int(cols[3], 16) & 0x10000
+    }  # __SO_ACCEPTCON
 
 
 def agent_tcp(pid: int | None = None) -> tuple[set[tuple[str, int]], set[tuple[int, tuple]]]:
@@ -140,9 +162,14 @@ def agent_tcp(pid: int | None = None) -> tuple[set[tuple[str, int]], set[tuple[i
                     rows.append((_hex_addr(cols[1]), _hex_addr(cols[2]), cols[3]))
     listeners = {local for local, _remote, state in rows if state == "0A"}
     ports = {port for _addr, port in listeners}
-    connections = {(local[1], remote) for local, remote, state in rows
-                   if state == "01" and remote[1] in ports and local[1] not in ports
-                   and ipaddress.ip_address(local[0]).is_loopback}
+    connections = {
+        (local[1], remote)
+        for local, remote, state in rows
+        if state == "01"
+        and remote[1] in ports
+        and local[1] not in ports
+        and ipaddress.ip_address(local[0]).is_loopback
+    }
     return listeners, connections
 
 
@@ -163,10 +190,11 @@ def test_py_spiffe_fetches_and_validates_svids(stack):
     assert bc.critical and bc.value.ca is False
     eku = leaf.extensions.get_extension_for_oid(ExtensionOID.EXTENDED_KEY_USAGE).value
     assert {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH} <= set(eku)
-    ttl = leaf.not_valid_after_utc - dt.datetime.now(dt.timezone.utc)
+    ttl = leaf.not_valid_after_utc - dt.datetime.now(dt.UTC)
     assert dt.timedelta(minutes=55) < ttl <= dt.timedelta(hours=1)
-    leaf.verify_directly_issued_by(roots[0]) if len(chain) == 1 else \
-        chain[-1].verify_directly_issued_by(roots[0])
+    leaf.verify_directly_issued_by(roots[0]) if len(chain) == 1 else chain[
+        -1
+    ].verify_directly_issued_by(roots[0])
     # JWT-SVID rules: validated by py-spiffe against the fetched bundle, and by the agent
     assert out["jwt_spiffe_id"] == out["spiffe_id"] == out["remote_validated"]
     assert out["jwt_audience"] == [AUDIENCE]
@@ -181,10 +209,13 @@ def test_py_spiffe_fetches_and_validates_svids(stack):
 
 
 def test_unregistered_process_gets_permission_denied_and_an_audit_event(stack):
-    out = run_workload(stack, "fetch", AUDIENCE, cgroup=False)[0]   # not in the entry's cgroup
+    out = run_workload(stack, "fetch", AUDIENCE, cgroup=False)[0]  # not in the entry's cgroup
     assert out["error"] == "FetchX509SvidError"
-    assert "PERMISSION_DENIED" in out["message"] or "PermissionDenied" in out["message"] \
+    assert (
+        "PERMISSION_DENIED" in out["message"]
+        or "PermissionDenied" in out["message"]
         or "no identity issued" in out["message"]
+    )
     audit = [json.loads(ln) for ln in stack.audit.getvalue().splitlines()]
     denied = [a for a in audit if a["event"] == "identity.denied"]
     assert denied and denied[-1]["reason"] == "no registration entry matches"
@@ -192,9 +223,13 @@ def test_unregistered_process_gets_permission_denied_and_an_audit_event(stack):
 
 
 def test_rotation_is_pushed_on_the_stream(stack):
-    proc = subprocess.Popen([sys.executable, "-m", "tests.workloads.spiffe_client",
-                             str(stack.sock), "watch", "2"], cwd=REPO, stdout=subprocess.PIPE,
-                            text=True, preexec_fn=enter_cgroup(stack.cg))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.workloads.spiffe_client", str(stack.sock), "watch", "2"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=enter_cgroup(stack.cg),
+    )
     try:
         first = json.loads(proc.stdout.readline())
         assert "update" in first, first
@@ -214,12 +249,12 @@ def test_rotation_is_pushed_on_the_stream(stack):
 
 
 def test_calls_without_the_security_header_are_invalid(stack):
-    with grpc.insecure_channel(f"unix:{stack.sock}") as ch:
-        with pytest.raises(grpc.RpcError) as err:
-            client_call(ch, "FetchJWTSVID")(pb.JWTSVIDRequest(audience=["x"]), timeout=10)
+    with grpc.insecure_channel(f"unix:{stack.sock}") as ch, pytest.raises(grpc.RpcError) as err:
+        client_call(ch, "FetchJWTSVID")(pb.JWTSVIDRequest(audience=["x"]), timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert err.value.details() == ("security header missing from request: send metadata "
-                                   "workload.spiffe.io: true")
+    assert err.value.details() == (
+        "security header missing from request: send metadata workload.spiffe.io: true"
+    )
 
 
 def test_an_unattested_caller_and_a_direct_backend_connection_are_refused(stack):
@@ -228,47 +263,65 @@ def test_an_unattested_caller_and_a_direct_backend_connection_are_refused(stack)
         # this test process is not in the entry's cgroup, so it has no identity
         with pytest.raises(grpc.RpcError) as err:
             client_call(ch, "FetchJWTSVID")(
-                pb.JWTSVIDRequest(audience=["x"]), timeout=10, metadata=md)
+                pb.JWTSVIDRequest(audience=["x"]), timeout=10, metadata=md
+            )
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert err.value.details() == ("no identity issued: no registration entry matches this "
-                                   "process")
+    assert err.value.details() == ("no identity issued: no registration entry matches this process")
     # whatever the agent listens on over TCP (nothing, since the server reads the caller's
     # own socket), a direct connection there is refused too
     for host, port in agent_tcp()[0] - stack.listeners_before:
         with grpc.insecure_channel(f"{host}:{port}") as ch:
             with pytest.raises(grpc.RpcError) as err:
                 client_call(ch, "FetchJWTSVID")(
-                    pb.JWTSVIDRequest(audience=["x"]), timeout=10, metadata=md)
+                    pb.JWTSVIDRequest(audience=["x"]), timeout=10, metadata=md
+                )
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
 def test_entries_reload_revokes_on_the_stream(stack):
-    proc = subprocess.Popen([sys.executable, "-m", "tests.workloads.spiffe_client",
-                             str(stack.sock), "watch", "5"], cwd=REPO, stdout=subprocess.PIPE,
-                            text=True, preexec_fn=enter_cgroup(stack.cg))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.workloads.spiffe_client", str(stack.sock), "watch", "5"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=enter_cgroup(stack.cg),
+    )
     try:
         assert "update" in json.loads(proc.stdout.readline())
-        stack.entries.write_text("")      # no entries any more
+        stack.entries.write_text("")  # no entries any more
         assert stack.manager.reload_entries()
         err = json.loads(proc.stdout.readline())
         assert "PERMISSION_DENIED" in err["message"]
         audit = [json.loads(ln) for ln in stack.audit.getvalue().splitlines()]
-        assert any(a["event"] == "workload_api.denied" and a["method"] == "FetchX509SVID"
-                   and "no registration entry matches" in a["reason"] for a in audit)
+        assert any(
+            a["event"] == "workload_api.denied"
+            and a["method"] == "FetchX509SVID"
+            and "no registration entry matches" in a["reason"]
+            for a in audit
+        )
     finally:
         proc.kill()
         proc.wait()
 
 
 def _svids_issued(stack) -> list[dict]:
-    return [a for a in (json.loads(ln) for ln in stack.audit.getvalue().splitlines())
-            if a["event"] == "svid.issued"]
+    return [
+        a
+        for a in (json.loads(ln) for ln in stack.audit.getvalue().splitlines())
+        if a["event"] == "svid.issued"
+    ]
 
 
 def _denied(out: dict) -> bool:
-    return "spiffe_id" not in out and "error" in out and (
-        "PERMISSION_DENIED" in out["message"] or "PermissionDenied" in out["message"]
-        or "no identity issued" in out["message"])
+    return (
+        "spiffe_id" not in out
+        and "error" in out
+        and (
+            "PERMISSION_DENIED" in out["message"]
+            or "PermissionDenied" in out["message"]
+            or "no identity issued" in out["message"]
+        )
+    )
 
 
 @contextlib.contextmanager
@@ -278,15 +331,31 @@ def _relay(outsider, dest: tuple[str, int], bind: tuple[str, int] = ("127.0.0.1"
     d = Path(tempfile.mkdtemp(prefix="credless-relay-"))
     os.chown(d, NOBODY, NOGROUP)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.workloads.as_user", str(outsider), str(NOBODY),
-         str(NOGROUP), "tests.workloads.loopback_relay", str(d / "relay.sock"), bind[0],
-         str(bind[1]), dest[0], str(dest[1])],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "tests.workloads.as_user",
+            str(outsider),
+            str(NOBODY),
+            str(NOGROUP),
+            "tests.workloads.loopback_relay",
+            str(d / "relay.sock"),
+            bind[0],
+            str(bind[1]),
+            dest[0],
+            str(dest[1]),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         ready = json.loads(proc.stdout.readline() or "{}")
         if not ready.get("ready"):
-            raise AssertionError(f"the relay did not start (exit {proc.wait()}): "
-                                 f"{proc.stderr.read()[-2000:]}")
+            raise AssertionError(
+                f"the relay did not start (exit {proc.wait()}): {proc.stderr.read()[-2000:]}"
+            )
         assert ready["uid"] == NOBODY
         yield d / "relay.sock"
     finally:
@@ -303,10 +372,13 @@ def test_a_relay_on_a_victims_port_from_another_loopback_address_gets_nothing(st
     /proc/net/tcp{,6}, relays a py-spiffe client through a socket bound to 127.0.0.2 and the
     victim's port, and also connects to every agent TCP listener directly. It gets no SVID;
     the victim keeps its stream and still gets its SVIDs; nothing is issued to the attacker."""
-    victim = subprocess.Popen([sys.executable, "-m", "tests.workloads.spiffe_client",
-                               str(stack.sock), "watch", "1000"], cwd=REPO,
-                              stdout=subprocess.PIPE, text=True,
-                              preexec_fn=enter_cgroup(stack.cg))
+    victim = subprocess.Popen(
+        [sys.executable, "-m", "tests.workloads.spiffe_client", str(stack.sock), "watch", "1000"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=enter_cgroup(stack.cg),
+    )
     try:
         first = json.loads(victim.stdout.readline() or "{}")
         assert first.get("spiffe_id") == "spiffe://example.org/workload/root", first
@@ -315,18 +387,23 @@ def test_a_relay_on_a_victims_port_from_another_loopback_address_gets_nothing(st
         listeners -= stack.listeners_before
         attempts = []
         with cgroup_child("credless-outsider") as outsider:
-            for port, dest in sorted(connections):      # the relay from the victim's port
+            for port, dest in sorted(connections):  # the relay from the victim's port
                 with _relay(outsider, dest, bind=("127.0.0.2", port)) as relay_sock:
-                    out = run_workload(stack, "fetch", AUDIENCE, addr=str(relay_sock),
-                                       as_nobody_in=outsider)[0]
+                    out = run_workload(
+                        stack, "fetch", AUDIENCE, addr=str(relay_sock), as_nobody_in=outsider
+                    )[0]
                 attempts.append((f"relay from 127.0.0.2:{port} to {dest}", out))
-            for dest in sorted(listeners):                  # straight to a backend
+            for dest in sorted(listeners):  # straight to a backend
                 with _relay(outsider, dest) as relay_sock:
-                    out = run_workload(stack, "fetch", AUDIENCE, addr=str(relay_sock),
-                                       as_nobody_in=outsider)[0]
+                    out = run_workload(
+                        stack, "fetch", AUDIENCE, addr=str(relay_sock), as_nobody_in=outsider
+                    )[0]
                 attempts.append((f"direct to {dest}", out))
-        leaked = [f"{what}: got {out.get('spiffe_id') or out.get('message', '')[:200]}"
-                  for what, out in attempts if not _denied(out)]
+        leaked = [
+            f"{what}: got {out.get('spiffe_id') or out.get('message', '')[:200]}"
+            for what, out in attempts
+            if not _denied(out)
+        ]
         assert not leaked, f"a process running as nobody outside every managed cgroup: {leaked}"
         assert len(_svids_issued(stack)) == issued_before
         # the root of it: no backend at all; nothing reachable over the network, and no

@@ -30,8 +30,9 @@ def text_of(result) -> str:
 async def run(args) -> int:
     headers = dict(h.split(": ", 1) for h in args.header)
     verify = ssl.create_default_context(cafile=args.ca_file) if args.ca_file else True
-    http = httpx2.AsyncClient(headers=headers, verify=verify, trust_env=False,
-                              timeout=httpx2.Timeout(30, read=60))
+    http = httpx2.AsyncClient(
+        headers=headers, verify=verify, trust_env=False, timeout=httpx2.Timeout(30, read=60)
+    )
     async with Client(streamable_http_client(args.url, http_client=http)) as client:
         for step in args.steps:
             kind, _, rest = step.partition(":")
@@ -41,20 +42,33 @@ async def run(args) -> int:
             elif kind == "call":
                 tool, _, raw = rest.partition(":")
                 result = await client.call_tool(tool, json.loads(raw) if raw else {})
-                emit({"step": "call", "tool": tool, "text": text_of(result),
-                      "is_error": bool(result.is_error)})
+                emit(
+                    {
+                        "step": "call",
+                        "tool": tool,
+                        "text": text_of(result),
+                        "is_error": bool(result.is_error),
+                    }
+                )
             elif kind == "stream":
                 n, delay = (int(x) for x in rest.split(":"))
                 t0 = time.monotonic()
                 arrivals: list[float] = []
 
-                async def progress(p, total, message):
+                async def progress(p, total, message, arrivals=arrivals, t0=t0):
                     arrivals.append(round((time.monotonic() - t0) * 1000, 1))
 
-                result = await client.call_tool("stream_count", {"n": n, "delay_ms": delay},
-                                                progress_callback=progress)
-                emit({"step": "stream", "text": text_of(result), "progress_ms": arrivals,
-                      "done_ms": round((time.monotonic() - t0) * 1000, 1)})
+                result = await client.call_tool(
+                    "stream_count", {"n": n, "delay_ms": delay}, progress_callback=progress
+                )
+                emit(
+                    {
+                        "step": "stream",
+                        "text": text_of(result),
+                        "progress_ms": arrivals,
+                        "done_ms": round((time.monotonic() - t0) * 1000, 1),
+                    }
+                )
     return 0
 
 

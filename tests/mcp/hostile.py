@@ -28,19 +28,22 @@ CREDENTIAL_FIELDS = ("client_assertion", "assertion", "software_statement", "cli
 class Seen:
     method: str
     path: str
-    headers: tuple[str, ...]           # names only, lowercase
-    fields: tuple[str, ...] = ()       # form or JSON member names of the body
+    headers: tuple[str, ...]  # names only, lowercase
+    fields: tuple[str, ...] = ()  # form or JSON member names of the body
 
     @property
     def carries_credential(self) -> bool:
-        return any(f in CREDENTIAL_FIELDS for f in self.fields) or "authorization" in \
-            self.headers or "dpop" in self.headers
+        return (
+            any(f in CREDENTIAL_FIELDS for f in self.fields)
+            or "authorization" in self.headers
+            or "dpop" in self.headers
+        )
 
 
 @dataclass
 class Route:
     status: int = 200
-    body: object = None                 # JSON-encoded when not bytes
+    body: object = None  # JSON-encoded when not bytes
     headers: dict = field(default_factory=dict)
 
 
@@ -72,13 +75,15 @@ class HostilePeer:
                         pass
                 path = self.path.split("?", 1)[0]
                 with peer._lock:
-                    peer.seen.append(Seen(self.command, path, tuple(
-                        k.lower() for k in self.headers.keys()), names))
+                    peer.seen.append(
+                        Seen(self.command, path, tuple(k.lower() for k in self.headers), names)
+                    )
                     route = peer.routes.get((self.command, path))
                 if route is None:
                     route = Route(404, {"error": "not_found"})
-                body = route.body if isinstance(route.body, bytes) else \
-                    json.dumps(route.body).encode()
+                body = (
+                    route.body if isinstance(route.body, bytes) else json.dumps(route.body).encode()
+                )
                 self.send_response(route.status)
                 self.send_header("Content-Type", "application/json")
                 for k, v in route.headers.items():
@@ -87,7 +92,7 @@ class HostilePeer:
                 self.end_headers()
                 self.wfile.write(body)
 
-            do_GET = do_POST = do_DELETE = _answer  # noqa: N815
+            do_GET = do_POST = do_DELETE = _answer
 
             def log_message(self, *args) -> None:
                 pass
@@ -96,12 +101,19 @@ class HostilePeer:
         self.server.daemon_threads = True
         self.host, self.port = host, self.server.server_address[1]
         self.origin = f"http://{host}:{self.port}"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True,
-                                        name=f"hostile-{host}:{self.port}")
+        self._thread = threading.Thread(
+            target=self.server.serve_forever, daemon=True, name=f"hostile-{host}:{self.port}"
+        )
         self._thread.start()
 
-    def route(self, method: str, path: str, body: object = None, status: int = 200,
-              headers: dict | None = None) -> None:
+    def route(
+        self,
+        method: str,
+        path: str,
+        body: object = None,
+        status: int = 200,
+        headers: dict | None = None,
+    ) -> None:
         with self._lock:
             self.routes[(method, path)] = Route(status, body, headers or {})
 
@@ -114,7 +126,7 @@ class HostilePeer:
         self.server.server_close()
         self._thread.join()
 
-    def __enter__(self) -> "HostilePeer":
+    def __enter__(self) -> HostilePeer:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -132,13 +144,26 @@ class HostileMcpServer(HostilePeer):
         self.challenge(f'Bearer resource_metadata="{self.prm_url}"')
 
     def challenge(self, www_authenticate: str) -> None:
-        self.route("POST", "/mcp", {"error": "unauthorized"}, 401,
-                   {"WWW-Authenticate": www_authenticate})
+        self.route(
+            "POST", "/mcp", {"error": "unauthorized"}, 401, {"WWW-Authenticate": www_authenticate}
+        )
 
-    def metadata(self, authorization_servers: list[str], resource: str | None = None,
-                 path: str = "/.well-known/oauth-protected-resource/mcp", **extra) -> None:
-        self.route("GET", path, {"resource": self.url if resource is None else resource,
-                                 "authorization_servers": authorization_servers, **extra})
+    def metadata(
+        self,
+        authorization_servers: list[str],
+        resource: str | None = None,
+        path: str = "/.well-known/oauth-protected-resource/mcp",
+        **extra,
+    ) -> None:
+        self.route(
+            "GET",
+            path,
+            {
+                "resource": self.url if resource is None else resource,
+                "authorization_servers": authorization_servers,
+                **extra,
+            },
+        )
 
 
 class RecordingAuthorizationServer(HostilePeer):
@@ -153,11 +178,14 @@ class RecordingAuthorizationServer(HostilePeer):
         self.token_response({"error": "invalid_client"}, 401)
 
     def publish(self, **overrides) -> None:
-        doc = {"issuer": self.issuer, "token_endpoint": f"{self.origin}/token",
-               "registration_endpoint": f"{self.origin}/register",
-               "jwks_uri": f"{self.origin}/jwks",
-               "token_endpoint_auth_methods_supported": ["private_key_jwt"],
-               "response_types_supported": ["code"]}
+        doc = {
+            "issuer": self.issuer,
+            "token_endpoint": f"{self.origin}/token",
+            "registration_endpoint": f"{self.origin}/register",
+            "jwks_uri": f"{self.origin}/jwks",
+            "token_endpoint_auth_methods_supported": ["private_key_jwt"],
+            "response_types_supported": ["code"],
+        }
         doc.update(overrides)
         self.route("GET", "/.well-known/oauth-authorization-server", doc)
 
@@ -192,8 +220,9 @@ class LoopbackOnlyTransport(httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if not _loopback(request.url.host):
             self.refused.append(f"{request.method} {request.url}")
-            raise httpx.ConnectError("test guard: not a loopback destination, not dialled",
-                                     request=request)
+            raise httpx.ConnectError(
+                "test guard: not a loopback destination, not dialled", request=request
+            )
         return await self.inner.handle_async_request(request)
 
     async def aclose(self) -> None:

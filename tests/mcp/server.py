@@ -51,13 +51,19 @@ class JwtVerifier:
     async def verify_token(self, token: str) -> AccessToken | None:
         try:
             key = await asyncio.to_thread(self.jwks.get_signing_key_from_jwt, token)
-            claims = jwt.decode(token, key.key, algorithms=["ES256"], audience=self.resource,
-                                issuer=self.issuer)
+            claims = jwt.decode(
+                token, key.key, algorithms=["ES256"], audience=self.resource, issuer=self.issuer
+            )
         except jwt.PyJWTError:
             return None
-        return AccessToken(token=token, client_id=claims.get("client_id", ""),
-                           scopes=claims.get("scope", "").split(), expires_at=claims["exp"],
-                           resource=self.resource, claims=claims)
+        return AccessToken(
+            token=token,
+            client_id=claims.get("client_id", ""),
+            scopes=claims.get("scope", "").split(),
+            expires_at=claims["exp"],
+            resource=self.resource,
+            claims=claims,
+        )
 
 
 class Recorder:
@@ -72,25 +78,42 @@ class Recorder:
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
         auth = headers.get("authorization", "")
         scheme, _, token = auth.partition(" ")
-        STATS["requests"].append({
-            "method": scope["method"], "path": scope["path"],
-            "header_names": sorted(headers), "auth_scheme": scheme or None,
-            "token_sha256": hashlib.sha256(token.encode()).hexdigest()[:16] if token else None,
-            "mcp_method": headers.get("mcp-method")})
+        STATS["requests"].append(
+            {
+                "method": scope["method"],
+                "path": scope["path"],
+                "header_names": sorted(headers),
+                "auth_scheme": scheme or None,
+                "token_sha256": hashlib.sha256(token.encode()).hexdigest()[:16] if token else None,
+                "mcp_method": headers.get("mcp-method"),
+            }
+        )
         save_stats(self.stats)
         if self.dpop and auth:
             problem = self._check_dpop(scope, headers, scheme, token)
             if problem:
                 body = json.dumps({"error": "invalid_token", "error_description": problem})
-                await send({"type": "http.response.start", "status": 401, "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"www-authenticate", f'DPoP error="invalid_token", '
-                     f'error_description="{problem}"'.encode())]})
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 401,
+                        "headers": [
+                            (b"content-type", b"application/json"),
+                            (
+                                b"www-authenticate",
+                                f'DPoP error="invalid_token", '
+                                f'error_description="{problem}"'.encode(),
+                            ),
+                        ],
+                    }
+                )
                 await send({"type": "http.response.body", "body": body.encode()})
                 return
-            scope = dict(scope, headers=[(k, v) for k, v in scope["headers"]
-                                         if k.lower() != b"authorization"]
-                         + [(b"authorization", f"Bearer {token}".encode())])
+            scope = dict(
+                scope,
+                headers=[(k, v) for k, v in scope["headers"] if k.lower() != b"authorization"]
+                + [(b"authorization", f"Bearer {token}".encode())],
+            )
         return await self.app(scope, receive, send)
 
     def _check_dpop(self, scope, headers, scheme, token) -> str | None:
@@ -106,8 +129,13 @@ class Recorder:
         except (jwt.PyJWTError, KeyError) as e:
             return f"bad proof: {e}"
         jwk = head["jwk"]
-        thumb = b64(hashlib.sha256(json.dumps({k: jwk[k] for k in ("crv", "kty", "x", "y")},
-                                              separators=(",", ":")).encode()).digest())
+        thumb = b64(
+            hashlib.sha256(
+                json.dumps(
+                    {k: jwk[k] for k in ("crv", "kty", "x", "y")}, separators=(",", ":")
+                ).encode()
+            ).digest()
+        )
         if head.get("typ") != "dpop+jwt":
             return "proof typ is not dpop+jwt"
         if thumb != token_claims.get("cnf", {}).get("jkt"):
@@ -122,10 +150,16 @@ class Recorder:
 
 
 def build(args) -> Recorder:
-    mcp = MCPServer("credless-test-server", token_verifier=JwtVerifier(args.issuer, args.resource),
-                    auth=AuthSettings(issuer_url=args.issuer, resource_server_url=args.resource,
-                                      validate_token_resource=True,
-                                      required_scopes=args.required_scope or None))
+    mcp = MCPServer(
+        "credless-test-server",
+        token_verifier=JwtVerifier(args.issuer, args.resource),
+        auth=AuthSettings(
+            issuer_url=args.issuer,
+            resource_server_url=args.resource,
+            validate_token_resource=True,
+            required_scopes=args.required_scope or None,
+        ),
+    )
 
     def count(name: str) -> None:
         STATS["calls"][name] = STATS["calls"].get(name, 0) + 1
@@ -168,8 +202,9 @@ def main() -> None:
     ap.add_argument("--stats", required=True)
     args = ap.parse_args()
     save_stats(args.stats)
-    config = uvicorn.Config(build(args), host="127.0.0.1", port=args.port, log_level="warning",
-                            lifespan="on")
+    config = uvicorn.Config(
+        build(args), host="127.0.0.1", port=args.port, log_level="warning", lifespan="on"
+    )
     server = uvicorn.Server(config)
     print(f"READY {args.resource}", flush=True)
     asyncio.run(server.serve())

@@ -39,8 +39,7 @@ class Memory:
 
 async def main(url: str, issuer: str, spiffe_id: str, socket: str) -> int:
     placeholder = socket == "placeholder"
-    workload_api = None if placeholder else WorkloadApiClient(f"unix:{socket}",
-                                                              default_timeout=10)
+    workload_api = None if placeholder else WorkloadApiClient(f"unix:{socket}", default_timeout=10)
     fetched: list[str] = []
 
     async def assertion_provider(audience: str) -> str:
@@ -50,15 +49,27 @@ async def main(url: str, issuer: str, spiffe_id: str, socket: str) -> int:
         svid = await asyncio.to_thread(workload_api.fetch_jwt_svid, {audience})
         return svid.token
 
-    auth = PrivateKeyJWTOAuthProvider(server_url=url, storage=Memory(), client_id=spiffe_id,
-                                      assertion_provider=assertion_provider, issuer=issuer)
+    auth = PrivateKeyJWTOAuthProvider(
+        server_url=url,
+        storage=Memory(),
+        client_id=spiffe_id,
+        assertion_provider=assertion_provider,
+        issuer=issuer,
+    )
     http = httpx2.AsyncClient(auth=auth, trust_env=False, timeout=30)
     async with Client(streamable_http_client(url, http_client=http)) as client:
         tools = await client.list_tools()
         result = await client.call_tool("echo", {"text": "spiffe-native"})
-    print(json.dumps({"tools": sorted(t.name for t in tools.tools),
-                      "text": "".join(getattr(c, "text", "") for c in result.content),
-                      "assertion_audiences": fetched}), flush=True)
+    print(
+        json.dumps(
+            {
+                "tools": sorted(t.name for t in tools.tools),
+                "text": "".join(getattr(c, "text", "") for c in result.content),
+                "assertion_audiences": fetched,
+            }
+        ),
+        flush=True,
+    )
     if workload_api is not None:
         workload_api.close()
     return 0

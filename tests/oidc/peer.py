@@ -13,30 +13,51 @@ HERE = Path(__file__).resolve().parent
 
 
 class OidcProvider:
-    def __init__(self, tmp_path: Path, *, clients=(), resources=None, dpop=True,
-                 require_nonce=False, registration=False, spiffe_assertion=True,
-                 access_token_ttl=300):
+    def __init__(
+        self,
+        tmp_path: Path,
+        *,
+        clients=(),
+        resources=None,
+        dpop=True,
+        require_nonce=False,
+        registration=False,
+        spiffe_assertion=True,
+        access_token_ttl=300,
+    ):
         if not (HERE / "node_modules" / "oidc-provider").is_dir():
             raise RuntimeError("tests/oidc/node_modules is missing: run `make setup`")
         self.cfg_path = tmp_path / f"oidc-{time.monotonic_ns()}.json"
-        self.cfg_path.write_text(json.dumps({
-            "port": 0, "clients": list(clients), "resources": resources or {},
-            "dpop": {"enabled": dpop, "require_nonce": require_nonce},
-            "registration": {"enabled": registration}, "spiffe_assertion": spiffe_assertion,
-            "access_token_ttl": access_token_ttl}))
+        self.cfg_path.write_text(
+            json.dumps(
+                {
+                    "port": 0,
+                    "clients": list(clients),
+                    "resources": resources or {},
+                    "dpop": {"enabled": dpop, "require_nonce": require_nonce},
+                    "registration": {"enabled": registration},
+                    "spiffe_assertion": spiffe_assertion,
+                    "access_token_ttl": access_token_ttl,
+                }
+            )
+        )
         self.stderr_path = self.cfg_path.with_suffix(".stderr")
         self.proc: subprocess.Popen | None = None
         self.issuer = ""
 
-    def start(self) -> "OidcProvider":
-        self.proc = subprocess.Popen(["node", str(HERE / "oidc_server.mjs"), str(self.cfg_path)],
-                                     stdout=subprocess.PIPE, stderr=open(self.stderr_path, "wb"),
-                                     text=True)
+    def start(self) -> OidcProvider:
+        self.proc = subprocess.Popen(
+            ["node", str(HERE / "oidc_server.mjs"), str(self.cfg_path)],
+            stdout=subprocess.PIPE,
+            stderr=open(self.stderr_path, "wb"),
+            text=True,
+        )
         line = self.proc.stdout.readline()
         if not line.startswith("READY "):
             self.stop()
-            raise RuntimeError(f"oidc-provider did not start: {line!r} "
-                               f"{self.stderr_path.read_text()[-2000:]}")
+            raise RuntimeError(
+                f"oidc-provider did not start: {line!r} {self.stderr_path.read_text()[-2000:]}"
+            )
         self.issuer = line.split()[1]
         return self
 

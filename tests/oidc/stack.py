@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable, Iterable
 
 import httpx
 from prometheus_client import CollectorRegistry
@@ -26,17 +26,29 @@ from tests.helpers import free_port
 from tests.oidc.peer import OidcProvider
 
 
-def build(tmp_path: Path, *, stream, identities: Iterable[str], servers: list[dict] | Callable,
-          resources: dict, registered: Iterable[str], oidc_kwargs: dict | None = None,
-          default_issuer: bool = True) -> SimpleNamespace:
+def build(
+    tmp_path: Path,
+    *,
+    stream,
+    identities: Iterable[str],
+    servers: list[dict] | Callable,
+    resources: dict,
+    registered: Iterable[str],
+    oidc_kwargs: dict | None = None,
+    default_issuer: bool = True,
+) -> SimpleNamespace:
     """`servers` is a list of [[servers]] tables, or a function of the started OidcProvider
     returning one (for settings that name its issuer). With `default_issuer`, a server with
     no `issuer` key gets oidc-provider's."""
     identities = tuple(identities)
     entries = tmp_path / "entries.toml"
-    entries.write_text("".join(f'[[entry]]\nid = "{s.rsplit("/", 1)[-1]}"\nspiffe_id = "{s}"\n'
-                               f'selectors = ["unix:uid:{i}"]\n'
-                               for i, s in enumerate(identities)))
+    entries.write_text(
+        "".join(
+            f'[[entry]]\nid = "{s.rsplit("/", 1)[-1]}"\nspiffe_id = "{s}"\n'
+            f'selectors = ["unix:uid:{i}"]\n'
+            for i, s in enumerate(identities)
+        )
+    )
     base = {"identity": {"entries_file": str(entries)}}
     identity_cfg = config.parse(base).identity
     audit = obs.AuditLog("test-node", stream)
@@ -47,8 +59,10 @@ def build(tmp_path: Path, *, stream, identities: Iterable[str], servers: list[di
     bundle = BundleEndpoint(mgr, "127.0.0.1", port)
     bundle.start()
     jwks_uri = f"http://127.0.0.1:{port}/jwks.json"
-    kw = {"resources": resources,
-          "clients": [{"client_id": s, "jwks_uri": jwks_uri} for s in registered]}
+    kw = {
+        "resources": resources,
+        "clients": [{"client_id": s, "jwks_uri": jwks_uri} for s in registered],
+    }
     kw.update(oidc_kwargs or {})
     try:
         oidc = OidcProvider(tmp_path, **kw).start()
@@ -63,13 +77,22 @@ def build(tmp_path: Path, *, stream, identities: Iterable[str], servers: list[di
 
     def new_service() -> OAuthService:
         """An OAuthService as a (re)started agent would make it: same config, same state."""
-        return OAuthService(cfg, mgr, state, audit=audit, registry=CollectorRegistry(),
-                            jwks_uri=jwks_uri)
+        return OAuthService(
+            cfg, mgr, state, audit=audit, registry=CollectorRegistry(), jwks_uri=jwks_uri
+        )
 
-    return SimpleNamespace(mgr=mgr, bundle=bundle, oidc=oidc, svc=new_service(), cfg=cfg,
-                           jwks_uri=jwks_uri, state_dir=Path(state), audit=audit,
-                           new_service=new_service,
-                           ident=lambda sid: mgr.identity_for_id(sid))
+    return SimpleNamespace(
+        mgr=mgr,
+        bundle=bundle,
+        oidc=oidc,
+        svc=new_service(),
+        cfg=cfg,
+        jwks_uri=jwks_uri,
+        state_dir=Path(state),
+        audit=audit,
+        new_service=new_service,
+        ident=lambda sid: mgr.identity_for_id(sid),
+    )
 
 
 @contextlib.contextmanager
@@ -84,8 +107,9 @@ def running(s: SimpleNamespace, guard: httpx.AsyncBaseTransport | None = None):
         await svc.astart()
         if guard is not None:
             await svc.http.aclose()
-            svc.http = httpx.AsyncClient(transport=guard, timeout=10.0,
-                                         follow_redirects=False, trust_env=False)
+            svc.http = httpx.AsyncClient(
+                transport=guard, timeout=10.0, follow_redirects=False, trust_env=False
+            )
             svc.discovery.http = svc.http
 
     def restart():

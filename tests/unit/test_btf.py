@@ -12,8 +12,12 @@ from agent.attest.btf import BTF, TASK_FIELDS, BTFError
 
 
 def _bpftool_offsets() -> dict[str, int]:
-    raw = subprocess.run(["bpftool", "btf", "dump", "file", "/sys/kernel/btf/vmlinux",
-                          "format", "raw"], capture_output=True, text=True, check=True).stdout
+    raw = subprocess.run(
+        ["bpftool", "btf", "dump", "file", "/sys/kernel/btf/vmlinux", "format", "raw"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     block = raw.split("STRUCT 'task_struct' size=", 1)[1].split("\n[", 1)[0]
     out = {}
     for name, bits in re.findall(r"'(\w+)' type_id=\d+ bits_offset=(\d+)", block):
@@ -38,8 +42,11 @@ def test_anonymous_member_offsets_are_added():
     strings = b"\0int\0outer\0a\0b\0"
     t_int = struct.pack("<III", 1, (1 << 24), 4) + struct.pack("<I", 32)  # id 1
     inner = struct.pack("<III", 0, (4 << 24) | 1, 4) + struct.pack("<III", 13, 1, 0)  # id 2
-    outer = struct.pack("<III", 5, (4 << 24) | 2, 16) + \
-        struct.pack("<III", 11, 1, 0) + struct.pack("<III", 0, 2, 64)            # id 3
+    outer = (
+        struct.pack("<III", 5, (4 << 24) | 2, 16)
+        + struct.pack("<III", 11, 1, 0)
+        + struct.pack("<III", 0, 2, 64)
+    )  # id 3
     btf = BTF(_blob(t_int + inner + outer, strings))
     assert btf.offset_of("outer", "a") == 0
     assert btf.offset_of("outer", "b") == 8

@@ -31,8 +31,10 @@ def test_missing_file(tmp_path):
     missing = tmp_path / "nope.toml"
     with pytest.raises(ConfigError) as err:
         config.load(missing)
-    assert err.value.problems == ["file not found; create it (deploy/credless.example.toml "
-                                  "documents every key) or pass --config FILE"]
+    assert err.value.problems == [
+        "file not found; create it (deploy/credless.example.toml "
+        "documents every key) or pass --config FILE"
+    ]
 
 
 def test_not_toml_names_the_line():
@@ -60,11 +62,12 @@ def test_example_config_loads_and_documents_every_default():
     example = REPO / "deploy" / "credless.example.toml"
     assert config.load(example) == config.Config()
     text = example.read_text()
-    for key, default, _doc in config.iter_settings():
+    for key, _default, _doc in config.iter_settings():
         name = key.rsplit(".", 1)[1]
         # array-of-table keys ([[servers]]) are documented as a commented example
-        assert f"\n{name} = " in text or f"\n# {name} = " in text, \
+        assert f"\n{name} = " in text or f"\n# {name} = " in text, (
             f"{key} is not documented in {example.name}"
+        )
 
 
 def test_ipv6_loopback_and_integer_for_float_are_accepted():
@@ -73,12 +76,17 @@ def test_ipv6_loopback_and_integer_for_float_are_accepted():
     assert cfg.attest.exit_grace_seconds == 2.0 and isinstance(cfg.attest.exit_grace_seconds, float)
 
 
-@pytest.mark.parametrize("listen,expected", [
-    ("127.0.0.1", 'HOST:PORT such as "127.0.0.1:9890"'),
-    ("127.0.0.1:0", 'HOST:PORT such as "127.0.0.1:9890"'),
-    ("127.0.0.1:70000", 'HOST:PORT such as "127.0.0.1:9890"'),
-    ("localhost:80", 'HOST:PORT such as "127.0.0.1:9890"'),
-    ("[::2]:80", "a loopback"), ("10.0.0.1:80", "a loopback")])
+@pytest.mark.parametrize(
+    "listen,expected",
+    [
+        ("127.0.0.1", 'HOST:PORT such as "127.0.0.1:9890"'),
+        ("127.0.0.1:0", 'HOST:PORT such as "127.0.0.1:9890"'),
+        ("127.0.0.1:70000", 'HOST:PORT such as "127.0.0.1:9890"'),
+        ("localhost:80", 'HOST:PORT such as "127.0.0.1:9890"'),
+        ("[::2]:80", "a loopback"),
+        ("10.0.0.1:80", "a loopback"),
+    ],
+)
 def test_bad_listen_addresses(listen, expected):
     with pytest.raises(ConfigError) as err:
         config.parse({"metrics": {"listen": listen}})
@@ -91,55 +99,83 @@ def test_metrics_beyond_loopback_needs_expose():
 
 
 def test_check_config_cli_exit_codes(tmp_path, credless_cmd):
-    ok = subprocess.run([*credless_cmd, "check-config", str(REPO / "deploy/credless.example.toml")],
-                        capture_output=True, text=True)
+    ok = subprocess.run(
+        [*credless_cmd, "check-config", str(REPO / "deploy/credless.example.toml")],
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0 and ok.stdout.strip().endswith(": ok")
-    bad = subprocess.run([*credless_cmd, "check-config", str(TESTDATA / "config/unknown_key.toml")],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [*credless_cmd, "check-config", str(TESTDATA / "config/unknown_key.toml")],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2
     assert "Traceback" not in bad.stderr
-    assert "metrics.lisen: unknown key; accepted keys in [metrics]: enabled, expose, listen" in bad.stderr
-    missing = subprocess.run([*credless_cmd, "check-config", str(tmp_path / "x.toml")],
-                             capture_output=True, text=True)
+    assert (
+        "metrics.lisen: unknown key; accepted keys in [metrics]: enabled, expose, listen"
+        in bad.stderr
+    )
+    missing = subprocess.run(
+        [*credless_cmd, "check-config", str(tmp_path / "x.toml")], capture_output=True, text=True
+    )
     assert missing.returncode == 2 and "file not found" in missing.stderr
     assert "Traceback" not in missing.stderr
 
 
 def test_servers_array_is_validated_per_entry():
     with pytest.raises(ConfigError) as err:
-        config.parse({"servers": [{"name": "a", "url": "http://127.0.0.1:1/mcp"},
-                                  {"name": "a", "url": "ftp://x", "dpop": "maybe"},
-                                  {"url": "http://127.0.0.1:2/mcp"}]})
+        config.parse(
+            {
+                "servers": [
+                    {"name": "a", "url": "http://127.0.0.1:1/mcp"},
+                    {"name": "a", "url": "ftp://x", "dpop": "maybe"},
+                    {"url": "http://127.0.0.1:2/mcp"},
+                ]
+            }
+        )
     assert err.value.problems == [
         'servers[1].url: got "ftp://x", expected an absolute http(s) URL such as '
         '"https://mcp.example.com/mcp"',
         'servers[1].dpop: got "maybe", expected one of: auto, always, never',
     ]
     with pytest.raises(ConfigError) as err:
-        config.parse({"servers": [{"name": "a", "url": "http://127.0.0.1:1/mcp"},
-                                  {"name": "a", "url": "http://127.0.0.1:2/mcp"},
-                                  {"url": "http://127.0.0.1:2/mcp"}]})
-    assert err.value.problems == ["servers[1].name: 'a' is used twice; names must be unique",
-                                  "servers[2].name: required"]
+        config.parse(
+            {
+                "servers": [
+                    {"name": "a", "url": "http://127.0.0.1:1/mcp"},
+                    {"name": "a", "url": "http://127.0.0.1:2/mcp"},
+                    {"url": "http://127.0.0.1:2/mcp"},
+                ]
+            }
+        )
+    assert err.value.problems == [
+        "servers[1].name: 'a' is used twice; names must be unique",
+        "servers[2].name: required",
+    ]
     cfg = config.parse({"servers": [{"name": "w", "url": "http://127.0.0.1:1/mcp"}]})
     assert cfg.servers[0].auth_profile == "jwt-bearer" and cfg.servers[0].dpop == "auto"
 
 
-@pytest.mark.parametrize("url,refused", [
-    ("https://as.example.com/token", False),
-    ("http://127.0.0.1:8444/token", False),       # loopback http: tests, a node-local AS
-    ("http://[::1]:8444/token", False),
-    ("http://as.example.com/token", True),        # client assertions in clear
-    ("http://10.0.0.5/token", True),
-])
+@pytest.mark.parametrize(
+    "url,refused",
+    [
+        ("https://as.example.com/token", False),
+        ("http://127.0.0.1:8444/token", False),  # loopback http: tests, a node-local AS
+        ("http://[::1]:8444/token", False),
+        ("http://as.example.com/token", True),  # client assertions in clear
+        ("http://10.0.0.5/token", True),
+    ],
+)
 def test_assertion_mode_puts_assertions_only_into_https_or_loopback_urls(url, refused):
-    server = {"name": "as", "url": url, "issuer": "https://as.example.com",
-              "mode": "assertion"}
+    server = {"name": "as", "url": url, "issuer": "https://as.example.com", "mode": "assertion"}
     if not refused:
         assert config.parse({"servers": [server]}).servers[0].url == url
         return
     with pytest.raises(config.ConfigError) as err:
         config.parse({"servers": [server]})
-    assert err.value.problems == [f'servers[0].url: {url!r} with mode = "assertion": plain '
-                                  "http to a host that is not loopback: https is required "
-                                  "(http is allowed only to 127.0.0.0/8, ::1 or localhost)"]
+    assert err.value.problems == [
+        f'servers[0].url: {url!r} with mode = "assertion": plain '
+        "http to a host that is not loopback: https is required "
+        "(http is allowed only to 127.0.0.0/8, ::1 or localhost)"
+    ]

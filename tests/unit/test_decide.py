@@ -21,10 +21,18 @@ from tests.conftest import TESTDATA
 
 BOT, STRANGER = "spiffe://example.org/bot", "spiffe://example.org/stranger"
 SERVERS = {
-    mode: Upstream("tools", "http", "127.0.0.1", 8080, "http://127.0.0.1:8080", mode,
-                   b"/token" if mode == "assertion" else b"/mcp",
-                   authorities("http", "127.0.0.1:8080", 8080))
-    for mode in ("broker", "assertion", "passthrough")}
+    mode: Upstream(
+        "tools",
+        "http",
+        "127.0.0.1",
+        8080,
+        "http://127.0.0.1:8080",
+        mode,
+        b"/token" if mode == "assertion" else b"/mcp",
+        authorities("http", "127.0.0.1:8080", 8080),
+    )
+    for mode in ("broker", "assertion", "passthrough")
+}
 CALLERS = {
     "attested": decide.Caller(True, BOT),
     "stranger": decide.Caller(True, STRANGER),
@@ -35,20 +43,41 @@ CALLERS = {
 
 
 def policy_engine() -> PolicyEngine:
-    engine = PolicyEngine(types.SimpleNamespace(subagents="allow"), {"tools"},
-                          registry=CollectorRegistry())
-    engine.policy = parse({"default_unlisted": "deny", "rule": [
-        {"id": "bot", "spiffe_id": BOT, "server": "tools",
-         "methods": ["tools/list", "tools/call"], "tools": ["echo", "add"]},
-        {"id": "no-secrets", "spiffe_id": "spiffe://example.org/*", "server": "*",
-         "methods": ["tools/call"], "tools": ["secret_*"], "effect": "deny"}]})
+    engine = PolicyEngine(
+        types.SimpleNamespace(subagents="allow"), {"tools"}, registry=CollectorRegistry()
+    )
+    engine.policy = parse(
+        {
+            "default_unlisted": "deny",
+            "rule": [
+                {
+                    "id": "bot",
+                    "spiffe_id": BOT,
+                    "server": "tools",
+                    "methods": ["tools/list", "tools/call"],
+                    "tools": ["echo", "add"],
+                },
+                {
+                    "id": "no-secrets",
+                    "spiffe_id": "spiffe://example.org/*",
+                    "server": "*",
+                    "methods": ["tools/call"],
+                    "tools": ["secret_*"],
+                    "effect": "deny",
+                },
+            ],
+        }
+    )
     return engine
 
 
 def rows() -> list[dict]:
     lines = (TESTDATA / "inject/decisions.tsv").read_text().splitlines()
-    return list(csv.DictReader([ln for ln in lines if not ln.startswith("#")],
-                               delimiter="\t", quoting=csv.QUOTE_NONE))
+    return list(
+        csv.DictReader(
+            [ln for ln in lines if not ln.startswith("#")], delimiter="\t", quoting=csv.QUOTE_NONE
+        )
+    )
 
 
 def parsed(head: bytes) -> http1.Head:
@@ -59,13 +88,19 @@ def parsed(head: bytes) -> http1.Head:
 def expected(spec: str) -> dict:
     if spec.startswith("forward"):
         flags = spec.split("+")[1:]
-        return {"action": decide.FORWARD, **{f: f in flags for f in
-                                               ("credential", "read_body", "strip")}}
+        return {
+            "action": decide.FORWARD,
+            **{f: f in flags for f in ("credential", "read_body", "strip")},
+        }
     if spec.startswith("close"):
         return {"action": decide.CLOSE, "outcome": spec.split()[1]}
     status, outcome, *close = spec.split()
-    return {"action": decide.ANSWER, "status": int(status), "outcome": outcome,
-            "close": bool(close)}
+    return {
+        "action": decide.ANSWER,
+        "status": int(status),
+        "outcome": outcome,
+        "close": bool(close),
+    }
 
 
 ROWS = rows()
@@ -82,8 +117,9 @@ def test_decision(row):
     up, caller = SERVERS[row["server"]], CALLERS[row["caller"]]
     want = expected(row["expect"])
 
-    verdict = decide.decide(decide.Request.from_head(parsed(head_bytes)), up, caller,
-                            settings, policy)
+    verdict = decide.decide(
+        decide.Request.from_head(parsed(head_bytes)), up, caller, settings, policy
+    )
     assert {k: getattr(verdict, k) for k in want} == want
     if verdict.action == decide.ANSWER:
         assert verdict.message.startswith("credless: ") and verdict.status == want["status"]
@@ -92,8 +128,11 @@ def test_decision(row):
     # the fast lane's reading of the same head, where it could take it, decides the same
     whole = http1.WholeMessage()
     request = head_bytes + (b"{}" if b"Content-Length: 2" in head_bytes else b"")
-    read = decide.Request.from_read(request, whole.head_end, whole.method, whole.url) \
-        if whole.one(request) else None
+    read = (
+        decide.Request.from_read(request, whole.head_end, whole.method, whole.url)
+        if whole.one(request)
+        else None
+    )
     if read is not None:
         assert read.fields == decide.Request.from_head(parsed(head_bytes)).fields
         assert decide.decide(read, up, caller, settings, policy) == verdict
@@ -101,33 +140,64 @@ def test_decision(row):
 
 def test_every_refusal_outcome_is_a_distinct_metric_label():
     outcomes = {expected(r["expect"]).get("outcome") for r in ROWS} - {None}
-    assert outcomes >= {"method_refused", "upgrade_refused", "target_refused",
-                        "framing_refused", "host_refused", "path_refused", "unattested",
-                        "policy_denied", "workload_credentials", "encoding_refused",
-                        "image_changed", "identity_changed"}
+    assert outcomes >= {
+        "method_refused",
+        "upgrade_refused",
+        "target_refused",
+        "framing_refused",
+        "host_refused",
+        "path_refused",
+        "unattested",
+        "policy_denied",
+        "workload_credentials",
+        "encoding_refused",
+        "image_changed",
+        "identity_changed",
+    }
 
 
 def call(name: str, id_: int = 1) -> dict:
-    return {"jsonrpc": "2.0", "id": id_, "method": "tools/call",
-            "params": {"name": name, "arguments": {}}}
+    return {
+        "jsonrpc": "2.0",
+        "id": id_,
+        "method": "tools/call",
+        "params": {"name": name, "arguments": {}},
+    }
 
 
 BODIES = {
     "an allowed call": (json.dumps(call("echo")), {}, "forward", None),
-    "a denied tool": (json.dumps(call("secret_tool")), {}, "403 policy_denied",
-                      jsonrpc.POLICY_DENIED),
-    "a tool no rule allows": (json.dumps(call("drop_tables")), {}, "403 policy_denied",
-                              jsonrpc.POLICY_DENIED),
-    "a denied call hidden in a batch": (json.dumps([call("echo"), call("secret_tool", 2)]),
-                                        {}, "403 policy_denied", jsonrpc.POLICY_DENIED),
+    "a denied tool": (
+        json.dumps(call("secret_tool")),
+        {},
+        "403 policy_denied",
+        jsonrpc.POLICY_DENIED,
+    ),
+    "a tool no rule allows": (
+        json.dumps(call("drop_tables")),
+        {},
+        "403 policy_denied",
+        jsonrpc.POLICY_DENIED,
+    ),
+    "a denied call hidden in a batch": (
+        json.dumps([call("echo"), call("secret_tool", 2)]),
+        {},
+        "403 policy_denied",
+        jsonrpc.POLICY_DENIED,
+    ),
     "a header naming another tool than the body": (
-        json.dumps(call("echo")), {b"mcp-method": [b"tools/call"],
-                                   b"mcp-name": [b"secret_tool"]},
-        "400 header_mismatch", jsonrpc.HEADER_MISMATCH),
+        json.dumps(call("echo")),
+        {b"mcp-method": [b"tools/call"], b"mcp-name": [b"secret_tool"]},
+        "400 header_mismatch",
+        jsonrpc.HEADER_MISMATCH,
+    ),
     "duplicate member names": (
         '{"jsonrpc":"2.0","id":1,"method":"tools/call",'
-        '"params":{"name":"echo","name":"secret_tool","arguments":{}}}', {},
-        "400 malformed_body", jsonrpc.INVALID_REQUEST),
+        '"params":{"name":"echo","name":"secret_tool","arguments":{}}}',
+        {},
+        "400 malformed_body",
+        jsonrpc.INVALID_REQUEST,
+    ),
     "not JSON": ("{", {}, "400 malformed_body", jsonrpc.PARSE_ERROR),
 }
 
@@ -136,16 +206,25 @@ BODIES = {
 def test_body_decision(body, fields, want, code):
     req = decide.Request(b"POST", b"/mcp", {b"host": [b"127.0.0.1:8080"], **fields})
     verdict, records, calls, batch = decide.decide_body(
-        body.encode(), req, SERVERS["broker"], CALLERS["attested"], policy_engine())
+        body.encode(), req, SERVERS["broker"], CALLERS["attested"], policy_engine()
+    )
     if want == "forward":
         assert verdict.action == decide.FORWARD and verdict.credential
         assert [r.event for r in records] == ["call.allowed"]
         return
     status, outcome = want.split()
     assert (verdict.action, verdict.status, verdict.outcome, verdict.rpc_code) == (
-        decide.ANSWER, int(status), outcome, code)
+        decide.ANSWER,
+        int(status),
+        outcome,
+        code,
+    )
     assert records and all(r.event in ("call.allowed", "call.denied") for r in records)
-    if calls:   # the error keeps each request's id
-        ids = [e["id"] for e in (lambda d: d if isinstance(d, list) else [d])(json.loads(
-            jsonrpc.error_body(calls, batch, code, verdict.message)))]
+    if calls:  # the error keeps each request's id
+        ids = [
+            e["id"]
+            for e in (lambda d: d if isinstance(d, list) else [d])(
+                json.loads(jsonrpc.error_body(calls, batch, code, verdict.message))
+            )
+        ]
         assert ids == [c.id for c in calls]

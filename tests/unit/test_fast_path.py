@@ -26,20 +26,43 @@ from agent.observe.tally import CounterCell
 from tests.unit.transport import Transport
 
 SID = "spiffe://example.org/w"
-TOKEN = Token("header.payload.sig", "Bearer", 0, time.time() + 3600, "tools", "r", "i", SID,
-              "c", None, "sha-of-token", "jti-1")
-UP = Upstream("tools", "http", "127.0.0.1", 8080, "http://127.0.0.1:8080", "broker", b"/mcp",
-              (b"127.0.0.1:8080",))
+TOKEN = Token(
+    "header.payload.sig",
+    "Bearer",
+    0,
+    time.time() + 3600,
+    "tools",
+    "r",
+    "i",
+    SID,
+    "c",
+    None,
+    "sha-of-token",
+    "jti-1",
+)
+UP = Upstream(
+    "tools",
+    "http",
+    "127.0.0.1",
+    8080,
+    "http://127.0.0.1:8080",
+    "broker",
+    b"/mcp",
+    (b"127.0.0.1:8080",),
+)
 INFO = RedirectInfo("127.0.0.1", 8080, 100, 100, 0, 1, 1, 5, 1)
 BODY = b'{"jsonrpc":"2.0","id":1,"method":"tools/list"}'
 ANSWER = b'{"jsonrpc":"2.0","id":1,"result":{}}'
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(ANSWER), ANSWER)
 
 
-def request(*fields: bytes, version: bytes = b"1.1", method: bytes = b"POST",
-            body: bytes = BODY) -> bytes:
-    return (b"%s /mcp?session=1 HTTP/%s\r\nHost: 127.0.0.1:8080\r\n%sContent-Length: %d\r\n\r\n%s"
-            % (method, version, b"".join(f + b"\r\n" for f in fields), len(body), body))
+def request(
+    *fields: bytes, version: bytes = b"1.1", method: bytes = b"POST", body: bytes = BODY
+) -> bytes:
+    return (
+        b"%s /mcp?session=1 HTTP/%s\r\nHost: 127.0.0.1:8080\r\n%sContent-Length: %d\r\n\r\n%s"
+        % (method, version, b"".join(f + b"\r\n" for f in fields), len(body), body)
+    )
 
 
 class World:
@@ -47,24 +70,39 @@ class World:
 
     def __init__(self, token=TOKEN, pooled=True, image=(1, 5), policy=None):
         self.audit_out = io.StringIO()
-        source = types.SimpleNamespace(kernel_image=lambda tgid: image,
-                                       image_changes=lambda tgid: None)
+        source = types.SimpleNamespace(
+            kernel_image=lambda tgid: image, image_changes=lambda tgid: None
+        )
         self.asked = 0
 
         def cached_token(ident, name):
             self.asked += 1
             return self.token
+
         self.token = token
-        oauth = types.SimpleNamespace(cached_token=cached_token,
-                                      cache=types.SimpleNamespace(generation=0),
-                                      m_hit=CounterCell())
-        cfg = types.SimpleNamespace(upstream_pool_size=4, upstream_idle_seconds=4.0,
-                                    workload_authorization="strip", unattested="deny")
+        oauth = types.SimpleNamespace(
+            cached_token=cached_token,
+            cache=types.SimpleNamespace(generation=0),
+            m_hit=CounterCell(),
+        )
+        cfg = types.SimpleNamespace(
+            upstream_pool_size=4,
+            upstream_idle_seconds=4.0,
+            workload_authorization="strip",
+            unattested="deny",
+        )
         identity = types.SimpleNamespace(generation=0)
-        self.proxy = Proxy(cfg, {}, None, types.SimpleNamespace(source=source), identity,
-                           oauth,
-                           audit=AuditLog("node", stream=self.audit_out),
-                           registry=CollectorRegistry(), policy=policy)
+        self.proxy = Proxy(
+            cfg,
+            {},
+            None,
+            types.SimpleNamespace(source=source),
+            identity,
+            oauth,
+            audit=AuditLog("node", stream=self.audit_out),
+            registry=CollectorRegistry(),
+            policy=policy,
+        )
         self.client = ClientSide(lambda c: None)
         self.client.connection_made(Transport())
         self.upstream = UpstreamSide()
@@ -91,11 +129,14 @@ def run(world: World, *reads: bytes, answer: bytes = RESPONSE) -> None:
 
 def in_loop(test):
     """The protocols ask for the running loop: run the test's body inside one."""
+
     @functools.wraps(test)
     def wrapper(*args, **kwargs):
         async def body():
             return test(*args, **kwargs)
+
         return asyncio.run(body())
+
     return wrapper
 
 
@@ -106,10 +147,12 @@ def test_a_plain_request_goes_as_read_with_the_token_spliced_in():
     sent = w.upstream.transport.out
     head, body = sent.split(b"\r\n\r\n")
     assert body == BODY
-    assert head == (b"POST /mcp?session=1 HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
-                    b"Content-Type: application/json\r\nContent-Length: %d\r\n"
-                    b"Authorization: Bearer header.payload.sig" % len(BODY))
-    assert w.client.transport.out == RESPONSE          # the answer, byte for byte
+    assert head == (
+        b"POST /mcp?session=1 HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n"
+        b"Authorization: Bearer header.payload.sig" % len(BODY)
+    )
+    assert w.client.transport.out == RESPONSE  # the answer, byte for byte
     assert not w.client.fast_inflight and not w.client._events
     [rec] = w.audit()
     assert rec["event"] == "request.injected" and rec["status"] == 200
@@ -118,8 +161,8 @@ def test_a_plain_request_goes_as_read_with_the_token_spliced_in():
     assert rec["server"] == "tools" and rec["pid"] == 100 and rec["spiffe_id"] == SID
     assert rec["latency_ms"] >= 0 and rec["node"] == "node"
     assert "header.payload.sig" not in w.audit_out.getvalue()
-    w.lane.release()                                    # the workload connection ends:
-    assert w.proxy.pool.get(w.key) is w.upstream        # back in the pool
+    w.lane.release()  # the workload connection ends:
+    assert w.proxy.pool.get(w.key) is w.upstream  # back in the pool
 
 
 # table: reads the fast path must leave to the full path (which strips, rejects, re-frames)
@@ -133,8 +176,9 @@ DECLINED = {
     "an expectation": request(b"Expect: 100-continue"),
     "an upgrade": request(b"Connection: Upgrade", b"Upgrade: websocket"),
     "TE": request(b"TE: trailers"),
-    "a chunked body": (b"POST /mcp HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
-                       b"2\r\n{}\r\n0\r\n\r\n"),
+    "a chunked body": (
+        b"POST /mcp HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n"
+    ),
     "HTTP/1.0": request(version=b"1.0"),
     "a HEAD request": request(method=b"HEAD", body=b""),
     "two requests in one read": request() + request(),
@@ -152,7 +196,7 @@ def test_reads_that_need_the_full_path_are_declined_untouched(read):
     w = World()
     assert w.lane.offer(read) is False
     assert w.upstream.transport.out == b"" and not w.client.fast_inflight
-    assert w.proxy.pool.get(w.key) is w.upstream   # not taken from the pool either
+    assert w.proxy.pool.get(w.key) is w.upstream  # not taken from the pool either
 
 
 @in_loop
@@ -163,13 +207,16 @@ def test_a_field_whose_name_only_contains_authorization_is_not_mistaken_for_it()
     assert b"Authorization: Bearer header.payload.sig" in w.upstream.transport.out
 
 
-@pytest.mark.parametrize("world", [
-    dict(token=None),                # no cached token: the coroutine awaits one
-    dict(pooled=False),              # no idle upstream connection: it connects
-    dict(image=(1, 6)),              # exec'd since it connected: the coroutine closes it
-    dict(image=None),                # exited
-    dict(policy=object()),           # a POST body to decide
-])
+@pytest.mark.parametrize(
+    "world",
+    [
+        dict(token=None),  # no cached token: the coroutine awaits one
+        dict(pooled=False),  # no idle upstream connection: it connects
+        dict(image=(1, 6)),  # exec'd since it connected: the coroutine closes it
+        dict(image=None),  # exited
+        dict(policy=object()),  # a POST body to decide
+    ],
+)
 @in_loop
 def test_what_needs_awaiting_or_deciding_is_declined(world):
     w = World(**world)
@@ -178,16 +225,16 @@ def test_what_needs_awaiting_or_deciding_is_declined(world):
     assert w.upstream.transport.out == b""
     if world.get("pooled", True):
         w.lane.release()
-        assert w.proxy.pool.get(w.key) is w.upstream   # back in the pool once released
+        assert w.proxy.pool.get(w.key) is w.upstream  # back in the pool once released
 
 
 @in_loop
 def test_a_declined_partial_read_leaves_the_next_whole_request_to_the_fast_path():
     w = World()
-    run(w, request()[:25])             # the parser has begun a request: the rest goes there
+    run(w, request()[:25])  # the parser has begun a request: the rest goes there
     assert w.upstream.transport.out == b""
     w.client._events.clear()
-    w.client._reader = type(w.client._reader)()   # as if the coroutine took that request
+    w.client._reader = type(w.client._reader)()  # as if the coroutine took that request
     run(w, request())
     assert b"Authorization: Bearer" in w.upstream.transport.out
 
@@ -197,8 +244,10 @@ def test_a_401_answer_is_parsed_so_its_challenge_is_read():
     w = World()
     invalidated = []
     w.proxy.oauth.invalidate = lambda ident, name, tok: invalidated.append(tok)
-    answer = (b'HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer error="invalid_token"'
-              b"\r\nContent-Length: 0\r\n\r\n")
+    answer = (
+        b'HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer error="invalid_token"'
+        b"\r\nContent-Length: 0\r\n\r\n"
+    )
     run(w, request(), answer=answer)
     assert invalidated == [TOKEN]
     assert w.client.transport.out.startswith(b"HTTP/1.1 401")
@@ -206,14 +255,27 @@ def test_a_401_answer_is_parsed_so_its_challenge_is_read():
 
 @in_loop
 def test_a_dpop_token_gets_a_fresh_proof_bound_to_this_method_and_url_without_query():
-    dpop = Token("header.payload.sig", "DPoP", 0, time.time() + 3600, "tools", "r", "i", SID,
-                 "c", "jkt-1", "sha-of-token", "jti-1")
+    dpop = Token(
+        "header.payload.sig",
+        "DPoP",
+        0,
+        time.time() + 3600,
+        "tools",
+        "r",
+        "i",
+        SID,
+        "c",
+        "jkt-1",
+        "sha-of-token",
+        "jti-1",
+    )
     proofs = []
 
     class Key:
         def proof(self, method, url, access_token=None):
             proofs.append((method, url, access_token))
             return f"proof-{len(proofs)}"
+
     w = World(token=dpop)
     w.proxy.oauth.dpop_key = lambda spiffe_id: Key()
     run(w, request())
@@ -221,7 +283,7 @@ def test_a_dpop_token_gets_a_fresh_proof_bound_to_this_method_and_url_without_qu
     assert head.endswith(b"\r\nAuthorization: DPoP header.payload.sig\r\nDPoP: proof-1")
     assert proofs == [("POST", "http://127.0.0.1:8080/mcp", "header.payload.sig")]
     w.upstream.transport.out = b""
-    run(w, request())   # the next request: a new proof
+    run(w, request())  # the next request: a new proof
     assert w.upstream.transport.out.split(b"\r\n\r\n")[0].endswith(b"DPoP: proof-2")
 
 
@@ -229,15 +291,29 @@ def test_a_dpop_token_gets_a_fresh_proof_bound_to_this_method_and_url_without_qu
 def test_each_token_is_recorded_as_itself_on_one_connection():
     w = World()
     run(w, request())
-    w.token = NEXT                      # refreshed: the cache says a token changed
+    w.token = NEXT  # refreshed: the cache says a token changed
     w.proxy.oauth.cache.generation += 1
     run(w, request())
     assert [(r["jti"], r["token_sha256"]) for r in w.audit()] == [
-        ("jti-1", "sha-of-token"), ("jti-2", "sha-of-next")]
+        ("jti-1", "sha-of-token"),
+        ("jti-2", "sha-of-next"),
+    ]
 
 
-NEXT = Token("next.payload.sig", "Bearer", 0, time.time() + 3600, "tools", "r", "i", SID, "c",
-             None, "sha-of-next", "jti-2")
+NEXT = Token(
+    "next.payload.sig",
+    "Bearer",
+    0,
+    time.time() + 3600,
+    "tools",
+    "r",
+    "i",
+    SID,
+    "c",
+    None,
+    "sha-of-next",
+    "jti-2",
+)
 
 
 @in_loop
@@ -245,35 +321,49 @@ def test_the_cached_token_is_reused_only_while_no_token_changed_and_for_a_second
     w = World()
     for _ in range(3):
         run(w, request())
-    assert w.asked == 1 and w.proxy.oauth.m_hit.value == 2   # reuses still count as hits
-    w.token = None                      # invalidated (a 401 elsewhere): generation moves
+    assert w.asked == 1 and w.proxy.oauth.m_hit.value == 2  # reuses still count as hits
+    w.token = None  # invalidated (a 401 elsewhere): generation moves
     w.proxy.oauth.cache.generation += 1
     assert w.lane.offer(request()) is False and w.asked == 2
     w.token = TOKEN
-    w.lane._memo_until = 0.0            # a second later: asked again
+    w.lane._memo_until = 0.0  # a second later: asked again
     run(w, request())
     assert w.asked == 3
 
 
 @in_loop
 def test_a_token_at_its_expiry_skew_is_not_held():
-    w = World(token=Token("header.payload.sig", "Bearer", 0, time.time() + 5.0, "tools",
-                          "r", "i", SID, "c", None, "sha-of-token", "jti-1"))
+    w = World(
+        token=Token(
+            "header.payload.sig",
+            "Bearer",
+            0,
+            time.time() + 5.0,
+            "tools",
+            "r",
+            "i",
+            SID,
+            "c",
+            None,
+            "sha-of-token",
+            "jti-1",
+        )
+    )
     run(w, request())
     run(w, request())
-    assert w.asked == 2                 # no validity left past the skew: asked each time
+    assert w.asked == 2  # no validity left past the skew: asked each time
 
 
 @in_loop
 def test_the_upstream_connection_is_held_for_the_next_request_while_fresh():
     w = World()
     run(w, request())
-    assert w.proxy.pool.get(w.key) is None         # held by the lane, not in the pool
+    assert w.proxy.pool.get(w.key) is None  # held by the lane, not in the pool
     w.upstream.transport.out = b""
     run(w, request())
-    assert b"Authorization: Bearer" in w.upstream.transport.out   # the same connection
-    w.lane._held_since -= w.proxy.pool.max_idle + 1   # idle past the servers' timeouts
-    assert w.lane.offer(request()) is False           # not reused: the pool has none
+    assert b"Authorization: Bearer" in w.upstream.transport.out  # the same connection
+    w.lane._held_since -= w.proxy.pool.max_idle + 1  # idle past the servers' timeouts
+    assert w.lane.offer(request()) is False  # not reused: the pool has none
     assert w.upstream.transport.closed
 
 

@@ -10,13 +10,24 @@ from agent.inject.http1 import BODY, END, HEAD
 STRIP_CASES = [
     # (headers in, headers kept)
     ([(b"Host", b"a"), (b"Connection", b"close")], [(b"Host", b"a")]),
-    ([(b"Connection", b"keep-alive, X-Hop"), (b"X-Hop", b"1"), (b"Keep-Alive", b"timeout=5"),
-      (b"X-End", b"2")], [(b"X-End", b"2")]),
-    ([(b"Proxy-Connection", b"keep-alive"), (b"Content-Length", b"3")],
-     [(b"Content-Length", b"3")]),
+    (
+        [
+            (b"Connection", b"keep-alive, X-Hop"),
+            (b"X-Hop", b"1"),
+            (b"Keep-Alive", b"timeout=5"),
+            (b"X-End", b"2"),
+        ],
+        [(b"X-End", b"2")],
+    ),
+    (
+        [(b"Proxy-Connection", b"keep-alive"), (b"Content-Length", b"3")],
+        [(b"Content-Length", b"3")],
+    ),
     # framing is never dropped, even when Connection names it
-    ([(b"Connection", b"Transfer-Encoding"), (b"Transfer-Encoding", b"chunked")],
-     [(b"Transfer-Encoding", b"chunked")]),
+    (
+        [(b"Connection", b"Transfer-Encoding"), (b"Transfer-Encoding", b"chunked")],
+        [(b"Transfer-Encoding", b"chunked")],
+    ),
     ([(b"Host", b"a")], [(b"Host", b"a")]),
 ]
 
@@ -40,8 +51,10 @@ def test_lookups_are_case_insensitive_and_follow_add_and_remove():
 
 def test_parsed_request_carries_names_and_framing():
     r = http1.Reader()
-    events = r.feed(b"POST /mcp HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
-                    b"Connection: close\r\n\r\n2\r\n{}\r\n0\r\n\r\n")
+    events = r.feed(
+        b"POST /mcp HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        b"Connection: close\r\n\r\n2\r\n{}\r\n0\r\n\r\n"
+    )
     assert [e[0] for e in events] == [HEAD, BODY, END]
     head = events[0][1]
     assert head.chunked and not head.keep_alive
@@ -81,31 +94,47 @@ def test_whole_message_is_one_message_from_the_first_byte_and_says_where_its_hea
     # llhttp skips empty lines before a message; the test does not
     for before in (b"\r\n", b"\r\n\r\n", b"\n"):
         assert not whole.one(before + request)
-    assert whole.one(request)   # and is ready for the next read
+    assert whole.one(request)  # and is ready for the next read
 
 
 # Request framing the proxy accepts: no body, one Content-Length, or one Transfer-Encoding
 # field saying chunked. Everything else is refused before a head reaches the decision, so
 # the proxy and any server behind it agree on where each request ends.
 def post(*fields: bytes, body: bytes = b"") -> bytes:
-    return b"POST /mcp HTTP/1.1\r\nHost: x\r\n" + b"".join(f + b"\r\n" for f in fields) \
-        + b"\r\n" + body
+    return (
+        b"POST /mcp HTTP/1.1\r\nHost: x\r\n"
+        + b"".join(f + b"\r\n" for f in fields)
+        + b"\r\n"
+        + body
+    )
 
 
 FRAMING = {
     "Content-Length and Transfer-Encoding": (
-        post(b"Content-Length: 5", b"Transfer-Encoding: chunked", body=b"0\r\n\r\n"), 400),
+        post(b"Content-Length: 5", b"Transfer-Encoding: chunked", body=b"0\r\n\r\n"),
+        400,
+    ),
     "Content-Length twice, even equal": (
-        post(b"Content-Length: 2", b"Content-Length: 2", body=b"{}"), 400),
+        post(b"Content-Length: 2", b"Content-Length: 2", body=b"{}"),
+        400,
+    ),
     "Transfer-Encoding split over two fields": (
-        post(b"Transfer-Encoding: gzip", b"Transfer-Encoding: chunked",
-             body=b"2\r\n{}\r\n0\r\n\r\n"), 400),
+        post(
+            b"Transfer-Encoding: gzip", b"Transfer-Encoding: chunked", body=b"2\r\n{}\r\n0\r\n\r\n"
+        ),
+        400,
+    ),
     "chunked, identity": (post(b"Transfer-Encoding: chunked, identity"), 400),
     "a coding other than chunked": (post(b"Transfer-Encoding: gzip", body=b"xx"), 400),
     "chunked twice in one field": (post(b"Transfer-Encoding: chunked, chunked"), 400),
     "an invalid chunk size": (post(b"Transfer-Encoding: chunked", body=b"zz\r\n"), 400),
-    "trailer fields": (post(b"Transfer-Encoding: chunked", body=b"2\r\n{}\r\n0\r\n"
-                            b"Authorization: Bearer OWN\r\nMcp-Name: secret_tool\r\n\r\n"), 400),
+    "trailer fields": (
+        post(
+            b"Transfer-Encoding: chunked",
+            body=b"2\r\n{}\r\n0\r\nAuthorization: Bearer OWN\r\nMcp-Name: secret_tool\r\n\r\n",
+        ),
+        400,
+    ),
 }
 
 
@@ -127,8 +156,7 @@ def test_trailers_never_reach_the_head_even_when_the_body_was_already_taken():
 
 @pytest.mark.parametrize("value", [b"chunked", b"Chunked", b" chunked ", b"CHUNKED"])
 def test_one_chunked_coding_in_any_case_and_spacing_frames_a_chunked_body(value):
-    events = http1.Reader().feed(post(b"Transfer-Encoding: " + value,
-                                      body=b"2\r\n{}\r\n0\r\n\r\n"))
+    events = http1.Reader().feed(post(b"Transfer-Encoding: " + value, body=b"2\r\n{}\r\n0\r\n\r\n"))
     assert events[0][1].chunked and [e[0] for e in events] == [HEAD, BODY, END]
 
 
@@ -142,11 +170,13 @@ LIMITS = {
 @pytest.mark.parametrize("reads", LIMITS.values(), ids=LIMITS.keys())
 def test_a_head_over_the_limits_is_refused_431_before_it_is_held_whole(reads):
     reader = http1.Reader(max_head=1024, max_fields=16)
+    fed = 0
     with pytest.raises(http1.ProtocolError) as err:
-        for i, data in enumerate(reads):
+        for data in reads:
+            fed += len(data)
             reader.feed(data)
     assert err.value.status == 431
-    assert sum(len(r) for r in reads[:i + 1]) <= 1024 + max(len(r) for r in reads)
+    assert fed <= 1024 + max(len(r) for r in reads)
 
 
 def test_many_requests_on_one_connection_do_not_add_up_to_the_head_limit():

@@ -20,8 +20,10 @@ TD = TrustDomain("example.org")
 
 @pytest.fixture(scope="module")
 def parts():
-    cas = [SigningCA.generate(TD).certificate,
-           SigningCA.generate(TD, key_type="rsa-2048").certificate]
+    cas = [
+        SigningCA.generate(TD).certificate,
+        SigningCA.generate(TD, key_type="rsa-2048").certificate,
+    ]
     k1 = ec.generate_private_key(ec.SECP256R1()).public_key()
     k2 = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()
     return cas, {jwk_thumbprint(k1): k1, jwk_thumbprint(k2): k2}
@@ -98,9 +100,13 @@ def _x509_jwk(bundle: TrustBundle) -> dict:
 
 def test_unknown_use_and_kty_are_ignored(bundle: TrustBundle) -> None:
     jwk = _jwt_jwk(bundle)
-    doc = _doc({**jwk, "use": "wit-svid"}, {k: v for k, v in jwk.items() if k != "use"},
-               {"kty": "OKP", "use": "jwt-svid", "kid": "ed", "crv": "Ed25519", "x": "AAAA"},
-               {**jwk, "use": "sig"}, jwk)
+    doc = _doc(
+        {**jwk, "use": "wit-svid"},
+        {k: v for k, v in jwk.items() if k != "use"},
+        {"kty": "OKP", "use": "jwt-svid", "kid": "ed", "crv": "Ed25519", "x": "AAAA"},
+        {**jwk, "use": "sig"},
+        jwk,
+    )
     parsed = TrustBundle.from_jwks_json(TD, doc)
     assert list(parsed.jwt_authorities) == [jwk["kid"]] and parsed.x509_authorities == ()
     assert parsed.refresh_hint == 300  # absent hint => default
@@ -111,29 +117,40 @@ def test_empty_keys_means_everything_revoked() -> None:
     assert parsed.x509_authorities == () and dict(parsed.jwt_authorities) == {}
 
 
-@pytest.mark.parametrize("mutate,match", [
-    (lambda x, j: _doc({**x, "kid": "k"}), "must not have a 'kid'"),
-    (lambda x, j: _doc({k: v for k, v in j.items() if k != "kid"}), "must have a non-empty 'kid'"),
-    (lambda x, j: _doc({**x, "x5c": x["x5c"] * 2}), "exactly one"),
-    (lambda x, j: _doc({k: v for k, v in x.items() if k != "x5c"}), "exactly one"),
-    (lambda x, j: _doc({**x, "x5c": ["bm90IGEgY2VydA=="]}), "not a base64 DER certificate"),
-    (lambda x, j: _doc({**j, "use": "x509-svid", "kid": None, "x5c": x["x5c"]}),
-     "must not have a 'kid'"),
-    (lambda x, j: _doc(j, j), "duplicate kid"),
-    (lambda x, j: _doc({**j, "d": "AAAA"}), "private key members"),
-    (lambda x, j: _doc({"use": "jwt-svid", "kid": "a"}), "'kty' is required"),
-    (lambda x, j: _doc({**j, "x": "AAAA"}), "invalid EC key parameters"),
-    (lambda x, j: json.dumps({"spiffe_sequence": 1}), "'keys' array"),
-    (lambda x, j: _doc(spiffe_sequence=-1), "spiffe_sequence"),
-    (lambda x, j: _doc(spiffe_refresh_hint="300"), "spiffe_refresh_hint"),
-    (lambda x, j: '{"keys": [], "keys": []}', "duplicate JSON member"),
-    (lambda x, j: "{not json", "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda x, j: _doc({**x, "kid": "k"}), "must not have a 'kid'"),
+        (
+            lambda x, j: _doc({k: v for k, v in j.items() if k != "kid"}),
+            "must have a non-empty 'kid'",
+        ),
+        (lambda x, j: _doc({**x, "x5c": x["x5c"] * 2}), "exactly one"),
+        (lambda x, j: _doc({k: v for k, v in x.items() if k != "x5c"}), "exactly one"),
+        (lambda x, j: _doc({**x, "x5c": ["bm90IGEgY2VydA=="]}), "not a base64 DER certificate"),
+        (
+            lambda x, j: _doc({**j, "use": "x509-svid", "kid": None, "x5c": x["x5c"]}),
+            "must not have a 'kid'",
+        ),
+        (lambda x, j: _doc(j, j), "duplicate kid"),
+        (lambda x, j: _doc({**j, "d": "AAAA"}), "private key members"),
+        (lambda x, j: _doc({"use": "jwt-svid", "kid": "a"}), "'kty' is required"),
+        (lambda x, j: _doc({**j, "x": "AAAA"}), "invalid EC key parameters"),
+        (lambda x, j: json.dumps({"spiffe_sequence": 1}), "'keys' array"),
+        (lambda x, j: _doc(spiffe_sequence=-1), "spiffe_sequence"),
+        (lambda x, j: _doc(spiffe_refresh_hint="300"), "spiffe_refresh_hint"),
+        (lambda x, j: '{"keys": [], "keys": []}', "duplicate JSON member"),
+        (lambda x, j: "{not json", "not valid JSON"),
+    ],
+)
 def test_rejections(bundle: TrustBundle, mutate, match) -> None:
     x, j = _x509_jwk(bundle), _jwt_jwk(bundle)
     if j["kty"] != "EC":
-        j = next(k for k in json.loads(bundle.to_jwks_json())["keys"]
-                 if k["use"] == "jwt-svid" and k["kty"] == "EC")
+        j = next(
+            k
+            for k in json.loads(bundle.to_jwks_json())["keys"]
+            if k["use"] == "jwt-svid" and k["kty"] == "EC"
+        )
     with pytest.raises(BundleError, match=match):
         TrustBundle.from_jwks_json(TD, mutate(x, j))
 
@@ -149,10 +166,12 @@ def test_x5c_must_match_key_parameters(bundle: TrustBundle) -> None:
 
 def test_rfc7638_thumbprint_vector() -> None:
     # RFC 7638 §3.1 example key and its thumbprint.
-    n = ("0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFxuhDR1L6tSoc_BJECP"
-         "ebWKRXjBZCiFV4n3oknjhMstn64tZ_2W-5JsGY4Hc5n9yBXArwl93lqt7_RN5w6Cf0h4QyQ5v-65YGjQR0_FDW2QvzqY"
-         "368QQMicAtaSqzs8KJZgnYb9c7d0zgdAZHzu6qMQvRL5hajrn1n91CbOpbISD08qNLyrdkt-bFTWhAI4vMQFh6WeZu0f"
-         "M4lFd2NcRwr3XPksINHaQ-G_xBniIqbw0Ls1jF44-csFCur-kEgU8awapJzKnqDKgw")
+    n = (
+        "0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFxuhDR1L6tSoc_BJECP"
+        "ebWKRXjBZCiFV4n3oknjhMstn64tZ_2W-5JsGY4Hc5n9yBXArwl93lqt7_RN5w6Cf0h4QyQ5v-65YGjQR0_FDW2QvzqY"
+        "368QQMicAtaSqzs8KJZgnYb9c7d0zgdAZHzu6qMQvRL5hajrn1n91CbOpbISD08qNLyrdkt-bFTWhAI4vMQFh6WeZu0f"
+        "M4lFd2NcRwr3XPksINHaQ-G_xBniIqbw0Ls1jF44-csFCur-kEgU8awapJzKnqDKgw"
+    )
     key = RSAAlgorithm.from_jwk({"kty": "RSA", "n": n, "e": "AQAB"})
     assert jwk_thumbprint(key) == "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs"
 

@@ -12,8 +12,7 @@ import spiffe
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.identity.bundle import TrustBundle, jwk_thumbprint
-from agent.identity.jwtsvid import (
-    JwtSigningKeys, JwtSvidError, mint_jwt_svid, validate_jwt_svid)
+from agent.identity.jwtsvid import JwtSigningKeys, JwtSvidError, mint_jwt_svid, validate_jwt_svid
 from agent.identity.spiffeid import SpiffeId, TrustDomain
 
 TD = TrustDomain("example.org")
@@ -71,22 +70,26 @@ def test_claims(keys: JwtSigningKeys) -> None:
     assert c["jti"] == svid.jti and len(svid.jti) >= 20
     assert set(c) == {"sub", "aud", "exp", "iat", "jti", "iss"}
 
-    two = mint_jwt_svid(keys, SID, [AS, "https://other"], iss="client-1", jti=False,
-                        extra_claims={"scope": "mcp"})
+    two = mint_jwt_svid(
+        keys, SID, [AS, "https://other"], iss="client-1", jti=False, extra_claims={"scope": "mcp"}
+    )
     c2 = jwt.decode(two.token, options={"verify_signature": False})
     assert c2["aud"] == [AS, "https://other"] and c2["iss"] == "client-1" and c2["scope"] == "mcp"
     assert "jti" not in c2 and two.jti is None
     assert mint_jwt_svid(keys, SID, AS).jti != mint_jwt_svid(keys, SID, AS).jti
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"audience": []}, "audience"),
-    ({"audience": [""]}, "audience"),
-    ({"ttl": 301}, "max_jwt_ttl"),
-    ({"ttl": 0}, "ttl"),
-    ({"extra_claims": {"sub": "spiffe://example.org/evil"}}, "extra_claims"),
-    ({"spiffe_id": TD.spiffe_id()}, "trust domain"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"audience": []}, "audience"),
+        ({"audience": [""]}, "audience"),
+        ({"ttl": 301}, "max_jwt_ttl"),
+        ({"ttl": 0}, "ttl"),
+        ({"extra_claims": {"sub": "spiffe://example.org/evil"}}, "extra_claims"),
+        ({"spiffe_id": TD.spiffe_id()}, "trust domain"),
+    ],
+)
 def test_mint_refusals(keys: JwtSigningKeys, kwargs, match) -> None:
     args = {"spiffe_id": SID, "audience": [AS], **kwargs}
     with pytest.raises(JwtSvidError, match=match):
@@ -110,15 +113,18 @@ def test_validate_ok(keys: JwtSigningKeys) -> None:
     validate_jwt_svid(svid.token, AS, {"example.org": keys.published()}, now=T0 + 1)
 
 
-def _signed(keys: JwtSigningKeys, claims: dict, headers: dict | None = None, key=None,
-            alg: str = "ES256") -> str:
+def _signed(
+    keys: JwtSigningKeys, claims: dict, headers: dict | None = None, key=None, alg: str = "ES256"
+) -> str:
     k = keys.current()
-    return jwt.encode(claims, key or k.private_key, algorithm=alg,
-                      headers={"kid": k.kid, **(headers or {})})
+    return jwt.encode(
+        claims, key or k.private_key, algorithm=alg, headers={"kid": k.kid, **(headers or {})}
+    )
 
 
-def _expect_invalid(token: str, keys: JwtSigningKeys, match: str, aud: str = AS,
-                    now: float = T0 + 1) -> JwtSvidError:
+def _expect_invalid(
+    token: str, keys: JwtSigningKeys, match: str, aud: str = AS, now: float = T0 + 1
+) -> JwtSvidError:
     with pytest.raises(JwtSvidError, match=match) as exc:
         validate_jwt_svid(token, aud, bundles(keys), now=now)
     assert token not in str(exc.value)
@@ -142,17 +148,21 @@ def test_alg_none_refused(keys: JwtSigningKeys) -> None:
 
 
 def test_hs256_refused(keys: JwtSigningKeys) -> None:
-    token = jwt.encode(claims_for(), "s" * 64, algorithm="HS256",
-                       headers={"kid": keys.current().kid})
+    token = jwt.encode(
+        claims_for(), "s" * 64, algorithm="HS256", headers={"kid": keys.current().kid}
+    )
     _expect_invalid(token, keys, "alg 'HS256' is not allowed")
 
 
-@pytest.mark.parametrize("extra,match", [
-    ({"cty": "JWT"}, "not allowed in a JWT-SVID"),
-    ({"x5u": "https://evil/"}, "not allowed in a JWT-SVID"),
-    ({"jku": "https://evil/jwks"}, "not allowed in a JWT-SVID"),
-    ({"crit": ["exp"]}, "critical"),  # PyJWT already refuses unknown crit while parsing
-])
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        ({"cty": "JWT"}, "not allowed in a JWT-SVID"),
+        ({"x5u": "https://evil/"}, "not allowed in a JWT-SVID"),
+        ({"jku": "https://evil/jwks"}, "not allowed in a JWT-SVID"),
+        ({"crit": ["exp"]}, "critical"),  # PyJWT already refuses unknown crit while parsing
+    ],
+)
 def test_extra_header_parameter_refused(keys: JwtSigningKeys, extra: dict, match: str) -> None:
     _expect_invalid(_signed(keys, claims_for(), extra), keys, match)
 
@@ -161,20 +171,22 @@ def test_typ_rules(keys: JwtSigningKeys) -> None:
     _expect_invalid(_signed(keys, claims_for(), {"typ": "at+jwt"}), keys, "typ 'at\\+jwt'")
     validate_jwt_svid(_signed(keys, claims_for(), {"typ": "JOSE"}), AS, bundles(keys), now=T0 + 1)
     k = keys.current()
-    no_typ = jwt.encode(claims_for(), k.private_key, algorithm="ES256",
-                        headers={"kid": k.kid, "typ": None})
+    no_typ = jwt.encode(
+        claims_for(), k.private_key, algorithm="ES256", headers={"kid": k.kid, "typ": None}
+    )
     assert "typ" not in jwt.get_unverified_header(no_typ)
     validate_jwt_svid(no_typ, AS, bundles(keys), now=T0 + 1)
 
 
 def test_unknown_kid_and_forged_signature(keys: JwtSigningKeys) -> None:
     other = ec.generate_private_key(ec.SECP256R1())
-    token = jwt.encode(claims_for(), other, algorithm="ES256",
-                       headers={"kid": jwk_thumbprint(other.public_key())})
+    token = jwt.encode(
+        claims_for(), other, algorithm="ES256", headers={"kid": jwk_thumbprint(other.public_key())}
+    )
     _expect_invalid(token, keys, "is not in the jwt-svid keys")
     _expect_invalid(_signed(keys, claims_for(), key=other), keys, "signature does not verify")
     good = mint_jwt_svid(keys, SID, [AS]).token
-    h, p, s = good.split(".")
+    h, _p, s = good.split(".")
     forged_payload = b64(claims_for(sub="spiffe://example.org/admin"))
     _expect_invalid(f"{h}.{forged_payload}.{s}", keys, "signature does not verify")
     k = keys.current()
@@ -184,11 +196,15 @@ def test_unknown_kid_and_forged_signature(keys: JwtSigningKeys) -> None:
 
 def test_bad_sub_and_claims(keys: JwtSigningKeys) -> None:
     _expect_invalid(_signed(keys, claims_for(sub="web")), keys, "not a SPIFFE ID")
-    _expect_invalid(_signed(keys, claims_for(sub="spiffe://Example.org/x")), keys,
-                    "not a SPIFFE ID")
+    _expect_invalid(
+        _signed(keys, claims_for(sub="spiffe://Example.org/x")), keys, "not a SPIFFE ID"
+    )
     _expect_invalid(_signed(keys, claims_for(sub=None)), keys, "sub claim is missing")
-    _expect_invalid(_signed(keys, claims_for(sub="spiffe://other.org/w")), keys,
-                    "no bundle for trust domain other.org")
+    _expect_invalid(
+        _signed(keys, claims_for(sub="spiffe://other.org/w")),
+        keys,
+        "no bundle for trust domain other.org",
+    )
     _expect_invalid(_signed(keys, claims_for(exp=None)), keys, "exp claim")
     _expect_invalid(_signed(keys, claims_for(aud=None)), keys, "aud claim")
     _expect_invalid(_signed(keys, claims_for(nbf=int(T0) + 30)), keys, "not valid before")
@@ -274,8 +290,9 @@ def test_py_spiffe_validates_our_jwt_svid() -> None:
     keys = JwtSigningKeys()  # real clock: py-spiffe checks exp against the wall clock
     svid = mint_jwt_svid(keys, SID, [AS])
     bundle = TrustBundle.new(TD, (), keys.published())
-    py_bundle = spiffe.JwtBundle.parse(spiffe.TrustDomain("example.org"),
-                                       bundle.jwt_jwks_json().encode())
+    py_bundle = spiffe.JwtBundle.parse(
+        spiffe.TrustDomain("example.org"), bundle.jwt_jwks_json().encode()
+    )
     parsed = spiffe.JwtSvid.parse_and_validate(svid.token, py_bundle, {AS})
     assert str(parsed.spiffe_id) == str(SID) and parsed.audience == {AS}
     assert parsed.expiry == svid.expires_at

@@ -15,18 +15,24 @@ from agent.observe.logging import AuditLog
 
 
 def attestation(selectors, pid=42):
-    return SimpleNamespace(selectors=frozenset(selectors), tgid=pid, start_ns=1, exe="/bin/x",
-                           cgroup_path="/t")
+    return SimpleNamespace(
+        selectors=frozenset(selectors), tgid=pid, start_ns=1, exe="/bin/x", cgroup_path="/t"
+    )
 
 
 @pytest.fixture
 def mgr(tmp_path):
     entries = tmp_path / "entries.toml"
-    entries.write_text('[[entry]]\nid = "a"\nspiffe_id = "spiffe://example.org/a"\n'
-                       'selectors = ["unix:uid:0"]\n')
+    entries.write_text(
+        '[[entry]]\nid = "a"\nspiffe_id = "spiffe://example.org/a"\nselectors = ["unix:uid:0"]\n'
+    )
     out = io.StringIO()
-    m = IdentityManager(IdentitySection(entries_file=str(entries)), str(tmp_path / "state"),
-                        audit=AuditLog("node", out), registry=CollectorRegistry())
+    m = IdentityManager(
+        IdentitySection(entries_file=str(entries)),
+        str(tmp_path / "state"),
+        audit=AuditLog("node", out),
+        registry=CollectorRegistry(),
+    )
     m.start()
     m.entries_path, m.audit_out = entries, out
     yield m
@@ -50,8 +56,9 @@ def test_invalid_reload_keeps_the_loaded_entries(mgr):
 
 def test_valid_reload_changes_decisions_and_notifies(mgr):
     gen = mgr.generation
-    mgr.entries_path.write_text('[[entry]]\nid = "b"\nspiffe_id = "spiffe://example.org/b"\n'
-                                'selectors = ["unix:uid:0"]\n')
+    mgr.entries_path.write_text(
+        '[[entry]]\nid = "b"\nspiffe_id = "spiffe://example.org/b"\nselectors = ["unix:uid:0"]\n'
+    )
     assert mgr.reload_entries() is True
     assert mgr.generation > gen
     assert str(mgr.resolve(attestation({"unix:uid:0"})).spiffe_id) == "spiffe://example.org/b"
@@ -62,7 +69,7 @@ def test_x509_svid_is_cached_until_half_life_then_rotated(mgr):
     first = mgr.x509_svid(ident)
     assert mgr.x509_svid(ident) is first
     assert mgr.rotate_due() == []
-    object.__setattr__(first, "not_after", first.not_before)   # past half-life
+    object.__setattr__(first, "not_after", first.not_before)  # past half-life
     assert mgr.rotate_due() == ["spiffe://example.org/a"]
     second = mgr.x509_svid(ident)
     assert second is not first and second.spiffe_id == first.spiffe_id
@@ -98,10 +105,10 @@ def test_identity_ends_with_its_last_process(mgr):
     mgr.note_use(ident, a)
     mgr.note_use(ident, b)
     ev = lambda t, tgid, exec_ns: SimpleNamespace(type=t, tgid=tgid, exec_ns=exec_ns)  # noqa
-    mgr.process_event(ev(1, 10, 100))          # an exec event for the image itself: no end
-    mgr.process_event(ev(3, 10, 100))          # first process exits
+    mgr.process_event(ev(1, 10, 100))  # an exec event for the image itself: no end
+    mgr.process_event(ev(3, 10, 100))  # first process exits
     assert ended == [] and mgr.live_identities() == {"spiffe://example.org/a": 1}
-    mgr.process_event(ev(1, 11, 250))          # the second execs another program
+    mgr.process_event(ev(1, 11, 250))  # the second execs another program
     assert ended == ["spiffe://example.org/a"] and mgr.live_identities() == {}
-    mgr.process_event(ev(3, 11, 250))          # its later exit changes nothing
+    mgr.process_event(ev(3, 11, 250))  # its later exit changes nothing
     assert ended == ["spiffe://example.org/a"]

@@ -6,7 +6,12 @@ import pytest
 import spiffe
 
 from agent.identity.spiffeid import (
-    MAX_ID_BYTES, InvalidSpiffeId, InvalidTrustDomain, SpiffeId, TrustDomain)
+    MAX_ID_BYTES,
+    InvalidSpiffeId,
+    InvalidTrustDomain,
+    SpiffeId,
+    TrustDomain,
+)
 from tests.conftest import TESTDATA
 
 
@@ -89,8 +94,12 @@ def test_trust_domain() -> None:
     with pytest.raises(InvalidTrustDomain) as exc:
         TrustDomain.parse("spiffe://example.org/x")
     assert exc.value.rule == "td-has-path"
-    for bad, rule in [("", "td-empty"), ("Example.org", "td-uppercase"),
-                      ("example.org:443", "port"), ("exa/mple", "td-char")]:
+    for bad, rule in [
+        ("", "td-empty"),
+        ("Example.org", "td-uppercase"),
+        ("example.org:443", "port"),
+        ("exa/mple", "td-char"),
+    ]:
         with pytest.raises(InvalidTrustDomain) as exc:
             TrustDomain(bad)
         assert exc.value.rule == rule
@@ -111,5 +120,5 @@ def test_constructor_validates_and_value_semantics() -> None:
         SpiffeId.from_segments(td, "a", "")
     with pytest.raises(TypeError):
         SpiffeId("example.org", "/x")  # type: ignore[arg-type]
-    with pytest.raises(Exception):
+    with pytest.raises(AttributeError):  # dataclasses.FrozenInstanceError
         sid.path = "/other"  # type: ignore[misc]

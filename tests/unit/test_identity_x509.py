@@ -16,13 +16,13 @@ from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent.identity.bundle import TrustBundle
-from agent.identity.ca import CAError, CLOCK_SKEW, KEY_FILE, SigningCA
+from agent.identity.ca import CLOCK_SKEW, KEY_FILE, CAError, SigningCA
 from agent.identity.spiffeid import SpiffeId, TrustDomain
 from agent.identity.x509svid import X509Svid, X509SvidError, mint_x509_svid, renew_at
 
 TD = TrustDomain("example.org")
 WORKLOAD = SpiffeId.parse("spiffe://example.org/ns/prod/sa/web")
-NOW = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +92,11 @@ def test_dns_names_and_server_verification(ca: SigningCA) -> None:
     san = ext(svid.leaf, x509.SubjectAlternativeName).value
     assert len(san.get_values_for_type(x509.UniformResourceIdentifier)) == 1
     assert san.get_values_for_type(x509.DNSName) == ["web.prod.svc"]
-    verifier = (verification.PolicyBuilder().store(verification.Store(list(ca.roots)))
-                .build_server_verifier(x509.DNSName("web.prod.svc")))
+    verifier = (
+        verification.PolicyBuilder()
+        .store(verification.Store(list(ca.roots)))
+        .build_server_verifier(x509.DNSName("web.prod.svc"))
+    )
     verifier.verify(svid.leaf, [])
     with pytest.raises(X509SvidError):
         mint_x509_svid(ca, WORKLOAD, dns_names=["bad name"])
@@ -135,49 +138,71 @@ def test_ca_profile(ca: SigningCA) -> None:
     san = ext(cert, x509.SubjectAlternativeName).value
     uris = san.get_values_for_type(x509.UniformResourceIdentifier)
     assert uris == ["spiffe://example.org"]
-    assert ext(cert, x509.AuthorityKeyIdentifier).value.key_identifier == \
-        ext(cert, x509.SubjectKeyIdentifier).value.digest
+    assert (
+        ext(cert, x509.AuthorityKeyIdentifier).value.key_identifier
+        == ext(cert, x509.SubjectKeyIdentifier).value.digest
+    )
     assert "_private_key" not in repr(ca)
     assert "PRIVATE KEY" not in repr(ca) and "PRIVATE KEY" not in repr(mint_x509_svid(ca, WORKLOAD))
 
 
 # ---------------------------------------------------------------- organisation intermediate
-def _org_pki(uri: str | None = "spiffe://example.org", *, not_after: dt.datetime | None = None,
-             ca_flag: bool = True):
+def _org_pki(
+    uri: str | None = "spiffe://example.org",
+    *,
+    not_after: dt.datetime | None = None,
+    ca_flag: bool = True,
+):
     """An org root and an intermediate it issues, built with plain `cryptography`."""
     root_key = ec.generate_private_key(ec.SECP256R1())
     root_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Org Root")])
     root_ski = x509.SubjectKeyIdentifier.from_public_key(root_key.public_key())
-    root = (x509.CertificateBuilder().subject_name(root_name).issuer_name(root_name)
-            .public_key(root_key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(NOW - dt.timedelta(days=1))
-            .not_valid_after(NOW + dt.timedelta(days=30))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
-            .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False),
-                           critical=True)
-            .add_extension(root_ski, critical=False)
-            .sign(root_key, hashes.SHA256()))
+    root = (
+        x509.CertificateBuilder()
+        .subject_name(root_name)
+        .issuer_name(root_name)
+        .public_key(root_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - dt.timedelta(days=1))
+        .not_valid_after(NOW + dt.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+            critical=True,
+        )
+        .add_extension(root_ski, critical=False)
+        .sign(root_key, hashes.SHA256())
+    )
     key = ec.generate_private_key(ec.SECP256R1())
-    b = (x509.CertificateBuilder()
-         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "credless node CA")]))
-         .issuer_name(root_name).public_key(key.public_key())
-         .serial_number(x509.random_serial_number())
-         .not_valid_before(NOW - dt.timedelta(days=1))
-         .not_valid_after(not_after or NOW + dt.timedelta(days=7))
-         .add_extension(x509.BasicConstraints(ca=ca_flag, path_length=0 if ca_flag else None),
-                        critical=True)
-         .add_extension(x509.KeyUsage(not ca_flag, False, False, False, False, ca_flag, ca_flag,
-                                      False, False), critical=True)
-         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(root_ski),
-                        critical=False))
+    b = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "credless node CA")]))
+        .issuer_name(root_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - dt.timedelta(days=1))
+        .not_valid_after(not_after or NOW + dt.timedelta(days=7))
+        .add_extension(
+            x509.BasicConstraints(ca=ca_flag, path_length=0 if ca_flag else None), critical=True
+        )
+        .add_extension(
+            x509.KeyUsage(not ca_flag, False, False, False, False, ca_flag, ca_flag, False, False),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(root_ski), critical=False
+        )
+    )
     if uri:
-        b = b.add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]),
-                            critical=False)
+        b = b.add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=False
+        )
     inter = b.sign(root_key, hashes.SHA256())
     pem = serialization.Encoding.PEM
-    key_pem = key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
+    key_pem = key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     return root, inter, key_pem, inter.public_bytes(pem), root.public_bytes(pem)
 
 
@@ -200,12 +225,15 @@ def test_intermediate_without_uri_san_is_accepted() -> None:
     SigningCA.load_intermediate(inter_pem, key_pem, root_pem, trust_domain=TD)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"uri": "spiffe://other.org"}, "trust domain is example.org"),
-    ({"uri": "spiffe://example.org/ca"}, "no path"),
-    ({"ca_flag": False}, "not a CA"),
-    ({"not_after": NOW - dt.timedelta(hours=1)}, "expired"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"uri": "spiffe://other.org"}, "trust domain is example.org"),
+        ({"uri": "spiffe://example.org/ca"}, "no path"),
+        ({"ca_flag": False}, "not a CA"),
+        ({"not_after": NOW - dt.timedelta(hours=1)}, "expired"),
+    ],
+)
 def test_intermediate_rejections(kwargs, match) -> None:
     _, _, key_pem, inter_pem, root_pem = _org_pki(**kwargs)
     with pytest.raises(CAError, match=match):

@@ -40,11 +40,15 @@ def _list(*items) -> str:
 
 
 def _pod(uid="u1", spec=None, status=None, **meta) -> dict:
-    return {"metadata": {"uid": uid, "name": "p", "namespace": "ns", **meta},
-            "spec": spec or {}, "status": status or {}}
+    return {
+        "metadata": {"uid": uid, "name": "p", "namespace": "ns", **meta},
+        "spec": spec or {},
+        "status": status or {},
+    }
 
 
 # --- parsing -------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def pods():
@@ -58,14 +62,24 @@ def test_fixture_pods_are_keyed_by_uid(pods):
 def test_running_pod_with_init_container(pods):
     pod = pods[PAYMENTS]
     assert (pod.namespace, pod.name, pod.service_account, pod.node_name) == (
-        "payments", "payments-api-6c9f7d8b4d-q7x2m", "payments-api", "worker-1")
+        "payments",
+        "payments-api-6c9f7d8b4d-q7x2m",
+        "payments-api",
+        "worker-1",
+    )
     assert pod.labels["app.kubernetes.io/name"] == "payments-api"
     # init container included; envoy's previous (OOMKilled) id is history, not a container
     assert {cid: ref.name for cid, ref in pod.containers.items()} == {
-        MIGRATE_ID: "db-migrate", APP_ID: "app", ENVOY_ID: "envoy"}
+        MIGRATE_ID: "db-migrate",
+        APP_ID: "app",
+        ENVOY_ID: "envoy",
+    }
     assert pod.containers[ENVOY_ID] == ContainerRef(
-        "envoy", "docker.io/envoyproxy/envoy:v1.31.2", "docker.io/envoyproxy/envoy@sha256:"
-        "724022a6320b45e4e0b5d2d5078526a1ba205ab0103b90e15e90da8133443d35")
+        "envoy",
+        "docker.io/envoyproxy/envoy:v1.31.2",
+        "docker.io/envoyproxy/envoy@sha256:"
+        "724022a6320b45e4e0b5d2d5078526a1ba205ab0103b90e15e90da8133443d35",
+    )
 
 
 def test_pending_pod_has_no_containers_yet(pods):
@@ -76,7 +90,9 @@ def test_pod_without_labels_or_service_account_and_with_a_debug_container(pods):
     pod = pods[LEGACY]
     assert (dict(pod.labels), pod.service_account) == ({}, "default")
     assert {cid: ref.name for cid, ref in pod.containers.items()} == {
-        BATCH_ID: "batch", DEBUGGER_ID: "debugger-kx7pl"}
+        BATCH_ID: "batch",
+        DEBUGGER_ID: "debugger-kx7pl",
+    }
 
 
 def test_static_pod_keeps_the_kubelets_hash_uid(pods):
@@ -94,29 +110,40 @@ def test_pod_info_is_immutable_and_hashable(pods):
     assert hash(pod) == hash(parse_pod_list(PODS_JSON.read_text())[PAYMENTS])
 
 
-@pytest.mark.parametrize("spec, want", [
-    ({"serviceAccountName": "builder", "serviceAccount": "old"}, "builder"),
-    ({"serviceAccount": "old"}, "old"),
-    ({"serviceAccountName": ""}, "default"),
-    ({}, "default"),
-], ids=["name-wins", "deprecated-alias", "empty-name", "absent"])
+@pytest.mark.parametrize(
+    "spec, want",
+    [
+        ({"serviceAccountName": "builder", "serviceAccount": "old"}, "builder"),
+        ({"serviceAccount": "old"}, "old"),
+        ({"serviceAccountName": ""}, "default"),
+        ({}, "default"),
+    ],
+    ids=["name-wins", "deprecated-alias", "empty-name", "absent"],
+)
 def test_service_account(spec, want):
     assert parse_pod_list(_list(_pod(spec=spec)))["u1"].service_account == want
 
 
-@pytest.mark.parametrize("container_id, key", [
-    ("containerd://" + APP_ID, APP_ID),
-    ("docker://" + APP_ID, APP_ID),
-    ("cri-o://" + APP_ID, APP_ID),
-    ("containerd://abc123", None),
-    ("containerd://" + APP_ID.upper(), None),
-    (APP_ID, None),
-    ("", None),
-    (None, None),
-], ids=["containerd", "docker", "cri-o", "short", "upper-case", "no-scheme", "empty", "null"])
+@pytest.mark.parametrize(
+    "container_id, key",
+    [
+        ("containerd://" + APP_ID, APP_ID),
+        ("docker://" + APP_ID, APP_ID),
+        ("cri-o://" + APP_ID, APP_ID),
+        ("containerd://abc123", None),
+        ("containerd://" + APP_ID.upper(), None),
+        (APP_ID, None),
+        ("", None),
+        (None, None),
+    ],
+    ids=["containerd", "docker", "cri-o", "short", "upper-case", "no-scheme", "empty", "null"],
+)
 def test_container_id_scheme_is_stripped(container_id, key):
-    status = {"containerStatuses": [{"name": "c", "image": "i", "imageID": "d",
-                                     "containerID": container_id}]}
+    status = {
+        "containerStatuses": [
+            {"name": "c", "image": "i", "imageID": "d", "containerID": container_id}
+        ]
+    }
     containers = parse_pod_list(_list(_pod(status=status)))["u1"].containers
     assert list(containers) == ([key] if key else [])
 
@@ -126,34 +153,68 @@ def test_empty_items_are_no_pods():
     assert parse_pod_list(_list()) == {}
 
 
-@pytest.mark.parametrize("doc, message", [
-    pytest.param(b"<html>404</html>", " is not JSON: Expecting value: line 1 column 1 (char 0)",
-                 id="html"),
-    pytest.param(b"\xff\xfe\xfa", " is not JSON: 'utf-8' codec can't decode byte 0xff in "
-                 "position 0: invalid start byte", id="not-utf8"),
-    pytest.param("[]", " is not a JSON object (want a v1 PodList, got array)", id="array"),
-    pytest.param('{"kind":"Pod","apiVersion":"v1"}', " has kind 'Pod' apiVersion 'v1', want "
-                 "'PodList' 'v1'; check that the URL is the kubelet's", id="wrong-kind"),
-    pytest.param('{"apiVersion":"v1","items":[]}', " has kind None apiVersion 'v1', want "
-                 "'PodList' 'v1'; check that the URL is the kubelet's", id="no-kind"),
-    pytest.param('{"kind":"PodList","apiVersion":"v1","items":{}}',
-                 ": 'items' is object, want a list", id="items-object"),
-    pytest.param(_list("pod"), ": items[0] is string, want an object", id="item-string"),
-    pytest.param(_list({"spec": {}}), ": items[0].metadata is null, want an object",
-                 id="no-metadata"),
-    pytest.param(_list(_pod(), {"metadata": {"name": "p", "namespace": "ns"}}),
-                 ": items[1].metadata.uid is missing or not a non-empty string", id="no-uid"),
-    pytest.param(_list(_pod(labels={"app": 1})),
-                 ": items[0].metadata.labels has a non-string value", id="label-number"),
-    pytest.param(_list(_pod(spec={"serviceAccountName": 7})),
-                 ": items[0].spec.serviceAccountName is number, want a string", id="sa-number"),
-    pytest.param(_list(_pod(status={"containerStatuses": {}})),
-                 ": items[0].status.containerStatuses is object, want a list",
-                 id="statuses-object"),
-    pytest.param(_list(_pod(status={"initContainerStatuses": [{"containerID": CRIO_ID}]})),
-                 ": items[0].status.initContainerStatuses[0].name is missing or not a "
-                 "non-empty string", id="status-without-name"),
-])
+@pytest.mark.parametrize(
+    "doc, message",
+    [
+        pytest.param(
+            b"<html>404</html>",
+            " is not JSON: Expecting value: line 1 column 1 (char 0)",
+            id="html",
+        ),
+        pytest.param(
+            b"\xff\xfe\xfa",
+            " is not JSON: 'utf-8' codec can't decode byte 0xff in position 0: invalid start byte",
+            id="not-utf8",
+        ),
+        pytest.param("[]", " is not a JSON object (want a v1 PodList, got array)", id="array"),
+        pytest.param(
+            '{"kind":"Pod","apiVersion":"v1"}',
+            " has kind 'Pod' apiVersion 'v1', want "
+            "'PodList' 'v1'; check that the URL is the kubelet's",
+            id="wrong-kind",
+        ),
+        pytest.param(
+            '{"apiVersion":"v1","items":[]}',
+            " has kind None apiVersion 'v1', want "
+            "'PodList' 'v1'; check that the URL is the kubelet's",
+            id="no-kind",
+        ),
+        pytest.param(
+            '{"kind":"PodList","apiVersion":"v1","items":{}}',
+            ": 'items' is object, want a list",
+            id="items-object",
+        ),
+        pytest.param(_list("pod"), ": items[0] is string, want an object", id="item-string"),
+        pytest.param(
+            _list({"spec": {}}), ": items[0].metadata is null, want an object", id="no-metadata"
+        ),
+        pytest.param(
+            _list(_pod(), {"metadata": {"name": "p", "namespace": "ns"}}),
+            ": items[1].metadata.uid is missing or not a non-empty string",
+            id="no-uid",
+        ),
+        pytest.param(
+            _list(_pod(labels={"app": 1})),
+            ": items[0].metadata.labels has a non-string value",
+            id="label-number",
+        ),
+        pytest.param(
+            _list(_pod(spec={"serviceAccountName": 7})),
+            ": items[0].spec.serviceAccountName is number, want a string",
+            id="sa-number",
+        ),
+        pytest.param(
+            _list(_pod(status={"containerStatuses": {}})),
+            ": items[0].status.containerStatuses is object, want a list",
+            id="statuses-object",
+        ),
+        pytest.param(
+            _list(_pod(status={"initContainerStatuses": [{"containerID": CRIO_ID}]})),
+            ": items[0].status.initContainerStatuses[0].name is missing or not a non-empty string",
+            id="status-without-name",
+        ),
+    ],
+)
 def test_malformed_documents(doc, message):
     with pytest.raises(KubeletError) as exc:
         parse_pod_list(doc)
@@ -162,20 +223,29 @@ def test_malformed_documents(doc, message):
 
 # --- a real HTTPS kubelet stand-in on loopback ---------------------------------------
 
+
 def _cert(name: str, key, issuer: x509.Certificate | None = None, issuer_key=None):
     """A CA certificate when issuer is None, else a serving cert for 127.0.0.1/worker-1."""
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    builder = (x509.CertificateBuilder().subject_name(subject)
-               .issuer_name(issuer.subject if issuer else subject)
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(minutes=5))
-               .not_valid_after(now + datetime.timedelta(days=1)))
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer.subject if issuer else subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+    )
     if issuer is None:
         builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=0), True)
     else:
-        builder = builder.add_extension(x509.SubjectAlternativeName([
-            x509.DNSName("worker-1"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("worker-1"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            False,
+        )
     return builder.sign(issuer_key or key, hashes.SHA256())
 
 
@@ -187,10 +257,14 @@ def pki(tmp_path_factory):
     pem = serialization.Encoding.PEM
     (d / "ca.pem").write_bytes(ca.public_bytes(pem))
     (d / "other-ca.pem").write_bytes(
-        _cert("some other CA", ec.generate_private_key(ec.SECP256R1())).public_bytes(pem))
+        _cert("some other CA", ec.generate_private_key(ec.SECP256R1())).public_bytes(pem)
+    )
     (d / "server.pem").write_bytes(_cert("worker-1", server_key, ca, ca_key).public_bytes(pem))
-    (d / "server.key").write_bytes(server_key.private_bytes(
-        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    (d / "server.key").write_bytes(
+        server_key.private_bytes(
+            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
     return d
 
 
@@ -226,8 +300,9 @@ def kubelet(pki):
     tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     tls.load_cert_chain(pki / "server.pem", pki / "server.key")
     server = _Kubelet(tls)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                              daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
     thread.start()
     try:
         yield server
@@ -259,9 +334,16 @@ def clock():
 @pytest.fixture
 def make_client(kubelet, pki, token_file, clock):
     def make(url: str | None = None, **options) -> KubeletClient:
-        options = {"token_file": str(token_file), "ca_file": str(pki / "ca.pem"),
-                   "cache_ttl_seconds": 5, "min_refresh_interval": 1, "clock": clock, **options}
+        options = {
+            "token_file": str(token_file),
+            "ca_file": str(pki / "ca.pem"),
+            "cache_ttl_seconds": 5,
+            "min_refresh_interval": 1,
+            "clock": clock,
+            **options,
+        }
         return KubeletClient(url or kubelet.url, **options)
+
     return make
 
 
@@ -280,7 +362,8 @@ def test_sends_the_bearer_token_and_finds_the_pod(client, kubelet):
     pod = client.pod(PAYMENTS)
     assert pod is not None and pod.name == "payments-api-6c9f7d8b4d-q7x2m"
     assert [(r["path"], r["Authorization"]) for r in kubelet.requests] == [
-        ("/pods", f"Bearer {TOKEN}")]
+        ("/pods", f"Bearer {TOKEN}")
+    ]
 
 
 def test_url_path_prefix_is_kept(make_client, kubelet):
@@ -331,12 +414,17 @@ def test_token_file_is_reread_on_each_refresh(client, kubelet, clock, token_file
     token_file.write_text("rotated.token.value")
     clock.now += 5
     client.pod(PAYMENTS)
-    assert [r["Authorization"] for r in kubelet.requests] == [f"Bearer {TOKEN}",
-                                                              "Bearer rotated.token.value"]
+    assert [r["Authorization"] for r in kubelet.requests] == [
+        f"Bearer {TOKEN}",
+        "Bearer rotated.token.value",
+    ]
 
 
-@pytest.mark.parametrize("host, ca", [("127.0.0.1", "other-ca.pem"), ("localhost", "ca.pem")],
-                         ids=["unknown-ca", "cert-does-not-name-host"])
+@pytest.mark.parametrize(
+    "host, ca",
+    [("127.0.0.1", "other-ca.pem"), ("localhost", "ca.pem")],
+    ids=["unknown-ca", "cert-does-not-name-host"],
+)
 def test_tls_verification_fails_closed(make_client, kubelet, pki, host, ca):
     url = kubelet.url.replace("127.0.0.1", host)  # the cert names 127.0.0.1 and worker-1
     with pytest.raises(KubeletError) as exc:
@@ -351,24 +439,40 @@ def test_insecure_skip_verify_accepts_an_unknown_ca(make_client, pki):
     assert client.pod(PAYMENTS) is not None
 
 
-@pytest.mark.parametrize("status, message", [
-    (401, "answered 401 Unauthorized: it did not accept the bearer token from {token_file}; "
-          "check that the token is current and that the kubelet runs with "
-          "--authentication-token-webhook (kubelet said: Unauthorized Bearer [redacted])"),
-    (403, "answered 403 Forbidden: grant the token's identity 'get' on 'nodes/pods' (kubelets "
-          "with KubeletFineGrainedAuthz, Kubernetes 1.33+) or on 'nodes/proxy' (older "
-          "kubelets) (kubelet said: Forbidden (user=system:serviceaccount:credless:agent, "
-          "verb=get, resource=nodes, subresource(s)=[proxy]) Bearer [redacted])"),
-    (500, "answered HTTP 500; check the kubelet's logs (kubelet said: Unauthorized Bearer "
-          "[redacted])"),
-], ids=["401", "403", "500"])
-def test_http_errors_name_the_status_and_never_the_token(client, kubelet, token_file,
-                                                         status, message):
+@pytest.mark.parametrize(
+    "status, message",
+    [
+        (
+            401,
+            "answered 401 Unauthorized: it did not accept the bearer token from {token_file}; "
+            "check that the token is current and that the kubelet runs with "
+            "--authentication-token-webhook (kubelet said: Unauthorized Bearer [redacted])",
+        ),
+        (
+            403,
+            "answered 403 Forbidden: grant the token's identity 'get' on 'nodes/pods' (kubelets "
+            "with KubeletFineGrainedAuthz, Kubernetes 1.33+) or on 'nodes/proxy' (older "
+            "kubelets) (kubelet said: Forbidden (user=system:serviceaccount:credless:agent, "
+            "verb=get, resource=nodes, subresource(s)=[proxy]) Bearer [redacted])",
+        ),
+        (
+            500,
+            "answered HTTP 500; check the kubelet's logs (kubelet said: Unauthorized Bearer "
+            "[redacted])",
+        ),
+    ],
+    ids=["401", "403", "500"],
+)
+def test_http_errors_name_the_status_and_never_the_token(
+    client, kubelet, token_file, status, message
+):
     kubelet.status = status
     kubelet.body = b"Unauthorized\n$AUTH"  # the stand-in echoes the Authorization header
     if status == 403:
-        kubelet.body = (b"Forbidden (user=system:serviceaccount:credless:agent, verb=get, "
-                        b"resource=nodes, subresource(s)=[proxy])\n$AUTH")
+        kubelet.body = (
+            b"Forbidden (user=system:serviceaccount:credless:agent, verb=get, "
+            b"resource=nodes, subresource(s)=[proxy])\n$AUTH"
+        )
     with pytest.raises(KubeletError) as exc:
         client.pod(PAYMENTS)
     assert exc.value.status == status
@@ -396,19 +500,32 @@ def test_a_non_json_answer_is_a_kubelet_error(client, kubelet):
         client.pod(PAYMENTS)
 
 
-_NOT_A_TOKEN = ("{path} does not hold a bearer token (it is empty or has spaces or control "
-                "characters inside)")
+_NOT_A_TOKEN = (
+    "{path} does not hold a bearer token (it is empty or has spaces or control characters inside)"
+)
 
 
-@pytest.mark.parametrize("option, content, message", [
-    ("token_file", None, "cannot read the kubelet bearer token from {path}: No such file or "
-                         "directory; mount a service account token there"),
-    ("token_file", "\n", _NOT_A_TOKEN),
-    ("token_file", TOKEN + "\r\nX-Injected: 1", _NOT_A_TOKEN),
-    ("ca_file", None, "cannot load the kubelet CA from {path}: No such file or directory; point "
-                      "ca_file at a PEM bundle with the CA that signed the kubelet's serving "
-                      "certificate"),
-], ids=["missing-token", "empty-token", "header-injection", "missing-ca"])
+@pytest.mark.parametrize(
+    "option, content, message",
+    [
+        (
+            "token_file",
+            None,
+            "cannot read the kubelet bearer token from {path}: No such file or "
+            "directory; mount a service account token there",
+        ),
+        ("token_file", "\n", _NOT_A_TOKEN),
+        ("token_file", TOKEN + "\r\nX-Injected: 1", _NOT_A_TOKEN),
+        (
+            "ca_file",
+            None,
+            "cannot load the kubelet CA from {path}: No such file or directory; point "
+            "ca_file at a PEM bundle with the CA that signed the kubelet's serving "
+            "certificate",
+        ),
+    ],
+    ids=["missing-token", "empty-token", "header-injection", "missing-ca"],
+)
 def test_unusable_local_files(make_client, kubelet, tmp_path, option, content, message):
     path = tmp_path / "unusable"
     if content is not None:
@@ -433,8 +550,9 @@ def test_timeout(make_client, silent_port):
     url = f"https://127.0.0.1:{silent_port}"
     with pytest.raises(KubeletError) as exc:
         make_client(url, timeout=0.2).pod(PAYMENTS)
-    assert str(exc.value) == (f"kubelet at {url} did not answer within 0.2s; check the url and "
-                              "the kubelet's health")
+    assert str(exc.value) == (
+        f"kubelet at {url} did not answer within 0.2s; check the url and the kubelet's health"
+    )
 
 
 def test_connection_refused(make_client):
@@ -445,10 +563,16 @@ def test_connection_refused(make_client):
         make_client(f"https://127.0.0.1:{port}").pod(PAYMENTS)
 
 
-@pytest.mark.parametrize("url", [
-    "http://127.0.0.1:10255", "127.0.0.1:10250", "https://user:pw@127.0.0.1:10250",
-    "https://127.0.0.1:10250/?x=1",
-], ids=["plain-http", "no-scheme", "userinfo", "query"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:10255",
+        "127.0.0.1:10250",
+        "https://user:pw@127.0.0.1:10250",
+        "https://127.0.0.1:10250/?x=1",
+    ],
+    ids=["plain-http", "no-scheme", "userinfo", "query"],
+)
 def test_constructor_rejects_unsafe_urls(url):
     with pytest.raises(ValueError):
         KubeletClient(url)
@@ -460,19 +584,24 @@ EXPAND_CASES = [
     ("https://${NODE_IP}:10250", {"NODE_IP": "fd00::7"}, "https://[fd00::7]:10250"),
     ("https://${NODE_IP}:10250", {"NODE_IP": "[fd00::7]"}, "https://[fd00::7]:10250"),
     ("https://127.0.0.1:10250", {}, "https://127.0.0.1:10250"),
-    ("https://${HOST}:${PORT}/base", {"HOST": "node-a.example", "PORT": "10250"},
-     "https://node-a.example:10250/base"),
+    (
+        "https://${HOST}:${PORT}/base",
+        {"HOST": "node-a.example", "PORT": "10250"},
+        "https://node-a.example:10250/base",
+    ),
 ]
 
 
 @pytest.mark.parametrize("url,env,expanded", EXPAND_CASES)
 def test_kubelet_url_expansion(url, env, expanded):
     from agent.attest.kubelet import expand_url
+
     assert expand_url(url, env) == expanded
 
 
 @pytest.mark.parametrize("env", [{}, {"NODE_IP": ""}])
 def test_kubelet_url_with_an_unset_variable_is_refused_naming_it(env):
     from agent.attest.kubelet import KubeletError, expand_url
+
     with pytest.raises(KubeletError, match=r"\$\{NODE_IP\}.*not set.*status.hostIP"):
         expand_url("https://${NODE_IP}:10250", env)

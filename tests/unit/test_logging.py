@@ -40,12 +40,19 @@ def test_secret_fields_are_redacted_but_fingerprints_kept():
     out = io.StringIO()
     obs.configure(level="info", fmt="json", stream=out)
     secret = "eyJhbGciOiJFUzI1NiJ9.c2VjcmV0.c2ln"
-    obs.get_logger("t").info("issued", access_token=secret, client_assertion=secret,
-                             Authorization=f"Bearer {secret}", jti="abc", jkt="thumb")
+    obs.get_logger("t").info(
+        "issued",
+        access_token=secret,
+        client_assertion=secret,
+        Authorization=f"Bearer {secret}",
+        jti="abc",
+        jkt="thumb",
+    )
     event = json.loads(out.getvalue())
     assert secret not in out.getvalue()
-    assert event["access_token"] == event["client_assertion"] == event["Authorization"] \
-        == obs.REDACTED
+    assert (
+        event["access_token"] == event["client_assertion"] == event["Authorization"] == obs.REDACTED
+    )
     assert event["jti"] == "abc" and event["jkt"] == "thumb"
 
 
@@ -106,18 +113,18 @@ def test_audit_events_on_the_loop_are_written_together_at_the_end_of_the_iterati
         audit.attach_loop(asyncio.get_running_loop())
         for i in range(5):
             audit.emit("request.injected", i=i)
-        assert out.getvalue() == ""            # pending until the iteration ends
+        assert out.getvalue() == ""  # pending until the iteration ends
         await asyncio.sleep(0)
-        assert out.writes == 1      # one write for all five
+        assert out.writes == 1  # one write for all five
         # another thread's events are written at once, not deferred to the loop
         t = threading.Thread(target=audit.emit, args=("attested",))
         t.start()
         t.join()
         assert out.writes == 2
-        audit.emit("last")                     # pending when the loop detaches ...
+        audit.emit("last")  # pending when the loop detaches ...
 
     asyncio.run(main())
-    audit.close()                              # ... and written by close(), not lost
+    audit.close()  # ... and written by close(), not lost
     events = [json.loads(ln)["event"] for ln in out.getvalue().splitlines()]
     assert events == ["request.injected"] * 5 + ["attested", "last"]
     assert [json.loads(ln).get("i") for ln in out.getvalue().splitlines()][:5] == [0, 1, 2, 3, 4]
@@ -125,32 +132,37 @@ def test_audit_events_on_the_loop_are_written_together_at_the_end_of_the_iterati
 
 def test_audit_time_is_rfc3339_utc_with_microseconds():
     import datetime as dt
+
     out = io.StringIO()
     obs.AuditLog(node="n", stream=out).emit("x")
     stamp = json.loads(out.getvalue())["time"]
-    parsed = dt.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.timezone.utc)
-    assert abs((dt.datetime.now(dt.timezone.utc) - parsed).total_seconds()) < 5
+    parsed = dt.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.UTC)
+    assert abs((dt.datetime.now(dt.UTC) - parsed).total_seconds()) < 5
 
 
 def test_redaction_matches_field_names_whatever_their_case():
     event = {"Authorization": "Bearer x", "DPoP": "p", "client_assertion": "a", "jti": "j"}
     obs.redact_secrets(None, "", event)
-    assert event == {"Authorization": obs.REDACTED, "DPoP": obs.REDACTED,
-                     "client_assertion": obs.REDACTED, "jti": "j"}
+    assert event == {
+        "Authorization": obs.REDACTED,
+        "DPoP": obs.REDACTED,
+        "client_assertion": obs.REDACTED,
+        "jti": "j",
+    }
 
 
 # table: a record shape's line must be emit_with()'s, byte for byte, whatever the values
 SHAPE_VALUES = [
     ("POST", "/mcp", 200, "ab12", "jti-1", None, 1.25),
-    ("GET", "/caf\u00e9 \"q\"\\\n\t\x01", 404, None, None, None, 0.0),
-    ("POST", "/\U0001F600", 599, "x", True, False, 12345678.9),
+    ("GET", '/caf\u00e9 "q"\\\n\t\x01', 404, None, None, None, 0.0),
+    ("POST", "/\U0001f600", 599, "x", True, False, 12345678.9),
     ("POST", "/m", 200, {"nested": [1, 2]}, float("nan"), float("inf"), -0.5),
     ("POST", "/m", 200, b"bytes", 3, 10**30, 1e-7),
 ]
 
 
 def _body(line: str) -> str:
-    return line.split(", ", 1)[1]   # without the time, which differs between two events
+    return line.split(", ", 1)[1]  # without the time, which differs between two events
 
 
 def test_record_shape_writes_what_emit_with_writes():
@@ -159,11 +171,11 @@ def test_record_shape_writes_what_emit_with_writes():
         out = io.StringIO()
         log = obs.AuditLog(node, stream=out)
         frag = log.fragment(server="s", pid=7, spiffe_id="spiffe://example.org/w", pod=None)
-        log.emit_with("request.injected", frag, **dict(zip(names, values)))
+        log.emit_with("request.injected", frag, **dict(zip(names, values, strict=False)))
         log.shape("request.injected", *names).emit(frag, *values)
         a, b = out.getvalue().splitlines()
         assert _body(a) == _body(b), values
-        json.loads(b)   # and it is JSON (NaN as json.dumps writes it)
+        json.loads(b)  # and it is JSON (NaN as json.dumps writes it)
 
 
 def test_record_shape_redacts_secret_names_and_checks_arity():
@@ -188,25 +200,26 @@ def test_under_load_loop_events_are_written_at_most_once_per_flush_interval():
     async def main():
         loop = asyncio.get_running_loop()
         audit.attach_loop(loop)
-        audit.emit("first")                    # after a quiet spell: this iteration
+        audit.emit("first")  # after a quiet spell: this iteration
         await asyncio.sleep(0)
         assert out.writes == 1
         t0 = loop.time()
-        for i in range(3):                     # busy: held back, then written together
+        for i in range(3):  # busy: held back, then written together
             audit.emit("busy", i=i)
             await asyncio.sleep(0)
         assert out.writes == 1
         while out.writes == 1:
             await asyncio.sleep(0.01)
-        assert loop.time() - t0 >= 0.15        # not before the interval ...
-        assert out.writes == 2      # ... and then in one write
-        for i in range(obs.AuditLog.MAX_PENDING):   # a full batch does not wait
+        assert loop.time() - t0 >= 0.15  # not before the interval ...
+        assert out.writes == 2  # ... and then in one write
+        for i in range(obs.AuditLog.MAX_PENDING):  # a full batch does not wait
             audit.emit("burst", i=i)
         assert out.writes == 3
         audit.emit("pending at close")
 
     asyncio.run(main())
-    audit.close()                              # nothing pending is lost
+    audit.close()  # nothing pending is lost
     events = [json.loads(ln)["event"] for ln in out.getvalue().splitlines()]
-    assert events == (["first"] + ["busy"] * 3 + ["burst"] * obs.AuditLog.MAX_PENDING
-                      + ["pending at close"])
+    assert events == (
+        ["first"] + ["busy"] * 3 + ["burst"] * obs.AuditLog.MAX_PENDING + ["pending at close"]
+    )

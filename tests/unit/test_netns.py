@@ -16,20 +16,24 @@ def listeners(managed: list[str], own: str = "/system.slice/credless.service"):
 
     async def serve(_socks):
         return []
+
     return NetnsListeners([], serve, managed, own, 5.0, registry=CollectorRegistry())
 
 
-@pytest.mark.parametrize("managed,cgroup,expected", [
-    ([], "/kubepods.slice/pod1/cri-containerd-1.scope", True),   # all but the agent's own
-    ([], "/system.slice/credless.service", False),
-    ([], None, False),                                           # process gone
-    (["/kubepods.slice"], "/kubepods.slice/pod1/c.scope", True),
-    (["/kubepods.slice"], "/kubepods.slice", True),
-    (["/kubepods.slice"], "/kubepods.slicer/pod1", False),        # a prefix is not a subtree
-    (["/kubepods.slice/"], "/kubepods.slice/pod1", True),         # trailing slash
-    (["/kubepods.slice"], "/system.slice/ssh.service", False),
-    (["/"], "/anything", True),
-])
+@pytest.mark.parametrize(
+    "managed,cgroup,expected",
+    [
+        ([], "/kubepods.slice/pod1/cri-containerd-1.scope", True),  # all but the agent's own
+        ([], "/system.slice/credless.service", False),
+        ([], None, False),  # process gone
+        (["/kubepods.slice"], "/kubepods.slice/pod1/c.scope", True),
+        (["/kubepods.slice"], "/kubepods.slice", True),
+        (["/kubepods.slice"], "/kubepods.slicer/pod1", False),  # a prefix is not a subtree
+        (["/kubepods.slice/"], "/kubepods.slice/pod1", True),  # trailing slash
+        (["/kubepods.slice"], "/system.slice/ssh.service", False),
+        (["/"], "/anything", True),
+    ],
+)
 def test_a_namespace_is_served_for_processes_of_managed_cgroups(managed, cgroup, expected):
     assert listeners(managed).is_managed(cgroup) is expected
 
@@ -46,11 +50,13 @@ def test_bind_listeners_closes_what_it_bound_when_a_later_one_fails():
         free = socket.create_server(("127.0.0.1", 0))
         port = free.getsockname()[1]
         free.close()
-        specs = [ListenSpec(socket.AF_INET, "127.0.0.1", port, False),
-                 ListenSpec(socket.AF_INET, "127.0.0.1", taken.getsockname()[1], False)]
+        specs = [
+            ListenSpec(socket.AF_INET, "127.0.0.1", port, False),
+            ListenSpec(socket.AF_INET, "127.0.0.1", taken.getsockname()[1], False),
+        ]
         with pytest.raises(OSError):
             bind_listeners(specs, True)
-        with socket.create_server(("127.0.0.1", port)):   # released: bindable again
+        with socket.create_server(("127.0.0.1", port)):  # released: bindable again
             pass
 
 
@@ -63,7 +69,7 @@ def test_in_netns_runs_in_the_namespace_and_leaves_the_caller_where_it_was():
         inside = in_netns(f"/run/netns/{ns}", lambda: netns_inode("thread-self"))
         assert inside == os.stat(f"/run/netns/{ns}").st_ino != before
         assert netns_inode("thread-self") == before
-        with pytest.raises(ZeroDivisionError):   # fn's own error reaches the caller
+        with pytest.raises(ZeroDivisionError):  # fn's own error reaches the caller
             in_netns(f"/run/netns/{ns}", lambda: 1 / 0)
     with pytest.raises(OSError, match="setns"):
         in_netns("/dev/null", lambda: None)

@@ -12,36 +12,58 @@ import jwt
 import pytest
 
 from agent import config
-from agent.oauth import discovery as disc, errors, trust
+from agent.oauth import discovery as disc
+from agent.oauth import errors, trust
 from agent.oauth.cache import TokenCache
 from agent.oauth.dpop import DPoPKey, htu
-from agent.oauth.errors import InvalidClient, MalformedResponse, ServerUnavailable, \
-    from_error_response
+from agent.oauth.errors import (
+    InvalidClient,
+    MalformedResponse,
+    ServerUnavailable,
+    from_error_response,
+)
 from agent.oauth.tokens import Token, fingerprint, parse_token_response
 
 
-@pytest.mark.parametrize("header,expected", [
-    ('Bearer resource_metadata="https://mcp.example/.well-known/oauth-protected-resource/mcp", '
-     'scope="tools:read tools:call"',
-     {"bearer": {"resource_metadata": "https://mcp.example/.well-known/oauth-protected-resource"
-                                      "/mcp", "scope": "tools:read tools:call"}}),
-    ('DPoP algs="ES256 PS256", error="use_dpop_nonce", Bearer realm="x"',
-     {"dpop": {"algs": "ES256 PS256", "error": "use_dpop_nonce"}, "bearer": {"realm": "x"}}),
-    ('Bearer error="insufficient_scope", scope="a\\"b"', {"bearer": {"error":
-                                                                     "insufficient_scope",
-                                                                     "scope": 'a"b'}}),
-    ("Bearer", {"bearer": {}}),
-    ("", {}),
-])
+@pytest.mark.parametrize(
+    "header,expected",
+    [
+        (
+            'Bearer resource_metadata="https://mcp.example/.well-known/'
+            'oauth-protected-resource/mcp", '
+            'scope="tools:read tools:call"',
+            {
+                "bearer": {
+                    "resource_metadata": "https://mcp.example/.well-known/oauth-protected-resource"
+                    "/mcp",
+                    "scope": "tools:read tools:call",
+                }
+            },
+        ),
+        (
+            'DPoP algs="ES256 PS256", error="use_dpop_nonce", Bearer realm="x"',
+            {"dpop": {"algs": "ES256 PS256", "error": "use_dpop_nonce"}, "bearer": {"realm": "x"}},
+        ),
+        (
+            'Bearer error="insufficient_scope", scope="a\\"b"',
+            {"bearer": {"error": "insufficient_scope", "scope": 'a"b'}},
+        ),
+        ("Bearer", {"bearer": {}}),
+        ("", {}),
+    ],
+)
 def test_www_authenticate(header, expected):
     assert disc.parse_www_authenticate(header) == expected
 
 
-@pytest.mark.parametrize("url,canonical", [
-    ("HTTPS://MCP.Example.com/mcp/", "https://mcp.example.com/mcp"),
-    ("http://127.0.0.1:9000/mcp#frag", "http://127.0.0.1:9000/mcp"),
-    ("https://mcp.example.com", "https://mcp.example.com"),
-])
+@pytest.mark.parametrize(
+    "url,canonical",
+    [
+        ("HTTPS://MCP.Example.com/mcp/", "https://mcp.example.com/mcp"),
+        ("http://127.0.0.1:9000/mcp#frag", "http://127.0.0.1:9000/mcp"),
+        ("https://mcp.example.com", "https://mcp.example.com"),
+    ],
+)
 def test_canonical_resource(url, canonical):
     assert disc.canonical_resource(url) == canonical
 
@@ -53,8 +75,9 @@ def test_canonical_resource_rejects_non_http():
 
 def test_dpop_proof_claims_and_header():
     key = DPoPKey()
-    proof = key.proof("post", "https://AS.example/token?x=1#f", access_token="tok", nonce="n1",
-                      now=1000)
+    proof = key.proof(
+        "post", "https://AS.example/token?x=1#f", access_token="tok", nonce="n1", now=1000
+    )
     header = jwt.get_unverified_header(proof)
     assert header["typ"] == "dpop+jwt" and header["alg"] == "ES256"
     assert set(header["jwk"]) == {"kty", "crv", "x", "y"}
@@ -75,9 +98,16 @@ def _jwt_like(claims: dict) -> str:
 def test_token_response_parsing_and_no_secret_in_repr():
     key = DPoPKey()
     access = _jwt_like({"jti": "j1", "aud": "http://r/mcp", "cnf": {"jkt": key.jkt}})
-    tok = parse_token_response({"access_token": access, "token_type": "DPoP",
-                                "expires_in": 300, "scope": "a"}, url="u", resource="http://r/mcp",
-                               issuer="i", spiffe_id="s", client_id="s", dpop=key, now=1000)
+    tok = parse_token_response(
+        {"access_token": access, "token_type": "DPoP", "expires_in": 300, "scope": "a"},
+        url="u",
+        resource="http://r/mcp",
+        issuer="i",
+        spiffe_id="s",
+        client_id="s",
+        dpop=key,
+        now=1000,
+    )
     assert tok.token_type == "DPoP" and tok.expires_at == 1300 and tok.jti == "j1"
     assert tok.jkt == key.jkt and tok.fingerprint == fingerprint(access)
     assert access not in repr(tok) and access not in str(tok)
@@ -85,29 +115,44 @@ def test_token_response_parsing_and_no_secret_in_repr():
     assert tok.authorization() == f"DPoP {access}"
 
 
-@pytest.mark.parametrize("body,message", [
-    ([], "is not a JSON object"),
-    ({"token_type": "Bearer"}, "lacks access_token or token_type"),
-    ({"access_token": "x", "token_type": "mac"}, "has token_type 'mac'"),
-    ({"access_token": "x", "token_type": "DPoP"}, "issued a DPoP token to a request without"),
-])
+@pytest.mark.parametrize(
+    "body,message",
+    [
+        ([], "is not a JSON object"),
+        ({"token_type": "Bearer"}, "lacks access_token or token_type"),
+        ({"access_token": "x", "token_type": "mac"}, "has token_type 'mac'"),
+        ({"access_token": "x", "token_type": "DPoP"}, "issued a DPoP token to a request without"),
+    ],
+)
 def test_malformed_token_responses(body, message):
     with pytest.raises(MalformedResponse, match=message):
-        parse_token_response(body, url="u", resource="r", issuer="i", spiffe_id="s",
-                             client_id="s", dpop=None, now=0)
+        parse_token_response(
+            body, url="u", resource="r", issuer="i", spiffe_id="s", client_id="s", dpop=None, now=0
+        )
 
 
 def test_dpop_token_bound_to_another_key_is_refused():
     access = _jwt_like({"cnf": {"jkt": "someone-else"}})
     with pytest.raises(MalformedResponse, match="bound the token to key someone-else"):
-        parse_token_response({"access_token": access, "token_type": "DPoP"}, url="u",
-                             resource="r", issuer="i", spiffe_id="s", client_id="s",
-                             dpop=DPoPKey(), now=0)
+        parse_token_response(
+            {"access_token": access, "token_type": "DPoP"},
+            url="u",
+            resource="r",
+            issuer="i",
+            spiffe_id="s",
+            client_id="s",
+            dpop=DPoPKey(),
+            now=0,
+        )
 
 
 def test_error_mapping_keeps_server_reason():
-    e = from_error_response(401, {"error": "invalid_client", "error_description": "bad sig"},
-                            "http://as/token", "token request")
+    e = from_error_response(
+        401,
+        {"error": "invalid_client", "error_description": "bad sig"},
+        "http://as/token",
+        "token request",
+    )
     assert isinstance(e, InvalidClient) and e.error_description == "bad sig"
     assert "server said invalid_client: bad sig" in str(e)
     assert isinstance(from_error_response(503, {}, "u", "x"), ServerUnavailable)
@@ -115,9 +160,20 @@ def test_error_mapping_keeps_server_reason():
 
 # ---------------------------------------------------------------- cache
 def tok(now: float, ttl: float = 100, name: str = "t") -> Token:
-    return Token(access_token=name, token_type="Bearer", issued_at=now, expires_at=now + ttl,
-                 scope="", resource="r", issuer="i", spiffe_id="s", client_id="s", jkt=None,
-                 fingerprint=name, jti=None)
+    return Token(
+        access_token=name,
+        token_type="Bearer",
+        issued_at=now,
+        expires_at=now + ttl,
+        scope="",
+        resource="r",
+        issuer="i",
+        spiffe_id="s",
+        client_id="s",
+        jkt=None,
+        fingerprint=name,
+        jti=None,
+    )
 
 
 class Clock:
@@ -141,6 +197,7 @@ def test_single_flight_under_concurrency():
         cache = TokenCache(fetch, clock=clock)
         results = await asyncio.gather(*(cache.get("k") for _ in range(200)))
         assert len({id(r) for r in results}) == 1
+
     asyncio.run(main())
     assert calls == ["k"]
 
@@ -156,10 +213,11 @@ def test_refresh_ahead_serves_old_token_and_swaps():
         cache = TokenCache(fetch, refresh_ahead=0.8, clock=clock)
         assert (await cache.get("k")).access_token == "first"
         clock.t += 81
-        assert (await cache.get("k")).access_token == "first"   # refresh started behind
+        assert (await cache.get("k")).access_token == "first"  # refresh started behind
         await asyncio.sleep(0)
         await asyncio.sleep(0)
         assert (await cache.get("k")).access_token == "second"
+
     asyncio.run(main())
 
 
@@ -177,13 +235,14 @@ def test_server_down_keeps_serving_valid_token_then_fails_typed():
         first = await cache.get("k")
         state["up"] = False
         clock.t += 90
-        assert await cache.get("k") is first          # refresh fails behind, still valid
+        assert await cache.get("k") is first  # refresh fails behind, still valid
         await asyncio.sleep(0)
-        clock.t += 20                                   # now expired
+        clock.t += 20  # now expired
         with pytest.raises(ServerUnavailable):
             await cache.get("k")
-        with pytest.raises(ServerUnavailable):          # backing off: answered at once
+        with pytest.raises(ServerUnavailable):  # backing off: answered at once
             await cache.get("k")
+
     asyncio.run(main())
 
 
@@ -204,6 +263,7 @@ def test_invalidate_and_drop():
         await cache.get(("spiffe://y", "s"))
         assert cache.drop(lambda k: k[0] == "spiffe://x") == [("spiffe://x", "s")]
         assert len(cache) == 1
+
     asyncio.run(main())
 
 
@@ -230,6 +290,7 @@ def discover(handler, call):
                 return await call(disc.Discovery(http))
             except errors.OAuthError as e:
                 return e
+
     return asyncio.run(main()), asked
 
 
@@ -237,33 +298,37 @@ def serve(docs: dict[str, object]):
     def handler(request: httpx.Request) -> httpx.Response:
         url = str(request.url)
         return httpx.Response(200, json=docs[url]) if url in docs else httpx.Response(404)
+
     return handler
 
 
-@pytest.mark.parametrize("url,allowed", [
-    ("https://as.example/token", True),
-    ("https://10.0.0.1/token", True),
-    ("http://127.0.0.1:8080/token", True),
-    ("http://127.0.0.2/token", True),            # all of 127.0.0.0/8 is loopback
-    ("http://127.255.255.254:1/t", True),
-    ("http://[::1]:9/token", True),
-    ("http://localhost:9/token", True),
-    ("http://LocalHost/token", True),
-    ("http://[::ffff:127.0.0.1]:9/t", True),     # v4-mapped loopback
-    ("http://as.example/token", False),
-    ("http://10.0.0.1/token", False),
-    ("http://192.0.2.1:80/token", False),
-    ("http://0.0.0.0/token", False),             # "this host": not a loopback address
-    ("http://[::]/token", False),
-    ("http://127.0.0.1.nip.io/token", False),    # a name, however it looks
-    ("http://localhost.example/token", False),
-    ("http://127.0.0.1@as.example/token", False),  # userinfo: the host is as.example
-    ("http://2130706433/token", False),          # an integer "address" is a name here
-    ("ftp://127.0.0.1/token", False),
-    ("file:///etc/passwd", False),
-    ("//127.0.0.1/token", False),
-    ("", False),
-])
+@pytest.mark.parametrize(
+    "url,allowed",
+    [
+        ("https://as.example/token", True),
+        ("https://10.0.0.1/token", True),
+        ("http://127.0.0.1:8080/token", True),
+        ("http://127.0.0.2/token", True),  # all of 127.0.0.0/8 is loopback
+        ("http://127.255.255.254:1/t", True),
+        ("http://[::1]:9/token", True),
+        ("http://localhost:9/token", True),
+        ("http://LocalHost/token", True),
+        ("http://[::ffff:127.0.0.1]:9/t", True),  # v4-mapped loopback
+        ("http://as.example/token", False),
+        ("http://10.0.0.1/token", False),
+        ("http://192.0.2.1:80/token", False),
+        ("http://0.0.0.0/token", False),  # "this host": not a loopback address
+        ("http://[::]/token", False),
+        ("http://127.0.0.1.nip.io/token", False),  # a name, however it looks
+        ("http://localhost.example/token", False),
+        ("http://127.0.0.1@as.example/token", False),  # userinfo: the host is as.example
+        ("http://2130706433/token", False),  # an integer "address" is a name here
+        ("ftp://127.0.0.1/token", False),
+        ("file:///etc/passwd", False),
+        ("//127.0.0.1/token", False),
+        ("", False),
+    ],
+)
 def test_endpoints_need_https_unless_loopback(url, allowed):
     if allowed:
         assert trust.check_endpoint(url, "token endpoint") == url
@@ -273,49 +338,63 @@ def test_endpoints_need_https_unless_loopback(url, allowed):
         assert "token endpoint" in str(err.value) and repr(url) in str(err.value)
 
 
-@pytest.mark.parametrize("challenge_url", [
-    "https://evil.example/.well-known/oauth-protected-resource/mcp",   # another host
-    "https://mcp.example.com:8443/.well-known/oauth-protected-resource/mcp",  # another port
-    "http://mcp.example.com/.well-known/oauth-protected-resource/mcp",  # another scheme
-    "https://mcp.example.com@evil.example/prm",                         # userinfo trick
-    "http://127.0.0.1:9890/metrics",                                    # the node itself
-])
+@pytest.mark.parametrize(
+    "challenge_url",
+    [
+        "https://evil.example/.well-known/oauth-protected-resource/mcp",  # another host
+        "https://mcp.example.com:8443/.well-known/oauth-protected-resource/mcp",  # another port
+        "http://mcp.example.com/.well-known/oauth-protected-resource/mcp",  # another scheme
+        "https://mcp.example.com@evil.example/prm",  # userinfo trick
+        "http://127.0.0.1:9890/metrics",  # the node itself
+    ],
+)
 def test_resource_metadata_url_off_the_servers_origin_is_never_fetched(challenge_url):
-    docs = {PATH_PRM: {"resource": MCP, "authorization_servers": ["https://as.example"]},
-            challenge_url: {"resource": MCP, "authorization_servers": ["https://evil.example"]}}
-    meta, asked = discover(serve(docs), lambda d: d.resource(
-        MCP, f'Bearer resource_metadata="{challenge_url}"'))
+    docs = {
+        PATH_PRM: {"resource": MCP, "authorization_servers": ["https://as.example"]},
+        challenge_url: {"resource": MCP, "authorization_servers": ["https://evil.example"]},
+    }
+    meta, asked = discover(
+        serve(docs), lambda d: d.resource(MCP, f'Bearer resource_metadata="{challenge_url}"')
+    )
     assert challenge_url not in asked
     assert meta.authorization_servers == ("https://as.example",)
     assert meta.ignored_metadata_url == challenge_url
 
 
 def test_resource_metadata_url_on_the_servers_origin_is_used():
-    other = "https://MCP.example.com:443/custom/prm"      # same origin, spelt differently
-    docs = {"https://mcp.example.com/custom/prm": {"resource": MCP, "authorization_servers":
-                                                   ["https://as.example"]}}
-    meta, asked = discover(serve(docs), lambda d: d.resource(
-        MCP, f'Bearer resource_metadata="{other}"'))
+    other = "https://MCP.example.com:443/custom/prm"  # same origin, spelt differently
+    docs = {
+        "https://mcp.example.com/custom/prm": {
+            "resource": MCP,
+            "authorization_servers": ["https://as.example"],
+        }
+    }
+    meta, asked = discover(
+        serve(docs), lambda d: d.resource(MCP, f'Bearer resource_metadata="{other}"')
+    )
     assert asked == ["https://mcp.example.com/custom/prm"]
     assert meta.ignored_metadata_url is None
 
 
-@pytest.mark.parametrize("served_at,resource,ok", [
-    (PATH_PRM, MCP, True),
-    (PATH_PRM, "HTTPS://MCP.EXAMPLE.COM/mcp/", True),          # canonically the same
-    (PATH_PRM, "https://mcp.example.com", False),               # the origin, from /mcp's URL
-    (PATH_PRM, "https://mcp.example.com/other", False),         # another resource
-    (PATH_PRM, "https://evil.example/mcp", False),
-    (PATH_PRM, None, False),
-    (ROOT_PRM, "https://mcp.example.com", True),                # RFC 9728 §3.3: the origin's
-    (ROOT_PRM, MCP, True),
-    (ROOT_PRM, "https://mcp.example.com/other", False),
-])
+@pytest.mark.parametrize(
+    "served_at,resource,ok",
+    [
+        (PATH_PRM, MCP, True),
+        (PATH_PRM, "HTTPS://MCP.EXAMPLE.COM/mcp/", True),  # canonically the same
+        (PATH_PRM, "https://mcp.example.com", False),  # the origin, from /mcp's URL
+        (PATH_PRM, "https://mcp.example.com/other", False),  # another resource
+        (PATH_PRM, "https://evil.example/mcp", False),
+        (PATH_PRM, None, False),
+        (ROOT_PRM, "https://mcp.example.com", True),  # RFC 9728 §3.3: the origin's
+        (ROOT_PRM, MCP, True),
+        (ROOT_PRM, "https://mcp.example.com/other", False),
+    ],
+)
 def test_resource_metadata_must_name_the_configured_server(served_at, resource, ok):
     doc = {"authorization_servers": ["https://as.example"]}
     if resource is not None:
         doc["resource"] = resource
-    meta, asked = discover(serve({served_at: doc}), lambda d: d.resource(MCP, 'Bearer realm="x"'))
+    meta, _asked = discover(serve({served_at: doc}), lambda d: d.resource(MCP, 'Bearer realm="x"'))
     if ok:
         assert meta.authorization_servers == ("https://as.example",)
     else:
@@ -323,13 +402,16 @@ def test_resource_metadata_must_name_the_configured_server(served_at, resource, 
         assert "RFC 9728" in str(meta) and meta.kind == "metadata_mismatch"
 
 
-@pytest.mark.parametrize("doc_issuer", [
-    "https://as.example/",            # one character more is another issuer
-    "https://AS.example",
-    "https://evil.example",
-    None,
-    "",
-])
+@pytest.mark.parametrize(
+    "doc_issuer",
+    [
+        "https://as.example/",  # one character more is another issuer
+        "https://AS.example",
+        "https://evil.example",
+        None,
+        "",
+    ],
+)
 def test_authorization_server_metadata_must_name_the_issuer_it_was_fetched_for(doc_issuer):
     """RFC 8414 §3.3 (also issue 16's missing test): an AS whose metadata names another
     issuer is refused before its token endpoint is used."""
@@ -343,21 +425,23 @@ def test_authorization_server_metadata_must_name_the_issuer_it_was_fetched_for(d
     assert all("evil" not in u for u in asked)
 
 
-@pytest.mark.parametrize("key,value,ok", [
-    ("token_endpoint", "https://as.example/token", True),
-    ("token_endpoint", "http://127.0.0.2:8080/token", True),
-    ("token_endpoint", "http://as.example/token", False),
-    ("token_endpoint", "http://192.0.2.1/token", False),
-    ("token_endpoint", "ftp://as.example/token", False),
-    ("registration_endpoint", "http://as.example/register", False),
-    ("introspection_endpoint", "http://as.example/introspect", False),
-    ("revocation_endpoint", "http://as.example/revoke", False),
-    ("jwks_uri", "http://as.example/jwks", False),
-    ("jwks_uri", "https://as.example/jwks", True),
-])
+@pytest.mark.parametrize(
+    "key,value,ok",
+    [
+        ("token_endpoint", "https://as.example/token", True),
+        ("token_endpoint", "http://127.0.0.2:8080/token", True),
+        ("token_endpoint", "http://as.example/token", False),
+        ("token_endpoint", "http://192.0.2.1/token", False),
+        ("token_endpoint", "ftp://as.example/token", False),
+        ("registration_endpoint", "http://as.example/register", False),
+        ("introspection_endpoint", "http://as.example/introspect", False),
+        ("revocation_endpoint", "http://as.example/revoke", False),
+        ("jwks_uri", "http://as.example/jwks", False),
+        ("jwks_uri", "https://as.example/jwks", True),
+    ],
+)
 def test_authorization_server_metadata_with_plain_http_endpoints_is_refused(key, value, ok):
-    doc = {"issuer": "https://as.example", "token_endpoint": "https://as.example/token",
-           key: value}
+    doc = {"issuer": "https://as.example", "token_endpoint": "https://as.example/token", key: value}
     if ok:
         assert disc.Discovery._parse_as(doc, "https://as.example", "u").raw[key] == value
     else:
@@ -372,34 +456,45 @@ def test_an_insecure_issuer_is_never_fetched(issuer):
 
 
 def test_an_insecure_well_known_metadata_url_is_never_fetched():
-    err, asked = discover(serve({}), lambda d: d.resource("http://mcp.example.com/mcp",
-                                                          'Bearer realm="x"'))
+    err, asked = discover(
+        serve({}), lambda d: d.resource("http://mcp.example.com/mcp", 'Bearer realm="x"')
+    )
     assert isinstance(err, errors.InsecureEndpoint) and asked == []
 
 
 RES = "https://mcp.example.com/mcp"
 
 
-@pytest.mark.parametrize("claims,ok", [
-    ({"aud": RES}, True),
-    ({"aud": ["https://other.example", RES]}, True),
-    ({"aud": "HTTPS://MCP.example.com/mcp/"}, True),
-    ({"resource": RES}, True),                               # no aud: the resource claim
-    ({"aud": "https://other.example/mcp"}, False),
-    ({"aud": ["https://other.example/mcp", "https://x.example"]}, False),
-    ({"aud": "https://mcp.example.com"}, False),              # the origin is another resource
-    ({"aud": "https://mcp.example.com/mcp/other"}, False),
-    ({"aud": "api://default"}, False),
-    ({"aud": 42}, False),
-    ({"resource": "https://other.example/mcp"}, False),
-    ({"aud": "https://other.example/mcp", "resource": RES}, False),   # aud wins when present
-    ({}, False),                                              # a JWT naming no audience
-])
+@pytest.mark.parametrize(
+    "claims,ok",
+    [
+        ({"aud": RES}, True),
+        ({"aud": ["https://other.example", RES]}, True),
+        ({"aud": "HTTPS://MCP.example.com/mcp/"}, True),
+        ({"resource": RES}, True),  # no aud: the resource claim
+        ({"aud": "https://other.example/mcp"}, False),
+        ({"aud": ["https://other.example/mcp", "https://x.example"]}, False),
+        ({"aud": "https://mcp.example.com"}, False),  # the origin is another resource
+        ({"aud": "https://mcp.example.com/mcp/other"}, False),
+        ({"aud": "api://default"}, False),
+        ({"aud": 42}, False),
+        ({"resource": "https://other.example/mcp"}, False),
+        ({"aud": "https://other.example/mcp", "resource": RES}, False),  # aud wins when present
+        ({}, False),  # a JWT naming no audience
+    ],
+)
 def test_jwt_access_token_must_be_for_this_server(claims, ok):
     access = _jwt_like({"jti": "j", **claims})
     body = {"access_token": access, "token_type": "Bearer", "expires_in": 60}
-    kw = dict(url="https://as.example/token", resource=RES, issuer="i", spiffe_id="s",
-              client_id="s", dpop=None, now=0)
+    kw = dict(
+        url="https://as.example/token",
+        resource=RES,
+        issuer="i",
+        spiffe_id="s",
+        client_id="s",
+        dpop=None,
+        now=0,
+    )
     if ok:
         assert parse_token_response(body, **kw).fingerprint == fingerprint(access)
     else:
@@ -409,41 +504,69 @@ def test_jwt_access_token_must_be_for_this_server(claims, ok):
         assert access not in str(err.value)
 
 
-@pytest.mark.parametrize("access", [
-    "opaque-token-value",
-    "a.b.c",                           # three segments, no JSON header: opaque
-    "v2.local.xyz",                    # PASETO-like: opaque
-])
+@pytest.mark.parametrize(
+    "access",
+    [
+        "opaque-token-value",
+        "a.b.c",  # three segments, no JSON header: opaque
+        "v2.local.xyz",  # PASETO-like: opaque
+    ],
+)
 def test_opaque_access_tokens_are_not_audience_checked(access):
-    tok = parse_token_response({"access_token": access, "token_type": "Bearer"},
-                               url="u", resource=RES, issuer="i", spiffe_id="s",
-                               client_id="s", dpop=None, now=0)
+    tok = parse_token_response(
+        {"access_token": access, "token_type": "Bearer"},
+        url="u",
+        resource=RES,
+        issuer="i",
+        spiffe_id="s",
+        client_id="s",
+        dpop=None,
+        now=0,
+    )
     assert tok.jti is None and tok.audience is None
 
 
 def test_a_jwt_whose_payload_is_not_json_is_refused():
     head = base64.urlsafe_b64encode(b'{"alg":"ES256"}').rstrip(b"=").decode()
     with pytest.raises(errors.OAuthError) as err:
-        parse_token_response({"access_token": f"{head}.bm90IGpzb24.sig", "token_type": "Bearer"},
-                             url="u", resource=RES, issuer="i", spiffe_id="s",
-                             client_id="s", dpop=None, now=0)
+        parse_token_response(
+            {"access_token": f"{head}.bm90IGpzb24.sig", "token_type": "Bearer"},
+            url="u",
+            resource=RES,
+            issuer="i",
+            spiffe_id="s",
+            client_id="s",
+            dpop=None,
+            now=0,
+        )
     assert err.value.kind == "token_refused"
 
 
-@pytest.mark.parametrize("token_type,with_key,required,ok", [
-    ("Bearer", False, "servers.dpop = \"always\"", False),
-    ("Bearer", True, "the resource metadata says dpop_bound_access_tokens_required", False),
-    ("bearer", True, "servers.dpop = \"always\"", False),
-    ("Bearer", True, None, True),          # DPoP offered but not required: Bearer is fine
-    ("Bearer", False, None, True),
-    ("DPoP", True, "servers.dpop = \"always\"", True),
-])
+@pytest.mark.parametrize(
+    "token_type,with_key,required,ok",
+    [
+        ("Bearer", False, 'servers.dpop = "always"', False),
+        ("Bearer", True, "the resource metadata says dpop_bound_access_tokens_required", False),
+        ("bearer", True, 'servers.dpop = "always"', False),
+        ("Bearer", True, None, True),  # DPoP offered but not required: Bearer is fine
+        ("Bearer", False, None, True),
+        ("DPoP", True, 'servers.dpop = "always"', True),
+    ],
+)
 def test_a_token_weaker_than_required_is_refused(token_type, with_key, required, ok):
     key = DPoPKey() if with_key else None
     claims = {"aud": RES, **({"cnf": {"jkt": key.jkt}} if key else {})}
     body = {"access_token": _jwt_like(claims), "token_type": token_type, "expires_in": 60}
-    kw = dict(url="https://as.example/token", resource=RES, issuer="i", spiffe_id="s",
-              client_id="s", dpop=key, now=0, dpop_required=required)
+    kw = dict(
+        url="https://as.example/token",
+        resource=RES,
+        issuer="i",
+        spiffe_id="s",
+        client_id="s",
+        dpop=key,
+        now=0,
+        dpop_required=required,
+    )
     if ok:
         expected = "DPoP" if token_type.lower() == "dpop" else "Bearer"
         assert parse_token_response(body, **kw).token_type == expected
@@ -458,21 +581,36 @@ def test_a_dpop_jwt_without_its_key_binding_is_refused_where_dpop_is_required():
     key = DPoPKey()
     body = {"access_token": _jwt_like({"aud": RES}), "token_type": "DPoP"}
     with pytest.raises(errors.OAuthError, match="cnf.jkt") as err:
-        parse_token_response(body, url="u", resource=RES, issuer="i", spiffe_id="s",
-                             client_id="s", dpop=key, now=0, dpop_required="x")
+        parse_token_response(
+            body,
+            url="u",
+            resource=RES,
+            issuer="i",
+            spiffe_id="s",
+            client_id="s",
+            dpop=key,
+            now=0,
+            dpop_required="x",
+        )
     assert err.value.kind == "token_refused"
 
 
-@pytest.mark.parametrize("named,allowed,chosen", [
-    (["https://as.example"], ["https://as.example"], "https://as.example"),
-    (["https://evil.example", "https://as.example"], ["https://as.example"],
-     "https://as.example"),                                  # the first allowed one
-    (["https://AS.example/"], ["https://as.example"], "https://as.example"),  # as configured
-    (["https://evil.example"], ["https://as.example"], None),
-    (["https://as.example.evil.example"], ["https://as.example"], None),
-    (["https://as.example/tenant2"], ["https://as.example/tenant1"], None),
-    ([], ["https://as.example"], None),
-])
+@pytest.mark.parametrize(
+    "named,allowed,chosen",
+    [
+        (["https://as.example"], ["https://as.example"], "https://as.example"),
+        (
+            ["https://evil.example", "https://as.example"],
+            ["https://as.example"],
+            "https://as.example",
+        ),  # the first allowed one
+        (["https://AS.example/"], ["https://as.example"], "https://as.example"),  # as configured
+        (["https://evil.example"], ["https://as.example"], None),
+        (["https://as.example.evil.example"], ["https://as.example"], None),
+        (["https://as.example/tenant2"], ["https://as.example/tenant1"], None),
+        ([], ["https://as.example"], None),
+    ],
+)
 def test_choose_authorization_server(named, allowed, chosen):
     assert trust.choose_authorization_server(named, allowed) == chosen
 
@@ -483,25 +621,28 @@ def test_pinned_authorization_servers_persist_and_never_move(tmp_path):
     assert store.pin("weather", MCP, "https://as.example") == "https://as.example"
     # a later, different answer does not move the pin: the first one is returned
     assert store.pin("weather", MCP, "https://evil.example") == "https://as.example"
-    again = trust.PinStore(tmp_path)                   # a restarted agent
+    again = trust.PinStore(tmp_path)  # a restarted agent
     assert again.get("weather", MCP) == "https://as.example"
-    assert again.get("weather", "https://mcp.example.com/other") is None   # per resource
-    assert again.get("other", MCP) is None                                 # per server
+    assert again.get("weather", "https://mcp.example.com/other") is None  # per resource
+    assert again.get("other", MCP) is None  # per server
     assert oct(store.path.stat().st_mode & 0o777) == "0o600"
     assert store.path.parent == tmp_path / "oauth"
 
 
-@pytest.mark.parametrize("value,problem", [
-    (["https://as.example"], None),
-    (["https://as.example/tenant1", "http://127.0.0.1:8080"], None),
-    ([], None),
-    (["http://as.example"], "https"),
-    (["https://as.example#x"], "no query or fragment"),
-    (["https://as.example?x=1"], "no query or fragment"),
-    (["as.example"], "https"),
-    ([1], "https"),
-    ("https://as.example", "expected an array"),
-])
+@pytest.mark.parametrize(
+    "value,problem",
+    [
+        (["https://as.example"], None),
+        (["https://as.example/tenant1", "http://127.0.0.1:8080"], None),
+        ([], None),
+        (["http://as.example"], "https"),
+        (["https://as.example#x"], "no query or fragment"),
+        (["https://as.example?x=1"], "no query or fragment"),
+        (["as.example"], "https"),
+        ([1], "https"),
+        ("https://as.example", "expected an array"),
+    ],
+)
 def test_authorization_servers_setting(value, problem):
     data = {"servers": [{"name": "w", "url": MCP, "authorization_servers": value}]}
     if problem is None:
@@ -518,19 +659,27 @@ def test_a_configured_issuer_must_be_https_unless_loopback():
     with pytest.raises(config.ConfigError) as err:
         config.parse({"servers": [{"name": "w", "url": MCP, "issuer": "http://as.example"}]})
     assert err.value.problems[0].startswith('servers[0].issuer: got "http://as.example"')
-    assert config.parse({"servers": [{"name": "w", "url": MCP, "issuer":
-                                      "http://127.0.0.1:4444"}]}).servers[0].issuer
+    assert (
+        config.parse({"servers": [{"name": "w", "url": MCP, "issuer": "http://127.0.0.1:4444"}]})
+        .servers[0]
+        .issuer
+    )
 
 
-@pytest.mark.parametrize("uri,sent", [
-    ("http://as.example/reg/c1", False),        # the management token would go in clear
-    ("http://127.0.0.1:9/reg/c1", True),
-    ("https://as.example/reg/c1", True),
-])
+@pytest.mark.parametrize(
+    "uri,sent",
+    [
+        ("http://as.example/reg/c1", False),  # the management token would go in clear
+        ("http://127.0.0.1:9/reg/c1", True),
+        ("https://as.example/reg/c1", True),
+    ],
+)
 def test_registration_management_token_goes_only_over_https_or_loopback(uri, sent):
     from agent.oauth import registration as reg
-    client = reg.RegisteredClient("spiffe://example.org/a", "https://as.example", "c1", uri,
-                                  "registration-access-token")
+
+    client = reg.RegisteredClient(
+        "spiffe://example.org/a", "https://as.example", "c1", uri, "registration-access-token"
+    )
     result, asked = discover(lambda r: httpx.Response(204), lambda d: reg.delete(d.http, client))
     assert (asked == [uri]) is sent
     assert result is True if sent else isinstance(result, errors.InsecureEndpoint)

@@ -10,12 +10,18 @@ from agent.policy import jsonrpc, rules
 from tests.conftest import TESTDATA
 
 POLICY = rules.load(TESTDATA / "policy/policy.toml", servers={"weather", "maps"})
-ROWS = [ln.split("\t") for ln in (TESTDATA / "policy/decisions.tsv").read_text().splitlines()
-        if ln and not ln.startswith("#")]
+ROWS = [
+    ln.split("\t")
+    for ln in (TESTDATA / "policy/decisions.tsv").read_text().splitlines()
+    if ln and not ln.startswith("#")
+]
 
 
-@pytest.mark.parametrize("sid,server,method,name,allowed,rule", ROWS,
-                         ids=[f"{r[0].rsplit('/', 1)[-1]}-{r[2]}-{r[3]}" for r in ROWS])
+@pytest.mark.parametrize(
+    "sid,server,method,name,allowed,rule",
+    ROWS,
+    ids=[f"{r[0].rsplit('/', 1)[-1]}-{r[2]}-{r[3]}" for r in ROWS],
+)
 def test_decisions(sid, server, method, name, allowed, rule):
     d = POLICY.decide(sid, server, method, None if name == "-" else name)
     assert d.allowed is (allowed == "true"), d.reason
@@ -23,50 +29,95 @@ def test_decisions(sid, server, method, name, allowed, rule):
 
 
 def test_unlisted_servers_follow_the_default():
-    p = rules.parse({"rule": [{"id": "r", "spiffe_id": "spiffe://e/*", "server": "a",
-                               "methods": ["*"]}]})
-    assert p.decide("spiffe://e/x", "b", "tools/list").allowed is True    # default allow
+    p = rules.parse(
+        {"rule": [{"id": "r", "spiffe_id": "spiffe://e/*", "server": "a", "methods": ["*"]}]}
+    )
+    assert p.decide("spiffe://e/x", "b", "tools/list").allowed is True  # default allow
     p.default_unlisted = "deny"
     assert p.decide("spiffe://e/x", "b", "tools/list").allowed is False
 
 
-@pytest.mark.parametrize("spiffe_id,verb,allowed", [
-    ("spiffe://example.org/agent/a", "http:GET", True),     # any allowed call: a session
-    ("spiffe://example.org/agent/a", "http:DELETE", True),
-    ("spiffe://example.org/nobody", "http:GET", False),     # no rule: default deny
-    ("spiffe://example.org/admin", "http:GET", True),       # methods = ["*"] covers it
-])
+@pytest.mark.parametrize(
+    "spiffe_id,verb,allowed",
+    [
+        ("spiffe://example.org/agent/a", "http:GET", True),  # any allowed call: a session
+        ("spiffe://example.org/agent/a", "http:DELETE", True),
+        ("spiffe://example.org/nobody", "http:GET", False),  # no rule: default deny
+        ("spiffe://example.org/admin", "http:GET", True),  # methods = ["*"] covers it
+    ],
+)
 def test_session_requests_without_a_body_follow_the_identity_rules(spiffe_id, verb, allowed):
     assert POLICY.decide(spiffe_id, "weather", verb).allowed is allowed
 
 
 def test_a_deny_rule_covering_every_method_refuses_the_event_stream_too():
-    p = rules.parse({"rule": [
-        {"id": "calls", "spiffe_id": "spiffe://e/x", "server": "a", "methods": ["tools/*"]},
-        {"id": "off", "spiffe_id": "spiffe://e/x", "server": "a", "methods": ["*"],
-         "effect": "deny"}]})
+    p = rules.parse(
+        {
+            "rule": [
+                {"id": "calls", "spiffe_id": "spiffe://e/x", "server": "a", "methods": ["tools/*"]},
+                {
+                    "id": "off",
+                    "spiffe_id": "spiffe://e/x",
+                    "server": "a",
+                    "methods": ["*"],
+                    "effect": "deny",
+                },
+            ]
+        }
+    )
     assert p.decide("spiffe://e/x", "a", "http:GET").rule_id == "off"
 
 
-@pytest.mark.parametrize("key,value,says", [
-    ("oauth", ["token"], "oauth: removed: it was never enforced"),
-    ("scope", "tools:read", "scope: removed: it was never enforced. Set the scope to "
-                            "request per server with `scope` in the agent's [[servers]]"),
-])
+@pytest.mark.parametrize(
+    "key,value,says",
+    [
+        ("oauth", ["token"], "oauth: removed: it was never enforced"),
+        (
+            "scope",
+            "tools:read",
+            "scope: removed: it was never enforced. Set the scope to "
+            "request per server with `scope` in the agent's [[servers]]",
+        ),
+    ],
+)
 def test_rule_keys_that_were_never_enforced_are_refused_saying_what_to_do(key, value, says):
     with pytest.raises(rules.PolicyError) as err:
-        rules.parse({"rule": [{"id": "r", "spiffe_id": "spiffe://e/x", "server": "a",
-                               "methods": ["tools/list"], key: value}]})
+        rules.parse(
+            {
+                "rule": [
+                    {
+                        "id": "r",
+                        "spiffe_id": "spiffe://e/x",
+                        "server": "a",
+                        "methods": ["tools/list"],
+                        key: value,
+                    }
+                ]
+            }
+        )
     assert len(err.value.problems) == 1 and says in err.value.problems[0]
 
 
 def test_invalid_policy_names_rule_and_reason():
     with pytest.raises(rules.PolicyError) as err:
-        rules.parse({"colour": 1, "rule": [
-            {"id": "a", "spiffe_id": "example.org/x", "server": "nope", "methods": ["x"]},
-            {"id": "a", "spiffe_id": "spiffe://e/x", "server": "weather", "effect": "maybe",
-             "methods": "tools/call", "colour": ["steal"]},
-            {"spiffe_id": "spiffe://e/x", "server": "weather"}]}, servers={"weather"})
+        rules.parse(
+            {
+                "colour": 1,
+                "rule": [
+                    {"id": "a", "spiffe_id": "example.org/x", "server": "nope", "methods": ["x"]},
+                    {
+                        "id": "a",
+                        "spiffe_id": "spiffe://e/x",
+                        "server": "weather",
+                        "effect": "maybe",
+                        "methods": "tools/call",
+                        "colour": ["steal"],
+                    },
+                    {"spiffe_id": "spiffe://e/x", "server": "weather"},
+                ],
+            },
+            servers={"weather"},
+        )
     assert err.value.problems == [
         "unknown top-level key 'colour'; accepted: default_unlisted, [[rule]]",
         'rule[0] (id "a"): spiffe_id must be a SPIFFE ID or glob starting spiffe://',
@@ -83,27 +134,52 @@ def test_invalid_policy_names_rule_and_reason():
 
 # ---------------------------------------------------------------- JSON-RPC
 def test_single_and_batch_parsing():
-    calls, batch = jsonrpc.parse_calls(json.dumps(
-        {"jsonrpc": "2.0", "id": 7, "method": "tools/call",
-         "params": {"name": "echo", "arguments": {}}}).encode())
+    calls, batch = jsonrpc.parse_calls(
+        json.dumps(
+            {
+                "jsonrpc": "2.0",
+                "id": 7,
+                "method": "tools/call",
+                "params": {"name": "echo", "arguments": {}},
+            }
+        ).encode()
+    )
     assert not batch and calls == [jsonrpc.Call("tools/call", "echo", 7, True)]
-    calls, batch = jsonrpc.parse_calls(json.dumps([
-        {"jsonrpc": "2.0", "id": 1, "method": "resources/read", "params": {"uri": "file:///a"}},
-        {"jsonrpc": "2.0", "method": "notifications/initialized"},
-        {"jsonrpc": "2.0", "id": 9, "result": {}}]).encode())
+    calls, batch = jsonrpc.parse_calls(
+        json.dumps(
+            [
+                {
+                    "jsonrpc": "2.0",
+                    "id": 1,
+                    "method": "resources/read",
+                    "params": {"uri": "file:///a"},
+                },
+                {"jsonrpc": "2.0", "method": "notifications/initialized"},
+                {"jsonrpc": "2.0", "id": 9, "result": {}},
+            ]
+        ).encode()
+    )
     assert batch and [(c.method, c.name, c.id, c.is_request) for c in calls] == [
         ("resources/read", "file:///a", 1, True),
-        ("notifications/initialized", None, None, False), ("(response)", None, 9, False)]
+        ("notifications/initialized", None, None, False),
+        ("(response)", None, 9, False),
+    ]
 
 
-@pytest.mark.parametrize("body,code,message", [
-    (b"{nope", -32700, "parse error: the body is not valid JSON"),
-    (b"[]", -32600, "empty batch"),
-    (b'{"jsonrpc": "1.0", "method": "x"}', -32600, "not a JSON-RPC 2.0 message"),
-    (b'{"jsonrpc": "2.0", "id": 1}', -32600, "JSON-RPC message without a method"),
-    (b'{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {}}', -32600,
-     "tools/call without params.name"),
-])
+@pytest.mark.parametrize(
+    "body,code,message",
+    [
+        (b"{nope", -32700, "parse error: the body is not valid JSON"),
+        (b"[]", -32600, "empty batch"),
+        (b'{"jsonrpc": "1.0", "method": "x"}', -32600, "not a JSON-RPC 2.0 message"),
+        (b'{"jsonrpc": "2.0", "id": 1}', -32600, "JSON-RPC message without a method"),
+        (
+            b'{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {}}',
+            -32600,
+            "tools/call without params.name",
+        ),
+    ],
+)
 def test_malformed(body, code, message):
     with pytest.raises(jsonrpc.Malformed) as err:
         jsonrpc.parse_calls(body)
@@ -115,32 +191,63 @@ def test_header_agreement_for_the_stateless_revision():
     assert jsonrpc.header_mismatch(call, None, None) is None
     assert jsonrpc.header_mismatch(call, "tools/call", "echo") is None
     assert jsonrpc.header_mismatch(call, "tools/call", "=?base64?ZWNobw==?=") is None
-    assert jsonrpc.header_mismatch(call, "tools/list", None) == \
-        "Mcp-Method header 'tools/list' != body method 'tools/call'"
-    assert jsonrpc.header_mismatch(call, "tools/call", "secret") == \
-        "Mcp-Name header 'secret' != body name 'echo'"
-    assert jsonrpc.header_mismatch(call, "tools/call", None) == \
-        "Mcp-Name header missing for tools/call 'echo'"
+    assert (
+        jsonrpc.header_mismatch(call, "tools/list", None)
+        == "Mcp-Method header 'tools/list' != body method 'tools/call'"
+    )
+    assert (
+        jsonrpc.header_mismatch(call, "tools/call", "secret")
+        == "Mcp-Name header 'secret' != body name 'echo'"
+    )
+    assert (
+        jsonrpc.header_mismatch(call, "tools/call", None)
+        == "Mcp-Name header missing for tools/call 'echo'"
+    )
 
 
 def test_error_bodies_keep_ids():
     one = [jsonrpc.Call("tools/call", "x", "abc", True)]
     assert json.loads(jsonrpc.error_body(one, False, -32001, "denied")) == {
-        "jsonrpc": "2.0", "id": "abc", "error": {"code": -32001, "message": "denied"}}
-    batch = [jsonrpc.Call("tools/call", "x", 1, True),
-             jsonrpc.Call("notifications/initialized", None, None, False),
-             jsonrpc.Call("tools/list", None, 2, True)]
+        "jsonrpc": "2.0",
+        "id": "abc",
+        "error": {"code": -32001, "message": "denied"},
+    }
+    batch = [
+        jsonrpc.Call("tools/call", "x", 1, True),
+        jsonrpc.Call("notifications/initialized", None, None, False),
+        jsonrpc.Call("tools/list", None, 2, True),
+    ]
     assert [e["id"] for e in json.loads(jsonrpc.error_body(batch, True, -32001, "d"))] == [1, 2]
 
 
 def test_policy_cli(credless_cmd):
     import subprocess
+
     f = str(TESTDATA / "policy/policy.toml")
     r = subprocess.run([*credless_cmd, "policy", "check", f], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout == f"{f}: ok (3 rules, default_unlisted = deny)\n"
-    r = subprocess.run([*credless_cmd, "policy", "explain", "--file", f, "--spiffe-id",
-                        "spiffe://example.org/agent/a", "--server", "weather", "--method",
-                        "tools/call", "--tool", "secret_x"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            *credless_cmd,
+            "policy",
+            "explain",
+            "--file",
+            f,
+            "--spiffe-id",
+            "spiffe://example.org/agent/a",
+            "--server",
+            "weather",
+            "--method",
+            "tools/call",
+            "--tool",
+            "secret_x",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 1
-    assert json.loads(r.stdout) == {"decision": "deny", "rule": "no-secrets",
-                                    "reason": "denied by rule 'no-secrets'"}
+    assert json.loads(r.stdout) == {
+        "decision": "deny",
+        "rule": "no-secrets",
+        "reason": "denied by rule 'no-secrets'",
+    }

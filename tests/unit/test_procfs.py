@@ -59,6 +59,7 @@ def test_read_missing_process():
 
 # ------------------------------------------------------------ the executable-hash cache
 
+
 def _overwrite_same_size(path, st):
     """Issue 15 item 4: new code of the same size written in place, mtime put back."""
     data = path.read_bytes()
@@ -73,7 +74,7 @@ def _overwrite_same_size_new_mtime(path, st):
 
 
 def _chmod(path, st):
-    os.chmod(path, 0o700)        # metadata only: the bytes are the same
+    os.chmod(path, 0o700)  # metadata only: the bytes are the same
 
 
 def _replace_by_rename(path, st):
@@ -93,14 +94,18 @@ def _untouched(path, st):
     pass
 
 
-@pytest.mark.parametrize("change, same_inode, rehashed", [
-    (_untouched, True, False),
-    (_overwrite_same_size, True, True),          # the poisoning: dev, ino, mtime, size equal
-    (_overwrite_same_size_new_mtime, True, True),
-    (_chmod, True, True),                        # ctime moved: hashed again (same digest)
-    (_replace_by_rename, False, True),
-    (_append, True, True),
-], ids=lambda v: v.__name__.strip("_") if callable(v) else None)
+@pytest.mark.parametrize(
+    "change, same_inode, rehashed",
+    [
+        (_untouched, True, False),
+        (_overwrite_same_size, True, True),  # the poisoning: dev, ino, mtime, size equal
+        (_overwrite_same_size_new_mtime, True, True),
+        (_chmod, True, True),  # ctime moved: hashed again (same digest)
+        (_replace_by_rename, False, True),
+        (_append, True, True),
+    ],
+    ids=lambda v: v.__name__.strip("_") if callable(v) else None,
+)
 def test_exe_hash_cache_follows_every_change_to_the_file(tmp_path, change, same_inode, rehashed):
     path = tmp_path / "tool"
     path.write_bytes(os.urandom(4096))
@@ -133,15 +138,16 @@ def test_a_file_that_changes_while_hashed_is_not_cached(tmp_path, monkeypatch):
 
     def read_then_write(fd, n, offset):
         chunk = real_pread(fd, n, offset)
-        if not writes:    # someone writes the file between the hasher's first and last read
+        if not writes:  # someone writes the file between the hasher's first and last read
             with open(path, "r+b") as f:
                 f.write(b"B")
             writes.append(1)
         return chunk
+
     monkeypatch.setattr(procfs.os, "pread", read_then_write)
     fd = os.open(path, os.O_RDONLY)
     try:
-        assert hasher.hash_fd(fd) is None      # no digest of bytes no one can name
+        assert hasher.hash_fd(fd) is None  # no digest of bytes no one can name
     finally:
         os.close(fd)
     monkeypatch.undo()

@@ -9,8 +9,17 @@ import pytest
 from agent.attest.resolvers import CgroupFacts, CgroupPathError, resolve_cgroup
 
 TABLE = Path(__file__).resolve().parent.parent / "testdata" / "cgroups" / "paths.tsv"
-COLUMNS = ("id", "path", "systemd_unit", "systemd_slice", "container_runtime",
-           "container_id", "pod_uid", "qos_class", "user_manager_uid")
+COLUMNS = (
+    "id",
+    "path",
+    "systemd_unit",
+    "systemd_slice",
+    "container_runtime",
+    "container_id",
+    "pod_uid",
+    "qos_class",
+    "user_manager_uid",
+)
 
 
 def _rows() -> list[dict[str, str]]:
@@ -20,13 +29,14 @@ def _rows() -> list[dict[str, str]]:
             continue
         cells = line.split("\t")
         assert len(cells) == len(COLUMNS), f"{TABLE.name}:{lineno}: want {len(COLUMNS)} cells"
-        rows.append(dict(zip(COLUMNS, cells)))
+        rows.append(dict(zip(COLUMNS, cells, strict=False)))
     return rows
 
 
 def _expected(row: dict[str, str]) -> CgroupFacts:
     def cell(name: str) -> str | None:
         return None if row[name] == "-" else row[name]
+
     uid = cell("user_manager_uid")
     return CgroupFacts(
         systemd_unit=cell("systemd_unit"),
@@ -59,17 +69,28 @@ def test_trailing_slash_and_doubled_slashes_do_not_change_the_facts(row):
     assert resolve_cgroup(path) == _expected(row)
 
 
-@pytest.mark.parametrize("path, message", [
-    ("", "cgroup path '' is not absolute: pass the part after '0::' of a /proc/<pid>/cgroup"
-         " line, e.g. '/system.slice/nginx.service'"),
-    ("0::/system.slice/nginx.service",
-     "cgroup path '0::/system.slice/nginx.service' is not absolute: pass the part after "
-     "'0::' of a /proc/<pid>/cgroup line, e.g. '/system.slice/nginx.service'"),
-    ("/../../system.slice/nginx.service",
-     "cgroup path '/../../system.slice/nginx.service' lies outside the reader's cgroup "
-     "namespace; run the agent in the host cgroup namespace (on Kubernetes: a privileged "
-     "container, which containerd and CRI-O keep there) so paths start at the real root"),
-], ids=["empty", "whole-proc-line", "outside-namespace"])
+@pytest.mark.parametrize(
+    "path, message",
+    [
+        (
+            "",
+            "cgroup path '' is not absolute: pass the part after '0::' of a /proc/<pid>/cgroup"
+            " line, e.g. '/system.slice/nginx.service'",
+        ),
+        (
+            "0::/system.slice/nginx.service",
+            "cgroup path '0::/system.slice/nginx.service' is not absolute: pass the part after "
+            "'0::' of a /proc/<pid>/cgroup line, e.g. '/system.slice/nginx.service'",
+        ),
+        (
+            "/../../system.slice/nginx.service",
+            "cgroup path '/../../system.slice/nginx.service' lies outside the reader's cgroup "
+            "namespace; run the agent in the host cgroup namespace (on Kubernetes: a privileged "
+            "container, which containerd and CRI-O keep there) so paths start at the real root",
+        ),
+    ],
+    ids=["empty", "whole-proc-line", "outside-namespace"],
+)
 def test_unresolvable_paths_say_what_to_pass(path, message):
     with pytest.raises(CgroupPathError) as exc:
         resolve_cgroup(path)

@@ -14,15 +14,29 @@ CID = "ca7d6a7c30b2672fc2122c1073eed6c5a42e0b7706d85b6c8a983e3d51599c48"
 
 def info(uids=(1000, 0, 0, 0), gids=(1000, 0, 0, 0), groups=(), sha="ab" * 32):
     st = ProcStatus(name="x", tgid=1, ppid=0, uids=uids, gids=gids, groups=groups)
-    return ProcInfo(exe="/usr/bin/agent", sha256=sha, exe_dev=1, exe_ino=2, status=st,
-                    cgroup_path="/", start_ticks=1)
+    return ProcInfo(
+        exe="/usr/bin/agent",
+        sha256=sha,
+        exe_dev=1,
+        exe_ino=2,
+        status=st,
+        cgroup_path="/",
+        start_ticks=1,
+    )
 
 
 def test_unix_selectors_use_effective_ids_like_spire():
     sels = unix_selectors(info(uids=(1000, 0, 0, 0), gids=(1000, 0, 0, 0), groups=(0,)))
-    assert sels == {"unix:uid:0", "unix:user:root", "unix:gid:0", "unix:group:root",
-                    "unix:supplementary_gid:0", "unix:supplementary_group:root",
-                    "unix:path:/usr/bin/agent", f"unix:sha256:{'ab' * 32}"}
+    assert sels == {
+        "unix:uid:0",
+        "unix:user:root",
+        "unix:gid:0",
+        "unix:group:root",
+        "unix:supplementary_gid:0",
+        "unix:supplementary_group:root",
+        "unix:path:/usr/bin/agent",
+        f"unix:sha256:{'ab' * 32}",
+    }
 
 
 def test_unknown_ids_have_no_name_selector_and_unhashed_has_no_sha():
@@ -33,8 +47,12 @@ def test_unknown_ids_have_no_name_selector_and_unhashed_has_no_sha():
 def test_systemd_service_selectors():
     path = "/system.slice/mcp-agent.service"
     sels = cgroup_selectors(path, 42, resolvers.resolve_cgroup(path))
-    assert sels == {"cgroup:id:42", f"cgroup:path:{path}", "systemd:id:mcp-agent.service",
-                    "systemd:slice:system.slice"}
+    assert sels == {
+        "cgroup:id:42",
+        f"cgroup:path:{path}",
+        "systemd:id:mcp-agent.service",
+        "systemd:slice:system.slice",
+    }
 
 
 def test_docker_container_selectors():
@@ -44,8 +62,10 @@ def test_docker_container_selectors():
 
 
 def test_user_delegated_cgroup_shaped_like_a_pod_gives_only_user_selectors():
-    path = (f"/user.slice/user-1000.slice/user@1000.service/kubepods.slice/"
-            f"kubepods-pod{POD_UID.replace('-', '_')}.slice/cri-containerd-{CID}.scope")
+    path = (
+        f"/user.slice/user-1000.slice/user@1000.service/kubepods.slice/"
+        f"kubepods-pod{POD_UID.replace('-', '_')}.slice/cri-containerd-{CID}.scope"
+    )
     facts = resolvers.resolve_cgroup(path)
     sels = cgroup_selectors(path, 9, facts)
     assert not any(s.startswith(("container:", "systemd:id:", "docker:")) for s in sels)
@@ -65,6 +85,6 @@ def test_k8s_selectors_from_real_kubelet_output():
 
 def test_k8s_selectors_need_a_container_of_the_pod():
     pod = parse_pod_list((TESTDATA / "kubelet/pods.json").read_bytes())[POD_UID]
-    assert k8s_selectors(pod, None) == set()          # e.g. conmon in the pod's cgroup
-    assert k8s_selectors(pod, "f" * 64) == set()      # a container of another pod
+    assert k8s_selectors(pod, None) == set()  # e.g. conmon in the pod's cgroup
+    assert k8s_selectors(pod, "f" * 64) == set()  # a container of another pod
     assert k8s_selectors(None, CID) == set()

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from agent.attest.table import EV_EXEC, EV_EXIT, EV_FORK, ProcessEvent, ProcessImage, \
-    ProcessTable
+from agent.attest.table import EV_EXEC, EV_EXIT, EV_FORK, ProcessEvent, ProcessImage, ProcessTable
 
 
 class Clock:
@@ -15,9 +14,19 @@ class Clock:
 
 
 def ev(type_, tgid, exec_ns, start_ns=None, ppid=1, comm="x"):
-    return ProcessEvent(type=type_, tgid=tgid, pid=tgid, ppid=ppid, uid=0, gid=0,
-                        start_ns=start_ns if start_ns is not None else exec_ns, exec_ns=exec_ns,
-                        cgroup_id=7, ts_ns=exec_ns, comm=comm)
+    return ProcessEvent(
+        type=type_,
+        tgid=tgid,
+        pid=tgid,
+        ppid=ppid,
+        uid=0,
+        gid=0,
+        start_ns=start_ns if start_ns is not None else exec_ns,
+        exec_ns=exec_ns,
+        cgroup_id=7,
+        ts_ns=exec_ns,
+        comm=comm,
+    )
 
 
 def test_pid_reuse_same_pid_different_start_is_a_miss():
@@ -27,8 +36,8 @@ def test_pid_reuse_same_pid_different_start_is_a_miss():
     t.apply(ev(EV_EXIT, 500, 1_000))
     clock.t += 10
     t.expire()
-    t.apply(ev(EV_FORK, 500, 9_000))          # a new process got pid 500
-    assert t.image(500, 1_000) is None          # the old identity never answers for it
+    t.apply(ev(EV_FORK, 500, 9_000))  # a new process got pid 500
+    assert t.image(500, 1_000) is None  # the old identity never answers for it
     assert t.image(500, 9_000).start_ns == 9_000
 
 
@@ -88,8 +97,18 @@ def test_lineage_follows_parents_as_they_were():
 def test_seed_never_overrides_an_event():
     t = ProcessTable(clock=Clock())
     t.apply(ev(EV_EXEC, 900, 5_000, comm="from-event"))
-    seeded = ProcessImage(tgid=900, exec_ns=100, start_ns=100, ppid=1, uid=0, gid=0, cgroup_id=0,
-                          comm="from-proc", filename="", source="proc")
+    seeded = ProcessImage(
+        tgid=900,
+        exec_ns=100,
+        start_ns=100,
+        ppid=1,
+        uid=0,
+        gid=0,
+        cgroup_id=0,
+        comm="from-proc",
+        filename="",
+        source="proc",
+    )
     assert t.seed(seeded) is False
     assert t.current(900).comm == "from-event"
 

@@ -5,7 +5,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 
 from agent.observe.tally import TallyCounter, TallyHistogram
 
-BOUNDS = (.001, .01, .1, 1)
+BOUNDS = (0.001, 0.01, 0.1, 1)
 # table: observations, including ones equal to a bound (le is inclusive) and above all
 SAMPLES = [
     [],
@@ -18,9 +18,13 @@ SAMPLES = [
 
 def _samples(registry, keep=("_bucket", "_count", "_sum", "_total")) -> list[str]:
     """Exposition lines without the _created series (prometheus_client's own timestamps)."""
-    return [line for line in generate_latest(registry).decode().splitlines()
-            if not line.startswith("#") and "_created" not in line
-            and any(k in line.split("{")[0].split(" ")[0] for k in keep)]
+    return [
+        line
+        for line in generate_latest(registry).decode().splitlines()
+        if not line.startswith("#")
+        and "_created" not in line
+        and any(k in line.split("{")[0].split(" ")[0] for k in keep)
+    ]
 
 
 @pytest.mark.parametrize("values", SAMPLES)
@@ -29,7 +33,7 @@ def test_histogram_matches_prometheus_client(values):
     t = TallyHistogram("h_seconds", "doc", ["server"], buckets=BOUNDS, registry=ours)
     p = Histogram("h_seconds", "doc", ["server"], buckets=BOUNDS, registry=theirs)
     cell = t.labels("a")
-    p.labels("a")   # both: a series exists from its first labels()
+    p.labels("a")  # both: a series exists from its first labels()
     for v in values:
         cell.observe(v)
         p.labels("a").observe(v)

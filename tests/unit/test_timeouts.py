@@ -26,18 +26,21 @@ class Client:
 NOW, NOW_PERF = 1000.0, 5000.0
 
 
-@pytest.mark.parametrize("client,expected", [
-    (Client("request", NOW - 299), None),                    # idle, within client_idle
-    (Client("request", NOW - 301), IDLE),
-    (Client("more", NOW - 59), None),                        # trickling, within request
-    (Client("more", NOW - 61), SLOW_REQUEST),
-    (Client("request", NOW - 61), None),                     # idle is not slow
-    (Client(None, NOW - 10_000), None),                      # busy: a response streams
-    (Client(None, NOW - 10_000, Up(NOW_PERF - 119)), None),  # upstream within its limit
-    (Client(None, NOW - 10_000, Up(NOW_PERF - 121)), UPSTREAM),
-    (Client(None, NOW - 10_000, Up(None)), None),            # response head arrived
-    (Client("more", NOW - 61, Up(NOW_PERF - 121)), SLOW_REQUEST),
-])
+@pytest.mark.parametrize(
+    "client,expected",
+    [
+        (Client("request", NOW - 299), None),  # idle, within client_idle
+        (Client("request", NOW - 301), IDLE),
+        (Client("more", NOW - 59), None),  # trickling, within request
+        (Client("more", NOW - 61), SLOW_REQUEST),
+        (Client("request", NOW - 61), None),  # idle is not slow
+        (Client(None, NOW - 10_000), None),  # busy: a response streams
+        (Client(None, NOW - 10_000, Up(NOW_PERF - 119)), None),  # upstream within its limit
+        (Client(None, NOW - 10_000, Up(NOW_PERF - 121)), UPSTREAM),
+        (Client(None, NOW - 10_000, Up(None)), None),  # response head arrived
+        (Client("more", NOW - 61, Up(NOW_PERF - 121)), SLOW_REQUEST),
+    ],
+)
 def test_what_has_waited_too_long(client, expected):
     t = Timeouts(300, 60, 120, lambda: [], lambda c, w: None)
     assert t.expired(client, NOW, NOW_PERF) == expected
@@ -48,15 +51,25 @@ def test_sweep_reports_each_expired_client_once():
     fresh = Client("request", NOW - 1)
     stale = Client("request", NOW - 301)
     # the clocks are the test's: a just-booted machine's monotonic clock is under 300 s
-    t = Timeouts(300, 60, 120, lambda: [fresh, stale], lambda c, w: seen.append((c, w)),
-                 clock=lambda: NOW, perf_clock=lambda: NOW_PERF)
+    t = Timeouts(
+        300,
+        60,
+        120,
+        lambda: [fresh, stale],
+        lambda c, w: seen.append((c, w)),
+        clock=lambda: NOW,
+        perf_clock=lambda: NOW_PERF,
+    )
     assert t.sweep() == 1 and seen == [(stale, IDLE)]
 
 
-@pytest.mark.parametrize("limits,interval", [
-    ((300, 60, 120), 1.0),      # at most a second
-    ((0.4, 60, 120), 0.1),      # a quarter of the smallest
-    ((0.01, 60, 120), 0.05),    # never a busy loop
-])
+@pytest.mark.parametrize(
+    "limits,interval",
+    [
+        ((300, 60, 120), 1.0),  # at most a second
+        ((0.4, 60, 120), 0.1),  # a quarter of the smallest
+        ((0.01, 60, 120), 0.05),  # never a busy loop
+    ],
+)
 def test_sweep_interval_follows_the_smallest_limit(limits, interval):
     assert Timeouts(*limits, lambda: [], lambda c, w: None).interval == interval

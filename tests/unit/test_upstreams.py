@@ -9,8 +9,10 @@ import pytest
 
 from agent.inject.upstreams import UpstreamResolver
 
-SERVERS = [SimpleNamespace(name="tools", url="https://mcp.example:8443/mcp", mode="broker"),
-           SimpleNamespace(name="local", url="http://127.0.0.1/mcp", mode="passthrough")]
+SERVERS = [
+    SimpleNamespace(name="tools", url="https://mcp.example:8443/mcp", mode="broker"),
+    SimpleNamespace(name="local", url="http://127.0.0.1/mcp", mode="passthrough"),
+]
 
 
 class FakeDNS:
@@ -19,7 +21,7 @@ class FakeDNS:
     def __init__(self):
         self.answers = {"mcp.example": ["10.0.0.1"], "127.0.0.1": ["127.0.0.1"]}
 
-    def __call__(self, host, port, type=0):  # noqa: A002 - getaddrinfo's own name
+    def __call__(self, host, port, type=0):
         ips = self.answers[host]
         if ips is None:
             raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
@@ -42,11 +44,11 @@ def test_ports_default_by_scheme_and_modes_are_kept():
 
 STEPS = [
     # (seconds later, answer for mcp.example, addresses intercepted for it)
-    (30, ["10.0.0.2"], {"10.0.0.1", "10.0.0.2"}),   # the old one is retained ...
+    (30, ["10.0.0.2"], {"10.0.0.1", "10.0.0.2"}),  # the old one is retained ...
     (30, ["10.0.0.2"], {"10.0.0.1", "10.0.0.2"}),
-    (600, ["10.0.0.2"], {"10.0.0.2"}),               # ... until retain expires
-    (30, None, {"10.0.0.2"}),                         # failure keeps what was known
-    (900, None, {"10.0.0.2"}),                        # however long it fails
+    (600, ["10.0.0.2"], {"10.0.0.2"}),  # ... until retain expires
+    (30, None, {"10.0.0.2"}),  # failure keeps what was known
+    (900, None, {"10.0.0.2"}),  # however long it fails
     (30, ["10.0.0.3", "10.0.0.4"], {"10.0.0.2", "10.0.0.3", "10.0.0.4"}),
 ]
 
@@ -75,10 +77,13 @@ def test_unchanged_answers_never_expire(retain):
 
 def test_two_servers_on_one_address_are_refused_naming_both():
     from agent.inject.upstreams import UpstreamConflict
-    servers = [SimpleNamespace(name="a", url="https://mcp.example:8443/mcp", mode="broker"),
-               SimpleNamespace(name="b", url="https://other.example:8443/mcp", mode="broker")]
+
+    servers = [
+        SimpleNamespace(name="a", url="https://mcp.example:8443/mcp", mode="broker"),
+        SimpleNamespace(name="b", url="https://other.example:8443/mcp", mode="broker"),
+    ]
     dns = FakeDNS()
-    dns.answers["other.example"] = ["10.0.0.1"]     # the same ingress address as mcp.example
+    dns.answers["other.example"] = ["10.0.0.1"]  # the same ingress address as mcp.example
     with pytest.raises(UpstreamConflict, match=r"'a' and 'b' both resolve to 10.0.0.1:8443"):
         UpstreamResolver(servers, resolve=dns).refresh()
     # a conflict that appears later leaves the address with the server that had it
@@ -100,23 +105,24 @@ class FakeConn:
 
 def test_pool_reuses_the_freshest_and_closes_connections_idle_too_long():
     from agent.inject.upstreams import Pool
+
     clock = Clock()
     pool = Pool(size=3, max_idle=4.0, clock=clock)
     a, b, c, d = (FakeConn(n) for n in "abcd")
     pool.put("k", a)
     clock.now = 2
     pool.put("k", b)
-    assert pool.get("k") is b                # most recently idle first
+    assert pool.get("k") is b  # most recently idle first
     pool.put("k", b)
-    clock.now = 5                            # a: idle 5 s, b: 3 s
+    clock.now = 5  # a: idle 5 s, b: 3 s
     assert pool.get("k") is b and not a.closed
-    pool.put("k", c)                         # putting sweeps what is too old
+    pool.put("k", c)  # putting sweeps what is too old
     assert a.closed and pool.get("k") is c
     assert pool.get("k") is None
     pool.put("k", b)
-    clock.now = 10                           # b idle 5 s: closed, never handed out
+    clock.now = 10  # b idle 5 s: closed, never handed out
     assert pool.get("k") is None and b.closed
-    for conn in (a, c, d):                   # full pool: the extra one is closed
+    for conn in (a, c, d):  # full pool: the extra one is closed
         conn.closed = False
         pool.put("j", conn)
     extra = FakeConn("e")
@@ -131,18 +137,19 @@ def test_a_connection_given_back_with_its_idle_start_keeps_the_pool_in_order():
     use (FastLane.release): older than what is already pooled, it must not be handed out
     first, nor take fresher connections down with it when it has expired."""
     from agent.inject.upstreams import Pool
+
     clock = Clock()
     pool = Pool(size=4, max_idle=4.0, clock=clock)
     fresh, held, stale = FakeConn("fresh"), FakeConn("held"), FakeConn("stale")
     clock.now = 3
     pool.put("k", fresh)
     clock.now = 3.5
-    pool.put("k", held, since=0)               # idle 3.5 s already
-    pool.put("k", stale, since=-1)             # idle 4.5 s: closed, not pooled
+    pool.put("k", held, since=0)  # idle 3.5 s already
+    pool.put("k", stale, since=-1)  # idle 4.5 s: closed, not pooled
     assert stale.closed
-    clock.now = 4.5                            # held: 4.5 s, fresh: 1.5 s
+    clock.now = 4.5  # held: 4.5 s, fresh: 1.5 s
     assert pool.get("k") is fresh and not fresh.closed
     assert pool.get("k") is None and held.closed
-    pool.close()                               # the agent stops: what comes back is closed
+    pool.close()  # the agent stops: what comes back is closed
     pool.put("k", fresh)
     assert fresh.closed and pool.get("k") is None

@@ -90,11 +90,14 @@ async def _settle(conn: _Connection) -> None:
     await asyncio.wait_for(asyncio.shield(conn._task), 10)
 
 
-@pytest.mark.parametrize("early, eof", [
-    ([], False),
-    ([b"PRI * HTTP/2.0", b"\r\n\r\nSM"], False),
-    ([b"preface"], True),
-])
+@pytest.mark.parametrize(
+    "early, eof",
+    [
+        ([], False),
+        ([b"PRI * HTTP/2.0", b"\r\n\r\nSM"], False),
+        ([b"preface"], True),
+    ],
+)
 def test_bytes_before_the_caller_is_known_reach_grpclib_after_it_in_order(setup, early, eof):
     api, transport, inner = setup
 
@@ -102,15 +105,15 @@ def test_bytes_before_the_caller_is_known_reach_grpclib_after_it_in_order(setup,
         conn = _Connection(api, inner)
         conn.connection_made(transport)
         assert transport.calls == ["pause"]
-        for chunk in early:        # a loop that delivers despite the pause
+        for chunk in early:  # a loop that delivers despite the pause
             conn.data_received(chunk)
         if eof:
-            assert conn.eof_received() is True   # the transport stays until then
+            assert conn.eof_received() is True  # the transport stays until then
         await _attesting(api)
         assert inner.calls == [] and api._callers == {}
         api.attestor.release.set()
         await _settle(conn)
-        assert api.attestor.asked == [os.getpid()]          # SO_PEERCRED of the socket
+        assert api.attestor.asked == [os.getpid()]  # SO_PEERCRED of the socket
         caller = api._callers[transport]
         assert caller.cred.pid == os.getpid() and caller.attestation.tgid == os.getpid()
         want = ["made"] + ([b"".join(early)] if early else [])
@@ -118,9 +121,10 @@ def test_bytes_before_the_caller_is_known_reach_grpclib_after_it_in_order(setup,
         assert transport.calls[-1] == ("abort" if eof else "resume")
         conn.data_received(b"later")
         conn.connection_lost(None)
-        assert inner.calls[len(want):] == [b"later", "lost"]
+        assert inner.calls[len(want) :] == [b"later", "lost"]
         assert api._callers == {} and api._connections == set()
-        assert caller.cred.pidfd is None                    # closed with the connection
+        assert caller.cred.pidfd is None  # closed with the connection
+
     asyncio.run(run())
 
 
@@ -139,6 +143,7 @@ def test_too_much_before_the_caller_is_known_ends_the_connection(setup, monkeypa
         await _settle(conn)
         assert inner.calls == [] and api._callers == {}
         conn.connection_lost(None)
+
     asyncio.run(run())
 
 
@@ -155,6 +160,7 @@ def test_a_connection_lost_while_its_caller_is_attested_never_reaches_grpclib(se
         with pytest.raises(asyncio.CancelledError):
             await _settle(conn)
         assert inner.calls == [] and api._callers == {} and api._connections == set()
+
     asyncio.run(run())
 
 
@@ -178,4 +184,5 @@ AUDIENCES = {
 @pytest.mark.parametrize("audience,refused", AUDIENCES.values(), ids=AUDIENCES.keys())
 def test_an_audience_naming_an_authorization_server_is_recognised(audience, refused):
     from agent.identity.workload_api import names_an_as
+
     assert (names_an_as(audience, AS) is not None) is refused

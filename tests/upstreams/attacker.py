@@ -85,17 +85,17 @@ class Exchange:
         view, pos, last_progress = memoryview(data), 0, time.monotonic()
         while pos < len(data) and not self.write_error:
             try:
-                pos += self.sock.send(view[pos:pos + WRITE_STEP])
+                pos += self.sock.send(view[pos : pos + WRITE_STEP])
                 last_progress = time.monotonic()
                 self._drain_input()
                 continue
             except BlockingIOError:
                 pass
-            except OSError as e:   # the proxy closed on us: expected for refused cases
+            except OSError as e:  # the proxy closed on us: expected for refused cases
                 self.write_error = errno.errorcode.get(e.errno, str(e))
                 break
             if time.monotonic() - last_progress > stall:
-                self.write_error = "stalled"   # the proxy stopped reading and did not close
+                self.write_error = "stalled"  # the proxy stopped reading and did not close
                 break
             self.sel.register(self.sock, selectors.EVENT_READ | selectors.EVENT_WRITE)
             try:
@@ -135,9 +135,13 @@ def run(cmd: dict) -> dict:
                 break
     finally:
         ex.sock.close()
-    return {"received_b64": base64.b64encode(bytes(ex.received)).decode(),
-            "closed": ex.closed, "reset": ex.reset, "write_error": ex.write_error,
-            "unsent": unsent}
+    return {
+        "received_b64": base64.b64encode(bytes(ex.received)).decode(),
+        "closed": ex.closed,
+        "reset": ex.reset,
+        "write_error": ex.write_error,
+        "unsent": unsent,
+    }
 
 
 def main() -> None:
@@ -145,7 +149,7 @@ def main() -> None:
     for line in sys.stdin:
         try:
             out = run(json.loads(line))
-        except Exception as e:   # report, keep serving: the test decides what it means
+        except Exception as e:  # noqa: BLE001 — report, keep serving: the test decides what it means
             out = {"error": f"{type(e).__name__}: {e}"}
         print(json.dumps(out), flush=True)
 

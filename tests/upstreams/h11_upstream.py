@@ -37,20 +37,26 @@ def build(log_path: str, issuer: str, resource: str):
         os.write(log_fd, (json.dumps({"server": "h11", **record}) + "\n").encode())
 
     async def reply(send, status: int, headers: list, body: bytes) -> None:
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [*headers, (b"content-length", b"%d" % len(body))]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [*headers, (b"content-length", b"%d" % len(body))],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
     def rpc_answer(body: bytes):
         try:
             msg = json.loads(body)
         except ValueError:
-            return {"jsonrpc": "2.0", "id": None, "result": {}}   # not JSON: GET, DELETE
+            return {"jsonrpc": "2.0", "id": None, "result": {}}  # not JSON: GET, DELETE
 
         def one(m):
             if isinstance(m, dict) and "id" in m:
                 return {"jsonrpc": "2.0", "id": m["id"], "result": {"echoed": m.get("method")}}
             return None
+
         if isinstance(msg, list):
             return [a for a in map(one, msg) if a is not None] or None
         return one(msg)
@@ -58,19 +64,28 @@ def build(log_path: str, issuer: str, resource: str):
     async def app(scope, receive, send):
         if scope["type"] == "lifespan":
             return
-        target = scope["raw_path"] + (b"?" + scope["query_string"]
-                                      if scope["query_string"] else b"")
-        record = {"kind": "request" if scope["type"] == "http" else scope["type"],
-                  "conn": scope["client"][1] if scope.get("client") else None,
-                  "method": scope.get("method", "GET"),
-                  "target": target.decode("latin-1"),
-                  "version": scope.get("http_version"),
-                  "headers": [[k.decode("latin-1"), v.decode("latin-1")]
-                              for k, v in scope["headers"]],
-                  "trailers": []}
-        if scope["type"] != "http":   # a WebSocket handshake: parsed, logged, refused
-            log({**record, "complete": True, "body_len": 0,
-                 "body_sha256": hashlib.sha256(b"").hexdigest(), "body_b64": ""})
+        target = scope["raw_path"] + (
+            b"?" + scope["query_string"] if scope["query_string"] else b""
+        )
+        record = {
+            "kind": "request" if scope["type"] == "http" else scope["type"],
+            "conn": scope["client"][1] if scope.get("client") else None,
+            "method": scope.get("method", "GET"),
+            "target": target.decode("latin-1"),
+            "version": scope.get("http_version"),
+            "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in scope["headers"]],
+            "trailers": [],
+        }
+        if scope["type"] != "http":  # a WebSocket handshake: parsed, logged, refused
+            log(
+                {
+                    **record,
+                    "complete": True,
+                    "body_len": 0,
+                    "body_sha256": hashlib.sha256(b"").hexdigest(),
+                    "body_b64": "",
+                }
+            )
             await send({"type": "websocket.close"})
             return
         body, complete = bytearray(), False
@@ -83,27 +98,43 @@ def build(log_path: str, issuer: str, resource: str):
                 complete = True
                 break
         body = bytes(body)
-        log({**record, "complete": complete, "body_len": len(body),
-             "body_sha256": hashlib.sha256(body).hexdigest(),
-             "body_b64": base64.b64encode(body[:BODY_KEEP]).decode()})
+        log(
+            {
+                **record,
+                "complete": complete,
+                "body_len": len(body),
+                "body_sha256": hashlib.sha256(body).hexdigest(),
+                "body_b64": base64.b64encode(body[:BODY_KEEP]).decode(),
+            }
+        )
         if not complete:
             return
         authorized = any(k == b"authorization" for k, _ in scope["headers"])
         if scope["method"] == "GET" and target == prm_path.encode() and not authorized:
-            await reply(send, 200, [(b"content-type", b"application/json")], json.dumps(
-                {"resource": resource, "authorization_servers": [issuer]}).encode())
+            await reply(
+                send,
+                200,
+                [(b"content-type", b"application/json")],
+                json.dumps({"resource": resource, "authorization_servers": [issuer]}).encode(),
+            )
         elif not authorized:
-            await reply(send, 401, [
-                (b"content-type", b"application/json"),
-                (b"www-authenticate", f'Bearer resource_metadata="{prm_url}"'.encode())],
-                b'{"error": "unauthorized"}')
+            await reply(
+                send,
+                401,
+                [
+                    (b"content-type", b"application/json"),
+                    (b"www-authenticate", f'Bearer resource_metadata="{prm_url}"'.encode()),
+                ],
+                b'{"error": "unauthorized"}',
+            )
         else:
             out = rpc_answer(body)
             if out is None:
                 await reply(send, 202, [], b"")
             else:
-                await reply(send, 200, [(b"content-type", b"application/json")],
-                            json.dumps(out).encode())
+                await reply(
+                    send, 200, [(b"content-type", b"application/json")], json.dumps(out).encode()
+                )
 
     return app
 
@@ -111,8 +142,13 @@ def build(log_path: str, issuer: str, resource: str):
 def main() -> None:
     fd, log_path, issuer, resource = sys.argv[1:5]
     sock = socket.socket(fileno=int(fd))
-    config = uvicorn.Config(build(log_path, issuer, resource), http="h11", lifespan="off",
-                            log_level="error", access_log=False)
+    config = uvicorn.Config(
+        build(log_path, issuer, resource),
+        http="h11",
+        lifespan="off",
+        log_level="error",
+        access_log=False,
+    )
     server = uvicorn.Server(config)
     # READY once the loop serves the inherited socket: the port was bound by the test
     print(f"READY {sock.getsockname()[1]}", flush=True)

@@ -53,16 +53,20 @@ methods = ["tools/list", "tools/call"]
 tools = ["echo", "add"]
 '''
 
-ECHO = (b'{"jsonrpc":"2.0","id":1,"method":"tools/call",'
-        b'"params":{"name":"echo","arguments":{"text":"hi"}}}')
+ECHO = (
+    b'{"jsonrpc":"2.0","id":1,"method":"tools/call",'
+    b'"params":{"name":"echo","arguments":{"text":"hi"}}}'
+)
 LIST = b'{"jsonrpc":"2.0","id":7,"method":"tools/list"}'
 
 
 def post(authority: bytes, body: bytes, extra: bytes = b"") -> bytes:
     """A valid MCP POST (the warm-up and barrier requests)."""
-    return (b"POST /mcp HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
-            b"Accept: application/json, text/event-stream\r\n%sContent-Length: %d\r\n\r\n%s"
-            % (authority, extra, len(body), body))
+    return (
+        b"POST /mcp HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+        b"Accept: application/json, text/event-stream\r\n%sContent-Length: %d\r\n\r\n%s"
+        % (authority, extra, len(body), body)
+    )
 
 
 def fingerprint(token: str) -> str:
@@ -98,9 +102,10 @@ class JsonLines:
 @dataclass
 class Upstream:
     """One [[servers]] entry and the logging upstream behind it."""
-    name: str          # the server's name in the config, the audit and the policy
-    kind: str          # "node" (llhttp) or "h11"
-    dpop: bool         # credless is configured to use DPoP-bound tokens for it
+
+    name: str  # the server's name in the config, the audit and the policy
+    kind: str  # "node" (llhttp) or "h11"
+    dpop: bool  # credless is configured to use DPoP-bound tokens for it
     sock: socket.socket
     log: JsonLines
     proc: subprocess.Popen | None = None
@@ -119,17 +124,26 @@ class Upstream:
 
     def start(self, issuer: str, tmp: Path) -> None:
         fd = self.sock.fileno()
-        script = ["node", str(HERE / "node_upstream.mjs")] if self.kind == "node" else \
-            [sys.executable, "-m", "tests.upstreams.h11_upstream"]
+        script = (
+            ["node", str(HERE / "node_upstream.mjs")]
+            if self.kind == "node"
+            else [sys.executable, "-m", "tests.upstreams.h11_upstream"]
+        )
         self.proc = subprocess.Popen(
-            [*script, str(fd), str(self.log.path), issuer, self.url], cwd=REPO,
-            pass_fds=(fd,), stdout=subprocess.PIPE, text=True,
-            stderr=open(tmp / f"upstream-{self.name}.stderr", "wb"))
+            [*script, str(fd), str(self.log.path), issuer, self.url],
+            cwd=REPO,
+            pass_fds=(fd,),
+            stdout=subprocess.PIPE,
+            text=True,
+            stderr=open(tmp / f"upstream-{self.name}.stderr", "wb"),
+        )
         ready, _, _ = select.select([self.proc.stdout], [], [], 30)
         line = self.proc.stdout.readline() if ready else ""
         if not line.startswith("READY"):
-            raise RuntimeError(f"upstream {self.name} did not start: {line!r} "
-                               f"{(tmp / f'upstream-{self.name}.stderr').read_text()[-2000:]}")
+            raise RuntimeError(
+                f"upstream {self.name} did not start: {line!r} "
+                f"{(tmp / f'upstream-{self.name}.stderr').read_text()[-2000:]}"
+            )
 
     def stop(self) -> None:
         stop_process(self.proc)
@@ -150,28 +164,50 @@ class Attacker:
 
     def __init__(self, cg: Path, tmp: Path):
         self.stderr = tmp / "attacker.stderr"
-        self.proc = subprocess.Popen([sys.executable, "-m", "tests.upstreams.attacker"],
-                                     cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=open(self.stderr, "wb"),
-                                     preexec_fn=enter_cgroup(cg))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.upstreams.attacker"],
+            cwd=REPO,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=open(self.stderr, "wb"),
+            preexec_fn=enter_cgroup(cg),
+        )
         self._line(30)
 
     def _line(self, timeout: float) -> dict:
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
         line = self.proc.stdout.readline() if ready else b""
         if not line:
-            raise RuntimeError(f"the attacker process did not answer within {timeout} s: "
-                               f"{self.stderr.read_text()[-2000:]}")
+            raise RuntimeError(
+                f"the attacker process did not answer within {timeout} s: "
+                f"{self.stderr.read_text()[-2000:]}"
+            )
         out = json.loads(line)
         if "error" in out:
             raise RuntimeError(f"attacker: {out['error']}")
         return out
 
-    def run(self, port: int, pieces: list[Piece], expect: int | None, close: bool,
-            idle: float, linger: float, gap: float) -> dict:
-        cmd = {"port": port, "expect": expect, "close": close, "idle": idle, "linger": linger,
-               "gap": gap, "pieces": [{"b64": base64.b64encode(p.data).decode(),
-                                       "wait": p.wait_response} for p in pieces]}
+    def run(
+        self,
+        port: int,
+        pieces: list[Piece],
+        expect: int | None,
+        close: bool,
+        idle: float,
+        linger: float,
+        gap: float,
+    ) -> dict:
+        cmd = {
+            "port": port,
+            "expect": expect,
+            "close": close,
+            "idle": idle,
+            "linger": linger,
+            "gap": gap,
+            "pieces": [
+                {"b64": base64.b64encode(p.data).decode(), "wait": p.wait_response} for p in pieces
+            ],
+        }
         self.proc.stdin.write(json.dumps(cmd).encode() + b"\n")
         self.proc.stdin.flush()
         return self._line(120)
@@ -186,6 +222,7 @@ class Attacker:
 class Observation:
     """One exchange: what the attacker got back, and what the audit and every upstream
     recorded in its window."""
+
     upstream: Upstream
     answers: Answers
     closed: bool
@@ -193,32 +230,56 @@ class Observation:
     write_error: str | None
     unsent: int
     audit: list[dict]
-    records: dict[str, list[dict]]      # server name -> requests its upstream logged
-    fingerprints: set[str] = field(default_factory=set)   # credless's tokens for the server
+    records: dict[str, list[dict]]  # server name -> requests its upstream logged
+    fingerprints: set[str] = field(default_factory=set)  # credless's tokens for the server
 
     def parsed(self, name: str | None = None) -> list[dict]:
         """Requests the upstream parsed in this window (its parse errors and the agent's
         own discovery requests, which do not go through the proxy, left out)."""
-        return [r for r in self.records[name or self.upstream.name]
-                if r["kind"] != "client_error" and not agents_own(r)]
+        return [
+            r
+            for r in self.records[name or self.upstream.name]
+            if r["kind"] != "client_error" and not agents_own(r)
+        ]
 
     def injected(self, name: str | None = None) -> list[dict]:
-        return [e for e in self.audit if e["event"] == "request.injected"
-                and e.get("server") == (name or self.upstream.name)]
+        return [
+            e
+            for e in self.audit
+            if e["event"] == "request.injected" and e.get("server") == (name or self.upstream.name)
+        ]
 
     def describe(self) -> str:
         """The window, for a failing assertion's message."""
-        lines = [f"answers: statuses={self.answers.statuses} interim="
-                 f"{[r.status for r in self.answers.interim]} closed={self.closed} "
-                 f"reset={self.reset} write_error={self.write_error} unsent={self.unsent}"
-                 + (f" junk={self.answers.junk[:120]!r}" if self.answers.junk else "")]
+        lines = [
+            f"answers: statuses={self.answers.statuses} interim="
+            f"{[r.status for r in self.answers.interim]} closed={self.closed} "
+            f"reset={self.reset} write_error={self.write_error} unsent={self.unsent}"
+            + (f" junk={self.answers.junk[:120]!r}" if self.answers.junk else "")
+        ]
         for r in self.answers.responses:
             lines.append(f"  answer {r.status}: {r.body[:300]!r}")
         lines.append("audit:")
         for e in self.audit:
-            lines.append("  " + json.dumps({k: e.get(k) for k in (
-                "event", "server", "method", "path", "status", "tool", "reason",
-                "token_sha256") if e.get(k) is not None}))
+            lines.append(
+                "  "
+                + json.dumps(
+                    {
+                        k: e.get(k)
+                        for k in (
+                            "event",
+                            "server",
+                            "method",
+                            "path",
+                            "status",
+                            "tool",
+                            "reason",
+                            "token_sha256",
+                        )
+                        if e.get(k) is not None
+                    }
+                )
+            )
         for name, recs in self.records.items():
             for r in recs:
                 lines.append(f"upstream {name} parsed: {summary(r)}")
@@ -244,13 +305,18 @@ def body_of(record: dict) -> bytes:
 def summary(r: dict) -> str:
     if r["kind"] == "client_error":
         return f"(parse error {r.get('code')}: {r.get('reason')}; conn {r.get('conn')})"
-    hs = " | ".join(f"{k}: {v[:60]}" if k.lower() not in ("authorization", "dpop")
-                    or len(v) < 24 else f"{k}: <{v.split(' ')[0][:10]}... sha256:"
-                    f"{fingerprint(v.partition(' ')[2] or v)}>" for k, v in r["headers"])
+    hs = " | ".join(
+        f"{k}: {v[:60]}"
+        if k.lower() not in ("authorization", "dpop") or len(v) < 24
+        else f"{k}: <{v.split(' ')[0][:10]}... sha256:{fingerprint(v.partition(' ')[2] or v)}>"
+        for k, v in r["headers"]
+    )
     tr = f" trailers: {r['trailers']}" if r.get("trailers") else ""
-    return (f"{r['kind']} {r['method']} {r['target']} HTTP/{r.get('version')} "
-            f"(conn {r.get('conn')}, complete={r.get('complete')}) [{hs}]{tr} "
-            f"body={body_of(r)[:200]!r}")
+    return (
+        f"{r['kind']} {r['method']} {r['target']} HTTP/{r.get('version')} "
+        f"(conn {r.get('conn')}, complete={r.get('complete')}) [{hs}]{tr} "
+        f"body={body_of(r)[:200]!r}"
+    )
 
 
 def routing(value: str) -> str:
@@ -283,49 +349,61 @@ def violations(obs: Observation) -> list[str]:
     up, out = obs.upstream, []
     for name in obs.records:
         if name != up.name and obs.parsed(name):
-            out.append(f"(b) upstream {name!r} parsed {len(obs.parsed(name))} request(s) "
-                       f"sent to {up.name!r}")
+            out.append(
+                f"(b) upstream {name!r} parsed {len(obs.parsed(name))} request(s) "
+                f"sent to {up.name!r}"
+            )
         if name != up.name and name != BARRIER and obs.injected(name):
             out.append(f"(b) the audit shows request.injected for {name!r}")
     parsed, injected = obs.parsed(), obs.injected()
     if len(parsed) != len(injected):
-        out.append(f"(b) upstream parsed {len(parsed)} request(s), the audit shows "
-                   f"{len(injected)} request.injected")
+        out.append(
+            f"(b) upstream parsed {len(parsed)} request(s), the audit shows "
+            f"{len(injected)} request.injected"
+        )
     else:
         got = Counter((r["method"], r["target"].split("?", 1)[0]) for r in parsed)
         want = Counter((e.get("method"), e.get("path")) for e in injected)
         if got != want:
             out.append(f"(b) upstream parsed {sorted(got)}, audit shows {sorted(want)}")
 
-    def shown(value: str) -> str:   # credless's tokens by fingerprint only, never verbatim
+    def shown(value: str) -> str:  # credless's tokens by fingerprint only, never verbatim
         scheme, _, token = value.partition(" ")
         if fingerprint(token) in obs.fingerprints:
             return f"{scheme} <credless's token sha256:{fingerprint(token)}>"
-        return value[:40] if scheme.lower() in ("bearer", "dpop") or not token else \
-            f"<{len(value)} bytes>"
+        return (
+            value[:40]
+            if scheme.lower() in ("bearer", "dpop") or not token
+            else f"<{len(value)} bytes>"
+        )
 
     for r in parsed:
         what = f"{r['method']} {r['target'][:80]}"
         auth = headers_named(r, "authorization")
         if len(auth) != 1:
-            out.append(f"(c) {what}: {len(auth)} Authorization fields "
-                       f"{[shown(a) for a in auth]}")
+            out.append(f"(c) {what}: {len(auth)} Authorization fields {[shown(a) for a in auth]}")
         for value in auth:
             scheme, _, token = value.partition(" ")
             if fingerprint(token) not in obs.fingerprints:
-                out.append(f"(c) {what}: Authorization {value[:40]!r} is not credless's "
-                           f"token for {up.name}")
+                out.append(
+                    f"(c) {what}: Authorization {value[:40]!r} is not credless's "
+                    f"token for {up.name}"
+                )
             elif scheme != ("DPoP" if up.dpop else "Bearer"):
                 out.append(f"(c) {what}: Authorization scheme {scheme!r}")
         proofs = headers_named(r, "dpop")
         if len(proofs) != (1 if up.dpop else 0):
-            out.append(f"(c) {what}: {len(proofs)} DPoP fields "
-                       f"{[p if len(p) < 20 else '<a proof>' for p in proofs]}")
+            out.append(
+                f"(c) {what}: {len(proofs)} DPoP fields "
+                f"{[p if len(p) < 20 else '<a proof>' for p in proofs]}"
+            )
         elif up.dpop:
             claims = _jwt_claims(proofs[0])
             if claims.get("htm") != r["method"] or claims.get("htu") != up.url:
-                out.append(f"(c) {what}: DPoP proof for {claims.get('htm')} "
-                           f"{claims.get('htu')!r}, not this request")
+                out.append(
+                    f"(c) {what}: DPoP proof for {claims.get('htm')} "
+                    f"{claims.get('htu')!r}, not this request"
+                )
         host = headers_named(r, "host")
         if host != [up.authority]:
             out.append(f"(d) {what}: Host fields {host}, expected [{up.authority!r}]")
@@ -334,8 +412,11 @@ def violations(obs: Observation) -> list[str]:
         body = body_of(r)
         if b"secret_tool" in body and b"tools/call" in body:
             out.append(f"(e) {what}: body carries a tools/call of secret_tool: {body[:200]!r}")
-        routed = [v for k, v in r["headers"] + r.get("trailers", [])
-                  if k.lower() in ("mcp-name", "mcp-method") and "secret_tool" in routing(v)]
+        routed = [
+            v
+            for k, v in r["headers"] + r.get("trailers", [])
+            if k.lower() in ("mcp-name", "mcp-method") and "secret_tool" in routing(v)
+        ]
         if routed:
             out.append(f"(e) {what}: routing header names secret_tool: {routed}")
         if r.get("trailers"):
@@ -344,8 +425,14 @@ def violations(obs: Observation) -> list[str]:
 
 
 class World:
-    def __init__(self, tmp: Path, upstreams: dict[str, Upstream], agent: AgentProcess,
-                 attacker: Attacker, metrics: str):
+    def __init__(
+        self,
+        tmp: Path,
+        upstreams: dict[str, Upstream],
+        agent: AgentProcess,
+        attacker: Attacker,
+        metrics: str,
+    ):
         self.tmp, self.upstreams, self.agent, self.attacker = tmp, upstreams, agent, attacker
         self.metrics = metrics
         self.audit_log = JsonLines(agent.stdout_path)
@@ -354,7 +441,7 @@ class World:
         self._fingerprints: dict[str, set[str]] = {name: set() for name in upstreams}
 
     def active_connections(self) -> float:
-        status, text = http_get(f"http://{self.metrics}/metrics")
+        _status, text = http_get(f"http://{self.metrics}/metrics")
         for line in text.splitlines():
             if line.startswith("credless_proxy_active_connections "):
                 return float(line.split()[1])
@@ -367,30 +454,51 @@ class World:
 
     def _barrier(self) -> list[dict]:
         """Close the current window (see the module docstring); returns its audit events."""
-        wait_for(lambda: self.active_connections() == 0, timeout=30,
-                 what="the proxy to close the exchange's connection")
+        wait_for(
+            lambda: self.active_connections() == 0,
+            timeout=30,
+            what="the proxy to close the exchange's connection",
+        )
         barrier = self.upstreams[BARRIER]
-        got = self.attacker.run(barrier.port, [Piece(post(barrier.authority.encode(), LIST))],
-                                expect=1, close=False, idle=30, linger=0, gap=0)
+        got = self.attacker.run(
+            barrier.port,
+            [Piece(post(barrier.authority.encode(), LIST))],
+            expect=1,
+            close=False,
+            idle=30,
+            linger=0,
+            gap=0,
+        )
         answers = split_responses(base64.b64decode(got["received_b64"]))
         if answers.statuses != [200]:
-            raise RuntimeError(f"the barrier request was answered {answers.statuses}: "
-                               f"{answers.responses[:1]}")
+            raise RuntimeError(
+                f"the barrier request was answered {answers.statuses}: {answers.responses[:1]}"
+            )
 
         def barrier_seen():
             lines = self.audit_log.read_lines(self.audit_offset)
             for i, (e, end) in enumerate(lines):
                 if e["event"] == "request.injected" and e.get("server") == BARRIER:
-                    return [r for r, _ in lines[:i + 1]], end
+                    return [r for r, _ in lines[: i + 1]], end
             return None
-        through, self.audit_offset = wait_for(barrier_seen, timeout=10,
-                                              what="the barrier's audit event")
+
+        through, self.audit_offset = wait_for(
+            barrier_seen, timeout=10, what="the barrier's audit event"
+        )
         self._note_tokens(through)
         return [e for e in through if e.get("server") != BARRIER]
 
-    def exchange(self, up: Upstream, pieces: list[Piece], *, expect: int | None,
-                 close: bool = False, idle: float = 1.5, linger: float = 0.1,
-                 gap: float = 0.005) -> Observation:
+    def exchange(
+        self,
+        up: Upstream,
+        pieces: list[Piece],
+        *,
+        expect: int | None,
+        close: bool = False,
+        idle: float = 1.5,
+        linger: float = 0.1,
+        gap: float = 0.005,
+    ) -> Observation:
         got = self.attacker.run(up.port, pieces, expect, close, idle, linger, gap)
         audit = self._barrier()
         records = {}
@@ -398,28 +506,41 @@ class World:
             records[name], self.marks[name] = u.log.read(self.marks[name])
         records.pop(BARRIER)
         received = base64.b64decode(got["received_b64"])
-        return Observation(up, split_responses(received, eof=got["closed"]), got["closed"],
-                           got["reset"], got["write_error"], got["unsent"], audit, records,
-                           set(self._fingerprints[up.name]))
+        return Observation(
+            up,
+            split_responses(received, eof=got["closed"]),
+            got["closed"],
+            got["reset"],
+            got["write_error"],
+            got["unsent"],
+            audit,
+            records,
+            set(self._fingerprints[up.name]),
+        )
 
     def warm(self) -> None:
         """One valid call per server: each identity-server pair gets its token (and the
         agent its discovery, whose unauthenticated probe falls in this window, not a
         case's)."""
-        self._barrier()   # the barrier's own token; the window of the agent's start
+        self._barrier()  # the barrier's own token; the window of the agent's start
         for up in self.upstreams.values():
             if up.name == BARRIER:
                 continue
-            obs = self.exchange(up, [Piece(post(up.authority.encode(), ECHO))], expect=1,
-                                idle=30)
+            obs = self.exchange(up, [Piece(post(up.authority.encode(), ECHO))], expect=1, idle=30)
             if obs.answers.statuses != [200] or not obs.fingerprints:
-                raise RuntimeError(f"warm-up of {up.name} failed:\n{obs.describe()}\nagent: "
-                                   f"{self.agent.stderr_path.read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"warm-up of {up.name} failed:\n{obs.describe()}\nagent: "
+                    f"{self.agent.stderr_path.read_text()[-3000:]}"
+                )
 
 
 # name -> (kind, DPoP): both parsers, with each kind of token
-UPSTREAMS = {"node": ("node", False), "h11": ("h11", False),
-             "node-dpop": ("node", True), "h11-dpop": ("h11", True)}
+UPSTREAMS = {
+    "node": ("node", False),
+    "h11": ("h11", False),
+    "node-dpop": ("node", True),
+    "h11-dpop": ("h11", True),
+}
 
 
 @contextlib.contextmanager
@@ -432,24 +553,41 @@ def start_world(tmp: Path, names=tuple(UPSTREAMS)):
         for u in ups.values():
             stack.callback(u.stop)
         bundle_port, proxy_port, metrics_port = free_port(), free_port(), free_port()
-        oidc = stack.enter_context(OidcProvider(
-            tmp, dpop=True, access_token_ttl=3600,   # no refresh within a run
-            resources={u.url: {"format": "jwt", "scope": "tools"} for u in ups.values()},
-            clients=[{"client_id": SPIFFE_ID,
-                      "jwks_uri": f"http://127.0.0.1:{bundle_port}/jwks.json"}]))
+        oidc = stack.enter_context(
+            OidcProvider(
+                tmp,
+                dpop=True,
+                access_token_ttl=3600,  # no refresh within a run
+                resources={u.url: {"format": "jwt", "scope": "tools"} for u in ups.values()},
+                clients=[
+                    {
+                        "client_id": SPIFFE_ID,
+                        "jwks_uri": f"http://127.0.0.1:{bundle_port}/jwks.json",
+                    }
+                ],
+            )
+        )
         for u in ups.values():
             u.start(oidc.issuer, tmp)
         (tmp / "entries.toml").write_text(
             f'[[entry]]\nid = "attacker"\nspiffe_id = "{SPIFFE_ID}"\n'
-            f'selectors = ["cgroup:path:/{cg.name}"]\n')
+            f'selectors = ["cgroup:path:/{cg.name}"]\n'
+        )
         (tmp / "policy.toml").write_text(POLICY)
-        servers = "".join(f'''
+        servers = "".join(
+            f'''
 [[servers]]
 name = "{u.name}"
 url = "{u.url}"
-dpop = "{'always' if u.dpop else 'never'}"
-''' for u in ups.values())
-        cfg = write_config(tmp, bundle_port=bundle_port, metrics_port=metrics_port, extra=f'''
+dpop = "{"always" if u.dpop else "never"}"
+'''
+            for u in ups.values()
+        )
+        cfg = write_config(
+            tmp,
+            bundle_port=bundle_port,
+            metrics_port=metrics_port,
+            extra=f'''
 [oauth]
 discovery_ttl_seconds = 86400
 [inject]
@@ -457,8 +595,9 @@ listen_port = {proxy_port}
 listen_port6 = {proxy_port}
 managed_cgroups = ["/{cg.name}"]
 [policy]
-file = "{tmp / 'policy.toml'}"
-{servers}''')
+file = "{tmp / "policy.toml"}"
+{servers}''',
+        )
         agent = stack.enter_context(AgentProcess(cfg, tmp))
         agent.wait_ready()
         attacker = Attacker(cg, tmp)

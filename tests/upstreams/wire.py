@@ -30,7 +30,7 @@ _MACRO = re.compile(rb"\$\{(AUTHORITY|PORT|REPEAT:(\d+):(.*?))\}", re.DOTALL)
 def decode_line(line: str) -> bytes:
     out, pos = bytearray(), 0
     for m in _ESCAPE.finditer(line):
-        out += line[pos:m.start()].encode("latin-1")
+        out += line[pos : m.start()].encode("latin-1")
         code = m.group(1)
         if code in _SIMPLE:
             out += _SIMPLE[code]
@@ -46,7 +46,7 @@ def decode_line(line: str) -> bytes:
 @dataclass(frozen=True)
 class Piece:
     data: bytes
-    wait_response: bool = False   # wait for one more final response before writing it
+    wait_response: bool = False  # wait for one more final response before writing it
 
 
 def expand(data: bytes, port: int) -> bytes:
@@ -56,6 +56,7 @@ def expand(data: bytes, port: int) -> bytes:
         if m.group(1) == b"PORT":
             return b"%d" % port
         return m.group(3) * int(m.group(2))
+
     return _MACRO.sub(one, data)
 
 
@@ -92,6 +93,7 @@ class Response:
 class Answers:
     """What came back on one connection: final responses in order, interim (1xx) ones apart,
     and whatever did not parse as a response (which the oracle reports)."""
+
     responses: list[Response] = field(default_factory=list)
     interim: list[Response] = field(default_factory=list)
     junk: bytes = b""
@@ -113,11 +115,11 @@ def _chunked(data: bytes, pos: int) -> int | None:
             return None
         try:
             size = int(data[pos:eol].split(b";")[0].strip(), 16)
-        except ValueError:   # not chunked after all: the rest is this body, unended
+        except ValueError:  # not chunked after all: the rest is this body, unended
             return None
         pos = eol + 2
         if size == 0:
-            while True:   # trailer section up to an empty line
+            while True:  # trailer section up to an empty line
                 eol = data.find(b"\r\n", pos)
                 if eol < 0:
                     return None
@@ -148,8 +150,9 @@ def split_responses(data: bytes, eof: bool = True) -> Answers:
         except (IndexError, ValueError):
             out.junk = data[pos:]
             break
-        headers = [tuple(part.strip() for part in ln.split(b":", 1)) for ln in lines[1:]
-                   if b":" in ln]
+        headers = [
+            tuple(part.strip() for part in ln.split(b":", 1)) for ln in lines[1:] if b":" in ln
+        ]
         r = Response(status, headers)
         body_at = end + 4
         te = (r.header(b"transfer-encoding") or b"").lower()
@@ -161,7 +164,7 @@ def split_responses(data: bytes, eof: bool = True) -> Answers:
         elif cl is not None and cl.strip().isdigit():
             n = int(cl)
             stop = body_at + n
-            if n and data.startswith(b"HTTP/1.", body_at):   # HEAD: no body followed
+            if n and data.startswith(b"HTTP/1.", body_at):  # HEAD: no body followed
                 stop = body_at
         else:
             stop = len(data) if eof else None
@@ -180,11 +183,11 @@ def split_responses(data: bytes, eof: bool = True) -> Answers:
 class Case:
     name: str
     statuses: tuple[int, ...]
-    close: bool             # the proxy must close the connection after its answer(s)
-    upstream: int           # requests the upstream must parse (0: nothing reaches it)
-    jsonrpc_error: bool     # the (last) answer is a JSON-RPC error object
+    close: bool  # the proxy must close the connection after its answer(s)
+    upstream: int  # requests the upstream must parse (0: nothing reaches it)
+    jsonrpc_error: bool  # the (last) answer is a JSON-RPC error object
     why: str
-    text: str               # the .http file
+    text: str  # the .http file
 
     def pieces(self, port: int) -> list[Piece]:
         return load_pieces(self.text, port)
@@ -203,11 +206,20 @@ def load_corpus(directory: Path) -> list[Case]:
         name, statuses, close, upstream, answer, why = line.split("\t")
         if close not in ("close", "-") or answer not in ("jsonrpc", "-"):
             raise ValueError(f"index.tsv: bad row {line!r}")
-        cases.append(Case(name, tuple(int(s) for s in statuses.split(",")), close == "close",
-                          int(upstream), answer == "jsonrpc", why,
-                          (directory / f"{name}.http").read_text()))
+        cases.append(
+            Case(
+                name,
+                tuple(int(s) for s in statuses.split(",")),
+                close == "close",
+                int(upstream),
+                answer == "jsonrpc",
+                why,
+                (directory / f"{name}.http").read_text(),
+            )
+        )
     files = {p.stem for p in directory.glob("*.http")}
     if files != {c.name for c in cases}:
-        raise ValueError(f"index.tsv and the .http files disagree: "
-                         f"{sorted(files ^ {c.name for c in cases})}")
+        raise ValueError(
+            f"index.tsv and the .http files disagree: {sorted(files ^ {c.name for c in cases})}"
+        )
     return cases

@@ -22,8 +22,13 @@ def main() -> int:
         f.write("0")
     mod = importlib.import_module(module)
     # what the workloads import lazily, loaded while the files are still readable
-    for name in getattr(mod, "LAZY_IMPORTS", ()) + ("concurrent.futures.thread", "json",
-                                                     "encodings.idna", "grpc._channel"):
+    for name in (
+        *getattr(mod, "LAZY_IMPORTS", ()),
+        "concurrent.futures.thread",
+        "json",
+        "encodings.idna",
+        "grpc._channel",
+    ):
         importlib.import_module(name)
     os.setgroups([])
     os.setresgid(gid, gid, gid)

@@ -10,6 +10,7 @@ and one {"relay_error": ...} line per connection it could not open. Runs until k
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -28,10 +29,8 @@ def _pipe(src: socket.socket, dst: socket.socket) -> None:
     except OSError:
         pass
     finally:
-        try:
+        with contextlib.suppress(OSError):
             dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
 
 
 def _serve(client: socket.socket, bind: tuple[str, int], dest: tuple[str, int]) -> None:
@@ -62,9 +61,11 @@ def main() -> int:
     emit({"ready": True, "uid": os.geteuid()})
     while True:
         client, _ = srv.accept()
-        threading.Thread(target=_serve, args=(client, (bind_addr, int(bind_port)),
-                                               (dest_addr, int(dest_port))),
-                         daemon=True).start()
+        threading.Thread(
+            target=_serve,
+            args=(client, (bind_addr, int(bind_port)), (dest_addr, int(dest_port))),
+            daemon=True,
+        ).start()
 
 
 if __name__ == "__main__":

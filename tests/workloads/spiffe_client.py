@@ -37,22 +37,29 @@ def main() -> int:
             bundle = jwt_bundles.get_bundle_for_trust_domain(svid.spiffe_id.trust_domain)
             # py-spiffe validates signature, aud and exp against the fetched JWT bundle
             from spiffe import JwtSvid
+
             validated = JwtSvid.parse_and_validate(jwt_svid.token, bundle, {audience})
             remote = client.validate_jwt_svid(jwt_svid.token, audience)
             x509_bundle = bundles.get_bundle_for_trust_domain(svid.spiffe_id.trust_domain)
-            emit({
-                "spiffe_id": str(svid.spiffe_id),
-                "chain_pem": [c.public_bytes(Encoding.PEM).decode() for c in svid.cert_chain],
-                "bundle_pem": [c.public_bytes(Encoding.PEM).decode()
-                               for c in x509_bundle.x509_authorities],
-                "jwt_spiffe_id": str(validated.spiffe_id),
-                "jwt_audience": sorted(validated.audience),
-                "jwt_expiry": validated.expiry,
-                "jwt_claims": {k: v for k, v in validated._claims.items()
-                               if k in ("sub", "iss", "aud", "jti")},
-                "remote_validated": str(remote.spiffe_id),
-                "jwt_kids": sorted(bundle.jwt_authorities.keys()),
-            })
+            emit(
+                {
+                    "spiffe_id": str(svid.spiffe_id),
+                    "chain_pem": [c.public_bytes(Encoding.PEM).decode() for c in svid.cert_chain],
+                    "bundle_pem": [
+                        c.public_bytes(Encoding.PEM).decode() for c in x509_bundle.x509_authorities
+                    ],
+                    "jwt_spiffe_id": str(validated.spiffe_id),
+                    "jwt_audience": sorted(validated.audience),
+                    "jwt_expiry": validated.expiry,
+                    "jwt_claims": {
+                        k: v
+                        for k, v in validated._claims.items()
+                        if k in ("sub", "iss", "aud", "jti")
+                    },
+                    "remote_validated": str(remote.spiffe_id),
+                    "jwt_kids": sorted(bundle.jwt_authorities.keys()),
+                }
+            )
         elif cmd == "watch":
             want = int(sys.argv[3])
             seen: list[str] = []
