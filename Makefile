@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 PYTHON ?= python3
 BCC_SRC := /usr/lib/python3/dist-packages/bcc
 
-.PHONY: setup host venv peers test unit demo bench bench-attest bench-identity bench-inject bench-workload-api proto install clean
+.PHONY: setup host venv peers test lint types unit demo bench bench-attest bench-identity bench-inject bench-workload-api proto install clean
 
 setup: host venv peers
 
@@ -33,8 +33,17 @@ tests/oidc/node_modules/.installed: tests/oidc/package-lock.json
 	@npm ci --prefix tests/oidc --no-audit --no-fund --loglevel=error
 	@touch $@
 
-test: setup
+test: setup lint types
 	$(PY) -m pytest tests/unit tests/integration
+
+# ruff (rules and their reasons in pyproject.toml) over the code and the tests, then format
+lint: venv
+	$(VENV)/bin/ruff check agent tests
+	$(VENV)/bin/ruff format --check agent tests
+
+# mypy: strict for the sans-IO and data-model modules, the default elsewhere (pyproject.toml)
+types: venv
+	$(VENV)/bin/mypy
 
 # The inner loop: the sans-IO and unit tests only (no root, no kernel, no peers; seconds).
 unit: venv
