@@ -31,40 +31,78 @@ a valid SPIFFE path segment does the same. Either is logged, never silently "fix
 from __future__ import annotations
 
 import re
-import tomllib
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from agent import schema
 from agent.identity.spiffeid import InvalidSpiffeId, SpiffeId, TrustDomain
+from agent.schema import Check, OperatorFileError, computed, non_empty, positive, required, setting
 
 _PLACEHOLDER = re.compile(r"\{([a-z0-9_-]+:[a-z0-9_.-]+)\}")
-_ENTRY_KEYS = {
-    "id",
-    "spiffe_id",
-    "selectors",
-    "x509_svid_ttl_seconds",
-    "jwt_svid_ttl_seconds",
-    "authorization_server_audience",
-}
 
 
-class EntriesError(Exception):
-    def __init__(self, source: str, problems: list[str]):
-        self.problems = problems
-        super().__init__("\n".join(f"{source}: {p}" for p in problems))
+class EntriesError(OperatorFileError):
+    """entries.toml is wrong."""
+
+
+def _probe(template: str) -> SpiffeId:
+    """The ID `template` renders to with every placeholder filled by a harmless segment."""
+    return SpiffeId.parse(_PLACEHOLDER.sub("x", template))
+
+
+def _spiffe_id_template(v: Any) -> str | None:
+    try:
+        sid = _probe(v)
+    except InvalidSpiffeId as e:
+        return f'a SPIFFE ID or template such as "spiffe://example.org/ns/{{k8s:ns}}" ({e})'
+    if sid.is_root:
+        return "a SPIFFE ID with a path: workloads never get the trust domain's own ID"
+    return None
+
+
+def _in_trust_domain(td: TrustDomain) -> Check:
+    def check(v: Any) -> str | None:
+        if _probe(v).trust_domain == td:
+            return None
+        return f"a SPIFFE ID in the trust domain {td.name} this agent issues in"
+
+    return check
+
+
+def _selectors(v: Any) -> str | None:
+    example = 'such as ["unix:uid:1000"]'
+    if not all(isinstance(s, str) for s in v):
+        return f"an array of selector strings {example}"
+    if not v:
+        return (
+            f"at least one selector {example} (an entry without selectors would match everything)"
+        )
+    bad = [s for s in v if s.count(":") < 2 or not all(s.split(":", 2)[:2])]
+    if bad:
+        return f"selectors of the form type:key:value {example}; not: " + ", ".join(
+            schema.render(s) for s in bad
+        )
+    return None
 
 
 @dataclass(frozen=True)
 class Entry:
-    id: str
-    spiffe_id: str  # a SPIFFE ID, or a template with {type:key} fields
-    selectors: frozenset[str]
-    x509_svid_ttl_seconds: int | None = None
-    jwt_svid_ttl_seconds: int | None = None
-    order: int = 0
-    authorization_server_audience: bool = False  # JWT-SVIDs for an AS credless uses
+    # names the entry in logs and audit; an entry without one is named entry-<index>
+    id: str = required("it names the entry in logs and audit", non_empty)
+    # a SPIFFE ID, or a template with {type:key} fields
+    spiffe_id: str = required(
+        'the SPIFFE ID matching processes get, such as "spiffe://example.org/workload"',
+        _spiffe_id_template,
+    )
+    selectors: frozenset[str] = required("what a process must have to match", _selectors)
+    # absent: identity.x509_svid_ttl_seconds, identity.jwt_svid_ttl_seconds
+    x509_svid_ttl_seconds: int | None = setting(None, positive)
+    jwt_svid_ttl_seconds: int | None = setting(None, positive)
+    order: int = computed(0)  # the entry's place in the file: ties go to the first
+    # may this workload get JWT-SVIDs for an authorization server credless uses?
+    authorization_server_audience: bool = setting(False)
 
     @property
     def is_template(self) -> bool:
@@ -122,111 +160,34 @@ class Registry:
         return len(self.entries)
 
 
-def _check_entry(
-    raw: Any, index: int, td: TrustDomain, seen: set[str]
-) -> tuple[Entry | None, list[str]]:
-    where = f"entry[{index}]"
-    if not isinstance(raw, dict):
-        return None, [f"{where}: expected a table [[entry]], got {type(raw).__name__}"]
-    if isinstance(raw.get("id"), str):
-        where += f' (id "{raw["id"]}")'
-    problems = [
-        f"{where}: unknown key {k!r}; accepted: {', '.join(sorted(_ENTRY_KEYS))}"
-        for k in raw
-        if k not in _ENTRY_KEYS
-    ]
-    eid = raw.get("id", f"entry-{index}")
-    if not isinstance(eid, str) or not eid:
-        problems.append(f"{where}: id must be a non-empty string")
-    elif eid in seen:
-        problems.append(f"{where}: duplicate id; every entry needs its own")
-    sid = raw.get("spiffe_id")
-    if not isinstance(sid, str):
-        problems.append(
-            f'{where}: spiffe_id is required, a string like "spiffe://{td.name}/workload"'
-        )
-    else:
-        # validate the template with every placeholder filled by a harmless segment
-        probe = _PLACEHOLDER.sub("x", sid)
-        try:
-            parsed = SpiffeId.parse(probe)
-            if parsed.trust_domain != td:
-                problems.append(
-                    f"{where}: spiffe_id {sid!r} is outside the trust domain "
-                    f"{td.name} this agent issues in"
-                )
-            elif parsed.is_root:
-                problems.append(
-                    f"{where}: spiffe_id {sid!r} needs a path: workloads never get "
-                    "the trust domain's own ID"
-                )
-        except InvalidSpiffeId as e:
-            problems.append(f"{where}: spiffe_id {sid!r} is not a valid SPIFFE ID: {e}")
-    sels = raw.get("selectors")
-    if not isinstance(sels, list) or not sels or not all(isinstance(s, str) for s in sels):
-        problems.append(
-            f"{where}: selectors must be a non-empty list of strings like "
-            '"unix:uid:1000" (an entry without selectors would match everything)'
-        )
-        sels = []
-    else:
-        for s in sels:
-            if s.count(":") < 2 or not all(s.split(":", 2)[:2]):
-                problems.append(f"{where}: selector {s!r} is not of the form type:key:value")
-    for ttl_key in ("x509_svid_ttl_seconds", "jwt_svid_ttl_seconds"):
-        v = raw.get(ttl_key)
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
-            problems.append(f"{where}: {ttl_key} must be a positive integer, got {v!r}")
-    as_audience = raw.get("authorization_server_audience", False)
-    if not isinstance(as_audience, bool):
-        problems.append(
-            f"{where}: authorization_server_audience must be true or false, got {as_audience!r}"
-        )
-    if problems:
-        return None, problems
-    seen.add(eid)
-    return Entry(
-        id=eid,
-        spiffe_id=sid,
-        selectors=frozenset(sels),
-        x509_svid_ttl_seconds=raw.get("x509_svid_ttl_seconds"),
-        jwt_svid_ttl_seconds=raw.get("jwt_svid_ttl_seconds"),
-        order=index,
-        authorization_server_audience=as_audience,
-    ), []
+@dataclass(frozen=True)
+class _EntriesFile:
+    entry: tuple[Entry, ...] = setting((), named_by="id")
 
 
-def parse(data: dict, trust_domain: TrustDomain, source: str = "<entries>") -> Registry:
-    unknown = [k for k in data if k != "entry"]
-    problems = [f"unknown top-level key {k!r}; entries are [[entry]] tables" for k in unknown]
-    raw_entries = data.get("entry", [])
-    if not isinstance(raw_entries, list):
-        raise EntriesError(source, ["'entry' must be an array of tables: write [[entry]]"])
-    entries, seen = [], set()
-    for i, raw in enumerate(raw_entries):
-        entry, errs = _check_entry(raw, i, trust_domain, seen)
-        problems += errs
-        if entry:
-            entries.append(entry)
-    if problems:
+def _with_default_ids(data: Mapping[str, Any]) -> Mapping[str, Any]:
+    """An entry without an id is named by its place in the file, `entry-<index>`."""
+    raw = data.get("entry")
+    if not isinstance(raw, list):
+        return data
+    named = [{"id": f"entry-{i}", **e} if isinstance(e, dict) else e for i, e in enumerate(raw)]
+    return {**data, "entry": named}
+
+
+def parse(
+    data: Mapping[str, Any], trust_domain: TrustDomain, source: str = "<entries>"
+) -> Registry:
+    problems: list[str] = []
+    checks = {"entry.spiffe_id": _in_trust_domain(trust_domain)}
+    file = schema.build(_EntriesFile, _with_default_ids(data), problems, checks)
+    if file is None:
         raise EntriesError(source, problems)
+    entries = [replace(e, order=i) for i, e in enumerate(file.entry)]
     return Registry(entries, trust_domain, source)
 
 
 def load(path: str | Path, trust_domain: TrustDomain) -> Registry:
-    p = Path(path)
-    try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise EntriesError(
-            str(p),
-            [
-                "file not found; create it or set identity.entries_file "
-                "(an empty file means no process gets an identity)"
-            ],
-        ) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise EntriesError(str(p), [f"cannot read: {e}"]) from None
-    except tomllib.TOMLDecodeError as e:
-        raise EntriesError(str(p), [f"not valid TOML: {e}"]) from None
-    return parse(data, trust_domain, str(p))
+    missing = (
+        "create it or set identity.entries_file (an empty file means no process gets an identity)"
+    )
+    return parse(schema.read_toml(path, EntriesError, missing), trust_domain, str(path))

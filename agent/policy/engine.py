@@ -19,21 +19,21 @@ class PolicyEngine:
     name = "policy"
 
     def __init__(self, cfg: Any, servers: set[str], registry: Any = None):
-        self.cfg = cfg  # agent.config.PolicySection
-        self.servers = servers
-        self.policy: Policy | None = None
-        self._mtime = 0.0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self.m_reloads = Counter(
+            "credless_policy_reloads", "Policy file reloads", ["result"], registry=registry
+        )
         self.m_decisions = Counter(
             "credless_policy_decisions",
             "Policy decisions",
             ["server", "decision"],
             registry=registry,
         )
-        self.m_reloads = Counter(
-            "credless_policy_reloads", "Policy file reloads", ["result"], registry=registry
-        )
+        self.cfg = cfg  # agent.config.PolicySection
+        self.servers = servers
+        self.policy: Policy | None = None
+        self._mtime = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         if self.cfg.file:

@@ -66,15 +66,17 @@ class _Duplicate(ValueError):
     pass
 
 
-def _unique_members(pairs: list[tuple[str, Any]]) -> dict:
+def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """An object whose member names are unique. JSON parsers disagree on duplicates (Python
     keeps the last, others the first or refuse), so `{"name": "a", "name": "b"}` could be
     decided as one tool and run as another: refused, not interpreted."""
     obj = dict(pairs)
     if len(obj) != len(pairs):
         seen: set[str] = set()
-        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise _Duplicate(dup)
+        for k, _ in pairs:
+            if k in seen:
+                raise _Duplicate(k)
+            seen.add(k)
     return obj
 
 
@@ -124,8 +126,8 @@ def header_mismatch(calls: list[Call], mcp_method: str | None, mcp_name: str | N
     return None
 
 
-def error_object(id_: Any, code: int, message: str, data: Any = None) -> dict:
-    err: dict = {"code": code, "message": message}
+def error_object(id_: Any, code: int, message: str, data: Any = None) -> dict[str, Any]:
+    err: dict[str, Any] = {"code": code, "message": message}
     if data is not None:
         err["data"] = data
     return {"jsonrpc": "2.0", "id": id_, "error": err}

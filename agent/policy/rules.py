@@ -30,10 +30,13 @@ not is worse than none).
 from __future__ import annotations
 
 import fnmatch
-import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
+
+from agent import schema
+from agent.schema import Check, OperatorFileError, non_empty, one_of, required, setting
 
 LIFECYCLE = frozenset(
     {
@@ -46,31 +49,64 @@ LIFECYCLE = frozenset(
         "http:DELETE",
     }
 )
-_KEYS = {"id", "spiffe_id", "server", "methods", "tools", "resources", "prompts", "effect"}
-_REMOVED = {
-    "oauth": "removed: it was never enforced. Which identities obtain tokens for a server "
-    "follows from their call rules (an identity with no allowed call gets none used)",
-    "scope": "removed: it was never enforced. Set the scope to request per server with "
-    "`scope` in the agent's [[servers]] table",
-}
+_EFFECTS = ("allow", "deny")
 
 
-class PolicyError(Exception):
-    def __init__(self, source: str, problems: list[str]):
-        self.problems = problems
-        super().__init__("\n".join(f"{source}: {p}" for p in problems))
+class PolicyError(OperatorFileError):
+    """policy.toml is wrong."""
+
+
+def _spiffe_id_glob(v: Any) -> str | None:
+    return (
+        None if v.startswith("spiffe://") else "a SPIFFE ID, or a glob over one, starting spiffe://"
+    )
+
+
+def _server(v: Any) -> str | None:
+    return None if v else 'a [[servers]] name, or "*"'
+
+
+def _globs(v: Any) -> str | None:
+    ok = all(isinstance(x, str) and x for x in v)
+    return None if ok else 'an array of non-empty strings (globs), such as ["tools/*"]'
+
+
+def _configured(servers: set[str]) -> Check:
+    def check(v: Any) -> str | None:
+        if v == "*" or v in servers:
+            return None
+        return 'a configured [[servers]] name or "*"; known: ' + ", ".join(sorted(servers))
+
+    return check
 
 
 @dataclass(frozen=True)
 class Rule:
-    id: str
-    spiffe_id: str
-    server: str
-    methods: tuple[str, ...] = ()
-    tools: tuple[str, ...] = ("*",)
-    resources: tuple[str, ...] = ("*",)
-    prompts: tuple[str, ...] = ("*",)
-    effect: str = "allow"
+    id: str = required("it names the rule in audit events", non_empty)
+    spiffe_id: str = required("a SPIFFE ID, or a glob over the whole ID", _spiffe_id_glob)
+    server: str = required('a [[servers]] name, or "*"', _server)
+    # globs over JSON-RPC methods; the names a rule covers default to any
+    methods: tuple[str, ...] = setting((), _globs)
+    tools: tuple[str, ...] = setting(("*",), _globs)  # tools/call names
+    resources: tuple[str, ...] = setting(("*",), _globs)  # resources/read URIs
+    prompts: tuple[str, ...] = setting(("*",), _globs)  # prompts/get names
+    effect: str = setting("allow", one_of(*_EFFECTS))
+
+    # a control that looks active but is not is worse than none
+    removed_keys: ClassVar[Mapping[str, str]] = {
+        "oauth": "removed: it was never enforced. Which identities obtain tokens for a server "
+        "follows from their call rules (an identity with no allowed call gets none used)",
+        "scope": "removed: it was never enforced. Set the scope to request per server with "
+        "`scope` in the agent's [[servers]] table",
+    }
+
+    @staticmethod
+    def check_together(raw: Mapping[str, Any]) -> list[tuple[str, str]]:
+        if "methods" not in raw and raw.get("effect", "allow") == "allow":
+            return [
+                ("methods", 'required with effect = "allow" (e.g. ["tools/list", "tools/call"])')
+            ]
+        return []
 
     def applies(self, spiffe_id: str, server: str) -> bool:
         return fnmatch.fnmatchcase(spiffe_id, self.spiffe_id) and (
@@ -127,91 +163,24 @@ class Policy:
         return Decision(False, None, f"no rule allows {what} on {server!r} for {spiffe_id}")
 
 
-def _strings(v: Any) -> bool:
-    return isinstance(v, list) and all(isinstance(x, str) and x for x in v)
+@dataclass(frozen=True)
+class _PolicyFile:
+    default_unlisted: str = setting("allow", one_of(*_EFFECTS))
+    rule: tuple[Rule, ...] = setting((), named_by="id")
 
 
-def parse(data: dict, source: str = "<policy>", servers: set[str] | None = None) -> Policy:
+def parse(
+    data: Mapping[str, Any], source: str = "<policy>", servers: set[str] | None = None
+) -> Policy:
+    """`servers`: the configured [[servers]] names a rule may name; None: any."""
     problems: list[str] = []
-    unknown = set(data) - {"rule", "default_unlisted"}
-    problems += [
-        f"unknown top-level key {k!r}; accepted: default_unlisted, [[rule]]"
-        for k in sorted(unknown)
-    ]
-    default = data.get("default_unlisted", "allow")
-    if default not in ("allow", "deny"):
-        problems.append(f"default_unlisted: got {default!r}, expected allow or deny")
-    rules, seen = [], set()
-    raw_rules = data.get("rule", [])
-    if not isinstance(raw_rules, list):
-        raise PolicyError(source, ["'rule' must be an array of tables: write [[rule]]"])
-    for i, raw in enumerate(raw_rules):
-        where = f"rule[{i}]" + (
-            f' (id "{raw.get("id")}")'
-            if isinstance(raw, dict) and isinstance(raw.get("id"), str)
-            else ""
-        )
-        if not isinstance(raw, dict):
-            problems.append(f"{where}: expected a table")
-            continue
-        errs = [
-            f"{where}: {k}: {_REMOVED[k]}"
-            if k in _REMOVED
-            else f"{where}: unknown key {k!r}; accepted: {', '.join(sorted(_KEYS))}"
-            for k in raw
-            if k not in _KEYS
-        ]
-        rid = raw.get("id")
-        if not isinstance(rid, str) or not rid:
-            errs.append(f"{where}: id is required (it names the rule in audit events)")
-        elif rid in seen:
-            errs.append(f"{where}: duplicate id")
-        sid = raw.get("spiffe_id")
-        if not isinstance(sid, str) or not sid.startswith("spiffe://"):
-            errs.append(f"{where}: spiffe_id must be a SPIFFE ID or glob starting spiffe://")
-        server = raw.get("server")
-        if not isinstance(server, str) or not server:
-            errs.append(f'{where}: server must be a [[servers]] name or "*"')
-        elif servers is not None and server != "*" and server not in servers:
-            errs.append(
-                f"{where}: server {server!r} is not configured; known: "
-                + ", ".join(sorted(servers))
-            )
-        for key in ("methods", "tools", "resources", "prompts"):
-            if key in raw and not _strings(raw[key]):
-                errs.append(f"{where}: {key} must be a list of non-empty strings")
-        if "methods" not in raw and raw.get("effect", "allow") == "allow":
-            errs.append(f'{where}: methods is required (e.g. ["tools/list", "tools/call"])')
-        if raw.get("effect", "allow") not in ("allow", "deny"):
-            errs.append(f"{where}: effect must be allow or deny, got {raw.get('effect')!r}")
-        if isinstance(rid, str):
-            seen.add(rid)
-        if errs:
-            problems += errs
-            continue
-        rules.append(
-            Rule(
-                id=rid,
-                spiffe_id=sid,
-                server=server,
-                methods=tuple(raw.get("methods", ())),
-                tools=tuple(raw.get("tools", ("*",))),
-                resources=tuple(raw.get("resources", ("*",))),
-                prompts=tuple(raw.get("prompts", ("*",))),
-                effect=raw.get("effect", "allow"),
-            )
-        )
-    if problems:
+    checks = {} if servers is None else {"rule.server": _configured(servers)}
+    file = schema.build(_PolicyFile, data, problems, checks)
+    if file is None:
         raise PolicyError(source, problems)
-    return Policy(rules, default, source)
+    return Policy(list(file.rule), file.default_unlisted, source)
 
 
 def load(path: str | Path, servers: set[str] | None = None) -> Policy:
-    p = Path(path)
-    try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PolicyError(str(p), ["file not found; create it or set policy.file"]) from None
-    except tomllib.TOMLDecodeError as e:
-        raise PolicyError(str(p), [f"not valid TOML: {e}"]) from None
-    return parse(data, str(p), servers)
+    missing = "create it or set policy.file"
+    return parse(schema.read_toml(path, PolicyError, missing), str(path), servers)

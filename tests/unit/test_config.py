@@ -1,4 +1,5 @@
-"""Config validation: table-driven over tests/testdata/config/*.toml with the exact messages."""
+"""Operator files: table-driven over tests/testdata/{config,entries,policy}/*.toml with the
+exact messages (one engine, one error type, one format for all three), then the config's own."""
 
 from __future__ import annotations
 
@@ -8,23 +9,65 @@ import pytest
 
 from agent import config
 from agent.config import ConfigError
+from agent.identity import entries
+from agent.identity.spiffeid import TrustDomain
+from agent.policy import rules
+from agent.schema import OperatorFileError
 from tests.conftest import REPO, TESTDATA
 
-CASES = sorted(p for p in (TESTDATA / "config").glob("*.toml") if p.with_suffix(".err").exists())
+# each kind of file as the agent loads it: entries for the trust domain example.org, policy
+# against the [[servers]] its samples name
+LOADERS = {
+    "config": (config.load, ConfigError),
+    "entries": (lambda p: entries.load(p, TrustDomain.parse("example.org")), entries.EntriesError),
+    "policy": (lambda p: rules.load(p, servers={"weather", "maps"}), rules.PolicyError),
+}
+CASES = sorted(
+    p
+    for kind in LOADERS
+    for p in (TESTDATA / kind).glob("*.toml")
+    if p.with_suffix(".err").exists()
+)
 
 
-@pytest.mark.parametrize("path", CASES, ids=[p.stem for p in CASES])
-def test_invalid_config_reports_exact_problems(path):
+@pytest.mark.parametrize("path", CASES, ids=[f"{p.parent.name}/{p.stem}" for p in CASES])
+def test_invalid_operator_file_reports_exact_problems(path):
+    load, error = LOADERS[path.parent.name]
     expected = path.with_suffix(".err").read_text().splitlines()
-    with pytest.raises(ConfigError) as err:
-        config.load(path)
+    with pytest.raises(error) as err:
+        load(path)
+    assert isinstance(err.value, OperatorFileError)
     assert err.value.problems == expected
     assert str(err.value).splitlines() == [f"{path}: {line}" for line in expected]
 
 
 def test_table_covers_the_required_failures():
-    names = {p.stem for p in CASES}
-    assert {"unknown_key", "wrong_type_bool", "bad_trust_domain_upper"} <= names
+    names = {f"{p.parent.name}/{p.stem}" for p in CASES}
+    assert {
+        "config/unknown_key",
+        "config/wrong_type_bool",
+        "config/bad_trust_domain_upper",
+        "entries/invalid",
+        "entries/duplicate_id",
+        "policy/invalid",
+        "policy/removed_keys",
+    } <= names
+
+
+@pytest.mark.parametrize("kind", LOADERS)
+def test_every_kind_of_file_fails_alike_when_it_cannot_be_read(kind, tmp_path):
+    load, error = LOADERS[kind]
+    with pytest.raises(error) as err:
+        load(tmp_path)
+    assert err.value.problems == ["is a directory, expected a TOML file"]
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes(b"# caf\xe9\n")
+    with pytest.raises(error) as err:
+        load(latin1)
+    assert err.value.problems == ["not UTF-8 text (byte 5)"]
+    with pytest.raises(error) as err:
+        load(tmp_path / "nope.toml")
+    assert err.value.problems[0].startswith("file not found; create it ")
 
 
 def test_missing_file(tmp_path):
@@ -62,7 +105,7 @@ def test_example_config_loads_and_documents_every_default():
     example = REPO / "deploy" / "credless.example.toml"
     assert config.load(example) == config.Config()
     text = example.read_text()
-    for key, _default, _doc in config.iter_settings():
+    for key, _default in config.iter_settings():
         name = key.rsplit(".", 1)[1]
         # array-of-table keys ([[servers]]) are documented as a commented example
         assert f"\n{name} = " in text or f"\n# {name} = " in text, (

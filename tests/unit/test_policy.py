@@ -7,7 +7,7 @@ import json
 import pytest
 
 from agent.policy import jsonrpc, rules
-from tests.conftest import TESTDATA
+from tests.conftest import REPO, TESTDATA
 
 POLICY = rules.load(TESTDATA / "policy/policy.toml", servers={"weather", "maps"})
 ROWS = [
@@ -98,38 +98,20 @@ def test_rule_keys_that_were_never_enforced_are_refused_saying_what_to_do(key, v
     assert len(err.value.problems) == 1 and says in err.value.problems[0]
 
 
-def test_invalid_policy_names_rule_and_reason():
-    with pytest.raises(rules.PolicyError) as err:
-        rules.parse(
-            {
-                "colour": 1,
-                "rule": [
-                    {"id": "a", "spiffe_id": "example.org/x", "server": "nope", "methods": ["x"]},
-                    {
-                        "id": "a",
-                        "spiffe_id": "spiffe://e/x",
-                        "server": "weather",
-                        "effect": "maybe",
-                        "methods": "tools/call",
-                        "colour": ["steal"],
-                    },
-                    {"spiffe_id": "spiffe://e/x", "server": "weather"},
-                ],
-            },
-            servers={"weather"},
-        )
-    assert err.value.problems == [
-        "unknown top-level key 'colour'; accepted: default_unlisted, [[rule]]",
-        'rule[0] (id "a"): spiffe_id must be a SPIFFE ID or glob starting spiffe://',
-        "rule[0] (id \"a\"): server 'nope' is not configured; known: weather",
-        "rule[1] (id \"a\"): unknown key 'colour'; accepted: effect, id, methods, "
-        "prompts, resources, server, spiffe_id, tools",
-        'rule[1] (id "a"): duplicate id',
-        'rule[1] (id "a"): methods must be a list of non-empty strings',
-        "rule[1] (id \"a\"): effect must be allow or deny, got 'maybe'",
-        "rule[2]: id is required (it names the rule in audit events)",
-        'rule[2]: methods is required (e.g. ["tools/list", "tools/call"])',
+# invalid files and their exact messages: tests/testdata/policy, run by test_config.py
+
+
+def test_the_example_policy_loads_as_written():
+    p = rules.load(REPO / "deploy/policy.example.toml", servers={"weather"})
+    assert p.default_unlisted == "deny"
+    assert [(r.id, r.effect) for r in p.rules] == [
+        ("weather-readers", "allow"),
+        ("no-secrets", "deny"),
+        ("admin", "allow"),
     ]
+    readers = p.rules[0]
+    assert readers.methods == ("tools/list", "tools/call", "resources/read")
+    assert readers.tools == ("get_*", "echo") and readers.prompts == ("*",)
 
 
 # ---------------------------------------------------------------- JSON-RPC
