@@ -8,6 +8,15 @@ that bumps `spiffe_sequence` — so the sequence changes exactly when the conten
 
 Bundles of different trust domains are never merged: each bundle is bound to the trust domain
 it was configured or created for, never one inferred from its content.
+
+Hand-written, not py-spiffe's `X509Bundle` / `JwtBundle`, because py-spiffe 0.3 has no SPIFFE
+bundle document at all (tests/unit/test_identity_py_spiffe.py shows each point):
+`JwtBundle.parse` reads a plain JWKS, so it ignores `use` (an x509-svid key becomes a JWT
+authority, and any document holding a CA fails for lack of a `kid`), keeps no
+`spiffe_sequence` / `spiffe_refresh_hint`, drops a malformed key silently while keeping the
+rest, and lets a repeated kid or JSON member overwrite the first; `X509Bundle` is a mutable,
+unordered set. What py-spiffe reads is produced here: `x509_der()` and `jwt_jwks_json()` are
+the Workload API encodings its `X509Bundle.parse_raw` and `JwtBundle.parse` consume.
 """
 
 from __future__ import annotations
@@ -47,9 +56,9 @@ class BundleError(ValueError):
 def public_key_to_jwk(key: PublicKey) -> dict[str, str]:
     """The public JWK members (kty + key parameters) of an EC or RSA public key."""
     if isinstance(key, ec.EllipticCurvePublicKey):
-        return ECAlgorithm.to_jwk(key, as_dict=True)  # type: ignore[return-value]
+        return ECAlgorithm.to_jwk(key, as_dict=True)
     if isinstance(key, rsa.RSAPublicKey):
-        return RSAAlgorithm.to_jwk(key, as_dict=True)  # type: ignore[return-value]
+        return RSAAlgorithm.to_jwk(key, as_dict=True)
     raise BundleError(f"unsupported public key type {type(key).__name__}; use an EC or RSA key")
 
 
@@ -69,6 +78,7 @@ def _spki(key: PublicKey) -> bytes:
 
 
 def _jwk_to_public_key(jwk: Mapping[str, Any], where: str) -> PublicKey:
+    key: object
     try:
         if jwk["kty"] == "EC":
             key = ECAlgorithm.from_jwk(dict(jwk))
@@ -81,7 +91,8 @@ def _jwk_to_public_key(jwk: Mapping[str, Any], where: str) -> PublicKey:
     return key
 
 
-def _reject_duplicate_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def reject_duplicate_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """`json.loads` object hook: a repeated member is a `BundleError`, not "the last one wins"."""
     # A JSON object with a repeated member is ambiguous (parsers disagree on which wins),
     # which is exactly the kind of ambiguity an attacker-supplied bundle would exploit.
     out: dict[str, Any] = {}
@@ -185,7 +196,7 @@ class TrustBundle:
         keys: list[dict[str, Any]] = []
         if x509_keys:
             for cert in self.x509_authorities:
-                jwk = public_key_to_jwk(cert.public_key())  # type: ignore[arg-type]
+                jwk: dict[str, Any] = dict(public_key_to_jwk(cert.public_key()))  # type: ignore[arg-type]
                 jwk["use"] = USE_X509
                 # Standard base64 (not base64url), RFC 7517 §4.7; exactly one cert and no kid
                 # (§4.2.1).
@@ -225,7 +236,7 @@ class TrustBundle:
         key parameters and no ``kid``; a ``jwt-svid`` key must carry a unique ``kid``.
         """
         try:
-            doc = json.loads(data, object_pairs_hook=_reject_duplicate_members)
+            doc = json.loads(data, object_pairs_hook=reject_duplicate_members)
         except (ValueError, UnicodeDecodeError) as e:
             if isinstance(e, BundleError):
                 raise

@@ -55,11 +55,27 @@ def generate_private_key(key_type: str) -> PrivateKey:
     raise CAError(f"unknown key type {key_type!r}; use one of: {', '.join(KEY_TYPES)}")
 
 
-def signature_hash(key: PrivateKey) -> hashes.HashAlgorithm:
+def signature_hash(key: PrivateKey) -> hashes.SHA256 | hashes.SHA384:
     # Match the hash strength to the key (P-384 → SHA-384), as CA/B and RFC 5480 recommend.
     if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size >= 384:
         return hashes.SHA384()
     return hashes.SHA256()
+
+
+def key_usage(signs_certificates: bool, key_encipherment: bool = False) -> x509.KeyUsage:
+    """keyUsage of a signing CA (keyCertSign and cRLSign only) or of a leaf
+    (digitalSignature, and keyEncipherment when asked)."""
+    return x509.KeyUsage(
+        digital_signature=not signs_certificates,
+        content_commitment=False,
+        key_encipherment=key_encipherment,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=signs_certificates,
+        crl_sign=signs_certificates,
+        encipher_only=False,
+        decipher_only=False,
+    )
 
 
 def _utcnow() -> dt.datetime:
@@ -72,7 +88,8 @@ def _spki(key) -> bytes:
     )
 
 
-def _uri_sans(cert: x509.Certificate) -> list[str]:
+def uri_sans(cert: x509.Certificate) -> list[str]:
+    """The certificate's URI SANs (none without a SAN extension)."""
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
@@ -153,20 +170,7 @@ class SigningCA:
             .not_valid_after(now + ttl)
             # pathLen 0: this root signs leaf SVIDs only, never further CAs.
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=False,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
+            .add_extension(key_usage(signs_certificates=True), critical=True)
             .add_extension(ski, critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
@@ -243,7 +247,7 @@ class SigningCA:
                 f"the CA private key does not match certificate {fp}; "
                 "check that the key and certificate files belong together"
             )
-        for uri in _uri_sans(cert):
+        for uri in uri_sans(cert):
             try:
                 sid = SpiffeId.parse(uri)
             except InvalidSpiffeId as e:

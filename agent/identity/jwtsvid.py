@@ -16,6 +16,14 @@ issuer as the *sole* value, and py-spiffe's validator and oidc-provider accept e
 
 Tokens are credentials: they never appear in repr(), logs or exception messages; use `jti`
 and `kid` to refer to them.
+
+Minting is hand-written because py-spiffe only reads JWT-SVIDs. Validation is too, not
+py-spiffe's `JwtSvid.parse_and_validate`, because that (py-spiffe 0.3; each shown in
+tests/unit/test_identity_py_spiffe.py) accepts header parameters the spec forbids (`jku`,
+`x5u`, `cty`), checks `exp` only against the wall clock (no injectable `now`, no leeway),
+takes its SPIFFE ID parser's view of `sub` (a trailing newline, upper case), and costs more
+per token (it re-encodes the key as PEM and PyJWT re-parses it). Here the token is parsed
+once and the signature checked with PyJWT's algorithm for the header's `alg`.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from jwt.types import Options
 
 from agent.identity.bundle import PublicKey, TrustBundle, jwk_thumbprint
 from agent.identity.spiffeid import InvalidSpiffeId, SpiffeId, TrustDomain
@@ -265,6 +274,11 @@ def mint_jwt_svid(
     return JwtSvid(token, sid, auds, token_id, iat, exp, key.kid, claims)
 
 
+# PyJWT's decode without a key: parse and check the JOSE structure only.
+_UNVERIFIED: Options = {"verify_signature": False}
+_VERIFIERS = {alg: jwt.get_algorithm_by_name(alg) for alg in ALLOWED_ALGS}
+
+
 def _key_fits(alg: str, key: Any) -> bool:
     if alg.startswith("ES"):
         return isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == _EC_CURVE[alg]
@@ -295,15 +309,15 @@ def validate_jwt_svid(
     if not isinstance(token, str) or token.count(".") != 2:
         raise JwtSvidError("not a JWS compact serialization (JWT-SVID.md §2.1)")
     try:
-        header = jwt.get_unverified_header(token)
-        unverified = jwt.decode(token, options={"verify_signature": False})
+        # One parse for header, claims and signature; the signature is checked below, once
+        # the key is chosen. Every claim check is ours, against the injectable clock.
+        parsed = jwt.decode_complete(token, options=_UNVERIFIED)
     except jwt.PyJWTError as e:
         raise JwtSvidError(f"malformed JWT: {e}") from None
+    header, claims = parsed["header"], parsed["payload"]
     extra = set(header) - _ALLOWED_HEADER
     if extra:
-        raise JwtSvidError(
-            f"header parameters {sorted(extra)} are not allowed in a JWT-SVID (§2.2)"
-        )
+        raise JwtSvidError(f"header parameters {sorted(extra)} are not allowed in a JWT-SVID (§2)")
     alg = header.get("alg")
     if alg not in ALLOWED_ALGS:
         raise JwtSvidError(
@@ -314,7 +328,7 @@ def validate_jwt_svid(
     kid = header.get("kid")
     if not isinstance(kid, str) or not kid:
         raise JwtSvidError("the header has no kid, so no bundle key can be chosen")
-    sub = unverified.get("sub")
+    sub = claims.get("sub")
     if not isinstance(sub, str):
         raise JwtSvidError("the sub claim is missing; a JWT-SVID's sub is its SPIFFE ID (§3.1)")
     try:
@@ -332,24 +346,16 @@ def validate_jwt_svid(
         )
     if not _key_fits(alg, key):
         raise JwtSvidError(f"alg {alg} does not match the {type(key).__name__} of kid {kid!r}")
+    signing_input = token[: token.rindex(".")].encode()
+    verifier = _VERIFIERS[alg]
     try:
-        claims = jwt.decode(
-            token,
-            key,
-            algorithms=[alg],
-            options={
-                # Time and audience are checked below, against an injectable clock.
-                "verify_exp": False,
-                "verify_nbf": False,
-                "verify_iat": False,
-                "verify_aud": False,
-                "verify_iss": False,
-            },
-        )
-    except jwt.InvalidSignatureError:
-        raise JwtSvidError(f"signature does not verify with kid {kid!r}") from None
+        verified = verifier.verify(signing_input, verifier.prepare_key(key), parsed["signature"])
     except jwt.PyJWTError as e:
         raise JwtSvidError(f"invalid JWT: {e}") from None
+    if not verified:
+        raise JwtSvidError(f"signature does not verify with kid {kid!r}")
+    if "jti" in claims and not isinstance(claims["jti"], str):
+        raise JwtSvidError("invalid JWT: JWT ID must be a string")
 
     aud = claims.get("aud")
     auds = (aud,) if isinstance(aud, str) else tuple(aud) if isinstance(aud, list) else ()

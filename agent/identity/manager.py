@@ -1,41 +1,74 @@
-"""The identity manager: attested process → registration entry → SVIDs, and their rotation.
+"""The identity manager: attested process → SPIFFE ID → SVIDs, whatever their source.
 
-It owns the signing material (the X.509 CA in the state directory, the JWT signing keys in
-memory), the registration entries (reloaded on SIGHUP and when the file changes), the
-X509-SVID cache (one SVID per SPIFFE ID, renewed at half-life), and the trust bundle.
-Anything that serves identities (the Workload API, the OAuth client) asks it, and waits on
-`changed` to learn about rotations.
+The SVIDs, the trust bundle and the registration entries come from one `SvidSource`
+(agent/identity/sources.py), chosen once when the manager is built; the manager holds what
+does not depend on the source: the identity decision and its audit event, the metrics,
+which live process images use which identity, and the `changed` condition that anything
+serving identities (the Workload API, the OAuth client) waits on to learn about rotations.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import os
+import re
 import threading
 import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Protocol
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from agent.identity import entries as entries_mod
+from agent.config import IdentitySection
 from agent.identity.bundle import TrustBundle
-from agent.identity.ca import SigningCA
-from agent.identity.jwtsvid import JwtSigningKeys, JwtSvid, mint_jwt_svid
+from agent.identity.embedded_source import EmbeddedSource
+from agent.identity.jwtsvid import JwtSvid
+from agent.identity.sources import Identity, SourceEvents, SvidSource
 from agent.identity.spiffeid import SpiffeId, TrustDomain
-from agent.identity.x509svid import X509Svid, mint_x509_svid, renew_at
+from agent.identity.spire_source import SpireSource
+from agent.identity.x509svid import X509Svid
 from agent.observe.logging import AuditLog, get_logger
+
+__all__ = ["Identity", "IdentityManager", "source_from_config"]
 
 log = get_logger("identity")
 
 
-@dataclass(frozen=True)
-class Identity:
-    """The identity decision for one attested image."""
+class ProcessImage(Protocol):
+    """One exec of one process: the key the manager tracks identity users by."""
 
-    spiffe_id: SpiffeId
-    entry: entries_mod.Entry
+    @property
+    def tgid(self) -> int: ...
+    @property
+    def exec_ns(self) -> int: ...
+
+
+class AttestedImage(ProcessImage, Protocol):
+    """What the manager reads of an attestation (agent.attest.selectors.Attestation)."""
+
+    @property
+    def start_ns(self) -> int: ...
+    @property
+    def exe(self) -> str: ...
+    @property
+    def cgroup_path(self) -> str | None: ...
+    @property
+    def selectors(self) -> frozenset[str]: ...
+
+
+class ImageEvent(ProcessImage, Protocol):
+    """What the manager reads of a kernel process event (agent.attest.table.ProcessEvent)."""
+
+    @property
+    def type(self) -> int: ...
+
+
+def source_from_config(
+    cfg: IdentitySection, state_dir: str, clock: Callable[[], float] = time.time
+) -> SvidSource:
+    """The one place `identity.source` is read."""
+    if cfg.source == "spire":
+        return SpireSource(cfg.spire_admin_socket, TrustDomain.parse(cfg.trust_domain))
+    return EmbeddedSource(cfg, state_dir, clock)
 
 
 class IdentityManager:
@@ -43,38 +76,25 @@ class IdentityManager:
 
     def __init__(
         self,
-        cfg: Any,
+        cfg: IdentitySection,
         state_dir: str,
         audit: AuditLog | None = None,
-        registry: Any = None,
-        clock=time.time,
+        registry: CollectorRegistry | None = None,
+        clock: Callable[[], float] = time.time,
+        source: SvidSource | None = None,
     ):
-        self.cfg = cfg  # agent.config.IdentitySection
-        self.trust_domain = TrustDomain.parse(cfg.trust_domain)
-        self.state_dir = Path(state_dir)
+        self.source = source if source is not None else source_from_config(cfg, state_dir, clock)
         self.audit = audit
-        self.clock = clock
         self.changed = threading.Condition()
         self.generation = 0
         self._lock = threading.Lock()
-        self._svids: dict[str, X509Svid] = {}
-        self._svid_ttl: dict[str, int] = {}
-        self._bundle: TrustBundle | None = None
-        self._keys_version = -1
-        self._entries_mtime = 0.0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.ca: SigningCA | None = None
-        self.spire = None  # agent.identity.spire_source.SpireSource
-        self.keys: JwtSigningKeys | None = None
-        self.registry: entries_mod.Registry = entries_mod.Registry([], self.trust_domain)
         # which live process images use which identity, to know when an identity ends
         self._users: dict[str, set[int]] = {}
         self._user_of: dict[int, tuple[int, str]] = {}  # tgid -> (exec_ns, spiffe id)
-        self.on_identity_ended: list = []
+        self.on_identity_ended: list[Callable[[str], None]] = []
         self._init_metrics(registry)
 
-    def _init_metrics(self, registry: Any) -> None:
+    def _init_metrics(self, registry: CollectorRegistry | None) -> None:
         self.m_issued = Counter(
             "credless_svids_issued", "SVIDs issued, by type", ["type"], registry=registry
         )
@@ -90,7 +110,7 @@ class IdentityManager:
         self.m_entries = Gauge(
             "credless_registration_entries", "Loaded registration entries", registry=registry
         )
-        self.m_entries.set_function(lambda: len(self.registry))
+        self.m_entries.set_function(lambda: len(self.source.entries()))
         self.m_reloads = Counter(
             "credless_registration_reloads", "Entry file reloads", ["result"], registry=registry
         )
@@ -107,117 +127,59 @@ class IdentityManager:
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        if self.cfg.source == "spire":
-            from agent.identity.spire_source import SpireSource
-
-            self.spire = SpireSource(self.cfg.spire_admin_socket, self.trust_domain)
-            self.spire.on_change = self._notify
-            self.spire.start()
-            log.info(
-                "identity from SPIRE",
-                socket=self.cfg.spire_admin_socket,
-                trust_domain=self.trust_domain.name,
+        self.source.start(
+            SourceEvents(
+                changed=self._notify,
+                minted=self._minted,
+                relayed=lambda _svid: self.m_issued.labels("x509").inc(),
+                rotated=self._rotated,
+                entries_read=lambda ok: self.m_reloads.labels("ok" if ok else "error").inc(),
             )
-            return
-        ca_dir = self.state_dir / "ca"
-        if self.cfg.upstream_ca_cert:
-            self.ca = SigningCA.load_intermediate(
-                Path(self.cfg.upstream_ca_cert).read_bytes(),
-                Path(self.cfg.upstream_ca_key).read_bytes(),
-                Path(self.cfg.upstream_ca_chain).read_bytes()
-                if self.cfg.upstream_ca_chain
-                else b"",
-                trust_domain=self.trust_domain,
-            )
-        else:
-            self.ca = SigningCA.load_or_create(ca_dir, self.trust_domain)
-        self.ca.check_usable()
-        self.keys = JwtSigningKeys(
-            rotate_every=dt.timedelta(seconds=self.cfg.jwt_key_rotation_seconds),
-            max_jwt_ttl=dt.timedelta(seconds=max(self.cfg.jwt_svid_ttl_seconds, 3600)),
-            prepublish=dt.timedelta(seconds=min(self.cfg.jwt_key_rotation_seconds // 4, 1800)),
-            clock=self.clock,
-        )
-        self.reload_entries(initial=True)
-        self._refresh_bundle()
-        self._thread = threading.Thread(target=self._maintain, name="identity-rotate", daemon=True)
-        self._thread.start()
-        log.info(
-            "identity ready",
-            trust_domain=self.trust_domain.name,
-            ca_not_after=self.ca.not_after.isoformat(),
-            entries=len(self.registry),
         )
 
     def stop(self) -> None:
-        if self.spire is not None:
-            self.spire.stop()
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5)
+        self.source.stop()
         self._notify()
 
     def ready(self) -> tuple[bool, str]:
-        if self.spire is not None:
-            return True, f"SVIDs from SPIRE at {self.cfg.spire_admin_socket}"
-        if self.ca is None:
-            return False, "CA not loaded"
-        return True, f"CA for {self.trust_domain.name}, {len(self.registry)} entries"
+        return self.source.ready()
 
     def _notify(self) -> None:
         with self.changed:
             self.generation += 1
             self.changed.notify_all()
 
+    def _minted(self, svid: X509Svid) -> None:
+        self.m_issued.labels("x509").inc()
+        self._audit_x509("svid.issued", svid, serial=format(svid.leaf.serial_number, "x"))
+
+    def _rotated(self, old: X509Svid, new: X509Svid) -> None:
+        self.m_rotated.inc()
+        self.m_issued.labels("x509").inc()
+        self._audit_x509("svid.rotated", new, previous=old.fingerprint)
+
+    def _audit_x509(self, event: str, svid: X509Svid, **fields: str) -> None:
+        if self.audit:
+            self.audit.emit(
+                event,
+                type="x509",
+                spiffe_id=str(svid.spiffe_id),
+                fingerprint=svid.fingerprint,
+                not_after=svid.not_after.isoformat(),
+                **fields,
+            )
+
     # ------------------------------------------------------------ entries
     def reload_entries(self, initial: bool = False) -> bool:
-        """Load the entries file; on any error keep the entries already loaded."""
-        path = self.cfg.entries_file
-        if not path:
-            return True
-        if initial and not os.path.exists(path):
-            log.warning(
-                "registration entries file does not exist yet: no process gets an "
-                "identity until it does (it is picked up when created)",
-                path=path,
-            )
-            return True
-        try:
-            mtime = os.stat(path).st_mtime
-            reg = entries_mod.load(path, self.trust_domain)
-        except (entries_mod.EntriesError, OSError) as e:
-            self.m_reloads.labels("error").inc()
-            if initial:
-                raise
-            log.error("registration entries not reloaded; keeping the previous ones", error=str(e))
-            return False
-        self._entries_mtime = mtime
-        changed = [e.id for e in reg.entries] != [e.id for e in self.registry.entries] or {
-            e.id: e for e in reg.entries
-        } != {e.id: e for e in self.registry.entries}
-        self.registry = reg
-        self.m_reloads.labels("ok").inc()
-        if changed and not initial:
-            log.info("registration entries reloaded", entries=len(reg))
-            self._notify()
-        return True
+        """Re-read the registration entries; on any error keep the ones already loaded."""
+        return self.source.reload_entries(initial)
 
-    def resolve(self, attestation: Any, quiet: bool = False) -> Identity | None:
+    def resolve(self, attestation: AttestedImage | None, quiet: bool = False) -> Identity | None:
         """The identity for an attested image; None (and an audit event) when there is none."""
         if attestation is None:
             self.m_decisions.labels("unattested").inc()
             return None
-        if self.spire is not None:
-            sid = self.spire.resolve(attestation.selectors)
-            m = (
-                entries_mod.Match(
-                    entries_mod.Entry("spire", str(sid), frozenset(attestation.selectors)), sid
-                )
-                if sid is not None
-                else None
-            )
-        else:
-            m = self.registry.match(attestation.selectors)
+        m = self.source.match(frozenset(attestation.selectors))
         if m is None:
             if quiet:  # looking at ancestors, not deciding for a caller
                 return None
@@ -246,9 +208,7 @@ class IdentityManager:
 
     def identity_for_id(self, spiffe_id: str) -> Identity | None:
         """An Identity for an ID some entry could issue (operator tools: `oauth probe`)."""
-        import re
-
-        for e in self.registry.entries:
+        for e in self.source.entries():
             pattern = re.escape(e.spiffe_id)
             pattern = re.sub(r"\\\{[^}]*\\\}", "[A-Za-z0-9._-]+", pattern)
             if re.fullmatch(pattern, spiffe_id):
@@ -256,14 +216,14 @@ class IdentityManager:
         return None
 
     # ------------------------------------------------------------ identity lifetimes
-    def note_use(self, ident: Identity, attestation: Any) -> None:
+    def note_use(self, ident: Identity, attestation: AttestedImage) -> None:
         """An attested image is using this identity (a proxied connection, an SVID)."""
         sid = str(ident.spiffe_id)
         with self._lock:
             self._user_of[attestation.tgid] = (attestation.exec_ns, sid)
             self._users.setdefault(sid, set()).add(attestation.tgid)
 
-    def process_event(self, ev: Any) -> None:
+    def process_event(self, ev: ImageEvent) -> None:
         """Kernel exec/exit events: an image that ends stops using its identity; when the
         last one has ended, on_identity_ended callbacks run (tokens, keys, clients go)."""
         if ev.type not in (1, 3):  # exec, exit
@@ -294,118 +254,29 @@ class IdentityManager:
 
     # ------------------------------------------------------------ SVIDs
     def x509_svid(self, ident: Identity) -> X509Svid:
-        if self.spire is not None:
-            self.m_issued.labels("x509").inc()
-            return self.spire.x509_svid(ident.entry.selectors, ident.spiffe_id)
-        key = str(ident.spiffe_id)
-        with self._lock:
-            svid = self._svids.get(key)
-            now = dt.datetime.now(dt.UTC)
-            if svid is not None and now < renew_at(svid):
-                return svid
-            ttl = ident.entry.x509_svid_ttl_seconds or self.cfg.x509_svid_ttl_seconds
-            svid = mint_x509_svid(self.ca, ident.spiffe_id, ttl=ttl)
-            self._svids[key] = svid
-            self._svid_ttl[key] = ttl
-        self.m_issued.labels("x509").inc()
-        if self.audit:
-            self.audit.emit(
-                "svid.issued",
-                type="x509",
-                spiffe_id=key,
-                serial=format(svid.leaf.serial_number, "x"),
-                fingerprint=svid.fingerprint,
-                not_after=svid.not_after.isoformat(),
-            )
-        return svid
+        return self.source.x509_svid(ident)
 
     def jwt_svid(
         self, ident: Identity, audience: list[str], ttl: int | None = None, iss: str | None = None
     ) -> JwtSvid:
-        if self.spire is not None:
-            self.m_issued.labels("jwt").inc()
-            return self.spire.jwt_svid(ident.entry.selectors, ident.spiffe_id, list(audience))
-        ttl = ttl or ident.entry.jwt_svid_ttl_seconds or self.cfg.jwt_svid_ttl_seconds
-        svid = mint_jwt_svid(
-            self.keys, ident.spiffe_id, audience, ttl=ttl, iss=iss or self.cfg.jwt_issuer or None
-        )
+        svid = self.source.jwt_svid(ident, list(audience), ttl, iss)
         self.m_issued.labels("jwt").inc()
         return svid
 
     def bundle(self) -> TrustBundle:
-        if self.spire is not None:
-            return self.spire.bundle()
-        if self.keys is not None and self.keys.version != self._keys_version:
-            self._refresh_bundle()
-        if self._bundle is None:  # _refresh_bundle() sets it, or the constructor failed
-            raise RuntimeError("the identity manager has no trust bundle")
-        return self._bundle
+        return self.source.bundle()
 
-    def _refresh_bundle(self) -> None:
-        with self._lock:
-            version = self.keys.version
-            published = self.keys.published()
-            if self._bundle is None:
-                self._bundle = TrustBundle.new(self.trust_domain, self.ca.roots, published)
-            else:
-                self._bundle = self._bundle.updated(
-                    x509_authorities=self.ca.roots, jwt_authorities=published
-                )
-            self._keys_version = version
+    def held_svids(self) -> list[tuple[str, X509Svid]]:
+        """A snapshot of the X509-SVIDs the source holds and renews, by SPIFFE ID."""
+        return self.source.held_svids()
+
+    def rotate_due(self) -> list[str]:
+        """Renew every held X509-SVID past half-life now; returns the SPIFFE IDs renewed."""
+        return self.source.rotate_due()
 
     def _soonest_expiry(self) -> float:
-        if self.spire is not None:
+        held = self.held_svids()
+        if not held:
             return 0.0
-        with self._lock:
-            if not self._svids:
-                return 0.0
-            soonest = min(s.not_after for s in self._svids.values())
+        soonest = min(svid.not_after for _, svid in held)
         return max(0.0, (soonest - dt.datetime.now(dt.UTC)).total_seconds())
-
-    # ------------------------------------------------------------ maintenance
-    def rotate_due(self) -> list[str]:
-        """Renew every cached X509-SVID past half-life; returns the SPIFFE IDs renewed."""
-        now = dt.datetime.now(dt.UTC)
-        renewed = []
-        with self._lock:
-            due = [(k, s) for k, s in self._svids.items() if now >= renew_at(s)]
-        for key, old in due:
-            new = mint_x509_svid(self.ca, old.spiffe_id, ttl=self._svid_ttl[key])
-            with self._lock:
-                self._svids[key] = new
-            renewed.append(key)
-            self.m_rotated.inc()
-            self.m_issued.labels("x509").inc()
-            if self.audit:
-                self.audit.emit(
-                    "svid.rotated",
-                    type="x509",
-                    spiffe_id=key,
-                    fingerprint=new.fingerprint,
-                    previous=old.fingerprint,
-                    not_after=new.not_after.isoformat(),
-                )
-        if renewed:
-            self._notify()
-        return renewed
-
-    def _maintain(self) -> None:
-        if self.spire is not None:
-            return  # SPIRE rotates its SVIDs and bundles; the streams tell us
-        while not self._stop.wait(1.0):
-            try:
-                self.rotate_due()
-                if (
-                    self.keys.version != self._keys_version
-                    or self.clock() >= self.keys.next_change_at()
-                ):
-                    before = self._bundle.sequence if self._bundle else -1
-                    self.keys.published()
-                    self._refresh_bundle()
-                    if self._bundle.sequence != before:
-                        self._notify()
-                path = self.cfg.entries_file
-                if path and os.path.exists(path) and os.stat(path).st_mtime != self._entries_mtime:
-                    self.reload_entries()
-            except Exception:
-                log.exception("identity maintenance failed; retrying")

@@ -33,30 +33,41 @@ Error semantics (SPEC-NOTES §2.1): InvalidArgument is not retried; Unavailable 
 PermissionDenied (e.g. registration entries not synced yet) are retried with backoff — see
 `retry()`. Streams carry the complete state in every message; when one ends, resubscribe.
 Tokens and private keys never appear in repr(), str() or exception messages.
+
+This module holds the calls; spire_messages.py turns SPIRE's messages into checked credless
+types, and spire_errors.py holds the errors.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
-import jwt
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from agent.identity.bundle import BundleError, TrustBundle, _reject_duplicate_members
-from agent.identity.ca import PrivateKey
+from agent.identity.bundle import TrustBundle
 from agent.identity.proto import delegatedidentity_pb2 as pb
 from agent.identity.proto import delegatedidentity_pb2_grpc as pb_grpc
 from agent.identity.proto import spire_types_pb2 as types_pb
-from agent.identity.spiffeid import InvalidSpiffeId, SpiffeId, TrustDomain
+from agent.identity.spire_errors import (
+    SpireError,
+    SpireInvalidRequest,
+    SpireNotAuthorized,
+    SpireUnavailable,
+)
+from agent.identity.spire_messages import (
+    SpireJwtSvid,
+    SpireX509Update,
+    jwt_bundles,
+    jwt_svids,
+    selector_messages,
+    selector_texts,
+    x509_bundles,
+    x509_update,
+)
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT = 10.0
@@ -65,258 +76,10 @@ DEFAULT_TIMEOUT = 10.0
 _METADATA = (("workload.spiffe.io", "true"),)
 
 
-# ------------------------------------------------------------------------------ errors
-class SpireError(Exception):
-    """A Delegated Identity call failed; the message says what to do. Never holds secrets."""
-
-    retryable = False
-
-    def __init__(
-        self, message: str, *, rpc: str = "", code: grpc.StatusCode | None = None, details: str = ""
-    ):
-        super().__init__(message)
-        self.rpc, self.code, self.details = rpc, code, details
-
-
-class SpireNotAuthorized(SpireError):
-    """PermissionDenied: not an authorized delegate, or no identity issued (yet)."""
-
-    retryable = True
-
-
-class SpireUnavailable(SpireError):
-    """The SPIRE agent cannot be reached or cannot serve the request now."""
-
-    retryable = True
-
-
-class SpireInvalidRequest(SpireError):
-    """The request is malformed (here or as judged by the SPIRE agent); retrying won't help."""
-
-
-class SpireProtocolError(SpireError):
-    """The SPIRE agent sent something that is not a valid SVID or bundle."""
-
-
 def _clean(details: str | None) -> str:
     # Server text goes into our messages: keep it one short line.
     text = " ".join((details or "").split())
     return text if len(text) <= 300 else text[:297] + "..."
-
-
-# ------------------------------------------------------------------------------ results
-@dataclass(frozen=True, repr=False)
-class SpireJwtSvid:
-    """A JWT-SVID from SPIRE. `expires_at` / `issued_at` are Unix seconds."""
-
-    spiffe_id: SpiffeId
-    token: str
-    expires_at: int
-    issued_at: int
-    hint: str = ""
-
-    def __repr__(self) -> str:  # the token is a credential: never shown
-        return (
-            f"SpireJwtSvid(spiffe_id={str(self.spiffe_id)!r}, expires_at={self.expires_at}, "
-            f"issued_at={self.issued_at}, hint={self.hint!r})"
-        )
-
-    __str__ = __repr__
-
-
-@dataclass(frozen=True, repr=False)
-class SpireX509Svid:
-    """An X509-SVID from SPIRE: chain leaf first; the key is parsed from PKCS#8 DER."""
-
-    spiffe_id: SpiffeId
-    cert_chain: tuple[x509.Certificate, ...]
-    private_key: PrivateKey = field(compare=False)
-    expires_at: int
-    hint: str = ""
-
-    @property
-    def leaf(self) -> x509.Certificate:
-        return self.cert_chain[0]
-
-    @property
-    def fingerprint(self) -> str:
-        return self.leaf.fingerprint(hashes.SHA256()).hex()
-
-    def __repr__(self) -> str:
-        return (
-            f"SpireX509Svid(spiffe_id={str(self.spiffe_id)!r}, "
-            f"leaf_sha256={self.fingerprint[:16]}, expires_at={self.expires_at}, "
-            f"hint={self.hint!r})"
-        )
-
-    __str__ = __repr__
-
-
-@dataclass(frozen=True)
-class SpireX509Update(Sequence[SpireX509Svid]):
-    """One SubscribeToX509SVIDs message: the workload's complete set of X509-SVIDs (a list-like
-    sequence; empty means "no identity now": drop what you held) and the trust domains it
-    federates with (names, normalised)."""
-
-    svids: tuple[SpireX509Svid, ...]
-    federates_with: tuple[str, ...] = ()
-
-    def __getitem__(self, i):  # type: ignore[override]
-        return self.svids[i]
-
-    def __len__(self) -> int:
-        return len(self.svids)
-
-
-# ------------------------------------------------------------------------------ parsing
-def parse_selector(text: str) -> types_pb.Selector:
-    """`type:value` → Selector, split at the *first* colon (`unix:uid:1000` → unix / uid:1000)."""
-    if not isinstance(text, str):
-        raise SpireInvalidRequest(f"a selector must be a string, not {type(text).__name__}")
-    kind, sep, value = text.partition(":")
-    if not sep or not kind or not value or any(c.isspace() for c in kind):
-        raise SpireInvalidRequest(
-            f"invalid selector {text!r}: expected 'type:value', e.g. "
-            "'unix:uid:1000' or 'k8s:ns:prod'"
-        )
-    return types_pb.Selector(type=kind, value=value)
-
-
-def _selectors(rpc: str, selectors: Iterable[str]) -> list[types_pb.Selector]:
-    if isinstance(selectors, str):
-        selectors = [selectors]
-    out = list(dict.fromkeys(selectors))  # a set in SPIRE's eyes: drop repeats, keep order
-    if not out:
-        raise SpireInvalidRequest(
-            f"{rpc}: at least one selector is required (an empty set would name no workload)",
-            rpc=rpc,
-        )
-    return [parse_selector(s) for s in out]
-
-
-def _text(sels: Iterable[types_pb.Selector]) -> list[str]:
-    return [f"{s.type}:{s.value}" for s in sels]
-
-
-def _spiffe_id(msg: types_pb.SPIFFEID, what: str) -> SpiffeId:
-    path = msg.path
-    if path and not path.startswith("/"):  # SPIRE sends "/x"; tolerate a bare "x"
-        path = "/" + path
-    try:
-        return SpiffeId.parse(f"spiffe://{msg.trust_domain}{path}")
-    except InvalidSpiffeId as e:
-        raise SpireProtocolError(
-            f"{what}: the SPIRE agent sent an invalid SPIFFE ID ({e})"
-        ) from None
-
-
-def _trust_domain(key: str, what: str) -> str:
-    """A bundle map key: `example.org` (documented) or `spiffe://example.org` (SPIRE's code)."""
-    try:
-        return TrustDomain.parse(key).name
-    except InvalidSpiffeId as e:
-        raise SpireProtocolError(f"{what}: bundle key is not a trust domain ({e})") from None
-
-
-def split_der(data: bytes) -> list[bytes]:
-    """Split concatenated DER structures (certificates) using their ASN.1 length headers."""
-    out, i = [], 0
-    while i < len(data):
-        if data[i] != 0x30 or i + 2 > len(data):
-            raise ValueError(f"byte {i}: not the start of a DER SEQUENCE")
-        n = data[i + 1]
-        if n < 0x80:
-            start, length = i + 2, n
-        else:
-            k = n & 0x7F
-            if not 1 <= k <= 4 or i + 2 + k > len(data):
-                raise ValueError(f"byte {i}: unsupported DER length encoding")
-            start, length = i + 2 + k, int.from_bytes(data[i + 2 : i + 2 + k], "big")
-        if start + length > len(data):
-            raise ValueError(f"byte {i}: DER structure runs past the end of the data")
-        out.append(data[i : start + length])
-        i = start + length
-    return out
-
-
-def _certs(blobs: Iterable[bytes], what: str) -> tuple[x509.Certificate, ...]:
-    try:
-        return tuple(x509.load_der_x509_certificate(d) for b in blobs for d in split_der(b))
-    except ValueError as e:
-        raise SpireProtocolError(f"{what}: not DER certificates ({e})") from None
-
-
-def _first_per_hint(svids: list[Any]) -> list[Any]:
-    # SPEC: hints are unique per response; if duplicates appear, take the first.
-    seen: set[str] = set()
-    out = []
-    for svid in svids:
-        if not (svid.hint and svid.hint in seen):
-            seen.add(svid.hint)
-            out.append(svid)
-    return out
-
-
-def _x509_svid(m: pb.X509SVIDWithKey) -> SpireX509Svid:
-    sid = _spiffe_id(m.x509_svid.id, "X509-SVID")
-    what = f"X509-SVID {sid}"
-    chain = _certs(m.x509_svid.cert_chain, what)
-    if not chain:
-        raise SpireProtocolError(f"{what}: empty certificate chain")
-    try:
-        san = chain[0].extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
-    except x509.ExtensionNotFound:
-        uris = []
-    if uris != [str(sid)]:
-        raise SpireProtocolError(f"{what}: the leaf certificate names {uris}, not {sid}")
-    try:
-        key = serialization.load_der_private_key(m.x509_svid_key, password=None)
-    except (ValueError, TypeError):
-        # Never echo key bytes, not even a prefix.
-        raise SpireProtocolError(f"{what}: the private key is not unencrypted PKCS#8 DER") from None
-    if (
-        not isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey))
-        or key.public_key() != chain[0].public_key()
-    ):
-        raise SpireProtocolError(f"{what}: the private key does not match the leaf certificate")
-    return SpireX509Svid(sid, chain, key, int(m.x509_svid.expires_at), m.x509_svid.hint)
-
-
-def _jwt_svid(m: types_pb.JWTSVID) -> SpireJwtSvid:
-    sid = _spiffe_id(m.id, "JWT-SVID")
-    try:
-        sub = jwt.decode(m.token, options={"verify_signature": False}).get("sub")
-    except jwt.PyJWTError:
-        sub = None
-    if sub != str(sid):  # cheap consistency check; signature validation is the caller's job
-        raise SpireProtocolError(
-            f"JWT-SVID for {sid}: the token is malformed or its sub does not match the SPIFFE ID"
-        )
-    return SpireJwtSvid(sid, m.token, int(m.expires_at), int(m.issued_at), m.hint)
-
-
-def _jwt_bundle(td: str, data: bytes) -> TrustBundle:
-    # SPIRE marshals these with bundleutil.StandardJWKS(): a plain JWKS of JWT authorities with
-    # no "use" member, which a SPIFFE-bundle parser would ignore. Mark such keys jwt-svid.
-    try:
-        doc = json.loads(data, object_pairs_hook=_reject_duplicate_members)
-        for key in doc.get("keys", []) if isinstance(doc, dict) else []:
-            if isinstance(key, dict) and "use" not in key:
-                key["use"] = "jwt-svid"
-        return TrustBundle.from_jwks_json(TrustDomain(td), json.dumps(doc))
-    except (ValueError, BundleError) as e:
-        raise SpireProtocolError(f"JWT bundle for {td}: {e}") from None
-
-
-def _bundle_map(entries: Any, what: str, convert: Callable[[str, bytes], T]) -> dict[str, T]:
-    out: dict[str, T] = {}
-    for key, value in entries.items():
-        td = _trust_domain(key, what)
-        if td in out:  # both "td" and "spiffe://td": ambiguous, refuse rather than pick one
-            raise SpireProtocolError(f"{what}: trust domain {td} appears twice")
-        out[td] = convert(td, value)
-    return out
 
 
 # ------------------------------------------------------------------------------ client
@@ -452,13 +215,13 @@ class SpireDelegatedIdentityClient:
         method: Any,
         req: Any,
         convert: Callable[[Any], T],
-        sels: list[types_pb.Selector] = (),
+        sels: Sequence[types_pb.Selector] = (),
     ) -> Subscription[T]:
         self._check_socket(rpc)  # eagerly, so a missing socket is reported at once
         return Subscription(
             lambda: method(req, metadata=_METADATA),
             convert,
-            lambda e: self._error(rpc, e, _text(sels)),
+            lambda e: self._error(rpc, e, selector_texts(sels)),
         )
 
     def fetch_jwt_svids(
@@ -466,7 +229,7 @@ class SpireDelegatedIdentityClient:
     ) -> list[SpireJwtSvid]:
         """JWT-SVIDs for the workload described by `selectors`, for `audience` (≥ 1 value)."""
         rpc = "FetchJWTSVIDs"
-        sels = _selectors(rpc, selectors)
+        sels = selector_messages(rpc, selectors)
         auds = [audience] if isinstance(audience, str) else list(audience)
         if not auds or not all(isinstance(a, str) and a for a in auds):
             raise SpireInvalidRequest(
@@ -478,38 +241,24 @@ class SpireDelegatedIdentityClient:
         try:
             resp = self._stub.FetchJWTSVIDs(req, timeout=self.timeout, metadata=_METADATA)
         except grpc.RpcError as e:
-            raise self._error(rpc, e, _text(sels)) from None
-        return _first_per_hint([_jwt_svid(s) for s in resp.svids])
+            raise self._error(rpc, e, selector_texts(sels)) from None
+        return jwt_svids(resp)
 
     def subscribe_x509_svids(self, selectors: Iterable[str]) -> Subscription[SpireX509Update]:
         """Every message: the workload's complete set of X509-SVIDs (see SpireX509Update)."""
         rpc = "SubscribeToX509SVIDs"
-        sels = _selectors(rpc, selectors)
+        sels = selector_messages(rpc, selectors)
         req = pb.SubscribeToX509SVIDsRequest(selectors=sels)
-
-        def convert(msg: pb.SubscribeToX509SVIDsResponse) -> SpireX509Update:
-            svids = _first_per_hint([_x509_svid(m) for m in msg.x509_svids])
-            feds = tuple(_trust_domain(t, "federates_with") for t in msg.federates_with)
-            return SpireX509Update(tuple(svids), feds)
-
-        return self._subscribe(rpc, self._stub.SubscribeToX509SVIDs, req, convert, sels)
+        return self._subscribe(rpc, self._stub.SubscribeToX509SVIDs, req, x509_update, sels)
 
     def subscribe_x509_bundles(self) -> Subscription[dict[str, TrustBundle]]:
         """Every message: trust domain name → bundle (X.509 authorities only), local and
         federated."""
-        rpc = "SubscribeToX509Bundles"
-
-        def convert(msg: pb.SubscribeToX509BundlesResponse) -> dict[str, TrustBundle]:
-            return _bundle_map(
-                msg.ca_certificates,
-                "X.509 bundles",
-                lambda td, der: TrustBundle(
-                    TrustDomain(td), _certs([der], f"X.509 bundle for {td}")
-                ),
-            )
-
         return self._subscribe(
-            rpc, self._stub.SubscribeToX509Bundles, pb.SubscribeToX509BundlesRequest(), convert
+            "SubscribeToX509Bundles",
+            self._stub.SubscribeToX509Bundles,
+            pb.SubscribeToX509BundlesRequest(),
+            x509_bundles,
         )
 
     def subscribe_jwt_bundles(self) -> Subscription[dict[str, TrustBundle]]:
@@ -518,7 +267,7 @@ class SpireDelegatedIdentityClient:
             "SubscribeToJWTBundles",
             self._stub.SubscribeToJWTBundles,
             pb.SubscribeToJWTBundlesRequest(),
-            lambda msg: _bundle_map(msg.bundles, "JWT bundles", _jwt_bundle),
+            jwt_bundles,
         )
 
 

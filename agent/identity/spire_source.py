@@ -10,26 +10,31 @@ See docs/spire.md for the SPIRE agent settings (admin socket, authorized_delegat
 from __future__ import annotations
 
 import base64
-import datetime as dt
 import json
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Sequence
+from typing import Any
 
 from agent.identity.bundle import TrustBundle
+from agent.identity.entries import Entry, Match
 from agent.identity.jwtsvid import JwtSvid
-from agent.identity.spiffeid import SpiffeId, TrustDomain
-from agent.identity.spire import SpireDelegatedIdentityClient, SpireError, SpireNotAuthorized
+from agent.identity.sources import Identity, SourceEvents
+from agent.identity.spiffeid import TrustDomain
+from agent.identity.spire import SpireDelegatedIdentityClient, Subscription
+from agent.identity.spire_errors import SpireError, SpireNotAuthorized
+from agent.identity.spire_messages import SpireX509Svid
 from agent.identity.x509svid import X509Svid
 from agent.observe.logging import get_logger
 
 log = get_logger("identity.spire")
 
 
-def _claims(token: str) -> dict:
+def _claims(token: str) -> dict[str, Any]:
     """Claims of a JWT-SVID SPIRE signed, for fingerprints (jti, iat) only."""
     part = token.split(".")[1]
-    return json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
+    claims: dict[str, Any] = json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
+    return claims
 
 
 class SpireSource:
@@ -38,15 +43,16 @@ class SpireSource:
         self.trust_domain = trust_domain
         self.cache_seconds = cache_seconds
         self.client: SpireDelegatedIdentityClient | None = None
-        self._x509: dict[frozenset, tuple[float, list]] = {}
+        self._x509: dict[frozenset[str], tuple[float, list[SpireX509Svid]]] = {}
         self._bundles: dict[str, dict[str, TrustBundle]] = {"x509": {}, "jwt": {}}
-        self._subs: list = []
+        self._subs: list[Subscription[dict[str, TrustBundle]]] = []
         self._ready = threading.Event()
         self._lock = threading.Lock()
-        self.on_change = lambda: None
+        self._events = SourceEvents()
         self.sequence = int(time.time())
 
-    def start(self) -> None:
+    def start(self, events: SourceEvents) -> None:
+        self._events = events
         self.client = SpireDelegatedIdentityClient(self.socket_path)
         for kind, subscribe in (
             ("x509", self.client.subscribe_x509_bundles),
@@ -63,8 +69,11 @@ class SpireSource:
                 f"{self.socket_path}: is it running with admin_socket_path set, "
                 "and is this agent in authorized_delegates?"
             )
+        log.info(
+            "identity from SPIRE", socket=self.socket_path, trust_domain=self.trust_domain.name
+        )
 
-    def _follow(self, kind: str, sub) -> None:
+    def _follow(self, kind: str, sub: Subscription[dict[str, TrustBundle]]) -> None:
         try:
             for update in sub:
                 with self._lock:
@@ -72,7 +81,7 @@ class SpireSource:
                     self.sequence += 1
                 if self._bundles["x509"] and self._bundles["jwt"]:
                     self._ready.set()
-                self.on_change()
+                self._events.changed()
         except SpireError as e:
             log.error("SPIRE bundle stream ended", kind=kind, error=str(e))
 
@@ -82,13 +91,21 @@ class SpireSource:
         if self.client is not None:
             self.client.close()
 
+    def ready(self) -> tuple[bool, str]:
+        return True, f"SVIDs from SPIRE at {self.socket_path}"
+
+    def _client(self) -> SpireDelegatedIdentityClient:
+        if self.client is None:
+            raise RuntimeError("the SPIRE identity source is not started")
+        return self.client
+
     # ------------------------------------------------------------ identities
-    def _svids(self, selectors: frozenset) -> list:
+    def _svids(self, selectors: frozenset[str]) -> list[SpireX509Svid]:
         now = time.monotonic()
         hit = self._x509.get(selectors)
         if hit and now - hit[0] < self.cache_seconds:
             return hit[1]
-        sub = self.client.subscribe_x509_svids(sorted(selectors))
+        sub = self._client().subscribe_x509_svids(sorted(selectors))
         try:
             update = list(next(sub))  # complete state: the SVIDs these selectors earn now
         except SpireNotAuthorized:
@@ -98,32 +115,37 @@ class SpireSource:
         self._x509[selectors] = (now, update)
         return update
 
-    def resolve(self, selectors: Iterable[str]) -> SpiffeId | None:
-        svids = self._svids(frozenset(selectors))
-        return svids[0].spiffe_id if svids else None
+    def match(self, selectors: frozenset[str]) -> Match | None:
+        """SPIRE's entries decide; the match names the selectors SPIRE was asked with."""
+        svids = self._svids(selectors)
+        if not svids:
+            return None
+        sid = svids[0].spiffe_id
+        return Match(Entry("spire", str(sid), selectors), sid)
 
-    def x509_svid(self, selectors: Iterable[str], spiffe_id: SpiffeId) -> X509Svid:
-        for s in self._svids(frozenset(selectors)):
-            if s.spiffe_id == spiffe_id:
-                leaf = s.cert_chain[0]
-                return X509Svid(
-                    spiffe_id,
-                    list(s.cert_chain),
-                    s.private_key,
-                    leaf.not_valid_before_utc,
-                    leaf.not_valid_after_utc,
-                )
-        raise SpireError(f"SPIRE issues no X509-SVID for {spiffe_id} to these selectors")
+    def entries(self) -> Sequence[Entry]:
+        return ()  # SPIRE holds them
+
+    def reload_entries(self, initial: bool = False) -> bool:
+        return True  # SPIRE's entries reach it from the SPIRE server, not from a local file
+
+    def x509_svid(self, ident: Identity) -> X509Svid:
+        for s in self._svids(ident.entry.selectors):
+            if s.spiffe_id == ident.spiffe_id:
+                self._events.relayed(s)
+                return s
+        raise SpireError(f"SPIRE issues no X509-SVID for {ident.spiffe_id} to these selectors")
 
     def jwt_svid(
-        self, selectors: Iterable[str], spiffe_id: SpiffeId, audience: list[str]
+        self, ident: Identity, audience: list[str], ttl: int | None, iss: str | None
     ) -> JwtSvid:
-        for s in self.client.fetch_jwt_svids(sorted(selectors), audience):
-            if s.spiffe_id == spiffe_id:
+        """SPIRE chooses the lifetime and issuer: `ttl` and `iss` do not apply."""
+        for s in self._client().fetch_jwt_svids(sorted(ident.entry.selectors), audience):
+            if s.spiffe_id == ident.spiffe_id:
                 claims = _claims(s.token)
                 return JwtSvid(
                     s.token,
-                    spiffe_id,
+                    ident.spiffe_id,
                     tuple(audience),
                     claims.get("jti"),
                     s.issued_at,
@@ -131,7 +153,13 @@ class SpireSource:
                     "",
                     claims,
                 )
-        raise SpireError(f"SPIRE issues no JWT-SVID for {spiffe_id} to these selectors")
+        raise SpireError(f"SPIRE issues no JWT-SVID for {ident.spiffe_id} to these selectors")
+
+    def held_svids(self) -> list[tuple[str, X509Svid]]:
+        return []  # SPIRE holds and renews them; this source only caches lookups briefly
+
+    def rotate_due(self) -> list[str]:
+        return []  # SPIRE rotates its SVIDs and bundles; the streams tell us
 
     def bundle(self) -> TrustBundle:
         with self._lock:
@@ -143,7 +171,3 @@ class SpireSource:
                 jwt.jwt_authorities if jwt else {},
                 self.sequence,
             )
-
-    @staticmethod
-    def expiry(svid: X509Svid) -> dt.datetime:
-        return svid.not_after

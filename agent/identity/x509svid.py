@@ -1,4 +1,4 @@
-"""Minting X509-SVIDs (X509-SVID.md) from the embedded CA.
+"""X509-SVIDs (X509-SVID.md): minting them from the embedded CA, and reading one received.
 
 Leaf profile, and why:
 - Subject: **empty**. The SPIFFE ID is the identity; a subject DN would be a second,
@@ -15,6 +15,16 @@ Leaf profile, and why:
 The private key is generated per SVID, lives only in memory, and is never written to disk
 by this module; it leaves the process only in a Workload API response to the workload
 that owns it.
+
+Reading (`parse_x509_svid`) is py-spiffe's `X509Svid.parse_raw`: it splits the DER chain,
+parses the PKCS#8 key and checks the leaf and signing-certificate profile. Added here, each
+because py-spiffe 0.3 skips it (tests/unit/test_identity_py_spiffe.py shows each): the key
+must belong to the leaf; with no subject the SAN must be critical (§3.1); keyUsage must be
+critical (§4.3); an EKU, when present, must hold serverAuth and clientAuth (§4.4); a signing
+certificate's SPIFFE ID has no path (§3.2); and the leaf's ID must pass credless's own parser
+(py-spiffe's lowercases it, accepts a trailing newline). It costs about 4 ms per SVID
+(py-spiffe decodes each certificate with pyasn1): fine once per SVID rotation, not per
+request. Minting is hand-written: py-spiffe does none.
 """
 
 from __future__ import annotations
@@ -23,19 +33,30 @@ import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import spiffe
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
+from spiffe.errors import PySpiffeError
+from spiffe.utils.errors import ParsePrivateKeyError
 
-from agent.identity.ca import CLOCK_SKEW, PrivateKey, SigningCA, generate_private_key
-from agent.identity.spiffeid import SpiffeId
+from agent.identity.ca import (
+    CLOCK_SKEW,
+    PrivateKey,
+    SigningCA,
+    generate_private_key,
+    key_usage,
+    uri_sans,
+)
+from agent.identity.spiffeid import InvalidSpiffeId, SpiffeId
 
 DEFAULT_X509_SVID_TTL = 3600  # seconds
 
 
 class X509SvidError(ValueError):
-    """An X509-SVID cannot be minted as requested; the message says why."""
+    """An X509-SVID cannot be minted as requested, or one received is invalid; the message
+    says why (never with key material)."""
 
 
 @dataclass(frozen=True)
@@ -130,20 +151,7 @@ def mint_x509_svid(
         # Empty subject ⇒ SAN MUST be critical (RFC 5280 §4.2.1.6, X509-SVID.md §2).
         .add_extension(x509.SubjectAlternativeName(sans), critical=True)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=is_rsa,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(key_usage(signs_certificates=False, key_encipherment=is_rsa), critical=True)
         .add_extension(
             x509.ExtendedKeyUsage(
                 [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
@@ -179,3 +187,62 @@ def renew_at(svid: X509Svid) -> dt.datetime:
     Half-life leaves as much time again to retry if the CA or the agent is briefly unhealthy.
     """
     return svid.not_before + (svid.not_after - svid.not_before) / 2
+
+
+def parse_x509_svid(chain_der: bytes, key_der: bytes) -> X509Svid:
+    """An X509-SVID from its Workload API encoding: DER certificates concatenated leaf first,
+    and the leaf's private key as unencrypted PKCS#8 DER.
+
+    Checks the SVID itself (X509-SVID.md §3-§4) and that the key is the leaf's; it does not
+    validate the path to a trust anchor, which needs the bundle of the ID's trust domain.
+    """
+    try:
+        parsed = spiffe.X509Svid.parse_raw(chain_der, key_der)
+    except ParsePrivateKeyError:
+        # Never echo key bytes, not even a prefix (the library's text may quote them).
+        raise X509SvidError("the private key is not unencrypted PKCS#8 DER") from None
+    except (PySpiffeError, ValueError) as e:
+        raise X509SvidError(f"not a valid X509-SVID: {e}") from None
+    chain = tuple(parsed.cert_chain)
+    leaf, key = chain[0], parsed.private_key
+    uri = uri_sans(leaf)[0]  # py-spiffe has checked there is exactly one
+    try:
+        sid = SpiffeId.parse(uri)
+    except InvalidSpiffeId as e:
+        raise X509SvidError(f"the leaf's URI SAN is not a valid SPIFFE ID: {e}") from None
+    what = f"X509-SVID {sid}"
+    if not isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey)):
+        raise X509SvidError(f"{what}: the private key is {type(key).__name__}; expected EC or RSA")
+    if key.public_key() != leaf.public_key():
+        raise X509SvidError(f"{what}: the private key does not match the leaf certificate")
+    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    if not leaf.subject and not san.critical:
+        raise X509SvidError(f"{what}: the leaf has no subject, so its SAN must be critical (§3.1)")
+    for i, cert in enumerate(chain):
+        role = "the leaf" if i == 0 else f"signing certificate {i}"
+        if not cert.extensions.get_extension_for_class(x509.KeyUsage).critical:
+            raise X509SvidError(f"{what}: keyUsage of {role} must be critical (§4.3)")
+        if i and any(u.startswith("spiffe://") and not _is_root_id(u) for u in uri_sans(cert)):
+            raise X509SvidError(
+                f"{what}: {role} names a SPIFFE ID with a path; a signing certificate's ID "
+                "must be its trust domain's (§3.2)"
+            )
+    try:
+        eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        eku = None
+    if eku is not None and not {
+        ExtendedKeyUsageOID.SERVER_AUTH,
+        ExtendedKeyUsageOID.CLIENT_AUTH,
+    }.issubset(eku):
+        raise X509SvidError(
+            f"{what}: the leaf's extendedKeyUsage must include serverAuth and clientAuth (§4.4)"
+        )
+    return X509Svid(sid, chain, key, leaf.not_valid_before_utc, leaf.not_valid_after_utc)
+
+
+def _is_root_id(uri: str) -> bool:
+    try:
+        return SpiffeId.parse(uri).is_root
+    except InvalidSpiffeId:
+        return False

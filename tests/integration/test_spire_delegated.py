@@ -16,16 +16,15 @@ from agent.identity.proto import delegatedidentity_pb2 as pb
 from agent.identity.proto import delegatedidentity_pb2_grpc as pb_grpc
 from agent.identity.proto import spire_types_pb2 as types_pb
 from agent.identity.spiffeid import SpiffeId
-from agent.identity.spire import (
-    SpireDelegatedIdentityClient,
+from agent.identity.spire import SpireDelegatedIdentityClient, backoff_delays, retry
+from agent.identity.spire_errors import (
     SpireError,
     SpireInvalidRequest,
     SpireNotAuthorized,
     SpireProtocolError,
     SpireUnavailable,
-    backoff_delays,
-    retry,
 )
+from agent.identity.x509svid import X509Svid
 from tests.fakes.spire_agent import FakeSpireAgent
 
 pytestmark = pytest.mark.timeout(60)
@@ -117,6 +116,7 @@ def test_x509_stream_chain_verifies_and_rotation_is_pushed(fake, client):
         assert verify(svid, local)[0] == svid.leaf
         assert svid.private_key.public_key() == svid.leaf.public_key()
         assert svid.expires_at == int(svid.leaf.not_valid_after_utc.timestamp())
+        assert isinstance(svid, X509Svid) and svid.not_after == svid.leaf.not_valid_after_utc
     assert first[0].fingerprint != second[0].fingerprint
     assert first[0].private_key.private_numbers() != second[0].private_key.private_numbers()
 
@@ -173,15 +173,36 @@ def test_no_identity_issued(fake, client, caller_registered):
     )
 
 
-def test_invalid_argument_from_the_agent(fake, client):
-    fake.fail_next(1, grpc.StatusCode.INVALID_ARGUMENT, "could not parse provided selectors")
-    with pytest.raises(SpireInvalidRequest) as ei:
+@pytest.mark.parametrize(
+    "code, detail, error, retryable, message",
+    [
+        (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "could not parse provided selectors",
+            SpireInvalidRequest,
+            False,  # the same request would fail the same way
+            "FetchJWTSVIDs rejected by the SPIRE agent at {socket} as invalid (could not "
+            "parse provided selectors); check the selectors and audience, retrying won't help",
+        ),
+        (
+            grpc.StatusCode.UNAVAILABLE,
+            "could not fetch JWT-SVID: upstream down",
+            SpireUnavailable,
+            True,
+            "FetchJWTSVIDs: the SPIRE agent at {socket} is unavailable (could not fetch "
+            "JWT-SVID: upstream down); is the SPIRE agent running with admin_socket_path = "
+            '"{socket}"? (will retry)',
+        ),
+    ],
+)
+def test_an_error_from_the_agent_says_what_to_do(
+    fake, client, code, detail, error, retryable, message
+):
+    fake.fail_next(1, code, detail)
+    with pytest.raises(error) as ei:
         client.fetch_jwt_svids(WEB_SELECTORS, [AUD])
-    assert str(ei.value) == (
-        f"FetchJWTSVIDs rejected by the SPIRE agent at {fake.socket_path} as invalid (could not "
-        "parse provided selectors); check the selectors and audience, retrying won't help"
-    )
-    assert not ei.value.retryable
+    assert str(ei.value) == message.format(socket=fake.socket_path)
+    assert ei.value.retryable is retryable
 
 
 @pytest.mark.parametrize(
@@ -235,17 +256,6 @@ def test_unavailable_when_the_socket_is_absent(tmp_path):
         assert ei.value.retryable
         with pytest.raises(SpireUnavailable, match="SubscribeToX509SVIDs: no SPIRE agent"):
             c.subscribe_x509_svids(WEB_SELECTORS)
-
-
-def test_unavailable_from_the_agent(fake, client):
-    fake.fail_next(1, grpc.StatusCode.UNAVAILABLE, "could not fetch JWT-SVID: upstream down")
-    with pytest.raises(SpireUnavailable) as ei:
-        client.fetch_jwt_svids(WEB_SELECTORS, [AUD])
-    assert str(ei.value) == (
-        f"FetchJWTSVIDs: the SPIRE agent at {fake.socket_path} is unavailable (could not fetch "
-        f"JWT-SVID: upstream down); is the SPIRE agent running with admin_socket_path = "
-        f'"{fake.socket_path}"? (will retry)'
-    )
 
 
 def test_malformed_responses_fail_closed_without_leaking_secrets(fake, client):

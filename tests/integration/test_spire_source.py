@@ -76,6 +76,10 @@ def test_svids_from_spire_for_a_credless_attested_process(tmp_path):
             leaf = x509.load_pem_x509_certificate(out["chain_pem"][0].encode())
             assert leaf.issuer == spire.ca.certificate.subject
             assert not (tmp_path / "state" / "ca").exists()
+            assert manager.ready() == (True, f"SVIDs from SPIRE at {spire.socket_path}")
+            assert manager.held_svids() == []  # SPIRE holds and renews them
+            issued = registry.get_sample_value("credless_svids_issued_total", {"type": "x509"})
+            assert issued is not None and issued >= 1
             # SPIRE was asked with the selectors credless attested, never with a pid
             assert all(c.pid == 0 for c in spire.calls if hasattr(c, "pid"))
             denied = workload(None)  # outside the cgroup: SPIRE has no entry for it

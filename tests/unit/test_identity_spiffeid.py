@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import spiffe
 
@@ -11,6 +13,7 @@ from agent.identity.spiffeid import (
     InvalidTrustDomain,
     SpiffeId,
     TrustDomain,
+    _why_invalid,
 )
 from tests.conftest import TESTDATA
 
@@ -122,3 +125,34 @@ def test_constructor_validates_and_value_semantics() -> None:
         SpiffeId("example.org", "/x")  # type: ignore[arg-type]
     with pytest.raises(AttributeError):  # dataclasses.FrozenInstanceError
         sid.path = "/other"  # type: ignore[misc]
+
+
+def _near_ids(n: int) -> list[str]:
+    """Strings close to SPIFFE IDs: each piece is valid somewhere and invalid elsewhere."""
+    rnd = random.Random(16)
+    schemes = ["spiffe://", "SPIFFE://", "spiffe:/", "http://", ""]
+    hosts = ["example.org", "a", "Ex.org", "1.2.3.4", "[::1]", "td:443", "u@td", "t%41", "é", ""]
+    segments = ["a", "Z", ".", "..", "", "a.b", "-", "%41", "a?b", "a#b", "x\n", "_", "ü"]
+    out = []
+    for i in range(n):
+        k = 3 if i % 2 else None  # every other one from pieces that are valid where they go
+        path = "".join("/" + rnd.choice(segments[:k]) for _ in range(rnd.randrange(4)))
+        host, scheme = rnd.choice(hosts[:k]), rnd.choice(schemes[: k and 1])
+        out.append(scheme + host + path + ("" if k else rnd.choice(["", "", "/"])))
+    return out
+
+
+def test_the_fast_path_and_the_rule_walk_agree() -> None:
+    # parse() accepts on one regex and only walks the rules to name a refusal: the walk must
+    # find a broken rule exactly when the regex refuses.
+    accepted = 0
+    for value in _near_ids(3000):
+        walk = _why_invalid(value)
+        try:
+            sid = SpiffeId.parse(value)
+        except InvalidSpiffeId as e:
+            assert e.rule == walk.rule != "invalid", value
+        else:
+            assert walk.rule == "invalid" and str(sid) == value, value
+            accepted += 1
+    assert accepted > 500  # both sides of the agreement were exercised

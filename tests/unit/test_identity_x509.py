@@ -18,7 +18,13 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from agent.identity.bundle import TrustBundle
 from agent.identity.ca import CLOCK_SKEW, KEY_FILE, CAError, SigningCA
 from agent.identity.spiffeid import SpiffeId, TrustDomain
-from agent.identity.x509svid import X509Svid, X509SvidError, mint_x509_svid, renew_at
+from agent.identity.x509svid import (
+    X509Svid,
+    X509SvidError,
+    mint_x509_svid,
+    parse_x509_svid,
+    renew_at,
+)
 
 TD = TrustDomain("example.org")
 WORKLOAD = SpiffeId.parse("spiffe://example.org/ns/prod/sa/web")
@@ -314,3 +320,76 @@ def test_interrupted_save_is_reported(tmp_path: Path, ca: SigningCA) -> None:
     (tmp_path / "ca.json").unlink()
     with pytest.raises(CAError, match="interrupted"):
         SigningCA.load_or_create(tmp_path, TD)
+
+
+# ---------------------------------------------------------------- reading an SVID received
+def test_parse_reads_back_what_was_minted(ca: SigningCA) -> None:
+    for key_type in ("ec-p256", "rsa-2048"):
+        svid = mint_x509_svid(ca, WORKLOAD, key_type=key_type, dns_names=["web.prod.svc"])
+        parsed = parse_x509_svid(svid.chain_der(), svid.key_pkcs8_der())
+        assert parsed.spiffe_id == WORKLOAD and parsed.cert_chain == svid.cert_chain
+        assert parsed.key_pkcs8_der() == svid.key_pkcs8_der()
+        assert (parsed.not_before, parsed.not_after) == (svid.not_before, svid.not_after)
+
+
+def test_parse_reads_a_chain_through_an_intermediate() -> None:
+    _, inter, key_pem, inter_pem, root_pem = _org_pki()
+    ca = SigningCA.load_intermediate(inter_pem, key_pem, root_pem, trust_domain=TD)
+    svid = mint_x509_svid(ca, WORKLOAD)
+    parsed = parse_x509_svid(svid.chain_der(), svid.key_pkcs8_der())
+    assert parsed.cert_chain == (svid.leaf, inter) and parsed.spiffe_id == WORKLOAD
+
+
+def _leaf_signed_by(
+    ca: SigningCA, *, uris: list[str], ca_flag: bool = False
+) -> tuple[bytes, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(ca.certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - dt.timedelta(minutes=1))
+        .not_valid_after(NOW + dt.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in uris]),
+            critical=True,
+        )
+        .add_extension(x509.BasicConstraints(ca=ca_flag, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(True, False, False, False, False, False, False, False, False),
+            critical=True,
+        )
+    )
+    return ca.sign(builder).public_bytes(serialization.Encoding.DER), key
+
+
+@pytest.mark.parametrize(
+    "leaf,match",
+    [
+        ({"uris": [str(WORKLOAD), "spiffe://example.org/other"]}, "multiple URI SAN"),
+        ({"uris": ["spiffe://example.org"]}, "trust domain root"),
+        ({"uris": [str(WORKLOAD)], "ca_flag": True}, "CA flag"),
+        ({"uris": ["https://web.example"]}, "not a SPIFFE ID"),
+    ],
+)
+def test_parse_refuses_what_the_spec_forbids(ca: SigningCA, leaf: dict, match: str) -> None:
+    der, key = _leaf_signed_by(ca, **leaf)
+    pkcs8 = key.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    with pytest.raises(X509SvidError, match=match):
+        parse_x509_svid(der, pkcs8)
+
+
+def test_parse_refuses_garbage_without_echoing_the_key(ca: SigningCA) -> None:
+    svid = mint_x509_svid(ca, WORKLOAD)
+    with pytest.raises(X509SvidError, match="not a valid X509-SVID"):
+        parse_x509_svid(b"\x30\x03\x02\x01\x00", svid.key_pkcs8_der())
+    with pytest.raises(X509SvidError, match="not a valid X509-SVID"):
+        parse_x509_svid(svid.chain_der() + b"\x00", svid.key_pkcs8_der())
+    secretish = b"\x30\x82\x01\x00" + b"SECRETKEYBYTES" * 8
+    with pytest.raises(X509SvidError, match="not unencrypted PKCS#8 DER") as exc:
+        parse_x509_svid(svid.chain_der(), secretish)
+    assert "SECRET" not in str(exc.value) and "\\x" not in str(exc.value)
