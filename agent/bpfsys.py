@@ -37,6 +37,12 @@ def _bpf(cmd: int, attr: _Attr) -> int:
     return ret
 
 
+def _address_words(ptr: int) -> tuple[int, int]:
+    """A user-space address as a bpf_attr __aligned_u64 in two 32-bit words, low first
+    (both machines above are little-endian)."""
+    return ptr & 0xFFFFFFFF, ptr >> 32
+
+
 def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
     """Attach prog to target (a cgroup fd) through a new link; returns the link's fd."""
     attr = _Attr()
@@ -54,16 +60,15 @@ def link_update(link_fd: int, prog_fd: int) -> None:
 def obj_pin(fd: int, path: str) -> None:
     buf = ctypes.create_string_buffer(path.encode())
     attr = _Attr()
-    ptr = ctypes.cast(buf, ctypes.c_void_p).value
-    attr.w[0], attr.w[1], attr.w[2] = ptr & 0xFFFFFFFF, ptr >> 32, fd
+    attr.w[0], attr.w[1] = _address_words(ctypes.addressof(buf))
+    attr.w[2] = fd
     _bpf(BPF_OBJ_PIN, attr)
 
 
 def obj_get(path: str) -> int:
     buf = ctypes.create_string_buffer(path.encode())
     attr = _Attr()
-    ptr = ctypes.cast(buf, ctypes.c_void_p).value
-    attr.w[0], attr.w[1] = ptr & 0xFFFFFFFF, ptr >> 32
+    attr.w[0], attr.w[1] = _address_words(ctypes.addressof(buf))
     return _bpf(BPF_OBJ_GET, attr)
 
 
@@ -71,12 +76,7 @@ def map_sizes(map_fd: int) -> tuple[int, int]:
     """(key_size, value_size) of a map, as the kernel has it (struct bpf_map_info)."""
     info = (ctypes.c_uint32 * 20)()  # type, id, key_size, value_size, ...
     attr = _Attr()
-    ptr = ctypes.addressof(info)
-    attr.w[0], attr.w[1], attr.w[2], attr.w[3] = (
-        map_fd,
-        ctypes.sizeof(info),
-        ptr & 0xFFFFFFFF,
-        ptr >> 32,
-    )
+    attr.w[0], attr.w[1] = map_fd, ctypes.sizeof(info)
+    attr.w[2], attr.w[3] = _address_words(ctypes.addressof(info))
     _bpf(BPF_OBJ_GET_INFO_BY_FD, attr)
     return info[2], info[3]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from collections.abc import Callable
 
 from agent import __version__, config
 from agent.config import ConfigError
@@ -179,6 +180,35 @@ def cmd_detach(args) -> int:
     return 0
 
 
+CONFIG_HELP = f"config file (default {config.DEFAULT_CONFIG_PATH})"
+JSON_HELP = "JSON (the default when not a TTY)"
+
+
+def _command(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    func: Callable[[argparse.Namespace], int],
+    help: str,
+    config_help: str | None = CONFIG_HELP,
+    json_help: str | None = None,
+) -> argparse.ArgumentParser:
+    """A subcommand running func, with the --config and --json options most commands take."""
+    cmd = sub.add_parser(name, help=help)
+    if config_help is not None:
+        cmd.add_argument("--config", help=config_help)
+    if json_help is not None:
+        cmd.add_argument("--json", action="store_true", help=json_help)
+    cmd.set_defaults(func=func)
+    return cmd
+
+
+def _group(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help: str
+) -> argparse._SubParsersAction[argparse.ArgumentParser]:
+    """A command with subcommands of its own (credless NAME SUBCOMMAND)."""
+    return sub.add_parser(name, help=help).add_subparsers(dest=f"{name}_command", required=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="credless",
@@ -190,81 +220,87 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"credless {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run the agent in the foreground")
-    run.add_argument("--config", help=f"config file (default {config.DEFAULT_CONFIG_PATH})")
+    run = _command(sub, "run", cmd_run, "run the agent in the foreground")
     run.add_argument("--log-level", choices=config.LOG_LEVELS, help="overrides log.level")
     run.add_argument("--log-format", choices=config.LOG_FORMATS, help="overrides log.format")
-    run.set_defaults(func=cmd_run)
 
-    chk = sub.add_parser("check-config", help="validate a config file and exit")
+    chk = _command(
+        sub, "check-config", cmd_check_config, "validate a config file and exit", config_help=None
+    )
     chk.add_argument("file")
-    chk.set_defaults(func=cmd_check_config)
 
-    doc = sub.add_parser("doctor", help="check that this host can run credless")
-    doc.add_argument("--config", help="read attest.cgroup_root from this config")
+    doc = _command(
+        sub,
+        "doctor",
+        cmd_doctor,
+        "check that this host can run credless",
+        config_help="read attest.cgroup_root from this config",
+        json_help="machine-readable output",
+    )
     doc.add_argument(
         "--cgroup-root", help="cgroup v2 mount point to check (default: found in /proc/mounts)"
     )
-    doc.add_argument("--json", action="store_true", help="machine-readable output")
-    doc.set_defaults(func=cmd_doctor)
 
-    ps = sub.add_parser("ps", help="the running agent's process table, with selectors")
-    ps.add_argument("--config", help=f"config file (default {config.DEFAULT_CONFIG_PATH})")
+    ps = _command(
+        sub,
+        "ps",
+        cmd_ps,
+        "the running agent's process table, with selectors",
+        json_help=JSON_HELP,
+    )
     ps.add_argument("--pid", type=int, help="only this process")
     ps.add_argument("--selectors", action="store_true", help="list selectors under each row")
-    ps.add_argument("--json", action="store_true", help="JSON (the default when not a TTY)")
-    ps.set_defaults(func=cmd_ps)
 
-    status = sub.add_parser(
+    _command(
+        sub,
         "status",
-        help="workloads, SVID and token expiries (no secrets), "
+        cmd_status,
+        "workloads, SVID and token expiries (no secrets), "
         "redirect targets and lost events of the running agent",
+        json_help=JSON_HELP,
     )
-    status.add_argument("--config", help=f"config file (default {config.DEFAULT_CONFIG_PATH})")
-    status.add_argument("--json", action="store_true", help="JSON (the default when not a TTY)")
-    status.set_defaults(func=cmd_status)
-
-    det = sub.add_parser(
+    _command(
+        sub,
         "detach",
-        help="remove the pinned connect redirect the agent leaves "
+        cmd_detach,
+        "remove the pinned connect redirect the agent leaves "
         "attached across restarts (for uninstalling)",
     )
-    det.add_argument("--config", help=f"config file (default {config.DEFAULT_CONFIG_PATH})")
-    det.set_defaults(func=cmd_detach)
 
-    oauth = sub.add_parser("oauth", help="OAuth tools").add_subparsers(
-        dest="oauth_command", required=True
-    )
-    probe = oauth.add_parser(
+    oauth = _group(sub, "oauth", "OAuth tools")
+    probe = _command(
+        oauth,
         "probe",
-        help="discovery, registration and a token request for "
+        cmd_oauth_probe,
+        "discovery, registration and a token request for "
         "one identity, through the running agent; prints a summary, "
         "never the token",
     )
-    probe.add_argument("--config", help=f"config file (default {config.DEFAULT_CONFIG_PATH})")
     probe.add_argument("--server", required=True, help="MCP server URL")
     probe.add_argument("--spiffe-id", required=True, help="an identity the agent can issue")
-    probe.set_defaults(func=cmd_oauth_probe)
 
-    pol = sub.add_parser("policy", help="check and try MCP policy files").add_subparsers(
-        dest="policy_command", required=True
+    pol = _group(sub, "policy", "check and try MCP policy files")
+    pc = _command(
+        pol,
+        "check",
+        cmd_policy_check,
+        "validate a policy file",
+        config_help="also check that servers named in rules are configured",
     )
-    pc = pol.add_parser("check", help="validate a policy file")
     pc.add_argument("file")
-    pc.add_argument("--config", help="also check that servers named in rules are configured")
-    pc.set_defaults(func=cmd_policy_check)
-    pe = pol.add_parser(
-        "explain", help="which rule decides a call, without traffic (exit 0 allow, 1 deny)"
+    pe = _command(
+        pol,
+        "explain",
+        cmd_policy_explain,
+        "which rule decides a call, without traffic (exit 0 allow, 1 deny)",
     )
     pe.add_argument("--file", help="policy file (default: policy.file of --config)")
-    pe.add_argument("--config", help=f"config file (default {config.DEFAULT_CONFIG_PATH})")
     pe.add_argument("--spiffe-id", required=True)
     pe.add_argument("--server", required=True, help="a [[servers]] name")
     pe.add_argument("--method", required=True, help="JSON-RPC method, e.g. tools/call")
     pe.add_argument("--tool", help="tool name for tools/call")
     pe.add_argument("--resource", help="resource URI for resources/read")
     pe.add_argument("--prompt", help="prompt name for prompts/get")
-    pe.set_defaults(func=cmd_policy_explain)
     return p
 
 

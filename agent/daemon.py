@@ -1,5 +1,8 @@
 """The agent process: start components in order, serve until a signal, stop in reverse.
 
+The components are built from the configuration in agent/wiring.py; this module runs them,
+and answers the operator commands about them (`credless status`, `ps`, `oauth probe`).
+
 Start-up is shaped for systemd Type=notify: every component binds and attaches in start(),
 so when `ready` is logged (and READY=1 sent to $NOTIFY_SOCKET) the agent really serves.
 Shutdown stops components in reverse order, each of which detaches what it attached, so a
@@ -14,26 +17,16 @@ import gc
 import os
 import signal
 import socket
+import time
 from pathlib import Path
-from typing import Protocol
+from typing import Any
 
-from agent.config import Config, parse_listen
-from agent.observe.admin import AdminServer
+from agent.config import Config
+from agent.oauth.errors import OAuthError
 from agent.observe.logging import AuditLog, get_logger
-from agent.observe.metrics import Metrics, MetricsServer
+from agent.wiring import Component, StartupError, build
 
 log = get_logger("daemon")
-
-
-class Component(Protocol):
-    name: str
-
-    def start(self) -> None: ...
-    def stop(self) -> None: ...
-
-
-class StartupError(Exception):
-    """A component could not start; the message says what to do."""
 
 
 def sd_notify(state: str) -> None:
@@ -78,294 +71,27 @@ class PidFile:
             self._fd = None
 
 
-class _Bound:
-    """An HTTP endpoint as a component: a busy address fails start-up naming the setting."""
-
-    def __init__(self, endpoint, setting: str):
-        self.endpoint = endpoint
-        self.setting = setting
-        self.name = setting.split(".")[0]
-
-    def start(self) -> None:
-        try:
-            self.endpoint.start()
-        except OSError as e:
-            host, port = self.endpoint.requested_address
-            section = self.setting.split(".")[0]
-            raise StartupError(
-                f"{self.setting} {host}:{port}: {e.strerror}; choose a free "
-                f"port or set {section}.enabled = false"
-            ) from None
-        log.info("listening", endpoint=self.name, address="{}:{}".format(*self.endpoint.address))
-
-    def stop(self) -> None:
-        self.endpoint.stop()
-
-
 class Daemon:
     def __init__(self, cfg: Config, audit: AuditLog | None = None):
         self.cfg = cfg
-        self.metrics = Metrics()
-        self.audit = audit or AuditLog(
-            cfg.agent.resolved_node_name(),
-            file=cfg.audit.file,
-            max_bytes=cfg.audit.max_bytes,
-            backups=cfg.audit.backups,
-            to_stream=cfg.audit.stdout,
-            flush_interval=cfg.audit.flush_ms / 1000,
-        )
-        self.components: list[Component] = []
-        from prometheus_client.core import CounterMetricFamily
-
-        audit = self.audit
-
-        class _AuditDropped:
-            def collect(self):
-                c = CounterMetricFamily(
-                    "credless_audit_events_dropped", "Audit events that could not be written"
-                )
-                c.add_metric([], getattr(audit, "dropped", 0))
-                yield c
-
-        self.metrics.registry.register(_AuditDropped())
-        # Order matters: attestation first (everything asks it), operator surfaces last.
-        from agent.attest.attestor import Attestor
-
-        kubelet = None
-        if cfg.attest.kubelet.enabled:
-            from agent.attest.kubelet import KubeletClient, KubeletError, expand_url
-
-            k = cfg.attest.kubelet
-            try:
-                url = expand_url(k.url, os.environ)
-            except KubeletError as e:
-                raise StartupError(str(e)) from None
-            kubelet = KubeletClient(
-                url,
-                token_file=k.token_file,
-                ca_file=k.ca_file,
-                cache_ttl_seconds=k.cache_ttl_seconds,
-                insecure_skip_verify=k.insecure_skip_verify,
-            )
-        self.attestor = Attestor(
-            cfg.attest,
-            registry=self.metrics.registry,
-            kubelet=kubelet,
-            pin_dir=cfg.agent.bpf_pin_dir,
-        )
-        self.metrics.add_ready_check("attest", self.attestor.ready)
-        self.components.append(self.attestor)
-
-        from agent.identity.manager import IdentityManager
-
-        self.identity = IdentityManager(
-            cfg.identity, cfg.agent.state_dir, audit=self.audit, registry=self.metrics.registry
-        )
-        self.metrics.add_ready_check("identity", self.identity.ready)
-        self.components.append(self.identity)
-        self.reload_hooks = [self.identity.reload_entries]
-        if cfg.workload_api.enabled:
-            from agent.identity.workload_api import WorkloadApiServer
-
-            # FetchJWTSVID refuses audiences naming an authorization server credless uses
-            # (self.oauth, made below, is there before the first call)
-            self.components.append(
-                WorkloadApiServer(
-                    cfg.workload_api.socket,
-                    self.identity,
-                    self.attestor,
-                    audit=self.audit,
-                    registry=self.metrics.registry,
-                    authorization_servers=lambda: self.oauth.assertion_audiences(),
-                )
-            )
-        if cfg.bundle_endpoint.enabled:
-            from agent.identity.bundle_endpoint import BundleEndpoint
-
-            host, port = parse_listen(cfg.bundle_endpoint.listen)
-            self.components.append(
-                _Bound(BundleEndpoint(self.identity, host, port), "bundle_endpoint.listen")
-            )
-        from agent.oauth.service import OAuthService
-
-        _bundle_host, _bundle_port = parse_listen(cfg.bundle_endpoint.listen)
-        self.oauth = OAuthService(
-            cfg,
-            self.identity,
-            cfg.agent.state_dir,
-            audit=self.audit,
-            registry=self.metrics.registry,
-            jwks_uri=f"http://{cfg.bundle_endpoint.listen}/jwks.json"
-            if cfg.bundle_endpoint.enabled
-            else None,
-        )
-        self.components.append(self.oauth)
-        self.attestor.add_event_listener(self.identity.process_event)
-        self.identity.on_identity_ended.append(self._identity_ended)
-        if cfg.inject.enabled and cfg.servers:
-            self._add_injection(cfg)
-        self.admin = AdminServer(Path(cfg.agent.run_dir) / "admin.sock")
-        self.admin.register("oauth_probe", self._oauth_probe)
-        self.admin.register("status", self.status)
-        self.admin.register("ps", lambda _req: [a.to_dict() for a in self.attestor.snapshot()])
-        self.components.append(self.admin)
-        if cfg.metrics.enabled:
-            host, port = parse_listen(cfg.metrics.listen)
-            self.components.append(
-                _Bound(MetricsServer(self.metrics, host, port), "metrics.listen")
-            )
+        self.agent = build(cfg, audit)
+        admin = self.agent.admin
+        admin.register("oauth_probe", self._oauth_probe)
+        admin.register("status", self.status)
+        admin.register("ps", lambda _req: [a.to_dict() for a in self.agent.attestor.snapshot()])
         self._started: list[Component] = []
         self._stop = asyncio.Event()
 
-    def _add_injection(self, cfg: Config) -> None:
-        from agent.attest.cgroupfs import cgroup2_root
-        from agent.inject.proxy import Proxy
-        from agent.inject.redirect import Redirector, Target
-        from agent.inject.upstreams import UpstreamConflict, UpstreamResolver
-
-        resolver = UpstreamResolver(cfg.servers, retain=cfg.inject.resolve_retain_seconds)
-        try:
-            upstreams = resolver.refresh()
-        except UpstreamConflict as e:
-            raise StartupError(str(e)) from None
-        root = cgroup2_root(cfg.attest.cgroup_root)
-        if root is None:
-            raise StartupError("no cgroup v2 mount: the redirect needs one (credless doctor)")
-        inj = cfg.inject
-        self.redirector = Redirector(
-            cfg.agent.bpf_pin_dir,
-            root,
-            (inj.listen_host, inj.listen_port),
-            inj.listen_port6,
-            list(inj.managed_cgroups),
-            fail_open=inj.fail_open,
-            keep_on_stop=inj.keep_redirect_on_stop,
-        )
-        from agent.inject.tls import InjectionCA, upstream_context
-
-        self.inject_ca = (
-            InjectionCA(cfg.agent.state_dir, Path(cfg.agent.run_dir) / "inject-ca.crt")
-            if any(u.scheme == "https" for u in upstreams.values())
-            else None
-        )
-        from agent.policy.engine import PolicyEngine
-
-        self.policy = PolicyEngine(
-            cfg.policy, {s.name for s in cfg.servers}, registry=self.metrics.registry
-        )
-        self.components.append(self.policy)
-        self.reload_hooks.append(self.policy.reload)
-        self.proxy = Proxy(
-            inj,
-            upstreams,
-            self.redirector,
-            self.attestor,
-            self.identity,
-            self.oauth,
-            audit=self.audit,
-            registry=self.metrics.registry,
-            ssl_context=upstream_context(inj.upstream_ca_file),
-            policy=self.policy if cfg.policy.file else None,
-            max_body=cfg.policy.max_body_bytes,
-        )
-        redirector = self.redirector
-
-        def targets(ups) -> set:
-            return {
-                Target(h, p, inj.tls_listen_port if up.scheme == "https" else 0)
-                for (h, p), up in ups.items()
-            }
-
-        async def follow_dns() -> None:
-            """Servers' addresses as their names resolve now (UpstreamResolver)."""
-            loop = asyncio.get_running_loop()
-            while True:
-                await asyncio.sleep(inj.resolve_interval_seconds)
-                try:
-                    fresh = await loop.run_in_executor(None, resolver.refresh)
-                except Exception:  # keep following; the addresses known stay intercepted
-                    log.exception("resolving MCP servers failed")
-                    continue
-                if fresh != self.proxy.upstreams:
-                    redirector.set_targets(targets(fresh))
-                    self.proxy.upstreams = fresh
-                    log.info(
-                        "MCP server addresses changed",
-                        addresses=sorted(f"{h}:{p}" for h, p in fresh),
-                    )
-
-        class RedirectComponent:
-            name = "redirect"
-
-            def start(self) -> None:
-                redirector.start()
-                redirector.set_targets(targets(upstreams))
-
-            def stop(self) -> None:
-                redirector.stop()
-
-        proxy = self.proxy
-
-        from agent.inject.listeners import ProxyListeners
-
-        listeners = ProxyListeners(inj, proxy, self.inject_ca)
-        pods = None
-        if inj.pod_netns:
-            from agent.attest.cgroupfs import process_cgroup
-            from agent.inject.netns import NetnsListeners
-
-            pods = NetnsListeners(
-                listeners.listen_specs(),
-                listeners.serve,
-                list(inj.managed_cgroups),
-                process_cgroup(os.getpid()) or "/",
-                inj.netns_scan_seconds,
-                registry=self.metrics.registry,
-            )
-            self.attestor.add_event_listener(pods.process_event)
-
-        class ProxyComponent:
-            name = "proxy"
-            dns: asyncio.Task | None = None
-
-            async def astart(self) -> None:
-                await listeners.astart()
-                if pods is not None:
-                    await pods.astart()
-                redirector.set_agent_up(True)
-                self.dns = (
-                    asyncio.create_task(follow_dns()) if inj.resolve_interval_seconds > 0 else None
-                )
-
-            async def astop(self) -> None:
-                if self.dns is not None:
-                    self.dns.cancel()
-                redirector.set_agent_up(False)
-                if pods is not None:
-                    await pods.astop()
-                await listeners.astop()
-                proxy.close()
-
-        self.components += [RedirectComponent(), ProxyComponent()]
-        self.metrics.add_ready_check(
-            "redirect", lambda: (bool(redirector._links), f"{len(redirector.targets)} targets")
-        )
-
-    def _identity_ended(self, spiffe_id: str) -> None:
-        if self.oauth.loop is not None:
-            asyncio.run_coroutine_threadsafe(self.oauth.forget(spiffe_id), self.oauth.loop)
-
-    def _oauth_probe(self, req: dict) -> dict:
-        from agent.oauth.errors import OAuthError
-
-        ident = self.identity.identity_for_id(str(req.get("spiffe_id", "")))
+    def _oauth_probe(self, req: dict[str, Any]) -> dict[str, Any]:
+        identity, oauth = self.agent.identity, self.agent.oauth
+        ident = identity.identity_for_id(str(req.get("spiffe_id", "")))
         if ident is None:
             raise RuntimeError(
                 f"{req.get('spiffe_id')!r} is not an identity this agent can "
                 "issue: no registration entry produces it"
             )
         try:
-            return self.oauth.run_sync(self.oauth.probe(str(req.get("server", "")), ident))
+            return oauth.run_sync(oauth.probe(str(req.get("server", "")), ident))
         except OAuthError as e:
             return {"error": e.to_dict()}
 
@@ -379,15 +105,15 @@ class Daemon:
             sd_notify("WATCHDOG=1")
             await asyncio.sleep(usec / 2e6)
 
-    def status(self, _req: dict | None = None) -> dict:
+    def status(self, _req: dict[str, Any] | None = None) -> dict[str, Any]:
         """What `credless status` shows: no secret, only names, fingerprints and times."""
-        import time as _time
-
-        now = _time.time()
+        identity, attestor = self.agent.identity, self.agent.attestor
+        redirector = self.agent.redirector
+        now = time.time()
         workloads = []
-        users = self.identity.live_identities()
-        for att in self.attestor.snapshot():
-            ident = self.identity.resolve(att, quiet=True)
+        users = identity.live_identities()
+        for att in attestor.snapshot():
+            ident = identity.resolve(att, quiet=True)
             if ident is not None:
                 workloads.append(
                     {
@@ -403,7 +129,7 @@ class Daemon:
                 "not_after": svid.not_after.isoformat(),
                 "expires_in": int(svid.not_after.timestamp() - now),
             }
-            for sid, svid in list(self.identity._svids.items())
+            for sid, svid in identity.held_svids()
         ]
         tokens = [
             {
@@ -413,9 +139,8 @@ class Daemon:
                 "expires_in": int(tok.expires_at - now),
                 "token_sha256": tok.fingerprint,
             }
-            for key, tok in self.oauth.cache.tokens()
+            for key, tok in self.agent.oauth.cache.tokens()
         ]
-        redirector = getattr(self, "redirector", None)
         return {
             "workloads": workloads,
             "svids": svids,
@@ -424,7 +149,7 @@ class Daemon:
             if redirector
             else [],
             "redirect_counts": redirector.counts() if redirector else {},
-            "bpf_events_lost": self.attestor.lost_events(),
+            "bpf_events_lost": attestor.lost_events(),
         }
 
     def request_stop(self) -> None:
@@ -433,19 +158,16 @@ class Daemon:
     def reload(self) -> None:
         """SIGHUP: re-read what can change without a restart (registration entries)."""
         log.info("reload requested")
-        for hook in self.reload_hooks:
+        for hook in self.agent.reload_hooks:
             try:
                 hook()
             except Exception:
                 log.exception("reload failed")
 
     async def _start_all(self) -> None:
-        for c in self.components:
+        for c in self.agent.components:
             try:
-                if hasattr(c, "astart"):
-                    await c.astart()
-                else:
-                    c.start()
+                await c.start()
             except StartupError:
                 raise
             except Exception as e:  # BCC and the kernel raise bare exceptions
@@ -457,10 +179,7 @@ class Daemon:
         while self._started:
             c = self._started.pop()
             try:
-                if hasattr(c, "astop"):
-                    await c.astop()
-                else:
-                    c.stop()
+                await c.stop()
             except Exception:  # keep stopping the rest: leaking an attachment is worse
                 log.exception("component stop failed", component=c.name)
 
@@ -470,7 +189,7 @@ class Daemon:
             loop.add_signal_handler(sig, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         pidfile = PidFile(Path(self.cfg.agent.run_dir) / "credless.pid")
-        self.audit.attach_loop(loop)
+        self.agent.audit.attach_loop(loop)
         try:
             pidfile.acquire()
             await self._start_all()
@@ -491,7 +210,7 @@ class Daemon:
             return 1
         finally:
             await self._stop_all()
-            self.audit.attach_loop(None)  # writes what the last iteration left pending
+            self.agent.audit.attach_loop(None)  # writes what the last iteration left pending
             pidfile.release()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)

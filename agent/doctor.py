@@ -40,6 +40,10 @@ class CheckResult:
     fix: str = ""
     required: bool = True
 
+    @classmethod
+    def failed(cls, name: str, detail: str, fix: str, required: bool = True) -> CheckResult:
+        return cls(name, False, detail, fix, required)
+
 
 @dataclass
 class DoctorOptions:
@@ -55,9 +59,8 @@ def _libc():
 def check_bpf_syscall(_: DoctorOptions) -> CheckResult:
     nr = _SYS_BPF.get(platform.machine())
     if nr is None:
-        return CheckResult(
+        return CheckResult.failed(
             "bpf_syscall",
-            False,
             f"unsupported machine {platform.machine()}",
             "run credless on x86_64 or aarch64",
         )
@@ -81,9 +84,8 @@ def check_bpf_syscall(_: DoctorOptions) -> CheckResult:
             if err == errno.EPERM
             else "use a kernel built with CONFIG_BPF_SYSCALL=y"
         )
-        return CheckResult(
+        return CheckResult.failed(
             "bpf_syscall",
-            False,
             f"bpf(BPF_MAP_CREATE) failed: {errno.errorcode.get(err, err)} {os.strerror(err)}",
             fix,
         )
@@ -95,9 +97,8 @@ def check_kernel_headers(_: DoctorOptions) -> CheckResult:
     build = Path(f"/lib/modules/{os.uname().release}/build")
     if (build / "include").is_dir():
         return CheckResult("kernel_headers", True, f"{build} -> {build.resolve()}")
-    return CheckResult(
+    return CheckResult.failed(
         "kernel_headers",
-        False,
         f"{build}/include missing (BCC compiles bpf/*.c against it)",
         "make setup (installs linux-headers-amd64 and "
         f"links {build} to /usr/src/linux-headers-*-amd64)",
@@ -110,9 +111,8 @@ def check_tracefs(opts: DoctorOptions) -> CheckResult:
         parts = line.split()
         if len(parts) >= 3 and parts[2] == "tracefs" and parts[1] == opts.tracefs:
             return CheckResult("tracefs", True, f"mounted at {opts.tracefs}")
-    return CheckResult(
+    return CheckResult.failed(
         "tracefs",
-        False,
         f"tracefs not mounted at {opts.tracefs}",
         f"mount -t tracefs tracefs {opts.tracefs}",
     )
@@ -123,9 +123,8 @@ def check_bpffs(_: DoctorOptions) -> CheckResult:
         parts = line.split()
         if len(parts) >= 3 and parts[2] == "bpf" and parts[1] == "/sys/fs/bpf":
             return CheckResult("bpffs", True, "mounted at /sys/fs/bpf")
-    return CheckResult(
+    return CheckResult.failed(
         "bpffs",
-        False,
         "bpffs not mounted at /sys/fs/bpf (the redirect pins its maps there)",
         "mount -t bpf bpf /sys/fs/bpf",
     )
@@ -136,17 +135,15 @@ def check_btf(opts: DoctorOptions) -> CheckResult:
         with open(opts.btf, "rb") as f:
             magic = f.read(2)
     except OSError as e:
-        return CheckResult(
+        return CheckResult.failed(
             "btf",
-            False,
             f"cannot read {opts.btf}: {e.strerror}",
             "use a kernel built with CONFIG_DEBUG_INFO_BTF=y",
             required=False,
         )
     if magic not in (b"\x9f\xeb", b"\xeb\x9f"):
-        return CheckResult(
+        return CheckResult.failed(
             "btf",
-            False,
             f"{opts.btf} has no BTF magic",
             "use a kernel built with CONFIG_DEBUG_INFO_BTF=y",
             required=False,
@@ -163,9 +160,8 @@ def check_capabilities(_: DoctorOptions) -> CheckResult:
             eff = int(line.split()[1], 16)
     missing = [n for n, bit in CAPS.items() if not eff >> bit & 1]
     if missing:
-        return CheckResult(
+        return CheckResult.failed(
             "capabilities",
-            False,
             "missing " + ", ".join(missing),
             "run as root, or grant them (AmbientCapabilities= in the unit)",
         )
@@ -176,9 +172,8 @@ def check_cgroup2(opts: DoctorOptions) -> CheckResult:
     root = cgroupfs.cgroup2_root(opts.cgroup_root)
     if root is None:
         where = opts.cgroup_root or "any mount point"
-        return CheckResult(
+        return CheckResult.failed(
             "cgroup_v2",
-            False,
             f"no cgroup2 filesystem at {where} (per /proc/mounts)",
             "mount -t cgroup2 none /sys/fs/cgroup/unified, or set "
             "attest.cgroup_root to the cgroup2 mount point",
@@ -192,24 +187,21 @@ def check_bcc_tracepoint(_: DoctorOptions) -> CheckResult:
 
         prog = compile_program("doctor")
     except ImportError:
-        return CheckResult(
+        return CheckResult.failed(
             "bcc_tracepoint",
-            False,
             "cannot import bcc",
             "make setup (installs python3-bpfcc and links it into .venv)",
         )
     except Exception as e:  # noqa: BLE001 — BCC raises bare Exception on compile/verify failures
-        return CheckResult(
+        return CheckResult.failed(
             "bcc_tracepoint",
-            False,
             f"loading bpf/doctor.c failed: {e}",
             "make setup (kernel headers, tracefs), then run as root",
         )
     try:
         if not prog.tracepoint_exists("sched", "sched_process_exec"):
-            return CheckResult(
+            return CheckResult.failed(
                 "bcc_tracepoint",
-                False,
                 "tracepoint sched:sched_process_exec not found",
                 "mount tracefs; use a kernel with CONFIG_TRACEPOINTS",
             )
@@ -221,8 +213,8 @@ def check_bcc_tracepoint(_: DoctorOptions) -> CheckResult:
 def check_cgroup_connect4(opts: DoctorOptions) -> CheckResult:
     root = cgroupfs.cgroup2_root(opts.cgroup_root)
     if root is None:
-        return CheckResult(
-            "cgroup_connect4", False, "no cgroup v2 mount to attach to", "fix cgroup_v2 first"
+        return CheckResult.failed(
+            "cgroup_connect4", "no cgroup v2 mount to attach to", "fix cgroup_v2 first"
         )
     try:
         from bcc import BPF, BPFAttachType
@@ -231,9 +223,8 @@ def check_cgroup_connect4(opts: DoctorOptions) -> CheckResult:
 
         prog = compile_program("doctor")
     except Exception as e:  # noqa: BLE001 — a failing check, reported
-        return CheckResult(
+        return CheckResult.failed(
             "cgroup_connect4",
-            False,
             f"cannot compile bpf/doctor.c: {e}",
             "fix bcc_tracepoint first",
         )
@@ -249,9 +240,8 @@ def check_cgroup_connect4(opts: DoctorOptions) -> CheckResult:
         BPF.detach_func(fn, fd, BPFAttachType.CGROUP_INET4_CONNECT)
         return CheckResult("cgroup_connect4", True, f"attached and detached connect4 on {child}")
     except Exception as e:  # noqa: BLE001 — a failing check, reported
-        return CheckResult(
+        return CheckResult.failed(
             "cgroup_connect4",
-            False,
             f"attach to {child} failed: {e}",
             "run as root on a kernel with CONFIG_CGROUP_BPF=y",
         )
@@ -285,9 +275,8 @@ def run_checks(opts: DoctorOptions) -> list[CheckResult]:
             results.append(check(opts))
         except Exception as e:  # noqa: BLE001 — a crashing check is a failed check, not a crashed doctor
             results.append(
-                CheckResult(
+                CheckResult.failed(
                     check.__name__.removeprefix("check_"),
-                    False,
                     f"check crashed: {e!r}",
                     "report this as a bug",
                 )

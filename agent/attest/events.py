@@ -14,6 +14,7 @@ import mmap
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from agent.attest.btf import task_offset_cflags
 from agent.attest.table import ProcessEvent
@@ -36,6 +37,15 @@ def _has_group_dead() -> bool:
 
 
 class ProcessEventSource:
+    # BCC's objects (BCC publishes no types), set by start() before the ring buffer thread
+    # and the image lookups use them
+    _event_ptr: type[ct._Pointer[Any]]  # to struct process_event, BCC's ctypes class
+    _images: Any
+    _lost: Any
+    _lookup_elem: Any
+    _images_fd: int
+    _image_leaf: Any
+
     def __init__(
         self,
         on_event: Callable[[ProcessEvent], None],
@@ -45,10 +55,9 @@ class ProcessEventSource:
         self._on_event = on_event
         self._pin_dir = pin_dir
         self._ring_pages = ring_pages
-        self._bpf = None
+        self._bpf: Any = None  # BCC's BPF once started
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-        self._event_ptr = None
         self._change_map: mmap.mmap | None = None
         self._change_slots: memoryview | None = None
         self.callback_errors = 0
@@ -63,23 +72,23 @@ class ProcessEventSource:
             Path(self._pin_dir).mkdir(parents=True, exist_ok=True)
             Path(self._pin_dir, "process_images").unlink(missing_ok=True)
             flags.append(f'-DPIN_DIR="{self._pin_dir}"')
-        self._bpf = compile_program("process_events", flags)  # attaches the tracepoints
-        ring = self._bpf[b"process_events"]
+        self._bpf = bpf = compile_program("process_events", flags)  # attaches the tracepoints
+        ring = bpf[b"process_events"]
         ring.open_ring_buffer(self._callback)
         # The ctypes class BCC derived from struct process_event (bpf/process_events.h).
         self._event_ptr = ct.POINTER(ring._event_class or _event_class(ring))
-        self._images = self._bpf[b"process_images"]
+        self._images = bpf[b"process_images"]
         from bcc import libbcc
 
         self._lookup_elem = libbcc.lib.bpf_lookup_elem
         self._images_fd, self._image_leaf = self._images.map_fd, self._images.Leaf
-        self._lost = self._bpf[b"process_events_lost"]
-        self._map_image_changes()
+        self._lost = bpf[b"process_events_lost"]
+        self._map_image_changes(bpf)
         self._thread = threading.Thread(target=self._poll, name="bpf-process-events", daemon=True)
         self._thread.start()
         log.info("process event tracepoints attached", ring_buffer_pages=self._ring_pages)
 
-    def _callback(self, _ctx, data, _size) -> int:
+    def _callback(self, _ctx: object, data: int, _size: int) -> int:
         try:
             e = ct.cast(data, self._event_ptr).contents
             self._on_event(
@@ -107,9 +116,9 @@ class ProcessEventSource:
         while not self._stop.is_set():
             self._bpf.ring_buffer_poll(100)
 
-    def _map_image_changes(self) -> None:
+    def _map_image_changes(self, bpf: Any) -> None:
         try:
-            fd = self._bpf[b"image_changes"].map_fd
+            fd = bpf[b"image_changes"].map_fd
             self._change_map = mmap.mmap(
                 fd, IMAGE_CHANGE_SLOTS * 8, mmap.MAP_SHARED, mmap.PROT_READ
             )
@@ -138,8 +147,10 @@ class ProcessEventSource:
             self._thread.join(5)
         if self._change_slots is not None:
             self._change_slots.release()
+            self._change_slots = None
+        if self._change_map is not None:
             self._change_map.close()
-            self._change_slots = self._change_map = None
+            self._change_map = None
         if self._bpf is not None:
             self._bpf.cleanup()  # detaches the tracepoints and closes the maps
             self._bpf = None
@@ -178,7 +189,7 @@ class ProcessEventSource:
         )
 
 
-def _event_class(ring):
+def _event_class(ring: Any) -> Any:
     from bcc.table import _get_event_class
 
     return _get_event_class(ring)

@@ -48,20 +48,25 @@ class ProcInfo:
     start_ticks: int
 
 
+def _ids(value: str) -> tuple[int, int, int, int]:
+    """A Uid: or Gid: line's value: real, effective, saved and filesystem ids, in that
+    order (proc(5)); any other count is a format this parser does not know."""
+    real, effective, saved, filesystem = (int(x) for x in value.split())
+    return real, effective, saved, filesystem
+
+
 def parse_status(text: str) -> ProcStatus:
     fields: dict[str, str] = {}
     for line in text.splitlines():
         k, _, v = line.partition(":")
         fields[k] = v.strip()
     try:
-        uids = tuple(int(x) for x in fields["Uid"].split())
-        gids = tuple(int(x) for x in fields["Gid"].split())
         return ProcStatus(
             name=fields.get("Name", ""),
             tgid=int(fields["Tgid"]),
             ppid=int(fields["PPid"]),
-            uids=uids,
-            gids=gids,  # type: ignore[arg-type]
+            uids=_ids(fields["Uid"]),
+            gids=_ids(fields["Gid"]),
             groups=tuple(int(x) for x in fields.get("Groups", "").split()),
         )
     except (KeyError, ValueError) as e:

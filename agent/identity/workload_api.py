@@ -7,45 +7,9 @@ has exec'd another program since it connected, or has exited, gets PermissionDen
 image is pinned when the agent accepts the connection, not at connect(2): a caller that
 execs in between is attested as its new image; see issue 15 item 7.)
 
-How the gRPC server knows who is calling
-----------------------------------------
-The gRPC server is grpclib, an asyncio HTTP/2 server, listening on the public unix socket
-itself. Each accepted connection is wrapped (_Connection) before grpclib sees a byte of it:
-reading is paused, the peer credentials are read from that very socket and the process is
-attested, and only then is the connection handed to grpclib. A handler finds its caller by
-the transport its request arrived on. There is no second socket, no address and no port
-anywhere in the decision, so there is nothing for another process to bind, guess or relay.
-
-What this replaced, and the options weighed (issue 15, item 1):
-- grpcio behind a splice (the old design). gRPC Python exposes no peer credentials (grpc
-  issue 15511; LocalServerCredentials(UDS) does not check them either, issue 28755), so a
-  front splice read them and connected to a gRPC backend on 127.0.0.1, and the handler
-  mapped context.peer()'s *port* back to the caller. Any local process could bind another
-  loopback address with a live splice's port (visible in /proc/net/tcp) and be served as
-  that splice's process, private key included. Rejected: trust in an address.
-- grpcio behind a splice to a backend only root can reach (a unix socket in a 0700
-  directory), each splice binding its end to a unique path there, matched against
-  context.peer() ("unix:/path" on grpcio 1.85). Sound while the directory stays root-only,
-  but it keeps the extra hop, a per-connection thread pool slot for every open stream, and
-  rests on grpc core's formatting of unix peer names, which has regressed before (grpc
-  issues 13938, 35006). Rejected: an address again, only better hidden.
-- grpcio with a per-connection credential (the splice doing mTLS to a loopback backend
-  with a per-caller client certificate): TLS on every byte of a local call, a key to
-  manage, and still a network listener. Rejected.
-- grpclib (chosen): the handler sees the caller's own socket. It costs one dependency
-  (pure Python, on h2) and two reaches into its internals: grpclib 0.4 builds each
-  connection's protocol in Server._protocol_factory (overridden here to wrap it) and
-  gives handlers the connection's Peer, whose transport is Peer._transport. Both are
-  pinned by the version range in pyproject.toml and fail closed: if either moved, no
-  request would find a caller and every call would get PermissionDenied (the kernel
-  tests would fail at once). Open streams are coroutines, not threads. py-spiffe (a
-  grpcio client) talks to it unchanged.
-  The price is pure-Python HTTP/2: on the 2-vCPU test VM, sequential FetchJWTSVID calls
-  from one client went from about 450-600/s to about 280-330/s (python -m
-  tests.bench.bench_workload_api), while a new connection's first X509-SVID arrives a
-  little sooner (p50 about 6 ms, was about 7: one hop fewer). Workloads call the Workload
-  API when they start and when their SVIDs rotate, not per request, so this is far from
-  any limit.
+How the gRPC server knows who is calling: agent/identity/workload_callers.py (each
+connection's process attested before grpclib sees a byte of it), which also says what this
+design replaced and why.
 """
 
 from __future__ import annotations
@@ -54,24 +18,33 @@ import asyncio
 import contextlib
 import os
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from google.protobuf import struct_pb2
+from google.protobuf.message import Message
 from grpclib.const import Cardinality, Handler, Status
 from grpclib.exceptions import GRPCError
-from grpclib.server import Server
-from prometheus_client import Counter
+from grpclib.server import Stream
+from prometheus_client import CollectorRegistry, Counter
 
-from agent.identity.jwtsvid import JwtSvidError, validate_jwt_svid
+from agent.attest.selectors import Attestation
+from agent.identity.bundle import TrustBundle
+from agent.identity.jwtsvid import JwtSvid, JwtSvidError, validate_jwt_svid
+from agent.identity.manager import Identity
 from agent.identity.proto import workload_pb2 as pb
+from agent.identity.workload_callers import (
+    AttestedConnection,
+    AttestingServer,
+    Caller,
+    transport_of,
+)
+from agent.identity.x509svid import X509Svid
 from agent.observe.logging import AuditLog, get_logger
-from agent.peercred import PeerCred, peer_cred
+from agent.urls import origin
 
 log = get_logger("workload_api")
 
@@ -80,17 +53,53 @@ _HEADER = ("workload.spiffe.io", "true")
 # The SPIFFE paths: /SpiffeWorkloadAPI/<Method> (see agent/identity/proto/workload.proto for
 # why the generated, packaged service name is not used).
 SERVICE = "SpiffeWorkloadAPI"
-METHODS = {  # name: (streaming response, request type, response type)
+# name: (streaming response, request type, response type)
+METHODS: dict[str, tuple[bool, type[Message], type[Message]]] = {
     "FetchX509SVID": (True, pb.X509SVIDRequest, pb.X509SVIDResponse),
     "FetchX509Bundles": (True, pb.X509BundlesRequest, pb.X509BundlesResponse),
     "FetchJWTSVID": (False, pb.JWTSVIDRequest, pb.JWTSVIDResponse),
     "FetchJWTBundles": (True, pb.JWTBundlesRequest, pb.JWTBundlesResponse),
     "ValidateJWTSVID": (False, pb.ValidateJWTSVIDRequest, pb.ValidateJWTSVIDResponse),
 }
-_EARLY_BYTES = 1 << 20  # held per connection while its caller is being attested
+
+T = TypeVar("T")
+# a request's stream; its message types vary by method
+RpcStream = Stream[Any, Any]
 
 
-def client_call(channel: grpc.Channel, method: str):
+class CallerAttestor(Protocol):
+    """What the server asks of the attestor (agent.attest.attestor.Attestor)."""
+
+    def attest(self, pid: int, timeout: float = 1.0) -> Attestation | None: ...
+
+
+class Identities(Protocol):
+    """What the server asks of the identity manager (agent.identity.manager.IdentityManager):
+    the identity an attested process earns, its SVIDs and the bundle, and a condition to
+    wait on for their changes (rotations, reloads)."""
+
+    @property
+    def changed(self) -> threading.Condition: ...
+
+    @property
+    def generation(self) -> int:
+        """Moves (under `changed`) whenever an SVID, the bundle or the entries change."""
+        ...
+
+    def resolve(self, attestation: Attestation, quiet: bool = False) -> Identity | None: ...
+
+    def note_use(self, ident: Identity, attestation: Attestation) -> None: ...
+
+    def x509_svid(self, ident: Identity) -> X509Svid: ...
+
+    def jwt_svid(
+        self, ident: Identity, audience: list[str], ttl: int | None = None, iss: str | None = None
+    ) -> JwtSvid: ...
+
+    def bundle(self) -> TrustBundle: ...
+
+
+def client_call(channel: grpc.Channel, method: str) -> Any:
     """A multicallable for one Workload API method (for tools and tests)."""
     stream, req, resp = METHODS[method]
     make = channel.unary_stream if stream else channel.unary_unary
@@ -99,12 +108,6 @@ def client_call(channel: grpc.Channel, method: str):
         request_serializer=req.SerializeToString,
         response_deserializer=resp.FromString,
     )
-
-
-@dataclass
-class Caller:
-    cred: PeerCred
-    attestation: Any  # agent.attest.selectors.Attestation | None
 
 
 class _Denied(Exception):
@@ -119,143 +122,22 @@ class _Refused(Exception):
         self.code, self.message = code, message
 
 
-class _Connection(asyncio.Protocol):
-    """One accepted connection: who is on the other end, then grpclib's HTTP/2 protocol.
-
-    grpclib sees nothing of the connection until the caller is known: no request on it can
-    be handled before its peer credentials were read and its process attested. Reading is
-    paused meanwhile; whatever a loop still delivers is held (up to _EARLY_BYTES)."""
-
-    def __init__(self, api: WorkloadApiServer, inner: asyncio.Protocol):
-        self.api, self.inner = api, inner
-        self.transport: asyncio.Transport | None = None
-        self.caller: Caller | None = None
-        self._task: asyncio.Task | None = None
-        self._open = False  # inner has been given the connection
-        self._early = bytearray()
-        self._early_eof = False
-
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-        transport.pause_reading()
-        self.api._connections.add(self)
-        self._task = asyncio.get_running_loop().create_task(self._identify())
-
-    async def _identify(self) -> None:
-        transport = self.transport
-        try:
-            cred = peer_cred(transport.get_extra_info("socket"))
-        except OSError:
-            transport.abort()
-            return
-        try:
-            att = await asyncio.get_running_loop().run_in_executor(
-                self.api._pool, self.api.attestor.attest, cred.pid
-            )
-        except Exception:
-            log.exception("attesting a Workload API caller failed", pid=cred.pid)
-            cred.close()
-            transport.abort()
-            return
-        except BaseException:
-            cred.close()
-            raise
-        if att is not None and not cred.alive():
-            att = None  # the pid was reused between SO_PEERCRED and attestation
-        if transport.is_closing():
-            cred.close()
-            return
-        self.caller = Caller(cred, att)
-        self.api._callers[transport] = self.caller
-        self.inner.connection_made(transport)
-        self._open = True
-        if self._early:
-            early, self._early = bytes(self._early), bytearray()
-            self.inner.data_received(early)
-        if self._early_eof:
-            transport.close()
-            return
-        transport.resume_reading()
-
-    def data_received(self, data: bytes) -> None:
-        if self._open:
-            self.inner.data_received(data)
-            return
-        self._early += data
-        if len(self._early) > _EARLY_BYTES:
-            self.transport.abort()
-
-    def eof_received(self) -> bool | None:
-        if self._open:
-            return self.inner.eof_received()
-        self._early_eof = True
-        return True  # keep the transport until the caller is known
-
-    def pause_writing(self) -> None:
-        if self._open:
-            self.inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        if self._open:
-            self.inner.resume_writing()
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        self.api._connections.discard(self)
-        self.api._callers.pop(self.transport, None)
-        if self._open:
-            self.inner.connection_lost(exc)
-        elif self._task is not None:
-            self._task.cancel()
-        if self.caller is not None:
-            self.caller.cred.close()
-
-
-class _Server(Server):
-    """grpclib's server with every accepted connection wrapped in a _Connection."""
-
-    def __init__(self, api: WorkloadApiServer, handlers):
-        super().__init__(handlers)
-        self._api = api
-
-    def _protocol_factory(self):  # grpclib 0.4: the factory given to create_unix_server
-        return _Connection(self._api, super()._protocol_factory())
-
-
-def _origin(url: str) -> tuple[str, str, int] | None:
-    """(scheme, host, port) of an http(s) URL, case and default port normalised."""
-    try:
-        u = urlsplit(url.strip())
-        if u.scheme.lower() not in ("http", "https") or not u.hostname:
-            return None
-        return (
-            u.scheme.lower(),
-            u.hostname.lower(),
-            u.port or (443 if u.scheme.lower() == "https" else 80),
-        )
-    except ValueError:
-        return None
-
-
 def names_an_as(audience: Iterable[str], servers: Iterable[str]) -> tuple[str, str] | None:
     """The first (audience, authorization server) where the audience names that server: the
     same identifier, or any URL on its origin. Any endpoint counts, not only the issuer and
     the token endpoint: authorization servers accept the URL of the endpoint being called
     as an assertion's audience (oidc-provider does), so a JWT-SVID for any of them is a
     client assertion there."""
-    servers = [(s, _origin(s)) for s in servers if s]
+    # userinfo in an audience changes nothing: the URL still names that host
+    known = [(s, origin(s.strip(), userinfo=True)) for s in servers if s]
     for aud in audience:
-        origin = _origin(aud)
-        for server, server_origin in servers:
+        aud_origin = origin(aud.strip(), userinfo=True)
+        for server, server_origin in known:
             if aud.rstrip("/") == server.rstrip("/") or (
-                origin is not None and origin == server_origin
+                aud_origin is not None and aud_origin == server_origin
             ):
                 return aud, server
     return None
-
-
-def _transport_of(stream) -> Any:
-    """The transport a request arrived on (grpclib 0.4: Stream.peer wraps it)."""
-    return getattr(stream.peer, "_transport", None)
 
 
 class WorkloadApiServer:
@@ -264,10 +146,10 @@ class WorkloadApiServer:
     def __init__(
         self,
         socket_path: str,
-        manager: Any,
-        attestor: Any,
+        manager: Identities,
+        attestor: CallerAttestor,
         audit: AuditLog | None = None,
-        registry: Any = None,
+        registry: CollectorRegistry | None = None,
         max_streams: int = 256,
         authorization_servers: Callable[[], Iterable[str]] = tuple,
     ):
@@ -279,14 +161,15 @@ class WorkloadApiServer:
         # issuers and endpoints): FetchJWTSVID refuses them as audiences (see names_an_as)
         self.authorization_servers = authorization_servers
         self.max_streams = max_streams
-        self._callers: dict[Any, Caller] = {}  # transport -> who connected on it
-        self._connections: set[_Connection] = set()
+        self.callers: dict[asyncio.BaseTransport, Caller] = {}  # who connected on each
+        self.connections: set[AttestedConnection] = set()
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="workload-api")
-        self._server: _Server | None = None
+        self._server: AttestingServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._relay: threading.Thread | None = None
-        self._changed: asyncio.Event | None = None  # set (and replaced) on each change
+        # set (and replaced) on each change; bound to the server's loop at its first wait
+        self._changed = asyncio.Event()
         self._stopping = threading.Event()
         self.active = 0
         self.m_calls = Counter(
@@ -300,8 +183,9 @@ class WorkloadApiServer:
     def start(self) -> None:
         ready = threading.Event()
         errors: list[BaseException] = []
+        loop = self._loop = asyncio.new_event_loop()  # run by the thread
         self._thread = threading.Thread(
-            target=self._run, args=(ready, errors), name="workload-api", daemon=True
+            target=self._run, args=(loop, ready, errors), name="workload-api", daemon=True
         )
         self._thread.start()
         ready.wait(10)
@@ -310,33 +194,33 @@ class WorkloadApiServer:
             self._pool.shutdown(wait=False)
             raise errors[0]
         self._relay = threading.Thread(
-            target=self._relay_changes, name="workload-api-changes", daemon=True
+            target=self._relay_changes, args=(loop,), name="workload-api-changes", daemon=True
         )
         self._relay.start()
         log.info("workload API listening", socket=str(self.socket_path))
 
-    def _run(self, ready: threading.Event, errors: list) -> None:
-        self._loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(self._loop)
+    def _run(
+        self, loop: asyncio.AbstractEventLoop, ready: threading.Event, errors: list[BaseException]
+    ) -> None:
+        asyncio.set_event_loop(loop)
 
         async def listen() -> None:
-            self._changed = asyncio.Event()
-            self._server = _Server(self, [_Servicer(self)])
+            self._server = AttestingServer(self, [_Servicer(self)])
             self.socket_path.parent.mkdir(parents=True, exist_ok=True)
             self.socket_path.unlink(missing_ok=True)
             await self._server.start(path=str(self.socket_path))
             os.chmod(self.socket_path, 0o666)  # noqa: S103 — anyone may ask; the kernel says who they are
 
         try:
-            self._loop.run_until_complete(listen())
+            loop.run_until_complete(listen())
         except BaseException as e:  # noqa: BLE001 - reported to start()
             errors.append(e)
             ready.set()
-            self._loop.close()
+            loop.close()
             return
         ready.set()
-        self._loop.run_forever()
-        self._loop.close()
+        loop.run_forever()
+        loop.close()
 
     def stop(self) -> None:
         self._stopping.set()
@@ -344,26 +228,27 @@ class WorkloadApiServer:
             self.manager.changed.notify_all()  # the change relay wakes and sees _stopping
         if self._relay is not None:
             self._relay.join(5)
-        if self._loop is not None and self._server is not None and self._loop.is_running():
+        loop, server = self._loop, self._server
+        if loop is not None and server is not None and loop.is_running():
 
             async def close() -> None:
-                self._server.close()  # no new connections; running RPCs cancelled
-                for conn in list(self._connections):
+                server.close()  # no new connections; running RPCs cancelled
+                for conn in list(self.connections):
                     conn.transport.abort()
-                await asyncio.wait_for(self._server.wait_closed(), 5)
+                await asyncio.wait_for(server.wait_closed(), 5)
 
             with contextlib.suppress(Exception):
-                asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
-            self._loop.call_soon_threadsafe(self._loop.stop)
+                asyncio.run_coroutine_threadsafe(close(), loop).result(10)
+            loop.call_soon_threadsafe(loop.stop)
         if self._thread is not None:
             self._thread.join(5)
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.socket_path.unlink(missing_ok=True)
-        for caller in list(self._callers.values()):
+        for caller in list(self.callers.values()):
             caller.cred.close()
-        self._callers.clear()
+        self.callers.clear()
 
-    def _relay_changes(self) -> None:
+    def _relay_changes(self, loop: asyncio.AbstractEventLoop) -> None:
         """Turn the identity manager's condition (rotations, reloads) into an asyncio wake-up
         for the open streams."""
         mgr = self.manager
@@ -376,17 +261,30 @@ class WorkloadApiServer:
             if now != seen:
                 seen = now
                 with contextlib.suppress(RuntimeError):  # loop closed: stopping anyway
-                    self._loop.call_soon_threadsafe(self._wake)
+                    loop.call_soon_threadsafe(self._wake)
 
     def _wake(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
-    async def _run_blocking(self, fn, *args):
+    async def _run_blocking(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
+    async def attest_caller(self, pid: int) -> Attestation | None:
+        """Who a connecting process is (blocks, so on a worker thread)."""
+        return await self._run_blocking(self.attestor.attest, pid)
+
+    def audit_call(self, event: str, ident: Identity, att: Attestation, **fields: Any) -> None:
+        """An audit event about a call, naming the identity and the process that made it."""
+        if self.audit:
+            self.audit.emit(
+                event, spiffe_id=str(ident.spiffe_id), pid=att.tgid, exe=att.exe, **fields
+            )
+
     # ------------------------------------------------------------ authorisation
-    def authorize(self, caller: Caller | None, metadata: Any) -> Any:
+    def authorize(
+        self, caller: Caller | None, metadata: Mapping[str, str | bytes] | None
+    ) -> tuple[Identity, Attestation]:
         """The caller's identity, or _Denied with the status to return. Blocks (attests)."""
         if metadata is None or metadata.get(_HEADER[0]) != _HEADER[1]:
             raise _Denied(
@@ -426,7 +324,7 @@ class _Servicer:
         self.s = server
 
     def __mapping__(self) -> dict[str, Handler]:
-        out = {}
+        out: dict[str, Handler] = {}
         for name, (streaming, req, resp) in METHODS.items():
             out[f"/{SERVICE}/{name}"] = Handler(
                 self._guarded(name, getattr(self, name)),
@@ -436,8 +334,10 @@ class _Servicer:
             )
         return out
 
-    def _guarded(self, method: str, fn):
-        async def handle(stream) -> None:
+    def _guarded(
+        self, method: str, fn: Callable[[RpcStream], Awaitable[None]]
+    ) -> Callable[[RpcStream], Awaitable[None]]:
+        async def handle(stream: RpcStream) -> None:
             if self.s.active >= self.s.max_streams:
                 self._count(method, Status.RESOURCE_EXHAUSTED)
                 raise GRPCError(
@@ -459,15 +359,18 @@ class _Servicer:
         self._count(method, code)
         return GRPCError(code, message)
 
-    async def _authorized(self, method: str, stream, then=None) -> Any:
+    async def _authorized(
+        self, method: str, stream: RpcStream, then: Callable[[Identity, Attestation], T]
+    ) -> T:
         """Authorize the caller, then (in the same trip to a worker thread, as both block)
-        run then(identity, attestation): its result, or (identity, attestation)."""
-        caller = self.s._callers.get(_transport_of(stream))
+        run then(identity, attestation) and return its result."""
+        transport = transport_of(stream)
+        caller = self.s.callers.get(transport) if transport is not None else None
         metadata = stream.metadata
 
-        def work():
+        def work() -> T:
             ident, att = self.s.authorize(caller, metadata)
-            return (ident, att) if then is None else then(ident, att)
+            return then(ident, att)
 
         try:
             return await self.s._run_blocking(work)
@@ -476,12 +379,17 @@ class _Servicer:
                 self.s.audit.emit("workload_api.denied", method=method, reason=d.message)
             raise self._refuse(method, d.code, d.message) from None
 
-    async def _watch(self, method: str, stream, render) -> None:
+    async def _watch(
+        self,
+        method: str,
+        stream: RpcStream,
+        render: Callable[[Identity], tuple[Message, Hashable]],
+    ) -> None:
         """Stream the complete state now and again whenever it changes (SPEC §4), checking
         the caller again at least every second."""
         await stream.recv_message()
         mgr = self.s.manager
-        last = None
+        last: Hashable = None
         while not self.s._stopping.is_set():
             changed = self.s._changed
             gen = mgr.generation
@@ -494,10 +402,10 @@ class _Servicer:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(changed.wait(), 1.0)
 
-    async def FetchX509SVID(self, stream) -> None:
+    async def FetchX509SVID(self, stream: RpcStream) -> None:
         mgr = self.s.manager
 
-        def render(ident):
+        def render(ident: Identity) -> tuple[Message, Hashable]:
             svid = mgr.x509_svid(ident)
             bundle = mgr.bundle()
             msg = pb.X509SVIDResponse(
@@ -514,37 +422,46 @@ class _Servicer:
 
         await self._watch("FetchX509SVID", stream, render)
 
-    async def FetchX509Bundles(self, stream) -> None:
+    async def _watch_bundle(
+        self, method: str, stream: RpcStream, message: Callable[[TrustBundle], Message]
+    ) -> None:
+        """Stream the trust bundle as message(bundle) and again whenever it changes."""
         mgr = self.s.manager
 
-        def render(_ident):
+        def render(_ident: Identity) -> tuple[Message, Hashable]:
             b = mgr.bundle()
-            return (
-                pb.X509BundlesResponse(bundles={b.trust_domain.id_string(): b.x509_der()}),
-                b.sequence,
-            )
+            return message(b), b.sequence
 
-        await self._watch("FetchX509Bundles", stream, render)
+        await self._watch(method, stream, render)
 
-    async def FetchJWTBundles(self, stream) -> None:
-        mgr = self.s.manager
+    async def FetchX509Bundles(self, stream: RpcStream) -> None:
+        await self._watch_bundle(
+            "FetchX509Bundles",
+            stream,
+            lambda b: pb.X509BundlesResponse(bundles={b.trust_domain.id_string(): b.x509_der()}),
+        )
 
-        def render(_ident):
-            b = mgr.bundle()
-            return (
-                pb.JWTBundlesResponse(
-                    bundles={b.trust_domain.id_string(): b.jwt_jwks_json().encode()}
-                ),
-                b.sequence,
-            )
+    async def FetchJWTBundles(self, stream: RpcStream) -> None:
+        await self._watch_bundle(
+            "FetchJWTBundles",
+            stream,
+            lambda b: pb.JWTBundlesResponse(
+                bundles={b.trust_domain.id_string(): b.jwt_jwks_json().encode()}
+            ),
+        )
 
-        await self._watch("FetchJWTBundles", stream, render)
-
-    async def FetchJWTSVID(self, stream) -> None:
+    async def _request(self, method: str, stream: RpcStream) -> Any:
+        """A unary call's request message."""
         request = await stream.recv_message()
+        if request is None:  # the client ended its side of the stream without one
+            raise self._refuse(method, Status.INVALID_ARGUMENT, "the request message is missing")
+        return request
+
+    async def FetchJWTSVID(self, stream: RpcStream) -> None:
+        request = await self._request("FetchJWTSVID", stream)
         audience = list(request.audience)
 
-        def issue(ident, att):
+        def issue(ident: Identity, att: Attestation) -> tuple[Identity, Attestation, JwtSvid]:
             if not audience or not all(audience):
                 raise _Refused(Status.INVALID_ARGUMENT, "audience must be specified")
             if request.spiffe_id and request.spiffe_id != str(ident.spiffe_id):
@@ -555,16 +472,14 @@ class _Servicer:
             if not ident.entry.authorization_server_audience:
                 named = names_an_as(audience, self.s.authorization_servers())
                 if named is not None:
-                    if self.s.audit:
-                        self.s.audit.emit(
-                            "workload_api.denied",
-                            method="FetchJWTSVID",
-                            spiffe_id=str(ident.spiffe_id),
-                            pid=att.tgid,
-                            exe=att.exe,
-                            audience=audience,
-                            reason="audience is an authorization server credless uses",
-                        )
+                    self.s.audit_call(
+                        "workload_api.denied",
+                        ident,
+                        att,
+                        method="FetchJWTSVID",
+                        audience=audience,
+                        reason="audience is an authorization server credless uses",
+                    )
                     raise _Refused(
                         Status.PERMISSION_DENIED,
                         (
@@ -582,27 +497,25 @@ class _Servicer:
             ident, att, svid = await self._authorized("FetchJWTSVID", stream, issue)
         except _Refused as r:
             raise self._refuse("FetchJWTSVID", r.code, r.message) from None
-        if self.s.audit:
-            self.s.audit.emit(
-                "svid.issued",
-                type="jwt",
-                spiffe_id=str(ident.spiffe_id),
-                jti=svid.jti,
-                kid=svid.kid,
-                audience=list(svid.audience),
-                pid=att.tgid,
-                exe=att.exe,
-            )
+        self.s.audit_call(
+            "svid.issued",
+            ident,
+            att,
+            type="jwt",
+            jti=svid.jti,
+            kid=svid.kid,
+            audience=list(svid.audience),
+        )
         self._count("FetchJWTSVID", Status.OK)
         await stream.send_message(
             pb.JWTSVIDResponse(svids=[pb.JWTSVID(spiffe_id=str(ident.spiffe_id), svid=svid.token)])
         )
 
-    async def ValidateJWTSVID(self, stream) -> None:
-        request = await stream.recv_message()
+    async def ValidateJWTSVID(self, stream: RpcStream) -> None:
+        request = await self._request("ValidateJWTSVID", stream)
         bundle = self.s.manager.bundle
 
-        def validate(_ident, _att):
+        def validate(_ident: Identity, _att: Attestation) -> JwtSvid:
             if not request.audience or not request.svid:
                 raise _Refused(Status.INVALID_ARGUMENT, "audience and svid are required")
             b = bundle()

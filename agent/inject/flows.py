@@ -19,44 +19,60 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, cast
 
 from agent.inject import http1
-from agent.inject.http1 import BODY, END, HEAD, LAST_CHUNK, Head, ProtocolError, chunk
+from agent.inject.http1 import BODY, END, HEAD, LAST_CHUNK, Event, Head, ProtocolError, chunk
+
+if TYPE_CHECKING:  # upstreams.py imports this module
+    from agent.inject.upstreams import Upstream
 
 HIGH_WATER = 256 << 10
 LOW_WATER = 64 << 10
 
 
+def _stream(transport: asyncio.BaseTransport) -> asyncio.Transport:
+    # asyncio types connection_made for every kind of transport; a TCP (or TLS) connection's
+    # is a full Transport
+    return cast(asyncio.Transport, transport)
+
+
 class ClientSide(asyncio.Protocol):
     """The workload's connection: request events in (next()), response bytes out (write())."""
 
+    # set by connection_made, which asyncio calls before any other callback and before
+    # anyone else is handed this side (the proxy gets it from on_connect)
+    transport: asyncio.Transport
+    _loop: asyncio.AbstractEventLoop
+
     def __init__(
         self,
-        on_connect,
+        on_connect: Callable[[ClientSide], object],
         max_head: int = http1.MAX_HEAD_BYTES,
         max_fields: int = http1.MAX_HEADER_FIELDS,
     ):
         self._on_connect = on_connect
-        self.transport: asyncio.Transport | None = None
         self.upstream: UpstreamSide | None = None  # streaming a response into us
         self.max_head, self.max_fields = max_head, max_fields  # of a request head
         self._reader = http1.Reader(max_head=max_head, max_fields=max_fields)
-        self._events: deque = deque()
+        self._events: deque[Event] = deque()
         self._queued = 0
         self._error: ProtocolError | None = None
         self._eof = False
-        self._waiter: asyncio.Future | None = None
+        self._waiter: asyncio.Future[None] | None = None
         self._reading_paused = False
         self.write_paused = False
-        self._writable: asyncio.Future | None = None
+        self._writable: asyncio.Future[None] | None = None
         self.closed = False
         self.last_rx = time.monotonic()  # for the proxy's timeouts (inject/timeouts.py)
-        self.served: tuple = (None, "")  # (Upstream, audit fragment) once the proxy knows
+        # (Upstream, audit fragment) once the proxy knows
+        self.served: tuple[Upstream | None, str] = (None, "")
         # The proxy's fast lane (agent/inject/lane.py): offered a read between requests, it
         # sends a whole request from this callback and returns True, or declines (False)
         # and the read goes to the parser and the serving coroutine. While its answer is
         # relayed (fast_inflight), the coroutine is given nothing, so answers stay in order.
-        self.fast = None
+        self.fast: Callable[[bytes], bool] | None = None
         self.whole = http1.WholeMessage()  # the fast lane's test of a read
         self.fast_inflight = False
         self.busy = False  # the serving coroutine is inside a request (set by the proxy)
@@ -66,8 +82,8 @@ class ClientSide(asyncio.Protocol):
         self.image_mark: int | None = None
 
     # --- asyncio callbacks
-    def connection_made(self, transport) -> None:
-        self.transport = transport
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = _stream(transport)
         self._loop = asyncio.get_running_loop()
         self._on_connect(self)
 
@@ -112,7 +128,7 @@ class ClientSide(asyncio.Protocol):
         self.wake()
         return True  # between requests: what was written still goes out, then it closes
 
-    def connection_lost(self, exc) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
         self.closed = self._eof = True
         self.write_paused = False  # nothing will resume it: never pause an upstream for it
         self.wake()
@@ -155,7 +171,7 @@ class ClientSide(asyncio.Protocol):
             return None
         return "more" if self._reader.in_message else "request"
 
-    async def next(self) -> tuple[int, object] | None:
+    async def next(self) -> Event | None:
         """The next request event; None once the workload has closed; raises ProtocolError
         when what it sent cannot be framed as HTTP/1.1."""
         while not self._events or self.fast_inflight:
@@ -199,26 +215,29 @@ class ClientSide(asyncio.Protocol):
     def close(self) -> None:
         """Close (after what was written): nothing more is read from it or served on it."""
         self.closed = True
-        if self.transport is not None:
-            self.transport.close()
+        self.transport.close()
 
 
 class UpstreamSide(asyncio.Protocol):
     """One connection to an MCP server; carries one exchange at a time and, between
     exchanges, waits in the pool. The response is relayed to the workload as it arrives."""
 
-    def __init__(self):
-        self.transport: asyncio.Transport | None = None
+    # set by connection_made: the pool and the proxy get this side from create_connection,
+    # after it
+    transport: asyncio.Transport
+    _loop: asyncio.AbstractEventLoop
+
+    def __init__(self) -> None:
         self.closed = False
         self._client: ClientSide | None = None
         # one parser for the connection's responses, in order (keep-alive); a response
         # that ends out of step (bytes after it, a parse error) closes the connection
         self._reader = http1.Reader(response=True)
-        self._done: asyncio.Future | None = None
-        self._on_done = None
+        self._done: asyncio.Future[None] | None = None
+        self._on_done: Callable[[UpstreamSide], object] | None = None
         self._first_read = False  # the next read starts the exchange's response
         self._write_paused = False
-        self._writable: asyncio.Future | None = None
+        self._writable: asyncio.Future[None] | None = None
         # the current (or last) exchange's outcome
         self.head: Head | None = None  # final (non-1xx) response head, if parsed
         self.status = 0  # its status (0: no final response yet)
@@ -234,33 +253,34 @@ class UpstreamSide(asyncio.Protocol):
         self._skip_end = False  # the parser's end of an interim (1xx) response
 
     # --- asyncio callbacks
-    def connection_made(self, transport) -> None:
-        self.transport = transport
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = _stream(transport)
         self._loop = asyncio.get_running_loop()
 
     def data_received(self, data: bytes) -> None:
-        if self._client is None:  # an idle connection has nothing to say: not reusable
+        client = self._client
+        if client is None:  # an idle connection has nothing to say: not reusable
             self.transport.close()
             return
         if self._first_read:
             self._first_read = False
-            if not (self._bodiless or self._close_client) and self._verbatim(data):
+            if not (self._bodiless or self._close_client) and self._verbatim(client, data):
                 return
         try:
-            self._relay(self._reader.feed(data))
+            self._relay(client, self._reader.feed(data))
         except ProtocolError:
             self.abort()
 
     def eof_received(self) -> bool:
         if self._client is not None:
-            self._relay(self._reader.feed_eof())
+            self._relay(self._client, self._reader.feed_eof())
             if self.close_delimited and not self.complete:
                 self.complete = True  # its body ends here (httptools has no end-of-input)
                 self._finish()
         self.keep_alive = False
         return False
 
-    def connection_lost(self, exc) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.keep_alive = False
         if self._writable is not None and not self._writable.done():
@@ -277,7 +297,11 @@ class UpstreamSide(asyncio.Protocol):
 
     # --- the exchange
     def begin(
-        self, client: ClientSide, close_client: bool = False, bodiless: bool = False, on_done=None
+        self,
+        client: ClientSide,
+        close_client: bool = False,
+        bodiless: bool = False,
+        on_done: Callable[[UpstreamSide], object] | None = None,
     ) -> None:
         """Relay the next response to client. close_client: the workload asked to close after
         it (the response says Connection: close). bodiless: the request was HEAD, whose
@@ -311,18 +335,20 @@ class UpstreamSide(asyncio.Protocol):
             await self._writable
 
     async def finished(self) -> None:
+        if self._done is None:
+            raise RuntimeError("finished() waits for an exchange begun without on_done")
         await self._done
 
     def abort(self) -> None:
         self.keep_alive = False
-        if self.transport is not None:
-            self.transport.abort()
+        self.transport.abort()
         self._finish()
 
-    def _relay(self, events) -> None:
+    def _relay(self, client: ClientSide, events: list[Event]) -> None:
         out = bytearray()
-        for i, (kind, item) in enumerate(events):
-            if kind == HEAD:
+        for i, ev in enumerate(events):
+            if ev[0] == HEAD:
+                item = ev[1]
                 if 100 <= item.status < 200:
                     out += item.response_bytes()
                     self._skip_end = True  # httptools ends a 1xx as a message of its own
@@ -344,24 +370,31 @@ class UpstreamSide(asyncio.Protocol):
                 if self._bodiless:  # the parser would wait for Content-Length bytes
                     self.complete, self.keep_alive = True, False
                     break
-            elif kind == BODY:
-                out += chunk(item) if self.head.chunked else item
-            elif kind == END:
+            elif ev[0] == BODY:
+                out += chunk(ev[1]) if self._final_head().chunked else ev[1]
+            elif ev[0] == END:
                 if self._skip_end:
                     self._skip_end = False
                     continue
-                if self.head.chunked:
+                if self._final_head().chunked:
                     out += LAST_CHUNK
                 self.complete = True
                 if i + 1 < len(events):  # bytes after the response: out of step
                     self.keep_alive = False
                 break
         if out:  # what one read brought goes out at once: SSE events are not held back
-            self._client.write(bytes(out))
+            client.write(bytes(out))
         if self.complete:
             self._finish()
 
-    def _verbatim(self, data: bytes) -> bool:
+    def _final_head(self) -> Head:
+        """The head of the response whose body is being relayed."""
+        # llhttp gives a message's head before its body and end, and a 1xx head has neither
+        if self.head is None:
+            raise ProtocolError("a response body before its head")
+        return self.head
+
+    def _verbatim(self, client: ClientSide, data: bytes) -> bool:
         """The common answer, relayed as the server sent it: the exchange's first read
         holding exactly one whole HTTP/1.1 final response that keeps its connection open,
         with no hop-by-hop field but `Connection: keep-alive` (true of the workload's
@@ -381,7 +414,7 @@ class UpstreamSide(asyncio.Protocol):
                 return False
         self.status, self.head_at = whole.status, time.perf_counter()
         self.keep_alive = self.complete = True
-        self._client.write(data)
+        client.write(data)
         self._finish()
         return True
 
@@ -391,7 +424,7 @@ class UpstreamSide(asyncio.Protocol):
             client.last_rx = time.monotonic()  # idle from now, not from its last request
             if client.upstream is self:
                 client.upstream = None
-        if self.transport is not None and not self.transport.is_closing():
+        if not self.transport.is_closing():
             self.transport.resume_reading()
         if self._done is not None and not self._done.done():
             self._done.set_result(None)

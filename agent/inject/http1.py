@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from typing import Final, Literal, TypeAlias
 
 import httptools
 
@@ -121,17 +122,25 @@ class Head:
         return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
-# events
-HEAD, BODY, END = 1, 2, 3
+# What a Reader yields: a head, a piece of body, the end of a message. Plain ints, not an
+# enum: they are compared once per event on the proxy's hot path.
+HEAD: Final = 1
+BODY: Final = 2
+END: Final = 3
+# The Literal values repeat the three above (typing cannot name a Final's value); a consumer
+# that tests ev[0] gets ev[1]'s type.
+Event: TypeAlias = tuple[Literal[1], Head] | tuple[Literal[2], bytes] | tuple[Literal[3], None]
 
 
 class _Collector:
     def __init__(self, response: bool, max_head: int, max_fields: int):
-        self.events: list[tuple[int, object]] = []
+        self.events: list[Event] = []
         self._response = response
-        self._head: Head | None = None
+        self._head = Head()  # replaced at each message's start, before any field of it
         self._url = b""
-        self.parser = None
+        self.parser: httptools.HttpRequestParser | httptools.HttpResponseParser = (
+            httptools.HttpResponseParser(self) if response else httptools.HttpRequestParser(self)
+        )
         self.in_message = False
         self.in_head = False  # between a message's start and the end of its head
         self.head_bytes = 0  # of the head being read, as the callbacks saw it
@@ -179,9 +188,10 @@ class _Collector:
         p = self.parser
         h.version = p.get_http_version()
         h.keep_alive = p.should_keep_alive()
-        if self._response:
+        if isinstance(p, httptools.HttpResponseParser):
             te = h.get(b"transfer-encoding")
             h.chunked = bool(te and b"chunked" in te.lower())
+            h.status = p.get_status_code()
         else:
             if self.head_bytes > self.max_head:
                 self._fail(f"request head larger than {self.max_head} bytes", 431)
@@ -190,9 +200,6 @@ class _Collector:
             except ProtocolError as e:
                 self.error = e
                 raise
-        if self._response:
-            h.status = p.get_status_code()
-        else:
             h.method = p.get_method()
             h.target = self._url
             h.upgrade = p.should_upgrade()
@@ -235,9 +242,6 @@ class Reader:
         max_fields: int = MAX_HEADER_FIELDS,
     ):
         self._c = _Collector(response, max_head, max_fields)
-        self._c.parser = (
-            httptools.HttpResponseParser if response else httptools.HttpRequestParser
-        )(self._c)
         self.response = response
         self._head_fed = 0  # bytes fed while a request head stayed unfinished
 
@@ -246,7 +250,7 @@ class Reader:
         """A message has begun and not ended (between messages: False)."""
         return self._c.in_message
 
-    def feed(self, data: bytes) -> list[tuple[int, object]]:
+    def feed(self, data: bytes) -> list[Event]:
         c = self._c
         marks = c.heads + c.ends
         try:
@@ -267,7 +271,7 @@ class Reader:
         events, c.events = c.events, []
         return events
 
-    def feed_eof(self) -> list[tuple[int, object]]:
+    def feed_eof(self) -> list[Event]:
         """A close-delimited response body ends at EOF."""
         if self.response:
             with contextlib.suppress(httptools.HttpParserError):
@@ -297,7 +301,6 @@ class WholeMessage:
     used only between messages; what it declines goes to a Reader, which never saw it."""
 
     def __init__(self, response: bool = False):
-        self._response = response
         self._cls = httptools.HttpResponseParser if response else httptools.HttpRequestParser
         self._parser = self._cls(self)
         self._begun = self._ended = 0
@@ -318,7 +321,7 @@ class WholeMessage:
         p = self._parser
         self.keep_alive = p.should_keep_alive()
         self.version = p.get_http_version()
-        if self._response:
+        if isinstance(p, httptools.HttpResponseParser):
             self.status = p.get_status_code()
         else:
             self.method = p.get_method()

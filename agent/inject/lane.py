@@ -22,14 +22,17 @@ known); it holds what is the same for every request on it, and the one request i
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 from agent.inject import decide
 from agent.inject.flows import UpstreamSide
 from agent.inject.record import AuditBase
 from agent.inject.served import Served
-from agent.oauth.tokens import EXPIRY_SKEW_SECONDS
+from agent.oauth.tokens import EXPIRY_SKEW_SECONDS, Token
 from agent.observe.logging import get_logger
+
+if TYPE_CHECKING:  # proxy.py makes the lanes: a run-time import would be circular
+    from agent.inject.proxy import Proxy
 
 log = get_logger("inject.lane")
 
@@ -54,23 +57,23 @@ class FastLane:
     # cache's generation says no token changed, and never past the token's own validity)
     TOKEN_MEMO_SECONDS = 1.0
 
-    def __init__(self, proxy: Any, served: Served):
-        self.proxy = proxy  # agent.inject.proxy.Proxy: its caller check and records
+    def __init__(self, proxy: Proxy, served: Served):
+        self.proxy = proxy  # its caller check, pool and records
         self.served = served
         self.client, self.up = served.client, served.up
         # the request in flight (one at a time: the client side offers nothing meanwhile)
-        self.token = None
+        self.token: Token | None = None
         self.started = 0.0
-        self.audit_base: AuditBase | None = None
+        self.audit_base = AuditBase({}, served.fragment)  # the one in flight, or the last
         # the upstream connection this workload connection last used, held for its next
         # request instead of going through the pool (release() gives it back)
         self._held: UpstreamSide | None = None
         self._held_since = 0.0
-        self._memo = None  # the token last found in the cache
+        self._memo: Token | None = None  # the token last found in the cache
         self._memo_gen = -1
         self._memo_until = 0.0
 
-    def _token(self):
+    def _token(self) -> Token | None:
         """The cached token for this connection's identity and server, or None (then the
         coroutine awaits one). Asking the cache costs as much as relaying a request, so
         its answer is kept while no cached token has changed, for at most a second."""
@@ -79,7 +82,7 @@ class FastLane:
         if self._memo_gen == oauth.cache.generation and now < self._memo_until:
             oauth.m_hit.inc()
             return self._memo
-        token = oauth.cached_token(self.served.ident, self.up.name)
+        token = oauth.cached_token(self.served.holder(), self.up.name)
         if token is not None:
             self._memo, self._memo_gen = token, oauth.cache.generation
             self._memo_until = now + min(
@@ -167,7 +170,7 @@ class FastLane:
         client.fast_inflight = False
         try:
             if (
-                not self.proxy.exchanged(
+                not self.proxy.exchanges.finished(
                     conn,
                     True,
                     self.served,
@@ -182,5 +185,5 @@ class FastLane:
         except Exception:
             log.exception("finishing a request failed; connection closed")
             client.close()
-        self.token = self.audit_base = None
+        self.token = None
         client.wake()

@@ -15,10 +15,12 @@ import socket
 import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
+from agent.config import InjectSection
 from agent.inject.flows import ClientSide
+from agent.inject.proxy import Proxy
 from agent.inject.timeouts import Timeouts
+from agent.inject.tls import InjectionCA
 from agent.observe.logging import get_logger
 
 log = get_logger("inject.listeners")
@@ -76,13 +78,13 @@ class ProxyListeners:
 
     name = "proxy-listeners"
 
-    def __init__(self, cfg: Any, proxy: Any, inject_ca: Any = None):
-        self.cfg = cfg  # agent.config.InjectSection
-        self.proxy = proxy  # agent.inject.proxy.Proxy
-        self.inject_ca = inject_ca  # agent.inject.tls.InjectionCA
-        self._servers: list[asyncio.base_events.Server] = []
+    def __init__(self, cfg: InjectSection, proxy: Proxy, inject_ca: InjectionCA | None = None):
+        self.cfg = cfg
+        self.proxy = proxy
+        self.inject_ca = inject_ca  # None: no https server, no TLS listener
+        self._servers: list[asyncio.Server] = []
         self._tls: ssl.SSLContext | None = None
-        self._conns: dict[ClientSide, asyncio.Task] = {}
+        self._conns: dict[ClientSide, asyncio.Task[None]] = {}
         self.timeouts = Timeouts(
             cfg.client_idle_seconds,
             cfg.request_timeout_seconds,
@@ -90,7 +92,7 @@ class ProxyListeners:
             self._conns.keys,
             proxy.expired,
         )
-        self._sweeper: asyncio.Task | None = None
+        self._sweeper: asyncio.Task[None] | None = None
 
     def listen_specs(self) -> list[ListenSpec]:
         """The listeners the redirect sends connections to, in any network namespace."""
@@ -106,9 +108,9 @@ class ProxyListeners:
             ]
         return specs
 
-    async def astart(self) -> None:
+    async def start(self) -> None:
         if self.inject_ca is not None:
-            self._tls = self._tls_server_context()
+            self._tls = self._tls_server_context(self.inject_ca)
         self._servers += await self.serve(bind_listeners(self.listen_specs(), optional_v6=False))
         self._sweeper = asyncio.create_task(self.timeouts.run())
         c = self.cfg
@@ -119,7 +121,7 @@ class ProxyListeners:
             tls_port=c.tls_listen_port if self.inject_ca else None,
         )
 
-    async def serve(self, socks: list[tuple[socket.socket, ListenSpec]]) -> list:
+    async def serve(self, socks: list[tuple[socket.socket, ListenSpec]]) -> list[asyncio.Server]:
         """Serve bound listening sockets (of this or a workload's network namespace)."""
         loop = asyncio.get_running_loop()
         servers = []
@@ -147,16 +149,15 @@ class ProxyListeners:
             raise
         return servers
 
-    def _tls_server_context(self) -> ssl.SSLContext:
+    def _tls_server_context(self, ca: InjectionCA) -> ssl.SSLContext:
         """Presents a leaf for whatever name the workload asked for (SNI), minted by the
         injection CA. A workload that does not trust that CA fails here: it never gets a
         plaintext fallback."""
         https = [u for u in self.proxy.upstreams.values() if u.scheme == "https"]
         default = https[0].host if https else "localhost"
-        ctx = self.inject_ca.server_context(default)
-        ca = self.inject_ca
+        ctx = ca.server_context(default)
 
-        def pick(sslobj, server_name, _ctx):
+        def pick(sslobj: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> None:
             sslobj.context = ca.server_context(server_name or default)
 
         ctx.sni_callback = pick
@@ -167,7 +168,7 @@ class ProxyListeners:
         self._conns[client] = task
         task.add_done_callback(lambda _t: self._conns.pop(client, None))
 
-    async def astop(self) -> None:
+    async def stop(self) -> None:
         """Drain: no new connections; idle ones closed now; the others each closed after
         the answer in flight, within inject.drain_seconds, then cut."""
         for s in self._servers:

@@ -27,11 +27,16 @@ import asyncio
 import contextlib
 import ctypes
 import os
+import socket
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from agent.attest.cgroupfs import process_cgroup
+from agent.attest.table import ProcessEvent
 from agent.inject.listeners import ListenSpec, bind_listeners
 from agent.observe.logging import get_logger
 
@@ -51,12 +56,19 @@ def netns_inode(pid: int | str) -> int | None:
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def in_netns(ns_path: str, fn: Callable[[], object], inode: int | None = None) -> object:
+T = TypeVar("T")
+# bound listening sockets, and the servers serving them (agent/inject/listeners.py)
+Bound = list[tuple[socket.socket, ListenSpec]]
+Serve = Callable[[Bound], Awaitable[list[asyncio.Server]]]
+
+
+def in_netns(ns_path: str, fn: Callable[[], T], inode: int | None = None) -> T:
     """fn() run in a new thread that has entered the network namespace at ns_path (and,
     if inode is given, only if that is the namespace's inode: a pid reused between the
     scan and now names another one); the thread ends with it, so no thread of the agent
     is ever left in a workload's network."""
-    result: dict[str, object] = {}
+    values: list[T] = []
+    errors: list[BaseException] = []
     fd = os.open(ns_path, os.O_RDONLY | os.O_CLOEXEC)
 
     def run() -> None:
@@ -64,9 +76,9 @@ def in_netns(ns_path: str, fn: Callable[[], object], inode: int | None = None) -
             if _libc.setns(fd, CLONE_NEWNET) != 0:
                 err = ctypes.get_errno()
                 raise OSError(err, f"setns({ns_path}): {os.strerror(err)}")
-            result["value"] = fn()
+            values.append(fn())
         except BaseException as e:  # noqa: BLE001 — handed to the caller
-            result["error"] = e
+            errors.append(e)
 
     try:
         if inode is not None and os.fstat(fd).st_ino != inode:
@@ -76,39 +88,37 @@ def in_netns(ns_path: str, fn: Callable[[], object], inode: int | None = None) -
         t.join()
     finally:
         os.close(fd)
-    if "error" in result:
-        raise result["error"]  # type: ignore[misc]
-    return result["value"]
+    if errors:
+        raise errors[0]
+    return values[0]
 
 
 class NetnsListeners:
     """Keeps serve(sockets) listeners in every network namespace with a managed process."""
 
     name = "netns-listeners"
+    _wake: asyncio.Event  # made by start(), on its loop, before anything waits on or sets it
 
     def __init__(
         self,
         specs: list[ListenSpec],
-        serve,
+        serve: Serve,
         managed_cgroups: list[str],
         own_cgroup: str,
         scan_seconds: float,
-        registry=None,
+        registry: CollectorRegistry | None = None,
     ):
-        from prometheus_client import Counter, Gauge
-
         self.specs = specs
         self._serve = serve  # async (sockets) -> list of asyncio Servers
         self.managed = [p.rstrip("/") or "/" for p in managed_cgroups]
         self.own_cgroup = own_cgroup
         self.scan_seconds = scan_seconds
         self.own_inode = netns_inode("self")
-        self.served: dict[int, list[asyncio.base_events.Server]] = {}
+        self.served: dict[int, list[asyncio.Server]] = {}
         self._failed: set[int] = set()  # warned once per namespace
         self._pending: deque[int] = deque()  # pids from exec events, to look at now
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._wake: asyncio.Event | None = None
-        self._task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # set by start()
+        self._task: asyncio.Task[None] | None = None
         self.m_served = Gauge(
             "credless_netns_served",
             "Network namespaces other than the agent's where the proxy listens (pods, containers)",
@@ -142,13 +152,13 @@ class NetnsListeners:
         return found
 
     # ------------------------------------------------------------ lifecycle
-    async def astart(self) -> None:
-        self._loop = asyncio.get_running_loop()
+    async def start(self) -> None:
         self._wake = asyncio.Event()
+        self._loop = asyncio.get_running_loop()  # from now on exec events wake _run
         await self.reconcile()
         self._task = asyncio.create_task(self._run())
 
-    async def astop(self) -> None:
+    async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -156,7 +166,7 @@ class NetnsListeners:
         for ino in list(self.served):
             await self._close(ino)
 
-    def process_event(self, ev) -> None:
+    def process_event(self, ev: ProcessEvent) -> None:
         """Attestor event hook (ring buffer thread): an exec may be a new pod's first
         process. Only a stat here; the listener is made on the loop."""
         if ev.type != EV_EXEC or self._loop is None:

@@ -10,8 +10,10 @@ workload sent removed and a token for this identity and server added, with a DPo
 bound to this request's method and URL. Responses stream back as they arrive (SSE events
 reach the client at once).
 
-The I/O is in agent/inject/flows.py (asyncio Protocols); the decision in decide.py; the fast
-lane (lane.py) carries out the same decisions for the common request without a coroutine.
+The I/O is in agent/inject/flows.py (asyncio Protocols); the decision in decide.py; the
+exchange with the server, once a request goes, in exchange.py; the fast lane (lane.py)
+carries out the same decisions for the common request without a coroutine. What the proxy
+asks of the attestor, identities, OAuth, the redirect and policy is in ports.py.
 """
 
 from __future__ import annotations
@@ -21,24 +23,31 @@ import json
 import ssl
 import time
 from typing import Any
+from urllib.parse import parse_qsl, urlencode
 
+from prometheus_client import CollectorRegistry
+
+from agent.attest.selectors import Attestation
+from agent.config import InjectSection
 from agent.inject import decide, http1
-from agent.inject.bodies import Replay, drain_body, read_body
+from agent.inject.bodies import EventSource, Replay, drain_body, read_body
 from agent.inject.decide import FORWARD, Caller, Verdict
-from agent.inject.flows import ClientSide, UpstreamSide
-from agent.inject.http1 import BODY, END, HEAD, LAST_CHUNK, Head, ProtocolError, chunk
+from agent.inject.exchange import Exchanges, reply
+from agent.inject.flows import ClientSide
+from agent.inject.http1 import HEAD, Head, ProtocolError
 from agent.inject.lane import FastLane
+from agent.inject.ports import Attestations, Identities, Policy, RedirectRecords, Tokens
 from agent.inject.record import AuditBase, Recorder
 from agent.inject.redirect import RedirectInfo
 from agent.inject.served import Served
 from agent.inject.timeouts import SLOW_REQUEST, UPSTREAM
-from agent.inject.upstreams import Pool, Upstream
+from agent.inject.upstreams import Upstream
 from agent.oauth.errors import OAuthError
+from agent.oauth.tokens import Token
 from agent.observe.logging import AuditLog, get_logger
 from agent.policy import jsonrpc
 
 log = get_logger("inject.proxy")
-READ_SIZE = 65536
 
 
 class Proxy:
@@ -46,39 +55,43 @@ class Proxy:
 
     def __init__(
         self,
-        cfg: Any,
+        cfg: InjectSection,
         upstreams: dict[tuple[str, int], Upstream],
-        redirect: Any,
-        attestor: Any,
-        identity: Any,
-        oauth: Any,
+        redirect: RedirectRecords,
+        attestor: Attestations,
+        identity: Identities,
+        oauth: Tokens,
         audit: AuditLog | None = None,
-        registry: Any = None,
+        registry: CollectorRegistry | None = None,
         ssl_context: ssl.SSLContext | None = None,
-        policy: Any = None,
+        policy: Policy | None = None,
         max_body: int = 1 << 20,
     ):
-        self.cfg = cfg  # agent.config.InjectSection
+        self.cfg = cfg
         self.upstreams = upstreams
         self.redirect = redirect
         self.attestor = attestor
         self.identity = identity
         self.oauth = oauth
-        self.ssl_context = ssl_context or ssl.create_default_context()
-        self.policy = policy  # agent.policy.engine.PolicyEngine
+        self.policy = policy
         self.max_body = max_body
-        self.pool = Pool(cfg.upstream_pool_size, max_idle=cfg.upstream_idle_seconds)
         self.rec = Recorder(audit, registry)
+        self.exchanges = Exchanges(
+            cfg, self.rec, oauth, ssl_context or ssl.create_default_context()
+        )
+        self.pool = self.exchanges.pool  # the fast lane holds and gives back connections
 
     def close(self) -> None:
-        self.pool.close()
+        self.exchanges.close()
 
     # ------------------------------------------------------------ connections
     def expired(self, client: ClientSide, what: str) -> None:
         """Timeouts found client waiting too long for what (agent/inject/timeouts.py)."""
-        if what == UPSTREAM:  # the serving coroutine answers 504 (see _exchange)
-            client.upstream.timed_out = True
-            client.upstream.abort()
+        if what == UPSTREAM:  # the serving coroutine answers 504 (Exchanges.finished)
+            upstream = client.upstream
+            if upstream is not None:
+                upstream.timed_out = True
+                upstream.abort()
             return
         if what == SLOW_REQUEST:
             up, fragment = client.served
@@ -101,7 +114,7 @@ class Proxy:
             )
         client.close()
 
-    async def handle(self, client: ClientSide, netns: int):
+    async def handle(self, client: ClientSide, netns: int) -> None:
         """Serve one accepted workload connection (netns: its namespace's cookie)."""
         self.rec.m_active.inc()
         peer = client.transport.get_extra_info("peername")
@@ -184,10 +197,11 @@ class Proxy:
             else None
         )
         ident = self.identity.resolve(att) if att is not None else None
-        if ident is not None:
+        parent = None
+        if att is not None and ident is not None:
             self.identity.note_use(ident, att)
-        parent = self._parent_identity(att) if ident is not None else None
-        who = {
+            parent = self._parent_identity(att)
+        who: dict[str, Any] = {
             "pid": info.tgid,
             "start_ns": info.start_ns,
             "exe": att.exe if att else None,
@@ -225,7 +239,7 @@ class Proxy:
             if not keep or client.draining:
                 return
 
-    def _parent_identity(self, att) -> str | None:
+    def _parent_identity(self, att: Attestation) -> str | None:
         """The SPIFFE ID of the nearest ancestor that has one: this process is its sub-agent."""
         for tgid, exec_ns, _exe in att.lineage:
             a = self.attestor.attest_image(tgid, exec_ns, timeout=0)
@@ -274,18 +288,9 @@ class Proxy:
             served.generation = generation
         return served.caller
 
-    async def _reply(
-        self, client: ClientSide, status: int, reason: bytes, error: str, **extra
-    ) -> None:
-        self._reply_now(client, status, reason, error, **extra)
-        await client.drain()
-
-    @staticmethod
-    def _reply_now(client: ClientSide, status: int, reason: bytes, error: str, **extra) -> None:
-        body = json.dumps({"error": error, **extra}).encode()
-        client.write(http1.simple_response(status, reason, body))
-
-    def credentials(self, token, method: str, up: Upstream, path: str) -> list:
+    def credentials(
+        self, token: Token, method: str, up: Upstream, path: str
+    ) -> list[tuple[bytes, bytes]]:
         """The headers that carry token for this request: Authorization, and for a DPoP
         token a proof bound to this method and URL (without its query, RFC 9449 4.2)."""
         out = [(b"Authorization", token.authorization_bytes)]
@@ -324,7 +329,7 @@ class Proxy:
             client.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         if verdict.strip:
             head.remove(b"authorization", b"dpop")
-        src = client
+        src: EventSource = client
         if verdict.read_body:
             if up.mode == "assertion":
                 return await self._assertion(head, served, audit_base, started)
@@ -334,7 +339,7 @@ class Proxy:
             src = Replay(decided)
         token = None
         if verdict.credential:
-            ident = served.ident
+            ident = served.holder()
             try:
                 token = self.oauth.cached_token(ident, up.name) or await self.oauth.token(
                     ident, up.name
@@ -343,7 +348,7 @@ class Proxy:
                 await drain_body(src)
                 self.rec.count(up, "token_error")
                 self.rec.audit_event("request.failed", audit_base, reason=str(e), kind=e.kind)
-                await self._reply(
+                await reply(
                     client,
                     502,
                     b"Bad Gateway",
@@ -355,7 +360,7 @@ class Proxy:
             for name, value in self.credentials(token, method, up, path):
                 head.add(name, value)
         self.rec.m_added.observe(time.perf_counter() - started)
-        return await self._exchange(head, src, served, token, audit_base, started)
+        return await self.exchanges.run(head, src, served, token, audit_base, started)
 
     async def _refuse(
         self,
@@ -406,6 +411,9 @@ class Proxy:
         the answer has been sent, whether the connection stays open (bool). Two types, not
         a flag beside a value: a denial on a keep-alive connection must never read as "go
         on" (it once did, and the denied request's head went upstream with a token)."""
+        policy = self.policy
+        if policy is None:  # decide() has a broker request's body read only for policy
+            raise RuntimeError("a body to decide without a policy")
         client, up = served.client, served.up
         body = await read_body(client, self.max_body)
         if body is None:
@@ -425,7 +433,7 @@ class Proxy:
                 audit_base,
                 calls=[],
             )
-        verdict, records, calls, batch = decide.decide_body(body, req, up, caller, self.policy)
+        verdict, records, calls, batch = decide.decide_body(body, req, up, caller, policy)
         for r in records:
             self.rec.audit_event(r.event, audit_base, **r.fields)
         if verdict.action != FORWARD:
@@ -444,12 +452,10 @@ class Proxy:
         process (decide.py has checked): credless puts the client authentication in it (a
         fresh JWT-SVID, aud = the issuer) in place of whatever placeholder it sent, when it
         is a client_credentials grant. Other grants go on as sent."""
-        from urllib.parse import parse_qsl, urlencode
-
-        client, up, ident = served.client, served.up, served.ident
+        client, up = served.client, served.up
         body = await read_body(client, self.max_body)
         if body is None:
-            await self._reply(
+            await reply(
                 client,
                 413,
                 b"Payload Too Large",
@@ -458,6 +464,7 @@ class Proxy:
             return False
         form = dict(parse_qsl(body.decode("latin-1"), keep_blank_values=True))
         if form.get("grant_type") == "client_credentials":
+            ident = served.holder()
             sid = str(ident.spiffe_id)
             svid = self.identity.jwt_svid(ident, [self.upstream_issuer(up)], ttl=60, iss=sid)
             form.update(
@@ -477,154 +484,7 @@ class Proxy:
         head.remove(b"content-length", b"transfer-encoding")
         head.add(b"Content-Length", b"%d" % len(new_body))
         head.chunked = False
-        return await self._exchange(head, Replay(new_body), served, None, audit_base, started)
+        return await self.exchanges.run(head, Replay(new_body), served, None, audit_base, started)
 
     def upstream_issuer(self, up: Upstream) -> str:
         return self.oauth.servers[up.name].issuer
-
-    async def _exchange(
-        self, head: Head, src, served: Served, token, audit_base: AuditBase, started: float
-    ) -> bool:
-        client, up, key = served.client, served.up, served.key
-        conn = self.pool.get(key)
-        try:
-            if conn is None:
-                tls = up.scheme == "https"
-                _, conn = await asyncio.wait_for(
-                    asyncio.get_running_loop().create_connection(
-                        UpstreamSide,
-                        up.host,
-                        up.port,
-                        ssl=self.ssl_context if tls else None,
-                        server_hostname=up.host if tls else None,
-                    ),
-                    self.cfg.upstream_connect_timeout_seconds,
-                )
-        except OSError as e:
-            if isinstance(e, TimeoutError):  # asyncio's: no text of its own
-                e = TimeoutError(
-                    f"no connection within {self.cfg.upstream_connect_timeout_seconds:g} s"
-                )
-            await drain_body(src)
-            self.rec.count(up, "upstream_unreachable")
-            self.rec.audit_event("request.failed", audit_base, reason=f"upstream unreachable: {e}")
-            await self._reply(
-                client,
-                502,
-                b"Bad Gateway",
-                "credless: the MCP server is unreachable",
-                detail=str(e),
-            )
-            return head.keep_alive
-        # from here the response streams to the workload as it arrives
-        conn.begin(client, close_client=not head.keep_alive, bodiless=head.method == b"HEAD")
-        # one write for head and body when they are at hand: a send(2) per piece costs more
-        # than the proxying; large bodies still go out in 64 KiB steps
-        out = bytearray(head.request_bytes())
-        try:
-            while True:
-                ev = await src.next()  # inline, not body_event: this loop runs per request
-                if ev is None:
-                    raise ConnectionError("the workload closed the connection inside a request")
-                kind, data = ev
-                if kind == BODY:
-                    out += chunk(data) if head.chunked else data
-                    if len(out) >= READ_SIZE:
-                        conn.send(bytes(out))
-                        out.clear()
-                        await conn.drain()
-                elif kind == END:
-                    if head.chunked:
-                        out += LAST_CHUNK
-                    break
-        except BaseException:
-            conn.abort()
-            raise
-        conn.send(bytes(out))
-        conn.sent()
-        await conn.finished()
-        keep = self.exchanged(conn, head.keep_alive, served, token, audit_base, started)
-        await client.drain()
-        return keep
-
-    def exchanged(
-        self,
-        conn: UpstreamSide,
-        keep_alive: bool,
-        served: Served,
-        token,
-        audit_base: AuditBase,
-        started: float,
-        hold=None,
-    ) -> bool:
-        """After an exchange: the failure answer if there was no response, the pool, the
-        audit event and the metrics. keep_alive: the workload's request allows another on
-        its connection; hold(conn): takes a reusable upstream connection instead of the
-        pool. Returns whether the workload's connection stays open.
-        Synchronous: it also runs from the upstream's callback (agent/inject/lane.py)."""
-        client, up = served.client, served.up
-        status = conn.status
-        if conn.client_gone:  # no one to answer: the exchange was aborted for it
-            self.rec.count(up, "workload_closed")
-            self.rec.audit_event(
-                "request.aborted",
-                audit_base,
-                status=status or None,
-                reason="the workload closed its connection before its answer "
-                "ended; the server's side was closed too",
-            )
-            return False
-        if not status and conn.timed_out:
-            self.rec.count(up, "upstream_timeout")
-            limit = f"{self.cfg.upstream_timeout_seconds:g} s"
-            self.rec.audit_event(
-                "request.failed", audit_base, reason=f"the MCP server did not answer within {limit}"
-            )
-            self._reply_now(
-                client,
-                504,
-                b"Gateway Timeout",
-                f"credless: the MCP server did not answer within {limit}",
-            )
-            return keep_alive
-        if not status:
-            conn.abort()
-            self.rec.count(up, "upstream_closed")
-            self.rec.audit_event(
-                "request.failed",
-                audit_base,
-                reason="the MCP server closed the connection without answering",
-            )
-            self._reply_now(
-                client,
-                502,
-                b"Bad Gateway",
-                "credless: the MCP server closed the connection without answering",
-            )
-            return False
-        self.rec.m_upstream.labels(up.name).observe(conn.head_at - conn.sent_at)
-        if (
-            status == 401
-            and token is not None
-            and "invalid_token"
-            in (  # parsed: see
-                conn.head.get(b"www-authenticate") or b""
-            ).decode("latin-1")
-        ):  # _verbatim
-            self.oauth.invalidate(served.ident, up.name, token)
-        keep = conn.complete and keep_alive and not conn.close_delimited
-        if conn.reusable():
-            if hold is not None:
-                hold(conn)
-            else:
-                self.pool.put(served.key, conn)
-        else:
-            conn.transport.close()
-        if not conn.complete:  # cut short: closing tells the workload the answer is partial
-            self.rec.count(up, "upstream_closed")
-            return False
-        self.rec.count(up, "injected" if token else "forwarded")
-        self.rec.request_done(
-            audit_base, status, token, round((time.perf_counter() - started) * 1000, 2)
-        )
-        return keep

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import Gauge
+from prometheus_client import CollectorRegistry, Gauge
 
 from agent.inject.upstreams import Upstream
+from agent.oauth.tokens import Token
 from agent.observe.logging import AuditLog
 from agent.observe.tally import TallyCounter, TallyHistogram
 
@@ -18,12 +19,12 @@ class AuditBase:
 
     __slots__ = ("fields", "fragment")
 
-    def __init__(self, fields: dict, fragment: str):
+    def __init__(self, fields: dict[str, Any], fragment: str):
         self.fields, self.fragment = fields, fragment
 
 
 class Recorder:
-    def __init__(self, audit: AuditLog | None, registry: Any = None):
+    def __init__(self, audit: AuditLog | None, registry: CollectorRegistry | None = None):
         self.audit = audit
         # the record of every proxied request: a fixed shape for what changes per request,
         # then what a connection's requests with one token share, rendered once (_tail)
@@ -95,29 +96,35 @@ class Recorder:
     def count(self, up: Upstream, outcome: str) -> None:
         self.m_requests.labels(up.name, up.mode, outcome).inc()
 
-    def audit_event(self, event: str, base: dict | AuditBase, **fields) -> None:
+    def audit_event(self, event: str, base: dict[str, Any] | AuditBase, **fields: Any) -> None:
         if self.audit:
-            if type(base) is AuditBase:
+            if isinstance(base, AuditBase):
                 self.audit.emit_with(event, base.fragment, **base.fields, **fields)
             else:
                 self.audit.emit(event, **base, **fields)
 
-    def request_done(self, base: AuditBase, status: int, token, latency_ms: float) -> None:
+    def request_done(
+        self, base: AuditBase, status: int, token: Token | None, latency_ms: float
+    ) -> None:
         """The record of a request answered by the server: request.injected with the
         token's fingerprints, or request.forwarded (no token: passthrough)."""
         if self.audit:
             f = base.fields
             self._done["request.injected" if token is not None else "request.forwarded"].emit(
-                self._tail(token, base.fragment), f["method"], f["path"], status, latency_ms
+                self._tail(self.audit, token, base.fragment),
+                f["method"],
+                f["path"],
+                status,
+                latency_ms,
             )
 
-    def _tail(self, token, fragment: str) -> str:
+    def _tail(self, audit: AuditLog, token: Token | None, fragment: str) -> str:
         key = (token.fingerprint if token is not None else None, fragment)
         tail = self._tails.get(key)
         if tail is None:
             if len(self._tails) >= 4096:  # tokens and connections come and go
                 self._tails.clear()
-            tail = self.audit.fragment(
+            tail = audit.fragment(
                 token_sha256=token.fingerprint if token else None,
                 jti=token.jti if token else None,
                 jkt=token.jkt if token else None,

@@ -22,10 +22,16 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from agent import bpfsys
+from agent.attest.cgroupfs import process_cgroup
 from agent.bpfload import compile_program
+from agent.config import InjectSection
 from agent.observe.logging import get_logger
+
+if TYPE_CHECKING:
+    from bcc import BPF
 
 log = get_logger("inject.redirect")
 
@@ -94,29 +100,30 @@ def _net_port(port: int) -> int:
 class Redirector:
     name = "redirect"
 
-    def __init__(
-        self,
-        pin_dir: str,
-        cgroup_root: str,
-        listen4: tuple[str, int],
-        listen6_port: int,
-        managed_cgroups: list[str],
-        fail_open: bool = False,
-        keep_on_stop: bool = True,
-    ):
+    def __init__(self, pin_dir: str, cgroup_root: str, cfg: InjectSection):
         self.pin_dir = Path(pin_dir)
         self.cgroup_root = cgroup_root
-        self.listen4 = listen4
-        self.listen6_port = listen6_port
-        self.managed_paths = managed_cgroups
-        self.fail_open = fail_open
-        self.keep_on_stop = keep_on_stop
+        # where intercepted connects go (listen_*), whose (managed_cgroups), and what
+        # happens while no agent runs (fail_open, keep_redirect_on_stop)
+        self.cfg = cfg
         self.took_over = False  # found a pinned redirect of an earlier agent and kept it
         self._stale_targets: list[bytes] = []
-        self._bpf = None
+        self._bpf: BPF | None = None
         self._links: list[int] = []
         self._root_fd = -1
         self.targets: set[Target] = set()
+
+    @property
+    def _program(self) -> Any:
+        """The loaded program and its maps (a bcc.BPF: BCC ships no types)."""
+        if self._bpf is None:
+            raise RuntimeError("the redirect program is not loaded (start() first)")
+        return self._bpf
+
+    @property
+    def attached(self) -> bool:
+        """Whether this agent holds the redirect's links (its programs are attached)."""
+        return bool(self._links)
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -138,7 +145,9 @@ class Redirector:
             for m in _MAPS:
                 (self.pin_dir / m).unlink(missing_ok=True)
             self._bpf = compile_program("redirect", [f'-DPIN_DIR="{self.pin_dir}"'])
-        self._stale_targets = [bytes(k) for k in self._bpf[b"redirect_targets"]]
+        self._stale_targets = [bytes(k) for k in self._program[b"redirect_targets"]]
+        # imported here, not at the top: importing bcc loads libbcc, which the commands that
+        # never touch the kernel (check-config, ps) must not need
         from bcc import BPF, BPFAttachType
 
         progs = [
@@ -160,7 +169,7 @@ class Redirector:
         self._root_fd = os.open(self.cgroup_root, os.O_RDONLY | os.O_DIRECTORY)
         try:
             for name, ptype, expected, attach in progs:
-                fn = self._bpf.load_func(name, ptype, None, expected)
+                fn = self._program.load_func(name, ptype, None, expected)
                 pin = self.pin_dir / _LINKS[name]
                 if pin.exists():
                     fd = bpfsys.obj_get(str(pin))
@@ -181,8 +190,8 @@ class Redirector:
             cgroup_root=self.cgroup_root,
             took_over=self.took_over,
             pinned=str(self.pin_dir),
-            listen=f"{self.listen4[0]}:{self.listen4[1]}",
-            managed=self.managed_paths or "all but the agent's cgroup",
+            listen=f"{self.cfg.listen_host}:{self.cfg.listen_port}",
+            managed=self.cfg.managed_cgroups or "all but the agent's cgroup",
         )
 
     def _layout_mismatch(self) -> str | None:
@@ -191,7 +200,7 @@ class Redirector:
         through the new layout and match the wrong entries: compare, and say how it
         differs."""
         for name in _MAPS:
-            table = self._bpf[name.encode()]
+            table = self._program[name.encode()]
             want = (ct.sizeof(table.Key), ct.sizeof(table.Leaf))
             have = bpfsys.map_sizes(table.map_fd)
             if have != want:
@@ -199,21 +208,23 @@ class Redirector:
         return None
 
     def _configure(self) -> None:
-        cfg_table = self._bpf[b"redirect_config"]
+        cfg_table = self._program[b"redirect_config"]
         leaf = cfg_table.Leaf()
         leaf.enabled = 1
-        leaf.all_cgroups = 0 if self.managed_paths else 1
-        leaf.fail_open = 1 if self.fail_open else 0
+        leaf.all_cgroups = 0 if self.cfg.managed_cgroups else 1
+        leaf.fail_open = 1 if self.cfg.fail_open else 0
         leaf.agent_up = 0
-        leaf.listen_ip4 = int.from_bytes(ipaddress.IPv4Address(self.listen4[0]).packed, "little")
-        leaf.listen_port4 = _net_port(self.listen4[1])
-        leaf.listen_port6 = _net_port(self.listen6_port)
+        leaf.listen_ip4 = int.from_bytes(
+            ipaddress.IPv4Address(self.cfg.listen_host).packed, "little"
+        )
+        leaf.listen_port4 = _net_port(self.cfg.listen_port)
+        leaf.listen_port6 = _net_port(self.cfg.listen_port6)
         leaf.excluded_cgroup = self._own_cgroup_id()
         cfg_table[ct.c_int(0)] = leaf
-        managed = self._bpf[b"managed_cgroups"]
+        managed = self._program[b"managed_cgroups"]
         ids = {
             os.stat(os.path.join(self.cgroup_root, rel.lstrip("/"))).st_ino
-            for rel in self.managed_paths
+            for rel in self.cfg.managed_cgroups
         }
         for cg_id in ids:
             managed[ct.c_uint64(cg_id)] = ct.c_uint32(1)
@@ -222,22 +233,20 @@ class Redirector:
                 del managed[key]
 
     def _own_cgroup_id(self) -> int:
-        from agent.attest.cgroupfs import process_cgroup
-
         path = process_cgroup(os.getpid()) or "/"
         return os.stat(os.path.join(self.cgroup_root, path.lstrip("/"))).st_ino
 
     def set_agent_up(self, up: bool) -> None:
-        table = self._bpf[b"redirect_config"]
+        table = self._program[b"redirect_config"]
         leaf = table[ct.c_int(0)]
         leaf.agent_up = 1 if up else 0
         table[ct.c_int(0)] = leaf
 
     def stop(self, detach: bool | None = None) -> None:
         """Close this agent's hold on the redirect; it stays attached through its pins
-        unless detach (default: not keep_on_stop)."""
+        unless detach (default: not inject.keep_redirect_on_stop)."""
         if detach is None:
-            detach = not self.keep_on_stop
+            detach = not self.cfg.keep_redirect_on_stop
         if detach:
             for name in _LINKS.values():
                 (self.pin_dir / name).unlink(missing_ok=True)
@@ -256,13 +265,13 @@ class Redirector:
         else:
             log.info(
                 "redirect left attached while no agent runs: intercepted connects are "
-                + ("let out" if self.fail_open else "refused"),
+                + ("let out" if self.cfg.fail_open else "refused"),
                 pinned=str(self.pin_dir),
             )
 
     # ------------------------------------------------------------ targets
     def set_targets(self, targets: set[Target]) -> None:
-        table = self._bpf[b"redirect_targets"]
+        table = self._program[b"redirect_targets"]
         for t in self.targets - targets:
             with contextlib.suppress(KeyError):
                 del table[self._target_key(table, t)]
@@ -292,7 +301,7 @@ class Redirector:
 
     # ------------------------------------------------------------ lookups
     def _endpoint_key(self, peer: tuple, local: tuple, netns: int):
-        key = self._bpf[b"local_to_cookie"].Key()
+        key = self._program[b"local_to_cookie"].Key()
         family, words = _addr_words(_unmapped(peer[0]))
         _, listen_words = _addr_words(_unmapped(local[0]))
         key.family, key.port, key.listen_port, key.netns = family, peer[1], local[1], netns
@@ -306,11 +315,11 @@ class Redirector:
         listener that accepted it. None: the kernel did not redirect this connection (it
         was dialled directly, or its record went with the socket that made it)."""
         try:
-            cookie = self._bpf[b"local_to_cookie"][self._endpoint_key(peer, local, netns)].value
+            cookie = self._program[b"local_to_cookie"][self._endpoint_key(peer, local, netns)].value
         except KeyError:
             return None
         try:
-            info = self._bpf[b"redirected"][ct.c_uint64(cookie)]
+            info = self._program[b"redirected"][ct.c_uint64(cookie)]
         except KeyError:
             return None
         if info.netns != netns:  # a record of another namespace's socket: never serve it
@@ -338,8 +347,8 @@ class Redirector:
         """Delete a served connection's records (the kernel does too when the client's socket
         closes; this frees them as soon as the proxy is done)."""
         for table, k in (
-            (self._bpf[b"local_to_cookie"], self._endpoint_key(peer, local, info.netns)),
-            (self._bpf[b"redirected"], ct.c_uint64(info.cookie)),
+            (self._program[b"local_to_cookie"], self._endpoint_key(peer, local, info.netns)),
+            (self._program[b"redirected"], ct.c_uint64(info.cookie)),
         ):
             with contextlib.suppress(KeyError):
                 del table[k]
@@ -347,7 +356,7 @@ class Redirector:
     def counts(self) -> dict[str, int]:
         if self._bpf is None:
             return {}
-        table = self._bpf[b"redirect_counts"]
+        table = self._program[b"redirect_counts"]
         return {
             name: table[ct.c_int(i)].value
             for i, name in enumerate(("redirected_v4", "redirected_v6", "unmanaged"))

@@ -20,6 +20,8 @@ import asyncio
 import time
 from collections.abc import Callable, Iterable
 
+from agent.inject.flows import ClientSide
+
 IDLE, SLOW_REQUEST, UPSTREAM = "idle", "slow_request", "upstream"
 
 
@@ -29,15 +31,15 @@ class Timeouts:
         client_idle: float,
         request: float,
         upstream: float,
-        clients: Callable[[], Iterable],
-        on_expired: Callable[[object, str], None],
+        clients: Callable[[], Iterable[ClientSide]],
+        on_expired: Callable[[ClientSide, str], None],
         clock: Callable[[], float] = time.monotonic,
         perf_clock: Callable[[], float] = time.perf_counter,
     ):
         self.client_idle = client_idle
         self.request = request
         self.upstream = upstream
-        self._clients = clients  # the live ClientSides
+        self._clients = clients  # the live ones
         self._on_expired = on_expired  # (client, IDLE | SLOW_REQUEST | UPSTREAM)
         # the clocks the flows stamp with (last_rx: monotonic, sent_at: perf_counter),
         # injected so that tests do not depend on how long the machine has been up
@@ -45,7 +47,7 @@ class Timeouts:
         # a limit is enforced within a quarter of itself (at most a second) of expiring
         self.interval = min(1.0, max(0.05, min(client_idle, request, upstream) / 4))
 
-    def expired(self, client, now: float, now_perf: float) -> str | None:
+    def expired(self, client: ClientSide, now: float, now_perf: float) -> str | None:
         """What, if anything, client has waited for too long (now: time.monotonic(),
         now_perf: time.perf_counter(), the clocks the flows stamp with)."""
         waiting = client.waiting()

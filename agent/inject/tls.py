@@ -53,7 +53,10 @@ class InjectionCA:
                 raise PermissionError(
                     f"{self._key_path} is readable by others: chmod 600 {self._key_path}"
                 )
-            self._key = serialization.load_pem_private_key(self._key_path.read_bytes(), None)
+            key = serialization.load_pem_private_key(self._key_path.read_bytes(), None)
+            if not isinstance(key, ec.EllipticCurvePrivateKey):  # made below, P-256
+                raise ValueError(f"{self._key_path} is not the EC key credless made")
+            self._key = key
             self.cert = x509.load_pem_x509_certificate(self._own_cert_path.read_bytes())
             if self.cert.not_valid_after_utc > dt.datetime.now(dt.UTC) + LEAF_TTL:
                 return

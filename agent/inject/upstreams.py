@@ -6,10 +6,12 @@ from __future__ import annotations
 import socket
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
+from agent.config import ServerSection
 from agent.inject.flows import UpstreamSide
 from agent.observe.logging import get_logger
 
@@ -59,10 +61,11 @@ class Pool:
         self.size = size
         self.max_idle = max_idle
         self._clock = clock
-        self._idle: dict[tuple, deque] = {}  # per key: (connection, idle since), oldest left
+        # per key: (connection, idle since), oldest left
+        self._idle: dict[Hashable, deque[tuple[UpstreamSide, float]]] = {}
         self._closed = False
 
-    def get(self, key: tuple) -> UpstreamSide | None:
+    def get(self, key: Hashable) -> UpstreamSide | None:
         q = self._idle.get(key)
         now = self._clock()
         while q:
@@ -88,7 +91,7 @@ class Pool:
             and self._clock() - since <= self.max_idle
         )
 
-    def put(self, key: tuple, conn: UpstreamSide, since: float | None = None) -> None:
+    def put(self, key: Hashable, conn: UpstreamSide, since: float | None = None) -> None:
         """Keep conn for reuse; since: when it became idle (now() if not given)."""
         q = self._idle.setdefault(key, deque())
         now = self._clock()
@@ -107,7 +110,7 @@ class Pool:
         q.insert(i, (conn, since))
 
     @staticmethod
-    def _close_all(q: deque) -> None:
+    def _close_all(q: deque[tuple[UpstreamSide, float]]) -> None:
         while q:
             q.pop()[0].transport.close()
 
@@ -119,10 +122,12 @@ class Pool:
         self._idle.clear()
 
 
-def _servers(servers) -> list[tuple[str, int, Upstream]]:
+def _servers(servers: Iterable[ServerSection]) -> list[tuple[str, int, Upstream]]:
     out = []
     for s in servers:
         u = urlsplit(s.url)
+        if u.hostname is None:
+            raise ValueError(f"[[servers]] {s.name!r}: {s.url!r} names no host")
         port = u.port or (443 if u.scheme == "https" else 80)
         out.append(
             (
@@ -134,7 +139,7 @@ def _servers(servers) -> list[tuple[str, int, Upstream]]:
                     u.hostname,
                     port,
                     f"{u.scheme}://{u.netloc}",
-                    getattr(s, "mode", "broker"),
+                    s.mode,
                     (u.path or "/").encode(),
                     authorities(u.scheme, u.netloc, u.port),
                 ),
@@ -168,8 +173,8 @@ class UpstreamResolver:
 
     def __init__(
         self,
-        servers,
-        resolve: Callable = socket.getaddrinfo,
+        servers: Iterable[ServerSection],
+        resolve: Callable[..., Iterable[tuple[Any, ...]]] = socket.getaddrinfo,
         retain: float = 600.0,
         clock: Callable[[], float] = time.monotonic,
     ):

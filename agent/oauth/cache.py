@@ -17,6 +17,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from agent.oauth.errors import OAuthError, ServerUnavailable
 from agent.oauth.tokens import Token
@@ -30,24 +31,27 @@ class _Entry:
     last_error: OAuthError | None = None
 
 
-class TokenCache:
+Key = TypeVar("Key", bound=Hashable)
+
+
+class TokenCache(Generic[Key]):
     def __init__(
         self,
-        fetch: Callable[[Hashable], Awaitable[Token]],
+        fetch: Callable[[Key], Awaitable[Token]],
         *,
         refresh_ahead: float = 0.8,
         backoff_base: float = 0.5,
         backoff_max: float = 60.0,
         clock: Callable[[], float] = time.time,
-        on_event: Callable[[str, Hashable, object], None] | None = None,
+        on_event: Callable[[str, Key, object], None] | None = None,
     ):
         self._fetch = fetch
         self.refresh_ahead = refresh_ahead
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
         self.clock = clock
-        self._entries: dict[Hashable, _Entry] = {}
-        self._inflight: dict[Hashable, asyncio.Task] = {}
+        self._entries: dict[Key, _Entry] = {}
+        self._inflight: dict[Key, asyncio.Task[Token]] = {}
         self._on_event = on_event or (lambda *_: None)
         self.hits = 0
         self.misses = 0
@@ -61,7 +65,7 @@ class TokenCache:
     def _refresh_at(self, t: Token) -> float:
         return t.issued_at + (t.expires_at - t.issued_at) * self.refresh_ahead
 
-    def peek(self, key: Hashable) -> Token | None:
+    def peek(self, key: Key) -> Token | None:
         """The valid token for key, or None; starts a refresh ahead of expiry when due."""
         entry = self._entries.get(key)
         if entry is None or entry.token is None:
@@ -78,7 +82,7 @@ class TokenCache:
             self._start(key, refresh=True)
         return entry.token
 
-    async def get(self, key: Hashable) -> Token:
+    async def get(self, key: Key) -> Token:
         token = self.peek(key)
         if token is not None:
             return token
@@ -95,14 +99,14 @@ class TokenCache:
         task = self._inflight.get(key) or self._start(key, refresh=False)
         return await asyncio.shield(task)
 
-    def _start(self, key: Hashable, refresh: bool) -> asyncio.Task:
+    def _start(self, key: Key, refresh: bool) -> asyncio.Task[Token]:
         task = asyncio.get_running_loop().create_task(self._run(key, refresh))
         self._inflight[key] = task
         if refresh:  # nobody awaits a background refresh: keep its failure from warning
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
         return task
 
-    async def _run(self, key: Hashable, refresh: bool) -> Token:
+    async def _run(self, key: Key, refresh: bool) -> Token:
         entry = self._entries.setdefault(key, _Entry())
         try:
             token = await self._fetch(key)
@@ -123,7 +127,7 @@ class TokenCache:
         self._on_event("refreshed" if refresh else "obtained", key, token)
         return token
 
-    def invalidate(self, key: Hashable) -> None:
+    def invalidate(self, key: Key) -> None:
         """Forget a token the server rejected (invalid_token): the next get fetches anew."""
         entry = self._entries.get(key)
         if entry is not None:
@@ -131,7 +135,7 @@ class TokenCache:
             entry.next_attempt = 0.0
         self.generation += 1
 
-    def drop(self, predicate: Callable[[Hashable], bool]) -> list[Hashable]:
+    def drop(self, predicate: Callable[[Key], bool]) -> list[Key]:
         """Remove every entry whose key matches (e.g. all tokens of one SPIFFE ID)."""
         gone = [k for k in self._entries if predicate(k)]
         self.generation += 1
@@ -142,5 +146,5 @@ class TokenCache:
                 task.cancel()
         return gone
 
-    def tokens(self) -> list[tuple[Hashable, Token]]:
+    def tokens(self) -> list[tuple[Key, Token]]:
         return [(k, e.token) for k, e in self._entries.items() if e.token is not None]

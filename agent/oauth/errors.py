@@ -5,7 +5,14 @@ from __future__ import annotations
 
 
 class OAuthError(Exception):
+    """An OAuth failure. Each subclass names its kind (`class X(OAuthError, kind="x")`):
+    the label it is counted and audited under, and the "kind" of an error answer."""
+
     kind = "oauth"
+
+    def __init_subclass__(cls, kind: str, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.kind = kind
 
     def __init__(
         self,
@@ -26,7 +33,7 @@ class OAuthError(Exception):
             detail += f": {error_description})" if error_description else ")"
         super().__init__(detail)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, object]:
         return {
             "kind": self.kind,
             "error": self.error,
@@ -36,52 +43,39 @@ class OAuthError(Exception):
         }
 
 
-class DiscoveryError(OAuthError):
-    kind = "discovery"
+class DiscoveryError(OAuthError, kind="discovery"): ...
 
 
-class RegistrationError(OAuthError):
-    kind = "registration"
+class RegistrationError(OAuthError, kind="registration"): ...
 
 
-class InvalidClient(OAuthError):
-    kind = "invalid_client"
+class InvalidClient(OAuthError, kind="invalid_client"): ...
 
 
-class InvalidGrant(OAuthError):
-    kind = "invalid_grant"
+class InvalidGrant(OAuthError, kind="invalid_grant"): ...
 
 
-class InvalidTarget(OAuthError):
-    kind = "invalid_target"
+class InvalidTarget(OAuthError, kind="invalid_target"): ...
 
 
-class ServerUnavailable(OAuthError):
+class ServerUnavailable(OAuthError, kind="unavailable"):
     """Network errors, timeouts and 5xx: worth retrying with backoff."""
 
-    kind = "unavailable"
+
+class MalformedResponse(OAuthError, kind="malformed_response"): ...
 
 
-class MalformedResponse(OAuthError):
-    kind = "malformed_response"
+class IdentityNotIssuable(OAuthError, kind="identity"): ...
 
 
-class IdentityNotIssuable(OAuthError):
-    kind = "identity"
-
-
-class TrustRefused(OAuthError):
+class TrustRefused(OAuthError, kind="refused"):
     """The agent refused to believe or use something a server said: an authorization server
     not allowed for the MCP server, a plain-http endpoint off loopback, metadata naming
     another resource or issuer, a token for another audience or weaker than required. Never
     retried sooner than other client errors; audited (oauth.refused or token.failed)."""
 
-    kind = "refused"
 
-
-class UntrustedAuthorizationServer(TrustRefused):
-    kind = "untrusted_authorization_server"
-
+class UntrustedAuthorizationServer(TrustRefused, kind="untrusted_authorization_server"):
     def __init__(
         self,
         message: str,
@@ -97,16 +91,13 @@ class UntrustedAuthorizationServer(TrustRefused):
         super().__init__(message, url=url)
 
 
-class InsecureEndpoint(TrustRefused):
-    kind = "insecure_endpoint"
+class InsecureEndpoint(TrustRefused, kind="insecure_endpoint"): ...
 
 
-class MetadataMismatch(TrustRefused, DiscoveryError):
-    kind = "metadata_mismatch"
+class MetadataMismatch(TrustRefused, DiscoveryError, kind="metadata_mismatch"): ...
 
 
-class TokenRefused(TrustRefused, MalformedResponse):
-    kind = "token_refused"
+class TokenRefused(TrustRefused, MalformedResponse, kind="token_refused"): ...
 
 
 def from_error_response(status: int, body: dict, url: str, what: str) -> OAuthError:

@@ -4,12 +4,8 @@ Ties discovery, registration, the DPoP keys (one per SPIFFE ID, memory only), th
 request and the cache together, and emits one audit event and one metric per outcome.
 Runs on the agent's asyncio loop; `run_sync` lets other threads (admin socket) call in.
 
-Which authorization server gets a server's assertions is decided here, before any is
-minted (trust.py states the rules): the server's `authorization_servers` plus its `issuer`,
-else the AS pinned on first discovery. A refusal is an UntrustedAuthorizationServer (or
-another TrustRefused) naming the server, the AS named and the allowed ones, and an
-`oauth.refused` audit event under the identity that asked; the proxy answers its request
-with a 502 carrying that message.
+Where a server's tokens come from (which authorization server may receive its assertions)
+is decided by resolution.py, before any assertion is minted.
 """
 
 from __future__ import annotations
@@ -17,26 +13,25 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from dataclasses import dataclass
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import httpx
-from prometheus_client import Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from agent.config import Config
+from agent.identity.bundle import TrustBundle
+from agent.identity.jwtsvid import JwtSvid
 from agent.identity.manager import Identity
 from agent.oauth import registration as reg
 from agent.oauth.cache import TokenCache
-from agent.oauth.discovery import Discovery, ServerMetadata, canonical_resource
+from agent.oauth.discovery import Discovery, canonical_resource
 from agent.oauth.dpop import DPoPKey
-from agent.oauth.errors import (
-    OAuthError,
-    RegistrationError,
-    TrustRefused,
-    UntrustedAuthorizationServer,
-)
+from agent.oauth.errors import OAuthError, RegistrationError, TrustRefused
+from agent.oauth.resolution import AdHocServer, Resolved, Resolver, Server, audit_event
 from agent.oauth.tokens import Token, request_token
-from agent.oauth.trust import PinStore, choose_authorization_server
+from agent.oauth.trust import PinStore
 from agent.observe.logging import AuditLog, get_logger
 from agent.observe.tally import TallyCounter
 
@@ -46,14 +41,21 @@ KEY_MEMO_SECONDS = 30.0
 log = get_logger("oauth")
 
 
-@dataclass(frozen=True)
-class Resolved:
-    resource: str
-    issuer: str
-    metadata: ServerMetadata
-    scope: str
-    dpop: bool  # send DPoP proofs
-    dpop_required: str | None = None  # why a Bearer token would be refused (None: it is not)
+# (SPIFFE ID, server name, resource, scope): one cached token each
+TokenKey = tuple[str, str, str, str]
+T = TypeVar("T")
+
+
+class Assertions(Protocol):
+    """What the service asks of the identity manager (agent.identity.manager): JWT-SVIDs,
+    as client assertions and software statements, and the bundle a registration's JWKS
+    is made from."""
+
+    def jwt_svid(
+        self, ident: Identity, audience: list[str], ttl: int | None = None, iss: str | None = None
+    ) -> JwtSvid: ...
+
+    def bundle(self) -> TrustBundle: ...
 
 
 class OAuthService:
@@ -61,20 +63,21 @@ class OAuthService:
 
     def __init__(
         self,
-        cfg: Any,
-        identity: Any,
+        cfg: Config,
+        identity: Assertions,
         state_dir: str,
         audit: AuditLog | None = None,
-        registry: Any = None,
+        registry: CollectorRegistry | None = None,
         jwks_uri: str | None = None,
     ):
-        self.cfg = cfg  # agent.config.Config
-        self.identity = identity  # agent.identity.manager.IdentityManager
+        self.cfg = cfg
+        self.identity = identity
         self.audit = audit
         self.jwks_uri = cfg.oauth.jwks_uri or jwks_uri
         self.store = reg.ClientStore(Path(state_dir))
         self.pins = PinStore(state_dir)
-        self.servers = {s.name: s for s in cfg.servers}
+        self.servers: dict[str, Server] = {s.name: s for s in cfg.servers}
+        # made by start(), on the loop they serve
         self.http: httpx.AsyncClient | None = None
         self.discovery: Discovery | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -84,8 +87,8 @@ class OAuthService:
         self.cache = TokenCache(
             self._fetch, refresh_ahead=cfg.oauth.refresh_ahead, on_event=self._cache_event
         )
-        self._pending: dict[tuple, tuple[Identity, Any]] = {}
-        self._token_keys: dict[tuple[str, str], tuple[tuple, float]] = {}
+        self._pending: dict[TokenKey, tuple[Identity, Resolved]] = {}
+        self._token_keys: dict[tuple[str, str], tuple[TokenKey, float]] = {}
         self.m_requests = Counter(
             "credless_token_requests",
             "Token requests by server and outcome",
@@ -116,9 +119,10 @@ class OAuthService:
             ["server", "action", "outcome"],
             registry=registry,
         )
+        self.resolver = Resolver(self.pins, audit, self.m_refused)
 
     # ------------------------------------------------------------ lifecycle
-    async def astart(self) -> None:
+    async def start(self) -> None:
         o = self.cfg.oauth
         self.http = httpx.AsyncClient(
             verify=o.ca_file or True,
@@ -129,19 +133,36 @@ class OAuthService:
         self.discovery = Discovery(self.http, ttl=o.discovery_ttl_seconds)
         self.loop = asyncio.get_running_loop()
 
-    async def astop(self) -> None:
+    async def stop(self) -> None:
         if self.http is not None:
             await self.http.aclose()
         for key in self._dpop_keys.values():
             key.destroy()
         self._dpop_keys.clear()
 
-    def run_sync(self, coro, timeout: float = 60.0):
+    def run_sync(self, coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
         """Run a coroutine on the service's loop from another thread."""
+        if self.loop is None:
+            coro.close()
+            raise RuntimeError("the OAuth service is not started")
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
+    def _started(self) -> tuple[httpx.AsyncClient, Discovery]:
+        """The HTTP client and discovery start() made."""
+        if self.http is None or self.discovery is None:
+            raise RuntimeError("the OAuth service is not started")
+        return self.http, self.discovery
+
+    def _audit_at(
+        self, event: str, ident: Identity, server: Server, resolved: Resolved, **fields: Any
+    ) -> None:
+        """An audit event about ident's dealings with server's authorization server."""
+        audit_event(
+            self.audit, event, str(ident.spiffe_id), server.name, issuer=resolved.issuer, **fields
+        )
+
     # ------------------------------------------------------------ resolution
-    def server(self, name: str):
+    def server(self, name: str) -> Server:
         try:
             return self.servers[name]
         except KeyError:
@@ -150,160 +171,24 @@ class OAuthService:
                 + ", ".join(sorted(self.servers))
             ) from None
 
-    @staticmethod
-    def configured_authorization_servers(server: Any) -> tuple[str, ...]:
-        """The ASes the configuration allows for server: its authorization_servers, and its
-        issuer when set. Empty: the AS pinned on first discovery decides."""
-        allowed = tuple(getattr(server, "authorization_servers", ()) or ())
-        if server.issuer and server.issuer not in allowed:
-            allowed += (server.issuer,)
-        return allowed
-
-    def authorization_servers(self, server_name: str) -> tuple[str, ...]:
-        """Every AS that may receive assertions for this server now: configured, else
-        pinned (empty before the first discovery of an unconfigured server)."""
-        server = self.server(server_name)
-        allowed = self.configured_authorization_servers(server)
-        if allowed:
-            return allowed
-        pinned = self.pins.get(server.name, canonical_resource(server.url))
-        return (pinned,) if pinned else ()
-
     def assertion_audiences(self) -> frozenset[str]:
         """Every authorization server credless sends client assertions to, or may: the
         configured and pinned issuers of every server, and each endpoint discovered. The
         Workload API refuses JWT-SVIDs for these audiences (a JWT-SVID for one of them is a
         client assertion there, and would let a workload get tokens past the proxy).
         Callable from any thread."""
-        out = set(self.discovery.endpoints)
+        out = set(self._started()[1].endpoints)
         for name in list(self.servers):
-            out.update(self.authorization_servers(name))
+            out.update(self.resolver.authorization_servers(self.server(name)))
         return frozenset(out)
 
     async def resolve(
-        self, server: Any, challenge: str | None = None, ident: Identity | None = None
+        self, server: Server, challenge: str | None = None, ident: Identity | None = None
     ) -> Resolved:
-        """Where and how to ask for a token for server. `ident` is the identity asking: a
-        refusal is audited under it."""
-        resource = canonical_resource(server.url)
+        """Where and how to ask for a token for server (resolution.py). `ident` is the
+        identity asking: a refusal is audited under it."""
         sid = str(ident.spiffe_id) if ident is not None else None
-
-        def report(url: str, reason: str) -> None:
-            log.warning("resource metadata URL ignored", server=server.name, url=url)
-            self.m_refused.labels(server.name, "resource_metadata_origin").inc()
-            if self.audit:
-                self.audit.emit(
-                    "oauth.refused",
-                    spiffe_id=sid,
-                    server=server.name,
-                    resource=resource,
-                    check="resource_metadata_origin",
-                    url=url,
-                    reason=reason,
-                )
-
-        try:
-            return await self._resolve(server, resource, challenge, report, sid)
-        except TrustRefused as e:
-            extra = {}
-            if isinstance(e, UntrustedAuthorizationServer):
-                extra = {
-                    "authorization_server": e.named[0] if e.named else None,
-                    "named": list(e.named),
-                    "allowed": list(e.allowed),
-                }
-            log.warning("discovery refused", server=server.name, check=e.kind, error=str(e))
-            self.m_refused.labels(server.name, e.kind).inc()
-            if self.audit:
-                self.audit.emit(
-                    "oauth.refused",
-                    spiffe_id=sid,
-                    server=server.name,
-                    resource=resource,
-                    check=e.kind,
-                    url=e.url,
-                    reason=str(e),
-                    **extra,
-                )
-            raise
-
-    async def _resolve(
-        self, server: Any, resource: str, challenge: str | None, report, sid: str | None
-    ) -> Resolved:
-        scope = server.scope
-        prm = None
-        allowed = self.configured_authorization_servers(server)
-        # an operator's `credless oauth probe` of a URL no [[servers]] entry names: nothing
-        # is configured and nothing is pinned for it; it uses what it discovers, and says so
-        persist = not isinstance(server, _AdHoc)
-        to_pin = False
-        if server.issuer:
-            issuer = server.issuer  # configured: the server is not asked at all
-        else:
-            prm = await self.discovery.resource(server.url, challenge, report=report)
-            scope = scope or prm.challenge_scope or " ".join(prm.scopes_supported)
-            source = "servers.authorization_servers"
-            if not allowed and persist:
-                pinned = self.pins.get(server.name, resource)
-                if pinned:
-                    allowed = (pinned,)
-                    source = f"pinned on first discovery in {self.pins.path}"
-            if allowed:
-                chosen = choose_authorization_server(prm.authorization_servers, allowed)
-                if chosen is None:
-                    named = prm.authorization_servers
-                    raise UntrustedAuthorizationServer(
-                        f"server {server.name!r} ({resource}) names authorization server"
-                        f"{'s' if len(named) > 1 else ''} {', '.join(named)}, not allowed "
-                        f"for it; allowed: {', '.join(allowed)} ({source}). No assertion "
-                        "was sent. If the server really moved to another authorization "
-                        "server, list it in the server's authorization_servers",
-                        server=server.name,
-                        named=named,
-                        allowed=allowed,
-                    )
-                issuer = chosen
-            else:
-                issuer = prm.authorization_servers[0]  # trust on first use: pinned below
-                to_pin = persist
-        meta = await self.discovery.server(issuer)
-        if to_pin:
-            # get and pin run with no await between them: atomic on this loop
-            already = self.pins.get(server.name, resource)
-            pinned = self.pins.pin(server.name, resource, issuer)
-            if pinned != issuer:  # another discovery pinned another AS meanwhile
-                raise UntrustedAuthorizationServer(
-                    f"server {server.name!r} ({resource}) names authorization server "
-                    f"{issuer}, not allowed for it; allowed: {pinned} (pinned on first "
-                    f"discovery in {self.pins.path}). No assertion was sent",
-                    server=server.name,
-                    named=(issuer,),
-                    allowed=(pinned,),
-                )
-            if already is None:
-                log.info("authorization server pinned", server=server.name, issuer=issuer)
-                if self.audit:
-                    self.audit.emit(
-                        "oauth.pinned",
-                        spiffe_id=sid,
-                        server=server.name,
-                        resource=resource,
-                        issuer=issuer,
-                        path=str(self.pins.path),
-                    )
-        required = None
-        if server.dpop == "always":
-            required = 'servers.dpop = "always"'
-        elif server.dpop == "auto" and prm is not None and prm.dpop_bound_access_tokens_required:
-            required = f"the resource metadata of {resource} says dpop_bound_access_tokens_required"
-        dpop = server.dpop == "always" or (
-            server.dpop == "auto"
-            and (
-                "ES256" in meta.dpop_signing_alg_values_supported
-                or bool(prm and prm.dpop_bound_access_tokens_required)
-            )
-        )
-        return Resolved(resource, issuer, meta, scope, dpop, required)
+        return await self.resolver.resolve(self._started()[1], server, challenge, sid)
 
     def dpop_key(self, spiffe_id: str) -> DPoPKey:
         key = self._dpop_keys.get(spiffe_id)
@@ -343,7 +228,7 @@ class OAuthService:
             if cached is token or cached.fingerprint == token.fingerprint:
                 self.cache.invalidate(key)
 
-    async def _client_id(self, ident: Identity, server: Any, resolved: Resolved) -> str:
+    async def _client_id(self, ident: Identity, server: Server, resolved: Resolved) -> str:
         sid = str(ident.spiffe_id)
         if server.registration != "dynamic":
             return server.client_id or sid
@@ -368,7 +253,7 @@ class OAuthService:
             jwks = None if self.jwks_uri else json.loads(oauth_jwks(self.identity.bundle()))
             try:
                 client = await reg.register(
-                    self.http,
+                    self._started()[0],
                     endpoint=endpoint,
                     issuer=resolved.issuer,
                     spiffe_id=sid,
@@ -382,17 +267,12 @@ class OAuthService:
                 raise
             self.store.put(client)
             self.m_registrations.labels(server.name, "register", "ok").inc()
-            if self.audit:
-                self.audit.emit(
-                    "oauth.client_registered",
-                    spiffe_id=sid,
-                    server=server.name,
-                    issuer=resolved.issuer,
-                    client_id=client.client_id,
-                )
+            self._audit_at(
+                "oauth.client_registered", ident, server, resolved, client_id=client.client_id
+            )
             return client.client_id
 
-    async def _fetch(self, key) -> Token:
+    async def _fetch(self, key: TokenKey) -> Token:
         ident, resolved = self._pending[key]
         server = self.servers[key[1]]
         sid = str(ident.spiffe_id)
@@ -404,7 +284,7 @@ class OAuthService:
                 return self.identity.jwt_svid(ident, [audience], ttl=60, iss=iss).token
 
             tok = await request_token(
-                self.http,
+                self._started()[0],
                 token_endpoint=resolved.metadata.token_endpoint,
                 issuer=resolved.issuer,
                 resource=resolved.resource,
@@ -422,28 +302,28 @@ class OAuthService:
             self.m_requests.labels(server.name, e.kind).inc()
             if isinstance(e, TrustRefused):
                 self.m_refused.labels(server.name, e.kind).inc()
-            if self.audit:
-                self.audit.emit(
-                    "token.failed",
-                    spiffe_id=sid,
-                    server=server.name,
-                    issuer=resolved.issuer,
-                    error=e.error,
-                    kind=e.kind,
-                    reason=str(e),
-                    latency_ms=round((time.monotonic() - started) * 1000, 1),
-                )
+            self._audit_at(
+                "token.failed",
+                ident,
+                server,
+                resolved,
+                error=e.error,
+                kind=e.kind,
+                reason=str(e),
+                latency_ms=round((time.monotonic() - started) * 1000, 1),
+            )
             raise
         self.m_requests.labels(server.name, "ok").inc()
         return tok
 
-    def _cache_event(self, what: str, key, obj) -> None:
-        if what in ("obtained", "refreshed") and self.audit:
-            tok: Token = obj
-            self.audit.emit(
+    def _cache_event(self, what: str, key: TokenKey, obj: object) -> None:
+        if what in ("obtained", "refreshed") and isinstance(obj, Token):
+            tok = obj
+            audit_event(
+                self.audit,
                 f"token.{what}",
-                spiffe_id=tok.spiffe_id,
-                server=key[1],
+                tok.spiffe_id,
+                key[1],
                 issuer=tok.issuer,
                 resource=tok.resource,
                 token_type=tok.token_type,
@@ -472,7 +352,7 @@ class OAuthService:
         deleted = []
         for client in self.store.for_identity(spiffe_id):
             try:
-                if await reg.delete(self.http, client):
+                if await reg.delete(self._started()[0], client):
                     self.store.remove(spiffe_id, client.issuer)
                     deleted.append(client.client_id)
                     self.m_registrations.labels("-", "delete", "ok").inc()
@@ -507,7 +387,7 @@ class OAuthService:
         client_id = await self._client_id(ident, server, resolved)
         assertion = self.identity.jwt_svid(ident, [resolved.issuer], ttl=60, iss=client_id).token
         status, body, _ = await post_form(
-            self.http,
+            self._started()[0],
             endpoint,
             {
                 "token": token.access_token,
@@ -545,7 +425,7 @@ class OAuthService:
         match = [
             s for s in self.servers.values() if canonical_resource(s.url) == canonical_resource(url)
         ]
-        server = match[0] if match else _AdHoc(name="probe", url=url)
+        server = match[0] if match else AdHocServer(name="probe", url=url)
         resolved = await self.resolve(server, ident=ident)
         key = (str(ident.spiffe_id), server.name, resolved.resource, resolved.scope)
         self._pending[key] = (ident, resolved)
@@ -566,19 +446,3 @@ class OAuthService:
             except OAuthError as e:
                 out["introspection"] = {"error": e.to_dict()}
         return out
-
-
-@dataclass(frozen=True)
-class _AdHoc:
-    """A server given only by URL on the probe's command line: all defaults."""
-
-    name: str
-    url: str
-    auth_profile: str = "jwt-bearer"
-    assertion_audience: str = "issuer"
-    issuer: str = ""
-    scope: str = ""
-    registration: str = "preregistered"
-    client_id: str = ""
-    dpop: str = "auto"
-    authorization_servers: tuple = ()

@@ -204,8 +204,13 @@ def parse_token_response(
             f"token response from {url} has token_type {ttype!r}; expected Bearer or DPoP", url=url
         )
     ttype = "DPoP" if ttype.lower() == "dpop" else "Bearer"
-    if ttype == "DPoP" and dpop is None:
-        raise MalformedResponse(f"{url} issued a DPoP token to a request without a proof", url=url)
+    bound_to = None  # the key a DPoP token must be bound to
+    if ttype == "DPoP":
+        if dpop is None:
+            raise MalformedResponse(
+                f"{url} issued a DPoP token to a request without a proof", url=url
+            )
+        bound_to = dpop
     if ttype == "Bearer" and dpop_required:
         raise TokenRefused(
             f"{url} issued a Bearer token for {resource}, but DPoP-bound tokens "
@@ -222,10 +227,9 @@ def parse_token_response(
     else:
         expires_at = now + 60.0  # no lifetime given: assume short, refresh early
     jkt = None
-    if ttype == "DPoP":
-        cnf = (
-            claims.get("cnf") if claims is not None and isinstance(claims.get("cnf"), dict) else {}
-        )
+    if bound_to is not None:
+        cnf_claim = claims.get("cnf") if claims is not None else None
+        cnf = cnf_claim if isinstance(cnf_claim, dict) else {}
         if dpop_required and claims is not None and "jkt" not in cnf:
             raise TokenRefused(
                 f"{url} issued a DPoP token for {resource} that is a JWT "
@@ -233,13 +237,15 @@ def parse_token_response(
                 f"DPoP-bound tokens are required ({dpop_required})",
                 url=url,
             )
-        jkt = cnf.get("jkt", dpop.jkt)
-        if jkt != dpop.jkt:
+        jkt = cnf.get("jkt", bound_to.jkt)
+        if jkt != bound_to.jkt:
             raise MalformedResponse(f"{url} bound the token to key {jkt}, not ours", url=url)
     if claims is not None:
         check_audience(claims, resource, url)
     claims = claims or {}
-    scope = body.get("scope") if isinstance(body.get("scope"), str) else ""
+    scope = body.get("scope")
+    if not isinstance(scope, str):
+        scope = ""
     return Token(
         access_token=access,
         token_type=ttype,

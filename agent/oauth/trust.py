@@ -31,8 +31,7 @@ from urllib.parse import urlsplit
 
 from agent.fsutil import atomic_write
 from agent.oauth.errors import InsecureEndpoint, TrustRefused
-
-_DEFAULT_PORTS = {"http": 80, "https": 443}
+from agent.urls import origin
 
 
 def is_loopback_host(host: str) -> bool:
@@ -73,25 +72,11 @@ def insecure_reason(url: object) -> str | None:
 def check_endpoint(url: object, what: str) -> str:
     """url itself when the agent may use it for `what`; else InsecureEndpoint."""
     reason = insecure_reason(url)
-    if reason is not None:
-        raise InsecureEndpoint(
-            f"{what} {url!r} refused: {reason}", url=url if isinstance(url, str) else None
-        )
-    return url  # type: ignore[return-value]
-
-
-def origin(url: str) -> tuple[str, str, int] | None:
-    """(scheme, host, port) of an http(s) URL, the default port filled in; None for anything
-    else, including a URL with userinfo (whose "host" a reader easily misreads)."""
-    try:
-        p = urlsplit(url)
-        host, port = p.hostname, p.port
-    except ValueError:
-        return None
-    scheme = p.scheme.lower()
-    if scheme not in _DEFAULT_PORTS or not host or p.username is not None or p.password is not None:
-        return None
-    return scheme, host.lower(), port or _DEFAULT_PORTS[scheme]
+    if reason is None and isinstance(url, str):  # (a URL that is not a str has a reason)
+        return url
+    raise InsecureEndpoint(
+        f"{what} {url!r} refused: {reason}", url=url if isinstance(url, str) else None
+    )
 
 
 def same_origin(a: str, b: str) -> bool:

@@ -20,7 +20,7 @@ from agent.observe.logging import get_logger
 from agent.peercred import peer_cred
 
 log = get_logger("admin")
-Handler = Callable[[dict], Any]
+Handler = Callable[[dict[str, Any]], Any]  # the request ({"cmd": ..., args}) -> its result
 MAX_REQUEST = 64 * 1024
 
 

@@ -32,7 +32,8 @@ class HttpEndpoint:
     def address(self) -> tuple[str, int]:
         if self._httpd is None:
             raise RuntimeError("the metrics endpoint is not started")
-        return self._httpd.server_address[:2]
+        host, port = self._httpd.socket.getsockname()[:2]  # (IPv6 adds flow info, scope)
+        return host, port
 
     def start(self) -> None:
         routes = self._routes

@@ -15,11 +15,13 @@ number (each update is one assignment under the GIL).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from bisect import bisect_left
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import Generic, TypeVar
 
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
 
@@ -47,17 +49,26 @@ class HistogramCell:
         self.sum += value
 
 
-class _Family:
-    def __init__(self, name: str, doc: str, labelnames: Iterable[str] = (), registry: Any = None):
+Cell = TypeVar("Cell", CounterCell, HistogramCell)
+
+
+class _Family(ABC, Generic[Cell]):
+    def __init__(
+        self,
+        name: str,
+        doc: str,
+        labelnames: Iterable[str] = (),
+        registry: CollectorRegistry | None = None,
+    ):
         self.name, self.doc = name, doc
         self.labelnames = tuple(labelnames)
-        self._cells: dict[tuple[str, ...], Any] = {}
+        self._cells: dict[tuple[str, ...], Cell] = {}
         if not self.labelnames:
             self._cells[()] = self._new_cell()
         if registry is not None:  # as prometheus_client: None registers nowhere
             registry.register(self)
 
-    def labels(self, *values: str):
+    def labels(self, *values: str) -> Cell:
         """The series for these label values (created on first use). Callers on a hot path
         keep the cell: labels() is a dict lookup, the cell's update is the cheap part."""
         cell = self._cells.get(values)  # the usual call: a series already made, str labels
@@ -70,32 +81,38 @@ class _Family:
                 cell = self._cells[key] = self._new_cell()
         return cell
 
-    def _series(self):
+    @abstractmethod
+    def _new_cell(self) -> Cell: ...
+
+    @abstractmethod
+    def collect(self) -> Iterator[Metric]: ...
+
+    def _series(self) -> list[tuple[tuple[str, ...], Cell]]:
         return list(self._cells.items())  # a snapshot: the loop may add a series meanwhile
 
 
-class TallyCounter(_Family):
+class TallyCounter(_Family[CounterCell]):
     def _new_cell(self) -> CounterCell:
         return CounterCell()
 
-    def describe(self):  # for the registry's duplicate-name check
+    def describe(self) -> Iterator[CounterMetricFamily]:  # for the registry's name check
         yield CounterMetricFamily(self.name, self.doc, labels=self.labelnames)
 
-    def collect(self):
+    def collect(self) -> Iterator[CounterMetricFamily]:
         family = CounterMetricFamily(self.name, self.doc, labels=self.labelnames)
         for key, cell in self._series():
             family.add_metric(list(key), cell.value)
         yield family
 
 
-class TallyHistogram(_Family):
+class TallyHistogram(_Family[HistogramCell]):
     def __init__(
         self,
         name: str,
         doc: str,
         labelnames: Iterable[str] = (),
         buckets: Iterable[float] = (),
-        registry: Any = None,
+        registry: CollectorRegistry | None = None,
     ):
         self.bounds = tuple(sorted(float(b) for b in buckets if b != float("inf")))
         if not self.bounds:
@@ -108,10 +125,10 @@ class TallyHistogram(_Family):
     def observe(self, value: float) -> None:
         self._cells[()].observe(value)
 
-    def describe(self):
+    def describe(self) -> Iterator[HistogramMetricFamily]:
         yield HistogramMetricFamily(self.name, self.doc, labels=self.labelnames)
 
-    def collect(self):
+    def collect(self) -> Iterator[HistogramMetricFamily]:
         family = HistogramMetricFamily(self.name, self.doc, labels=self.labelnames)
         for key, cell in self._series():
             counts, total = list(cell.counts), cell.sum

@@ -6,12 +6,13 @@ must get the verdict the table says. Then the body decisions (policy per JSON-RP
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
-import types
 
 import pytest
 from prometheus_client import CollectorRegistry
 
+from agent.config import InjectSection, PolicySection
 from agent.inject import decide, http1
 from agent.inject.upstreams import Upstream, authorities
 from agent.policy import jsonrpc
@@ -43,8 +44,9 @@ CALLERS = {
 
 
 def policy_engine() -> PolicyEngine:
+    # a sub-agent is held to its own rules only (no restriction to its parent's)
     engine = PolicyEngine(
-        types.SimpleNamespace(subagents="allow"), {"tools"}, registry=CollectorRegistry()
+        PolicySection(subagents="inherit"), {"tools"}, registry=CollectorRegistry()
     )
     engine.policy = parse(
         {
@@ -108,10 +110,10 @@ ROWS = rows()
 
 @pytest.mark.parametrize("row", ROWS, ids=[r["name"] for r in ROWS])
 def test_decision(row):
-    settings = types.SimpleNamespace(unattested="deny", workload_authorization="strip")
+    settings = InjectSection(unattested="deny", workload_authorization="strip")
     if row["settings"] != "-":
         key, value = row["settings"].split("=")
-        setattr(settings, key, value)
+        settings = dataclasses.replace(settings, **{key: value})
     policy = policy_engine() if row["policy"] == "on" else None
     head_bytes = row["head"].replace("\\r\\n", "\r\n").encode() + b"\r\n\r\n"
     up, caller = SERVERS[row["server"]], CALLERS[row["caller"]]

@@ -5,17 +5,24 @@ coroutine). A read the lane declines is untouched: the full path decides it afre
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import io
 import json
 import time
-import types
 
 import pytest
 from prometheus_client import CollectorRegistry
 
+from agent.attest.selectors import Attestation
+from agent.config import InjectSection, ServerSection
+from agent.identity.entries import Entry
+from agent.identity.jwtsvid import JwtSvid
+from agent.identity.manager import Identity
+from agent.identity.spiffeid import SpiffeId
 from agent.inject.flows import ClientSide, UpstreamSide
 from agent.inject.lane import FastLane
+from agent.inject.ports import Policy, ProofKey, SockAddr
 from agent.inject.proxy import Proxy
 from agent.inject.redirect import RedirectInfo
 from agent.inject.served import Served
@@ -23,6 +30,7 @@ from agent.inject.upstreams import Upstream
 from agent.oauth.tokens import Token
 from agent.observe.logging import AuditLog
 from agent.observe.tally import CounterCell
+from agent.policy.rules import Decision
 from tests.unit.transport import Transport
 
 SID = "spiffe://example.org/w"
@@ -65,40 +73,118 @@ def request(
     )
 
 
+class AllowAll:
+    """A policy that allows everything: still, a POST body is read to be decided."""
+
+    def decide(
+        self, sid: str, server: str, method: str, tool: str | None, parent: str | None, /
+    ) -> Decision:
+        return Decision(True, None, "allowed")
+
+
+class FakeImages:
+    """The kernel's view of the one process image: (start, exec) or None once it exited."""
+
+    def __init__(self, image: tuple[int, int] | None):
+        self.image = image
+
+    def image_changes(self, tgid: int) -> int | None:
+        return None
+
+    def kernel_image(self, tgid: int) -> tuple[int, int] | None:
+        return self.image
+
+
+class FakeAttestor:
+    def __init__(self, image: tuple[int, int] | None):
+        self.source = FakeImages(image)
+
+    def attest_image(self, tgid: int, exec_ns: int, timeout: float = 1.0) -> Attestation | None:
+        return None  # the lane never asks: the connection was attested when it was accepted
+
+
+class FakeIdentities:
+    generation = 0  # the registration entries never change here
+
+    def resolve(self, attestation: Attestation, quiet: bool = False) -> Identity | None:
+        return None
+
+    def note_use(self, ident: Identity, attestation: Attestation) -> None:
+        pass
+
+    def jwt_svid(
+        self, ident: Identity, audience: list[str], ttl: int | None = None, iss: str | None = None
+    ) -> JwtSvid:
+        raise AssertionError("no assertion-mode server here")
+
+
+class FakeCache:
+    generation = 0
+
+
+class FakeOAuth:
+    """The token cache's answer is whatever the world holds now; nothing is fetched."""
+
+    def __init__(self, world: World):
+        self.world = world
+        self.cache = FakeCache()
+        self.m_hit = CounterCell()
+        self.servers: dict[str, ServerSection] = {}
+        self.invalidated: list[Token] = []
+        self.key: ProofKey | None = None  # a DPoP key, for DPoP tokens
+
+    def cached_token(self, ident: Identity, server_name: str) -> Token | None:
+        self.world.asked += 1
+        return self.world.token
+
+    async def token(self, ident: Identity, server_name: str) -> Token:
+        raise AssertionError("the lane never awaits a token")
+
+    def dpop_key(self, spiffe_id: str) -> ProofKey:
+        assert self.key is not None
+        return self.key
+
+    def invalidate(self, ident: Identity, server_name: str, token: Token) -> None:
+        self.invalidated.append(token)
+
+
+class NoRedirect:
+    """The lane is given connections already looked up: no record is ever asked for."""
+
+    def lookup(self, peer: SockAddr, local: SockAddr, netns: int) -> RedirectInfo | None:
+        return None
+
+    def forget(self, peer: SockAddr, local: SockAddr, info: RedirectInfo) -> None:
+        pass
+
+
 class World:
     """A proxy with its kernel, identity and OAuth parts answered from fields."""
 
-    def __init__(self, token=TOKEN, pooled=True, image=(1, 5), policy=None):
+    def __init__(
+        self,
+        token: Token | None = TOKEN,
+        pooled: bool = True,
+        image: tuple[int, int] | None = (1, 5),
+        policy: Policy | None = None,
+    ):
         self.audit_out = io.StringIO()
-        source = types.SimpleNamespace(
-            kernel_image=lambda tgid: image, image_changes=lambda tgid: None
-        )
         self.asked = 0
-
-        def cached_token(ident, name):
-            self.asked += 1
-            return self.token
-
         self.token = token
-        oauth = types.SimpleNamespace(
-            cached_token=cached_token,
-            cache=types.SimpleNamespace(generation=0),
-            m_hit=CounterCell(),
-        )
-        cfg = types.SimpleNamespace(
+        self.oauth = FakeOAuth(self)
+        cfg = InjectSection(
             upstream_pool_size=4,
             upstream_idle_seconds=4.0,
             workload_authorization="strip",
             unattested="deny",
         )
-        identity = types.SimpleNamespace(generation=0)
         self.proxy = Proxy(
             cfg,
             {},
-            None,
-            types.SimpleNamespace(source=source),
-            identity,
-            oauth,
+            NoRedirect(),
+            FakeAttestor(image),
+            FakeIdentities(),
+            self.oauth,
             audit=AuditLog("node", stream=self.audit_out),
             registry=CollectorRegistry(),
             policy=policy,
@@ -110,7 +196,7 @@ class World:
         self.key = (SID, UP.host, UP.port, UP.scheme)
         if pooled:
             self.proxy.pool.put(self.key, self.upstream)
-        ident = types.SimpleNamespace(spiffe_id=SID)
+        ident = Identity(SpiffeId.parse(SID), Entry("w", SID, frozenset()))
         fragment = self.proxy.rec.fragment(server=UP.name, pid=INFO.tgid, spiffe_id=SID)
         self.served = Served(self.client, INFO, UP, ident, 0, {"spiffe_id": SID}, fragment)
         self.lane = FastLane(self.proxy, self.served)
@@ -214,7 +300,7 @@ def test_a_field_whose_name_only_contains_authorization_is_not_mistaken_for_it()
         dict(pooled=False),  # no idle upstream connection: it connects
         dict(image=(1, 6)),  # exec'd since it connected: the coroutine closes it
         dict(image=None),  # exited
-        dict(policy=object()),  # a POST body to decide
+        dict(policy=AllowAll()),  # a POST body to decide
     ],
 )
 @in_loop
@@ -242,42 +328,27 @@ def test_a_declined_partial_read_leaves_the_next_whole_request_to_the_fast_path(
 @in_loop
 def test_a_401_answer_is_parsed_so_its_challenge_is_read():
     w = World()
-    invalidated = []
-    w.proxy.oauth.invalidate = lambda ident, name, tok: invalidated.append(tok)
     answer = (
         b'HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer error="invalid_token"'
         b"\r\nContent-Length: 0\r\n\r\n"
     )
     run(w, request(), answer=answer)
-    assert invalidated == [TOKEN]
+    assert w.oauth.invalidated == [TOKEN]
     assert w.client.transport.out.startswith(b"HTTP/1.1 401")
 
 
 @in_loop
 def test_a_dpop_token_gets_a_fresh_proof_bound_to_this_method_and_url_without_query():
-    dpop = Token(
-        "header.payload.sig",
-        "DPoP",
-        0,
-        time.time() + 3600,
-        "tools",
-        "r",
-        "i",
-        SID,
-        "c",
-        "jkt-1",
-        "sha-of-token",
-        "jti-1",
-    )
+    dpop = dataclasses.replace(TOKEN, token_type="DPoP", jkt="jkt-1")
     proofs = []
 
     class Key:
-        def proof(self, method, url, access_token=None):
+        def proof(self, method: str, url: str, access_token: str | None = None) -> str:
             proofs.append((method, url, access_token))
             return f"proof-{len(proofs)}"
 
     w = World(token=dpop)
-    w.proxy.oauth.dpop_key = lambda spiffe_id: Key()
+    w.oauth.key = Key()
     run(w, request())
     head = w.upstream.transport.out.split(b"\r\n\r\n")[0]
     assert head.endswith(b"\r\nAuthorization: DPoP header.payload.sig\r\nDPoP: proof-1")
@@ -292,7 +363,7 @@ def test_each_token_is_recorded_as_itself_on_one_connection():
     w = World()
     run(w, request())
     w.token = NEXT  # refreshed: the cache says a token changed
-    w.proxy.oauth.cache.generation += 1
+    w.oauth.cache.generation += 1
     run(w, request())
     assert [(r["jti"], r["token_sha256"]) for r in w.audit()] == [
         ("jti-1", "sha-of-token"),
@@ -300,19 +371,8 @@ def test_each_token_is_recorded_as_itself_on_one_connection():
     ]
 
 
-NEXT = Token(
-    "next.payload.sig",
-    "Bearer",
-    0,
-    time.time() + 3600,
-    "tools",
-    "r",
-    "i",
-    SID,
-    "c",
-    None,
-    "sha-of-next",
-    "jti-2",
+NEXT = dataclasses.replace(
+    TOKEN, access_token="next.payload.sig", fingerprint="sha-of-next", jti="jti-2"
 )
 
 
@@ -321,9 +381,9 @@ def test_the_cached_token_is_reused_only_while_no_token_changed_and_for_a_second
     w = World()
     for _ in range(3):
         run(w, request())
-    assert w.asked == 1 and w.proxy.oauth.m_hit.value == 2  # reuses still count as hits
+    assert w.asked == 1 and w.oauth.m_hit.value == 2  # reuses still count as hits
     w.token = None  # invalidated (a 401 elsewhere): generation moves
-    w.proxy.oauth.cache.generation += 1
+    w.oauth.cache.generation += 1
     assert w.lane.offer(request()) is False and w.asked == 2
     w.token = TOKEN
     w.lane._memo_until = 0.0  # a second later: asked again
@@ -333,22 +393,7 @@ def test_the_cached_token_is_reused_only_while_no_token_changed_and_for_a_second
 
 @in_loop
 def test_a_token_at_its_expiry_skew_is_not_held():
-    w = World(
-        token=Token(
-            "header.payload.sig",
-            "Bearer",
-            0,
-            time.time() + 5.0,
-            "tools",
-            "r",
-            "i",
-            SID,
-            "c",
-            None,
-            "sha-of-token",
-            "jti-1",
-        )
-    )
+    w = World(token=dataclasses.replace(TOKEN, expires_at=time.time() + 5.0))
     run(w, request())
     run(w, request())
     assert w.asked == 2  # no validity left past the skew: asked each time

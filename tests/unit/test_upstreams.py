@@ -3,25 +3,29 @@
 from __future__ import annotations
 
 import socket
-from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
+from agent.config import ServerSection
 from agent.inject.upstreams import UpstreamResolver
 
 SERVERS = [
-    SimpleNamespace(name="tools", url="https://mcp.example:8443/mcp", mode="broker"),
-    SimpleNamespace(name="local", url="http://127.0.0.1/mcp", mode="passthrough"),
+    ServerSection(name="tools", url="https://mcp.example:8443/mcp", mode="broker"),
+    ServerSection(name="local", url="http://127.0.0.1/mcp", mode="passthrough"),
 ]
 
 
 class FakeDNS:
     """Answers getaddrinfo from a table the test changes; None: the lookup fails."""
 
-    def __init__(self):
-        self.answers = {"mcp.example": ["10.0.0.1"], "127.0.0.1": ["127.0.0.1"]}
+    def __init__(self) -> None:
+        self.answers: dict[str, list[str] | None] = {
+            "mcp.example": ["10.0.0.1"],
+            "127.0.0.1": ["127.0.0.1"],
+        }
 
-    def __call__(self, host, port, type=0):
+    def __call__(self, host: str, port: int, type: int = 0) -> list[tuple[Any, ...]]:
         ips = self.answers[host]
         if ips is None:
             raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
@@ -31,7 +35,7 @@ class FakeDNS:
 class Clock:
     now = 0.0
 
-    def __call__(self):
+    def __call__(self) -> float:
         return self.now
 
 
@@ -79,8 +83,8 @@ def test_two_servers_on_one_address_are_refused_naming_both():
     from agent.inject.upstreams import UpstreamConflict
 
     servers = [
-        SimpleNamespace(name="a", url="https://mcp.example:8443/mcp", mode="broker"),
-        SimpleNamespace(name="b", url="https://other.example:8443/mcp", mode="broker"),
+        ServerSection(name="a", url="https://mcp.example:8443/mcp", mode="broker"),
+        ServerSection(name="b", url="https://other.example:8443/mcp", mode="broker"),
     ]
     dns = FakeDNS()
     dns.answers["other.example"] = ["10.0.0.1"]  # the same ingress address as mcp.example
@@ -94,13 +98,24 @@ def test_two_servers_on_one_address_are_refused_naming_both():
     assert r.refresh()[("10.0.0.1", 8443)].name == "a"
 
 
-class FakeConn:
-    def __init__(self, name):
-        self.name, self.closed = name, False
-        self.transport = SimpleNamespace(is_closing=lambda: self.closed, close=self._close)
+class FakeTransport:
+    def __init__(self, conn: FakeConn):
+        self.conn = conn
 
-    def _close(self):
-        self.closed = True
+    def is_closing(self) -> bool:
+        return self.conn.closed
+
+    def close(self) -> None:
+        self.conn.closed = True
+
+
+class FakeConn:
+    """What the pool reads of an upstream connection: whether it is closed, and its
+    transport's."""
+
+    def __init__(self, name: str):
+        self.name, self.closed = name, False
+        self.transport = FakeTransport(self)
 
 
 def test_pool_reuses_the_freshest_and_closes_connections_idle_too_long():

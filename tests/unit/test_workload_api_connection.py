@@ -1,4 +1,6 @@
-"""The Workload API's per-connection guard: grpclib sees no byte before the caller is known."""
+"""The Workload API's per-connection guard (agent/identity/workload_callers.py): grpclib sees
+no byte before the caller is known. And FetchJWTSVID's refusal of audiences that name an
+authorization server."""
 
 from __future__ import annotations
 
@@ -6,87 +8,120 @@ import asyncio
 import os
 import socket
 import threading
-from concurrent.futures import ThreadPoolExecutor
-from types import SimpleNamespace
+from collections.abc import Iterator
 
 import pytest
 
-from agent.identity import workload_api
-from agent.identity.workload_api import _Connection
+from agent.attest.selectors import Attestation
+from agent.identity import workload_callers
+from agent.identity.workload_callers import AttestedConnection, Caller
 
 
-class Transport:
+class Transport(asyncio.Transport):
+    """A unix socket's transport as the connection uses it; records what it was told."""
+
     def __init__(self, sock: socket.socket):
-        self.sock, self.calls, self.closing = sock, [], False
+        super().__init__()
+        self.sock, self.closing = sock, False
+        self.calls: list[str] = []
 
-    def get_extra_info(self, name):
-        return self.sock if name == "socket" else None
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return self.sock if name == "socket" else default
 
-    def pause_reading(self):
+    def pause_reading(self) -> None:
         self.calls.append("pause")
 
-    def resume_reading(self):
+    def resume_reading(self) -> None:
         self.calls.append("resume")
 
-    def is_closing(self):
+    def is_closing(self) -> bool:
         return self.closing
 
-    def abort(self):
+    def abort(self) -> None:
         self.calls.append("abort")
         self.closing = True
 
     close = abort
 
 
-class Inner:
-    def __init__(self):
-        self.calls = []
+class Inner(asyncio.Protocol):
+    """grpclib's protocol, as far as the connection hands it the connection."""
 
-    def connection_made(self, transport):
+    def __init__(self) -> None:
+        self.calls: list[str | bytes] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.calls.append("made")
 
-    def data_received(self, data):
+    def data_received(self, data: bytes) -> None:
         self.calls.append(bytes(data))
 
-    def eof_received(self):
+    def eof_received(self) -> bool | None:
         self.calls.append("eof")
+        return None
 
-    def connection_lost(self, exc):
+    def connection_lost(self, exc: Exception | None) -> None:
         self.calls.append("lost")
 
 
-class Attestor:
-    """attest() blocks until released, so the test can act while a caller is attested."""
+def attestation(pid: int) -> Attestation:
+    return Attestation(
+        tgid=pid,
+        exec_ns=1,
+        start_ns=1,
+        ppid=1,
+        comm="test",
+        exe="/usr/bin/test",
+        sha256=None,
+        uid=0,
+        gid=0,
+        real_uid=0,
+        real_gid=0,
+        groups=(),
+        cgroup_path="/",
+        cgroup_id=1,
+        lineage=(),
+        selectors=frozenset(),
+    )
 
-    def __init__(self):
+
+class Admission:
+    """The server's side of a connection (workload_callers.Admission): its caller's attestation
+    blocks on a worker thread until released, so the test can act while it is under way."""
+
+    def __init__(self) -> None:
+        self.connections: set[AttestedConnection] = set()
+        self.callers: dict[asyncio.BaseTransport, Caller] = {}
         self.entered = threading.Event()
         self.release = threading.Event()
         self.asked: list[int] = []
 
-    def attest(self, pid, timeout=None):
+    async def attest_caller(self, pid: int) -> Attestation | None:
+        return await asyncio.to_thread(self._attest, pid)
+
+    def _attest(self, pid: int) -> Attestation:
         self.asked.append(pid)
         self.entered.set()
         self.release.wait(10)
-        return SimpleNamespace(tgid=pid, exec_ns=1)
+        return attestation(pid)
 
 
 @pytest.fixture
-def setup():
+def setup() -> Iterator[tuple[Admission, Transport, Inner]]:
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    pool = ThreadPoolExecutor(2)
-    api = SimpleNamespace(_connections=set(), _callers={}, _pool=pool, attestor=Attestor())
+    api = Admission()
     yield api, Transport(a), Inner()
-    api.attestor.release.set()
-    pool.shutdown()
+    api.release.set()
     a.close()
     b.close()
 
 
-async def _attesting(api) -> None:
-    assert await asyncio.to_thread(api.attestor.entered.wait, 10)
+async def _attesting(api: Admission) -> None:
+    assert await asyncio.to_thread(api.entered.wait, 10)
 
 
-async def _settle(conn: _Connection) -> None:
+async def _settle(conn: AttestedConnection) -> None:
+    assert conn._task is not None  # made by connection_made
     await asyncio.wait_for(asyncio.shield(conn._task), 10)
 
 
@@ -102,7 +137,7 @@ def test_bytes_before_the_caller_is_known_reach_grpclib_after_it_in_order(setup,
     api, transport, inner = setup
 
     async def run():
-        conn = _Connection(api, inner)
+        conn = AttestedConnection(api, inner)
         conn.connection_made(transport)
         assert transport.calls == ["pause"]
         for chunk in early:  # a loop that delivers despite the pause
@@ -110,11 +145,11 @@ def test_bytes_before_the_caller_is_known_reach_grpclib_after_it_in_order(setup,
         if eof:
             assert conn.eof_received() is True  # the transport stays until then
         await _attesting(api)
-        assert inner.calls == [] and api._callers == {}
-        api.attestor.release.set()
+        assert inner.calls == [] and api.callers == {}
+        api.release.set()
         await _settle(conn)
-        assert api.attestor.asked == [os.getpid()]  # SO_PEERCRED of the socket
-        caller = api._callers[transport]
+        assert api.asked == [os.getpid()]  # SO_PEERCRED of the socket
+        caller = api.callers[transport]
         assert caller.cred.pid == os.getpid() and caller.attestation.tgid == os.getpid()
         want = ["made"] + ([b"".join(early)] if early else [])
         assert inner.calls == want
@@ -122,7 +157,7 @@ def test_bytes_before_the_caller_is_known_reach_grpclib_after_it_in_order(setup,
         conn.data_received(b"later")
         conn.connection_lost(None)
         assert inner.calls[len(want) :] == [b"later", "lost"]
-        assert api._callers == {} and api._connections == set()
+        assert api.callers == {} and api.connections == set()
         assert caller.cred.pidfd is None  # closed with the connection
 
     asyncio.run(run())
@@ -130,18 +165,18 @@ def test_bytes_before_the_caller_is_known_reach_grpclib_after_it_in_order(setup,
 
 def test_too_much_before_the_caller_is_known_ends_the_connection(setup, monkeypatch):
     api, transport, inner = setup
-    monkeypatch.setattr(workload_api, "_EARLY_BYTES", 8)
+    monkeypatch.setattr(workload_callers, "_EARLY_BYTES", 8)
 
     async def run():
-        conn = _Connection(api, inner)
+        conn = AttestedConnection(api, inner)
         conn.connection_made(transport)
         conn.data_received(b"12345")
         assert "abort" not in transport.calls
         conn.data_received(b"6789")
         assert transport.calls[-1] == "abort"
-        api.attestor.release.set()
+        api.release.set()
         await _settle(conn)
-        assert inner.calls == [] and api._callers == {}
+        assert inner.calls == [] and api.callers == {}
         conn.connection_lost(None)
 
     asyncio.run(run())
@@ -151,15 +186,15 @@ def test_a_connection_lost_while_its_caller_is_attested_never_reaches_grpclib(se
     api, transport, inner = setup
 
     async def run():
-        conn = _Connection(api, inner)
+        conn = AttestedConnection(api, inner)
         conn.connection_made(transport)
         await _attesting(api)
         transport.closing = True
         conn.connection_lost(None)
-        api.attestor.release.set()
+        api.release.set()
         with pytest.raises(asyncio.CancelledError):
             await _settle(conn)
-        assert inner.calls == [] and api._callers == {} and api._connections == set()
+        assert inner.calls == [] and api.callers == {} and api.connections == set()
 
     asyncio.run(run())
 

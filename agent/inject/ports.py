@@ -1,0 +1,123 @@
+"""What the proxy asks of the components around it, each as the few calls it makes.
+
+The proxy is given the attestor, the identity manager, the OAuth service, the redirect and
+the policy engine; it needs a handful of calls from each. Naming only those keeps the proxy
+testable without the kernel or an authorization server (tests/unit/test_fast_path.py fakes
+each port in a few lines) and shows, in one place, how far the proxy reaches into the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from agent.attest.selectors import Attestation
+from agent.identity.jwtsvid import JwtSvid
+from agent.identity.manager import Identity
+from agent.inject.redirect import RedirectInfo
+from agent.oauth.tokens import Token
+from agent.policy.rules import Decision
+
+# a socket's address as asyncio gives it: (host, port), or (host, port, flowinfo, scope_id)
+SockAddr = tuple[Any, ...]
+
+
+class RedirectRecords(Protocol):
+    """The kernel's record of each redirected connection (agent.inject.redirect.Redirector)."""
+
+    def lookup(self, peer: SockAddr, local: SockAddr, netns: int) -> RedirectInfo | None: ...
+
+    def forget(self, peer: SockAddr, local: SockAddr, info: RedirectInfo) -> None: ...
+
+
+class ImageSource(Protocol):
+    """The kernel's view of process images (agent.attest.events.ProcessEventSource)."""
+
+    def image_changes(self, tgid: int) -> int | None: ...
+
+    def kernel_image(self, tgid: int) -> tuple[int, int] | None: ...
+
+
+class Attestations(Protocol):
+    """Who a process image is (agent.attest.attestor.Attestor)."""
+
+    @property
+    def source(self) -> ImageSource: ...
+
+    def attest_image(self, tgid: int, exec_ns: int, timeout: float = 1.0) -> Attestation | None: ...
+
+
+class Identities(Protocol):
+    """Attested image to SPIFFE identity (agent.identity.manager.IdentityManager)."""
+
+    @property
+    def generation(self) -> int:
+        """Moves whenever the registration entries change: resolved identities are stale."""
+        ...
+
+    def resolve(self, attestation: Attestation, quiet: bool = False) -> Identity | None: ...
+
+    def note_use(self, ident: Identity, attestation: Attestation) -> None: ...
+
+    def jwt_svid(
+        self, ident: Identity, audience: list[str], ttl: int | None = None, iss: str | None = None
+    ) -> JwtSvid: ...
+
+
+class ProofKey(Protocol):
+    """A workload's DPoP key (agent.oauth.dpop.DPoPKey)."""
+
+    def proof(self, method: str, url: str, access_token: str | None = None) -> str: ...
+
+
+class CacheGeneration(Protocol):
+    @property
+    def generation(self) -> int:
+        """Moves whenever a cached token is added, replaced or dropped."""
+        ...
+
+
+class HitCounter(Protocol):
+    def inc(self, amount: int = 1) -> None: ...
+
+
+class AuthorizationServer(Protocol):
+    """A configured MCP server as the OAuth service knows it (agent.config.ServerSection)."""
+
+    @property
+    def issuer(self) -> str: ...
+
+
+class Tokens(Protocol):
+    """Tokens per identity and server (agent.oauth.service.OAuthService)."""
+
+    @property
+    def cache(self) -> CacheGeneration: ...
+
+    @property
+    def m_hit(self) -> HitCounter:
+        """Counts cache hits; the fast lane's reuse of a token it holds is one too."""
+        ...
+
+    @property
+    def servers(self) -> Mapping[str, AuthorizationServer]: ...
+
+    def cached_token(self, ident: Identity, server_name: str) -> Token | None: ...
+
+    async def token(self, ident: Identity, server_name: str) -> Token: ...
+
+    def dpop_key(self, spiffe_id: str) -> ProofKey: ...
+
+    def invalidate(self, ident: Identity, server_name: str, token: Token) -> None: ...
+
+
+class Policy(Protocol):
+    """MCP policy per identity, server and call (agent.policy.engine.PolicyEngine)."""
+
+    def decide(
+        self, spiffe_id: str, server: str, method: str, tool: str | None, parent: str | None, /
+    ) -> Decision:
+        """method: the JSON-RPC method, or "http:GET" and the like for a request without a
+        body; tool: the tool, prompt or resource it names; parent: the SPIFFE ID of the
+        caller's nearest ancestor with one (the caller is its sub-agent)."""
+        ...

@@ -1,0 +1,312 @@
+"""Builds the agent from its configuration: every component, in start-up order, and the
+connections between them. The daemon (agent/daemon.py) runs what this builds.
+
+Order matters: attestation first (everything asks it), then identity, the Workload API, the
+bundle endpoint and OAuth, then the injection path (policy, redirect, proxy), operator
+surfaces last. Stopping runs the list backwards.
+
+Every module is imported here at the top: BCC, the one import that loads a native library
+(libbcc), is imported inside the functions that load BPF programs (agent/bpfload.py,
+agent/attest/events.py, agent/inject/redirect.py), so building the agent needs no kernel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, Metric
+
+from agent.attest.attestor import Attestor
+from agent.attest.cgroupfs import cgroup2_root, process_cgroup
+from agent.attest.kubelet import KubeletClient, KubeletError, expand_url
+from agent.config import Config, KubeletSection, parse_listen
+from agent.identity.bundle_endpoint import BundleEndpoint
+from agent.identity.manager import IdentityManager
+from agent.identity.workload_api import WorkloadApiServer
+from agent.inject.components import ProxyComponent, RedirectComponent
+from agent.inject.listeners import ProxyListeners
+from agent.inject.netns import NetnsListeners
+from agent.inject.proxy import Proxy
+from agent.inject.redirect import Redirector
+from agent.inject.tls import InjectionCA, upstream_context
+from agent.inject.upstreams import UpstreamResolver
+from agent.oauth.service import OAuthService
+from agent.observe.admin import AdminServer
+from agent.observe.http import HttpEndpoint
+from agent.observe.logging import AuditLog, get_logger
+from agent.observe.metrics import Metrics, MetricsServer
+from agent.policy.engine import PolicyEngine
+
+log = get_logger("daemon")
+
+
+class StartupError(Exception):
+    """A component could not start; the message says what to do."""
+
+
+class Component(Protocol):
+    """A part of the agent the daemon starts in order and stops in reverse. start() returns
+    once the component serves (bound, attached); stop() undoes all of it."""
+
+    @property
+    def name(self) -> str: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+class BlockingService(Protocol):
+    """A component whose start() and stop() are plain calls (threads, BPF loads)."""
+
+    @property
+    def name(self) -> str: ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+class Synchronous:
+    """A BlockingService as a Component. Its calls run on the event loop, as start-up must
+    finish each one before the next component starts anyway."""
+
+    def __init__(self, service: BlockingService):
+        self.service = service
+        self.name = service.name
+
+    async def start(self) -> None:
+        self.service.start()
+
+    async def stop(self) -> None:
+        self.service.stop()
+
+
+class BoundEndpoint:
+    """An HTTP endpoint as a component: a busy address fails start-up naming the setting."""
+
+    def __init__(self, endpoint: HttpEndpoint, setting: str):
+        self.endpoint = endpoint
+        self.setting = setting
+        self.name = setting.split(".")[0]
+
+    async def start(self) -> None:
+        try:
+            self.endpoint.start()
+        except OSError as e:
+            host, port = self.endpoint.requested_address
+            raise StartupError(
+                f"{self.setting} {host}:{port}: {e.strerror}; choose a free "
+                f"port or set {self.name}.enabled = false"
+            ) from None
+        log.info("listening", endpoint=self.name, address="{}:{}".format(*self.endpoint.address))
+
+    async def stop(self) -> None:
+        self.endpoint.stop()
+
+
+class AuditDropped:
+    """credless_audit_events_dropped: audit events that could not be written."""
+
+    def __init__(self, audit: AuditLog):
+        self.audit = audit
+
+    def collect(self) -> Iterator[Metric]:
+        c = CounterMetricFamily(
+            "credless_audit_events_dropped", "Audit events that could not be written"
+        )
+        c.add_metric([], self.audit.dropped)
+        yield c
+
+
+@dataclass
+class Agent:
+    """What build() made: the components in start-up order, and the parts the operator
+    commands read (agent/daemon.py)."""
+
+    cfg: Config
+    metrics: Metrics
+    audit: AuditLog
+    attestor: Attestor
+    identity: IdentityManager
+    oauth: OAuthService
+    admin: AdminServer
+    components: list[Component] = field(default_factory=list)
+    reload_hooks: list[Callable[[], object]] = field(default_factory=list)  # SIGHUP
+    redirector: Redirector | None = None  # None: injection is off
+
+
+def build(cfg: Config, audit: AuditLog | None = None) -> Agent:
+    """The agent cfg describes, not yet started. Raises StartupError for what the
+    configuration asks that this host cannot give."""
+    metrics = Metrics()
+    registry = metrics.registry
+    audit = audit or audit_log(cfg)
+    registry.register(AuditDropped(audit))
+    attestor = Attestor(
+        cfg.attest,
+        registry=registry,
+        kubelet=kubelet_client(cfg.attest.kubelet),
+        pin_dir=cfg.agent.bpf_pin_dir,
+    )
+    identity = identity_manager(cfg, audit, registry)
+    oauth = OAuthService(
+        cfg,
+        identity,
+        cfg.agent.state_dir,
+        audit=audit,
+        registry=registry,
+        jwks_uri=f"http://{cfg.bundle_endpoint.listen}/jwks.json"
+        if cfg.bundle_endpoint.enabled
+        else None,
+    )
+    agent = Agent(cfg, metrics, audit, attestor, identity, oauth, AdminServer(admin_socket(cfg)))
+    metrics.add_ready_check("attest", attestor.ready)
+    metrics.add_ready_check("identity", identity.ready)
+    agent.components += [Synchronous(attestor), Synchronous(identity)]
+    agent.reload_hooks.append(identity.reload_entries)
+    if cfg.workload_api.enabled:
+        # FetchJWTSVID refuses audiences naming an authorization server credless uses
+        api = WorkloadApiServer(
+            cfg.workload_api.socket,
+            identity,
+            attestor,
+            audit=audit,
+            registry=registry,
+            authorization_servers=oauth.assertion_audiences,
+        )
+        agent.components.append(Synchronous(api))
+    if cfg.bundle_endpoint.enabled:
+        host, port = listen_address(cfg.bundle_endpoint.listen, "bundle_endpoint.listen")
+        bundle = BundleEndpoint(identity, host, port)
+        agent.components.append(BoundEndpoint(bundle, "bundle_endpoint.listen"))
+    agent.components.append(oauth)
+    attestor.add_event_listener(identity.process_event)
+    identity.on_identity_ended.append(lambda spiffe_id: forget_tokens(oauth, spiffe_id))
+    if cfg.inject.enabled and cfg.servers:
+        add_injection(agent)
+    agent.components.append(Synchronous(agent.admin))
+    if cfg.metrics.enabled:
+        host, port = listen_address(cfg.metrics.listen, "metrics.listen")
+        agent.components.append(BoundEndpoint(MetricsServer(metrics, host, port), "metrics.listen"))
+    return agent
+
+
+def audit_log(cfg: Config) -> AuditLog:
+    a = cfg.audit
+    return AuditLog(
+        cfg.agent.resolved_node_name(),
+        file=a.file,
+        max_bytes=a.max_bytes,
+        backups=a.backups,
+        to_stream=a.stdout,
+        flush_interval=a.flush_ms / 1000,
+    )
+
+
+def listen_address(value: str, setting: str) -> tuple[str, int]:
+    address = parse_listen(value)
+    if address is None:  # config.load() refuses it: a Config made some other way
+        raise StartupError(f"{setting}: {value!r} is not HOST:PORT")
+    return address
+
+
+def admin_socket(cfg: Config) -> Path:
+    return Path(cfg.agent.run_dir) / "admin.sock"
+
+
+def kubelet_client(k: KubeletSection) -> KubeletClient | None:
+    if not k.enabled:
+        return None
+    try:
+        url = expand_url(k.url, os.environ)
+    except KubeletError as e:
+        raise StartupError(str(e)) from None
+    return KubeletClient(
+        url,
+        token_file=k.token_file,
+        ca_file=k.ca_file,
+        cache_ttl_seconds=k.cache_ttl_seconds,
+        insecure_skip_verify=k.insecure_skip_verify,
+    )
+
+
+def identity_manager(cfg: Config, audit: AuditLog, registry: CollectorRegistry) -> IdentityManager:
+    """The identity manager, SVIDs from the source cfg.identity names."""
+    return IdentityManager(cfg.identity, cfg.agent.state_dir, audit=audit, registry=registry)
+
+
+def forget_tokens(oauth: OAuthService, spiffe_id: str) -> None:
+    """An identity's last process has ended (called on the attestor's thread): its tokens,
+    DPoP keys and registered clients go, on the OAuth service's loop."""
+    if oauth.loop is not None:
+        asyncio.run_coroutine_threadsafe(oauth.forget(spiffe_id), oauth.loop)
+
+
+def add_injection(agent: Agent) -> None:
+    """The injection path: policy, the redirect and the proxy, for cfg.servers."""
+    cfg, inj, registry = agent.cfg, agent.cfg.inject, agent.metrics.registry
+    try:
+        resolver = UpstreamResolver(cfg.servers, retain=inj.resolve_retain_seconds)
+        upstreams = resolver.refresh()
+    except ValueError as e:  # UpstreamConflict: two servers on one address
+        raise StartupError(str(e)) from None
+    root = cgroup2_root(cfg.attest.cgroup_root)
+    if root is None:
+        raise StartupError("no cgroup v2 mount: the redirect needs one (credless doctor)")
+    redirector = Redirector(cfg.agent.bpf_pin_dir, root, inj)
+    inject_ca = (
+        InjectionCA(cfg.agent.state_dir, Path(cfg.agent.run_dir) / "inject-ca.crt")
+        if any(u.scheme == "https" for u in upstreams.values())
+        else None
+    )
+    policy = PolicyEngine(cfg.policy, {s.name for s in cfg.servers}, registry=registry)
+    agent.components.append(Synchronous(policy))
+    agent.reload_hooks.append(policy.reload)
+    proxy = Proxy(
+        inj,
+        upstreams,
+        redirector,
+        agent.attestor,
+        agent.identity,
+        agent.oauth,
+        audit=agent.audit,
+        registry=registry,
+        ssl_context=upstream_context(inj.upstream_ca_file),
+        policy=policy if cfg.policy.file else None,
+        max_body=cfg.policy.max_body_bytes,
+    )
+    listeners = ProxyListeners(inj, proxy, inject_ca)
+    pods = None
+    if inj.pod_netns:
+        pods = NetnsListeners(
+            listeners.listen_specs(),
+            listeners.serve,
+            list(inj.managed_cgroups),
+            process_cgroup(os.getpid()) or "/",
+            inj.netns_scan_seconds,
+            registry=registry,
+        )
+        agent.attestor.add_event_listener(pods.process_event)
+    agent.components += [
+        RedirectComponent(redirector, upstreams, inj.tls_listen_port),
+        ProxyComponent(
+            proxy,
+            listeners,
+            pods,
+            redirector,
+            resolver,
+            inj.resolve_interval_seconds,
+            inj.tls_listen_port,
+        ),
+    ]
+    agent.metrics.add_ready_check(
+        "redirect", lambda: (redirector.attached, f"{len(redirector.targets)} targets")
+    )
+    agent.redirector = redirector
