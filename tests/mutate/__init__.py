@@ -1,0 +1,1 @@
+"""`make mutate`: the mutation-testing runner and its list of equivalent mutants."""
