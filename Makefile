@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 PYTHON ?= python3
 BCC_SRC := /usr/lib/python3/dist-packages/bcc
 
-.PHONY: setup host venv peers test lint types unit demo bench bench-attest bench-identity bench-inject bench-workload-api proto install clean
+.PHONY: setup host venv peers test lint types unit mutate demo bench bench-attest bench-identity bench-inject bench-workload-api proto install clean
 
 setup: host venv peers
 
@@ -34,7 +34,7 @@ tests/oidc/node_modules/.installed: tests/oidc/package-lock.json
 	@touch $@
 
 test: setup lint types
-	$(PY) -m pytest tests/unit tests/integration
+	$(PY) -m pytest -n 3 --dist loadgroup tests/unit tests/integration
 
 # ruff (rules and their reasons in pyproject.toml) over the code and the tests, then format
 lint: venv
@@ -44,6 +44,11 @@ lint: venv
 # mypy: strict for the sans-IO and data-model modules, the default elsewhere (pyproject.toml)
 types: venv
 	$(VENV)/bin/mypy
+
+# Mutation testing of the security-critical modules against the unit suite (settings:
+# setup.cfg [mutmut]; report and triage: docs/mutation.md). Re-runs test only what changed.
+mutate: venv
+	$(PY) -m tests.mutate.run
 
 # The inner loop: the sans-IO and unit tests only (no root, no kernel, no peers; seconds).
 unit: venv

@@ -2,18 +2,118 @@
 
 Kernel tests are never skipped: on a machine where they cannot run (not root, no BPF), they
 fail and say why, so a green suite always means the kernel paths were exercised.
+
+The suite runs in parallel (pytest-xdist, `--dist loadgroup`): every kernel test makes its
+own cgroup, ports, pin directory and network namespaces. Two kinds of test need more:
+- a test that looks at state the whole host shares (every BPF program loaded, the next pid)
+  runs alone: it holds the host-wide test lock exclusively, every other integration test
+  holds it shared, across xdist workers and across suites run at once on the host
+  (HOST_WIDE; unit tests touch nothing of the host's and take no lock);
+- a module whose tests share a module-scoped world (an agent with its peers, seconds to
+  start) runs on one worker, so the world is built once, not once per worker.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import subprocess
 import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
+from tests.upstreams.echo import Upstream
+
 REPO = Path(__file__).resolve().parent.parent
 TESTDATA = Path(__file__).resolve().parent / "testdata"
+INTEGRATION = Path(__file__).resolve().parent / "integration"
+
+# node id (up to its parameters) -> what it looks at that every test on the host changes
+HOST_WIDE = {
+    "tests/integration/test_daemon.py::test_starts_serves_and_stops_cleanly": (
+        "diffs the ids of every BPF program loaded on the host"
+    ),
+    "tests/integration/test_doctor.py::test_doctor_leaves_no_bpf_program_attached": (
+        "counts every BPF program loaded on the host"
+    ),
+    "tests/integration/test_doctor.py::test_doctor_passes_on_this_machine": (
+        "looks for any doctor's throwaway cgroup left on the host"
+    ),
+    "tests/integration/test_redirect_records.py::"
+    "test_a_process_given_the_stopped_agents_pid_is_still_redirected": (
+        "sets the host's next pid (ns_last_pid): any other fork takes it"
+    ),
+    "tests/integration/test_redirect_records.py::"
+    "test_the_agents_own_connects_are_exempt_while_it_runs": (
+        "redirects in every cgroup of the host and listens in every network namespace"
+    ),
+}
+LOCK_DIR = Path(tempfile.gettempdir())
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "host_wide(reason): runs alone, holding the host-wide test lock exclusively"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        reason = None
+        if item.path.is_relative_to(REPO):  # whatever the rootdir pytest was run with
+            name = getattr(item, "originalname", item.name)  # without its parameters
+            reason = HOST_WIDE.get(f"{item.path.relative_to(REPO).as_posix()}::{name}")
+        if reason is not None:
+            item.add_marker(pytest.mark.host_wide(reason))
+        # pytest keeps a module-scoped fixture only while the next test needs it: on a worker
+        # that interleaved other modules' tests it would be torn down and started again
+        info = getattr(item, "_fixtureinfo", None)  # a test function's (pytest.Function)
+        fixturedefs = info.name2fixturedefs.values() if info is not None else ()
+        if any(d[-1].scope == "module" for d in fixturedefs if d):
+            item.add_marker(pytest.mark.xdist_group(str(item.path)))
+
+
+def _open_lock(name: str) -> int:
+    """A lock file every user can take (flock needs no write access); created once."""
+    path = LOCK_DIR / name
+    try:
+        return os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+
+
+@contextlib.contextmanager
+def host_lock(exclusive: bool) -> Iterator[None]:
+    """The host-wide test lock. flock alone lets a stream of shared holders starve an
+    exclusive taker; the gate in front of it stops new shared takers while one waits."""
+    gate, lock = _open_lock("credless-tests.gate"), _open_lock("credless-tests.lock")
+    try:
+        if exclusive:
+            fcntl.flock(gate, fcntl.LOCK_EX)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        else:
+            fcntl.flock(gate, fcntl.LOCK_SH)
+            fcntl.flock(lock, fcntl.LOCK_SH)
+            fcntl.flock(gate, fcntl.LOCK_UN)
+        yield
+    finally:
+        os.close(lock)  # closing the last descriptor releases its flock
+        os.close(gate)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    if INTEGRATION not in item.path.parents:  # unit tests touch nothing of the host's
+        return (yield)
+    # the whole protocol: a test's fixtures (agents, peers) start and stop under the lock too
+    with host_lock(exclusive=item.get_closest_marker("host_wide") is not None):
+        return (yield)
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -23,6 +123,29 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
             "`sudo make test`; kernel tests are never skipped",
             pytrace=False,
         )
+
+
+@pytest.fixture
+def upstream() -> Iterator[int]:
+    """The echo upstream (tests/upstreams/echo.py) on a free loopback port; its record of
+    requests starts empty."""
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    Upstream.seen = []
+    yield srv.server_address[1]
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen]]:
+    """A list for the test's processes: each is killed and waited for afterwards."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for p in started:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
 
 
 @pytest.fixture

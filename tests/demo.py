@@ -16,10 +16,10 @@ import tempfile
 from pathlib import Path
 
 from agent import doctor
-from tests.helpers import AgentProcess, audit_events, free_port, wait_for, write_config
-from tests.kernel import cgroup_child, enter_cgroup, network_namespace
+from tests.helpers import audit_events, wait_for
+from tests.kernel import enter_cgroup, network_namespace
 from tests.mcp.peers import McpServer, run_client
-from tests.oidc.peer import OidcProvider
+from tests.world import build_world, server_table
 
 SPIFFE_ID = "spiffe://example.org/agent/weather-bot"
 
@@ -69,80 +69,49 @@ def main() -> int:
         return 1
     say("host checks passed (credless doctor)")
     with tempfile.TemporaryDirectory(prefix="credless-demo-") as tmp:
-        tmp = Path(tmp)
-        bundle_port, mcp_port, proxy_port = free_port(), free_port(), free_port()
-        mcp_url = f"http://127.0.0.1:{mcp_port}/mcp"
-        with (
-            cgroup_child("credless-demo") as cg,
-            OidcProvider(
-                tmp,
-                resources={mcp_url: {"format": "jwt", "scope": "tools"}},
-                clients=[
-                    {
-                        "client_id": SPIFFE_ID,
-                        "jwks_uri": f"http://127.0.0.1:{bundle_port}/jwks.json",
-                    }
-                ],
-            ) as oidc,
-            McpServer(tmp, mcp_port, oidc.issuer, dpop=True),
-        ):
+        with build_world(Path(tmp), SPIFFE_ID, "credless-demo") as w:
+            mcp = w.enter(McpServer(w.tmp, dpop=True))
+            oidc = w.authorization_server([mcp.url])
+            mcp.start(oidc.issuer)
             say(f"authorization server (oidc-provider): {oidc.issuer}")
-            say(f"MCP server (official SDK, requires DPoP-bound tokens): {mcp_url}")
-            (tmp / "entries.toml").write_text(
-                f'[[entry]]\nid = "weather-bot"\nspiffe_id = "{SPIFFE_ID}"\n'
-                f'selectors = ["cgroup:path:/{cg.name}"]\n'
+            say(f"MCP server (official SDK, requires DPoP-bound tokens): {mcp.url}")
+            agent = w.start_agent(server_table("weather", mcp.url))
+            say(
+                f"credless agent running (pid {agent.proc.pid}); workloads in cgroup "
+                f"/{w.cg.name} are redirected to it"
             )
-            cfg = write_config(
-                tmp,
-                extra=f'''
-[inject]
-listen_port = {proxy_port}
-listen_port6 = {proxy_port}
-managed_cgroups = ["/{cg.name}"]
-[[servers]]
-name = "weather"
-url = "{mcp_url}"
-''',
-                bundle_port=bundle_port,
+            say()
+            say("1. the same MCP client, outside the managed cgroup (no credless):")
+            out = run_client(mcp.url, "list")
+            say(f"   -> {out[0].get('error')}: {out[0].get('message')}")
+            say("2. the MCP client inside the managed cgroup, still with no credentials:")
+            out = run_client(
+                mcp.url,
+                "list",
+                'call:echo:{"text": "hello from a workload that holds nothing"}',
+                'call:add:{"a": 20, "b": 22}',
+                preexec=enter_cgroup(w.cg),
             )
-            with AgentProcess(cfg, tmp) as agent:
-                agent.wait_ready()
+            for line in out:
+                say(f"   <- {json.dumps(line)}")
+            pod = pod_step(w.cg, mcp.url, w.proxy_port)
+            say()
+            events = audit_events(agent.stdout_path, "request.injected")
+            inj = next((e for e in events if e["event"] == "request.injected"), None)
+            tok = next((e for e in events if e["event"] == "token.obtained"), None)
+            if inj:
+                say(f"attested: pid {inj['pid']} {inj['exe']} in cgroup {inj['cgroup']}")
+                say(f"   as {inj['spiffe_id']}")
+            if tok:
                 say(
-                    f"credless agent running (pid {agent.proc.pid}); workloads in cgroup "
-                    f"/{cg.name} are redirected to it"
+                    f"token: {tok['token_type']} from {tok['issuer']}, expires in "
+                    f"{tok['expires_in']}s, jti {tok['jti']}, bound to DPoP key "
+                    f"{tok['jkt']}, sha256 {tok['token_sha256']} (the token itself never "
+                    "left the agent)"
                 )
-                say()
-                say("1. the same MCP client, outside the managed cgroup (no credless):")
-                out = run_client(mcp_url, "list")
-                say(f"   -> {out[0].get('error')}: {out[0].get('message')}")
-                say("2. the MCP client inside the managed cgroup, still with no credentials:")
-                out = run_client(
-                    mcp_url,
-                    "list",
-                    'call:echo:{"text": "hello from a workload that holds nothing"}',
-                    'call:add:{"a": 20, "b": 22}',
-                    preexec=enter_cgroup(cg),
-                )
-                for line in out:
-                    say(f"   <- {json.dumps(line)}")
-                pod = pod_step(cg, mcp_url, proxy_port)
-                say()
-                events = audit_events(agent.stdout_path)
-                inj = next((e for e in events if e["event"] == "request.injected"), None)
-                tok = next((e for e in events if e["event"] == "token.obtained"), None)
-                if inj:
-                    say(f"attested: pid {inj['pid']} {inj['exe']} in cgroup {inj['cgroup']}")
-                    say(f"   as {inj['spiffe_id']}")
-                if tok:
-                    say(
-                        f"token: {tok['token_type']} from {tok['issuer']}, expires in "
-                        f"{tok['expires_in']}s, jti {tok['jti']}, bound to DPoP key "
-                        f"{tok['jkt']}, sha256 {tok['token_sha256']} (the token itself never "
-                        "left the agent)"
-                    )
-                n = sum(1 for e in events if e["event"] == "request.injected")
-                say(f"{n} requests injected, each an audit event (agent stdout)")
-                ok = bool(inj and tok and all("error" not in ln for ln in out + pod))
+            n = sum(1 for e in events if e["event"] == "request.injected")
+            say(f"{n} requests injected, each an audit event (agent stdout)")
+            ok = bool(inj and tok and all("error" not in ln for ln in out + pod))
         say(
             "stopped the agent, the MCP server and the authorization server; removed the "
             "cgroup and the namespace"

@@ -1,8 +1,10 @@
-"""Test helpers: run a real agent process and always clean it up."""
+"""Test helpers: run a real agent process (always cleaned up), wait for what it does (never
+for a fixed time), and read what it wrote."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -12,7 +14,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 def stop_process(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
@@ -33,6 +39,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def accepting(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something accepts connections on host:port (a wait_for() predicate: a
+    refused connection is "not yet")."""
+    with socket.create_connection((host, port), timeout=1):
+        return True
+
+
 def http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:
@@ -41,37 +54,85 @@ def http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:
         return e.code, e.read().decode()
 
 
-def audit_events(stdout_path: Path, settle: float = 0.1) -> list[dict]:
-    """The agent's audit events on stdout, read once it has had time to write those it holds:
-    under load it writes them together, at most audit.flush_ms (5 ms by default) late."""
-    time.sleep(settle)
-    return [json.loads(ln) for ln in Path(stdout_path).read_text().splitlines()]
+def tcp_unread(local_port: int) -> int:
+    """Bytes that have arrived on this network namespace's established IPv4 TCP sockets
+    bound to local_port and that no process has read yet (/proc/net/tcp): what is waiting
+    at a server that is not reading (a stopped one)."""
+    with open("/proc/net/tcp") as f:
+        rows = [line.split() for line in list(f)[1:]]
+    return sum(
+        int(cols[4].split(":")[1], 16)
+        for cols in rows
+        if cols[3] == "01" and int(cols[1].split(":")[1], 16) == local_port
+    )
 
 
-def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05, what: str = "condition"):
+def audit_events(
+    stdout_path: Path,
+    until: str | Callable[[list[dict]], object] | None = None,
+    quiet: float = 0.0,
+) -> list[dict]:
+    """The agent's audit events (JSON lines on its stdout). It writes them at the end of the
+    loop iteration that emitted them (under load at most audit.flush_ms later), which may
+    come after the workload has its answer: so a test names what it is waiting for, an
+    event (`until="request.injected"`) or a predicate over all of them. A test that claims
+    no event comes has nothing to wait for: it reads after `quiet` seconds, the window in
+    which one would have come. With neither, the events written so far."""
+
+    def written() -> list[dict]:
+        text = Path(stdout_path).read_text()
+        return [json.loads(ln) for ln in text[: text.rfind("\n") + 1].splitlines()]
+
+    if until is None:
+        time.sleep(quiet)
+        return written()
+    check = until if callable(until) else lambda events: any(e["event"] == until for e in events)
+
+    def arrived() -> list[dict]:
+        events = written()
+        return events if check(events) else []
+
+    return wait_for(arrived, what=f"the audit event {until}" if isinstance(until, str) else "")
+
+
+def wait_for(
+    predicate: Callable[[], T], timeout: float = 30.0, interval: float = 0.05, what: str = ""
+) -> T:
+    """The first true value of predicate(), polled until timeout: the one way the tests
+    wait for something that gives no signal of its own. An OSError, ValueError or KeyError
+    from predicate() means "not yet" (a file not written yet, a half-written line)."""
     deadline = time.monotonic() + timeout
-    last = None
+    last: object = None
     while time.monotonic() < deadline:
         try:
-            last = predicate()
-            if last:
-                return last
-        except (OSError, ValueError, KeyError) as e:  # not there yet: keep polling
+            value = predicate()
+            if value:
+                return value
+            last = value
+        except (OSError, ValueError, KeyError) as e:
             last = e
         time.sleep(interval)
-    raise TimeoutError(f"timed out waiting for {what} (last: {last!r})")
+    raise TimeoutError(f"timed out waiting for {what or 'a condition'} (last: {last!r})")
 
 
 def write_config(
-    tmp: Path, extra: str = "", metrics_port: int | None = None, bundle_port: int | None = None
+    tmp: Path,
+    extra: str = "",
+    metrics_port: int | None = None,
+    bundle_port: int | None = None,
+    workload_api_socket: Path | None = None,
 ) -> Path:
+    """credless.toml for an agent whose every file is under tmp (its pins under a name
+    made from tmp's), listening on free loopback ports; extra: more TOML at the end."""
     port = metrics_port or free_port()
+    # bpffs is the host's: the same test in another worker or suite has a tmp of this name
+    unique = hashlib.sha256(str(tmp.resolve()).encode()).hexdigest()[:8]
     cfg = tmp / "credless.toml"
     cfg.write_text(f"""
 [agent]
 state_dir = "{tmp / "state"}"
 run_dir = "{tmp / "run"}"
-bpf_pin_dir = "/sys/fs/bpf/credless-test-{tmp.name[-24:]}"
+bpf_pin_dir = "/sys/fs/bpf/credless-test-{tmp.name[-16:]}-{unique}"
 [log]
 format = "json"
 [metrics]
@@ -79,7 +140,7 @@ listen = "127.0.0.1:{port}"
 [identity]
 entries_file = "{tmp / "entries.toml"}"
 [workload_api]
-socket = "{tmp / "run" / "agent.sock"}"
+socket = "{workload_api_socket or tmp / "run" / "agent.sock"}"
 [bundle_endpoint]
 listen = "127.0.0.1:{bundle_port or free_port()}"
 {extra}
@@ -90,7 +151,7 @@ listen = "127.0.0.1:{bundle_port or free_port()}"
 class AgentProcess:
     """`credless run` as a child process; stop() sends SIGTERM, kill on context exit."""
 
-    def __init__(self, config: Path, log_dir: Path, args: list[str] = ()):
+    def __init__(self, config: Path, log_dir: Path, args: Sequence[str] = ()):
         self.config = config
         self.stdout_path = log_dir / "agent.stdout"
         self.stderr_path = log_dir / "agent.stderr"

@@ -6,12 +6,14 @@ import contextlib
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
 from agent.attest import cgroupfs
+from tests.helpers import wait_for
 
 
 @contextlib.contextmanager
@@ -28,22 +30,54 @@ def cgroup_child(prefix: str = "credless-test"):
         remove_cgroup(path)
 
 
+def kill_all(pids: list[str]) -> bool:
+    """SIGKILL each of pids; true when there was none (a wait_for() predicate)."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), signal.SIGKILL)
+    return not pids
+
+
 def remove_cgroup(path: Path) -> None:
-    for _ in range(100):
-        pids = (
-            [int(p) for p in (path / "cgroup.procs").read_text().split()] if path.exists() else []
-        )
-        if not pids:
-            break
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.02)
+    def emptied() -> bool:
+        return not path.exists() or kill_all((path / "cgroup.procs").read_text().split())
+
+    with contextlib.suppress(TimeoutError):  # then rmdir says what is left
+        wait_for(emptied, timeout=5, interval=0.02, what=f"{path} emptied")
     for child in sorted(path.glob("*/"), reverse=True):
         if child.is_dir():
             remove_cgroup(child)
     with contextlib.suppress(FileNotFoundError):
         path.rmdir()
+
+
+def run_python(
+    code: str, *args: object, cgroup: Path | None = None, timeout: float = 60, check: bool = True
+) -> str:
+    """`python -c code args...` as a workload in cgroup (None: unmanaged, not redirected);
+    what it printed. It must exit 0, unless check is false."""
+    r = subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=enter_cgroup(cgroup) if cgroup else None,
+    )
+    assert r.returncode == 0 or not check, r.stderr[-2000:]
+    return r.stdout
+
+
+def start_python(code: str, *args: object, cgroup: Path | None = None) -> subprocess.Popen:
+    """`python -c code args...` started as a workload in cgroup (None: unmanaged), its
+    stdin, stdout and stderr pipes of text."""
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *map(str, args)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=enter_cgroup(cgroup) if cgroup else None,
+    )
 
 
 def enter_cgroup(path: Path, uid: int | None = None, gid: int | None = None):
@@ -84,22 +118,17 @@ def copied_binaries(*names: str):
 def network_namespace(prefix: str = "credless-test"):
     """A fresh named network namespace with its loopback up, like a pod's; every process in
     it is killed and it is deleted afterwards."""
-    import subprocess
-
     name = f"{prefix}-{uuid.uuid4().hex[:8]}"
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
         subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
         yield name
     finally:
-        for _ in range(100):
-            pids = subprocess.run(
-                ["ip", "netns", "pids", name], capture_output=True, text=True
-            ).stdout.split()
-            if not pids:
-                break
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(pid), signal.SIGKILL)
-            time.sleep(0.02)
+
+        def emptied() -> bool:
+            ls = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True)
+            return kill_all(ls.stdout.split())
+
+        with contextlib.suppress(TimeoutError):  # deleted all the same: it goes with them
+            wait_for(emptied, timeout=5, interval=0.02, what=f"network namespace {name} emptied")
         subprocess.run(["ip", "netns", "del", name], check=False)

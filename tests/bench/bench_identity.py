@@ -44,7 +44,7 @@ def main() -> int:
             ident = Identity(sid, Entry("bench", str(sid), frozenset({"unix:uid:0"})))
             aud = ["https://as.example/"]
             jwt_rate = rate(lambda: mgr.jwt_svid(ident, aud), 3.0)
-            x509_rate = rate(lambda: mint_x509_svid(mgr.ca, sid, ttl=3600), 3.0)
+            x509_rate = rate(lambda: mint_x509_svid(mgr.source.ca, sid, ttl=3600), 3.0)
             key = ec.generate_private_key(ec.SECP256R1())
             claims = {
                 "sub": str(sid),

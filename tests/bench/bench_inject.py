@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,9 +35,9 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from tests.helpers import AgentProcess, free_port, wait_for, write_config
-from tests.kernel import cgroup_child, enter_cgroup
-from tests.oidc.peer import OidcProvider
+from tests.helpers import accepting, free_port, wait_for
+from tests.kernel import enter_cgroup
+from tests.world import build_world, server_table
 
 BODY = (
     '{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo",'
@@ -107,7 +106,7 @@ class Sse(BaseHTTPRequestHandler):
                 data = f"data: {i}\n\n".encode()
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
                 self.wfile.flush()
-                time.sleep(pause)
+                time.sleep(pause)  # a slow stream: what is measured is the first event's wait
             self.wfile.write(b"0\r\n\r\n")
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client stops reading after the first event
@@ -198,7 +197,7 @@ def main() -> int:
         threading.Thread(target=sse.serve_forever, daemon=True).start()
         sse_port = sse.server_address[1]
         try:
-            time.sleep(0.5)
+            wait_for(lambda: accepting(up_port) and accepting(px_port), 10, what="nginx")
             direct = wrk(f"http://127.0.0.1:{up_port}/mcp", lua)
             nginx = wrk(f"http://127.0.0.1:{px_port}/mcp", lua)
             direct1 = wrk(f"http://127.0.0.1:{up_port}/mcp", lua, connections=1)
@@ -217,65 +216,29 @@ def main() -> int:
                 ]
             )
             try:
-                wait_for(
-                    lambda: socket.create_connection(("127.0.0.1", floor_port)).close() or True,
-                    10,
-                    what="floor relay",
-                )
+                wait_for(lambda: accepting(floor_port), 10, what="floor relay")
                 floor = wrk(f"http://127.0.0.1:{floor_port}/mcp", lua)
             finally:
                 floor_proc.terminate()
                 floor_proc.wait()
             sse_direct = sse_first_ms(sse_port)
-            with cgroup_child("credless-bench") as cg:
-                sid = "spiffe://example.org/bench/wrk"
-                bundle_port = free_port()
-                resources = {
-                    f"http://127.0.0.1:{p}/mcp": {"format": "jwt", "scope": "tools"}
-                    for p in (up_port, sse_port)
-                }
-                with OidcProvider(
-                    tmp,
-                    resources=resources,
-                    clients=[
-                        {"client_id": sid, "jwks_uri": f"http://127.0.0.1:{bundle_port}/jwks.json"}
-                    ],
-                ) as oidc:
-                    (tmp / "entries.toml").write_text(
-                        f'[[entry]]\nid = "wrk"\nspiffe_id = "{sid}"\n'
-                        f'selectors = ["cgroup:path:/{cg.name}"]\n'
+            with build_world(tmp, "spiffe://example.org/bench/wrk", "credless-bench") as w:
+                urls = [f"http://127.0.0.1:{p}/mcp" for p in (up_port, sse_port)]
+                oidc = w.authorization_server(urls)
+                agent = w.start_agent(
+                    "".join(
+                        server_table(name, url, issuer=oidc.issuer, dpop="never")
+                        for name, url in zip(("bench", "sse"), urls, strict=True)
                     )
-                    proxy_port = free_port()
-                    cfg = write_config(
-                        tmp,
-                        bundle_port=bundle_port,
-                        extra=f'''
-[inject]
-listen_port = {proxy_port}
-listen_port6 = {proxy_port}
-managed_cgroups = ["/{cg.name}"]
-[[servers]]
-name = "bench"
-url = "http://127.0.0.1:{up_port}/mcp"
-issuer = "{oidc.issuer}"
-dpop = "never"
-[[servers]]
-name = "sse"
-url = "http://127.0.0.1:{sse_port}/mcp"
-issuer = "{oidc.issuer}"
-dpop = "never"
-''',
-                    )
-                    with AgentProcess(cfg, tmp) as agent:
-                        agent.wait_ready()
-                        subprocess.run(
-                            ["taskset", "-a", "-cp", "1", str(agent.proc.pid)], capture_output=True
-                        )
-                        inside = enter_cgroup(cg)
-                        wrk(f"http://127.0.0.1:{up_port}/mcp", lua, inside)  # warm: token
-                        cred = wrk(f"http://127.0.0.1:{up_port}/mcp", lua, inside)
-                        cred1 = wrk(f"http://127.0.0.1:{up_port}/mcp", lua, inside, connections=1)
-                        sse_cred = sse_first_ms(sse_port, inside)
+                )
+                subprocess.run(
+                    ["taskset", "-a", "-cp", "1", str(agent.proc.pid)], capture_output=True
+                )
+                inside = enter_cgroup(w.cg)
+                wrk(f"http://127.0.0.1:{up_port}/mcp", lua, inside)  # warm: token
+                cred = wrk(f"http://127.0.0.1:{up_port}/mcp", lua, inside)
+                cred1 = wrk(f"http://127.0.0.1:{up_port}/mcp", lua, inside, connections=1)
+                sse_cred = sse_first_ms(sse_port, inside)
         finally:
             for p in (up, px):
                 p.terminate()

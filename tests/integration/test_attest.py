@@ -32,16 +32,6 @@ def attestor():
         a.stop()
 
 
-@pytest.fixture
-def procs():
-    started: list[subprocess.Popen] = []
-    yield started
-    for p in started:
-        if p.poll() is None:
-            p.kill()
-        p.wait()
-
-
 def test_exact_selectors_for_a_copied_binary_as_another_uid_in_a_fresh_cgroup(attestor, procs):
     with cgroup_child() as cg, copied_binaries("sleep") as bins:
         p = subprocess.Popen(
@@ -131,7 +121,7 @@ def test_image_change_counter_moves_on_exec_and_exit_before_user_code_runs(attes
         wait_for(lambda: src.kernel_image(p.pid) is not None, what="process seen")
         before = src.image_changes(p.pid)
         assert before is not None, "image change counters are not mapped on this kernel"
-        time.sleep(0.2)
+        time.sleep(0.2)  # the process idles (blocked on read): that is what is tested
         assert src.image_changes(p.pid) == before  # nothing happened to it: no movement
         p.stdin.write(b"go\nhello\n")
         p.stdin.flush()
@@ -151,7 +141,8 @@ def test_unknown_pid_is_a_miss(attestor):
 def test_processes_that_predate_the_agent_are_seeded(procs):
     p = subprocess.Popen(["sleep", "30"])
     procs.append(p)
-    time.sleep(0.05)
+    # exec'd before the attestor starts: it is seeded from /proc, never seen by an event
+    wait_for(lambda: os.readlink(f"/proc/{p.pid}/exe").endswith("/sleep"), 10, what="exec")
     a = Attestor(AttestSection(), registry=CollectorRegistry())
     a.start()
     try:

@@ -18,6 +18,7 @@ import pytest
 
 from agent import config
 from tests.conftest import REPO
+from tests.helpers import free_port, wait_for
 
 UNIT = REPO / "deploy" / "systemd" / "credless.service"
 VENV_BIN = Path(sys.executable).parent
@@ -125,10 +126,12 @@ def test_systemd_sandbox_runs_the_agent(tmp_path):
         assert re.search(r"^CapEff:\s+000000c000281004$", status, re.M), status
         # the ring buffer callback runs under MemoryDenyWriteExecute: events are counted
         sandbox.nsexec(["/bin/true"])
-        time.sleep(1)
-        metrics = sandbox.curl("/metrics")
-        assert re.search(r'^credless_attest_events_total\{type="exec"\} [1-9]', metrics, re.M)
-        # the daemon pings the watchdog (WatchdogSec=30): still running after 35 s
+        exec_counted = re.compile(r'^credless_attest_events_total\{type="exec"\} [1-9]', re.M)
+        with contextlib.suppress(TimeoutError):  # counted by the ring buffer callback
+            wait_for(lambda: exec_counted.search(sandbox.curl("/metrics")), 10)
+        assert exec_counted.search(sandbox.curl("/metrics"))
+        # the daemon pings the watchdog (WatchdogSec=30): still running after 35 s. The
+        # wait is the behaviour tested: a missed ping would have had systemd restart it.
         time.sleep(35)
         assert sandbox.prop("NRestarts") == "0" and sandbox.prop("ActiveState") == "active", (
             sandbox.journal()
@@ -159,7 +162,7 @@ class _SystemdSandbox:
         self.conf = Path(f"/var/lib/credless-sdtest-{self.id}-conf")
         self.pin = f"/sys/fs/bpf/credless-sdtest-{self.id}"
         self.managed = f"/credless-sdtest-{self.id}"
-        self.metrics = 19890 + int(self.id[:2], 16)
+        self.metrics, self.bundle, self.listen, self.tls = (free_port() for _ in range(4))
         self.proc: subprocess.Popen | None = None
         self.pid1: int | None = None
         self.cgroups: list[Path] = []
@@ -185,13 +188,13 @@ format = "json"
 [metrics]
 listen = "127.0.0.1:{self.metrics}"
 [bundle_endpoint]
-listen = "127.0.0.1:{self.metrics + 1000}"
+listen = "127.0.0.1:{self.bundle}"
 [identity]
 entries_file = "{self.conf}/entries.toml"
 [inject]
-listen_port = {self.metrics + 2000}
-listen_port6 = {self.metrics + 2000}
-tls_listen_port = {self.metrics + 3000}
+listen_port = {self.listen}
+listen_port6 = {self.listen}
+tls_listen_port = {self.tls}
 managed_cgroups = ["{self.managed}"]
 [[servers]]
 name = "loopback"
@@ -281,17 +284,19 @@ StandardError=append:/run/credless-test.out
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            pid1 = _child_named(self.proc.pid, "systemd")
-            if pid1:
-                self.pid1 = pid1
-                state = self.nsexec(["systemctl", "is-system-running"], check=False)
-                if state.stdout.strip() in ("running", "degraded", "starting", "initializing"):
-                    self.ctl("start", "systemd-journald.service", check=False)
-                    return
-            time.sleep(0.3)
-        pytest.fail("the private systemd did not come up")
+
+        def up() -> bool:
+            self.pid1 = _child_named(self.proc.pid, "systemd")
+            if not self.pid1:
+                return False
+            state = self.nsexec(["systemctl", "is-system-running"], check=False)
+            return state.stdout.strip() in ("running", "degraded", "starting", "initializing")
+
+        try:
+            wait_for(up, 30, interval=0.3, what="the private systemd")
+        except TimeoutError:
+            pytest.fail("the private systemd did not come up")
+        self.ctl("start", "systemd-journald.service", check=False)
 
     def _make_child_cgroups(self) -> None:
         """A child of this process's cgroup in every hierarchy: the private systemd creates
@@ -332,12 +337,13 @@ StandardError=append:/run/credless-test.out
         return self.ctl("show", "-p", name, "--value", "credless.service").stdout.strip()
 
     def wait_active(self) -> str:
-        deadline = time.monotonic() + 150
-        while time.monotonic() < deadline:
-            state = self.prop("ActiveState")
-            if state not in ("activating", "reloading"):
-                return state
-            time.sleep(0.5)
+        """The unit's state once it is no longer starting (or whatever it is after 150 s)."""
+        with contextlib.suppress(TimeoutError):
+            return wait_for(
+                lambda: (s := self.prop("ActiveState")) not in ("activating", "reloading") and s,
+                150,
+                interval=0.5,
+            )
         return self.prop("ActiveState")
 
     def main_status(self) -> str:
@@ -376,14 +382,9 @@ StandardError=append:/run/credless-test.out
         for cg in self.cgroups:
             for d in sorted(cg.rglob("*"), key=lambda p: -len(p.parts)):
                 if d.is_dir():
-                    for _ in range(50):
-                        try:
-                            d.rmdir()
-                            break
-                        except FileNotFoundError:
-                            break
-                        except OSError:
-                            time.sleep(0.1)
+                    # busy until the killed processes in it are gone
+                    with contextlib.suppress(TimeoutError):
+                        wait_for(lambda d=d: _removed(d), 5, interval=0.1)
             with contextlib.suppress(OSError):
                 cg.rmdir()
         shutil.rmtree(self.conf, ignore_errors=True)
@@ -392,6 +393,12 @@ StandardError=append:/run/credless-test.out
         if getattr(self, "cg_root", None):
             with contextlib.suppress(OSError):
                 Path(self.cg_root, self.managed.lstrip("/")).rmdir()
+
+
+def _removed(d: Path) -> bool:
+    with contextlib.suppress(FileNotFoundError):
+        d.rmdir()
+    return True
 
 
 def _child_named(ppid: int, comm: str) -> int | None:

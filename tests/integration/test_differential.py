@@ -10,7 +10,7 @@ real parsers, Node's llhttp (Bearer tokens) and uvicorn's h11 (DPoP-bound tokens
 workload in a managed cgroup.
 
 What the proxy answers is not asserted (a mutation may or may not break a request); the
-trust boundary's invariants are (tests/upstreams/harness.py `violations`: the upstream
+trust boundary's invariants are (tests/upstreams/oracle.py `violations`: the upstream
 parsed exactly what the audit shows as injected, with credless's credential alone, to the
 configured authority and path, never the denied tool), and both parsers must have parsed
 the same requests: what the proxy forwards is re-framed, so no two parsers read it
@@ -31,7 +31,8 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, note, settings
 from hypothesis import strategies as st
 
-from tests.upstreams.harness import fuzz_examples, start_world, violations
+from tests.upstreams.harness import fuzz_examples, start_world
+from tests.upstreams.oracle import violations
 from tests.upstreams.wire import Piece
 
 pytestmark = pytest.mark.kernel

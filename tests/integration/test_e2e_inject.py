@@ -10,72 +10,34 @@ import os
 
 import pytest
 
-from tests.helpers import AgentProcess, audit_events, free_port, write_config
-from tests.kernel import cgroup_child, enter_cgroup
+from tests.helpers import audit_events
+from tests.kernel import enter_cgroup, run_python, start_python
 from tests.mcp.peers import McpServer, run_client
-from tests.oidc.peer import OidcProvider
+from tests.world import build_world, entry_table, server_table, tools_rule
 
 pytestmark = pytest.mark.kernel
 SPIFFE_ID = "spiffe://example.org/agent/weather-bot"
 
 
-DEFAULT_POLICY = f'''
-[[rule]]
-id = "bot-tools"
-spiffe_id = "{SPIFFE_ID}"
-server = "weather"
-methods = ["tools/list", "tools/call"]
-tools = ["echo", "add", "stream_count"]
-'''
+DEFAULT_POLICY = tools_rule("bot-tools", SPIFFE_ID, "weather", ["echo", "add", "stream_count"])
 
 
 @contextlib.contextmanager
-def start_world(tmp_path, dpop=True, entries=None, policy=DEFAULT_POLICY, extra=""):
+def start_world(tmp_path, dpop=True, entries=None, policy=DEFAULT_POLICY, policy_settings=""):
     """oidc-provider, an MCP server demanding tokens, and the agent, around a fresh cgroup.
     `entries(cg)` gives the registration entries (default: the cgroup is SPIFFE_ID)."""
-    bundle_port, mcp_port, proxy_port = free_port(), free_port(), free_port()
-    mcp_url = f"http://127.0.0.1:{mcp_port}/mcp"
-    with cgroup_child() as cg:
-        ids = [SPIFFE_ID] if entries is None else [e[1] for e in entries(cg)]
-        with (
-            OidcProvider(
-                tmp_path,
-                dpop=dpop,
-                resources={mcp_url: {"format": "jwt", "scope": "tools"}},
-                clients=[
-                    {"client_id": i, "jwks_uri": f"http://127.0.0.1:{bundle_port}/jwks.json"}
-                    for i in ids
-                ],
-            ) as oidc,
-            McpServer(tmp_path, mcp_port, oidc.issuer, dpop=dpop) as mcp,
-        ):
-            rows = entries(cg) if entries else [("bot", SPIFFE_ID, [f"cgroup:path:/{cg.name}"])]
-            (tmp_path / "entries.toml").write_text(
-                "".join(
-                    f'[[entry]]\nid = "{i}"\nspiffe_id = "{sid}"\nselectors = {json.dumps(sel)}\n'
-                    for i, sid, sel in rows
-                )
-            )
-            (tmp_path / "policy.toml").write_text(policy)
-            cfg = write_config(
-                tmp_path,
-                bundle_port=bundle_port,
-                extra=f'''
-[inject]
-listen_port = {proxy_port}
-listen_port6 = {proxy_port}
-managed_cgroups = ["/{cg.name}"]
-[policy]
-file = "{tmp_path / "policy.toml"}"
-{extra}
-[[servers]]
-name = "weather"
-url = "{mcp_url}"
-''',
-            )
-            with AgentProcess(cfg, tmp_path) as agent:
-                agent.wait_ready()
-                yield type("World", (), dict(cg=cg, oidc=oidc, mcp=mcp, agent=agent, dpop=dpop))
+    with build_world(tmp_path, SPIFFE_ID) as w:
+        rows = entries(w.cg) if entries else [("bot", SPIFFE_ID, [w.selector])]
+        w.mcp, w.dpop = w.enter(McpServer(tmp_path, dpop=dpop)), dpop
+        w.authorization_server([w.mcp.url], [sid for _, sid, _ in rows], dpop=dpop)
+        w.mcp.start(w.oidc.issuer)
+        w.start_agent(
+            server_table("weather", w.mcp.url),
+            entries="".join(entry_table(*row) for row in rows),
+            policy=policy,
+            policy_settings=policy_settings,
+        )
+        yield w
 
 
 @pytest.fixture(params=[True, False], ids=["dpop", "bearer"])
@@ -84,8 +46,8 @@ def world(tmp_path, request):
         yield w
 
 
-def audit(world) -> list[dict]:
-    return audit_events(world.agent.stdout_path)
+def audit(world, until=None) -> list[dict]:
+    return audit_events(world.agent.stdout_path, until)
 
 
 def test_without_credless_the_server_refuses(world):
@@ -116,7 +78,11 @@ def test_credential_less_client_works_through_credless(world):
     # one unauthenticated POST: credless's own discovery probe for the 401 challenge
     assert [r["auth_scheme"] for r in posts].count(None) == 1
     assert {r["auth_scheme"] for r in posts} - {None} == {"DPoP" if world.dpop else "Bearer"}
-    events = audit(world)
+    credentialed = [r for r in stats["requests"] if r["auth_scheme"]]
+    events = audit(  # one request.injected for each request the server saw with a token
+        world,
+        lambda evs: [e["event"] for e in evs].count("request.injected") >= len(credentialed),
+    )
     injected = [e for e in events if e["event"] == "request.injected"]
     assert injected and all(e["spiffe_id"] == SPIFFE_ID for e in injected)
     fingerprints = {e["token_sha256"] for e in injected}
@@ -142,7 +108,7 @@ def test_policy_denies_a_tool_before_it_reaches_the_server(world):
     out = run_client(world.mcp.url, "call:secret_tool", preexec=enter_cgroup(world.cg))
     assert out[0].get("error") or out[0].get("is_error")
     assert "secret_tool" not in world.mcp.stats()["calls"]
-    denied = [e for e in audit(world) if e["event"] == "call.denied"]
+    denied = [e for e in audit(world, "call.denied") if e["event"] == "call.denied"]
     assert denied and denied[-1]["tool"] == "secret_tool"
     assert denied[-1]["spiffe_id"] == SPIFFE_ID and denied[-1]["decision"] == "deny"
 
@@ -200,21 +166,15 @@ def test_metrics_after_an_end_to_end_run_pass_promtool_and_moved(world):
 
 def test_status_shows_workloads_and_expiries_without_secrets(world, credless_cmd):
     import subprocess
-    import sys
 
     code = (
-        "import socket, time; s = socket.create_connection(('127.0.0.1', %d)); "
+        "import socket, sys; s = socket.create_connection(('127.0.0.1', %d)); "
         "s.sendall(b'POST /mcp HTTP/1.1\\r\\nHost: 127.0.0.1:%d\\r\\nContent-Type: application/json\\r\\n"
         "Accept: application/json, text/event-stream\\r\\nContent-Length: 40\\r\\n\\r\\n"
         '{"jsonrpc":"2.0","id":1,"method":"ping"}\'); s.recv(65536); '
-        "print('sent', flush=True); time.sleep(30)" % (world.mcp.port, world.mcp.port)
-    )
-    holder = subprocess.Popen(
-        [sys.executable, "-c", code],
-        stdout=subprocess.PIPE,
-        text=True,
-        preexec_fn=enter_cgroup(world.cg),
-    )
+        "print('sent', flush=True); sys.stdin.read()" % (world.mcp.port, world.mcp.port)
+    )  # then holds its connection open until the test is done with it
+    holder = start_python(code, cgroup=world.cg)
     try:
         assert holder.stdout.readline().strip() == "sent"
         r = subprocess.run(
@@ -261,22 +221,16 @@ def test_typescript_sdk_client_works_through_credless(world):
 def test_oauth_probe_prints_a_summary_never_the_token(world, credless_cmd):
     import subprocess
 
-    r = subprocess.run(
-        [
-            *credless_cmd,
-            "oauth",
-            "probe",
-            "--config",
-            str(world.agent.config),
-            "--server",
-            world.mcp.url,
-            "--spiffe-id",
-            SPIFFE_ID,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    def probe(spiffe_id: str) -> subprocess.CompletedProcess:
+        args = ["--config", str(world.agent.config), "--server", world.mcp.url]
+        return subprocess.run(
+            [*credless_cmd, "oauth", "probe", *args, "--spiffe-id", spiffe_id],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    r = probe(SPIFFE_ID)
     assert r.returncode == 0, r.stdout + r.stderr
     out = json.loads(r.stdout)
     assert out["issuer"] == world.oidc.issuer and out["token_endpoint"].endswith("/token")
@@ -285,21 +239,7 @@ def test_oauth_probe_prints_a_summary_never_the_token(world, credless_cmd):
     assert (out["cnf_jkt"] is not None) is world.dpop
     assert 0 < out["expires_in"] <= 300 and len(out["token_sha256"]) == 16
     assert "access_token" not in out and "eyJ" not in r.stdout
-    bad = subprocess.run(
-        [
-            *credless_cmd,
-            "oauth",
-            "probe",
-            "--config",
-            str(world.agent.config),
-            "--server",
-            world.mcp.url,
-            "--spiffe-id",
-            "spiffe://example.org/not/issuable",
-        ],
-        capture_output=True,
-        text=True,
-    )
+    bad = probe("spiffe://example.org/not/issuable")
     assert bad.returncode == 1 and "no registration entry produces it" in bad.stderr
 
 
@@ -325,9 +265,6 @@ def test_policy_reload_takes_effect_without_restart(world):
 
 
 def test_a_batch_with_one_denied_call_is_refused_whole(world):
-    import subprocess
-    import sys
-
     code = f"""
 import http.client, json, time
 c = http.client.HTTPConnection("127.0.0.1", {world.mcp.port}, timeout=20)
@@ -335,16 +272,11 @@ batch = [{{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {{"name"
          {{"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {{"name": "secret_tool", "arguments": {{}}}}}}]
 c.request("POST", "/mcp", body=json.dumps(batch), headers={{"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}})
 r = c.getresponse(); print(json.dumps([r.status, json.loads(r.read())]), flush=True)
-time.sleep(1)   # the connection stays open: anything the proxy sent on would reach the server
+# Kept open for a second: anything the proxy sent on would reach the server meanwhile. A
+# sleep, as the window of a claim that nothing happens: no event marks its absence.
+time.sleep(1)
 """
-    r = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        preexec_fn=enter_cgroup(world.cg),
-    )
-    status, body = json.loads(r.stdout)
+    status, body = json.loads(run_python(code, cgroup=world.cg, check=False))
     assert status == 403
     assert [e["id"] for e in body] == [1, 2]
     assert all(e["error"]["code"] == -32001 for e in body)
@@ -369,26 +301,15 @@ def test_sub_agent_is_restricted_to_its_parents_tools(tmp_path):
                 ("child", child_id, [f"cgroup:path:/{cg.name}", f"unix:path:{python}"]),
             ]
 
-        policy = f"""
-[[rule]]
-id = "parent-tools"
-spiffe_id = "{parent_id}"
-server = "weather"
-methods = ["tools/list", "tools/call"]
-tools = ["echo"]
-[[rule]]
-id = "child-tools"
-spiffe_id = "{child_id}"
-server = "weather"
-methods = ["tools/list", "tools/call"]
-tools = ["echo", "secret_tool"]
-"""
+        policy = tools_rule("parent-tools", parent_id, "weather", ["echo"]) + tools_rule(
+            "child-tools", child_id, "weather", ["echo", "secret_tool"]
+        )
         with start_world(
             tmp_path,
             dpop=False,
             entries=entries,
             policy=policy,
-            extra='subagents = "restrict_to_parent"',
+            policy_settings='subagents = "restrict_to_parent"\n',
         ) as w:
             cmd = (
                 f"{sys.executable} -m tests.mcp.client {w.mcp.url} "
@@ -410,7 +331,7 @@ tools = ["echo", "secret_tool"]
             assert out[0] == {"step": "call", "tool": "echo", "text": "ok", "is_error": False}
             assert out[1].get("error") or out[1].get("is_error")
             assert w.mcp.stats()["calls"] == {"echo": 1}
-            denied = [e for e in audit(w) if e["event"] == "call.denied"]
+            denied = [e for e in audit(w, "call.denied") if e["event"] == "call.denied"]
             assert denied[-1]["spiffe_id"] == child_id
             assert denied[-1]["parent_spiffe_id"] == parent_id
             assert denied[-1]["reason"].startswith(f"sub-agent of {parent_id}")

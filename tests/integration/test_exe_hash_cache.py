@@ -24,16 +24,6 @@ from tests.kernel import cgroup_child, copied_binaries, enter_cgroup
 pytestmark = pytest.mark.kernel
 
 
-@pytest.fixture
-def procs():
-    started: list[subprocess.Popen] = []
-    yield started
-    for p in started:
-        if p.poll() is None:
-            p.kill()
-        p.wait()
-
-
 def test_a_same_size_overwrite_with_its_mtime_restored_loses_the_sha256_identity(tmp_path, procs):
     registry = CollectorRegistry()
     attestor = Attestor(AttestSection(), registry=registry)

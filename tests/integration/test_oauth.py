@@ -145,14 +145,16 @@ def test_unknown_client_is_refused_with_the_servers_reason(stack):
     assert stack.oidc.events("grant.error")[-1]["error"] == "invalid_client"
 
 
-def _raw_request(stack, mint):
+def _raw_request(stack, mint, token_endpoint=None, issuer=None):
+    """A client-credentials request for A with the assertion mint(audience, issuer) makes,
+    to oidc-provider unless another endpoint is given."""
     from agent.oauth.tokens import request_token
 
     return stack.run(
         request_token(
             stack.svc.http,
-            token_endpoint=stack.oidc.token_endpoint,
-            issuer=stack.oidc.issuer,
+            token_endpoint=token_endpoint or stack.oidc.token_endpoint,
+            issuer=issuer or stack.oidc.issuer,
             resource=JWT_RES,
             scope="",
             profile="jwt-bearer",
@@ -174,15 +176,15 @@ def test_wrong_audience_and_expired_assertions_are_refused(stack):
             lambda aud, iss: stack.mgr.jwt_svid(ident, ["https://other.example"], iss=iss).token,
         )
     assert "aud" in stack.oidc.events("grant.error")[-1]["reason"]
-    real_clock = stack.mgr.keys.clock
-    stack.mgr.keys.clock = lambda: real_clock() - 3600  # minted an hour ago
+    real_clock = stack.mgr.source.keys.clock
+    stack.mgr.source.keys.clock = lambda: real_clock() - 3600  # minted an hour ago
     try:
         with pytest.raises(errors.InvalidClient):
             _raw_request(
                 stack, lambda aud, iss: stack.mgr.jwt_svid(ident, [aud], ttl=60, iss=iss).token
             )
     finally:
-        stack.mgr.keys.clock = real_clock
+        stack.mgr.source.keys.clock = real_clock
     assert "expired" in stack.oidc.events("grant.error")[-1]["reason"]
 
 
@@ -201,7 +203,7 @@ def test_server_stopped_cached_token_served_new_identity_gets_clear_error(stack)
     stack.tokens.append(first.access_token)
     stack.oidc.stop()
     assert stack.run(stack.svc.token(ident_a, "jwt")) is first
-    assert stack.mgr.registry.entries  # B's identity exists but has never had a token
+    assert stack.mgr.source.entries()  # B's identity exists but has never had a token
     with pytest.raises(errors.ServerUnavailable) as err:
         stack.run(stack.svc.token(stack.ident(B), "jwt"))
     assert "token request at" in str(err.value) and stack.oidc.issuer in str(err.value)
@@ -225,24 +227,12 @@ def test_server_answering_garbage_is_a_malformed_response(stack, tmp_path):
     srv = ThreadingHTTPServer(("127.0.0.1", 0), Garbage)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
-        from agent.oauth.tokens import request_token
-
         with pytest.raises(errors.MalformedResponse, match="not JSON"):
-            stack.run(
-                request_token(
-                    stack.svc.http,
-                    token_endpoint=f"http://127.0.0.1:{srv.server_address[1]}/t",
-                    issuer="x",
-                    resource=JWT_RES,
-                    scope="",
-                    profile="jwt-bearer",
-                    assertion_audience="issuer",
-                    client_id=A,
-                    spiffe_id=A,
-                    mint_assertion=lambda a, i: "not-a-real-assertion",
-                    dpop=None,
-                    nonces={},
-                )
+            _raw_request(
+                stack,
+                lambda a, i: "not-a-real-assertion",
+                token_endpoint=f"http://127.0.0.1:{srv.server_address[1]}/t",
+                issuer="x",
             )
     finally:
         srv.shutdown()

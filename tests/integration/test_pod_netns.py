@@ -13,21 +13,20 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
-from tests.helpers import AgentProcess, audit_events, free_port, wait_for, write_config
-from tests.integration.test_proxy_passthrough import upstream  # noqa: F401  (fixture)
+from agent import config
+from tests.helpers import AgentProcess, audit_events, free_port, wait_for
 from tests.kernel import cgroup_child, enter_cgroup, network_namespace
+from tests.world import passthrough_config
 
 pytestmark = pytest.mark.kernel
 
-# One request on a connection made from a fixed local port (when given), after a pause
-# that lets another client connect from the same port in another namespace meanwhile.
+# One request on a connection made from a fixed local port (when given).
 CLIENT = r"""
-import json, os, socket, sys, time
-port, local_port, pause = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+import json, os, socket, sys
+port, local_port = int(sys.argv[1]), int(sys.argv[2])
 s = socket.socket()
 if local_port:
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -36,7 +35,6 @@ try:
     s.connect(("127.0.0.1", port))
 except OSError as e:
     print(json.dumps({"error": e.strerror})); sys.exit(0)
-time.sleep(pause)
 body = json.dumps({"pid": os.getpid()}).encode()
 s.sendall(b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
           b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
@@ -49,16 +47,8 @@ print(json.dumps({"status": int(head.split()[1]), "body": json.loads(rest), "pid
 
 
 def agent_config(tmp_path, cg, upstream):
-    port = free_port()
-    return port, write_config(
-        tmp_path,
-        extra=(
-            f"[inject]\nlisten_port = {port}\nlisten_port6 = {port}\n"
-            f'managed_cgroups = ["/{cg.name}"]\nnetns_scan_seconds = 0.5\n'
-            f'[[servers]]\nname = "up"\nurl = "http://127.0.0.1:{upstream}/mcp"\n'
-            'mode = "passthrough"\n'
-        ),
-    )
+    cfg = passthrough_config(tmp_path, cg, {"up": upstream}, netns_scan_seconds=0.5)
+    return config.load(cfg).inject.listen_port, cfg
 
 
 @pytest.fixture
@@ -72,9 +62,9 @@ def agent(tmp_path, upstream):
 
 
 def start_client(
-    a, netns: str | None, local_port: int = 0, pause: float = 0.0, managed: bool = True
+    a, netns: str | None, local_port: int = 0, managed: bool = True
 ) -> subprocess.Popen:
-    cmd = [sys.executable, "-c", CLIENT, str(a.upstream), str(local_port), str(pause)]
+    cmd = [sys.executable, "-c", CLIENT, str(a.upstream), str(local_port)]
     if netns:
         cmd = ["ip", "netns", "exec", netns, *cmd]
     return subprocess.Popen(
@@ -90,6 +80,10 @@ def result(p: subprocess.Popen) -> dict:
     out, err = p.communicate(timeout=60)
     assert p.returncode == 0, err[-2000:]
     return json.loads(out)
+
+
+def forwarded_in(events: list[dict]) -> int:
+    return [e["event"] for e in events].count("request.forwarded")
 
 
 def netns_events(a, event: str) -> list[dict]:
@@ -121,7 +115,7 @@ def test_a_pod_with_its_own_network_is_served_inside_it(agent):
             wait_for(lambda: listening_in(ns, agent.port), 10, what="listener in the netns")
             out = result(start_client(agent, ns))
             assert out["status"] == 200 and out["body"] == {"echo": {"pid": out["pid"]}}
-            audit = audit_events(agent.stdout_path)
+            audit = audit_events(agent.stdout_path, "request.forwarded")
             forwarded = [e for e in audit if e["event"] == "request.forwarded"]
             assert [e["pid"] for e in forwarded] == [out["pid"]]
         finally:
@@ -129,19 +123,35 @@ def test_a_pod_with_its_own_network_is_served_inside_it(agent):
             holder.wait()
 
 
+def scanned(a, witness: str) -> subprocess.Popen:
+    """Returns once the agent has scanned /proc since now: a process that joins a managed
+    cgroup without exec'ing, in namespace witness, is found by a scan and nothing else.
+    The process is returned (killed with the namespace)."""
+    late = subprocess.Popen(["ip", "netns", "exec", witness, "sleep", "300"])
+    wait_for(lambda: os.readlink(f"/proc/{late.pid}/exe").endswith("/sleep"), 10)
+    (a.cg / "cgroup.procs").write_text(str(late.pid))
+    wait_for(lambda: listening_in(witness, a.port), 10, what="a scan of /proc")
+    return late
+
+
 def test_an_unmanaged_process_in_a_namespace_gets_no_listener(agent):
-    with network_namespace() as ns:
+    with network_namespace() as ns, network_namespace() as witness:
         holder = subprocess.Popen(["ip", "netns", "exec", ns, "sleep", "300"])  # no cgroup
+        late = None
         try:
             out = result(start_client(agent, ns, managed=False))
             # not redirected: its own loopback has nothing on the server's port
             assert out == {"error": "Connection refused"}
-            time.sleep(1.5)  # three scans of /proc
+            late = scanned(agent, witness)
             assert not listening_in(ns, agent.port)
-            assert not netns_events(agent, "listening in a workload's network namespace")
+            # the only namespace listened in is the witness's
+            listened = netns_events(agent, "listening in a workload's network namespace")
+            assert [e["netns"] for e in listened] == [os.stat(f"/run/netns/{witness}").st_ino]
         finally:
-            holder.kill()
-            holder.wait()
+            for p in (holder, late):
+                if p is not None:
+                    p.kill()
+                    p.wait()
 
 
 def connected(netns: str | None, port: int, local: int) -> bool:
@@ -163,8 +173,8 @@ def test_the_same_local_port_in_two_namespaces_is_told_apart(agent):
             wait_for(lambda: listening_in(ns, agent.port), 10, what="listener in the netns")
             os.kill(agent.proc.pid, signal.SIGSTOP)
             try:
-                pod = start_client(agent, ns, local_port=local, pause=1.0)
-                node = start_client(agent, None, local_port=local, pause=1.0)
+                pod = start_client(agent, ns, local_port=local)
+                node = start_client(agent, None, local_port=local)
                 wait_for(
                     lambda: connected(ns, agent.port, local) and connected(None, agent.port, local),
                     10,
@@ -175,7 +185,7 @@ def test_the_same_local_port_in_two_namespaces_is_told_apart(agent):
             outs = [result(pod), result(node)]
             for out in outs:
                 assert out["status"] == 200 and out["body"] == {"echo": {"pid": out["pid"]}}
-            audit = audit_events(agent.stdout_path)
+            audit = audit_events(agent.stdout_path, lambda evs: forwarded_in(evs) >= 2)
             forwarded = sorted(e["pid"] for e in audit if e["event"] == "request.forwarded")
             assert forwarded == sorted(o["pid"] for o in outs)
         finally:
@@ -193,7 +203,7 @@ def test_the_listener_goes_with_the_last_managed_process_and_comes_back(agent):
         wait_for(lambda: not listening_in(ns, agent.port), 10, what="listener closed")
         assert netns_events(agent, "network namespace left: no managed process in it")
         # a new process's exec is seen at once: its first connect is served
-        out = result(start_client(agent, ns, pause=0.0))
+        out = result(start_client(agent, ns))
         if "error" in out:  # raced the event: refused, never sent out unredirected
             assert out == {"error": "Connection refused"}
             out = result(start_client(agent, ns))
@@ -219,7 +229,7 @@ def test_a_redirect_pinned_with_an_older_layout_is_replaced(tmp_path, upstream):
     connecting from one port would be served as each other: it must be replaced."""
     from pathlib import Path
 
-    from agent import bpfsys, config
+    from agent import bpfsys
 
     with cgroup_child() as cg:
         _, cfg = agent_config(tmp_path, cg, upstream)

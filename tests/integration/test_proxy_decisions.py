@@ -12,15 +12,13 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
-import subprocess
-import sys
 
 import pytest
 
-from tests.helpers import AgentProcess, audit_events, free_port, wait_for, write_config
-from tests.integration.test_proxy_passthrough import Upstream, upstream  # noqa: F401
-from tests.kernel import cgroup_child, enter_cgroup
-from tests.oidc.peer import OidcProvider
+from tests.helpers import audit_events, wait_for
+from tests.kernel import start_python
+from tests.upstreams.echo import Upstream
+from tests.world import build_world, server_table
 
 pytestmark = pytest.mark.kernel
 
@@ -59,65 +57,35 @@ def post(port: int, body: str = '{"n": 1}', *fields: str) -> str:
 
 
 @contextlib.contextmanager
-def world(tmp_path, up_port: int, entry: bool = True, inject: str = "", policy: str = ""):
-    bundle_port, port = free_port(), free_port()
-    resources = {f"http://127.0.0.1:{up_port}/mcp": {"format": "jwt", "scope": "tools"}}
-    with (
-        cgroup_child() as cg,
-        OidcProvider(
-            tmp_path,
-            resources=resources,
-            dpop=False,
-            clients=[{"client_id": SID, "jwks_uri": f"http://127.0.0.1:{bundle_port}/jwks.json"}],
-        ) as oidc,
-    ):
-        entries = tmp_path / "entries.toml"
-        entries.write_text(
-            f'[[entry]]\nid = "decided"\nspiffe_id = "{SID}"\n'
-            f'selectors = ["cgroup:path:/{cg.name}"]\n'
-            if entry
-            else ""
+def decided_world(tmp_path, up_port: int, entry: bool = True, policy=None, **inject):
+    """The agent in broker mode for the upstream at up_port (Bearer tokens from
+    oidc-provider), SID's entry for its cgroup unless `entry` is false; yields send(), one
+    request on the workload's connection and its answer."""
+    with build_world(tmp_path, SID) as w:
+        up = f"http://127.0.0.1:{up_port}/mcp"
+        oidc = w.authorization_server([up], dpop=False)
+        w.start_agent(
+            server_table("up", up, issuer=oidc.issuer, dpop="never"),
+            entries=None if entry else "",
+            policy=policy,
+            inject=inject,
         )
-        policy_section = ""
-        if policy:
-            (tmp_path / "policy.toml").write_text(policy)
-            policy_section = f'[policy]\nfile = "{tmp_path / "policy.toml"}"\n'
-        cfg = write_config(
-            tmp_path,
-            bundle_port=bundle_port,
-            extra=(
-                f"[inject]\nlisten_port = {port}\nlisten_port6 = {port}\n"
-                f'managed_cgroups = ["/{cg.name}"]\n{inject}\n{policy_section}'
-                f'[[servers]]\nname = "up"\nurl = "http://127.0.0.1:{up_port}/mcp"\n'
-                f'issuer = "{oidc.issuer}"\ndpop = "never"\n'
-            ),
-        )
-        with AgentProcess(cfg, tmp_path) as agent:
-            agent.wait_ready()
-            client = subprocess.Popen(
-                [sys.executable, "-c", CLIENT, str(up_port)],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-                preexec_fn=enter_cgroup(cg),
-            )
-            try:
+        client = w.enter(start_python(CLIENT, up_port, cgroup=w.cg))
+        w.stack.callback(client.kill)  # before Popen's own exit: it waits for the process
 
-                def send(request: str) -> str:
-                    client.stdin.write(json.dumps(request) + "\n")
-                    client.stdin.flush()
-                    return json.loads(client.stdout.readline())
+        def send(request: str) -> str:
+            client.stdin.write(json.dumps(request) + "\n")
+            client.stdin.flush()
+            return json.loads(client.stdout.readline())
 
-                yield type("World", (), dict(agent=agent, send=send, entries=entries))
-            finally:
-                client.kill()
-                client.wait()
+        w.send = send
+        yield w
 
 
 def test_removing_the_entry_revokes_the_identity_on_a_live_connection(tmp_path, upstream):
-    with world(tmp_path, upstream) as w:
+    with decided_world(tmp_path, upstream) as w:
         assert w.send(post(upstream)).startswith("HTTP/1.1 200")
-        w.entries.write_text("")  # the operator removes the entry
+        w.entries_path.write_text("")  # the operator removes the entry
         w.agent.proc.send_signal(signal.SIGHUP)
         wait_for(
             lambda: any(
@@ -128,28 +96,32 @@ def test_removing_the_entry_revokes_the_identity_on_a_live_connection(tmp_path, 
         # the same keep-alive connection: closed, nothing sent with the revoked identity
         assert w.send(post(upstream, '{"n": 2}')) == ""
         assert [s["body"] for s in Upstream.seen] == ['{"n": 1}']
-        denied = [e for e in audit_events(w.agent.stdout_path) if e["event"] == "request.denied"]
+        denied = [
+            e
+            for e in audit_events(w.agent.stdout_path, "request.denied")
+            if e["event"] == "request.denied"
+        ]
         assert len(denied) == 1 and denied[0]["spiffe_id"] == SID
         assert "registration entries changed" in denied[0]["reason"]
 
 
 def test_an_unattested_process_is_passed_through_as_sent_when_configured(tmp_path, upstream):
-    with world(tmp_path, upstream, entry=False, inject='unattested = "passthrough"') as w:
+    with decided_world(tmp_path, upstream, entry=False, unattested="passthrough") as w:
         answer = w.send(post(upstream, '{"n": 1}', "Authorization: Bearer its-own"))
         assert answer.startswith("HTTP/1.1 200") and '{"echo": {"n": 1}}' in answer
         assert [s["auth"] for s in Upstream.seen] == ["Bearer its-own"]  # nothing added
-        events = [e["event"] for e in audit_events(w.agent.stdout_path)]
+        events = [e["event"] for e in audit_events(w.agent.stdout_path, "request.forwarded")]
         assert "request.forwarded" in events and "request.injected" not in events
 
 
 def test_an_unattested_process_is_refused_by_default(tmp_path, upstream):
-    with world(tmp_path, upstream, entry=False) as w:
+    with decided_world(tmp_path, upstream, entry=False) as w:
         assert w.send(post(upstream)).startswith("HTTP/1.1 403")
         assert Upstream.seen == []
 
 
 def test_reject_mode_refuses_a_workload_that_sends_its_own_credentials(tmp_path, upstream):
-    with world(tmp_path, upstream, inject='workload_authorization = "reject"') as w:
+    with decided_world(tmp_path, upstream, workload_authorization="reject") as w:
         answer = w.send(post(upstream, '{"n": 1}', "Authorization: Bearer its-own"))
         assert answer.startswith("HTTP/1.1 400") and "must not send Authorization" in answer
         assert w.send(post(upstream, '{"n": 2}')).startswith("HTTP/1.1 200")  # still open
@@ -163,9 +135,13 @@ def test_policy_decides_requests_without_a_body_too(tmp_path, upstream):
         'default_unlisted = "deny"\n[[rule]]\nid = "someone-else"\n'
         'spiffe_id = "spiffe://example.org/other"\nserver = "up"\nmethods = ["*"]\n'
     )
-    with world(tmp_path, upstream, policy=policy) as w:
+    with decided_world(tmp_path, upstream, policy=policy) as w:
         answer = w.send(f"DELETE /mcp HTTP/1.1\r\nHost: 127.0.0.1:{upstream}\r\n\r\n")
         assert answer.startswith("HTTP/1.1 403") and "DELETE denied by policy" in answer
         assert Upstream.seen == []
-        denied = [e for e in audit_events(w.agent.stdout_path) if e["event"] == "request.denied"]
+        denied = [
+            e
+            for e in audit_events(w.agent.stdout_path, "request.denied")
+            if e["event"] == "request.denied"
+        ]
         assert [d["method"] for d in denied] == ["DELETE"]

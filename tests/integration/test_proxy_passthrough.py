@@ -8,22 +8,21 @@ Expect: 100-continue, streamed responses, and processes outside the managed cgro
 from __future__ import annotations
 
 import json
-import select
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
-from typing import ClassVar
 
 import pytest
 
 from agent import config
 from tests.helpers import AgentProcess, audit_events, free_port, wait_for, write_config
-from tests.kernel import cgroup_child, enter_cgroup
+from tests.kernel import cgroup_child, run_python, start_python
+from tests.upstreams.echo import BIG_BODY, Upstream
+from tests.world import passthrough_config
 
 pytestmark = pytest.mark.kernel
 
@@ -53,113 +52,6 @@ print(json.dumps(out))
 """
 
 
-BIG_BODY = bytes(range(256)) * (64 << 10)  # 16 MiB
-
-
-class Upstream(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    seen: ClassVar[list] = []
-
-    def do_POST(self):
-        if self.headers.get("Transfer-Encoding") == "chunked":
-            body = b""
-            while size := int(self.rfile.readline(), 16):
-                body += self.rfile.read(size)
-                self.rfile.readline()
-            self.rfile.readline()
-        else:
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-        Upstream.seen.append(
-            {
-                "auth": self.headers.get("Authorization"),
-                "peer_port": self.client_address[1],
-                "body": body.decode(),
-            }
-        )
-        out = json.dumps({"echo": json.loads(body)}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(out)))
-        self.end_headers()
-        self.wfile.write(out)
-
-    def do_GET(self):
-        if self.path == "/close":  # closes its connection after every answer
-            Upstream.seen.append({"peer_port": self.client_address[1], "path": self.path})
-            self.send_response(200)
-            self.send_header("Content-Length", "2")
-            self.send_header("Connection", "close")
-            self.end_headers()
-            self.wfile.write(b"ok")
-            self.close_connection = True
-            return
-        if self.path == "/early":  # an interim 103 Early Hints before the answer
-            self.send_response_only(103)
-            self.send_header("Link", "</style.css>; rel=preload")
-            self.end_headers()
-            self.send_response(200)
-            self.send_header("Content-Length", "11")
-            self.end_headers()
-            self.wfile.write(b"after hints")
-            return
-        if self.path == "/eof":  # a body delimited by closing the connection
-            self.send_response(200)
-            self.send_header("Connection", "close")
-            self.end_headers()
-            self.wfile.write(b"until the end")
-            self.close_connection = True
-            return
-        if self.path == "/forever":  # one event, then silence until its reader is gone
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Transfer-Encoding", "chunked")
-            self.end_headers()
-            self.wfile.write(b"9\r\ndata: 0\n\n\r\n")
-            self.wfile.flush()
-            t0 = time.monotonic()
-            while time.monotonic() - t0 < 30:
-                readable, _, _ = select.select([self.connection], [], [], 0.1)
-                if readable and self.connection.recv(1, socket.MSG_PEEK) == b"":
-                    Upstream.seen.append({"path": self.path, "closed_after": time.monotonic() - t0})
-                    break
-            self.close_connection = True
-            return
-        if self.path == "/big":  # BIG_BODY, more than the socket buffers hold
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(BIG_BODY)))
-            self.end_headers()
-            self.wfile.write(BIG_BODY)
-            return
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
-        for i in range(3):
-            data = f"data: {i}\n\n".encode()
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-            self.wfile.flush()
-            time.sleep(0.3)
-        self.wfile.write(b"0\r\n\r\n")
-
-    def do_HEAD(self):
-        self.send_response(200)
-        self.send_header("Content-Length", "1000")
-        self.end_headers()
-
-    def log_message(self, *a):
-        pass
-
-
-@pytest.fixture
-def upstream():
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    Upstream.seen = []
-    yield srv.server_address[1]
-    srv.shutdown()
-    srv.server_close()
-
-
 @pytest.fixture
 def hangup_upstream():
     """Accepts, reads a request, and closes without answering."""
@@ -184,20 +76,6 @@ def hangup_upstream():
     srv.close()
 
 
-def passthrough_config(tmp_path, cg, servers: dict[str, int]):
-    """An agent config managing cgroup cg, with a passthrough server per name → port."""
-    port = free_port()
-    extra = (
-        f'[inject]\nlisten_port = {port}\nlisten_port6 = {port}\nmanaged_cgroups = ["/{cg.name}"]\n'
-    )
-    for name, server_port in servers.items():
-        extra += (
-            f'[[servers]]\nname = "{name}"\nurl = "http://127.0.0.1:{server_port}/mcp"\n'
-            'mode = "passthrough"\n'
-        )
-    return write_config(tmp_path, extra=extra)
-
-
 @pytest.fixture
 def agent(tmp_path, upstream, hangup_upstream):
     with cgroup_child() as cg:
@@ -211,16 +89,12 @@ def agent(tmp_path, upstream, hangup_upstream):
             yield a
 
 
+def forwarded_in(events: list[dict]) -> list[dict]:
+    return [e for e in events if e["event"] == "request.forwarded"]
+
+
 def run_client(port, mode, cgroup=None):
-    r = subprocess.run(
-        [sys.executable, "-c", CLIENT, str(port), mode],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        preexec_fn=enter_cgroup(cgroup) if cgroup else None,
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
-    return json.loads(r.stdout)
+    return json.loads(run_python(CLIENT, port, mode, cgroup=cgroup))
 
 
 def test_managed_process_goes_through_the_proxy_with_http_semantics_intact(agent):
@@ -236,7 +110,7 @@ def test_managed_process_goes_through_the_proxy_with_http_semantics_intact(agent
     assert [s["auth"] for s in Upstream.seen[:3]] == ["Bearer workload-fake"] * 3
     # all five requests reused one upstream connection from the proxy's pool
     assert len({s["peer_port"] for s in Upstream.seen}) == 1
-    audit = audit_events(agent.stdout_path)
+    audit = audit_events(agent.stdout_path, lambda evs: len(forwarded_in(evs)) >= 5)
     forwarded = [a for a in audit if a["event"] == "request.forwarded"]
     assert len(forwarded) == 5 and forwarded[0]["server"] == "up"
     assert forwarded[0]["pid"] > 0 and forwarded[0]["status"] == 200
@@ -244,7 +118,7 @@ def test_managed_process_goes_through_the_proxy_with_http_semantics_intact(agent
 
 def test_unmanaged_process_is_not_redirected(agent):
     run_client(agent.upstream, "basic")  # not in the managed cgroup
-    audit = audit_events(agent.stdout_path)
+    audit = audit_events(agent.stdout_path, quiet=0.2)
     assert not [a for a in audit if a["event"].startswith("request.")]
     assert len({s["peer_port"] for s in Upstream.seen}) == 1  # its own direct connection
 
@@ -350,15 +224,9 @@ mode = "passthrough"
                 assert oct(inject_ca.stat().st_mode & 0o777) == "0o644"
 
                 def client(cafile):
-                    r = subprocess.run(
-                        [sys.executable, "-c", TLS_CLIENT, str(up_port), str(cafile)],
-                        capture_output=True,
-                        text=True,
-                        timeout=60,
-                        preexec_fn=enter_cgroup(cg),
-                    )
-                    assert r.stdout, r.stderr[-2000:] + a.stderr_path.read_text()[-3000:]
-                    return json.loads(r.stdout)
+                    out = run_python(TLS_CLIENT, up_port, cafile, cgroup=cg, check=False)
+                    assert out, a.stderr_path.read_text()[-3000:]
+                    return json.loads(out)
 
                 assert client(inject_ca) == [200, {"echo": {"tls": 1}}]
                 assert client(ca)[0] == "ssl_error"  # trusts only the real server's CA
@@ -373,15 +241,9 @@ def test_malformed_http_from_a_workload_gets_400_and_nothing_upstream(agent):
         f"import socket; s = socket.create_connection(('127.0.0.1', {agent.upstream})); "
         "s.sendall(b'NOT HTTP AT ALL\\r\\n\\r\\n'); print(s.recv(4096).decode())"
     )
-    r = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        preexec_fn=enter_cgroup(agent.cg),
-    )
-    assert r.stdout.startswith("HTTP/1.1 400 Bad Request")
-    assert "credless: malformed HTTP" in r.stdout
+    out = run_python(code, cgroup=agent.cg, timeout=30, check=False)
+    assert out.startswith("HTTP/1.1 400 Bad Request")
+    assert "credless: malformed HTTP" in out
     assert Upstream.seen == []
 
 
@@ -404,15 +266,7 @@ sys.stdout.write(buf.decode("latin-1"))
 
 
 def raw_exchange(port: int, payload: str, cgroup) -> str:
-    r = subprocess.run(
-        [sys.executable, "-c", RAW_CLIENT, str(port), payload],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        preexec_fn=enter_cgroup(cgroup),
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
-    return r.stdout
+    return run_python(RAW_CLIENT, port, payload, cgroup=cgroup)
 
 
 def test_pipelined_requests_are_answered_in_order(agent):
@@ -437,7 +291,7 @@ def test_upstream_that_hangs_up_without_answering_gets_a_502_and_an_audit_event(
     )
     assert out.startswith("HTTP/1.1 502 Bad Gateway")
     assert "closed the connection without answering" in out
-    audit = audit_events(agent.stdout_path)
+    audit = audit_events(agent.stdout_path, "request.failed")
     failed = [a for a in audit if a["event"] == "request.failed"]
     assert failed and failed[-1]["server"] == "hangup"
 
@@ -452,7 +306,7 @@ def test_unreachable_upstream_gets_a_502_naming_the_cause(agent):
     assert out.startswith("HTTP/1.1 502 Bad Gateway")
     body = json.loads(out.split("\n\n", 1)[1])  # text mode turned CRLF into LF
     assert body["error"] == "credless: the MCP server is unreachable"
-    audit = audit_events(agent.stdout_path)
+    audit = audit_events(agent.stdout_path, "request.failed")
     assert any(a["event"] == "request.failed" and a["server"] == "dead" for a in audit)
 
 
@@ -473,15 +327,7 @@ print(n, h.hexdigest())
 def test_large_response_to_a_slow_reader_arrives_whole(agent):
     import hashlib
 
-    r = subprocess.run(
-        [sys.executable, "-c", SLOW_READER, str(agent.upstream)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        preexec_fn=enter_cgroup(agent.cg),
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
-    n, digest = r.stdout.split()
+    n, digest = run_python(SLOW_READER, agent.upstream, cgroup=agent.cg, timeout=120).split()
     assert int(n) == len(BIG_BODY) and digest == hashlib.sha256(BIG_BODY).hexdigest()
 
 
@@ -505,15 +351,7 @@ print(json.dumps(out))
 
 
 def test_each_side_manages_its_own_connection(agent):
-    r = subprocess.run(
-        [sys.executable, "-c", HOP_CLIENT, str(agent.upstream)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        preexec_fn=enter_cgroup(agent.cg),
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
-    out = json.loads(r.stdout)
+    out = json.loads(run_python(HOP_CLIENT, agent.upstream, cgroup=agent.cg))
     # the server closes after each answer; the workload's connection stays open (the
     # server's Connection: close is not forwarded) and the proxy dials the server anew
     assert [c[:3] for c in out["close"]] == [[200, "ok", None]] * 3
@@ -524,7 +362,8 @@ def test_each_side_manages_its_own_connection(agent):
     # a body that ends with the server's connection ends the workload's too, and says so;
     # it is a complete answer, audited as forwarded
     assert out["eof"] == [200, "until the end", "close"]
-    audit = audit_events(agent.stdout_path)
+    # /eof is the connection's last request: its event comes after the others'
+    audit = audit_events(agent.stdout_path, lambda evs: any(a.get("path") == "/eof" for a in evs))
     paths = [a["path"] for a in audit if a["event"] == "request.forwarded"]
     assert paths.count("/eof") == 1
     assert not [a for a in audit if a["event"] == "request.failed"]
@@ -547,15 +386,8 @@ print(answer.decode().rsplit("\r\n", 1)[-1])
 
 
 def test_expect_100_continue_is_answered_before_the_body_is_read(agent):
-    r = subprocess.run(
-        [sys.executable, "-c", EXPECT_CLIENT, str(agent.upstream)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        preexec_fn=enter_cgroup(agent.cg),
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.splitlines() == [
+    out = run_python(EXPECT_CLIENT, agent.upstream, cgroup=agent.cg)
+    assert out.splitlines() == [
         "HTTP/1.1 100 Continue",
         "HTTP/1.1 200 OK",
         '{"echo": {"n": 7}}',
@@ -582,15 +414,7 @@ def test_redirect_stays_attached_across_a_restart_and_detach_removes_it(
         pin = Path(config.load(cfg).agent.bpf_pin_dir)
 
         def client(cgroup=cg):
-            r = subprocess.run(
-                [sys.executable, "-c", PLAIN_CLIENT, str(upstream)],
-                capture_output=True,
-                text=True,
-                timeout=60,
-                preexec_fn=enter_cgroup(cgroup) if cgroup else None,
-            )
-            assert r.returncode == 0, r.stderr[-2000:]
-            return json.loads(r.stdout)
+            return json.loads(run_python(PLAIN_CLIENT, upstream, cgroup=cgroup))
 
         with AgentProcess(cfg, tmp_path) as first:
             first.wait_ready()
@@ -634,7 +458,7 @@ def test_an_interim_response_is_relayed_and_the_answer_follows(agent):
     )
     assert out.startswith("HTTP/1.1 103 ") and "rel=preload" in out
     assert "HTTP/1.1 200 OK" in out and out.endswith("after hints")
-    audit = audit_events(agent.stdout_path)
+    audit = audit_events(agent.stdout_path, "request.forwarded")
     done = [a for a in audit if a["event"].startswith("request.")]
     assert [(a["event"], a["status"]) for a in done] == [("request.forwarded", 200)]
 
@@ -643,7 +467,7 @@ def test_an_interim_response_is_relayed_and_the_answer_follows(agent):
 # exec's another image ("exec") or exits leaving it to a child ("fork"); the next request
 # on it must not be served as the process that connected.
 CHANGE_CLIENT = r"""
-import json, os, socket, sys, time
+import json, os, select, socket, sys
 port, how = int(sys.argv[1]), sys.argv[2]
 REQ = b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Length: 8\r\n\r\n{\"i\": 1}"
 def ask(s):
@@ -666,11 +490,9 @@ if how == "exec":
     os.set_inheritable(s.fileno(), True)
     os.execv(sys.executable, [sys.executable, "-c", sys.argv[3], str(port), "second",
                               str(s.fileno()), first])
-parent = os.getpid()
+parent = os.pidfd_open(os.getpid())
 if os.fork() == 0:
-    while os.getppid() == parent:   # until the process that connected has exited
-        time.sleep(0.01)
-    time.sleep(0.1)
+    select.select([parent], [], [])   # readable once the process that connected has exited
     print(json.dumps({"first": first, "second": ask(s), "pid": os.getpid()}), flush=True)
     os._exit(0)
 os._exit(0)
@@ -679,19 +501,11 @@ os._exit(0)
 
 @pytest.mark.parametrize("how", ["exec", "fork"])
 def test_a_connection_that_changed_hands_is_closed_not_served(agent, how):
-    r = subprocess.run(
-        [sys.executable, "-c", CHANGE_CLIENT, str(agent.upstream), how, CHANGE_CLIENT],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        preexec_fn=enter_cgroup(agent.cg),
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
-    out = json.loads(r.stdout)
+    out = json.loads(run_python(CHANGE_CLIENT, agent.upstream, how, CHANGE_CLIENT, cgroup=agent.cg))
     assert out["first"] == "HTTP/1.1 200 OK"
     assert out["second"] == ""  # closed without an answer
     assert len(Upstream.seen) == 1  # the second request never reached the server
-    audit = audit_events(agent.stdout_path)
+    audit = audit_events(agent.stdout_path, "request.denied")
     denied = [a for a in audit if a["event"] == "request.denied"]
     assert len(denied) == 1 and "exec'd or exited" in denied[0]["reason"]
 
@@ -710,17 +524,10 @@ print(data.decode("latin-1"))
 
 
 def test_a_protocol_upgrade_is_refused_and_the_connection_closed(agent):
-    r = subprocess.run(
-        [sys.executable, "-c", UPGRADE_CLIENT, str(agent.upstream)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        preexec_fn=enter_cgroup(agent.cg),
-    )
-    assert r.returncode == 0, r.stderr[-2000:]  # the proxy closed: recv returned b""
-    assert r.stdout.startswith("HTTP/1.1 501 Not Implemented")
-    assert "upgrades" in r.stdout
-    audit = audit_events(agent.stdout_path)
+    out = run_python(UPGRADE_CLIENT, agent.upstream, cgroup=agent.cg)  # exits 0: the proxy closed
+    assert out.startswith("HTTP/1.1 501 Not Implemented")
+    assert "upgrades" in out
+    audit = audit_events(agent.stdout_path, "request.denied")
     assert not [a for a in audit if a["event"] == "request.forwarded"]  # never sent
     denied = [a for a in audit if a["event"] == "request.denied"]
     assert len(denied) == 1 and "websocket" in denied[0]["reason"]
@@ -755,13 +562,7 @@ print(json.dumps({"idle_closed": idle_closed, "idle_after": idle_after,
 
 
 def test_stopping_drains_answers_in_flight_and_closes_idle_connections(agent):
-    client = subprocess.Popen(
-        [sys.executable, "-c", STOPPING_CLIENT, str(agent.upstream)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=enter_cgroup(agent.cg),
-    )
+    client = start_python(STOPPING_CLIENT, agent.upstream, cgroup=agent.cg)
     try:
         assert client.stdout.readline().strip() == "streaming", client.stderr.read()[-2000:]
         stopped_at = time.monotonic()
@@ -791,19 +592,13 @@ def test_a_stream_whose_workload_has_gone_is_closed_on_the_server_side_too(agent
         "while b'data: 0' not in buf:\n"
         "    buf += s.recv(65536)\n"
     )  # then exits: its socket closes
-    r = subprocess.run(
-        [sys.executable, "-c", code, str(agent.upstream)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        preexec_fn=enter_cgroup(agent.cg),
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
+    run_python(code, agent.upstream, cgroup=agent.cg, timeout=30)
     closed = wait_for(
         lambda: [s for s in Upstream.seen if s.get("path") == "/forever"],
         10,
         what="the server's side of the stream closed",
     )
     assert closed[0]["closed_after"] < 5
-    aborted = [a for a in audit_events(agent.stdout_path) if a["event"] == "request.aborted"]
+    audit = audit_events(agent.stdout_path, "request.aborted")
+    aborted = [a for a in audit if a["event"] == "request.aborted"]
     assert aborted and aborted[-1]["server"] == "up" and aborted[-1]["status"] == 200

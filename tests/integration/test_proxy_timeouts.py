@@ -8,18 +8,14 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
-import subprocess
-import sys
 import threading
 
 import pytest
 
-from tests.helpers import AgentProcess, audit_events, free_port, write_config
-from tests.integration.test_proxy_passthrough import (
-    Upstream,
-    upstream,  # noqa: F401  (fixture)
-)
-from tests.kernel import cgroup_child, enter_cgroup
+from tests.helpers import AgentProcess, audit_events
+from tests.kernel import cgroup_child, run_python
+from tests.upstreams.echo import Upstream
+from tests.world import passthrough_config
 
 pytestmark = pytest.mark.kernel
 
@@ -53,7 +49,7 @@ elif mode == "stream-then-ask":   # a long answer, a pause shorter than the idle
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
     c.request("GET", "/stream")
     events = c.getresponse().read().decode().count("data: ")
-    time.sleep(0.2)
+    time.sleep(0.2)                  # quiet, shorter than the idle limit: the behaviour tested
     c.request("POST", "/mcp", body=b'{"i": 2}')
     r = c.getresponse()
     print(json.dumps({"events": events, "next": [r.status, r.read().decode()]}))
@@ -114,38 +110,26 @@ def unconnectable_server():
 @pytest.fixture
 def agent(tmp_path, upstream):
     with cgroup_child() as cg, silent_server() as silent, unconnectable_server() as hung:
-        port = free_port()
-        extra = (
-            f"[inject]\nlisten_port = {port}\nlisten_port6 = {port}\n"
-            f'managed_cgroups = ["/{cg.name}"]\nclient_idle_seconds = 0.5\n'
-            "request_timeout_seconds = 0.5\nupstream_timeout_seconds = 0.5\n"
-            "upstream_connect_timeout_seconds = 0.5\n"
+        ports = {"up": upstream, "silent": silent, "hung": hung}
+        limits = (
+            "client_idle_seconds",
+            "request_timeout_seconds",
+            "upstream_timeout_seconds",
+            "upstream_connect_timeout_seconds",
         )
-        for name, p in (("up", upstream), ("silent", silent), ("hung", hung)):
-            extra += (
-                f'[[servers]]\nname = "{name}"\nurl = "http://127.0.0.1:{p}/mcp"\n'
-                'mode = "passthrough"\n'
-            )
-        with AgentProcess(write_config(tmp_path, extra=extra), tmp_path) as a:
+        cfg = passthrough_config(tmp_path, cg, ports, **dict.fromkeys(limits, 0.5))
+        with AgentProcess(cfg, tmp_path) as a:
             a.wait_ready()
-            a.cg, a.ports = cg, {"up": upstream, "silent": silent, "hung": hung}
+            a.cg, a.ports = cg, ports
             yield a
 
 
 def run(a, server: str, mode: str) -> dict:
-    r = subprocess.run(
-        [sys.executable, "-c", CLIENT, str(a.ports[server]), mode],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        preexec_fn=enter_cgroup(a.cg),
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
-    return json.loads(r.stdout)
+    return json.loads(run_python(CLIENT, a.ports[server], mode, cgroup=a.cg))
 
 
-def audit(a) -> list[dict]:
-    return audit_events(a.stdout_path)
+def audit(a, until: str) -> list[dict]:
+    return audit_events(a.stdout_path, until)
 
 
 def test_an_idle_workload_connection_is_closed(agent):
@@ -158,7 +142,7 @@ def test_a_trickled_request_is_answered_408_and_closed(agent):
     out = run(agent, "up", "trickle")
     assert out["answer"].startswith("HTTP/1.1 408 Request Timeout")
     assert "stopped arriving" in out["answer"]
-    failed = [e for e in audit(agent) if e["event"] == "request.failed"]
+    failed = [e for e in audit(agent, "request.failed") if e["event"] == "request.failed"]
     assert failed and failed[0]["server"] == "up" and "stopped arriving" in failed[0]["reason"]
     assert Upstream.seen == []  # the half request never reached the server
 
@@ -167,7 +151,7 @@ def test_a_server_that_does_not_answer_gets_504(agent):
     out = run(agent, "silent", "ask")
     assert out["answer"].startswith("HTTP/1.1 504 Gateway Timeout")
     assert "did not answer within 0.5 s" in out["answer"]
-    failed = [e for e in audit(agent) if e["event"] == "request.failed"]
+    failed = [e for e in audit(agent, "request.failed") if e["event"] == "request.failed"]
     assert failed[0]["server"] == "silent" and "0.5 s" in failed[0]["reason"]
 
 

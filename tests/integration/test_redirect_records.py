@@ -15,14 +15,13 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 
 from tests.helpers import AgentProcess, audit_events, free_port, wait_for, write_config
-from tests.integration.test_proxy_passthrough import Upstream, passthrough_config, upstream  # noqa: F401
-from tests.kernel import cgroup_child, enter_cgroup
+from tests.kernel import cgroup_child, run_python, start_python
+from tests.upstreams.echo import Upstream
+from tests.world import passthrough_config
 
 pytestmark = pytest.mark.kernel
 
@@ -46,15 +45,7 @@ print(data.split(b"\r\n")[0].decode() if data else "closed")
 
 
 def dial(local: int, port: int, cgroup=None) -> str:
-    r = subprocess.run(
-        [sys.executable, "-c", DIAL, str(local), str(port)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        preexec_fn=enter_cgroup(cgroup) if cgroup else None,
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
-    return r.stdout.strip()
+    return run_python(DIAL, local, port, cgroup=cgroup, timeout=30).strip()
 
 
 @contextlib.contextmanager
@@ -94,13 +85,7 @@ def test_a_port_a_crashed_agents_connection_used_is_not_served_as_its_owner(tmp_
         cfg = passthrough_config(tmp_path, cg, {"up": upstream})
         first = stack.enter_context(AgentProcess(cfg, tmp_path))
         first.wait_ready()
-        victim = subprocess.Popen(
-            [sys.executable, "-c", WORKLOAD, str(port), str(upstream)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            preexec_fn=enter_cgroup(cg),
-        )
+        victim = start_python(WORKLOAD, port, upstream, cgroup=cg)
         stack.callback(victim.wait)
         stack.callback(victim.kill)
         assert victim.stdout.readline().strip() == "HTTP/1.1 200 OK"
@@ -113,7 +98,7 @@ def test_a_port_a_crashed_agents_connection_used_is_not_served_as_its_owner(tmp_
         # anyone, from the port the cut connection used, dials the proxy directly
         assert dial(port, listen_port) == "closed"
         assert len(Upstream.seen) == 1  # the workload's own request, no other
-        events = wait_for(lambda: audit_events(second.stdout_path), what="an audit event")
+        events = audit_events(second.stdout_path, "connection.refused")
         # never taken for the workload (a stale record named it: its pid, its image)
         assert not [e for e in events if e.get("pid") == victim.pid], events
         [refused] = [e for e in events if e["event"] == "connection.refused"]
@@ -126,12 +111,7 @@ def test_a_process_given_the_stopped_agents_pid_is_still_redirected(tmp_path, up
         for _ in range(50):
             with open("/proc/sys/kernel/ns_last_pid", "w") as f:
                 f.write(str(agent_pid - 1))
-            proc = subprocess.Popen(
-                [sys.executable, "-c", DIAL, str(free_port()), str(upstream)],
-                stdout=subprocess.PIPE,
-                text=True,
-                preexec_fn=enter_cgroup(cg),
-            )
+            proc = start_python(DIAL, free_port(), upstream, cgroup=cg)
             out, _ = proc.communicate(timeout=30)
             if proc.pid == agent_pid:
                 break

@@ -5,7 +5,7 @@ is written on a raw socket by a workload in a managed cgroup to an MCP server's 
 the kernel redirects it to credless, which forwards what it admits to a real upstream:
 Node's llhttp and uvicorn's h11, each with Bearer and with DPoP-bound tokens. Per case:
 the proxy's answers and whether it closed, and the trust boundary's invariants
-(tests/upstreams/harness.py `violations`): the upstream parsed exactly the requests the
+(tests/upstreams/oracle.py `violations`): the upstream parsed exactly the requests the
 audit shows as injected, each with credless's credential alone, to the configured authority
 and path, none carrying the denied tool; a refusal is audited and reaches no upstream.
 """
@@ -18,7 +18,8 @@ import socket
 import pytest
 
 from tests.conftest import TESTDATA
-from tests.upstreams.harness import UPSTREAMS, Observation, bind_upstream, start_world, violations
+from tests.upstreams.harness import UPSTREAMS, bind_upstream, start_world
+from tests.upstreams.oracle import Observation, violations
 from tests.upstreams.wire import Case, load_corpus, split_responses
 
 pytestmark = pytest.mark.kernel

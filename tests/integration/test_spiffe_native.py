@@ -15,78 +15,55 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from tests.helpers import AgentProcess, audit_events, free_port, write_config
-from tests.kernel import cgroup_child, enter_cgroup
+from tests.helpers import audit_events
+from tests.kernel import enter_cgroup
 from tests.mcp.peers import McpServer
-from tests.oidc.peer import OidcProvider
+from tests.world import build_world, entry_table, server_table
 
 pytestmark = pytest.mark.kernel
 SPIFFE_ID = "spiffe://example.org/agent/native"
 
 
+def spiffe_client(mcp_url: str, issuer: str, spiffe_id: str, source: str, preexec=None) -> dict:
+    """The SDK's private-key-JWT client (tests/mcp/spiffe_client.py), its JSON summary;
+    source: the Workload API socket its JWT-SVID comes from, or "placeholder"."""
+    r = subprocess.run(
+        [sys.executable, "-m", "tests.mcp.spiffe_client", mcp_url, issuer, spiffe_id, source],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=preexec,
+    )
+    return json.loads(r.stdout.splitlines()[-1])
+
+
 @contextlib.contextmanager
-def native_world(tmp_path, entry: str = "", extra: str = ""):
+def native_world(tmp_path, entry: dict | None = None, settings: str = ""):
     """oidc-provider, an MCP server trusting it, and the agent with an entry for a fresh
-    cgroup (plus `entry` lines) and its Workload API on a socket any uid can reach; yields
-    a runner of the SDK's private-key-JWT client in that cgroup (its JSON summary)."""
+    cgroup (with `entry`'s settings) and its Workload API on a socket any uid can reach;
+    yields a runner of the SDK's private-key-JWT client in that cgroup (its JSON summary)."""
     sock_dir = Path(tempfile.mkdtemp(prefix="credless-native-"))
     os.chmod(sock_dir, 0o755)
-    bundle_port, mcp_port = free_port(), free_port()
-    mcp_url = f"http://127.0.0.1:{mcp_port}/mcp"
     try:
-        with (
-            cgroup_child() as cg,
-            OidcProvider(
-                tmp_path,
-                dpop=False,
-                resources={mcp_url: {"format": "jwt", "scope": "tools"}},
-                clients=[
-                    {
-                        "client_id": SPIFFE_ID,
-                        "jwks_uri": f"http://127.0.0.1:{bundle_port}/jwks.json",
-                    }
-                ],
-            ) as oidc,
-            McpServer(tmp_path, mcp_port, oidc.issuer) as mcp,
-        ):
-            (tmp_path / "entries.toml").write_text(
-                f'[[entry]]\nid = "native"\nspiffe_id = "{SPIFFE_ID}"\n'
-                f'selectors = ["cgroup:path:/{cg.name}"]\n{entry}'
+        with build_world(tmp_path, SPIFFE_ID) as w:
+            w.mcp = w.enter(McpServer(tmp_path))
+            w.authorization_server([w.mcp.url], dpop=False)
+            w.mcp.start(w.oidc.issuer)
+            w.start_agent(
+                settings.format(mcp_url=w.mcp.url, issuer=w.oidc.issuer),
+                entries=entry_table("native", SPIFFE_ID, [w.selector], **(entry or {})),
+                intercept=False,
+                workload_api_socket=sock_dir / "agent.sock",
             )
-            cfg = write_config(
-                tmp_path,
-                bundle_port=bundle_port,
-                extra=extra.format(mcp_url=mcp_url, issuer=oidc.issuer),
+            w.client = lambda: spiffe_client(
+                w.mcp.url,
+                w.oidc.issuer,
+                SPIFFE_ID,
+                str(sock_dir / "agent.sock"),
+                enter_cgroup(w.cg),
             )
-            cfg.write_text(
-                cfg.read_text().replace(
-                    f'socket = "{tmp_path / "run" / "agent.sock"}"',
-                    f'socket = "{sock_dir / "agent.sock"}"',
-                )
-            )
-            with AgentProcess(cfg, tmp_path) as agent:
-                agent.wait_ready()
-
-                def client() -> dict:
-                    r = subprocess.run(
-                        [
-                            sys.executable,
-                            "-m",
-                            "tests.mcp.spiffe_client",
-                            mcp_url,
-                            oidc.issuer,
-                            SPIFFE_ID,
-                            str(sock_dir / "agent.sock"),
-                        ],
-                        cwd=REPO,
-                        capture_output=True,
-                        text=True,
-                        timeout=120,
-                        preexec_fn=enter_cgroup(cg),
-                    )
-                    return json.loads(r.stdout.splitlines()[-1])
-
-                yield type("World", (), dict(oidc=oidc, mcp=mcp, agent=agent, client=client))
+            yield w
     finally:
         shutil.rmtree(sock_dir, ignore_errors=True)
 
@@ -99,78 +76,40 @@ def test_mcp_sdk_private_key_jwt_with_a_jwt_svid_from_the_workload_api(tmp_path)
         assert out["assertion_audiences"] == [w.oidc.issuer]
         assert [e["client_id"] for e in w.oidc.events("grant.success")] == [SPIFFE_ID]
         assert w.mcp.stats()["calls"] == {"echo": 1}
-        events = audit_events(w.agent.stdout_path)
-        jwt_issued = [e for e in events if e["event"] == "svid.issued" and e["type"] == "jwt"]
+
+        def jwt_issued_in(events):
+            return [e for e in events if e["event"] == "svid.issued" and e["type"] == "jwt"]
+
+        jwt_issued = jwt_issued_in(audit_events(w.agent.stdout_path, jwt_issued_in))
         assert jwt_issued and jwt_issued[0]["audience"] == [w.oidc.issuer]
 
 
 def test_assertion_mode_replaces_a_placeholder_with_a_jwt_svid(tmp_path):
-    bundle_port, mcp_port, proxy_port = free_port(), free_port(), free_port()
-    mcp_url = f"http://127.0.0.1:{mcp_port}/mcp"
     sid = "spiffe://example.org/agent/assertion"
-    with (
-        cgroup_child() as cg,
-        OidcProvider(
-            tmp_path,
-            dpop=False,
-            resources={mcp_url: {"format": "jwt", "scope": "tools"}},
-            clients=[{"client_id": sid, "jwks_uri": f"http://127.0.0.1:{bundle_port}/jwks.json"}],
-        ) as oidc,
-        McpServer(tmp_path, mcp_port, oidc.issuer) as mcp,
-    ):
+    with build_world(tmp_path, sid) as w:
+        mcp = w.enter(McpServer(tmp_path))
+        oidc = w.authorization_server([mcp.url], dpop=False)
+        mcp.start(oidc.issuer)
 
         def client(preexec):
-            r = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "tests.mcp.spiffe_client",
-                    mcp_url,
-                    oidc.issuer,
-                    sid,
-                    "placeholder",
-                ],
-                cwd=REPO,
-                capture_output=True,
-                text=True,
-                timeout=120,
-                preexec_fn=preexec,
-            )
-            return json.loads(r.stdout.splitlines()[-1])
+            return spiffe_client(mcp.url, oidc.issuer, sid, "placeholder", preexec)
 
         # the placeholder alone is refused by the authorization server
         alone = client(None)
         assert alone.get("error"), alone
         assert oidc.events("grant.error") and not oidc.events("grant.success")
-        (tmp_path / "entries.toml").write_text(
-            f'[[entry]]\nid = "a"\nspiffe_id = "{sid}"\nselectors = ["cgroup:path:/{cg.name}"]\n'
+        agent = w.start_agent(
+            server_table("as", oidc.token_endpoint, issuer=oidc.issuer, mode="assertion")
         )
-        cfg = write_config(
-            tmp_path,
-            bundle_port=bundle_port,
-            extra=f'''
-[inject]
-listen_port = {proxy_port}
-listen_port6 = {proxy_port}
-managed_cgroups = ["/{cg.name}"]
-[[servers]]
-name = "as"
-url = "{oidc.issuer}/token"
-issuer = "{oidc.issuer}"
-mode = "assertion"
-''',
-        )
-        with AgentProcess(cfg, tmp_path) as agent:
-            agent.wait_ready()
-            out = client(enter_cgroup(cg))
-            assert "error" not in out, out
-            assert out["text"] == "spiffe-native"
-            assert [e["client_id"] for e in oidc.events("grant.success")] == [sid]
-            events = audit_events(agent.stdout_path)
-            injected = [e for e in events if e["event"] == "assertion.injected"]
-            assert len(injected) == 1 and injected[0]["spiffe_id"] == sid
-            assert injected[0]["audience"] == oidc.issuer
-            assert mcp.stats()["calls"] == {"echo": 1}
+        out = client(enter_cgroup(w.cg))
+        assert "error" not in out, out
+        assert out["text"] == "spiffe-native"
+        assert [e["client_id"] for e in oidc.events("grant.success")] == [sid]
+        events = audit_events(agent.stdout_path, "assertion.injected")
+        injected = [e for e in events if e["event"] == "assertion.injected"]
+        assert len(injected) == 1 and injected[0]["spiffe_id"] == sid
+        assert injected[0]["audience"] == oidc.issuer
+        assert mcp.stats()["calls"] == {"echo": 1}
 
 
 @pytest.mark.parametrize("opted_in", [False, True], ids=["default", "entry-opts-in"])
@@ -188,7 +127,7 @@ def test_a_jwt_svid_for_an_authorization_server_credless_uses_is_refused_by_defa
         'issuer = "{issuer}"\n'
     )
     with native_world(
-        tmp_path, "authorization_server_audience = true\n" if opted_in else "", servers
+        tmp_path, {"authorization_server_audience": True} if opted_in else None, servers
     ) as w:
         out = w.client()
         if opted_in:
@@ -197,7 +136,7 @@ def test_a_jwt_svid_for_an_authorization_server_credless_uses_is_refused_by_defa
             return
         assert out.get("error") and "authorization server" in out.get("message", ""), out
         assert not w.oidc.events("grant.success") and w.mcp.stats()["calls"] == {}
-        events = audit_events(w.agent.stdout_path)
+        events = audit_events(w.agent.stdout_path, "workload_api.denied")
         assert not [e for e in events if e["event"] == "svid.issued" and e["type"] == "jwt"]
         [denied] = [e for e in events if e["event"] == "workload_api.denied"]
         assert denied["spiffe_id"] == SPIFFE_ID and denied["audience"] == [w.oidc.issuer]

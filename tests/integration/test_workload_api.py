@@ -200,7 +200,7 @@ def test_py_spiffe_fetches_and_validates_svids(stack):
     assert out["jwt_audience"] == [AUDIENCE]
     claims = out["jwt_claims"]
     assert claims["sub"] == claims["iss"] == out["spiffe_id"] and claims["jti"]
-    assert out["jwt_kids"] == sorted(stack.manager.keys.published())
+    assert out["jwt_kids"] == sorted(stack.manager.source.keys.published())
     audit = [json.loads(ln) for ln in stack.audit.getvalue().splitlines()]
     issued = [a for a in audit if a["event"] == "svid.issued"]
     assert {a["type"] for a in issued} == {"x509", "jwt"}
@@ -222,30 +222,40 @@ def test_unregistered_process_gets_permission_denied_and_an_audit_event(stack):
     assert not [a for a in audit if a["event"] == "svid.issued"]
 
 
-def test_rotation_is_pushed_on_the_stream(stack):
+@contextlib.contextmanager
+def watching(stack, updates: int):
+    """py-spiffe watching its X.509 context from the entry's cgroup, until `updates`
+    updates (one JSON line each); killed at the end if it still runs."""
+    client = [sys.executable, "-m", "tests.workloads.spiffe_client", str(stack.sock)]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.workloads.spiffe_client", str(stack.sock), "watch", "2"],
+        [*client, "watch", str(updates)],
         cwd=REPO,
         stdout=subprocess.PIPE,
         text=True,
         preexec_fn=enter_cgroup(stack.cg),
     )
     try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stdout.close()
+
+
+def test_rotation_is_pushed_on_the_stream(stack):
+    with watching(stack, 2) as proc:
         first = json.loads(proc.stdout.readline())
         assert "update" in first, first
         renewed = []
         while not renewed:  # force a rotation as half-life would: every cached SVID renews
-            for svid in list(stack.manager._svids.values()):
+            for _, svid in stack.manager.held_svids():
                 object.__setattr__(svid, "not_after", svid.not_before)
             renewed = stack.manager.rotate_due()
         second = json.loads(proc.stdout.readline())
         assert second["update"] != first["update"]
         assert second["spiffe_id"] == first["spiffe_id"]
         assert proc.wait(30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_calls_without_the_security_header_are_invalid(stack):
@@ -279,14 +289,7 @@ def test_an_unattested_caller_and_a_direct_backend_connection_are_refused(stack)
 
 
 def test_entries_reload_revokes_on_the_stream(stack):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.workloads.spiffe_client", str(stack.sock), "watch", "5"],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        text=True,
-        preexec_fn=enter_cgroup(stack.cg),
-    )
-    try:
+    with watching(stack, 5) as proc:
         assert "update" in json.loads(proc.stdout.readline())
         stack.entries.write_text("")  # no entries any more
         assert stack.manager.reload_entries()
@@ -299,9 +302,6 @@ def test_entries_reload_revokes_on_the_stream(stack):
             and "no registration entry matches" in a["reason"]
             for a in audit
         )
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def _svids_issued(stack) -> list[dict]:
@@ -372,14 +372,7 @@ def test_a_relay_on_a_victims_port_from_another_loopback_address_gets_nothing(st
     /proc/net/tcp{,6}, relays a py-spiffe client through a socket bound to 127.0.0.2 and the
     victim's port, and also connects to every agent TCP listener directly. It gets no SVID;
     the victim keeps its stream and still gets its SVIDs; nothing is issued to the attacker."""
-    victim = subprocess.Popen(
-        [sys.executable, "-m", "tests.workloads.spiffe_client", str(stack.sock), "watch", "1000"],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        text=True,
-        preexec_fn=enter_cgroup(stack.cg),
-    )
-    try:
+    with watching(stack, 1000) as victim:
         first = json.loads(victim.stdout.readline() or "{}")
         assert first.get("spiffe_id") == "spiffe://example.org/workload/root", first
         issued_before = len(_svids_issued(stack))
@@ -414,10 +407,6 @@ def test_a_relay_on_a_victims_port_from_another_loopback_address_gets_nothing(st
         assert victim.poll() is None
         out = run_workload(stack, "fetch", AUDIENCE)[0]
         assert out.get("spiffe_id") == "spiffe://example.org/workload/root", out.get("error")
-    finally:
-        victim.kill()
-        victim.wait()
-        victim.stdout.close()
 
 
 def test_a_process_running_as_nobody_outside_managed_cgroups_gets_nothing(stack):

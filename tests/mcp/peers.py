@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,54 +14,50 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 class McpServer:
-    def __init__(self, tmp_path: Path, port: int, issuer: str, dpop: bool = False):
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}/mcp"
-        self.stats_path = tmp_path / f"mcp-stats-{port}.json"
-        self.args = [
-            sys.executable,
-            "-m",
-            "tests.mcp.server",
-            "--port",
-            str(port),
-            "--issuer",
-            issuer,
-            "--resource",
-            self.url,
-            "--stats",
-            str(self.stats_path),
-        ]
-        if dpop:
-            self.args.append("--dpop")
-        self.log = tmp_path / f"mcp-{port}.log"
-        self.proc = None
+    """The server, its listening socket bound here at once (its URL is known before the
+    authorization server it trusts is started, and nothing else can take its port) and
+    served by the child started by start(issuer)."""
 
-    def __enter__(self):
+    def __init__(self, tmp_path: Path, dpop: bool = False):
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}/mcp"
+        self.stats_path = tmp_path / f"mcp-stats-{self.port}.json"
+        self.log = tmp_path / f"mcp-{self.port}.log"
+        self.dpop = dpop
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, issuer: str) -> McpServer:
+        """Serve, trusting tokens from issuer; connections made before now wait in the
+        socket's backlog."""
+        fd = self.sock.fileno()
+        args = ["--fd", str(fd), "--issuer", issuer, "--resource", self.url]
         self.proc = subprocess.Popen(
-            self.args, cwd=REPO, stdout=subprocess.PIPE, stderr=open(self.log, "wb"), text=True
+            [sys.executable, "-m", "tests.mcp.server", *args, "--stats", str(self.stats_path)]
+            + (["--dpop"] if self.dpop else []),
+            cwd=REPO,
+            pass_fds=(fd,),
+            stdout=subprocess.PIPE,
+            stderr=open(self.log, "wb"),
+            text=True,
         )
-        line = self.proc.stdout.readline()
-        if not line.startswith("READY"):
-            self.__exit__()
+        if not self.proc.stdout.readline().startswith("READY"):
+            self.stop()
             raise RuntimeError(f"MCP server did not start: {self.log.read_text()[-2000:]}")
-        import time
-        import urllib.request
-
-        for _ in range(100):  # READY is printed before uvicorn binds
-            try:
-                urllib.request.urlopen(
-                    self.url.replace("/mcp", "/.well-known/oauth-protected-resource/mcp"), timeout=1
-                )
-                break
-            except OSError:
-                time.sleep(0.05)
         return self
 
     def stats(self) -> dict:
         return json.loads(self.stats_path.read_text())
 
-    def __exit__(self, *exc):
+    def stop(self) -> None:
         stop_process(self.proc)
+        self.sock.close()
+
+    def __enter__(self) -> McpServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 def run_client(url: str, *steps: str, preexec=None, extra=(), timeout=90, prefix=()) -> list[dict]:

@@ -1,6 +1,8 @@
 """The MCP server peer: the official `mcp` Python SDK (streamable HTTP), demanding tokens.
 
-    python -m tests.mcp.server --port P --issuer URL --resource URL [--dpop] --stats FILE
+    python -m tests.mcp.server --fd N --issuer URL --resource URL [--dpop] --stats FILE
+
+It serves the listening socket it inherits as fd N (bound by tests/mcp/peers.py).
 
 Bearer tokens are checked by the SDK's auth (TokenVerifier + AuthSettings): an ES256 JWT
 access token from the issuer's JWKS whose `aud` is this server's URL. With --dpop a small
@@ -19,6 +21,7 @@ import base64
 import hashlib
 import json
 import os
+import socket
 import tempfile
 import time
 
@@ -194,7 +197,7 @@ def build(args) -> Recorder:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--fd", type=int, required=True)
     ap.add_argument("--issuer", required=True)
     ap.add_argument("--resource", required=True)
     ap.add_argument("--dpop", action="store_true")
@@ -202,12 +205,10 @@ def main() -> None:
     ap.add_argument("--stats", required=True)
     args = ap.parse_args()
     save_stats(args.stats)
-    config = uvicorn.Config(
-        build(args), host="127.0.0.1", port=args.port, log_level="warning", lifespan="on"
-    )
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uvicorn.Config(build(args), log_level="warning", lifespan="on"))
+    # the socket already listens: a client connecting before the loop serves it waits
     print(f"READY {args.resource}", flush=True)
-    asyncio.run(server.serve())
+    asyncio.run(server.serve(sockets=[socket.socket(fileno=args.fd)]))
 
 
 if __name__ == "__main__":

@@ -104,7 +104,7 @@ def running(s: SimpleNamespace, guard: httpx.AsyncBaseTransport | None = None):
     s.run = loop.run_until_complete
 
     async def start(svc):
-        await svc.astart()
+        await svc.start()
         if guard is not None:
             await svc.http.aclose()
             svc.http = httpx.AsyncClient(
@@ -113,7 +113,7 @@ def running(s: SimpleNamespace, guard: httpx.AsyncBaseTransport | None = None):
             svc.discovery.http = svc.http
 
     def restart():
-        loop.run_until_complete(s.svc.astop())
+        loop.run_until_complete(s.svc.stop())
         s.svc = s.new_service()
         loop.run_until_complete(start(s.svc))
         return s.svc
@@ -123,7 +123,7 @@ def running(s: SimpleNamespace, guard: httpx.AsyncBaseTransport | None = None):
         loop.run_until_complete(start(s.svc))
         yield s
     finally:
-        loop.run_until_complete(s.svc.astop())
+        loop.run_until_complete(s.svc.stop())
         if guard is not None:
             loop.run_until_complete(guard.aclose())
         loop.close()

@@ -95,16 +95,21 @@ def _jwt_like(claims: dict) -> str:
     return f"{enc({'alg': 'ES256'})}.{enc(claims)}.sig"
 
 
+def parse(body, **fields):
+    """parse_token_response(body) for a request with these fields (the rest: placeholders,
+    no DPoP key, at time 0)."""
+    defaults = dict(
+        url="u", resource=RES, issuer="i", spiffe_id="s", client_id="s", dpop=None, now=0
+    )
+    return parse_token_response(body, **{**defaults, **fields})
+
+
 def test_token_response_parsing_and_no_secret_in_repr():
     key = DPoPKey()
     access = _jwt_like({"jti": "j1", "aud": "http://r/mcp", "cnf": {"jkt": key.jkt}})
-    tok = parse_token_response(
+    tok = parse(
         {"access_token": access, "token_type": "DPoP", "expires_in": 300, "scope": "a"},
-        url="u",
         resource="http://r/mcp",
-        issuer="i",
-        spiffe_id="s",
-        client_id="s",
         dpop=key,
         now=1000,
     )
@@ -126,24 +131,13 @@ def test_token_response_parsing_and_no_secret_in_repr():
 )
 def test_malformed_token_responses(body, message):
     with pytest.raises(MalformedResponse, match=message):
-        parse_token_response(
-            body, url="u", resource="r", issuer="i", spiffe_id="s", client_id="s", dpop=None, now=0
-        )
+        parse(body, resource="r")
 
 
 def test_dpop_token_bound_to_another_key_is_refused():
     access = _jwt_like({"cnf": {"jkt": "someone-else"}})
     with pytest.raises(MalformedResponse, match="bound the token to key someone-else"):
-        parse_token_response(
-            {"access_token": access, "token_type": "DPoP"},
-            url="u",
-            resource="r",
-            issuer="i",
-            spiffe_id="s",
-            client_id="s",
-            dpop=DPoPKey(),
-            now=0,
-        )
+        parse({"access_token": access, "token_type": "DPoP"}, resource="r", dpop=DPoPKey())
 
 
 def test_error_mapping_keeps_server_reason():
@@ -188,6 +182,8 @@ def test_single_flight_under_concurrency():
 
     async def fetch(key):
         calls.append(key)
+        # a slow authorization server: the behaviour tested. Not a race: gather starts all
+        # 200 callers in one loop iteration, before any timer can fire
         await asyncio.sleep(0.01)
         return tok(clock.t)
 
@@ -486,20 +482,11 @@ RES = "https://mcp.example.com/mcp"
 def test_jwt_access_token_must_be_for_this_server(claims, ok):
     access = _jwt_like({"jti": "j", **claims})
     body = {"access_token": access, "token_type": "Bearer", "expires_in": 60}
-    kw = dict(
-        url="https://as.example/token",
-        resource=RES,
-        issuer="i",
-        spiffe_id="s",
-        client_id="s",
-        dpop=None,
-        now=0,
-    )
     if ok:
-        assert parse_token_response(body, **kw).fingerprint == fingerprint(access)
+        assert parse(body, url="https://as.example/token").fingerprint == fingerprint(access)
     else:
         with pytest.raises(errors.OAuthError) as err:
-            parse_token_response(body, **kw)
+            parse(body, url="https://as.example/token")
         assert err.value.kind == "token_refused" and RES in str(err.value)
         assert access not in str(err.value)
 
@@ -513,32 +500,14 @@ def test_jwt_access_token_must_be_for_this_server(claims, ok):
     ],
 )
 def test_opaque_access_tokens_are_not_audience_checked(access):
-    tok = parse_token_response(
-        {"access_token": access, "token_type": "Bearer"},
-        url="u",
-        resource=RES,
-        issuer="i",
-        spiffe_id="s",
-        client_id="s",
-        dpop=None,
-        now=0,
-    )
+    tok = parse({"access_token": access, "token_type": "Bearer"})
     assert tok.jti is None and tok.audience is None
 
 
 def test_a_jwt_whose_payload_is_not_json_is_refused():
     head = base64.urlsafe_b64encode(b'{"alg":"ES256"}').rstrip(b"=").decode()
     with pytest.raises(errors.OAuthError) as err:
-        parse_token_response(
-            {"access_token": f"{head}.bm90IGpzb24.sig", "token_type": "Bearer"},
-            url="u",
-            resource=RES,
-            issuer="i",
-            spiffe_id="s",
-            client_id="s",
-            dpop=None,
-            now=0,
-        )
+        parse({"access_token": f"{head}.bm90IGpzb24.sig", "token_type": "Bearer"})
     assert err.value.kind == "token_refused"
 
 
@@ -557,22 +526,13 @@ def test_a_token_weaker_than_required_is_refused(token_type, with_key, required,
     key = DPoPKey() if with_key else None
     claims = {"aud": RES, **({"cnf": {"jkt": key.jkt}} if key else {})}
     body = {"access_token": _jwt_like(claims), "token_type": token_type, "expires_in": 60}
-    kw = dict(
-        url="https://as.example/token",
-        resource=RES,
-        issuer="i",
-        spiffe_id="s",
-        client_id="s",
-        dpop=key,
-        now=0,
-        dpop_required=required,
-    )
+    kw = dict(url="https://as.example/token", dpop=key, dpop_required=required)
     if ok:
         expected = "DPoP" if token_type.lower() == "dpop" else "Bearer"
-        assert parse_token_response(body, **kw).token_type == expected
+        assert parse(body, **kw).token_type == expected
     else:
         with pytest.raises(errors.OAuthError) as err:
-            parse_token_response(body, **kw)
+            parse(body, **kw)
         assert err.value.kind == "token_refused"
         assert "Bearer" in str(err.value) and required in str(err.value)
 
@@ -581,17 +541,7 @@ def test_a_dpop_jwt_without_its_key_binding_is_refused_where_dpop_is_required():
     key = DPoPKey()
     body = {"access_token": _jwt_like({"aud": RES}), "token_type": "DPoP"}
     with pytest.raises(errors.OAuthError, match="cnf.jkt") as err:
-        parse_token_response(
-            body,
-            url="u",
-            resource=RES,
-            issuer="i",
-            spiffe_id="s",
-            client_id="s",
-            dpop=key,
-            now=0,
-            dpop_required="x",
-        )
+        parse(body, dpop=key, dpop_required="x")
     assert err.value.kind == "token_refused"
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from agent.attest import procfs
 from tests.conftest import TESTDATA
+from tests.helpers import wait_for
 
 
 def test_parse_status_effective_ids_and_groups():
@@ -94,6 +95,13 @@ def _untouched(path, st):
     pass
 
 
+def clock_after(directory, ns: int) -> bool:
+    """Whether the file system's clock is past ns: a fresh change's ctime is later."""
+    probe = directory / "clock-probe"
+    probe.touch()
+    return os.stat(probe).st_ctime_ns > ns
+
+
 @pytest.mark.parametrize(
     "change, same_inode, rehashed",
     [
@@ -121,6 +129,9 @@ def test_exe_hash_cache_follows_every_change_to_the_file(tmp_path, change, same_
 
     before = os.stat(path)
     assert digest() == hashlib.sha256(path.read_bytes()).hexdigest()
+    # A file's ctime comes from a clock that, without fine-grained timestamps (before Linux
+    # 6.13), moves once a tick: a change within the tick of `before` would keep its ctime.
+    wait_for(lambda: clock_after(tmp_path, before.st_ctime_ns), 5, interval=0.001)
     change(path, before)
     after = os.stat(path)
     assert (after.st_ino == before.st_ino) == same_inode

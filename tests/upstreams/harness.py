@@ -1,4 +1,5 @@
-"""The world the smuggling corpus and the differential test run in, and their shared oracle.
+"""The world the smuggling corpus and the differential test run in (their oracle:
+tests/upstreams/oracle.py).
 
 One world per test module (starting it costs seconds; a case costs a tenth of one):
 oidc-provider; logging upstreams on two parsers (Node's llhttp, uvicorn's h11), each as a
@@ -21,37 +22,28 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
 import json
 import os
 import select
 import socket
 import subprocess
 import sys
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from tests.helpers import AgentProcess, free_port, http_get, stop_process, wait_for, write_config
-from tests.kernel import cgroup_child, enter_cgroup
-from tests.oidc.peer import OidcProvider
-from tests.upstreams.wire import Answers, Piece, split_responses
+from tests.helpers import AgentProcess, free_port, http_get, stop_process, wait_for
+from tests.kernel import enter_cgroup
+from tests.upstreams.oracle import BARRIER, Observation
+from tests.upstreams.wire import Piece, split_responses
+from tests.world import build_world, server_table, table, tools_rule
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 SPIFFE_ID = "spiffe://example.org/agent/attacker"
-BARRIER = "barrier"
 
 # The identity may list tools and call echo and add; secret_tool is what every smuggling
 # attempt tries to reach. One rule for every server ("*").
-POLICY = f'''
-[[rule]]
-id = "attacker-tools"
-spiffe_id = "{SPIFFE_ID}"
-server = "*"
-methods = ["tools/list", "tools/call"]
-tools = ["echo", "add"]
-'''
+POLICY = tools_rule("attacker-tools", SPIFFE_ID, "*", ["echo", "add"])
 
 ECHO = (
     b'{"jsonrpc":"2.0","id":1,"method":"tools/call",'
@@ -67,11 +59,6 @@ def post(authority: bytes, body: bytes, extra: bytes = b"") -> bytes:
         b"Accept: application/json, text/event-stream\r\n%sContent-Length: %d\r\n\r\n%s"
         % (authority, extra, len(body), body)
     )
-
-
-def fingerprint(token: str) -> str:
-    """As agent/oauth/tokens.py names a token in the audit (token_sha256)."""
-    return hashlib.sha256(token.encode()).hexdigest()[:16]
 
 
 class JsonLines:
@@ -218,213 +205,10 @@ class Attacker:
         stop_process(self.proc, 5)
 
 
-@dataclass
-class Observation:
-    """One exchange: what the attacker got back, and what the audit and every upstream
-    recorded in its window."""
+class Exchanges:
+    """The running world, as the tests drive it: one exchange at a time, each in its own
+    audit and upstream-log window."""
 
-    upstream: Upstream
-    answers: Answers
-    closed: bool
-    reset: bool
-    write_error: str | None
-    unsent: int
-    audit: list[dict]
-    records: dict[str, list[dict]]  # server name -> requests its upstream logged
-    fingerprints: set[str] = field(default_factory=set)  # credless's tokens for the server
-
-    def parsed(self, name: str | None = None) -> list[dict]:
-        """Requests the upstream parsed in this window (its parse errors and the agent's
-        own discovery requests, which do not go through the proxy, left out)."""
-        return [
-            r
-            for r in self.records[name or self.upstream.name]
-            if r["kind"] != "client_error" and not agents_own(r)
-        ]
-
-    def injected(self, name: str | None = None) -> list[dict]:
-        return [
-            e
-            for e in self.audit
-            if e["event"] == "request.injected" and e.get("server") == (name or self.upstream.name)
-        ]
-
-    def describe(self) -> str:
-        """The window, for a failing assertion's message."""
-        lines = [
-            f"answers: statuses={self.answers.statuses} interim="
-            f"{[r.status for r in self.answers.interim]} closed={self.closed} "
-            f"reset={self.reset} write_error={self.write_error} unsent={self.unsent}"
-            + (f" junk={self.answers.junk[:120]!r}" if self.answers.junk else "")
-        ]
-        for r in self.answers.responses:
-            lines.append(f"  answer {r.status}: {r.body[:300]!r}")
-        lines.append("audit:")
-        for e in self.audit:
-            lines.append(
-                "  "
-                + json.dumps(
-                    {
-                        k: e.get(k)
-                        for k in (
-                            "event",
-                            "server",
-                            "method",
-                            "path",
-                            "status",
-                            "tool",
-                            "reason",
-                            "token_sha256",
-                        )
-                        if e.get(k) is not None
-                    }
-                )
-            )
-        for name, recs in self.records.items():
-            for r in recs:
-                lines.append(f"upstream {name} parsed: {summary(r)}")
-        return "\n".join(lines)
-
-
-def agents_own(record: dict) -> bool:
-    """The agent's own discovery requests (httpx, no credentials): they never pass through
-    the proxy. With the long discovery and token lifetimes the world configures, none
-    should fall in a window; this keeps a late one from reading as a smuggled request."""
-    hs = {k.lower(): v for k, v in record.get("headers", [])}
-    return "authorization" not in hs and hs.get("user-agent", "").startswith("python-httpx/")
-
-
-def headers_named(record: dict, name: str) -> list[str]:
-    return [v for k, v in record.get("headers", []) if k.lower() == name]
-
-
-def body_of(record: dict) -> bytes:
-    return base64.b64decode(record.get("body_b64") or "")
-
-
-def summary(r: dict) -> str:
-    if r["kind"] == "client_error":
-        return f"(parse error {r.get('code')}: {r.get('reason')}; conn {r.get('conn')})"
-    hs = " | ".join(
-        f"{k}: {v[:60]}"
-        if k.lower() not in ("authorization", "dpop") or len(v) < 24
-        else f"{k}: <{v.split(' ')[0][:10]}... sha256:{fingerprint(v.partition(' ')[2] or v)}>"
-        for k, v in r["headers"]
-    )
-    tr = f" trailers: {r['trailers']}" if r.get("trailers") else ""
-    return (
-        f"{r['kind']} {r['method']} {r['target']} HTTP/{r.get('version')} "
-        f"(conn {r.get('conn')}, complete={r.get('complete')}) [{hs}]{tr} "
-        f"body={body_of(r)[:200]!r}"
-    )
-
-
-def routing(value: str) -> str:
-    """An Mcp-Method/Mcp-Name value as a server reads it: `=?base64?...?=` is decoded."""
-    if value.startswith("=?base64?") and value.endswith("?="):
-        try:
-            return base64.b64decode(value[9:-2]).decode("utf-8", "replace")
-        except ValueError:
-            return value
-    return value
-
-
-def _jwt_claims(token: str) -> dict:
-    try:
-        part = token.split(".")[1]
-        return json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
-    except (IndexError, ValueError):
-        return {}
-
-
-def violations(obs: Observation) -> list[str]:
-    """The trust boundary's invariants (../shared/DESIGN.md), whatever the status was:
-    (b) the upstream parsed exactly the requests the audit shows as request.injected, and no
-        other upstream parsed anything;
-    (c) each carries exactly one Authorization, credless's own token, and no DPoP field but
-        credless's proof (none for a Bearer server);
-    (d) each is addressed to the configured authority and the MCP path;
-    (e) none carries a call the policy denies (a tools/call of secret_tool), in its body, a
-        routing header, or a trailer."""
-    up, out = obs.upstream, []
-    for name in obs.records:
-        if name != up.name and obs.parsed(name):
-            out.append(
-                f"(b) upstream {name!r} parsed {len(obs.parsed(name))} request(s) "
-                f"sent to {up.name!r}"
-            )
-        if name != up.name and name != BARRIER and obs.injected(name):
-            out.append(f"(b) the audit shows request.injected for {name!r}")
-    parsed, injected = obs.parsed(), obs.injected()
-    if len(parsed) != len(injected):
-        out.append(
-            f"(b) upstream parsed {len(parsed)} request(s), the audit shows "
-            f"{len(injected)} request.injected"
-        )
-    else:
-        got = Counter((r["method"], r["target"].split("?", 1)[0]) for r in parsed)
-        want = Counter((e.get("method"), e.get("path")) for e in injected)
-        if got != want:
-            out.append(f"(b) upstream parsed {sorted(got)}, audit shows {sorted(want)}")
-
-    def shown(value: str) -> str:  # credless's tokens by fingerprint only, never verbatim
-        scheme, _, token = value.partition(" ")
-        if fingerprint(token) in obs.fingerprints:
-            return f"{scheme} <credless's token sha256:{fingerprint(token)}>"
-        return (
-            value[:40]
-            if scheme.lower() in ("bearer", "dpop") or not token
-            else f"<{len(value)} bytes>"
-        )
-
-    for r in parsed:
-        what = f"{r['method']} {r['target'][:80]}"
-        auth = headers_named(r, "authorization")
-        if len(auth) != 1:
-            out.append(f"(c) {what}: {len(auth)} Authorization fields {[shown(a) for a in auth]}")
-        for value in auth:
-            scheme, _, token = value.partition(" ")
-            if fingerprint(token) not in obs.fingerprints:
-                out.append(
-                    f"(c) {what}: Authorization {value[:40]!r} is not credless's "
-                    f"token for {up.name}"
-                )
-            elif scheme != ("DPoP" if up.dpop else "Bearer"):
-                out.append(f"(c) {what}: Authorization scheme {scheme!r}")
-        proofs = headers_named(r, "dpop")
-        if len(proofs) != (1 if up.dpop else 0):
-            out.append(
-                f"(c) {what}: {len(proofs)} DPoP fields "
-                f"{[p if len(p) < 20 else '<a proof>' for p in proofs]}"
-            )
-        elif up.dpop:
-            claims = _jwt_claims(proofs[0])
-            if claims.get("htm") != r["method"] or claims.get("htu") != up.url:
-                out.append(
-                    f"(c) {what}: DPoP proof for {claims.get('htm')} "
-                    f"{claims.get('htu')!r}, not this request"
-                )
-        host = headers_named(r, "host")
-        if host != [up.authority]:
-            out.append(f"(d) {what}: Host fields {host}, expected [{up.authority!r}]")
-        if r["target"] != "/mcp" and not r["target"].startswith("/mcp?"):
-            out.append(f"(d) {what}: target is not the MCP endpoint /mcp")
-        body = body_of(r)
-        if b"secret_tool" in body and b"tools/call" in body:
-            out.append(f"(e) {what}: body carries a tools/call of secret_tool: {body[:200]!r}")
-        routed = [
-            v
-            for k, v in r["headers"] + r.get("trailers", [])
-            if k.lower() in ("mcp-name", "mcp-method") and "secret_tool" in routing(v)
-        ]
-        if routed:
-            out.append(f"(e) {what}: routing header names secret_tool: {routed}")
-        if r.get("trailers"):
-            out.append(f"(e) {what}: trailer fields reached the upstream: {r['trailers']}")
-    return out
-
-
-class World:
     def __init__(
         self,
         tmp: Path,
@@ -546,65 +330,32 @@ UPSTREAMS = {
 @contextlib.contextmanager
 def start_world(tmp: Path, names=tuple(UPSTREAMS)):
     """Everything above, always torn down (processes, cgroup, listeners, BPF pins)."""
-    with contextlib.ExitStack() as stack:
-        cg = stack.enter_context(cgroup_child("credless-smuggling"))
+    with build_world(tmp, SPIFFE_ID, "credless-smuggling") as w:
         ups = {n: bind_upstream(n, *UPSTREAMS[n], tmp) for n in names}
         ups[BARRIER] = bind_upstream(BARRIER, "node", False, tmp)
         for u in ups.values():
-            stack.callback(u.stop)
-        bundle_port, proxy_port, metrics_port = free_port(), free_port(), free_port()
-        oidc = stack.enter_context(
-            OidcProvider(
-                tmp,
-                dpop=True,
-                access_token_ttl=3600,  # no refresh within a run
-                resources={u.url: {"format": "jwt", "scope": "tools"} for u in ups.values()},
-                clients=[
-                    {
-                        "client_id": SPIFFE_ID,
-                        "jwks_uri": f"http://127.0.0.1:{bundle_port}/jwks.json",
-                    }
-                ],
-            )
+            w.stack.callback(u.stop)
+        oidc = w.authorization_server(
+            [u.url for u in ups.values()],
+            access_token_ttl=3600,  # no refresh within a run
         )
         for u in ups.values():
             u.start(oidc.issuer, tmp)
-        (tmp / "entries.toml").write_text(
-            f'[[entry]]\nid = "attacker"\nspiffe_id = "{SPIFFE_ID}"\n'
-            f'selectors = ["cgroup:path:/{cg.name}"]\n'
-        )
-        (tmp / "policy.toml").write_text(POLICY)
-        servers = "".join(
-            f'''
-[[servers]]
-name = "{u.name}"
-url = "{u.url}"
-dpop = "{"always" if u.dpop else "never"}"
-'''
-            for u in ups.values()
-        )
-        cfg = write_config(
-            tmp,
-            bundle_port=bundle_port,
+        metrics_port = free_port()
+        agent = w.start_agent(
+            "".join(
+                server_table(u.name, u.url, dpop="always" if u.dpop else "never")
+                for u in ups.values()
+            ),
+            policy=POLICY,
+            settings=table("[oauth]", discovery_ttl_seconds=86400),
             metrics_port=metrics_port,
-            extra=f'''
-[oauth]
-discovery_ttl_seconds = 86400
-[inject]
-listen_port = {proxy_port}
-listen_port6 = {proxy_port}
-managed_cgroups = ["/{cg.name}"]
-[policy]
-file = "{tmp / "policy.toml"}"
-{servers}''',
         )
-        agent = stack.enter_context(AgentProcess(cfg, tmp))
-        agent.wait_ready()
-        attacker = Attacker(cg, tmp)
-        stack.callback(attacker.close)
-        world = World(tmp, ups, agent, attacker, f"127.0.0.1:{metrics_port}")
-        world.warm()
-        yield world
+        attacker = Attacker(w.cg, tmp)
+        w.stack.callback(attacker.close)
+        harness = Exchanges(tmp, ups, agent, attacker, f"127.0.0.1:{metrics_port}")
+        harness.warm()
+        yield harness
 
 
 def fuzz_examples(default: int) -> int:
