@@ -34,9 +34,25 @@ def stop_process(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port for a server the test starts, kept from everyone else until then.
+    A port merely found free can be handed out again before that server binds it (as the
+    source port of any connect() on the host: tests run in parallel): this one is left in
+    TIME_WAIT, by a connection to itself closed from its side, so for a minute neither
+    bind(0) nor connect() picks it; a server setting SO_REUSEADDR, as the agent's listeners
+    and the test peers do, binds it all the same."""
+    with socket.socket() as listener:
+        # bind(0) never picks a port with another socket on it, even with SO_REUSEADDR
+        # (net.ipv4.ip_autobind_reuse = 0); the TIME_WAIT one inherits this flag, without
+        # which no server could bind the port either
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            server, _ = listener.accept()
+            server.close()  # the side that closes first keeps the port in TIME_WAIT
+            client.recv(1)  # the close has reached the client: its FIN answers it
+        return port
 
 
 def accepting(port: int, host: str = "127.0.0.1") -> bool:

@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
-import threading
 import time
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -21,8 +18,8 @@ import pytest
 from agent import config
 from tests.helpers import AgentProcess, audit_events, free_port, wait_for, write_config
 from tests.kernel import cgroup_child, run_python, start_python
-from tests.upstreams.echo import BIG_BODY, Upstream
-from tests.world import passthrough_config
+from tests.upstreams.echo import BIG_BODY, Upstream, hangup_server, tls_upstream
+from tests.world import inject_table, passthrough_config, server_table
 
 pytestmark = pytest.mark.kernel
 
@@ -54,26 +51,8 @@ print(json.dumps(out))
 
 @pytest.fixture
 def hangup_upstream():
-    """Accepts, reads a request, and closes without answering."""
-    srv = socket.create_server(("127.0.0.1", 0))
-    stop = threading.Event()
-
-    def serve():
-        srv.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                continue
-            with conn:
-                conn.recv(65536)
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    yield srv.getsockname()[1]
-    stop.set()
-    t.join(5)
-    srv.close()
+    with hangup_server() as port:
+        yield port
 
 
 @pytest.fixture
@@ -142,98 +121,27 @@ except ssl.SSLError as e:
 """
 
 
-def _test_ca(tmp_path):
-    import datetime as dt
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = dt.datetime.now(dt.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test upstream CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(1)
-        .not_valid_before(now - dt.timedelta(hours=1))
-        .not_valid_after(now + dt.timedelta(1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    leaf = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(2)
-        .not_valid_before(now - dt.timedelta(hours=1))
-        .not_valid_after(now + dt.timedelta(1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    pem = serialization.Encoding.PEM
-    (tmp_path / "up-ca.crt").write_bytes(ca.public_bytes(pem))
-    (tmp_path / "up.crt").write_bytes(leaf.public_bytes(pem))
-    (tmp_path / "up.key").write_bytes(
-        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return tmp_path / "up-ca.crt", tmp_path / "up.crt", tmp_path / "up.key"
-
-
 def test_https_workload_is_intercepted_with_the_injection_ca_and_fails_closed_without(tmp_path):
-    import ssl
+    with tls_upstream(tmp_path) as (up_port, ca), cgroup_child() as cg:
+        cfg = write_config(
+            tmp_path,
+            extra=inject_table(cg, free_port(), upstream_ca_file=str(ca))
+            + server_table("tls", f"https://127.0.0.1:{up_port}/mcp", mode="passthrough"),
+        )
+        with AgentProcess(cfg, tmp_path) as a:
+            a.wait_ready()
+            # exported where workloads can read it (the state directory is 0700)
+            inject_ca = tmp_path / "run" / "inject-ca.crt"
+            assert oct(inject_ca.stat().st_mode & 0o777) == "0o644"
 
-    ca, cert, key = _test_ca(tmp_path)
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
-    sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    sctx.load_cert_chain(cert, key)
-    srv.socket = sctx.wrap_socket(srv.socket, server_side=True)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    up_port = srv.server_address[1]
-    Upstream.seen = []
-    try:
-        with cgroup_child() as cg:
-            port = free_port()
-            cfg = write_config(
-                tmp_path,
-                extra=f'''
-[inject]
-listen_port = {port}
-listen_port6 = {port}
-managed_cgroups = ["/{cg.name}"]
-upstream_ca_file = "{ca}"
-[[servers]]
-name = "tls"
-url = "https://127.0.0.1:{up_port}/mcp"
-mode = "passthrough"
-''',
-            )
-            with AgentProcess(cfg, tmp_path) as a:
-                a.wait_ready()
-                # exported where workloads can read it (the state directory is 0700)
-                inject_ca = tmp_path / "run" / "inject-ca.crt"
-                assert oct(inject_ca.stat().st_mode & 0o777) == "0o644"
+            def client(cafile):
+                out = run_python(TLS_CLIENT, up_port, cafile, cgroup=cg, check=False)
+                assert out, a.stderr_path.read_text()[-3000:]
+                return json.loads(out)
 
-                def client(cafile):
-                    out = run_python(TLS_CLIENT, up_port, cafile, cgroup=cg, check=False)
-                    assert out, a.stderr_path.read_text()[-3000:]
-                    return json.loads(out)
-
-                assert client(inject_ca) == [200, {"echo": {"tls": 1}}]
-                assert client(ca)[0] == "ssl_error"  # trusts only the real server's CA
-                assert len(Upstream.seen) == 1  # nothing reached the server unprotected
-    finally:
-        srv.shutdown()
-        srv.server_close()
+            assert client(inject_ca) == [200, {"echo": {"tls": 1}}]
+            assert client(ca)[0] == "ssl_error"  # trusts only the real server's CA
+            assert len(Upstream.seen) == 1  # nothing reached the server unprotected
 
 
 def test_malformed_http_from_a_workload_gets_400_and_nothing_upstream(agent):

@@ -8,13 +8,12 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
-import threading
 
 import pytest
 
 from tests.helpers import AgentProcess, audit_events
 from tests.kernel import cgroup_child, run_python
-from tests.upstreams.echo import Upstream
+from tests.upstreams.echo import Upstream, raw_server
 from tests.world import passthrough_config
 
 pytestmark = pytest.mark.kernel
@@ -62,26 +61,13 @@ elif mode == "stream":      # an SSE response lasting longer than every limit
 @contextlib.contextmanager
 def silent_server():
     """Accepts and reads, never answers (until the test ends)."""
-    srv = socket.create_server(("127.0.0.1", 0))
-    held, stop = [], threading.Event()
-
-    def serve():
-        srv.settimeout(0.2)
-        while not stop.is_set():
-            with contextlib.suppress(OSError):
-                conn, _ = srv.accept()
-                held.append(conn)
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
+    held: list[socket.socket] = []
     try:
-        yield srv.getsockname()[1]
+        with raw_server(held.append) as port:
+            yield port
     finally:
-        stop.set()
-        t.join(5)
         for c in held:
             c.close()
-        srv.close()
 
 
 @contextlib.contextmanager

@@ -67,6 +67,7 @@ WORKLOAD = r"""
 import socket, sys
 local, port = int(sys.argv[1]), int(sys.argv[2])
 s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # free_port() keeps it in TIME_WAIT
 s.bind(("127.0.0.1", local))
 s.connect(("127.0.0.1", port))
 s.sendall(b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\n\r\n{}")

@@ -2,15 +2,21 @@
 process that records what each request carried (Upstream.seen) and answers POSTs with
 their JSON body; some GET paths answer in ways the proxy must handle (a stream, an early
 hint, a body ended by closing, one that outlasts its reader, one larger than any buffer).
-The `upstream` fixture (tests/conftest.py) runs it on a free loopback port."""
+The `upstream` fixture (tests/conftest.py) runs it on a free loopback port; tls_upstream()
+over TLS. hangup_server() is an upstream that never answers."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import select
 import socket
+import ssl
+import threading
 import time
-from http.server import BaseHTTPRequestHandler
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import ClassVar
 
 BIG_BODY = bytes(range(256)) * (64 << 10)  # 16 MiB
@@ -108,3 +114,101 @@ class Upstream(BaseHTTPRequestHandler):
 
     def log_message(self, *a):
         pass
+
+
+@contextlib.contextmanager
+def raw_server(handle: Callable[[socket.socket], object]) -> Iterator[int]:
+    """A loopback port whose server thread hands each connection it accepts to handle."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    srv.settimeout(0.2)  # how soon the thread sees it is to stop
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                handle(srv.accept()[0])
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        yield srv.getsockname()[1]
+    finally:
+        stop.set()
+        t.join(5)
+        srv.close()
+
+
+def hangup_server() -> contextlib.AbstractContextManager[int]:
+    """A port where a server accepts, reads a request, and closes without answering."""
+
+    def read_and_close(conn: socket.socket) -> None:
+        with conn:
+            conn.recv(65536)
+
+    return raw_server(read_and_close)
+
+
+def upstream_certificates(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A CA, and a certificate and key it issued for 127.0.0.1 (their files under tmp_path)."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test upstream CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + dt.timedelta(1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(2)
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + dt.timedelta(1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    (tmp_path / "up-ca.crt").write_bytes(ca.public_bytes(pem))
+    (tmp_path / "up.crt").write_bytes(leaf.public_bytes(pem))
+    (tmp_path / "up.key").write_bytes(
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return tmp_path / "up-ca.crt", tmp_path / "up.crt", tmp_path / "up.key"
+
+
+@contextlib.contextmanager
+def tls_upstream(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """The echo upstream over TLS, its port and the file of the CA that issued its
+    certificate; its record of requests starts empty."""
+    ca, cert, key = upstream_certificates(tmp_path)
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
+    sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    sctx.load_cert_chain(cert, key)
+    srv.socket = sctx.wrap_socket(srv.socket, server_side=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    Upstream.seen = []
+    try:
+        yield srv.server_address[1], ca
+    finally:
+        srv.shutdown()
+        srv.server_close()
