@@ -224,6 +224,11 @@ class BundleEndpointSection:
     # address of the bundle endpoint (a loopback address unless an authorization server elsewhere
     # needs it)
     listen: str = setting("127.0.0.1:8444", _listen("127.0.0.1:8444"))
+    # serve it over https with this certificate chain (PEM, leaf first); empty means plain http,
+    # which only a loopback authorization server may be registered with
+    cert_file: str = setting("", absolute_path)
+    # private key of cert_file (PEM, 0600)
+    key_file: str = setting("", absolute_path)
 
 
 def _url(v: Any) -> str | None:
@@ -300,6 +305,16 @@ class ServerSection:
     # the workload's own token requests get a JWT-SVID client assertion) or passthrough (observe and
     # audit only)
     mode: str = setting("broker", one_of("broker", "assertion", "passthrough"))
+    # CA bundle that verifies this server's certificate, for every connection credless makes to it
+    # (the token probe, its metadata, the requests it relays); empty means inject.upstream_ca_file,
+    # then the system store
+    ca_file: str = setting("", absolute_path)
+    # for an https url: the plain http:// URL workloads call instead, mapped onto url (credless
+    # originates the TLS, with SNI and Host from url); empty means workloads call url itself
+    workload_url: str = setting("", _optional_url)
+    # assertion mode, a client_assertion the workload sent that is a JWT (its own credential):
+    # refuse (HTTP 400) or replace it; a placeholder (not a JWT) is replaced, a missing one added
+    workload_assertion: str = setting("refuse", one_of("refuse", "replace"))
 
 
 @dataclass(frozen=True)

@@ -23,13 +23,13 @@ import json
 import ssl
 import time
 from typing import Any
-from urllib.parse import parse_qsl, urlencode
 
 from prometheus_client import CollectorRegistry
 
 from agent.attest.selectors import Attestation
 from agent.config import InjectSection
 from agent.inject import decide, http1
+from agent.inject.assertion import AssertionRequests
 from agent.inject.bodies import EventSource, Replay, drain_body, read_body
 from agent.inject.decide import FORWARD, Caller, Verdict
 from agent.inject.exchange import Exchanges, reply
@@ -80,6 +80,9 @@ class Proxy:
             cfg, self.rec, oauth, ssl_context or ssl.create_default_context()
         )
         self.pool = self.exchanges.pool  # the fast lane holds and gives back connections
+        self.assertions = AssertionRequests(
+            identity, self.rec, self.exchanges, self.upstream_issuer, max_body
+        )
 
     def close(self) -> None:
         self.exchanges.close()
@@ -332,7 +335,7 @@ class Proxy:
         src: EventSource = client
         if verdict.read_body:
             if up.mode == "assertion":
-                return await self._assertion(head, served, audit_base, started)
+                return await self.assertions.handle(head, served, audit_base, started)
             decided = await self._enforce(head, req, served, caller, audit_base)
             if not isinstance(decided, bytes):  # answered here: keep the connection?
                 return decided
@@ -444,47 +447,6 @@ class Proxy:
         head.add(b"Content-Length", b"%d" % len(body))
         head.chunked = False
         return body
-
-    async def _assertion(
-        self, head: Head, served: Served, audit_base: AuditBase, started: float
-    ) -> bool:
-        """Assertion mode, a token request to the configured token endpoint from an attested
-        process (decide.py has checked): credless puts the client authentication in it (a
-        fresh JWT-SVID, aud = the issuer) in place of whatever placeholder it sent, when it
-        is a client_credentials grant. Other grants go on as sent."""
-        client, up = served.client, served.up
-        body = await read_body(client, self.max_body)
-        if body is None:
-            await reply(
-                client,
-                413,
-                b"Payload Too Large",
-                f"credless: token request body larger than {self.max_body} bytes",
-            )
-            return False
-        form = dict(parse_qsl(body.decode("latin-1"), keep_blank_values=True))
-        if form.get("grant_type") == "client_credentials":
-            ident = served.holder()
-            sid = str(ident.spiffe_id)
-            svid = self.identity.jwt_svid(ident, [self.upstream_issuer(up)], ttl=60, iss=sid)
-            form.update(
-                client_id=sid,
-                client_assertion=svid.token,
-                client_assertion_type="urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
-            )
-            form.pop("client_secret", None)
-            self.rec.audit_event(
-                "assertion.injected",
-                audit_base,
-                jti=svid.jti,
-                kid=svid.kid,
-                audience=self.upstream_issuer(up),
-            )
-        new_body = urlencode(form).encode()
-        head.remove(b"content-length", b"transfer-encoding")
-        head.add(b"Content-Length", b"%d" % len(new_body))
-        head.chunked = False
-        return await self.exchanges.run(head, Replay(new_body), served, None, audit_base, started)
 
     def upstream_issuer(self, up: Upstream) -> str:
         return self.oauth.servers[up.name].issuer

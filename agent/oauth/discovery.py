@@ -26,6 +26,7 @@ oauth.refused, check = resource_metadata_origin).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from collections.abc import Callable
@@ -95,6 +96,9 @@ class ResourceMetadata:
     dpop_bound_access_tokens_required: bool = False
     challenge_scope: str | None = None  # the scope the 401 challenge asked for, if any
     ignored_metadata_url: str | None = None  # the challenge's, when on another origin
+    # the auth schemes the server's 401 challenge named (lower case: "bearer", "dpop"); empty
+    # when it sent no challenge or the metadata came from the cache without one
+    challenge_schemes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -205,6 +209,7 @@ class Discovery:
             if _same_url(url, root):
                 identifiers.add(canonical_resource(root.split("/.well-known/", 1)[0]))
             meta = self._parse_prm(doc, resource, url, params.get("scope"), identifiers, ignored)
+            meta = dataclasses.replace(meta, challenge_schemes=tuple(challenges))
             self._cache[("prm", resource)] = (self.clock(), meta)
             return meta
         raise DiscoveryError(
