@@ -10,7 +10,6 @@ audit record and the metrics. The full path (proxy.py) awaits run(); the fast la
 
 from __future__ import annotations
 
-import asyncio
 import json
 import ssl
 import time
@@ -25,7 +24,7 @@ from agent.inject.http1 import BODY, END, LAST_CHUNK, Head, chunk
 from agent.inject.ports import Tokens
 from agent.inject.record import AuditBase, Recorder
 from agent.inject.served import Served
-from agent.inject.upstreams import Pool, Upstream
+from agent.inject.upstreams import Pool, Upstream, connect
 from agent.oauth.tokens import Token
 
 READ_SIZE = 65536
@@ -119,18 +118,12 @@ class Exchanges:
         return keep
 
     async def _connect(self, up: Upstream) -> UpstreamSide:
-        tls = up.scheme == "https"
-        _, conn = await asyncio.wait_for(
-            asyncio.get_running_loop().create_connection(
-                UpstreamSide,
-                up.host,
-                up.port,
-                ssl=self.ssl_context if tls else None,
-                server_hostname=up.host if tls else None,
-            ),
+        return await connect(
+            up,
+            self.ssl_context,
             self.cfg.upstream_connect_timeout_seconds,
+            self.rec.upstream_connected,
         )
-        return conn
 
     def finished(
         self,

@@ -63,6 +63,12 @@ class Recorder:
             ),
             registry=registry,
         )
+        self.m_connections = TallyCounter(
+            "credless_upstream_connections",
+            "Connections the proxy opened to MCP servers (kind: tls, a TLS handshake, or plain)",
+            ["server", "kind"],
+            registry=registry,
+        )
         self.m_upstream = TallyHistogram(
             "credless_upstream_seconds",
             "From request sent upstream to response head",
@@ -92,6 +98,9 @@ class Recorder:
     def fragment(self, **fields: Any) -> str:
         """A connection's audit fields, serialized once (AuditLog.fragment)."""
         return self.audit.fragment(**fields) if self.audit else ""
+
+    def upstream_connected(self, up: Upstream, kind: str) -> None:
+        self.m_connections.labels(up.name, kind).inc()
 
     def count(self, up: Upstream, outcome: str) -> None:
         self.m_requests.labels(up.name, up.mode, outcome).inc()
