@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from tests.helpers import stop_process
+from tests.tlsca import TestCA
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -18,10 +19,18 @@ class McpServer:
     authorization server it trusts is started, and nothing else can take its port) and
     served by the child started by start(issuer)."""
 
-    def __init__(self, tmp_path: Path, dpop: bool = False):
+    def __init__(self, tmp_path: Path, dpop: bool = False, tls: TestCA | None = None):
+        """tls: serve https with a certificate of this CA for localhost, 127.0.0.1 and ::1
+        (the URL names localhost, as users' servers name a host)."""
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}/mcp"
+        if tls is None:
+            self.url = f"http://127.0.0.1:{self.port}/mcp"
+            self.tls_args: list[str] = []
+        else:
+            self.url = f"https://localhost:{self.port}/mcp"
+            cert, key = tls.issue(f"mcp-{self.port}")
+            self.tls_args = ["--certfile", str(cert), "--keyfile", str(key)]
         self.stats_path = tmp_path / f"mcp-stats-{self.port}.json"
         self.log = tmp_path / f"mcp-{self.port}.log"
         self.dpop = dpop
@@ -34,7 +43,8 @@ class McpServer:
         args = ["--fd", str(fd), "--issuer", issuer, "--resource", self.url]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.mcp.server", *args, "--stats", str(self.stats_path)]
-            + (["--dpop"] if self.dpop else []),
+            + (["--dpop"] if self.dpop else [])
+            + self.tls_args,
             cwd=REPO,
             pass_fds=(fd,),
             stdout=subprocess.PIPE,

@@ -1,6 +1,7 @@
 """The MCP server peer: the official `mcp` Python SDK (streamable HTTP), demanding tokens.
 
     python -m tests.mcp.server --fd N --issuer URL --resource URL [--dpop] --stats FILE
+                               [--certfile PEM --keyfile PEM]
 
 It serves the listening socket it inherits as fd N (bound by tests/mcp/peers.py).
 
@@ -203,9 +204,12 @@ def main() -> None:
     ap.add_argument("--dpop", action="store_true")
     ap.add_argument("--required-scope", action="append")
     ap.add_argument("--stats", required=True)
+    ap.add_argument("--certfile", help="serve https with this chain (leaf first)")
+    ap.add_argument("--keyfile")
     args = ap.parse_args()
     save_stats(args.stats)
-    server = uvicorn.Server(uvicorn.Config(build(args), log_level="warning", lifespan="on"))
+    tls = {"ssl_certfile": args.certfile, "ssl_keyfile": args.keyfile} if args.certfile else {}
+    server = uvicorn.Server(uvicorn.Config(build(args), log_level="warning", lifespan="on", **tls))
     # the socket already listens: a client connecting before the loop serves it waits
     print(f"READY {args.resource}", flush=True)
     asyncio.run(server.serve(sockets=[socket.socket(fileno=args.fd)]))
