@@ -26,7 +26,7 @@ from agent.attest.attestor import Attestor
 from agent.attest.cgroupfs import cgroup2_root, process_cgroup
 from agent.attest.kubelet import KubeletClient, KubeletError, expand_url
 from agent.config import Config, KubeletSection, parse_listen
-from agent.identity.bundle_endpoint import BundleEndpoint
+from agent.identity.bundle_endpoint import BundleEndpoint, default_jwks_uri
 from agent.identity.manager import IdentityManager
 from agent.identity.workload_api import WorkloadApiServer
 from agent.inject.components import ProxyComponent, RedirectComponent
@@ -162,9 +162,7 @@ def build(cfg: Config, audit: AuditLog | None = None) -> Agent:
         cfg.agent.state_dir,
         audit=audit,
         registry=registry,
-        jwks_uri=f"http://{cfg.bundle_endpoint.listen}/jwks.json"
-        if cfg.bundle_endpoint.enabled
-        else None,
+        jwks_uri=default_jwks_uri(cfg.bundle_endpoint),
     )
     agent = Agent(cfg, metrics, audit, attestor, identity, oauth, AdminServer(admin_socket(cfg)))
     metrics.add_ready_check("attest", attestor.ready)
@@ -184,7 +182,7 @@ def build(cfg: Config, audit: AuditLog | None = None) -> Agent:
         agent.components.append(Synchronous(api))
     if cfg.bundle_endpoint.enabled:
         host, port = listen_address(cfg.bundle_endpoint.listen, "bundle_endpoint.listen")
-        bundle = BundleEndpoint(identity, host, port)
+        bundle = BundleEndpoint(identity, host, port, cfg.bundle_endpoint)
         agent.components.append(BoundEndpoint(bundle, "bundle_endpoint.listen"))
     agent.components.append(oauth)
     attestor.add_event_listener(identity.process_event)

@@ -17,6 +17,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from agent.config import BundleEndpointSection
 from agent.identity.bundle import public_key_to_jwk
 from agent.observe.http import HttpEndpoint
 
@@ -41,10 +42,18 @@ def oauth_jwks(bundle: Any) -> bytes:
     return json.dumps({"keys": keys}, separators=(",", ":")).encode()
 
 
+def default_jwks_uri(section: BundleEndpointSection) -> str | None:
+    """The jwks_uri registered for dynamic clients when oauth.jwks_uri is not set: this
+    endpoint's /jwks.json (None: the endpoint is off)."""
+    return f"http://{section.listen}/jwks.json" if section.enabled else None
+
+
 class BundleEndpoint(HttpEndpoint):
     name = "bundle_endpoint"
 
-    def __init__(self, manager: Any, host: str, port: int):
+    def __init__(
+        self, manager: Any, host: str, port: int, section: BundleEndpointSection | None = None
+    ):
         super().__init__(
             host,
             port,
