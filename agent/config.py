@@ -484,6 +484,37 @@ def _check_servers(cfg: Config, problems: list[str]) -> None:
         seen.add(srv.name)
 
 
+def _check_jwks_uri(cfg: Config, problems: list[str]) -> None:
+    """An authorization server verifies a dynamic client's assertions with the keys at its
+    registered jwks_uri: fetched in clear from another host, they could be anyone's."""
+    b = cfg.bundle_endpoint
+    if bool(b.cert_file) != bool(b.key_file):
+        problems.append(
+            "bundle_endpoint: cert_file and key_file go together; set both to serve https, "
+            "or neither"
+        )
+    if not any(s.registration == "dynamic" for s in cfg.servers):
+        return
+    from agent.identity.bundle_endpoint import default_jwks_uri
+    from agent.oauth.trust import insecure_reason
+
+    uri = cfg.oauth.jwks_uri or default_jwks_uri(b)
+    if uri is None:
+        problems.append(
+            'oauth.jwks_uri: required with registration = "dynamic" while '
+            "bundle_endpoint.enabled = false (the authorization server needs the keys)"
+        )
+        return
+    reason = insecure_reason(uri)
+    if reason is not None:
+        where = "oauth.jwks_uri" if cfg.oauth.jwks_uri else "bundle_endpoint.listen"
+        problems.append(
+            f"{where}: the jwks_uri registered for dynamic clients would be {uri!r}: {reason}; "
+            "serve the bundle endpoint over https (bundle_endpoint.cert_file, key_file) or "
+            "set oauth.jwks_uri to an https URL"
+        )
+
+
 def parse(data: Mapping[str, Any], source: str = "<config>") -> Config:
     problems: list[str] = []
     cfg = schema.build(Config, data, problems)
@@ -491,6 +522,7 @@ def parse(data: Mapping[str, Any], source: str = "<config>") -> Config:
     if cfg is not None:
         _check_metrics(cfg, problems)
         _check_servers(cfg, problems)
+        _check_jwks_uri(cfg, problems)
     if cfg is None or problems:
         raise ConfigError(source, problems)
     return cfg
