@@ -1,4 +1,4 @@
-"""The SPIFFE bundle endpoint (SPIFFE_Federation.md §5), plain HTTP on a configured address.
+"""The SPIFFE bundle endpoint (SPIFFE_Federation.md §5) on a configured address.
 
   GET /            the trust bundle: SPIFFE bundle format (JWKS with x509-svid and jwt-svid
                    keys, spiffe_sequence, spiffe_refresh_hint)
@@ -6,8 +6,14 @@
                    an authorization server that verifies JWT-SVID client assertions through
                    a client's `jwks_uri` (OAuth libraries do not know SPIFFE's `use` values)
 
-The documents are public keys only. Serving them over https_web or https_spiffe belongs in
-front of this endpoint (a reverse proxy) when it leaves the node.
+The documents are public keys only, but whoever can replace them in transit can make an
+authorization server accept assertions credless never signed. So beyond the node it is
+served over https with a configured certificate (bundle_endpoint.cert_file / key_file: the
+`https_web` profile, a certificate for the name the authorization server uses), and
+dynamic registration refuses to register a plain-http jwks_uri other than a loopback one
+(agent/oauth/registration.py). The `https_spiffe` profile (the endpoint presenting an
+X509-SVID) is not offered: authorization servers fetching a jwks_uri verify it against the
+Web PKI, not a SPIFFE bundle. docs/remote-as.md says how to set this up.
 """
 
 from __future__ import annotations
@@ -44,8 +50,13 @@ def oauth_jwks(bundle: Any) -> bytes:
 
 def default_jwks_uri(section: BundleEndpointSection) -> str | None:
     """The jwks_uri registered for dynamic clients when oauth.jwks_uri is not set: this
-    endpoint's /jwks.json (None: the endpoint is off)."""
-    return f"http://{section.listen}/jwks.json" if section.enabled else None
+    endpoint's /jwks.json, https when it has a certificate (None: the endpoint is off).
+    The URL is the listen address: an authorization server on another host needs the name
+    on the certificate instead, in oauth.jwks_uri."""
+    if not section.enabled:
+        return None
+    scheme = "https" if section.cert_file else "http"
+    return f"{scheme}://{section.listen}/jwks.json"
 
 
 class BundleEndpoint(HttpEndpoint):
@@ -62,4 +73,6 @@ class BundleEndpoint(HttpEndpoint):
                 "/jwks.json": lambda: (200, oauth_jwks(manager.bundle()), JSON),
             },
             name="bundle-endpoint",
+            cert_file=section.cert_file if section else "",
+            key_file=section.key_file if section else "",
         )

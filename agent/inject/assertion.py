@@ -1,27 +1,261 @@
-"""Assertion mode: a workload's own token requests to its authorization server, with
-credless's client authentication put in.
+"""Assertion mode: a workload's own requests to its authorization server, with credless's
+client authentication put in.
 
 In assertion mode a [[servers]] url is the authorization server's token endpoint; the
-workload runs its own OAuth client and holds only a placeholder. decide.py has checked the
-request (an attested process, a form POST to the configured endpoint, the right Host); this
-module reads the form and puts a fresh JWT-SVID (aud = the issuer) in as the client
-assertion, then hands the request to the exchange like any other.
+workload runs its own OAuth client and holds no credential, at most a placeholder. decide.py
+has admitted the request (an attested process, a POST to the server, the right Host) and
+named it (decide.assertion_request); this module reads the body and puts credless's part in:
+
+- a token request (a form POST to the token endpoint, any grant: client_credentials,
+  refresh_token, authorization_code, RFC 8693 token exchange, RFC 7523 jwt-bearer, ...):
+  client_id = the SPIFFE ID, client_assertion = a fresh JWT-SVID (aud = the issuer, or the
+  token endpoint by servers[].assertion_audience), client_assertion_type by
+  servers[].auth_profile; a client_secret is removed;
+- a dynamic registration (RFC 7591, a JSON POST to the registration endpoint the server's
+  metadata names): the metadata that makes the client the SPIFFE identity's, made by
+  agent/oauth/registration.py as for credless's own registrations (software_statement,
+  jwks_uri, private_key_jwt, spiffe_id); the workload's other metadata is kept.
+
+What the workload sent in their place (rewrite_token_form, rewrite_registration): nothing
+(added), a placeholder that is not a JWT (replaced), or a JWT of its own: a credential the
+workload should not have, refused with 400 (servers[].workload_assertion = "refuse", the
+default) or replaced ("replace"). Each is audited by jti, never by value. A body credless
+cannot read unambiguously (a parameter that carries client authentication given twice, a
+duplicated JSON member, an encoding) is refused: the server could read it otherwise.
+
+The registration's software statement is a JWT-SVID whose audience is the registration
+endpoint, not the issuer: the server's answer, which goes to the workload, may echo it, and
+a JWT-SVID for the issuer would be a client assertion the workload could use itself.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 from collections.abc import Callable
-from urllib.parse import parse_qsl, urlencode
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
+from agent.identity.bundle_endpoint import oauth_jwks
+from agent.identity.jwtsvid import JwtSvid
+from agent.inject import decide
 from agent.inject.bodies import Replay, read_body
-from agent.inject.exchange import Exchanges, reply
-from agent.inject.http1 import Head
+from agent.inject.exchange import Exchanges
+from agent.inject.http1 import Head, simple_response
 from agent.inject.ports import Identities
 from agent.inject.record import AuditBase, Recorder
 from agent.inject.served import Served
 from agent.inject.upstreams import Upstream
+from agent.oauth.errors import OAuthError
+from agent.oauth.registration import client_metadata
 
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+JWT_SPIFFE = "urn:ietf:params:oauth:client-assertion-type:jwt-spiffe"
+ASSERTION_TYPES = {"jwt-bearer": JWT_BEARER, "jwt-spiffe": JWT_SPIFFE}
+# the form parameters of client authentication (RFC 6749 2.3.1, RFC 7521 4.2), which
+# credless sets; these and grant_type must appear at most once (RFC 6749 3.2)
+CLIENT_AUTH = ("client_id", "client_secret", "client_assertion", "client_assertion_type")
+SINGLE = ("grant_type", *CLIENT_AUTH)
+MAX_FIELDS = 256
+ASSERTION_TTL = 60
+
+
+class Refused(Exception):
+    """The workload's request cannot be credentialed as sent: answered 400 with an OAuth
+    error (error: the RFC's code) and audited (fields, no secret)."""
+
+    def __init__(self, error: str, description: str, **fields: Any):
+        super().__init__(description)
+        self.error, self.description, self.fields = error, description, fields
+
+
+@dataclass
+class Rewritten:
+    body: bytes
+    fields: dict[str, Any] = field(default_factory=dict)  # for the audit: jti, action, ...
+
+
+def _b64json(segment: str) -> Any:
+    padded = segment + "=" * (-len(segment) % 4)
+    return json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
+
+
+def is_jwt(value: str) -> bool:
+    """Whether value is a JWT (a JWS or JWE, compact or JSON serialization): something that
+    may be a real credential, as opposed to a placeholder."""
+    text = value.strip()
+    if text.startswith("{"):
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            return False
+        return isinstance(doc, dict) and (
+            "payload" in doc or "ciphertext" in doc or "signatures" in doc
+        )
+    parts = text.split(".")
+    if len(parts) not in (3, 5):
+        return False
+    try:
+        header = _b64json(parts[0])
+    except (ValueError, binascii.Error, UnicodeError):
+        return False
+    return isinstance(header, dict) and isinstance(header.get("alg"), str)
+
+
+def jti_of(value: str) -> str | None:
+    """The jti of a compact JWS, unverified, for the audit (None if it has none)."""
+    try:
+        claims = _b64json(value.strip().split(".")[1])
+    except (ValueError, IndexError, binascii.Error, UnicodeError):
+        return None
+    jti = claims.get("jti") if isinstance(claims, dict) else None
+    return jti[:128] if isinstance(jti, str) else None
+
+
+def _workload_value(
+    sent: str | None, what: str, workload_assertion: str, error: str
+) -> tuple[str, dict[str, Any]]:
+    """What to do with the workload's own `what` (client_assertion, software_statement):
+    the action for the audit, or Refused."""
+    if sent is None or sent == "":
+        return "added", {}
+    if not is_jwt(sent):
+        return "replaced", {}
+    seen = {"workload_jti": jti_of(sent)}
+    if workload_assertion != "replace":
+        raise Refused(
+            error,
+            f"credless: this workload sent its own JWT as {what}; it must hold no credential "
+            "(credless authenticates it with its SPIFFE identity). Send a placeholder or "
+            'nothing, or set workload_assertion = "replace" on this server',
+            what=what,
+            **seen,
+        )
+    return "replaced_workload_jwt", seen
+
+
+def rewrite_token_form(
+    body: bytes,
+    spiffe_id: str,
+    mint: Callable[[], JwtSvid],
+    workload_assertion: str = "refuse",
+    assertion_type: str = JWT_BEARER,
+) -> Rewritten:
+    """A token request's form with credless's client authentication in place of the
+    workload's (see the module's docstring). Raises Refused."""
+    try:
+        pairs = parse_qsl(
+            body.decode("ascii"),
+            keep_blank_values=True,
+            strict_parsing=bool(body),
+            errors="strict",
+            max_num_fields=MAX_FIELDS,
+        )
+    except (UnicodeError, ValueError) as e:
+        raise Refused(
+            "invalid_request", f"credless: the token request is not a valid form: {e}"
+        ) from None
+    seen: dict[str, list[str]] = {}
+    for k, v in pairs:
+        seen.setdefault(k, []).append(v)
+    twice = sorted(k for k in SINGLE if len(seen.get(k, ())) > 1)
+    if twice:
+        raise Refused(
+            "invalid_request",
+            f"credless: {', '.join(twice)} given more than once (RFC 6749 3.2): the server "
+            "could read another copy than credless",
+            duplicated=twice,
+        )
+    sent = seen["client_assertion"][0] if "client_assertion" in seen else None
+    action, fields = _workload_value(
+        sent, "client_assertion", workload_assertion, "invalid_request"
+    )
+    svid = mint()
+    removed = sorted(k for k in ("client_secret",) if k in seen)
+    out = [(k, v) for k, v in pairs if k not in CLIENT_AUTH]
+    out += [
+        ("client_id", spiffe_id),
+        ("client_assertion_type", assertion_type),
+        ("client_assertion", svid.token),
+    ]
+    fields.update(
+        request=decide.TOKEN,
+        action=action,
+        grant_type=seen["grant_type"][0] if "grant_type" in seen else None,
+        jti=svid.jti,
+        audience=", ".join(svid.audience),
+        removed=removed,
+    )
+    if seen.get("client_id", [spiffe_id])[0] != spiffe_id:
+        fields["workload_client_id"] = seen["client_id"][0][:200]
+    return Rewritten(urlencode(out).encode(), fields)
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        raise ValueError(f"duplicate members {', '.join(dup)}")
+    return dict(pairs)
+
+
+def rewrite_registration(
+    body: bytes,
+    spiffe_id: str,
+    mint_statement: Callable[[], JwtSvid],
+    *,
+    endpoint: str,
+    jwks_uri: str | None,
+    jwks: Callable[[], dict],
+    workload_assertion: str = "refuse",
+) -> Rewritten:
+    """A registration request's metadata with the SPIFFE identity's in place of the
+    workload's (registration.client_metadata). Raises Refused, or RegistrationError when
+    credless has no keys it may register (a jwks_uri the server could not fetch safely)."""
+    try:
+        meta = json.loads(body, object_pairs_hook=_no_duplicates)
+    except ValueError as e:
+        raise Refused(
+            "invalid_client_metadata", f"credless: the registration request is not JSON: {e}"
+        ) from None
+    if not isinstance(meta, dict):
+        raise Refused(
+            "invalid_client_metadata", "credless: the registration request is not a JSON object"
+        )
+    sent = meta.get("software_statement")
+    action, fields = _workload_value(
+        sent if isinstance(sent, str) else None,
+        "software_statement",
+        workload_assertion,
+        "invalid_software_statement",
+    )
+    statement = mint_statement()
+    ours = client_metadata(
+        spiffe_id,
+        statement.token,
+        endpoint=endpoint,
+        jwks_uri=jwks_uri,
+        jwks=None if jwks_uri else jwks(),
+    )
+    replaced = sorted(
+        k
+        for k in ("token_endpoint_auth_method", "jwks", "jwks_uri", "spiffe_id")
+        if k in meta and meta[k] != ours.get(k)
+    )
+    for k in ("jwks", "jwks_uri", "client_secret"):
+        meta.pop(k, None)
+    meta.update(ours)
+    fields.update(
+        request=decide.REGISTRATION,
+        action=action,
+        jti=statement.jti,
+        audience=", ".join(statement.audience),
+        jwks_uri=jwks_uri,
+        replaced=replaced,
+    )
+    return Rewritten(json.dumps(meta).encode(), fields)
 
 
 class AssertionRequests:
@@ -39,37 +273,161 @@ class AssertionRequests:
         self.issuer_of = issuer_of  # the issuer of a server's authorization server
         self.max_body = max_body
 
+    # what assertion mode reads of the OAuth service beyond the proxy's Tokens port
+    # (agent/oauth/service.py): the server's settings, its metadata, the jwks_uri
+    def _setting(self, up: Upstream, name: str, default: str) -> str:
+        server = self.exchanges.oauth.servers.get(up.name)
+        value = getattr(server, name, default)
+        return value if isinstance(value, str) else default
+
+    async def _registration_endpoint(self, up: Upstream) -> str | None:
+        """The registration endpoint the authorization server's metadata names, when it is
+        on this server's address (where the workload's request came); else None."""
+        discovery = getattr(self.exchanges.oauth, "discovery", None)
+        if discovery is None:
+            raise OAuthError("the OAuth service is not started")
+        meta = await discovery.server(self.issuer_of(up))
+        endpoint = meta.registration_endpoint
+        if not endpoint:
+            return None
+        u = urlsplit(endpoint)
+        port = u.port or (443 if u.scheme == "https" else 80)
+        same = (u.hostname or "").lower() == up.host.lower() and port == up.port
+        return endpoint if same else None
+
+    def _jwks_uri(self) -> str | None:
+        uri = getattr(self.exchanges.oauth, "jwks_uri", None)
+        return uri if isinstance(uri, str) and uri else None
+
+    def _jwks(self) -> dict:
+        bundle = getattr(self.identity, "bundle", None)
+        if bundle is None:
+            raise OAuthError("no JWT-SVID keys at hand to register inline")
+        return json.loads(oauth_jwks(bundle()))
+
     async def handle(
         self, head: Head, served: Served, audit_base: AuditBase, started: float
     ) -> bool:
-        """Put the client authentication (a fresh JWT-SVID, aud = the issuer) in a token
-        request in place of whatever placeholder it carried, when it is a client_credentials
-        grant; other grants go on as sent. Returns whether the connection stays open."""
+        """Read the request and put credless's client authentication in (a token request
+        or a registration, decide.assertion_request), or send it on as it came. Returns
+        whether the connection stays open."""
         client, up = served.client, served.up
         body = await read_body(client, self.max_body)
         if body is None:
-            await reply(
-                client,
+            return await self._answer(
+                served,
+                audit_base,
                 413,
                 b"Payload Too Large",
-                f"credless: token request body larger than {self.max_body} bytes",
+                "invalid_request",
+                f"credless: a request to the authorization server larger than "
+                f"{self.max_body} bytes",
+                close=True,
             )
-            return False
-        form = dict(parse_qsl(body.decode("latin-1"), keep_blank_values=True))
-        if form.get("grant_type") == "client_credentials":
-            ident = served.holder()
-            sid = str(ident.spiffe_id)
-            issuer = self.issuer_of(up)
-            svid = self.identity.jwt_svid(ident, [issuer], ttl=60, iss=sid)
-            form.update(
-                client_id=sid, client_assertion=svid.token, client_assertion_type=JWT_BEARER
+        coding = head.get(b"content-encoding")
+        if coding is not None and coding.strip().lower() != b"identity":
+            return await self._answer(
+                served,
+                audit_base,
+                415,
+                b"Unsupported Media Type",
+                "invalid_request",
+                "credless: a request to the authorization server must not be "
+                f"content-encoded ({coding.decode('latin-1')}): credless reads it",
+                keep=head.keep_alive,
             )
-            form.pop("client_secret", None)
+        ctype = head.get(b"content-type")
+        kind = decide.assertion_request(head.target, ctype, up.path)
+        endpoint = None
+        try:
+            if kind == decide.CANDIDATE:
+                endpoint = await self._registration_endpoint(up)
+                path = (urlsplit(endpoint).path or "/").encode() if endpoint else b"\0"
+                kind = decide.assertion_request(head.target, ctype, up.path, path)
+            new_body, fields = body, None
+            if kind is not None:
+                rewritten = self._rewrite(kind, body, served, up, endpoint or "")
+                new_body, fields = rewritten.body, rewritten.fields
+        except Refused as e:
+            self.rec.count(up, "assertion_refused")
             self.rec.audit_event(
-                "assertion.injected", audit_base, jti=svid.jti, kid=svid.kid, audience=issuer
+                "assertion.refused",
+                audit_base,
+                request=kind,
+                error=e.error,
+                reason=e.description,
+                **e.fields,
             )
-        new_body = urlencode(form).encode()
+            return await self._send(
+                served, 400, b"Bad Request", e.error, e.description, head.keep_alive
+            )
+        except OAuthError as e:
+            self.rec.count(up, "token_error")
+            self.rec.audit_event("request.failed", audit_base, reason=str(e), kind=e.kind)
+            return await self._send(
+                served,
+                502,
+                b"Bad Gateway",
+                "server_error",
+                f"credless: could not put client authentication into this request: {e}",
+                head.keep_alive,
+            )
+        if fields is not None:
+            self.rec.audit_event("assertion.injected", audit_base, **fields)
         head.remove(b"content-length", b"transfer-encoding")
         head.add(b"Content-Length", b"%d" % len(new_body))
         head.chunked = False
         return await self.exchanges.run(head, Replay(new_body), served, None, audit_base, started)
+
+    def _rewrite(self, kind: str, body: bytes, served: Served, up: Upstream, reg: str) -> Rewritten:
+        ident = served.holder()
+        sid = str(ident.spiffe_id)
+        policy = self._setting(up, "workload_assertion", "refuse")
+        if kind == decide.TOKEN:
+            audience = (
+                up.origin + up.path.decode("latin-1")
+                if self._setting(up, "assertion_audience", "issuer") == "token_endpoint"
+                else self.issuer_of(up)
+            )
+            return rewrite_token_form(
+                body,
+                sid,
+                lambda: self.identity.jwt_svid(ident, [audience], ttl=ASSERTION_TTL, iss=sid),
+                policy,
+                ASSERTION_TYPES.get(self._setting(up, "auth_profile", "jwt-bearer"), JWT_BEARER),
+            )
+        return rewrite_registration(
+            body,
+            sid,
+            lambda: self.identity.jwt_svid(ident, [reg], ttl=ASSERTION_TTL, iss=sid),
+            endpoint=reg,
+            jwks_uri=self._jwks_uri(),
+            jwks=self._jwks,
+            workload_assertion=policy,
+        )
+
+    async def _answer(
+        self,
+        served: Served,
+        audit_base: AuditBase,
+        status: int,
+        reason: bytes,
+        error: str,
+        description: str,
+        keep: bool = False,
+        close: bool = False,
+    ) -> bool:
+        self.rec.count(served.up, "assertion_refused")
+        self.rec.audit_event("assertion.refused", audit_base, status=status, reason=description)
+        return await self._send(served, status, reason, error, description, keep and not close)
+
+    @staticmethod
+    async def _send(
+        served: Served, status: int, reason: bytes, error: str, description: str, keep: bool
+    ) -> bool:
+        """An OAuth error answer (RFC 6749 5.2, RFC 7591 3.2.2), which OAuth clients show."""
+        body = json.dumps({"error": error, "error_description": description}).encode()
+        extra = [] if keep else [(b"Connection", b"close")]
+        served.client.write(simple_response(status, reason, body, extra=extra))
+        await served.client.drain()
+        return keep

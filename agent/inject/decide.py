@@ -199,6 +199,38 @@ def under_endpoint(target: bytes, endpoint: bytes) -> bool:
     return True
 
 
+# assertion mode (agent/inject/assertion.py): the requests whose client authentication
+# credless provides. A token request is a form POST to the configured token endpoint (every
+# grant: the client authenticates the same way whatever it asks for); a registration
+# (RFC 7591) is a JSON POST to the registration endpoint, which only the authorization
+# server's metadata names: decide() admits every JSON POST to the server as a candidate (its
+# body read, nothing added yet) and assertion_request(..., registration=) settles it.
+TOKEN, REGISTRATION, CANDIDATE = "token", "registration", "registration?"
+FORM = b"application/x-www-form-urlencoded"
+JSON = b"application/json"
+
+
+def media_type(content_type: bytes | None) -> bytes:
+    return (content_type or b"").split(b";")[0].strip().lower()
+
+
+def assertion_request(
+    target: bytes, content_type: bytes | None, token_path: bytes, registration: bytes | None = None
+) -> str | None:
+    """Which assertion-mode request a POST is: TOKEN, REGISTRATION (registration: the
+    registration endpoint's path, once known), CANDIDATE (a JSON POST while it is not), or
+    None (anything else: forwarded as sent, with nothing of credless's in it)."""
+    path = target.split(b"?", 1)[0]
+    kind = media_type(content_type)
+    if kind == FORM:
+        return TOKEN if path == token_path else None
+    if kind == JSON and path != token_path:  # (the token endpoint registers no one)
+        if registration is None:
+            return CANDIDATE
+        return REGISTRATION if path == registration else None
+    return None
+
+
 def decide(
     req: Request, up: Upstream, caller: Caller, settings: InjectSection, policy: Policy | None
 ) -> Verdict:
@@ -221,9 +253,7 @@ def decide(
     elif mode == "assertion":
         credentialed = (
             method == b"POST"
-            and (req.get(b"content-type") or b"").split(b";")[0].strip().lower()
-            == b"application/x-www-form-urlencoded"
-            and req.target.split(b"?", 1)[0] == up.path
+            and assertion_request(req.target, req.get(b"content-type"), up.path) is not None
         )
     else:
         credentialed = False

@@ -6,18 +6,29 @@ streamed back to the workload as it arrives (agent/inject/flows.py), then the ex
 accounted for: the answer when the server gave none, the connection back to the pool, the
 audit record and the metrics. The full path (proxy.py) awaits run(); the fast lane
 (lane.py) sends its request itself and calls finished() from the upstream's callback.
+
+A 401 to a request that carried credless's credential is held back (flows.py) and read here:
+- `DPoP error="use_dpop_nonce"` with a DPoP-Nonce (RFC 9449 §9): the nonce is remembered for
+  the server and the request sent once more with a fresh proof carrying it (audited as
+  request.retried), if credless still has its body: always for the fast lane (the whole read)
+  and for a body read for policy, and for a streamed body up to retry_body_limit bytes, kept
+  as it is sent; a longer one's 401 goes to the workload, and its next request carries the
+  nonce. Never more than once: a second demand is answered as a failure;
+- a challenge naming only a scheme credless did not use (DPoP when it sent Bearer, Bearer
+  when it sent DPoP): not retried, answered 502 with the diagnosis (request.failed);
+- anything else (invalid_token: the token is dropped from the cache) goes to the workload.
+A DPoP-Nonce on any answer to a DPoP request is remembered for that server's next proofs.
 """
 
 from __future__ import annotations
 
-import json
 import ssl
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from agent.config import InjectSection
-from agent.inject import http1
+from agent.inject import answers
 from agent.inject.bodies import EventSource, drain_body
 from agent.inject.flows import ClientSide, UpstreamSide
 from agent.inject.http1 import BODY, END, LAST_CHUNK, Head, chunk
@@ -25,31 +36,73 @@ from agent.inject.ports import Tokens
 from agent.inject.record import AuditBase, Recorder
 from agent.inject.served import Served
 from agent.inject.upstreams import Pool, Upstream, connect
+from agent.oauth.discovery import parse_www_authenticate
+from agent.oauth.dpop import asks_for_nonce, scheme_mismatch
 from agent.oauth.tokens import Token
+from agent.observe.logging import get_logger
+
+log = get_logger("inject.exchange")
 
 READ_SIZE = 65536
 
 
-def reply_now(client: ClientSide, status: int, reason: bytes, error: str, **extra: Any) -> None:
-    """Answer the workload with a JSON error body: {"error": error, **extra}."""
-    body = json.dumps({"error": error, **extra}).encode()
-    client.write(http1.simple_response(status, reason, body))
+@runtime_checkable
+class NonceKey(Protocol):
+    """A DPoP key that remembers servers' nonces for its later proofs (oauth.dpop.DPoPKey)."""
+
+    def note_nonce(self, url: str, nonce: str) -> bool: ...
 
 
-async def reply(client: ClientSide, status: int, reason: bytes, error: str, **extra: Any) -> None:
-    reply_now(client, status, reason, error, **extra)
+def reply_now(
+    client: ClientSide,
+    status: int,
+    reason: bytes,
+    error: str,
+    base: AuditBase | None = None,
+    outcome: str = "",
+    event_id: str | None = None,
+    **extra: Any,
+) -> None:
+    """Answer the workload in the server's place: a JSON-RPC error keeping the ids of a
+    JSON-RPC request (base.asked), else {"error": error, **extra}; either names the audit
+    event_id (agent/inject/answers.py, docs/errors.md)."""
+    asked = answers.of(base.asked) if base is not None else answers.PLAIN
+    client.write(
+        answers.response(asked, status, reason, error, outcome=outcome, event_id=event_id, **extra)
+    )
+
+
+async def reply(
+    client: ClientSide,
+    status: int,
+    reason: bytes,
+    error: str,
+    base: AuditBase | None = None,
+    outcome: str = "",
+    event_id: str | None = None,
+    **extra: Any,
+) -> None:
+    reply_now(client, status, reason, error, base, outcome, event_id, **extra)
     await client.drain()
 
 
 class Exchanges:
     def __init__(
-        self, cfg: InjectSection, rec: Recorder, oauth: Tokens, ssl_context: ssl.SSLContext
+        self,
+        cfg: InjectSection,
+        rec: Recorder,
+        oauth: Tokens,
+        ssl_context: ssl.SSLContext,
+        retry_body_limit: int = 1 << 20,
     ):
         self.cfg = cfg
         self.rec = rec
         self.oauth = oauth  # told of a token the server refused (invalid_token)
         self.ssl_context = ssl_context
         self.pool = Pool(cfg.upstream_pool_size, max_idle=cfg.upstream_idle_seconds)
+        # the longest streamed request body kept, as sent, to send again once for a DPoP
+        # nonce the server asks for (the proxy's: policy.max_body_bytes)
+        self.retry_body_limit = retry_body_limit
 
     def close(self) -> None:
         self.pool.close()
@@ -71,34 +124,30 @@ class Exchanges:
         try:
             conn = pooled if pooled is not None else await self._connect(up)
         except OSError as e:
-            if isinstance(e, TimeoutError):  # asyncio's: no text of its own
-                e = TimeoutError(
-                    f"no connection within {self.cfg.upstream_connect_timeout_seconds:g} s"
-                )
             await drain_body(src)
-            self.rec.count(up, "upstream_unreachable")
-            self.rec.audit_event("request.failed", audit_base, reason=f"upstream unreachable: {e}")
-            await reply(
-                client,
-                502,
-                b"Bad Gateway",
-                "credless: the MCP server is unreachable",
-                detail=str(e),
-            )
+            await self._unreachable(e, client, up, audit_base)
             return head.keep_alive
+        dpop = token is not None and token.token_type == "DPoP"  # noqa: S105 — a type name
         # from here the response streams to the workload as it arrives
-        conn.begin(client, close_client=not head.keep_alive, bodiless=head.method == b"HEAD")
+        self._begin(conn, client, head, token)
         # one write for head and body when they are at hand: a send(2) per piece costs more
         # than the proxying; large bodies still go out in 64 KiB steps
         out = bytearray(head.request_bytes())
+        # the body as sent, to send again if the server asks for a DPoP nonce (None: too long)
+        kept: bytearray | None = bytearray() if dpop else None
+        limit = self.retry_body_limit
         try:
             while True:
                 ev = await src.next()  # inline, not body_event: this loop runs per request
                 if ev is None:
                     raise ConnectionError("the workload closed the connection inside a request")
                 if ev[0] == BODY:
-                    data = ev[1]
-                    out += chunk(data) if head.chunked else data
+                    data = chunk(ev[1]) if head.chunked else ev[1]
+                    out += data
+                    if kept is not None:
+                        kept += data
+                        if len(kept) > limit:
+                            kept = None
                     if len(out) >= READ_SIZE:
                         conn.send(bytes(out))
                         out.clear()
@@ -106,6 +155,8 @@ class Exchanges:
                 elif ev[0] == END:
                     if head.chunked:
                         out += LAST_CHUNK
+                        if kept is not None:
+                            kept += LAST_CHUNK
                     break
         except BaseException:
             conn.abort()
@@ -113,9 +164,146 @@ class Exchanges:
         conn.send(bytes(out))
         conn.sent()
         await conn.finished()
-        keep = self.finished(conn, head.keep_alive, served, token, audit_base, started)
+        retried = False
+        if token is not None and self.nonce_retry(
+            conn, served, token, audit_base, kept is not None
+        ):
+            retried = True
+            again = await self._again(conn, head, bytes(kept or b""), served, token, audit_base)
+            if again is None:
+                return head.keep_alive
+            conn = again
+        keep = self.finished(
+            conn, head.keep_alive, served, token, audit_base, started, retried=retried
+        )
         await client.drain()
         return keep
+
+    def _begin(self, conn: UpstreamSide, client: ClientSide, head: Head, token: Token | None):
+        conn.begin(
+            client,
+            close_client=not head.keep_alive,
+            bodiless=head.method == b"HEAD",
+            hold_401=token is not None,
+            watch_nonce=token is not None and token.token_type == "DPoP",  # noqa: S105
+        )
+
+    async def _again(
+        self,
+        conn: UpstreamSide,
+        head: Head,
+        body: bytes,
+        served: Served,
+        token: Token,
+        audit_base: AuditBase,
+    ) -> UpstreamSide | None:
+        """Send head and body (as framed before) again with a fresh proof, which carries the
+        nonce the server just gave; the connection it went on, or None if none could be
+        had (the workload has been answered)."""
+        up, client = served.up, served.client
+        self.retrying(conn, audit_base)
+        head.remove(b"dpop")
+        url = up.origin + head.target.decode("latin-1").split("?", 1)[0]
+        proof = self.oauth.dpop_key(token.spiffe_id).proof(
+            head.method.decode(), url, access_token=token.access_token
+        )
+        head.add(b"DPoP", proof.encode())
+        if not conn.reusable():
+            conn.transport.close()
+            pooled = self.pool.get(served.key)
+            try:
+                conn = pooled if pooled is not None else await self._connect(up)
+            except OSError as e:
+                await self._unreachable(e, client, up, audit_base)
+                return None
+        self._begin(conn, client, head, token)
+        conn.send(head.request_bytes() + body)
+        conn.sent()
+        await conn.finished()
+        return conn
+
+    async def _unreachable(
+        self, e: OSError, client: ClientSide, up: Upstream, audit_base: AuditBase
+    ) -> None:
+        if isinstance(e, TimeoutError):  # asyncio's: no text of its own
+            e = TimeoutError(
+                f"no connection within {self.cfg.upstream_connect_timeout_seconds:g} s"
+            )
+        self.rec.count(up, "upstream_unreachable")
+        event_id = self.rec.audit_answered(
+            "request.failed", audit_base, reason=f"upstream unreachable: {e}"
+        )
+        await reply(
+            client,
+            502,
+            b"Bad Gateway",
+            "credless: the MCP server is unreachable",
+            audit_base,
+            "upstream_unreachable",
+            event_id,
+            detail=str(e),
+        )
+
+    def nonce_retry(
+        self,
+        conn: UpstreamSide,
+        served: Served,
+        token: Token,
+        audit_base: AuditBase,
+        have_body: bool,
+    ) -> bool:
+        """Whether the exchange just ended is a held 401 asking for a DPoP nonce, to be sent
+        again with it (then retrying(), and the nonce is remembered for the server's next
+        proofs). have_body: the request can be sent again (its body is kept). Called once
+        per request, before finished(): there is never a second retry."""
+        if (
+            conn.held is None
+            or not conn.complete
+            or conn.client_gone
+            or conn.head is None
+            or token.token_type != "DPoP"  # noqa: S105 — a token type
+            or not conn.dpop_nonce
+        ):
+            return False
+        challenges = parse_www_authenticate(
+            (conn.head.get(b"www-authenticate") or b"").decode("latin-1")
+        )
+        if not asks_for_nonce(challenges):
+            return False
+        up = served.up
+        if not self._note_nonce(token, up, conn.dpop_nonce):
+            return False
+        if not have_body:
+            log.warning(
+                "the MCP server asked for a DPoP nonce; the request's body was streamed and is "
+                "longer than kept for a retry, so its 401 goes to the workload and the next "
+                "request carries the nonce",
+                server=up.name,
+                limit=self.retry_body_limit,
+            )
+            return False
+        return True
+
+    def retrying(self, conn: UpstreamSide, audit_base: AuditBase) -> None:
+        """The request nonce_retry() allowed is being sent again: its 401 is dropped."""
+        conn.take_held()
+        self.rec.audit_event(
+            "request.retried",
+            audit_base,
+            status=401,
+            reason="the MCP server asked for a DPoP nonce (401 use_dpop_nonce, RFC 9449 §9): "
+            "sent again once with a proof carrying it",
+        )
+
+    def _note_nonce(self, token: Token, up: Upstream, nonce: bytes) -> bool:
+        key = self.oauth.dpop_key(token.spiffe_id)
+        value = nonce.decode("latin-1").strip()
+        if isinstance(key, NonceKey) and key.note_nonce(up.origin, value):
+            return True
+        log.warning(
+            "a DPoP-Nonce from the MCP server is not a valid nonce; ignored", server=up.name
+        )
+        return False
 
     async def _connect(self, up: Upstream) -> UpstreamSide:
         return await connect(
@@ -134,12 +322,14 @@ class Exchanges:
         audit_base: AuditBase,
         started: float,
         hold: Callable[[UpstreamSide], None] | None = None,
+        retried: bool = False,
     ) -> bool:
-        """After an exchange: the failure answer if there was no response, the pool, the
-        audit event and the metrics. keep_alive: the workload's request allows another on
-        its connection; hold(conn): takes a reusable upstream connection instead of the
-        pool. Returns whether the workload's connection stays open.
-        Synchronous: it also runs from the upstream's callback (agent/inject/lane.py)."""
+        """After an exchange: the failure answer if there was no response, the held 401
+        read (the module's docstring), the pool, the audit event and the metrics.
+        keep_alive: the workload's request allows another on its connection; hold(conn):
+        takes a reusable upstream connection instead of the pool; retried: this was the
+        request sent again for a DPoP nonce. Returns whether the workload's connection
+        stays open. Synchronous: it also runs from the upstream's callback (lane.py)."""
         client, up = served.client, served.up
         status = conn.status
         if conn.client_gone:  # no one to answer: the exchange was aborted for it
@@ -155,7 +345,7 @@ class Exchanges:
         if not status and conn.timed_out:
             self.rec.count(up, "upstream_timeout")
             limit = f"{self.cfg.upstream_timeout_seconds:g} s"
-            self.rec.audit_event(
+            event_id = self.rec.audit_answered(
                 "request.failed", audit_base, reason=f"the MCP server did not answer within {limit}"
             )
             reply_now(
@@ -163,12 +353,15 @@ class Exchanges:
                 504,
                 b"Gateway Timeout",
                 f"credless: the MCP server did not answer within {limit}",
+                audit_base,
+                "upstream_timeout",
+                event_id,
             )
             return keep_alive
         if not status:
             conn.abort()
             self.rec.count(up, "upstream_closed")
-            self.rec.audit_event(
+            event_id = self.rec.audit_answered(
                 "request.failed",
                 audit_base,
                 reason="the MCP server closed the connection without answering",
@@ -178,14 +371,21 @@ class Exchanges:
                 502,
                 b"Bad Gateway",
                 "credless: the MCP server closed the connection without answering",
+                audit_base,
+                "upstream_closed",
+                event_id,
             )
             return False
         self.rec.m_upstream.labels(up.name).observe(conn.head_at - conn.sent_at)
+        if conn.dpop_nonce and token is not None:
+            self._note_nonce(token, up, conn.dpop_nonce)
         # a 401 is parsed, not relayed verbatim (UpstreamSide._verbatim): its challenge is here
+        problem = None
         if status == 401 and token is not None and conn.head is not None:
-            challenge = conn.head.get(b"www-authenticate") or b""
-            if b"invalid_token" in challenge:
-                self.oauth.invalidate(served.holder(), up.name, token)
+            problem = self._refused(conn, served, token, retried)
+        held = conn.take_held()
+        if held is not None and problem is None:
+            client.write(held)
         keep = conn.complete and keep_alive and not conn.close_delimited
         if conn.reusable():
             if hold is not None:
@@ -194,6 +394,24 @@ class Exchanges:
                 self.pool.put(served.key, conn)
         else:
             conn.transport.close()
+        if problem is not None:
+            self.rec.count(up, "credential_refused")
+            event_id = self.rec.audit_answered(
+                "request.failed", audit_base, status=401, reason=problem
+            )
+            if held is None:  # relayed already (too long to hold)
+                return keep
+            reply_now(
+                client,
+                502,
+                b"Bad Gateway",
+                "credless: the MCP server refused the credential credless sent",
+                audit_base,
+                "credential_refused",
+                event_id,
+                detail=problem,
+            )
+            return keep_alive
         if not conn.complete:  # cut short: closing tells the workload the answer is partial
             self.rec.count(up, "upstream_closed")
             return False
@@ -202,3 +420,26 @@ class Exchanges:
             audit_base, status, token, round((time.perf_counter() - started) * 1000, 2)
         )
         return keep
+
+    def _refused(
+        self, conn: UpstreamSide, served: Served, token: Token, retried: bool
+    ) -> str | None:
+        """Read a 401 to credless's credential: drop a token the server calls invalid, and
+        say what is wrong (None: the answer goes to the workload as the server gave it) when
+        its challenge names only a scheme credless did not use, or asks for a DPoP nonce
+        again right after the retry that carried one."""
+        up = served.up
+        head = conn.head
+        raw = (head.get(b"www-authenticate") if head is not None else None) or b""
+        challenges = parse_www_authenticate(raw.decode("latin-1"))
+        problem = scheme_mismatch(challenges, token.token_type, up.name)
+        if problem is None and retried and asks_for_nonce(challenges):
+            problem = (
+                f"the MCP server {up.name} asked again for a DPoP nonce (401 use_dpop_nonce) "
+                "right after the request was sent again with a proof carrying the nonce it "
+                "gave; credless retries once only. Check the server's nonce handling"
+            )
+        if b"invalid_token" in raw or problem is not None:
+            # refused for its scheme: a token of the kind this server does not take
+            self.oauth.invalidate(served.holder(), up.name, token)
+        return problem

@@ -12,11 +12,17 @@ Flow control both ways: a workload that stops reading pauses reading from the up
 feeds it (and resumes it); request bodies queued beyond HIGH_WATER pause reading from the
 workload until the serving coroutine catches up; an upstream that stops reading makes the
 coroutine wait (UpstreamSide.drain) before it sends more of a request body.
+
+A 401 answer to a request that carried credless's credential is held back (up to HOLD_MAX
+bytes) instead of relayed as it arrives: the proxy reads its challenge first, and may send
+the request again with a DPoP nonce the server asked for, or answer with a diagnosis of a
+scheme the server wants and credless did not use (agent/inject/exchange.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections import deque
 from collections.abc import Callable
@@ -30,6 +36,10 @@ if TYPE_CHECKING:  # upstreams.py imports this module
 
 HIGH_WATER = 256 << 10
 LOW_WATER = 64 << 10
+# a held 401 longer than this is relayed after all (challenges come with short bodies)
+HOLD_MAX = 64 << 10
+# a DPoP-Nonce field in a head relayed verbatim (llhttp is strict: CRLF, name, colon)
+_NONCE_FIELD = re.compile(rb"\r\ndpop-nonce:[ \t]*([^\r]*)", re.IGNORECASE)
 
 
 def _stream(transport: asyncio.BaseTransport) -> asyncio.Transport:
@@ -251,6 +261,11 @@ class UpstreamSide(asyncio.Protocol):
         self.close_delimited = False
         self._close_client = self._bodiless = False
         self._skip_end = False  # the parser's end of an interim (1xx) response
+        # the exchange carries credless's credential: a 401 answer is held (see above)
+        self._hold_401 = False
+        self._watch_nonce = False  # ... a DPoP-bound one: DPoP-Nonce fields are read
+        self.held: bytearray | None = None  # the 401 answer held back, as it would be relayed
+        self.dpop_nonce: bytes | None = None  # the final response's DPoP-Nonce, if watched
 
     # --- asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -302,11 +317,15 @@ class UpstreamSide(asyncio.Protocol):
         close_client: bool = False,
         bodiless: bool = False,
         on_done: Callable[[UpstreamSide], object] | None = None,
+        hold_401: bool = False,
+        watch_nonce: bool = False,
     ) -> None:
         """Relay the next response to client. close_client: the workload asked to close after
         it (the response says Connection: close). bodiless: the request was HEAD, whose
         response has no body whatever its Content-Length says. on_done(self): called when
-        the exchange ends, instead of waking a finished() waiter."""
+        the exchange ends, instead of waking a finished() waiter. hold_401: keep a 401
+        answer in `held` instead of relaying it; watch_nonce: read the answer's DPoP-Nonce
+        into `dpop_nonce`."""
         self._client = client
         client.upstream = self
         self._on_done = on_done
@@ -316,6 +335,8 @@ class UpstreamSide(asyncio.Protocol):
         self.sent_at, self.timed_out, self.client_gone = 0.0, False, False
         self.close_delimited = self._skip_end = False
         self._close_client, self._bodiless = close_client, bodiless
+        self._hold_401, self._watch_nonce = hold_401, watch_nonce
+        self.held = self.dpop_nonce = None
         if client.write_paused and not client.closed:
             self.transport.pause_reading()
 
@@ -355,6 +376,10 @@ class UpstreamSide(asyncio.Protocol):
                     continue
                 self.head, self.status, self.head_at = item, item.status, time.perf_counter()
                 self.keep_alive = item.keep_alive
+                if self._watch_nonce:
+                    self.dpop_nonce = item.get(b"dpop-nonce")
+                if item.status == 401 and self._hold_401:
+                    self.held = bytearray()
                 http1.strip_connection_headers(item)
                 # a body that ends when the server closes can only reach the workload the
                 # same way: its connection is closed after it
@@ -382,6 +407,12 @@ class UpstreamSide(asyncio.Protocol):
                 if i + 1 < len(events):  # bytes after the response: out of step
                     self.keep_alive = False
                 break
+        held = self.held
+        if held is not None:
+            held += out
+            out = bytearray()
+            if len(held) > HOLD_MAX:  # not a challenge's answer: relay it after all
+                out, self.held = held, None
         if out:  # what one read brought goes out at once: SSE events are not held back
             client.write(bytes(out))
         if self.complete:
@@ -414,6 +445,9 @@ class UpstreamSide(asyncio.Protocol):
                 return False
         self.status, self.head_at = whole.status, time.perf_counter()
         self.keep_alive = self.complete = True
+        if self._watch_nonce:
+            found = _NONCE_FIELD.search(data, 0, whole.head_end + 2)
+            self.dpop_nonce = found.group(1).strip() if found else None
         client.write(data)
         self._finish()
         return True
@@ -431,6 +465,11 @@ class UpstreamSide(asyncio.Protocol):
         on_done, self._on_done = self._on_done, None
         if on_done is not None:
             on_done(self)
+
+    def take_held(self) -> bytes | None:
+        """The held 401 answer (None: none was held), no longer held."""
+        held, self.held = self.held, None
+        return bytes(held) if held is not None else None
 
     def reusable(self) -> bool:
         return (

@@ -15,17 +15,23 @@ The lane has no admission rule of its own: what it declines (offer() returns Fal
 the parser and the serving coroutine, which asks the same decision and carries it out
 (including every refusal): the lane never half-handles a request.
 
+A 401 asking for a DPoP nonce (agent/inject/exchange.py) is answered here too: the lane still
+has the whole request as read, so it sends it again once, with a fresh proof carrying the
+nonce, on the same upstream connection if it stays open, else on a pooled or new one (a
+task awaits the connection; the workload's connection offers nothing meanwhile).
+
 One lane per workload connection (Proxy._serve makes it once the connection's identity is
 known); it holds what is the same for every request on it, and the one request in flight.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import TYPE_CHECKING
 
 from agent.inject import decide
-from agent.inject.flows import UpstreamSide
+from agent.inject.flows import ClientSide, UpstreamSide
 from agent.inject.record import AuditBase
 from agent.inject.served import Served
 from agent.oauth.tokens import EXPIRY_SKEW_SECONDS, Token
@@ -39,14 +45,17 @@ log = get_logger("inject.lane")
 
 class FastLane:
     __slots__ = (
+        "_again",
         "_held",
         "_held_since",
         "_memo",
         "_memo_gen",
         "_memo_until",
+        "_sent_again",
         "audit_base",
         "client",
         "proxy",
+        "request",
         "served",
         "started",
         "token",
@@ -72,6 +81,11 @@ class FastLane:
         self._memo: Token | None = None  # the token last found in the cache
         self._memo_gen = -1
         self._memo_until = 0.0
+        # the DPoP request in flight as read, (bytes, head end, method, path), to send again
+        # for a nonce; None: nothing to send again (not DPoP, or sent again already)
+        self.request: tuple[bytes, int, str, str] | None = None
+        self._again: asyncio.Task[None] | None = None  # connecting to send it again
+        self._sent_again = False  # the request in flight is the one sent again
 
     def _token(self) -> Token | None:
         """The cached token for this connection's identity and server, or None (then the
@@ -133,57 +147,134 @@ class FastLane:
         started = time.perf_counter()
         path = whole.url.decode("latin-1")
         method = whole.method.decode()
+        request = None
         if token is not None:
             if token.token_type != "DPoP":  # noqa: S105 — the same field for every request
                 fields = token.authorization_field
             else:
-                try:
-                    fields = b"".join(
-                        [
-                            b"\r\n%s: %s" % nv
-                            for nv in proxy.credentials(token, method, self.up, path)
-                        ]
-                    )
-                except Exception:
-                    log.exception("credentials for a request failed; taking the full path")
+                request = (data, end, method, path)
+                proof = self._proof_fields(token, method, path)
+                if proof is None:
                     return False
+                fields = proof
             data = data[:end] + fields + data[end:]
         # last: nothing declines once an upstream connection is taken (its idle time stays
         # what it was: see release())
         conn = self._take()
         if conn is None:
             return False
-        self.token, self.started = token, started
+        self.token, self.started, self.request = token, started, request
+        self._sent_again = False
         self.audit_base = AuditBase(
-            {"method": method, "path": path.split("?", 1)[0]}, self.served.fragment
+            {"method": method, "path": path.split("?", 1)[0]}, self.served.fragment, req
         )
         client.fast_inflight = True
-        conn.begin(client, on_done=self.finish)
+        conn.begin(
+            client,
+            on_done=self.finish,
+            hold_401=token is not None,
+            watch_nonce=request is not None,
+        )
         conn.send(data)
         conn.sent()
         proxy.rec.m_added.observe(time.perf_counter() - started)
         return True
 
+    def _proof_fields(self, token: Token, method: str, path: str) -> bytes | None:
+        """The credential fields of a DPoP request, spliced after its last field (None: the
+        proof could not be made; the full path takes the request)."""
+        try:
+            return b"".join(
+                [b"\r\n%s: %s" % nv for nv in self.proxy.credentials(token, method, self.up, path)]
+            )
+        except Exception:
+            log.exception("credentials for a request failed; taking the full path")
+            return None
+
+    def _send_again(self, conn: UpstreamSide) -> bool:
+        """The server asked for a DPoP nonce (exchange.nonce_retry said so): send the request
+        again, once, with a proof carrying it. False: it cannot be (nothing kept, no proof);
+        the 401 then goes to the workload."""
+        request, token = self.request, self.token
+        self.request = None  # once only
+        if request is None or token is None:
+            return False
+        data, end, method, path = request
+        fields = self._proof_fields(token, method, path)
+        if fields is None:
+            return False
+        data = data[:end] + fields + data[end:]
+        self.proxy.exchanges.retrying(conn, self.audit_base)
+        self._sent_again = True
+        if conn.reusable():
+            self._send(conn, data)
+            return True
+        conn.transport.close()
+        pooled = self.proxy.pool.get(self.served.key)
+        if pooled is not None:
+            self._send(pooled, data)
+        else:
+            self._again = asyncio.get_running_loop().create_task(self._connect_and_send(data))
+        return True
+
+    def _send(self, conn: UpstreamSide, data: bytes) -> None:
+        conn.begin(self.client, on_done=self.finish, hold_401=True, watch_nonce=True)
+        conn.send(data)
+        conn.sent()
+
+    async def _connect_and_send(self, data: bytes) -> None:
+        client, exchanges = self.client, self.proxy.exchanges
+        try:
+            try:
+                conn = await exchanges._connect(self.up)
+            except OSError as e:
+                await exchanges._unreachable(e, client, self.up, self.audit_base)
+                self._done(client, close=False)
+                return
+            if client.closed:  # the workload left meanwhile: nothing to send for
+                self.proxy.pool.put(self.served.key, conn)
+                self._done(client, close=True)
+                return
+            self._send(conn, data)
+        except Exception:
+            log.exception("sending a request again for a DPoP nonce failed; connection closed")
+            self._done(client, close=True)
+        finally:
+            self._again = None
+
     def finish(self, conn: UpstreamSide) -> None:
         """The upstream side ended the exchange (answered, cut short, or failed)."""
         client = self.client
-        client.fast_inflight = False
+        exchanges = self.proxy.exchanges
+        token = self.token
         try:
+            retried = self._sent_again
             if (
-                not self.proxy.exchanges.finished(
-                    conn,
-                    True,
-                    self.served,
-                    self.token,
-                    self.audit_base,
-                    self.started,
-                    hold=self._hold,
-                )
-                or client.draining
+                self.request is not None
+                and token is not None
+                and exchanges.nonce_retry(conn, self.served, token, self.audit_base, True)
+                and self._send_again(conn)
             ):
-                client.close()
+                return  # still in flight: finish() comes again with its answer
+            keep = exchanges.finished(
+                conn,
+                True,
+                self.served,
+                token,
+                self.audit_base,
+                self.started,
+                hold=self._hold,
+                retried=retried,
+            )
+            self._done(client, close=not keep or client.draining)
         except Exception:
             log.exception("finishing a request failed; connection closed")
+            self._done(client, close=True)
+
+    def _done(self, client: ClientSide, close: bool) -> None:
+        """The request in flight is over: the workload's connection takes the next one."""
+        if close:
             client.close()
-        self.token = None
+        client.fast_inflight = False
+        self.token = self.request = None
         client.wake()

@@ -19,7 +19,6 @@ asks of the attestor, identities, OAuth, the redirect and policy is in ports.py.
 from __future__ import annotations
 
 import asyncio
-import json
 import ssl
 import time
 from typing import Any
@@ -28,11 +27,11 @@ from prometheus_client import CollectorRegistry
 
 from agent.attest.selectors import Attestation
 from agent.config import InjectSection
-from agent.inject import decide, http1
+from agent.inject import answers, decide, http1
 from agent.inject.assertion import AssertionRequests
-from agent.inject.bodies import EventSource, Replay, drain_body, read_body
+from agent.inject.bodies import EventSource, Replay, asked_of, drain_body, read_body
 from agent.inject.decide import FORWARD, Caller, Verdict
-from agent.inject.exchange import Exchanges, reply
+from agent.inject.exchange import Exchanges
 from agent.inject.flows import ClientSide
 from agent.inject.http1 import HEAD, Head, ProtocolError
 from agent.inject.lane import FastLane
@@ -76,8 +75,9 @@ class Proxy:
         self.policy = policy
         self.max_body = max_body
         self.rec = Recorder(audit, registry)
+        # a streamed body is kept, up to the policy's limit, for a DPoP nonce retry
         self.exchanges = Exchanges(
-            cfg, self.rec, oauth, ssl_context or ssl.create_default_context()
+            cfg, self.rec, oauth, ssl_context or ssl.create_default_context(), max_body
         )
         self.pool = self.exchanges.pool  # the fast lane holds and gives back connections
         self.assertions = AssertionRequests(
@@ -98,21 +98,26 @@ class Proxy:
             return
         if what == SLOW_REQUEST:
             up, fragment = client.served
+            event_id = None
             if up is not None:
                 self.rec.count(up, "request_timeout")
-                self.rec.audit_event(
+                event_id = self.rec.audit_answered(
                     "request.failed",
                     AuditBase({}, fragment),
                     reason="the request stopped arriving for "
                     f"{self.cfg.request_timeout_seconds:g} s; connection "
                     "closed",
                 )
+            # plain: the request never arrived whole, so what it was is unknown
             client.write(
-                http1.simple_response(
+                answers.response(
+                    answers.PLAIN,
                     408,
                     b"Request Timeout",
-                    json.dumps({"error": "credless: the request stopped arriving"}).encode(),
-                    extra=[(b"Connection", b"close")],
+                    "credless: the request stopped arriving",
+                    outcome="request_timeout",
+                    event_id=event_id,
+                    headers=[(b"Connection", b"close")],
                 )
             )
         client.close()
@@ -165,21 +170,27 @@ class Proxy:
         answered, audited and counted, and the connection closed (where the next request
         would begin is not known)."""
         up, fragment = client.served
+        outcome = "head_too_large" if e.status == 431 else "malformed"
+        event_id = None
         if up is not None:
-            self.rec.count(up, "head_too_large" if e.status == 431 else "malformed")
-            self.rec.audit_event(
+            self.rec.count(up, outcome)
+            event_id = self.rec.audit_answered(
                 "request.denied",
                 AuditBase({}, fragment),
                 status=e.status,
                 reason=f"malformed HTTP: {e}; connection closed",
             )
         reason = b"Request Header Fields Too Large" if e.status == 431 else b"Bad Request"
+        # plain: a request that cannot be framed has no body to read, nor one to trust
         client.write(
-            http1.simple_response(
+            answers.response(
+                answers.PLAIN,
                 e.status,
                 reason,
-                json.dumps({"error": f"credless: malformed HTTP: {e}"}).encode(),
-                extra=[(b"Connection", b"close")],
+                f"credless: malformed HTTP: {e}",
+                outcome=outcome,
+                event_id=event_id,
+                headers=[(b"Connection", b"close")],
             )
         )
 
@@ -333,13 +344,15 @@ class Proxy:
         if verdict.strip:
             head.remove(b"authorization", b"dpop")
         src: EventSource = client
+        asked: answers.Asked | None = None  # what the request is, once its body is read
         if verdict.read_body:
             if up.mode == "assertion":
                 return await self.assertions.handle(head, served, audit_base, started)
             decided = await self._enforce(head, req, served, caller, audit_base)
-            if not isinstance(decided, bytes):  # answered here: keep the connection?
+            if isinstance(decided, bool):  # answered here: keep the connection?
                 return decided
-            src = Replay(decided)
+            body, asked = decided
+            src = Replay(body)
         token = None
         if verdict.credential:
             ident = served.holder()
@@ -348,22 +361,43 @@ class Proxy:
                     ident, up.name
                 )
             except OAuthError as e:
-                await drain_body(src)
-                self.rec.count(up, "token_error")
-                self.rec.audit_event("request.failed", audit_base, reason=str(e), kind=e.kind)
-                await reply(
-                    client,
-                    502,
-                    b"Bad Gateway",
-                    "credless: could not obtain a token from the authorization server",
-                    kind=e.kind,
-                    detail=str(e),
-                )
+                await self._token_failed(e, head, client, src, asked, up, audit_base)
                 return head.keep_alive
             for name, value in self.credentials(token, method, up, path):
                 head.add(name, value)
         self.rec.m_added.observe(time.perf_counter() - started)
+        audit_base.asked = asked or head  # for an answer the exchange gives (exchange.py)
         return await self.exchanges.run(head, src, served, token, audit_base, started)
+
+    async def _token_failed(
+        self,
+        e: OAuthError,
+        head: Head,
+        client: ClientSide,
+        src: EventSource,
+        asked: answers.Asked | None,
+        up: Upstream,
+        audit_base: AuditBase,
+    ) -> None:
+        """No token for a request that needs one: its body read (bounded, for the ids of a
+        JSON-RPC request) or dropped, the failure counted, audited and answered 502."""
+        if asked is None:
+            asked = await asked_of(src, head, self.max_body, readable=True, drain=True)
+        self.rec.count(up, "token_error")
+        event_id = self.rec.audit_answered("request.failed", audit_base, reason=str(e), kind=e.kind)
+        client.write(
+            answers.response(
+                asked,
+                502,
+                b"Bad Gateway",
+                "credless: could not obtain a token from the authorization server",
+                outcome="token_error",
+                event_id=event_id,
+                kind=e.kind,
+                detail=str(e),
+            )
+        )
+        await client.drain()
 
     async def _refuse(
         self,
@@ -372,48 +406,65 @@ class Proxy:
         client: ClientSide,
         up: Upstream,
         audit_base: AuditBase,
-        calls: list | None = None,
+        calls: list[jsonrpc.Call] | None = None,
         batch: bool = False,
-        audited: bool = False,
+        event_id: str | None = None,
     ) -> bool:
-        """Carry out a refusal: count it, audit it (unless the calls' records did), answer
-        it (unless the verdict is to close), and say whether the connection stays open. A
-        request whose body is unread is answered and its connection closed if the workload
-        awaits 100 Continue or the verdict says close; otherwise its body is read and
-        dropped first, so the next request on the connection is framed where it begins."""
+        """Carry out a refusal: count it, audit it (unless the calls' records did: their
+        event_id is given), answer it (unless the verdict is to close), and say whether the
+        connection stays open. calls: the body's calls when it was read whole and decided
+        ([]: over the limit). A request whose body is unread is answered and its connection
+        closed if the workload awaits 100 Continue or the verdict says close; otherwise its
+        body is read and dropped first, so the next request on the connection is framed
+        where it begins: read whole, when it may be JSON-RPC, for the ids the answer keeps."""
         self.rec.count(up, verdict.outcome)
-        if not audited:
-            self.rec.audit_event(
+        if event_id is None:
+            event_id = self.rec.audit_answered(
                 "request.denied", audit_base, status=verdict.status or None, reason=verdict.message
             )
         if verdict.action == decide.CLOSE:
             return False
         expect = head.get(b"expect")
-        keep = (
-            head.keep_alive
-            and not verdict.close
-            and not (expect is not None and expect.lower() == b"100-continue")
-        )
-        if keep and calls is None:  # a decided body has been read whole already
-            await drain_body(client)
-        if verdict.rpc_code is not None:
-            body = jsonrpc.error_body(calls, batch, verdict.rpc_code, verdict.message)
+        continues = expect is not None and expect.lower() == b"100-continue"
+        keep = head.keep_alive and not verdict.close and not continues
+        if calls is not None:  # read whole and decided (the verdict has its code)
+            asked = answers.by_calls(calls, batch)
+        elif verdict.rpc_code is not None:  # decided by the head alone: its code, id null
+            if keep:
+                await drain_body(client)
+            asked = answers.UNREAD_RPC
         else:
-            body = json.dumps({"error": verdict.message}).encode()
+            # read where it would be drained anyway, or where only the workload's request
+            # closes the connection: never the body of a request refused for what it is
+            # (UNREADABLE, or a verdict to close), nor one not sent (awaiting 100 Continue)
+            readable = not (verdict.close or continues or verdict.outcome in answers.UNREADABLE)
+            asked = await asked_of(client, head, self.max_body, readable=readable, drain=keep)
         extra = [(b"Allow", verdict.allow)] if verdict.allow else []
         if not keep:
             extra.append((b"Connection", b"close"))
-        client.write(http1.simple_response(verdict.status, verdict.reason, body, extra=extra))
+        client.write(
+            answers.response(
+                asked,
+                verdict.status,
+                verdict.reason,
+                verdict.message,
+                outcome=verdict.outcome,
+                event_id=event_id,
+                rpc_code=verdict.rpc_code,
+                headers=extra,
+            )
+        )
         await client.drain()
         return keep
 
     async def _enforce(
         self, head: Head, req: decide.Request, served: Served, caller: Caller, audit_base: AuditBase
-    ) -> bytes | bool:
-        """Read the JSON-RPC body and have it decided: the body (bytes) to go on, else, once
-        the answer has been sent, whether the connection stays open (bool). Two types, not
-        a flag beside a value: a denial on a keep-alive connection must never read as "go
-        on" (it once did, and the denied request's head went upstream with a token)."""
+    ) -> tuple[bytes, answers.Asked] | bool:
+        """Read the JSON-RPC body and have it decided: the body to go on and what it asked
+        (for a later error's ids), else, once the answer has been sent, whether the
+        connection stays open (bool). Two types, not a flag beside a value: a denial on a
+        keep-alive connection must never read as "go on" (it once did, and the denied
+        request's head went upstream with a token)."""
         policy = self.policy
         if policy is None:  # decide() has a broker request's body read only for policy
             raise RuntimeError("a body to decide without a policy")
@@ -437,16 +488,19 @@ class Proxy:
                 calls=[],
             )
         verdict, records, calls, batch = decide.decide_body(body, req, up, caller, policy)
+        refused = verdict.action != FORWARD
+        # the records of a refused request share the event_id its answer names
+        named = {"event_id": answers.new_event_id()} if refused and self.rec.audit else {}
         for r in records:
-            self.rec.audit_event(r.event, audit_base, **r.fields)
-        if verdict.action != FORWARD:
+            self.rec.audit_event(r.event, audit_base, **r.fields, **named)
+        if refused:
             return await self._refuse(
-                verdict, head, client, up, audit_base, calls or [], batch, audited=True
+                verdict, head, client, up, audit_base, calls or [], batch, named.get("event_id")
             )
         head.remove(b"transfer-encoding", b"content-length")
         head.add(b"Content-Length", b"%d" % len(body))
         head.chunked = False
-        return body
+        return body, answers.by_calls(calls, batch)
 
     def upstream_issuer(self, up: Upstream) -> str:
         return self.oauth.servers[up.name].issuer

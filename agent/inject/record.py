@@ -7,6 +7,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge
 
+from agent.inject.answers import PLAIN, Asked, Asks, new_event_id
 from agent.inject.upstreams import Upstream
 from agent.oauth.tokens import Token
 from agent.observe.logging import AuditLog
@@ -15,12 +16,14 @@ from agent.observe.tally import TallyCounter, TallyHistogram
 
 class AuditBase:
     """A request's own audit fields (method, path) and its connection's (server, process,
-    identity), the latter serialized once per connection (AuditLog.fragment)."""
+    identity), the latter serialized once per connection (AuditLog.fragment); and what the
+    request asked (answers.Asked, or its head to work that out from), for the shape of an
+    answer credless gives it in the server's place, which names its audit event."""
 
-    __slots__ = ("fields", "fragment")
+    __slots__ = ("asked", "fields", "fragment")
 
-    def __init__(self, fields: dict[str, Any], fragment: str):
-        self.fields, self.fragment = fields, fragment
+    def __init__(self, fields: dict[str, Any], fragment: str, asked: Asked | Asks = PLAIN) -> None:
+        self.fields, self.fragment, self.asked = fields, fragment, asked
 
 
 class Recorder:
@@ -111,6 +114,16 @@ class Recorder:
                 self.audit.emit_with(event, base.fragment, **base.fields, **fields)
             else:
                 self.audit.emit(event, **base, **fields)
+
+    def audit_answered(
+        self, event: str, base: dict[str, Any] | AuditBase, **fields: Any
+    ) -> str | None:
+        """audit_event() for an event an answer names: its new event_id (None: no audit)."""
+        if not self.audit:
+            return None
+        event_id = new_event_id()
+        self.audit_event(event, base, event_id=event_id, **fields)
+        return event_id
 
     def request_done(
         self, base: AuditBase, status: int, token: Token | None, latency_ms: float

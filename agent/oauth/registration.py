@@ -6,6 +6,13 @@ the agent's JWT-SVID keys (`jwks_uri` = the bundle endpoint), client_credentials
 `software_statement` that is a JWT-SVID for the registrant, proving to the server that this
 registration comes from the holder of that identity's keys.
 
+The metadata that ties a client to its SPIFFE identity (client_metadata: the key source,
+private_key_jwt, the statement, `spiffe_id`) is made here once, for the agent's own
+registrations and for a workload's that assertion mode rewrites (agent/inject/assertion.py).
+A `jwks_uri` must be one the authorization server can fetch without anyone on the path
+being able to substitute keys (check_jwks_uri): https, or http only between loopback
+addresses of one host.
+
 What comes back is kept in <state_dir>/oauth/clients.json (0600): the client_id, and the
 registration access token and URI needed to delete the client later, also after a restart.
 That registration access token is a management credential for the client's registration,
@@ -14,17 +21,23 @@ not an access token for any resource; it is never logged.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
 from agent.fsutil import atomic_write
 from agent.oauth.errors import MalformedResponse, RegistrationError, ServerUnavailable
-from agent.oauth.trust import check_endpoint
+from agent.oauth.trust import check_endpoint, insecure_reason, is_loopback_host
+
+# how a registered client authenticates: a JWT-SVID, checked against the registered keys
+AUTH_METHOD = "private_key_jwt"
+AUTH_SIGNING_ALG = "ES256"
 
 
 @dataclass(frozen=True, repr=False)
@@ -84,6 +97,70 @@ class ClientStore:
             ]
 
 
+def check_jwks_uri(jwks_uri: str, endpoint: str) -> None:
+    """Refuse (RegistrationError) a jwks_uri the authorization server at `endpoint` could
+    not fetch safely or at all: plain http to another host (anyone on the path could serve
+    it other keys and have their assertions accepted as this client's), an unspecified
+    address (0.0.0.0, ::), or a loopback one given to a server that is not on this host."""
+    fix = (
+        "serve the bundle endpoint over https (bundle_endpoint.cert_file and key_file) or "
+        "set oauth.jwks_uri to an https URL the authorization server reaches; see "
+        "docs/remote-as.md"
+    )
+    reason = insecure_reason(jwks_uri)
+    host = (urlsplit(jwks_uri).hostname or "") if reason is None else ""
+    try:
+        if reason is None and ipaddress.ip_address(host).is_unspecified:
+            reason = f"{host} is a listen-on-all address, not one another host can reach"
+    except ValueError:
+        pass  # a name, not an address literal
+    if reason is None and is_loopback_host(host):
+        as_host = urlsplit(endpoint).hostname or ""
+        if not is_loopback_host(as_host):
+            reason = (
+                f"it is a loopback address, which the authorization server at {as_host} "
+                "(not on this host) cannot reach"
+            )
+    if reason is not None:
+        raise RegistrationError(
+            f"refusing to register jwks_uri {jwks_uri!r} at {endpoint}: {reason}; {fix}",
+            url=endpoint,
+        )
+
+
+def client_metadata(
+    spiffe_id: str,
+    software_statement: str,
+    *,
+    endpoint: str,
+    jwks_uri: str | None,
+    jwks: dict | None,
+) -> dict[str, Any]:
+    """The RFC 7591 metadata that makes a client this SPIFFE identity's: authentication by
+    a JWT-SVID (private_key_jwt, ES256) checked against the agent's keys (jwks_uri, else
+    jwks inline), the software statement proving the registrant holds them, and
+    `spiffe_id` (draft-ietf-oauth-spiffe-client-auth). endpoint: the registration
+    endpoint, for check_jwks_uri."""
+    meta: dict[str, Any] = {
+        "token_endpoint_auth_method": AUTH_METHOD,
+        "token_endpoint_auth_signing_alg": AUTH_SIGNING_ALG,
+        "software_statement": software_statement,
+        "spiffe_id": spiffe_id,
+    }
+    if jwks_uri:
+        check_jwks_uri(jwks_uri, endpoint)
+        meta["jwks_uri"] = jwks_uri
+    elif jwks is not None:
+        meta["jwks"] = jwks
+    else:
+        raise RegistrationError(
+            f"no keys to register at {endpoint}: the bundle endpoint is off and "
+            "oauth.jwks_uri is not set",
+            url=endpoint,
+        )
+    return meta
+
+
 async def register(
     http: httpx.AsyncClient,
     *,
@@ -95,26 +172,21 @@ async def register(
     software_statement: str,
     dpop: bool,
 ) -> RegisteredClient:
+    check_endpoint(endpoint, "registration endpoint")  # also checked on the metadata
     meta: dict[str, Any] = {
         "client_name": spiffe_id,
         "grant_types": ["client_credentials"],
         "response_types": [],
         "redirect_uris": [],
-        "token_endpoint_auth_method": "private_key_jwt",
-        "token_endpoint_auth_signing_alg": "ES256",
-        "software_statement": software_statement,
-        "spiffe_id": spiffe_id,  # draft-ietf-oauth-spiffe-client-auth metadata
         "application_type": "web",
+        **client_metadata(
+            spiffe_id, software_statement, endpoint=endpoint, jwks_uri=jwks_uri, jwks=jwks
+        ),
     }
     if dpop:
         meta["dpop_bound_access_tokens"] = True
-    if jwks_uri:
-        meta["jwks_uri"] = jwks_uri
-    else:
-        meta["jwks"] = jwks
     from agent.oauth.tokens import post_form
 
-    check_endpoint(endpoint, "registration endpoint")  # also checked on the metadata
     status, body, _ = await post_form(http, endpoint, None, {}, "registration", json_body=meta)
     if status not in (200, 201):
         err = body if isinstance(body, dict) else {}

@@ -200,17 +200,35 @@ def _dpop(
     server: Server, resource: str, prm: ResourceMetadata | None, meta: ServerMetadata
 ) -> tuple[bool, str | None]:
     """Whether to send DPoP proofs, and why a Bearer token would be refused (None: it is
-    not)."""
-    required = None
+    not). docs/dpop.md has the table.
+
+    `auto` follows the resource server, not the authorization server: the MCP server is the
+    one that must accept the token, and the MCP specification's default is Bearer. A stock
+    MCP server (Bearer only) therefore gets Bearer even from an AS that offers DPoP; DPoP is
+    used where the server asks for it (`dpop_bound_access_tokens_required` in its RFC 9728
+    metadata, or the DPoP scheme in its 401 challenge). A server that requires DPoP gets
+    proofs even from an AS that does not advertise ES256 (it may support DPoP unadvertised);
+    a Bearer token it then issues is refused, naming both. With `issuer` configured the
+    server is not asked, so nothing says it accepts DPoP: Bearer (set "always" for DPoP)."""
     if server.dpop == "always":
-        required = 'servers.dpop = "always"'
-    elif server.dpop == "auto" and prm is not None and prm.dpop_bound_access_tokens_required:
+        return True, 'servers.dpop = "always"'
+    if server.dpop != "auto" or prm is None:
+        return False, None
+    schemes = set(prm.challenge_schemes)
+    as_es256 = "ES256" in meta.dpop_signing_alg_values_supported
+    required = None
+    if prm.dpop_bound_access_tokens_required:
         required = f"the resource metadata of {resource} says dpop_bound_access_tokens_required"
-    dpop = server.dpop == "always" or (
-        server.dpop == "auto"
-        and (
-            "ES256" in meta.dpop_signing_alg_values_supported
-            or bool(prm and prm.dpop_bound_access_tokens_required)
-        )
-    )
-    return dpop, required
+    elif "dpop" in schemes and "bearer" not in schemes:
+        required = f"the 401 challenge of {resource} names the DPoP scheme only"
+    if required is not None:
+        if not as_es256:
+            required += (
+                f"; the authorization server {meta.issuer} does not advertise ES256 in "
+                "dpop_signing_alg_values_supported, so it may not issue DPoP-bound tokens: "
+                "use an authorization server that does, or a resource server that accepts "
+                "Bearer tokens"
+            )
+        return True, required
+    # DPoP offered beside Bearer: bound tokens when the AS can issue them, Bearer otherwise
+    return "dpop" in schemes and as_es256, None

@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 
 from agent.oauth.discovery import canonical_resource
-from agent.oauth.dpop import DPoPKey
+from agent.oauth.dpop import DPoPKey, valid_nonce
 from agent.oauth.errors import (
     MalformedResponse,
     OAuthError,
@@ -335,13 +335,16 @@ async def request_token(
             form["client_id"] = client_id
         headers = {}
         if dpop is not None:
-            headers["DPoP"] = dpop.proof("POST", token_endpoint, nonce=nonces.get(issuer))
+            headers["DPoP"] = dpop.proof(
+                "POST", token_endpoint, nonce=nonces.get(issuer), remembered=False
+            )
         now = time.time()
         status, body, resp_headers = await post_form(
             http, token_endpoint, form, headers, "token request"
         )
-        if resp_headers.get("dpop-nonce"):
-            nonces[issuer] = resp_headers["dpop-nonce"]
+        fresh = resp_headers.get("dpop-nonce")
+        if fresh and valid_nonce(fresh):
+            nonces[issuer] = fresh
         if status == 200:
             return parse_token_response(
                 body,
@@ -359,7 +362,8 @@ async def request_token(
             and dpop is not None
             and isinstance(body, dict)
             and body.get("error") == "use_dpop_nonce"
-            and resp_headers.get("dpop-nonce")
+            and fresh
+            and valid_nonce(fresh)
         ):
             continue
         raise from_error_response(status, body, token_endpoint, "token request")

@@ -136,10 +136,11 @@ def error_object(id_: Any, code: int, message: str, data: Any = None) -> dict[st
 def error_body(
     calls: list[Call] | None, is_batch: bool, code: int, message: str, data: Any = None
 ) -> bytes:
-    """The JSON-RPC error answer: one per request id (notifications get none)."""
-    if not calls:
+    """The JSON-RPC error answer: one per request id (notifications get none). A body of
+    notifications only, or of unknown calls, gets one error with id null: JSON-RPC answers
+    those with nothing, but an HTTP refusal needs a body that says why, and an empty batch
+    answer is not allowed."""
+    errors = [error_object(c.id, code, message, data) for c in calls or () if c.is_request]
+    if not errors:
         return json.dumps(error_object(None, code, message, data)).encode()
-    errors = [error_object(c.id, code, message, data) for c in calls if c.is_request]
-    if not is_batch:
-        return json.dumps(errors[0] if errors else error_object(None, code, message, data)).encode()
-    return json.dumps(errors).encode()
+    return json.dumps(errors if is_batch else errors[0]).encode()

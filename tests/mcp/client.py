@@ -2,7 +2,8 @@
 
     python -m tests.mcp.client URL STEP... [--header 'Name: value'] [--ca-file F]
     steps: list | call:TOOL[:json-args] | stream:N:DELAY_MS
-Prints one JSON line per step; on failure an {"error": ...} line and exit 1.
+Prints one JSON line per step; on failure an {"error": ...} line and exit 1, with the
+message the SDK surfaced (and a JSON-RPC error's code and data).
 """
 
 from __future__ import annotations
@@ -86,7 +87,18 @@ def main() -> int:
         while isinstance(inner, BaseExceptionGroup) and inner.exceptions:
             inner = inner.exceptions[0]
         status = getattr(getattr(inner, "response", None), "status_code", None)
-        emit({"error": type(inner).__name__, "message": str(inner)[:500], "status": status})
+        # what the SDK surfaces to its user: for a JSON-RPC error, its message (MCPError's
+        # str), code and data
+        error = getattr(inner, "error", None)
+        emit(
+            {
+                "error": type(inner).__name__,
+                "message": str(inner)[:2000],
+                "status": status,
+                "code": getattr(error, "code", None),
+                "data": getattr(error, "data", None),
+            }
+        )
         return 1
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import socket
 import subprocess
@@ -14,39 +15,79 @@ from tests.tlsca import TestCA
 REPO = Path(__file__).resolve().parents[2]
 
 
+def listening(host: str) -> list[socket.socket]:
+    """Listening sockets on a free port of host: one for an address, or for "localhost" one
+    on [::1] (IPv6 only) and one on 127.0.0.1, the same port (tried until one is free on
+    both)."""
+    if host != "localhost":
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        return [socket.create_server((host, 0), family=family)]
+    for _ in range(100):
+        v6 = socket.create_server(("::1", 0), family=socket.AF_INET6)  # sets IPV6_V6ONLY
+        try:
+            v4 = socket.create_server(("127.0.0.1", v6.getsockname()[1]))
+        except OSError as e:
+            v6.close()
+            if e.errno != errno.EADDRINUSE:
+                raise
+            continue
+        return [v6, v4]
+    raise RuntimeError("no port free on both 127.0.0.1 and [::1]")
+
+
 class McpServer:
     """The server, its listening socket bound here at once (its URL is known before the
     authorization server it trusts is started, and nothing else can take its port) and
     served by the child started by start(issuer)."""
 
-    def __init__(self, tmp_path: Path, dpop: bool = False, tls: TestCA | None = None):
+    def __init__(
+        self,
+        tmp_path: Path,
+        dpop: bool = False,
+        tls: TestCA | None = None,
+        dpop_nonce: int = 0,
+        dpop_nonce_forget: int = 0,
+        host: str = "127.0.0.1",
+    ):
         """tls: serve https with a certificate of this CA for localhost, 127.0.0.1 and ::1
-        (the URL names localhost, as users' servers name a host)."""
-        self.sock = socket.create_server(("127.0.0.1", 0))
+        (the URL names localhost, as users' servers name a host). dpop: demand DPoP-bound
+        tokens (and say so in the 401 challenge and the resource metadata); dpop_nonce: also
+        demand DPoP nonces, a new one every dpop_nonce accepted requests (implies dpop), all
+        forgotten once after the dpop_nonce_forget-th (tests/mcp/server.py). host: where it
+        listens and what its URL names: "127.0.0.1", "::1" (the URL names [::1]), or
+        "localhost" (both loopbacks, one port; the URL names localhost)."""
+        self.socks = listening(host)
+        self.sock = self.socks[0]
         self.port = self.sock.getsockname()[1]
+        named = f"[{host}]" if ":" in host else host
         if tls is None:
-            self.url = f"http://127.0.0.1:{self.port}/mcp"
+            self.url = f"http://{named}:{self.port}/mcp"
             self.tls_args: list[str] = []
         else:
-            self.url = f"https://localhost:{self.port}/mcp"
+            named = "localhost" if host == "127.0.0.1" else named
+            self.url = f"https://{named}:{self.port}/mcp"
             cert, key = tls.issue(f"mcp-{self.port}")
             self.tls_args = ["--certfile", str(cert), "--keyfile", str(key)]
         self.stats_path = tmp_path / f"mcp-stats-{self.port}.json"
         self.log = tmp_path / f"mcp-{self.port}.log"
-        self.dpop = dpop
+        self.dpop = dpop or dpop_nonce > 0
+        self.dpop_nonce, self.dpop_nonce_forget = dpop_nonce, dpop_nonce_forget
         self.proc: subprocess.Popen | None = None
 
     def start(self, issuer: str) -> McpServer:
         """Serve, trusting tokens from issuer; connections made before now wait in the
         socket's backlog."""
-        fd = self.sock.fileno()
-        args = ["--fd", str(fd), "--issuer", issuer, "--resource", self.url]
+        fds = tuple(s.fileno() for s in self.socks)
+        args = [*(a for fd in fds for a in ("--fd", str(fd))), "--issuer", issuer]
+        args += ["--resource", self.url]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.mcp.server", *args, "--stats", str(self.stats_path)]
             + (["--dpop"] if self.dpop else [])
+            + (["--dpop-nonce", str(self.dpop_nonce)] if self.dpop_nonce else [])
+            + (["--dpop-nonce-forget", str(self.dpop_nonce_forget)] if self.dpop_nonce else [])
             + self.tls_args,
             cwd=REPO,
-            pass_fds=(fd,),
+            pass_fds=fds,
             stdout=subprocess.PIPE,
             stderr=open(self.log, "wb"),
             text=True,
@@ -61,7 +102,8 @@ class McpServer:
 
     def stop(self) -> None:
         stop_process(self.proc)
-        self.sock.close()
+        for s in self.socks:
+            s.close()
 
     def __enter__(self) -> McpServer:
         return self

@@ -10,10 +10,14 @@
 //   dpop            {"enabled": true, "require_nonce": false}
 //   registration    {"enabled": true}   dynamic registration (RFC 7591) + management (7592)
 //   spiffe_assertion true: also accept client_assertion_type ...:jwt-spiffe (see below)
+//   tls             {"cert": PEM chain file, "key": PEM key file}: serve https, issuer
+//                   https://localhost:PORT (an authorization server as users meet one). What
+//                   it fetches over https (clients' jwks_uri) it verifies against the system
+//                   store plus NODE_EXTRA_CA_CERTS, which the test sets to its CA
 //
 // Prints "READY <issuer>" once listening, and one JSON line per notable server event on
-// stderr (grant.success/error with oidc-provider's inner reason, registrations, ...), never a
-// token or an assertion. Exits on SIGTERM.
+// stderr (grant.success/error with oidc-provider's inner reason, registrations, every URL it
+// fetches: `fetch`, ...), never a token or an assertion. Exits on SIGTERM.
 //
 // jwt-spiffe: oidc-provider knows RFC 7523 client assertions (jwt-bearer), not the IETF draft
 // "OAuth SPIFFE Client Authentication". The middleware below implements the draft's extra
@@ -25,6 +29,7 @@
 import { readFileSync } from 'node:fs';
 import { generateKeyPairSync, randomBytes } from 'node:crypto';
 import { createServer } from 'node:http';
+import { createServer as createTlsServer } from 'node:https';
 import { parse as parseQs } from 'node:querystring';
 import Provider, { errors } from 'oidc-provider';
 
@@ -34,9 +39,13 @@ const log = (event, fields = {}) => process.stderr.write(`${JSON.stringify({ eve
 const JWT_BEARER = 'urn:ietf:params:oauth:client-assertion-type:jwt-bearer';
 const JWT_SPIFFE = 'urn:ietf:params:oauth:client-assertion-type:jwt-spiffe';
 
-const server = createServer();
+const server = cfg.tls
+  ? createTlsServer({ cert: readFileSync(cfg.tls.cert), key: readFileSync(cfg.tls.key) })
+  : createServer();
 await new Promise((resolve) => server.listen(cfg.port || 0, '127.0.0.1', resolve));
-const issuer = `http://127.0.0.1:${server.address().port}`;
+const issuer = cfg.tls
+  ? `https://localhost:${server.address().port}`
+  : `http://127.0.0.1:${server.address().port}`;
 
 const { privateKey } = generateKeyPairSync('ec', { namedCurve: 'P-256' });
 const signingJwk = { ...privateKey.export({ format: 'jwk' }), kid: 'as-es256', use: 'sig', alg: 'ES256' };
@@ -83,6 +92,7 @@ const provider = new Provider(issuer, {
   // special-use addresses, so this hook allows loopback only and nothing else.
   fetch: (url, options) => {
     loopbackOnly(String(url));
+    log('fetch', { url: String(url) });
     const { dispatcher, ...rest } = options;
     return globalThis.fetch(url, rest);
   },
@@ -162,7 +172,11 @@ provider.use(async (ctx, next) => {
     if (meta?.software_statement) {
       const { jwtVerify, createRemoteJWKSet, createLocalJWKSet } = await import('jose');
       try {
-        const keys = meta.jwks_uri ? (loopbackOnly(meta.jwks_uri), createRemoteJWKSet(new URL(meta.jwks_uri))) : createLocalJWKSet(meta.jwks);
+        if (meta.jwks_uri) {
+          loopbackOnly(meta.jwks_uri);
+          log('fetch', { url: meta.jwks_uri });
+        }
+        const keys = meta.jwks_uri ? createRemoteJWKSet(new URL(meta.jwks_uri)) : createLocalJWKSet(meta.jwks);
         await jwtVerify(meta.software_statement, keys);
       } catch (e) {
         log('registration.error', { error: 'invalid_software_statement', reason: e.message });
@@ -202,10 +216,10 @@ provider.use(async (ctx, next) => {
 });
 
 const safe = (ctx) => ({ client_id: ctx?.oidc?.client?.clientId, path: ctx?.path });
-provider.on('grant.success', (ctx) => log('grant.success', { ...safe(ctx), resource: ctx.oidc?.params?.resource }));
+provider.on('grant.success', (ctx) => log('grant.success', { ...safe(ctx), grant_type: ctx.oidc?.params?.grant_type, resource: ctx.oidc?.params?.resource }));
 provider.on('grant.error', (ctx, err) => log('grant.error', { ...safe(ctx), error: err.error, error_description: err.error_description, reason: err.error_detail || err.cause?.message || err.message }));
 provider.on('introspection.error', (ctx, err) => log('introspection.error', { ...safe(ctx), error: err.error, reason: err.error_detail || err.message }));
-provider.on('registration_create.success', (ctx, client) => log('registration_create.success', { client_id: client.clientId }));
+provider.on('registration_create.success', (ctx, client) => log('registration_create.success', { client_id: client.clientId, jwks_uri: client.jwksUri, token_endpoint_auth_method: client.tokenEndpointAuthMethod, grant_types: client.grantTypes }));
 provider.on('registration_create.error', (ctx, err) => log('registration_create.error', { error: err.error, reason: err.error_description }));
 provider.on('registration_delete.success', (ctx, client) => log('registration_delete.success', { client_id: client.clientId }));
 provider.on('server_error', (ctx, err) => log('server_error', { ...safe(ctx), reason: err.message }));

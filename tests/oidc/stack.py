@@ -2,8 +2,10 @@
 
 `build()` starts an identity manager (entries for the given SPIFFE IDs, one uid selector
 each), the bundle endpoint the clients' jwks_uri points at, and oidc-provider; then makes an
-OAuthService for `servers`. `running()` runs that service on an event loop of its own and
-always stops everything it started.
+OAuthService for `servers`. With `tls` (a TestCA) oidc-provider and the bundle endpoint
+serve https with leaves of that CA, which the service trusts through oauth.ca_file and
+oidc-provider through NODE_EXTRA_CA_CERTS. `running()` runs that service on an event loop
+of its own and always stops everything it started.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ import httpx
 from prometheus_client import CollectorRegistry
 
 from agent import config
-from agent.identity.bundle_endpoint import BundleEndpoint
+from agent.identity.bundle_endpoint import BundleEndpoint, default_jwks_uri
 from agent.identity.manager import IdentityManager
 from agent.oauth.service import OAuthService
 from agent.observe import logging as obs
 from tests.helpers import free_port
 from tests.oidc.peer import OidcProvider
+from tests.tlsca import TestCA
 
 
 def build(
@@ -36,6 +39,7 @@ def build(
     registered: Iterable[str],
     oidc_kwargs: dict | None = None,
     default_issuer: bool = True,
+    tls: TestCA | None = None,
 ) -> SimpleNamespace:
     """`servers` is a list of [[servers]] tables, or a function of the started OidcProvider
     returning one (for settings that name its issuer). With `default_issuer`, a server with
@@ -49,19 +53,27 @@ def build(
             for i, s in enumerate(identities)
         )
     )
-    base = {"identity": {"entries_file": str(entries)}}
-    identity_cfg = config.parse(base).identity
+    port = free_port()
+    base: dict = {
+        "identity": {"entries_file": str(entries)},
+        "bundle_endpoint": {"listen": f"127.0.0.1:{port}"},
+    }
+    if tls is not None:
+        cert, key = tls.issue(f"bundle-{port}")
+        base["bundle_endpoint"].update(cert_file=str(cert), key_file=str(key))
+        base["oauth"] = {"ca_file": str(tls.cert_path)}
+    parsed = config.parse(base)
     audit = obs.AuditLog("test-node", stream)
     state = str(tmp_path / "state")
-    mgr = IdentityManager(identity_cfg, state, audit=audit, registry=CollectorRegistry())
+    mgr = IdentityManager(parsed.identity, state, audit=audit, registry=CollectorRegistry())
     mgr.start()
-    port = free_port()
-    bundle = BundleEndpoint(mgr, "127.0.0.1", port)
+    bundle = BundleEndpoint(mgr, "127.0.0.1", port, parsed.bundle_endpoint)
     bundle.start()
-    jwks_uri = f"http://127.0.0.1:{port}/jwks.json"
+    jwks_uri = default_jwks_uri(parsed.bundle_endpoint)
     kw = {
         "resources": resources,
         "clients": [{"client_id": s, "jwks_uri": jwks_uri} for s in registered],
+        "tls": tls,
     }
     kw.update(oidc_kwargs or {})
     try:
