@@ -401,7 +401,8 @@ class InjectSection:
     max_header_fields: int = setting(100, between(8, 10000))
     # idle upstream connections kept per identity and server
     upstream_pool_size: int = setting(16, positive)
-    # CA bundle to verify https MCP servers; empty means the system store
+    # CA bundle for https MCP servers without a servers.ca_file of their own; empty means the
+    # system store
     upstream_ca_file: str = setting("", absolute_path)
 
 

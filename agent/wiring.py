@@ -34,9 +34,10 @@ from agent.inject.listeners import ProxyListeners
 from agent.inject.netns import NetnsListeners
 from agent.inject.proxy import Proxy
 from agent.inject.redirect import Redirector
-from agent.inject.tls import InjectionCA, upstream_context
+from agent.inject.tls import InjectionCA
 from agent.inject.upstreams import UpstreamResolver
 from agent.oauth.service import OAuthService
+from agent.oauth.trust import verifying_context
 from agent.observe.admin import AdminServer
 from agent.observe.http import HttpEndpoint
 from agent.observe.logging import AuditLog, get_logger
@@ -251,9 +252,11 @@ def add_injection(agent: Agent) -> None:
     """The injection path: policy, the redirect and the proxy, for cfg.servers."""
     cfg, inj, registry = agent.cfg, agent.cfg.inject, agent.metrics.registry
     try:
-        resolver = UpstreamResolver(cfg.servers, retain=inj.resolve_retain_seconds)
+        resolver = UpstreamResolver(
+            cfg.servers, retain=inj.resolve_retain_seconds, upstream_ca_file=inj.upstream_ca_file
+        )
         upstreams = resolver.refresh()
-    except ValueError as e:  # UpstreamConflict: two servers on one address
+    except ValueError as e:  # two servers on one address, a workload_url that cannot map
         raise StartupError(str(e)) from None
     root = cgroup2_root(cfg.attest.cgroup_root)
     if root is None:
@@ -261,7 +264,7 @@ def add_injection(agent: Agent) -> None:
     redirector = Redirector(cfg.agent.bpf_pin_dir, root, inj)
     inject_ca = (
         InjectionCA(cfg.agent.state_dir, Path(cfg.agent.run_dir) / "inject-ca.crt")
-        if any(u.scheme == "https" for u in upstreams.values())
+        if any(u.workload_tls for u in upstreams.values())
         else None
     )
     policy = PolicyEngine(cfg.policy, {s.name for s in cfg.servers}, registry=registry)
@@ -276,7 +279,9 @@ def add_injection(agent: Agent) -> None:
         agent.oauth,
         audit=agent.audit,
         registry=registry,
-        ssl_context=upstream_context(inj.upstream_ca_file),
+        # each https Upstream carries its server's own trust (trust.server_tls); this is
+        # the fallback for an Upstream made without one
+        ssl_context=verifying_context(inj.upstream_ca_file),
         policy=policy if cfg.policy.file else None,
         max_body=cfg.policy.max_body_bytes,
     )

@@ -23,9 +23,10 @@ Upstreams = dict[tuple[str, int], Upstream]
 
 
 def redirect_targets(upstreams: Upstreams, tls_listen_port: int) -> set[Target]:
-    """What the redirect intercepts: every server address, https ones to the TLS listener."""
+    """What the redirect intercepts: every server address, those a workload speaks https to
+    to the TLS listener (a workload_url's address, plain http, to the plain one)."""
     return {
-        Target(host, port, tls_listen_port if up.scheme == "https" else 0)
+        Target(host, port, tls_listen_port if up.workload_tls else 0)
         for (host, port), up in upstreams.items()
     }
 

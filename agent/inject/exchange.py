@@ -132,6 +132,9 @@ class Exchanges:
         self._begin(conn, client, head, token)
         # one write for head and body when they are at hand: a send(2) per piece costs more
         # than the proxying; large bodies still go out in 64 KiB steps
+        if up.send_host is not None:  # reached at its workload_url: Host names the server
+            head.remove(b"host")
+            head.add(b"Host", up.send_host)
         out = bytearray(head.request_bytes())
         # the body as sent, to send again if the server asks for a DPoP nonce (None: too long)
         kept: bytearray | None = bytearray() if dpop else None

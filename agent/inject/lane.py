@@ -136,6 +136,8 @@ class FastLane:
         req = decide.Request.from_read(data, end, whole.method, whole.url)
         if req is None:  # a field of the workload's to remove or act on: the full path
             return False
+        if self.up.send_host is not None:  # Host is rewritten (workload_url): the full path
+            return False
         verdict = decide.decide(req, self.up, proxy.caller(self.served), proxy.cfg, proxy.policy)
         if verdict.action != decide.FORWARD or verdict.read_body:
             return False  # the full path answers it, or reads its body to decide

@@ -5,20 +5,29 @@ Each listener knows the network namespace it was bound in (SO_NETNS_COOKIE); the
 looks an accepted connection up by its peer address *and* that namespace, since every pod
 has a 127.0.0.1 of its own. The timeouts' sweep (agent/inject/timeouts.py) runs here, over
 the connections this module holds.
+
+A TLS listener looks at each connection's first byte before its handshake (TlsListener): a
+workload that speaks plain HTTP to an https server's address is answered 400 saying so
+(call https://…, or configure the server's workload_url), audited and counted, instead of
+failing as a TLS handshake with no word to anyone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import socket
 import ssl
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 from agent.config import InjectSection
+from agent.inject import http1
 from agent.inject.flows import ClientSide
 from agent.inject.proxy import Proxy
+from agent.inject.redirect import RedirectInfo
 from agent.inject.timeouts import Timeouts
 from agent.inject.tls import InjectionCA
 from agent.observe.logging import get_logger
@@ -26,6 +35,8 @@ from agent.observe.logging import get_logger
 log = get_logger("inject.listeners")
 
 SO_NETNS_COOKIE = 71  # Linux 5.14; not in Python's socket module
+TLS_HANDSHAKE = 0x16  # the content type of the record a ClientHello arrives in
+HANDSHAKE_SECONDS = 10.0  # for the first byte, then again for the TLS handshake
 
 
 def netns_cookie(sock: socket.socket) -> int:
@@ -72,6 +83,127 @@ def bind_listeners(
     return out
 
 
+class Listening(Protocol):
+    """A served listener (asyncio.Server or TlsListener), as its owner stops it."""
+
+    def close(self) -> None: ...
+
+    async def wait_closed(self) -> None: ...
+
+
+def _settle(ready: asyncio.Future[None]) -> None:
+    if not ready.done():
+        ready.set_result(None)
+
+
+async def _first_byte(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> bytes:
+    """The connection's first byte, left unread (b"": closed before sending any)."""
+    while True:
+        try:
+            return conn.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            ready: asyncio.Future[None] = loop.create_future()
+            loop.add_reader(conn.fileno(), _settle, ready)
+            try:
+                await ready
+            finally:
+                loop.remove_reader(conn.fileno())
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """A connection accepted on a TLS listener, named before anything can end it: its
+    redirect record is deleted when the workload's socket closes, which a workload refusing
+    the certificate does at once."""
+
+    conn: socket.socket
+    peer: tuple
+    local: tuple
+    info: RedirectInfo | None
+
+
+class TlsListener:
+    """Accepts on a TLS listening socket and decides per connection, by its first byte,
+    between a TLS handshake (then served as any listener's connection is) and plain bytes
+    (then handed to on_plain). asyncio's own TLS server would consume and drop them."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        protocol: Callable[[], ClientSide],
+        context: ssl.SSLContext,
+        lookup: Callable[[tuple, tuple], RedirectInfo | None],
+        on_plain: Callable[[Arrival], Awaitable[None]],
+        on_failed: Callable[[Arrival, BaseException], None],
+    ):
+        self.sock = sock
+        self._protocol, self._context, self._lookup = protocol, context, lookup
+        self._on_plain, self._on_failed = on_plain, on_failed
+        self._pending: set[asyncio.Task[None]] = set()
+        self._accepting = asyncio.get_running_loop().create_task(self._accept())
+
+    async def _accept(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, peer = await loop.sock_accept(self.sock)
+                conn.setblocking(False)
+                local = conn.getsockname()
+            except OSError as e:  # out of descriptors: the next accept may do
+                log.warning("accept on the TLS listener failed", error=str(e))
+                await asyncio.sleep(0.1)
+                continue
+            try:
+                info = self._lookup(peer, local)
+            except Exception:
+                log.exception("looking up a redirect record failed")
+                info = None
+            task = loop.create_task(self._start(Arrival(conn, peer, local, info)))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+
+    async def _start(self, arrival: Arrival) -> None:
+        loop = asyncio.get_running_loop()
+        conn = arrival.conn
+        try:
+            first = await asyncio.wait_for(_first_byte(loop, conn), HANDSHAKE_SECONDS)
+            if first and first[0] != TLS_HANDSHAKE:
+                await self._on_plain(arrival)
+            elif first:
+                await loop.connect_accepted_socket(
+                    self._protocol,
+                    conn,
+                    ssl=self._context,
+                    ssl_handshake_timeout=HANDSHAKE_SECONDS,
+                )
+                return  # the transport owns conn now
+        except (OSError, TimeoutError) as e:
+            # a workload that does not trust the injection CA ends here: it never gets a
+            # byte in clear, and nothing was read from it
+            try:
+                self._on_failed(arrival, e)
+            except Exception:
+                log.exception("recording a failed TLS connection failed")
+        except asyncio.CancelledError:
+            pass
+        conn.close()
+
+    def close(self) -> None:
+        self._accepting.cancel()
+        for t in list(self._pending):
+            t.cancel()
+        self.sock.close()
+
+    async def wait_closed(self) -> None:
+        await asyncio.gather(self._accepting, *self._pending, return_exceptions=True)
+
+
+async def _drain(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
+    """Read and drop until the peer closes (after an answer with Connection: close)."""
+    while await loop.sock_recv(conn, 65536):
+        pass
+
+
 class ProxyListeners:
     """The proxy's listeners and the connections accepted on them; each connection is
     served by proxy.handle() in a task of its own."""
@@ -82,7 +214,7 @@ class ProxyListeners:
         self.cfg = cfg
         self.proxy = proxy
         self.inject_ca = inject_ca  # None: no https server, no TLS listener
-        self._servers: list[asyncio.Server] = []
+        self._servers: list[Listening] = []
         self._tls: ssl.SSLContext | None = None
         self._conns: dict[ClientSide, asyncio.Task[None]] = {}
         self.timeouts = Timeouts(
@@ -121,26 +253,28 @@ class ProxyListeners:
             tls_port=c.tls_listen_port if self.inject_ca else None,
         )
 
-    async def serve(self, socks: list[tuple[socket.socket, ListenSpec]]) -> list[asyncio.Server]:
+    async def serve(self, socks: list[tuple[socket.socket, ListenSpec]]) -> list[Listening]:
         """Serve bound listening sockets (of this or a workload's network namespace)."""
         loop = asyncio.get_running_loop()
-        servers = []
+        servers: list[Listening] = []
         try:
             for sock, spec in socks:
-                on_connect = functools.partial(self._accept, netns=netns_cookie(sock))
-                servers.append(
-                    await loop.create_server(
-                        functools.partial(
-                            ClientSide,
-                            on_connect,
-                            max_head=self.cfg.max_head_bytes,
-                            max_fields=self.cfg.max_header_fields,
-                        ),
-                        sock=sock,
-                        ssl=self._tls if spec.tls else None,
-                        ssl_handshake_timeout=10 if spec.tls else None,
-                    )
+                netns = netns_cookie(sock)
+                protocol = functools.partial(
+                    ClientSide,
+                    functools.partial(self._accept, netns=netns),
+                    max_head=self.cfg.max_head_bytes,
+                    max_fields=self.cfg.max_header_fields,
                 )
+                if spec.tls and self._tls is not None:
+                    lookup = functools.partial(self._lookup, netns=netns)
+                    servers.append(
+                        TlsListener(
+                            sock, protocol, self._tls, lookup, self._plain_on_tls, self._tls_failed
+                        )
+                    )
+                else:
+                    servers.append(await loop.create_server(protocol, sock=sock))
         except BaseException:  # all or nothing: no listener left that nobody tracks
             for srv in servers:
                 srv.close()
@@ -162,6 +296,73 @@ class ProxyListeners:
 
         ctx.sni_callback = pick
         return ctx
+
+    def _lookup(self, peer: tuple, local: tuple, netns: int) -> RedirectInfo | None:
+        return self.proxy.redirect.lookup(peer, local, netns)
+
+    def _tls_failed(self, arrival: Arrival, e: BaseException) -> None:
+        """A workload's TLS handshake failed (most often: it does not trust the injection
+        CA): audited under the process the redirect recorded, if any."""
+        info, peer = arrival.info, arrival.peer
+        up = self.proxy.upstreams.get((info.orig_host, info.orig_port)) if info else None
+        ca = self.inject_ca.cert_path if self.inject_ca else None
+        self.proxy.rec.audit_event(
+            "connection.tls_failed",
+            {
+                "server": up.name if up else None,
+                "pid": info.tgid if info else None,
+                "peer_port": peer[1],
+            },
+            reason=f"TLS with the workload failed ({getattr(e, 'reason', None) or e}); "
+            f"a workload calling https through credless must trust the injection CA {ca} "
+            "(SSL_CERT_FILE, NODE_EXTRA_CA_CERTS)",
+        )
+
+    async def _plain_on_tls(self, arrival: Arrival) -> None:
+        """Plain bytes on the TLS listener: a workload calling an https server's address
+        with http://. Answered 400 naming the mismatch, audited and counted; nothing is sent
+        to the server (the workload meant plain HTTP, credless will not guess)."""
+        loop = asyncio.get_running_loop()
+        conn, peer, local, info = arrival.conn, arrival.peer, arrival.local, arrival.info
+        up = self.proxy.upstreams.get((info.orig_host, info.orig_port)) if info else None
+        if info is None or up is None:  # not redirected here: as the proxy does, say nothing
+            self.proxy.rec.audit_event(
+                "connection.refused",
+                {"peer": f"{peer[0]}:{peer[1]}", "listener": f"{local[0]}:{local[1]}"},
+                reason="no redirect record for this connection: it was not redirected by "
+                "the kernel; closed",
+            )
+            return
+        try:
+            self.proxy.redirect.forget(peer, local, info)
+        except Exception:  # the record goes with the socket anyway
+            log.debug("forgetting a redirect record failed", exc_info=True)
+        where = f"{info.orig_host}:{info.orig_port}"
+        message = (
+            f"credless: {up.name!r} at {where} is an https server and this request is plain "
+            f"HTTP; call {up.origin}{up.path.decode()} (https), or have the operator set "
+            "the server's workload_url to a plain http:// address credless maps onto it"
+        )
+        self.proxy.rec.count(up, "plain_http_to_https")
+        self.proxy.rec.audit_event(
+            "request.denied",
+            {"server": up.name, "mode": up.mode, "pid": info.tgid, "peer_port": peer[1]},
+            status=400,
+            reason=message,
+        )
+        body = json.dumps({"error": message}).encode()
+        try:
+            # what the workload sent first is read, so that closing does not reset the
+            # connection before the answer reaches it
+            conn.recv(65536)
+            await loop.sock_sendall(
+                conn,
+                http1.simple_response(400, b"Bad Request", body, extra=[(b"Connection", b"close")]),
+            )
+            conn.shutdown(socket.SHUT_WR)
+            await asyncio.wait_for(_drain(loop, conn), HANDSHAKE_SECONDS)
+        except (OSError, TimeoutError):
+            pass
 
     def _accept(self, client: ClientSide, netns: int) -> None:
         task = asyncio.get_running_loop().create_task(self.proxy.handle(client, netns))

@@ -37,7 +37,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from agent.attest.cgroupfs import process_cgroup
 from agent.attest.table import ProcessEvent
-from agent.inject.listeners import ListenSpec, bind_listeners
+from agent.inject.listeners import Listening, ListenSpec, bind_listeners
 from agent.observe.logging import get_logger
 
 log = get_logger("inject.netns")
@@ -59,7 +59,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 T = TypeVar("T")
 # bound listening sockets, and the servers serving them (agent/inject/listeners.py)
 Bound = list[tuple[socket.socket, ListenSpec]]
-Serve = Callable[[Bound], Awaitable[list[asyncio.Server]]]
+Serve = Callable[[Bound], Awaitable[list[Listening]]]
 
 
 def in_netns(ns_path: str, fn: Callable[[], T], inode: int | None = None) -> T:
@@ -114,7 +114,7 @@ class NetnsListeners:
         self.own_cgroup = own_cgroup
         self.scan_seconds = scan_seconds
         self.own_inode = netns_inode("self")
-        self.served: dict[int, list[asyncio.Server]] = {}
+        self.served: dict[int, list[Listening]] = {}
         self._failed: set[int] = set()  # warned once per namespace
         self._pending: deque[int] = deque()  # pids from exec events, to look at now
         self._loop: asyncio.AbstractEventLoop | None = None  # set by start()

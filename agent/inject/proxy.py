@@ -43,6 +43,7 @@ from agent.inject.timeouts import SLOW_REQUEST, UPSTREAM
 from agent.inject.upstreams import Upstream
 from agent.oauth.errors import OAuthError
 from agent.oauth.tokens import Token
+from agent.oauth.trust import CertificateRefused
 from agent.observe.logging import AuditLog, get_logger
 from agent.policy import jsonrpc
 
@@ -390,7 +391,9 @@ class Proxy:
                 asked,
                 502,
                 b"Bad Gateway",
-                "credless: could not obtain a token from the authorization server",
+                f"credless: the {e.party}'s certificate did not verify"
+                if isinstance(e, CertificateRefused)
+                else "credless: could not obtain a token from the authorization server",
                 outcome="token_error",
                 event_id=event_id,
                 kind=e.kind,

@@ -3,12 +3,13 @@
 A workload that speaks https to its MCP server reaches the proxy still speaking TLS. The
 proxy terminates it with a leaf certificate for the name the workload asked for (SNI),
 minted by a node-local *injection CA* and cached per name, reads and credentials the
-request, and originates a fresh TLS connection to the real server, verified against the
-system store or a configured CA. The injection CA is separate from the SPIFFE CA (it only
-ever vouches for names on this node's loopback path), lives in <state_dir>/inject-ca (key
-0600), and its certificate is exported at <run_dir>/inject-ca.crt (0644, in a directory
-workloads can reach, unlike the 0700 state directory) for workloads to trust
-(SSL_CERT_FILE, NODE_EXTRA_CA_CERTS). A workload that does not trust it fails its
+request, and originates a fresh TLS connection to the real server, verified as that server's
+one trust setting says (agent/oauth/trust.py server_tls(): its ca_file, else
+inject.upstream_ca_file, else the system store). The injection CA is separate from the
+SPIFFE CA (it only ever vouches for names on this node's loopback path), lives in
+<state_dir>/inject-ca (key 0600), and its certificate is exported at <run_dir>/inject-ca.crt
+(0644, in a directory workloads can reach, unlike the 0700 state directory) for workloads to
+trust (SSL_CERT_FILE, NODE_EXTRA_CA_CERTS). A workload that does not trust it fails its
 handshake: it never falls back to plaintext.
 """
 
@@ -151,11 +152,3 @@ class InjectionCA:
         with self._lock:
             self._contexts[name] = ctx
         return ctx
-
-
-def upstream_context(ca_file: str = "") -> ssl.SSLContext:
-    """Origination: verify the real server against the system store or a configured CA."""
-    ctx = ssl.create_default_context(cafile=ca_file or None)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.set_alpn_protocols(["http/1.1"])
-    return ctx

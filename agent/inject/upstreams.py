@@ -1,9 +1,19 @@
 """Where intercepted connections go: the configured MCP servers by the (address, port) a
-workload dials, and the pool of idle upstream connections per (identity, server)."""
+workload dials, and the pool of idle upstream connections per (identity, server).
+
+An https server is reached two ways. A workload that speaks https to its URL is intercepted
+on the TLS listener (agent/inject/tls.py). A server with a `workload_url` is also reached at
+that plain http:// address: the workload speaks plain HTTP there, to the plain listener, and
+that address's Upstream (scheme "http": what the workload speaks; origin and tls: the
+server's) originates TLS to the server's URL, sending the URL's authority as Host. Either
+way the upstream connection verifies the server by its one trust decision (agent/oauth/
+trust.py server_tls()), carried by the Upstream.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 import ssl
 import time
@@ -15,6 +25,7 @@ from urllib.parse import urlsplit
 
 from agent.config import ServerSection
 from agent.inject.flows import UpstreamSide
+from agent.oauth.trust import ServerTls, certificate_failure, server_tls
 from agent.observe.logging import get_logger
 
 log = get_logger("inject.upstreams")
@@ -23,15 +34,32 @@ log = get_logger("inject.upstreams")
 @dataclass(frozen=True)
 class Upstream:
     name: str  # [[servers]] name
-    scheme: str
+    scheme: str  # what the workload speaks at this address: http or https
     host: str  # host in the URL (SNI, Host)
     port: int
     origin: str  # scheme://host:port, for DPoP htu
     mode: str  # broker | assertion | passthrough
     # the URL's path (the MCP endpoint; in assertion mode the token endpoint) and the Host
-    # values that name this server (the first is the one credless sends), lower case
+    # values a workload may send to name this server (the first is the one errors name),
+    # lower case
     path: bytes = b"/"
     authorities: tuple[bytes, ...] = ()
+    # set: credless originates TLS to the server, verified as its one trust decision says
+    # (an https URL: reached at it, scheme "https", or at its workload_url, scheme "http")
+    tls: ServerTls | None = None
+    # the Host credless sends instead of the workload's (reached at a workload_url: the
+    # URL's authority); None: the workload's, which decide() checked is one of authorities
+    send_host: bytes | None = None
+
+    @property
+    def workload_tls(self) -> bool:
+        """Whether the workload speaks TLS to this address (then: the TLS listener)."""
+        return self.scheme == "https"
+
+
+class UpstreamCertificateError(ConnectionError):
+    """The MCP server's certificate did not verify: the handshake failed, nothing was
+    sent. An OSError, so the proxy answers it as it does any failed connection (502)."""
 
 
 async def connect(
@@ -40,20 +68,31 @@ async def connect(
     timeout: float,
     connected: Callable[[Upstream, str], None],
 ) -> UpstreamSide:
-    """A new connection to up's server (TLS for https, verified by ssl_context, SNI from the
-    URL). connected(up, kind) is told of each one made ("tls" or "plain"): a TLS handshake
-    costs milliseconds of CPU, and the count shows whether the pool spares them."""
-    tls = up.scheme == "https"
-    _, conn = await asyncio.wait_for(
-        asyncio.get_running_loop().create_connection(
-            UpstreamSide,
-            up.host,
-            up.port,
-            ssl=ssl_context if tls else None,
-            server_hostname=up.host if tls else None,
-        ),
-        timeout,
-    )
+    """A new connection to up's server (TLS for https, verified by up's trust, else by
+    ssl_context; SNI from the URL). connected(up, kind) is told of each one made ("tls" or
+    "plain"): a TLS handshake costs milliseconds of CPU, and the count shows whether the
+    pool spares them."""
+    tls = up.tls is not None or up.scheme == "https"
+    try:
+        _, conn = await asyncio.wait_for(
+            asyncio.get_running_loop().create_connection(
+                UpstreamSide,
+                up.host,
+                up.port,
+                ssl=(up.tls.context if up.tls else ssl_context) if tls else None,
+                server_hostname=up.host if tls else None,
+            ),
+            timeout,
+        )
+    except ssl.SSLError as e:
+        cause = certificate_failure(e) or str(e)
+        against = up.tls.describe() if up.tls else "inject.upstream_ca_file or the system store"
+        raise UpstreamCertificateError(
+            f"the MCP server's certificate did not verify ({cause}) at "
+            f"{up.origin}; it was verified against {against}. Nothing was sent to it. If it "
+            "is the right server, set its servers.ca_file to the CA bundle that issued its "
+            "certificate"
+        ) from None
     connected(up, "tls" if tls else "plain")
     return conn
 
@@ -148,30 +187,59 @@ class Pool:
         self._idle.clear()
 
 
-def _servers(servers: Iterable[ServerSection]) -> list[tuple[str, int, Upstream]]:
+def _servers(
+    servers: Iterable[ServerSection], upstream_ca_file: str = ""
+) -> list[tuple[str, int, Upstream]]:
+    """(host, port, upstream) per address a workload dials: each server's URL, and its
+    workload_url if it has one."""
     out = []
     for s in servers:
         u = urlsplit(s.url)
         if u.hostname is None:
             raise ValueError(f"[[servers]] {s.name!r}: {s.url!r} names no host")
         port = u.port or (443 if u.scheme == "https" else 80)
-        out.append(
-            (
-                u.hostname,
-                port,
-                Upstream(
-                    s.name,
-                    u.scheme,
-                    u.hostname,
-                    port,
-                    f"{u.scheme}://{u.netloc}",
-                    s.mode,
-                    (u.path or "/").encode(),
-                    authorities(u.scheme, u.netloc, u.port),
-                ),
-            )
+        up = Upstream(
+            s.name,
+            u.scheme,
+            u.hostname,
+            port,
+            f"{u.scheme}://{u.netloc}",
+            s.mode,
+            (u.path or "/").encode(),
+            authorities(u.scheme, u.netloc, u.port),
+            server_tls(s.name, s.ca_file, upstream_ca_file) if u.scheme == "https" else None,
         )
+        out.append((u.hostname, port, up))
+        if s.workload_url:
+            out.append(_mapped(s, up))
     return out
+
+
+def _mapped(s: ServerSection, up: Upstream) -> tuple[str, int, Upstream]:
+    """The upstream reached at s.workload_url: a plain http address mapped onto up (an https
+    URL). Host names are what the workload may send (the workload URL's, or the server's);
+    credless sends the server's."""
+    w = urlsplit(s.workload_url)
+    where = f"[[servers]] {s.name!r}: workload_url {s.workload_url!r}"
+    if up.scheme != "https":
+        raise ValueError(f"{where} is for an https url; {s.url!r} is reached as it is")
+    if w.scheme != "http" or w.hostname is None:
+        raise ValueError(f"{where} must be a plain http:// URL (credless originates the TLS)")
+    if w.path not in ("", "/", up.path.decode()):
+        raise ValueError(
+            f"{where}: its path must be the url's ({up.path.decode()}) or empty; credless "
+            "does not rewrite request paths"
+        )
+    wport = w.port or 80
+    if (w.hostname.lower(), wport) == (up.host.lower(), up.port):
+        raise ValueError(f"{where} is the url's own address; choose another port")
+    mapped = dataclasses.replace(
+        up,
+        scheme="http",
+        authorities=authorities("http", w.netloc, w.port) + up.authorities,
+        send_host=up.authorities[0],
+    )
+    return w.hostname, wport, mapped
 
 
 class UpstreamConflict(ValueError):
@@ -203,8 +271,9 @@ class UpstreamResolver:
         resolve: Callable[..., Iterable[tuple[Any, ...]]] = socket.getaddrinfo,
         retain: float = 600.0,
         clock: Callable[[], float] = time.monotonic,
+        upstream_ca_file: str = "",
     ):
-        self._servers = _servers(servers)
+        self._servers = _servers(servers, upstream_ca_file)
         self._resolve = resolve
         self._retain = retain
         self._clock = clock
@@ -234,7 +303,8 @@ class UpstreamResolver:
             for info in infos:
                 key = (info[4][0], port)
                 held = self._last_seen.get(key)
-                if held is not None and held[1].name != up.name:
+                # a server's own URL and its workload_url share a name, not an address
+                if held is not None and held[1] != up:
                     if first:
                         raise _conflict(held[1], up, key)
                     log.warning(

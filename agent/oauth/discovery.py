@@ -22,6 +22,13 @@ still works if it also publishes it at those well-known URLs. Ignored rather tha
 refusing would gain nothing, since the server controls its own well-known documents anyway
 (which face the same checks). The ignored URL is reported (audited by the service as
 oauth.refused, check = resource_metadata_origin).
+
+Two parties, two trusts, one client: a request to the MCP server (the probe, its resource
+metadata) carries that server's trust (trust.server_tls(), the decision the proxy's upstream
+connections follow too) in its SERVER_TLS extension, which TlsRouter, the client's
+transport, verifies it by; a request to the authorization server carries none and is
+verified against oauth.ca_file. A certificate that does not verify is a CertificateRefused
+naming which of the two parties it was.
 """
 
 from __future__ import annotations
@@ -38,6 +45,12 @@ import httpx
 
 from agent.oauth import trust
 from agent.oauth.errors import DiscoveryError, MetadataMismatch, ServerUnavailable
+from agent.oauth.trust import (
+    AuthorizationServerCertificateRefused,
+    CertificateRefused,
+    McpServerCertificateRefused,
+    ServerTls,
+)
 
 _PARAM = re.compile(r'([A-Za-z0-9_!#$%&\'*+.^`|~-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^\s,]+)')
 
@@ -113,9 +126,66 @@ class ServerMetadata:
     raw: dict = field(default_factory=dict, compare=False)
 
 
+# the request extension naming the ServerTls an MCP server's request is verified by
+SERVER_TLS = "credless.server_tls"
+SYSTEM_STORE = ServerTls("", "the system store")
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A party discovery talks to: the trust it is verified by, and the error a certificate
+    failure is. `route`: the request carries tls (SERVER_TLS) for TlsRouter; else the
+    client's default trust (oauth.ca_file) applies, which tls describes."""
+
+    tls: ServerTls
+    refused: type[CertificateRefused]
+    route: bool
+
+    def extensions(self) -> dict[str, Any]:
+        return {SERVER_TLS: self.tls} if self.route else {}
+
+
+class TlsRouter(httpx.AsyncBaseTransport):
+    """The OAuth client's transport: a request carrying SERVER_TLS (to an MCP server) is
+    verified by that trust, any other (to an authorization server) by `default`'s."""
+
+    def __init__(self, default: httpx.AsyncBaseTransport):
+        self._default = default
+        self._by_ca: dict[str, httpx.AsyncHTTPTransport] = {}
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        tls = request.extensions.get(SERVER_TLS)
+        if not isinstance(tls, ServerTls):
+            return await self._default.handle_async_request(request)
+        transport = self._by_ca.get(tls.ca_file)
+        if transport is None:
+            transport = self._by_ca[tls.ca_file] = httpx.AsyncHTTPTransport(
+                verify=tls.context, trust_env=False
+            )
+        return await transport.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self._default.aclose()
+        for t in self._by_ca.values():
+            await t.aclose()
+        self._by_ca.clear()
+
+
 class Discovery:
-    def __init__(self, http: httpx.AsyncClient, ttl: float = 300.0, clock=time.monotonic):
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        ttl: float = 300.0,
+        clock=time.monotonic,
+        mcp_tls: Callable[[str], ServerTls] | None = None,
+        as_tls: ServerTls = SYSTEM_STORE,
+    ):
+        """http: the client (its transport a TlsRouter, for mcp_tls to take effect);
+        mcp_tls(url): how the MCP server at url is verified (None: as the client verifies
+        by default); as_tls: how the client verifies by default (for error messages)."""
         self.http = http
+        self._as = Peer(as_tls, AuthorizationServerCertificateRefused, route=False)
+        self._mcp_tls = mcp_tls
         self.ttl = ttl
         self.clock = clock
         self._cache: dict[tuple[str, str], tuple[float, Any]] = {}
@@ -133,10 +203,18 @@ class Discovery:
     def invalidate(self) -> None:
         self._cache.clear()
 
-    async def _get_json(self, url: str) -> tuple[int, Any]:
+    def _mcp_peer(self, mcp_url: str) -> Peer:
+        if self._mcp_tls is None:
+            return Peer(self._as.tls, McpServerCertificateRefused, route=False)
+        return Peer(self._mcp_tls(mcp_url), McpServerCertificateRefused, route=True)
+
+    async def _get_json(self, url: str, peer: Peer) -> tuple[int, Any]:
         try:
-            r = await self.http.get(url, headers={"Accept": "application/json"})
+            r = await self.http.get(
+                url, headers={"Accept": "application/json"}, extensions=peer.extensions()
+            )
         except httpx.HTTPError as e:
+            _refuse_certificate(e, url, peer)
             raise ServerUnavailable(
                 f"cannot fetch {url}: {type(e).__name__}: {e}", url=url
             ) from None
@@ -150,11 +228,16 @@ class Discovery:
     async def challenge(self, mcp_url: str) -> dict[str, dict[str, str]]:
         """Ask the MCP server without credentials and read its 401 challenge (if any)."""
         body = {"jsonrpc": "2.0", "id": 0, "method": "ping"}
+        peer = self._mcp_peer(mcp_url)
         try:
             r = await self.http.post(
-                mcp_url, json=body, headers={"Accept": "application/json, text/event-stream"}
+                mcp_url,
+                json=body,
+                headers={"Accept": "application/json, text/event-stream"},
+                extensions=peer.extensions(),
             )
         except httpx.HTTPError as e:
+            _refuse_certificate(e, mcp_url, peer)
             raise ServerUnavailable(
                 f"cannot reach MCP server {mcp_url}: {e}", url=mcp_url
             ) from None
@@ -198,8 +281,9 @@ class Discovery:
             )
         candidates += [with_path, root]
         tried = []
+        peer = self._mcp_peer(mcp_url)  # every candidate is on the MCP server's origin
         for url in dict.fromkeys(candidates):
-            status, doc = await self._get_json(url)
+            status, doc = await self._get_json(url, peer)
             tried.append(f"{url} (HTTP {status})")
             if doc is None:
                 continue
@@ -281,7 +365,7 @@ class Discovery:
             urls.append(f"{base}{path}/.well-known/openid-configuration")
         tried = []
         for url in urls:
-            status, doc = await self._get_json(url)
+            status, doc = await self._get_json(url, self._as)
             tried.append(f"{url} (HTTP {status})")
             if doc is None:
                 continue
@@ -353,3 +437,12 @@ def _same_url(a: str, b: str) -> bool:
         and pa.path.rstrip("/") == pb.path.rstrip("/")
         and pa.query == pb.query
     )
+
+
+def _refuse_certificate(e: httpx.HTTPError, url: str, peer: Peer) -> None:
+    """Raise peer's CertificateRefused when e is a TLS failure (named apart from "cannot
+    reach": the server answered, and is not the one it should be, or credless trusts
+    the wrong CA for it)."""
+    cause = trust.certificate_failure(e)
+    if cause is not None:
+        raise peer.refused(url, cause, peer.tls) from None

@@ -26,12 +26,18 @@ from agent.identity.jwtsvid import JwtSvid
 from agent.identity.manager import Identity
 from agent.oauth import registration as reg
 from agent.oauth.cache import TokenCache
-from agent.oauth.discovery import Discovery, canonical_resource
+from agent.oauth.discovery import Discovery, TlsRouter, canonical_resource
 from agent.oauth.dpop import DPoPKey
 from agent.oauth.errors import OAuthError, RegistrationError, TrustRefused
 from agent.oauth.resolution import AdHocServer, Resolved, Resolver, Server, audit_event
 from agent.oauth.tokens import Token, request_token
-from agent.oauth.trust import PinStore
+from agent.oauth.trust import (
+    PinStore,
+    ServerTls,
+    authorization_server_tls,
+    server_tls,
+    verifying_context,
+)
 from agent.observe.logging import AuditLog, get_logger
 from agent.observe.tally import TallyCounter
 
@@ -124,14 +130,34 @@ class OAuthService:
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         o = self.cfg.oauth
+        # one client for every party: requests to an MCP server carry its own trust (the
+        # one the proxy's connections to it follow), the rest are verified by oauth.ca_file
+        default = httpx.AsyncHTTPTransport(
+            verify=verifying_context(o.ca_file) if o.ca_file else True, trust_env=False
+        )
         self.http = httpx.AsyncClient(
-            verify=o.ca_file or True,
+            transport=TlsRouter(default),
             timeout=o.request_timeout_seconds,
             follow_redirects=False,
             trust_env=False,
         )
-        self.discovery = Discovery(self.http, ttl=o.discovery_ttl_seconds)
+        self.discovery = Discovery(
+            self.http,
+            ttl=o.discovery_ttl_seconds,
+            mcp_tls=self.server_tls,
+            as_tls=authorization_server_tls(o.ca_file),
+        )
         self.loop = asyncio.get_running_loop()
+
+    def server_tls(self, url: str) -> ServerTls:
+        """How the MCP server at url is verified: its [[servers]] entry's trust (a URL no
+        entry names, such as a probe's: inject.upstream_ca_file, else the system store)."""
+        resource = canonical_resource(url)
+        for s in self.servers.values():
+            if canonical_resource(s.url) == resource:
+                ca_file = getattr(s, "ca_file", "")  # a probe's AdHocServer has none
+                return server_tls(s.name, ca_file, self.cfg.inject.upstream_ca_file)
+        return server_tls("", "", self.cfg.inject.upstream_ca_file)
 
     async def stop(self) -> None:
         if self.http is not None:

@@ -15,17 +15,26 @@ probe, a hostile authorization server (AS) answers metadata and token requests. 
   only what the URL itself says is checked, before any connection.
 - **Which origin metadata may come from**: a challenge's `resource_metadata` URL on another
   origin than the MCP server's is ignored (see discovery.py).
+- **Which certificates the agent believes**: one decision per MCP server, server_tls(), for
+  every connection credless makes to it (discovery's 401 probe and metadata reads, the
+  requests the proxy relays): its `ca_file`, else `inject.upstream_ca_file`, else the
+  system store. Authorization servers are verified against `oauth.ca_file`. A certificate
+  that does not verify is a CertificateRefused naming the party and the cause; nothing is
+  sent to that server.
 
 This module holds the checks themselves; discovery.py, tokens.py and service.py apply them.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
+import ssl
 import threading
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -155,3 +164,92 @@ class PinStore:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             atomic_write(self.path, json.dumps(data, indent=1, sort_keys=True).encode(), 0o600)
             return issuer
+
+
+@functools.cache
+def verifying_context(ca_file: str = "") -> ssl.SSLContext:
+    """A TLS client context verifying servers against ca_file (empty: the system store),
+    hostname checked, TLS 1.2 at least, HTTP/1.1. One per file, shared by everything that
+    connects with it (the proxy's pool, discovery's client): built once, read only after."""
+    ctx = ssl.create_default_context(cafile=ca_file or None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    """How credless verifies one MCP server's certificate: the CA bundle and which setting
+    chose it (said in every error about it)."""
+
+    ca_file: str  # empty: the system store
+    source: str  # "servers[NAME].ca_file", "inject.upstream_ca_file" or "the system store"
+
+    @property
+    def context(self) -> ssl.SSLContext:
+        return verifying_context(self.ca_file)
+
+    def describe(self) -> str:
+        return f"{self.source} ({self.ca_file})" if self.ca_file else self.source
+
+
+def server_tls(name: str, ca_file: str, upstream_ca_file: str) -> ServerTls:
+    """The one trust decision for MCP server `name` (its [[servers]] ca_file, and
+    inject.upstream_ca_file): used by discovery's probe and metadata reads and by the
+    proxy's upstream connections alike, so that they cannot disagree."""
+    if ca_file:
+        return ServerTls(ca_file, f"servers[{name}].ca_file")
+    if upstream_ca_file:
+        return ServerTls(upstream_ca_file, "inject.upstream_ca_file")
+    return ServerTls("", "the system store")
+
+
+def authorization_server_tls(oauth_ca_file: str) -> ServerTls:
+    return (
+        ServerTls(oauth_ca_file, "oauth.ca_file")
+        if oauth_ca_file
+        else ServerTls("", "the system store")
+    )
+
+
+def certificate_failure(exc: BaseException | None) -> str | None:
+    """What failed in a TLS handshake somewhere in exc's chain (the OpenSSL reason, e.g.
+    "certificate verify failed: unable to get local issuer certificate"); None when exc
+    is not a TLS failure."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return f"certificate verify failed: {exc.verify_message or exc.reason}"
+        if isinstance(exc, ssl.SSLError):
+            return f"TLS handshake failed: {exc.reason or exc}"
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return None
+
+
+class CertificateRefused(TrustRefused, kind="certificate"):
+    """A server's certificate did not verify, so nothing was sent to it. The message names
+    the party, the cause and the setting that chose the CA it was verified against."""
+
+    party = "server"
+    setting = ""
+
+    def __init__(self, url: str, cause: str, tls: ServerTls):
+        super().__init__(
+            f"the {self.party}'s certificate did not verify ({cause}) at {url}; it was "
+            f"verified against {tls.describe()}. Nothing was sent to it. If it is the right "
+            f"server, set {self.setting} to the CA bundle that issued its certificate",
+            url=url,
+        )
+
+
+class McpServerCertificateRefused(CertificateRefused, kind="mcp_server_certificate"):
+    party = "MCP server"
+    setting = "its servers.ca_file (or inject.upstream_ca_file)"
+
+
+class AuthorizationServerCertificateRefused(
+    CertificateRefused, kind="authorization_server_certificate"
+):
+    party = "authorization server"
+    setting = "oauth.ca_file"

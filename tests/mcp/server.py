@@ -127,6 +127,7 @@ class Recorder:
             "auth_scheme": scheme or None,
             "token_sha256": hashlib.sha256(token.encode()).hexdigest()[:16] if token else None,
             "mcp_method": headers.get("mcp-method"),
+            "host": headers.get("host"),
         }
         STATS["requests"].append(record)
         save_stats(self.stats)
