@@ -33,7 +33,10 @@ def capture_logs():
     obs.configure(level="info", fmt="json")
 
 
-DEFAULT_SERVERS = [{"name": "jwt", "url": JWT_RES, "scope": "tools:read tools:call"}]
+# dpop "always": oidc-provider binds tokens, and this server (no MCP peer) never asks for DPoP
+DEFAULT_SERVERS = [
+    {"name": "jwt", "url": JWT_RES, "scope": "tools:read tools:call", "dpop": "always"}
+]
 
 
 def build(tmp_path, oidc_kwargs=None, servers=None, registered=(A,)):
@@ -98,7 +101,9 @@ def test_jwt_spiffe_profile(stack):
     assert stack.oidc.events("grant.success")[-1]["client_id"] == A
 
 
-@pytest.mark.parametrize("stack", [{"servers": [{"name": "op", "url": OPAQUE_RES}]}], indirect=True)
+@pytest.mark.parametrize(
+    "stack", [{"servers": [{"name": "op", "url": OPAQUE_RES, "dpop": "always"}]}], indirect=True
+)
 def test_opaque_token_is_introspected_active_with_sub_and_aud(stack):
     ident = stack.ident(A)
     tok = stack.run(stack.svc.token(ident, "op"))
