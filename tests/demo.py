@@ -1,10 +1,12 @@
 """`make demo`: the whole path on one machine, with a readable transcript.
 
 Starts the real peers (oidc-provider as the authorization server, an MCP server from the
-official SDK that demands DPoP-bound tokens), the credless agent, and a credential-less MCP
-client (official SDK) in a fresh cgroup, then again from a network namespace of its own
-(as a Kubernetes pod has); prints who was attested as what, which token was
-obtained (fingerprints only) and the tool results; leaves nothing running.
+official SDK that demands DPoP-bound tokens, and a stock one behind https), the credless
+agent, and a credential-less MCP client (official SDK) in a fresh cgroup, then again from a
+network namespace of its own (as a Kubernetes pod has), then over https to the second
+server (credless intercepts with its injection CA, which the client trusts, and verifies
+the server by its own CA); prints who was attested as what, which token was obtained
+(fingerprints only) and the tool results; leaves nothing running.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ import tempfile
 from pathlib import Path
 
 from agent import doctor
-from tests.helpers import audit_events, wait_for
+from tests.helpers import audit_events, free_port, wait_for
 from tests.kernel import enter_cgroup, network_namespace
-from tests.mcp.peers import McpServer, run_client
+from tests.mcp.peers import REPO, McpServer, run_client
+from tests.tlsca import TestCA
 from tests.world import build_world, server_table
 
 SPIFFE_ID = "spiffe://example.org/agent/weather-bot"
@@ -61,6 +64,27 @@ def pod_step(cg, mcp_url: str, proxy_port: int) -> list[dict]:
             pause.wait()
 
 
+def https_step(cg, url: str, inject_ca: Path) -> list[dict]:
+    """The client speaking https itself, trusting only credless's injection CA."""
+    say("4. the MCP client over https to a stock SDK server, no credentials; it trusts only")
+    say(f"   credless's injection CA ({inject_ca}):")
+    r = subprocess.run(
+        [
+            *(sys.executable, "-m", "tests.mcp.client", url),
+            *('call:echo:{"text": "hello over https"}', "--ca-file", str(inject_ca)),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        preexec_fn=enter_cgroup(cg),
+    )
+    out = [json.loads(ln) for ln in r.stdout.splitlines() if ln.startswith("{")]
+    for line in out or [{"error": r.stderr[-500:]}]:
+        say(f"   <- {json.dumps(line)}")
+    return out or [{"error": "no output"}]
+
+
 def main() -> int:
     results = doctor.run_checks(doctor.DoctorOptions())
     if doctor.exit_code(results):
@@ -71,11 +95,20 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="credless-demo-") as tmp:
         with build_world(Path(tmp), SPIFFE_ID, "credless-demo") as w:
             mcp = w.enter(McpServer(w.tmp, dpop=True))
-            oidc = w.authorization_server([mcp.url])
+            ca = TestCA(w.tmp, "demo server CA")
+            mcps = w.enter(McpServer(w.tmp, tls=ca))  # stock: Bearer tokens
+            oidc = w.authorization_server([mcp.url, mcps.url])
             mcp.start(oidc.issuer)
+            mcps.start(oidc.issuer)
             say(f"authorization server (oidc-provider): {oidc.issuer}")
             say(f"MCP server (official SDK, requires DPoP-bound tokens): {mcp.url}")
-            agent = w.start_agent(server_table("weather", mcp.url))
+            say(f"MCP server (official SDK, stock, behind https): {mcps.url}")
+            agent = w.start_agent(
+                server_table("weather", mcp.url)
+                + "\n"
+                + server_table("weather-tls", mcps.url, ca_file=str(ca.cert_path)),
+                inject={"tls_listen_port": free_port()},
+            )
             say(
                 f"credless agent running (pid {agent.proc.pid}); workloads in cgroup "
                 f"/{w.cg.name} are redirected to it"
@@ -95,6 +128,7 @@ def main() -> int:
             for line in out:
                 say(f"   <- {json.dumps(line)}")
             pod = pod_step(w.cg, mcp.url, w.proxy_port)
+            tls = https_step(w.cg, mcps.url, w.tmp / "run" / "inject-ca.crt")
             say()
             events = audit_events(agent.stdout_path, "request.injected")
             inj = next((e for e in events if e["event"] == "request.injected"), None)
@@ -109,9 +143,14 @@ def main() -> int:
                     f"{tok['jkt']}, sha256 {tok['token_sha256']} (the token itself never "
                     "left the agent)"
                 )
+            for t in (e for e in events if e["event"] == "token.obtained"):
+                say(
+                    f"   {t.get('server')}: a {t.get('token_type')} token (dpop = auto: what "
+                    "the server's challenge asked for)"
+                )
             n = sum(1 for e in events if e["event"] == "request.injected")
             say(f"{n} requests injected, each an audit event (agent stdout)")
-            ok = bool(inj and tok and all("error" not in ln for ln in out + pod))
+            ok = bool(inj and tok and all("error" not in ln for ln in out + pod + tls))
         say(
             "stopped the agent, the MCP server and the authorization server; removed the "
             "cgroup and the namespace"
