@@ -20,7 +20,9 @@ from typing import Any
 
 PARSE_ERROR, INVALID_REQUEST = -32700, -32600
 HEADER_MISMATCH = -32020  # MCP 2026-07-28
-POLICY_DENIED = -32001  # implementation-defined server error range
+# implementation-defined server error range, beside credless's other codes (inject/answers.py);
+# not -32001, which the MCP SDKs use for their own request timeouts and unknown sessions
+POLICY_DENIED = -32089
 
 
 @dataclass(frozen=True)
