@@ -60,10 +60,13 @@ def cmd_doctor(args) -> int:
     from agent import doctor
 
     opts = doctor.DoctorOptions()
+    cfg = _load_config(args.config) if args.config else None
     if args.cgroup_root:
         opts.cgroup_root = args.cgroup_root
-    elif args.config:
-        opts.cgroup_root = _load_config(args.config).attest.cgroup_root
+    elif cfg is not None:
+        opts.cgroup_root = cfg.attest.cgroup_root
+    if cfg is not None:
+        opts.kubelet = cfg.attest.kubelet
     results = doctor.run_checks(opts)
     print(doctor.render(results, as_json=args.json))
     return doctor.exit_code(results)
@@ -234,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
         "doctor",
         cmd_doctor,
         "check that this host can run credless",
-        config_help="read attest.cgroup_root from this config",
+        config_help="read attest.cgroup_root and [attest.kubelet] from this config",
         json_help="machine-readable output",
     )
     doc.add_argument(

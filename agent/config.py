@@ -163,7 +163,11 @@ class KubeletSection:
     token_file: str = setting("/var/run/secrets/kubernetes.io/serviceaccount/token", absolute_path)
     # CA bundle that signed the kubelet's serving certificate
     ca_file: str = setting("/var/run/secrets/kubernetes.io/serviceaccount/ca.crt", absolute_path)
-    # do not verify the kubelet's certificate (never in production)
+    # name the kubelet's serving certificate must carry, instead of the url's host; ${VAR} is
+    # expanded (kubeadm's self-signed certificate names only the node: "${NODE_NAME}"); empty
+    # means the url's host
+    server_name: str = setting("")
+    # do not verify the kubelet's certificate (the last resort: deploy/k8s/README.md)
     insecure_skip_verify: bool = setting(False)
     # how long a /pods answer is reused
     cache_ttl_seconds: float = setting(5.0, positive)

@@ -24,7 +24,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 
 from agent.attest.attestor import Attestor
 from agent.attest.cgroupfs import cgroup2_root, process_cgroup
-from agent.attest.kubelet import KubeletClient, KubeletError, expand_url
+from agent.attest.kubelet import KubeletClient, KubeletError, expand_server_name, expand_url
 from agent.config import Config, KubeletSection, parse_listen
 from agent.identity.bundle_endpoint import BundleEndpoint, default_jwks_uri
 from agent.identity.manager import IdentityManager
@@ -153,7 +153,7 @@ def build(cfg: Config, audit: AuditLog | None = None) -> Agent:
     attestor = Attestor(
         cfg.attest,
         registry=registry,
-        kubelet=kubelet_client(cfg.attest.kubelet),
+        kubelet=kubelet_client(cfg.attest.kubelet, registry),
         pin_dir=cfg.agent.bpf_pin_dir,
     )
     identity = identity_manager(cfg, audit, registry)
@@ -220,11 +220,14 @@ def admin_socket(cfg: Config) -> Path:
     return Path(cfg.agent.run_dir) / "admin.sock"
 
 
-def kubelet_client(k: KubeletSection) -> KubeletClient | None:
+def kubelet_client(
+    k: KubeletSection, registry: CollectorRegistry | None = None
+) -> KubeletClient | None:
     if not k.enabled:
         return None
     try:
         url = expand_url(k.url, os.environ)
+        server_name = expand_server_name(k.server_name, os.environ)
     except KubeletError as e:
         raise StartupError(str(e)) from None
     return KubeletClient(
@@ -233,6 +236,8 @@ def kubelet_client(k: KubeletSection) -> KubeletClient | None:
         ca_file=k.ca_file,
         cache_ttl_seconds=k.cache_ttl_seconds,
         insecure_skip_verify=k.insecure_skip_verify,
+        server_name=server_name or None,
+        registry=registry,
     )
 
 

@@ -4,15 +4,24 @@ The kubelet, not the API server, is the source: it knows every pod on the node t
 it starts containers (static pods included), and asking it keeps the agent's load local.
 A container id from the cgroup path (resolvers.py) is looked up in `PodInfo.containers`.
 
-What the kubelet requires of the caller (for operators wiring RBAC):
+What the kubelet requires of the caller (for operators wiring RBAC; deploy/k8s/README.md):
 - authentication: a bearer token the kubelet can check with a TokenReview, which needs
   the kubelet to run with --authentication-token-webhook (kubeadm sets it);
-- authorization: `get` on `nodes/pods` on kubelets with KubeletFineGrainedAuthz (beta,
-  on by default since Kubernetes 1.33), else `get` on `nodes/proxy`, which also allows
-  exec into every container on the node: prefer a kubelet that knows `nodes/pods`;
+- authorization: the kubelet checks GET /pods as `get` on `nodes/pods` *or* `nodes/proxy`
+  when fine-grained kubelet authorization is on (KubeletFineGrainedAuthz: alpha in 1.32,
+  on by default from 1.33, GA in 1.36), and as `nodes/proxy` alone otherwise. `nodes/proxy`
+  also reaches exec, attach and port-forward on the kubelet: prefer `nodes/pods`. A 403
+  names the subresources the kubelet checked, so the error says which one to grant;
 - TLS: the kubelet's serving certificate must verify against `ca_file` *and* name the
-  host in `url`. Certificates from serverTLSBootstrap carry the node's name and IPs,
-  rarely 127.0.0.1: point `url` at the node IP (downward API `status.hostIP`).
+  host in `url` (or `server_name`). Certificates from serverTLSBootstrap are signed by the
+  cluster CA and carry the node's name and IPs, rarely 127.0.0.1: point `url` at the node IP
+  (downward API `status.hostIP`). kubeadm's default is a self-signed certificate naming
+  only the node's host name (/var/lib/kubelet/pki/kubelet.crt): trust that file as
+  `ca_file` with `server_name` = the host name, or, as a documented last resort,
+  `insecure_skip_verify`.
+
+Every request is counted by outcome (`credless_kubelet_requests_total{outcome}`) when a
+registry is given.
 """
 
 from __future__ import annotations
@@ -31,8 +40,19 @@ from types import MappingProxyType
 from typing import Any
 
 import structlog
+from prometheus_client import Counter
 
-__all__ = ["ContainerRef", "KubeletClient", "KubeletError", "PodInfo", "parse_pod_list"]
+__all__ = [
+    "OUTCOMES",
+    "ContainerRef",
+    "Forbidden",
+    "KubeletClient",
+    "KubeletError",
+    "PodInfo",
+    "Probe",
+    "parse_forbidden",
+    "parse_pod_list",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -49,18 +69,103 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 _TOKEN = re.compile(r"[\x21-\x7e]+")
 # Regular, init and ephemeral (kubectl debug) containers can all make outbound calls.
 _STATUS_LISTS = ("initContainerStatuses", "containerStatuses", "ephemeralContainerStatuses")
+# A server name to verify the certificate against: a DNS name or an address, nothing else.
+_SERVER_NAME = re.compile(r"[A-Za-z0-9.:_-]+")
+
+# What became of one request to the kubelet: the `outcome` label of
+# credless_kubelet_requests_total, and KubeletError.outcome.
+OUTCOMES = (
+    "ok",  # 200 and a pod list
+    "unauthorized",  # 401: the kubelet did not accept the token
+    "forbidden",  # 403: the token's identity lacks the RBAC grant
+    "http_error",  # any other HTTP status
+    "tls_verify",  # the serving certificate did not verify
+    "tls_error",  # any other TLS failure
+    "timeout",
+    "unreachable",  # connection refused, no route, ...
+    "bad_response",  # not HTTP, too large, or not a pod list
+    "local_config",  # the token file, CA file or url could not be used: nothing was sent
+)
+
+# The kubelet's 403 body (pkg/kubelet/server/server.go, authorization filter). Since 1.32 it
+# lists every subresource it tried, e.g. "subresource(s)=[pods proxy]"; before, the one.
+_FORBIDDEN = re.compile(
+    r"Forbidden \(user=(?P<user>[^,()]{1,256}), verb=(?P<verb>[a-z]{1,16}), "
+    r"resource=(?P<resource>[a-z]{1,32}), "
+    r"subresource(?:\(s\)=\[(?P<subs>[a-z ]{0,128})\]|=(?P<sub>[a-z]{0,32}))\)"
+)
+# Where the grants live in the manifests, for the error an operator reads.
+RBAC_FILES = {
+    "nodes/pods": "deploy/k8s/rbac.yaml",
+    "nodes/proxy": "deploy/k8s/rbac-nodes-proxy.yaml",
+}
 
 
 class KubeletError(Exception):
     """The kubelet could not be asked, or its answer was not a pod list.
 
-    `status` is the HTTP status code when the kubelet answered with an error.
-    Messages never contain the bearer token.
+    `status` is the HTTP status code when the kubelet answered with an error; `outcome` is
+    one of OUTCOMES; `grant` is the RBAC resource to grant (`nodes/pods`, `nodes/proxy`)
+    when a 403 said which one this kubelet checks. Messages never contain the bearer token.
     """
 
-    def __init__(self, message: str, *, status: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        outcome: str = "bad_response",
+        grant: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
+        self.outcome = outcome
+        self.grant = grant
+
+
+@dataclass(frozen=True)
+class Forbidden:
+    """What a kubelet's 403 says it checked: the user it authenticated and the `nodes`
+    subresources it tried, in order (any one of them would have allowed the request)."""
+
+    user: str
+    verb: str
+    subresources: tuple[str, ...]
+
+    @property
+    def fine_grained(self) -> bool:
+        """The kubelet authorizes with KubeletFineGrainedAuthz: a subresource other than
+        `proxy` was tried for a path that only `proxy` covered before."""
+        return len(self.subresources) > 1 and self.subresources[-1] == "proxy"
+
+    @property
+    def grant(self) -> str | None:
+        """The narrowest grant that would allow it, as an RBAC resource."""
+        if not self.subresources:
+            return None
+        return f"nodes/{self.subresources[0]}"
+
+
+def parse_forbidden(body: bytes | str) -> Forbidden | None:
+    """The kubelet's 403 message, or None if the body is not one."""
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+    m = _FORBIDDEN.search(text[:4096])
+    if m is None or m.group("resource") != "nodes":
+        return None
+    subs = m.group("subs")
+    subresources = tuple(subs.split()) if subs is not None else (m.group("sub"),)
+    return Forbidden(m.group("user"), m.group("verb"), tuple(s for s in subresources if s))
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One uncached request to the kubelet (`credless doctor`): the HTTP status, and for a
+    403 what the kubelet checked. `error` is the operator message for anything but 200."""
+
+    path: str
+    status: int
+    forbidden: Forbidden | None
+    error: KubeletError | None
 
 
 @dataclass(frozen=True)
@@ -88,17 +193,30 @@ def expand_url(url: str, env: Mapping[str, str]) -> str:
     """attest.kubelet.url with ${VAR} taken from the environment (NODE_IP from the downward
     API on Kubernetes). An IPv6 address lands in brackets, as a URL host must be; a variable
     that is not set is an error naming it, not a literal "${NODE_IP}" to connect to."""
+    return _expand(url, env, "attest.kubelet.url", "status.hostIP", bracket_ipv6=True)
 
+
+def expand_server_name(name: str, env: Mapping[str, str]) -> str:
+    """attest.kubelet.server_name with ${VAR} from the environment: one ConfigMap serves
+    every node, and a self-signed kubelet certificate names its own node (NODE_NAME from
+    the downward API, spec.nodeName)."""
+    return _expand(name, env, "attest.kubelet.server_name", "spec.nodeName", bracket_ipv6=False)
+
+
+def _expand(
+    text: str, env: Mapping[str, str], setting: str, field_path: str, *, bracket_ipv6: bool
+) -> str:
     def sub(m: re.Match) -> str:
         name = m.group(1)
         if name not in env or not env[name]:
             raise KubeletError(
-                f"attest.kubelet.url uses ${{{name}}}, which is not set in "
+                f"{setting} uses ${{{name}}}, which is not set in "
                 "the agent's environment (on Kubernetes: set it from the "
-                "downward API, fieldRef status.hostIP)"
+                f"downward API, fieldRef {field_path})",
+                outcome="local_config",
             )
         value = env[name]
-        if ":" in value and not value.startswith("["):
+        if bracket_ipv6 and ":" in value and not value.startswith("["):
             try:
                 ipaddress.IPv6Address(value)
                 return f"[{value}]"
@@ -106,7 +224,7 @@ def expand_url(url: str, env: Mapping[str, str]) -> str:
                 pass
         return value
 
-    return _VAR.sub(sub, url)
+    return _VAR.sub(sub, text)
 
 
 def parse_pod_list(doc: bytes | str) -> dict[str, PodInfo]:
@@ -242,6 +360,21 @@ def _json_type(value: Any) -> str:
     return "null"
 
 
+class _PinnedNameConnection(http.client.HTTPSConnection):
+    """Connects to the url's host but verifies the certificate against another name: a
+    kubelet reached by node IP whose self-signed certificate names only its host name."""
+
+    def __init__(self, host: str, port: int, *, server_name: str, **kw: Any) -> None:
+        super().__init__(host, port, **kw)
+        self._server_name = server_name
+
+    def connect(self) -> None:
+        http.client.HTTPConnection.connect(self)
+        self.sock = self._context.wrap_socket(  # type: ignore[attr-defined]
+            self.sock, server_hostname=self._server_name
+        )
+
+
 class KubeletClient:
     """Looks pods up by uid, from a cache of the kubelet's /pods. Thread-safe.
 
@@ -263,6 +396,8 @@ class KubeletClient:
         min_refresh_interval: float = 0.5,
         timeout: float = 5.0,
         insecure_skip_verify: bool = False,
+        server_name: str | None = None,
+        registry: Any = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         parts = urllib.parse.urlsplit(url)
@@ -280,15 +415,29 @@ class KubeletClient:
             raise ValueError(
                 "cache_ttl_seconds and min_refresh_interval must be >= 0 and timeout > 0"
             )
+        if server_name is not None and not _SERVER_NAME.fullmatch(server_name):
+            raise ValueError(
+                f"kubelet server_name {server_name!r} must be a host name or an address"
+            )
         self._url = urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
         self._host, self._port = parts.hostname, parts.port or 443
         # A path prefix lets the same client go through the API server's node proxy.
-        self._path = parts.path.rstrip("/") + "/pods"
+        self._base = parts.path.rstrip("/")
         self._token_file, self._ca_file = token_file, ca_file
         self._ttl, self._min_interval = cache_ttl_seconds, min_refresh_interval
         self._timeout = timeout
         self._insecure = insecure_skip_verify
+        self._server_name = server_name
         self._clock = clock
+        self._requests = Counter(
+            "credless_kubelet_requests",
+            "Requests to the kubelet, by outcome (forbidden: grant the RBAC resource the "
+            "agent's log names; tls_verify: check attest.kubelet.ca_file)",
+            ["outcome"],
+            registry=registry,
+        )
+        for outcome in OUTCOMES:
+            self._requests.labels(outcome)
 
         self._lock = threading.Lock()  # guards the fields below; never held during I/O
         self._refresh_lock = threading.Lock()  # one refresh at a time (single flight)
@@ -296,6 +445,10 @@ class KubeletClient:
         self._fetched_at: float | None = None
         self._last_attempt: float | None = None
         self._last_error: KubeletError | None = None
+
+    @property
+    def url(self) -> str:
+        return self._url
 
     def pod(self, uid: str) -> PodInfo | None:
         """The pod with this uid on this node, or None. Raises KubeletError."""
@@ -308,8 +461,10 @@ class KubeletClient:
                 if uid in self._pods and self._fresh(now):
                     return self._pods[uid]  # another thread refreshed while we waited
                 if self._last_attempt is not None and now - self._last_attempt < self._min_interval:
-                    if self._last_error is not None:
-                        raise KubeletError(str(self._last_error), status=self._last_error.status)
+                    if (e := self._last_error) is not None:
+                        raise KubeletError(
+                            str(e), status=e.status, outcome=e.outcome, grant=e.grant
+                        )
                     return self._pods.get(uid)
                 self._last_attempt = now
             try:
@@ -322,18 +477,62 @@ class KubeletClient:
                 self._pods, self._fetched_at, self._last_error = pods, now, None
                 return pods.get(uid)
 
+    def probe(self, path: str = "/pods") -> Probe:
+        """One GET of `path` under the url, bypassing the cache, for `credless doctor`.
+        Raises KubeletError when there is no HTTP answer (files, TLS, network)."""
+        status, body, token = self._counted(path)
+        if status == 200:
+            self._requests.labels("ok").inc()
+            return Probe(path, status, None, None)
+        return Probe(path, status, parse_forbidden(body), self._status_error(status, body, token))
+
     def _fresh(self, now: float) -> bool:
         return self._fetched_at is not None and now - self._fetched_at < self._ttl
 
     def _fetch(self) -> dict[str, PodInfo]:
+        status, body, token = self._counted("/pods")
+        if status != 200:
+            raise self._status_error(status, body, token)
+        try:
+            pods = parse_pod_list(body)
+        except KubeletError:
+            self._requests.labels("bad_response").inc()
+            raise
+        self._requests.labels("ok").inc()
+        log.debug("kubelet pods refreshed", url=self._url, pods=len(pods))
+        return pods
+
+    def _counted(self, path: str) -> tuple[int, bytes, str]:
+        """_request, with its outcome counted unless it is a 200, which the caller counts
+        once it knows the body is what it asked for."""
+        try:
+            status, body, token = self._request(path)
+        except KubeletError as e:
+            self._requests.labels(e.outcome).inc()
+            raise
+        if status != 200:
+            self._requests.labels(_status_outcome(status)).inc()
+        return status, body, token
+
+    def _request(self, path: str) -> tuple[int, bytes, str]:
         token = self._read_token()  # every time: projected tokens rotate on disk
-        conn = http.client.HTTPSConnection(
-            self._host, self._port, timeout=self._timeout, context=self._tls_context()
-        )
+        context = self._tls_context()
+        if self._server_name is None:
+            conn = http.client.HTTPSConnection(
+                self._host, self._port, timeout=self._timeout, context=context
+            )
+        else:
+            conn = _PinnedNameConnection(
+                self._host,
+                self._port,
+                server_name=self._server_name,
+                timeout=self._timeout,
+                context=context,
+            )
         try:
             conn.request(
                 "GET",
-                self._path,
+                self._base + path,
                 headers={
                     "Authorization": f"Bearer {token}",
                     "Accept": "application/json",
@@ -343,46 +542,52 @@ class KubeletClient:
             response = conn.getresponse()
             body = response.read(MAX_RESPONSE_BYTES + 1)
         except ssl.SSLCertVerificationError as e:
+            name = self._server_name or self._host
             raise KubeletError(
                 f"TLS verification of the kubelet at {self._url} failed ({e.verify_message}); "
                 f"check that {self._ca_file} holds the CA that signed the kubelet's serving "
-                "certificate and that the certificate names the url's host, or set "
-                "insecure_skip_verify"
+                f"certificate and that the certificate names {name!r} (the url's host, or "
+                "server_name); deploy/k8s/README.md lists the choices, insecure_skip_verify "
+                "last",
+                outcome="tls_verify",
             ) from None
         except ssl.SSLError as e:
             raise KubeletError(
-                f"TLS handshake with the kubelet at {self._url} failed: {e.reason or e}"
+                f"TLS handshake with the kubelet at {self._url} failed: {e.reason or e}",
+                outcome="tls_error",
             ) from None
         except TimeoutError:
             raise KubeletError(
                 f"kubelet at {self._url} did not answer within "
-                f"{self._timeout:g}s; check the url and the kubelet's health"
+                f"{self._timeout:g}s; check the url and the kubelet's health",
+                outcome="timeout",
             ) from None
         except OSError as e:
             raise KubeletError(
                 f"cannot reach the kubelet at {self._url}: {e.strerror or e}; "
-                "check the url (node address and kubelet --port)"
+                "check the url (node address and kubelet --port)",
+                outcome="unreachable",
             ) from None
         except (http.client.HTTPException, ValueError) as e:
             # Exception text is left out: http.client quotes header values, and one of them
             # holds the token.
             raise KubeletError(
-                f"kubelet at {self._url} sent no valid HTTP response ({type(e).__name__})"
+                f"kubelet at {self._url} sent no valid HTTP response ({type(e).__name__})",
+                outcome="bad_response",
             ) from None
         finally:
             conn.close()
-        if response.status != 200:
-            raise KubeletError(
-                self._status_message(response.status, body, token), status=response.status
-            )
         if len(body) > MAX_RESPONSE_BYTES:
             raise KubeletError(
-                f"kubelet /pods response from {self._url} is larger than "
-                f"{MAX_RESPONSE_BYTES >> 20} MiB"
+                f"kubelet {path} response from {self._url} is larger than "
+                f"{MAX_RESPONSE_BYTES >> 20} MiB",
+                outcome="bad_response",
             )
-        pods = parse_pod_list(body)
-        log.debug("kubelet pods refreshed", url=self._url, pods=len(pods))
-        return pods
+        if response.status != 200:
+            # An error body is quoted in messages and parsed for the user the kubelet saw:
+            # whatever echoes the credential there must not carry it further.
+            body = body.replace(token.encode(), b"[redacted]")
+        return response.status, body, token
 
     def _read_token(self) -> str:
         try:
@@ -392,12 +597,14 @@ class KubeletClient:
             reason = e.strerror if isinstance(e, OSError) else "not UTF-8"
             raise KubeletError(
                 f"cannot read the kubelet bearer token from {self._token_file}: "
-                f"{reason}; mount a service account token there"
+                f"{reason}; mount a service account token there",
+                outcome="local_config",
             ) from None
         if not _TOKEN.fullmatch(token):
             raise KubeletError(
                 f"{self._token_file} does not hold a bearer token (it is empty "
-                "or has spaces or control characters inside)"
+                "or has spaces or control characters inside)",
+                outcome="local_config",
             )
         return token
 
@@ -416,10 +623,12 @@ class KubeletClient:
             raise KubeletError(
                 f"cannot load the kubelet CA from {self._ca_file}: {reason}; "
                 "point ca_file at a PEM bundle with the CA that signed the "
-                "kubelet's serving certificate"
+                "kubelet's serving certificate",
+                outcome="local_config",
             ) from None
 
-    def _status_message(self, status: int, body: bytes, token: str) -> str:
+    def _status_error(self, status: int, body: bytes, token: str) -> KubeletError:
+        grant = None
         if status == 401:
             text = (
                 f"kubelet at {self._url} answered 401 Unauthorized: it did not accept the "
@@ -427,11 +636,7 @@ class KubeletClient:
                 "and that the kubelet runs with --authentication-token-webhook"
             )
         elif status == 403:
-            text = (
-                f"kubelet at {self._url} answered 403 Forbidden: grant the token's "
-                "identity 'get' on 'nodes/pods' (kubelets with KubeletFineGrainedAuthz, "
-                "Kubernetes 1.33+) or on 'nodes/proxy' (older kubelets)"
-            )
+            text, grant = self._forbidden_text(parse_forbidden(body))
         else:
             text = f"kubelet at {self._url} answered HTTP {status}; check the kubelet's logs"
         # The kubelet's own words say which user and subresource it checked: worth keeping,
@@ -439,4 +644,37 @@ class KubeletClient:
         # Redact before cutting, so a token straddling the cut cannot leak in part.
         said = body.decode("utf-8", "replace").replace(token, "[redacted]")
         said = " ".join(said.split())[:300]
-        return f"{text} (kubelet said: {said})" if said else text
+        message = f"{text} (kubelet said: {said})" if said else text
+        return KubeletError(message, status=status, outcome=_status_outcome(status), grant=grant)
+
+    def _forbidden_text(self, forbidden: Forbidden | None) -> tuple[str, str | None]:
+        head = f"kubelet at {self._url} answered 403 Forbidden"
+        if forbidden is None or forbidden.grant is None:
+            return (
+                f"{head}: grant the token's identity 'get' on 'nodes/pods' (kubelets with "
+                "KubeletFineGrainedAuthz, on by default from Kubernetes 1.33) or on "
+                "'nodes/proxy' (older kubelets)",
+                None,
+            )
+        who, verb, grant = forbidden.user, forbidden.verb, forbidden.grant
+        if forbidden.fine_grained:
+            return (
+                f"{head}: grant {who} '{verb}' on '{grant}' ({RBAC_FILES.get(grant, 'RBAC')}); "
+                "this kubelet has fine-grained authorization (KubeletFineGrainedAuthz), so "
+                "'nodes/proxy' is not needed",
+                grant,
+            )
+        if grant == "nodes/proxy":
+            return (
+                f"{head}: this kubelet authorizes GET /pods as 'nodes/proxy' only (no "
+                "KubeletFineGrainedAuthz: a kubelet before 1.33, or the gate turned off), so "
+                f"'nodes/pods' is not enough; grant {who} '{verb}' on 'nodes/proxy' "
+                f"({RBAC_FILES['nodes/proxy']}: a broad grant, see deploy/k8s/README.md), or "
+                "turn KubeletFineGrainedAuthz on",
+                grant,
+            )
+        return f"{head}: grant {who} '{verb}' on '{grant}'", grant
+
+
+def _status_outcome(status: int) -> str:
+    return {200: "ok", 401: "unauthorized", 403: "forbidden"}.get(status, "http_error")

@@ -244,6 +244,7 @@ def test_daemonset_mounts_what_the_config_uses(tmp_path):
     env = {e["name"]: e for e in container["env"]}
     for var in re.findall(r"\$\{(\w+)\}", cfg.attest.kubelet.url):
         assert env[var]["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"
+    assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
     assert cfg.attest.kubelet.enabled
     assert (
         os.path.expandvars(cfg.attest.kubelet.url.replace("${NODE_IP}", "10.0.0.7"))
@@ -253,20 +254,117 @@ def test_daemonset_mounts_what_the_config_uses(tmp_path):
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
 
 
-def test_rbac_grants_only_get_on_nodes_pods():
-    role, binding = _docs(K8S / "rbac.yaml")
-    assert role["kind"] == "ClusterRole" and binding["kind"] == "ClusterRoleBinding"
-    assert role["rules"] == [{"apiGroups": [""], "resources": ["nodes/pods"], "verbs": ["get"]}]
+def _bound_rules(*files: str) -> dict[str, list[dict]]:
+    """ClusterRole rules bound to the agent's service account, by file, checking that each
+    file is one ClusterRole and one ClusterRoleBinding of it to that account."""
     sa = _one("serviceaccount.yaml")
-    assert binding["roleRef"]["name"] == role["metadata"]["name"]
-    assert binding["subjects"] == [
-        {
-            "kind": "ServiceAccount",
-            "name": sa["metadata"]["name"],
-            "namespace": sa["metadata"]["namespace"],
+    bound = {}
+    for name in files:
+        role, binding = _docs(K8S / name)
+        assert role["kind"] == "ClusterRole" and binding["kind"] == "ClusterRoleBinding"
+        assert binding["roleRef"] == {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "ClusterRole",
+            "name": role["metadata"]["name"],
         }
-    ]
+        assert binding["subjects"] == [
+            {
+                "kind": "ServiceAccount",
+                "name": sa["metadata"]["name"],
+                "namespace": sa["metadata"]["namespace"],
+            }
+        ]
+        bound[name] = role["rules"]
     assert _pod_spec()["serviceAccountName"] == sa["metadata"]["name"]
+    return bound
+
+
+def _grants(rules: list[dict]) -> set[str]:
+    """RBAC rules as the `nodes/<sub>` resources they allow `get` on (core group only)."""
+    assert all(r["apiGroups"] == [""] and r["verbs"] == ["get"] for r in rules), rules
+    return {res for r in rules for res in r["resources"]}
+
+
+def test_rbac_grants_get_on_nodes_pods_and_separately_on_nodes_proxy():
+    from agent.attest.kubelet import RBAC_FILES
+
+    bound = _bound_rules("rbac.yaml", "rbac-nodes-proxy.yaml")
+    assert _grants(bound["rbac.yaml"]) == {"nodes/pods"}
+    assert _grants(bound["rbac-nodes-proxy.yaml"]) == {"nodes/proxy"}
+    # the kubelet client's 403 names these files for these grants
+    for resource, path in RBAC_FILES.items():
+        name = Path(path).name
+        assert path == f"deploy/k8s/{name}" and _grants(bound[name]) == {resource}
+    # the broad grant is its own binding, so that dropping it is one delete
+    (_, binding) = _docs(K8S / "rbac-nodes-proxy.yaml")
+    from agent import doctor
+
+    assert f"kubectl delete clusterrolebinding {binding['metadata']['name']}" in doctor._DROP_PROXY
+    assert (
+        "rbac-nodes-proxy.yaml"
+        in yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"]
+    )
+
+
+@pytest.mark.parametrize(
+    "minor, gate",
+    [
+        ((1, 29), None),
+        ((1, 31), None),
+        ((1, 32), None),
+        ((1, 32), True),
+        ((1, 33), None),
+        ((1, 33), False),
+        ((1, 35), None),
+        ((1, 36), None),
+    ],
+    ids=lambda v: (
+        "" if v is None else (f"gate-{v}".lower() if isinstance(v, bool) else f"1.{v[1]}")
+    ),
+)
+def test_the_manifests_rbac_gets_pods_from_each_kubelet_version(tmp_path, minor, gate):
+    """The grants the manifests bind, given to a FAKE kubelet of each authorization mode
+    (tests/fakes/kubelet.py): everything kustomization.yaml applies gets /pods everywhere;
+    rbac.yaml alone (nodes/proxy dropped) only where fine-grained authorization is on, and
+    elsewhere a 403 that names the file to apply."""
+    from agent.attest.kubelet import KubeletClient, KubeletError
+    from tests.fakes.kubelet import FakeKubelet, KubeletVersion, running
+    from tests.tlsca import TestCA
+
+    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"]
+    applied = [n for n in kust if n.startswith("rbac")]
+    bound = _bound_rules(*applied)
+    ca = TestCA(tmp_path)
+    cert, key = ca.issue("kubelet")
+    (tmp_path / "token").write_text("agent.token.value")
+    user = "system:serviceaccount:credless:credless"
+    version = KubeletVersion(minor, gate)
+    for files, want in (
+        (applied, None),
+        (["rbac.yaml"], None if version.fine_grained else "rbac-nodes-proxy.yaml"),
+    ):
+        grants = set().union(*(_grants(bound[f]) for f in files))
+        fake = FakeKubelet(cert, key, version, {"agent.token.value": user}, {user: grants})
+        with running(fake):
+            client = KubeletClient(
+                fake.url, token_file=str(tmp_path / "token"), ca_file=str(ca.cert_path)
+            )
+            if want is None:
+                assert client.probe("/pods").status == 200, files
+            else:
+                with pytest.raises(KubeletError, match=f"deploy/k8s/{want}"):
+                    client.pod("any")
+
+
+def test_configmap_makes_the_kubelet_ca_choice_explicit(tmp_path):
+    from agent.attest.kubelet import DEFAULT_CA_FILE
+
+    text = _one("configmap.yaml")["data"]["credless.toml"]
+    kubelet = _agent_config(tmp_path).attest.kubelet
+    assert f'ca_file = "{DEFAULT_CA_FILE}"' in text  # the cluster CA, said, not implied
+    assert "insecure_skip_verify = false" in text and not kubelet.insecure_skip_verify
+    assert kubelet.ca_file == DEFAULT_CA_FILE
+    assert _pod_spec().get("automountServiceAccountToken", True) is True  # token and ca.crt
 
 
 @pytest.mark.parametrize("key", ["credless.toml", "entries.toml", "policy.toml"])

@@ -1,4 +1,5 @@
-"""`credless doctor` on the real kernel, and with a check made to fail."""
+"""`credless doctor` on the real kernel, and with a check made to fail; its kubelet checks
+against a FAKE kubelet (tests/fakes/kubelet.py; the matrix is in test_kubelet_authz.py)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,11 @@ EXPECTED = [
     "cgroup_v2",
     "bcc_tracepoint",
     "cgroup_connect4",
+    "kubelet",  # not enabled without a --config that enables it
 ]
+KUBELET = ["kubelet_tls", "kubelet_authz", "kubelet_grant"]
+TOKEN = "agent.token.value"
+AGENT = "system:serviceaccount:credless:credless"
 
 
 def _doctor(credless_cmd, *args):
@@ -52,6 +57,62 @@ def test_doctor_text_output_one_line_per_check(credless_cmd):
     lines = r.stdout.splitlines()
     assert [ln.split()[1] for ln in lines] == EXPECTED
     assert all(ln.split()[0] == "ok" for ln in lines)
+
+
+@pytest.fixture
+def kubelet_config(tmp_path):
+    """kubelet_config(version, grants) -> a credless.toml whose [attest.kubelet] is a
+    running FAKE kubelet of that version, granting the agent's token those resources."""
+    from contextlib import ExitStack
+
+    from tests.fakes.kubelet import FakeKubelet, running
+    from tests.tlsca import TestCA
+
+    ca = TestCA(tmp_path)
+    cert, key = ca.issue("kubelet")
+    (tmp_path / "token").write_text(TOKEN)
+    with ExitStack() as stack:
+
+        def make(version, grants: set[str]) -> Path:
+            fake = FakeKubelet(cert, key, version, {TOKEN: AGENT}, {AGENT: grants})
+            stack.enter_context(running(fake))
+            path = tmp_path / "credless.toml"
+            path.write_text(
+                "[attest.kubelet]\nenabled = true\n"
+                f'url = "{fake.url}"\ntoken_file = "{tmp_path / "token"}"\n'
+                f'ca_file = "{ca.cert_path}"\n'
+            )
+            return path
+
+        yield make
+
+
+def test_doctor_on_a_node_whose_kubelet_serves_pods(credless_cmd, kubelet_config):
+    from tests.fakes.kubelet import KubeletVersion
+
+    config = kubelet_config(KubeletVersion((1, 33)), {"nodes/pods"})
+    r = _doctor(credless_cmd, "--json", "--config", str(config))
+    report = json.loads(r.stdout)
+    assert r.returncode == 0, r.stdout + r.stderr
+    by_name = {c["name"]: c for c in report["checks"]}
+    assert [c["name"] for c in report["checks"]] == EXPECTED[:-1] + KUBELET
+    assert all(by_name[n]["ok"] for n in KUBELET)
+    assert by_name["kubelet_grant"]["detail"].startswith("least privilege")
+
+
+def test_doctor_on_an_old_kubelet_names_the_grant_to_add(credless_cmd, kubelet_config):
+    from tests.fakes.kubelet import KubeletVersion
+
+    config = kubelet_config(KubeletVersion((1, 31)), {"nodes/pods"})
+    r = _doctor(credless_cmd, "--config", str(config))
+    assert r.returncode == 1
+    lines = r.stdout.splitlines()
+    i = next(i for i, ln in enumerate(lines) if ln.split()[1] == "kubelet_authz")
+    assert lines[i].split()[0] == "missing"
+    assert "answered 403 Forbidden: this kubelet authorizes GET /pods as 'nodes/proxy'" in lines[i]
+    assert lines[i + 1].strip().startswith("fix: this kubelet has no fine-grained authorization")
+    assert "kubectl apply -f deploy/k8s/rbac-nodes-proxy.yaml" in lines[i + 1]
+    assert "agent.token.value" not in r.stdout + r.stderr
 
 
 def test_doctor_fails_with_fix_for_missing_cgroup_mount(credless_cmd, tmp_path):

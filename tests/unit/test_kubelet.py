@@ -450,10 +450,13 @@ def test_insecure_skip_verify_accepts_an_unknown_ca(make_client, pki):
         ),
         (
             403,
-            "answered 403 Forbidden: grant the token's identity 'get' on 'nodes/pods' (kubelets "
-            "with KubeletFineGrainedAuthz, Kubernetes 1.33+) or on 'nodes/proxy' (older "
-            "kubelets) (kubelet said: Forbidden (user=system:serviceaccount:credless:agent, "
-            "verb=get, resource=nodes, subresource(s)=[proxy]) Bearer [redacted])",
+            "answered 403 Forbidden: this kubelet authorizes GET /pods as 'nodes/proxy' only "
+            "(no KubeletFineGrainedAuthz: a kubelet before 1.33, or the gate turned off), so "
+            "'nodes/pods' is not enough; grant system:serviceaccount:credless:agent 'get' on "
+            "'nodes/proxy' (deploy/k8s/rbac-nodes-proxy.yaml: a broad grant, see "
+            "deploy/k8s/README.md), or turn KubeletFineGrainedAuthz on (kubelet said: "
+            "Forbidden (user=system:serviceaccount:credless:agent, verb=get, resource=nodes, "
+            "subresource(s)=[proxy]) Bearer [redacted])",
         ),
         (
             500,
