@@ -273,20 +273,10 @@ class AssertionRequests:
         self.issuer_of = issuer_of  # the issuer of a server's authorization server
         self.max_body = max_body
 
-    # what assertion mode reads of the OAuth service beyond the proxy's Tokens port
-    # (agent/oauth/service.py): the server's settings, its metadata, the jwks_uri
-    def _setting(self, up: Upstream, name: str, default: str) -> str:
-        server = self.exchanges.oauth.servers.get(up.name)
-        value = getattr(server, name, default)
-        return value if isinstance(value, str) else default
-
     async def _registration_endpoint(self, up: Upstream) -> str | None:
         """The registration endpoint the authorization server's metadata names, when it is
         on this server's address (where the workload's request came); else None."""
-        discovery = getattr(self.exchanges.oauth, "discovery", None)
-        if discovery is None:
-            raise OAuthError("the OAuth service is not started")
-        meta = await discovery.server(self.issuer_of(up))
+        meta = await self.exchanges.oauth.server_metadata(self.issuer_of(up))
         endpoint = meta.registration_endpoint
         if not endpoint:
             return None
@@ -295,15 +285,8 @@ class AssertionRequests:
         same = (u.hostname or "").lower() == up.host.lower() and port == up.port
         return endpoint if same else None
 
-    def _jwks_uri(self) -> str | None:
-        uri = getattr(self.exchanges.oauth, "jwks_uri", None)
-        return uri if isinstance(uri, str) and uri else None
-
     def _jwks(self) -> dict:
-        bundle = getattr(self.identity, "bundle", None)
-        if bundle is None:
-            raise OAuthError("no JWT-SVID keys at hand to register inline")
-        return json.loads(oauth_jwks(bundle()))
+        return json.loads(oauth_jwks(self.identity.bundle()))
 
     async def handle(
         self, head: Head, served: Served, audit_base: AuditBase, started: float
@@ -314,15 +297,16 @@ class AssertionRequests:
         client, up = served.client, served.up
         body = await read_body(client, self.max_body)
         if body is None:
+            # the body was dropped: the connection may go on, but as the proxy's 413 does,
+            # it is closed (a workload that sends this much is not to be waited on again)
             return await self._answer(
                 served,
                 audit_base,
                 413,
                 b"Payload Too Large",
-                "invalid_request",
+                "body_too_large",
                 f"credless: a request to the authorization server larger than "
-                f"{self.max_body} bytes",
-                close=True,
+                f"{self.max_body} bytes (policy.max_body_bytes); connection closed",
             )
         coding = head.get(b"content-encoding")
         if coding is not None and coding.strip().lower() != b"identity":
@@ -331,7 +315,7 @@ class AssertionRequests:
                 audit_base,
                 415,
                 b"Unsupported Media Type",
-                "invalid_request",
+                "encoding_refused",
                 "credless: a request to the authorization server must not be "
                 f"content-encoded ({coding.decode('latin-1')}): credless reads it",
                 keep=head.keep_alive,
@@ -350,7 +334,7 @@ class AssertionRequests:
                 new_body, fields = rewritten.body, rewritten.fields
         except Refused as e:
             self.rec.count(up, "assertion_refused")
-            self.rec.audit_event(
+            event_id = self.rec.audit_answered(
                 "assertion.refused",
                 audit_base,
                 request=kind,
@@ -359,11 +343,13 @@ class AssertionRequests:
                 **e.fields,
             )
             return await self._send(
-                served, 400, b"Bad Request", e.error, e.description, head.keep_alive
+                served, 400, b"Bad Request", e.error, e.description, head.keep_alive, event_id
             )
         except OAuthError as e:
             self.rec.count(up, "token_error")
-            self.rec.audit_event("request.failed", audit_base, reason=str(e), kind=e.kind)
+            event_id = self.rec.audit_answered(
+                "request.failed", audit_base, reason=str(e), kind=e.kind
+            )
             return await self._send(
                 served,
                 502,
@@ -371,6 +357,7 @@ class AssertionRequests:
                 "server_error",
                 f"credless: could not put client authentication into this request: {e}",
                 head.keep_alive,
+                event_id,
             )
         if fields is not None:
             self.rec.audit_event("assertion.injected", audit_base, **fields)
@@ -382,26 +369,32 @@ class AssertionRequests:
     def _rewrite(self, kind: str, body: bytes, served: Served, up: Upstream, reg: str) -> Rewritten:
         ident = served.holder()
         sid = str(ident.spiffe_id)
-        policy = self._setting(up, "workload_assertion", "refuse")
+        server = self.exchanges.oauth.servers.get(up.name)
+        if server is None:  # the proxy serves only configured servers: never so
+            raise OAuthError(f"no [[servers]] entry named {up.name!r}")
+        policy = server.workload_assertion
         if kind == decide.TOKEN:
             audience = (
                 up.origin + up.path.decode("latin-1")
-                if self._setting(up, "assertion_audience", "issuer") == "token_endpoint"
+                if server.assertion_audience == "token_endpoint"
                 else self.issuer_of(up)
             )
+            assertion_type = ASSERTION_TYPES.get(server.auth_profile)
+            if assertion_type is None:  # config.py allows only these: fail closed
+                raise OAuthError(f"servers[{up.name}].auth_profile {server.auth_profile!r}")
             return rewrite_token_form(
                 body,
                 sid,
                 lambda: self.identity.jwt_svid(ident, [audience], ttl=ASSERTION_TTL, iss=sid),
                 policy,
-                ASSERTION_TYPES.get(self._setting(up, "auth_profile", "jwt-bearer"), JWT_BEARER),
+                assertion_type,
             )
         return rewrite_registration(
             body,
             sid,
             lambda: self.identity.jwt_svid(ident, [reg], ttl=ASSERTION_TTL, iss=sid),
             endpoint=reg,
-            jwks_uri=self._jwks_uri(),
+            jwks_uri=self.exchanges.oauth.jwks_uri or None,
             jwks=self._jwks,
             workload_assertion=policy,
         )
@@ -412,22 +405,44 @@ class AssertionRequests:
         audit_base: AuditBase,
         status: int,
         reason: bytes,
-        error: str,
+        outcome: str,
         description: str,
         keep: bool = False,
-        close: bool = False,
     ) -> bool:
-        self.rec.count(served.up, "assertion_refused")
-        self.rec.audit_event("assertion.refused", audit_base, status=status, reason=description)
-        return await self._send(served, status, reason, error, description, keep and not close)
+        """A request refused before its body could be read as the AS would (too large, 413;
+        content-encoded, 415): counted under the proxy's outcome for it (body_too_large,
+        encoding_refused), audited (assertion.refused, with the status) and answered with
+        an OAuth invalid_request naming the audit event."""
+        self.rec.count(served.up, outcome)
+        event_id = self.rec.audit_answered(
+            "assertion.refused",
+            audit_base,
+            status=status,
+            error="invalid_request",
+            outcome=outcome,
+            reason=description,
+        )
+        return await self._send(
+            served, status, reason, "invalid_request", description, keep, event_id
+        )
 
     @staticmethod
     async def _send(
-        served: Served, status: int, reason: bytes, error: str, description: str, keep: bool
+        served: Served,
+        status: int,
+        reason: bytes,
+        error: str,
+        description: str,
+        keep: bool,
+        event_id: str | None = None,
     ) -> bool:
-        """An OAuth error answer (RFC 6749 5.2, RFC 7591 3.2.2), which OAuth clients show."""
-        body = json.dumps({"error": error, "error_description": description}).encode()
+        """An OAuth error answer (RFC 6749 5.2, RFC 7591 3.2.2), which OAuth clients show;
+        event_id: the audit event it names, for the operator (an extra member clients
+        ignore)."""
+        doc = {"error": error, "error_description": description}
+        if event_id:
+            doc["event_id"] = event_id
         extra = [] if keep else [(b"Connection", b"close")]
-        served.client.write(simple_response(status, reason, body, extra=extra))
+        served.client.write(simple_response(status, reason, json.dumps(doc).encode(), extra=extra))
         await served.client.drain()
         return keep

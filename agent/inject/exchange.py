@@ -435,7 +435,8 @@ class Exchanges:
         head = conn.head
         raw = (head.get(b"www-authenticate") if head is not None else None) or b""
         challenges = parse_www_authenticate(raw.decode("latin-1"))
-        problem = scheme_mismatch(challenges, token.token_type, up.name)
+        mismatch = scheme_mismatch(challenges, token.token_type, up.name)
+        problem = mismatch
         if problem is None and retried and asks_for_nonce(challenges):
             problem = (
                 f"the MCP server {up.name} asked again for a DPoP nonce (401 use_dpop_nonce) "
@@ -443,6 +444,13 @@ class Exchanges:
                 "gave; credless retries once only. Check the server's nonce handling"
             )
         if b"invalid_token" in raw or problem is not None:
-            # refused for its scheme: a token of the kind this server does not take
-            self.oauth.invalidate(served.holder(), up.name, token)
+            # refused for its scheme: a token of the kind this server does not take, and
+            # the server's next token follows this challenge (the server changed what it
+            # accepts), not the cached metadata that chose this scheme
+            self.oauth.invalidate(
+                served.holder(),
+                up.name,
+                token,
+                raw.decode("latin-1") if mismatch is not None else None,
+            )
         return problem

@@ -9,14 +9,17 @@ the connections this module holds.
 A TLS listener looks at each connection's first byte before its handshake (TlsListener): a
 workload that speaks plain HTTP to an https server's address is answered 400 saying so
 (call https://…, or configure the server's workload_url), audited and counted, instead of
-failing as a TLS handshake with no word to anyone.
+failing as a TLS handshake with no word to anyone. The answer is shaped as the proxy's own
+(agent/inject/answers.py) by the request's head alone, as far as it arrived in the first
+read: a JSON POST (an MCP client) gets a JSON-RPC error, id null, which the SDKs show; any
+other request, or a head not whole in that read, the plain body. Both name the audit event.
+The body is never read: the connection is not served, so where the request ends is unknown.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Iterable
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from agent.config import InjectSection
-from agent.inject import http1
+from agent.inject import answers, http1
 from agent.inject.flows import ClientSide
 from agent.inject.proxy import Proxy
 from agent.inject.redirect import RedirectInfo
@@ -198,6 +201,23 @@ class TlsListener:
         await asyncio.gather(self._accepting, *self._pending, return_exceptions=True)
 
 
+def asked_by_head(data: bytes, max_head: int, max_fields: int) -> answers.Asked:
+    """What a request not served asked (answers.by_head), from the bytes of its first read:
+    a JSON POST whose head is whole in them may be JSON-RPC (answered as such, id null);
+    anything else, a head cut short or one that does not parse, is answered plainly. Only
+    the head is looked at, never the body: its framing was never decided."""
+    reader = http1.Reader(max_head=max_head, max_fields=max_fields)
+    try:
+        events = reader.feed(data)
+    except http1.ProtocolError:
+        return answers.PLAIN
+    for ev in events:
+        if ev[0] == http1.HEAD:
+            head = ev[1]
+            return answers.by_head(head.method, head.get(b"content-type"))
+    return answers.PLAIN
+
+
 async def _drain(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
     """Read and drop until the peer closes (after an answer with Connection: close)."""
     while await loop.sock_recv(conn, 65536):
@@ -343,22 +363,31 @@ class ProxyListeners:
             f"HTTP; call {up.origin}{up.path.decode()} (https), or have the operator set "
             "the server's workload_url to a plain http:// address credless maps onto it"
         )
+        try:
+            # what the workload sent first is read, so that closing does not reset the
+            # connection before the answer reaches it; its head, if whole, shapes the answer
+            first = conn.recv(65536)
+        except OSError:
+            first = b""
+        asked = asked_by_head(first, self.cfg.max_head_bytes, self.cfg.max_header_fields)
         self.proxy.rec.count(up, "plain_http_to_https")
-        self.proxy.rec.audit_event(
+        event_id = self.proxy.rec.audit_answered(
             "request.denied",
             {"server": up.name, "mode": up.mode, "pid": info.tgid, "peer_port": peer[1]},
             status=400,
             reason=message,
         )
-        body = json.dumps({"error": message}).encode()
+        answer = answers.response(
+            asked,
+            400,
+            b"Bad Request",
+            message,
+            outcome="plain_http_to_https",
+            event_id=event_id,
+            headers=[(b"Connection", b"close")],
+        )
         try:
-            # what the workload sent first is read, so that closing does not reset the
-            # connection before the answer reaches it
-            conn.recv(65536)
-            await loop.sock_sendall(
-                conn,
-                http1.simple_response(400, b"Bad Request", body, extra=[(b"Connection", b"close")]),
-            )
+            await loop.sock_sendall(conn, answer)
             conn.shutdown(socket.SHUT_WR)
             await asyncio.wait_for(_drain(loop, conn), HANDSHAKE_SECONDS)
         except (OSError, TimeoutError):

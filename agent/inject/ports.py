@@ -12,9 +12,11 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from agent.attest.selectors import Attestation
+from agent.identity.bundle import TrustBundle
 from agent.identity.jwtsvid import JwtSvid
 from agent.identity.manager import Identity
 from agent.inject.redirect import RedirectInfo
+from agent.oauth.discovery import ServerMetadata
 from agent.oauth.tokens import Token
 from agent.policy.rules import Decision
 
@@ -63,6 +65,10 @@ class Identities(Protocol):
         self, ident: Identity, audience: list[str], ttl: int | None = None, iss: str | None = None
     ) -> JwtSvid: ...
 
+    def bundle(self) -> TrustBundle:
+        """The JWT-SVID keys, for a registration's inline JWKS (assertion mode)."""
+        ...
+
 
 class ProofKey(Protocol):
     """A workload's DPoP key (agent.oauth.dpop.DPoPKey)."""
@@ -82,10 +88,28 @@ class HitCounter(Protocol):
 
 
 class AuthorizationServer(Protocol):
-    """A configured MCP server as the OAuth service knows it (agent.config.ServerSection)."""
+    """A configured MCP server as the OAuth service knows it (agent.config.ServerSection):
+    the settings the proxy and assertion mode read."""
 
     @property
-    def issuer(self) -> str: ...
+    def issuer(self) -> str:
+        """Its authorization server's issuer (assertion mode: configured)."""
+        ...
+
+    @property
+    def auth_profile(self) -> str:
+        """The client assertion's profile: "jwt-bearer" or "jwt-spiffe"."""
+        ...
+
+    @property
+    def assertion_audience(self) -> str:
+        """The client assertion's aud: "issuer" or "token_endpoint"."""
+        ...
+
+    @property
+    def workload_assertion(self) -> str:
+        """A workload's own JWT where credless's goes: "refuse" or "replace"."""
+        ...
 
 
 class Tokens(Protocol):
@@ -102,13 +126,28 @@ class Tokens(Protocol):
     @property
     def servers(self) -> Mapping[str, AuthorizationServer]: ...
 
+    @property
+    def jwks_uri(self) -> str | None:
+        """Where authorization servers fetch the JWT-SVID keys (None: registered inline)."""
+        ...
+
+    async def server_metadata(self, issuer: str) -> ServerMetadata:
+        """The authorization server's RFC 8414 metadata, as discovered (OAuthError)."""
+        ...
+
     def cached_token(self, ident: Identity, server_name: str) -> Token | None: ...
 
     async def token(self, ident: Identity, server_name: str) -> Token: ...
 
     def dpop_key(self, spiffe_id: str) -> ProofKey: ...
 
-    def invalidate(self, ident: Identity, server_name: str, token: Token) -> None: ...
+    def invalidate(
+        self, ident: Identity, server_name: str, token: Token, challenge: str | None = None
+    ) -> None:
+        """The server refused token: never serve it again. challenge: the 401's
+        WWW-Authenticate when it named a scheme credless did not use (the server changed
+        what it accepts): the next token for the server follows it at once."""
+        ...
 
 
 class Policy(Protocol):

@@ -33,7 +33,13 @@ import httpx
 
 from agent.fsutil import atomic_write
 from agent.oauth.errors import MalformedResponse, RegistrationError, ServerUnavailable
-from agent.oauth.trust import check_endpoint, insecure_reason, is_loopback_host
+from agent.oauth.trust import (
+    ServerTls,
+    authorization_server_tls,
+    check_endpoint,
+    insecure_reason,
+    is_loopback_host,
+)
 
 # how a registered client authenticates: a JWT-SVID, checked against the registered keys
 AUTH_METHOD = "private_key_jwt"
@@ -171,7 +177,11 @@ async def register(
     jwks: dict | None,
     software_statement: str,
     dpop: bool,
+    tls: ServerTls | None = None,
 ) -> RegisteredClient:
+    """Register the identity's client at endpoint. tls: how the http client verifies the
+    authorization server (named when its certificate does not verify: then
+    AuthorizationServerCertificateRefused, and nothing was sent)."""
     check_endpoint(endpoint, "registration endpoint")  # also checked on the metadata
     meta: dict[str, Any] = {
         "client_name": spiffe_id,
@@ -187,7 +197,15 @@ async def register(
         meta["dpop_bound_access_tokens"] = True
     from agent.oauth.tokens import post_form
 
-    status, body, _ = await post_form(http, endpoint, None, {}, "registration", json_body=meta)
+    status, body, _ = await post_form(
+        http,
+        endpoint,
+        None,
+        {},
+        "registration",
+        json_body=meta,
+        tls=tls or authorization_server_tls(""),
+    )
     if status not in (200, 201):
         err = body if isinstance(body, dict) else {}
         raise RegistrationError(
@@ -208,8 +226,12 @@ async def register(
     )
 
 
-async def delete(http: httpx.AsyncClient, client: RegisteredClient) -> bool:
-    """RFC 7592 delete; False when the server offers no management for this client."""
+async def delete(
+    http: httpx.AsyncClient, client: RegisteredClient, tls: ServerTls | None = None
+) -> bool:
+    """RFC 7592 delete; False when the server offers no management for this client. A
+    certificate that does not verify (against tls) is AuthorizationServerCertificateRefused:
+    the registration access token is not sent."""
     if not client.registration_client_uri or not client.registration_access_token:
         return False
     # the registration access token goes only where https (or loopback) protects it
@@ -220,6 +242,9 @@ async def delete(http: httpx.AsyncClient, client: RegisteredClient) -> bool:
             headers={"Authorization": f"Bearer {client.registration_access_token}"},
         )
     except httpx.HTTPError as e:
+        from agent.oauth.tokens import refuse_certificate
+
+        refuse_certificate(e, client.registration_client_uri, tls or authorization_server_tls(""))
         raise ServerUnavailable(
             f"client deletion at {client.registration_client_uri}: {e}",
             url=client.registration_client_uri,

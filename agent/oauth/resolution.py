@@ -38,6 +38,8 @@ class AdHocServer:
     client_id: str = ""
     dpop: str = "auto"
     authorization_servers: tuple[str, ...] = ()
+    workload_assertion: str = "refuse"
+    ca_file: str = ""
 
 
 # a configured [[servers]] entry, or the probe's URL

@@ -26,7 +26,7 @@ from agent.identity.jwtsvid import JwtSvid
 from agent.identity.manager import Identity
 from agent.oauth import registration as reg
 from agent.oauth.cache import TokenCache
-from agent.oauth.discovery import Discovery, TlsRouter, canonical_resource
+from agent.oauth.discovery import Discovery, ServerMetadata, TlsRouter, canonical_resource
 from agent.oauth.dpop import DPoPKey
 from agent.oauth.errors import OAuthError, RegistrationError, TrustRefused
 from agent.oauth.resolution import AdHocServer, Resolved, Resolver, Server, audit_event
@@ -79,7 +79,10 @@ class OAuthService:
         self.cfg = cfg
         self.identity = identity
         self.audit = audit
-        self.jwks_uri = cfg.oauth.jwks_uri or jwks_uri
+        self.jwks_uri: str | None = cfg.oauth.jwks_uri or jwks_uri
+        # how every authorization server is verified (discovery, token requests, DCR,
+        # introspection, deletion): oauth.ca_file, else the system store
+        self.as_tls = authorization_server_tls(cfg.oauth.ca_file)
         self.store = reg.ClientStore(Path(state_dir))
         self.pins = PinStore(state_dir)
         self.servers: dict[str, Server] = {s.name: s for s in cfg.servers}
@@ -95,6 +98,9 @@ class OAuthService:
         )
         self._pending: dict[TokenKey, tuple[Identity, Resolved]] = {}
         self._token_keys: dict[tuple[str, str], tuple[TokenKey, float]] = {}
+        # server name -> the 401 challenge of a server that refused a token for its scheme
+        # (invalidate): its next resolution reads this, not the cached resource metadata
+        self._changed: dict[str, str] = {}
         self.m_requests = Counter(
             "credless_token_requests",
             "Token requests by server and outcome",
@@ -145,7 +151,7 @@ class OAuthService:
             self.http,
             ttl=o.discovery_ttl_seconds,
             mcp_tls=self.server_tls,
-            as_tls=authorization_server_tls(o.ca_file),
+            as_tls=self.as_tls,
         )
         self.loop = asyncio.get_running_loop()
 
@@ -155,8 +161,7 @@ class OAuthService:
         resource = canonical_resource(url)
         for s in self.servers.values():
             if canonical_resource(s.url) == resource:
-                ca_file = getattr(s, "ca_file", "")  # a probe's AdHocServer has none
-                return server_tls(s.name, ca_file, self.cfg.inject.upstream_ca_file)
+                return server_tls(s.name, s.ca_file, self.cfg.inject.upstream_ca_file)
         return server_tls("", "", self.cfg.inject.upstream_ca_file)
 
     async def stop(self) -> None:
@@ -216,6 +221,13 @@ class OAuthService:
         sid = str(ident.spiffe_id) if ident is not None else None
         return await self.resolver.resolve(self._started()[1], server, challenge, sid)
 
+    async def server_metadata(self, issuer: str) -> ServerMetadata:
+        """The authorization server's RFC 8414 metadata, as discovered (cached for
+        oauth.discovery_ttl_seconds); assertion mode reads its registration endpoint."""
+        if self.discovery is None:
+            raise OAuthError("the OAuth service is not started")
+        return await self.discovery.server(issuer)
+
     def dpop_key(self, spiffe_id: str) -> DPoPKey:
         key = self._dpop_keys.get(spiffe_id)
         if key is None:
@@ -238,7 +250,10 @@ class OAuthService:
 
     async def token(self, ident: Identity, server_name: str, challenge: str | None = None) -> Token:
         server = self.server(server_name)
-        resolved = await self.resolve(server, challenge, ident)
+        changed = self._changed.get(server_name) if challenge is None else None
+        resolved = await self.resolve(server, challenge or changed, ident)
+        if changed is not None and self._changed.get(server_name) is changed:
+            del self._changed[server_name]  # read: the cached metadata says it now
         key = (str(ident.spiffe_id), server.name, resolved.resource, resolved.scope)
         self._pending[key] = (ident, resolved)
         if challenge is None:
@@ -248,11 +263,20 @@ class OAuthService:
         self.m_lookups.labels("hit" if self.cache.hits > before else "miss").inc()
         return tok
 
-    def invalidate(self, ident: Identity, server_name: str, token: Token) -> None:
-        """The resource server rejected this token (invalid_token): never serve it again."""
+    def invalidate(
+        self, ident: Identity, server_name: str, token: Token, challenge: str | None = None
+    ) -> None:
+        """The resource server rejected this token (invalid_token, or its scheme): never
+        serve it again. challenge: the 401's WWW-Authenticate when it named a scheme credless
+        did not use: the server changed what it accepts, so the next token() for it reads
+        that challenge and the server's metadata again instead of the cached metadata (which
+        would choose the refused scheme again until oauth.discovery_ttl_seconds)."""
         for key, cached in self.cache.tokens():
             if cached is token or cached.fingerprint == token.fingerprint:
                 self.cache.invalidate(key)
+        server = self.servers.get(server_name)
+        if challenge is not None and server is not None and server.dpop == "auto":
+            self._changed[server_name] = challenge  # (a set dpop would choose the same)
 
     async def _client_id(self, ident: Identity, server: Server, resolved: Resolved) -> str:
         sid = str(ident.spiffe_id)
@@ -287,6 +311,7 @@ class OAuthService:
                     jwks=jwks,
                     software_statement=statement,
                     dpop=resolved.dpop,
+                    tls=self.as_tls,
                 )
             except OAuthError:
                 self.m_registrations.labels(server.name, "register", "error").inc()
@@ -323,6 +348,7 @@ class OAuthService:
                 dpop=self.dpop_key(sid) if resolved.dpop else None,
                 nonces=self._nonces,
                 dpop_required=resolved.dpop_required,
+                tls=self.as_tls,
             )
         except OAuthError as e:
             self.m_requests.labels(server.name, e.kind).inc()
@@ -378,7 +404,7 @@ class OAuthService:
         deleted = []
         for client in self.store.for_identity(spiffe_id):
             try:
-                if await reg.delete(self._started()[0], client):
+                if await reg.delete(self._started()[0], client, self.as_tls):
                     self.store.remove(spiffe_id, client.issuer)
                     deleted.append(client.client_id)
                     self.m_registrations.labels("-", "delete", "ok").inc()
@@ -423,6 +449,7 @@ class OAuthService:
             },
             {},
             "introspection",
+            tls=self.as_tls,
         )
         if status != 200 or not isinstance(body, dict):
             raise from_error_response(

@@ -33,7 +33,13 @@ from agent.oauth.errors import (
     TokenRefused,
     from_error_response,
 )
-from agent.oauth.trust import check_endpoint
+from agent.oauth.trust import (
+    AuthorizationServerCertificateRefused,
+    ServerTls,
+    authorization_server_tls,
+    certificate_failure,
+    check_endpoint,
+)
 
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 JWT_SPIFFE = "urn:ietf:params:oauth:client-assertion-type:jwt-spiffe"
@@ -263,6 +269,19 @@ def parse_token_response(
     )
 
 
+def refuse_certificate(e: httpx.HTTPError, url: str, tls: ServerTls) -> None:
+    """Raise AuthorizationServerCertificateRefused when e is a TLS failure: the authorization
+    server answered with a certificate that did not verify against tls (nothing was sent to
+    it), which is not "unavailable": retrying will not help, the trust setting might."""
+    cause = certificate_failure(e)
+    if cause is not None:
+        raise AuthorizationServerCertificateRefused(url, cause, tls) from None
+
+
+# how an authorization server is verified when the caller does not say (oauth.ca_file unset)
+SYSTEM_STORE = authorization_server_tls("")
+
+
 async def post_form(
     http: httpx.AsyncClient,
     url: str,
@@ -270,14 +289,18 @@ async def post_form(
     headers: dict,
     what: str,
     json_body: Any = None,
+    tls: ServerTls = SYSTEM_STORE,
 ) -> tuple[int, Any, httpx.Headers]:
-    """POST a form (or a JSON body) and read a JSON answer; network errors and 5xx are
+    """POST a form (or a JSON body) to an authorization server and read a JSON answer. A
+    certificate that does not verify (against tls: what the client verifies by, named in
+    the error) is AuthorizationServerCertificateRefused; other network errors and 5xx are
     ServerUnavailable, a body that is not JSON is MalformedResponse."""
     try:
         r = await http.post(
             url, data=form, json=json_body, headers={"Accept": "application/json", **headers}
         )
     except httpx.HTTPError as e:
+        refuse_certificate(e, url, tls)
         raise ServerUnavailable(
             f"{what} at {url}: {type(e).__name__}: {e or 'no answer'}", url=url
         ) from None
@@ -313,8 +336,10 @@ async def request_token(
     dpop: DPoPKey | None,
     nonces: dict[str, str],
     dpop_required: str | None = None,
+    tls: ServerTls = SYSTEM_STORE,
 ) -> Token:
     """One client_credentials token request, with one retry on a DPoP nonce challenge.
+    tls: how the http client verifies the authorization server (for a refusal's message).
 
     `mint_assertion(audience, iss)` returns a fresh JWT-SVID string. It is called only once
     the token endpoint passed the https-unless-loopback check (also made on the metadata).
@@ -340,7 +365,7 @@ async def request_token(
             )
         now = time.time()
         status, body, resp_headers = await post_form(
-            http, token_endpoint, form, headers, "token request"
+            http, token_endpoint, form, headers, "token request", tls=tls
         )
         fresh = resp_headers.get("dpop-nonce")
         if fresh and valid_nonce(fresh):

@@ -10,6 +10,7 @@ import os
 
 import pytest
 
+from agent.policy import jsonrpc
 from tests.helpers import audit_events
 from tests.kernel import enter_cgroup, run_python, start_python
 from tests.mcp.peers import McpServer, run_client
@@ -279,7 +280,7 @@ time.sleep(1)
     status, body = json.loads(run_python(code, cgroup=world.cg, check=False))
     assert status == 403
     assert [e["id"] for e in body] == [1, 2]
-    assert all(e["error"]["code"] == -32001 for e in body)
+    assert all(e["error"]["code"] == jsonrpc.POLICY_DENIED for e in body)
     assert "secret_tool" in body[0]["error"]["message"]
     assert "echo" not in world.mcp.stats()["calls"]  # nothing of the batch reached it
     # not even its head: no credentialed request reached the server

@@ -216,15 +216,19 @@ def test_plain_http_to_the_https_address_is_answered_400_naming_the_mismatch(wor
     before = len(world.mcp.stats()["requests"])
     status, body = raw(world, "127.0.0.1", world.mcp.port, None)
     assert status == 400
-    assert "is an https server and this request is plain HTTP" in body["error"]
-    assert world.mcp.url in body["error"] and "workload_url" in body["error"]
+    # a JSON POST: a JSON-RPC error (its body never read: id null) naming the audit event
+    assert body["id"] is None and body["error"]["code"] == -32084
+    message, event_id = body["error"]["message"], body["error"]["data"]["event_id"]
+    assert "is an https server and this request is plain HTTP" in message
+    assert world.mcp.url in message and "workload_url" in message
+    assert f"(audit event {event_id})" in message
     events = audit_events(
         world.agent.stdout_path,
-        lambda evs: [e for e in evs if e.get("reason", "").startswith(body["error"][:40])],
+        lambda evs: [e for e in evs if e.get("event_id") == event_id],
     )
-    denied = [e for e in events if e.get("reason") == body["error"]]
-    assert denied[-1]["event"] == "request.denied" and denied[-1]["status"] == 400
-    assert denied[-1]["server"] == "weather"
+    [denied] = [e for e in events if e.get("event_id") == event_id]
+    assert denied["event"] == "request.denied" and denied["status"] == 400
+    assert denied["server"] == "weather" and message.startswith(denied["reason"])
     assert len(world.mcp.stats()["requests"]) == before
     series = (
         'credless_injected_requests_total{mode="broker",outcome="plain_http_to_https",'

@@ -15,6 +15,7 @@ import subprocess
 import pytest
 
 from agent.inject import answers
+from agent.policy import jsonrpc
 from tests.conftest import REPO
 from tests.helpers import audit_events
 from tests.kernel import enter_cgroup, run_python
@@ -154,7 +155,7 @@ def test_a_policy_denial_is_shown_by_both_sdks_as_before(tmp_path):
     policy = tools_rule("bot-tools", SPIFFE_ID, "weather", ["echo"])
     with world_of(tmp_path, policy=policy) as w:
         out = py_client(w, "list", "call:secret_tool")
-        assert out["error"] == "MCPError" and out["code"] == -32001, out
+        assert out["error"] == "MCPError" and out["code"] == jsonrpc.POLICY_DENIED, out
         assert "denied by policy" in out["message"] and "secret_tool" in out["message"]
         records = audited(w.agent, shown_event(out["message"]))
         assert [(e["event"], e["tool"]) for e in records] == [("call.denied", "secret_tool")]
@@ -163,7 +164,7 @@ def test_a_policy_denial_is_shown_by_both_sdks_as_before(tmp_path):
         ts = ts_client(w, "secret_tool")
         assert ts["status"] == 403, ts
         body = ts_body(ts)
-        assert body["error"]["code"] == -32001 and isinstance(body["id"], int)
+        assert body["error"]["code"] == jsonrpc.POLICY_DENIED and isinstance(body["id"], int)
         assert "secret_tool" in body["error"]["message"]
         assert audited(w.agent, shown_event(body["error"]["message"]))[0]["event"] == "call.denied"
         # an allowed call still goes through

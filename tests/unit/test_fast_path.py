@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from agent.attest.selectors import Attestation
 from agent.config import InjectSection, ServerSection
+from agent.identity.bundle import TrustBundle
 from agent.identity.entries import Entry
 from agent.identity.jwtsvid import JwtSvid
 from agent.identity.manager import Identity
@@ -27,6 +28,7 @@ from agent.inject.proxy import Proxy
 from agent.inject.redirect import RedirectInfo
 from agent.inject.served import Served
 from agent.inject.upstreams import Upstream
+from agent.oauth.discovery import ServerMetadata
 from agent.oauth.tokens import Token
 from agent.observe.logging import AuditLog
 from agent.observe.tally import CounterCell
@@ -117,6 +119,9 @@ class FakeIdentities:
     ) -> JwtSvid:
         raise AssertionError("no assertion-mode server here")
 
+    def bundle(self) -> TrustBundle:
+        raise AssertionError("no assertion-mode server here")
+
 
 class FakeCache:
     generation = 0
@@ -131,7 +136,9 @@ class FakeOAuth:
         self.m_hit = CounterCell()
         self.servers: dict[str, ServerSection] = {}
         self.invalidated: list[Token] = []
+        self.challenges: list[str | None] = []  # what each invalidate() was told
         self.key: ProofKey | None = None  # a DPoP key, for DPoP tokens
+        self.jwks_uri: str | None = None
 
     def cached_token(self, ident: Identity, server_name: str) -> Token | None:
         self.world.asked += 1
@@ -144,8 +151,14 @@ class FakeOAuth:
         assert self.key is not None
         return self.key
 
-    def invalidate(self, ident: Identity, server_name: str, token: Token) -> None:
+    async def server_metadata(self, issuer: str) -> ServerMetadata:
+        raise AssertionError("no assertion-mode server here")
+
+    def invalidate(
+        self, ident: Identity, server_name: str, token: Token, challenge: str | None = None
+    ) -> None:
         self.invalidated.append(token)
+        self.challenges.append(challenge)
 
 
 class NoRedirect:
