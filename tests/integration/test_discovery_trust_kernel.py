@@ -57,7 +57,8 @@ def test_a_server_naming_an_authorization_server_off_the_allow_list_gets_a_502(t
     with hostile_world(tmp_path, authorization_servers=["{oidc}"]) as w:
         answer = w.call()
         assert answer["status"] == 502
-        body = json.loads(answer["body"])
+        # a JSON-RPC request: a JSON-RPC error, the failure's kind and detail in its data
+        body = json.loads(answer["body"])["error"]["data"]
         assert body["kind"] == "untrusted_authorization_server"
         assert w.wrong.issuer in body["detail"] and w.oidc.issuer in body["detail"]
         assert "'h'" in body["detail"]
@@ -89,8 +90,9 @@ def test_a_pinned_authorization_server_survives_a_restart_and_a_hostile_change(t
             agent.wait_ready()
             answer = w.call()
             assert answer["status"] == 502
-            assert json.loads(answer["body"])["kind"] == "untrusted_authorization_server"
-            assert str(pins) in json.loads(answer["body"])["detail"]
+            data = json.loads(answer["body"])["error"]["data"]
+            assert data["kind"] == "untrusted_authorization_server"
+            assert str(pins) in data["detail"]
             assert w.wrong.received() == []
             assert [p["issuer"] for p in json.loads(pins.read_text()).values()] == [w.oidc.issuer]
             refused = [

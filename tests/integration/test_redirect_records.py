@@ -38,8 +38,11 @@ try:
     s.connect(("127.0.0.1", port))
 except ConnectionRefusedError:
     print("refused"); sys.exit()
-s.sendall(b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\n\r\n{}")
-data = s.recv(65536)
+try:
+    s.sendall(b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\n\r\n{}")
+    data = s.recv(65536)
+except ConnectionResetError:  # closed with the request unread: the kernel answers RST
+    data = b""
 print(data.split(b"\r\n")[0].decode() if data else "closed")
 """
 
