@@ -70,6 +70,28 @@ def http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:
         return e.code, e.read().decode()
 
 
+def run_json_program(
+    module: str,
+    *args: str,
+    timeout: float,
+    preexec_fn: Callable[[], object] | None = None,
+) -> dict:
+    """Run `python -m module args` from the repository root (a test program under tests/,
+    in a cgroup when preexec_fn enters one) and return the JSON summary it prints last."""
+    r = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=preexec_fn,
+    )
+    lines = r.stdout.splitlines()
+    if not lines:
+        raise AssertionError(f"{module} printed nothing (exit {r.returncode}): {r.stderr[-2000:]}")
+    return json.loads(lines[-1])
+
+
 def tcp_unread(local_port: int) -> int:
     """Bytes that have arrived on this network namespace's established IPv4 TCP sockets
     bound to local_port and that no process has read yet (/proc/net/tcp): what is waiting

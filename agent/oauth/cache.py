@@ -121,7 +121,9 @@ class TokenCache(Generic[Key]):
             self._on_event("refresh_failed" if refresh else "failed", key, e)
             raise
         finally:
-            self._inflight.pop(key, None)
+            # only its own: a fetch dropped (cancelled) may finish after a new one started
+            if self._inflight.get(key) is asyncio.current_task():
+                del self._inflight[key]
         entry.token, entry.failures, entry.next_attempt, entry.last_error = token, 0, 0.0, None
         self.generation += 1
         self._on_event("refreshed" if refresh else "obtained", key, token)

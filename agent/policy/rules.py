@@ -102,9 +102,14 @@ class Rule:
 
     @staticmethod
     def check_together(raw: Mapping[str, Any]) -> list[tuple[str, str]]:
-        if "methods" not in raw and raw.get("effect", "allow") == "allow":
+        # no default: an allow rule without methods would allow nothing, and a deny rule
+        # without them (tools = ["delete"]) would deny nothing while reading as a denial
+        if "methods" not in raw:
             return [
-                ("methods", 'required with effect = "allow" (e.g. ["tools/list", "tools/call"])')
+                (
+                    "methods",
+                    'required (e.g. ["tools/list", "tools/call"]; ["*"] for every method)',
+                )
             ]
         return []
 

@@ -4,18 +4,14 @@ JWT-SVID it fetches from the agent's Workload API (py-spiffe) as its client asse
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
-from tests.helpers import audit_events
+from tests.helpers import audit_events, run_json_program
 from tests.kernel import enter_cgroup
 from tests.mcp.peers import McpServer
 from tests.world import build_world, entry_table, server_table
@@ -27,15 +23,15 @@ SPIFFE_ID = "spiffe://example.org/agent/native"
 def spiffe_client(mcp_url: str, issuer: str, spiffe_id: str, source: str, preexec=None) -> dict:
     """The SDK's private-key-JWT client (tests/mcp/spiffe_client.py), its JSON summary;
     source: the Workload API socket its JWT-SVID comes from, or "placeholder"."""
-    r = subprocess.run(
-        [sys.executable, "-m", "tests.mcp.spiffe_client", mcp_url, issuer, spiffe_id, source],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
+    return run_json_program(
+        "tests.mcp.spiffe_client",
+        mcp_url,
+        issuer,
+        spiffe_id,
+        source,
         timeout=120,
         preexec_fn=preexec,
     )
-    return json.loads(r.stdout.splitlines()[-1])
 
 
 @contextlib.contextmanager

@@ -4,10 +4,8 @@ py-spiffe workload through credless's Workload API."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -18,8 +16,8 @@ from agent.attest.attestor import Attestor
 from agent.config import AttestSection, IdentitySection
 from agent.identity.manager import IdentityManager
 from agent.identity.workload_api import WorkloadApiServer
-from tests.conftest import REPO
 from tests.fakes.spire_agent import FakeSpireAgent
+from tests.helpers import run_json_program
 from tests.kernel import cgroup_child, enter_cgroup
 
 pytestmark = pytest.mark.kernel
@@ -49,22 +47,14 @@ def test_svids_from_spire_for_a_credless_attested_process(tmp_path):
                 started.append(c)
 
             def workload(preexec):
-                r = subprocess.run(
-                    [
-                        sys.executable,
-                        "-m",
-                        "tests.workloads.spiffe_client",
-                        str(sock_dir / "agent.sock"),
-                        "fetch",
-                        "https://as.example",
-                    ],
-                    cwd=REPO,
-                    capture_output=True,
-                    text=True,
+                return run_json_program(
+                    "tests.workloads.spiffe_client",
+                    str(sock_dir / "agent.sock"),
+                    "fetch",
+                    "https://as.example",
                     timeout=60,
                     preexec_fn=preexec,
                 )
-                return json.loads(r.stdout.splitlines()[-1])
 
             out = workload(enter_cgroup(cg))
             assert "error" not in out, out

@@ -16,8 +16,11 @@ again, re-tests only the functions that changed; remove mutants/ for a run from 
 from __future__ import annotations
 
 import argparse
+import configparser
+import fnmatch
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -138,6 +141,34 @@ def diff(name: str) -> str:
     return get_diff_for_mutant(name)
 
 
+def refresh_unmutated(repo: Path = REPO) -> list[str]:
+    """mutmut copies the tree into mutants/ once and later regenerates only the modules it
+    mutates: any other file under its source_paths keeps its first copy, and a test written
+    against a newer one then fails there (the clean run stops) or passes against the old.
+    Copy anew each such file that differs from its source; returns their paths."""
+    cfg = configparser.ConfigParser()
+    cfg.read(repo / "setup.cfg")
+    settings = cfg["mutmut"] if cfg.has_section("mutmut") else {}
+
+    def paths(key: str) -> list[str]:
+        return [v.strip() for v in settings.get(key, "").splitlines() if v.strip()]
+
+    mutated = paths("only_mutate")
+    refreshed = []
+    for top in paths("source_paths"):
+        for source in sorted((repo / top).rglob("*")):
+            rel = source.relative_to(repo)
+            if source.is_dir() or "__pycache__" in rel.parts:
+                continue
+            if rel.suffix == ".py" and any(fnmatch.fnmatch(str(rel), g) for g in mutated):
+                continue  # mutmut's own: regenerated when its source changes
+            copy = repo / "mutants" / rel
+            if copy.exists() and copy.read_bytes() != source.read_bytes():
+                shutil.copy2(source, copy)
+                refreshed.append(str(rel))
+    return refreshed
+
+
 def mutmut(*args: str, capture: bool = False) -> subprocess.CompletedProcess:
     return subprocess.run([MUTMUT, *args], cwd=REPO, text=True, capture_output=capture, check=False)
 
@@ -151,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     os.chdir(REPO)  # mutmut reads setup.cfg and mutants/ from the working directory
     if not args.no_run:
+        for path in refresh_unmutated():
+            print(f"make mutate: mutants/{path} refreshed (not mutated, changed since copied)")
         run = ["run", *(["--max-children", str(args.max_children)] if args.max_children else [])]
         if mutmut(*run, *args.mutants).returncode != 0:
             print("make mutate: mutmut run failed (see above)", file=sys.stderr)

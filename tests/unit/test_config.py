@@ -51,6 +51,7 @@ def test_table_covers_the_required_failures():
         "entries/duplicate_id",
         "policy/invalid",
         "policy/removed_keys",
+        "policy/deny_without_methods",
     } <= names
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hashlib
 import json
 
@@ -153,20 +154,13 @@ def test_error_mapping_keeps_server_reason():
 
 
 # ---------------------------------------------------------------- cache
+# the cache reads a token's times only; its name tells one token from another in a test
+_TOKEN = Token("t", "Bearer", 0.0, 0.0, "", "r", "i", "s", "s", None, "t", None)
+
+
 def tok(now: float, ttl: float = 100, name: str = "t") -> Token:
-    return Token(
-        access_token=name,
-        token_type="Bearer",
-        issued_at=now,
-        expires_at=now + ttl,
-        scope="",
-        resource="r",
-        issuer="i",
-        spiffe_id="s",
-        client_id="s",
-        jkt=None,
-        fingerprint=name,
-        jti=None,
+    return dataclasses.replace(
+        _TOKEN, access_token=name, fingerprint=name, issued_at=now, expires_at=now + ttl
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from agent.inject.timeouts import IDLE, SLOW_REQUEST, UPSTREAM, Timeouts
@@ -73,3 +75,71 @@ def test_sweep_reports_each_expired_client_once():
 )
 def test_sweep_interval_follows_the_smallest_limit(limits, interval):
     assert Timeouts(*limits, lambda: [], lambda c, w: None).interval == interval
+
+
+# ---------------------------------------------------------------- found by `make mutate`
+@pytest.mark.parametrize(
+    "client,expected",
+    [
+        # a limit is a wait longer than it: exactly the limit is still within it
+        (Client("request", NOW - 300), None),
+        (Client("more", NOW - 60), None),
+        (Client(None, NOW, Up(NOW_PERF - 120)), None),
+    ],
+)
+def test_a_wait_of_exactly_the_limit_has_not_expired(client, expected):
+    t = Timeouts(300, 60, 120, lambda: [], lambda c, w: None)
+    assert t.expired(client, NOW, NOW_PERF) == expected
+
+
+@pytest.mark.parametrize(
+    "limits,interval",
+    [
+        ((300, 0.4, 120), 0.1),  # the request limit the smallest
+        ((300, 60, 0.4), 0.1),  # the upstream limit the smallest
+    ],
+)
+def test_the_sweep_interval_follows_whichever_limit_is_smallest(limits, interval):
+    assert Timeouts(*limits, lambda: [], lambda c, w: None).interval == interval
+
+
+def test_sweep_judges_each_client_by_both_clocks_and_counts_every_expiry():
+    seen = []
+    idle = Client("request", NOW - 301)
+    upstream = Client(None, NOW, Up(NOW_PERF - 121))
+    t = Timeouts(
+        300,
+        60,
+        120,
+        lambda: [idle, Client("request", NOW), upstream],
+        lambda c, w: seen.append((c, w)),
+        clock=lambda: NOW,
+        perf_clock=lambda: NOW_PERF,
+    )
+    assert t.sweep() == 2 and seen == [(idle, IDLE), (upstream, UPSTREAM)]
+
+
+def test_run_sweeps_until_cancelled():
+    """run() sweeps at each interval; the test waits for the sweep, not for the time."""
+
+    async def main():
+        swept = asyncio.Event()
+        stale = Client("request", NOW - 301)
+        t = Timeouts(
+            0.01,  # the shortest interval (0.05 s): the test waits about that long
+            60,
+            120,
+            lambda: [stale],
+            lambda c, w: swept.set(),
+            clock=lambda: NOW,
+            perf_clock=lambda: NOW_PERF,
+        )
+        runner = asyncio.ensure_future(t.run())
+        waiting = asyncio.ensure_future(swept.wait())
+        done, _ = await asyncio.wait([runner, waiting], return_when=asyncio.FIRST_COMPLETED)
+        assert waiting in done and not runner.done()  # swept, and still running
+        runner.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await runner
+
+    asyncio.run(main())
