@@ -11,7 +11,9 @@
 //
 // IPv4 destinations reached through an AF_INET6 socket arrive as v4-mapped addresses
 // (::ffff:a.b.c.d) at connect6, not connect4; they are matched against the IPv4 targets and
-// sent to ::ffff:<listen_ip4>, which the IPv4 listener accepts on a dual-stack socket.
+// sent to ::ffff:<listen_ip4>, which the IPv4 listener accepts on a dual-stack socket. A
+// connect to the unspecified address (0.0.0.0, ::, ::ffff:0.0.0.0) is looked up as the
+// local address Linux connects it to (reached4).
 //
 // sockops sees the same socket once its local port exists (TCP_CONNECT_CB) and maps
 // (network namespace, local address and port, listener address and port) to the cookie: on
@@ -133,12 +135,36 @@ static __always_inline int take(struct bpf_sock_addr *ctx, struct redirect_targe
     return *listen_port ? *listen_port : 1;
 }
 
+// The unspecified address is not refused by connect(): Linux connects it to a local address.
+// tcp_v4_connect's route lookup (ip_route_output_key_hash_rcu) turns daddr 0.0.0.0 into the
+// socket's bound source address, else 127.0.0.1; tcp_v6_connect turns :: into ::1, or into
+// ::ffff:127.0.0.1 on a socket bound to a v4-mapped address (then tcp_v4_connect, as for
+// ::ffff:0.0.0.0). Those rewrites come after these hooks (which run in the protocol's
+// pre_connect), so a workload dialling 0.0.0.0:port, [::]:port or [::ffff:0.0.0.0]:port would
+// reach a server configured as 127.0.0.1 or ::1 (or the address it bound) past the proxy:
+// the hooks look the destination up as the address the kernel will reach, and record that.
+#define LOOPBACK4 0x7f000001
+
+static __always_inline int is_mapped(u32 *a)
+{
+    return a[0] == 0 && a[1] == 0 && a[2] == bpf_htonl(0x0000ffff);
+}
+
+// The IPv4 address a connect to dst reaches from a socket bound to src (0: unbound).
+static __always_inline u32 reached4(u32 dst, u32 src)
+{
+    if (dst)
+        return dst;
+    return src ? src : bpf_htonl(LOOPBACK4);
+}
+
 int credless_connect4(struct bpf_sock_addr *ctx)
 {
     struct redirect_target key = {};
+    struct bpf_sock *sk = ctx->sk;
     key.family = AF_INET;
     key.port = ctx->user_port;
-    key.addr[0] = ctx->user_ip4;
+    key.addr[0] = reached4(ctx->user_ip4, sk ? sk->src_ip4 : 0);
     struct redirect_config *cfg = 0;
     u32 port = take(ctx, &key, AF_INET, &cfg);
     if (!port || !cfg)
@@ -152,27 +178,46 @@ int credless_connect4(struct bpf_sock_addr *ctx)
 int credless_connect6(struct bpf_sock_addr *ctx)
 {
     struct redirect_target key = {};
-    u32 a0 = ctx->user_ip6[0], a1 = ctx->user_ip6[1], a2 = ctx->user_ip6[2],
-        a3 = ctx->user_ip6[3];
+    struct bpf_sock *sk = ctx->sk;
+    u32 a[4] = {ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3]};
+    u32 src[4] = {};
+    if (sk) {
+        src[0] = sk->src_ip6[0];
+        src[1] = sk->src_ip6[1];
+        src[2] = sk->src_ip6[2];
+        src[3] = sk->src_ip6[3];
+    }
     struct redirect_config *cfg = 0;
     key.port = ctx->user_port;
-    // ::ffff:a.b.c.d — an IPv4 destination on a dual-stack socket
-    if (a0 == 0 && a1 == 0 && a2 == bpf_htonl(0x0000ffff)) {
+    if (a[0] == 0 && a[1] == 0 && a[2] == 0 && a[3] == 0) {  // :: (see reached4)
+        if (is_mapped(src)) {  // ::ffff:127.0.0.1, not the bound address
+            a[2] = bpf_htonl(0x0000ffff);
+            a[3] = bpf_htonl(LOOPBACK4);
+        } else {
+            a[3] = bpf_htonl(1);  // ::1
+        }
+    }
+    // ::ffff:a.b.c.d — an IPv4 destination on a dual-stack socket: connect4 never sees it
+    // (tcp_v6_connect calls tcp_v4_connect itself, not its pre_connect hook)
+    if (is_mapped(a)) {
         key.family = AF_INET;
-        key.addr[0] = a3;
+        key.addr[0] = reached4(a[3], is_mapped(src) ? src[3] : 0);
         u32 port4 = take(ctx, &key, AF_INET, &cfg);
         if (!port4 || !cfg)
             return 1;
+        ctx->user_ip6[0] = 0;
+        ctx->user_ip6[1] = 0;
+        ctx->user_ip6[2] = bpf_htonl(0x0000ffff);
         ctx->user_ip6[3] = cfg->listen_ip4;
         ctx->user_port = port4 > 1 ? port4 : cfg->listen_port4;
         count(1);
         return 1;
     }
     key.family = AF_INET6;
-    key.addr[0] = a0;
-    key.addr[1] = a1;
-    key.addr[2] = a2;
-    key.addr[3] = a3;
+    key.addr[0] = a[0];
+    key.addr[1] = a[1];
+    key.addr[2] = a[2];
+    key.addr[3] = a[3];
     u32 port6 = take(ctx, &key, AF_INET6, &cfg);
     if (!port6 || !cfg)
         return 1;

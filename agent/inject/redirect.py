@@ -20,6 +20,7 @@ import ctypes as ct
 import ipaddress
 import os
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -93,6 +94,18 @@ def _unmapped(host: str) -> str:
     return str(mapped) if mapped is not None else str(ip)
 
 
+def spellings(targets: Iterable[Target]) -> dict[tuple[str, int], str]:
+    """(address as the kernel records it, port) -> the target's host, where they differ: a
+    target named by its v4-mapped address is recorded as IPv4, and the proxy finds its
+    server by the address as the target named it."""
+    out = {}
+    for t in targets:
+        kernel = _unmapped(t.host)
+        if kernel != t.host:
+            out[(kernel, t.port)] = t.host
+    return out
+
+
 def _net_port(port: int) -> int:
     return socket.htons(port)
 
@@ -112,6 +125,7 @@ class Redirector:
         self._links: list[int] = []
         self._root_fd = -1
         self.targets: set[Target] = set()
+        self._spelled: dict[tuple[str, int], str] = {}
 
     @property
     def _program(self) -> Any:
@@ -271,27 +285,28 @@ class Redirector:
 
     # ------------------------------------------------------------ targets
     def set_targets(self, targets: set[Target]) -> None:
+        """Intercept exactly these targets (and forget an earlier agent's others). A
+        v4-mapped address is keyed as the IPv4 address it is, which is how the kernel looks
+        the connect up; two spellings of one address keep the IPv4 one's listener."""
         table = self._program[b"redirect_targets"]
-        for t in self.targets - targets:
+        want: dict[bytes, Target] = {}
+        for t in sorted(targets, key=lambda t: (":" in t.host, t.host, t.listen_port)):
+            want.setdefault(bytes(self._target_key(table, t)), t)
+        held = {bytes(self._target_key(table, t)) for t in self.targets}
+        for raw in (held | set(self._stale_targets)) - want.keys():
             with contextlib.suppress(KeyError):
-                del table[self._target_key(table, t)]
-        for t in targets - self.targets:
-            table[self._target_key(table, t)] = ct.c_uint32(
+                del table[table.Key.from_buffer_copy(raw)]
+        for raw, t in want.items():
+            table[table.Key.from_buffer_copy(raw)] = ct.c_uint32(
                 _net_port(t.listen_port) if t.listen_port else 0
             )
         self.targets = set(targets)
-        if self._stale_targets:  # an earlier agent's targets this configuration lacks
-            wanted = {bytes(self._target_key(table, t)) for t in targets}
-            for raw in self._stale_targets:
-                if raw not in wanted:
-                    key = table.Key.from_buffer_copy(raw)
-                    with contextlib.suppress(KeyError):
-                        del table[key]
-            self._stale_targets = []
+        self._spelled = spellings(want.values())
+        self._stale_targets = []
 
     @staticmethod
     def _target_key(table, t: Target):
-        family, words = _addr_words(t.host)
+        family, words = _addr_words(_unmapped(t.host))
         key = table.Key()
         key.family = family
         key.port = _net_port(t.port)
@@ -330,9 +345,10 @@ class Redirector:
             host = str(
                 ipaddress.IPv6Address(b"".join(w.to_bytes(4, "little") for w in info.orig_addr))
             )
+        port = socket.ntohs(info.orig_port & 0xFFFF)
         return RedirectInfo(
-            host,
-            socket.ntohs(info.orig_port & 0xFFFF),
+            self._spelled.get((host, port), host),  # as the target named it
+            port,
             info.tgid,
             info.pid,
             info.uid,

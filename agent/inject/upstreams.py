@@ -254,6 +254,20 @@ def _conflict(kept: Upstream, other: Upstream, key: tuple[str, int]) -> Upstream
     )
 
 
+def loopback_answers(host: str, port: int) -> list[tuple[Any, ...]]:
+    """localhost and names under .localhost are the loopback addresses of both families
+    (RFC 6761 §6.3), whatever this node's /etc/hosts says: a workload whose own hosts file
+    (a container's, a pod's) also maps localhost to ::1 connects there first, and must be
+    intercepted there too (tests/integration/test_ipv6.py)."""
+    name = host.lower().rstrip(".")
+    if name != "localhost" and not name.endswith(".localhost"):
+        return []
+    return [
+        (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("127.0.0.1", port)),
+        (socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("::1", port, 0, 0)),
+    ]
+
+
 class UpstreamResolver:
     """Keeps (IP, port) → upstream current as the servers' DNS answers change.
 
@@ -300,7 +314,7 @@ class UpstreamResolver:
                     if known.name == up.name:
                         self._last_seen[key] = (now, known)
                 continue
-            for info in infos:
+            for info in [*infos, *loopback_answers(host, port)]:
                 key = (info[4][0], port)
                 held = self._last_seen.get(key)
                 # a server's own URL and its workload_url share a name, not an address
