@@ -32,6 +32,24 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
+def subject_alt_names(names: tuple[str, ...]) -> list[x509.GeneralName]:
+    """IP addresses as IP SANs, anything else as DNS names."""
+    sans: list[x509.GeneralName] = []
+    for n in names:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(n)))
+        except ValueError:
+            sans.append(x509.DNSName(n))
+    return sans
+
+
+def write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    """The key as PKCS#8 PEM, created 0600."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(_pem_key(key))
+
+
 class TestCA:
     __test__ = False  # not a pytest test class
 
@@ -74,12 +92,6 @@ class TestCA:
         """A server certificate for names (DNS names and IP addresses), signed by this CA:
         (chain file: leaf then CA, key file 0600)."""
         key = ec.generate_private_key(ec.SECP256R1())
-        sans: list[x509.GeneralName] = []
-        for n in names:
-            try:
-                sans.append(x509.IPAddress(ipaddress.ip_address(n)))
-            except ValueError:
-                sans.append(x509.DNSName(n))
         now = dt.datetime.now(dt.UTC)
         leaf = (
             x509.CertificateBuilder()
@@ -89,7 +101,7 @@ class TestCA:
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(minutes=5))
             .not_valid_after(now + dt.timedelta(hours=12))
-            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(x509.SubjectAlternativeName(subject_alt_names(names)), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .add_extension(
@@ -103,7 +115,5 @@ class TestCA:
             leaf.public_bytes(serialization.Encoding.PEM)
             + self.cert.public_bytes(serialization.Encoding.PEM)
         )
-        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(_pem_key(key))
+        write_key(key_path, key)
         return cert_path, key_path

@@ -72,17 +72,9 @@ def reply_now(
     )
 
 
-async def reply(
-    client: ClientSide,
-    status: int,
-    reason: bytes,
-    error: str,
-    base: AuditBase | None = None,
-    outcome: str = "",
-    event_id: str | None = None,
-    **extra: Any,
-) -> None:
-    reply_now(client, status, reason, error, base, outcome, event_id, **extra)
+async def reply(client: ClientSide, *args: Any, **extra: Any) -> None:
+    """reply_now (same arguments), then wait until the workload's side takes it."""
+    reply_now(client, *args, **extra)
     await client.drain()
 
 

@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import datetime as dt
 import http.server
-import ipaddress
 import json
-import os
 import ssl
 import threading
 from collections.abc import Iterator
@@ -40,6 +38,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from tests.tlsca import subject_alt_names, write_key
 
 FINE_GRAINED_ALPHA = (1, 32)
 FINE_GRAINED_BETA = (1, 33)
@@ -176,30 +176,6 @@ def running(kubelet: FakeKubelet) -> Iterator[FakeKubelet]:
 
 
 # ------------------------------------------------------------------ serving certificates
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
-def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(_key_pem(key))
-
-
-def _sans(names: tuple[str, ...]) -> list[x509.GeneralName]:
-    sans: list[x509.GeneralName] = []
-    for n in names:
-        try:
-            sans.append(x509.IPAddress(ipaddress.ip_address(n)))
-        except ValueError:
-            sans.append(x509.DNSName(n))
-    return sans
-
-
 def self_signed_serving_cert(directory: Path, host: str) -> tuple[Path, Path]:
     """kubeadm's default kubelet serving certificate (no serverTLSBootstrap), as
     certutil.GenerateSelfSignedCertKey(host, nil, nil) makes it: a CA `<host>-ca@<ts>` and a
@@ -243,12 +219,12 @@ def self_signed_serving_cert(directory: Path, host: str) -> tuple[Path, Path]:
         .not_valid_after(now + dt.timedelta(days=365))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.SubjectAlternativeName(_sans((host,))), critical=False)
+        .add_extension(x509.SubjectAlternativeName(subject_alt_names((host,))), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
     cert_path, key_path = directory / "kubelet.crt", directory / "kubelet.key"
     cert_path.write_bytes(
         leaf.public_bytes(serialization.Encoding.PEM) + ca.public_bytes(serialization.Encoding.PEM)
     )
-    _write_key(key_path, key)
+    write_key(key_path, key)
     return cert_path, key_path

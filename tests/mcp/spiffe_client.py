@@ -19,22 +19,7 @@ from mcp.client.auth.extensions.client_credentials import PrivateKeyJWTOAuthProv
 from mcp.client.streamable_http import streamable_http_client
 from spiffe import WorkloadApiClient
 
-
-class Memory:
-    def __init__(self):
-        self.tokens = self.client = None
-
-    async def get_tokens(self):
-        return self.tokens
-
-    async def set_tokens(self, tokens):
-        self.tokens = tokens
-
-    async def get_client_info(self):
-        return self.client
-
-    async def set_client_info(self, info):
-        self.client = info
+from tests.mcp.token_store import Memory
 
 
 async def main(url: str, issuer: str, spiffe_id: str, socket: str) -> int:

@@ -32,28 +32,13 @@ from mcp import Client
 from mcp.client.auth.extensions.client_credentials import PrivateKeyJWTOAuthProvider
 from mcp.client.streamable_http import streamable_http_client
 
+from tests.mcp.token_store import Memory
+
 PLACEHOLDER = "placeholder-assertion-credless-will-replace"
 
 
 def emit(obj: dict) -> None:
     print(json.dumps(obj), flush=True)
-
-
-class Memory:
-    def __init__(self) -> None:
-        self.tokens = self.client = None
-
-    async def get_tokens(self):
-        return self.tokens
-
-    async def set_tokens(self, tokens):
-        self.tokens = tokens
-
-    async def get_client_info(self):
-        return self.client
-
-    async def set_client_info(self, info):
-        self.client = info
 
 
 def own_jwt(client_id: str, audience: str) -> str:
