@@ -102,13 +102,15 @@ def parse_calls(body: bytes) -> tuple[list[Call], bool]:
 _ENCODED = re.compile(r"^=\?base64\?(.*)\?=$")
 
 
-def _header_value(v: str) -> str:
+def _header_value(v: str) -> str | None:
+    """A routing header's value, decoded when it is =?base64?...?= (None: it does not
+    decode; no string stands for that, since a body may name any string)."""
     m = _ENCODED.match(v)
     if m:
         try:
-            return base64.b64decode(m.group(1)).decode()
+            return base64.b64decode(m.group(1), validate=True).decode()
         except (ValueError, UnicodeDecodeError):
-            return "\0invalid"
+            return None
     return v
 
 
@@ -119,6 +121,9 @@ def header_mismatch(calls: list[Call], mcp_method: str | None, mcp_name: str | N
     if len(calls) != 1:
         return "Mcp-Method/Mcp-Name headers on a batch"
     call = calls[0]
+    for header, raw in (("Mcp-Method", mcp_method), ("Mcp-Name", mcp_name)):
+        if raw is not None and _header_value(raw) is None:
+            return f"{header} header {raw[:200]!r} is not valid base64 UTF-8"
     if mcp_method is not None and _header_value(mcp_method) != call.method:
         return f"Mcp-Method header {_header_value(mcp_method)!r} != body method {call.method!r}"
     if mcp_name is not None and _header_value(mcp_name) != (call.name or ""):

@@ -187,6 +187,17 @@ def test_header_agreement_for_the_stateless_revision():
     )
 
 
+@pytest.mark.parametrize("name", ["\0invalid", "=?base64?!!!?=", "=?base64?/w==?="])
+def test_a_routing_header_that_does_not_decode_never_agrees(name):
+    """An undecodable =?base64?...?= value (not base64, not UTF-8) is a mismatch whatever
+    the body names, even the string a decoder might have used to stand for it."""
+    call = [jsonrpc.Call("tools/call", "\0invalid", 1, True)]
+    got = jsonrpc.header_mismatch(call, "tools/call", "=?base64?!!!?=")
+    assert got == "Mcp-Name header '=?base64?!!!?=' is not valid base64 UTF-8"
+    call = [jsonrpc.Call("tools/call", name, 1, True)]
+    assert jsonrpc.header_mismatch(call, "tools/call", "=?base64?/w==?=") is not None
+
+
 def test_error_bodies_keep_ids():
     one = [jsonrpc.Call("tools/call", "x", "abc", True)]
     assert json.loads(jsonrpc.error_body(one, False, -32001, "denied")) == {
