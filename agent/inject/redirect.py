@@ -54,6 +54,10 @@ def detach(pin_dir: str | os.PathLike) -> list[str]:
         if path.exists():
             path.unlink()
             removed.append(str(path))
+    # the directory the agent made for them goes too, once nothing else is pinned there
+    with contextlib.suppress(FileNotFoundError, OSError):
+        if removed and not any(Path(pin_dir).iterdir()):
+            Path(pin_dir).rmdir()
     return removed
 
 

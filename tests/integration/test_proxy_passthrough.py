@@ -352,6 +352,7 @@ def test_redirect_stays_attached_across_a_restart_and_detach_removes_it(
                 )
                 assert r.returncode == 0 and "redirect detached" in r.stdout, r.stderr
                 assert not (pin / "link_connect4").exists()
+                assert not pin.exists()  # nothing else was pinned there: the directory goes
                 # detached: the managed process now reaches the server directly
                 before = len(Upstream.seen)
                 assert client() == [200, {"echo": {"n": 1}}]
