@@ -214,7 +214,7 @@ class Discovery:
                 url, headers={"Accept": "application/json"}, extensions=peer.extensions()
             )
         except httpx.HTTPError as e:
-            _refuse_certificate(e, url, peer)
+            trust.refuse_certificate(e, url, peer.tls, peer.refused)
             raise ServerUnavailable(
                 f"cannot fetch {url}: {type(e).__name__}: {e}", url=url
             ) from None
@@ -237,7 +237,7 @@ class Discovery:
                 extensions=peer.extensions(),
             )
         except httpx.HTTPError as e:
-            _refuse_certificate(e, mcp_url, peer)
+            trust.refuse_certificate(e, mcp_url, peer.tls, peer.refused)
             raise ServerUnavailable(
                 f"cannot reach MCP server {mcp_url}: {e}", url=mcp_url
             ) from None
@@ -437,12 +437,3 @@ def _same_url(a: str, b: str) -> bool:
         and pa.path.rstrip("/") == pb.path.rstrip("/")
         and pa.query == pb.query
     )
-
-
-def _refuse_certificate(e: httpx.HTTPError, url: str, peer: Peer) -> None:
-    """Raise peer's CertificateRefused when e is a TLS failure (named apart from "cannot
-    reach": the server answered, and is not the one it should be, or credless trusts
-    the wrong CA for it)."""
-    cause = trust.certificate_failure(e)
-    if cause is not None:
-        raise peer.refused(url, cause, peer.tls) from None

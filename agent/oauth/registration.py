@@ -39,6 +39,7 @@ from agent.oauth.trust import (
     check_endpoint,
     insecure_reason,
     is_loopback_host,
+    refuse_certificate,
 )
 
 # how a registered client authenticates: a JWT-SVID, checked against the registered keys
@@ -242,8 +243,6 @@ async def delete(
             headers={"Authorization": f"Bearer {client.registration_access_token}"},
         )
     except httpx.HTTPError as e:
-        from agent.oauth.tokens import refuse_certificate
-
         refuse_certificate(e, client.registration_client_uri, tls or authorization_server_tls(""))
         raise ServerUnavailable(
             f"client deletion at {client.registration_client_uri}: {e}",

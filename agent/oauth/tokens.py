@@ -34,11 +34,10 @@ from agent.oauth.errors import (
     from_error_response,
 )
 from agent.oauth.trust import (
-    AuthorizationServerCertificateRefused,
     ServerTls,
     authorization_server_tls,
-    certificate_failure,
     check_endpoint,
+    refuse_certificate,
 )
 
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
@@ -267,15 +266,6 @@ def parse_token_response(
         jti=claims.get("jti") if isinstance(claims.get("jti"), str) else None,
         audience=claims.get("aud"),
     )
-
-
-def refuse_certificate(e: httpx.HTTPError, url: str, tls: ServerTls) -> None:
-    """Raise AuthorizationServerCertificateRefused when e is a TLS failure: the authorization
-    server answered with a certificate that did not verify against tls (nothing was sent to
-    it), which is not "unavailable": retrying will not help, the trust setting might."""
-    cause = certificate_failure(e)
-    if cause is not None:
-        raise AuthorizationServerCertificateRefused(url, cause, tls) from None
 
 
 # how an authorization server is verified when the caller does not say (oauth.ca_file unset)

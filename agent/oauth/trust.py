@@ -253,3 +253,18 @@ class AuthorizationServerCertificateRefused(
 ):
     party = "authorization server"
     setting = "oauth.ca_file"
+
+
+def refuse_certificate(
+    exc: BaseException,
+    url: str,
+    tls: ServerTls,
+    refused: type[CertificateRefused] = AuthorizationServerCertificateRefused,
+) -> None:
+    """Raise refused(url, cause, tls) when exc is a TLS failure: the server answered with a
+    certificate that did not verify against tls, so nothing was sent to it. That is not
+    "unavailable" (retrying will not help; the trust setting might); any other exc is left
+    to the caller."""
+    cause = certificate_failure(exc)
+    if cause is not None:
+        raise refused(url, cause, tls) from None
