@@ -19,6 +19,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import ClassVar
 
+from tests.tlsca import TestCA
+
 BIG_BODY = bytes(range(256)) * (64 << 10)  # 16 MiB
 
 
@@ -148,59 +150,12 @@ def hangup_server() -> contextlib.AbstractContextManager[int]:
     return raw_server(read_and_close)
 
 
-def upstream_certificates(tmp_path: Path) -> tuple[Path, Path, Path]:
-    """A CA, and a certificate and key it issued for 127.0.0.1 (their files under tmp_path)."""
-    import datetime as dt
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = dt.datetime.now(dt.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test upstream CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(1)
-        .not_valid_before(now - dt.timedelta(hours=1))
-        .not_valid_after(now + dt.timedelta(1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    leaf = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(2)
-        .not_valid_before(now - dt.timedelta(hours=1))
-        .not_valid_after(now + dt.timedelta(1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    pem = serialization.Encoding.PEM
-    (tmp_path / "up-ca.crt").write_bytes(ca.public_bytes(pem))
-    (tmp_path / "up.crt").write_bytes(leaf.public_bytes(pem))
-    (tmp_path / "up.key").write_bytes(
-        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return tmp_path / "up-ca.crt", tmp_path / "up.crt", tmp_path / "up.key"
-
-
 @contextlib.contextmanager
 def tls_upstream(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     """The echo upstream over TLS, its port and the file of the CA that issued its
     certificate; its record of requests starts empty."""
-    ca, cert, key = upstream_certificates(tmp_path)
+    ca = TestCA(tmp_path, "test upstream CA")
+    cert, key = ca.issue("up", ("127.0.0.1",))
     srv = ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
     sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     sctx.load_cert_chain(cert, key)
@@ -208,7 +163,7 @@ def tls_upstream(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     Upstream.seen = []
     try:
-        yield srv.server_address[1], ca
+        yield srv.server_address[1], ca.cert_path
     finally:
         srv.shutdown()
         srv.server_close()
