@@ -333,6 +333,10 @@ class OAuthSection:
     ca_file: str = setting("", absolute_path)
     # jwks_uri registered for dynamic clients; empty means the bundle endpoint's /jwks.json
     jwks_uri: str = setting("", _optional_url)
+    # an identity's tokens (and their DPoP key) are kept this long after its last process exits,
+    # so the next process of the same identity reuses them; never past a token's expiry; 0: drop
+    # them at once
+    token_grace_seconds: float = setting(300.0, at_least(0))
 
 
 def _cgroup_paths(v: Any) -> str | None:

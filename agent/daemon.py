@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import Config
+from agent.explain import explain
 from agent.oauth.errors import OAuthError
 from agent.observe.logging import AuditLog, get_logger
 from agent.wiring import Component, StartupError, build
@@ -79,6 +80,7 @@ class Daemon:
         admin.register("oauth_probe", self._oauth_probe)
         admin.register("status", self.status)
         admin.register("ps", lambda _req: [a.to_dict() for a in self.agent.attestor.snapshot()])
+        admin.register("explain", lambda req: explain(self.agent, req))
         self._started: list[Component] = []
         self._stop = asyncio.Event()
 
