@@ -92,12 +92,25 @@ def cmd_ps(args) -> int:
     return 0
 
 
+def _server(args, value: str):
+    """The configured [[servers]] entry value names (by name or URL), or None after saying
+    it is unknown and which are known (agent/server_names.py)."""
+    from agent import server_names
+
+    try:
+        return server_names.resolve(_load_config(args.config).servers, value)
+    except server_names.UnknownServer as e:
+        print(f"credless: {e}", file=sys.stderr)
+        return None
+
+
 def cmd_oauth_probe(args) -> int:
     import json
 
-    out = _admin_call(
-        args, "oauth_probe", timeout=120, server=args.server, spiffe_id=args.spiffe_id
-    )
+    server = _server(args, args.server)
+    if server is None:
+        return 2
+    out = _admin_call(args, "oauth_probe", timeout=120, server=server.url, spiffe_id=args.spiffe_id)
     if out is None:
         return 1
     print(json.dumps(out, indent=2))
@@ -126,13 +139,21 @@ def cmd_policy_explain(args) -> int:
 
     from agent.policy.rules import PolicyError, load
 
+    server = _server(args, args.server)
+    if server is None:
+        return 2
     try:
         policy = load(args.file or _load_config(args.config).policy.file)
     except PolicyError as e:
         print(f"credless: policy error\n{e}", file=sys.stderr)
         return 2
     name = args.tool or args.resource or args.prompt
-    d = policy.decide(args.spiffe_id, args.server, args.method, name)
+    try:
+        arguments = json.loads(args.args) if args.args is not None else None
+    except ValueError as e:
+        print(f"credless: --args is not JSON: {e}", file=sys.stderr)
+        return 2
+    d = policy.decide(args.spiffe_id, server.name, args.method, name, arguments, args.selector)
     print(
         json.dumps(
             {"decision": "allow" if d.allowed else "deny", "rule": d.rule_id, "reason": d.reason},
@@ -140,6 +161,40 @@ def cmd_policy_explain(args) -> int:
         )
     )
     return 0 if d.allowed else 1
+
+
+def cmd_explain(args) -> int:
+    import json
+
+    from agent.explain import render as explain_render
+
+    call_args = None
+    if args.args is not None:
+        try:
+            call_args = json.loads(args.args)
+        except ValueError as e:
+            print(f"credless: --args is not JSON: {e}", file=sys.stderr)
+            return 2
+    answer = _admin_call(
+        args,
+        "explain",
+        timeout=30,
+        pid=args.pid,
+        url=args.url,
+        method=args.method,
+        tool=args.tool,
+        arguments=call_args,
+    )
+    if answer is None:
+        return 1
+    if "error" in answer:
+        print(explain_render.render(answer), file=sys.stderr)
+        return 2
+    if args.json or not sys.stdout.isatty():
+        print(json.dumps(answer, indent=2))
+    else:
+        print(explain_render.render(answer))
+    return 1 if explain_render.failed(answer) else 0
 
 
 def cmd_status(args) -> int:
@@ -185,6 +240,7 @@ def cmd_detach(args) -> int:
 
 CONFIG_HELP = f"config file (default {config.DEFAULT_CONFIG_PATH})"
 JSON_HELP = "JSON (the default when not a TTY)"
+SERVER_HELP = "a [[servers]] entry, by its name or its URL"
 
 
 def _command(
@@ -270,6 +326,22 @@ def build_parser() -> argparse.ArgumentParser:
         "attached across restarts (for uninstalling)",
     )
 
+    exp = _command(
+        sub,
+        "explain",
+        cmd_explain,
+        "the whole chain a live process's request to a server would go through, each "
+        "step saying why (exit 0: sent with a credential, 1: not)",
+        json_help=JSON_HELP,
+    )
+    exp.add_argument("--pid", type=int, required=True, help="a running process")
+    exp.add_argument("--url", required=True, help="the URL it calls, or a [[servers]] name")
+    exp.add_argument("--method", help="JSON-RPC method for the policy decision, e.g. tools/call")
+    exp.add_argument("--tool", help="tool, resource URI or prompt name the method names")
+    exp.add_argument(
+        "--args", help="the call's arguments as JSON, for policy rules with a condition"
+    )
+
     oauth = _group(sub, "oauth", "OAuth tools")
     probe = _command(
         oauth,
@@ -279,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
         "one identity, through the running agent; prints a summary, "
         "never the token",
     )
-    probe.add_argument("--server", required=True, help="MCP server URL")
+    probe.add_argument("--server", required=True, help=SERVER_HELP)
     probe.add_argument("--spiffe-id", required=True, help="an identity the agent can issue")
 
     pol = _group(sub, "policy", "check and try MCP policy files")
@@ -299,11 +371,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pe.add_argument("--file", help="policy file (default: policy.file of --config)")
     pe.add_argument("--spiffe-id", required=True)
-    pe.add_argument("--server", required=True, help="a [[servers]] name")
+    pe.add_argument("--server", required=True, help=SERVER_HELP)
     pe.add_argument("--method", required=True, help="JSON-RPC method, e.g. tools/call")
     pe.add_argument("--tool", help="tool name for tools/call")
     pe.add_argument("--resource", help="resource URI for resources/read")
     pe.add_argument("--prompt", help="prompt name for prompts/get")
+    pe.add_argument("--args", help="the call's arguments as JSON, for rules with a condition")
+    pe.add_argument(
+        "--selector",
+        action="append",
+        default=[],
+        help="a selector of the calling process, for rules with a condition (repeatable)",
+    )
     return p
 
 

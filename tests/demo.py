@@ -5,13 +5,15 @@ official SDK that demands DPoP-bound tokens, and a stock one behind https), the 
 agent, and a credential-less MCP client (official SDK) in a fresh cgroup, then again from a
 network namespace of its own (as a Kubernetes pod has), then over https to the second
 server (credless intercepts with its injection CA, which the client trusts, and verifies
-the server by its own CA); prints who was attested as what, which token was obtained
+the server by its own CA); then `credless explain` on a live workload and on a process
+outside the managed cgroup; prints who was attested as what, which token was obtained
 (fingerprints only) and the tool results; leaves nothing running.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -19,7 +21,7 @@ from pathlib import Path
 
 from agent import doctor
 from tests.helpers import audit_events, free_port, wait_for
-from tests.kernel import enter_cgroup, network_namespace
+from tests.kernel import enter_cgroup, network_namespace, start_python
 from tests.mcp.peers import REPO, McpServer, run_client
 from tests.tlsca import TestCA
 from tests.world import build_world, server_table
@@ -85,6 +87,74 @@ def https_step(cg, url: str, inject_ca: Path) -> list[dict]:
     return out or [{"error": "no output"}]
 
 
+# A workload that stays alive (its identity, and the token cached for it, live as long as
+# it does): for each port on stdin it sends one MCP initialize, with no credentials, reads
+# the answer whole and prints its status.
+LIVE_WORKLOAD = r"""
+import http.client, json, sys
+body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+    "protocolVersion": "2025-06-18", "capabilities": {},
+    "clientInfo": {"name": "demo", "version": "1"}}})
+for port in sys.stdin:
+    c = http.client.HTTPConnection("127.0.0.1", int(port), timeout=30)
+    c.request("POST", "/mcp", body, {"Content-Type": "application/json",
+                                     "Accept": "application/json, text/event-stream"})
+    r = c.getresponse()
+    r.read()
+    print(r.status, r.reason, flush=True)
+    c.close()
+"""
+
+
+def explain_step(w, mcp: McpServer, config: Path) -> bool:
+    """`credless explain` on a live workload that has just called the server, and on a
+    process outside the managed cgroup (this demo's own)."""
+    from agent.explain.render import render
+    from agent.observe import admin
+
+    sock = w.tmp / "run" / "admin.sock"
+    say("5. `credless explain`: the chain a live process's request goes through, each step")
+    say("   saying why (the operator's view; run as root on the node):")
+    worker = start_python(LIVE_WORKLOAD, cgroup=w.cg)
+    try:
+        assert worker.stdin is not None and worker.stdout is not None
+        worker.stdin.write(f"{mcp.port}\n")
+        worker.stdin.flush()
+        say(
+            f"   a live workload (pid {worker.pid}) sent an MCP initialize: "
+            f"{worker.stdout.readline().strip()}"
+        )
+        say(
+            f"   $ credless explain --config {config} --pid {worker.pid} --url {mcp.url} "
+            "--method tools/call --tool echo"
+        )
+        answer = admin.call(
+            sock,
+            "explain",
+            timeout=30,
+            pid=worker.pid,
+            url=mcp.url,
+            method="tools/call",
+            tool="echo",
+        )
+        for line in render(answer).splitlines():
+            say(f"   {line}")
+    finally:
+        worker.kill()
+        worker.wait()
+    say()
+    say(f"   $ credless explain --config {config} --pid {os.getpid()} --url {mcp.url}")
+    outside = admin.call(sock, "explain", timeout=30, pid=os.getpid(), url=mcp.url)
+    for line in render(outside).splitlines()[:2]:
+        say(f"   {line}")
+    intercepted = next(s for s in outside["steps"] if s["step"] == "intercept")
+    for line in intercepted["lines"][-1:]:
+        say(f"      {line}")
+    return answer["outcome"] == "would be sent with credless's credential" and (
+        intercepted["ok"] is False
+    )
+
+
 def main() -> int:
     results = doctor.run_checks(doctor.DoctorOptions())
     if doctor.exit_code(results):
@@ -130,6 +200,8 @@ def main() -> int:
             pod = pod_step(w.cg, mcp.url, w.proxy_port)
             tls = https_step(w.cg, mcps.url, w.tmp / "run" / "inject-ca.crt")
             say()
+            explained = explain_step(w, mcp, agent.config)
+            say()
             events = audit_events(agent.stdout_path, "request.injected")
             inj = next((e for e in events if e["event"] == "request.injected"), None)
             tok = next((e for e in events if e["event"] == "token.obtained"), None)
@@ -150,7 +222,9 @@ def main() -> int:
                 )
             n = sum(1 for e in events if e["event"] == "request.injected")
             say(f"{n} requests injected, each an audit event (agent stdout)")
-            ok = bool(inj and tok and all("error" not in ln for ln in out + pod + tls))
+            ok = bool(
+                inj and tok and explained and all("error" not in ln for ln in out + pod + tls)
+            )
         say(
             "stopped the agent, the MCP server and the authorization server; removed the "
             "cgroup and the namespace"

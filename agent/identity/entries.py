@@ -191,3 +191,60 @@ def load(path: str | Path, trust_domain: TrustDomain) -> Registry:
         "create it or set identity.entries_file (an empty file means no process gets an identity)"
     )
     return parse(schema.read_toml(path, EntriesError, missing), trust_domain, str(path))
+
+
+# ------------------------------------------------------------ explaining a match
+# Read-only helpers for `credless explain` (agent/explain.py): the same decision as
+# Registry.match, with the reason for each entry, never a different rule.
+
+
+@dataclass(frozen=True)
+class Considered:
+    """One entry as a process's selectors meet it."""
+
+    entry: Entry
+    matched: bool
+    reason: str  # why it matched or not, for an operator
+    spiffe_id: SpiffeId | None = None
+    chosen: bool = False  # the entry whose SPIFFE ID the process gets
+
+
+def _render_problem(entry: Entry, sels: frozenset[str]) -> str:
+    """Why entry's template cannot be filled from sels (Entry.render returned None)."""
+    for name in sorted(set(_PLACEHOLDER.findall(entry.spiffe_id))):
+        found = [s for s in sels if s.startswith(name + ":")]
+        if not found:
+            return (
+                f"its SPIFFE ID template needs {{{name}}}, and the process has no {name}: selector"
+            )
+        if len(found) > 1:
+            return (
+                f"its SPIFFE ID template needs {{{name}}}, and the process has "
+                f"{len(found)} {name}: selectors"
+            )
+    return "its SPIFFE ID template fills to a value that is not one SPIFFE path segment"
+
+
+def consider(entries: Iterable[Entry], selectors: Iterable[str]) -> list[Considered]:
+    """Every entry, in the order Registry.match tries them (most selectors first, then file
+    order), with why each does or does not match; the first that matches is chosen."""
+    sels = frozenset(selectors)
+    out: list[Considered] = []
+    chosen = False
+    for e in sorted(entries, key=lambda e: (-len(e.selectors), e.order)):
+        missing = sorted(e.selectors - sels)
+        if missing:
+            out.append(Considered(e, False, "the process lacks " + ", ".join(missing)))
+            continue
+        sid = e.render(sels)
+        if sid is None:
+            out.append(Considered(e, False, _render_problem(e, sels)))
+            continue
+        n = len(e.selectors)
+        if chosen:
+            reason = f"all {n} selectors match, but a more specific or earlier entry is chosen"
+        else:
+            reason = f"all {n} selectors match; the most selectors, then the first in the file"
+        out.append(Considered(e, True, reason, sid, chosen=not chosen))
+        chosen = True
+    return out

@@ -18,7 +18,8 @@ inject.md, "What the upstream can rely on"):
    method is one MCP uses, its Host the server's authority, its path under the MCP endpoint;
 4. the caller has an identity (else 403, or forwarded bare when inject.unattested says so);
 5. policy: GET and DELETE by the identity's rules for the server, POST by its JSON-RPC body
-   (decide_body), each call of a batch.
+   (decide_body), each call of a batch, with its arguments and the caller's selectors for
+   rules with conditions (docs/policy.md).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent.inject.http1 import Head
 from agent.policy import jsonrpc
+from agent.policy.conditions import argument_names
 
 if TYPE_CHECKING:  # data and a port only: the decision imports no executor
     from agent.config import InjectSection
@@ -140,6 +142,7 @@ class Caller:
     spiffe_id: str | None  # None: not attested, or no registration entry matches
     parent_spiffe_id: str | None = None
     changed: str = ""  # why not current (audited)
+    selectors: frozenset[str] = frozenset()  # the process's attested ones (policy conditions)
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,7 +354,12 @@ def decide(
                 )
             return _READ_BODY_STRIP if strip else _READ_BODY
         d = policy.decide(
-            _attested(caller), up.name, "http:" + method.decode(), None, caller.parent_spiffe_id
+            _attested(caller),
+            up.name,
+            "http:" + method.decode(),
+            None,
+            caller.parent_spiffe_id,
+            selectors=caller.selectors,
         )
         if not d.allowed:
             return _refuse(
@@ -424,20 +432,27 @@ def decide_body(
     for c in calls:
         if not c.is_request and c.method == "(response)":
             continue
-        d = policy.decide(spiffe_id, up.name, c.method, c.name, caller.parent_spiffe_id)
-        records.append(
-            CallRecord(
-                "call.allowed" if d.allowed else "call.denied",
-                {
-                    "rpc_method": c.method,
-                    "tool": c.name,
-                    "rpc_id": c.id,
-                    "rule": d.rule_id,
-                    "decision": "allow" if d.allowed else "deny",
-                    "reason": d.reason,
-                },
-            )
+        d = policy.decide(
+            spiffe_id,
+            up.name,
+            c.method,
+            c.name,
+            caller.parent_spiffe_id,
+            args=c.arguments,
+            selectors=caller.selectors,
         )
+        fields: dict[str, object] = {
+            "rpc_method": c.method,
+            "tool": c.name,
+            "rpc_id": c.id,
+            "rule": d.rule_id,
+            "decision": "allow" if d.allowed else "deny",
+            "reason": d.reason,
+        }
+        names = argument_names(c.arguments)
+        if names is not None:  # the names only: argument values may be secrets
+            fields["arguments"] = names
+        records.append(CallRecord("call.allowed" if d.allowed else "call.denied", fields))
         if not d.allowed:
             denied.append(f"{c.method} {c.name or ''}".strip() + f": {d.reason}")
             rule = rule or d.rule_id

@@ -8,7 +8,7 @@ each port in a few lines) and shows, in one place, how far the proxy reaches int
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 from agent.attest.selectors import Attestation
@@ -154,9 +154,19 @@ class Policy(Protocol):
     """MCP policy per identity, server and call (agent.policy.engine.PolicyEngine)."""
 
     def decide(
-        self, spiffe_id: str, server: str, method: str, tool: str | None, parent: str | None, /
+        self,
+        spiffe_id: str,
+        server: str,
+        method: str,
+        tool: str | None,
+        parent: str | None,
+        /,
+        args: Any = None,
+        selectors: Iterable[str] = (),
     ) -> Decision:
         """method: the JSON-RPC method, or "http:GET" and the like for a request without a
         body; tool: the tool, prompt or resource it names; parent: the SPIFFE ID of the
-        caller's nearest ancestor with one (the caller is its sub-agent)."""
+        caller's nearest ancestor with one (the caller is its sub-agent); args: the call's
+        params.arguments (None: none) and selectors: the calling process's attested ones,
+        read by rules' conditions (docs/policy.md)."""
         ...

@@ -43,6 +43,7 @@ class Served:
         generation: int,
         who: dict[str, Any],
         fragment: str,
+        selectors: frozenset[str] = frozenset(),
     ):
         self.client, self.info, self.up = client, info, up
         self.ident = ident  # None: not attested, or no registration entry matches
@@ -51,7 +52,10 @@ class Served:
         self.fragment = fragment  # those fields serialized once (AuditLog.fragment)
         self.key = pool_key(ident, up)
         # the decision's view of the caller while nothing has changed (one object, reused)
-        self.caller = Caller(True, who["spiffe_id"], who.get("parent_spiffe_id"))
+        # (selectors: the process's attested ones, which policy conditions may read)
+        self.caller = Caller(
+            True, who["spiffe_id"], who.get("parent_spiffe_id"), selectors=selectors
+        )
 
     def holder(self) -> Identity:
         """The identity a credential on this connection is for. decide() gives credentials

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import Counter
@@ -78,14 +79,20 @@ class PolicyEngine:
         method: str,
         name: str | None,
         parent_spiffe_id: str | None = None,
+        /,
+        args: Any = None,
+        selectors: Iterable[str] = (),
     ) -> Decision:
+        """args: the call's params.arguments (None: none); selectors: the calling process's
+        attested selectors. Conditions read both; a sub-agent's parent is asked about the
+        same call, made by the same process."""
         policy = self.policy
         if policy is None:
             d = Decision(True, None, "no policy configured")
         else:
-            d = policy.decide(spiffe_id, server, method, name)
+            d = policy.decide(spiffe_id, server, method, name, args, selectors)
             if d.allowed and parent_spiffe_id and self.cfg.subagents == "restrict_to_parent":
-                p = policy.decide(parent_spiffe_id, server, method, name)
+                p = policy.decide(parent_spiffe_id, server, method, name, args, selectors)
                 if not p.allowed:
                     d = Decision(
                         False,

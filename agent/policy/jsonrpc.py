@@ -15,7 +15,7 @@ from __future__ import annotations
 import base64
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 PARSE_ERROR, INVALID_REQUEST = -32700, -32600
@@ -31,6 +31,9 @@ class Call:
     name: str | None  # params.name (tools/call, prompts/get) or params.uri (resources/read)
     id: Any  # None for notifications
     is_request: bool
+    # params.arguments of tools/call and prompts/get, as parsed (None: absent), for policy
+    # conditions; kept out of repr and comparison: arguments may hold secrets
+    arguments: Any = field(default=None, repr=False, compare=False)
 
 
 class Malformed(Exception):
@@ -61,7 +64,10 @@ def _call(msg: Any) -> Call:
             INVALID_REQUEST,
             f"{method} without params." + ("uri" if method == "resources/read" else "name"),
         )
-    return Call(method, name, msg.get("id"), "id" in msg)
+    arguments = None
+    if method in ("tools/call", "prompts/get") and isinstance(params, dict):
+        arguments = params.get("arguments")
+    return Call(method, name, msg.get("id"), "id" in msg, arguments)
 
 
 class _Duplicate(ValueError):
@@ -92,6 +98,10 @@ def parse_calls(body: bytes) -> tuple[list[Call], bool]:
         ) from None
     except (ValueError, UnicodeDecodeError):
         raise Malformed(PARSE_ERROR, "parse error: the body is not valid JSON") from None
+    except RecursionError:
+        # json's C scanner refuses nesting deeper than the interpreter's recursion limit
+        # with this, not a ValueError: a refusal like any other unparseable body
+        raise Malformed(PARSE_ERROR, "parse error: the body nests too deep") from None
     if isinstance(doc, list):
         if not doc:
             raise Malformed(INVALID_REQUEST, "empty batch")

@@ -145,3 +145,20 @@ def test_policy_decides_requests_without_a_body_too(tmp_path, upstream):
             if e["event"] == "request.denied"
         ]
         assert [d["method"] for d in denied] == ["DELETE"]
+
+
+def test_a_condition_decides_requests_without_a_body_by_their_method(tmp_path, upstream):
+    # a session's DELETE is refused by a conditional deny rule; its POSTs still go through
+    policy = (
+        'default_unlisted = "deny"\n[[rule]]\nid = "calls"\n'
+        f'spiffe_id = "{SID}"\nserver = "up"\nmethods = ["*"]\n'
+        '[[rule]]\nid = "keep-sessions"\n'
+        f'spiffe_id = "{SID}"\nserver = "up"\nmethods = ["*"]\neffect = "deny"\n'
+        'when = \'method == "http:DELETE" && spiffe.path == "/test/decided"\'\n'
+    )
+    with decided_world(tmp_path, upstream, policy=policy) as w:
+        answer = w.send(f"DELETE /mcp HTTP/1.1\r\nHost: 127.0.0.1:{upstream}\r\n\r\n")
+        assert answer.startswith("HTTP/1.1 403") and "rule 'keep-sessions'" in answer
+        ping = '{"jsonrpc": "2.0", "id": 1, "method": "ping"}'
+        assert w.send(post(upstream, ping)).startswith("HTTP/1.1 200")
+        assert [s["body"] for s in Upstream.seen] == [ping]

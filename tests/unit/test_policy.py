@@ -108,6 +108,8 @@ def test_the_example_policy_loads_as_written():
         ("weather-readers", "allow"),
         ("no-secrets", "deny"),
         ("admin", "allow"),
+        ("safe-queries", "allow"),
+        ("own-files", "allow"),
     ]
     readers = p.rules[0]
     assert readers.methods == ("tools/list", "tools/call", "resources/read")
@@ -213,9 +215,14 @@ def test_error_bodies_keep_ids():
     assert [e["id"] for e in json.loads(jsonrpc.error_body(batch, True, -32001, "d"))] == [1, 2]
 
 
-def test_policy_cli(credless_cmd):
+def test_policy_cli(credless_cmd, tmp_path):
     import subprocess
 
+    from tests.helpers import write_config
+    from tests.world import server_table
+
+    # explain names the server as the agent's config does
+    cfg = write_config(tmp_path, extra=server_table("weather", "http://127.0.0.1:1/mcp"))
     f = str(TESTDATA / "policy/policy.toml")
     r = subprocess.run([*credless_cmd, "policy", "check", f], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout == f"{f}: ok (3 rules, default_unlisted = deny)\n"
@@ -226,6 +233,8 @@ def test_policy_cli(credless_cmd):
             "explain",
             "--file",
             f,
+            "--config",
+            str(cfg),
             "--spiffe-id",
             "spiffe://example.org/agent/a",
             "--server",

@@ -200,6 +200,7 @@ def test_each_call_is_audited_with_its_decision_and_rule():
                 "rule": "bot",
                 "decision": "allow",
                 "reason": "allowed by rule 'bot'",
+                "arguments": [],
             },
         ),
         (
@@ -211,6 +212,7 @@ def test_each_call_is_audited_with_its_decision_and_rule():
                 "rule": "no-secrets",
                 "decision": "deny",
                 "reason": "denied by rule 'no-secrets'",
+                "arguments": [],
             },
         ),
     ]
