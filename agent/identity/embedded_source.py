@@ -1,9 +1,10 @@
 """The embedded SVID source: this node's own CA, JWT signing keys and registration entries.
 
-It owns the signing material (the X.509 CA in the state directory, the JWT signing keys in
-memory), the registration entries (reloaded when the file changes, and on SIGHUP through the
-manager), the X509-SVID cache (one SVID per SPIFFE ID, renewed at half-life) and the trust
-bundle made from both; a maintenance thread renews SVIDs and follows key rotation.
+It owns the signing material (the X.509 CA in `<state_dir>/ca`, the JWT signing keys in
+`<state_dir>/jwt`: agent/identity/jwt_keys.py), the registration entries (reloaded when the
+file changes, and on SIGHUP through the manager), the X509-SVID cache (one SVID per SPIFFE ID,
+renewed at half-life) and the trust bundle made from both; a maintenance thread renews SVIDs
+and follows key rotation.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from pathlib import Path
 from agent.config import IdentitySection
 from agent.identity import entries as entries_mod
 from agent.identity.bundle import TrustBundle
-from agent.identity.ca import SigningCA
+from agent.identity.ca import CLOCK_SKEW, SigningCA
+from agent.identity.jwt_keys import JwtKeyFile
 from agent.identity.jwtsvid import JwtSigningKeys, JwtSvid, mint_jwt_svid
 from agent.identity.sources import Identity, SourceEvents
 from agent.identity.spiffeid import TrustDomain
@@ -26,6 +28,15 @@ from agent.identity.x509svid import X509Svid, mint_x509_svid, renew_at
 from agent.observe.logging import get_logger
 
 log = get_logger("identity")
+
+
+def prepublish_seconds(rotation_seconds: int) -> int:
+    """How long the next JWT signing key is published before it signs: a quarter of the
+    rotation period, at most 30 min. identity.jwt_key_rotation_seconds >= 600 makes it at
+    least 150 s, longer than authorization servers keep a jwks_uri answer (oidc-provider
+    60 s with our Cache-Control: no-store; Spring Authorization Server / Nimbus 5 min):
+    docs/tokens.md."""
+    return min(rotation_seconds // 4, 1800)
 
 
 class EmbeddedSource:
@@ -66,8 +77,16 @@ class EmbeddedSource:
         self.keys = JwtSigningKeys(
             rotate_every=dt.timedelta(seconds=cfg.jwt_key_rotation_seconds),
             max_jwt_ttl=dt.timedelta(seconds=max(cfg.jwt_svid_ttl_seconds, 3600)),
-            prepublish=dt.timedelta(seconds=min(cfg.jwt_key_rotation_seconds // 4, 1800)),
+            prepublish=dt.timedelta(seconds=prepublish_seconds(cfg.jwt_key_rotation_seconds)),
             clock=self.clock,
+            store=JwtKeyFile(self.state_dir / "jwt"),
+            leeway=CLOCK_SKEW,
+        )
+        log.info(
+            "JWT signing keys " + ("loaded" if self.keys.loaded else "created"),
+            path=str(self.state_dir / "jwt"),
+            kid=self.keys.current().kid,
+            published=len(self.keys.published()),
         )
         self.reload_entries(initial=True)
         self._refresh_bundle()
@@ -205,6 +224,7 @@ class EmbeddedSource:
         while not self._stop.wait(1.0):
             try:
                 self.rotate_due()
+                keys.sync()  # another agent on this state directory (a handover) rotated
                 if keys.version != self._keys_version or self.clock() >= keys.next_change_at():
                     before = self._bundle.sequence if self._bundle else -1
                     keys.published()

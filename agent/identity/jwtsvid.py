@@ -42,6 +42,13 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.types import Options
 
 from agent.identity.bundle import PublicKey, TrustBundle, jwk_thumbprint
+from agent.identity.jwt_keys import (
+    SAVE_RETRY_SECONDS,
+    JwtKeyFile,
+    JwtKeyFileError,
+    KeySetState,
+    StoredKey,
+)
 from agent.identity.spiffeid import InvalidSpiffeId, SpiffeId, TrustDomain
 
 # JWT-SVID.md §3: the only algorithms a JWT-SVID may use; anything else (none, HS*, EdDSA) is
@@ -99,6 +106,12 @@ class JwtSigningKeys:
     `clock` returns Unix seconds (injectable for tests); transitions happen lazily when
     `current()` or `published()` is called — call `published()` at `next_change_at()` to keep
     the bundle fresh.
+
+    With a `store` (agent/identity/jwt_keys.py) the keys and their schedule are loaded from it
+    and every change is written to it *before* it takes effect, so a key never signs unless a
+    restarted agent would sign with it too. `leeway` keeps a retired key published that much
+    longer than its last token can live: validators accept a token a little past its `exp`
+    (clock skew; oidc-provider: 15 s).
     """
 
     def __init__(
@@ -108,6 +121,8 @@ class JwtSigningKeys:
         max_jwt_ttl: Seconds = dt.timedelta(hours=1),
         prepublish: Seconds = dt.timedelta(minutes=30),
         clock: Callable[[], float] = time.time,
+        store: JwtKeyFile | None = None,
+        leeway: Seconds = 0,
     ):
         if alg not in _KEYGEN:
             raise JwtSvidError(f"cannot sign JWT-SVIDs with {alg!r}; use one of {sorted(_KEYGEN)}")
@@ -115,6 +130,7 @@ class JwtSigningKeys:
         self.rotate_every = _secs(rotate_every)
         self.max_jwt_ttl = _secs(max_jwt_ttl)
         self.prepublish = _secs(prepublish)
+        self.leeway = _secs(leeway)
         if self.rotate_every <= 0 or self.max_jwt_ttl <= 0 or self.prepublish < 0:
             raise JwtSvidError("rotate_every and max_jwt_ttl must be positive, prepublish >= 0")
         if self.prepublish >= self.rotate_every:
@@ -123,6 +139,7 @@ class JwtSigningKeys:
                 f"rotate_every ({self.rotate_every:g}s)"
             )
         self.clock = clock
+        self.store = store
         self._lock = threading.Lock()
         now = clock()
         self._current = self._new_key(now)
@@ -131,36 +148,130 @@ class JwtSigningKeys:
         self._rotate_at = now + self.rotate_every
         self.version = 0  # bumped whenever the published key set changes
         self._next_event = 0.0
+        self._hold_until = 0.0
+        self.loaded = False  # the keys came from the store (not made on this start)
+        if store is not None:
+            with store.locked():
+                stored = store.load()
+                if stored is None:
+                    store.save(self._state())  # before the new key signs anything
+                else:
+                    self._adopt(stored)
+                    self.loaded = True
+                    if self._rotate_at > now + self.rotate_every:
+                        # a shorter rotation period configured since applies from now
+                        self._rotate_at = now + self.rotate_every
+                        store.save(self._state())
         self._schedule()
 
     def _new_key(self, activates_at: float) -> JwtSigningKey:
         key = _KEYGEN[self.alg]()
         return JwtSigningKey(jwk_thumbprint(key.public_key()), self.alg, key, activates_at)
 
+    # ------------------------------------------------------------ the stored state
+    def _state(self) -> KeySetState:
+        def stored(k: JwtSigningKey) -> StoredKey:
+            return StoredKey(k.kid, k.private_key, k.activates_at, k.retired_at)
+
+        return KeySetState(
+            self.alg,
+            stored(self._current),
+            stored(self._next) if self._next else None,
+            tuple(stored(k) for k in self._retired),
+            self._rotate_at,
+        )
+
+    def _adopt(self, state: KeySetState) -> bool:
+        """Take the stored state as ours; whether the published set changed."""
+        if state.alg != self.alg:
+            raise JwtKeyFileError(
+                f"the JWT signing keys in {self.store.path if self.store else '?'} are "
+                f"{state.alg}, this agent signs {self.alg}; move the file aside to make new keys"
+            )
+        before = self._state().kids()
+
+        def key(k: StoredKey) -> JwtSigningKey:
+            return JwtSigningKey(k.kid, state.alg, k.private_key, k.activates_at, k.retired_at)
+
+        self._current = key(state.current)
+        self._next = key(state.next) if state.next else None
+        self._retired = [key(k) for k in state.retired]
+        self._rotate_at = state.rotate_at
+        return state.kids() != before
+
+    def sync(self) -> bool:
+        """Pick up a change another agent sharing the store made (a handover); whether the
+        published set changed. Cheap when nothing did (one stat)."""
+        if self.store is None or not self.store.changed():
+            return False
+        with self._lock, self.store.locked():
+            stored = self.store.load()
+            changed = stored is not None and self._adopt(stored)
+            if changed:
+                self.version += 1
+            self._schedule()
+            return changed
+
+    # ------------------------------------------------------------ transitions
     def _schedule(self) -> None:
         events = [self._rotate_at]
         if self._next is None:
             events.append(self._rotate_at - self.prepublish)
-        events += [k.retired_at + self.max_jwt_ttl for k in self._retired]  # type: ignore[operator]
-        self._next_event = min(events)
+        events += [self._drop_at(k) for k in self._retired]
+        # a change that could not be written waits for its retry, not for every signature
+        self._next_event = max(min(events), self._hold_until)
+
+    def _drop_at(self, k: JwtSigningKey) -> float:
+        return k.retired_at + self.max_jwt_ttl + self.leeway  # type: ignore[operator]
 
     def _tick(self, now: float) -> None:
+        if now < self._next_event:
+            return  # nothing is due
+        if self.store is None:
+            changed = self._advance(now)
+        else:
+            changed = self._advance_stored(self.store, now, self._advance)
+        if changed:
+            self.version += 1
+        self._schedule()
+
+    def _advance_stored(self, store: JwtKeyFile, now: float, step: Callable[[float], bool]) -> bool:
+        """step() under the store's lock, on the state as stored (another agent may have
+        moved first), and written before it takes effect; if it cannot be written, nothing
+        changes (the current key, published and stored, keeps signing) and it is retried."""
+        with store.locked():
+            stored = store.load()
+            adopted = stored is not None and self._adopt(stored)
+            saved = (self._current, self._next, list(self._retired), self._rotate_at)
+            changed = step(now)
+            if changed:
+                try:
+                    store.save(self._state())
+                except OSError as e:
+                    self._current, self._next, self._retired, self._rotate_at = saved
+                    store.unsaved(e)
+                    self._hold_until = now + SAVE_RETRY_SECONDS
+                    return adopted
+                self._hold_until = 0.0
+            return adopted or changed
+
+    def _advance(self, now: float) -> bool:
         changed = False
         if self._next is None and now >= self._rotate_at - self.prepublish:
             self._next = self._new_key(self._rotate_at)
             changed = True
         if now >= self._rotate_at:
-            # If the clock jumped past the whole prepublish window (suspend/resume), the prepared
-            # key is used at once anyway: signing with an overdue key is worse.
+            # If the clock jumped past the whole prepublish window (suspend/resume, an agent
+            # stopped across it), the prepared key is used at once anyway: no validator can
+            # still hold a JWKS from before that window (prepublish outlasts their caches),
+            # and signing with an overdue key is worse.
             self._retire_current(now)
             changed = True
-        kept = [k for k in self._retired if now <= k.retired_at + self.max_jwt_ttl]  # type: ignore[operator]
+        kept = [k for k in self._retired if now <= self._drop_at(k)]
         if len(kept) != len(self._retired):
             self._retired = kept
             changed = True
-        if changed:
-            self.version += 1
-        self._schedule()
+        return changed
 
     def _retire_current(self, now: float, keep_old: bool = True) -> None:
         if keep_old:
@@ -185,8 +296,17 @@ class JwtSigningKeys:
         immediately, so tokens it signed stop validating as soon as validators refresh."""
         with self._lock:
             now = self.clock()
-            self._retire_current(now, keep_old=not drop_old)
+
+            def step(at: float) -> bool:
+                self._retire_current(at, keep_old=not drop_old)
+                return True
+
+            if self.store is None:
+                step(now)
+            else:
+                self._advance_stored(self.store, now, step)
             self.version += 1
+            self._next_event = 0.0
             self._tick(now)
             return self._current
 

@@ -92,6 +92,9 @@ class IdentityManager:
         self._users: dict[str, set[int]] = {}
         self._user_of: dict[int, tuple[int, str]] = {}  # tgid -> (exec_ns, spiffe id)
         self.on_identity_ended: list[Callable[[str], None]] = []
+        # an identity with no live process has one again (a new process within the OAuth
+        # service's grace period reuses the tokens the last one left: docs/tokens.md)
+        self.on_identity_started: list[Callable[[str], None]] = []
         self._init_metrics(registry)
 
     def _init_metrics(self, registry: CollectorRegistry | None) -> None:
@@ -221,7 +224,11 @@ class IdentityManager:
         sid = str(ident.spiffe_id)
         with self._lock:
             self._user_of[attestation.tgid] = (attestation.exec_ns, sid)
-            self._users.setdefault(sid, set()).add(attestation.tgid)
+            users = self._users.setdefault(sid, set())
+            started = not users
+            users.add(attestation.tgid)
+        if started:
+            self._run(self.on_identity_started, sid, "identity start handler failed")
 
     def process_event(self, ev: ImageEvent) -> None:
         """Kernel exec/exit events: an image that ends stops using its identity; when the
@@ -242,11 +249,15 @@ class IdentityManager:
                     ended = user[1]
         if ended:
             log.info("last process of identity ended", spiffe_id=ended)
-            for fn in self.on_identity_ended:
-                try:
-                    fn(ended)
-                except Exception:
-                    log.exception("identity end handler failed", spiffe_id=ended)
+            self._run(self.on_identity_ended, ended, "identity end handler failed")
+
+    @staticmethod
+    def _run(handlers: list[Callable[[str], None]], spiffe_id: str, failed: str) -> None:
+        for fn in handlers:
+            try:
+                fn(spiffe_id)
+            except Exception:
+                log.exception(failed, spiffe_id=spiffe_id)
 
     def live_identities(self) -> dict[str, int]:
         with self._lock:

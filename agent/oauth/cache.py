@@ -8,6 +8,8 @@
   jitter; a still-valid token keeps being served meanwhile (the authorization server being
   down must not take working workloads down with it before their tokens expire).
 - A caller with no valid token gets the error (typed), never a stale token.
+- Grace (`grace_deadline`): an identity's tokens may outlive its last process, never their
+  own expiry (docs/tokens.md); the OAuth service schedules the drop.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -32,6 +34,58 @@ class _Entry:
 
 
 Key = TypeVar("Key", bound=Hashable)
+
+
+def grace_deadline(tokens: Iterable[Token], now: float, grace: float) -> float | None:
+    """Until when an identity's tokens are kept after its last process exits: `grace` from
+    now, but never past the latest expiry among them (an expired token helps nobody). None:
+    drop them now (no grace, or nothing valid left to keep)."""
+    if grace <= 0:
+        return None
+    valid = [t.expires_at for t in tokens if t.valid(now)]
+    if not valid:
+        return None
+    return min(now + grace, max(valid))
+
+
+async def _awaited(aw: Awaitable[object]) -> object:
+    return await aw
+
+
+class GraceTimers:
+    """The pending drops of identities whose last process has exited, on the event loop's
+    own timer (monotonic: a wall-clock step neither stretches nor cuts a grace period).
+    Used from the loop only."""
+
+    def __init__(self) -> None:
+        self._pending: dict[str, asyncio.TimerHandle] = {}
+        self._running: set[asyncio.Task[object]] = set()
+
+    def __bool__(self) -> bool:
+        return bool(self._pending)
+
+    def start(self, key: str, delay: float, drop: Callable[[], Awaitable[object]]) -> None:
+        """drop() runs after delay unless cancel(key) comes first."""
+        self.cancel(key)
+        self._pending[key] = asyncio.get_running_loop().call_later(delay, self._fire, key, drop)
+
+    def _fire(self, key: str, drop: Callable[[], Awaitable[object]]) -> None:
+        self._pending.pop(key, None)
+        task: asyncio.Task[object] = asyncio.get_running_loop().create_task(_awaited(drop()))
+        self._running.add(task)  # held until done: the loop keeps only weak references
+        task.add_done_callback(self._running.discard)
+
+    def cancel(self, key: str) -> bool:
+        """Cancel key's pending drop; whether there was one."""
+        handle = self._pending.pop(key, None)
+        if handle is not None:
+            handle.cancel()
+        return handle is not None
+
+    def cancel_all(self) -> None:
+        for handle in self._pending.values():
+            handle.cancel()
+        self._pending.clear()
 
 
 class TokenCache(Generic[Key]):

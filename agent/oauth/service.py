@@ -2,6 +2,8 @@
 
 Ties discovery, registration, the DPoP keys (one per SPIFFE ID, memory only), the token
 request and the cache together, and emits one audit event and one metric per outcome.
+An identity's tokens and DPoP key outlive its last process by oauth.token_grace_seconds
+(never past their expiry), so the next process of that identity reuses them (`forget`).
 Runs on the agent's asyncio loop; `run_sync` lets other threads (admin socket) call in.
 
 Where a server's tokens come from (which authorization server may receive its assertions)
@@ -13,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -25,7 +27,7 @@ from agent.identity.bundle import TrustBundle
 from agent.identity.jwtsvid import JwtSvid
 from agent.identity.manager import Identity
 from agent.oauth import registration as reg
-from agent.oauth.cache import TokenCache
+from agent.oauth.cache import GraceTimers, TokenCache, grace_deadline
 from agent.oauth.discovery import Discovery, ServerMetadata, TlsRouter, canonical_resource
 from agent.oauth.dpop import DPoPKey
 from agent.oauth.errors import OAuthError, RegistrationError, TrustRefused
@@ -75,8 +77,10 @@ class OAuthService:
         audit: AuditLog | None = None,
         registry: CollectorRegistry | None = None,
         jwks_uri: str | None = None,
+        clock: Callable[[], float] = time.time,
     ):
         self.cfg = cfg
+        self.clock = clock
         self.identity = identity
         self.audit = audit
         self.jwks_uri: str | None = cfg.oauth.jwks_uri or jwks_uri
@@ -94,8 +98,13 @@ class OAuthService:
         self._nonces: dict[str, str] = {}
         self._reg_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self.cache = TokenCache(
-            self._fetch, refresh_ahead=cfg.oauth.refresh_ahead, on_event=self._cache_event
+            self._fetch,
+            refresh_ahead=cfg.oauth.refresh_ahead,
+            on_event=self._cache_event,
+            clock=clock,
         )
+        # identities whose last process has exited, their tokens kept until the timer fires
+        self._graced = GraceTimers()
         self._pending: dict[TokenKey, tuple[Identity, Resolved]] = {}
         self._token_keys: dict[tuple[str, str], tuple[TokenKey, float]] = {}
         # server name -> the 401 challenge of a server that refused a token for its scheme
@@ -165,6 +174,7 @@ class OAuthService:
         return server_tls("", "", self.cfg.inject.upstream_ca_file)
 
     async def stop(self) -> None:
+        self._graced.cancel_all()
         if self.http is not None:
             await self.http.aclose()
         for key in self._dpop_keys.values():
@@ -240,6 +250,8 @@ class OAuthService:
         server, found without awaiting anything, or None (then call token()). The cache key
         token() last resolved for the pair is reused for KEY_MEMO_SECONDS, so a changed
         server configuration or discovery document is picked up within that time."""
+        if self._graced:
+            self.resume(str(ident.spiffe_id))
         memo = self._token_keys.get((str(ident.spiffe_id), server_name))
         if memo is None or memo[1] < time.monotonic():
             return None
@@ -249,6 +261,8 @@ class OAuthService:
         return tok
 
     async def token(self, ident: Identity, server_name: str, challenge: str | None = None) -> Token:
+        if self._graced:
+            self.resume(str(ident.spiffe_id))
         server = self.server(server_name)
         changed = self._changed.get(server_name) if challenge is None else None
         resolved = await self.resolve(server, challenge or changed, ident)
@@ -394,9 +408,44 @@ class OAuthService:
             )
 
     # ------------------------------------------------------------ lifecycle of identities
-    async def forget(self, spiffe_id: str) -> dict:
-        """The identity's last process exited: drop its tokens and DPoP key, delete its
-        registered clients where the server supports it."""
+    async def forget(self, spiffe_id: str, grace: float | None = None) -> dict:
+        """The identity's last process exited. Its tokens and DPoP key are kept for `grace`
+        seconds (default oauth.token_grace_seconds), never past the tokens' expiry, for the
+        next process of the identity to reuse; then, unless a new process came (`resume`),
+        they are dropped and its registered clients deleted (`drop`). Without grace, or with
+        no valid token to keep, that happens now."""
+        self.resume(spiffe_id)  # a later end restarts the grace period
+        grace = self.cfg.oauth.token_grace_seconds if grace is None else grace
+        now = self.clock()
+        mine = [t for k, t in self.cache.tokens() if k[0] == spiffe_id]
+        until = grace_deadline(mine, now, grace)
+        if until is None:
+            return await self.drop(spiffe_id)
+        self._graced.start(spiffe_id, until - now, lambda: self.drop(spiffe_id))
+        log.info(
+            "identity ended; its tokens are kept for the next process",
+            spiffe_id=spiffe_id,
+            tokens_kept=len(mine),
+            kept_seconds=round(until - now, 1),
+        )
+        return {"tokens_kept": len(mine), "kept_until": until}
+
+    def resume(self, spiffe_id: str) -> bool:
+        """A process of the identity is back: cancel its pending drop (whether one was
+        pending). On the service's loop."""
+        if not self._graced.cancel(spiffe_id):
+            return False
+        log.info("identity back within its grace period; tokens kept", spiffe_id=spiffe_id)
+        return True
+
+    async def resumed(self, spiffe_id: str) -> bool:
+        """resume() for another thread (run_coroutine_threadsafe): a task, so it runs after
+        a forget() submitted before it, never overtaking it."""
+        return self.resume(spiffe_id)
+
+    async def drop(self, spiffe_id: str) -> dict:
+        """Drop the identity's tokens and DPoP key now, and delete its registered clients
+        where the server supports it."""
         dropped = self.cache.drop(lambda k: k[0] == spiffe_id)
         key = self._dpop_keys.pop(spiffe_id, None)
         if key is not None:

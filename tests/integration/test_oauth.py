@@ -137,7 +137,7 @@ def test_dynamic_registration_then_token_then_delete(stack):
     stored = stack.svc.store.for_identity(B)
     assert [c.client_id for c in stored] == [B]
     assert oct((stack.svc.store.path.stat().st_mode) & 0o777) == "0o600"
-    out = stack.run(stack.svc.forget(B))
+    out = stack.run(stack.svc.forget(B, grace=0))  # at once: no grace period
     assert out == {"tokens_dropped": 1, "clients_deleted": [B]}
     assert [e["client_id"] for e in stack.oidc.events("registration_delete.success")] == [B]
     assert stack.svc.store.for_identity(B) == []
