@@ -187,6 +187,7 @@ class IdentityManager:
             if quiet:  # looking at ancestors, not deciding for a caller
                 return None
             self.m_decisions.labels("no_entry").inc()
+            log.debug("no registration entry matches", pid=attestation.tgid, exe=attestation.exe)
             if self.audit:
                 self.audit.emit(
                     "identity.denied",
@@ -207,6 +208,12 @@ class IdentityManager:
                 pid=attestation.tgid,
             )
         self.m_decisions.labels("issued").inc()
+        log.debug(
+            "registration entry matched",
+            pid=attestation.tgid,
+            entry=m.entry.id,
+            spiffe_id=str(m.spiffe_id),
+        )
         return Identity(m.spiffe_id, m.entry)
 
     def identity_for_id(self, spiffe_id: str) -> Identity | None:

@@ -9,7 +9,8 @@ execs in between is attested as its new image; see issue 15 item 7.)
 
 How the gRPC server knows who is calling: agent/identity/workload_callers.py (each
 connection's process attested before grpclib sees a byte of it), which also says what this
-design replaced and why.
+design replaced and why. Every refusal (a Denied, wherever it is raised) is audited with
+who asked and answered with the audit event's id: agent/identity/workload_denials.py.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from agent.identity.workload_callers import (
     Caller,
     transport_of,
 )
+from agent.identity.workload_denials import Denied, audit_denial
 from agent.identity.x509svid import X509Svid
 from agent.observe.logging import AuditLog, get_logger
 from agent.urls import origin
@@ -108,18 +110,6 @@ def client_call(channel: grpc.Channel, method: str) -> Any:
         request_serializer=req.SerializeToString,
         response_deserializer=resp.FromString,
     )
-
-
-class _Denied(Exception):
-    def __init__(self, code: Status, message: str):
-        self.code, self.message = code, message
-
-
-class _Refused(Exception):
-    """A request refused after its caller was authorized (no workload_api.denied event)."""
-
-    def __init__(self, code: Status, message: str):
-        self.code, self.message = code, message
 
 
 def names_an_as(audience: Iterable[str], servers: Iterable[str]) -> tuple[str, str] | None:
@@ -278,43 +268,48 @@ class WorkloadApiServer:
         """An audit event about a call, naming the identity and the process that made it."""
         if self.audit:
             self.audit.emit(
-                event, spiffe_id=str(ident.spiffe_id), pid=att.tgid, exe=att.exe, **fields
+                event,
+                spiffe_id=str(ident.spiffe_id),
+                pid=att.tgid,
+                uid=att.uid,
+                exe=att.exe,
+                **fields,
             )
 
     # ------------------------------------------------------------ authorisation
     def authorize(
         self, caller: Caller | None, metadata: Mapping[str, str | bytes] | None
     ) -> tuple[Identity, Attestation]:
-        """The caller's identity, or _Denied with the status to return. Blocks (attests)."""
+        """The caller's identity, or Denied with the status to return. Blocks (attests)."""
         if metadata is None or metadata.get(_HEADER[0]) != _HEADER[1]:
-            raise _Denied(
+            raise Denied(
                 Status.INVALID_ARGUMENT,
                 "security header missing from request: send metadata workload.spiffe.io: true",
             )
         if caller is None:
-            raise _Denied(
+            raise Denied(
                 Status.PERMISSION_DENIED,
                 f"connect through the Workload API socket {self.socket_path}",
             )
         att = caller.attestation
         if att is None or not caller.cred.alive():
-            raise _Denied(
+            raise Denied(
                 Status.PERMISSION_DENIED,
                 "no identity issued: the calling process could not be attested",
             )
         now = self.attestor.attest(att.tgid, timeout=0.5)
         if now is None or now.exec_ns != att.exec_ns:
-            raise _Denied(
+            raise Denied(
                 Status.PERMISSION_DENIED,
                 "no identity issued: the calling process has exec'd or exited "
                 "since it connected; reconnect",
-            )
+            ).about(att, None)
         ident = self.manager.resolve(att)
         if ident is None:
-            raise _Denied(
+            raise Denied(
                 Status.PERMISSION_DENIED,
                 "no identity issued: no registration entry matches this process",
-            )
+            ).about(att, None)
         self.manager.note_use(ident, att)
         return ident, att
 
@@ -339,14 +334,19 @@ class _Servicer:
     ) -> Callable[[RpcStream], Awaitable[None]]:
         async def handle(stream: RpcStream) -> None:
             if self.s.active >= self.s.max_streams:
-                self._count(method, Status.RESOURCE_EXHAUSTED)
-                raise GRPCError(
-                    Status.RESOURCE_EXHAUSTED,
-                    f"more than {self.s.max_streams} Workload API calls open",
+                raise self._refuse(
+                    method,
+                    stream,
+                    Denied(
+                        Status.RESOURCE_EXHAUSTED,
+                        f"more than {self.s.max_streams} Workload API calls open",
+                    ),
                 )
             self.s.active += 1
             try:
                 await fn(stream)
+            except Denied as d:
+                raise self._refuse(method, stream, d) from None
             finally:
                 self.s.active -= 1
 
@@ -355,29 +355,32 @@ class _Servicer:
     def _count(self, method: str, code: Status) -> None:
         self.s.m_calls.labels(method, code.name).inc()
 
-    def _refuse(self, method: str, code: Status, message: str) -> GRPCError:
-        self._count(method, code)
-        return GRPCError(code, message)
+    def _caller(self, stream: RpcStream) -> Caller | None:
+        transport = transport_of(stream)
+        return self.s.callers.get(transport) if transport is not None else None
+
+    def _refuse(self, method: str, stream: RpcStream, d: Denied) -> GRPCError:
+        """The answer to a refused call: counted, audited, its message naming the event."""
+        self._count(method, d.code)
+        return GRPCError(d.code, audit_denial(self.s.audit, method, self._caller(stream), d))
 
     async def _authorized(
         self, method: str, stream: RpcStream, then: Callable[[Identity, Attestation], T]
     ) -> T:
         """Authorize the caller, then (in the same trip to a worker thread, as both block)
-        run then(identity, attestation) and return its result."""
-        transport = transport_of(stream)
-        caller = self.s.callers.get(transport) if transport is not None else None
+        run then(identity, attestation) and return its result. A refusal by either is a
+        Denied knowing who asked (answered by _guarded)."""
+        caller = self._caller(stream)
         metadata = stream.metadata
 
         def work() -> T:
             ident, att = self.s.authorize(caller, metadata)
-            return then(ident, att)
+            try:
+                return then(ident, att)
+            except Denied as d:
+                raise d.about(att, ident) from None
 
-        try:
-            return await self.s._run_blocking(work)
-        except _Denied as d:
-            if d.code == Status.PERMISSION_DENIED and self.s.audit:
-                self.s.audit.emit("workload_api.denied", method=method, reason=d.message)
-            raise self._refuse(method, d.code, d.message) from None
+        return await self.s._run_blocking(work)
 
     async def _watch(
         self,
@@ -393,9 +396,19 @@ class _Servicer:
         while not self.s._stopping.is_set():
             changed = self.s._changed
             gen = mgr.generation
-            msg, state = await self._authorized(method, stream, lambda ident, _att: render(ident))
+            msg, state, ident, att = await self._authorized(
+                method, stream, lambda ident, att: (*render(ident), ident, att)
+            )
             if state != last:
                 self._count(method, Status.OK)
+                log.debug(
+                    "Workload API update sent",
+                    method=method,
+                    pid=att.tgid,
+                    exe=att.exe,
+                    spiffe_id=str(ident.spiffe_id),
+                    entry=ident.entry.id,
+                )
                 await stream.send_message(msg)
                 last = state
             if mgr.generation == gen:
@@ -454,7 +467,7 @@ class _Servicer:
         """A unary call's request message."""
         request = await stream.recv_message()
         if request is None:  # the client ended its side of the stream without one
-            raise self._refuse(method, Status.INVALID_ARGUMENT, "the request message is missing")
+            raise Denied(Status.INVALID_ARGUMENT, "the request message is missing")
         return request
 
     async def FetchJWTSVID(self, stream: RpcStream) -> None:
@@ -463,24 +476,21 @@ class _Servicer:
 
         def issue(ident: Identity, att: Attestation) -> tuple[Identity, Attestation, JwtSvid]:
             if not audience or not all(audience):
-                raise _Refused(Status.INVALID_ARGUMENT, "audience must be specified")
+                raise Denied(Status.INVALID_ARGUMENT, "audience must be specified")
             if request.spiffe_id and request.spiffe_id != str(ident.spiffe_id):
-                raise _Refused(
+                # a process asking for an identity that is not its own: worth an operator's
+                # look (a misconfigured workload, or one probing for others' SVIDs)
+                raise Denied(
                     Status.PERMISSION_DENIED,
-                    f"no identity issued for {request.spiffe_id} to this process",
+                    f"no identity issued for {request.spiffe_id} to this process: it is "
+                    f"{ident.spiffe_id} (registration entry {ident.entry.id!r})",
+                    requested_spiffe_id=request.spiffe_id,
+                    audience=audience,
                 )
             if not ident.entry.authorization_server_audience:
                 named = names_an_as(audience, self.s.authorization_servers())
                 if named is not None:
-                    self.s.audit_call(
-                        "workload_api.denied",
-                        ident,
-                        att,
-                        method="FetchJWTSVID",
-                        audience=audience,
-                        reason="audience is an authorization server credless uses",
-                    )
-                    raise _Refused(
+                    raise Denied(
                         Status.PERMISSION_DENIED,
                         (
                             f"audience {named[0]!r} is the authorization server {named[1]!r}, "
@@ -490,13 +500,12 @@ class _Servicer:
                             "set authorization_server_audience = true on the registration entry "
                             f"{ident.entry.id!r} if this workload must talk to it itself"
                         ),
+                        audience=audience,
+                        authorization_server=named[1],
                     )
             return ident, att, self.s.manager.jwt_svid(ident, audience)
 
-        try:
-            ident, att, svid = await self._authorized("FetchJWTSVID", stream, issue)
-        except _Refused as r:
-            raise self._refuse("FetchJWTSVID", r.code, r.message) from None
+        ident, att, svid = await self._authorized("FetchJWTSVID", stream, issue)
         self.s.audit_call(
             "svid.issued",
             ident,
@@ -517,17 +526,14 @@ class _Servicer:
 
         def validate(_ident: Identity, _att: Attestation) -> JwtSvid:
             if not request.audience or not request.svid:
-                raise _Refused(Status.INVALID_ARGUMENT, "audience and svid are required")
+                raise Denied(Status.INVALID_ARGUMENT, "audience and svid are required")
             b = bundle()
             try:
                 return validate_jwt_svid(request.svid, request.audience, {b.trust_domain: b})
             except JwtSvidError as e:
-                raise _Refused(Status.INVALID_ARGUMENT, f"invalid JWT-SVID: {e}") from None
+                raise Denied(Status.INVALID_ARGUMENT, f"invalid JWT-SVID: {e}") from None
 
-        try:
-            svid = await self._authorized("ValidateJWTSVID", stream, validate)
-        except _Refused as r:
-            raise self._refuse("ValidateJWTSVID", r.code, r.message) from None
+        svid = await self._authorized("ValidateJWTSVID", stream, validate)
         claims = struct_pb2.Struct()
         claims.update({k: v for k, v in svid.claims.items()})
         self._count("ValidateJWTSVID", Status.OK)

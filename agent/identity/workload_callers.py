@@ -125,6 +125,13 @@ class AttestedConnection(asyncio.Protocol):
             raise
         if att is not None and not cred.alive():
             att = None  # the pid was reused between SO_PEERCRED and attestation
+        log.debug(
+            "Workload API caller attested" if att is not None else "Workload API caller unattested",
+            pid=cred.pid,
+            uid=cred.uid,
+            exe=att.exe if att is not None else None,
+            cgroup=att.cgroup_path if att is not None else None,
+        )
         if transport.is_closing():
             cred.close()
             return

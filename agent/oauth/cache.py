@@ -23,6 +23,9 @@ from typing import Generic, TypeVar
 
 from agent.oauth.errors import OAuthError, ServerUnavailable
 from agent.oauth.tokens import Token
+from agent.observe.logging import get_logger
+
+log = get_logger("oauth.cache")
 
 
 @dataclass
@@ -133,6 +136,11 @@ class TokenCache(Generic[Key]):
             and now >= entry.next_attempt
             and key not in self._inflight
         ):
+            log.debug(
+                "token refresh started",
+                key=key,  # (SPIFFE ID, server, ...) for the OAuth service's keys
+                token_sha256=entry.token.fingerprint,
+            )
             self._start(key, refresh=True)
         return entry.token
 

@@ -44,13 +44,16 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 
 from agent.oauth import trust
-from agent.oauth.errors import DiscoveryError, MetadataMismatch, ServerUnavailable
+from agent.oauth.errors import DiscoveryError, MetadataMismatch, unavailable
 from agent.oauth.trust import (
     AuthorizationServerCertificateRefused,
     CertificateRefused,
     McpServerCertificateRefused,
     ServerTls,
 )
+from agent.observe.logging import get_logger
+
+log = get_logger("oauth")
 
 _PARAM = re.compile(r'([A-Za-z0-9_!#$%&\'*+.^`|~-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^\s,]+)')
 
@@ -197,6 +200,7 @@ class Discovery:
     def _cached(self, kind: str, key: str):
         hit = self._cache.get((kind, key))
         if hit and self.clock() - hit[0] < self.ttl:
+            log.debug("discovery cache hit", kind=kind, key=key)
             return hit[1]
         return None
 
@@ -208,16 +212,16 @@ class Discovery:
             return Peer(self._as.tls, McpServerCertificateRefused, route=False)
         return Peer(self._mcp_tls(mcp_url), McpServerCertificateRefused, route=True)
 
-    async def _get_json(self, url: str, peer: Peer) -> tuple[int, Any]:
+    async def _get_json(self, url: str, peer: Peer, what: str) -> tuple[int, Any]:
+        """GET a JSON document; what: the request, in words (for its failure)."""
         try:
             r = await self.http.get(
                 url, headers={"Accept": "application/json"}, extensions=peer.extensions()
             )
         except httpx.HTTPError as e:
             trust.refuse_certificate(e, url, peer.tls, peer.refused)
-            raise ServerUnavailable(
-                f"cannot fetch {url}: {type(e).__name__}: {e}", url=url
-            ) from None
+            raise unavailable(e, what, url) from None
+        log.debug("discovery fetched", what=what, url=url, status=r.status_code)
         if r.status_code != 200:
             return r.status_code, None
         try:
@@ -238,12 +242,12 @@ class Discovery:
             )
         except httpx.HTTPError as e:
             trust.refuse_certificate(e, mcp_url, peer.tls, peer.refused)
-            raise ServerUnavailable(
-                f"cannot reach MCP server {mcp_url}: {e}", url=mcp_url
-            ) from None
-        if r.status_code in (401, 403):
-            return parse_www_authenticate(r.headers.get("www-authenticate", ""))
-        return {}
+            raise unavailable(e, "unauthenticated probe of the MCP server", mcp_url) from None
+        challenge = r.headers.get("www-authenticate", "") if r.status_code in (401, 403) else ""
+        log.debug(
+            "MCP server probed", url=mcp_url, status=r.status_code, challenge=challenge or None
+        )
+        return parse_www_authenticate(challenge) if challenge else {}
 
     async def resource(
         self,
@@ -283,7 +287,7 @@ class Discovery:
         tried = []
         peer = self._mcp_peer(mcp_url)  # every candidate is on the MCP server's origin
         for url in dict.fromkeys(candidates):
-            status, doc = await self._get_json(url, peer)
+            status, doc = await self._get_json(url, peer, "protected resource metadata request")
             tried.append(f"{url} (HTTP {status})")
             if doc is None:
                 continue
@@ -365,7 +369,9 @@ class Discovery:
             urls.append(f"{base}{path}/.well-known/openid-configuration")
         tried = []
         for url in urls:
-            status, doc = await self._get_json(url, self._as)
+            status, doc = await self._get_json(
+                url, self._as, "authorization server metadata request"
+            )
             tried.append(f"{url} (HTTP {status})")
             if doc is None:
                 continue

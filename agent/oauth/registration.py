@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from agent.fsutil import atomic_write
-from agent.oauth.errors import MalformedResponse, RegistrationError, ServerUnavailable
+from agent.oauth.errors import MalformedResponse, RegistrationError, unavailable
 from agent.oauth.trust import (
     ServerTls,
     authorization_server_tls,
@@ -196,7 +196,15 @@ async def register(
     }
     if dpop:
         meta["dpop_bound_access_tokens"] = True
-    from agent.oauth.tokens import post_form
+    from agent.oauth.tokens import log, post_form
+
+    log.debug(
+        "client registration request",
+        url=endpoint,
+        spiffe_id=spiffe_id,
+        jwks_uri=jwks_uri,
+        dpop_bound_access_tokens=dpop,
+    )
 
     status, body, _ = await post_form(
         http,
@@ -244,10 +252,7 @@ async def delete(
         )
     except httpx.HTTPError as e:
         refuse_certificate(e, client.registration_client_uri, tls or authorization_server_tls(""))
-        raise ServerUnavailable(
-            f"client deletion at {client.registration_client_uri}: {e}",
-            url=client.registration_client_uri,
-        ) from None
+        raise unavailable(e, "client deletion", client.registration_client_uri) from None
     if r.status_code in (204, 200, 404):  # 404/401: already gone at the server
         return True
     if r.status_code == 401:

@@ -139,7 +139,19 @@ class Resolver:
         scope = server.scope
         if prm is not None:
             scope = scope or prm.challenge_scope or " ".join(prm.scopes_supported)
-        return Resolved(resource, issuer, meta, scope, *_dpop(server, resource, prm, meta))
+        resolved = Resolved(resource, issuer, meta, scope, *_dpop(server, resource, prm, meta))
+        log.debug(
+            "authorization server resolved",
+            server=server.name,
+            spiffe_id=sid,
+            issuer=issuer,
+            how="configured issuer" if server.issuer else "discovered",
+            token_endpoint=meta.token_endpoint,
+            scope=scope,
+            dpop_proofs=resolved.dpop,
+            dpop_required=resolved.dpop_required,
+        )
+        return resolved
 
     def _choose(self, server: Server, resource: str, prm: ResourceMetadata) -> tuple[str, bool]:
         """The AS the server names that it may use, and whether to pin it: one allowed

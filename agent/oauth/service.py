@@ -258,6 +258,12 @@ class OAuthService:
         tok = self.cache.peek(memo[0])
         if tok is not None:
             self.m_hit.inc()
+            log.debug(
+                "token cache hit",
+                spiffe_id=tok.spiffe_id,
+                server=server_name,
+                token_sha256=tok.fingerprint,
+            )
         return tok
 
     async def token(self, ident: Identity, server_name: str, challenge: str | None = None) -> Token:
@@ -275,6 +281,12 @@ class OAuthService:
         before = self.cache.hits
         tok = await self.cache.get(key)
         self.m_lookups.labels("hit" if self.cache.hits > before else "miss").inc()
+        log.debug(
+            "token cache " + ("hit" if self.cache.hits > before else "miss"),
+            spiffe_id=key[0],
+            server=server.name,
+            token_sha256=tok.fingerprint,
+        )
         return tok
 
     def invalidate(
@@ -383,6 +395,12 @@ class OAuthService:
         return tok
 
     def _cache_event(self, what: str, key: TokenKey, obj: object) -> None:
+        log.debug(
+            f"token cache {what}",
+            spiffe_id=key[0],
+            server=key[1],
+            token_sha256=getattr(obj, "fingerprint", None),
+        )
         if what in ("obtained", "refreshed") and isinstance(obj, Token):
             tok = obj
             audit_event(

@@ -32,6 +32,7 @@ from agent.oauth.errors import (
     ServerUnavailable,
     TokenRefused,
     from_error_response,
+    unavailable,
 )
 from agent.oauth.trust import (
     ServerTls,
@@ -39,6 +40,9 @@ from agent.oauth.trust import (
     check_endpoint,
     refuse_certificate,
 )
+from agent.observe.logging import get_logger
+
+log = get_logger("oauth")
 
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 JWT_SPIFFE = "urn:ietf:params:oauth:client-assertion-type:jwt-spiffe"
@@ -83,6 +87,25 @@ def _jwt_claims_unverified(token: str, url: str = "") -> dict | None:
             url=url or None,
         )
     return claims
+
+
+def assertion_fingerprint(assertion: str) -> dict[str, Any]:
+    """What an operator may know of a client assertion credless sent, to compare with the
+    authorization server's records: the key id that signed it, its jti, iss and aud (all
+    public; never the assertion). Read from credless's own JWT, unverified."""
+    parts = assertion.split(".")
+    try:
+        header, claims = _b64json(parts[0]), _b64json(parts[1])
+    except (ValueError, IndexError):
+        return {}
+    if not isinstance(header, dict) or not isinstance(claims, dict):
+        return {}
+    return {
+        "kid": header.get("kid"),
+        "jti": claims.get("jti"),
+        "iss": claims.get("iss"),
+        "aud": claims.get("aud"),
+    }
 
 
 def _canonical(value: Any) -> str | None:
@@ -291,9 +314,7 @@ async def post_form(
         )
     except httpx.HTTPError as e:
         refuse_certificate(e, url, tls)
-        raise ServerUnavailable(
-            f"{what} at {url}: {type(e).__name__}: {e or 'no answer'}", url=url
-        ) from None
+        raise unavailable(e, what, url) from None
     try:
         body = r.json()
     except ValueError:
@@ -338,6 +359,7 @@ async def request_token(
     aud = issuer if profile == "jwt-spiffe" or assertion_audience == "issuer" else token_endpoint
     for attempt in (1, 2):
         assertion = mint_assertion(aud, client_id if profile == "jwt-bearer" else None)
+        signed = assertion_fingerprint(assertion)
         form = {
             "grant_type": "client_credentials",
             "resource": resource,
@@ -353,6 +375,18 @@ async def request_token(
             headers["DPoP"] = dpop.proof(
                 "POST", token_endpoint, nonce=nonces.get(issuer), remembered=False
             )
+        log.debug(
+            "token request",
+            url=token_endpoint,
+            client_id=client_id,
+            profile=profile,
+            resource=resource,
+            assertion_kid=signed.get("kid"),
+            assertion_jti=signed.get("jti"),
+            assertion_aud=aud,
+            dpop_jkt=dpop.jkt if dpop is not None else None,
+            attempt=attempt,
+        )
         now = time.time()
         status, body, resp_headers = await post_form(
             http, token_endpoint, form, headers, "token request", tls=tls
@@ -361,7 +395,7 @@ async def request_token(
         if fresh and valid_nonce(fresh):
             nonces[issuer] = fresh
         if status == 200:
-            return parse_token_response(
+            tok = parse_token_response(
                 body,
                 url=token_endpoint,
                 resource=resource,
@@ -372,6 +406,24 @@ async def request_token(
                 now=now,
                 dpop_required=dpop_required,
             )
+            log.debug(
+                "token received",
+                url=token_endpoint,
+                token_type=tok.token_type,
+                token_sha256=tok.fingerprint,
+                jti=tok.jti,
+                jkt=tok.jkt,
+                expires_in=round(tok.expires_at - now),
+                scope=tok.scope,
+            )
+            return tok
+        log.debug(
+            "token request refused",
+            url=token_endpoint,
+            status=status,
+            error=body.get("error") if isinstance(body, dict) else None,
+            attempt=attempt,
+        )
         if (
             attempt == 1
             and dpop is not None
@@ -381,5 +433,10 @@ async def request_token(
             and valid_nonce(fresh)
         ):
             continue
-        raise from_error_response(status, body, token_endpoint, "token request")
+        sent = (
+            f"credless authenticated as client_id {client_id!r} with a {profile} assertion "
+            f"(JWT-SVID signed by key {signed.get('kid')!r}, jti {signed.get('jti')!r}, "
+            f"audience {aud!r})"
+        )
+        raise from_error_response(status, body, token_endpoint, "token request", sent)
     raise OAuthError("unreachable")  # pragma: no cover

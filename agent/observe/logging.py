@@ -4,6 +4,10 @@ Diagnostics go to stderr (JSON lines, or console rendering on a TTY); audit even
 stdout as JSON lines (later issues add a rotating file sink). Both pass through the same
 redaction step, so a field that holds a credential by name never reaches either stream:
 the place to record a credential is its fingerprint (jti, thumbprint), which is not redacted.
+Diagnostics are also scrubbed of anything shaped like a JWT or a PEM private key in any
+field: they quote other parties' words (an error, a URL), which may carry one.
+
+What each diagnostic level adds is in docs/logging.md; `debug` names every decision.
 """
 
 from __future__ import annotations
@@ -13,9 +17,12 @@ import logging
 import logging.handlers
 import math
 import os
+import re
+import secrets
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 import structlog
@@ -44,6 +51,13 @@ SECRET_FIELDS = frozenset(
 )
 REDACTED = "[redacted]"
 
+
+def new_event_id() -> str:
+    """An audit event's id, named by the answer it explains (a refusal, a denial) so that
+    whoever sees the answer can hand the operator the one line of the audit about it."""
+    return secrets.token_hex(8)
+
+
 _LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
@@ -60,6 +74,23 @@ def redact_secrets(_logger: Any, _method: str, event: dict) -> dict:
     for k in list(event):
         if k.lower() in SECRET_FIELDS:
             event[k] = REDACTED
+    return event
+
+
+# A JWT (a token, an assertion, an SVID, a DPoP proof) or a PEM private key, wherever it
+# appears in a diagnostic's text. The JWT shape is the one agent/inject/answers.py scrubs
+# from answers: a base64url JSON header ("eyJ") and two more segments.
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+_PEM_KEY = re.compile(
+    r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----.*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|\Z)", re.S
+)
+
+
+def scrub_credentials(_logger: Any, _method: str, event: dict) -> dict:
+    """Every string field with a JWT or a PEM private key in it, that part replaced."""
+    for k, v in event.items():
+        if isinstance(v, str) and ("eyJ" in v or "PRIVATE KEY" in v):
+            event[k] = _PEM_KEY.sub(REDACTED, _JWT.sub(REDACTED, v))
     return event
 
 
@@ -92,11 +123,18 @@ def _base_processors() -> list:
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         redact_secrets,
         structlog.processors.format_exc_info,
+        scrub_credentials,  # after format_exc_info: a traceback quotes values too
     ]
+
+
+# bumped by each configure(): a Logger rebuilds its structlog logger when it has moved
+_generation = 0
+_debug = False  # the level is debug: only then is a debug line more than a check
 
 
 def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
     """Configure the diagnostic stream. Safe to call again (tests, reloads)."""
+    global _generation, _debug
     stream = stream or sys.stderr
     structlog.configure(
         processors=[*_base_processors(), _renderer(fmt, stream)],
@@ -104,11 +142,48 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
         logger_factory=structlog.PrintLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
+    _generation += 1
+    _debug = _LEVELS[level] <= logging.DEBUG
 
 
-def get_logger(component: str):
+class Logger:
+    """A component's diagnostic logger. Built on first use after each configure(), then
+    kept: structlog's lazy proxy builds a logger on every call (about 6 us, even for a
+    line the level filters out), and the proxy's per-request debug lines must cost nearly
+    nothing below debug: then debug() is one test of a flag."""
+
+    __slots__ = ("_component", "_generation", "_logger")
+
+    def __init__(self, component: str):
+        self._component = component
+        self._generation = -1
+        self._logger: Any = None
+
+    def _get(self) -> Any:
+        if self._generation != _generation:
+            self._logger = structlog.get_logger(component=self._component).bind()
+            self._generation = _generation
+        return self._logger
+
+    def debug(self, event: str, *args: Any, **kw: Any) -> Any:
+        return self._get().debug(event, *args, **kw) if _debug else None
+
+    def info(self, event: str, *args: Any, **kw: Any) -> Any:
+        return self._get().info(event, *args, **kw)
+
+    def warning(self, event: str, *args: Any, **kw: Any) -> Any:
+        return self._get().warning(event, *args, **kw)
+
+    def error(self, event: str, *args: Any, **kw: Any) -> Any:
+        return self._get().error(event, *args, **kw)
+
+    def exception(self, event: str, *args: Any, **kw: Any) -> Any:
+        return self._get().exception(event, *args, **kw)
+
+
+def get_logger(component: str) -> Logger:
     # Lazy: the logger is built on first use, after configure() has run.
-    return structlog.get_logger(component=component)
+    return Logger(component)
 
 
 class _PrivateRotatingFile(logging.handlers.RotatingFileHandler):
@@ -163,6 +238,9 @@ class AuditLog:
         self._loop = None
         self._loop_thread = 0
         self._flush_scheduled = False
+        # called with every line as it is queued (agent/observe/recent.py keeps the last ones
+        # for `credless explain`); a tap must be cheap and must not raise
+        self._taps: list[Callable[[str], None]] = []
         if file:
             self._file = _PrivateRotatingFile(
                 file, maxBytes=max_bytes, backupCount=backups, encoding="utf-8"
@@ -180,7 +258,13 @@ class AuditLog:
     def emit(self, event: str, **fields: Any) -> None:
         self.emit_with(event, "", **fields)
 
+    def add_tap(self, fn: Callable[[str], None]) -> None:
+        """fn(line) for every audit line from now on, as written (redacted)."""
+        self._taps.append(fn)
+
     def _queue(self, line: str) -> None:
+        for tap in self._taps:
+            tap(line)
         with self._lock:
             self._pending.append(line)
             if (

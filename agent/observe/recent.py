@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 from collections import deque
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from agent.observe.logging import AuditLog
 
 DEFAULT_SIZE = 2048
 
@@ -45,23 +47,8 @@ class RecentEvents:
         return out[::-1]
 
 
-def attach(audit: Any, size: int = DEFAULT_SIZE) -> RecentEvents:
-    """A ring fed by every line the audit log writes from now on.
-
-    Through the audit log's `add_tap(fn)` when it has one; until then by wrapping the log's
-    line queue on this one instance (every event, whichever writer, passes through it)."""
+def attach(audit: AuditLog, size: int = DEFAULT_SIZE) -> RecentEvents:
+    """A ring fed by every line the audit log writes from now on."""
     ring = RecentEvents(size)
-    add_tap: Callable[[Callable[[str], None]], None] | None = getattr(audit, "add_tap", None)
-    if add_tap is not None:
-        add_tap(ring.feed)
-        return ring
-    queue = getattr(audit, "_queue", None)
-    if queue is None:  # neither: an empty ring, never an error in the operator's command
-        return ring
-
-    def tapped(line: str) -> None:
-        queue(line)
-        ring.feed(line)
-
-    setattr(audit, "_queue", tapped)  # noqa: B010 — an instance attribute, not the class's
+    audit.add_tap(ring.feed)
     return ring

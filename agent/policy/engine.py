@@ -100,4 +100,14 @@ class PolicyEngine:
                         f"sub-agent of {parent_spiffe_id}, which may not: {p.reason}",
                     )
         self.m_decisions.labels(server, "allow" if d.allowed else "deny").inc()
+        log.debug(
+            "policy decision",
+            spiffe_id=spiffe_id,
+            server=server,
+            method=method,
+            name=name,
+            allowed=d.allowed,
+            rule=d.rule_id,
+            reason=d.reason,
+        )
         return d

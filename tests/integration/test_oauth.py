@@ -211,7 +211,8 @@ def test_server_stopped_cached_token_served_new_identity_gets_clear_error(stack)
     assert stack.mgr.source.entries()  # B's identity exists but has never had a token
     with pytest.raises(errors.ServerUnavailable) as err:
         stack.run(stack.svc.token(stack.ident(B), "jwt"))
-    assert "token request at" in str(err.value) and stack.oidc.issuer in str(err.value)
+    assert "token request to " in str(err.value) and stack.oidc.issuer in str(err.value)
+    assert "could not connect" in str(err.value)
 
 
 def test_server_answering_garbage_is_a_malformed_response(stack, tmp_path):

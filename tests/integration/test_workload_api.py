@@ -8,6 +8,7 @@ import io
 import ipaddress
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -32,6 +33,7 @@ from tests.kernel import cgroup_child, enter_cgroup
 pytestmark = pytest.mark.kernel
 
 AUDIENCE = "https://as.example/token"
+EVENT_ID = re.compile(r"\(audit event ([0-9a-f]{16})\)")
 NOBODY, NOGROUP = 65534, 65534
 
 
@@ -211,15 +213,55 @@ def test_py_spiffe_fetches_and_validates_svids(stack):
 def test_unregistered_process_gets_permission_denied_and_an_audit_event(stack):
     out = run_workload(stack, "fetch", AUDIENCE, cgroup=False)[0]  # not in the entry's cgroup
     assert out["error"] == "FetchX509SvidError"
-    assert (
-        "PERMISSION_DENIED" in out["message"]
-        or "PermissionDenied" in out["message"]
-        or "no identity issued" in out["message"]
-    )
+    assert "no identity issued: no registration entry matches this process" in out["message"]
+    assert "PERMISSION_DENIED" in out["message"]
     audit = [json.loads(ln) for ln in stack.audit.getvalue().splitlines()]
     denied = [a for a in audit if a["event"] == "identity.denied"]
     assert denied and denied[-1]["reason"] == "no registration entry matches"
     assert not [a for a in audit if a["event"] == "svid.issued"]
+    # py-spiffe shows the status message, and it names the audit event of the denial
+    event = denial_named_by(stack, out["message"])
+    assert event["method"] == "FetchX509SVID" and event["code"] == "PERMISSION_DENIED"
+    assert event["uid"] == 0 and event["spiffe_id"] is None
+    assert event["exe"] == os.path.realpath(sys.executable) and event["pid"] > 0
+
+
+def ask_for(stack, spiffe_id: str) -> dict:
+    """py-spiffe in the entry's cgroup asking for a JWT-SVID of spiffe_id."""
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tests.workloads.spiffe_jwt_for",
+            str(stack.sock),
+            AUDIENCE,
+            spiffe_id,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=enter_cgroup(stack.cg),
+    )
+    assert r.stdout.startswith("{"), r.stderr[-3000:]
+    return json.loads(r.stdout)
+
+
+def test_a_process_asking_for_another_spiffe_id_is_refused_and_audited(stack):
+    own = "spiffe://example.org/workload/root"
+    assert ask_for(stack, own).get("spiffe_id") == own  # its own: issued
+    other = "spiffe://example.org/workload/payments"
+    out = ask_for(stack, other)
+    assert out.get("error") == "FetchJwtSvidError" and "spiffe_id" not in out, out
+    assert f"no identity issued for {other} to this process: it is {own}" in out["message"]
+    assert "PERMISSION_DENIED" in out["message"]
+    event = denial_named_by(stack, out["message"])
+    assert event["method"] == "FetchJWTSVID" and event["code"] == "PERMISSION_DENIED"
+    assert event["requested_spiffe_id"] == other and event["spiffe_id"] == own
+    assert (event["pid"], event["uid"], event["exe"]) == (out["pid"], out["uid"], out["exe"])
+    assert event["audience"] == [AUDIENCE]
+    # only the first process got a JWT-SVID, its own
+    assert [a["spiffe_id"] for a in _svids_issued(stack) if a["type"] == "jwt"] == [own]
 
 
 @contextlib.contextmanager
@@ -258,13 +300,30 @@ def test_rotation_is_pushed_on_the_stream(stack):
         assert proc.wait(30) == 0
 
 
+def denial_named_by(stack, message: str) -> dict:
+    """The one workload_api.denied event whose id ends the status message."""
+    m = EVENT_ID.search(message)
+    assert m, f"no audit event id in {message!r}"
+    named = [
+        a
+        for a in (json.loads(ln) for ln in stack.audit.getvalue().splitlines())
+        if a.get("event_id") == m.group(1)
+    ]
+    assert [a["event"] for a in named] == ["workload_api.denied"], named
+    return named[0]
+
+
 def test_calls_without_the_security_header_are_invalid(stack):
     with grpc.insecure_channel(f"unix:{stack.sock}") as ch, pytest.raises(grpc.RpcError) as err:
         client_call(ch, "FetchJWTSVID")(pb.JWTSVIDRequest(audience=["x"]), timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert err.value.details() == (
-        "security header missing from request: send metadata workload.spiffe.io: true"
+    assert err.value.details().startswith(
+        "security header missing from request: send metadata workload.spiffe.io: true (audit event "
     )
+    denied = denial_named_by(stack, err.value.details())
+    assert (denied["method"], denied["code"]) == ("FetchJWTSVID", "INVALID_ARGUMENT")
+    # this very process asked: the kernel named it, though it was not attested as anyone
+    assert (denied["pid"], denied["uid"]) == (os.getpid(), os.geteuid())
 
 
 def test_an_unattested_caller_and_a_direct_backend_connection_are_refused(stack):
@@ -276,7 +335,12 @@ def test_an_unattested_caller_and_a_direct_backend_connection_are_refused(stack)
                 pb.JWTSVIDRequest(audience=["x"]), timeout=10, metadata=md
             )
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert err.value.details() == ("no identity issued: no registration entry matches this process")
+    assert err.value.details().startswith(
+        "no identity issued: no registration entry matches this process (audit event "
+    )
+    denied = denial_named_by(stack, err.value.details())
+    assert (denied["pid"], denied["uid"], denied["spiffe_id"]) == (os.getpid(), 0, None)
+    assert denied["exe"] == os.path.realpath(sys.executable)
     # whatever the agent listens on over TCP (nothing, since the server reads the caller's
     # own socket), a direct connection there is refused too
     for host, port in agent_tcp()[0] - stack.listeners_before:
