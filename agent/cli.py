@@ -67,6 +67,7 @@ def cmd_doctor(args) -> int:
         opts.cgroup_root = cfg.attest.cgroup_root
     if cfg is not None:
         opts.kubelet = cfg.attest.kubelet
+        opts.managed_cgroups = list(cfg.inject.managed_cgroups)
     results = doctor.run_checks(opts)
     print(doctor.render(results, as_json=args.json))
     return doctor.exit_code(results)

@@ -319,6 +319,9 @@ class ServerSection:
     # assertion mode, a client_assertion the workload sent that is a JWT (its own credential):
     # refuse (HTTP 400) or replace it; a placeholder (not a JWT) is replaced, a missing one added
     workload_assertion: str = setting("refuse", one_of("refuse", "replace"))
+    # broker mode: fetch the token when a matching process execs in a managed cgroup, before its
+    # first request (docs/prewarm.md); other modes ignore it
+    prewarm: bool = setting(True)
 
 
 @dataclass(frozen=True)
@@ -340,13 +343,19 @@ class OAuthSection:
 
 
 def _cgroup_paths(v: Any) -> str | None:
-    ok = isinstance(v, list) and all(isinstance(p, str) and p.startswith("/") for p in v)
-    return (
-        None
-        if ok
-        else "a list of cgroup paths relative to the cgroup v2 root, like "
-        '["/system.slice/agent.service"]'
+    from agent.inject.cgroup_match import pattern_error  # the redirect's own rules
+
+    shape = (
+        "a list of cgroup paths or globs relative to the cgroup v2 root, like "
+        '["/system.slice/agent.service", "/system.slice/agent-*.service"]'
     )
+    if not (isinstance(v, list) and all(isinstance(p, str) for p in v)):
+        return shape
+    for p in v:
+        err = pattern_error(p)
+        if err:
+            return f"{p!r} {err}; {shape}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -361,7 +370,9 @@ class InjectSection:
     listen_port6: int = setting(15001, _port)
     # port of the TLS-intercepting listener (on listen_host and [::1]) for https servers
     tls_listen_port: int = setting(15002, _port)
-    # cgroup subtrees whose processes are redirected; empty means every cgroup but the agent's own
+    # cgroup subtrees whose processes are redirected: paths or globs (a * within one component)
+    # that may name cgroups not made yet (docs/cgroups.md); empty means every cgroup but the
+    # agent's own
     managed_cgroups: list[str] = setting([], _cgroup_paths)
     # a process without identity: deny (HTTP 403) or passthrough (forwarded as sent, nothing added
     # or removed)
@@ -412,6 +423,8 @@ class InjectSection:
     # CA bundle for https MCP servers without a servers.ca_file of their own; empty means the
     # system store
     upstream_ca_file: str = setting("", absolute_path)
+    # token pre-fetches on exec (servers.prewarm) running at once, across all identities
+    prewarm_concurrency: int = setting(4, between(1, 64))
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,7 @@ class DoctorOptions:
     tracefs: str = "/sys/kernel/tracing"
     btf: str = "/sys/kernel/btf/vmlinux"
     kubelet: KubeletSection | None = None  # from --config; None: not checked
+    managed_cgroups: list[str] | None = None  # inject.managed_cgroups from --config
 
 
 def _libc():
@@ -266,6 +267,28 @@ def check_cgroup_connect4(opts: DoctorOptions) -> CheckResult:
         prog.cleanup()
 
 
+def check_managed_cgroups(opts: DoctorOptions) -> CheckResult:
+    """Which inject.managed_cgroups patterns name no cgroup yet: not an error (they are
+    managed when they appear), but a misspelt one never will be."""
+    from agent.inject.cgroup_match import describe
+
+    root = cgroupfs.cgroup2_root(opts.cgroup_root)
+    if not opts.managed_cgroups or root is None:
+        why = "no cgroup v2 mount" if opts.managed_cgroups else "every cgroup is managed"
+        return CheckResult("managed_cgroups", True, f"not checked: {why}", required=False)
+    counts, unmatched = describe(opts.managed_cgroups, root)
+    detail = "; ".join(counts + [f"{p} matches no cgroup yet" for p in unmatched])
+    if not unmatched:
+        return CheckResult("managed_cgroups", True, detail, required=False)
+    return CheckResult.failed(
+        "managed_cgroups",
+        detail,
+        "nothing to do if those cgroups are made later (they are managed when they "
+        "appear); otherwise check the spelling against systemd-cgls or /proc/PID/cgroup",
+        required=False,
+    )
+
+
 # --------------------------------------------------------------------------- kubelet
 _SELF_SIGNED_FIX = (
     "if the kubelet's serving certificate is self-signed (kubeadm's default, "
@@ -458,6 +481,7 @@ CHECKS: list[Check] = [
     check_cgroup2,
     check_bcc_tracepoint,
     check_cgroup_connect4,
+    check_managed_cgroups,
     check_kubelet,
 ]
 

@@ -31,6 +31,13 @@
 // that namespace (agent/inject/netns.py). Until it does, the connect is refused: an
 // intercepted destination is never reached unredirected.
 //
+// Managed cgroups (inject.managed_cgroups): the task's cgroup and each ancestor (levels 0 to
+// MAX_CGROUP_DEPTH - 1 from the root, bpf_get_current_ancestor_cgroup_id) is looked up in
+// `managed_cgroups`; any MANAGED one makes the task managed, so a cgroup made under a
+// managed one is managed from its first instant. An entry still PENDING (a cgroup just
+// made at a depth a pattern names, not yet decided by the agent: bpf/cgroup_watch.c) with
+// no MANAGED ancestor refuses the connect (EPERM): fail closed, never out uncredentialed.
+//
 // The agent's own connects (to MCP and authorization servers) are exempt by its cgroup, not
 // its tgid: a tgid pinned in the config outlives the agent, and while none runs a process
 // given the same pid would go out unredirected. Nothing but root can move a process into the
@@ -41,6 +48,7 @@
 #include <linux/socket.h>
 #include "process_events.h"
 #include "redirect.h"
+#include "cgroup_watch.h"
 
 #ifndef PIN_DIR
 #define PIN_DIR "/sys/fs/bpf/credless"
@@ -59,7 +67,9 @@ BPF_TABLE_PINNED("hash", struct redirect_target, u32, redirect_targets, MAX_TARG
                  PIN_DIR "/redirect_targets");
 BPF_TABLE_PINNED("array", int, struct redirect_config, redirect_config, 1,
                  PIN_DIR "/redirect_config");
-BPF_TABLE_PINNED("hash", u64, u32, managed_cgroups, 1024, PIN_DIR "/managed_cgroups");
+// Written by the agent and by bpf/cgroup_watch.c; values CREDLESS_CG_*.
+BPF_TABLE_PINNED("hash", u64, u32, managed_cgroups, CREDLESS_MAX_MANAGED,
+                 PIN_DIR "/managed_cgroups");
 BPF_TABLE_PINNED("lru_hash", u64, struct redirect_info, redirected, MAX_CONNECTIONS,
                  PIN_DIR "/redirected");
 BPF_TABLE_PINNED("lru_hash", struct local_endpoint, u64, local_to_cookie, MAX_CONNECTIONS,
@@ -67,7 +77,10 @@ BPF_TABLE_PINNED("lru_hash", struct local_endpoint, u64, local_to_cookie, MAX_CO
 // Maintained by bpf/process_events.c; shared through its pin.
 BPF_TABLE_PINNED("lru_hash", u32, struct process_image, process_images, 65536,
                  PIN_DIR "/process_images");
-BPF_ARRAY(redirect_counts, u64, 4);  // 0: redirected v4, 1: redirected v6, 2: skipped cgroup
+// 0: redirected v4, 1: redirected v6, 2: skipped cgroup, 3: refused (cgroup still PENDING)
+BPF_ARRAY(redirect_counts, u64, 4);
+// take()'s answer for a connect to refuse (no port is this: ports are 16 bits)
+#define REFUSE 0xffffffff
 
 static __always_inline void count(int i)
 {
@@ -76,26 +89,33 @@ static __always_inline void count(int i)
         __sync_fetch_and_add(c, 1);
 }
 
+// 1: managed; 0: not; -1: not yet known (a PENDING cgroup and no MANAGED ancestor)
 static __always_inline int task_is_managed(struct redirect_config *cfg)
 {
     if (bpf_get_current_cgroup_id() == cfg->excluded_cgroup)
         return 0;
     if (cfg->all_cgroups)
         return 1;
+    int pending = 0;
 #pragma unroll
     for (int level = 0; level < MAX_CGROUP_DEPTH; level++) {
         u64 id = bpf_get_current_ancestor_cgroup_id(level);
         if (!id)
             break;
-        if (managed_cgroups.lookup(&id))
+        u32 *state = managed_cgroups.lookup(&id);
+        if (!state)
+            continue;
+        if ((*state & 0xff) != CREDLESS_CG_PENDING)
             return 1;
+        pending = 1;
     }
-    return 0;
+    return pending ? -1 : 0;
 }
 
 // Common part: should this connect go to the proxy? Records it if so, and returns 0 (no),
-// 1 (yes, to the plain listener) or the target's own listener port (network order).
-static __always_inline int take(struct bpf_sock_addr *ctx, struct redirect_target *key,
+// 1 (yes, to the plain listener), the target's own listener port (network order), or
+// REFUSE (the task's cgroup is not decided yet).
+static __always_inline u32 take(struct bpf_sock_addr *ctx, struct redirect_target *key,
                                 u32 family, struct redirect_config **out)
 {
     int zero = 0;
@@ -107,12 +127,17 @@ static __always_inline int take(struct bpf_sock_addr *ctx, struct redirect_targe
     u32 *listen_port = redirect_targets.lookup(key);
     if (!listen_port)
         return 0;
-    if (!task_is_managed(cfg)) {
+    int managed = task_is_managed(cfg);
+    if (!managed) {
         count(2);
         return 0;
     }
     if (!cfg->agent_up && cfg->fail_open)
         return 0;
+    if (managed < 0) {
+        count(3);
+        return REFUSE;
+    }
 
     struct redirect_info info = {};
     __builtin_memcpy(info.orig_addr, key->addr, sizeof(info.orig_addr));
@@ -167,6 +192,8 @@ int credless_connect4(struct bpf_sock_addr *ctx)
     key.addr[0] = reached4(ctx->user_ip4, sk ? sk->src_ip4 : 0);
     struct redirect_config *cfg = 0;
     u32 port = take(ctx, &key, AF_INET, &cfg);
+    if (port == REFUSE)
+        return 0;
     if (!port || !cfg)
         return 1;
     ctx->user_ip4 = cfg->listen_ip4;
@@ -203,6 +230,8 @@ int credless_connect6(struct bpf_sock_addr *ctx)
         key.family = AF_INET;
         key.addr[0] = reached4(a[3], is_mapped(src) ? src[3] : 0);
         u32 port4 = take(ctx, &key, AF_INET, &cfg);
+        if (port4 == REFUSE)
+            return 0;
         if (!port4 || !cfg)
             return 1;
         ctx->user_ip6[0] = 0;
@@ -219,6 +248,8 @@ int credless_connect6(struct bpf_sock_addr *ctx)
     key.addr[2] = a[2];
     key.addr[3] = a[3];
     u32 port6 = take(ctx, &key, AF_INET6, &cfg);
+    if (port6 == REFUSE)
+        return 0;
     if (!port6 || !cfg)
         return 1;
     ctx->user_ip6[0] = 0;

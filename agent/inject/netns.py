@@ -37,6 +37,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from agent.attest.cgroupfs import process_cgroup
 from agent.attest.table import ProcessEvent
+from agent.inject.cgroup_match import CgroupMatcher
 from agent.inject.listeners import Listening, ListenSpec, bind_listeners
 from agent.observe.logging import get_logger
 
@@ -110,7 +111,9 @@ class NetnsListeners:
     ):
         self.specs = specs
         self._serve = serve  # async (sockets) -> list of asyncio Servers
-        self.managed = [p.rstrip("/") or "/" for p in managed_cgroups]
+        # the redirect's own decision (agent/inject/cgroup_match.py): paths and globs, a
+        # cgroup below a matching one managed too
+        self.matcher = CgroupMatcher(managed_cgroups, own_cgroup)
         self.own_cgroup = own_cgroup
         self.scan_seconds = scan_seconds
         self.own_inode = netns_inode("self")
@@ -132,11 +135,7 @@ class NetnsListeners:
 
     # ------------------------------------------------------------ decisions
     def is_managed(self, cgroup: str | None) -> bool:
-        if cgroup is None:
-            return False
-        if not self.managed:
-            return cgroup != self.own_cgroup
-        return any(cgroup == p or cgroup.startswith(p + "/") or p == "/" for p in self.managed)
+        return self.matcher.is_managed(cgroup)
 
     def scan(self) -> dict[int, int]:
         """{netns inode: a managed pid in it} for namespaces other than the agent's."""

@@ -3,7 +3,9 @@ accepted connection going, and who opened it?".
 
 The programs attach at the cgroup v2 root, so they see every connect; they only act on
 destinations in the target map, made by processes in the managed cgroups (or, with no
-managed cgroups configured, in any cgroup but the agent's own).
+managed cgroups configured, in any cgroup but the agent's own). inject.managed_cgroups are
+paths and globs that may name cgroups not made yet: agent/inject/cgroup_watch.py keeps the
+map of their ids following the cgroup tree (docs/cgroups.md).
 
 The links and maps are pinned under agent.bpf_pin_dir, so the redirect outlives the agent:
 while it restarts (or after it crashed) an intercepted connect is still redirected, to a
@@ -25,11 +27,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from prometheus_client import CollectorRegistry
+
 from agent import bpfsys
 from agent.attest.cgroupfs import process_cgroup
 from agent.bpfload import compile_program
 from agent.config import InjectSection
-from agent.observe.logging import get_logger
+from agent.inject import cgroup_watch
+from agent.inject.cgroup_match import CgroupMatcher
+from agent.observe.logging import AuditLog, get_logger
 
 if TYPE_CHECKING:
     from bcc import BPF
@@ -43,13 +49,15 @@ _LINKS = {
     b"credless_connect6": "link_connect6",
     b"credless_sockops": "link_sockops",
 }
+# managed_cgroups' size (bpf/cgroup_watch.h): a map pinned with another is made anew
+_MAX_MANAGED = 16384
 
 
 def detach(pin_dir: str | os.PathLike) -> list[str]:
     """Remove the pinned redirect (links first: that detaches the programs) and its maps;
     returns what was removed. A running agent keeps its own attachment until it stops."""
     removed = []
-    for name in [*_LINKS.values(), *_MAPS]:
+    for name in [*cgroup_watch.LINKS.values(), *_LINKS.values(), *_MAPS]:
         path = Path(pin_dir) / name
         if path.exists():
             path.unlink()
@@ -110,6 +118,14 @@ def spellings(targets: Iterable[Target]) -> dict[tuple[str, int], str]:
     return out
 
 
+def _max_entries(map_fd: int) -> int:
+    """A map's max_entries, as the kernel reports it in the fd's fdinfo."""
+    for line in Path(f"/proc/self/fdinfo/{map_fd}").read_text().splitlines():
+        if line.startswith("max_entries:"):
+            return int(line.split()[1])
+    return -1
+
+
 def _net_port(port: int) -> int:
     return socket.htons(port)
 
@@ -117,12 +133,26 @@ def _net_port(port: int) -> int:
 class Redirector:
     name = "redirect"
 
-    def __init__(self, pin_dir: str, cgroup_root: str, cfg: InjectSection):
+    def __init__(
+        self,
+        pin_dir: str,
+        cgroup_root: str,
+        cfg: InjectSection,
+        audit: AuditLog | None = None,
+        registry: CollectorRegistry | None = None,
+    ):
         self.pin_dir = Path(pin_dir)
         self.cgroup_root = cgroup_root
         # where intercepted connects go (listen_*), whose (managed_cgroups), and what
         # happens while no agent runs (fail_open, keep_redirect_on_stop)
         self.cfg = cfg
+        self.matcher = CgroupMatcher(cfg.managed_cgroups)
+        # keeps managed_cgroups following the patterns (none: every cgroup is managed)
+        self.watch = (
+            cgroup_watch.CgroupWatch(self.pin_dir, cgroup_root, self.matcher, audit, registry)
+            if cfg.managed_cgroups
+            else None
+        )
         self.took_over = False  # found a pinned redirect of an earlier agent and kept it
         self._stale_targets: list[bytes] = []
         self._bpf: BPF | None = None
@@ -223,6 +253,9 @@ class Redirector:
             have = bpfsys.map_sizes(table.map_fd)
             if have != want:
                 return f"{name}: pinned with key/value sizes {have}, this agent's are {want}"
+        entries = _max_entries(self._program[b"managed_cgroups"].map_fd)
+        if entries != _MAX_MANAGED:
+            return f"managed_cgroups: pinned with {entries} entries, this agent's {_MAX_MANAGED}"
         return None
 
     def _configure(self) -> None:
@@ -239,16 +272,14 @@ class Redirector:
         leaf.listen_port6 = _net_port(self.cfg.listen_port6)
         leaf.excluded_cgroup = self._own_cgroup_id()
         cfg_table[ct.c_int(0)] = leaf
+        if self.watch is not None:  # the patterns' cgroups, now and as they come and go
+            self.watch.start()
+            return
+        for pin_name in cgroup_watch.LINKS.values():  # an earlier agent's watcher: not needed
+            (self.pin_dir / pin_name).unlink(missing_ok=True)
         managed = self._program[b"managed_cgroups"]
-        ids = {
-            os.stat(os.path.join(self.cgroup_root, rel.lstrip("/"))).st_ino
-            for rel in self.cfg.managed_cgroups
-        }
-        for cg_id in ids:
-            managed[ct.c_uint64(cg_id)] = ct.c_uint32(1)
         for key in list(managed.keys()):  # an earlier agent's configuration
-            if key.value not in ids:
-                del managed[key]
+            del managed[key]
 
     def _own_cgroup_id(self) -> int:
         path = process_cgroup(os.getpid()) or "/"
@@ -271,6 +302,8 @@ class Redirector:
         for fd in self._links:
             os.close(fd)  # the last reference to an unpinned link: detaches the program
         self._links.clear()
+        if self.watch is not None:
+            self.watch.stop(detach)
         if self._root_fd >= 0:
             os.close(self._root_fd)
             self._root_fd = -1
@@ -373,11 +406,20 @@ class Redirector:
             with contextlib.suppress(KeyError):
                 del table[k]
 
+    def cgroups_status(self) -> dict[str, Any]:
+        """inject.managed_cgroups for `credless status`: the patterns, the cgroups they
+        match now, and those matching nothing yet (managed when they appear)."""
+        if self.watch is None:
+            return {"patterns": [], "managed": "every cgroup but the agent's own"}
+        return {
+            "patterns": self.matcher.patterns,
+            "managed": self.watch.managed_paths(),
+            "matching_nothing_yet": self.matcher.unmatched(self.cgroup_root),
+        }
+
     def counts(self) -> dict[str, int]:
         if self._bpf is None:
             return {}
         table = self._program[b"redirect_counts"]
-        return {
-            name: table[ct.c_int(i)].value
-            for i, name in enumerate(("redirected_v4", "redirected_v6", "unmanaged"))
-        }
+        names = ("redirected_v4", "redirected_v6", "unmanaged", "refused_pending_cgroup")
+        return {name: table[ct.c_int(i)].value for i, name in enumerate(names)}
