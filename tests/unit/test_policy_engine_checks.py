@@ -133,6 +133,9 @@ class Log:
     def __init__(self) -> None:
         self.lines: list[tuple[str, str, dict]] = []
 
+    def debug(self, event: str, **fields: object) -> None:
+        self.lines.append(("debug", event, fields))
+
     def info(self, event: str, **fields: object) -> None:
         self.lines.append(("info", event, fields))
 
