@@ -38,6 +38,10 @@ log = get_logger("attest")
 _BOOTTIME = time.CLOCK_BOOTTIME
 
 
+# /proc's start time is in clock ticks, the kernel's in ns: the same process within a tick
+START_TOLERANCE_NS = 20_000_000
+
+
 class _LostEventsCollector:
     def __init__(self, attestor: Attestor):
         self._attestor = attestor
@@ -161,7 +165,13 @@ class Attestor:
             self._cv.notify_all()
 
     def _seed_from_proc(self) -> int:
-        n = 0
+        """Seed the table (and the kernel's image map) with the processes already running.
+        All are added before any is attested: an attestation records its lineage when it is
+        made, and /proc is read in pid order, which is not birth order once pids wrap (a
+        child at pid 532 under a parent at 32762). Attested as it was read, such a child had
+        no parent, so no sub-agent policy (policy.subagents) applied to it."""
+        now = time.clock_gettime_ns(_BOOTTIME)
+        seeded: list[tuple[ProcessImage, procfs.ProcInfo]] = []
         for pid in procfs.list_pids():
             try:
                 info = procfs.read_process(pid, None, self.hasher)
@@ -169,12 +179,21 @@ class Attestor:
                 continue
             if info.status.tgid != pid:
                 continue
-            start_ns = procfs.start_ns_from_ticks(info.start_ticks)
+            start_ns = exec_ns = procfs.start_ns_from_ticks(info.start_ticks)
             if not self.source.seed_image(pid, start_ns, start_ns):
-                continue  # an exec or fork since attach already describes it
+                # an exec or fork since attach already describes it; or, with a map handed
+                # over by the agent this one takes over from, the kernel's times of it
+                known = self.source.kernel_image(pid)
+                if (
+                    not getattr(self.source, "reuse_pinned_images", False)
+                    or known is None
+                    or abs(known[0] - start_ns) > START_TOLERANCE_NS  # not this process
+                ):
+                    continue
+                start_ns, exec_ns = known
             img = ProcessImage(
                 tgid=pid,
-                exec_ns=start_ns,
+                exec_ns=exec_ns,
                 start_ns=start_ns,
                 ppid=info.status.ppid,
                 uid=info.status.uids[0],
@@ -185,10 +204,11 @@ class Attestor:
                 source="proc",
             )
             if self.table.seed(img):
-                self._finish(img, info, time.clock_gettime_ns(_BOOTTIME))
-                n += 1
-        self.table.link_parents()
-        return n
+                seeded.append((img, info))
+        self.table.link_parents()  # every parent is in the table now, whatever its pid
+        for img, info in seeded:
+            self._finish(img, info, now)
+        return len(seeded)
 
     # ------------------------------------------------------------ enrichment
     def _enrich_loop(self) -> None:
@@ -270,6 +290,7 @@ class Attestor:
             container_id=facts.container_id if facts else None,
             pod=pod,
         )
+        log.debug("process attested", pid=img.tgid, exe=info.exe, selectors=sorted(selectors))
         if event_ts:
             self.m_enrich.observe(max(0, time.clock_gettime_ns(_BOOTTIME) - event_ts) / 1e9)
         for fn in self._listeners:

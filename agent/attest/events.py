@@ -54,6 +54,10 @@ class ProcessEventSource:
     ):
         self._on_event = on_event
         self._pin_dir = pin_dir
+        # set by an agent taking over from a running one (agent/handover.py): its pinned
+        # process_images map is kept and shared, so that both agents' programs and proxies
+        # read the same (start, exec) times of every process, whichever made a record
+        self.reuse_pinned_images = False
         self._ring_pages = ring_pages
         self._bpf: Any = None  # BCC's BPF once started
         self._thread: threading.Thread | None = None
@@ -70,7 +74,8 @@ class ProcessEventSource:
             # shared with bpf/redirect.c; a stale pin from a crashed agent is replaced, since
             # the table is re-seeded from /proc anyway
             Path(self._pin_dir).mkdir(parents=True, exist_ok=True)
-            Path(self._pin_dir, "process_images").unlink(missing_ok=True)
+            if not self.reuse_pinned_images:
+                Path(self._pin_dir, "process_images").unlink(missing_ok=True)
             flags.append(f'-DPIN_DIR="{self._pin_dir}"')
         self._bpf = bpf = compile_program("process_events", flags)  # attaches the tracepoints
         ring = bpf[b"process_events"]

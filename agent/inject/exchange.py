@@ -22,6 +22,7 @@ A DPoP-Nonce on any answer to a DPoP request is remembered for that server's nex
 
 from __future__ import annotations
 
+import json
 import ssl
 import time
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from agent.config import InjectSection
 from agent.inject import answers
+from agent.inject.answered import EventStream
 from agent.inject.bodies import EventSource, drain_body
 from agent.inject.flows import ClientSide, UpstreamSide
 from agent.inject.http1 import BODY, END, LAST_CHUNK, Head, chunk
@@ -70,6 +72,35 @@ def reply_now(
     client.write(
         answers.response(asked, status, reason, error, outcome=outcome, event_id=event_id, **extra)
     )
+
+
+def answered(conn: UpstreamSide, audit_base: AuditBase) -> bool:
+    """Whether the event-stream answer to a POST the workload closed its connection under
+    had given it its answer (agent/inject/answered.py): relayed up to the end of an event,
+    with a response for each of its requests (their ids, when its body was read; else at
+    least one). A GET stream (the session's notifications) answers no request: a workload
+    leaving it ends it before the server did, which stays request.aborted."""
+    events = getattr(conn, "events", None)  # UpstreamSide.events (flows.py), if it keeps them
+    if not isinstance(events, EventStream) or not conn.status or not events.between_events:
+        return False
+    if audit_base.fields.get("method") != "POST":
+        return False
+    asked = audit_base.asked
+    if isinstance(asked, answers.Asked) and asked.calls:
+        wanted = {json.dumps(c.id) for c in asked.calls if c.is_request and c.id is not None}
+        return bool(wanted) and wanted <= events.responses
+    return bool(events.responses)
+
+
+def send(conn: UpstreamSide, data: bytes) -> None:
+    """Send data on conn unless the server has closed or reset it. The server may end the
+    connection at any point of a request: before its body has been read, while it is
+    written, or after (asyncio may already have run connection_lost, whose transport then
+    refuses writes with RuntimeError, which once escaped and left the workload without an
+    answer). The exchange goes on regardless: the rest of the request is still read from
+    the workload, and finished() answers it (502, audited) from what the server did."""
+    if not conn.closed:
+        conn.send(data)
 
 
 async def reply(client: ClientSide, *args: Any, **extra: Any) -> None:
@@ -144,7 +175,7 @@ class Exchanges:
                         if len(kept) > limit:
                             kept = None
                     if len(out) >= READ_SIZE:
-                        conn.send(bytes(out))
+                        send(conn, bytes(out))
                         out.clear()
                         await conn.drain()
                 elif ev[0] == END:
@@ -156,7 +187,7 @@ class Exchanges:
         except BaseException:
             conn.abort()
             raise
-        conn.send(bytes(out))
+        send(conn, bytes(out))
         conn.sent()
         await conn.finished()
         retried = False
@@ -212,7 +243,7 @@ class Exchanges:
                 await self._unreachable(e, client, up, audit_base)
                 return None
         self._begin(conn, client, head, token)
-        conn.send(head.request_bytes() + body)
+        send(conn, head.request_bytes() + body)
         conn.sent()
         await conn.finished()
         return conn
@@ -327,6 +358,13 @@ class Exchanges:
         stays open. Synchronous: it also runs from the upstream's callback (lane.py)."""
         client, up = served.client, served.up
         status = conn.status
+        if conn.client_gone and answered(conn, audit_base):
+            # the workload left an event stream that had given it its answer: done
+            self.rec.count(up, "injected" if token else "forwarded")
+            self.rec.request_done(
+                audit_base, status, token, round((time.perf_counter() - started) * 1000, 2)
+            )
+            return False
         if conn.client_gone:  # no one to answer: the exchange was aborted for it
             self.rec.count(up, "workload_closed")
             self.rec.audit_event(
@@ -354,6 +392,12 @@ class Exchanges:
             )
             return keep_alive
         if not status:
+            # closed or reset, at whatever point of the request: the request was read whole
+            # all the same (the fast lane's in one read, the full path's to its end), so the
+            # workload's connection is where its next request begins and stays open, as it
+            # does for an unreachable server. Closing it after this answer (without saying
+            # so) once lost the workload its next request: an SDK that sends one at once on
+            # the same connection had it reset (httpx ReadError) instead of answered.
             conn.abort()
             self.rec.count(up, "upstream_closed")
             event_id = self.rec.audit_answered(
@@ -370,7 +414,7 @@ class Exchanges:
                 "upstream_closed",
                 event_id,
             )
-            return False
+            return keep_alive
         self.rec.m_upstream.labels(up.name).observe(conn.head_at - conn.sent_at)
         if conn.dpop_nonce and token is not None:
             self._note_nonce(token, up, conn.dpop_nonce)

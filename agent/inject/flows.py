@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 from agent.inject import http1
+from agent.inject.answered import EventStream, is_event_stream
 from agent.inject.http1 import BODY, END, HEAD, LAST_CHUNK, Event, Head, ProtocolError, chunk
 
 if TYPE_CHECKING:  # upstreams.py imports this module
@@ -145,6 +146,9 @@ class ClientSide(asyncio.Protocol):
         if self._writable is not None and not self._writable.done():
             self._writable.set_result(None)
         if self.upstream is not None:
+            # reset or closed under its answer: the workload has gone (eof_received says so
+            # for a FIN; a reset comes here only)
+            self.upstream.client_gone = True
             self.upstream.abort()
 
     def pause_writing(self) -> None:
@@ -266,6 +270,9 @@ class UpstreamSide(asyncio.Protocol):
         self._watch_nonce = False  # ... a DPoP-bound one: DPoP-Nonce fields are read
         self.held: bytearray | None = None  # the 401 answer held back, as it would be relayed
         self.dpop_nonce: bytes | None = None  # the final response's DPoP-Nonce, if watched
+        # an event-stream answer's record, as relayed: did the workload have its answer when
+        # it left (agent/inject/answered.py, exchange.finished)
+        self.events: EventStream | None = None
 
     # --- asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -337,6 +344,7 @@ class UpstreamSide(asyncio.Protocol):
         self._close_client, self._bodiless = close_client, bodiless
         self._hold_401, self._watch_nonce = hold_401, watch_nonce
         self.held = self.dpop_nonce = None
+        self.events = None
         if client.write_paused and not client.closed:
             self.transport.pause_reading()
 
@@ -391,12 +399,16 @@ class UpstreamSide(asyncio.Protocol):
                 )
                 if self.close_delimited or self._close_client:
                     item.add(b"Connection", b"close")
+                if is_event_stream(item.get(b"content-type")):
+                    self.events = EventStream()
                 out += item.response_bytes()
                 if self._bodiless:  # the parser would wait for Content-Length bytes
                     self.complete, self.keep_alive = True, False
                     break
             elif ev[0] == BODY:
                 out += chunk(ev[1]) if self._final_head().chunked else ev[1]
+                if self.events is not None:
+                    self.events.feed(ev[1])
             elif ev[0] == END:
                 if self._skip_end:
                     self._skip_end = False

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import select
 import socket
 import ssl
 import time
@@ -38,7 +39,7 @@ class Upstream:
     host: str  # host in the URL (SNI, Host)
     port: int
     origin: str  # scheme://host:port, for DPoP htu
-    mode: str  # broker | assertion | passthrough
+    mode: str  # broker | assertion | passthrough | phantom
     # the URL's path (the MCP endpoint; in assertion mode the token endpoint) and the Host
     # values a workload may send to name this server (the first is the one errors name),
     # lower case
@@ -94,6 +95,7 @@ async def connect(
             "certificate"
         ) from None
     connected(up, "tls" if tls else "plain")
+    log.debug("upstream connected", server=up.name, origin=up.origin, tls=tls)
     return conn
 
 
@@ -107,6 +109,23 @@ def authorities(scheme: str, netloc: str, port: int | None) -> tuple[bytes, ...]
     if port == default:
         return (hostport.encode(), hostport.rsplit(":", 1)[0].encode())
     return (hostport.encode(),)
+
+
+def quiet(conn: UpstreamSide) -> bool:
+    """Whether an idle connection may carry a request: open, and nothing to read on it. A
+    server says nothing on an idle HTTP/1.1 connection until it closes it: anything readable
+    (its FIN, a reset, stray bytes) means it is done with it, whether or not the event loop
+    has yet run the callback that would say so (the FIN and the workload's next request can
+    arrive in one turn of the loop, the request first). One poll(2), as httpcore does."""
+    if conn.closed or conn.transport.is_closing():
+        return False
+    extra = getattr(conn.transport, "get_extra_info", None)
+    sock = extra("socket") if extra is not None else None
+    if sock is None:  # not a socket (tests' fakes): its callbacks are all there is to go by
+        return True
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN | select.POLLPRI)
+    return not poller.poll(0)
 
 
 class Pool:
@@ -139,8 +158,10 @@ class Pool:
                 conn.transport.close()
                 self._close_all(q)
                 break
-            if not conn.closed and not conn.transport.is_closing():
+            if quiet(conn):
+                log.debug("upstream connection reused", key=repr(key), idle_s=round(now - since, 3))
                 return conn
+            conn.transport.close()
         return None
 
     def now(self) -> float:
@@ -150,11 +171,7 @@ class Pool:
     def usable(self, conn: UpstreamSide, since: float) -> bool:
         """Whether conn, idle since then, may carry another request (open, and idle no
         longer than max_idle)."""
-        return (
-            not conn.closed
-            and not conn.transport.is_closing()
-            and self._clock() - since <= self.max_idle
-        )
+        return self._clock() - since <= self.max_idle and quiet(conn)
 
     def put(self, key: Hashable, conn: UpstreamSide, since: float | None = None) -> None:
         """Keep conn for reuse; since: when it became idle (now() if not given)."""

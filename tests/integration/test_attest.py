@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import sys
 import time
 
 import pytest
@@ -151,6 +152,47 @@ def test_processes_that_predate_the_agent_are_seeded(procs):
         assert att.lineage and att.lineage[0][0] == os.getpid()
     finally:
         a.stop()
+
+
+# A parent that makes its child take a pid below its own, as happens once the pid counter
+# wraps: it sets the namespace's last pid low (root may: ns_last_pid), then forks sleep and
+# prints both pids.
+LOW_CHILD = """
+import os, subprocess, sys
+with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+    f.write(sys.argv[1])
+child = subprocess.Popen(["sleep", "30"])
+print(os.getpid(), child.pid, flush=True)
+sys.stdin.read()
+child.kill()
+child.wait()
+"""
+
+
+def test_a_predating_child_with_a_lower_pid_than_its_parent_has_its_lineage(procs):
+    """Seeding reads /proc in pid order; after a wrap a child comes before its parent, and its
+    attestation must still name the parent (a sub-agent's policy depends on it)."""
+    parent = subprocess.Popen(
+        [sys.executable, "-c", LOW_CHILD, "300"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    procs.append(parent)
+    ppid, child = (int(x) for x in parent.stdout.readline().split())
+    # another fork on the host may take 301 first; below the parent is what matters
+    assert child < ppid, (child, ppid)
+    wait_for(lambda: os.readlink(f"/proc/{child}/exe").endswith("/sleep"), 10, what="exec")
+    a = Attestor(AttestSection(), registry=CollectorRegistry())
+    a.start()
+    try:
+        att = a.attest(child, timeout=5)
+        assert att is not None and att.exe.endswith("/sleep")
+        assert [t for t, _e, _x in att.lineage][:2] == [ppid, os.getpid()], att.lineage
+    finally:
+        a.stop()
+        parent.stdin.close()
+        parent.wait(10)
 
 
 def test_metrics_count_events_and_no_loss(attestor, procs):
