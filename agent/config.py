@@ -306,9 +306,10 @@ class ServerSection:
     # auto (when the server advertises it), always or never
     dpop: str = setting("auto", one_of("auto", "always", "never"))
     # broker (inject the access token), assertion (url is the authorization server's token endpoint:
-    # the workload's own token requests get a JWT-SVID client assertion) or passthrough (observe and
-    # audit only)
-    mode: str = setting("broker", one_of("broker", "assertion", "passthrough"))
+    # the workload's own token requests get a JWT-SVID client assertion), passthrough (observe and
+    # audit only) or phantom (as broker, and the workload may hold a placeholder credless swaps
+    # for the token: docs/phantom.md)
+    mode: str = setting("broker", one_of("broker", "assertion", "passthrough", "phantom"))
     # CA bundle that verifies this server's certificate, for every connection credless makes to it
     # (the token probe, its metadata, the requests it relays); empty means inject.upstream_ca_file,
     # then the system store
@@ -319,6 +320,10 @@ class ServerSection:
     # assertion mode, a client_assertion the workload sent that is a JWT (its own credential):
     # refuse (HTTP 400) or replace it; a placeholder (not a JWT) is replaced, a missing one added
     workload_assertion: str = setting("refuse", one_of("refuse", "replace"))
+    # phantom mode, a placeholder from a process it was not issued to, or sent to another server:
+    # refuse it and revoke the real token of the identity it was issued to (RFC 7009; the next
+    # request obtains a new one), or only refuse it
+    phantom_misuse: str = setting("revoke", one_of("revoke", "refuse"))
     # broker mode: fetch the token when a matching process execs in a managed cgroup, before its
     # first request (docs/prewarm.md); other modes ignore it
     prewarm: bool = setting(True)

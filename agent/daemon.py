@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from agent import server_names
 from agent.config import Config
 from agent.explain import explain
 from agent.oauth.errors import OAuthError
@@ -92,8 +93,12 @@ class Daemon:
                 f"{req.get('spiffe_id')!r} is not an identity this agent can "
                 "issue: no registration entry produces it"
             )
+        try:  # by name or URL, as every command takes a server (agent/server_names.py)
+            server = server_names.resolve(self.cfg.servers, str(req.get("server", "")))
+        except server_names.UnknownServer as e:
+            raise RuntimeError(str(e)) from None
         try:
-            return oauth.run_sync(oauth.probe(str(req.get("server", "")), ident))
+            return oauth.run_sync(oauth.probe(server.url, ident))
         except OAuthError as e:
             return {"error": e.to_dict()}
 
@@ -151,6 +156,7 @@ class Daemon:
             if redirector
             else [],
             "redirect_counts": redirector.counts() if redirector else {},
+            "managed_cgroups": redirector.cgroups_status() if redirector else {},
             "bpf_events_lost": attestor.lost_events(),
         }
 

@@ -32,16 +32,20 @@ from agent.identity.workload_api import WorkloadApiServer
 from agent.inject.components import ProxyComponent, RedirectComponent
 from agent.inject.listeners import ProxyListeners
 from agent.inject.netns import NetnsListeners
+from agent.inject.phantom import Binding, PhantomVerifier
 from agent.inject.proxy import Proxy
 from agent.inject.redirect import Redirector
 from agent.inject.tls import InjectionCA
 from agent.inject.upstreams import UpstreamResolver
+from agent.oauth.prewarm import Prewarmer
 from agent.oauth.service import OAuthService
 from agent.oauth.trust import verifying_context
 from agent.observe.admin import AdminServer
 from agent.observe.http import HttpEndpoint
 from agent.observe.logging import AuditLog, get_logger
 from agent.observe.metrics import Metrics, MetricsServer
+from agent.observe.recent import RecentEvents
+from agent.observe.recent import attach as keep_recent_events
 from agent.policy.engine import PolicyEngine
 
 log = get_logger("daemon")
@@ -141,6 +145,7 @@ class Agent:
     components: list[Component] = field(default_factory=list)
     reload_hooks: list[Callable[[], object]] = field(default_factory=list)  # SIGHUP
     redirector: Redirector | None = None  # None: injection is off
+    recent: RecentEvents | None = None  # the last audit lines, for `credless explain`
 
 
 def build(cfg: Config, audit: AuditLog | None = None) -> Agent:
@@ -166,6 +171,7 @@ def build(cfg: Config, audit: AuditLog | None = None) -> Agent:
         jwks_uri=default_jwks_uri(cfg.bundle_endpoint),
     )
     agent = Agent(cfg, metrics, audit, attestor, identity, oauth, AdminServer(admin_socket(cfg)))
+    agent.recent = keep_recent_events(audit)
     metrics.add_ready_check("attest", attestor.ready)
     metrics.add_ready_check("identity", identity.ready)
     agent.components += [Synchronous(attestor), Synchronous(identity)]
@@ -188,6 +194,7 @@ def build(cfg: Config, audit: AuditLog | None = None) -> Agent:
     agent.components.append(oauth)
     attestor.add_event_listener(identity.process_event)
     identity.on_identity_ended.append(lambda spiffe_id: forget_tokens(oauth, spiffe_id))
+    identity.on_identity_started.append(lambda spiffe_id: resume_tokens(oauth, spiffe_id))
     if cfg.inject.enabled and cfg.servers:
         add_injection(agent)
     agent.components.append(Synchronous(agent.admin))
@@ -248,9 +255,64 @@ def identity_manager(cfg: Config, audit: AuditLog, registry: CollectorRegistry) 
 
 def forget_tokens(oauth: OAuthService, spiffe_id: str) -> None:
     """An identity's last process has ended (called on the attestor's thread): its tokens,
-    DPoP keys and registered clients go, on the OAuth service's loop."""
+    DPoP keys and registered clients go once oauth.token_grace_seconds have passed with no
+    new process of it (docs/tokens.md), on the OAuth service's loop."""
     if oauth.loop is not None:
         asyncio.run_coroutine_threadsafe(oauth.forget(spiffe_id), oauth.loop)
+
+
+def resume_tokens(oauth: OAuthService, spiffe_id: str) -> None:
+    """An identity with no live process has one again (the attestor's thread): a pending
+    drop of its tokens is cancelled. A task, like forget_tokens', so it never overtakes a
+    forget submitted before it."""
+    if oauth.loop is not None:
+        asyncio.run_coroutine_threadsafe(oauth.resumed(spiffe_id), oauth.loop)
+
+
+def add_prewarm(agent: Agent, policy: PolicyEngine, redirector: Redirector) -> None:
+    """Tokens fetched on exec for the broker-mode servers with prewarm on (docs/prewarm.md),
+    for processes in managed cgroups, and the servers the policy lets them initialize."""
+    cfg = agent.cfg
+    servers = [s.name for s in cfg.servers if s.prewarm and s.mode in ("broker", "phantom")]
+    if not servers:
+        return
+
+    def allowed(spiffe_id: str, server: str) -> bool:
+        rules = policy.policy if cfg.policy.file else None
+        return rules is None or rules.decide(spiffe_id, server, "initialize", None).allowed
+
+    warm = Prewarmer(
+        agent.identity,
+        agent.oauth,
+        servers,
+        concurrency=cfg.inject.prewarm_concurrency,
+        allowed=allowed,
+        managed=lambda att: redirector.matcher.is_managed(att.cgroup_path),
+        registry=agent.metrics.registry,
+    )
+    agent.attestor.add_listener(warm.attested)
+
+
+def phantom_verifier(agent: Agent) -> PhantomVerifier | None:
+    """The placeholder check when a server is in phantom mode (docs/phantom.md); a misused
+    placeholder's holder loses its real token where its server says revoke."""
+    cfg = agent.cfg
+    if not any(s.mode == "phantom" for s in cfg.servers):
+        return None
+    revoking = {s.name for s in cfg.servers if s.mode == "phantom" and s.phantom_misuse == "revoke"}
+    verifier = PhantomVerifier(agent.identity, registry=agent.metrics.registry)
+    oauth, identity = agent.oauth, agent.identity
+
+    def revoke(found: Binding, server: str) -> None:
+        if found.server in revoking and oauth.loop is not None:
+            holder = identity.identity_for_id(found.spiffe_id)
+            reason = f"its placeholder was presented to {server!r} by another process"
+            asyncio.run_coroutine_threadsafe(
+                oauth.revoke(found.spiffe_id, holder, found.server, reason), oauth.loop
+            )
+
+    verifier.on_misuse.append(revoke)
+    return verifier
 
 
 def add_injection(agent: Agent) -> None:
@@ -266,7 +328,7 @@ def add_injection(agent: Agent) -> None:
     root = cgroup2_root(cfg.attest.cgroup_root)
     if root is None:
         raise StartupError("no cgroup v2 mount: the redirect needs one (credless doctor)")
-    redirector = Redirector(cfg.agent.bpf_pin_dir, root, inj)
+    redirector = Redirector(cfg.agent.bpf_pin_dir, root, inj, audit=agent.audit, registry=registry)
     inject_ca = (
         InjectionCA(cfg.agent.state_dir, Path(cfg.agent.run_dir) / "inject-ca.crt")
         if any(u.workload_tls for u in upstreams.values())
@@ -275,6 +337,7 @@ def add_injection(agent: Agent) -> None:
     policy = PolicyEngine(cfg.policy, {s.name for s in cfg.servers}, registry=registry)
     agent.components.append(Synchronous(policy))
     agent.reload_hooks.append(policy.reload)
+    add_prewarm(agent, policy, redirector)
     proxy = Proxy(
         inj,
         upstreams,
@@ -289,6 +352,7 @@ def add_injection(agent: Agent) -> None:
         ssl_context=verifying_context(inj.upstream_ca_file),
         policy=policy if cfg.policy.file else None,
         max_body=cfg.policy.max_body_bytes,
+        phantom=phantom_verifier(agent),
     )
     listeners = ProxyListeners(inj, proxy, inject_ca)
     pods = None

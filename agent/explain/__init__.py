@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,6 @@ from agent.attest.cgroupfs import process_cgroup
 from agent.explain.intercept import interception
 from agent.explain.render import Step
 from agent.identity.entries import consider
-from agent.observe import recent
 
 if TYPE_CHECKING:
     from agent.attest.selectors import Attestation
@@ -39,7 +37,6 @@ if TYPE_CHECKING:
     from agent.wiring import Agent
 
 RECENT_EVENTS = 10  # audit events shown per identity
-_attaching = threading.Lock()
 
 
 def explain(agent: Agent, req: dict[str, Any]) -> dict[str, Any]:
@@ -394,17 +391,9 @@ _SHOWN = (
 
 
 def audit_step(agent: Agent, pid: int, sid: str | None) -> Step:
-    with _attaching:  # two first explains at once attach one ring
-        ring = getattr(agent, "recent", None)
-        if ring is None:  # an agent that keeps none: from this first explain on
-            setattr(agent, "recent", recent.attach(agent.audit))  # noqa: B010 — not an Agent field
+    ring = agent.recent
     if ring is None:
-        return Step(
-            "audit",
-            None,
-            "none kept yet: this agent keeps recent audit events from its first explain on; "
-            "earlier ones are in its audit log (audit.file, or its stdout)",
-        )
+        return Step("audit", None, "this agent keeps no recent audit events")
     events = (
         ring.matching(RECENT_EVENTS, spiffe_id=sid)
         if sid

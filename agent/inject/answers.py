@@ -38,6 +38,7 @@ TOKEN_FAILED = -32085  # 502: no token from the authorization server
 UPSTREAM_FAILED = -32086  # 502: the MCP server unreachable, or closed without answering
 UPSTREAM_TIMEOUT = -32087  # 504: the MCP server did not answer in time
 CREDENTIAL_REFUSED = -32088  # 502: the MCP server refused the credential credless sent
+PLACEHOLDER_REFUSED = -32080  # 403/401: a phantom placeholder not the caller's, or invalid
 
 # A refusal's outcome label (decide.Verdict.outcome, the request counter's) -> its code, for
 # the refusals whose verdict names none (Verdict.rpc_code wins: parse errors, header
@@ -60,6 +61,8 @@ CODES: dict[str, int] = {
     "upstream_closed": UPSTREAM_FAILED,
     "upstream_timeout": UPSTREAM_TIMEOUT,
     "credential_refused": CREDENTIAL_REFUSED,
+    "phantom_misuse": PLACEHOLDER_REFUSED,
+    "phantom_invalid": PLACEHOLDER_REFUSED,
 }
 FALLBACK_CODE = REQUEST_REFUSED
 

@@ -34,7 +34,7 @@ from agent.policy.conditions import argument_names
 
 if TYPE_CHECKING:  # data and a port only: the decision imports no executor
     from agent.config import InjectSection
-    from agent.inject.ports import Policy
+    from agent.inject.ports import Placeholders, Policy
     from agent.inject.upstreams import Upstream
 
 FORWARD, ANSWER, CLOSE = "forward", "answer", "close"
@@ -160,6 +160,7 @@ class Verdict:
     close: bool = False  # close the connection after the answer
     outcome: str = ""  # the refusal's outcome label on the request counter
     allow: bytes = b""  # the Allow field of a 405
+    misuse: Any = None  # phantom_misuse: the placeholder's Binding (agent/inject/phantom.py)
 
 
 # the common verdicts, made once: a frozen dataclass costs a microsecond to build, and the
@@ -235,10 +236,16 @@ def assertion_request(
 
 
 def decide(
-    req: Request, up: Upstream, caller: Caller, settings: InjectSection, policy: Policy | None
+    req: Request,
+    up: Upstream,
+    caller: Caller,
+    settings: InjectSection,
+    policy: Policy | None,
+    phantom: Placeholders | None = None,
 ) -> Verdict:
     """The decision on a request head. settings: the inject section (unattested,
-    workload_authorization); policy: None when no policy is configured.
+    workload_authorization); policy: None when no policy is configured; phantom: the
+    placeholder check (agent/inject/phantom.py), None when no server is in phantom mode.
     Written for the fast lane's budget (a few microseconds): the common verdicts are made
     once, and the checks of fields a request does not carry cost a dictionary lookup."""
     if not caller.current:
@@ -251,7 +258,7 @@ def decide(
     fields = req.fields
     method = req.method
     mode = up.mode
-    if mode == "broker":
+    if mode in ("broker", "phantom"):
         credentialed = True
     elif mode == "assertion":
         credentialed = (
@@ -297,6 +304,12 @@ def decide(
     for name, values in fields.items():
         if len(values) > 1 and name in SINGLE_FIELDS:
             return _duplicated(name, len(values))
+    placeholder = False
+    if phantom is not None and b"authorization" in fields:
+        found = _placeholder(phantom, fields[b"authorization"][0], caller, up)
+        if isinstance(found, Verdict):
+            return found
+        placeholder = found
     if caller.spiffe_id is None and credentialed:
         if settings.unattested == "passthrough":
             return _FORWARD  # as a passthrough server: nothing added or removed
@@ -318,7 +331,7 @@ def decide(
                 "to the server they are for; connection closed",
                 close=True,
             )
-        if mode == "broker" and not under_endpoint(req.target, up.path):
+        if mode != "assertion" and not under_endpoint(req.target, up.path):
             return _refuse(
                 403,
                 b"Forbidden",
@@ -327,7 +340,8 @@ def decide(
                 f"not under the MCP endpoint {up.path.decode()} of {up.name!r}",
             )
     strip = mode != "passthrough" and (b"authorization" in fields or b"dpop" in fields)
-    if strip and settings.workload_authorization == "reject":
+    # a phantom server's own placeholder is expected there, and removed like any other
+    if strip and settings.workload_authorization == "reject" and not placeholder:
         return _refuse(
             400,
             b"Bad Request",
@@ -369,6 +383,36 @@ def decide(
                 f"{method.decode()} denied by policy: {d.reason}",
             )
     return _FORWARD_CREDENTIAL_STRIP if strip else _FORWARD_CREDENTIAL
+
+
+def _placeholder(
+    phantom: Placeholders, value: bytes, caller: Caller, up: Upstream
+) -> bool | Verdict:
+    """Whether the Authorization value is a placeholder issued to this caller for this
+    server (False: not a placeholder at all), or the refusal of one that is not."""
+    try:
+        found = phantom.binding(value)
+    except ValueError as e:  # PhantomInvalid
+        return _refuse(
+            401,
+            b"Unauthorized",
+            "phantom_invalid",
+            f"the placeholder does not verify ({e}); fetch a new one from the Workload API",
+        )
+    if found is None:
+        return False
+    if found.spiffe_id == caller.spiffe_id and found.server == up.name:
+        return up.mode == "phantom"
+    holder = caller.spiffe_id or "a process without identity"
+    return Verdict(
+        ANSWER,
+        status=403,
+        reason=b"Forbidden",
+        outcome="phantom_misuse",
+        message=f"credless: this placeholder was issued to {found.spiffe_id} for "
+        f"{found.server!r}; it came from {holder} to {up.name!r}",
+        misuse=found,
+    )
 
 
 def _attested(caller: Caller) -> str:

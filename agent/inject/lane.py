@@ -138,7 +138,9 @@ class FastLane:
             return False
         if self.up.send_host is not None:  # Host is rewritten (workload_url): the full path
             return False
-        verdict = decide.decide(req, self.up, proxy.caller(self.served), proxy.cfg, proxy.policy)
+        verdict = decide.decide(
+            req, self.up, proxy.caller(self.served), proxy.cfg, proxy.policy, proxy.phantom
+        )
         if verdict.action != decide.FORWARD or verdict.read_body:
             return False  # the full path answers it, or reads its body to decide
         token = None

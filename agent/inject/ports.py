@@ -170,3 +170,20 @@ class Policy(Protocol):
         params.arguments (None: none) and selectors: the calling process's attested ones,
         read by rules' conditions (docs/policy.md)."""
         ...
+
+
+class Binding(Protocol):
+    @property
+    def spiffe_id(self) -> str: ...
+
+    @property
+    def server(self) -> str: ...
+
+
+class Placeholders(Protocol):
+    """Phantom placeholders (agent.inject.phantom.PhantomVerifier)."""
+
+    def binding(self, authorization: bytes) -> Binding | None:
+        """The holder and server of the placeholder in an Authorization value; None when it
+        is not one; ValueError when it is one that does not verify."""
+        ...

@@ -35,6 +35,7 @@ from agent.inject.exchange import Exchanges
 from agent.inject.flows import ClientSide
 from agent.inject.http1 import HEAD, Head, ProtocolError
 from agent.inject.lane import FastLane
+from agent.inject.phantom import PhantomVerifier
 from agent.inject.ports import Attestations, Identities, Policy, RedirectRecords, Tokens
 from agent.inject.record import AuditBase, Recorder
 from agent.inject.redirect import RedirectInfo
@@ -66,6 +67,7 @@ class Proxy:
         ssl_context: ssl.SSLContext | None = None,
         policy: Policy | None = None,
         max_body: int = 1 << 20,
+        phantom: PhantomVerifier | None = None,
     ):
         self.cfg = cfg
         self.upstreams = upstreams
@@ -74,6 +76,7 @@ class Proxy:
         self.identity = identity
         self.oauth = oauth
         self.policy = policy
+        self.phantom = phantom
         self.max_body = max_body
         self.rec = Recorder(audit, registry)
         # a streamed body is kept, up to the policy's limit, for a DPoP nonce retry
@@ -130,6 +133,12 @@ class Proxy:
         local = client.transport.get_extra_info("sockname")
         try:
             info = self.redirect.lookup(peer, local, netns)
+            log.debug(
+                "accepted connection",
+                peer=f"{peer[0]}:{peer[1]}",
+                redirected=f"{info.orig_host}:{info.orig_port}" if info else None,
+                pid=info.tgid if info else None,
+            )
             if info is None:
                 # not a connection the kernel redirected (or whose socket is gone): someone
                 # dialled the proxy directly, perhaps from a port a workload once used
@@ -227,7 +236,9 @@ class Proxy:
         }
         fragment = self.rec.fragment(server=upstream.name, mode=upstream.mode, **who)
         client.served = (upstream, fragment)  # for the timeouts' audit events
-        served = Served(client, info, upstream, ident, generation, who, fragment)
+        selectors = att.selectors if att is not None else frozenset()
+        served = Served(client, info, upstream, ident, generation, who, fragment, selectors)
+        log.debug("connection served", server=upstream.name, mode=upstream.mode, **who)
         lane = None
         if upstream.mode != "assertion":
             lane = FastLane(self, served)
@@ -330,7 +341,16 @@ class Proxy:
         audit_base = AuditBase({"method": method, "path": path.split("?", 1)[0]}, served.fragment)
         req = decide.Request.from_head(head)
         caller = self.caller(served)
-        verdict = decide.decide(req, up, caller, self.cfg, self.policy)
+        verdict = decide.decide(req, up, caller, self.cfg, self.policy, self.phantom)
+        log.debug(
+            "request decided",
+            server=up.name,
+            method=method,
+            path=path.split("?", 1)[0],
+            action=verdict.action,
+            outcome=verdict.outcome or None,
+            credential=verdict.credential,
+        )
         if verdict.action != FORWARD:
             return await self._refuse(verdict, head, client, up, audit_base)
         # before anything is injected: a workload's Connection header must not be able to
@@ -421,6 +441,20 @@ class Proxy:
         body is read and dropped first, so the next request on the connection is framed
         where it begins: read whole, when it may be JSON-RPC, for the ids the answer keeps."""
         self.rec.count(up, verdict.outcome)
+        if verdict.misuse is not None and self.phantom is not None:
+            # a placeholder out of its holder's hands: both identities (the caller's is the
+            # connection's spiffe_id), then the response (phantom_misuse = "revoke": the
+            # holder's real token revoked, so its next request obtains another)
+            event_id = self.rec.audit_answered(
+                "phantom.misuse",
+                audit_base,
+                status=verdict.status,
+                reason=verdict.message,
+                issued_to=verdict.misuse.spiffe_id,
+                issued_for=verdict.misuse.server,
+                placeholder_jti=verdict.misuse.jti,
+            )
+            self.phantom.misused(verdict.misuse, up.name)
         if event_id is None:
             event_id = self.rec.audit_answered(
                 "request.denied", audit_base, status=verdict.status or None, reason=verdict.message

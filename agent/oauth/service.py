@@ -27,6 +27,7 @@ from agent.identity.bundle import TrustBundle
 from agent.identity.jwtsvid import JwtSvid
 from agent.identity.manager import Identity
 from agent.oauth import registration as reg
+from agent.oauth import token_ops
 from agent.oauth.cache import GraceTimers, TokenCache, grace_deadline
 from agent.oauth.discovery import Discovery, ServerMetadata, TlsRouter, canonical_resource
 from agent.oauth.dpop import DPoPKey
@@ -492,52 +493,33 @@ class OAuthService:
             )
         return {"tokens_dropped": len(dropped), "clients_deleted": deleted}
 
-    async def introspect(self, ident: Identity, server_name: str, token: Token) -> dict:
-        """RFC 7662 introspection of a token, authenticating as the identity's client.
-        Returns the server's claims about it (active, sub, aud, ...), never the token."""
-        from agent.oauth.errors import from_error_response
-        from agent.oauth.tokens import JWT_BEARER, post_form
+    async def client_authentication(
+        self, ident: Identity, server_name: str
+    ) -> tuple[Resolved, dict[str, str]]:
+        """The server's resolved authorization server, and the form fields that authenticate
+        the identity's client there (a fresh JWT-SVID client assertion): for requests other
+        than the token request (agent/oauth/token_ops.py)."""
+        from agent.oauth.tokens import JWT_BEARER
 
         server = self.server(server_name)
         resolved = await self.resolve(server, ident=ident)
-        endpoint = resolved.metadata.introspection_endpoint
-        if not endpoint:
-            raise OAuthError(f"{resolved.issuer} advertises no introspection_endpoint")
         client_id = await self._client_id(ident, server, resolved)
         assertion = self.identity.jwt_svid(ident, [resolved.issuer], ttl=60, iss=client_id).token
-        status, body, _ = await post_form(
-            self._started()[0],
-            endpoint,
-            {
-                "token": token.access_token,
-                "token_type_hint": "access_token",
-                "client_assertion_type": JWT_BEARER,
-                "client_assertion": assertion,
-            },
-            {},
-            "introspection",
-            tls=self.as_tls,
-        )
-        if status != 200 or not isinstance(body, dict):
-            raise from_error_response(
-                status, body if isinstance(body, dict) else {}, endpoint, "introspection"
-            )
-        return {
-            k: body[k]
-            for k in (
-                "active",
-                "sub",
-                "aud",
-                "client_id",
-                "exp",
-                "iat",
-                "scope",
-                "token_type",
-                "iss",
-                "cnf",
-            )
-            if k in body
-        }
+        return resolved, {"client_assertion_type": JWT_BEARER, "client_assertion": assertion}
+
+    def http_client(self) -> httpx.AsyncClient:
+        """The client every request to an authorization server goes through."""
+        return self._started()[0]
+
+    async def introspect(self, ident: Identity, server_name: str, token: Token) -> dict:
+        """RFC 7662 introspection of a token (agent/oauth/token_ops.py)."""
+        return await token_ops.introspect(self, ident, server_name, token)
+
+    async def revoke(
+        self, spiffe_id: str, ident: Identity | None, server_name: str, reason: str
+    ) -> list[str]:
+        """RFC 7009 revocation of the identity's tokens for a server (agent/oauth/token_ops.py)."""
+        return await token_ops.revoke(self, spiffe_id, ident, server_name, reason)
 
     # ------------------------------------------------------------ operator probe
     async def probe(self, url: str, ident: Identity) -> dict:

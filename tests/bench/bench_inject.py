@@ -16,6 +16,12 @@ A fourth figure, on its own line: tests/bench/relay_floor.py, the least a CPytho
 this loop and parser must do per request, on the same core: the ceiling for this design.
 sse_first_event_added_ms: time to the first SSE event through credless minus direct, from a
 small streaming upstream (first event at once, the rest later), median of 20.
+inject-bench-first (servers.prewarm, docs/prewarm.md): a new process's first request on a new
+connection, median over FIRST_RUNS processes, to a server whose token it must fetch first
+(cold: prewarm off, and oauth.token_grace_seconds = 0 so each process's identity starts
+without one) and to one whose token was fetched when the process exec'd (prewarmed), next to
+the same process's second request on its warm connection (warm); target: prewarmed within
+2 ms of warm.
 
 Prints: inject-bench: direct_rps=… nginx_rps=… credless_rps=… direct_p50_us=…
 nginx_p50_us=… credless_p50_us=… credless_p99_us=… sse_first_event_added_ms=…, then the
@@ -35,7 +41,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from tests.helpers import accepting, free_port, wait_for
+from tests.helpers import accepting, audit_events, free_port, wait_for
 from tests.kernel import enter_cgroup
 from tests.world import build_world, server_table
 
@@ -45,6 +51,26 @@ BODY = (
 )
 RESULT = '{"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"text","text":"hi"}]}}'
 DURATION = int(os.environ.get("BENCH_SECONDS", "8"))
+FIRST_RUNS = int(os.environ.get("BENCH_FIRST_RUNS", "15"))
+
+# A new process's first request on a new connection, then its second on the same one: the
+# milliseconds each took, as JSON. Started inside the managed cgroup, so its exec is what
+# pre-warming reacts to.
+FIRST_CLIENT = r"""
+import http.client, json, sys, time
+body = sys.argv[2]
+conn = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]))
+times = []
+for _ in range(2):
+    t = time.perf_counter()
+    conn.request("POST", "/mcp", body, {"Content-Type": "application/json",
+                 "Accept": "application/json, text/event-stream"})
+    r = conn.getresponse()
+    r.read()
+    assert r.status == 200, r.status
+    times.append((time.perf_counter() - t) * 1000)
+print(json.dumps(times))
+"""
 
 
 def nginx_conf(d: Path, name: str, body: str) -> Path:
@@ -146,6 +172,64 @@ def sse_first_ms(port: int, preexec=None) -> float:
     return statistics.median(json.loads(r.stdout))
 
 
+def first_requests(port: int, preexec, ended, runs: int = FIRST_RUNS) -> list[list[float]]:
+    """`runs` new processes' [first, second] request times; each waits until the last one's
+    identity has ended (its token dropped: oauth.token_grace_seconds = 0)."""
+    import json
+
+    times = []
+    for n in range(runs):
+        r = subprocess.run(
+            ["python3", "-c", FIRST_CLIENT, str(port), BODY],
+            capture_output=True,
+            text=True,
+            preexec_fn=preexec,
+            timeout=60,
+            check=True,
+        )
+        times.append(json.loads(r.stdout))
+        if ended is not None:
+            wait_for(lambda n=n: ended() > n, 10, what="the identity's end")
+    return times
+
+
+def first_request_figures(tmp: Path, up_port: int, cold_port: int) -> dict[str, float]:
+    """inject-bench-first: the two servers are the same nginx on two ports, "prewarmed"
+    with servers.prewarm on and "cold" with it off."""
+    (tmp / "first").mkdir(exist_ok=True)
+    with build_world(tmp / "first", "spiffe://example.org/bench/first", "credless-first") as w:
+        urls = [f"http://127.0.0.1:{p}/mcp" for p in (up_port, cold_port)]
+        oidc = w.authorization_server(urls)
+        agent = w.start_agent(
+            server_table("prewarmed", urls[0], issuer=oidc.issuer, dpop="never")
+            + server_table("cold", urls[1], issuer=oidc.issuer, dpop="never", prewarm=False),
+            settings="[oauth]\ntoken_grace_seconds = 0\n",
+        )
+        subprocess.run(["taskset", "-a", "-cp", "1", str(agent.proc.pid)], capture_output=True)
+        inside = enter_cgroup(w.cg)
+
+        def ended() -> int:
+            events = audit_events(agent.stdout_path)
+            return len([e for e in events if e["event"] == "identity.ended"])
+
+        # discovery of both servers once, so "cold" is the token fetch, not the metadata
+        for port in (cold_port, up_port):
+            base = ended()
+            first_requests(port, inside, lambda base=base: ended() - base, runs=1)
+        base = ended()
+        cold = first_requests(cold_port, inside, lambda: ended() - base)
+        base = ended()
+        warm = first_requests(up_port, inside, lambda: ended() - base)
+    direct = first_requests(up_port, None, None)  # the client's own first-request cost
+    return {
+        "direct_first": statistics.median(r[0] for r in direct),
+        "direct_warm": statistics.median(r[1] for r in direct),
+        "cold": statistics.median(r[0] for r in cold),
+        "prewarmed": statistics.median(r[0] for r in warm),
+        "warm": statistics.median(r[1] for r in warm),
+    }
+
+
 def main() -> int:
     with tempfile.TemporaryDirectory(prefix="credless-bench-") as tmp:
         tmp = Path(tmp)
@@ -155,7 +239,7 @@ def main() -> int:
             "wrk.headers['Content-Type'] = 'application/json'\n"
             "wrk.headers['Accept'] = 'application/json, text/event-stream'\n"
         )
-        up_port, px_port = free_port(), free_port()
+        up_port, px_port, cold_port = free_port(), free_port(), free_port()
         up = subprocess.Popen(
             [
                 "taskset",
@@ -167,7 +251,8 @@ def main() -> int:
                     nginx_conf(
                         tmp,
                         "upstream",
-                        f"server {{ listen 127.0.0.1:{up_port}; location / {{ "
+                        f"server {{ listen 127.0.0.1:{up_port}; listen 127.0.0.1:{cold_port}; "
+                        "location / { "
                         f"default_type application/json; return 200 '{RESULT}'; }} }}",
                     )
                 ),
@@ -239,6 +324,7 @@ def main() -> int:
                 cred = wrk(f"http://127.0.0.1:{up_port}/mcp", lua, inside)
                 cred1 = wrk(f"http://127.0.0.1:{up_port}/mcp", lua, inside, connections=1)
                 sse_cred = sse_first_ms(sse_port, inside)
+            first = first_request_figures(tmp, up_port, cold_port)
         finally:
             for p in (up, px):
                 p.terminate()
@@ -268,6 +354,14 @@ def main() -> int:
         f"inject-bench-target: credless_of_nginx_rps={cred[0] / nginx[0]:.2f} (target >= "
         f"0.40) added_p50_us nginx={added_nginx:.0f} credless={added_cred:.0f} "
         f"ratio={added_cred / max(added_nginx, 1):.2f} (target <= 1.5)"
+    )
+    print(
+        f"inject-bench-first: cold_first_ms={first['cold']:.2f} "
+        f"prewarmed_first_ms={first['prewarmed']:.2f} warm_ms={first['warm']:.2f} "
+        f"prewarmed_minus_warm_ms={first['prewarmed'] - first['warm']:.2f} (target <= 2; "
+        f"median of {FIRST_RUNS} new processes each) direct_first_ms="
+        f"{first['direct_first']:.2f} direct_warm_ms={first['direct_warm']:.2f} "
+        f"(a new connection's first request costs the client this much anyway)"
     )
     # the ceiling for a CPython proxy here (tests/bench/relay_floor.py), same core, same run
     print(

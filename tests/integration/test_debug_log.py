@@ -131,12 +131,6 @@ def test_debug_shows_the_oauth_decisions(debugged):
     assert got["token_type"] == "Bearer" and got["expires_in"] > 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the one-line debug additions to modules this change does not own "
-    "(attest, identity manager, oauth service/cache, inject proxy/upstreams, policy "
-    "engine), listed in the issue 19 report; remove this mark once they are applied",
-)
 def test_debug_shows_every_decision_of_the_injected_call(debugged):
     lines = debugged.lines
     assert any(debugged.selector in e["selectors"] for e in named(lines, "process attested"))

@@ -73,8 +73,9 @@ def world(tmp_path, upstream):
         w.tls_port = free_port()
         # an https server, observed only: intercepted on the TLS listener (nothing serves it)
         w.secure = f"https://localhost:{free_port()}/mcp"
+        # prewarm off: the token cache stays empty until the test's own call
         w.start_agent(
-            server_table("echo", url, issuer=oidc.issuer, dpop="never")
+            server_table("echo", url, issuer=oidc.issuer, dpop="never", prewarm=False)
             + server_table("secure", w.secure, mode="passthrough"),
             inject={"tls_listen_port": w.tls_port},
             entries=table("[[entry]]", id="explained", spiffe_id=SID, selectors=[w.selector])

@@ -233,3 +233,28 @@ def test_an_invalid_condition_is_refused_by_check_and_on_reload(tmp_path):
         # the previous policy, conditions and all, still decides
         out = py_client(w, 'call:add:{"a": 2, "b": 3}', 'call:add:{"a": 99, "b": 1}')
         assert out[0]["text"] == "5" and out[1]["code"] == jsonrpc.POLICY_DENIED, out
+
+
+def test_a_condition_on_the_callers_selectors_sees_the_attested_process(tmp_path):
+    # the selectors the kernel's attestation gave the process, not any it could claim
+    with build_world(tmp_path, SPIFFE_ID) as w:
+        policy = 'default_unlisted = "deny"\n' + table(
+            "[[rule]]",
+            id="this-cgroup",
+            spiffe_id=SPIFFE_ID,
+            server="weather",
+            methods=["tools/list", "tools/call"],
+            tools=["echo", "add"],
+            # echo: any process of this cgroup; add: only one of another cgroup
+            when=f'"{w.selector}" in selectors && (tool != "add" || '
+            '"cgroup:path:/elsewhere" in selectors)',
+        )
+        w.mcp = w.enter(McpServer(tmp_path))
+        w.authorization_server([w.mcp.url])
+        w.mcp.start(w.oidc.issuer)
+        w.start_agent(server_table("weather", w.mcp.url), policy=policy)
+        ok, denied = py_client(w, 'call:echo:{"text": "mine"}', 'call:add:{"a": 1, "b": 2}')
+        assert ok["text"] == "mine", ok
+        assert denied["code"] == jsonrpc.POLICY_DENIED, denied
+        assert "the condition of rule 'this-cgroup' does not hold" in denied["message"]
+        assert w.mcp.stats()["calls"] == {"echo": 1}

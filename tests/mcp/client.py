@@ -1,7 +1,7 @@
 """A credential-less MCP workload: the official `mcp` Python SDK client, no auth configured.
 
     python -m tests.mcp.client URL STEP... [--header 'Name: value'] [--ca-file F]
-    steps: list | call:TOOL[:json-args] | stream:N:DELAY_MS
+    steps: list | call:TOOL[:json-args] | stream:N:DELAY_MS | hold (until a line on stdin)
 Prints one JSON line per step; on failure an {"error": ...} line and exit 1, with the
 message the SDK surfaced (and a JSON-RPC error's code and data).
 """
@@ -51,6 +51,9 @@ async def run(args) -> int:
                         "is_error": bool(result.is_error),
                     }
                 )
+            elif kind == "hold":  # keep the process (and its identity) until a line comes
+                emit({"step": "hold"})
+                await asyncio.to_thread(sys.stdin.readline)
             elif kind == "stream":
                 n, delay = (int(x) for x in rest.split(":"))
                 t0 = time.monotonic()

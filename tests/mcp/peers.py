@@ -48,6 +48,7 @@ class McpServer:
         dpop_nonce: int = 0,
         dpop_nonce_forget: int = 0,
         host: str = "127.0.0.1",
+        introspect: str = "",
     ):
         """tls: serve https with a certificate of this CA for localhost, 127.0.0.1 and ::1
         (the URL names localhost, as users' servers name a host). dpop: demand DPoP-bound
@@ -55,7 +56,9 @@ class McpServer:
         demand DPoP nonces, a new one every dpop_nonce accepted requests (implies dpop), all
         forgotten once after the dpop_nonce_forget-th (tests/mcp/server.py). host: where it
         listens and what its URL names: "127.0.0.1", "::1" (the URL names [::1]), or
-        "localhost" (both loopbacks, one port; the URL names localhost)."""
+        "localhost" (both loopbacks, one port; the URL names localhost). introspect:
+        "CLIENT_ID:SECRET", tokens are opaque and introspected at the issuer as that client."""
+        self.introspect = introspect
         self.socks = listening(host)
         self.sock = self.socks[0]
         self.port = self.sock.getsockname()[1]
@@ -83,6 +86,7 @@ class McpServer:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.mcp.server", *args, "--stats", str(self.stats_path)]
             + (["--dpop"] if self.dpop else [])
+            + (["--introspect", self.introspect] if self.introspect else [])
             + (["--dpop-nonce", str(self.dpop_nonce)] if self.dpop_nonce else [])
             + (["--dpop-nonce-forget", str(self.dpop_nonce_forget)] if self.dpop_nonce else [])
             + self.tls_args,

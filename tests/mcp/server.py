@@ -88,6 +88,50 @@ class JwtVerifier:
         )
 
 
+class IntrospectingVerifier:
+    """Opaque tokens, each asked about at the authorization server (RFC 7662) as the resource
+    server's own client: a token revoked there (RFC 7009) is refused here from then on."""
+
+    def __init__(self, issuer: str, resource: str, client: str):
+        self.issuer, self.resource = issuer, resource
+        self.client_id, _, self.secret = client.partition(":")
+        self.endpoint = ""
+        self.seen: dict[str, str] = {}  # fingerprint -> token, every token it was shown
+
+    async def recheck(self) -> dict[str, bool]:
+        """GET /_recheck: whether each token it was ever shown would be accepted now."""
+        return {fp: await self._active(t) is not None for fp, t in self.seen.items()}
+
+    async def verify_token(self, token: str) -> AccessToken | None:
+        self.seen[hashlib.sha256(token.encode()).hexdigest()[:16]] = token
+        return await self._active(token)
+
+    async def _active(self, token: str) -> AccessToken | None:
+        import httpx
+
+        async with httpx.AsyncClient(trust_env=False, timeout=10) as http:
+            if not self.endpoint:
+                meta = await http.get(f"{self.issuer}/.well-known/openid-configuration")
+                self.endpoint = meta.json()["introspection_endpoint"]
+            r = await http.post(
+                self.endpoint,
+                data={"token": token, "token_type_hint": "access_token"},
+                auth=(self.client_id, self.secret),
+            )
+        claims = r.json() if r.status_code == 200 else {}
+        auds = claims.get("aud", [])
+        auds = [auds] if isinstance(auds, str) else auds
+        if not claims.get("active") or self.resource not in auds:
+            return None
+        return AccessToken(
+            token=token,
+            client_id=claims.get("client_id", ""),
+            scopes=claims.get("scope", "").split(),
+            expires_at=claims.get("exp"),
+            resource=self.resource,
+        )
+
+
 def with_field(message: dict, name: bytes, value: bytes) -> dict:
     """An http.response.start message with one more header field."""
     return dict(message, headers=[*message.get("headers", []), (name, value)])
@@ -98,9 +142,17 @@ class Recorder:
     with nonce_rotate also its server nonces."""
 
     def __init__(
-        self, app, stats: str, dpop: bool, origin: str, nonce_rotate: int = 0, forget: int = 0
+        self,
+        app,
+        stats: str,
+        dpop: bool,
+        origin: str,
+        nonce_rotate: int = 0,
+        forget: int = 0,
+        recheck=None,
     ):
         self.app, self.stats, self.origin = app, stats, origin
+        self.recheck = recheck  # GET /_recheck (an introspecting server): tokens' verdicts now
         self.dpop = dpop or nonce_rotate > 0
         self.nonce_rotate, self.forget = nonce_rotate, forget
         self.nonces: list[str] = []  # issued, newest last
@@ -117,6 +169,10 @@ class Recorder:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if scope["path"] == "/_recheck" and self.recheck is not None:
+            body = json.dumps(await self.recheck()).encode()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            return await send({"type": "http.response.body", "body": body})
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
         auth = headers.get("authorization", "")
         scheme, _, token = auth.partition(" ")
@@ -268,9 +324,14 @@ async def drain(receive) -> None:
 
 
 def build(args) -> Recorder:
+    verifier = (
+        IntrospectingVerifier(args.issuer, args.resource, args.introspect)
+        if args.introspect
+        else JwtVerifier(args.issuer, args.resource)
+    )
     mcp = MCPServer(
         "credless-test-server",
-        token_verifier=JwtVerifier(args.issuer, args.resource),
+        token_verifier=verifier,
         auth=AuthSettings(
             issuer_url=args.issuer,
             resource_server_url=args.resource,
@@ -321,6 +382,7 @@ def build(args) -> Recorder:
         origin,
         args.dpop_nonce,
         args.dpop_nonce_forget,
+        recheck=verifier.recheck if isinstance(verifier, IntrospectingVerifier) else None,
     )
 
 
@@ -339,6 +401,11 @@ def main() -> None:
     )
     ap.add_argument("--dpop-nonce-forget", type=int, default=0, metavar="K")
     ap.add_argument("--required-scope", action="append")
+    ap.add_argument(
+        "--introspect",
+        metavar="CLIENT_ID:SECRET",
+        help="opaque tokens, introspected at the issuer as this client (client_secret_basic)",
+    )
     ap.add_argument("--stats", required=True)
     ap.add_argument("--certfile", help="serve https with this chain (leaf first)")
     ap.add_argument("--keyfile")

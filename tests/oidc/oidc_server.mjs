@@ -50,7 +50,16 @@ const issuer = cfg.tls
 const { privateKey } = generateKeyPairSync('ec', { namedCurve: 'P-256' });
 const signingJwk = { ...privateKey.export({ format: 'jwk' }), kid: 'as-es256', use: 'sig', alg: 'ES256' };
 const resources = cfg.resources || {};
-const clientFields = (c) => ({
+// a resource server's own client (client_secret), for introspection; every other client is
+// a workload's, authenticating with a JWT-SVID (private_key_jwt)
+const clientFields = (c) => c.client_secret ? ({
+  client_id: c.client_id,
+  client_secret: c.client_secret,
+  token_endpoint_auth_method: 'client_secret_basic',
+  grant_types: [],
+  response_types: [],
+  redirect_uris: [],
+}) : ({
   client_id: c.client_id,
   token_endpoint_auth_method: 'private_key_jwt',
   token_endpoint_auth_signing_alg: 'ES256',

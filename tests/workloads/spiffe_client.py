@@ -4,6 +4,7 @@ Runs as its own process (the agent attests it), prints one JSON object per line.
 key or token of its own; whatever it prints about SVIDs is public (certificates, IDs).
     python -m tests.workloads.spiffe_client SOCKET fetch AUDIENCE
     python -m tests.workloads.spiffe_client SOCKET watch N
+    python -m tests.workloads.spiffe_client SOCKET placeholder AUDIENCE
 """
 
 from __future__ import annotations
@@ -60,6 +61,10 @@ def main() -> int:
                     "jwt_kids": sorted(bundle.jwt_authorities.keys()),
                 }
             )
+        elif cmd == "placeholder":
+            # a phantom placeholder (agent/inject/phantom.py) is a JWT-SVID for a credless
+            # audience: worth nothing but to credless, so the test may see it
+            emit({"token": client.fetch_jwt_svid(audience={sys.argv[3]}).token})
         elif cmd == "watch":
             want = int(sys.argv[3])
             seen: list[str] = []

@@ -1,0 +1,217 @@
+"""Phantom mode end to end (docs/phantom.md): the real kernel, the Workload API through
+py-spiffe, oidc-provider issuing opaque tokens, and the MCP Python SDK on both sides, the
+server introspecting every token it is shown (so a token revoked at the authorization server
+is refused there from then on).
+
+Two workloads in two managed cgroups, each its own identity. The one a placeholder was issued
+to calls with it and succeeds, the server seeing only the real token. The same placeholder
+copied to the other process is refused (403, phantom.misuse naming both identities, counted),
+and the holder's real token is revoked at oidc-provider: the server refuses that token
+afterwards, and the holder's next call carries a new one."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.helpers import audit_events, free_port
+from tests.kernel import cgroup_child, enter_cgroup
+from tests.mcp.peers import REPO, McpServer, run_client
+from tests.oidc.peer import OidcProvider
+from tests.world import build_world, entry_table, server_table, table
+
+HOLDER = "spiffe://example.org/phantom/holder"
+THIEF = "spiffe://example.org/phantom/thief"
+RS_CLIENT = "mcp-resource-server:rs-secret"  # the MCP server's own client, for introspection
+
+
+def placeholder_for(w, cg, server: str) -> str:
+    """A placeholder fetched through the Workload API by a process in cg."""
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tests.workloads.spiffe_client",
+            str(w.api_socket),
+            "placeholder",
+            f"credless-phantom:{server}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=enter_cgroup(cg),
+    )
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert "token" in out, out
+    return out["token"]
+
+
+def call(w, cg, token: str | None) -> dict:
+    extra = ["--header", f"Authorization: Bearer {token}"] if token else []
+    return run_client(
+        w.mcp.url, "call:echo:" + json.dumps({"text": "hi"}), preexec=enter_cgroup(cg), extra=extra
+    )[-1]
+
+
+def held_call(w, placeholder: str) -> subprocess.Popen:
+    """The holder's SDK client, its call made with its placeholder, then held (alive) until
+    a line comes on its stdin."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tests.mcp.client",
+            w.mcp.url,
+            "call:echo:" + json.dumps({"text": "hi"}),
+            "hold",
+            "--header",
+            f"Authorization: Bearer {placeholder}",
+        ],
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=enter_cgroup(w.cg),
+    )
+    lines = [json.loads(proc.stdout.readline()) for _ in range(2)]
+    assert lines[0].get("text") == "hi" and lines[1] == {"step": "hold"}, lines
+    return proc
+
+
+def credentialed(w) -> list[dict]:
+    return [r for r in w.mcp.stats()["requests"] if r["auth_scheme"]]
+
+
+def misuse_count(metrics_port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "credless_phantom_misuse_total" and s.labels.get("server") == "weather"
+    )
+
+
+def phantom_world(tmp_path, stack_cg, **server):
+    w = stack_cg
+    thief_cg = w.enter(cgroup_child("credless-test-thief"))
+    w.mcp = w.enter(McpServer(tmp_path, introspect=RS_CLIENT))
+    jwks = f"http://127.0.0.1:{w.bundle_port}/jwks.json"
+    w.oidc = w.enter(
+        OidcProvider(
+            tmp_path,
+            resources={w.mcp.url: {"format": "opaque", "scope": "tools"}},
+            clients=[
+                {"client_id": HOLDER, "jwks_uri": jwks},
+                {"client_id": THIEF, "jwks_uri": jwks},
+                {"client_id": RS_CLIENT.split(":")[0], "client_secret": RS_CLIENT.split(":")[1]},
+            ],
+            dpop=False,
+        )
+    )
+    w.mcp.start(w.oidc.issuer)
+    w.api_socket = tmp_path / "run" / "agent.sock"
+    w.metrics_port = free_port()
+    entries = entry_table("holder", HOLDER, [w.selector]) + entry_table(
+        "thief", THIEF, [f"cgroup:path:/{thief_cg.name}"]
+    )
+    inject = table(
+        "[inject]",
+        listen_port=w.proxy_port,
+        listen_port6=w.proxy_port,
+        managed_cgroups=[f"/{w.cg.name}", f"/{thief_cg.name}"],
+    )
+    w.start_agent(
+        server_table("weather", w.mcp.url, mode="phantom", dpop="never", **server),
+        entries=entries,
+        intercept=False,
+        settings=inject,
+        metrics_port=w.metrics_port,
+    )
+    return thief_cg
+
+
+def test_the_holder_calls_with_its_placeholder_and_the_server_sees_only_the_token(tmp_path):
+    with build_world(tmp_path, HOLDER) as w:
+        phantom_world(tmp_path, w)
+        placeholder = placeholder_for(w, w.cg, "weather")
+        out = call(w, w.cg, placeholder)
+        assert out.get("text") == "hi", out
+        seen = credentialed(w)
+        assert seen and all(r["auth_scheme"] == "Bearer" for r in seen)
+        # the placeholder never reached the server: only the token credless obtained
+        obtained = [
+            e
+            for e in audit_events(w.agent.stdout_path, until="request.injected")
+            if e["event"] == "token.obtained"
+        ]
+        assert {r["token_sha256"] for r in seen} == {e["token_sha256"] for e in obtained}
+        raw = (w.tmp / f"mcp-stats-{w.mcp.port}.json").read_text()
+        assert placeholder not in raw and placeholder.split(".")[2] not in raw
+
+
+def test_a_copied_placeholder_is_refused_and_the_holders_token_revoked(tmp_path):
+    with build_world(tmp_path, HOLDER) as w:
+        thief_cg = phantom_world(tmp_path, w)
+        placeholder = placeholder_for(w, w.cg, "weather")
+        # the holder is running (its token held for it) when its placeholder is stolen
+        holder = held_call(w, placeholder)
+        [first] = {r["token_sha256"] for r in credentialed(w)}
+        before = len(w.mcp.stats()["requests"])
+
+        stolen = call(w, thief_cg, placeholder)
+        assert stolen.get("error") == "MCPError" and stolen.get("code") == -32080, stolen
+        assert HOLDER in stolen["message"]
+        # nothing of the thief's request reached the server
+        assert len(w.mcp.stats()["requests"]) == before
+
+        events = audit_events(w.agent.stdout_path, until="token.revoked")
+        # (each request the SDK client sent with it: a POST, and a retry of its own)
+        misuses = [e for e in events if e["event"] == "phantom.misuse"]
+        shown = stolen["message"].rsplit("(audit event ", 1)[1].rstrip(")")
+        assert shown in {m["event_id"] for m in misuses}
+        for misuse in misuses:
+            assert misuse["spiffe_id"] == THIEF and misuse["issued_to"] == HOLDER
+            assert misuse["issued_for"] == "weather" and misuse["status"] == 403
+        [revoked] = [e for e in events if e["event"] == "token.revoked"]
+        assert revoked["spiffe_id"] == HOLDER and revoked["token_sha256"] == first
+        assert misuse_count(w.metrics_port) == len(misuses)
+
+        holder.communicate("done\n", timeout=60)
+        # the holder's next call obtains and carries a new one
+        assert call(w, w.cg, placeholder).get("text") == "hi"
+        second = credentialed(w)[-1]["token_sha256"]
+        assert second != first
+        # and the server refuses the revoked token from now on (it introspects each token)
+        assert recheck(w) == {first: False, second: True}
+
+
+def recheck(w) -> dict[str, bool]:
+    """The MCP server's verdict now on every token it was ever shown (tests/mcp/server.py
+    /_recheck: introspection at oidc-provider), by fingerprint."""
+    url = f"http://127.0.0.1:{w.mcp.port}/_recheck"
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def test_refuse_only_keeps_the_holders_token(tmp_path):
+    with build_world(tmp_path, HOLDER) as w:
+        thief_cg = phantom_world(tmp_path, w, phantom_misuse="refuse")
+        placeholder = placeholder_for(w, w.cg, "weather")
+        holder = held_call(w, placeholder)
+        [first] = {r["token_sha256"] for r in credentialed(w)}
+        stolen = call(w, thief_cg, placeholder)
+        assert stolen.get("code") == -32080, stolen
+        audit_events(w.agent.stdout_path, until="phantom.misuse")
+        # a revocation follows its misuse within milliseconds where one is configured
+        events = audit_events(w.agent.stdout_path, quiet=1.0)
+        holder.communicate("done\n", timeout=60)
+        assert not [e for e in events if e["event"].startswith("token.revo")]
+        assert recheck(w) == {first: True}  # still live at the authorization server
