@@ -144,7 +144,12 @@ class World:
         if entries is None:
             entries = entry_table("workload", self.spiffe_id, [self.selector])
         self.entries_path.write_text(entries)
-        config = inject_table(self.cg, self.proxy_port, **(inject or {})) if intercept else ""
+        if intercept:
+            config = inject_table(self.cg, self.proxy_port, **(inject or {}))
+        elif "[inject]" in settings + servers:  # the test's own [inject] table
+            config = ""
+        else:  # none: the default would redirect every cgroup to port 15001, shared by all
+            config = table("[inject]", enabled=False)
         if policy is not None:
             (self.tmp / "policy.toml").write_text(policy)
             config += table("[policy]", file=str(self.tmp / "policy.toml")) + policy_settings

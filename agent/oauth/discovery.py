@@ -33,6 +33,7 @@ naming which of the two parties it was.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import re
 import time
@@ -192,6 +193,9 @@ class Discovery:
         self.ttl = ttl
         self.clock = clock
         self._cache: dict[tuple[str, str], tuple[float, Any]] = {}
+        # resource metadata being read, by resource: concurrent readers (a token pre-fetch on
+        # exec and the process's first request) share one probe of the MCP server
+        self._reading: dict[str, asyncio.Future[ResourceMetadata]] = {}
         # every authorization server endpoint discovered so far (never expires: a JWT-SVID
         # for any of them is a client assertion there; see OAuthService.assertion_audiences).
         # Replaced whole, never changed in place: other threads read it without a lock.
@@ -261,6 +265,23 @@ class Discovery:
         cached = self._cached("prm", resource)
         if cached is not None and www_authenticate is None:
             return cached
+        if www_authenticate is not None:  # a challenge of its own: read for this caller
+            return await self._read_resource(mcp_url, resource, www_authenticate, report)
+        reading = self._reading.get(resource)
+        if reading is None:
+            reading = asyncio.ensure_future(self._read_resource(mcp_url, resource, None, report))
+            self._reading[resource] = reading
+            reading.add_done_callback(lambda _f: self._reading.pop(resource, None))
+        # shielded: a caller that gives up does not cancel the read the others wait on
+        return await asyncio.shield(reading)
+
+    async def _read_resource(
+        self,
+        mcp_url: str,
+        resource: str,
+        www_authenticate: str | None,
+        report: Callable[[str, str], None] | None,
+    ) -> ResourceMetadata:
         with_path = _well_known(mcp_url, "oauth-protected-resource", keep_path=True)
         root = _well_known(mcp_url, "oauth-protected-resource", keep_path=False)
         for url in (with_path, root):

@@ -65,7 +65,8 @@ def debugged(tmp_path_factory) -> SimpleNamespace:
                 tmp,
                 extra=inject_table(w.cg, w.proxy_port)
                 + table("[policy]", file=str(policy))
-                + server_table("echo", url, issuer=w.oidc.issuer),
+                # prewarm off: the lines of one fetch, made by the call itself
+                + server_table("echo", url, issuer=w.oidc.issuer, prewarm=False),
                 bundle_port=w.bundle_port,
             )
             agent = w.enter(AgentProcess(cfg, tmp, args=["--log-level", "debug"]))

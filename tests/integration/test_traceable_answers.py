@@ -208,7 +208,8 @@ def test_an_authorization_server_refusing_the_client_is_told_as_observed(tmp_pat
             )
         )
         mcp.start(w.oidc.issuer)
-        w.start_agent(server_table("weather", mcp.url))
+        # prewarm off: one refused token request, the call's own
+        w.start_agent(server_table("weather", mcp.url, prewarm=False))
         out = run_client(mcp.url, "list", preexec=enter_cgroup(w.cg))[-1]
         assert out.get("code") == answers.TOKEN_FAILED, out
         detail = out["data"]["detail"]
