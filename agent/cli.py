@@ -40,6 +40,10 @@ def cmd_run(args) -> int:
     from agent.daemon import Daemon, StartupError
     from agent.observe import logging as obs_logging
 
+    if args.take_over:  # a handover from the running agent, if any (docs/restart.md)
+        from agent.restart import cmd_run_taking_over
+
+        return cmd_run_taking_over(args)
     cfg = _load_config(args.config)
     obs_logging.configure(
         level=args.log_level or cfg.log.level, fmt=args.log_format or cfg.log.format
@@ -54,6 +58,12 @@ def cmd_run(args) -> int:
     except ImportError:
         return asyncio.run(daemon.run())
     return uvloop.run(daemon.run())
+
+
+def cmd_restart(args) -> int:
+    from agent.restart import cmd_restart as restart
+
+    return restart(args)
 
 
 def cmd_doctor(args) -> int:
@@ -283,6 +293,20 @@ def build_parser() -> argparse.ArgumentParser:
     run = _command(sub, "run", cmd_run, "run the agent in the foreground")
     run.add_argument("--log-level", choices=config.LOG_LEVELS, help="overrides log.level")
     run.add_argument("--log-format", choices=config.LOG_FORMATS, help="overrides log.format")
+    run.add_argument(
+        "--take-over",
+        action="store_true",
+        help="if an agent runs with this run_dir, take over from it without refusing a "
+        "connect (docs/restart.md); if none does, start as usual",
+    )
+    restart = _command(
+        sub,
+        "restart",
+        cmd_restart,
+        "start a new agent that takes over from the running one (docs/restart.md); "
+        "if it cannot start, the running one keeps serving and this exits 1 naming why",
+    )
+    restart.add_argument("--timeout", type=float, help="seconds to wait for the new agent")
 
     chk = _command(
         sub, "check-config", cmd_check_config, "validate a config file and exit", config_help=None

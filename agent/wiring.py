@@ -130,6 +130,45 @@ class AuditDropped:
         yield c
 
 
+class HandedOverProxy(ProxyComponent):
+    """The proxy component; after a handover (handed_over) its stop leaves the shared
+    redirect configuration alone: the new agent has marked itself up in it."""
+
+    handed_over = False
+
+    async def stop(self) -> None:
+        if not self.handed_over:
+            await super().stop()
+            return
+        if self._dns is not None:
+            self._dns.cancel()
+        if self.pods is not None:
+            await self.pods.stop()
+        await self.listeners.stop()
+        self.proxy.close()
+
+
+class HandedOverRedirect(RedirectComponent):
+    """The redirect component; after a handover its stop never detaches the pinned links
+    and maps (whatever keep_redirect_on_stop says): the new agent's programs are in them."""
+
+    handed_over = False
+
+    async def stop(self) -> None:
+        self.redirector.stop(detach=False if self.handed_over else None)
+
+
+@dataclass
+class Injection:
+    """The injection path's parts a handover acts on (agent/handover.py)."""
+
+    redirector: Redirector
+    listeners: ProxyListeners
+    pods: NetnsListeners | None
+    proxy: HandedOverProxy
+    redirect: HandedOverRedirect
+
+
 @dataclass
 class Agent:
     """What build() made: the components in start-up order, and the parts the operator
@@ -145,6 +184,7 @@ class Agent:
     components: list[Component] = field(default_factory=list)
     reload_hooks: list[Callable[[], object]] = field(default_factory=list)  # SIGHUP
     redirector: Redirector | None = None  # None: injection is off
+    injection: Injection | None = None  # None: injection is off
     recent: RecentEvents | None = None  # the last audit lines, for `credless explain`
 
 
@@ -366,18 +406,19 @@ def add_injection(agent: Agent) -> None:
             registry=registry,
         )
         agent.attestor.add_event_listener(pods.process_event)
-    agent.components += [
-        RedirectComponent(redirector, upstreams, inj.tls_listen_port),
-        ProxyComponent(
-            proxy,
-            listeners,
-            pods,
-            redirector,
-            resolver,
-            inj.resolve_interval_seconds,
-            inj.tls_listen_port,
-        ),
-    ]
+    listeners.pods = pods
+    redirect_component = HandedOverRedirect(redirector, upstreams, inj.tls_listen_port)
+    proxy_component = HandedOverProxy(
+        proxy,
+        listeners,
+        pods,
+        redirector,
+        resolver,
+        inj.resolve_interval_seconds,
+        inj.tls_listen_port,
+    )
+    agent.components += [redirect_component, proxy_component]
+    agent.injection = Injection(redirector, listeners, pods, proxy_component, redirect_component)
     agent.metrics.add_ready_check(
         "redirect", lambda: (redirector.attached, f"{len(redirector.targets)} targets")
     )

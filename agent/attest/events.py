@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from agent import bpfsys
 from agent.attest.btf import task_offset_cflags
 from agent.attest.table import ProcessEvent
 from agent.bpfload import compile_program
@@ -170,6 +171,18 @@ class ProcessEventSource:
         if self._bpf is None:
             return 0
         return sum(self._lost[ct.c_int(0)])
+
+    def pin_images(self) -> bool:
+        """Pin this source's process_images map again if its pin is gone (the other agent of
+        a handover unlinks the pin when it stops, whichever map it names by then); the
+        redirect programs hold the map itself, the pin is for the next agent and doctor."""
+        if self._bpf is None or not self._pin_dir:
+            return False
+        path = Path(self._pin_dir, "process_images")
+        if path.exists():
+            return False
+        bpfsys.obj_pin(self._bpf[b"process_images"].map_fd, str(path))
+        return True
 
     def kernel_image(self, tgid: int) -> tuple[int, int] | None:
         """(start_ns, exec_ns) of the image tgid runs now, per the kernel; None if no process."""

@@ -29,6 +29,7 @@ from typing import Protocol
 from agent.config import InjectSection
 from agent.inject import answers, http1
 from agent.inject.flows import ClientSide
+from agent.inject.last_request import HandedOverClient
 from agent.inject.proxy import Proxy
 from agent.inject.redirect import RedirectInfo
 from agent.inject.timeouts import Timeouts
@@ -191,6 +192,12 @@ class TlsListener:
             pass
         conn.close()
 
+    def stop_accepting(self) -> None:
+        """Accept no more (a new agent accepts on this socket now); connections accepted
+        and not yet handshaken go on."""
+        self._accepting.cancel()
+        self.sock.close()
+
     def close(self) -> None:
         self._accepting.cancel()
         for t in list(self._pending):
@@ -224,6 +231,12 @@ async def _drain(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
         pass
 
 
+class PodListeners(Protocol):
+    """agent/inject/netns.py's NetnsListeners, as far as a handover fills it."""
+
+    served: dict[int, list[Listening]]
+
+
 class ProxyListeners:
     """The proxy's listeners and the connections accepted on them; each connection is
     served by proxy.handle() in a task of its own."""
@@ -245,6 +258,12 @@ class ProxyListeners:
             proxy.expired,
         )
         self._sweeper: asyncio.Task[None] | None = None
+        # listening sockets a new agent took over from the old one (agent/handover.py):
+        # served instead of binding anew, so connects queue on the same sockets throughout
+        self.inherited: list[tuple[socket.socket, ListenSpec]] = []
+        self.inherited_pods: dict[int, list[tuple[socket.socket, ListenSpec]]] = {}
+        self.pods: PodListeners | None = None  # where inherited pods' listeners go
+        self.handed_over = False  # stop_accepting() was called: a new agent accepts
 
     def listen_specs(self) -> list[ListenSpec]:
         """The listeners the redirect sends connections to, in any network namespace."""
@@ -263,7 +282,8 @@ class ProxyListeners:
     async def start(self) -> None:
         if self.inject_ca is not None:
             self._tls = self._tls_server_context(self.inject_ca)
-        self._servers += await self.serve(bind_listeners(self.listen_specs(), optional_v6=False))
+        self._servers += await self.serve(self._inherit_or_bind(self.listen_specs()))
+        await self._serve_inherited_pods()
         self._sweeper = asyncio.create_task(self.timeouts.run())
         c = self.cfg
         log.info(
@@ -273,6 +293,45 @@ class ProxyListeners:
             tls_port=c.tls_listen_port if self.inject_ca else None,
         )
 
+    def _inherit_or_bind(self, specs: list[ListenSpec]) -> list[tuple[socket.socket, ListenSpec]]:
+        """Each spec's listener: the inherited socket for it, else a new one. An inherited
+        socket no spec wants any more (a port changed in the configuration) is closed."""
+        inherited, self.inherited = {spec: s for s, spec in self.inherited}, []
+        out, wanted = [], []
+        for spec in specs:
+            sock = inherited.pop(spec, None)
+            if sock is not None:
+                out.append((sock, spec))
+            else:
+                wanted.append(spec)
+        for sock in inherited.values():
+            sock.close()
+        try:
+            out += bind_listeners(wanted, optional_v6=False)
+        except BaseException:
+            for sock, _ in out:
+                sock.close()
+            raise
+        if len(out) > len(wanted):
+            log.info("listening sockets taken over", count=len(out) - len(wanted))
+        return out
+
+    async def _serve_inherited_pods(self) -> None:
+        """Pods' listeners taken over: served before the pods' scan starts, which keeps
+        those of namespaces that still have a managed process and closes the others."""
+        pods, self.inherited_pods = self.inherited_pods, {}
+        specs = set(self.listen_specs())
+        for ino, socks in pods.items():
+            if self.pods is None or ino in self.pods.served or {s for _, s in socks} != specs:
+                for sock, _ in socks:
+                    sock.close()
+                continue
+            self.pods.served[ino] = await self.serve(socks)
+
+    def listening(self) -> list[Listening]:
+        """The listeners served in the agent's own network namespace."""
+        return list(self._servers)
+
     async def serve(self, socks: list[tuple[socket.socket, ListenSpec]]) -> list[Listening]:
         """Serve bound listening sockets (of this or a workload's network namespace)."""
         loop = asyncio.get_running_loop()
@@ -281,7 +340,7 @@ class ProxyListeners:
             for sock, spec in socks:
                 netns = netns_cookie(sock)
                 protocol = functools.partial(
-                    ClientSide,
+                    HandedOverClient,
                     functools.partial(self._accept, netns=netns),
                     max_head=self.cfg.max_head_bytes,
                     max_fields=self.cfg.max_header_fields,
@@ -394,15 +453,44 @@ class ProxyListeners:
             pass
 
     def _accept(self, client: ClientSide, netns: int) -> None:
+        if self.handed_over and isinstance(client, HandedOverClient):
+            client.last_request()  # accepted (a TLS handshake) as the handover happened
         task = asyncio.get_running_loop().create_task(self.proxy.handle(client, netns))
         self._conns[client] = task
         task.add_done_callback(lambda _t: self._conns.pop(client, None))
 
+    def stop_accepting(self) -> None:
+        """A new agent took the listening sockets over: accept nothing more here. What was
+        accepted goes on being served (stop() drains it)."""
+        for s in self._servers:
+            if isinstance(s, TlsListener):
+                s.stop_accepting()
+            else:
+                s.close()
+        self.handed_over = True
+        for client in self._conns:
+            if isinstance(client, HandedOverClient):
+                client.last_request()
+
     async def stop(self) -> None:
         """Drain: no new connections; idle ones closed now; the others each closed after
-        the answer in flight, within inject.drain_seconds, then cut."""
+        the answer in flight, within inject.drain_seconds, then cut.
+
+        Handed over (stop_accepting() first): for up to drain_seconds no connection is
+        closed between requests, where a request the workload sends meanwhile would be lost;
+        each connection's next request is answered here with `Connection: close` and the
+        connection closed after it (HandedOverClient), and the workload's client makes its
+        next one to the new agent; an answer in flight (an SSE stream) goes on. Those still
+        open then are drained as above."""
         for s in self._servers:
             s.close()
+        if self.handed_over and self._conns:
+            log.info(
+                "handed over: serving open connections out",
+                connections=len(self._conns),
+                seconds=self.cfg.drain_seconds,
+            )
+            await asyncio.wait(list(self._conns.values()), timeout=self.cfg.drain_seconds)
         for client in list(self._conns):
             client.drain_and_close()
         if self._conns:

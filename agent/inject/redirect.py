@@ -291,6 +291,26 @@ class Redirector:
         leaf.agent_up = 1 if up else 0
         table[ct.c_int(0)] = leaf
 
+    def reclaim(self) -> None:
+        """Put this agent's programs and configuration back into the pinned links and maps,
+        after a new agent that may have swapped its own in failed to take over
+        (agent/handover.py): the links run this agent's programs again, with its targets."""
+        if not self.attached:
+            return
+        from bcc import BPF, BPFAttachType
+
+        progs = [
+            (b"credless_connect4", BPF.CGROUP_SOCK_ADDR, BPFAttachType.CGROUP_INET4_CONNECT),
+            (b"credless_connect6", BPF.CGROUP_SOCK_ADDR, BPFAttachType.CGROUP_INET6_CONNECT),
+            (b"credless_sockops", BPF.SOCK_OPS, -1),
+        ]
+        for link_fd, (name, ptype, expected) in zip(self._links, progs, strict=True):
+            bpfsys.link_update(link_fd, self._program.load_func(name, ptype, None, expected).fd)
+        self._configure()
+        self.set_targets(set(self.targets))
+        self.set_agent_up(True)
+        log.info("redirect reclaimed", reason="a new agent failed to take over")
+
     def stop(self, detach: bool | None = None) -> None:
         """Close this agent's hold on the redirect; it stays attached through its pins
         unless detach (default: not inject.keep_redirect_on_stop)."""

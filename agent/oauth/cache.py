@@ -191,6 +191,12 @@ class TokenCache(Generic[Key]):
         self._on_event("refreshed" if refresh else "obtained", key, token)
         return token
 
+    def adopt(self, key: Key, token: Token) -> None:
+        """Hold a token obtained elsewhere (handed over by the agent this one replaces:
+        agent/handover_tokens.py); refreshed like any other from then on."""
+        self._entries[key] = _Entry(token=token)
+        self.generation += 1
+
     def invalidate(self, key: Key) -> None:
         """Forget a token the server rejected (invalid_token): the next get fetches anew."""
         entry = self._entries.get(key)

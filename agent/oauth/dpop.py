@@ -23,6 +23,7 @@ import time
 from urllib.parse import urlsplit, urlunsplit
 
 import jwt
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.identity.bundle import jwk_thumbprint, public_key_to_jwk
@@ -59,8 +60,9 @@ def ath(access_token: str) -> str:
 class DPoPKey:
     alg = "ES256"
 
-    def __init__(self) -> None:
-        self._key = ec.generate_private_key(ec.SECP256R1())
+    def __init__(self, private: ec.EllipticCurvePrivateKey | None = None) -> None:
+        """A new key, or (private) one handed over by the agent this one replaces."""
+        self._key = private if private is not None else ec.generate_private_key(ec.SECP256R1())
         public = self._key.public_key()
         self._headers = {"typ": "dpop+jwt", "jwk": public_key_to_jwk(public)}
         self.jkt = jwk_thumbprint(public)  # RFC 7638: what the AS puts in cnf.jkt
@@ -79,6 +81,23 @@ class DPoPKey:
 
     def __repr__(self) -> str:
         return f"DPoPKey(jkt={self.jkt!r})"
+
+    @classmethod
+    def from_der(cls, der: bytes) -> DPoPKey:
+        """The key of private_der(); ValueError for anything but a P-256 key."""
+        private = serialization.load_der_private_key(der, None)
+        if not isinstance(private, ec.EllipticCurvePrivateKey) or private.curve.name != "secp256r1":
+            raise ValueError("not a P-256 private key")
+        return cls(private)
+
+    def private_der(self) -> bytes:
+        """The private key (PKCS#8 DER), only to hand it to the agent replacing this one over
+        the root-only handover socket (agent/handover_tokens.py); never written anywhere."""
+        return self._key.private_bytes(
+            serialization.Encoding.DER,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
 
     def proof(
         self,

@@ -245,6 +245,18 @@ class OAuthService:
             key = self._dpop_keys[spiffe_id] = DPoPKey()
         return key
 
+    def held_dpop_keys(self) -> dict[str, DPoPKey]:
+        """The DPoP key of each identity that has one (for a handover)."""
+        return dict(self._dpop_keys)
+
+    def adopt(self, key: TokenKey, token: Token, dpop_key: DPoPKey | None) -> None:
+        """Hold a token (and the DPoP key it is bound to) handed over by the agent this one
+        replaces, served by cached_token() at once (agent/handover_tokens.py)."""
+        if dpop_key is not None:
+            self._dpop_keys[key[0]] = dpop_key
+        self.cache.adopt(key, token)
+        self._token_keys[(key[0], key[1])] = (key, time.monotonic() + KEY_MEMO_SECONDS)
+
     # ------------------------------------------------------------ tokens
     def cached_token(self, ident: Identity, server_name: str) -> Token | None:
         """The proxy's per-request fast path: the valid cached token for this identity and

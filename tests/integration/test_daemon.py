@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from agent import config
-from tests.helpers import AgentProcess, free_port, http_get, write_config
+from tests.helpers import AgentProcess, free_port, http_get, wait_for, write_config
 
 pytestmark = pytest.mark.kernel  # the agent loads its BPF programs at start
 
@@ -116,6 +117,7 @@ def test_components_start_in_order_of_dependence(agent):
         "oauth",
         "admin",
         "metrics",
+        "handover",  # last: a new agent takes over from one that serves (agent/handover.py)
     ]
 
 
@@ -237,3 +239,86 @@ def test_bundle_endpoint_serves_the_spiffe_bundle(agent):
     assert status == 200 and "spiffe_sequence" not in jwks
     assert [k["kid"] for k in jwks["keys"]] == [k["kid"] for k in doc["keys"] if "kid" in k]
     assert {(k["use"], k["alg"]) for k in jwks["keys"]} == {("sig", "ES256")}
+
+
+def test_the_handover_socket_is_root_only_and_serves_one_handover_at_a_time(agent, tmp_path):
+    """agent/handover.py: the running agent hands its pid file over (and with it the
+    lock) to one new agent at a time; a new agent that goes away before `takeover` leaves
+    it serving, and the next may try again."""
+    from agent.handover import HandoverClient, HandoverError
+
+    path = tmp_path / "run" / "handover.sock"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    pidfile = tmp_path / "run" / "credless.pid"
+    first = HandoverClient(path)
+    try:
+        fd, inherited, tokens = first.offer()
+        try:
+            assert os.fstat(fd).st_ino == pidfile.stat().st_ino
+            assert first.old_pid == agent.proc.pid
+            assert inherited.main == [] and tokens == {"tokens": [], "dpop_keys": {}}
+        finally:
+            os.close(fd)
+            inherited.close()
+        second = HandoverClient(path)
+        try:
+            with pytest.raises(HandoverError, match="under way"):
+                second.offer()
+        finally:
+            second.close()
+    finally:
+        first.close()  # gone before `takeover`: the running agent keeps serving
+    wait_for(
+        lambda: any(
+            e.get("event") == "handover aborted: this agent keeps serving"
+            for e in agent.log_events()
+        ),
+        30,
+    )
+    assert agent.proc.poll() is None
+    assert pidfile.read_text().strip() == str(agent.proc.pid)
+    assert http_get(f"http://127.0.0.1:{agent.port}/healthz")[0] == 200
+    again = HandoverClient(path)
+    try:
+        fd, inherited, _ = again.offer()
+        os.close(fd)
+        inherited.close()
+    finally:
+        again.close()
+
+
+def test_a_pid_file_descriptor_of_another_file_is_not_adopted(tmp_path):
+    from agent.daemon import PidFile, StartupError
+
+    mine = PidFile(tmp_path / "a.pid")
+    mine.path.write_text("1\n")
+    other = os.open(tmp_path / "b.pid", os.O_RDWR | os.O_CREAT, 0o644)
+    with pytest.raises(StartupError, match="is not"):
+        mine.adopt(other)
+
+
+def test_restart_replaces_an_agent_without_a_handover_socket(agent, tmp_path):
+    """An agent from before handovers (no handover.sock) is stopped and then replaced, as a
+    restart does: `credless restart` and a DaemonSet's first rollout to a version with
+    handovers never stall on it."""
+    import sys
+
+    (tmp_path / "run" / "handover.sock").unlink()
+    log = tmp_path / "new-agent.log"
+    with open(log, "wb") as out:
+        r = subprocess.run(
+            [sys.executable, "-m", "agent.restart", "--config", str(agent.config)],
+            stdout=out,
+            stderr=out,
+            timeout=180,
+        )
+    assert r.returncode == 0, log.read_text()[-3000:]
+    assert agent.proc.wait(60) == 0
+    new = int((tmp_path / "run" / "credless.pid").read_text().split()[0])
+    try:
+        assert new != agent.proc.pid
+        assert "no handover socket" in log.read_text()
+        assert http_get(f"http://127.0.0.1:{agent.port}/healthz")[0] == 200
+    finally:
+        os.kill(new, signal.SIGTERM)
+        wait_for(lambda: not Path(f"/proc/{new}").exists(), 60)

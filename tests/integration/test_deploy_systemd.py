@@ -39,6 +39,17 @@ def _unit_values(section: str, key: str) -> list[str]:
     return values
 
 
+def _restart_command() -> str:
+    """`credless restart` (the unit's ExecReload), or the same as `python -m agent.restart`
+    while agent/cli.py does not have the subcommand yet."""
+    from agent.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    if "restart" in sub.choices:  # type: ignore[operator]
+        return f"{VENV_BIN / 'credless'} restart"
+    return f"{sys.executable} -m agent.restart"
+
+
 def _unit_with_local_binary(tmp_path: Path) -> Path:
     # verify checks that ExecStart's binary exists: point it at this venv's console script
     unit = tmp_path / "credless.service"
@@ -130,15 +141,33 @@ def test_systemd_sandbox_runs_the_agent(tmp_path):
         with contextlib.suppress(TimeoutError):  # counted by the ring buffer callback
             wait_for(lambda: exec_counted.search(sandbox.curl("/metrics")), 10)
         assert exec_counted.search(sandbox.curl("/metrics"))
-        # the daemon pings the watchdog (WatchdogSec=30): still running after 35 s. The
+        # `systemctl reload` is a handover (docs/restart.md): a new agent, started by
+        # ExecReload, becomes the main process (MAINPID=, NotifyAccess=all) and the old one
+        # drains and exits
+        old_pid = sandbox.prop("MainPID")
+        sandbox.ctl("reload", "credless.service")
+        new_pid = sandbox.prop("MainPID")
+        assert new_pid not in ("0", old_pid), sandbox.journal() + sandbox.agent_output()
+        assert sandbox.prop("ActiveState") == "active", sandbox.journal()
+        ready = sandbox.curl("/readyz")
+        assert "ok attest" in ready and "ok redirect" in ready, ready
+        # the new agent pings the watchdog (WatchdogSec=30): still running after 35 s. The
         # wait is the behaviour tested: a missed ping would have had systemd restart it.
         time.sleep(35)
         assert sandbox.prop("NRestarts") == "0" and sandbox.prop("ActiveState") == "active", (
             sandbox.journal()
         )
-        sandbox.ctl("reload", "credless.service")
+        assert sandbox.prop("MainPID") == new_pid
+        assert sandbox.nsexec(["test", "-e", f"/proc/{old_pid}"], check=False).returncode, (
+            "the old agent drained and exited"
+        )
         sandbox.ctl("stop", "credless.service")
-        assert sandbox.prop("Result") == "success", sandbox.journal()
+        assert sandbox.prop("Result") == "success", (
+            sandbox.journal()
+            + sandbox.ctl("status", "credless.service", check=False).stdout
+            + sandbox.prop("ExecMainStatus")
+            + sandbox.agent_output()[-1500:]
+        )
         # nothing the sandbox refused (the agent's own bugs are other tests' business)
         refused = [
             line
@@ -237,6 +266,8 @@ url = "http://127.0.0.1:9/mcp"
         (units / "credless.service.d" / "test.conf").write_text(f"""[Service]
 ExecStart=
 ExecStart={VENV_BIN / "credless"} run --config {self.conf / "credless.toml"}
+ExecReload=
+ExecReload={_restart_command()} --config {self.conf / "credless.toml"}
 ExecStartPre=
 ExecStartPre=+/bin/mkdir -p -m 0700 {self.pin}
 ReadWritePaths=
