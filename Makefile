@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 PYTHON ?= python3
 BCC_SRC := /usr/lib/python3/dist-packages/bcc
 
-.PHONY: setup host venv peers test lint types unit mutate demo bench bench-attest bench-identity bench-inject bench-workload-api proto install clean
+.PHONY: setup host venv peers image test test-container lint types unit mutate demo bench bench-attest bench-identity bench-inject bench-restart bench-workload-api proto install clean
 
 setup: host venv peers
 
@@ -33,8 +33,18 @@ tests/oidc/node_modules/.installed: tests/oidc/package-lock.json
 	@npm ci --prefix tests/oidc --no-audit --no-fund --loglevel=error
 	@touch $@
 
-test: setup lint types
+test: setup lint types image
 	$(PY) -m pytest -n 3 --dist loadgroup tests/unit tests/integration
+
+# The DaemonSet's image (deploy/k8s/Containerfile) with podman: a debootstrapped base and a
+# wheelhouse from the host's pip, both cached, so only the first build downloads (about 2
+# min); tests/integration/test_container.py runs the agent from it (docs/container.md).
+image: host
+	@bash deploy/k8s/build-image.sh
+
+# Only the container test (`make test` runs it with the rest)
+test-container: setup image
+	$(PY) -m pytest tests/integration/test_container.py
 
 # ruff (rules and their reasons in pyproject.toml) over the code and the tests, then format
 lint: venv
@@ -57,7 +67,7 @@ unit: venv
 demo: setup
 	$(PY) -m tests.demo
 
-bench: setup bench-attest bench-identity bench-inject bench-workload-api
+bench: setup bench-attest bench-identity bench-inject bench-restart bench-workload-api
 
 bench-attest: setup
 	$(PY) -m tests.bench.bench_attest
@@ -67,6 +77,10 @@ bench-identity: setup
 
 bench-inject: setup
 	$(PY) -m tests.bench.bench_inject
+
+# requests/s and failed requests through a handover (credless restart), next to no restart
+bench-restart: setup
+	$(PY) -m tests.bench.bench_restart
 
 bench-workload-api: setup
 	$(PY) -m tests.bench.bench_workload_api

@@ -16,7 +16,9 @@ fi
 # prometheus: for promtool, which lints our /metrics exposition in the tests.
 # bpftool: lets tests and operators list programs, links and maps.
 # iproute2: network namespaces for the injection tests.
-PACKAGES=(python3-bpfcc linux-headers-amd64 prometheus bpftool iproute2 python3-venv ca-certificates nginx wrk nodejs systemd)
+# podman, runc, debootstrap: build the DaemonSet's image and run it (deploy/k8s/build-image.sh,
+# tests/integration/test_container.py); runc because crun refuses hybrid cgroup layouts.
+PACKAGES=(python3-bpfcc linux-headers-amd64 prometheus bpftool iproute2 python3-venv ca-certificates nginx wrk nodejs systemd podman runc debootstrap)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

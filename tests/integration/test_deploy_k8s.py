@@ -146,6 +146,7 @@ PODMONITOR_SCHEMA = {
                         "additionalProperties": False,
                         "properties": {
                             "port": {"type": "string"},
+                            "portNumber": {"type": "integer", "minimum": 1, "maximum": 65535},
                             "path": {"type": "string"},
                             "scheme": {"enum": ["http", "https", "HTTP", "HTTPS"]},
                             "interval": _DURATION,
@@ -166,18 +167,22 @@ def _pod_spec() -> dict:
     return _one("daemonset.yaml")["spec"]["template"]["spec"]
 
 
-def _container_ports() -> dict[str, int]:
-    return {p["name"]: p["containerPort"] for p in _pod_spec()["containers"][0]["ports"]}
+def _metrics_port(tmp_path: Path) -> int:
+    address = config.parse_listen(_agent_config(tmp_path).metrics.listen)
+    assert address is not None
+    return address[1]
 
 
-def test_podmonitor_matches_the_crd_and_selects_the_daemonset():
+def test_podmonitor_matches_the_crd_and_selects_the_daemonset(tmp_path):
     pm = _one("podmonitor.yaml")
     jsonschema.validate(pm, PODMONITOR_SCHEMA)
     ds = _one("daemonset.yaml")
     assert pm["metadata"]["namespace"] == ds["metadata"]["namespace"]
     labels = ds["spec"]["template"]["metadata"]["labels"]
     assert pm["spec"]["selector"]["matchLabels"].items() <= labels.items()
-    assert {e["port"] for e in pm["spec"]["podMetricsEndpoints"]} <= set(_container_ports())
+    # by number: the pod declares no ports (test_daemonset_hands_over_on_update)
+    endpoints = pm["spec"]["podMetricsEndpoints"]
+    assert [e.get("portNumber") for e in endpoints] == [_metrics_port(tmp_path)] * len(endpoints)
 
 
 def test_metrics_service_and_ports_reach_the_agents_metrics_endpoint(tmp_path):
@@ -185,11 +190,9 @@ def test_metrics_service_and_ports_reach_the_agents_metrics_endpoint(tmp_path):
     ds = _one("daemonset.yaml")
     assert svc["spec"]["clusterIP"] == "None"
     assert svc["spec"]["selector"].items() <= ds["spec"]["template"]["metadata"]["labels"].items()
-    ports = _container_ports()
-    assert {p["targetPort"] for p in svc["spec"]["ports"]} <= set(ports)
     cfg = _agent_config(tmp_path)
     host, port = config.parse_listen(cfg.metrics.listen)
-    assert ports["metrics"] == port
+    assert {p["targetPort"] for p in svc["spec"]["ports"]} == {port}
     # Prometheus scrapes the pod IP (the node's, with hostNetwork): not reachable on loopback
     assert cfg.metrics.expose and host in ("0.0.0.0", "::")  # noqa: S104, cfg.metrics.listen
     container = _pod_spec()["containers"][0]
@@ -198,6 +201,30 @@ def test_metrics_service_and_ports_reach_the_agents_metrics_endpoint(tmp_path):
         assert get["port"] == port and get.get("host") == "127.0.0.1", probe
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+
+
+def test_daemonset_hands_over_on_update(tmp_path):
+    """A rollout is a handover on each node (docs/restart.md): the new pod starts beside the
+    old one (maxSurge 1, never an agent-less moment: maxUnavailable 0), takes over through
+    the handover socket on the run_dir hostPath, and can be scheduled there at all: a
+    hostNetwork pod's declared ports are hostPorts, which two pods on a node cannot share."""
+    ds = _one("daemonset.yaml")
+    strategy = ds["spec"]["updateStrategy"]
+    assert strategy["type"] == "RollingUpdate"
+    assert strategy["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    spec = _pod_spec()
+    container = spec["containers"][0]
+    assert "--take-over" in container["args"] and container["args"][0] == "run"
+    assert not any("ports" in c for c in spec["containers"]), "hostPorts block the surge pod"
+    cfg = _agent_config(tmp_path)
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    run = volumes[mounts[cfg.agent.run_dir]["name"]]
+    assert run["hostPath"]["path"] == cfg.agent.run_dir  # handover.sock: both pods see it
+    # the old pod serves its connections out, then drains: within the grace period
+    assert spec["terminationGracePeriodSeconds"] >= 2 * cfg.inject.drain_seconds
+    # the new pod is ready only once it took over: readiness is the agent's /readyz
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
 
 
 def test_daemonset_mounts_what_the_config_uses(tmp_path):
@@ -239,7 +266,7 @@ def test_daemonset_mounts_what_the_config_uses(tmp_path):
     assert "subPath" not in mounts["/etc/credless"], "subPath mounts never see updates"
     for path in (cfg.identity.entries_file, cfg.policy.file):
         assert Path(path).parent == Path("/etc/credless") and Path(path).name in data, path
-    assert container["args"] == ["run", "--config", "/etc/credless/credless.toml"]
+    assert container["args"] == ["run", "--take-over", "--config", "/etc/credless/credless.toml"]
     # ${VAR}s in the kubelet URL come from the container's environment
     env = {e["name"]: e for e in container["env"]}
     for var in re.findall(r"\$\{(\w+)\}", cfg.attest.kubelet.url):
@@ -396,6 +423,9 @@ def test_containerfile_copies_what_the_wheel_needs():
     text = (K8S / "Containerfile").read_text()
     assert text.startswith("#") and "FROM debian:bookworm-slim" in text
     for line in re.findall(r"^COPY (.+)$", text, re.M):
+        if line.startswith("--from="):
+            continue  # out of another stage, not the build context
         for src in line.split()[:-1]:
-            assert (REPO / src).exists(), src
+            # build/wheelhouse: made by deploy/k8s/build-image.sh (the wheelhouse route)
+            assert src == "build/wheelhouse" or (REPO / src).exists(), src
     assert "python3-bpfcc" in text and "/usr/lib/python3/dist-packages/bcc" in text
