@@ -420,18 +420,26 @@ def _read_private_file(path: Path) -> bytes:
             f"cannot open CA key file {path}: {e.strerror} (symlinks are refused)"
         ) from None
     with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise CAError(f"CA key file {path} is not a regular file")
-        if st.st_uid != os.geteuid():
-            raise CAError(
-                f"CA key file {path} is owned by uid {st.st_uid}, not by this agent "
-                f"(uid {os.geteuid()}); run: chown {os.geteuid()} {path}"
-            )
-        if stat.S_IMODE(st.st_mode) & 0o077:
-            raise CAError(
-                f"CA key file {path} is readable by group or others (mode "
-                f"{stat.S_IMODE(st.st_mode):o}); treat the key as possibly leaked, and "
-                f"if you are sure it is not, run: chmod 600 {path}"
-            )
+        problem = private_file_problem(os.fstat(f.fileno()), path)
+        if problem:
+            raise CAError(f"CA key file {path} {problem}")
         return f.read()
+
+
+def private_file_problem(st: os.stat_result, path: Path | str) -> str | None:
+    """What is wrong with an opened private key file (its fstat): not a regular file, not
+    ours, or open to group or others; None when nothing is. Shared by every key file the
+    agent keeps (the CA's, the JWT signing keys')."""
+    if not stat.S_ISREG(st.st_mode):
+        return "is not a regular file"
+    if st.st_uid != os.geteuid():
+        return (
+            f"is owned by uid {st.st_uid}, not by this agent (uid {os.geteuid()}); "
+            f"run: chown {os.geteuid()} {path}"
+        )
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        return (
+            f"is readable by group or others (mode {stat.S_IMODE(st.st_mode):o}); treat the "
+            f"key as possibly leaked, and if you are sure it is not, run: chmod 600 {path}"
+        )
+    return None

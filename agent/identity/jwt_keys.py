@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from agent.fsutil import atomic_write
 from agent.identity.bundle import jwk_thumbprint
+from agent.identity.ca import private_file_problem
 from agent.observe.logging import get_logger
 
 log = get_logger("identity")
@@ -143,20 +144,9 @@ class JwtKeyFile:
             raise self._refuse(f"cannot be opened: {e.strerror} (symlinks are refused)") from None
         with os.fdopen(fd, "rb") as f:
             st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise self._refuse("is not a regular file")
-            if st.st_uid != os.geteuid():
-                raise JwtKeyFileError(
-                    f"JWT signing key file {self.path} is owned by uid {st.st_uid}, not by this "
-                    f"agent (uid {os.geteuid()}); run: chown {os.geteuid()} {self.path}"
-                )
-            if stat.S_IMODE(st.st_mode) & 0o077:
-                raise JwtKeyFileError(
-                    f"JWT signing key file {self.path} is accessible to group or others (mode "
-                    f"{stat.S_IMODE(st.st_mode):o}); treat the keys as possibly leaked and move "
-                    f"the file aside (new keys are made), or if you are sure they are not, run: "
-                    f"chmod 600 {self.path}"
-                )
+            problem = private_file_problem(st, self.path)
+            if problem:
+                raise JwtKeyFileError(f"JWT signing key file {self.path} {problem}")
             data = f.read()
         self.signature = (st.st_ino, st.st_mtime_ns, st.st_size)
         return data

@@ -210,7 +210,7 @@ def test_a_file_others_can_read_is_refused(tmp_path, clock) -> None:
     agent_keys(tmp_path, clock)
     path = tmp_path / "jwt" / "keys.json"
     os.chmod(path, 0o640)
-    with pytest.raises(JwtKeyFileError, match="accessible to group or others"):
+    with pytest.raises(JwtKeyFileError, match="readable by group or others"):
         agent_keys(tmp_path, clock)
 
 
