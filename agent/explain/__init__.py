@@ -72,7 +72,8 @@ def explain(agent: Agent, req: dict[str, Any]) -> dict[str, Any]:
     proxy = component.proxy if component is not None else None
     cgroup = att.cgroup_path if att is not None else process_cgroup(pid)
     steps.append(interception(agent, component, server, target_url, url, pid, cgroup))
-    parent = _parent_identity(agent, att) if att is not None and sid else None
+    # the proxy's own answer: the sub-agent rule is decided where requests are
+    parent = proxy.parent_identity(att) if proxy is not None and att is not None and sid else None
     call = Call(
         method, tool, req.get("arguments"), att.selectors if att is not None else frozenset()
     )
@@ -229,16 +230,6 @@ def identity_step(agent: Agent, att: Attestation, sid: str | None, entry: str | 
         [f"from entry {entry!r}", f"{users} live process(es) use it through the proxy"],
         {"spiffe_id": sid, "entry": entry},
     )
-
-
-def _parent_identity(agent: Agent, att: Attestation) -> str | None:
-    """The nearest ancestor's SPIFFE ID (as agent/inject/proxy.py asks it: sub-agents)."""
-    for tgid, exec_ns, _exe in att.lineage:
-        a = agent.attestor.attest_image(tgid, exec_ns, timeout=0)
-        ident = agent.identity.resolve(a, quiet=True) if a is not None else None
-        if ident is not None:
-            return str(ident.spiffe_id)
-    return None
 
 
 def _proxy(agent: Agent) -> ProxyComponent | None:

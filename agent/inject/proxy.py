@@ -224,7 +224,7 @@ class Proxy:
         parent = None
         if att is not None and ident is not None:
             self.identity.note_use(ident, att)
-            parent = self._parent_identity(att)
+            parent = self.parent_identity(att)
         who: dict[str, Any] = {
             "pid": info.tgid,
             "start_ns": info.start_ns,
@@ -265,8 +265,9 @@ class Proxy:
             if not keep or client.draining:
                 return
 
-    def _parent_identity(self, att: Attestation) -> str | None:
-        """The SPIFFE ID of the nearest ancestor that has one: this process is its sub-agent."""
+    def parent_identity(self, att: Attestation) -> str | None:
+        """The SPIFFE ID of the nearest ancestor that has one: this process is its sub-agent
+        (also what `credless explain` reports)."""
         for tgid, exec_ns, _exe in att.lineage:
             a = self.attestor.attest_image(tgid, exec_ns, timeout=0)
             ident = self.identity.resolve(a, quiet=True) if a is not None else None
