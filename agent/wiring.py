@@ -130,34 +130,6 @@ class AuditDropped:
         yield c
 
 
-class HandedOverProxy(ProxyComponent):
-    """The proxy component; after a handover (handed_over) its stop leaves the shared
-    redirect configuration alone: the new agent has marked itself up in it."""
-
-    handed_over = False
-
-    async def stop(self) -> None:
-        if not self.handed_over:
-            await super().stop()
-            return
-        if self._dns is not None:
-            self._dns.cancel()
-        if self.pods is not None:
-            await self.pods.stop()
-        await self.listeners.stop()
-        self.proxy.close()
-
-
-class HandedOverRedirect(RedirectComponent):
-    """The redirect component; after a handover its stop never detaches the pinned links
-    and maps (whatever keep_redirect_on_stop says): the new agent's programs are in them."""
-
-    handed_over = False
-
-    async def stop(self) -> None:
-        self.redirector.stop(detach=False if self.handed_over else None)
-
-
 @dataclass
 class Injection:
     """The injection path's parts a handover acts on (agent/handover.py)."""
@@ -165,8 +137,8 @@ class Injection:
     redirector: Redirector
     listeners: ProxyListeners
     pods: NetnsListeners | None
-    proxy: HandedOverProxy
-    redirect: HandedOverRedirect
+    proxy: ProxyComponent
+    redirect: RedirectComponent
 
 
 @dataclass
@@ -407,8 +379,8 @@ def add_injection(agent: Agent) -> None:
         )
         agent.attestor.add_event_listener(pods.process_event)
     listeners.pods = pods
-    redirect_component = HandedOverRedirect(redirector, upstreams, inj.tls_listen_port)
-    proxy_component = HandedOverProxy(
+    redirect_component = RedirectComponent(redirector, upstreams, inj.tls_listen_port)
+    proxy_component = ProxyComponent(
         proxy,
         listeners,
         pods,

@@ -38,13 +38,16 @@ class RedirectComponent:
         self.redirector = redirector
         self.upstreams = upstreams  # as resolved at start-up; ProxyComponent follows changes
         self.tls_listen_port = tls_listen_port
+        self.handed_over = False  # a new agent took over (agent/handover.py)
 
     async def start(self) -> None:
         self.redirector.start()
         self.redirector.set_targets(redirect_targets(self.upstreams, self.tls_listen_port))
 
     async def stop(self) -> None:
-        self.redirector.stop()
+        # handed over: the new agent's programs are in the pinned links and maps, which are
+        # never detached then (whatever keep_redirect_on_stop says)
+        self.redirector.stop(detach=False if self.handed_over else None)
 
 
 class ProxyComponent:
@@ -68,6 +71,7 @@ class ProxyComponent:
         self.resolve_interval_seconds = resolve_interval_seconds  # 0: resolved at start only
         self.tls_listen_port = tls_listen_port
         self._dns: asyncio.Task[None] | None = None
+        self.handed_over = False  # a new agent took over (agent/handover.py)
 
     async def start(self) -> None:
         await self.listeners.start()
@@ -80,7 +84,8 @@ class ProxyComponent:
     async def stop(self) -> None:
         if self._dns is not None:
             self._dns.cancel()
-        self.redirector.set_agent_up(False)
+        if not self.handed_over:  # else the new agent has marked itself up in the redirect
+            self.redirector.set_agent_up(False)
         if self.pods is not None:
             await self.pods.stop()
         await self.listeners.stop()

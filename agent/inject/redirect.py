@@ -194,25 +194,7 @@ class Redirector:
                 (self.pin_dir / m).unlink(missing_ok=True)
             self._bpf = compile_program("redirect", [f'-DPIN_DIR="{self.pin_dir}"'])
         self._stale_targets = [bytes(k) for k in self._program[b"redirect_targets"]]
-        # imported here, not at the top: importing bcc loads libbcc, which the commands that
-        # never touch the kernel (check-config, ps) must not need
-        from bcc import BPF, BPFAttachType
-
-        progs = [
-            (
-                b"credless_connect4",
-                BPF.CGROUP_SOCK_ADDR,
-                BPFAttachType.CGROUP_INET4_CONNECT,
-                bpfsys.CGROUP_INET4_CONNECT,
-            ),
-            (
-                b"credless_connect6",
-                BPF.CGROUP_SOCK_ADDR,
-                BPFAttachType.CGROUP_INET6_CONNECT,
-                bpfsys.CGROUP_INET6_CONNECT,
-            ),
-            (b"credless_sockops", BPF.SOCK_OPS, -1, bpfsys.CGROUP_SOCK_OPS),
-        ]
+        progs = _programs()
         self._configure()
         self._root_fd = os.open(self.cgroup_root, os.O_RDONLY | os.O_DIRECTORY)
         try:
@@ -297,14 +279,7 @@ class Redirector:
         (agent/handover.py): the links run this agent's programs again, with its targets."""
         if not self.attached:
             return
-        from bcc import BPF, BPFAttachType
-
-        progs = [
-            (b"credless_connect4", BPF.CGROUP_SOCK_ADDR, BPFAttachType.CGROUP_INET4_CONNECT),
-            (b"credless_connect6", BPF.CGROUP_SOCK_ADDR, BPFAttachType.CGROUP_INET6_CONNECT),
-            (b"credless_sockops", BPF.SOCK_OPS, -1),
-        ]
-        for link_fd, (name, ptype, expected) in zip(self._links, progs, strict=True):
+        for link_fd, (name, ptype, expected, _attach) in zip(self._links, _programs(), strict=True):
             bpfsys.link_update(link_fd, self._program.load_func(name, ptype, None, expected).fd)
         self._configure()
         self.set_targets(set(self.targets))
@@ -443,3 +418,27 @@ class Redirector:
         table = self._program[b"redirect_counts"]
         names = ("redirected_v4", "redirected_v6", "unmanaged", "refused_pending_cgroup")
         return {name: table[ct.c_int(i)].value for i, name in enumerate(names)}
+
+
+def _programs() -> list[tuple[bytes, int, int, int]]:
+    """The redirect's programs, in the order of its links: (function name, BCC program
+    type, expected attach type, the cgroup attach type its link is made with)."""
+    # imported here, not at the top: importing bcc loads libbcc, which the commands that
+    # never touch the kernel (check-config, ps) must not need
+    from bcc import BPF, BPFAttachType
+
+    return [
+        (
+            b"credless_connect4",
+            BPF.CGROUP_SOCK_ADDR,
+            BPFAttachType.CGROUP_INET4_CONNECT,
+            bpfsys.CGROUP_INET4_CONNECT,
+        ),
+        (
+            b"credless_connect6",
+            BPF.CGROUP_SOCK_ADDR,
+            BPFAttachType.CGROUP_INET6_CONNECT,
+            bpfsys.CGROUP_INET6_CONNECT,
+        ),
+        (b"credless_sockops", BPF.SOCK_OPS, -1, bpfsys.CGROUP_SOCK_OPS),
+    ]

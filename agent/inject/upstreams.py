@@ -159,7 +159,7 @@ class Pool:
                 self._close_all(q)
                 break
             if quiet(conn):
-                log.debug("upstream connection reused", key=repr(key), idle_s=round(now - since, 3))
+                log.debug("upstream connection reused", key=key, idle_s=round(now - since, 3))
                 return conn
             conn.transport.close()
         return None
