@@ -105,6 +105,16 @@ def tcp_unread(local_port: int) -> int:
     )
 
 
+def json_lines(path: Path) -> list:
+    """The JSON values of a log file's lines, skipping those that are not JSON (a line being
+    written, a traceback)."""
+    out = []
+    for line in Path(path).read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            out.append(json.loads(line))
+    return out
+
+
 def audit_events(
     stdout_path: Path,
     until: str | Callable[[list[dict]], object] | None = None,
@@ -201,11 +211,7 @@ class AgentProcess:
         )
 
     def log_events(self) -> list[dict]:
-        out = []
-        for line in self.stderr_path.read_text().splitlines():
-            with contextlib.suppress(json.JSONDecodeError):
-                out.append(json.loads(line))
-        return out
+        return json_lines(self.stderr_path)
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         def ready():

@@ -8,7 +8,6 @@ fails the test instead of being silently left out of it.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import socket
@@ -20,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from tests.helpers import stop_process, wait_for
+from tests.helpers import json_lines, stop_process, wait_for
 from tests.kernel import remove_cgroup
 from tests.world import toml_value
 
@@ -274,11 +273,7 @@ class AgentContainer:
         )
 
     def log_events(self) -> list[dict]:
-        out = []
-        for line in self.stderr_path.read_text().splitlines():
-            with contextlib.suppress(json.JSONDecodeError):
-                out.append(json.loads(line))
-        return out
+        return json_lines(self.stderr_path)
 
     def wait_ready(self, timeout: float = 240.0) -> None:
         """Until the agent logs "ready" (BCC compiles the programs at start, as in a pod)."""

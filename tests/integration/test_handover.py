@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import wait_for
+from tests.helpers import json_lines, wait_for
 from tests.kernel import start_python
 from tests.mcp.peers import McpServer
 from tests.world import build_world, entry_table, server_table, tools_rule
@@ -145,13 +145,7 @@ print("done", flush=True)
 
 
 def _events(path: Path) -> list[dict]:
-    out = []
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            obj = json.loads(line)
-            if isinstance(obj, dict) and "event" in obj:
-                out.append(obj)
-    return out
+    return [o for o in json_lines(path) if isinstance(o, dict) and "event" in o]
 
 
 def _state(path: Path) -> dict:
