@@ -22,6 +22,7 @@ from typing import Any, Protocol, TypeVar
 import httpx
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from agent import __version__
 from agent.config import Config
 from agent.identity.bundle import TrustBundle
 from agent.identity.jwtsvid import JwtSvid
@@ -156,6 +157,9 @@ class OAuthService:
             timeout=o.request_timeout_seconds,
             follow_redirects=False,
             trust_env=False,
+            # the agent's own requests (probes, metadata, tokens) say whose they are, so a
+            # server's log tells them from the workload requests it relays
+            headers={"User-Agent": f"credless/{__version__}"},
         )
         self.discovery = Discovery(
             self.http,

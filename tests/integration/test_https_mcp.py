@@ -199,7 +199,7 @@ def test_typescript_sdk_over_https_trusts_the_injection_ca_through_node_extra_ca
 
 
 def test_a_workload_not_trusting_the_injection_ca_fails_its_handshake_and_nothing_goes_up(world):
-    before = len(world.mcp.stats()["requests"])
+    before = len(world.mcp.relayed())
     out = sdk_client(world, world.mcp.url, ca=world.ca.cert_path)  # trusts only the real CA
     assert "CERTIFICATE_VERIFY_FAILED" in out.get("error", ""), out
     failed = audit_events(
@@ -209,11 +209,11 @@ def test_a_workload_not_trusting_the_injection_ca_fails_its_handshake_and_nothin
     tls_failed = [e for e in failed if e["event"] == "connection.tls_failed"]
     assert tls_failed[-1]["server"] == "weather"
     assert str(world.inject_ca) in tls_failed[-1]["reason"]
-    assert len(world.mcp.stats()["requests"]) == before
+    assert len(world.mcp.relayed()) == before
 
 
 def test_plain_http_to_the_https_address_is_answered_400_naming_the_mismatch(world):
-    before = len(world.mcp.stats()["requests"])
+    before = len(world.mcp.relayed())
     status, body = raw(world, "127.0.0.1", world.mcp.port, None)
     assert status == 400
     # a JSON POST: a JSON-RPC error (its body never read: id null) naming the audit event
@@ -229,7 +229,7 @@ def test_plain_http_to_the_https_address_is_answered_400_naming_the_mismatch(wor
     [denied] = [e for e in events if e.get("event_id") == event_id]
     assert denied["event"] == "request.denied" and denied["status"] == 400
     assert denied["server"] == "weather" and message.startswith(denied["reason"])
-    assert len(world.mcp.stats()["requests"]) == before
+    assert len(world.mcp.relayed()) == before
     series = (
         'credless_injected_requests_total{mode="broker",outcome="plain_http_to_https",'
         'server="weather"}'

@@ -164,13 +164,13 @@ def test_a_copied_placeholder_is_refused_and_the_holders_token_revoked(tmp_path)
         # the holder is running (its token held for it) when its placeholder is stolen
         holder = held_call(w, placeholder)
         [first] = {r["token_sha256"] for r in credentialed(w)}
-        before = len(w.mcp.stats()["requests"])
+        before = len(w.mcp.relayed())
 
         stolen = call(w, thief_cg, placeholder)
         assert stolen.get("error") == "MCPError" and stolen.get("code") == -32080, stolen
         assert HOLDER in stolen["message"]
         # nothing of the thief's request reached the server
-        assert len(w.mcp.stats()["requests"]) == before
+        assert len(w.mcp.relayed()) == before
 
         events = audit_events(w.agent.stdout_path, until="token.revoked")
         # (each request the SDK client sent with it: a POST, and a retry of its own)

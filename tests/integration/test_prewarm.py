@@ -15,6 +15,7 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from agent import __version__
 from tests.helpers import audit_events, free_port
 from tests.kernel import enter_cgroup
 from tests.mcp.peers import REPO, McpServer
@@ -88,6 +89,10 @@ def test_the_token_is_obtained_on_exec_and_carried_by_the_first_call(tmp_path):
             [tok] = obtained(audit_events(agent.stdout_path, until="token.obtained"))
             assert tok["spiffe_id"] == SPIFFE_ID and tok["server"] == "weather"
             assert credentialed(w) == []
+            # ... which says so: a server's log tells the agent's requests from relayed ones
+            probes = w.mcp.stats()["requests"]
+            assert probes and {r["user_agent"] for r in probes} == {f"credless/{__version__}"}
+            assert w.mcp.relayed() == []
             _out, err = client.communicate("go\n", timeout=90)
         finally:
             client.kill()

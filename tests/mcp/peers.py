@@ -104,6 +104,16 @@ class McpServer:
     def stats(self) -> dict:
         return json.loads(self.stats_path.read_text())
 
+    def relayed(self) -> list[dict]:
+        """The requests that came from workloads, not the agent's own (its probes and
+        metadata fetches say User-Agent credless/...): pre-warming on exec makes those at any
+        moment, so "nothing of this request reached the server" counts these."""
+        return [
+            r
+            for r in self.stats()["requests"]
+            if not (r.get("user_agent") or "").startswith("credless/")
+        ]
+
     def stop(self) -> None:
         stop_process(self.proc)
         for s in self.socks:

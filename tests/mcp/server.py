@@ -184,6 +184,7 @@ class Recorder:
             "token_sha256": hashlib.sha256(token.encode()).hexdigest()[:16] if token else None,
             "mcp_method": headers.get("mcp-method"),
             "host": headers.get("host"),
+            "user_agent": headers.get("user-agent"),
         }
         STATS["requests"].append(record)
         save_stats(self.stats)
