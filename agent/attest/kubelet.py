@@ -1,8 +1,10 @@
-"""The kubelet's view of the pods on this node, read from its authenticated /pods endpoint.
+"""The kubelet client: the agent's view of the pods on this node, read from the kubelet's
+authenticated /pods endpoint over pinned TLS, cached and rate-limited.
 
 The kubelet, not the API server, is the source: it knows every pod on the node the moment
 it starts containers (static pods included), and asking it keeps the agent's load local.
-A container id from the cgroup path (resolvers.py) is looked up in `PodInfo.containers`.
+The body is parsed by kubelet_pods.py (sans-IO); failures are KubeletErrors with the
+outcomes of kubelet_errors.py; ${VAR} in the settings is expanded by kubelet_settings.py.
 
 What the kubelet requires of the caller (for operators wiring RBAC; deploy/k8s/README.md):
 - authentication: a bearer token the kubelet can check with a TokenReview, which needs
@@ -27,32 +29,28 @@ registry is given.
 from __future__ import annotations
 
 import http.client
-import ipaddress
-import json
 import re
 import ssl
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from types import MappingProxyType
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
 from prometheus_client import Counter
 
-__all__ = [
-    "OUTCOMES",
-    "ContainerRef",
-    "Forbidden",
-    "KubeletClient",
-    "KubeletError",
-    "PodInfo",
-    "Probe",
-    "parse_forbidden",
-    "parse_pod_list",
-]
+from agent.attest.kubelet_errors import (
+    OUTCOMES,
+    RBAC_FILES,
+    Forbidden,
+    KubeletError,
+    parse_forbidden,
+)
+from agent.attest.kubelet_pods import PodInfo, parse_pod_list
+
+__all__ = ["DEFAULT_CA_FILE", "DEFAULT_TOKEN_FILE", "DEFAULT_URL", "KubeletClient", "Probe"]
 
 log = structlog.get_logger(__name__)
 
@@ -63,98 +61,11 @@ DEFAULT_CA_FILE = f"{SERVICE_ACCOUNT_DIR}/ca.crt"
 
 # A busy node's /pods is a few MiB; anything far larger is not a kubelet talking.
 MAX_RESPONSE_BYTES = 64 << 20
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 # Bearer tokens (JWTs) are printable ASCII without spaces. Checking before sending keeps
 # the token out of http.client's "Invalid header value" error, which quotes the value.
 _TOKEN = re.compile(r"[\x21-\x7e]+")
-# Regular, init and ephemeral (kubectl debug) containers can all make outbound calls.
-_STATUS_LISTS = ("initContainerStatuses", "containerStatuses", "ephemeralContainerStatuses")
 # A server name to verify the certificate against: a DNS name or an address, nothing else.
 _SERVER_NAME = re.compile(r"[A-Za-z0-9.:_-]+")
-
-# What became of one request to the kubelet: the `outcome` label of
-# credless_kubelet_requests_total, and KubeletError.outcome.
-OUTCOMES = (
-    "ok",  # 200 and a pod list
-    "unauthorized",  # 401: the kubelet did not accept the token
-    "forbidden",  # 403: the token's identity lacks the RBAC grant
-    "http_error",  # any other HTTP status
-    "tls_verify",  # the serving certificate did not verify
-    "tls_error",  # any other TLS failure
-    "timeout",
-    "unreachable",  # connection refused, no route, ...
-    "bad_response",  # not HTTP, too large, or not a pod list
-    "local_config",  # the token file, CA file or url could not be used: nothing was sent
-)
-
-# The kubelet's 403 body (pkg/kubelet/server/server.go, authorization filter). Since 1.32 it
-# lists every subresource it tried, e.g. "subresource(s)=[pods proxy]"; before, the one.
-_FORBIDDEN = re.compile(
-    r"Forbidden \(user=(?P<user>[^,()]{1,256}), verb=(?P<verb>[a-z]{1,16}), "
-    r"resource=(?P<resource>[a-z]{1,32}), "
-    r"subresource(?:\(s\)=\[(?P<subs>[a-z ]{0,128})\]|=(?P<sub>[a-z]{0,32}))\)"
-)
-# Where the grants live in the manifests, for the error an operator reads.
-RBAC_FILES = {
-    "nodes/pods": "deploy/k8s/rbac.yaml",
-    "nodes/proxy": "deploy/k8s/rbac-nodes-proxy.yaml",
-}
-
-
-class KubeletError(Exception):
-    """The kubelet could not be asked, or its answer was not a pod list.
-
-    `status` is the HTTP status code when the kubelet answered with an error; `outcome` is
-    one of OUTCOMES; `grant` is the RBAC resource to grant (`nodes/pods`, `nodes/proxy`)
-    when a 403 said which one this kubelet checks. Messages never contain the bearer token.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        status: int | None = None,
-        outcome: str = "bad_response",
-        grant: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.outcome = outcome
-        self.grant = grant
-
-
-@dataclass(frozen=True)
-class Forbidden:
-    """What a kubelet's 403 says it checked: the user it authenticated and the `nodes`
-    subresources it tried, in order (any one of them would have allowed the request)."""
-
-    user: str
-    verb: str
-    subresources: tuple[str, ...]
-
-    @property
-    def fine_grained(self) -> bool:
-        """The kubelet authorizes with KubeletFineGrainedAuthz: a subresource other than
-        `proxy` was tried for a path that only `proxy` covered before."""
-        return len(self.subresources) > 1 and self.subresources[-1] == "proxy"
-
-    @property
-    def grant(self) -> str | None:
-        """The narrowest grant that would allow it, as an RBAC resource."""
-        if not self.subresources:
-            return None
-        return f"nodes/{self.subresources[0]}"
-
-
-def parse_forbidden(body: bytes | str) -> Forbidden | None:
-    """The kubelet's 403 message, or None if the body is not one."""
-    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
-    m = _FORBIDDEN.search(text[:4096])
-    if m is None or m.group("resource") != "nodes":
-        return None
-    subs = m.group("subs")
-    subresources = tuple(subs.split()) if subs is not None else (m.group("sub"),)
-    return Forbidden(m.group("user"), m.group("verb"), tuple(s for s in subresources if s))
 
 
 @dataclass(frozen=True)
@@ -166,198 +77,6 @@ class Probe:
     status: int
     forbidden: Forbidden | None
     error: KubeletError | None
-
-
-@dataclass(frozen=True)
-class ContainerRef:
-    name: str
-    image: str
-    image_id: str
-
-
-@dataclass(frozen=True)
-class PodInfo:
-    uid: str
-    namespace: str
-    name: str
-    service_account: str
-    node_name: str
-    labels: Mapping[str, str] = field(hash=False)
-    containers: Mapping[str, ContainerRef] = field(hash=False)  # bare 64-hex id -> ref
-
-
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-
-
-def expand_url(url: str, env: Mapping[str, str]) -> str:
-    """attest.kubelet.url with ${VAR} taken from the environment (NODE_IP from the downward
-    API on Kubernetes). An IPv6 address lands in brackets, as a URL host must be; a variable
-    that is not set is an error naming it, not a literal "${NODE_IP}" to connect to."""
-    return _expand(url, env, "attest.kubelet.url", "status.hostIP", bracket_ipv6=True)
-
-
-def expand_server_name(name: str, env: Mapping[str, str]) -> str:
-    """attest.kubelet.server_name with ${VAR} from the environment: one ConfigMap serves
-    every node, and a self-signed kubelet certificate names its own node (NODE_NAME from
-    the downward API, spec.nodeName)."""
-    return _expand(name, env, "attest.kubelet.server_name", "spec.nodeName", bracket_ipv6=False)
-
-
-def _expand(
-    text: str, env: Mapping[str, str], setting: str, field_path: str, *, bracket_ipv6: bool
-) -> str:
-    def sub(m: re.Match) -> str:
-        name = m.group(1)
-        if name not in env or not env[name]:
-            raise KubeletError(
-                f"{setting} uses ${{{name}}}, which is not set in "
-                "the agent's environment (on Kubernetes: set it from the "
-                f"downward API, fieldRef {field_path})",
-                outcome="local_config",
-            )
-        value = env[name]
-        if bracket_ipv6 and ":" in value and not value.startswith("["):
-            try:
-                ipaddress.IPv6Address(value)
-                return f"[{value}]"
-            except ValueError:
-                pass
-        return value
-
-    return _VAR.sub(sub, text)
-
-
-def parse_pod_list(doc: bytes | str) -> dict[str, PodInfo]:
-    """PodInfo by pod uid from a kubelet /pods body (a v1 PodList). Raises KubeletError."""
-    try:
-        # Decoded here rather than by json.loads, which would guess UTF-16/32 from the
-        # first bytes: the kubelet writes UTF-8, and anything else is not its answer.
-        data = json.loads(doc.decode("utf-8") if isinstance(doc, bytes) else doc)
-    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
-        raise KubeletError(f"kubelet /pods response is not JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise KubeletError(
-            "kubelet /pods response is not a JSON object "
-            f"(want a v1 PodList, got {_json_type(data)})"
-        )
-    kind, version = data.get("kind"), data.get("apiVersion")
-    if (kind, version) != ("PodList", "v1"):
-        raise KubeletError(
-            f"kubelet /pods response has kind {kind!r} apiVersion {version!r}, "
-            "want 'PodList' 'v1'; check that the URL is the kubelet's"
-        )
-    items = data.get("items")
-    if items is None:  # Go encodes an empty list as null
-        return {}
-    if not isinstance(items, list):
-        raise KubeletError(f"kubelet /pods response: 'items' is {_json_type(items)}, want a list")
-    pods = (_parse_pod(item, f"items[{i}]") for i, item in enumerate(items))
-    return {pod.uid: pod for pod in pods}
-
-
-def _parse_pod(item: Any, where: str) -> PodInfo:
-    pod = _object(item, where)
-    meta = _object(pod.get("metadata"), f"{where}.metadata")
-    spec = _object(pod.get("spec") or {}, f"{where}.spec")
-    status = _object(pod.get("status") or {}, f"{where}.status")
-    return PodInfo(
-        uid=_required_string(meta, "uid", f"{where}.metadata"),
-        namespace=_required_string(meta, "namespace", f"{where}.metadata"),
-        name=_required_string(meta, "name", f"{where}.metadata"),
-        # serviceAccount is the deprecated alias of serviceAccountName. Unset, the pod runs
-        # as the namespace's `default` account (what the ServiceAccount admission plugin
-        # fills in); in kubelet output that is seen only for static pods.
-        service_account=(
-            _optional_string(spec, "serviceAccountName", f"{where}.spec")
-            or _optional_string(spec, "serviceAccount", f"{where}.spec")
-            or "default"
-        ),
-        node_name=_optional_string(spec, "nodeName", f"{where}.spec"),
-        labels=MappingProxyType(_labels(meta.get("labels"), f"{where}.metadata.labels")),
-        containers=MappingProxyType(_containers(status, f"{where}.status")),
-    )
-
-
-def _containers(status: dict, where: str) -> dict[str, ContainerRef]:
-    refs: dict[str, ContainerRef] = {}
-    for key in _STATUS_LISTS:
-        statuses = status.get(key)
-        if statuses is None:
-            continue
-        if not isinstance(statuses, list):
-            raise KubeletError(
-                f"kubelet /pods response: {where}.{key} is {_json_type(statuses)}, want a list"
-            )
-        for j, entry in enumerate(statuses):
-            cs = _object(entry, f"{where}.{key}[{j}]")
-            cid = _bare_container_id(cs.get("containerID"))
-            if cid is None:
-                continue  # not started yet (pending pod): nothing in a cgroup can match it
-            refs[cid] = ContainerRef(
-                name=_required_string(cs, "name", f"{where}.{key}[{j}]"),
-                image=_optional_string(cs, "image", f"{where}.{key}[{j}]"),
-                image_id=_optional_string(cs, "imageID", f"{where}.{key}[{j}]"),
-            )
-    return refs
-
-
-def _bare_container_id(value: Any) -> str | None:
-    """`containerd://<id>`, `docker://<id>`, `cri-o://<id>` -> `<id>`, if 64 hex."""
-    if not isinstance(value, str):
-        return None
-    scheme, sep, cid = value.partition("://")
-    # Anything else can never equal an id taken from a cgroup path, so it is dropped.
-    return cid if scheme and sep and _HEX64.fullmatch(cid) else None
-
-
-def _labels(value: Any, where: str) -> dict[str, str]:
-    if value is None:
-        return {}
-    labels = _object(value, where)
-    if not all(isinstance(v, str) for v in labels.values()):
-        raise KubeletError(f"kubelet /pods response: {where} has a non-string value")
-    return dict(labels)
-
-
-def _object(value: Any, where: str) -> dict:
-    if not isinstance(value, dict):
-        raise KubeletError(
-            f"kubelet /pods response: {where} is {_json_type(value)}, want an object"
-        )
-    return value
-
-
-def _required_string(obj: dict, key: str, where: str) -> str:
-    value = obj.get(key)
-    if not isinstance(value, str) or not value:
-        raise KubeletError(
-            f"kubelet /pods response: {where}.{key} is missing or not a non-empty string"
-        )
-    return value
-
-
-def _optional_string(obj: dict, key: str, where: str) -> str:
-    value = obj.get(key)
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise KubeletError(
-            f"kubelet /pods response: {where}.{key} is {_json_type(value)}, want a string"
-        )
-    return value
-
-
-def _json_type(value: Any) -> str:
-    for py, name in (
-        (bool, "boolean"),
-        (dict, "object"),
-        (list, "array"),
-        (str, "string"),
-        ((int, float), "number"),
-    ):
-        if isinstance(value, py):
-            return name
-    return "null"
 
 
 class _PinnedNameConnection(http.client.HTTPSConnection):

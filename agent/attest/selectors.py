@@ -40,7 +40,7 @@ class Attestation:
     lineage: tuple[tuple[int, int, str], ...]  # ancestors (tgid, exec_ns, exe), nearest first
     selectors: frozenset[str]
     container_id: str | None = None
-    pod: Any = None  # agent.attest.kubelet.PodInfo when known
+    pod: Any = None  # agent.attest.kubelet_pods.PodInfo when known
     exited: bool = False
     extra: dict = field(default_factory=dict, compare=False)
 

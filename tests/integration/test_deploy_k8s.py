@@ -313,7 +313,7 @@ def _grants(rules: list[dict]) -> set[str]:
 
 
 def test_rbac_grants_get_on_nodes_pods_and_separately_on_nodes_proxy():
-    from agent.attest.kubelet import RBAC_FILES
+    from agent.attest.kubelet_errors import RBAC_FILES
 
     bound = _bound_rules("rbac.yaml", "rbac-nodes-proxy.yaml")
     assert _grants(bound["rbac.yaml"]) == {"nodes/pods"}
@@ -324,7 +324,7 @@ def test_rbac_grants_get_on_nodes_pods_and_separately_on_nodes_proxy():
         assert path == f"deploy/k8s/{name}" and _grants(bound[name]) == {resource}
     # the broad grant is its own binding, so that dropping it is one delete
     (_, binding) = _docs(K8S / "rbac-nodes-proxy.yaml")
-    from agent import doctor
+    from agent.doctor import kubelet as doctor
 
     assert f"kubectl delete clusterrolebinding {binding['metadata']['name']}" in doctor._DROP_PROXY
     assert (
@@ -354,7 +354,8 @@ def test_the_manifests_rbac_gets_pods_from_each_kubelet_version(tmp_path, minor,
     (tests/fakes/kubelet.py): everything kustomization.yaml applies gets /pods everywhere;
     rbac.yaml alone (nodes/proxy dropped) only where fine-grained authorization is on, and
     elsewhere a 403 that names the file to apply."""
-    from agent.attest.kubelet import KubeletClient, KubeletError
+    from agent.attest.kubelet import KubeletClient
+    from agent.attest.kubelet_errors import KubeletError
     from tests.fakes.kubelet import FakeKubelet, KubeletVersion, running
     from tests.tlsca import TestCA
 

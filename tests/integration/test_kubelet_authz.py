@@ -16,7 +16,9 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from agent import doctor
-from agent.attest.kubelet import OUTCOMES, KubeletClient, KubeletError, expand_server_name
+from agent.attest.kubelet import KubeletClient
+from agent.attest.kubelet_errors import OUTCOMES, KubeletError
+from agent.attest.kubelet_settings import expand_server_name
 from agent.config import KubeletSection
 from tests.fakes.kubelet import FakeKubelet, KubeletVersion, running, self_signed_serving_cert
 from tests.tlsca import TestCA
@@ -374,6 +376,7 @@ def test_doctor_on_a_wrong_token_and_an_unreachable_kubelet(start, pki, tmp_path
 )
 def test_doctor_names_the_serving_ca_choice(options, trust):
     from agent.attest.kubelet import DEFAULT_CA_FILE
+    from agent.doctor import kubelet as doctor  # where _trust lives
 
     assert doctor._trust(KubeletSection(**options), "") == trust.format(ca=DEFAULT_CA_FILE)
 

@@ -280,7 +280,8 @@ def test_a_configuration_without_the_cgroup_any_more_unmanages_it(tmp_path, upst
 
 
 def test_doctor_names_the_patterns_matching_nothing_yet(cgroups):
-    from agent.doctor import DoctorOptions, check_managed_cgroups
+    from agent.doctor.host import check_managed_cgroups
+    from agent.doctor.model import DoctorOptions
 
     cgroups.make("here")
     patterns = [cgroups.rel("here"), cgroups.rel("later-*")]

@@ -19,7 +19,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from agent.attest.kubelet import ContainerRef, KubeletClient, KubeletError, parse_pod_list
+from agent.attest.kubelet import KubeletClient
+from agent.attest.kubelet_errors import KubeletError
+from agent.attest.kubelet_pods import ContainerRef, parse_pod_list
 
 PODS_JSON = Path(__file__).resolve().parent.parent / "testdata" / "kubelet" / "pods.json"
 PAYMENTS = "6513270e-269e-4d37-b2a7-4de452e6b438"
@@ -597,14 +599,15 @@ EXPAND_CASES = [
 
 @pytest.mark.parametrize("url,env,expanded", EXPAND_CASES)
 def test_kubelet_url_expansion(url, env, expanded):
-    from agent.attest.kubelet import expand_url
+    from agent.attest.kubelet_settings import expand_url
 
     assert expand_url(url, env) == expanded
 
 
 @pytest.mark.parametrize("env", [{}, {"NODE_IP": ""}])
 def test_kubelet_url_with_an_unset_variable_is_refused_naming_it(env):
-    from agent.attest.kubelet import KubeletError, expand_url
+    from agent.attest.kubelet_errors import KubeletError
+    from agent.attest.kubelet_settings import expand_url
 
     with pytest.raises(KubeletError, match=r"\$\{NODE_IP\}.*not set.*status.hostIP"):
         expand_url("https://${NODE_IP}:10250", env)

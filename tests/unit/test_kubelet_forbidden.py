@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.attest.kubelet import Forbidden, KubeletError, parse_forbidden
+from agent.attest.kubelet_errors import Forbidden, KubeletError, parse_forbidden
 
 SA = "system:serviceaccount:credless:credless"
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from agent.attest import resolvers
-from agent.attest.kubelet import parse_pod_list
+from agent.attest.kubelet_pods import parse_pod_list
 from agent.attest.procfs import ProcInfo, ProcStatus
 from agent.attest.selectors import cgroup_selectors, k8s_selectors, unix_selectors
 from tests.conftest import TESTDATA
