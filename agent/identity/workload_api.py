@@ -10,7 +10,10 @@ execs in between is attested as its new image; see issue 15 item 7.)
 How the gRPC server knows who is calling: agent/identity/workload_callers.py (each
 connection's process attested before grpclib sees a byte of it), which also says what this
 design replaced and why. Every refusal (a Denied, wherever it is raised) is audited with
-who asked and answered with the audit event's id: agent/identity/workload_denials.py.
+who asked and answered with the audit event's id: agent/identity/workload_denials.py. The
+handler of each call, and the method table: agent/identity/workload_api_servicer.py. This
+module is the server: its socket, thread and loop, the change relay, and the authorisation
+every call passes (who the caller is, which audiences it may not ask for).
 """
 
 from __future__ import annotations
@@ -19,31 +22,25 @@ import asyncio
 import contextlib
 import os
 import threading
-from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-import grpc
-from google.protobuf import struct_pb2
-from google.protobuf.message import Message
-from grpclib.const import Cardinality, Handler, Status
-from grpclib.exceptions import GRPCError
-from grpclib.server import Stream
+from grpclib.const import Status
 from prometheus_client import CollectorRegistry, Counter
 
 from agent.attest.selectors import Attestation
 from agent.identity.bundle import TrustBundle
-from agent.identity.jwtsvid import JwtSvid, JwtSvidError, validate_jwt_svid
+from agent.identity.jwtsvid import JwtSvid
 from agent.identity.manager import Identity
-from agent.identity.proto import workload_pb2 as pb
+from agent.identity.workload_api_servicer import WorkloadApiServicer
 from agent.identity.workload_callers import (
     AttestedConnection,
     AttestingServer,
     Caller,
-    transport_of,
 )
-from agent.identity.workload_denials import Denied, audit_denial
+from agent.identity.workload_denials import Denied
 from agent.identity.x509svid import X509Svid
 from agent.observe.logging import AuditLog, get_logger
 from agent.urls import origin
@@ -52,21 +49,7 @@ log = get_logger("workload_api")
 
 _HEADER = ("workload.spiffe.io", "true")
 
-# The SPIFFE paths: /SpiffeWorkloadAPI/<Method> (see agent/identity/proto/workload.proto for
-# why the generated, packaged service name is not used).
-SERVICE = "SpiffeWorkloadAPI"
-# name: (streaming response, request type, response type)
-METHODS: dict[str, tuple[bool, type[Message], type[Message]]] = {
-    "FetchX509SVID": (True, pb.X509SVIDRequest, pb.X509SVIDResponse),
-    "FetchX509Bundles": (True, pb.X509BundlesRequest, pb.X509BundlesResponse),
-    "FetchJWTSVID": (False, pb.JWTSVIDRequest, pb.JWTSVIDResponse),
-    "FetchJWTBundles": (True, pb.JWTBundlesRequest, pb.JWTBundlesResponse),
-    "ValidateJWTSVID": (False, pb.ValidateJWTSVIDRequest, pb.ValidateJWTSVIDResponse),
-}
-
 T = TypeVar("T")
-# a request's stream; its message types vary by method
-RpcStream = Stream[Any, Any]
 
 
 class CallerAttestor(Protocol):
@@ -99,17 +82,6 @@ class Identities(Protocol):
     ) -> JwtSvid: ...
 
     def bundle(self) -> TrustBundle: ...
-
-
-def client_call(channel: grpc.Channel, method: str) -> Any:
-    """A multicallable for one Workload API method (for tools and tests)."""
-    stream, req, resp = METHODS[method]
-    make = channel.unary_stream if stream else channel.unary_unary
-    return make(
-        f"/{SERVICE}/{method}",
-        request_serializer=req.SerializeToString,
-        response_deserializer=resp.FromString,
-    )
 
 
 def names_an_as(audience: Iterable[str], servers: Iterable[str]) -> tuple[str, str] | None:
@@ -195,7 +167,7 @@ class WorkloadApiServer:
         asyncio.set_event_loop(loop)
 
         async def listen() -> None:
-            self._server = AttestingServer(self, [_Servicer(self)])
+            self._server = AttestingServer(self, [WorkloadApiServicer(self)])
             self.socket_path.parent.mkdir(parents=True, exist_ok=True)
             self.socket_path.unlink(missing_ok=True)
             await self._server.start(path=str(self.socket_path))
@@ -257,12 +229,24 @@ class WorkloadApiServer:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
-    async def _run_blocking(self, fn: Callable[..., T], *args: object) -> T:
+    @property
+    def stopping(self) -> bool:
+        """stop() has begun: open streams end."""
+        return self._stopping.is_set()
+
+    @property
+    def changes(self) -> asyncio.Event:
+        """Set at the next change of an SVID, the bundle or the entries, then replaced by a
+        fresh one: a stream takes it before reading the state, so it misses no change."""
+        return self._changed
+
+    async def run_blocking(self, fn: Callable[..., T], *args: object) -> T:
+        """fn(*args) on a worker thread (it blocks: attestation, signing)."""
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     async def attest_caller(self, pid: int) -> Attestation | None:
         """Who a connecting process is (blocks, so on a worker thread)."""
-        return await self._run_blocking(self.attestor.attest, pid)
+        return await self.run_blocking(self.attestor.attest, pid)
 
     def audit_call(self, event: str, ident: Identity, att: Attestation, **fields: Any) -> None:
         """An audit event about a call, naming the identity and the process that made it."""
@@ -277,6 +261,11 @@ class WorkloadApiServer:
             )
 
     # ------------------------------------------------------------ authorisation
+    def authorization_server_named(self, audience: Iterable[str]) -> tuple[str, str] | None:
+        """The first (audience, authorization server) where the audience names one of the
+        authorization servers credless obtains tokens from (names_an_as), or None."""
+        return names_an_as(audience, self.authorization_servers())
+
     def authorize(
         self, caller: Caller | None, metadata: Mapping[str, str | bytes] | None
     ) -> tuple[Identity, Attestation]:
@@ -312,231 +301,3 @@ class WorkloadApiServer:
             ).about(att, None)
         self.manager.note_use(ident, att)
         return ident, att
-
-
-class _Servicer:
-    def __init__(self, server: WorkloadApiServer):
-        self.s = server
-
-    def __mapping__(self) -> dict[str, Handler]:
-        out: dict[str, Handler] = {}
-        for name, (streaming, req, resp) in METHODS.items():
-            out[f"/{SERVICE}/{name}"] = Handler(
-                self._guarded(name, getattr(self, name)),
-                Cardinality.UNARY_STREAM if streaming else Cardinality.UNARY_UNARY,
-                req,
-                resp,
-            )
-        return out
-
-    def _guarded(
-        self, method: str, fn: Callable[[RpcStream], Awaitable[None]]
-    ) -> Callable[[RpcStream], Awaitable[None]]:
-        async def handle(stream: RpcStream) -> None:
-            if self.s.active >= self.s.max_streams:
-                raise self._refuse(
-                    method,
-                    stream,
-                    Denied(
-                        Status.RESOURCE_EXHAUSTED,
-                        f"more than {self.s.max_streams} Workload API calls open",
-                    ),
-                )
-            self.s.active += 1
-            try:
-                await fn(stream)
-            except Denied as d:
-                raise self._refuse(method, stream, d) from None
-            finally:
-                self.s.active -= 1
-
-        return handle
-
-    def _count(self, method: str, code: Status) -> None:
-        self.s.m_calls.labels(method, code.name).inc()
-
-    def _caller(self, stream: RpcStream) -> Caller | None:
-        transport = transport_of(stream)
-        return self.s.callers.get(transport) if transport is not None else None
-
-    def _refuse(self, method: str, stream: RpcStream, d: Denied) -> GRPCError:
-        """The answer to a refused call: counted, audited, its message naming the event."""
-        self._count(method, d.code)
-        return GRPCError(d.code, audit_denial(self.s.audit, method, self._caller(stream), d))
-
-    async def _authorized(
-        self, method: str, stream: RpcStream, then: Callable[[Identity, Attestation], T]
-    ) -> T:
-        """Authorize the caller, then (in the same trip to a worker thread, as both block)
-        run then(identity, attestation) and return its result. A refusal by either is a
-        Denied knowing who asked (answered by _guarded)."""
-        caller = self._caller(stream)
-        metadata = stream.metadata
-
-        def work() -> T:
-            ident, att = self.s.authorize(caller, metadata)
-            try:
-                return then(ident, att)
-            except Denied as d:
-                raise d.about(att, ident) from None
-
-        return await self.s._run_blocking(work)
-
-    async def _watch(
-        self,
-        method: str,
-        stream: RpcStream,
-        render: Callable[[Identity], tuple[Message, Hashable]],
-    ) -> None:
-        """Stream the complete state now and again whenever it changes (SPEC §4), checking
-        the caller again at least every second."""
-        await stream.recv_message()
-        mgr = self.s.manager
-        last: Hashable = None
-        while not self.s._stopping.is_set():
-            changed = self.s._changed
-            gen = mgr.generation
-            msg, state, ident, att = await self._authorized(
-                method, stream, lambda ident, att: (*render(ident), ident, att)
-            )
-            if state != last:
-                self._count(method, Status.OK)
-                log.debug(
-                    "Workload API update sent",
-                    method=method,
-                    pid=att.tgid,
-                    exe=att.exe,
-                    spiffe_id=str(ident.spiffe_id),
-                    entry=ident.entry.id,
-                )
-                await stream.send_message(msg)
-                last = state
-            if mgr.generation == gen:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(changed.wait(), 1.0)
-
-    async def FetchX509SVID(self, stream: RpcStream) -> None:
-        mgr = self.s.manager
-
-        def render(ident: Identity) -> tuple[Message, Hashable]:
-            svid = mgr.x509_svid(ident)
-            bundle = mgr.bundle()
-            msg = pb.X509SVIDResponse(
-                svids=[
-                    pb.X509SVID(
-                        spiffe_id=str(ident.spiffe_id),
-                        x509_svid=svid.chain_der(),
-                        x509_svid_key=svid.key_pkcs8_der(),
-                        bundle=bundle.x509_der(),
-                    )
-                ]
-            )
-            return msg, (svid.fingerprint, bundle.sequence)
-
-        await self._watch("FetchX509SVID", stream, render)
-
-    async def _watch_bundle(
-        self, method: str, stream: RpcStream, message: Callable[[TrustBundle], Message]
-    ) -> None:
-        """Stream the trust bundle as message(bundle) and again whenever it changes."""
-        mgr = self.s.manager
-
-        def render(_ident: Identity) -> tuple[Message, Hashable]:
-            b = mgr.bundle()
-            return message(b), b.sequence
-
-        await self._watch(method, stream, render)
-
-    async def FetchX509Bundles(self, stream: RpcStream) -> None:
-        await self._watch_bundle(
-            "FetchX509Bundles",
-            stream,
-            lambda b: pb.X509BundlesResponse(bundles={b.trust_domain.id_string(): b.x509_der()}),
-        )
-
-    async def FetchJWTBundles(self, stream: RpcStream) -> None:
-        await self._watch_bundle(
-            "FetchJWTBundles",
-            stream,
-            lambda b: pb.JWTBundlesResponse(
-                bundles={b.trust_domain.id_string(): b.jwt_jwks_json().encode()}
-            ),
-        )
-
-    async def _request(self, method: str, stream: RpcStream) -> Any:
-        """A unary call's request message."""
-        request = await stream.recv_message()
-        if request is None:  # the client ended its side of the stream without one
-            raise Denied(Status.INVALID_ARGUMENT, "the request message is missing")
-        return request
-
-    async def FetchJWTSVID(self, stream: RpcStream) -> None:
-        request = await self._request("FetchJWTSVID", stream)
-        audience = list(request.audience)
-
-        def issue(ident: Identity, att: Attestation) -> tuple[Identity, Attestation, JwtSvid]:
-            if not audience or not all(audience):
-                raise Denied(Status.INVALID_ARGUMENT, "audience must be specified")
-            if request.spiffe_id and request.spiffe_id != str(ident.spiffe_id):
-                # a process asking for an identity that is not its own: worth an operator's
-                # look (a misconfigured workload, or one probing for others' SVIDs)
-                raise Denied(
-                    Status.PERMISSION_DENIED,
-                    f"no identity issued for {request.spiffe_id} to this process: it is "
-                    f"{ident.spiffe_id} (registration entry {ident.entry.id!r})",
-                    requested_spiffe_id=request.spiffe_id,
-                    audience=audience,
-                )
-            if not ident.entry.authorization_server_audience:
-                named = names_an_as(audience, self.s.authorization_servers())
-                if named is not None:
-                    raise Denied(
-                        Status.PERMISSION_DENIED,
-                        (
-                            f"audience {named[0]!r} is the authorization server {named[1]!r}, "
-                            "which credless obtains this identity's tokens from: a JWT-SVID for "
-                            "it would let the workload get tokens past credless's policy, DPoP "
-                            "binding and audit. Call the MCP server through credless instead, or "
-                            "set authorization_server_audience = true on the registration entry "
-                            f"{ident.entry.id!r} if this workload must talk to it itself"
-                        ),
-                        audience=audience,
-                        authorization_server=named[1],
-                    )
-            return ident, att, self.s.manager.jwt_svid(ident, audience)
-
-        ident, att, svid = await self._authorized("FetchJWTSVID", stream, issue)
-        self.s.audit_call(
-            "svid.issued",
-            ident,
-            att,
-            type="jwt",
-            jti=svid.jti,
-            kid=svid.kid,
-            audience=list(svid.audience),
-        )
-        self._count("FetchJWTSVID", Status.OK)
-        await stream.send_message(
-            pb.JWTSVIDResponse(svids=[pb.JWTSVID(spiffe_id=str(ident.spiffe_id), svid=svid.token)])
-        )
-
-    async def ValidateJWTSVID(self, stream: RpcStream) -> None:
-        request = await self._request("ValidateJWTSVID", stream)
-        bundle = self.s.manager.bundle
-
-        def validate(_ident: Identity, _att: Attestation) -> JwtSvid:
-            if not request.audience or not request.svid:
-                raise Denied(Status.INVALID_ARGUMENT, "audience and svid are required")
-            b = bundle()
-            try:
-                return validate_jwt_svid(request.svid, request.audience, {b.trust_domain: b})
-            except JwtSvidError as e:
-                raise Denied(Status.INVALID_ARGUMENT, f"invalid JWT-SVID: {e}") from None
-
-        svid = await self._authorized("ValidateJWTSVID", stream, validate)
-        claims = struct_pb2.Struct()
-        claims.update({k: v for k, v in svid.claims.items()})
-        self._count("ValidateJWTSVID", Status.OK)
-        await stream.send_message(
-            pb.ValidateJWTSVIDResponse(spiffe_id=str(svid.spiffe_id), claims=claims)
-        )

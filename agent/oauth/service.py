@@ -7,32 +7,33 @@ An identity's tokens and DPoP key outlive its last process by oauth.token_grace_
 Runs on the agent's asyncio loop; `run_sync` lets other threads (admin socket) call in.
 
 Where a server's tokens come from (which authorization server may receive its assertions)
-is decided by resolution.py, before any assertion is minted.
+is decided by resolution.py, before any assertion is minted. Which client an identity is
+there (configured, or registered dynamically, and deleted when it ends): clients.py. The
+metrics, and what the token cache's events log and audit: reporting.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import httpx
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry
 
 from agent import __version__
 from agent.config import Config
-from agent.identity.bundle import TrustBundle
-from agent.identity.jwtsvid import JwtSvid
 from agent.identity.manager import Identity
 from agent.oauth import registration as reg
 from agent.oauth import token_ops
 from agent.oauth.cache import GraceTimers, TokenCache, grace_deadline
+from agent.oauth.clients import Assertions, Clients
 from agent.oauth.discovery import Discovery, ServerMetadata, TlsRouter, canonical_resource
 from agent.oauth.dpop import DPoPKey
-from agent.oauth.errors import OAuthError, RegistrationError, TrustRefused
+from agent.oauth.errors import OAuthError, TrustRefused
+from agent.oauth.reporting import OAuthMetrics, cache_event
 from agent.oauth.resolution import AdHocServer, Resolved, Resolver, Server, audit_event
 from agent.oauth.tokens import Token, request_token
 from agent.oauth.trust import (
@@ -43,7 +44,6 @@ from agent.oauth.trust import (
     verifying_context,
 )
 from agent.observe.logging import AuditLog, get_logger
-from agent.observe.tally import TallyCounter
 
 # how long cached_token() trusts the cache key token() resolved for (identity, server)
 KEY_MEMO_SECONDS = 30.0
@@ -54,18 +54,6 @@ log = get_logger("oauth")
 # (SPIFFE ID, server name, resource, scope): one cached token each
 TokenKey = tuple[str, str, str, str]
 T = TypeVar("T")
-
-
-class Assertions(Protocol):
-    """What the service asks of the identity manager (agent.identity.manager): JWT-SVIDs,
-    as client assertions and software statements, and the bundle a registration's JWKS
-    is made from."""
-
-    def jwt_svid(
-        self, ident: Identity, audience: list[str], ttl: int | None = None, iss: str | None = None
-    ) -> JwtSvid: ...
-
-    def bundle(self) -> TrustBundle: ...
 
 
 class OAuthService:
@@ -98,11 +86,10 @@ class OAuthService:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._dpop_keys: dict[str, DPoPKey] = {}
         self._nonces: dict[str, str] = {}
-        self._reg_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self.cache = TokenCache(
             self._fetch,
             refresh_ahead=cfg.oauth.refresh_ahead,
-            on_event=self._cache_event,
+            on_event=lambda what, key, obj: cache_event(self.audit, what, key, obj),
             clock=clock,
         )
         # identities whose last process has exited, their tokens kept until the timer fires
@@ -112,35 +99,20 @@ class OAuthService:
         # server name -> the 401 challenge of a server that refused a token for its scheme
         # (invalidate): its next resolution reads this, not the cached resource metadata
         self._changed: dict[str, str] = {}
-        self.m_requests = Counter(
-            "credless_token_requests",
-            "Token requests by server and outcome",
-            ["server", "outcome"],
-            registry=registry,
-        )
-        # counted per proxied request, from the event loop only: a plain-number tally
-        self.m_lookups = TallyCounter(
-            "credless_token_cache_lookups", "Token cache lookups", ["result"], registry=registry
-        )
-        self.m_hit = self.m_lookups.labels("hit")  # also counted by the proxy's fast lane
-        Gauge("credless_token_cache_size", "Tokens held in memory", registry=registry).set_function(
-            lambda: len(self.cache)
-        )
-        self.m_refused = Counter(
-            "credless_oauth_refused",
-            "What a server's challenge, "
-            "metadata or token response said that the agent refused to "
-            "use (issue 15: untrusted authorization server, insecure "
-            "endpoint, mismatched metadata, token for another audience "
-            "or weaker than required), by server and check",
-            ["server", "check"],
-            registry=registry,
-        )
-        self.m_registrations = Counter(
-            "credless_oauth_registrations",
-            "Dynamic client registrations and deletions",
-            ["server", "action", "outcome"],
-            registry=registry,
+        metrics = OAuthMetrics(registry, lambda: len(self.cache))
+        self.m_requests = metrics.requests
+        self.m_lookups = metrics.lookups
+        self.m_hit = metrics.hit  # also counted by the proxy's fast lane
+        self.m_refused = metrics.refused
+        self.m_registrations = metrics.registrations
+        self.clients = Clients(
+            self.store,
+            identity,
+            self.http_client,
+            self.as_tls,
+            self.jwks_uri,
+            self.m_registrations,
+            audit,
         )
         self.resolver = Resolver(self.pins, audit, self.m_refused)
 
@@ -321,58 +293,13 @@ class OAuthService:
         if challenge is not None and server is not None and server.dpop == "auto":
             self._changed[server_name] = challenge  # (a set dpop would choose the same)
 
-    async def _client_id(self, ident: Identity, server: Server, resolved: Resolved) -> str:
-        sid = str(ident.spiffe_id)
-        if server.registration != "dynamic":
-            return server.client_id or sid
-        existing = self.store.get(sid, resolved.issuer)
-        if existing is not None:
-            return existing.client_id
-        lock = self._reg_locks.setdefault((sid, resolved.issuer), asyncio.Lock())
-        async with lock:
-            existing = self.store.get(sid, resolved.issuer)
-            if existing is not None:
-                return existing.client_id
-            endpoint = resolved.metadata.registration_endpoint
-            if not endpoint:
-                raise RegistrationError(
-                    f"{resolved.issuer} has no registration_endpoint; "
-                    f"preregister {sid} or set registration = "
-                    '"preregistered"'
-                )
-            statement = self.identity.jwt_svid(ident, [resolved.issuer]).token
-            from agent.identity.bundle_endpoint import oauth_jwks
-
-            jwks = None if self.jwks_uri else json.loads(oauth_jwks(self.identity.bundle()))
-            try:
-                client = await reg.register(
-                    self._started()[0],
-                    endpoint=endpoint,
-                    issuer=resolved.issuer,
-                    spiffe_id=sid,
-                    jwks_uri=self.jwks_uri,
-                    jwks=jwks,
-                    software_statement=statement,
-                    dpop=resolved.dpop,
-                    tls=self.as_tls,
-                )
-            except OAuthError:
-                self.m_registrations.labels(server.name, "register", "error").inc()
-                raise
-            self.store.put(client)
-            self.m_registrations.labels(server.name, "register", "ok").inc()
-            self._audit_at(
-                "oauth.client_registered", ident, server, resolved, client_id=client.client_id
-            )
-            return client.client_id
-
     async def _fetch(self, key: TokenKey) -> Token:
         ident, resolved = self._pending[key]
         server = self.servers[key[1]]
         sid = str(ident.spiffe_id)
         started = time.monotonic()
         try:
-            client_id = await self._client_id(ident, server, resolved)
+            client_id = await self.clients.client_id(ident, server, resolved)
 
             def mint(audience: str, iss: str | None) -> str:
                 return self.identity.jwt_svid(ident, [audience], ttl=60, iss=iss).token
@@ -410,37 +337,6 @@ class OAuthService:
             raise
         self.m_requests.labels(server.name, "ok").inc()
         return tok
-
-    def _cache_event(self, what: str, key: TokenKey, obj: object) -> None:
-        log.debug(
-            f"token cache {what}",
-            spiffe_id=key[0],
-            server=key[1],
-            token_sha256=getattr(obj, "fingerprint", None),
-        )
-        if what in ("obtained", "refreshed") and isinstance(obj, Token):
-            tok = obj
-            audit_event(
-                self.audit,
-                f"token.{what}",
-                tok.spiffe_id,
-                key[1],
-                issuer=tok.issuer,
-                resource=tok.resource,
-                token_type=tok.token_type,
-                jti=tok.jti,
-                jkt=tok.jkt,
-                token_sha256=tok.fingerprint,
-                expires_in=int(tok.expires_at - time.time()),
-                scope=tok.scope,
-            )
-        elif what == "refresh_failed":
-            log.warning(
-                "token refresh failed; serving the cached token until it expires",
-                server=key[1],
-                spiffe_id=key[0],
-                error=str(obj),
-            )
 
     # ------------------------------------------------------------ lifecycle of identities
     async def forget(self, spiffe_id: str, grace: float | None = None) -> dict:
@@ -485,20 +381,7 @@ class OAuthService:
         key = self._dpop_keys.pop(spiffe_id, None)
         if key is not None:
             key.destroy()
-        deleted = []
-        for client in self.store.for_identity(spiffe_id):
-            try:
-                if await reg.delete(self._started()[0], client, self.as_tls):
-                    self.store.remove(spiffe_id, client.issuer)
-                    deleted.append(client.client_id)
-                    self.m_registrations.labels("-", "delete", "ok").inc()
-            except OAuthError as e:
-                self.m_registrations.labels("-", "delete", "error").inc()
-                log.warning(
-                    "client deletion failed; will retry when the identity ends again",
-                    spiffe_id=spiffe_id,
-                    error=str(e),
-                )
+        deleted = await self.clients.delete(spiffe_id)
         if self.audit:
             self.audit.emit(
                 "identity.ended",
@@ -519,7 +402,7 @@ class OAuthService:
 
         server = self.server(server_name)
         resolved = await self.resolve(server, ident=ident)
-        client_id = await self._client_id(ident, server, resolved)
+        client_id = await self.clients.client_id(ident, server, resolved)
         assertion = self.identity.jwt_svid(ident, [resolved.issuer], ttl=60, iss=client_id).token
         return resolved, {"client_assertion_type": JWT_BEARER, "client_assertion": assertion}
 

@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[2]
 CLIENT = r"""
 import json, sys, time, grpc
 from agent.identity.proto import workload_pb2 as pb
-from agent.identity.workload_api import client_call
+from agent.identity.workload_api_servicer import client_call
 sock, calls, connects, streams = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 md = [("workload.spiffe.io", "true")]
 out = {}

@@ -25,7 +25,8 @@ from agent.attest.attestor import Attestor
 from agent.config import AttestSection, IdentitySection
 from agent.identity.manager import IdentityManager
 from agent.identity.proto import workload_pb2 as pb
-from agent.identity.workload_api import WorkloadApiServer, client_call
+from agent.identity.workload_api import WorkloadApiServer
+from agent.identity.workload_api_servicer import client_call
 from agent.observe.logging import AuditLog
 from tests.conftest import REPO
 from tests.kernel import cgroup_child, enter_cgroup

@@ -32,7 +32,7 @@ CALLER = r"""
 import contextlib, json, os, socket, sys, tempfile, threading
 import grpc
 from agent.identity.proto import workload_pb2 as pb
-from agent.identity.workload_api import client_call
+from agent.identity.workload_api_servicer import client_call
 
 AUDIENCE = sys.argv[-1]
 
