@@ -95,7 +95,7 @@ def https_world(tmp: Path, trust: str = "server", metrics: bool = False, **serve
         w.mcp = w.enter(McpServer(tmp, dpop=True, tls=w.ca))
         w.authorization_server([w.mcp.url], dpop=True)
         w.mcp.start(w.oidc.issuer)
-        server.setdefault("dpop", "always")  # the test server demands DPoP, says Bearer
+        server.setdefault("dpop", "always")  # the test server demands DPoP (and says so)
         inject: dict[str, object] = {"tls_listen_port": free_port()}
         if trust == "server":
             server["ca_file"] = str(w.ca.cert_path)
@@ -160,6 +160,8 @@ def credentialed(w) -> list[dict]:
 
 def test_python_sdk_over_https_is_intercepted_injected_and_pooled(world):
     before = len(credentialed(world))
+    tls_series = 'credless_upstream_connections_total{kind="tls",server="weather"}'
+    tls_before = metric(world, tls_series)
     out = sdk_client(world, world.mcp.url, calls=5, ca=world.inject_ca)
     assert out == {
         "tools": ["add", "echo", "secret_tool", "stream_count"],
@@ -174,10 +176,12 @@ def test_python_sdk_over_https_is_intercepted_injected_and_pooled(world):
     )
     fingerprints = {e["token_sha256"] for e in events if e["event"] == "request.injected"}
     assert {r["token_sha256"] for r in seen} <= fingerprints
-    # every upstream connection was TLS, and the pool spared most handshakes
-    tls = metric(world, 'credless_upstream_connections_total{kind="tls",server="weather"}')
+    # every upstream connection was TLS, and the pool spared the handshakes: the SDK's
+    # requests go one after another, so one connection carries them all (measured: 1 for 7
+    # requests), two if its GET event stream overlaps a POST, however many calls it makes
+    tls = metric(world, tls_series) - tls_before
     plain = metric(world, 'credless_upstream_connections_total{kind="plain",server="weather"}')
-    assert 1 <= tls < len(seen) and plain == 0, (tls, len(seen))
+    assert 1 <= tls <= 2 and plain == 0, (tls, len(seen))
 
 
 def test_typescript_sdk_over_https_trusts_the_injection_ca_through_node_extra_ca_certs(world):
