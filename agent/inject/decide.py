@@ -6,7 +6,8 @@ and the fast lane (lane.py: a whole request relayed as read). Neither has admiss
 of its own; the lane only declines what it cannot execute (a field it would have to remove,
 a body to read, a token not yet cached), and the full path then decides the same request
 again, here, with the same answer. Two executors each deciding once let a refused request's
-head reach the server with a token; one decision cannot disagree with itself.
+head reach the server with a token; one decision cannot disagree with itself. What it reads
+of a request head, and how each executor reads it, is agent/inject/request.py's Request.
 
 The order of the checks is the order of what the server must be able to rely on (docs/
 inject.md, "What the upstream can rely on"):
@@ -28,7 +29,9 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from agent.inject.http1 import Head
+# the decision's reading of a request head (request.py); named here too, as decide.Request,
+# by the fast lane and the tests
+from agent.inject.request import Request as Request
 from agent.policy import jsonrpc
 from agent.policy.conditions import argument_names
 
@@ -45,93 +48,13 @@ FORWARD, ANSWER, CLOSE = "forward", "answer", "close"
 MCP_METHODS = frozenset({b"POST", b"GET", b"DELETE"})
 ALLOW = b"POST, GET, DELETE"
 
-# Fields the decision reads. Lower-case names; values with surrounding whitespace removed.
-DECISION_FIELDS = frozenset(
-    {
-        b"host",
-        b"mcp-method",
-        b"mcp-name",
-        b"expect",
-        b"content-encoding",
-        b"content-type",
-        b"authorization",
-        b"dpop",
-        b"upgrade",
-    }
-)
 # A routing or expectation field the server could read either copy of
 SINGLE_FIELDS = (b"host", b"mcp-method", b"mcp-name", b"expect")
 WORKLOAD_CREDENTIALS = (b"authorization", b"dpop")
 
-# The lane's reading of a head: in one scan, the fields the decision reads and those the
-# lane cannot carry out (it relays the head as read, so it cannot remove the workload's
-# credentials or connection fields, answer an expectation, or re-frame). llhttp's
-# strictness makes `CRLF name:` the only spelling of a field (tests/unit/test_http1.py), so
-# this cannot miss one.
-LANE_CANNOT = frozenset(
-    {
-        b"authorization",
-        b"dpop",
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"expect",
-        b"upgrade",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-    }
-)
-# made from the two sets, so the lane reads the same fields as Request.from_head
-_READ_FIELDS = re.compile(
-    rb"\r\n("
-    + b"|".join(re.escape(n) for n in sorted(DECISION_FIELDS | LANE_CANNOT))
-    + rb"):([^\r]*)",
-    re.IGNORECASE,
-)
 # a path segment under the MCP endpoint: RFC 3986 pchar without percent-encoding (which
 # would let `%2e%2e` or `%2f` mean something else to the server than to this check)
 _SEGMENT = re.compile(rb"[A-Za-z0-9\-._~!$&'()*+,;=:@]*")
-
-
-class Request:
-    """What the decision needs of a request head."""
-
-    __slots__ = ("fields", "method", "target", "upgrade")
-
-    def __init__(
-        self, method: bytes, target: bytes, fields: dict[bytes, list[bytes]], upgrade: bool = False
-    ):
-        self.method, self.target, self.upgrade, self.fields = method, target, upgrade, fields
-
-    @classmethod
-    def from_head(cls, head: Head) -> Request:
-        fields: dict[bytes, list[bytes]] = {}
-        if not head.names.isdisjoint(DECISION_FIELDS):
-            for k, v in head.headers:
-                k = k.lower()
-                if k in DECISION_FIELDS:
-                    fields.setdefault(k, []).append(v.strip(b" \t"))
-        return cls(head.method, head.target, fields, head.upgrade)
-
-    @classmethod
-    def from_read(cls, data: bytes, head_end: int, method: bytes, target: bytes) -> Request | None:
-        """A whole request as read (the lane's; its head ends at head_end), or None when it
-        carries a field the lane cannot carry out (LANE_CANNOT): the full path takes it."""
-        fields: dict[bytes, list[bytes]] = {}
-        for name, value in _READ_FIELDS.findall(data, 0, head_end + 2):
-            name = name.lower()
-            if name in LANE_CANNOT:
-                return None
-            if name in fields:
-                fields[name].append(value.strip(b" \t"))
-            else:
-                fields[name] = [value.strip(b" \t")]
-        return cls(method, target, fields)
-
-    def get(self, name: bytes) -> bytes | None:
-        values = self.fields.get(name)
-        return values[0] if values else None
 
 
 @dataclass(frozen=True, slots=True)

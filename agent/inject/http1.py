@@ -282,7 +282,7 @@ class Reader:
 
 # The verbatim answer (WholeMessage, UpstreamSide._verbatim): a response carrying one of
 # these hop-by-hop fields is not relayed as read (the caller allows `Connection:
-# keep-alive`, true of both hops). Requests: decide.py reads the lane's fields the same way.
+# keep-alive`, true of both hops). Requests: request.py reads the lane's fields the same way.
 # llhttp is strict here (no space before the colon, no folded lines, CRLF only:
 # tests/unit/test_http1.py shows each refused), so a field with one of these names is always
 # CRLF, the name in some case, and a colon: the pattern cannot miss one.

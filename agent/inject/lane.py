@@ -7,7 +7,7 @@ that is one whole request, asks agent/inject/decide.py about it (the same decisi
 path asks for), and when the verdict is to forward and needs nothing the lane cannot do —
 nothing awaited (token cached, upstream connection at hand), no body to decide, nothing of
 the workload's to remove (no credentials, connection fields, expectation, upgrade or framing
-other than Content-Length: decide.LANE_CANNOT) — sends it upstream as read with the
+other than Content-Length: request.LANE_CANNOT) — sends it upstream as read with the
 credential fields spliced in after its last field, and finishes it when the upstream side
 has relayed the answer (UpstreamSide._verbatim, or its parser for anything else).
 

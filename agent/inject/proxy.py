@@ -11,9 +11,11 @@ bound to this request's method and URL. Responses stream back as they arrive (SS
 reach the client at once).
 
 The I/O is in agent/inject/flows.py (asyncio Protocols); the decision in decide.py; the
-exchange with the server, once a request goes, in exchange.py; the fast lane (lane.py)
-carries out the same decisions for the common request without a coroutine. What the proxy
-asks of the attestor, identities, OAuth, the redirect and policy is in ports.py.
+answers credless gives in the server's place (a refusal, a malformed or stalled request, no
+token) in refusals.py; the exchange with the server, once a request goes, in exchange.py;
+the fast lane (lane.py) carries out the same decisions for the common request without a
+coroutine. What the proxy asks of the attestor, identities, OAuth, the redirect and policy
+is in ports.py.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from agent.attest.selectors import Attestation
 from agent.config import InjectSection
 from agent.inject import answers, decide, http1
 from agent.inject.assertion import AssertionRequests
-from agent.inject.bodies import EventSource, Replay, asked_of, drain_body, read_body
+from agent.inject.bodies import EventSource, Replay, read_body
 from agent.inject.decide import FORWARD, Caller, Verdict
 from agent.inject.exchange import Exchanges
 from agent.inject.flows import ClientSide
@@ -39,12 +41,13 @@ from agent.inject.phantom import PhantomVerifier
 from agent.inject.ports import Attestations, Identities, Policy, RedirectRecords, Tokens
 from agent.inject.record import AuditBase, Recorder
 from agent.inject.redirect import RedirectInfo
+from agent.inject.refusals import malformed, refuse, slow_request, token_failed
+from agent.inject.request import Request
 from agent.inject.served import Served
 from agent.inject.timeouts import SLOW_REQUEST, UPSTREAM
 from agent.inject.upstreams import Upstream
 from agent.oauth.errors import OAuthError
 from agent.oauth.tokens import Token
-from agent.oauth.trust import CertificateRefused
 from agent.observe.logging import AuditLog, get_logger
 from agent.policy import jsonrpc
 
@@ -101,29 +104,7 @@ class Proxy:
                 upstream.abort()
             return
         if what == SLOW_REQUEST:
-            up, fragment = client.served
-            event_id = None
-            if up is not None:
-                self.rec.count(up, "request_timeout")
-                event_id = self.rec.audit_answered(
-                    "request.failed",
-                    AuditBase({}, fragment),
-                    reason="the request stopped arriving for "
-                    f"{self.cfg.request_timeout_seconds:g} s; connection "
-                    "closed",
-                )
-            # plain: the request never arrived whole, so what it was is unknown
-            client.write(
-                answers.response(
-                    answers.PLAIN,
-                    408,
-                    b"Request Timeout",
-                    "credless: the request stopped arriving",
-                    outcome="request_timeout",
-                    event_id=event_id,
-                    headers=[(b"Connection", b"close")],
-                )
-            )
+            slow_request(self.rec, client, self.cfg.request_timeout_seconds)
         client.close()
 
     async def handle(self, client: ClientSide, netns: int) -> None:
@@ -160,7 +141,7 @@ class Proxy:
         except ConnectionError:
             pass
         except ProtocolError as e:  # not HTTP/1.1 we can frame: answer once and close
-            self._malformed(client, e)
+            malformed(self.rec, client, e)
         except ssl.SSLError as e:
             self.rec.audit_event(
                 "connection.tls_failed",
@@ -174,35 +155,6 @@ class Proxy:
         finally:
             self.rec.m_active.dec()
             client.close()
-
-    def _malformed(self, client: ClientSide, e: ProtocolError) -> None:
-        """What the workload sent cannot be framed as a request credless accepts (http1.py):
-        answered, audited and counted, and the connection closed (where the next request
-        would begin is not known)."""
-        up, fragment = client.served
-        outcome = "head_too_large" if e.status == 431 else "malformed"
-        event_id = None
-        if up is not None:
-            self.rec.count(up, outcome)
-            event_id = self.rec.audit_answered(
-                "request.denied",
-                AuditBase({}, fragment),
-                status=e.status,
-                reason=f"malformed HTTP: {e}; connection closed",
-            )
-        reason = b"Request Header Fields Too Large" if e.status == 431 else b"Bad Request"
-        # plain: a request that cannot be framed has no body to read, nor one to trust
-        client.write(
-            answers.response(
-                answers.PLAIN,
-                e.status,
-                reason,
-                f"credless: malformed HTTP: {e}",
-                outcome=outcome,
-                event_id=event_id,
-                headers=[(b"Connection", b"close")],
-            )
-        )
 
     async def _serve(self, client: ClientSide, info: RedirectInfo) -> None:
         upstream = self.upstreams.get((info.orig_host, info.orig_port))
@@ -340,7 +292,7 @@ class Proxy:
         method = head.method.decode()
         path = head.target.decode("latin-1")
         audit_base = AuditBase({"method": method, "path": path.split("?", 1)[0]}, served.fragment)
-        req = decide.Request.from_head(head)
+        req = Request.from_head(head)
         caller = self.caller(served)
         verdict = decide.decide(req, up, caller, self.cfg, self.policy, self.phantom)
         log.debug(
@@ -353,7 +305,9 @@ class Proxy:
             credential=verdict.credential,
         )
         if verdict.action != FORWARD:
-            return await self._refuse(verdict, head, client, up, audit_base)
+            return await refuse(
+                self.rec, self.phantom, self.max_body, verdict, head, client, up, audit_base
+            )
         # before anything is injected: a workload's Connection header must not be able to
         # name (and so strip) what credless adds
         http1.strip_connection_headers(head)
@@ -383,7 +337,9 @@ class Proxy:
                     ident, up.name
                 )
             except OAuthError as e:
-                await self._token_failed(e, head, client, src, asked, up, audit_base)
+                await token_failed(
+                    self.rec, self.max_body, e, head, client, src, asked, up, audit_base
+                )
                 return head.keep_alive
             for name, value in self.credentials(token, method, up, path):
                 head.add(name, value)
@@ -391,112 +347,8 @@ class Proxy:
         audit_base.asked = asked or head  # for an answer the exchange gives (exchange.py)
         return await self.exchanges.run(head, src, served, token, audit_base, started)
 
-    async def _token_failed(
-        self,
-        e: OAuthError,
-        head: Head,
-        client: ClientSide,
-        src: EventSource,
-        asked: answers.Asked | None,
-        up: Upstream,
-        audit_base: AuditBase,
-    ) -> None:
-        """No token for a request that needs one: its body read (bounded, for the ids of a
-        JSON-RPC request) or dropped, the failure counted, audited and answered 502."""
-        if asked is None:
-            asked = await asked_of(src, head, self.max_body, readable=True, drain=True)
-        self.rec.count(up, "token_error")
-        event_id = self.rec.audit_answered("request.failed", audit_base, reason=str(e), kind=e.kind)
-        client.write(
-            answers.response(
-                asked,
-                502,
-                b"Bad Gateway",
-                f"credless: the {e.party}'s certificate did not verify"
-                if isinstance(e, CertificateRefused)
-                else "credless: could not obtain a token from the authorization server",
-                outcome="token_error",
-                event_id=event_id,
-                kind=e.kind,
-                detail=str(e),
-            )
-        )
-        await client.drain()
-
-    async def _refuse(
-        self,
-        verdict: Verdict,
-        head: Head,
-        client: ClientSide,
-        up: Upstream,
-        audit_base: AuditBase,
-        calls: list[jsonrpc.Call] | None = None,
-        batch: bool = False,
-        event_id: str | None = None,
-    ) -> bool:
-        """Carry out a refusal: count it, audit it (unless the calls' records did: their
-        event_id is given), answer it (unless the verdict is to close), and say whether the
-        connection stays open. calls: the body's calls when it was read whole and decided
-        ([]: over the limit). A request whose body is unread is answered and its connection
-        closed if the workload awaits 100 Continue or the verdict says close; otherwise its
-        body is read and dropped first, so the next request on the connection is framed
-        where it begins: read whole, when it may be JSON-RPC, for the ids the answer keeps."""
-        self.rec.count(up, verdict.outcome)
-        if verdict.misuse is not None and self.phantom is not None:
-            # a placeholder out of its holder's hands: both identities (the caller's is the
-            # connection's spiffe_id), then the response (phantom_misuse = "revoke": the
-            # holder's real token revoked, so its next request obtains another)
-            event_id = self.rec.audit_answered(
-                "phantom.misuse",
-                audit_base,
-                status=verdict.status,
-                reason=verdict.message,
-                issued_to=verdict.misuse.spiffe_id,
-                issued_for=verdict.misuse.server,
-                placeholder_jti=verdict.misuse.jti,
-            )
-            self.phantom.misused(verdict.misuse, up.name)
-        if event_id is None:
-            event_id = self.rec.audit_answered(
-                "request.denied", audit_base, status=verdict.status or None, reason=verdict.message
-            )
-        if verdict.action == decide.CLOSE:
-            return False
-        expect = head.get(b"expect")
-        continues = expect is not None and expect.lower() == b"100-continue"
-        keep = head.keep_alive and not verdict.close and not continues
-        if calls is not None:  # read whole and decided (the verdict has its code)
-            asked = answers.by_calls(calls, batch)
-        elif verdict.rpc_code is not None:  # decided by the head alone: its code, id null
-            if keep:
-                await drain_body(client)
-            asked = answers.UNREAD_RPC
-        else:
-            # read where it would be drained anyway, or where only the workload's request
-            # closes the connection: never the body of a request refused for what it is
-            # (UNREADABLE, or a verdict to close), nor one not sent (awaiting 100 Continue)
-            readable = not (verdict.close or continues or verdict.outcome in answers.UNREADABLE)
-            asked = await asked_of(client, head, self.max_body, readable=readable, drain=keep)
-        extra = [(b"Allow", verdict.allow)] if verdict.allow else []
-        if not keep:
-            extra.append((b"Connection", b"close"))
-        client.write(
-            answers.response(
-                asked,
-                verdict.status,
-                verdict.reason,
-                verdict.message,
-                outcome=verdict.outcome,
-                event_id=event_id,
-                rpc_code=verdict.rpc_code,
-                headers=extra,
-            )
-        )
-        await client.drain()
-        return keep
-
     async def _enforce(
-        self, head: Head, req: decide.Request, served: Served, caller: Caller, audit_base: AuditBase
+        self, head: Head, req: Request, served: Served, caller: Caller, audit_base: AuditBase
     ) -> tuple[bytes, answers.Asked] | bool:
         """Read the JSON-RPC body and have it decided: the body to go on and what it asked
         (for a later error's ids), else, once the answer has been sent, whether the
@@ -509,7 +361,10 @@ class Proxy:
         client, up = served.client, served.up
         body = await read_body(client, self.max_body)
         if body is None:
-            return await self._refuse(
+            return await refuse(
+                self.rec,
+                self.phantom,
+                self.max_body,
                 Verdict(
                     decide.ANSWER,
                     status=413,
@@ -532,8 +387,18 @@ class Proxy:
         for r in records:
             self.rec.audit_event(r.event, audit_base, **r.fields, **named)
         if refused:
-            return await self._refuse(
-                verdict, head, client, up, audit_base, calls or [], batch, named.get("event_id")
+            return await refuse(
+                self.rec,
+                self.phantom,
+                self.max_body,
+                verdict,
+                head,
+                client,
+                up,
+                audit_base,
+                calls or [],
+                batch,
+                named.get("event_id"),
             )
         head.remove(b"transfer-encoding", b"content-length")
         head.add(b"Content-Length", b"%d" % len(body))

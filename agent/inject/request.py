@@ -1,0 +1,95 @@
+"""What the decision reads of a request head, read the same way by both executors. Sans-IO.
+
+The full path reads a parsed head (agent/inject/http1.py's Head: Request.from_head); the
+fast lane a whole request as it arrived (Request.from_read), in one scan that also finds the
+fields the lane cannot carry out. Both readings give the same fields, so the one decision
+(agent/inject/decide.py) answers a request the same whichever executor asks
+(tests/unit/test_decide.py checks both readings of each head).
+"""
+
+from __future__ import annotations
+
+import re
+
+from agent.inject.http1 import Head
+
+# Fields the decision reads. Lower-case names; values with surrounding whitespace removed.
+DECISION_FIELDS = frozenset(
+    {
+        b"host",
+        b"mcp-method",
+        b"mcp-name",
+        b"expect",
+        b"content-encoding",
+        b"content-type",
+        b"authorization",
+        b"dpop",
+        b"upgrade",
+    }
+)
+# The lane's reading of a head: in one scan, the fields the decision reads and those the
+# lane cannot carry out (it relays the head as read, so it cannot remove the workload's
+# credentials or connection fields, answer an expectation, or re-frame). llhttp's
+# strictness makes `CRLF name:` the only spelling of a field (tests/unit/test_http1.py), so
+# this cannot miss one.
+LANE_CANNOT = frozenset(
+    {
+        b"authorization",
+        b"dpop",
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"expect",
+        b"upgrade",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+    }
+)
+# made from the two sets, so the lane reads the same fields as Request.from_head
+_READ_FIELDS = re.compile(
+    rb"\r\n("
+    + b"|".join(re.escape(n) for n in sorted(DECISION_FIELDS | LANE_CANNOT))
+    + rb"):([^\r]*)",
+    re.IGNORECASE,
+)
+
+
+class Request:
+    """What the decision needs of a request head."""
+
+    __slots__ = ("fields", "method", "target", "upgrade")
+
+    def __init__(
+        self, method: bytes, target: bytes, fields: dict[bytes, list[bytes]], upgrade: bool = False
+    ):
+        self.method, self.target, self.upgrade, self.fields = method, target, upgrade, fields
+
+    @classmethod
+    def from_head(cls, head: Head) -> Request:
+        fields: dict[bytes, list[bytes]] = {}
+        if not head.names.isdisjoint(DECISION_FIELDS):
+            for k, v in head.headers:
+                k = k.lower()
+                if k in DECISION_FIELDS:
+                    fields.setdefault(k, []).append(v.strip(b" \t"))
+        return cls(head.method, head.target, fields, head.upgrade)
+
+    @classmethod
+    def from_read(cls, data: bytes, head_end: int, method: bytes, target: bytes) -> Request | None:
+        """A whole request as read (the lane's; its head ends at head_end), or None when it
+        carries a field the lane cannot carry out (LANE_CANNOT): the full path takes it."""
+        fields: dict[bytes, list[bytes]] = {}
+        for name, value in _READ_FIELDS.findall(data, 0, head_end + 2):
+            name = name.lower()
+            if name in LANE_CANNOT:
+                return None
+            if name in fields:
+                fields[name].append(value.strip(b" \t"))
+            else:
+                fields[name] = [value.strip(b" \t")]
+        return cls(method, target, fields)
+
+    def get(self, name: bytes) -> bytes | None:
+        values = self.fields.get(name)
+        return values[0] if values else None
