@@ -15,10 +15,11 @@ from prometheus_client import CollectorRegistry
 
 from agent.config import InjectSection
 from agent.inject import answers
-from agent.inject.listeners import ProxyListeners, asked_by_head
+from agent.inject.listeners import ProxyListeners
 from agent.inject.proxy import Proxy
 from agent.inject.redirect import RedirectInfo
 from agent.inject.tls import InjectionCA
+from agent.inject.tls_listener import asked_by_head
 from agent.inject.upstreams import Upstream
 from agent.observe.logging import AuditLog
 from tests.helpers import free_port
