@@ -35,6 +35,7 @@ from agent.inject.components import ProxyComponent, RedirectComponent
 from agent.inject.listeners import ProxyListeners
 from agent.inject.netns import NetnsListeners
 from agent.inject.phantom import Binding, PhantomVerifier
+from agent.inject.phantom_files import PhantomFiles
 from agent.inject.proxy import Proxy
 from agent.inject.redirect import Redirector
 from agent.inject.tls import InjectionCA
@@ -290,21 +291,50 @@ def add_prewarm(agent: Agent, policy: PolicyEngine, redirector: Redirector) -> N
     servers = [s.name for s in cfg.servers if s.prewarm and s.mode in ("broker", "phantom")]
     if not servers:
         return
-
-    def allowed(spiffe_id: str, server: str) -> bool:
-        rules = policy.policy if cfg.policy.file else None
-        return rules is None or rules.decide(spiffe_id, server, "initialize", None).allowed
-
     warm = Prewarmer(
         agent.identity,
         agent.oauth,
         servers,
         concurrency=cfg.inject.prewarm_concurrency,
-        allowed=allowed,
+        allowed=may_initialize(agent, policy),
         managed=lambda att: redirector.matcher.is_managed(att.cgroup_path),
         registry=agent.metrics.registry,
     )
     agent.attestor.add_listener(warm.attested)
+
+
+def may_initialize(agent: Agent, policy: PolicyEngine) -> Callable[[str, str], bool]:
+    """allowed(spiffe_id, server): the policy lets the identity `initialize` there, the first
+    call any MCP client makes. A server it may not initialize is one it will not call: it
+    gets neither a pre-warmed token nor a placeholder file."""
+    cfg = agent.cfg
+
+    def allowed(spiffe_id: str, server: str) -> bool:
+        rules = policy.policy if cfg.policy.file else None
+        return rules is None or rules.decide(spiffe_id, server, "initialize", None).allowed
+
+    return allowed
+
+
+def add_phantom_files(agent: Agent, policy: PolicyEngine, redirector: Redirector) -> None:
+    """Placeholder files (docs/phantom.md, "A placeholder in a file"): for processes in
+    managed cgroups whose entry names a phantom_dir, one file per phantom-mode server the
+    policy lets them initialize, kept fresh while they live."""
+    cfg = agent.cfg
+    servers = [s.name for s in cfg.servers if s.mode == "phantom"]
+    if not servers:
+        return
+    files = PhantomFiles(
+        agent.identity,
+        servers,
+        allowed=may_initialize(agent, policy),
+        managed=lambda att: redirector.matcher.is_managed(att.cgroup_path),
+        audit=agent.audit,
+        registry=agent.metrics.registry,
+    )
+    agent.attestor.add_listener(files.attested)
+    agent.attestor.add_event_listener(files.process_event)
+    agent.components.append(Synchronous(files))
 
 
 def phantom_verifier(agent: Agent) -> PhantomVerifier | None:
@@ -352,6 +382,7 @@ def add_injection(agent: Agent) -> None:
     agent.components.append(Synchronous(policy))
     agent.reload_hooks.append(policy.reload)
     add_prewarm(agent, policy, redirector)
+    add_phantom_files(agent, policy, redirector)
     proxy = Proxy(
         inj,
         upstreams,

@@ -10,6 +10,8 @@ A TOML file of `[[entry]]` tables:
     jwt_svid_ttl_seconds = 300             # optional, else identity.jwt_svid_ttl_seconds
     authorization_server_audience = false  # optional: may this workload get JWT-SVIDs
                                            # for an authorization server credless uses?
+    phantom_dir = "/run/credless-phantom"  # optional: where credless writes the placeholder
+                                           # of each phantom-mode server (docs/phantom.md)
 
 By default the Workload API refuses a JWT-SVID whose audience is an authorization server
 credless obtains tokens from: that JWT-SVID is exactly the client assertion credless sends,
@@ -87,6 +89,18 @@ def _selectors(v: Any) -> str | None:
     return None
 
 
+def _phantom_dir(v: Any) -> str | None:
+    """An absolute path as the workload sees it, spelled plainly: the agent walks it one
+    component at a time (agent/inject/phantom_files.py), so '..', '.' or '//' are refused
+    here rather than resolved, and '/' would put placeholders beside the workload's /etc."""
+    parts = v.split("/")
+    if not v.startswith("/") or v == "/" or "\0" in v:
+        return 'an absolute directory path other than "/", such as "/run/credless-phantom"'
+    if any(p in ("", ".", "..") for p in parts[1:]):
+        return "a plain absolute path: no '.', '..', '//' or trailing '/'"
+    return None
+
+
 @dataclass(frozen=True)
 class Entry:
     # names the entry in logs and audit; an entry without one is named entry-<index>
@@ -103,6 +117,9 @@ class Entry:
     order: int = computed(0)  # the entry's place in the file: ties go to the first
     # may this workload get JWT-SVIDs for an authorization server credless uses?
     authorization_server_audience: bool = setting(False)
+    # where credless writes a placeholder file per phantom-mode server, in the process's
+    # own filesystem view (docs/phantom.md, "A placeholder in a file"); None: no files
+    phantom_dir: str | None = setting(None, _phantom_dir)
 
     @property
     def is_template(self) -> bool:
