@@ -12,9 +12,7 @@ operators, and the tests load it.
 
 from __future__ import annotations
 
-import ipaddress
 import os
-import re
 import socket
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -22,8 +20,22 @@ from pathlib import Path
 from typing import Any
 
 from agent import schema
+from agent.config_values import (
+    cgroup_paths,
+    check_trust_domain,
+    https_url,
+    ipv4_loopback,
+    issuers,
+    listen,
+    loopback_listen,
+    optional_issuer,
+    optional_url,
+    port,
+    power_of_two,
+    server_name,
+    url,
+)
 from agent.schema import (
-    Check,
     OperatorFileError,
     absolute_path,
     at_least,
@@ -41,80 +53,9 @@ LOG_FORMATS = ("auto", "json", "console")
 
 _SPIRE_ADMIN_SOCKET = "/tmp/spire-agent/private/admin.sock"  # noqa: S108 — SPIRE's default path
 
-# SPIFFE-ID.md §2.1: lowercase letters, digits, '.', '-', '_'; at most 255 bytes.
-_TRUST_DOMAIN_RE = re.compile(r"[a-z0-9._-]+")
-
 
 class ConfigError(OperatorFileError):
     """credless.toml is wrong."""
-
-
-def _loopback_listen(v: Any) -> str | None:
-    accepted = 'a loopback HOST:PORT such as "127.0.0.1:9890" or "[::1]:9890"'
-    addr = parse_listen(v)
-    if addr is None:
-        return accepted
-    try:
-        if not ipaddress.ip_address(addr[0]).is_loopback:
-            return accepted + " (the metrics endpoint is never exposed beyond the node)"
-    except ValueError:
-        return accepted
-    return None
-
-
-def check_trust_domain(v: Any) -> str | None:
-    accepted = (
-        "a SPIFFE trust domain: 1-255 characters of lowercase letters, digits, "
-        "'.', '-', '_', with no scheme, port or path (e.g. \"example.org\")"
-    )
-    if (
-        not isinstance(v, str)
-        or not v
-        or len(v.encode()) > 255
-        or not _TRUST_DOMAIN_RE.fullmatch(v)
-    ):
-        return accepted
-    return None
-
-
-def _listen(example: str) -> Check:
-    def check(v: Any) -> str | None:
-        return None if parse_listen(v) else f'HOST:PORT such as "{example}"'
-
-    return check
-
-
-def _ipv4_loopback(v: Any) -> str | None:
-    return None if v.startswith("127.") else "a 127.x.y.z address"
-
-
-def _https_url(v: Any) -> str | None:
-    return None if v.startswith("https://") else "an https:// URL"
-
-
-def _power_of_two(v: Any) -> str | None:
-    return None if v > 0 and v & (v - 1) == 0 else "a power of two greater than 0"
-
-
-def _server_name(v: Any) -> str | None:
-    ok = re.fullmatch(r"[a-z0-9][a-z0-9_.-]{0,62}", v)
-    return None if ok else "1-63 characters of lowercase letters, digits, '.', '_', '-'"
-
-
-def _port(v: Any) -> str | None:
-    return None if 0 < v < 65536 else "a port 1-65535"
-
-
-def parse_listen(v: str) -> tuple[str, int] | None:
-    """'127.0.0.1:9890' or '[::1]:9890' -> (host, port); None when malformed."""
-    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d{1,5})|([0-9.]+):(\d{1,5})", v or "")
-    if not m:
-        return None
-    host = m.group(1) or m.group(3)
-    port = int(m.group(2) or m.group(4))
-    if not 0 < port < 65536:
-        return None
-    return host, port
 
 
 # ---------------------------------------------------------------- the model
@@ -146,7 +87,7 @@ class MetricsSection:
     # serve /metrics, /healthz and /readyz
     enabled: bool = setting(True)
     # address of the metrics endpoint: loopback unless expose = true
-    listen: str = setting("127.0.0.1:9890", _listen("127.0.0.1:9890"))
+    listen: str = setting("127.0.0.1:9890", listen("127.0.0.1:9890"))
     # allow a non-loopback listen address (e.g. for Prometheus scraping a hostNetwork DaemonSet);
     # metrics carry no secrets
     expose: bool = setting(False)
@@ -158,7 +99,7 @@ class KubeletSection:
     enabled: bool = setting(False)
     # kubelet URL; on Kubernetes use the node IP (status.hostIP): serving certificates rarely name
     # 127.0.0.1; ${VAR} is expanded from the environment, e.g. https://${NODE_IP}:10250
-    url: str = setting("https://127.0.0.1:10250", _https_url)
+    url: str = setting("https://127.0.0.1:10250", https_url)
     # bearer token file, re-read on each refresh
     token_file: str = setting("/var/run/secrets/kubernetes.io/serviceaccount/token", absolute_path)
     # CA bundle that signed the kubelet's serving certificate
@@ -180,7 +121,7 @@ class AttestSection:
     # how long an exited process stays answerable
     exit_grace_seconds: float = setting(5.0, positive)
     # BPF ring buffer size in pages (power of two)
-    ring_buffer_pages: int = setting(1024, _power_of_two)
+    ring_buffer_pages: int = setting(1024, power_of_two)
     kubelet: KubeletSection = field(default_factory=KubeletSection)
 
 
@@ -227,7 +168,7 @@ class BundleEndpointSection:
     enabled: bool = setting(True)
     # address of the bundle endpoint (a loopback address unless an authorization server elsewhere
     # needs it)
-    listen: str = setting("127.0.0.1:8444", _listen("127.0.0.1:8444"))
+    listen: str = setting("127.0.0.1:8444", listen("127.0.0.1:8444"))
     # serve it over https with this certificate chain (PEM, leaf first); empty means plain http,
     # which only a loopback authorization server may be registered with
     cert_file: str = setting("", absolute_path)
@@ -235,67 +176,25 @@ class BundleEndpointSection:
     key_file: str = setting("", absolute_path)
 
 
-def _url(v: Any) -> str | None:
-    return (
-        None
-        if isinstance(v, str) and re.match(r"^https?://[^/\s]+", v)
-        else 'an absolute http(s) URL such as "https://mcp.example.com/mcp"'
-    )
-
-
-def _optional_url(v: Any) -> str | None:
-    return None if v == "" else _url(v)
-
-
-_ISSUER = (
-    "https, or http only to a loopback host (127.0.0.0/8, ::1, localhost), with no "
-    'query or fragment, such as "https://as.example.com"'
-)
-
-
-def _issuer(v: Any) -> str | None:
-    """An authorization server issuer identifier (RFC 8414 §2) the agent may send
-    assertions to: the rule it also applies at run time (agent/oauth/trust.py)."""
-    from agent.oauth.trust import insecure_reason
-
-    ok = (
-        isinstance(v, str)
-        and not _url(v)
-        and not insecure_reason(v)
-        and "?" not in v
-        and "#" not in v
-    )
-    return None if ok else "an issuer URL: " + _ISSUER
-
-
-def _optional_issuer(v: Any) -> str | None:
-    return None if v == "" else _issuer(v)
-
-
-def _issuers(v: Any) -> str | None:
-    ok = isinstance(v, list) and not any(_issuer(x) for x in v)
-    return None if ok else "a list of issuer URLs, each " + _ISSUER
-
-
 @dataclass(frozen=True)
 class ServerSection:
     """One MCP server the agent obtains credentials for."""
 
     # name used in policy, metrics and audit
-    name: str = setting("", _server_name)
+    name: str = setting("", server_name)
     # the MCP server URL (its RFC 8707 resource identifier)
-    url: str = setting("", _url)
+    url: str = setting("", url)
     # client assertion profile: jwt-bearer (RFC 7523 private_key_jwt) or jwt-spiffe (IETF SPIFFE
     # client auth draft)
     auth_profile: str = setting("jwt-bearer", one_of("jwt-bearer", "jwt-spiffe"))
     # aud of the client assertion: the issuer identifier, or the token endpoint URL
     assertion_audience: str = setting("issuer", one_of("issuer", "token_endpoint"))
     # authorization server issuer; empty means discovered
-    issuer: str = setting("", _optional_issuer)
+    issuer: str = setting("", optional_issuer)
     # authorization servers (issuer URLs) that may receive this server's client assertions; the
     # first one the server's metadata names is used; empty means issuer if set, else the first one
     # discovered, pinned in <state_dir>/oauth/authorization_servers.json
-    authorization_servers: list[str] = setting([], _issuers)
+    authorization_servers: list[str] = setting([], issuers)
     # scope to request; empty means the 401 challenge's, then the resource metadata's, then none
     scope: str = setting("")
     # preregistered (client_id = the SPIFFE ID or client_id) or dynamic (RFC 7591 with a software
@@ -316,7 +215,7 @@ class ServerSection:
     ca_file: str = setting("", absolute_path)
     # for an https url: the plain http:// URL workloads call instead, mapped onto url (credless
     # originates the TLS, with SNI and Host from url); empty means workloads call url itself
-    workload_url: str = setting("", _optional_url)
+    workload_url: str = setting("", optional_url)
     # assertion mode, a client_assertion the workload sent that is a JWT (its own credential):
     # refuse (HTTP 400) or replace it; a placeholder (not a JWT) is replaced, a missing one added
     workload_assertion: str = setting("refuse", one_of("refuse", "replace"))
@@ -340,27 +239,11 @@ class OAuthSection:
     # CA bundle for authorization servers; empty means the system store
     ca_file: str = setting("", absolute_path)
     # jwks_uri registered for dynamic clients; empty means the bundle endpoint's /jwks.json
-    jwks_uri: str = setting("", _optional_url)
+    jwks_uri: str = setting("", optional_url)
     # an identity's tokens (and their DPoP key) are kept this long after its last process exits,
     # so the next process of the same identity reuses them; never past a token's expiry; 0: drop
     # them at once
     token_grace_seconds: float = setting(300.0, at_least(0))
-
-
-def _cgroup_paths(v: Any) -> str | None:
-    from agent.inject.cgroup_match import pattern_error  # the redirect's own rules
-
-    shape = (
-        "a list of cgroup paths or globs relative to the cgroup v2 root, like "
-        '["/system.slice/agent.service", "/system.slice/agent-*.service"]'
-    )
-    if not (isinstance(v, list) and all(isinstance(p, str) for p in v)):
-        return shape
-    for p in v:
-        err = pattern_error(p)
-        if err:
-            return f"{p!r} {err}; {shape}"
-    return None
 
 
 @dataclass(frozen=True)
@@ -368,17 +251,17 @@ class InjectSection:
     # redirect MCP connections to the proxy and inject
     enabled: bool = setting(True)
     # IPv4 loopback address of the proxy
-    listen_host: str = setting("127.0.0.1", _ipv4_loopback)
+    listen_host: str = setting("127.0.0.1", ipv4_loopback)
     # proxy port on listen_host
-    listen_port: int = setting(15001, _port)
+    listen_port: int = setting(15001, port)
     # proxy port on [::1]
-    listen_port6: int = setting(15001, _port)
+    listen_port6: int = setting(15001, port)
     # port of the TLS-intercepting listener (on listen_host and [::1]) for https servers
-    tls_listen_port: int = setting(15002, _port)
+    tls_listen_port: int = setting(15002, port)
     # cgroup subtrees whose processes are redirected: paths or globs (a * within one component)
     # that may name cgroups not made yet (docs/cgroups.md); empty means every cgroup but the
     # agent's own
-    managed_cgroups: list[str] = setting([], _cgroup_paths)
+    managed_cgroups: list[str] = setting([], cgroup_paths)
     # a process without identity: deny (HTTP 403) or passthrough (forwarded as sent, nothing added
     # or removed)
     unattested: str = setting("deny", one_of("deny", "passthrough"))
@@ -478,10 +361,10 @@ class Config:
 
 # ---------------------------------------------------------------- cross-checks
 def _check_metrics(cfg: Config, problems: list[str]) -> None:
-    if not cfg.metrics.expose and _loopback_listen(cfg.metrics.listen):
+    if not cfg.metrics.expose and loopback_listen(cfg.metrics.listen):
         problems.append(
             f"metrics.listen: got {render(cfg.metrics.listen)}, expected "
-            f"{_loopback_listen(cfg.metrics.listen)}; set metrics.expose = true "
+            f"{loopback_listen(cfg.metrics.listen)}; set metrics.expose = true "
             "to serve it beyond the node's loopback"
         )
 

@@ -177,7 +177,7 @@ def check_bindable(mine: list[str], held_by_old: list[str]) -> None:
     """Before the takeover, whether the TCP addresses this agent binds after it are free or
     the old agent's (released at `takeover`): a port some other process holds would fail
     the new agent once the old one no longer serves. Raises HandoverError naming it."""
-    from agent.config import parse_listen
+    from agent.config_values import parse_listen
 
     for value in mine:
         if value in held_by_old:

@@ -27,7 +27,8 @@ from agent.attest.cgroupfs import cgroup2_root, process_cgroup
 from agent.attest.kubelet import KubeletClient
 from agent.attest.kubelet_errors import KubeletError
 from agent.attest.kubelet_settings import expand_server_name, expand_url
-from agent.config import Config, KubeletSection, parse_listen
+from agent.config import Config, KubeletSection
+from agent.config_values import parse_listen
 from agent.identity.bundle_endpoint import BundleEndpoint, default_jwks_uri
 from agent.identity.manager import IdentityManager
 from agent.identity.workload_api import WorkloadApiServer

@@ -14,7 +14,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from agent import config
+from agent import config, config_values
 from tests.conftest import REPO
 
 K8S = REPO / "deploy" / "k8s"
@@ -168,7 +168,7 @@ def _pod_spec() -> dict:
 
 
 def _metrics_port(tmp_path: Path) -> int:
-    address = config.parse_listen(_agent_config(tmp_path).metrics.listen)
+    address = config_values.parse_listen(_agent_config(tmp_path).metrics.listen)
     assert address is not None
     return address[1]
 
@@ -191,7 +191,7 @@ def test_metrics_service_and_ports_reach_the_agents_metrics_endpoint(tmp_path):
     assert svc["spec"]["clusterIP"] == "None"
     assert svc["spec"]["selector"].items() <= ds["spec"]["template"]["metadata"]["labels"].items()
     cfg = _agent_config(tmp_path)
-    host, port = config.parse_listen(cfg.metrics.listen)
+    host, port = config_values.parse_listen(cfg.metrics.listen)
     assert {p["targetPort"] for p in svc["spec"]["ports"]} == {port}
     # Prometheus scrapes the pod IP (the node's, with hostNetwork): not reachable on loopback
     assert cfg.metrics.expose and host in ("0.0.0.0", "::")  # noqa: S104, cfg.metrics.listen
