@@ -241,3 +241,18 @@ class AgentProcess:
             for f in pin.glob("*"):
                 f.unlink()
             pin.rmdir()
+
+
+def metric_sum(metrics_port: int, name: str, **labels: str) -> float:
+    """The sum of the samples of `name` (a sample name, e.g. credless_x_total) on the agent's
+    metrics endpoint whose labels include these."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name and labels.items() <= s.labels.items()
+    )

@@ -16,17 +16,14 @@ import subprocess
 import sys
 import urllib.request
 
-from prometheus_client.parser import text_string_to_metric_families
-
-from tests.helpers import audit_events, free_port
-from tests.kernel import cgroup_child, enter_cgroup
-from tests.mcp.peers import REPO, McpServer, run_client
-from tests.oidc.peer import OidcProvider
-from tests.world import build_world, entry_table, server_table, table
+from tests.helpers import audit_events, metric_sum
+from tests.kernel import enter_cgroup
+from tests.mcp.peers import REPO, run_client
+from tests.phantom_world import phantom_world as shared_phantom_world
+from tests.world import build_world
 
 HOLDER = "spiffe://example.org/phantom/holder"
 THIEF = "spiffe://example.org/phantom/thief"
-RS_CLIENT = "mcp-resource-server:rs-secret"  # the MCP server's own client, for introspection
 
 
 def placeholder_for(w, cg, server: str) -> str:
@@ -85,57 +82,15 @@ def held_call(w, placeholder: str) -> subprocess.Popen:
 
 
 def credentialed(w) -> list[dict]:
-    return [r for r in w.mcp.stats()["requests"] if r["auth_scheme"]]
+    return w.mcp.credentialed()
 
 
 def misuse_count(metrics_port: int) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    return sum(
-        s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == "credless_phantom_misuse_total" and s.labels.get("server") == "weather"
-    )
+    return metric_sum(metrics_port, "credless_phantom_misuse_total", server="weather")
 
 
-def phantom_world(tmp_path, stack_cg, **server):
-    w = stack_cg
-    thief_cg = w.enter(cgroup_child("credless-test-thief"))
-    w.mcp = w.enter(McpServer(tmp_path, introspect=RS_CLIENT))
-    jwks = f"http://127.0.0.1:{w.bundle_port}/jwks.json"
-    w.oidc = w.enter(
-        OidcProvider(
-            tmp_path,
-            resources={w.mcp.url: {"format": "opaque", "scope": "tools"}},
-            clients=[
-                {"client_id": HOLDER, "jwks_uri": jwks},
-                {"client_id": THIEF, "jwks_uri": jwks},
-                {"client_id": RS_CLIENT.split(":")[0], "client_secret": RS_CLIENT.split(":")[1]},
-            ],
-            dpop=False,
-        )
-    )
-    w.mcp.start(w.oidc.issuer)
-    w.api_socket = tmp_path / "run" / "agent.sock"
-    w.metrics_port = free_port()
-    entries = entry_table("holder", HOLDER, [w.selector]) + entry_table(
-        "thief", THIEF, [f"cgroup:path:/{thief_cg.name}"]
-    )
-    inject = table(
-        "[inject]",
-        listen_port=w.proxy_port,
-        listen_port6=w.proxy_port,
-        managed_cgroups=[f"/{w.cg.name}", f"/{thief_cg.name}"],
-    )
-    w.start_agent(
-        server_table("weather", w.mcp.url, mode="phantom", dpop="never", **server),
-        entries=entries,
-        intercept=False,
-        settings=inject,
-        metrics_port=w.metrics_port,
-    )
-    return thief_cg
+def phantom_world(tmp_path, w, **server):
+    return shared_phantom_world(tmp_path, w, HOLDER, THIEF, **server)
 
 
 def test_the_holder_calls_with_its_placeholder_and_the_server_sees_only_the_token(tmp_path):

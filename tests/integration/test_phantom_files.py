@@ -20,20 +20,16 @@ import stat
 import subprocess
 import sys
 import tempfile
-import urllib.request
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
-
-from tests.helpers import audit_events, free_port
-from tests.kernel import cgroup_child, enter_cgroup
-from tests.mcp.peers import REPO, McpServer, run_client
-from tests.oidc.peer import OidcProvider
-from tests.world import build_world, entry_table, server_table, table
+from tests.helpers import audit_events, metric_sum
+from tests.kernel import enter_cgroup
+from tests.mcp.peers import REPO, run_client
+from tests.phantom_world import phantom_world
+from tests.world import build_world
 
 HOLDER = "spiffe://example.org/phantom-files/holder"
 THIEF = "spiffe://example.org/phantom-files/thief"
-RS_CLIENT = "mcp-resource-server:rs-secret"  # the MCP server's own client, for introspection
 NOBODY, ATTACKER = 65534, 65533  # the workload's user; a user matching no entry
 
 # The workload: announces itself, waits for the test to see its file written, reads the
@@ -89,43 +85,15 @@ def killed(proc: subprocess.Popen):
 
 
 def files_world(tmp_path, w, phantom_dir: Path):
-    thief_cg = w.enter(cgroup_child("credless-test-thief"))
-    w.mcp = w.enter(McpServer(tmp_path, introspect=RS_CLIENT))
-    jwks = f"http://127.0.0.1:{w.bundle_port}/jwks.json"
-    w.oidc = w.enter(
-        OidcProvider(
-            tmp_path,
-            resources={w.mcp.url: {"format": "opaque", "scope": "tools"}},
-            clients=[
-                {"client_id": HOLDER, "jwks_uri": jwks},
-                {"client_id": THIEF, "jwks_uri": jwks},
-                {"client_id": RS_CLIENT.split(":")[0], "client_secret": RS_CLIENT.split(":")[1]},
-            ],
-            dpop=False,
-        )
-    )
-    w.mcp.start(w.oidc.issuer)
-    w.metrics_port = free_port()
-    entries = entry_table(
-        "holder",
+    return phantom_world(
+        tmp_path,
+        w,
         HOLDER,
-        [w.selector, f"unix:uid:{NOBODY}"],
+        THIEF,
+        holder_selectors=[f"unix:uid:{NOBODY}"],
         phantom_dir=str(phantom_dir),
-    ) + entry_table("thief", THIEF, [f"cgroup:path:/{thief_cg.name}"])
-    inject = table(
-        "[inject]",
-        listen_port=w.proxy_port,
-        listen_port6=w.proxy_port,
-        managed_cgroups=[f"/{w.cg.name}", f"/{thief_cg.name}"],
+        phantom_misuse="refuse",
     )
-    w.start_agent(
-        server_table("weather", w.mcp.url, mode="phantom", dpop="never", phantom_misuse="refuse"),
-        entries=entries,
-        intercept=False,
-        settings=inject,
-        metrics_port=w.metrics_port,
-    )
-    return thief_cg
 
 
 def start_workload(w, path: Path) -> subprocess.Popen:
@@ -151,19 +119,13 @@ def event_for(w, event: str, pid: int) -> dict:
 
 
 def files_count(metrics_port: int, outcome: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    return sum(
-        s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == "credless_phantom_files_total"
-        and s.labels == {"server": "weather", "outcome": outcome}
+    return metric_sum(
+        metrics_port, "credless_phantom_files_total", server="weather", outcome=outcome
     )
 
 
 def credentialed(w) -> list[dict]:
-    return [r for r in w.mcp.stats()["requests"] if r["auth_scheme"]]
+    return w.mcp.credentialed()
 
 
 def test_the_workload_calls_with_its_file_and_a_copy_elsewhere_is_misuse(tmp_path):

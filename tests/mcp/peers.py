@@ -104,6 +104,10 @@ class McpServer:
     def stats(self) -> dict:
         return json.loads(self.stats_path.read_text())
 
+    def credentialed(self) -> list[dict]:
+        """The requests that carried a credential (Authorization), as the server saw them."""
+        return [r for r in self.stats()["requests"] if r["auth_scheme"]]
+
     def relayed(self) -> list[dict]:
         """The requests that came from workloads, not the agent's own (its probes and
         metadata fetches say User-Agent credless/...): pre-warming on exec makes those at any
