@@ -34,7 +34,7 @@ tests/oidc/node_modules/.installed: tests/oidc/package-lock.json
 	@touch $@
 
 test: setup lint types image
-	$(PY) -m pytest -n 3 --dist loadgroup tests/unit tests/integration
+	$(PY) -m pytest -n 3 --dist loadfile tests/unit tests/integration
 
 # The DaemonSet's image (deploy/k8s/Containerfile) with podman: a debootstrapped base and a
 # wheelhouse from the host's pip, both cached, so only the first build downloads (about 2
