@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.helpers import free_port
+from tests.helpers import audit_events, free_port
 from tests.kernel import cgroup_child
 from tests.mcp.peers import McpServer
 from tests.oidc.peer import OidcProvider
@@ -64,3 +64,18 @@ def phantom_world(
         metrics_port=w.metrics_port,
     )
     return thief_cg
+
+
+def only_obtained_tokens_reached_the_server(w, placeholder: str) -> None:
+    """Every credentialed request the server saw carried a Bearer token credless obtained
+    (token.obtained), and the placeholder appears nowhere in what the server recorded."""
+    seen = w.mcp.credentialed()
+    assert seen and all(r["auth_scheme"] == "Bearer" for r in seen)
+    obtained = [
+        e
+        for e in audit_events(w.agent.stdout_path, until="request.injected")
+        if e["event"] == "token.obtained"
+    ]
+    assert {r["token_sha256"] for r in seen} == {e["token_sha256"] for e in obtained}
+    raw = (w.tmp / f"mcp-stats-{w.mcp.port}.json").read_text()
+    assert placeholder not in raw and placeholder.split(".")[2] not in raw

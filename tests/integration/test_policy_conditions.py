@@ -26,7 +26,7 @@ from agent.policy import jsonrpc
 from tests.conftest import REPO
 from tests.helpers import audit_events, wait_for
 from tests.kernel import enter_cgroup, run_python
-from tests.mcp.peers import McpServer, run_client
+from tests.mcp.peers import McpServer, run_client, run_ts_client
 from tests.world import build_world, server_table, table
 
 pytestmark = pytest.mark.kernel
@@ -74,16 +74,7 @@ def py_client(w, *steps: str) -> list[dict]:
 
 
 def ts_client(w, tool: str, args: dict) -> dict:
-    r = subprocess.run(
-        ["node", str(REPO / "tests/mcp/client.mjs"), w.mcp.url, tool, json.dumps(args)],
-        capture_output=True,
-        text=True,
-        timeout=90,
-        preexec_fn=enter_cgroup(w.cg),
-    )
-    lines = r.stdout.strip().splitlines()
-    assert lines, f"the TypeScript client printed nothing: {r.stderr[-2000:]}"
-    return json.loads(lines[-1])
+    return run_ts_client(w.mcp.url, tool, json.dumps(args), preexec=enter_cgroup(w.cg))
 
 
 def shown_event(message: str) -> str:

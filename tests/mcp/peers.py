@@ -130,6 +130,20 @@ class McpServer:
         self.stop()
 
 
+def run_ts_client(url: str, *args: str, preexec=None, timeout=90) -> dict:
+    """The TypeScript SDK client (tests/mcp/client.mjs): the JSON of its last line."""
+    r = subprocess.run(
+        ["node", str(REPO / "tests/mcp/client.mjs"), url, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=preexec,
+    )
+    lines = r.stdout.strip().splitlines()
+    assert lines, f"the TypeScript client printed nothing: {r.stderr[-2000:]}"
+    return json.loads(lines[-1])
+
+
 def run_client(url: str, *steps: str, preexec=None, extra=(), timeout=90, prefix=()) -> list[dict]:
     """prefix: a command the client runs under (e.g. `ip netns exec NAME`)."""
     r = subprocess.run(
