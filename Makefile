@@ -60,9 +60,10 @@ types: venv
 mutate: venv
 	$(PY) -m tests.mutate.run
 
-# The inner loop: the sans-IO and unit tests only (no root, no kernel, no peers; seconds).
+# The inner loop: the sans-IO and unit tests only (no root, no kernel, no peers; seconds). The
+# few tests under tests/unit that need the kernel (marked `kernel`) run in `make test`.
 unit: venv
-	$(PY) -m pytest tests/unit -q
+	$(PY) -m pytest tests/unit -q -m "not kernel"
 
 demo: setup
 	$(PY) -m tests.demo
