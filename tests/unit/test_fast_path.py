@@ -432,3 +432,71 @@ def test_a_held_connection_idle_too_long_is_closed_on_release_not_pooled():
     w.lane._held_since -= w.proxy.pool.max_idle + 1
     w.lane.release()
     assert w.upstream.transport.closed and w.proxy.pool.get(w.key) is None
+
+
+# The lane's own limits are the parser's (a head over max_head or with more fields than
+# max_fields is refused 431 by the full path): a read at a limit goes, one over it is left to
+# the full path, which refuses it. Measured on the read itself, not on a default.
+@pytest.mark.parametrize(
+    "limit,over,goes",
+    [
+        ("max_head", 0, True),
+        ("max_head", 1, False),
+        ("max_fields", 0, True),
+        ("max_fields", 1, False),
+    ],
+)
+@in_loop
+def test_a_head_at_the_parsers_limits_goes_one_over_them_does_not(limit, over, goes):
+    w = World()
+    read = request(b"Content-Type: application/json", b"X-One: 1", b"X-Two: 2")
+    end = read.index(b"\r\n\r\n")
+    at_limit = {"max_head": end, "max_fields": read.count(b"\r\n", 0, end)}[limit]
+    setattr(w.client, limit, at_limit - over)
+    assert w.lane.offer(read) is goes
+    assert (w.upstream.transport.out != b"") is goes
+
+
+@pytest.mark.parametrize("method", [b"HEAD", b"CONNECT"])
+@in_loop
+def test_head_and_connect_are_left_to_the_full_path(method):
+    w = World()
+    target = b"127.0.0.1:8080" if method == b"CONNECT" else b"/mcp"
+    read = b"%s %s HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n" % (method, target)
+    assert w.lane.offer(read) is False
+    assert w.upstream.transport.out == b"" and w.proxy.pool.get(w.key) is w.upstream
+
+
+@in_loop
+def test_a_request_whose_host_credless_rewrites_is_left_to_the_full_path():
+    # a workload_url server: the Host sent upstream is the https server's, which only the
+    # full path writes; the lane must decline, not take the request and send nothing
+    w = World()
+    w.lane.up = dataclasses.replace(UP, send_host=b"localhost:8443")
+    assert w.lane.offer(request()) is False
+    assert w.upstream.transport.out == b"" and w.proxy.pool.get(w.key) is w.upstream
+
+
+@in_loop
+def test_a_dpop_proof_that_cannot_be_made_leaves_the_request_to_the_full_path():
+    class Broken:
+        def proof(self, method: str, url: str, access_token: str | None = None) -> str:
+            raise RuntimeError("no key")
+
+    w = World(token=dataclasses.replace(TOKEN, token_type="DPoP", jkt="jkt-1"))
+    w.oauth.key = Broken()
+    assert w.lane.offer(request()) is False  # declined, not swallowed
+    assert w.upstream.transport.out == b"" and w.proxy.pool.get(w.key) is w.upstream
+
+
+@in_loop
+def test_a_passthrough_request_goes_as_read_and_its_head_request_does_not():
+    # passthrough: no credential, the workload's bytes as read; a HEAD's answer has a length
+    # and no body, which only the full path's parser frames
+    w = World()
+    w.lane.up = dataclasses.replace(UP, mode="passthrough")
+    head = b"HEAD /mcp HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n"
+    assert w.lane.offer(head) is False and w.upstream.transport.out == b""
+    read = request(b"Content-Type: application/json")
+    assert w.lane.offer(read) is True
+    assert w.upstream.transport.out == read  # nothing spliced in
