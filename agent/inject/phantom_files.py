@@ -42,6 +42,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from agent.identity.jwtsvid import JwtSvid
 from agent.identity.sources import Identity
+from agent.identity.starting import starting_identity
 from agent.inject.phantom import audience
 from agent.inject.phantom_write import Refused, write_placeholder
 from agent.observe.logging import AuditLog, get_logger
@@ -165,9 +166,9 @@ class PhantomFiles:
     def attested(self, image: Any, attestation: Any) -> None:
         """The attestor's enrichment listener: a process that exec'd and earns a phantom_dir
         has its files scheduled (written on this component's thread)."""
-        if image.source != "exec" or not self.servers or not self.managed(attestation):
+        if not self.servers:
             return
-        ident = self.identity.resolve(attestation, quiet=True)
+        ident = starting_identity(image, attestation, self.managed, self.identity)
         if ident is None or ident.entry.phantom_dir is None:
             return
         sid = str(ident.spiffe_id)

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 from prometheus_client import CollectorRegistry, Counter
 
 from agent.identity.sources import Identity
+from agent.identity.starting import starting_identity
 from agent.observe.logging import get_logger
 
 log = get_logger("prewarm")
@@ -89,15 +90,12 @@ class Prewarmer:
 
     def attested(self, image: Any, attestation: Any) -> list[Future[None]]:
         """The attestor's enrichment listener: schedule the fetches this process will need
-        (returned, for whoever wants to wait on them). Only an exec is a program starting:
-        a fork's image (source "fork") is its parent's program, about to exec another, and
-        one seeded at start-up was running before the agent."""
+        (returned, for whoever wants to wait on them); which processes earn them:
+        agent/identity/starting.py."""
         loop = self.oauth.loop
-        if image.source != "exec" or not self.servers or loop is None or loop.is_closed():
+        if not self.servers or loop is None or loop.is_closed():
             return []
-        if not self.managed(attestation):
-            return []
-        ident = self.identity.resolve(attestation, quiet=True)
+        ident = starting_identity(image, attestation, self.managed, self.identity)
         if ident is None:
             return []
         # the identity is in use from now on: its tokens go when its last process ends
