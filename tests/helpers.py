@@ -243,16 +243,23 @@ class AgentProcess:
             pin.rmdir()
 
 
-def metric_sum(metrics_port: int, name: str, **labels: str) -> float:
-    """The sum of the samples of `name` (a sample name, e.g. credless_x_total) on the agent's
-    metrics endpoint whose labels include these."""
+def metric_samples(metrics_port: int, name: str) -> list:
+    """The samples of `name` (a sample name, e.g. credless_x_total) on the agent's metrics
+    endpoint, read once."""
     from prometheus_client.parser import text_string_to_metric_families
 
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
         text = r.read().decode()
-    return sum(
-        s.value
+    return [
+        s
         for family in text_string_to_metric_families(text)
         for s in family.samples
-        if s.name == name and labels.items() <= s.labels.items()
+        if s.name == name
+    ]
+
+
+def metric_sum(metrics_port: int, name: str, **labels: str) -> float:
+    """The sum of the samples of `name` whose labels include these."""
+    return sum(
+        s.value for s in metric_samples(metrics_port, name) if labels.items() <= s.labels.items()
     )

@@ -46,7 +46,7 @@ def calls(world, *steps: str) -> list[dict]:
 
 
 def credentialed(world) -> list[dict]:
-    return [r for r in world.mcp.stats()["requests"] if r["auth_scheme"]]
+    return world.mcp.credentialed()
 
 
 def test_the_stock_bearer_server_gets_bearer_under_auto(tmp_path):

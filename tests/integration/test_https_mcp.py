@@ -21,9 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from agent import config
 from tests.conftest import REPO
-from tests.helpers import audit_events, free_port, http_get
+from tests.helpers import audit_events, free_port, metric_sum
 from tests.kernel import enter_cgroup, run_python
 from tests.mcp.peers import McpServer
 from tests.tlsca import TestCA
@@ -145,23 +144,20 @@ def raw(w, host: str, port: int, ca: Path | None) -> tuple[int, dict]:
     return status, json.loads(body) if body.startswith("{") else {"text": body}
 
 
-def metric(w, series: str) -> float:
-    listen = config.load(w.agent.config).metrics.listen
-    _, body = http_get(f"http://{listen}/metrics")
-    for line in body.splitlines():
-        if line.split(" ")[0] == series:
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+def upstream_connections(w, kind: str) -> float:
+    """credless_upstream_connections_total for the server "weather", of this kind."""
+    return metric_sum(
+        w.metrics_port, "credless_upstream_connections_total", kind=kind, server="weather"
+    )
 
 
 def credentialed(w) -> list[dict]:
-    return [r for r in w.mcp.stats()["requests"] if r["auth_scheme"]]
+    return w.mcp.credentialed()
 
 
 def test_python_sdk_over_https_is_intercepted_injected_and_pooled(world):
     before = len(credentialed(world))
-    tls_series = 'credless_upstream_connections_total{kind="tls",server="weather"}'
-    tls_before = metric(world, tls_series)
+    tls_before = upstream_connections(world, "tls")
     out = sdk_client(world, world.mcp.url, calls=5, ca=world.inject_ca)
     assert out == {
         "tools": ["add", "echo", "secret_tool", "stream_count"],
@@ -179,8 +175,8 @@ def test_python_sdk_over_https_is_intercepted_injected_and_pooled(world):
     # every upstream connection was TLS, and the pool spared the handshakes: the SDK's
     # requests go one after another, so one connection carries them all (measured: 1 for 7
     # requests), two if its GET event stream overlaps a POST, however many calls it makes
-    tls = metric(world, tls_series) - tls_before
-    plain = metric(world, 'credless_upstream_connections_total{kind="plain",server="weather"}')
+    tls = upstream_connections(world, "tls") - tls_before
+    plain = upstream_connections(world, "plain")
     assert 1 <= tls <= 2 and plain == 0, (tls, len(seen))
 
 
@@ -234,24 +230,29 @@ def test_plain_http_to_the_https_address_is_answered_400_naming_the_mismatch(wor
     assert denied["event"] == "request.denied" and denied["status"] == 400
     assert denied["server"] == "weather" and message.startswith(denied["reason"])
     assert len(world.mcp.relayed()) == before
-    series = (
-        'credless_injected_requests_total{mode="broker",outcome="plain_http_to_https",'
-        'server="weather"}'
+    assert (
+        metric_sum(
+            world.metrics_port,
+            "credless_injected_requests_total",
+            mode="broker",
+            outcome="plain_http_to_https",
+            server="weather",
+        )
+        >= 1
     )
-    assert metric(world, series) >= 1
 
 
 def test_a_plain_workload_url_is_mapped_onto_the_https_server(world):
     before = len(credentialed(world))
-    tls_before = metric(world, 'credless_upstream_connections_total{kind="tls",server="weather"}')
+    tls_before = upstream_connections(world, "tls")
     out = sdk_client(world, world.workload_url, calls=2)  # plain http: no CA needed
     assert out["texts"] == ["hi 0", "hi 1"], out
     seen = credentialed(world)[before:]
     assert seen and {r["auth_scheme"] for r in seen} == {"DPoP"}  # htu: the https URL
     # credless originated TLS for it (the server listens on TLS only)
-    tls = metric(world, 'credless_upstream_connections_total{kind="tls",server="weather"}')
+    tls = upstream_connections(world, "tls")
     assert tls > tls_before
-    assert metric(world, 'credless_upstream_connections_total{kind="plain",server="weather"}') == 0
+    assert upstream_connections(world, "plain") == 0
     # the workload sent Host 127.0.0.1:<workload port>; the server sees its own URL's
     assert {r["host"] for r in seen} == {f"localhost:{world.mcp.port}"}
 

@@ -139,7 +139,7 @@ def test_a_token_failure_is_shown_with_what_the_authorization_server_said(tmp_pa
         assert out["code"] == answers.TOKEN_FAILED, out
         assert "authorization server" in out["message"]
         assert audited(w.agent, shown_event(out["message"]))[0]["event"] == "request.failed"
-        assert not [r for r in w.mcp.stats()["requests"] if r["auth_scheme"]]
+        assert not w.mcp.credentialed()
 
 
 def test_a_policy_denial_is_shown_by_both_sdks_as_before(tmp_path):

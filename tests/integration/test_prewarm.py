@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import urllib.request
-
-from prometheus_client.parser import text_string_to_metric_families
 
 from agent import __version__
-from tests.helpers import audit_events, free_port
+from tests.helpers import audit_events, free_port, metric_samples
 from tests.kernel import enter_cgroup
 from tests.mcp.peers import REPO, McpServer
 from tests.world import build_world, entry_table, server_table, tools_rule
@@ -49,18 +46,15 @@ def held_client(w, url: str) -> subprocess.Popen:
 
 def prewarm_counts(metrics_port: int) -> dict[str, float]:
     """credless_prewarm_total for the server "weather", by outcome."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
-        text = r.read().decode()
     return {
         s.labels["outcome"]: s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == "credless_prewarm_total" and s.labels["server"] == "weather"
+        for s in metric_samples(metrics_port, "credless_prewarm_total")
+        if s.labels["server"] == "weather"
     }
 
 
 def credentialed(w) -> list[dict]:
-    return [r for r in w.mcp.stats()["requests"] if r["auth_scheme"]]
+    return w.mcp.credentialed()
 
 
 def obtained(events: list[dict]) -> list[dict]:

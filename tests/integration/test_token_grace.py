@@ -56,7 +56,7 @@ def identity_ended(w) -> None:
 def token_use(w) -> tuple[int, set[str], set[str]]:
     """Token requests oidc-provider granted; the tokens the MCP server was given; and the
     DPoP keys (cnf.jkt) of the requests the agent injected."""
-    credentialed = [r for r in w.mcp.stats()["requests"] if r["auth_scheme"]]
+    credentialed = w.mcp.credentialed()
     events = audit_events(  # one request.injected for each request the server saw with a token
         w.agent.stdout_path,
         lambda evs: sum(e["event"] == "request.injected" for e in evs) >= len(credentialed),
