@@ -16,15 +16,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from agent.inject import http1
+
 # an event longer than this is not kept to be parsed (its end is still found)
 MAX_EVENT = 1 << 20
 
 
 def is_event_stream(content_type: bytes | None) -> bool:
-    return (
-        content_type is not None
-        and content_type.split(b";", 1)[0].strip().lower() == b"text/event-stream"
-    )
+    return http1.media_type(content_type) == b"text/event-stream"
 
 
 def response_ids(message: Any) -> list[str]:

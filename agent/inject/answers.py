@@ -96,9 +96,7 @@ def new_event_id() -> str:
 
 def is_json(content_type: bytes | None) -> bool:
     """Whether a Content-Type is JSON (application/json, or a +json type), parameters aside."""
-    if not content_type:
-        return False
-    essence = content_type.split(b";", 1)[0].strip().lower()
+    essence = http1.media_type(content_type)
     return essence == b"application/json" or (
         essence.startswith(b"application/") and essence.endswith(b"+json")
     )

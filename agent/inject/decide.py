@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 # the decision's reading of a request head (request.py); named here too, as decide.Request,
 # by the fast lane and the tests
+from agent.inject import http1
 from agent.inject.request import Request as Request
 from agent.policy import jsonrpc
 from agent.policy.conditions import argument_names
@@ -137,10 +138,6 @@ FORM = b"application/x-www-form-urlencoded"
 JSON = b"application/json"
 
 
-def media_type(content_type: bytes | None) -> bytes:
-    return (content_type or b"").split(b";")[0].strip().lower()
-
-
 def assertion_request(
     target: bytes, content_type: bytes | None, token_path: bytes, registration: bytes | None = None
 ) -> str | None:
@@ -148,7 +145,7 @@ def assertion_request(
     registration endpoint's path, once known), CANDIDATE (a JSON POST while it is not), or
     None (anything else: forwarded as sent, with nothing of credless's in it)."""
     path = target.split(b"?", 1)[0]
-    kind = media_type(content_type)
+    kind = http1.media_type(content_type)
     if kind == FORM:
         return TOKEN if path == token_path else None
     if kind == JSON and path != token_path:  # (the token endpoint registers no one)

@@ -353,6 +353,12 @@ class WholeMessage:
         return False
 
 
+def media_type(content_type: bytes | None) -> bytes:
+    """A Content-Type's essence (RFC 9110 §8.3.1): the type/subtype, parameters aside, lower
+    case; b"" for none."""
+    return (content_type or b"").split(b";", 1)[0].strip().lower()
+
+
 def chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
