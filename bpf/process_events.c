@@ -15,8 +15,10 @@
 // Loss: BCC's ring buffer API has no loss callback, so each failed reservation is counted
 // in a per-CPU array that user space reads and exports. Nothing is dropped silently.
 
+// Only the uapi header: task_struct is read by offset (above), so nothing here needs
+// <linux/sched.h>, and leaving it out cuts BCC's compile at every agent start from about
+// 1.7 s to 0.6 s of CPU (the same bytecode, compared with BPF.dump_func).
 #include <uapi/linux/bpf.h>
-#include <linux/sched.h>
 #include "process_events.h"
 
 #ifndef RINGBUF_PAGES

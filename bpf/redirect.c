@@ -45,10 +45,16 @@
 // leaves every connect untouched.
 
 #include <uapi/linux/bpf.h>
-#include <linux/socket.h>
 #include "process_events.h"
 #include "redirect.h"
 #include "cgroup_watch.h"
+
+// The two address families, as the socket ABI fixes them, rather than <linux/socket.h>:
+// that header drags in most of the kernel's networking headers, which roughly doubled BCC's
+// compile of this file at every agent start (1.7 s against 0.9 s of CPU; the bytecode is
+// the same, compared with BPF.dump_func).
+#define AF_INET 2
+#define AF_INET6 10
 
 #ifndef PIN_DIR
 #define PIN_DIR "/sys/fs/bpf/credless"
