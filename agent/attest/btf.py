@@ -15,8 +15,8 @@ randomize_layout. It is written by hand because no maintained Python library par
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 VMLINUX = Path("/sys/kernel/btf/vmlinux")
 
@@ -49,12 +49,11 @@ class BTFError(Exception):
     pass
 
 
-@dataclass(frozen=True)
-class _Type:
+class _Type(NamedTuple):  # a tuple: thousands are built at every agent start
     kind: int
-    name: str
+    name_off: int  # into the string section; decoded only when asked (see _parse)
     size_or_type: int
-    members: tuple  # (name, type_id, bit_offset) for STRUCT/UNION
+    members: bytes  # STRUCT/UNION: vlen raw btf_member records (name_off, type, offset)
     kflag: bool
 
 
@@ -69,8 +68,8 @@ class BTF:
             "<BBIIIII", data, 2
         )
         self._strings = data[hdr_len + str_off : hdr_len + str_off + str_len]
-        self._types: list[_Type | None] = [None]  # type id 0 is void
-        self._by_name: dict[tuple[int, str], int] = {}
+        self._types: list[_Type | None] = [None]  # by type id: 0 is void; None, no lookup
+        self._structs: dict[str, int] | None = None  # name -> first STRUCT id, on first ask
         self._parse(data[hdr_len + type_off : hdr_len + type_off + type_len])
 
     @classmethod
@@ -88,22 +87,20 @@ class BTF:
         return self._strings[off:end].decode()
 
     def _parse(self, blob: bytes) -> None:
+        # Runs at every agent start over the whole kernel BTF (some 100,000 types), for the
+        # offsets of four fields: names stay offsets and members stay raw bytes until a
+        # lookup needs them (decoding every name cost about 0.6 s of CPU per start).
         pos, n = 0, len(blob)
+        unpack, types = struct.unpack_from, self._types
         while pos < n:
-            name_off, info, size_or_type = struct.unpack_from("<III", blob, pos)
+            name_off, info, size_or_type = unpack("<III", blob, pos)
             pos += 12
             kind = (info >> 24) & 0x1F
             vlen = info & 0xFFFF
-            kflag = bool(info >> 31)
-            members: tuple = ()
+            members = b""
             if kind in (_STRUCT, _UNION):
-                ms = []
-                for _ in range(vlen):
-                    m_name, m_type, m_off = struct.unpack_from("<III", blob, pos)
-                    pos += 12
-                    # with kflag set, the low 24 bits are the bit offset (high 8: bitfield size)
-                    ms.append((self._str(m_name), m_type, m_off & 0xFFFFFF if kflag else m_off))
-                members = tuple(ms)
+                members = blob[pos : pos + 12 * vlen]
+                pos += 12 * vlen
             elif kind in (_INT, _VAR, _DECL_TAG):
                 pos += 4
             elif kind == _ARRAY:
@@ -113,16 +110,25 @@ class BTF:
             elif kind in (_DATASEC, _ENUM64):
                 pos += 12 * vlen
             elif kind not in (_PTR, _FWD, _FUNC, _FLOAT) and kind not in _MODIFIERS:
-                raise BTFError(f"unknown BTF kind {kind} at type {len(self._types)}")
-            t = _Type(kind, self._str(name_off), size_or_type, members, kflag)
-            self._by_name.setdefault((kind, t.name), len(self._types))
-            self._types.append(t)
+                raise BTFError(f"unknown BTF kind {kind} at type {len(types)}")
+            # lookups only walk structs, unions and the modifiers in front of them
+            if kind in (_STRUCT, _UNION) or kind in _MODIFIERS:
+                types.append(_Type(kind, name_off, size_or_type, members, bool(info >> 31)))
+            else:
+                types.append(None)
+        if pos != n:
+            raise BTFError("BTF type section ends inside a type record")
 
     def struct_id(self, name: str) -> int:
-        tid = self._by_name.get((_STRUCT, name))
-        if tid is None:
+        if self._structs is None:
+            self._structs = {}
+            for type_id, t in enumerate(self._types):
+                if t is not None and t.kind == _STRUCT:
+                    self._structs.setdefault(self._str(t.name_off), type_id)
+        found = self._structs.get(name)
+        if found is None:
             raise BTFError(f"struct {name} not in kernel BTF")
-        return tid
+        return found
 
     def _resolve(self, tid: int) -> int:
         while (t := self._types[tid]) is not None and t.kind in _MODIFIERS:
@@ -134,7 +140,10 @@ class BTF:
         t = self._types[self._resolve(tid)]
         if t is None or t.kind not in (_STRUCT, _UNION):
             return None
-        for name, mtype, bit_off in t.members:
+        for name_off, mtype, offset in struct.iter_unpack("<III", t.members):
+            # with kflag set, the low 24 bits are the bit offset (high 8: bitfield size)
+            bit_off = offset & 0xFFFFFF if t.kflag else offset
+            name = self._str(name_off)
             if name == field:
                 return bit_off // 8, mtype
             if name == "":

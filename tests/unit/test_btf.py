@@ -60,3 +60,27 @@ def test_errors_name_what_is_missing():
         btf.struct_id("no_such_struct")
     with pytest.raises(BTFError, match="bad magic"):
         BTF(b"\0" * 64)
+
+
+def test_an_anonymous_member_behind_a_typedef_with_bitfield_offsets_is_resolved():
+    # strings: 0:"" 1:"int" 5:"outer" 11:"a" 13:"b"
+    strings = b"\0int\0outer\0a\0b\0"
+    t_int = struct.pack("<III", 1, (1 << 24), 4) + struct.pack("<I", 32)  # id 1
+    inner = struct.pack("<III", 0, (5 << 24) | 1, 4) + struct.pack("<III", 13, 1, 0)  # id 2
+    typedef = struct.pack("<III", 0, (8 << 24), 2)  # id 3: an unnamed typedef of 2
+    # kflag: each member's offset keeps its bitfield size in the top 8 bits
+    outer = (
+        struct.pack("<III", 5, (1 << 31) | (4 << 24) | 2, 16)
+        + struct.pack("<III", 11, 1, (5 << 24) | 32)
+        + struct.pack("<III", 0, 3, 96)
+    )  # id 4
+    btf = BTF(_blob(t_int + inner + typedef + outer, strings))
+    assert btf.offset_of("outer", "a") == 4
+    assert btf.offset_of("outer", "b") == 12
+
+
+def test_a_type_section_cut_inside_a_record_is_refused():
+    strings = b"\0outer\0a\0"
+    outer = struct.pack("<III", 1, (4 << 24) | 2, 8) + struct.pack("<III", 7, 0, 0)  # 1 of 2
+    with pytest.raises(BTFError, match="ends inside a type record"):
+        BTF(_blob(outer, strings))
