@@ -5,6 +5,11 @@ PY    := $(VENV)/bin/python
 PYTHON ?= python3
 BCC_SRC := /usr/lib/python3/dist-packages/bcc
 
+# Python may keep its compiled bytecode (__pycache__/, ignored by git) whatever the caller's
+# environment says: with PYTHONDONTWRITEBYTECODE set, every agent, MCP server and client the
+# suite starts compiled all of agent/ and tests/ again, about 0.3 s of CPU each.
+unexport PYTHONDONTWRITEBYTECODE
+
 .PHONY: setup host venv peers image test test-container lint types unit mutate demo bench bench-attest bench-identity bench-inject bench-restart bench-workload-api proto install clean
 
 setup: host venv peers
