@@ -15,6 +15,8 @@ from pathlib import Path
 from agent.attest import cgroupfs
 from tests.helpers import wait_for
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 @contextlib.contextmanager
 def cgroup_child(prefix: str = "credless-test"):
@@ -67,17 +69,23 @@ def run_python(
     return r.stdout
 
 
-def start_python(code: str, *args: object, cgroup: Path | None = None) -> subprocess.Popen:
-    """`python -c code args...` started as a workload in cgroup (None: unmanaged), its
-    stdin, stdout and stderr pipes of text."""
+def start_workload(argv: list[str], cgroup: Path | None = None) -> subprocess.Popen:
+    """argv started from the repository's root as a workload in cgroup (None: unmanaged),
+    its stdin, stdout and stderr pipes of text."""
     return subprocess.Popen(
-        [sys.executable, "-c", code, *map(str, args)],
+        argv,
+        cwd=REPO,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         preexec_fn=enter_cgroup(cgroup) if cgroup else None,
     )
+
+
+def start_python(code: str, *args: object, cgroup: Path | None = None) -> subprocess.Popen:
+    """`python -c code args...` started as a workload (start_workload)."""
+    return start_workload([sys.executable, "-c", code, *map(str, args)], cgroup)
 
 
 def enter_cgroup(path: Path, uid: int | None = None, gid: int | None = None):

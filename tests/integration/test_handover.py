@@ -169,6 +169,23 @@ def _restart(cfg: Path, log: Path, timeout: float = 180) -> tuple[int, str]:
     return r.returncode, err.read_text()[start:]
 
 
+def _refused_restart(cfg: Path, log: Path) -> str:
+    """A restart that must fail, leaving the old agent serving: the new one's verdict."""
+    code, said = _restart(cfg, log)
+    assert code != 0
+    verdict = [ln for ln in said.splitlines() if ln.startswith("credless:")]
+    assert verdict and "keeps serving" in verdict[-1], said
+    return verdict[-1]
+
+
+def _traffic_goes_on(out: Path, stop: Path, workload: subprocess.Popen) -> None:
+    """The workload's calls keep succeeding, then it is told to stop and finishes."""
+    before = _state(out)["ok"]
+    wait_for(lambda: _state(out)["ok"] >= before + 40, 60, what="traffic after")
+    stop.touch()
+    workload.wait(120)
+
+
 @contextlib.contextmanager
 def _world(tmp_path):
     with build_world(tmp_path, SPIFFE_ID) as w:
@@ -245,15 +262,9 @@ def test_a_new_agent_that_cannot_start_leaves_the_old_one_serving(tmp_path):
         try:
             wait_for(lambda: out.exists() and _state(out)["ok"] >= 20, 60, what="traffic")
             (tmp_path / "policy.toml").write_text(BAD_POLICY)
-            code, said = _restart(w.agent.config, log)
-            assert code != 0
-            verdict = [ln for ln in said.splitlines() if ln.startswith("credless:")]
-            assert verdict and "keeps serving" in verdict[-1] and "policy" in verdict[-1], said
+            assert "policy" in _refused_restart(w.agent.config, log)
             assert w.agent.proc.poll() is None  # the old agent still runs
-            before = _state(out)["ok"]
-            wait_for(lambda: _state(out)["ok"] >= before + 40, 60, what="traffic after")
-            stop.touch()
-            workload.wait(120)
+            _traffic_goes_on(out, stop, workload)
         finally:
             stop.touch()
             with contextlib.suppress(Exception):
@@ -285,11 +296,7 @@ def test_a_new_agent_failing_after_the_redirect_swap_gives_it_back(tmp_path):
             w.agent.config.write_text(
                 re.sub(r'(\[metrics\]\nlisten = )"[^"]*"', rf'\1"127.0.0.1:{port}"', text)
             )
-            code, said = _restart(w.agent.config, log)
-            assert code != 0
-            verdict = [ln for ln in said.splitlines() if ln.startswith("credless:")]
-            assert verdict and f"127.0.0.1:{port}" in verdict[-1], said
-            assert "keeps serving" in verdict[-1]
+            assert f"127.0.0.1:{port}" in _refused_restart(w.agent.config, log)
             took = _events(log.with_suffix(".stderr"))
             assert any(e["event"] == "redirect attached" and e["took_over"] for e in took)
             wait_for(
@@ -297,10 +304,7 @@ def test_a_new_agent_failing_after_the_redirect_swap_gives_it_back(tmp_path):
                 30,
                 what="the old agent's programs back",
             )
-            before = _state(out)["ok"]
-            wait_for(lambda: _state(out)["ok"] >= before + 40, 60, what="traffic after")
-            stop.touch()
-            workload.wait(120)
+            _traffic_goes_on(out, stop, workload)
         finally:
             squatter.close()
             stop.touch()

@@ -17,7 +17,7 @@ import sys
 import urllib.request
 
 from tests.helpers import audit_events, metric_sum
-from tests.kernel import enter_cgroup
+from tests.kernel import enter_cgroup, start_workload
 from tests.mcp.peers import REPO, run_client
 from tests.phantom_world import only_obtained_tokens_reached_the_server
 from tests.phantom_world import phantom_world as shared_phantom_world
@@ -59,7 +59,7 @@ def call(w, cg, token: str | None) -> dict:
 def held_call(w, placeholder: str) -> subprocess.Popen:
     """The holder's SDK client, its call made with its placeholder, then held (alive) until
     a line comes on its stdin."""
-    proc = subprocess.Popen(
+    proc = start_workload(
         [
             sys.executable,
             "-m",
@@ -70,12 +70,7 @@ def held_call(w, placeholder: str) -> subprocess.Popen:
             "--header",
             f"Authorization: Bearer {placeholder}",
         ],
-        cwd=REPO,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=enter_cgroup(w.cg),
+        w.cg,
     )
     lines = [json.loads(proc.stdout.readline()) for _ in range(2)]
     assert lines[0].get("text") == "hi" and lines[1] == {"step": "hold"}, lines

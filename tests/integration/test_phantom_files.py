@@ -23,8 +23,8 @@ import tempfile
 from pathlib import Path
 
 from tests.helpers import audit_events, metric_sum
-from tests.kernel import enter_cgroup
-from tests.mcp.peers import REPO, run_client
+from tests.kernel import enter_cgroup, start_workload
+from tests.mcp.peers import run_client
 from tests.phantom_world import only_obtained_tokens_reached_the_server, phantom_world
 from tests.world import build_world
 
@@ -96,15 +96,9 @@ def files_world(tmp_path, w, phantom_dir: Path):
     )
 
 
-def start_workload(w, path: Path) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [*as_user(NOBODY), sys.executable, "-c", WORKLOAD, str(path), w.mcp.url],
-        cwd=REPO,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=enter_cgroup(w.cg),
+def workload_with_file(w, path: Path) -> subprocess.Popen:
+    proc = start_workload(
+        [*as_user(NOBODY), sys.executable, "-c", WORKLOAD, str(path), w.mcp.url], w.cg
     )
     assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
     return proc
@@ -132,7 +126,7 @@ def test_the_workload_calls_with_its_file_and_a_copy_elsewhere_is_misuse(tmp_pat
     with build_world(tmp_path, HOLDER) as w, shared_dir() as base:
         thief_cg = files_world(tmp_path, w, base / "phantom")
         path = base / "phantom" / "weather"
-        workload = w.enter(killed(start_workload(w, path)))
+        workload = w.enter(killed(workload_with_file(w, path)))
         written = event_for(w, "phantom.file_written", workload.pid)
         assert written["spiffe_id"] == HOLDER and written["path"] == str(path)
         st = os.stat(path)
@@ -194,7 +188,7 @@ def test_a_planted_symlink_gets_nothing_written_through_it(tmp_path):
         assert r.returncode == 0, r.stderr
         assert os.readlink(base / "phantom") == str(outside)
 
-        workload = w.enter(killed(start_workload(w, base / "phantom" / "weather")))
+        workload = w.enter(killed(workload_with_file(w, base / "phantom" / "weather")))
         refused = event_for(w, "phantom.file_refused", workload.pid)
         assert refused["spiffe_id"] == HOLDER and "is a symlink" in refused["reason"]
         assert refused["placeholder_jti"]

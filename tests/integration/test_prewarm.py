@@ -10,12 +10,11 @@ needs it."""
 from __future__ import annotations
 
 import subprocess
-import sys
 
 from agent import __version__
 from tests.helpers import audit_events, free_port, metric_samples
-from tests.kernel import enter_cgroup
-from tests.mcp.peers import REPO, McpServer
+from tests.kernel import start_python
+from tests.mcp.peers import McpServer
 from tests.world import build_world, entry_table, server_table, tools_rule
 
 SPIFFE_ID = "spiffe://example.org/prewarm/bot"
@@ -33,15 +32,7 @@ runpy.run_module("tests.mcp.client", run_name="__main__")
 def held_client(w, url: str) -> subprocess.Popen:
     """The SDK client in the world's cgroup, held after its exec until a line comes (then
     run in the same image: an exec would end the image the token was fetched for)."""
-    return subprocess.Popen(
-        [sys.executable, "-c", HOLD_THEN_CALL, url],
-        cwd=REPO,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=enter_cgroup(w.cg),
-    )
+    return start_python(HOLD_THEN_CALL, url, cgroup=w.cg)
 
 
 def prewarm_counts(metrics_port: int) -> dict[str, float]:

@@ -9,6 +9,7 @@ import pytest
 
 from agent.inject.listeners import ListenSpec, bind_listeners
 from agent.inject.netns import NetnsListeners, in_netns, netns_inode
+from tests.unit.test_redirect_cgroup_match import MANAGED_CASES
 
 
 def listeners(managed: list[str], own: str = "/system.slice/credless.service"):
@@ -20,20 +21,7 @@ def listeners(managed: list[str], own: str = "/system.slice/credless.service"):
     return NetnsListeners([], serve, managed, own, 5.0, registry=CollectorRegistry())
 
 
-@pytest.mark.parametrize(
-    "managed,cgroup,expected",
-    [
-        ([], "/kubepods.slice/pod1/cri-containerd-1.scope", True),  # all but the agent's own
-        ([], "/system.slice/credless.service", False),
-        ([], None, False),  # process gone
-        (["/kubepods.slice"], "/kubepods.slice/pod1/c.scope", True),
-        (["/kubepods.slice"], "/kubepods.slice", True),
-        (["/kubepods.slice"], "/kubepods.slicer/pod1", False),  # a prefix is not a subtree
-        (["/kubepods.slice/"], "/kubepods.slice/pod1", True),  # trailing slash
-        (["/kubepods.slice"], "/system.slice/ssh.service", False),
-        (["/"], "/anything", True),
-    ],
-)
+@pytest.mark.parametrize("managed,cgroup,expected", MANAGED_CASES)
 def test_a_namespace_is_served_for_processes_of_managed_cgroups(managed, cgroup, expected):
     assert listeners(managed).is_managed(cgroup) is expected
 

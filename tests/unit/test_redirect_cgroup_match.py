@@ -12,32 +12,34 @@ from agent.inject.cgroup_match import CgroupMatcher, cgroups_at, describe, patte
 K8S = "/kubepods.slice/kubepods-burstable.slice/*"
 
 
-@pytest.mark.parametrize(
-    "patterns,cgroup,expected",
-    [
-        ([], "/kubepods.slice/pod1/cri-containerd-1.scope", True),  # all but the agent's own
-        ([], "/system.slice/credless.service", False),
-        ([], None, False),  # process gone
-        (["/kubepods.slice"], "/kubepods.slice/pod1/c.scope", True),
-        (["/kubepods.slice"], "/kubepods.slice", True),
-        (["/kubepods.slice"], "/kubepods.slicer/pod1", False),  # a prefix is not a subtree
-        (["/kubepods.slice/"], "/kubepods.slice/pod1", True),  # trailing slash
-        (["/kubepods.slice"], "/system.slice/ssh.service", False),
-        (["/"], "/anything", True),
-        (["/system.slice/agent-*.service"], "/system.slice/agent-a.service", True),
-        (["/system.slice/agent-*.service"], "/system.slice/agent-a.service/sub", True),
-        (["/system.slice/agent-*.service"], "/system.slice/agent-.service", True),
-        (["/system.slice/agent-*.service"], "/system.slice/other.service", False),
-        (["/system.slice/agent-*.service"], "/system.slice", False),  # above it
-        (["/*/agent.service"], "/system.slice/agent.service", True),
-        (["/*"], "/a/b", True),  # a descendant of /a
-        ([K8S], "/kubepods.slice/kubepods-burstable.slice/pod-1.slice/c.scope", True),
-        ([K8S], "/kubepods.slice/kubepods-besteffort.slice/pod-1.slice", False),
-        (["/a?c"], "/abc", True),
-        (["/a[0-9]"], "/a7", True),
-        (["/a[0-9]"], "/ax", False),
-    ],
-)
+# (patterns, cgroup, managed?): what inject.managed_cgroups means, for every reader of it
+# (the redirect decision here; the pod listeners in tests/unit/test_netns.py)
+MANAGED_CASES = [
+    ([], "/kubepods.slice/pod1/cri-containerd-1.scope", True),  # all but the agent's own
+    ([], "/system.slice/credless.service", False),
+    ([], None, False),  # process gone
+    (["/kubepods.slice"], "/kubepods.slice/pod1/c.scope", True),
+    (["/kubepods.slice"], "/kubepods.slice", True),
+    (["/kubepods.slice"], "/kubepods.slicer/pod1", False),  # a prefix is not a subtree
+    (["/kubepods.slice/"], "/kubepods.slice/pod1", True),  # trailing slash
+    (["/kubepods.slice"], "/system.slice/ssh.service", False),
+    (["/"], "/anything", True),
+    (["/system.slice/agent-*.service"], "/system.slice/agent-a.service", True),
+    (["/system.slice/agent-*.service"], "/system.slice/agent-a.service/sub", True),
+    (["/system.slice/agent-*.service"], "/system.slice/agent-.service", True),
+    (["/system.slice/agent-*.service"], "/system.slice/other.service", False),
+    (["/system.slice/agent-*.service"], "/system.slice", False),  # above it
+    (["/*/agent.service"], "/system.slice/agent.service", True),
+    (["/*"], "/a/b", True),  # a descendant of /a
+    ([K8S], "/kubepods.slice/kubepods-burstable.slice/pod-1.slice/c.scope", True),
+    ([K8S], "/kubepods.slice/kubepods-besteffort.slice/pod-1.slice", False),
+    (["/a?c"], "/abc", True),
+    (["/a[0-9]"], "/a7", True),
+    (["/a[0-9]"], "/ax", False),
+]
+
+
+@pytest.mark.parametrize("patterns,cgroup,expected", MANAGED_CASES)
 def test_a_cgroup_is_managed_when_it_or_an_ancestor_matches(patterns, cgroup, expected):
     m = CgroupMatcher(patterns, "/system.slice/credless.service")
     assert m.is_managed(cgroup) is expected
