@@ -102,6 +102,11 @@ class PidFile:
             os.ftruncate(self._fd, 0)
             os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
 
+    @property
+    def fd(self) -> int | None:
+        """The locked pid file's descriptor (handed to a new agent), None when not held."""
+        return self._fd
+
     def release(self, handed_over: bool = False) -> None:
         """Unlock and remove; handed over: only close, the new agent holds the lock."""
         if self._fd is not None:
@@ -153,7 +158,7 @@ class Daemon:
             if inj.pods is not None:
                 for ino, servers in inj.pods.served.items():
                     listeners += [handover.describe(srv, ino) for srv in servers]
-        fd = self.pidfile._fd
+        fd = self.pidfile.fd
         if fd is None:
             raise handover.HandoverError("this agent holds no pid file")
         return handover.Offer(

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 from agent.config import InjectSection
-from agent.inject import answers
+from agent.inject import answers, upstreams
 from agent.inject.answered import EventStream
 from agent.inject.bodies import EventSource, drain_body
 from agent.inject.flows import ClientSide, UpstreamSide
@@ -37,7 +37,7 @@ from agent.inject.http1 import BODY, END, LAST_CHUNK, Head, chunk
 from agent.inject.ports import Tokens
 from agent.inject.record import AuditBase, Recorder
 from agent.inject.served import Served
-from agent.inject.upstreams import Pool, Upstream, connect
+from agent.inject.upstreams import Pool, Upstream
 from agent.oauth.discovery import parse_www_authenticate
 from agent.oauth.dpop import asks_for_nonce, scheme_mismatch
 from agent.oauth.tokens import Token
@@ -145,10 +145,10 @@ class Exchanges:
         client, up, key = served.client, served.up, served.key
         pooled = self.pool.get(key)
         try:
-            conn = pooled if pooled is not None else await self._connect(up)
+            conn = pooled if pooled is not None else await self.connect(up)
         except OSError as e:
             await drain_body(src)
-            await self._unreachable(e, client, up, audit_base)
+            await self.unreachable(e, client, up, audit_base)
             return head.keep_alive
         dpop = token is not None and token.token_type == "DPoP"  # noqa: S105 — a type name
         # from here the response streams to the workload as it arrives
@@ -238,9 +238,9 @@ class Exchanges:
             conn.transport.close()
             pooled = self.pool.get(served.key)
             try:
-                conn = pooled if pooled is not None else await self._connect(up)
+                conn = pooled if pooled is not None else await self.connect(up)
             except OSError as e:
-                await self._unreachable(e, client, up, audit_base)
+                await self.unreachable(e, client, up, audit_base)
                 return None
         self._begin(conn, client, head, token)
         send(conn, head.request_bytes() + body)
@@ -248,9 +248,11 @@ class Exchanges:
         await conn.finished()
         return conn
 
-    async def _unreachable(
+    async def unreachable(
         self, e: OSError, client: ClientSide, up: Upstream, audit_base: AuditBase
     ) -> None:
+        """The MCP server could not be reached: counted, audited, and the workload answered
+        (the full path and the fast lane both end here)."""
         if isinstance(e, TimeoutError):  # asyncio's: no text of its own
             e = TimeoutError(
                 f"no connection within {self.cfg.upstream_connect_timeout_seconds:g} s"
@@ -331,8 +333,9 @@ class Exchanges:
         )
         return False
 
-    async def _connect(self, up: Upstream) -> UpstreamSide:
-        return await connect(
+    async def connect(self, up: Upstream) -> UpstreamSide:
+        """A new connection to the MCP server, with this proxy's TLS and connect timeout."""
+        return await upstreams.connect(
             up,
             self.ssl_context,
             self.cfg.upstream_connect_timeout_seconds,

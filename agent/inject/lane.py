@@ -230,9 +230,9 @@ class FastLane:
         client, exchanges = self.client, self.proxy.exchanges
         try:
             try:
-                conn = await exchanges._connect(self.up)
+                conn = await exchanges.connect(self.up)
             except OSError as e:
-                await exchanges._unreachable(e, client, self.up, self.audit_base)
+                await exchanges.unreachable(e, client, self.up, self.audit_base)
                 self._done(client, close=False)
                 return
             if client.closed:  # the workload left meanwhile: nothing to send for

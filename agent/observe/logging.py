@@ -227,7 +227,7 @@ class AuditLog:
         to_stream: bool = True,
         flush_interval: float = 0.005,
     ):
-        self._node = node
+        self.node = node  # every event says which node wrote it
         self._flush_interval = flush_interval
         self._last_write = 0.0
         self._stream = (stream or sys.stdout) if to_stream else None
@@ -293,7 +293,7 @@ class AuditLog:
             "time": _utc_timestamp(),
             "event": event,
             "stream": "audit",
-            "node": self._node,
+            "node": self.node,
             **fields,
         }
         redact_secrets(None, "", record)
@@ -371,7 +371,7 @@ class RecordShape:
             '", "event": '
             + _encode_str(event)
             + ', "stream": "audit", "node": '
-            + _json_value(log._node)
+            + _json_value(log.node)
         )
         self._keys = tuple(", " + _encode_str(n) + ": " for n in names)
         # one %-template for the line: time, each value, then the fragment's separator and

@@ -114,7 +114,7 @@ def test_when_the_server_closes_the_lane_connects_again():
         async def connect(up):
             return fresh
 
-        w.proxy.exchanges._connect = connect  # type: ignore[method-assign]
+        w.proxy.exchanges.connect = connect  # type: ignore[method-assign]
         run(w, request(), answer=nonce_401(b"n-1", close=True))
         assert w.upstream.transport.closed and w.client.fast_inflight
         for _ in range(100):
