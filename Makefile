@@ -10,7 +10,7 @@ BCC_SRC := /usr/lib/python3/dist-packages/bcc
 # suite starts compiled all of agent/ and tests/ again, about 0.3 s of CPU each.
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: setup host venv peers image test test-container lint types unit mutate demo bench bench-attest bench-identity bench-inject bench-restart bench-workload-api proto install clean
+.PHONY: setup host venv peers image test test-container lint types unit mutate demo bench bench-attest bench-identity bench-inject bench-restart bench-start bench-workload-api proto install clean
 
 setup: host venv peers
 
@@ -73,7 +73,7 @@ unit: venv
 demo: setup
 	$(PY) -m tests.demo
 
-bench: setup bench-attest bench-identity bench-inject bench-restart bench-workload-api
+bench: setup bench-attest bench-identity bench-inject bench-restart bench-start bench-workload-api
 
 bench-attest: setup
 	$(PY) -m tests.bench.bench_attest
@@ -87,6 +87,11 @@ bench-inject: setup
 # requests/s and failed requests through a handover (credless restart), next to no restart
 bench-restart: setup
 	$(PY) -m tests.bench.bench_restart
+
+# CPU of each kernel program's compile and of the BTF offsets, and an agent's time to ready,
+# each next to its floor (BCC's own compile; the interpreter importing the agent)
+bench-start: setup
+	$(PY) -m tests.bench.bench_start
 
 bench-workload-api: setup
 	$(PY) -m tests.bench.bench_workload_api

@@ -37,6 +37,16 @@ def _has_group_dead() -> bool:
         return False
 
 
+def compile_flags(ring_pages: int, pin_dir: str | None) -> list[str]:
+    """The -D flags bpf/process_events.c is compiled with on the running kernel."""
+    flags = [*task_offset_cflags(), f"-DRINGBUF_PAGES={ring_pages}"]
+    if _has_group_dead():
+        flags.append("-DHAVE_GROUP_DEAD")
+    if pin_dir:
+        flags.append(f'-DPIN_DIR="{pin_dir}"')
+    return flags
+
+
 class ProcessEventSource:
     # BCC's objects (BCC publishes no types), set by start() before the ring buffer thread
     # and the image lookups use them
@@ -68,21 +78,18 @@ class ProcessEventSource:
         self.callback_errors = 0
 
     def start(self) -> None:
-        flags = [*task_offset_cflags(), f"-DRINGBUF_PAGES={self._ring_pages}"]
-        if _has_group_dead():
-            flags.append("-DHAVE_GROUP_DEAD")
         if self._pin_dir:
             # shared with bpf/redirect.c; a stale pin from a crashed agent is replaced, since
             # the table is re-seeded from /proc anyway
             Path(self._pin_dir).mkdir(parents=True, exist_ok=True)
             if not self.reuse_pinned_images:
                 Path(self._pin_dir, "process_images").unlink(missing_ok=True)
-            flags.append(f'-DPIN_DIR="{self._pin_dir}"')
+        flags = compile_flags(self._ring_pages, self._pin_dir)
         self._bpf = bpf = compile_program("process_events", flags)  # attaches the tracepoints
         ring = bpf[b"process_events"]
         ring.open_ring_buffer(self._callback)
         # The ctypes class BCC derived from struct process_event (bpf/process_events.h).
-        self._event_ptr = ct.POINTER(ring._event_class or _event_class(ring))
+        self._event_ptr = ct.POINTER(ring._event_class or event_class(ring))
         self._images = bpf[b"process_images"]
         from bcc import libbcc
 
@@ -207,7 +214,9 @@ class ProcessEventSource:
         )
 
 
-def _event_class(ring: Any) -> Any:
+def event_class(ring: Any) -> Any:
+    """The ctypes class BCC derived from a ring buffer's event struct (BCC names it only
+    once the ring is read)."""
     from bcc.table import _get_event_class
 
     return _get_event_class(ring)

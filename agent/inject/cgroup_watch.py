@@ -157,9 +157,9 @@ class CgroupWatch:
 
         ring = self._bpf[b"cgroup_events"]
         ring.open_ring_buffer(self._callback)
-        from agent.attest.events import _event_class
+        from agent.attest.events import event_class
 
-        self._event_ptr = ct.POINTER(ring._event_class or _event_class(ring))
+        self._event_ptr = ct.POINTER(ring._event_class or event_class(ring))
         self._map = self._bpf[b"managed_cgroups"]
         for event, pin_name in LINKS.items():
             fn = self._bpf.load_func(f"credless_cgroup_{event}".encode(), BPF.TRACEPOINT)

@@ -1,0 +1,129 @@
+"""bench-start: what an agent start costs, and where (a DaemonSet pod's time to ready).
+
+Every start compiles the kernel programs with BCC (there is no object cache) and reads four
+task_struct offsets from the kernel's BTF. This prints, each next to its floor in the same
+run:
+
+- the CPU of each program's compile, next to BCC's own floor (a program that includes only
+  <uapi/linux/bpf.h>: every compile pays it);
+- the CPU of the BTF offsets;
+- a whole agent start in the test world (managed cgroup, redirect, metrics), wall time to
+  its `ready` event and its CPU, next to the interpreter importing the agent and nothing
+  else.
+
+    python -m tests.bench.bench_start [--runs N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from agent.attest.btf import task_offset_cflags
+from agent.attest.events import compile_flags
+from agent.bpfload import compile_program
+from agent.inject.cgroup_watch import tracepoint_offsets
+from tests.world import build_world
+
+FLOOR = b"#include <uapi/linux/bpf.h>\nint nothing(void *ctx) { return 0; }\n"
+
+
+def cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def median_cpu(work: Callable[[], object], runs: int) -> float:
+    spent = []
+    for _ in range(runs):
+        before = cpu()
+        work()
+        spent.append(cpu() - before)
+    return statistics.median(spent)
+
+
+@contextlib.contextmanager
+def pin_dir() -> Iterator[Path]:
+    """A BPF filesystem directory of this run's own, removed with what was pinned in it."""
+    path = Path("/sys/fs/bpf") / f"credless-bench-{uuid.uuid4().hex[:8]}"
+    path.mkdir()
+    try:
+        yield path
+    finally:
+        for pinned in path.iterdir():
+            pinned.unlink()
+        path.rmdir()
+
+
+def compile_and_drop(name: str, flags: list[str]) -> Callable[[], None]:
+    def work() -> None:
+        compile_program(name, flags).cleanup()
+
+    return work
+
+
+def programs(runs: int) -> None:
+    from bcc import BPF
+
+    floor = median_cpu(lambda: BPF(text=FLOOR).cleanup(), runs)
+    with pin_dir() as pins:
+        pinned = f'-DPIN_DIR="{pins}"'
+        events = compile_flags(64, str(pins))
+        watch = [pinned, "-DWATCH_LEVELS=2ULL", *tracepoint_offsets()]
+        for name, flags in (
+            ("process_events", events),
+            ("redirect", [pinned]),
+            ("cgroup_watch", watch),
+        ):
+            spent = median_cpu(compile_and_drop(name, flags), runs)
+            print(f"start-bench: program={name} compile_cpu_s={spent:.2f} (bcc floor {floor:.2f})")
+    print(f"start-bench: btf_offsets_cpu_s={median_cpu(task_offset_cflags, runs):.2f}")
+
+
+def agent_starts(runs: int) -> None:
+    imports = []
+    for _ in range(runs):
+        before = children_cpu()
+        subprocess.run([sys.executable, "-c", "import agent.cli, agent.daemon"], check=True)
+        imports.append(children_cpu() - before)
+    ready, spent = [], []
+    for _ in range(runs):
+        with tempfile.TemporaryDirectory() as tmp:
+            before = children_cpu()
+            with build_world(Path(tmp), "spiffe://example.org/bench") as world:
+                started = time.perf_counter()
+                world.start_agent()
+                ready.append(time.perf_counter() - started)
+            spent.append(children_cpu() - before)  # the agent is reaped: its whole life
+    print(
+        f"start-bench: agent ready_s={statistics.median(ready):.2f} "
+        f"cpu_s={statistics.median(spent):.2f} "
+        f"(interpreter and imports only: cpu_s={statistics.median(imports):.2f})"
+    )
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=int, default=3, help="median of this many (default 3)")
+    args = ap.parse_args()
+    programs(args.runs)
+    agent_starts(args.runs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
