@@ -16,12 +16,21 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 T = TypeVar("T")
 
 
-def stop_process(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
+class Stoppable(Protocol):
+    """What stop_process needs of a process: a Popen, or a server forked by the zygote."""
+
+    def poll(self) -> int | None: ...
+    def send_signal(self, sig: int) -> None: ...
+    def wait(self, timeout: float | None = None) -> int | None: ...
+    def kill(self) -> None: ...
+
+
+def stop_process(proc: Stoppable | None, timeout: float = 10.0) -> None:
     """SIGTERM, then SIGKILL if it does not exit in time; a no-op for a finished process."""
     if proc is None or proc.poll() is not None:
         return

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from tests.helpers import stop_process
+from tests.mcp import zygote
 from tests.tlsca import TestCA
 
 REPO = Path(__file__).resolve().parents[2]
@@ -75,27 +76,22 @@ class McpServer:
         self.log = tmp_path / f"mcp-{self.port}.log"
         self.dpop = dpop or dpop_nonce > 0
         self.dpop_nonce, self.dpop_nonce_forget = dpop_nonce, dpop_nonce_forget
-        self.proc: subprocess.Popen | None = None
+        self.proc: zygote.ForkedServer | None = None
 
     def start(self, issuer: str) -> McpServer:
         """Serve, trusting tokens from issuer; connections made before now wait in the
         socket's backlog."""
         fds = tuple(s.fileno() for s in self.socks)
-        args = [*(a for fd in fds for a in ("--fd", str(fd))), "--issuer", issuer]
+        args = ["--issuer", issuer]
         args += ["--resource", self.url]
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.mcp.server", *args, "--stats", str(self.stats_path)]
-            + (["--dpop"] if self.dpop else [])
-            + (["--introspect", self.introspect] if self.introspect else [])
-            + (["--dpop-nonce", str(self.dpop_nonce)] if self.dpop_nonce else [])
-            + (["--dpop-nonce-forget", str(self.dpop_nonce_forget)] if self.dpop_nonce else [])
-            + self.tls_args,
-            cwd=REPO,
-            pass_fds=fds,
-            stdout=subprocess.PIPE,
-            stderr=open(self.log, "wb"),
-            text=True,
-        )
+        args += ["--stats", str(self.stats_path)]
+        args += ["--dpop"] if self.dpop else []
+        args += ["--introspect", self.introspect] if self.introspect else []
+        if self.dpop_nonce:
+            args += ["--dpop-nonce", str(self.dpop_nonce)]
+            args += ["--dpop-nonce-forget", str(self.dpop_nonce_forget)]
+        with open(self.log, "wb") as log:
+            self.proc = zygote.spawn(args + self.tls_args, REPO, log.fileno(), list(fds))
         if not self.proc.stdout.readline().startswith("READY"):
             self.stop()
             raise RuntimeError(f"MCP server did not start: {self.log.read_text()[-2000:]}")
