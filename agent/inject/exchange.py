@@ -117,12 +117,13 @@ class Exchanges:
         oauth: Tokens,
         ssl_context: ssl.SSLContext,
         retry_body_limit: int = 1 << 20,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.cfg = cfg
         self.rec = rec
         self.oauth = oauth  # told of a token the server refused (invalid_token)
         self.ssl_context = ssl_context
-        self.pool = Pool(cfg.upstream_pool_size, max_idle=cfg.upstream_idle_seconds)
+        self.pool = Pool(cfg.upstream_pool_size, cfg.upstream_idle_seconds, clock)
         # the longest streamed request body kept, as sent, to send again once for a DPoP
         # nonce the server asks for (the proxy's: policy.max_body_bytes)
         self.retry_body_limit = retry_body_limit

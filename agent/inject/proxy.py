@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -71,7 +72,9 @@ class Proxy:
         policy: Policy | None = None,
         max_body: int = 1 << 20,
         phantom: PhantomVerifier | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ):
+        """clock: the upstream pool's, for how long a connection has been idle."""
         self.cfg = cfg
         self.upstreams = upstreams
         self.redirect = redirect
@@ -84,7 +87,7 @@ class Proxy:
         self.rec = Recorder(audit, registry)
         # a streamed body is kept, up to the policy's limit, for a DPoP nonce retry
         self.exchanges = Exchanges(
-            cfg, self.rec, oauth, ssl_context or ssl.create_default_context(), max_body
+            cfg, self.rec, oauth, ssl_context or ssl.create_default_context(), max_body, clock
         )
         self.pool = self.exchanges.pool  # the fast lane holds and gives back connections
         self.assertions = AssertionRequests(

@@ -182,6 +182,7 @@ class World:
         policy: Policy | None = None,
     ):
         self.audit_out = io.StringIO()
+        self.now = 1000.0  # the upstream pool's clock: a test moves it, nothing else does
         self.asked = 0
         self.token = token
         self.oauth = FakeOAuth(self)
@@ -201,6 +202,7 @@ class World:
             audit=AuditLog("node", stream=self.audit_out),
             registry=CollectorRegistry(),
             policy=policy,
+            clock=lambda: self.now,
         )
         self.client = ClientSide(lambda c: None)
         self.client.connection_made(Transport())
@@ -420,7 +422,7 @@ def test_the_upstream_connection_is_held_for_the_next_request_while_fresh():
     w.upstream.transport.out = b""
     run(w, request())
     assert b"Authorization: Bearer" in w.upstream.transport.out  # the same connection
-    w.lane._held_since -= w.proxy.pool.max_idle + 1  # idle past the servers' timeouts
+    w.now += w.proxy.pool.max_idle + 1  # idle past the servers' timeouts
     assert w.lane.offer(request()) is False  # not reused: the pool has none
     assert w.upstream.transport.closed
 
@@ -429,7 +431,7 @@ def test_the_upstream_connection_is_held_for_the_next_request_while_fresh():
 def test_a_held_connection_idle_too_long_is_closed_on_release_not_pooled():
     w = World()
     run(w, request())
-    w.lane._held_since -= w.proxy.pool.max_idle + 1
+    w.now += w.proxy.pool.max_idle + 1
     w.lane.release()
     assert w.upstream.transport.closed and w.proxy.pool.get(w.key) is None
 
