@@ -364,7 +364,9 @@ class Discovery:
         jwks = doc.get("jwks_uri")
         if jwks is not None:
             trust.check_endpoint(jwks, f"{url}: jwks_uri")
-        scopes = doc.get("scopes_supported") or []
+        scopes = doc.get("scopes_supported")
+        if not isinstance(scopes, list):  # RFC 9728 §2: a JSON array; a string is no list
+            scopes = []  # of one-letter scopes (the AS metadata's are read the same way)
         return ResourceMetadata(
             resource,
             tuple(servers),
