@@ -12,13 +12,13 @@ socket, and the selectors are built from what it returns.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from agent import jsondoc
 from agent.attest.kubelet_errors import KubeletError
 
 __all__ = ["ContainerRef", "PodInfo", "parse_pod_list"]
@@ -51,7 +51,7 @@ def parse_pod_list(doc: bytes | str) -> dict[str, PodInfo]:
     try:
         # Decoded here rather than by json.loads, which would guess UTF-16/32 from the
         # first bytes: the kubelet writes UTF-8, and anything else is not its answer.
-        data = json.loads(doc.decode("utf-8") if isinstance(doc, bytes) else doc)
+        data = jsondoc.loads(doc.decode("utf-8") if isinstance(doc, bytes) else doc)
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
         raise KubeletError(f"kubelet /pods response is not JSON: {e}") from None
     if not isinstance(data, dict):

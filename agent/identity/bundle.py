@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
+from agent import jsondoc
 from agent.identity.spiffeid import TrustDomain
 
 PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
@@ -236,7 +237,7 @@ class TrustBundle:
         key parameters and no ``kid``; a ``jwt-svid`` key must carry a unique ``kid``.
         """
         try:
-            doc = json.loads(data, object_pairs_hook=reject_duplicate_members)
+            doc = jsondoc.loads(data, object_pairs_hook=reject_duplicate_members)
         except (ValueError, UnicodeDecodeError) as e:
             if isinstance(e, BundleError):
                 raise

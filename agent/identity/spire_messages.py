@@ -17,6 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from agent import jsondoc
 from agent.identity.bundle import BundleError, TrustBundle, reject_duplicate_members
 from agent.identity.proto import delegatedidentity_pb2 as pb
 from agent.identity.proto import spire_types_pb2 as types_pb
@@ -226,7 +227,7 @@ def _jwt_bundle(td: str, data: bytes) -> TrustBundle:
     # SPIRE marshals these with bundleutil.StandardJWKS(): a plain JWKS of JWT authorities with
     # no "use" member, which a SPIFFE-bundle parser would ignore. Mark such keys jwt-svid.
     try:
-        doc = json.loads(data, object_pairs_hook=reject_duplicate_members)
+        doc = jsondoc.loads(data, object_pairs_hook=reject_duplicate_members)
         for key in doc.get("keys", []) if isinstance(doc, dict) else []:
             if isinstance(key, dict) and "use" not in key:
                 key["use"] = "jwt-svid"

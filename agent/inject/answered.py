@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from agent import jsondoc
 from agent.inject import http1
 
 # an event longer than this is not kept to be parsed (its end is still found)
@@ -82,7 +83,7 @@ class EventStream:
         if not data:
             return
         try:
-            message = json.loads(b"\n".join(data))
+            message = jsondoc.loads(b"\n".join(data))
         except ValueError:
             return
         self.responses.update(response_ids(message))

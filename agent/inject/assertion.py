@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
+from agent import jsondoc
 from agent.identity.bundle_endpoint import oauth_jwks
 from agent.identity.jwtsvid import JwtSvid
 from agent.inject import decide
@@ -79,7 +80,7 @@ class Rewritten:
 
 def _b64json(segment: str) -> Any:
     padded = segment + "=" * (-len(segment) % 4)
-    return json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
+    return jsondoc.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
 
 
 def is_jwt(value: str) -> bool:
@@ -88,7 +89,7 @@ def is_jwt(value: str) -> bool:
     text = value.strip()
     if text.startswith("{"):
         try:
-            doc = json.loads(text)
+            doc = jsondoc.loads(text)
         except ValueError:
             return False
         return isinstance(doc, dict) and (
@@ -215,7 +216,7 @@ def rewrite_registration(
     workload's (registration.client_metadata). Raises Refused, or RegistrationError when
     credless has no keys it may register (a jwks_uri the server could not fetch safely)."""
     try:
-        meta = json.loads(body, object_pairs_hook=_no_duplicates)
+        meta = jsondoc.loads(body, object_pairs_hook=_no_duplicates)
     except ValueError as e:
         raise Refused(
             "invalid_client_metadata", f"credless: the registration request is not JSON: {e}"

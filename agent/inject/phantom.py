@@ -30,7 +30,6 @@ already attests who asks.
 from __future__ import annotations
 
 import base64
-import json
 import threading
 import time
 from collections import OrderedDict
@@ -40,6 +39,7 @@ from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter
 
+from agent import jsondoc
 from agent.identity.bundle import TrustBundle
 from agent.identity.jwtsvid import JwtSvidError, validate_jwt_svid
 
@@ -78,7 +78,7 @@ def _claims_unverified(token: str) -> dict | None:
         return None
     try:
         raw = base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4))
-        claims = json.loads(raw)
+        claims = jsondoc.loads(raw)
     except ValueError:
         return None
     return claims if isinstance(claims, dict) else None

@@ -44,6 +44,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
+from agent import jsondoc
 from agent.oauth import trust
 from agent.oauth.errors import DiscoveryError, MetadataMismatch, unavailable
 from agent.oauth.trust import (
@@ -229,7 +230,7 @@ class Discovery:
         if r.status_code != 200:
             return r.status_code, None
         try:
-            return 200, r.json()
+            return 200, jsondoc.loads(r.content)
         except ValueError:
             raise DiscoveryError(f"{url} did not return JSON", url=url) from None
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 
+from agent import jsondoc
 from agent.identity.sources import Identity
 from agent.oauth.errors import OAuthError, ServerUnavailable, from_error_response, unavailable
 from agent.oauth.tokens import SYSTEM_STORE, Token, post_form
@@ -106,7 +107,7 @@ async def revoke_token(
             url=endpoint,
         )
     try:
-        body = r.json()
+        body = jsondoc.loads(r.content)
     except ValueError:
         body = {}
     raise from_error_response(

@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
-import json
 import re
 import time
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from typing import Any
 
 import httpx
 
+from agent import jsondoc
 from agent.oauth.discovery import canonical_resource
 from agent.oauth.dpop import DPoPKey, valid_nonce
 from agent.oauth.errors import (
@@ -57,7 +57,7 @@ _B64URL = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def _b64json(segment: str) -> Any:
-    return json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+    return jsondoc.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
 
 
 def _jwt_claims_unverified(token: str, url: str = "") -> dict | None:
@@ -316,7 +316,7 @@ async def post_form(
         refuse_certificate(e, url, tls)
         raise unavailable(e, what, url) from None
     try:
-        body = r.json()
+        body = jsondoc.loads(r.content)
     except ValueError:
         body = None
     if r.status_code >= 500:

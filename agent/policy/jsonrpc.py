@@ -18,6 +18,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent import jsondoc
+
 PARSE_ERROR, INVALID_REQUEST = -32700, -32600
 HEADER_MISMATCH = -32020  # MCP 2026-07-28
 # implementation-defined server error range, beside credless's other codes (inject/answers.py);
@@ -91,17 +93,15 @@ def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def parse_calls(body: bytes) -> tuple[list[Call], bool]:
     """(calls, is_batch). Raises Malformed with the JSON-RPC error code to answer."""
     try:
-        doc = json.loads(body, object_pairs_hook=_unique_members)
+        doc = jsondoc.loads(body, object_pairs_hook=_unique_members)
     except _Duplicate as e:
         raise Malformed(
             INVALID_REQUEST, f"duplicate member name {str(e)[:100]!r} in a JSON object"
         ) from None
+    except jsondoc.NestedTooDeep:
+        raise Malformed(PARSE_ERROR, "parse error: the body nests too deep") from None
     except (ValueError, UnicodeDecodeError):
         raise Malformed(PARSE_ERROR, "parse error: the body is not valid JSON") from None
-    except RecursionError:
-        # json's C scanner refuses nesting deeper than the interpreter's recursion limit
-        # with this, not a ValueError: a refusal like any other unparseable body
-        raise Malformed(PARSE_ERROR, "parse error: the body nests too deep") from None
     if isinstance(doc, list):
         if not doc:
             raise Malformed(INVALID_REQUEST, "empty batch")

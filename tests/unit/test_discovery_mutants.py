@@ -377,6 +377,13 @@ def test_an_answer_that_is_not_json_is_an_error_naming_the_url():
     assert str(err) == f"{PATH_PRM} did not return JSON" and err.url == PATH_PRM
 
 
+def test_an_answer_nested_too_deep_is_not_json_either():
+    net = Net({PATH_PRM: b"[" * 100_000 + b"]" * 100_000})
+    err = run(net, lambda d: d.resource(MCP))
+    assert type(err) is errors.DiscoveryError
+    assert str(err) == f"{PATH_PRM} did not return JSON" and err.url == PATH_PRM
+
+
 def test_resource_metadata_urls_are_tried_in_order_and_the_failure_lists_them():
     """The challenge's own URL (same origin) first, then the well-known URL with the MCP
     path, then without; each once. The error says what was tried and what to do."""
