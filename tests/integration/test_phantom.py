@@ -11,6 +11,7 @@ afterwards, and the holder's next call carries a new one."""
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
@@ -97,6 +98,21 @@ def test_the_holder_calls_with_its_placeholder_and_the_server_sees_only_the_toke
         assert out.get("text") == "hi", out
         # the placeholder never reached the server: only the token credless obtained
         only_obtained_tokens_reached_the_server(w, placeholder)
+
+
+def test_a_token_whose_payload_nests_too_deep_is_the_workloads_own_and_replaced(tmp_path):
+    """A JWT-shaped Authorization whose payload nests deeper than json can read: not a
+    placeholder, so it is the workload's own credential, removed as any other, and the call
+    goes with credless's token (json's RecursionError used to escape the placeholder check
+    in the middle of the request)."""
+    deep = b"[" * 10_000 + b"]" * 10_000
+    segment = base64.urlsafe_b64encode(deep).decode().rstrip("=")
+    forged = f"eyJhbGciOiJFUzI1NiJ9.{segment}.c2ln"
+    with build_world(tmp_path, HOLDER) as w:
+        phantom_world(tmp_path, w)
+        out = call(w, w.cg, forged)
+        assert out.get("text") == "hi", out
+        only_obtained_tokens_reached_the_server(w, forged)
 
 
 def test_a_copied_placeholder_is_refused_and_the_holders_token_revoked(tmp_path):
