@@ -9,7 +9,6 @@ See docs/spire.md for the SPIRE agent settings (admin socket, authorized_delegat
 
 from __future__ import annotations
 
-import base64
 import threading
 import time
 from collections.abc import Sequence
@@ -33,7 +32,7 @@ log = get_logger("identity.spire")
 def _claims(token: str) -> dict[str, Any]:
     """Claims of a JWT-SVID SPIRE signed, for fingerprints (jti, iat) only."""
     part = token.split(".")[1]
-    claims: dict[str, Any] = jsondoc.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
+    claims: dict[str, Any] = jsondoc.loads_b64url(part)
     return claims
 
 

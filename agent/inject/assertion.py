@@ -30,7 +30,6 @@ a JWT-SVID for the issuer would be a client assertion the workload could use its
 
 from __future__ import annotations
 
-import base64
 import binascii
 import json
 from collections.abc import Callable
@@ -78,11 +77,6 @@ class Rewritten:
     fields: dict[str, Any] = field(default_factory=dict)  # for the audit: jti, action, ...
 
 
-def _b64json(segment: str) -> Any:
-    padded = segment + "=" * (-len(segment) % 4)
-    return jsondoc.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
-
-
 def is_jwt(value: str) -> bool:
     """Whether value is a JWT (a JWS or JWE, compact or JSON serialization): something that
     may be a real credential, as opposed to a placeholder."""
@@ -99,7 +93,7 @@ def is_jwt(value: str) -> bool:
     if len(parts) not in (3, 5):
         return False
     try:
-        header = _b64json(parts[0])
+        header = jsondoc.loads_b64url(parts[0])
     except (ValueError, binascii.Error, UnicodeError):
         return False
     return isinstance(header, dict) and isinstance(header.get("alg"), str)
@@ -108,7 +102,7 @@ def is_jwt(value: str) -> bool:
 def jti_of(value: str) -> str | None:
     """The jti of a compact JWS, unverified, for the audit (None if it has none)."""
     try:
-        claims = _b64json(value.strip().split(".")[1])
+        claims = jsondoc.loads_b64url(value.strip().split(".")[1])
     except (ValueError, IndexError, binascii.Error, UnicodeError):
         return None
     jti = claims.get("jti") if isinstance(claims, dict) else None

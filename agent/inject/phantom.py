@@ -29,7 +29,6 @@ already attests who asks.
 
 from __future__ import annotations
 
-import base64
 import threading
 import time
 from collections import OrderedDict
@@ -77,8 +76,7 @@ def _claims_unverified(token: str) -> dict | None:
     if len(parts) != 3:
         return None
     try:
-        raw = base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4))
-        claims = jsondoc.loads(raw)
+        claims = jsondoc.loads_b64url(parts[1])
     except ValueError:
         return None
     return claims if isinstance(claims, dict) else None

@@ -365,13 +365,10 @@ class Discovery:
         jwks = doc.get("jwks_uri")
         if jwks is not None:
             trust.check_endpoint(jwks, f"{url}: jwks_uri")
-        scopes = doc.get("scopes_supported")
-        if not isinstance(scopes, list):  # RFC 9728 §2: a JSON array; a string is no list
-            scopes = []  # of one-letter scopes (the AS metadata's are read the same way)
         return ResourceMetadata(
             resource,
             tuple(servers),
-            tuple(s for s in scopes if isinstance(s, str)),
+            _strings(doc, "scopes_supported"),
             bool(doc.get("dpop_bound_access_tokens_required")),
             scope,
             ignored,
@@ -439,10 +436,6 @@ class Discovery:
             if doc.get(key) is not None:
                 trust.check_endpoint(doc[key], f"{url}: {key}")
 
-        def strs(key: str) -> tuple[str, ...]:
-            v = doc.get(key) or []
-            return tuple(x for x in v if isinstance(x, str)) if isinstance(v, list) else ()
-
         def opt(key: str) -> str | None:
             v = doc.get(key)
             return v if isinstance(v, str) else None
@@ -453,10 +446,19 @@ class Discovery:
             registration_endpoint=opt("registration_endpoint"),
             introspection_endpoint=opt("introspection_endpoint"),
             revocation_endpoint=opt("revocation_endpoint"),
-            token_endpoint_auth_methods_supported=strs("token_endpoint_auth_methods_supported"),
-            dpop_signing_alg_values_supported=strs("dpop_signing_alg_values_supported"),
+            token_endpoint_auth_methods_supported=_strings(
+                doc, "token_endpoint_auth_methods_supported"
+            ),
+            dpop_signing_alg_values_supported=_strings(doc, "dpop_signing_alg_values_supported"),
             raw=doc,
         )
+
+
+def _strings(doc: dict, key: str) -> tuple[str, ...]:
+    """The strings of a metadata member that is a JSON array (RFC 8414 §2, RFC 9728 §2);
+    anything else, a string included, is no list of one-letter values: none."""
+    v = doc.get(key)
+    return tuple(x for x in v if isinstance(x, str)) if isinstance(v, list) else ()
 
 
 def _same_url(a: str, b: str) -> bool:

@@ -13,7 +13,6 @@ a second attempt.
 
 from __future__ import annotations
 
-import base64
 import functools
 import hashlib
 import re
@@ -56,10 +55,6 @@ def fingerprint(token: str) -> str:
 _B64URL = re.compile(r"[A-Za-z0-9_-]+")
 
 
-def _b64json(segment: str) -> Any:
-    return jsondoc.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
-
-
 def _jwt_claims_unverified(token: str, url: str = "") -> dict | None:
     """The claims of an access token that is a JWT (three base64url segments, the first a
     JSON object: its JOSE header); None for any other (opaque) token. A token with a JWT's
@@ -71,13 +66,13 @@ def _jwt_claims_unverified(token: str, url: str = "") -> dict | None:
     if len(parts) != 3 or not all(_B64URL.fullmatch(p) for p in parts[:2]):
         return None
     try:
-        header = _b64json(parts[0])
+        header = jsondoc.loads_b64url(parts[0])
     except ValueError:
         return None
     if not isinstance(header, dict):
         return None
     try:
-        claims = _b64json(parts[1])
+        claims = jsondoc.loads_b64url(parts[1])
     except ValueError:
         claims = None
     if not isinstance(claims, dict):
@@ -95,7 +90,7 @@ def assertion_fingerprint(assertion: str) -> dict[str, Any]:
     public; never the assertion). Read from credless's own JWT, unverified."""
     parts = assertion.split(".")
     try:
-        header, claims = _b64json(parts[0]), _b64json(parts[1])
+        header, claims = jsondoc.loads_b64url(parts[0]), jsondoc.loads_b64url(parts[1])
     except (ValueError, IndexError):
         return {}
     if not isinstance(header, dict) or not isinstance(claims, dict):
