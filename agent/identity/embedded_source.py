@@ -21,7 +21,8 @@ from agent.identity import entries as entries_mod
 from agent.identity.bundle import TrustBundle
 from agent.identity.ca import CLOCK_SKEW, SigningCA
 from agent.identity.jwt_keys import JwtKeyFile
-from agent.identity.jwtsvid import JwtSigningKeys, JwtSvid, mint_jwt_svid
+from agent.identity.jwt_rotation import JwtSigningKeys
+from agent.identity.jwtsvid import JwtSvid, mint_jwt_svid
 from agent.identity.sources import Identity, SourceEvents
 from agent.identity.spiffeid import TrustDomain
 from agent.identity.x509svid import X509Svid, mint_x509_svid, renew_at

@@ -39,7 +39,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from agent.identity.bundle import TrustBundle
 from agent.identity.ca import SigningCA
-from agent.identity.jwtsvid import JwtSigningKeys, mint_jwt_svid
+from agent.identity.jwt_rotation import JwtSigningKeys
+from agent.identity.jwtsvid import mint_jwt_svid
 from agent.identity.proto import delegatedidentity_pb2 as pb
 from agent.identity.proto import delegatedidentity_pb2_grpc as pb_grpc
 from agent.identity.proto import spire_types_pb2 as types_pb

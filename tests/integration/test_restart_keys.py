@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from agent.identity.jwt_keys import JwtKeyFile
-from agent.identity.jwtsvid import JwtSigningKeys
+from agent.identity.jwt_rotation import JwtSigningKeys
 from tests.helpers import AgentProcess, wait_for
 from tests.world import World, build_world, server_table
 

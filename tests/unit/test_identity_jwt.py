@@ -12,7 +12,8 @@ import spiffe
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.identity.bundle import TrustBundle, jwk_thumbprint
-from agent.identity.jwtsvid import JwtSigningKeys, JwtSvidError, mint_jwt_svid, validate_jwt_svid
+from agent.identity.jwt_rotation import JwtSigningKeys
+from agent.identity.jwtsvid import JwtSvidError, mint_jwt_svid, validate_jwt_svid
 from agent.identity.spiffeid import SpiffeId, TrustDomain
 
 TD = TrustDomain("example.org")

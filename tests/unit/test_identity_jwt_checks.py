@@ -12,7 +12,8 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from agent.identity.jwtsvid import JwtSigningKeys, JwtSvidError, mint_jwt_svid, validate_jwt_svid
+from agent.identity.jwt_rotation import JwtSigningKeys
+from agent.identity.jwtsvid import JwtSvidError, mint_jwt_svid, validate_jwt_svid
 from tests.unit.test_identity_jwt import (
     AS,
     SID,

@@ -15,7 +15,8 @@ from agent.identity.bundle import TrustBundle
 from agent.identity.ca import SigningCA
 from agent.identity.embedded_source import EmbeddedSource
 from agent.identity.entries import Entry, Match
-from agent.identity.jwtsvid import JwtSigningKeys, mint_jwt_svid
+from agent.identity.jwt_rotation import JwtSigningKeys
+from agent.identity.jwtsvid import mint_jwt_svid
 from agent.identity.manager import IdentityManager, source_from_config
 from agent.identity.sources import SourceEvents
 from agent.identity.spiffeid import SpiffeId, TrustDomain

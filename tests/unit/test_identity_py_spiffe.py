@@ -26,7 +26,8 @@ from spiffe.spiffe_id.spiffe_id import SpiffeIdError, TrustDomainError
 
 from agent.identity.bundle import BundleError, TrustBundle
 from agent.identity.ca import SigningCA
-from agent.identity.jwtsvid import JwtSigningKeys, JwtSvidError, mint_jwt_svid, validate_jwt_svid
+from agent.identity.jwt_rotation import JwtSigningKeys
+from agent.identity.jwtsvid import JwtSvidError, mint_jwt_svid, validate_jwt_svid
 from agent.identity.spiffeid import InvalidSpiffeId, InvalidTrustDomain, SpiffeId, TrustDomain
 from agent.identity.x509svid import X509SvidError, mint_x509_svid, parse_x509_svid
 

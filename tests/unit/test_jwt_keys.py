@@ -14,7 +14,8 @@ from agent.config import IdentitySection
 from agent.identity.bundle import TrustBundle
 from agent.identity.embedded_source import EmbeddedSource, prepublish_seconds
 from agent.identity.jwt_keys import SAVE_RETRY_SECONDS, JwtKeyFile, JwtKeyFileError
-from agent.identity.jwtsvid import JwtSigningKeys, mint_jwt_svid, validate_jwt_svid
+from agent.identity.jwt_rotation import JwtSigningKeys
+from agent.identity.jwtsvid import mint_jwt_svid, validate_jwt_svid
 from agent.identity.sources import SourceEvents
 from agent.identity.spiffeid import SpiffeId, TrustDomain
 

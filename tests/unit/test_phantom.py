@@ -15,7 +15,8 @@ from prometheus_client import CollectorRegistry
 
 from agent.config import InjectSection
 from agent.identity.bundle import TrustBundle
-from agent.identity.jwtsvid import JwtSigningKeys, mint_jwt_svid
+from agent.identity.jwt_rotation import JwtSigningKeys
+from agent.identity.jwtsvid import mint_jwt_svid
 from agent.identity.spiffeid import TrustDomain
 from agent.inject import answers, decide, http1
 from agent.inject.phantom import PhantomInvalid, PhantomVerifier, audience

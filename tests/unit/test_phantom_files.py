@@ -19,7 +19,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from agent.identity.entries import Entry
-from agent.identity.jwtsvid import JwtSigningKeys, mint_jwt_svid
+from agent.identity.jwt_rotation import JwtSigningKeys
+from agent.identity.jwtsvid import mint_jwt_svid
 from agent.identity.sources import Identity
 from agent.identity.spiffeid import SpiffeId
 from agent.inject.phantom_files import SWEEP_SECONDS, PhantomFiles
