@@ -33,7 +33,14 @@ def cgroup_child(prefix: str = "credless-test"):
 
 
 def kill_all(pids: list[str]) -> bool:
-    """SIGKILL each of pids; true when there was none (a wait_for() predicate)."""
+    """SIGKILL each of pids; true when there was none (a wait_for() predicate).
+
+    The test process itself, or the one that started it, among them is a clean-up bug (a
+    cgroup or namespace joined by this process, not a child): refused with an error naming
+    it, rather than the pytest worker dying with nothing to say why."""
+    ours = {os.getpid(), os.getppid()} & {int(p) for p in pids}
+    if ours:
+        raise AssertionError(f"refusing to SIGKILL the test run's own process {sorted(ours)}")
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(int(pid), signal.SIGKILL)
