@@ -35,6 +35,16 @@ def held_client(w, url: str) -> subprocess.Popen:
     return start_python(HOLD_THEN_CALL, url, cgroup=w.cg)
 
 
+def events_while_held(w, agent) -> list[dict]:
+    """The agent's audit events while a held client runs and sends nothing (until QUIET)."""
+    client = held_client(w, w.mcp.url)
+    try:
+        return audit_events(agent.stdout_path, quiet=QUIET)
+    finally:
+        client.kill()
+        client.wait()
+
+
 def prewarm_counts(metrics_port: int) -> dict[str, float]:
     """credless_prewarm_total for the server "weather", by outcome."""
     return {
@@ -113,12 +123,7 @@ def test_nothing_is_obtained_for_a_process_matching_no_entry(tmp_path):
         # the entry also asks for a uid no test process runs as
         entries = entry_table("workload", SPIFFE_ID, [w.selector, "unix:uid:4242"])
         agent = start(w, entries=entries)
-        client = held_client(w, w.mcp.url)
-        try:
-            events = audit_events(agent.stdout_path, quiet=QUIET)
-        finally:
-            client.kill()
-            client.wait()
+        events = events_while_held(w, agent)
         assert obtained(events) == []
 
 
@@ -141,12 +146,7 @@ def test_nothing_is_obtained_for_a_server_the_policy_refuses_the_identity(tmp_pa
         # the server is governed, and only another identity may call it
         policy = tools_rule("others", "spiffe://example.org/other", "weather", ["echo"])
         agent = start(w, metrics_port=metrics, policy=policy)
-        client = held_client(w, w.mcp.url)
-        try:
-            events = audit_events(agent.stdout_path, quiet=QUIET)
-        finally:
-            client.kill()
-            client.wait()
+        events = events_while_held(w, agent)
         assert obtained(events) == []
         counts = prewarm_counts(metrics)
         assert counts["denied"] >= 1 and counts["fetched"] == 0
