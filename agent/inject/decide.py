@@ -49,8 +49,18 @@ FORWARD, ANSWER, CLOSE = "forward", "answer", "close"
 MCP_METHODS = frozenset({b"POST", b"GET", b"DELETE"})
 ALLOW = b"POST, GET, DELETE"
 
-# A routing or expectation field the server could read either copy of
-SINGLE_FIELDS = (b"host", b"mcp-method", b"mcp-name", b"expect")
+# A field the server could read either copy of: routing, expectation, how the body is to be
+# read, and the credential fields (the placeholder check reads one; a server may take the
+# other). RFC 9110 defines each as a single value.
+SINGLE_FIELDS = (
+    b"host",
+    b"mcp-method",
+    b"mcp-name",
+    b"expect",
+    b"content-type",
+    b"authorization",
+    b"dpop",
+)
 WORKLOAD_CREDENTIALS = (b"authorization", b"dpop")
 
 # a path segment under the MCP endpoint: RFC 3986 pchar without percent-encoding (which
@@ -221,15 +231,30 @@ def decide(
     hosts = fields.get(b"host")
     if hosts is None or len(hosts) != 1:
         return _duplicated(b"host", len(hosts or ()))
+    placeholder = False
+    if phantom is not None and b"authorization" in fields:
+        # every value, before two are refused: a stolen placeholder is misuse (audited, and
+        # revoked) wherever the workload put it
+        for value in fields[b"authorization"]:
+            found = _placeholder(phantom, value, caller, up)
+            if isinstance(found, Verdict):
+                return found
+            placeholder = placeholder or found
     for name, values in fields.items():
         if len(values) > 1 and name in SINGLE_FIELDS:
             return _duplicated(name, len(values))
-    placeholder = False
-    if phantom is not None and b"authorization" in fields:
-        found = _placeholder(phantom, fields[b"authorization"][0], caller, up)
-        if isinstance(found, Verdict):
-            return found
-        placeholder = found
+    if b"connection" in fields:
+        named = req.connection_names_a_field()
+        if named:
+            return _refuse(
+                400,
+                b"Bad Request",
+                "framing_refused",
+                f"the Connection field names {named[:100].decode('latin-1')!r}, an end-to-end "
+                "field: only connection options (close, keep-alive) may be named; "
+                "connection closed",
+                close=True,
+            )
     if caller.spiffe_id is None and credentialed:
         if settings.unattested == "passthrough":
             return _FORWARD  # as a passthrough server: nothing added or removed
@@ -271,22 +296,12 @@ def decide(
     if mode == "assertion":
         if not credentialed:
             return Verdict(FORWARD, strip=strip)
-        return _READ_BODY_STRIP if strip else _READ_BODY
+        return _unreadable_body(req) or (_READ_BODY_STRIP if strip else _READ_BODY)
     if mode == "passthrough":
         return _FORWARD
     if policy is not None:
         if method == b"POST":
-            coding = fields.get(b"content-encoding")
-            if coding is not None and coding[0].lower() != b"identity":
-                return _refuse(
-                    415,
-                    b"Unsupported Media Type",
-                    "encoding_refused",
-                    f"a body with Content-Encoding {coding[0].decode('latin-1')!r} "
-                    "cannot be checked against policy; send it unencoded",
-                    rpc_code=jsonrpc.INVALID_REQUEST,
-                )
-            return _READ_BODY_STRIP if strip else _READ_BODY
+            return _unreadable_body(req) or (_READ_BODY_STRIP if strip else _READ_BODY)
         d = policy.decide(
             _attested(caller),
             up.name,
@@ -303,6 +318,34 @@ def decide(
                 f"{method.decode()} denied by policy: {d.reason}",
             )
     return _FORWARD_CREDENTIAL_STRIP if strip else _FORWARD_CREDENTIAL
+
+
+def _unreadable_body(req: Request) -> Verdict | None:
+    """The refusal of a body credless must read (policy's JSON-RPC, the assertion form) that
+    the server would decode otherwise than credless does (Request.body_coding,
+    Request.body_charset); None: the body reads as the server reads it."""
+    coding = req.body_coding()
+    if coding is not None:
+        return _refuse(
+            415,
+            b"Unsupported Media Type",
+            "encoding_refused",
+            f"a body with Content-Encoding {coding[:100].decode('latin-1')!r} "
+            "cannot be checked against policy; send it unencoded",
+            rpc_code=jsonrpc.INVALID_REQUEST,
+        )
+    declared = req.body_charset()
+    if declared is not None:
+        return _refuse(
+            415,
+            b"Unsupported Media Type",
+            "encoding_refused",
+            f"a body declared as {declared[:200].decode('latin-1')!r} "
+            "cannot be checked against policy: send it as UTF-8, with no "
+            "Content-Type parameter but charset=utf-8",
+            rpc_code=jsonrpc.INVALID_REQUEST,
+        )
+    return None
 
 
 def _placeholder(
@@ -394,7 +437,7 @@ def decide_body(
     spiffe_id = _attested(caller)  # a body is read only for a credentialed request
     records, denied, rule = [], [], None
     for c in calls:
-        if not c.is_request and c.method == "(response)":
+        if c.is_response:  # a response to the server's own request: no call to decide
             continue
         d = policy.decide(
             spiffe_id,

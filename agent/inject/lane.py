@@ -43,6 +43,21 @@ if TYPE_CHECKING:  # proxy.py makes the lanes: a run-time import would be circul
 log = get_logger("inject.lane")
 
 
+def _canonical_request_line(data: bytes, method: bytes, target: bytes) -> bool:
+    """Whether data starts with `method SP target SP HTTP/1.1 CRLF`, exactly as the full path
+    renders a request line. llhttp also accepts other spellings of it (two spaces, another
+    protocol name such as RTSP/1.1 read as HTTP/1.1, leading empty lines): the lane relays
+    the line as read, so it takes only the one every server reads alike."""
+    n = len(method)
+    end = n + 1 + len(target)
+    return (
+        data.startswith(method)
+        and data[n : n + 1] == b" "
+        and data.startswith(target, n + 1)
+        and data.startswith(b" HTTP/1.1\r\n", end)
+    )
+
+
 class FastLane:
     __slots__ = (
         "_again",
@@ -130,6 +145,8 @@ class FastLane:
         whole = client.whole
         if not whole.one(data) or not whole.keep_alive or whole.method in (b"HEAD", b"CONNECT"):
             return False
+        if not _canonical_request_line(data, whole.method, whole.url):
+            return False  # relayed as read, it must be the line the full path would write
         end = whole.head_end
         if end > client.max_head or data.count(b"\r\n", 0, end) > client.max_fields:
             return False  # the parser refuses it (431)

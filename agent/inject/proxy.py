@@ -314,7 +314,7 @@ class Proxy:
         # before anything is injected: a workload's Connection header must not be able to
         # name (and so strip) what credless adds
         http1.strip_connection_headers(head)
-        expect = head.get(b"expect")
+        expect = req.get(b"expect")  # as decide() read it: its surrounding whitespace aside
         if expect is not None and expect.lower() == b"100-continue":
             # every path below may read the body (policy, assertion, drains): ask for it now,
             # or a workload that waits for 100 before sending it waits forever

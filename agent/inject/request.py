@@ -25,6 +25,7 @@ DECISION_FIELDS = frozenset(
         b"authorization",
         b"dpop",
         b"upgrade",
+        b"connection",
     }
 )
 # The lane's reading of a head: in one scan, the fields the decision reads and those the
@@ -53,6 +54,19 @@ _READ_FIELDS = re.compile(
     + rb"):([^\r]*)",
     re.IGNORECASE,
 )
+
+
+# What a workload's Connection field may name: connection options and the hop-by-hop fields
+# the proxy removes anyway. Any other name would make the proxy remove a field after the
+# decision read it (RFC 9110 §7.6.1): `Connection: Host` sent the server no Host at all.
+CONNECTION_OPTIONS = frozenset(
+    {b"close", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade"}
+)
+# The one charset a body credless reads may declare: what the policy and the assertion form
+# decode it as. A server decodes the charset its Content-Type names (body-parser: any utf-*
+# through iconv-lite, UTF-7 included, where `+AG4-ame` is a second `name`): a body in another
+# charset is a different request to the server than to the policy.
+BODY_CHARSET = b"utf-8"
 
 
 class Request:
@@ -93,3 +107,38 @@ class Request:
     def get(self, name: bytes) -> bytes | None:
         values = self.fields.get(name)
         return values[0] if values else None
+
+    def connection_names_a_field(self) -> bytes:
+        """The first name the Connection fields list that is not a connection option
+        (CONNECTION_OPTIONS), lower case; b"" for none."""
+        for value in self.fields.get(b"connection", ()):
+            for name in value.split(b","):
+                name = name.strip(b" \t").lower()
+                if name and name not in CONNECTION_OPTIONS:
+                    return name
+        return b""
+
+    def body_coding(self) -> bytes | None:
+        """The first content coding of the body that is not identity, in any Content-Encoding
+        field, at any place in its list; None: the body is not encoded."""
+        for value in self.fields.get(b"content-encoding", ()):
+            for coding in value.split(b","):
+                coding = coding.strip(b" \t")
+                if coding.lower() != b"identity":
+                    return coding
+        return None
+
+    def body_charset(self) -> bytes | None:
+        """The Content-Type, when it says the body is anything but UTF-8: a parameter other
+        than one `charset=utf-8` (any case, quoted or not). None: UTF-8, declared or not."""
+        declared = self.get(b"content-type")
+        if declared is None:
+            return None
+        for param in declared.split(b";")[1:]:
+            name, _, value = param.partition(b"=")
+            value = value.strip(b" \t")
+            if len(value) > 1 and value[:1] == value[-1:] == b'"':
+                value = value[1:-1]
+            if name.strip(b" \t").lower() != b"charset" or value.lower() != BODY_CHARSET:
+                return declared
+        return None

@@ -36,6 +36,9 @@ class Call:
     # params.arguments of tools/call and prompts/get, as parsed (None: absent), for policy
     # conditions; kept out of repr and comparison: arguments may hold secrets
     arguments: Any = field(default=None, repr=False, compare=False)
+    # a response to a server's request (sampling, elicitation), not a call: a flag, not a
+    # method name, since a notification may be named anything, "(response)" included
+    is_response: bool = False
 
 
 class Malformed(Exception):
@@ -50,7 +53,7 @@ def _call(msg: Any) -> Call:
     if "method" not in msg:
         # a response to a server request (sampling, elicitation): not a call, allowed
         if "result" in msg or "error" in msg:
-            return Call("(response)", None, msg.get("id"), False)
+            return Call("(response)", None, msg.get("id"), False, is_response=True)
         raise Malformed(INVALID_REQUEST, "JSON-RPC message without a method")
     method = msg["method"]
     if not isinstance(method, str) or not method:
@@ -93,7 +96,9 @@ def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def parse_calls(body: bytes) -> tuple[list[Call], bool]:
     """(calls, is_batch). Raises Malformed with the JSON-RPC error code to answer."""
     try:
-        doc = jsondoc.loads(body, object_pairs_hook=_unique_members)
+        # UTF-8 strictly, as decide() requires the request to declare: json.loads would guess
+        # UTF-16 or UTF-32 from the bytes, which the server may not
+        doc = jsondoc.loads(bytes(body).decode("utf-8"), object_pairs_hook=_unique_members)
     except _Duplicate as e:
         raise Malformed(
             INVALID_REQUEST, f"duplicate member name {str(e)[:100]!r} in a JSON object"

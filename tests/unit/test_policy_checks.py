@@ -140,7 +140,7 @@ def test_a_call_policy_cannot_name_is_malformed(message, why):
 def test_an_error_answer_to_a_server_request_is_a_response_not_a_call():
     answer = {"jsonrpc": "2.0", "id": 3, "error": {"code": -1, "message": "declined"}}
     calls, batch = jsonrpc.parse_calls(json.dumps(answer).encode())
-    assert (calls, batch) == ([jsonrpc.Call("(response)", None, 3, False)], False)
+    assert (calls, batch) == ([jsonrpc.Call("(response)", None, 3, False, is_response=True)], False)
 
 
 # ------------------------------------------------------------ a body decision

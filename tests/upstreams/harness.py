@@ -111,11 +111,11 @@ class Upstream:
 
     def start(self, issuer: str, tmp: Path) -> None:
         fd = self.sock.fileno()
-        script = (
-            ["node", str(HERE / "node_upstream.mjs")]
-            if self.kind == "node"
-            else [sys.executable, "-m", "tests.upstreams.h11_upstream"]
-        )
+        script = {
+            "node": ["node", str(HERE / "node_upstream.mjs")],
+            "h11": [sys.executable, "-m", "tests.upstreams.h11_upstream"],
+            "sdk": ["node", str(HERE / "sdk_upstream.mjs")],
+        }[self.kind]
         self.proc = subprocess.Popen(
             [*script, str(fd), str(self.log.path), issuer, self.url],
             cwd=REPO,
@@ -325,13 +325,18 @@ UPSTREAMS = {
     "node-dpop": ("node", True),
     "h11-dpop": ("h11", True),
 }
+# the official TypeScript SDK's server (sdk_upstream.mjs): it logs what it ran, not the raw
+# request, and answers as an MCP server does (GET and DELETE 405 when stateless), so it is
+# asked only by the tests that name it, not by the corpus
+SDK_UPSTREAMS = {"sdk": ("sdk", False)}
 
 
 @contextlib.contextmanager
 def start_world(tmp: Path, names=tuple(UPSTREAMS)):
     """Everything above, always torn down (processes, cgroup, listeners, BPF pins)."""
     with build_world(tmp, SPIFFE_ID, "credless-smuggling") as w:
-        ups = {n: bind_upstream(n, *UPSTREAMS[n], tmp) for n in names}
+        kinds = UPSTREAMS | SDK_UPSTREAMS
+        ups = {n: bind_upstream(n, *kinds[n], tmp) for n in names}
         ups[BARRIER] = bind_upstream(BARRIER, "node", False, tmp)
         for u in ups.values():
             w.stack.callback(u.stop)
