@@ -4,7 +4,8 @@ client authentication put in.
 In assertion mode a [[servers]] url is the authorization server's token endpoint; the
 workload runs its own OAuth client and holds no credential, at most a placeholder. decide.py
 has admitted the request (an attested process, a POST to the server, the right Host) and
-named it (decide.assertion_request); this module reads the body and puts credless's part in:
+named it (assertion_route.assertion_request); this module reads the body and puts
+credless's part in:
 
 - a token request (a form POST to the token endpoint, any grant: client_credentials,
   refresh_token, authorization_code, RFC 8693 token exchange, RFC 7523 jwt-bearer, ...):
@@ -40,7 +41,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 from agent import jsondoc
 from agent.identity.bundle_endpoint import oauth_jwks
 from agent.identity.jwtsvid import JwtSvid
-from agent.inject import decide
+from agent.inject import assertion_route
 from agent.inject.bodies import Replay, read_body
 from agent.inject.exchange import Exchanges
 from agent.inject.http1 import Head, simple_response
@@ -176,7 +177,7 @@ def rewrite_token_form(
         ("client_assertion", svid.token),
     ]
     fields.update(
-        request=decide.TOKEN,
+        request=assertion_route.TOKEN,
         action=action,
         grant_type=seen["grant_type"][0] if "grant_type" in seen else None,
         jti=svid.jti,
@@ -243,7 +244,7 @@ def rewrite_registration(
         meta.pop(k, None)
     meta.update(ours)
     fields.update(
-        request=decide.REGISTRATION,
+        request=assertion_route.REGISTRATION,
         action=action,
         jti=statement.jti,
         audience=", ".join(statement.audience),
@@ -287,7 +288,7 @@ class AssertionRequests:
         self, head: Head, served: Served, audit_base: AuditBase, started: float
     ) -> bool:
         """Read the request and put credless's client authentication in (a token request
-        or a registration, decide.assertion_request), or send it on as it came. Returns
+        or a registration, assertion_route.assertion_request), or send it on as it came. Returns
         whether the connection stays open."""
         client, up = served.client, served.up
         body = await read_body(client, self.max_body)
@@ -316,13 +317,13 @@ class AssertionRequests:
                 keep=head.keep_alive,
             )
         ctype = head.get(b"content-type")
-        kind = decide.assertion_request(head.target, ctype, up.path)
+        kind = assertion_route.assertion_request(head.target, ctype, up.path)
         endpoint = None
         try:
-            if kind == decide.CANDIDATE:
+            if kind == assertion_route.CANDIDATE:
                 endpoint = await self._registration_endpoint(up)
                 path = (urlsplit(endpoint).path or "/").encode() if endpoint else b"\0"
-                kind = decide.assertion_request(head.target, ctype, up.path, path)
+                kind = assertion_route.assertion_request(head.target, ctype, up.path, path)
             new_body, fields = body, None
             if kind is not None:
                 rewritten = self._rewrite(kind, body, served, up, endpoint or "")
@@ -368,7 +369,7 @@ class AssertionRequests:
         if server is None:  # the proxy serves only configured servers: never so
             raise OAuthError(f"no [[servers]] entry named {up.name!r}")
         policy = server.workload_assertion
-        if kind == decide.TOKEN:
+        if kind == assertion_route.TOKEN:
             audience = (
                 up.origin + up.path.decode("latin-1")
                 if server.assertion_audience == "token_endpoint"

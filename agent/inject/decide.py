@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 # the decision's reading of a request head (request.py); named here too, as decide.Request,
 # by the fast lane and the tests
 from agent.inject import http1
+from agent.inject.assertion_route import FORM, JSON, assertion_request, plain_path
 from agent.inject.request import Request as Request
 from agent.policy import jsonrpc
 from agent.policy.conditions import argument_names
@@ -137,34 +138,6 @@ def under_endpoint(target: bytes, endpoint: bytes) -> bool:
     return True
 
 
-# assertion mode (agent/inject/assertion.py): the requests whose client authentication
-# credless provides. A token request is a form POST to the configured token endpoint (every
-# grant: the client authenticates the same way whatever it asks for); a registration
-# (RFC 7591) is a JSON POST to the registration endpoint, which only the authorization
-# server's metadata names: decide() admits every JSON POST to the server as a candidate (its
-# body read, nothing added yet) and assertion_request(..., registration=) settles it.
-TOKEN, REGISTRATION, CANDIDATE = "token", "registration", "registration?"
-FORM = b"application/x-www-form-urlencoded"
-JSON = b"application/json"
-
-
-def assertion_request(
-    target: bytes, content_type: bytes | None, token_path: bytes, registration: bytes | None = None
-) -> str | None:
-    """Which assertion-mode request a POST is: TOKEN, REGISTRATION (registration: the
-    registration endpoint's path, once known), CANDIDATE (a JSON POST while it is not), or
-    None (anything else: forwarded as sent, with nothing of credless's in it)."""
-    path = target.split(b"?", 1)[0]
-    kind = http1.media_type(content_type)
-    if kind == FORM:
-        return TOKEN if path == token_path else None
-    if kind == JSON and path != token_path:  # (the token endpoint registers no one)
-        if registration is None:
-            return CANDIDATE
-        return REGISTRATION if path == registration else None
-    return None
-
-
 def decide(
     req: Request,
     up: Upstream,
@@ -191,9 +164,24 @@ def decide(
     if mode in ("broker", "phantom"):
         credentialed = True
     elif mode == "assertion":
-        credentialed = (
+        content_type = req.get(b"content-type")
+        if (
             method == b"POST"
-            and assertion_request(req.target, req.get(b"content-type"), up.path) is not None
+            and http1.media_type(content_type) in (FORM, JSON)
+            and not plain_path(req.target)
+        ):
+            # which endpoint it reaches is the server's reading of the path: if that could be
+            # the token or registration endpoint, credless must have read the body
+            return _refuse(
+                400,
+                b"Bad Request",
+                "target_refused",
+                f"{req.target.split(b'?', 1)[0][:200].decode('latin-1')!r} is not a plain "
+                "path (percent-encoding, empty or dot segments, ';'): an authorization "
+                "server could route it to its token or registration endpoint",
+            )
+        credentialed = (
+            method == b"POST" and assertion_request(req.target, content_type, up.path) is not None
         )
     else:
         credentialed = False

@@ -154,6 +154,23 @@ def test_a_workloads_own_jwt_assertion_is_refused_and_never_reaches_the_server(w
     assert r["workload_jti"].startswith("workload-") and r["spiffe_id"] == SPIFFE_ID
 
 
+@pytest.mark.parametrize("step", ["own-jwt-TOKEN", "own-jwt-token/"])
+def test_a_workloads_own_jwt_assertion_is_refused_however_the_token_path_is_spelt(world, step):
+    # oidc-provider routes /TOKEN and /token/ to its token endpoint: credless used to forward
+    # them unread, the workload's own assertion and all
+    before = len(world.oidc.events())
+    (out,) = run_workload(world, step)
+    assert (out["status"], out["error"]) == (400, "invalid_request"), out
+    assert not [
+        e for e in world.oidc.events()[before:] if e["event"].startswith(("grant.", "fetch"))
+    ]
+
+    def refused(events):
+        return [e for e in events if e["event"] == "assertion.refused"]
+
+    assert any(r["what"] == "client_assertion" for r in refused(audit(world, refused)))
+
+
 def test_a_token_request_without_client_authentication_gets_it_added(world):
     (out,) = run_workload(world, "bare-token")
     assert out["status"] == 200 and out["has_access_token"], out

@@ -11,6 +11,10 @@ steps:
                placeholder: list tools and call echo on the MCP server
   sdk-own-jwt  the same, its assertion a JWT the workload signed itself (a credential)
   bare-token   a client_credentials token request with no client authentication at all
+  own-jwt-TOKEN, own-jwt-token/
+               a client_credentials token request with a JWT the workload signed itself,
+               posted to the token endpoint's path in capitals, or with a trailing slash
+               (oidc-provider routes both to its token endpoint)
 Prints one JSON line per step (never a token): {"step", "status", ...} or {"error", ...}.
 """
 
@@ -122,6 +126,24 @@ async def bare_token(url: str, issuer: str) -> dict:
     }
 
 
+async def own_jwt_respelt(url: str, issuer: str, client_id: str, spelling: str) -> dict:
+    async with http_client() as http:
+        meta = (await http.get(f"{issuer}/.well-known/oauth-authorization-server")).json()
+        endpoint = httpx2.URL(meta["token_endpoint"])
+        path = endpoint.path.upper() if spelling == "TOKEN" else endpoint.path + "/"
+        r = await http.post(
+            str(endpoint.copy_with(path=path)),
+            data={
+                "grant_type": "client_credentials",
+                "resource": url,
+                "client_id": client_id,
+                "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                "client_assertion": own_jwt(client_id, meta["token_endpoint"]),
+            },
+        )
+    return {"step": f"own-jwt-{spelling}", "status": r.status_code, "error": r.json().get("error")}
+
+
 async def main(url: str, issuer: str, client_id: str, steps: list[str]) -> int:
     for step in steps:
         try:
@@ -132,6 +154,8 @@ async def main(url: str, issuer: str, client_id: str, steps: list[str]) -> int:
                 out = await sdk(url, issuer, client_id, own=step == "sdk-own-jwt")
             elif step == "bare-token":
                 out = await bare_token(url, issuer)
+            elif step in ("own-jwt-TOKEN", "own-jwt-token/"):
+                out = await own_jwt_respelt(url, issuer, client_id, step.split("-", 2)[2])
             else:
                 raise ValueError(f"unknown step {step}")
         except Exception as e:  # noqa: BLE001 - the test reads what went wrong

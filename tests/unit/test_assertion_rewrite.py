@@ -12,7 +12,7 @@ from urllib.parse import parse_qsl, urlencode
 
 import pytest
 
-from agent.inject import decide
+from agent.inject import assertion_route
 from agent.inject.assertion import (
     JWT_BEARER,
     Refused,
@@ -89,7 +89,7 @@ def test_every_grant_gets_credless_client_authentication(grant, sent, action):
     ]
     assert "s3cret" not in out.body.decode() and "placeholder" not in out.body.decode()
     assert out.fields["action"] == action and out.fields["grant_type"] == grant
-    assert out.fields["jti"] == "jti-1" and out.fields["request"] == decide.TOKEN
+    assert out.fields["jti"] == "jti-1" and out.fields["request"] == assertion_route.TOKEN
     assert out.fields["removed"] == (["client_secret"] if "client_secret" in dict(sent) else [])
     assert MINTED not in json.dumps(out.fields)  # the audit names the jti, not the value
 
@@ -187,7 +187,9 @@ def test_a_registration_gets_the_spiffe_identitys_metadata_and_keeps_the_rest():
     assert meta["token_endpoint_auth_method"] == "private_key_jwt"
     assert meta["jwks_uri"] == JWKS_URI and "jwks" not in meta
     assert meta["software_statement"] == MINTED and meta["spiffe_id"] == SID
-    assert out.fields["action"] == "replaced" and out.fields["request"] == decide.REGISTRATION
+    assert (
+        out.fields["action"] == "replaced" and out.fields["request"] == assertion_route.REGISTRATION
+    )
     # the statement's audience is the registration endpoint: echoed back to the workload,
     # it is no client assertion at the token endpoint
     assert out.fields["audience"] == REG
@@ -225,10 +227,15 @@ def test_a_registration_body_credless_cannot_read_unambiguously_is_refused(body)
 @pytest.mark.parametrize(
     "target, ctype, registration, kind",
     [
-        (b"/token", b"application/x-www-form-urlencoded", None, decide.TOKEN),
-        (b"/token?x=1", b"application/x-www-form-urlencoded;charset=utf-8", None, decide.TOKEN),
-        (b"/reg", b"application/json", None, decide.CANDIDATE),
-        (b"/reg", b"application/json", b"/reg", decide.REGISTRATION),
+        (b"/token", b"application/x-www-form-urlencoded", None, assertion_route.TOKEN),
+        (
+            b"/token?x=1",
+            b"application/x-www-form-urlencoded;charset=utf-8",
+            None,
+            assertion_route.TOKEN,
+        ),
+        (b"/reg", b"application/json", None, assertion_route.CANDIDATE),
+        (b"/reg", b"application/json", b"/reg", assertion_route.REGISTRATION),
         (b"/other", b"application/json", b"/reg", None),
         (b"/token", b"application/json", None, None),
         (b"/reg", b"application/x-www-form-urlencoded", b"/reg", None),
@@ -237,4 +244,4 @@ def test_a_registration_body_credless_cannot_read_unambiguously_is_refused(body)
     ],
 )
 def test_which_requests_assertion_mode_credentials(target, ctype, registration, kind):
-    assert decide.assertion_request(target, ctype, b"/token", registration) == kind
+    assert assertion_route.assertion_request(target, ctype, b"/token", registration) == kind

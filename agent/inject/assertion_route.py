@@ -1,0 +1,67 @@
+"""Assertion mode's routing: which POST to the authorization server is a token request or a
+registration, read as the server routes it. Sans-IO.
+
+credless adds its client authentication to exactly these (agent/inject/assertion.py), and
+the workload's own is refused there; a request the server routes to one of these endpoints
+but credless does not recognise would reach it with the workload's own credentials and
+registration metadata. So paths are compared as the server routes them (route_key), and a
+path whose routing servers disagree on is refused by the decision (plain_path).
+"""
+
+from __future__ import annotations
+
+import re
+
+from agent.inject import http1
+
+# assertion mode (agent/inject/assertion.py): the requests whose client authentication
+# credless provides. A token request is a form POST to the configured token endpoint (every
+# grant: the client authenticates the same way whatever it asks for); a registration
+# (RFC 7591) is a JSON POST to the registration endpoint, which only the authorization
+# server's metadata names: decide() admits every JSON POST to the server as a candidate (its
+# body read, nothing added yet) and assertion_request(..., registration=) settles it.
+TOKEN, REGISTRATION, CANDIDATE = "token", "registration", "registration?"
+FORM = b"application/x-www-form-urlencoded"
+JSON = b"application/json"
+
+
+def assertion_request(
+    target: bytes, content_type: bytes | None, token_path: bytes, registration: bytes | None = None
+) -> str | None:
+    """Which assertion-mode request a POST is: TOKEN, REGISTRATION (registration: the
+    registration endpoint's path, once known), CANDIDATE (a JSON POST while it is not), or
+    None (anything else: forwarded as sent, with nothing of credless's in it)."""
+    path = route_key(target.split(b"?", 1)[0])
+    kind = http1.media_type(content_type)
+    token = route_key(token_path)
+    if kind == FORM:
+        return TOKEN if path == token else None
+    if kind == JSON and path != token:  # (the token endpoint registers no one)
+        if registration is None:
+            return CANDIDATE
+        return REGISTRATION if path == route_key(registration) else None
+    return None
+
+
+def route_key(path: bytes) -> bytes:
+    """A path as authorization servers route it: oidc-provider's router folds ASCII case and
+    drops one trailing slash, so /TOKEN/ is its token endpoint. Paths whose routing differs
+    more between servers (percent-encoding, empty or dot segments, `;`) are refused before
+    this is asked (plain_path)."""
+    if len(path) > 1 and path.endswith(b"/"):
+        path = path[:-1]
+    return path.upper()
+
+
+# a path every router reads alike, up to case and one trailing slash: segments of RFC 3986
+# unreserved characters and the sub-delims no server treats as a separator (no `;`, no `%`)
+_PLAIN_PATH = re.compile(rb"(?:/[A-Za-z0-9\-._~!$&'()*+,=:@]+)*/?")
+
+
+def plain_path(target: bytes) -> bool:
+    path = target.split(b"?", 1)[0]
+    return (
+        _PLAIN_PATH.fullmatch(path) is not None
+        and b"/./" not in path + b"/"
+        and b"/../" not in path + b"/"
+    )
