@@ -17,14 +17,24 @@ write outside the workload's filesystem. So the path is never handed to the kern
   writes through a link, but a symlink or a non-file at the final name is still refused:
   nothing honest puts one there.
 
-(openat2's RESOLVE_NO_SYMLINKS|RESOLVE_IN_ROOT would say the same in one call; Python's os
-module does not offer it, and the walk below is what it does.)
+- the process's mount namespace must be owned by the agent's own user namespace. Any
+  unprivileged process can make a user and mount namespace of its own (unshare -U -r -m) and
+  bind-mount a directory it may only read (the host's /etc) onto its phantom_dir; a walk
+  from its root would then create, as root, a file of the workload's in that directory. In
+  a namespace owned by the agent's user namespace only a privileged process mounts, and a
+  less privileged namespace's mounts never propagate back (mount_namespaces(7)). Refusing
+  is the one safe answer: which directory a mount put there cannot be told from here.
+  (A Kubernetes pod with user namespaces, hostUsers: false, is refused the same way.)
+
+(openat2's RESOLVE_NO_SYMLINKS|RESOLVE_IN_ROOT would say the same as the walk in one call;
+Python's os module does not offer it, and the walk below is what it does.)
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import secrets
 import signal
@@ -48,10 +58,36 @@ def open_root(proc: str, pid: int, pidfd: int) -> int:
     try:
         # alive after /proc/<pid> was opened: the pid was still its own when it was opened
         signal.pidfd_send_signal(pidfd, 0)
+        _check_mount_namespace(procfd, pid)
         # the one link followed on purpose: the kernel's, to the process's root
         return os.open("root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=procfd)
     finally:
         os.close(procfd)
+
+
+# ioctl(2) on a namespace file: an fd on the user namespace that owns it (ioctl_ns(2))
+NS_GET_USERNS = 0xB701
+
+
+def _check_mount_namespace(procfd: int, pid: int) -> None:
+    """Refused unless the process's mount namespace is owned by this process's own user
+    namespace: in any other, the workload may have mounted what it likes onto the path."""
+    ns = os.open("ns/mnt", os.O_RDONLY | os.O_CLOEXEC, dir_fd=procfd)
+    try:
+        owner = fcntl.ioctl(ns, NS_GET_USERNS)
+    finally:
+        os.close(ns)
+    try:
+        theirs = os.fstat(owner)
+    finally:
+        os.close(owner)
+    ours = os.stat("/proc/self/ns/user")
+    if (theirs.st_dev, theirs.st_ino) != (ours.st_dev, ours.st_ino):
+        raise Refused(
+            f"process {pid} runs in a mount namespace of its own user namespace, where it may "
+            "have mounted any directory onto the path; placeholder files are written only "
+            "for processes in the node's user namespace (docs/phantom.md)"
+        )
 
 
 def _lstat(name: str, dir_fd: int) -> os.stat_result | None:
