@@ -125,6 +125,20 @@ class AttestedConnection(asyncio.Protocol):
             raise
         if att is not None and not cred.alive():
             att = None  # the pid was reused between SO_PEERCRED and attestation
+        if att is not None and (att.uid, att.gid) != (cred.uid, cred.gid):
+            # SO_PEERCRED's ids are the connecting task's at connect(2); the attestation is of
+            # the process now. A caller that exec'd a setuid program in between would be served
+            # as that program: unattested instead (the exec itself is a known gap,
+            # docs/security.md; this closes the privilege-changing case)
+            log.warning(
+                "Workload API caller changed its credentials since it connected; unattested",
+                pid=cred.pid,
+                connect_uid=cred.uid,
+                connect_gid=cred.gid,
+                uid=att.uid,
+                gid=att.gid,
+            )
+            att = None
         log.debug(
             "Workload API caller attested" if att is not None else "Workload API caller unattested",
             pid=cred.pid,

@@ -5,6 +5,7 @@ authorization server."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import socket
 import threading
@@ -73,10 +74,10 @@ def attestation(pid: int) -> Attestation:
         comm="test",
         exe="/usr/bin/test",
         sha256=None,
-        uid=0,
-        gid=0,
-        real_uid=0,
-        real_gid=0,
+        uid=os.geteuid(),
+        gid=os.getegid(),
+        real_uid=os.getuid(),
+        real_gid=os.getgid(),
         groups=(),
         cgroup_path="/",
         cgroup_id=1,
@@ -195,6 +196,40 @@ def test_a_connection_lost_while_its_caller_is_attested_never_reaches_grpclib(se
         with pytest.raises(asyncio.CancelledError):
             await _settle(conn)
         assert inner.calls == [] and api.callers == {} and api.connections == set()
+
+    asyncio.run(run())
+
+
+class SetuidAdmission(Admission):
+    """The process as attested after it exec'd a setuid program: other effective ids than
+    the ones SO_PEERCRED took at connect(2)."""
+
+    def __init__(self, uid: int, gid: int) -> None:
+        super().__init__()
+        self.ids = uid, gid
+
+    def _attest(self, pid: int) -> Attestation:
+        att = super()._attest(pid)
+        return dataclasses.replace(att, uid=self.ids[0], gid=self.ids[1])
+
+
+@pytest.mark.parametrize("changed", ["uid", "gid"])
+def test_a_caller_whose_ids_changed_since_it_connected_is_served_unattested(setup, changed):
+    _, transport, inner = setup
+    uid, gid = os.geteuid(), os.getegid()
+    api = SetuidAdmission(
+        uid + 1 if changed == "uid" else uid, gid + 1 if changed == "gid" else gid
+    )
+
+    async def run():
+        conn = AttestedConnection(api, inner)
+        conn.connection_made(transport)
+        api.release.set()
+        await _settle(conn)
+        # served (grpclib answers every call PermissionDenied), as no identity at all
+        assert api.callers[transport].attestation is None
+        assert inner.calls == ["made"]
+        conn.connection_lost(None)
 
     asyncio.run(run())
 
