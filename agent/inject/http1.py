@@ -206,7 +206,10 @@ class _Collector:
         self.events.append((HEAD, h))
 
     def on_body(self, body: bytes) -> None:
-        self.events.append((BODY, body))
+        # llhttp hands an empty piece at a cut-short chunk's EOF: a consumer re-chunking it
+        # would write chunk(b""), the last-chunk, and end a message the peer never finished
+        if body:
+            self.events.append((BODY, body))
 
     def on_message_complete(self) -> None:
         self.events.append((END, None))
