@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from agent.config import InjectSection
 from agent.inject import decide, http1
-from agent.inject.upstreams import Upstream, authorities
+from agent.inject.upstreams import Upstream
 from agent.policy import jsonrpc
+from tests.unit.test_decide import SERVERS
 
 SETTINGS = InjectSection(unattested="deny", workload_authorization="strip")
 CALLER = decide.Caller(True, "spiffe://example.org/bot")
@@ -15,17 +16,7 @@ FORM = b"application/x-www-form-urlencoded"
 
 
 def server(mode: str) -> Upstream:
-    path = b"/token" if mode == "assertion" else b"/mcp"
-    return Upstream(
-        "tools",
-        "http",
-        "127.0.0.1",
-        8080,
-        "http://127.0.0.1:8080",
-        mode,
-        path,
-        authorities("http", "127.0.0.1:8080", 8080),
-    )
+    return SERVERS[mode]
 
 
 def verdict(mode: str, target: bytes, *lines: bytes, host: bytes = b"127.0.0.1:8080"):

@@ -10,17 +10,7 @@ import pytest
 
 from agent.identity.jwt_keys import JwtKeyFile, JwtKeyFileError
 from agent.identity.jwt_rotation import JwtSigningKeys
-
-T0 = 1_900_000_000.0
-ROTATE, TTL, PRE, LEEWAY = 1000, 300, 200, 60
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = T0
-
-    def __call__(self) -> float:
-        return self.t
+from tests.unit.test_jwt_keys import LEEWAY, PRE, ROTATE, T0, TTL, Clock
 
 
 def keys(clock: Clock, store: JwtKeyFile | None = None, **kw) -> JwtSigningKeys:
