@@ -9,9 +9,10 @@ from __future__ import annotations
 import pytest
 
 from agent.config import InjectSection
-from agent.inject import decide, http1
+from agent.inject import decide
 from agent.inject.assertion_route import FORM, TOKEN, assertion_request
 from agent.inject.upstreams import Upstream, authorities
+from tests.unit.test_decide import parsed
 
 SETTINGS = InjectSection(unattested="deny", workload_authorization="strip")
 CALLER = decide.Caller(True, "spiffe://example.org/bot")
@@ -32,7 +33,7 @@ def token_post(target: bytes):
         b"POST " + target + b" HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
         b"Content-Type: " + FORM + b"\r\nContent-Length: 0\r\n\r\n"
     )
-    req = decide.Request.from_head(http1.Reader().feed(data)[0][1])
+    req = decide.Request.from_head(parsed(data))
     return decide.decide(req, AS, CALLER, SETTINGS, None)
 
 

@@ -15,10 +15,10 @@ import dataclasses
 import pytest
 
 from agent.config import InjectSection
-from agent.inject import decide, http1
+from agent.inject import decide
 from agent.inject.phantom import Binding
 from agent.policy import jsonrpc
-from tests.unit.test_decide import CALLERS, SERVERS, policy_engine
+from tests.unit.test_decide import CALLERS, SERVERS, parsed, policy_engine
 
 SETTINGS = InjectSection(unattested="deny", workload_authorization="strip")
 # what a workload writes; a server decoding UTF-7 reads params.name == "secret_tool"
@@ -32,14 +32,13 @@ DIRECT = (
 ECHO = b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{}}}'
 
 
-def parsed(raw: bytes) -> decide.Request:
-    [(_, head)] = [ev for ev in http1.Reader().feed(raw) if ev[0] == http1.HEAD]
-    return decide.Request.from_head(head)
+def request(raw: bytes) -> decide.Request:
+    return decide.Request.from_head(parsed(raw))
 
 
 def decided(content_type: bytes, body: bytes) -> decide.Verdict:
     """The full path's decisions on a POST under policy: its head, then its body."""
-    req = parsed(
+    req = request(
         b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nContent-Type: %s\r\n"
         b"Content-Length: %d\r\n\r\n%s" % (content_type, len(body), body)
     )
@@ -137,7 +136,7 @@ def test_a_stolen_placeholder_is_misuse_in_any_authorization_field(where):
     stolen = b"Bearer victims.placeholder.jwt"
     values = {"alone": [stolen], "first": [stolen, b"Bearer x"], "second": [b"Bearer x", stolen]}
     fields = b"".join(b"Authorization: %s\r\n" % v for v in values[where])
-    req = parsed(
+    req = request(
         b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n%sContent-Length: 0\r\n\r\n" % fields
     )
     up = dataclasses.replace(SERVERS["broker"], mode="phantom")

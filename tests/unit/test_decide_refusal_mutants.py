@@ -5,10 +5,10 @@ JSON-RPC error code, and the message naming the offending value, quoted and cut 
 from __future__ import annotations
 
 from agent.config import InjectSection
-from agent.inject import decide, http1
+from agent.inject import decide
 from agent.inject.upstreams import Upstream
 from agent.policy import jsonrpc
-from tests.unit.test_decide import SERVERS
+from tests.unit.test_decide import SERVERS, parsed
 
 SETTINGS = InjectSection(unattested="deny", workload_authorization="strip")
 CALLER = decide.Caller(True, "spiffe://example.org/bot")
@@ -25,7 +25,7 @@ def verdict(mode: str, target: bytes, *lines: bytes, host: bytes = b"127.0.0.1:8
         + b"".join(ln + b"\r\n" for ln in lines)
         + b"Content-Length: 0\r\n\r\n"
     )  # fmt: skip
-    req = decide.Request.from_head(http1.Reader().feed(data)[0][1])
+    req = decide.Request.from_head(parsed(data))
     return decide.decide(req, server(mode), CALLER, SETTINGS, None)
 
 

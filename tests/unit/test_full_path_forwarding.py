@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from agent.inject import http1
+from tests.unit.test_decide import parsed
 from tests.unit.test_fast_path import BODY, RESPONSE, World
 
 
@@ -36,11 +36,6 @@ async def full_path(w: World, read: bytes, answer: bytes = RESPONSE) -> bytes:
     return sent
 
 
-def upstream_head(sent: bytes) -> http1.Head:
-    [head] = [ev[1] for ev in http1.Reader().feed(sent) if ev[0] == http1.HEAD]
-    return head
-
-
 def request(*fields: bytes) -> bytes:
     return b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n%sContent-Length: %d\r\n\r\n%s" % (
         b"".join(f + b"\r\n" for f in fields),
@@ -52,7 +47,7 @@ def request(*fields: bytes) -> bytes:
 async def _plain() -> None:
     w = World()
     sent = await full_path(w, request(b"Connection: keep-alive"))
-    head = upstream_head(sent)
+    head = parsed(sent)
     assert head.get(b"host") == b"127.0.0.1:8080"
     assert head.get(b"authorization") == b"Bearer header.payload.sig"
 

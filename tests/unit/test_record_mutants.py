@@ -18,9 +18,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.utils import floatToGoString
 
 from agent.inject.record import AuditBase, Recorder
-from agent.oauth.tokens import Token, fingerprint
 from agent.observe.logging import AuditLog
 from tests.unit.test_decide import SERVERS
+from tests.unit.test_tokens_mutants import token
 
 ROOT = Path(__file__).resolve().parents[2]
 UP = SERVERS["broker"]
@@ -123,24 +123,6 @@ def audited(node: str = "node-1") -> tuple[AuditLog, io.StringIO]:
 
 def records(out: io.StringIO) -> list[dict]:
     return [json.loads(line) for line in out.getvalue().splitlines()]
-
-
-def token(jkt: str | None = "thumbprint-of-the-dpop-key") -> Token:
-    value = "opaque-access-token-of-the-test"
-    return Token(
-        access_token=value,
-        token_type="DPoP" if jkt else "Bearer",
-        issued_at=0.0,
-        expires_at=4e9,
-        scope="",
-        resource="http://127.0.0.1:8080/mcp",
-        issuer="https://as.example",
-        spiffe_id="spiffe://example.org/bot",
-        client_id="client",
-        jkt=jkt,
-        fingerprint=fingerprint(value),
-        jti="jti-1",
-    )
 
 
 def test_a_proxy_without_an_audit_stream_records_nothing_and_still_counts():

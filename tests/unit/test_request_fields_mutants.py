@@ -8,6 +8,7 @@ import pytest
 
 from agent.inject import http1
 from agent.inject.request import Request
+from tests.unit.test_decide import parsed
 
 
 def head(*lines: bytes, body: bytes = b"") -> bytes:
@@ -19,7 +20,7 @@ def head(*lines: bytes, body: bytes = b"") -> bytes:
 
 
 def full_path(data: bytes) -> Request:
-    return Request.from_head(http1.Reader().feed(data)[0][1])
+    return Request.from_head(parsed(data))
 
 
 def lane(data: bytes) -> Request | None:
