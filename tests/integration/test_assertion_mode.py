@@ -89,6 +89,17 @@ def audit(w, until) -> list[dict]:
     return audit_events(w.agent.stdout_path, until)
 
 
+def token_work_since(w, before: int) -> list[dict]:
+    """What the authorization server did on a token request (a grant, a key fetch) since its
+    event `before`: nothing, when credless refused the request."""
+    return [e for e in w.oidc.events()[before:] if e["event"].startswith(("grant.", "fetch"))]
+
+
+def refused(events: list[dict]) -> list[dict]:
+    """The agent's refusals of a workload's own client authentication."""
+    return [e for e in events if e["event"] == "assertion.refused"]
+
+
 def test_a_registration_gets_the_identitys_software_statement_and_https_jwks_uri(world):
     assert world.registered["status"] == 201, world.registered
     assert world.registered["client_id"] == SPIFFE_ID
@@ -142,13 +153,7 @@ def test_a_workloads_own_jwt_assertion_is_refused_and_never_reaches_the_server(w
     (out,) = run_workload(world, "sdk-own-jwt")
     assert out.get("error"), out
     # nothing of the refused request reached the authorization server
-    assert not [
-        e for e in world.oidc.events()[before:] if e["event"].startswith(("grant.", "fetch"))
-    ]
-
-    def refused(events):
-        return [e for e in events if e["event"] == "assertion.refused"]
-
+    assert not token_work_since(world, before)
     (r,) = refused(audit(world, refused))
     assert r["error"] == "invalid_request" and r["what"] == "client_assertion"
     assert r["workload_jti"].startswith("workload-") and r["spiffe_id"] == SPIFFE_ID
@@ -161,13 +166,7 @@ def test_a_workloads_own_jwt_assertion_is_refused_however_the_token_path_is_spel
     before = len(world.oidc.events())
     (out,) = run_workload(world, step)
     assert (out["status"], out["error"]) == (400, "invalid_request"), out
-    assert not [
-        e for e in world.oidc.events()[before:] if e["event"].startswith(("grant.", "fetch"))
-    ]
-
-    def refused(events):
-        return [e for e in events if e["event"] == "assertion.refused"]
-
+    assert not token_work_since(world, before)
     assert any(r["what"] == "client_assertion" for r in refused(audit(world, refused)))
 
 
