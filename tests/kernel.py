@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -74,6 +75,22 @@ def run_python(
     )
     assert r.returncode == 0 or not check, r.stderr[-2000:]
     return r.stdout
+
+
+def run_json(argv: list[str], cgroup: Path, timeout: float = 60) -> dict:
+    """argv run from the repository's root (importable from anywhere) as a workload in
+    cgroup; the JSON object it printed (its stderr's end is the failure otherwise)."""
+    r = subprocess.run(
+        argv,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=enter_cgroup(cgroup),
+    )
+    assert r.stdout.startswith("{"), r.stderr[-3000:]
+    return json.loads(r.stdout)
 
 
 def start_workload(argv: list[str], cgroup: Path | None = None) -> subprocess.Popen:

@@ -186,6 +186,19 @@ def _traffic_goes_on(out: Path, stop: Path, workload: subprocess.Popen) -> None:
     workload.wait(120)
 
 
+def _every_request_reached_the_server(w, out: Path, events: int) -> dict:
+    """The workload saw no failure and its whole event stream; the server got each of its
+    requests once, with a DPoP-bound token. The workload's final state."""
+    state = _state(out)
+    assert state["failed"] == 0, state["errors"]
+    assert state["errors"] == []
+    assert state["events"] == events and state["sse_done"]
+    seen = [q for q in w.mcp.stats()["requests"] if "x-test-seq" in q["header_names"]]
+    assert len(seen) == state["seq"]
+    assert all(q["auth_scheme"] == "DPoP" and q["token_sha256"] for q in seen)
+    return state
+
+
 @contextlib.contextmanager
 def _world(tmp_path):
     with build_world(tmp_path, SPIFFE_ID) as w:
@@ -233,22 +246,15 @@ def test_mcp_traffic_across_a_handover_loses_nothing(tmp_path):
             with contextlib.suppress(Exception):
                 workload.kill()
             _stop_pid_file_holder(tmp_path / "run")
-        state = _state(out)
-        assert state["failed"] == 0, state["errors"]
-        assert state["errors"] == []
-        assert state["events"] == SSE_EVENTS and state["sse_done"]
+        state = _every_request_reached_the_server(w, out, SSE_EVENTS)
         old, new = _events(w.agent.stdout_path), _events(log)
         took = _events(log.with_suffix(".stderr"))
         assert any(e["event"] == "took over" for e in took)
         injected = [e for e in old + new if e["event"] == "request.injected"]
         # the new agent served at least the new connections made after it took over
         assert len([e for e in new if e["event"] == "request.injected"]) >= REQUESTS_AFTER
-        # every request of the workload reached the server once, with a token
-        seen = [q for q in w.mcp.stats()["requests"] if "x-test-seq" in q["header_names"]]
-        assert len(seen) == state["seq"]
-        assert all(q["auth_scheme"] == "DPoP" and q["token_sha256"] for q in seen)
-        # and both agents' audit trails together account for each
-        assert len(injected) == len(seen)
+        # both agents' audit trails together account for each request the server got
+        assert len(injected) == state["seq"]
 
 
 BAD_POLICY = "[[rules]]\nid = 1\n"  # not a policy: the new agent's policy engine refuses it
@@ -269,12 +275,7 @@ def test_a_new_agent_that_cannot_start_leaves_the_old_one_serving(tmp_path):
             stop.touch()
             with contextlib.suppress(Exception):
                 workload.kill()
-        state = _state(out)
-        assert state["failed"] == 0, state["errors"]
-        assert state["events"] == 20 and state["sse_done"]
-        seen = [q for q in w.mcp.stats()["requests"] if "x-test-seq" in q["header_names"]]
-        assert len(seen) == state["seq"]
-        assert all(q["auth_scheme"] == "DPoP" for q in seen)
+        _every_request_reached_the_server(w, out, 20)
         # the old agent still holds its pid file and answers on its admin socket
         pid = int((tmp_path / "run" / "credless.pid").read_text().split()[0])
         assert pid == w.agent.proc.pid
@@ -311,9 +312,4 @@ def test_a_new_agent_failing_after_the_redirect_swap_gives_it_back(tmp_path):
             with contextlib.suppress(Exception):
                 workload.kill()
         assert w.agent.proc.poll() is None
-        state = _state(out)
-        assert state["failed"] == 0, state["errors"]
-        assert state["events"] == 20 and state["sse_done"]
-        seen = [q for q in w.mcp.stats()["requests"] if "x-test-seq" in q["header_names"]]
-        assert len(seen) == state["seq"]
-        assert all(q["auth_scheme"] == "DPoP" for q in seen)
+        _every_request_reached_the_server(w, out, 20)

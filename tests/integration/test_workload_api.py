@@ -29,7 +29,7 @@ from agent.identity.workload_api import WorkloadApiServer
 from agent.identity.workload_api_servicer import client_call
 from agent.observe.logging import AuditLog
 from tests.conftest import REPO
-from tests.kernel import cgroup_child, enter_cgroup
+from tests.kernel import cgroup_child, enter_cgroup, run_json
 
 pytestmark = pytest.mark.kernel
 
@@ -229,23 +229,8 @@ def test_unregistered_process_gets_permission_denied_and_an_audit_event(stack):
 
 def ask_for(stack, spiffe_id: str) -> dict:
     """py-spiffe in the entry's cgroup asking for a JWT-SVID of spiffe_id."""
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tests.workloads.spiffe_jwt_for",
-            str(stack.sock),
-            AUDIENCE,
-            spiffe_id,
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        preexec_fn=enter_cgroup(stack.cg),
-    )
-    assert r.stdout.startswith("{"), r.stderr[-3000:]
-    return json.loads(r.stdout)
+    argv = [sys.executable, "-m", "tests.workloads.spiffe_jwt_for", str(stack.sock)]
+    return run_json([*argv, AUDIENCE, spiffe_id], stack.cg)
 
 
 def test_a_process_asking_for_another_spiffe_id_is_refused_and_audited(stack):

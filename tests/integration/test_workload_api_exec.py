@@ -10,15 +10,12 @@ image's exec time tells the two apart: the check under test is the only thing in
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import REPO
 from tests.integration.test_workload_api import AUDIENCE, stack  # noqa: F401
-from tests.kernel import enter_cgroup
+from tests.kernel import run_json
 
 pytestmark = pytest.mark.kernel
 
@@ -89,17 +86,8 @@ print(json.dumps(fetch_jwt_svid(conn, first)), flush=True)
 def call(stack, tmp_path, then: str) -> dict:
     script = tmp_path / "caller.py"
     script.write_text(CALLER)
-    r = subprocess.run(
-        [sys.executable, str(script), "connect", str(stack.sock), then, AUDIENCE],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        preexec_fn=enter_cgroup(stack.cg),
-    )
-    assert r.stdout.startswith("{"), r.stderr[-3000:]
-    return json.loads(r.stdout)
+    argv = [sys.executable, str(script), "connect", str(stack.sock), then, AUDIENCE]
+    return run_json(argv, stack.cg)
 
 
 def audit(stack) -> list[dict]:
