@@ -24,13 +24,13 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 from collections.abc import Iterator
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import serving
 from tests.upstreams.echo import Upstream
 
 REPO = Path(__file__).resolve().parent.parent
@@ -126,12 +126,9 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 def upstream() -> Iterator[int]:
     """The echo upstream (tests/upstreams/echo.py) on a free loopback port; its record of
     requests starts empty."""
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    Upstream.seen = []
-    yield srv.server_address[1]
-    srv.shutdown()
-    srv.server_close()
+    with serving(ThreadingHTTPServer(("127.0.0.1", 0), Upstream), "upstream") as srv:
+        Upstream.seen = []
+        yield srv.server_address[1]
 
 
 @pytest.fixture

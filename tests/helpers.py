@@ -9,14 +9,17 @@ import json
 import os
 import signal
 import socket
+import socketserver
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol, TypeVar
+
+from agent.observe.serving import serve_in_background, stop_serving
 
 T = TypeVar("T")
 
@@ -40,6 +43,21 @@ def stop_process(proc: Stoppable | None, timeout: float = 10.0) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+S = TypeVar("S", bound=socketserver.BaseServer)
+
+
+@contextlib.contextmanager
+def serving(server: S, name: str = "test-server", poll_interval: float = 0.5) -> Iterator[S]:
+    """server serving on a thread of its own until the block ends, then stopped at once
+    and closed (agent/observe/serving.py, as the agent's own servers are)."""
+    thread = serve_in_background(server, name, poll_interval)
+    try:
+        yield server
+    finally:
+        stop_serving(server)
+        thread.join()
 
 
 def free_port() -> int:

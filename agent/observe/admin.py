@@ -11,12 +11,12 @@ import json
 import os
 import socket
 import socketserver
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from agent.observe.logging import get_logger
+from agent.observe.serving import serve_in_background, stop_serving
 from agent.peercred import peer_cred
 
 log = get_logger("admin")
@@ -71,12 +71,11 @@ class AdminServer:
         finally:
             os.umask(old)
         self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, name="admin", daemon=True).start()
+        serve_in_background(self._server, "admin")
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+            stop_serving(self._server)
             self._server = None
             self.path.unlink(missing_ok=True)
 

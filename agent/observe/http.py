@@ -21,6 +21,8 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from agent.observe.serving import serve_in_background, stop_serving
+
 # A route returns (status, body, content type).
 Route = Callable[[], "tuple[int, bytes, str]"]
 TEXT = "text/plain; charset=utf-8"
@@ -161,10 +163,9 @@ class HttpEndpoint:
             "Server", (ThreadingHTTPServer,), {"address_family": family, "daemon_threads": True}
         )
         self._httpd = server_cls(self._addr, Handler)
-        threading.Thread(target=self._httpd.serve_forever, name=self._name, daemon=True).start()
+        serve_in_background(self._httpd, self._name)
 
     def stop(self) -> None:
         if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
+            stop_serving(self._httpd)
             self._httpd = None

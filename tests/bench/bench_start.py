@@ -9,7 +9,8 @@ run:
 - the CPU of the BTF offsets;
 - a whole agent start in the test world (managed cgroup, redirect, metrics), wall time to
   its `ready` event and its CPU, next to the interpreter importing the agent and nothing
-  else.
+  else;
+- that agent's stop, SIGTERM to exit (what a restart without a handover waits for).
 
     python -m tests.bench.bench_start [--runs N]
 """
@@ -100,20 +101,24 @@ def agent_starts(runs: int) -> None:
         before = children_cpu()
         subprocess.run([sys.executable, "-c", "import agent.cli, agent.daemon"], check=True)
         imports.append(children_cpu() - before)
-    ready, spent = [], []
+    ready, spent, stopped = [], [], []
     for _ in range(runs):
         with tempfile.TemporaryDirectory() as tmp:
             before = children_cpu()
             with build_world(Path(tmp), "spiffe://example.org/bench") as world:
                 started = time.perf_counter()
-                world.start_agent()
+                agent = world.start_agent()
                 ready.append(time.perf_counter() - started)
+                stopping = time.perf_counter()
+                agent.stop()  # SIGTERM: every component stopped, every BPF link detached
+                stopped.append(time.perf_counter() - stopping)
             spent.append(children_cpu() - before)  # the agent is reaped: its whole life
     print(
         f"start-bench: agent ready_s={statistics.median(ready):.2f} "
         f"cpu_s={statistics.median(spent):.2f} "
         f"(interpreter and imports only: cpu_s={statistics.median(imports):.2f})"
     )
+    print(f"start-bench: agent stop_s={statistics.median(stopped):.2f} (SIGTERM to exit)")
 
 
 def main() -> int:

@@ -28,7 +28,6 @@ import datetime as dt
 import http.server
 import json
 import ssl
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from agent.observe.serving import serve_in_background, stop_serving
 from tests.tlsca import subject_alt_names, write_key
 
 FINE_GRAINED_ALPHA = (1, 32)
@@ -155,14 +155,10 @@ class FakeKubelet:
         return 404, b"404 page not found\n", text
 
     def start(self) -> None:
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.start()
+        self._thread = serve_in_background(self._server, "fake-kubelet")
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        stop_serving(self._server)
         self._thread.join()
 
 

@@ -14,14 +14,13 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import threading
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from tests.helpers import AgentProcess, audit_events, write_config
+from tests.helpers import AgentProcess, audit_events, serving, write_config
 from tests.kernel import run_python
 from tests.upstreams.echo import Upstream
 from tests.world import build_world, entry_table, inject_table, server_table, table, tools_rule
@@ -50,44 +49,41 @@ print(json.dumps(out), flush=True)
 def debugged(tmp_path_factory) -> SimpleNamespace:
     """One run: the agent's diagnostic lines, its audit text, and what the upstream got."""
     tmp = tmp_path_factory.mktemp("debuglog")
-    upstream = ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
-    threading.Thread(target=upstream.serve_forever, daemon=True).start()
     Upstream.seen = []
-    try:
-        with build_world(tmp, SPIFFE_ID) as w:
-            port = upstream.server_address[1]
-            url = f"http://127.0.0.1:{port}/mcp"
-            w.authorization_server([url])
-            w.entries_path.write_text(entry_table("debugged", SPIFFE_ID, [w.selector]))
-            policy = tmp / "policy.toml"
-            policy.write_text(tools_rule("debugged-echo", SPIFFE_ID, "echo", ["echo"]))
-            cfg = write_config(
-                tmp,
-                extra=inject_table(w.cg, w.proxy_port)
-                + table("[policy]", file=str(policy))
-                # prewarm off: the lines of one fetch, made by the call itself
-                + server_table("echo", url, issuer=w.oidc.issuer, prewarm=False),
-                bundle_port=w.bundle_port,
-            )
-            agent = w.enter(AgentProcess(cfg, tmp, args=["--log-level", "debug"]))
-            agent.wait_ready()
-            answers = json.loads(run_python(CALLS, "127.0.0.1", port, cgroup=w.cg))
-            audit_events(
-                agent.stdout_path,
-                lambda evs: sum(e["event"] == "request.injected" for e in evs) >= 2,
-            )
-            agent.stop()
-            return SimpleNamespace(
-                answers=answers,
-                lines=agent.log_events(),
-                stderr=Path(agent.stderr_path).read_text(),
-                audit=Path(agent.stdout_path).read_text(),
-                seen=list(Upstream.seen),
-                selector=w.selector,
-            )
-    finally:
-        upstream.shutdown()
-        upstream.server_close()
+    with (
+        serving(ThreadingHTTPServer(("127.0.0.1", 0), Upstream), "upstream") as upstream,
+        build_world(tmp, SPIFFE_ID) as w,
+    ):
+        port = upstream.server_address[1]
+        url = f"http://127.0.0.1:{port}/mcp"
+        w.authorization_server([url])
+        w.entries_path.write_text(entry_table("debugged", SPIFFE_ID, [w.selector]))
+        policy = tmp / "policy.toml"
+        policy.write_text(tools_rule("debugged-echo", SPIFFE_ID, "echo", ["echo"]))
+        cfg = write_config(
+            tmp,
+            extra=inject_table(w.cg, w.proxy_port)
+            + table("[policy]", file=str(policy))
+            # prewarm off: the lines of one fetch, made by the call itself
+            + server_table("echo", url, issuer=w.oidc.issuer, prewarm=False),
+            bundle_port=w.bundle_port,
+        )
+        agent = w.enter(AgentProcess(cfg, tmp, args=["--log-level", "debug"]))
+        agent.wait_ready()
+        answers = json.loads(run_python(CALLS, "127.0.0.1", port, cgroup=w.cg))
+        audit_events(
+            agent.stdout_path,
+            lambda evs: sum(e["event"] == "request.injected" for e in evs) >= 2,
+        )
+        agent.stop()
+        return SimpleNamespace(
+            answers=answers,
+            lines=agent.log_events(),
+            stderr=Path(agent.stderr_path).read_text(),
+            audit=Path(agent.stdout_path).read_text(),
+            seen=list(Upstream.seen),
+            selector=w.selector,
+        )
 
 
 def named(lines: list[dict], event: str) -> list[dict]:

@@ -16,6 +16,7 @@ import pytest
 
 from agent.oauth import errors
 from agent.observe import logging as obs
+from tests.helpers import serving
 from tests.oidc.stack import build as stack_build
 from tests.oidc.stack import running
 
@@ -216,7 +217,6 @@ def test_server_stopped_cached_token_served_new_identity_gets_clear_error(stack)
 
 
 def test_server_answering_garbage_is_a_malformed_response(stack, tmp_path):
-    import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     class Garbage(BaseHTTPRequestHandler):
@@ -230,19 +230,16 @@ def test_server_answering_garbage_is_a_malformed_response(stack, tmp_path):
         def log_message(self, *a):
             pass
 
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), Garbage)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        with pytest.raises(errors.MalformedResponse, match="not JSON"):
-            _raw_request(
-                stack,
-                lambda a, i: "not-a-real-assertion",
-                token_endpoint=f"http://127.0.0.1:{srv.server_address[1]}/t",
-                issuer="x",
-            )
-    finally:
-        srv.shutdown()
-        srv.server_close()
+    with (
+        serving(ThreadingHTTPServer(("127.0.0.1", 0), Garbage)) as srv,
+        pytest.raises(errors.MalformedResponse, match="not JSON"),
+    ):
+        _raw_request(
+            stack,
+            lambda a, i: "not-a-real-assertion",
+            token_endpoint=f"http://127.0.0.1:{srv.server_address[1]}/t",
+            issuer="x",
+        )
 
 
 def test_two_hundred_concurrent_requests_make_one_token_request(stack):

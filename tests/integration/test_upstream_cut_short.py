@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import h11
 import pytest
 
+from tests.helpers import serving
 from tests.kernel import run_python
 from tests.world import build_world, server_table
 
@@ -78,10 +78,7 @@ class CutShort(BaseHTTPRequestHandler):
 
 
 def test_a_chunked_answer_the_server_cuts_short_is_cut_short_for_the_workload(tmp_path):
-    server = ThreadingHTTPServer(("127.0.0.1", 0), CutShort)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving(ThreadingHTTPServer(("127.0.0.1", 0), CutShort), "cut-short") as server:
         port = server.server_address[1]
         url = f"http://127.0.0.1:{port}/mcp"
         with build_world(tmp_path, SPIFFE_ID) as w:
@@ -89,10 +86,6 @@ def test_a_chunked_answer_the_server_cuts_short_is_cut_short_for_the_workload(tm
             CutShort.issuer = oidc.issuer
             w.start_agent(server_table("cut", url))
             out = json.loads(run_python(WORKLOAD, "127.0.0.1", port, cgroup=w.cg))
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
     got = base64.b64decode(out["got"])
     assert got.startswith(b"HTTP/1.1 200 "), got[:200]
     # the workload's own HTTP parser: the answer must not end

@@ -20,6 +20,8 @@ from urllib.parse import parse_qsl
 
 import httpx
 
+from agent.observe.serving import serve_in_background, stop_serving
+
 # request fields that carry a credential of the agent's: their arrival is what tests assert on
 CREDENTIAL_FIELDS = ("client_assertion", "assertion", "software_statement", "client_secret")
 
@@ -101,10 +103,7 @@ class HostilePeer:
         self.server.daemon_threads = True
         self.host, self.port = host, self.server.server_address[1]
         self.origin = f"http://{host}:{self.port}"
-        self._thread = threading.Thread(
-            target=self.server.serve_forever, daemon=True, name=f"hostile-{host}:{self.port}"
-        )
-        self._thread.start()
+        self._thread = serve_in_background(self.server, f"hostile-{host}:{self.port}")
 
     def route(
         self,
@@ -122,8 +121,7 @@ class HostilePeer:
             return list(self.seen)
 
     def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        stop_serving(self.server)
         self._thread.join()
 
     def __enter__(self) -> HostilePeer:

@@ -22,6 +22,7 @@ from cryptography.x509.oid import NameOID
 from agent.attest.kubelet import KubeletClient
 from agent.attest.kubelet_errors import KubeletError
 from agent.attest.kubelet_pods import ContainerRef, parse_pod_list
+from tests.helpers import serving
 
 PODS_JSON = Path(__file__).resolve().parent.parent / "testdata" / "kubelet" / "pods.json"
 PAYMENTS = "6513270e-269e-4d37-b2a7-4de452e6b438"
@@ -302,16 +303,8 @@ def kubelet(pki):
     tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     tls.load_cert_chain(pki / "server.pem", pki / "server.key")
     server = _Kubelet(tls)
-    thread = threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-    )
-    thread.start()
-    try:
+    with serving(server, "kubelet"):
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
 
 
 class FakeClock:

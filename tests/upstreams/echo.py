@@ -19,6 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import ClassVar
 
+from tests.helpers import serving
 from tests.tlsca import TestCA
 
 BIG_BODY = bytes(range(256)) * (64 << 10)  # 16 MiB
@@ -160,10 +161,6 @@ def tls_upstream(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     sctx.load_cert_chain(cert, key)
     srv.socket = sctx.wrap_socket(srv.socket, server_side=True)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    Upstream.seen = []
-    try:
+    with serving(srv, "upstream-tls"):
+        Upstream.seen = []
         yield srv.server_address[1], ca.cert_path
-    finally:
-        srv.shutdown()
-        srv.server_close()
