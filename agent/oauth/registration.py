@@ -21,7 +21,6 @@ not an access token for any resource; it is never logged.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import threading
 from dataclasses import asdict, dataclass
@@ -37,6 +36,7 @@ from agent.oauth.trust import (
     ServerTls,
     authorization_server_tls,
     check_endpoint,
+    host_address,
     insecure_reason,
     is_loopback_host,
     refuse_certificate,
@@ -116,11 +116,9 @@ def check_jwks_uri(jwks_uri: str, endpoint: str) -> None:
     )
     reason = insecure_reason(jwks_uri)
     host = (urlsplit(jwks_uri).hostname or "") if reason is None else ""
-    try:
-        if reason is None and ipaddress.ip_address(host).is_unspecified:
-            reason = f"{host} is a listen-on-all address, not one another host can reach"
-    except ValueError:
-        pass  # a name, not an address literal
+    address = host_address(host) if reason is None else None  # None: a name
+    if address is not None and address.is_unspecified:
+        reason = f"{host} is a listen-on-all address, not one another host can reach"
     if reason is None and is_loopback_host(host):
         as_host = urlsplit(endpoint).hostname or ""
         if not is_loopback_host(as_host):

@@ -43,19 +43,25 @@ from agent.oauth.errors import InsecureEndpoint, TrustRefused
 from agent.urls import origin
 
 
+def host_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address a host literal names (brackets allowed), an IPv4-mapped IPv6 one as the
+    IPv4 address the kernel takes it for (::ffff:0.0.0.0 is 0.0.0.0); None for a name."""
+    try:
+        ip = ipaddress.ip_address(host.lower().strip("[]"))
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
 def is_loopback_host(host: str) -> bool:
     """A loopback address literal (127.0.0.0/8, ::1, IPv4-mapped 127.x) or `localhost`.
     Any other name is not loopback here, whatever it resolves to."""
-    host = host.lower().strip("[]")
-    if host == "localhost":
+    if host.lower().strip("[]") == "localhost":
         return True
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_loopback
+    ip = host_address(host)
+    return ip is not None and ip.is_loopback
 
 
 def insecure_reason(url: object) -> str | None:
