@@ -5,8 +5,9 @@ could not fetch safely, an endpoint off https), how an answer is read (the statu
 as success, the client_id, the management URI and token), what the RFC 7592 deletion sends
 and takes as done, and what is kept in clients.json.
 
-The authorization server is a real HTTP server on 127.0.0.1, in-process, recording each
-request (the TLS one of test_as_certificate for a certificate that does not verify)."""
+The authorization server is an httpx MockTransport recording each request (sans-IO, as in
+test_tokens_mutants), or the TLS server of test_as_certificate for a certificate that does
+not verify."""
 
 from __future__ import annotations
 
@@ -56,46 +57,29 @@ class Request:
 
 @dataclass
 class Peer:
-    """An HTTP/1.1 server on 127.0.0.1 answering every request with (status, body) and
-    recording what arrived."""
+    """The authorization server as an httpx MockTransport (nothing is dialled, as in
+    test_tokens_mutants): every request is answered (status, body) and recorded."""
 
     status: int = 201
     body: Any = None
     raw: bytes | None = None  # a body sent as is instead of `body` as JSON
     requests: list[Request] = field(default_factory=list)
+    url: str = "http://127.0.0.1:8443"
 
-    async def __aenter__(self) -> Peer:
-        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            head = await reader.readuntil(b"\r\n\r\n")
-            line, *fields = head.decode().split("\r\n")
-            headers = {
-                k.strip().lower(): v.strip() for k, _, v in (f.partition(":") for f in fields if f)
-            }
-            body = await reader.readexactly(int(headers.get("content-length", "0")))
-            method, path, _ = line.split(" ", 2)
-            self.requests.append(Request(method, path, headers, body))
-            out = self.raw if self.raw is not None else json.dumps(self.body).encode()
-            writer.write(
-                b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-                b"Connection: close\r\n\r\n%s" % (self.status, len(out), out)
-            )
-            await writer.drain()
-            writer.close()
-
-        self.server = await asyncio.start_server(serve, "127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.server.close()
-        await self.server.wait_closed()
+    def answer(self, request: httpx.Request) -> httpx.Response:
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        self.requests.append(Request(request.method, request.url.path, headers, request.content))
+        out = self.raw if self.raw is not None else json.dumps(self.body).encode()
+        return httpx.Response(
+            self.status, content=out, headers={"Content-Type": "application/json"}
+        )
 
 
 def run(peer: Peer, call: Callable[[httpx.AsyncClient, str], Awaitable[Any]]) -> Any:
     """call(http, peer's URL) against peer; its result, or the exception it raised."""
 
     async def go() -> Any:
-        async with peer, httpx.AsyncClient(trust_env=False) as http:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(peer.answer)) as http:
             try:
                 return await call(http, peer.url)
             except Exception as e:  # noqa: BLE001 (the tests look at which)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import socket
 import socketserver
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -38,8 +39,13 @@ class Echo(socketserver.StreamRequestHandler):
         self.wfile.write(self.rfile.readline())
 
 
-def stopped_without_waiting_for_a_poll(server: socketserver.BaseServer) -> None:
+def stopped_without_waiting_for_a_poll(
+    server: socketserver.BaseServer, meanwhile: Callable[[], None] = lambda: None
+) -> None:
+    """Serve (doing meanwhile while it serves), stop, and check the stop came at once and
+    closed the listening socket."""
     loop = serve_in_background(server, "under-test", poll_interval=AN_HOUR)
+    meanwhile()
     stopper = threading.Thread(target=stop_serving, args=(server,), daemon=True)
     stopper.start()
     stopper.join(HANG)
@@ -52,15 +58,13 @@ def stopped_without_waiting_for_a_poll(server: socketserver.BaseServer) -> None:
 def test_a_tcp_server_that_served_stops_at_once_and_closes_its_port() -> None:
     server = ThreadingHTTPServer(("127.0.0.1", 0), Hello)
     port = server.server_address[1]
-    loop = serve_in_background(server, "under-test", poll_interval=AN_HOUR)
-    with socket.create_connection(("127.0.0.1", port), timeout=HANG) as c:
-        c.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        assert c.makefile("rb").read().endswith(b"hello")
-    stopper = threading.Thread(target=stop_serving, args=(server,), daemon=True)
-    stopper.start()
-    stopper.join(HANG)
-    assert not stopper.is_alive(), "stop_serving waited for the serve loop's next poll"
-    loop.join(HANG)
+
+    def one_request() -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=HANG) as c:
+            c.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert c.makefile("rb").read().endswith(b"hello")
+
+    stopped_without_waiting_for_a_poll(server, one_request)
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=HANG).close()
 
