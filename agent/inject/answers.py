@@ -52,6 +52,7 @@ CODES: dict[str, int] = {
     "target_refused": REQUEST_REFUSED,
     "method_refused": REQUEST_REFUSED,
     "upgrade_refused": REQUEST_REFUSED,
+    "body_refused": REQUEST_REFUSED,
     "policy_denied": jsonrpc.POLICY_DENIED,
     "body_too_large": jsonrpc.INVALID_REQUEST,
     "encoding_refused": jsonrpc.INVALID_REQUEST,
@@ -68,9 +69,11 @@ FALLBACK_CODE = REQUEST_REFUSED
 
 # Refusals whose body must never be read to learn the ids: the request is refused because
 # what it is cannot be told with confidence (an upgrade's "body" is another protocol; a
-# duplicated routing field or an absolute target names two destinations), and each closes
-# the connection anyway.
-UNREADABLE = frozenset({"framing_refused", "target_refused", "method_refused", "upgrade_refused"})
+# duplicated routing field or an absolute target names two destinations, a GET's body is
+# what the policy never decides), and each closes the connection anyway.
+UNREADABLE = frozenset(
+    {"framing_refused", "target_refused", "method_refused", "upgrade_refused", "body_refused"}
+)
 
 # A JWT (a token, an assertion, an SVID) is never shown, whatever text carried it here.
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")

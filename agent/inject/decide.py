@@ -16,7 +16,8 @@ inject.md, "What the upstream can rely on"):
    duplicated routing field (framing itself, Content-Length / chunked, is the parser's:
    agent/inject/http1.py refuses anything else before a head reaches this module);
 3. a request that will carry credless's credential goes to the configured server only: its
-   method is one MCP uses, its Host the server's authority, its path under the MCP endpoint;
+   method is one MCP uses (a GET or DELETE without a body), its Host the server's authority,
+   its path under the MCP endpoint;
 4. the caller has an identity (else 403, or forwarded bare when inject.unattested says so);
 5. policy: GET and DELETE by the identity's rules for the server, POST by its JSON-RPC body
    (decide_body), each call of a batch, with its arguments and the caller's selectors for
@@ -193,6 +194,18 @@ def decide(
             f"{method.decode('latin-1')} is not a method MCP uses; connection closed",
             close=True,
             allow=ALLOW,
+        )
+    if credentialed and req.bodied and method != b"POST":
+        # policy decides a GET or DELETE by its method alone (MCP's carry no body), so a
+        # body there would reach the server undecided: a server that reads it (as a
+        # JSON-RPC call, whatever the method) would run what the policy never saw
+        return _refuse(
+            400,
+            b"Bad Request",
+            "body_refused",
+            f"a {method.decode()} request with a body: MCP's GET and DELETE carry none, and "
+            "credless decides only a POST by its body; connection closed",
+            close=True,
         )
     if req.upgrade:
         # the parser stops at an upgrade: what follows would be another protocol, which

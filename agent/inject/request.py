@@ -70,14 +70,21 @@ BODY_CHARSET = b"utf-8"
 
 
 class Request:
-    """What the decision needs of a request head."""
+    """What the decision needs of a request head. bodied: the head frames a body (a chunked
+    one, or a Content-Length other than 0)."""
 
-    __slots__ = ("fields", "method", "target", "upgrade")
+    __slots__ = ("bodied", "fields", "method", "target", "upgrade")
 
     def __init__(
-        self, method: bytes, target: bytes, fields: dict[bytes, list[bytes]], upgrade: bool = False
+        self,
+        method: bytes,
+        target: bytes,
+        fields: dict[bytes, list[bytes]],
+        upgrade: bool = False,
+        bodied: bool = False,
     ):
         self.method, self.target, self.upgrade, self.fields = method, target, upgrade, fields
+        self.bodied = bodied
 
     @classmethod
     def from_head(cls, head: Head) -> Request:
@@ -87,12 +94,17 @@ class Request:
                 k = k.lower()
                 if k in DECISION_FIELDS:
                     fields.setdefault(k, []).append(v.strip(b" \t"))
-        return cls(head.method, head.target, fields, head.upgrade)
+        # llhttp took exactly one Content-Length of digits (or refused the request): zeros
+        # alone are 0
+        length = head.get(b"content-length")
+        bodied = head.chunked or (length is not None and length.strip(b" \t").lstrip(b"0") != b"")
+        return cls(head.method, head.target, fields, head.upgrade, bodied)
 
     @classmethod
     def from_read(cls, data: bytes, head_end: int, method: bytes, target: bytes) -> Request | None:
-        """A whole request as read (the lane's; its head ends at head_end), or None when it
-        carries a field the lane cannot carry out (LANE_CANNOT): the full path takes it."""
+        """A whole request as read (the lane's: data is exactly one message, whose head ends
+        at head_end), or None when it carries a field the lane cannot carry out
+        (LANE_CANNOT, chunked framing among them): the full path takes it."""
         fields: dict[bytes, list[bytes]] = {}
         for name, value in _READ_FIELDS.findall(data, 0, head_end + 2):
             name = name.lower()
@@ -102,7 +114,7 @@ class Request:
                 fields[name].append(value.strip(b" \t"))
             else:
                 fields[name] = [value.strip(b" \t")]
-        return cls(method, target, fields)
+        return cls(method, target, fields, bodied=len(data) > head_end + 4)
 
     def get(self, name: bytes) -> bytes | None:
         values = self.fields.get(name)

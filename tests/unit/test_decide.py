@@ -136,7 +136,8 @@ def test_decision(row):
         else None
     )
     if read is not None:
-        assert read.fields == decide.Request.from_head(parsed(head_bytes)).fields
+        head = decide.Request.from_head(parsed(head_bytes))
+        assert (read.fields, read.bodied) == (head.fields, head.bodied)
         assert decide.decide(read, up, caller, settings, policy) == verdict
 
 
@@ -145,6 +146,7 @@ def test_every_refusal_outcome_is_a_distinct_metric_label():
     assert outcomes >= {
         "method_refused",
         "upgrade_refused",
+        "body_refused",
         "target_refused",
         "framing_refused",
         "host_refused",
