@@ -88,7 +88,9 @@ class Verdict:
     credential: bool = False  # add credless's credential (broker: the token, assertion:
     #                                 a client assertion in the token request's form)
     read_body: bool = False  # the body decides (decide_body) before anything goes out
-    strip: bool = False  # remove the workload's Authorization and DPoP first
+    # remove the workload's Authorization and DPoP, and the fields a proxy vouches for
+    # (Request.vouched), first
+    strip: bool = False
     status: int = 0
     reason: bytes = b""
     message: str = ""  # for the workload and the audit
@@ -285,9 +287,15 @@ def decide(
                 f"{req.target.split(b'?', 1)[0][:200].decode('latin-1')!r} is "
                 f"not under the MCP endpoint {up.path.decode()} of {up.name!r}",
             )
-    strip = mode != "passthrough" and (b"authorization" in fields or b"dpop" in fields)
+    credentials = b"authorization" in fields or b"dpop" in fields
+    strip = mode != "passthrough" and (credentials or bool(req.vouched))
     # a phantom server's own placeholder is expected there, and removed like any other
-    if strip and settings.workload_authorization == "reject" and not placeholder:
+    if (
+        strip
+        and credentials
+        and settings.workload_authorization == "reject"
+        and not placeholder
+    ):
         return _refuse(
             400,
             b"Bad Request",

@@ -321,7 +321,7 @@ class Proxy:
             head.remove(b"expect")
             client.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         if verdict.strip:
-            head.remove(b"authorization", b"dpop")
+            head.remove(b"authorization", b"dpop", *req.vouched)
         src: EventSource = client
         asked: answers.Asked | None = None  # what the request is, once its body is read
         if verdict.read_body:

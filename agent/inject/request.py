@@ -47,10 +47,40 @@ LANE_CANNOT = frozenset(
         b"transfer-encoding",
     }
 )
-# made from the two sets, so the lane reads the same fields as Request.from_head
+# Fields by which a proxy tells a server about the client and its request: who it is
+# (RFC 7239 Forwarded, X-Forwarded-For, X-Real-IP, a client certificate or its verdict), how
+# it connected (X-Forwarded-Proto/-Host/-Port), what it first asked (X-Original-URL,
+# X-Rewrite-URL, method overrides). The server's peer is credless, so whatever such a field
+# says reads as credless's word: uvicorn, which serves the MCP Python SDK, believes
+# X-Forwarded-For and -Proto from a loopback peer by default. credless knows none of it to
+# say, so the workload's are removed wherever it removes the workload's credentials.
+VOUCHED_FIELDS = frozenset(
+    {
+        b"forwarded",
+        b"x-real-ip",
+        b"x-client-ip",
+        b"true-client-ip",
+        b"x-rewrite-url",
+        b"x-http-method-override",
+        b"x-http-method",
+        b"x-method-override",
+    }
+)
+VOUCHED_PREFIXES = (b"x-forwarded-", b"x-original-", b"x-ssl-", b"ssl-client-", b"x-client-cert")
+
+
+def vouched(name: bytes) -> bool:
+    """Whether a field (its lower-case name) is one a proxy vouches for (VOUCHED_FIELDS)."""
+    return name in VOUCHED_FIELDS or name.startswith(VOUCHED_PREFIXES)
+
+
+# made from the sets, so the lane reads the same fields as Request.from_head, and finds
+# every vouched field (an exact name, or a prefix and the rest of a field name)
 _READ_FIELDS = re.compile(
     rb"\r\n("
-    + b"|".join(re.escape(n) for n in sorted(DECISION_FIELDS | LANE_CANNOT))
+    + b"|".join(re.escape(n) for n in sorted(DECISION_FIELDS | LANE_CANNOT | VOUCHED_FIELDS))
+    + b"|"
+    + b"|".join(re.escape(p) + rb"[!#-'*+.0-9A-Z^_`a-z|~-]*" for p in VOUCHED_PREFIXES)
     + rb"):([^\r]*)",
     re.IGNORECASE,
 )
@@ -71,9 +101,10 @@ BODY_CHARSET = b"utf-8"
 
 class Request:
     """What the decision needs of a request head. bodied: the head frames a body (a chunked
-    one, or a Content-Length other than 0)."""
+    one, or a Content-Length other than 0); vouched: the lower-case names of its fields a
+    proxy vouches for (VOUCHED_FIELDS)."""
 
-    __slots__ = ("bodied", "fields", "method", "target", "upgrade")
+    __slots__ = ("bodied", "fields", "method", "target", "upgrade", "vouched")
 
     def __init__(
         self,
@@ -82,9 +113,10 @@ class Request:
         fields: dict[bytes, list[bytes]],
         upgrade: bool = False,
         bodied: bool = False,
+        vouched: tuple[bytes, ...] = (),
     ):
         self.method, self.target, self.upgrade, self.fields = method, target, upgrade, fields
-        self.bodied = bodied
+        self.bodied, self.vouched = bodied, vouched
 
     @classmethod
     def from_head(cls, head: Head) -> Request:
@@ -98,17 +130,19 @@ class Request:
         # alone are 0
         length = head.get(b"content-length")
         bodied = head.chunked or (length is not None and length.strip(b" \t").lstrip(b"0") != b"")
-        return cls(head.method, head.target, fields, head.upgrade, bodied)
+        said = tuple(sorted(n for n in head.names if vouched(n)))
+        return cls(head.method, head.target, fields, head.upgrade, bodied, said)
 
     @classmethod
     def from_read(cls, data: bytes, head_end: int, method: bytes, target: bytes) -> Request | None:
         """A whole request as read (the lane's: data is exactly one message, whose head ends
         at head_end), or None when it carries a field the lane cannot carry out
-        (LANE_CANNOT, chunked framing among them): the full path takes it."""
+        (LANE_CANNOT, chunked framing among them) or one a proxy vouches for (removed
+        there): the full path takes it."""
         fields: dict[bytes, list[bytes]] = {}
         for name, value in _READ_FIELDS.findall(data, 0, head_end + 2):
             name = name.lower()
-            if name in LANE_CANNOT:
+            if name in LANE_CANNOT or vouched(name):
                 return None
             if name in fields:
                 fields[name].append(value.strip(b" \t"))

@@ -141,6 +141,48 @@ def test_decision(row):
         assert decide.decide(read, up, caller, settings, policy) == verdict
 
 
+@pytest.mark.parametrize(
+    "field",
+    [
+        b"Forwarded: for=203.0.113.9",
+        b"x-forwarded-for: 203.0.113.9",
+        b"X-Forwarded-Client-Cert: URI=spiffe://example.org/admin",
+        b"X-Real-IP: 203.0.113.9",
+        b"True-Client-IP: 203.0.113.9",
+        b"X-Original-URL: /admin",
+        b"X-Rewrite-URL: /admin",
+        b"X-HTTP-Method-Override: DELETE",
+        b"X-SSL-Client-Verify: SUCCESS",
+        b"SSL-Client-Cert: -",
+        b"X-Client-Cert: -",
+    ],
+)
+def test_a_field_a_proxy_vouches_for_is_removed_whichever_executor_reads_it(field):
+    """The lane relays a head as read, so it must leave such a request to the full path,
+    which names the field for removal (Request.vouched) and strips it."""
+    data = b"GET /mcp HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n" + field + b"\r\n\r\n"
+    whole = http1.WholeMessage()
+    assert whole.one(data)
+    assert decide.Request.from_read(data, whole.head_end, whole.method, whole.url) is None
+    req = decide.Request.from_head(parsed(data))
+    assert req.vouched == (field.split(b":")[0].lower(),)
+    verdict = decide.decide(
+        req, SERVERS["broker"], CALLERS["attested"], InjectSection(unattested="deny"), None
+    )
+    assert (verdict.action, verdict.strip) == (decide.FORWARD, True)
+
+
+def test_fields_only_named_like_vouched_ones_stay():
+    data = (
+        b"GET /mcp HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nX-Forwarded: a\r\nForwarded-For: b\r\n\r\n"
+    )
+    whole = http1.WholeMessage()
+    assert whole.one(data)
+    read = decide.Request.from_read(data, whole.head_end, whole.method, whole.url)
+    assert read is not None and read.vouched == ()
+    assert decide.Request.from_head(parsed(data)).vouched == ()
+
+
 def test_every_refusal_outcome_is_a_distinct_metric_label():
     outcomes = {expected(r["expect"]).get("outcome") for r in ROWS} - {None}
     assert outcomes >= {

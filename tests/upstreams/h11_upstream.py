@@ -70,6 +70,10 @@ def build(log_path: str, issuer: str, resource: str):
         record = {
             "kind": "request" if scope["type"] == "http" else scope["type"],
             "conn": scope["client"][1] if scope.get("client") else None,
+            # who uvicorn says the client is, and over what: with its default proxy_headers
+            # it believes X-Forwarded-For/-Proto from a loopback peer, i.e. from credless
+            "client": scope["client"][0] if scope.get("client") else None,
+            "scheme": scope.get("scheme"),
             "method": scope.get("method", "GET"),
             "target": target.decode("latin-1"),
             "version": scope.get("http_version"),

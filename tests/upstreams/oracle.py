@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -143,6 +144,17 @@ def _jwt_claims(token: str) -> dict:
         return {}
 
 
+# What servers and frameworks read as a proxy's statement about the client and its request
+# (RFC 7239 Forwarded, the X-Forwarded-* family, client-address and client-certificate
+# fields, original-URL and method-override fields): written here independently of the
+# agent's own list, so that a name the agent misses is caught.
+PROXY_SAYS = re.compile(
+    r"forwarded|x-forwarded-[a-z0-9-]+|x-real-ip|x-client-ip|true-client-ip"
+    r"|x-original-[a-z0-9-]+|x-rewrite-url|x-http-method-override|x-http-method"
+    r"|x-method-override|x-ssl-[a-z0-9-]+|ssl-client-[a-z0-9-]+|x-client-cert[a-z0-9-]*"
+)
+
+
 def violations(obs: Observation) -> list[str]:
     """The trust boundary's invariants (../shared/DESIGN.md), whatever the status was:
     (b) the upstream parsed exactly the requests the audit shows as request.injected, and no
@@ -151,7 +163,11 @@ def violations(obs: Observation) -> list[str]:
         credless's proof (none for a Bearer server);
     (d) each is addressed to the configured authority and the MCP path;
     (e) none carries a call the policy denies (a tools/call of secret_tool), in its body, a
-        routing header, or a trailer."""
+        routing header, or a trailer;
+    (g) none carries a field by which a proxy tells a server who the client is, how it
+        connected or what it first asked (the server's peer is credless: such a field would
+        read as credless's word), and the server's own view of the client is credless's
+        loopback connection over plain HTTP."""
     up, out = obs.upstream, []
     for name in obs.records:
         if name != up.name and obs.parsed(name):
@@ -227,4 +243,12 @@ def violations(obs: Observation) -> list[str]:
             out.append(f"(e) {what}: routing header names secret_tool: {routed}")
         if r.get("trailers"):
             out.append(f"(e) {what}: trailer fields reached the upstream: {r['trailers']}")
+        vouched = [k for k, _ in r["headers"] if PROXY_SAYS.fullmatch(k.lower())]
+        if vouched:
+            out.append(f"(g) {what}: fields a proxy vouches for reached the upstream: {vouched}")
+        if r.get("client") not in (None, "127.0.0.1", "::1") or r.get("scheme") not in (
+            None,
+            "http",
+        ):
+            out.append(f"(g) {what}: the server took the client for {r['client']} ({r['scheme']})")
     return out
