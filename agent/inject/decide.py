@@ -290,12 +290,7 @@ def decide(
     credentials = b"authorization" in fields or b"dpop" in fields
     strip = mode != "passthrough" and (credentials or bool(req.vouched))
     # a phantom server's own placeholder is expected there, and removed like any other
-    if (
-        strip
-        and credentials
-        and settings.workload_authorization == "reject"
-        and not placeholder
-    ):
+    if strip and credentials and settings.workload_authorization == "reject" and not placeholder:
         return _refuse(
             400,
             b"Bad Request",

@@ -49,7 +49,8 @@ from agent.observe.logging import AuditLog, get_logger
 
 log = get_logger("phantom_files")
 
-OUTCOMES = ("written", "refreshed", "denied", "refused", "failed")  # written: on an exec
+# written: on an exec; shared: another identity's processes hold the directory there
+OUTCOMES = ("written", "refreshed", "denied", "refused", "shared", "failed")
 RETRY_SECONDS = 30.0  # a write that failed (not refused) is tried again this much later
 SWEEP_SECONDS = 60.0  # how often processes whose exit event was missed are looked for
 _EV_EXEC, _EV_EXIT = 1, 3
@@ -126,7 +127,8 @@ class PhantomFiles:
             "Placeholder files by server and outcome (written on an exec; refreshed at half-life "
             "while a process lives; "
             "denied: the policy refuses the server; refused: a symlink or directory was "
-            "planted on the path, nothing written; failed: any other error)",
+            "planted on the path, nothing written; shared: another identity's processes "
+            "hold the directory in that filesystem, nothing written; failed: any other error)",
             ["server", "outcome"],
             registry=registry,
         )
@@ -195,20 +197,41 @@ class PhantomFiles:
         now = self.clock()
         with self._lock:
             self._drop(pid)
-            target = self._targets.setdefault(key, _Target(sid, ident.entry.phantom_dir))
-            target.procs[pid] = _Proc(attestation.exec_ns, pidfd, attestation)
-            self._by_pid[pid] = key
-            for server in servers:
-                half = self._half.get((key, server), -math.inf)
-                if now >= half:
-                    target.due[server] = now
-                    target.timed.discard(server)
-                elif server not in target.due:  # a new target, with a file still fresh
-                    target.due[server] = half
-                    target.timed.add(server)
+            # one directory in one filesystem is one identity's while its processes live:
+            # another's files would overwrite the holder's placeholders under its process
+            holder = next((k[0] for k in self._targets if k[2:] == key[2:] and k[0] != sid), None)
+            if holder is None:
+                target = self._targets.setdefault(key, _Target(sid, ident.entry.phantom_dir))
+                target.procs[pid] = _Proc(attestation.exec_ns, pidfd, attestation)
+                self._by_pid[pid] = key
+                for server in servers:
+                    half = self._half.get((key, server), -math.inf)
+                    if now >= half:
+                        target.due[server] = now
+                        target.timed.discard(server)
+                    elif server not in target.due:  # a new target, with a file still fresh
+                        target.due[server] = half
+                        target.timed.add(server)
+        if holder is not None:
+            os.close(pidfd)
+            self._shared(ident, attestation, servers, holder)
+            return
         if _exited(pidfd):  # its exit event came before this enrichment did
             self._ended(pid, pidfd)
         self._wake.set()
+
+    def _shared(self, ident: Identity, att: Any, servers: list[str], holder: str) -> None:
+        """Nothing written for a process whose directory another identity holds."""
+        directory = ident.entry.phantom_dir
+        reason = (
+            f"{directory} holds the placeholders of {holder}'s processes in this filesystem; "
+            f"give entry {ident.entry.id!r} a phantom_dir of its own"
+        )
+        who = {"spiffe_id": str(ident.spiffe_id), "pid": att.tgid, "exe": att.exe}
+        log.warning("placeholder file refused: nothing written", reason=reason, **who)
+        for server in servers:
+            self.m_files.labels(server, "shared").inc()
+            self._emit("phantom.file_refused", reason=reason, server=server, **who)
 
     def _view(self, pid: int, pidfd: int) -> tuple[int, int, int]:
         """The process's filesystem view: its mount namespace and root directory."""

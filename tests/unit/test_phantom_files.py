@@ -8,6 +8,7 @@ Real files, real /proc, real pidfds, real JWT-SVIDs; the clock is injected."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 import subprocess
@@ -413,6 +414,57 @@ def test_a_missed_exit_event_is_found_by_the_sweep(tmp_path):
     w.clock.now += SWEEP_SECONDS
     w.files.run_due()
     assert w.files.next_due() == float("inf") and len(w.ids.issued) == 1
+
+
+OTHER = "spiffe://example.org/other"
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class TwoIdentities(Identities):
+    """Two entries naming one phantom_dir: a:b:c is BOT's, d:e:f OTHER's."""
+
+    def __init__(self, phantom_dir: str | None) -> None:
+        super().__init__(phantom_dir)
+        self.other = Entry(
+            id="other", spiffe_id=OTHER, selectors=frozenset({"d:e:f"}), phantom_dir=phantom_dir
+        )
+
+    def resolve(self, attestation, quiet: bool = False):
+        if "d:e:f" in attestation.selectors:
+            return Identity(SpiffeId.parse(OTHER), self.other)
+        return super().resolve(attestation, quiet)
+
+
+def test_a_directory_another_identity_holds_in_this_filesystem_is_not_written(tmp_path):
+    """Two identities whose entries name one phantom_dir, with processes in one filesystem:
+    the second would overwrite the first's placeholder (and its process then present the
+    second's, as misuse). It is refused while the first's processes live, and after."""
+    w = make(tmp_path, servers=("weather",))
+    w.ids = w.files.identity = TwoIdentities(w.dir)
+    w.files.attested(EXEC, process())
+    assert w.files.run_due() == 1
+    path = tmp_path / "phantom" / "weather"
+    holders = digest(path.read_bytes())  # placeholders compared, never shown in a failure
+    child = subprocess.Popen(["sleep", "1000"])
+    try:
+        w.files.attested(EXEC, process(pid=child.pid, selectors=("d:e:f",)))
+        w.files.run_due()
+        assert digest(path.read_bytes()) == holders
+        assert len(w.ids.issued) == 1 and count(w, "weather", "shared") == 1
+        [refused] = w.audit.named("phantom.file_refused")
+        assert refused["spiffe_id"] == OTHER and refused["pid"] == child.pid
+        assert BOT in refused["reason"] and w.dir in refused["reason"]
+        w.files.process_event(exit_event(os.getpid()))  # the holder's last process ends
+        w.files.attested(EXEC, process(pid=child.pid, selectors=("d:e:f",), exec_ns=2))
+        assert w.files.run_due() == 1
+        assert str(w.ids.issued[-1].spiffe_id) == OTHER
+        assert digest(path.read_bytes()) == digest(w.ids.issued[-1].token.encode())
+    finally:
+        child.kill()
+        child.wait()
 
 
 # The agent without CAP_CHOWN (the shipped systemd unit's capabilities, docs/phantom.md): a
