@@ -1,4 +1,5 @@
-"""The few bpf(2) commands BCC 0.26 does not expose: BPF links.
+"""The few bpf(2) commands BCC 0.26 does not expose: BPF links; and counter arrays read
+from mapped memory (MappedCounters).
 
 Why links: BCC attaches cgroup programs with BPF_PROG_ATTACH, an attachment that outlives
 the process that made it. A crashed agent would leave its redirect attached with nobody
@@ -10,6 +11,7 @@ restarts that must not interrupt traffic.)
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import platform
 
@@ -80,3 +82,31 @@ def map_sizes(map_fd: int) -> tuple[int, int]:
     attr.w[2], attr.w[3] = _address_words(ctypes.addressof(info))
     _bpf(BPF_OBJ_GET_INFO_BY_FD, attr)
     return info[2], info[3]
+
+
+class MappedCounters:
+    """A BPF_F_MMAPABLE array of u64 counters, read from the agent's memory without a
+    syscall: the proxy asks one per request "has anything changed for this key since I last
+    looked?" (bpf/process_events.c image_changes, bpf/redirect.c sender_changes). A key uses
+    slot key % slots; keys that share a slot only cost their readers a syscall each."""
+
+    def __init__(self, map_fd: int, slots: int):
+        self.slots = slots
+        self._map = mmap.mmap(map_fd, slots * 8, mmap.MAP_SHARED, mmap.PROT_READ)
+        self._view: memoryview | None = memoryview(self._map).cast("Q")  # u64 slots
+
+    def read(self, key: int) -> int | None:
+        """The counter of key's slot; None once closed."""
+        view = self._view
+        if view is None:
+            return None
+        try:
+            return view[key % self.slots]
+        except ValueError:  # released by close() on another thread
+            return None
+
+    def close(self) -> None:
+        view, self._view = self._view, None
+        if view is not None:
+            view.release()
+        self._map.close()

@@ -83,6 +83,14 @@ BPF_TABLE_PINNED("lru_hash", struct local_endpoint, u64, local_to_cookie, MAX_CO
 // Maintained by bpf/process_events.c; shared through its pin.
 BPF_TABLE_PINNED("lru_hash", u32, struct process_image, process_images, 65536,
                  PIN_DIR "/process_images");
+// Sender changes, for the proxy's per-request "is this still the process that connected
+// writing?" check (agent/inject/proxy.py): slot cookie % SENDER_CHANGE_SLOTS is incremented
+// each time a connection's `sender` gains a bit, and mapped into the agent's memory, so a
+// request costs one load unless its slot moved (then the proxy reads the record itself).
+#ifndef SENDER_CHANGE_SLOTS
+#define SENDER_CHANGE_SLOTS 65536
+#endif
+BPF_F_TABLE("array", u32, u64, sender_changes, SENDER_CHANGE_SLOTS, BPF_F_MMAPABLE);
 // 0: redirected v4, 1: redirected v6, 2: skipped cgroup, 3: refused (cgroup still PENDING)
 BPF_ARRAY(redirect_counts, u64, 4);
 // take()'s answer for a connect to refuse (no port is this: ports are 16 bits)
@@ -333,4 +341,64 @@ int credless_sockops(struct bpf_sock_ops *skops)
         return 1;
     }
     return 1;
+}
+
+// Who writes on a redirected connection.
+//
+// The proxy serves a connection as the process image that connected (take() recorded its
+// tgid, uid and cgroup), and checks per request that this tgid still runs that image. That
+// check cannot see *who sent* the bytes: a child that inherited the socket, or a process
+// handed it over SCM_RIGHTS, writes while the connecting process still runs, and would be
+// served as it. So every write on a recorded socket is compared with the record, here, in
+// the writer's own context, and any difference is kept on the record for the proxy.
+//
+// Why tcp_sendmsg_locked, as a raw tracepoint: every path that queues data on a TCP socket
+// from a task (write, send*, writev, sendfile and splice since 6.5, io_uring, whose workers
+// are threads of the submitting process) goes through tcp_sendmsg_locked, and the tracepoint
+// fires inside its copy loop *before* the data is queued, so the mark is made before the
+// proxy can read the bytes it marks. (fentry and kprobes are not available on every host
+// credless runs on; raw tracepoints are. The classic tracepoint's record has no socket.)
+// The socket's cookie is read at its BTF offset (SK_COOKIE_OFF, agent/attest/btf.py): it
+// was assigned when the connect hook asked for it, and an unrecorded socket's lookup misses.
+// Kernel threads (kTLS's transmit worker) write for the process that owns the data: not a
+// sender of their own.
+#ifndef SK_COOKIE_OFF
+#error "SK_COOKIE_OFF (struct sock's cookie offset, from BTF) must be defined"
+#endif
+#ifndef TASK_FLAGS_OFF
+#error "TASK_FLAGS_OFF (task_struct.flags offset, from BTF) must be defined"
+#endif
+#define PF_KTHREAD 0x00200000
+
+RAW_TRACEPOINT_PROBE(tcp_sendmsg_locked)
+{
+    void *sk = (void *)ctx->args[0];
+    u64 cookie = 0;
+    bpf_probe_read_kernel(&cookie, sizeof(cookie), sk + SK_COOKIE_OFF);
+    if (!cookie)
+        return 0;  // never asked for: not a socket the connect hooks recorded
+    struct redirect_info *info = redirected.lookup(&cookie);
+    if (!info)
+        return 0;
+    u32 flags = 0;
+    bpf_probe_read_kernel(&flags, sizeof(flags), (void *)bpf_get_current_task() + TASK_FLAGS_OFF);
+    if (flags & PF_KTHREAD)
+        return 0;
+    u32 seen = 0;
+    if ((u32)(bpf_get_current_pid_tgid() >> 32) != info->tgid)
+        seen |= CREDLESS_SENDER_PROCESS;
+    if ((u32)bpf_get_current_uid_gid() != info->uid)
+        seen |= CREDLESS_SENDER_UID;
+    if (bpf_get_current_cgroup_id() != info->cgroup_id)
+        seen |= CREDLESS_SENDER_CGROUP;
+    if (seen & ~info->sender) {
+        // not atomic (BCC 0.26 emits no 32-bit atomic or): two writers at once may lose
+        // one's bits, never both, and any bit closes the connection
+        info->sender |= seen;
+        u32 slot = cookie % SENDER_CHANGE_SLOTS;
+        u64 *n = sender_changes.lookup(&slot);
+        if (n)
+            __sync_fetch_and_add(n, 1);  // after the bits: a reader that sees it sees them
+    }
+    return 0;
 }

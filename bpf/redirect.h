@@ -28,6 +28,13 @@ struct redirect_config {
     u64 excluded_cgroup;      // the agent's own cgroup: its connects are never redirected
 };
 
+// redirect_info.sender: a write on the connection by a task that is not the one that
+// connected (bpf/redirect.c, tcp_sendmsg_locked). Sticky: set bits are never cleared. The
+// field took the place of a pad word, so the pinned map's layout is unchanged.
+#define CREDLESS_SENDER_PROCESS 1  // another process (tgid)
+#define CREDLESS_SENDER_UID 2      // another uid (the same process after setuid, say)
+#define CREDLESS_SENDER_CGROUP 4   // another cgroup (the process moved since it connected)
+
 // What the proxy needs to know about a redirected connection, keyed by socket cookie.
 struct redirect_info {
     u32 orig_addr[4];
@@ -36,7 +43,7 @@ struct redirect_info {
     u32 tgid;
     u32 pid;
     u32 uid;
-    u32 pad;
+    u32 sender;               // CREDLESS_SENDER_* bits: who else has written on the socket
     u64 cgroup_id;            // of the connecting *task*, not of the socket
     u64 start_ns;             // the process image that connected (from process_images)
     u64 exec_ns;

@@ -14,6 +14,7 @@ randomize_layout. It is written by hand because no maintained Python library par
 
 from __future__ import annotations
 
+import functools
 import struct
 from pathlib import Path
 from typing import NamedTuple
@@ -158,16 +159,37 @@ class BTF:
             raise BTFError(f"struct {struct_name} has no field {field} in kernel BTF")
         return found[0]
 
+    def path_offset(self, struct_name: str, *fields: str) -> int:
+        """The offset of fields[-1], reached through the members before it (each a struct or
+        union member of the one before), from the start of struct_name."""
+        tid, total = self.struct_id(struct_name), 0
+        for i, field in enumerate(fields):
+            found = self._find(tid, field)
+            if found is None:
+                where = ".".join((struct_name, *fields[:i]))
+                raise BTFError(f"{where} has no field {field} in kernel BTF")
+            total += found[0]
+            tid = found[1]
+        return total
 
-# The task_struct fields bpf/process_events.c reads, and the macro each becomes.
-TASK_FIELDS = {
-    "pid": "TASK_PID_OFF",
-    "tgid": "TASK_TGID_OFF",
-    "real_parent": "TASK_REAL_PARENT_OFF",
-    "start_boottime": "TASK_START_BOOTTIME_OFF",
+
+# Every field a kernel program reads at a BTF offset: (struct, member, member of that...)
+# and the macro the offset becomes. All go to every program (a macro nobody uses is free);
+# one parse of the kernel's BTF per agent (about a quarter second of CPU), however many
+# programs ask.
+FIELDS = {
+    ("task_struct", "pid"): "TASK_PID_OFF",  # bpf/process_events.c
+    ("task_struct", "tgid"): "TASK_TGID_OFF",
+    ("task_struct", "real_parent"): "TASK_REAL_PARENT_OFF",
+    ("task_struct", "start_boottime"): "TASK_START_BOOTTIME_OFF",
+    ("task_struct", "flags"): "TASK_FLAGS_OFF",  # bpf/redirect.c: who writes on a socket
+    ("sock", "__sk_common", "skc_cookie"): "SK_COOKIE_OFF",
 }
+TASK_FIELDS = {path[1]: macro for path, macro in FIELDS.items() if path[0] == "task_struct"}
 
 
-def task_offset_cflags(btf: BTF | None = None) -> list[str]:
-    btf = btf or BTF.from_file()
-    return [f"-D{macro}={btf.offset_of('task_struct', f)}" for f, macro in TASK_FIELDS.items()]
+@functools.cache
+def offset_cflags() -> tuple[str, ...]:
+    """-D<macro>=<offset> for every FIELDS entry, from the running kernel's BTF."""
+    btf = BTF.from_file()
+    return tuple(f"-D{macro}={btf.path_offset(*path)}" for path, macro in FIELDS.items())

@@ -10,14 +10,13 @@ changes per tgid slot (`image_changes`) so that asking again is usually not a sy
 from __future__ import annotations
 
 import ctypes as ct
-import mmap
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from agent import bpfsys
-from agent.attest.btf import task_offset_cflags
+from agent.attest.btf import offset_cflags
 from agent.attest.table import ProcessEvent
 from agent.bpfload import compile_program
 from agent.observe.logging import get_logger
@@ -39,7 +38,7 @@ def _has_group_dead() -> bool:
 
 def compile_flags(ring_pages: int, pin_dir: str | None) -> list[str]:
     """The -D flags bpf/process_events.c is compiled with on the running kernel."""
-    flags = [*task_offset_cflags(), f"-DRINGBUF_PAGES={ring_pages}"]
+    flags = [*offset_cflags(), f"-DRINGBUF_PAGES={ring_pages}"]
     if _has_group_dead():
         flags.append("-DHAVE_GROUP_DEAD")
     if pin_dir:
@@ -73,8 +72,7 @@ class ProcessEventSource:
         self._bpf: Any = None  # BCC's BPF once started
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-        self._change_map: mmap.mmap | None = None
-        self._change_slots: memoryview | None = None
+        self._changes: bpfsys.MappedCounters | None = None
         self.callback_errors = 0
 
     def start(self) -> None:
@@ -131,39 +129,26 @@ class ProcessEventSource:
 
     def _map_image_changes(self, bpf: Any) -> None:
         try:
-            fd = bpf[b"image_changes"].map_fd
-            self._change_map = mmap.mmap(
-                fd, IMAGE_CHANGE_SLOTS * 8, mmap.MAP_SHARED, mmap.PROT_READ
-            )
+            self._changes = bpfsys.MappedCounters(bpf[b"image_changes"].map_fd, IMAGE_CHANGE_SLOTS)
         except (OSError, KeyError) as e:  # no BPF_F_MMAPABLE (before 5.5): syscalls only
             log.warning(
                 "image change counters not mapped; every image check is a bpf(2) call", error=str(e)
             )
-            return
-        self._change_slots = memoryview(self._change_map).cast("Q")  # u64 slots
 
     def image_changes(self, tgid: int) -> int | None:
         """How many times tgid's slot has changed (exec or exit of a tgid in it), read from
         kernel memory without a syscall; None when the counters are not mapped. Read it
         *before* kernel_image(): while it stays the same, that answer stays true."""
-        slots = self._change_slots
-        if slots is None:
-            return None
-        try:
-            return slots[tgid % IMAGE_CHANGE_SLOTS]
-        except ValueError:  # released by stop() on another thread
-            return None
+        changes = self._changes
+        return changes.read(tgid) if changes is not None else None
 
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
-        if self._change_slots is not None:
-            self._change_slots.release()
-            self._change_slots = None
-        if self._change_map is not None:
-            self._change_map.close()
-            self._change_map = None
+        if self._changes is not None:
+            self._changes.close()
+            self._changes = None
         if self._bpf is not None:
             self._bpf.cleanup()  # detaches the tracepoints and closes the maps
             self._bpf = None

@@ -91,6 +91,7 @@ class ClientSide(asyncio.Protocol):
         # the process image's change count when the proxy last found it current (None: ask
         # the kernel on the next request; see Proxy.image_current)
         self.image_mark: int | None = None
+        self.sender_mark: int | None = None  # ... and of the sender check (proxy.py)
 
     # --- asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

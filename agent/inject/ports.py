@@ -31,6 +31,10 @@ class RedirectRecords(Protocol):
 
     def forget(self, peer: SockAddr, local: SockAddr, info: RedirectInfo) -> None: ...
 
+    def sender_changes(self, cookie: int) -> int | None: ...
+
+    def sender(self, cookie: int) -> int | None: ...
+
 
 class ImageSource(Protocol):
     """The kernel's view of process images (agent.attest.events.ProcessEventSource)."""

@@ -41,7 +41,7 @@ from agent.inject.lane import FastLane
 from agent.inject.phantom import PhantomVerifier
 from agent.inject.ports import Attestations, Identities, Policy, RedirectRecords, Tokens
 from agent.inject.record import AuditBase, Recorder
-from agent.inject.redirect import RedirectInfo
+from agent.inject.redirect import SENDERS, RedirectInfo
 from agent.inject.refusals import malformed, refuse, slow_request, token_failed
 from agent.inject.request import Request
 from agent.inject.served import Served
@@ -243,13 +243,40 @@ class Proxy:
         client.image_mark = mark if current else None
         return current
 
+    def other_sender(self, info: RedirectInfo, client: ClientSide) -> str:
+        """What else than the process that connected has written on the connection ("": only
+        it). The kernel marks the record at each write (bpf/redirect.c); the record is read
+        (a bpf(2) lookup) only when the connection's change counter, read first and from
+        mapped memory, has moved since the last clean answer. A record gone is not clean."""
+        redirect = self.redirect
+        mark = redirect.sender_changes(info.cookie)
+        if mark is not None and mark == client.sender_mark:
+            return ""
+        bits = redirect.sender(info.cookie)
+        if bits == 0:
+            client.sender_mark = mark
+            return ""
+        if bits is None:
+            return "a task credless cannot name (the connection's kernel record is gone)"
+        return " and ".join(name for bit, name in SENDERS if bits & bit)
+
     def caller(self, served: Served) -> Caller:
         """Who asks on this connection, as of now: the decision's first input. The image is
         checked on every request (a process that exec'd or exited is not served with the old
-        identity); the identity again whenever the registration entries have changed since
-        it was resolved (an entry removed or changed revokes it on live connections too)."""
+        identity), and who wrote it (a child or another process writing on a connection it
+        was handed is not served as the process that connected); the identity again
+        whenever the registration entries have changed since it was resolved (an entry
+        removed or changed revokes it on live connections too)."""
         if not self.image_current(served.info, served.client):
             return Caller(False, served.caller.spiffe_id)
+        other = self.other_sender(served.info, served.client)
+        if other:
+            return Caller(
+                False,
+                served.caller.spiffe_id,
+                changed=f"{other} wrote on this connection, which pid {served.info.tgid} "
+                "made: only the process that connected is served as itself; connection closed",
+            )
         generation = self.identity.generation
         if generation != served.generation:
             att = self.attestor.attest_image(served.info.tgid, served.info.exec_ns, timeout=0)

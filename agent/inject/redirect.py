@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry
 
 from agent import bpfsys
+from agent.attest.btf import offset_cflags
 from agent.attest.cgroupfs import process_cgroup
 from agent.bpfload import compile_program
 from agent.config import InjectSection
@@ -42,6 +43,9 @@ if TYPE_CHECKING:
 
 log = get_logger("inject.redirect")
 
+SENDER_CHANGE_SLOTS = 65536  # bpf/redirect.c's default
+# bpf/redirect.h CREDLESS_SENDER_*: who else wrote on a connection, as the audit names it
+SENDERS = ((1, "another process"), (2, "another uid"), (4, "another cgroup"))
 _MAPS = ("redirect_targets", "redirect_config", "managed_cgroups", "redirected", "local_to_cookie")
 # pinned link per program: what keeps the redirect attached while no agent runs
 _LINKS = {
@@ -156,6 +160,7 @@ class Redirector:
         self.took_over = False  # found a pinned redirect of an earlier agent and kept it
         self._stale_targets: list[bytes] = []
         self._bpf: BPF | None = None
+        self._senders: bpfsys.MappedCounters | None = None
         self._links: list[int] = []
         self._root_fd = -1
         self.targets: set[Target] = set()
@@ -182,7 +187,7 @@ class Redirector:
                 "must start before the redirect"
             )
         try:  # the maps an earlier agent pinned are reused (its links use them)
-            self._bpf = compile_program("redirect", [f'-DPIN_DIR="{self.pin_dir}"'])
+            self._bpf = compile_program("redirect", self._flags())
             stale = self._layout_mismatch()
         except Exception as e:  # noqa: BLE001 — BCC raises bare Exception
             stale = str(e)
@@ -192,7 +197,10 @@ class Redirector:
                 self._bpf.cleanup()
             for m in _MAPS:
                 (self.pin_dir / m).unlink(missing_ok=True)
-            self._bpf = compile_program("redirect", [f'-DPIN_DIR="{self.pin_dir}"'])
+            self._bpf = compile_program("redirect", self._flags())
+        self._senders = bpfsys.MappedCounters(
+            self._program[b"sender_changes"].map_fd, SENDER_CHANGE_SLOTS
+        )
         self._stale_targets = [bytes(k) for k in self._program[b"redirect_targets"]]
         progs = _programs()
         self._configure()
@@ -223,6 +231,9 @@ class Redirector:
             listen=f"{self.cfg.listen_host}:{self.cfg.listen_port}",
             managed=self.cfg.managed_cgroups or "all but the agent's cgroup",
         )
+
+    def _flags(self) -> list[str]:
+        return [f'-DPIN_DIR="{self.pin_dir}"', *offset_cflags()]
 
     def _layout_mismatch(self) -> str | None:
         """BCC reuses a pinned map whatever its key and value sizes. A map pinned by an
@@ -302,8 +313,11 @@ class Redirector:
         if self._root_fd >= 0:
             os.close(self._root_fd)
             self._root_fd = -1
+        if self._senders is not None:
+            self._senders.close()
+            self._senders = None
         if self._bpf is not None:
-            self._bpf.cleanup()
+            self._bpf.cleanup()  # detaches the sender tracepoint too
             self._bpf = None
         if detach:
             for m in _MAPS:
@@ -390,6 +404,21 @@ class Redirector:
             cookie,
             info.netns,
         )
+
+    def sender_changes(self, cookie: int) -> int | None:
+        """The change counter of the connection's slot (bpf/redirect.c sender_changes), from
+        mapped memory; read it *before* sender(): while it stays the same, no write by
+        another task can have been marked since."""
+        senders = self._senders
+        return senders.read(cookie) if senders is not None else None
+
+    def sender(self, cookie: int) -> int | None:
+        """Who else has written on the connection: CREDLESS_SENDER_* bits (0: only the task
+        that connected); None when its record is gone."""
+        try:
+            return int(self._program[b"redirected"][ct.c_uint64(cookie)].sender)
+        except KeyError:
+            return None
 
     def forget(self, peer: tuple, local: tuple, info: RedirectInfo) -> None:
         """Delete a served connection's records (the kernel does too when the client's socket

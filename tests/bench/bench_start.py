@@ -29,7 +29,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from agent.attest.btf import task_offset_cflags
+from agent.attest.btf import offset_cflags
 from agent.attest.events import compile_flags
 from agent.bpfload import compile_program
 from agent.inject.cgroup_watch import tracepoint_offsets
@@ -87,12 +87,12 @@ def programs(runs: int) -> None:
         watch = [pinned, "-DWATCH_LEVELS=2ULL", *tracepoint_offsets()]
         for name, flags in (
             ("process_events", events),
-            ("redirect", [pinned]),
+            ("redirect", [pinned, *offset_cflags()]),
             ("cgroup_watch", watch),
         ):
             spent = median_cpu(compile_and_drop(name, flags), runs)
             print(f"start-bench: program={name} compile_cpu_s={spent:.2f} (bcc floor {floor:.2f})")
-    print(f"start-bench: btf_offsets_cpu_s={median_cpu(task_offset_cflags, runs):.2f}")
+    print(f"start-bench: btf_offsets_cpu_s={median_cpu(offset_cflags.__wrapped__, runs):.2f}")
 
 
 def agent_starts(runs: int) -> None:

@@ -373,8 +373,10 @@ def test_an_interim_response_is_relayed_and_the_answer_follows(agent):
 
 
 # One answered request, then the connection changes hands: the process that opened it
-# exec's another image ("exec") or exits leaving it to a child ("fork"); the next request
-# on it must not be served as the process that connected.
+# exec's another image ("exec") or exits leaving it to a child ("fork"); or, while it still
+# runs the same image, a child it forked writes the next request ("child"), or it writes it
+# itself after setuid ("setuid") or after moving to another cgroup ("cgroup"). The next
+# request on it must not be served as the process that connected.
 CHANGE_CLIENT = r"""
 import json, os, select, socket, sys
 port, how = int(sys.argv[1]), sys.argv[2]
@@ -399,6 +401,21 @@ if how == "exec":
     os.set_inheritable(s.fileno(), True)
     os.execv(sys.executable, [sys.executable, "-c", sys.argv[3], str(port), "second",
                               str(s.fileno()), first])
+if how in ("setuid", "cgroup"):
+    if how == "setuid":
+        os.setuid(65534)
+    else:
+        with open(os.path.join(sys.argv[3], "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
+    print(json.dumps({"first": first, "second": ask(s), "pid": os.getpid()}), flush=True)
+    sys.exit(0)
+if how == "child":               # the process that connected runs on, waiting for it
+    child = os.fork()
+    if child == 0:
+        print(json.dumps({"first": first, "second": ask(s), "pid": os.getpid()}), flush=True)
+        os._exit(0)
+    os.waitpid(child, 0)
+    os._exit(0)
 parent = os.pidfd_open(os.getpid())
 if os.fork() == 0:
     select.select([parent], [], [])   # readable once the process that connected has exited
@@ -408,15 +425,26 @@ os._exit(0)
 """
 
 
-@pytest.mark.parametrize("how", ["exec", "fork"])
+CHANGED_HANDS = {
+    "exec": "exec'd or exited",
+    "fork": "exec'd or exited",
+    "child": "another process wrote on this connection",
+    "setuid": "another uid wrote on this connection",
+    "cgroup": "another cgroup wrote on this connection",
+}
+
+
+@pytest.mark.parametrize("how", list(CHANGED_HANDS))
 def test_a_connection_that_changed_hands_is_closed_not_served(agent, how):
-    out = json.loads(run_python(CHANGE_CLIENT, agent.upstream, how, CHANGE_CLIENT, cgroup=agent.cg))
+    with cgroup_child() as elsewhere:  # "cgroup": a cgroup no pattern manages
+        arg = str(elsewhere) if how == "cgroup" else CHANGE_CLIENT
+        out = json.loads(run_python(CHANGE_CLIENT, agent.upstream, how, arg, cgroup=agent.cg))
     assert out["first"] == "HTTP/1.1 200 OK"
     assert out["second"] == ""  # closed without an answer
     assert len(Upstream.seen) == 1  # the second request never reached the server
     audit = audit_events(agent.stdout_path, "request.denied")
     denied = [a for a in audit if a["event"] == "request.denied"]
-    assert len(denied) == 1 and "exec'd or exited" in denied[0]["reason"]
+    assert len(denied) == 1 and CHANGED_HANDS[how] in denied[0]["reason"]
 
 
 UPGRADE_CLIENT = r"""

@@ -8,17 +8,17 @@ import subprocess
 
 import pytest
 
-from agent.attest.btf import BTF, TASK_FIELDS, BTFError
+from agent.attest.btf import BTF, FIELDS, TASK_FIELDS, BTFError
 
 
-def _bpftool_offsets() -> dict[str, int]:
+def _bpftool_offsets(struct_name: str = "task_struct") -> dict[str, int]:
     raw = subprocess.run(
         ["bpftool", "btf", "dump", "file", "/sys/kernel/btf/vmlinux", "format", "raw"],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
-    block = raw.split("STRUCT 'task_struct' size=", 1)[1].split("\n[", 1)[0]
+    block = raw.split(f"STRUCT '{struct_name}' size=", 1)[1].split("\n[", 1)[0]
     out = {}
     for name, bits in re.findall(r"'(\w+)' type_id=\d+ bits_offset=(\d+)", block):
         out.setdefault(name, int(bits) // 8)
@@ -30,6 +30,18 @@ def test_task_struct_offsets_match_bpftool():
     theirs = _bpftool_offsets()
     for field in TASK_FIELDS:
         assert ours.offset_of("task_struct", field) == theirs[field], field
+
+
+def test_every_program_field_matches_bpftool_through_its_members():
+    ours = BTF.from_file()
+    for path in FIELDS:
+        struct_name, want = path[0], 0
+        for field in path[1:]:
+            want += _bpftool_offsets(struct_name)[field]
+            struct_name = {"__sk_common": "sock_common"}.get(field, struct_name)
+        assert ours.path_offset(*path) == want, path
+    with pytest.raises(BTFError, match="sock.__sk_common has no field nope"):
+        ours.path_offset("sock", "__sk_common", "nope")
 
 
 def _blob(types: bytes, strings: bytes) -> bytes:

@@ -21,6 +21,7 @@ from agent.identity.entries import Entry
 from agent.identity.jwtsvid import JwtSvid
 from agent.identity.manager import Identity
 from agent.identity.spiffeid import SpiffeId
+from agent.inject import decide
 from agent.inject.flows import ClientSide, UpstreamSide
 from agent.inject.lane import FastLane
 from agent.inject.ports import Policy, ProofKey, SockAddr
@@ -162,13 +163,28 @@ class FakeOAuth:
 
 
 class NoRedirect:
-    """The lane is given connections already looked up: no record is ever asked for."""
+    """The lane is given connections already looked up: no record is ever asked for but
+    who has written on the connection: `bits` (bpf/redirect.h CREDLESS_SENDER_*; None: the
+    record is gone), with its slot's change counter `changes`; `asked` counts the reads of
+    the record itself."""
+
+    def __init__(self) -> None:
+        self.changes: int | None = 0
+        self.bits: int | None = 0
+        self.asked = 0
 
     def lookup(self, peer: SockAddr, local: SockAddr, netns: int) -> RedirectInfo | None:
         return None
 
     def forget(self, peer: SockAddr, local: SockAddr, info: RedirectInfo) -> None:
         pass
+
+    def sender_changes(self, cookie: int) -> int | None:
+        return self.changes
+
+    def sender(self, cookie: int) -> int | None:
+        self.asked += 1
+        return self.bits
 
 
 class World:
@@ -502,3 +518,46 @@ def test_a_passthrough_request_goes_as_read_and_its_head_request_does_not():
     read = request(b"Content-Type: application/json")
     assert w.lane.offer(read) is True
     assert w.upstream.transport.out == read  # nothing spliced in
+
+
+@in_loop
+def test_who_wrote_is_read_from_the_record_only_when_its_counter_moved():
+    w = World()
+    records = w.proxy.redirect
+    run(w, request())
+    assert records.asked == 1  # the first request: no clean answer kept yet
+    run(w, request())
+    assert records.asked == 1  # the counter has not moved: one load, no lookup
+    records.changes = 1  # another connection sharing the slot was marked
+    run(w, request())
+    assert records.asked == 2 and len(w.audit()) == 3  # read again, still clean: served
+
+
+@pytest.mark.parametrize(
+    "bits, named",
+    [
+        (1, "another process wrote on this connection, which pid 100 made"),
+        (2, "another uid wrote"),
+        (6, "another uid and another cgroup wrote"),
+        (None, "the connection's kernel record is gone"),
+    ],
+)
+@in_loop
+def test_a_connection_another_task_wrote_on_is_not_served(bits, named):
+    w = World()
+    records = w.proxy.redirect
+    run(w, request())
+    sent = w.upstream.transport.out
+    records.changes, records.bits = 1, bits  # the kernel marked a write by another task
+    assert w.lane.offer(request()) is False  # the full path closes it
+    assert w.upstream.transport.out == sent
+    caller = w.proxy.caller(w.served)
+    assert not caller.current and named in caller.changed
+    verdict = decide.decide(
+        decide.Request(b"POST", b"/mcp", {b"host": [b"127.0.0.1:8080"]}),
+        UP,
+        caller,
+        w.proxy.cfg,
+        None,
+    )
+    assert (verdict.action, verdict.outcome) == (decide.CLOSE, "identity_changed")

@@ -51,6 +51,12 @@ class Redirected:
     def forget(self, peer, local, info: RedirectInfo) -> None:
         self.forgotten += 1
 
+    def sender_changes(self, cookie: int) -> int | None:
+        return 0
+
+    def sender(self, cookie: int) -> int | None:
+        return 0  # only the process that connected writes
+
 
 def request(method: bytes, body: bytes, *fields: bytes) -> bytes:
     return b"%s /mcp HTTP/1.1\r\nHost: 127.0.0.1:8443\r\n%sContent-Length: %d\r\n\r\n%s" % (
