@@ -141,6 +141,18 @@ def under_endpoint(target: bytes, endpoint: bytes) -> bool:
     return True
 
 
+def stale(caller: Caller) -> Verdict:
+    """The verdict on a caller that is not the one its connection was served as any more
+    (caller.current is false): the connection is closed. decide() gives it for a head; the
+    exchange for a body arriving later (agent/inject/exchange.py)."""
+    return Verdict(
+        CLOSE,
+        outcome="image_changed" if not caller.changed else "identity_changed",
+        message=caller.changed
+        or "the process exec'd or exited since it connected; connection closed",
+    )
+
+
 def decide(
     req: Request,
     up: Upstream,
@@ -155,12 +167,7 @@ def decide(
     Written for the fast lane's budget (a few microseconds): the common verdicts are made
     once, and the checks of fields a request does not carry cost a dictionary lookup."""
     if not caller.current:
-        return Verdict(
-            CLOSE,
-            outcome="image_changed" if not caller.changed else "identity_changed",
-            message=caller.changed
-            or "the process exec'd or exited since it connected; connection closed",
-        )
+        return stale(caller)
     fields = req.fields
     method = req.method
     mode = up.mode

@@ -29,9 +29,10 @@ from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 from agent.config import InjectSection
-from agent.inject import answers, upstreams
+from agent.inject import answers, decide, upstreams
 from agent.inject.answered import EventStream
 from agent.inject.bodies import EventSource, drain_body
+from agent.inject.decide import Caller
 from agent.inject.flows import ClientSide, UpstreamSide
 from agent.inject.http1 import BODY, END, LAST_CHUNK, Head, chunk
 from agent.inject.ports import Tokens
@@ -118,8 +119,12 @@ class Exchanges:
         ssl_context: ssl.SSLContext,
         retry_body_limit: int = 1 << 20,
         clock: Callable[[], float] = time.monotonic,
+        caller: Callable[[Served], Caller] | None = None,
     ):
         self.cfg = cfg
+        # who asks on a connection, as of now (Proxy.caller): asked again for each piece of
+        # a body that arrives after its head was decided
+        self.caller = caller
         self.rec = rec
         self.oauth = oauth  # told of a token the server refused (invalid_token)
         self.ssl_context = ssl_context
@@ -169,6 +174,7 @@ class Exchanges:
                 if ev is None:
                     raise ConnectionError("the workload closed the connection inside a request")
                 if ev[0] == BODY:
+                    self._still_theirs(served, audit_base)
                     data = chunk(ev[1]) if head.chunked else ev[1]
                     out += data
                     if kept is not None:
@@ -205,6 +211,20 @@ class Exchanges:
         )
         await client.drain()
         return keep
+
+    def _still_theirs(self, served: Served, audit_base: AuditBase) -> None:
+        """A body read after its head was decided was written by the caller it was decided
+        for: else (another process wrote it, the image changed) the request is refused and
+        audited, and ConnectionError closes both connections, the upstream one unfinished."""
+        if self.caller is None:
+            return
+        caller = self.caller(served)
+        if caller.current:
+            return
+        verdict = decide.stale(caller)
+        self.rec.count(served.up, verdict.outcome)
+        self.rec.audit_event("request.denied", audit_base, reason=verdict.message)
+        raise ConnectionError(verdict.message)
 
     def _begin(self, conn: UpstreamSide, client: ClientSide, head: Head, token: Token | None):
         conn.begin(

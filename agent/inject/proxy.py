@@ -87,7 +87,13 @@ class Proxy:
         self.rec = Recorder(audit, registry)
         # a streamed body is kept, up to the policy's limit, for a DPoP nonce retry
         self.exchanges = Exchanges(
-            cfg, self.rec, oauth, ssl_context or ssl.create_default_context(), max_body, clock
+            cfg,
+            self.rec,
+            oauth,
+            ssl_context or ssl.create_default_context(),
+            max_body,
+            clock,
+            caller=self.caller,
         )
         self.pool = self.exchanges.pool  # the fast lane holds and gives back connections
         self.assertions = AssertionRequests(

@@ -374,9 +374,10 @@ def test_an_interim_response_is_relayed_and_the_answer_follows(agent):
 
 # One answered request, then the connection changes hands: the process that opened it
 # exec's another image ("exec") or exits leaving it to a child ("fork"); or, while it still
-# runs the same image, a child it forked writes the next request ("child"), or it writes it
-# itself after setuid ("setuid") or after moving to another cgroup ("cgroup"). The next
-# request on it must not be served as the process that connected.
+# runs the same image, a child it forked writes the next request ("child") or the body of a
+# request whose head it sent ("body"), or it writes it itself after setuid ("setuid") or
+# after moving to another cgroup ("cgroup"). The next request on it must not be served as
+# the process that connected.
 CHANGE_CLIENT = r"""
 import json, os, select, socket, sys
 port, how = int(sys.argv[1]), sys.argv[2]
@@ -409,7 +410,15 @@ if how in ("setuid", "cgroup"):
             f.write(str(os.getpid()))
     print(json.dumps({"first": first, "second": ask(s), "pid": os.getpid()}), flush=True)
     sys.exit(0)
-if how == "child":               # the process that connected runs on, waiting for it
+if how in ("child", "body"):     # the process that connected runs on, waiting for it
+    if how == "body":            # it sends a head, decided once 100 Continue comes; its
+        head, body = REQ.split(b"\r\n\r\n")  # child, the body
+        s.sendall(head + b"\r\nExpect: 100-continue\r\n\r\n")
+        interim = b""
+        while not interim.endswith(b"\r\n\r\n"):
+            interim += s.recv(1)
+        assert interim.startswith(b"HTTP/1.1 100 "), interim
+        REQ = body
     child = os.fork()
     if child == 0:
         print(json.dumps({"first": first, "second": ask(s), "pid": os.getpid()}), flush=True)
@@ -429,6 +438,7 @@ CHANGED_HANDS = {
     "exec": "exec'd or exited",
     "fork": "exec'd or exited",
     "child": "another process wrote on this connection",
+    "body": "another process wrote on this connection",
     "setuid": "another uid wrote on this connection",
     "cgroup": "another cgroup wrote on this connection",
 }
