@@ -5,12 +5,10 @@ credless adds its client authentication to exactly these (agent/inject/assertion
 the workload's own is refused there; a request the server routes to one of these endpoints
 but credless does not recognise would reach it with the workload's own credentials and
 registration metadata. So paths are compared as the server routes them (route_key), and a
-path whose routing servers disagree on is refused by the decision (plain_path).
+path whose routing servers disagree on is refused by the decision (request.plain_path).
 """
 
 from __future__ import annotations
-
-import re
 
 from agent.inject import http1
 
@@ -47,21 +45,7 @@ def route_key(path: bytes) -> bytes:
     """A path as authorization servers route it: oidc-provider's router folds ASCII case and
     drops one trailing slash, so /TOKEN/ is its token endpoint. Paths whose routing differs
     more between servers (percent-encoding, empty or dot segments, `;`) are refused before
-    this is asked (plain_path)."""
+    this is asked (request.plain_path)."""
     if len(path) > 1 and path.endswith(b"/"):
         path = path[:-1]
     return path.upper()
-
-
-# a path every router reads alike, up to case and one trailing slash: segments of RFC 3986
-# unreserved characters and the sub-delims no server treats as a separator (no `;`, no `%`)
-_PLAIN_PATH = re.compile(rb"(?:/[A-Za-z0-9\-._~!$&'()*+,=:@]+)*/?")
-
-
-def plain_path(target: bytes) -> bool:
-    path = target.split(b"?", 1)[0]
-    return (
-        _PLAIN_PATH.fullmatch(path) is not None
-        and b"/./" not in path + b"/"
-        and b"/../" not in path + b"/"
-    )

@@ -26,15 +26,15 @@ inject.md, "What the upstream can rely on"):
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 # the decision's reading of a request head (request.py); named here too, as decide.Request,
 # by the fast lane and the tests
 from agent.inject import http1
-from agent.inject.assertion_route import FORM, JSON, assertion_request, plain_path
+from agent.inject.assertion_route import FORM, JSON, assertion_request
 from agent.inject.request import Request as Request
+from agent.inject.request import plain_path
 from agent.policy import jsonrpc
 from agent.policy.conditions import argument_names
 
@@ -64,10 +64,6 @@ SINGLE_FIELDS = (
     b"dpop",
 )
 WORKLOAD_CREDENTIALS = (b"authorization", b"dpop")
-
-# a path segment under the MCP endpoint: RFC 3986 pchar without percent-encoding (which
-# would let `%2e%2e` or `%2f` mean something else to the server than to this check)
-_SEGMENT = re.compile(rb"[A-Za-z0-9\-._~!$&'()*+,;=:@]*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,19 +122,14 @@ def _refuse(
 
 def under_endpoint(target: bytes, endpoint: bytes) -> bool:
     """Whether an origin-form target names the MCP endpoint or a path below it, spelled so
-    that no server can read it as another path (no dot segment, no percent-encoding)."""
+    that no server can read it as another path (request.plain_path)."""
     if target == endpoint:  # the common case, first
         return True
     path = target.split(b"?", 1)[0]
     if path == endpoint:
         return True
     base = endpoint.rstrip(b"/") + b"/"
-    if not path.startswith(base):
-        return False
-    for seg in path[len(base) :].split(b"/"):
-        if seg in (b".", b"..") or _SEGMENT.fullmatch(seg) is None:
-            return False
-    return True
+    return path.startswith(base) and plain_path(path[len(base) - 1 :])
 
 
 def stale(caller: Caller) -> Verdict:

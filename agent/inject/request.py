@@ -99,6 +99,25 @@ CONNECTION_OPTIONS = frozenset(
 BODY_CHARSET = b"utf-8"
 
 
+# A path every router reads alike, up to case and one trailing slash: non-empty segments of
+# RFC 3986 unreserved characters and the sub-delims no server treats as a separator: no `%`
+# (`%2e%2e`, `%2f`), no `;` (servlet containers drop path parameters: `..;` is `..` there),
+# and no `.` or `..` segment. Used wherever a path decides something: the MCP endpoint a
+# credential may go under (decide.under_endpoint), the token and registration endpoints
+# assertion mode recognises (decide, assertion_route).
+_PLAIN_PATH = re.compile(rb"(?:/[A-Za-z0-9\-._~!$&'()*+,=:@]+)*/?")
+
+
+def plain_path(target: bytes) -> bool:
+    """Whether target's path (its query aside) is plain (see _PLAIN_PATH)."""
+    path = target.split(b"?", 1)[0]
+    return (
+        _PLAIN_PATH.fullmatch(path) is not None
+        and b"/./" not in path + b"/"
+        and b"/../" not in path + b"/"
+    )
+
+
 class Request:
     """What the decision needs of a request head. bodied: the head frames a body (a chunked
     one, or a Content-Length other than 0); vouched: the lower-case names of its fields a
