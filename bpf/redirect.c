@@ -362,6 +362,10 @@ int credless_sockops(struct bpf_sock_ops *skops)
 // was assigned when the connect hook asked for it, and an unrecorded socket's lookup misses.
 // Kernel threads (kTLS's transmit worker) write for the process that owns the data: not a
 // sender of their own.
+// Kernels without the tracepoint (it is recent) get no probe (HAVE_SENDMSG_TRACEPOINT, set by
+// agent/inject/redirect.py from tracefs), and the agent says at start that writers are not
+// checked there.
+#ifdef HAVE_SENDMSG_TRACEPOINT
 #ifndef SK_COOKIE_OFF
 #error "SK_COOKIE_OFF (struct sock's cookie offset, from BTF) must be defined"
 #endif
@@ -402,3 +406,4 @@ RAW_TRACEPOINT_PROBE(tcp_sendmsg_locked)
     }
     return 0;
 }
+#endif  // HAVE_SENDMSG_TRACEPOINT

@@ -44,6 +44,8 @@ if TYPE_CHECKING:
 log = get_logger("inject.redirect")
 
 SENDER_CHANGE_SLOTS = 65536  # bpf/redirect.c's default
+# bpf/redirect.c's probe of who writes on a connection (a recent tracepoint)
+_SENDMSG_TRACEPOINT = Path("/sys/kernel/tracing/events/tcp/tcp_sendmsg_locked")
 # bpf/redirect.h CREDLESS_SENDER_*: who else wrote on a connection, as the audit names it
 SENDERS = ((1, "another process"), (2, "another uid"), (4, "another cgroup"))
 _MAPS = ("redirect_targets", "redirect_config", "managed_cgroups", "redirected", "local_to_cookie")
@@ -78,6 +80,21 @@ class Target:
     host: str  # an IP literal (hostnames are resolved by the caller)
     port: int
     listen_port: int = 0  # the proxy listener for this target; 0: the plain one
+
+
+def compile_flags(pin_dir: Path) -> list[str]:
+    """The -D flags bpf/redirect.c is compiled with on the running kernel."""
+    flags = [f'-DPIN_DIR="{pin_dir}"', *offset_cflags()]
+    if _SENDMSG_TRACEPOINT.is_dir():
+        flags.append("-DHAVE_SENDMSG_TRACEPOINT")
+    else:
+        log.warning(
+            "who writes on a redirected connection is not checked: this kernel has no "
+            "tcp_sendmsg_locked tracepoint, so a process handed a connection (a child "
+            "that inherited it) is served as the process that made it",
+            tracepoint=str(_SENDMSG_TRACEPOINT),
+        )
+    return flags
 
 
 @dataclass(frozen=True)
@@ -187,7 +204,7 @@ class Redirector:
                 "must start before the redirect"
             )
         try:  # the maps an earlier agent pinned are reused (its links use them)
-            self._bpf = compile_program("redirect", self._flags())
+            self._bpf = compile_program("redirect", compile_flags(self.pin_dir))
             stale = self._layout_mismatch()
         except Exception as e:  # noqa: BLE001 — BCC raises bare Exception
             stale = str(e)
@@ -197,7 +214,7 @@ class Redirector:
                 self._bpf.cleanup()
             for m in _MAPS:
                 (self.pin_dir / m).unlink(missing_ok=True)
-            self._bpf = compile_program("redirect", self._flags())
+            self._bpf = compile_program("redirect", compile_flags(self.pin_dir))
         self._senders = bpfsys.MappedCounters(
             self._program[b"sender_changes"].map_fd, SENDER_CHANGE_SLOTS
         )
@@ -231,9 +248,6 @@ class Redirector:
             listen=f"{self.cfg.listen_host}:{self.cfg.listen_port}",
             managed=self.cfg.managed_cgroups or "all but the agent's cgroup",
         )
-
-    def _flags(self) -> list[str]:
-        return [f'-DPIN_DIR="{self.pin_dir}"', *offset_cflags()]
 
     def _layout_mismatch(self) -> str | None:
         """BCC reuses a pinned map whatever its key and value sizes. A map pinned by an

@@ -33,6 +33,7 @@ from agent.attest.btf import offset_cflags
 from agent.attest.events import compile_flags
 from agent.bpfload import compile_program
 from agent.inject.cgroup_watch import tracepoint_offsets
+from agent.inject.redirect import compile_flags as redirect_flags
 from tests.world import build_world
 
 FLOOR = b"#include <uapi/linux/bpf.h>\nint nothing(void *ctx) { return 0; }\n"
@@ -87,7 +88,7 @@ def programs(runs: int) -> None:
         watch = [pinned, "-DWATCH_LEVELS=2ULL", *tracepoint_offsets()]
         for name, flags in (
             ("process_events", events),
-            ("redirect", [pinned, *offset_cflags()]),
+            ("redirect", redirect_flags(pins)),
             ("cgroup_watch", watch),
         ):
             spent = median_cpu(compile_and_drop(name, flags), runs)

@@ -8,8 +8,10 @@ import ctypes as ct
 import socket
 
 import pytest
+import structlog.testing
 
 from agent.config import InjectSection
+from agent.inject import redirect
 from agent.inject.redirect import Redirector, Target, _addr_words, _unmapped, spellings
 
 
@@ -131,3 +133,23 @@ def test_localhost_is_intercepted_in_both_families_whatever_the_nodes_hosts_file
     servers = [ServerSection(name="local", url="http://localhost:9000/mcp", mode="broker")]
     targets = redirect_targets(UpstreamResolver(servers, resolve=v4_only).refresh(), 0)
     assert targets == {Target("127.0.0.1", 9000), Target("::1", 9000)}
+
+
+@pytest.mark.parametrize("present", [True, False])
+def test_the_sender_probe_is_compiled_only_where_the_kernel_has_its_tracepoint(
+    tmp_path, monkeypatch, present
+):
+    """bpf/redirect.c's probe of who writes on a connection attaches to a recent
+    tracepoint: without it the program is built without the probe (it would fail to load),
+    and the agent says that writers go unchecked."""
+    tracepoint = tmp_path / "tcp_sendmsg_locked"
+    if present:
+        tracepoint.mkdir()
+    monkeypatch.setattr(redirect, "_SENDMSG_TRACEPOINT", tracepoint)
+    with structlog.testing.capture_logs() as logs:
+        flags = redirect.compile_flags(tmp_path / "pins")
+    assert ("-DHAVE_SENDMSG_TRACEPOINT" in flags) is present
+    assert f'-DPIN_DIR="{tmp_path / "pins"}"' in flags
+    assert any(f.startswith("-DSK_COOKIE_OFF=") for f in flags)
+    warned = [e for e in logs if "is not checked" in e["event"]]
+    assert len(warned) == (0 if present else 1)
