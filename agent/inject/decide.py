@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from agent.inject import http1
 from agent.inject.assertion_route import FORM, JSON, assertion_request
 from agent.inject.request import Request as Request
-from agent.inject.request import plain_path
+from agent.inject.request import alias_of, plain_path
 from agent.policy import jsonrpc
 from agent.policy.conditions import argument_names
 
@@ -244,6 +244,16 @@ def decide(
     for name, values in fields.items():
         if len(values) > 1 and name in SINGLE_FIELDS:
             return _duplicated(name, len(values))
+    if req.aliased:
+        return _refuse(
+            400,
+            b"Bad Request",
+            "framing_refused",
+            f"the field {req.aliased[:100].decode('latin-1')!r} is "
+            f"{alias_of(req.aliased).decode()!r} to servers that read '_' as '-' (CGI, "
+            "WSGI): a second copy of a field credless reads; connection closed",
+            close=True,
+        )
     if b"connection" in fields:
         named = req.connection_names_a_field()
         if named:

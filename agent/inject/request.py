@@ -74,6 +74,26 @@ def vouched(name: bytes) -> bool:
     return name in VOUCHED_FIELDS or name.startswith(VOUCHED_PREFIXES)
 
 
+# CGI and WSGI servers name a field HTTP_<NAME> with `-` and `_` both `_`, so `Mcp_Name` is
+# Mcp-Name there: a second copy of a field credless decides by (or removes, or frames by)
+# that its own reading would not see. A request carrying one is refused (decide.py).
+_ALIASED = DECISION_FIELDS | LANE_CANNOT | {b"content-length"}
+
+
+def alias_of(name: bytes) -> bytes:
+    """The field a lower-case name is to a server that reads `_` as `-`, when that is one
+    credless reads or removes; b"" otherwise (no `_`, or a field credless leaves alone)."""
+    if b"_" not in name:
+        return b""
+    as_read = name.replace(b"_", b"-")
+    return as_read if as_read in _ALIASED or vouched(as_read) else b""
+
+
+# a field name with `_` in it, for the lane's reading (which then leaves the request to the
+# full path's, which names it): the name's token characters up to the first `_`
+_UNDERSCORE_NAME = re.compile(rb"\r\n[!#$%&'*+.^`|~0-9A-Za-z-]*_")
+
+
 # made from the sets, so the lane reads the same fields as Request.from_head, and finds
 # every vouched field (an exact name, or a prefix and the rest of a field name)
 _READ_FIELDS = re.compile(
@@ -123,7 +143,7 @@ class Request:
     one, or a Content-Length other than 0); vouched: the lower-case names of its fields a
     proxy vouches for (VOUCHED_FIELDS)."""
 
-    __slots__ = ("bodied", "fields", "method", "target", "upgrade", "vouched")
+    __slots__ = ("aliased", "bodied", "fields", "method", "target", "upgrade", "vouched")
 
     def __init__(
         self,
@@ -133,9 +153,10 @@ class Request:
         upgrade: bool = False,
         bodied: bool = False,
         vouched: tuple[bytes, ...] = (),
+        aliased: bytes = b"",
     ):
         self.method, self.target, self.upgrade, self.fields = method, target, upgrade, fields
-        self.bodied, self.vouched = bodied, vouched
+        self.bodied, self.vouched, self.aliased = bodied, vouched, aliased
 
     @classmethod
     def from_head(cls, head: Head) -> Request:
@@ -150,14 +171,17 @@ class Request:
         length = head.get(b"content-length")
         bodied = head.chunked or (length is not None and length.strip(b" \t").lstrip(b"0") != b"")
         said = tuple(sorted(n for n in head.names if vouched(n)))
-        return cls(head.method, head.target, fields, head.upgrade, bodied, said)
+        aliased = next((n for n in sorted(head.names) if alias_of(n)), b"")
+        return cls(head.method, head.target, fields, head.upgrade, bodied, said, aliased)
 
     @classmethod
     def from_read(cls, data: bytes, head_end: int, method: bytes, target: bytes) -> Request | None:
         """A whole request as read (the lane's: data is exactly one message, whose head ends
         at head_end), or None when it carries a field the lane cannot carry out
-        (LANE_CANNOT, chunked framing among them) or one a proxy vouches for (removed
-        there): the full path takes it."""
+        (LANE_CANNOT, chunked framing among them), one a proxy vouches for (removed
+        there) or a name with `_` in it (alias_of): the full path takes it."""
+        if _UNDERSCORE_NAME.search(data, 0, head_end + 2):
+            return None  # perhaps an alias of a field: the full path's reading names it
         fields: dict[bytes, list[bytes]] = {}
         for name, value in _READ_FIELDS.findall(data, 0, head_end + 2):
             name = name.lower()

@@ -237,7 +237,9 @@ def violations(obs: Observation) -> list[str]:
         routed = [
             v
             for k, v in r["headers"] + r.get("trailers", [])
-            if k.lower() in ("mcp-name", "mcp-method") and "secret_tool" in routing(v)
+            # as CGI and WSGI servers read names too: `_` is `-` there (HTTP_MCP_NAME)
+            if k.lower().replace("_", "-") in ("mcp-name", "mcp-method")
+            and "secret_tool" in routing(v)
         ]
         if routed:
             out.append(f"(e) {what}: routing header names secret_tool: {routed}")
