@@ -121,7 +121,9 @@ def cmd_oauth_probe(args) -> int:
     server = _server(args, args.server)
     if server is None:
         return 2
-    out = _admin_call(args, "oauth_probe", timeout=120, server=server.url, spiffe_id=args.spiffe_id)
+    out = _admin_call(
+        args, "oauth_probe", timeout=120, server=server.name, spiffe_id=args.spiffe_id
+    )
     if out is None:
         return 1
     print(json.dumps(out, indent=2))

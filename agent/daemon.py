@@ -300,7 +300,7 @@ class Daemon:
         except server_names.UnknownServer as e:
             raise RuntimeError(str(e)) from None
         try:
-            return oauth.run_sync(oauth.probe(server.url, ident))
+            return oauth.run_sync(oauth.probe(server.url, ident, server.name))
         except OAuthError as e:
             return {"error": e.to_dict()}
 

@@ -421,9 +421,10 @@ class OAuthService:
         return await token_ops.revoke(self, spiffe_id, ident, server_name, reason)
 
     # ------------------------------------------------------------ operator probe
-    async def probe(self, url: str, ident: Identity) -> dict:
-        """Discovery, registration if needed and one fresh token request; a summary only."""
-        match = [
+    async def probe(self, url: str, ident: Identity, name: str | None = None) -> dict:
+        """Discovery, registration if needed and one fresh token request; a summary only.
+        name: the [[servers]] entry asked for (URLs may be shared), else the first at url."""
+        match = [s for s in self.servers.values() if s.name == name] or [
             s for s in self.servers.values() if canonical_resource(s.url) == canonical_resource(url)
         ]
         server = match[0] if match else AdHocServer(name="probe", url=url)
