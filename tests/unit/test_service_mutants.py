@@ -329,6 +329,28 @@ def world(tmp_path, monkeypatch):
 # --- which token, for whom, from where ------------------------------------------------------
 
 
+def token_error(w, error: type[Exception], server: str = "mcp") -> Exception:
+    """What w's service raises when IDENT asks for a token for server (one is expected)."""
+
+    async def go():
+        async with w:
+            with pytest.raises(error) as e:
+                await w.svc.token(IDENT, server)
+            return e.value
+
+    return asyncio.run(go())
+
+
+def probed(w, url: str) -> dict:
+    """The summary of w's service probing url as IDENT."""
+
+    async def go():
+        async with w:
+            return await w.svc.probe(url, IDENT)
+
+    return asyncio.run(go())
+
+
 def test_a_token_is_obtained_for_the_identity_at_its_servers_authorization_server(world):
     w = world()
 
@@ -633,13 +655,7 @@ def test_a_refused_token_request_is_counted_and_audited_without_the_assertion(wo
 
     w.net.routes[f"POST {TOKEN_EP}"] = refuse
 
-    async def go():
-        async with w:
-            with pytest.raises(InvalidClient) as e:
-                await w.svc.token(IDENT, "mcp")
-            return e.value
-
-    err = asyncio.run(go())
+    err = token_error(w, InvalidClient)
     (failed,) = w.audit("token.failed")
     assert failed["spiffe_id"] == SID and failed["server"] == "mcp" and failed["issuer"] == AS
     assert failed["error"] == "invalid_client" and failed["kind"] == "invalid_client"
@@ -655,13 +671,7 @@ def test_a_token_weaker_than_required_is_refused_and_counted_as_a_refusal(world)
         200, {"access_token": "bearer-token-secret", "token_type": "Bearer", "expires_in": 60}
     )
 
-    async def go():
-        async with w:
-            with pytest.raises(TokenRefused) as e:
-                await w.svc.token(IDENT, "mcp")
-            return e.value
-
-    err = asyncio.run(go())
+    err = token_error(w, TokenRefused)
     assert w.requests_total("token_refused") == 1
     assert w.metric("credless_oauth_refused_total", server="mcp", check="token_refused") == 1
     (failed,) = w.audit("token.failed")
@@ -673,13 +683,7 @@ def test_a_token_weaker_than_required_is_refused_and_counted_as_a_refusal(world)
 def test_an_unknown_server_is_named_with_the_configured_ones(world):
     w = world(server(name="zeta"), server(name="alpha", url="http://127.0.0.1:9/a"))
 
-    async def go():
-        async with w:
-            with pytest.raises(OAuthError) as e:
-                await w.svc.token(IDENT, "nope")
-            return e.value
-
-    err = asyncio.run(go())
+    err = token_error(w, OAuthError, server="nope")
     assert str(err) == "no [[servers]] entry named 'nope'; configured: alpha, zeta"
     assert err.__cause__ is None and err.__suppress_context__
     assert w.net.sent == [] and w.minter.minted == []
@@ -1016,11 +1020,7 @@ def test_a_probe_of_a_configured_server_uses_its_entry_and_introspects_an_opaque
     w = world(server(name="mcp", dpop="always"))
     w.net.routes[f"POST {AS}/introspect"] = answer(200, {"active": True})
 
-    async def go():
-        async with w:
-            return await w.svc.probe("HTTP://127.0.0.1:9/mcp", IDENT)
-
-    out = asyncio.run(go())
+    out = probed(w, "HTTP://127.0.0.1:9/mcp")
     tok_sha = out["token_sha256"]
     assert out["server"] == "mcp" and out["issuer"] == AS and out["token_endpoint"] == TOKEN_EP
     assert out["auth_profile"] == "jwt-bearer" and out["dpop"] is True
@@ -1052,11 +1052,7 @@ def test_a_probe_of_a_jwt_token_does_not_introspect(world):
     w = world()
     w.issuer.jwt = True
 
-    async def go():
-        async with w:
-            return await w.svc.probe(MCP, IDENT)
-
-    out = asyncio.run(go())
+    out = probed(w, MCP)
     assert out["jti"] == "at-1" and "introspection" not in out
     assert w.net.to(AS + "/introspect") == []
 
@@ -1152,11 +1148,7 @@ def test_the_probe_summary_says_exactly_what_it_names(world):
     w = world()
     w.issuer.jwt = True
 
-    async def go():
-        async with w:
-            return await w.svc.probe(MCP, IDENT)
-
-    out = asyncio.run(go())
+    out = probed(w, MCP)
     assert set(out) == {
         "server",
         "issuer",
@@ -1255,13 +1247,7 @@ def test_a_metadata_certificate_that_does_not_verify_is_refused_naming_oauth_ca_
 
     w.net.routes[f"GET {AS_META}"] = refuse
 
-    async def go():
-        async with w:
-            with pytest.raises(AuthorizationServerCertificateRefused) as e:
-                await w.svc.token(IDENT, "mcp")
-            return e.value
-
-    err = asyncio.run(go())
+    err = token_error(w, AuthorizationServerCertificateRefused)
     assert err.url == AS_META and f"oauth.ca_file ({ca.cert_path})" in str(err)
     assert w.net.to(TOKEN_EP) == [] and w.minter.minted == []
 
