@@ -78,8 +78,9 @@ def test_a_misused_placeholder_is_answered_403_naming_both_parties(caller):
     assert (verdict.status, verdict.outcome, verdict.misuse) == (403, "phantom_misuse", issued)
     assert verdict.reason == HTTPStatus(verdict.status).phrase.encode()
     assert BOT in verdict.message and "None" not in verdict.message
-    if caller is not None:
-        assert f"it came from {caller} to 'tools'" in verdict.message
+    # the holder is named: its SPIFFE ID, or that it has none
+    holder = caller or "a process without identity"
+    assert f"it came from {holder} to 'tools'" in verdict.message
 
 
 def test_an_assertion_mode_registration_is_read_whatever_its_path():
@@ -161,3 +162,12 @@ def test_a_denial_names_each_denied_call_in_turn():
     assert verdict.message == (
         f"credless: denied by policy: tools/list: {reasons[0]}; tools/call echo: {reasons[1]}"
     )
+
+
+def test_policy_is_never_asked_about_a_caller_without_identity():
+    # decide() answers an unattested caller's credentialed request itself (403, or forwarded
+    # bare): a body reaching decide_body for one is a programming error, and says so
+    req = request("POST /mcp HTTP/1.1\nHost: 127.0.0.1:8080\nContent-Length: 2")
+    body = json.dumps(rpc(1, "tools/list")).encode()
+    with pytest.raises(RuntimeError, match="unattested caller"):
+        decide.decide_body(body, req, SERVERS["broker"], CALLERS["unattested"], policy_engine())

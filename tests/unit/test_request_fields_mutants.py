@@ -125,3 +125,19 @@ def test_the_lane_reads_field_values_byte_for_byte_as_the_full_path():
     assert read.fields[b"mcp-name"] == [b"XechoX", b"XaddX"]
     assert read.get(b"mcp-method") == b"tools/callX"
     assert read.body_charset() is not None
+
+
+@pytest.mark.parametrize("body", [b"x", b"xy"])
+def test_the_lane_reads_a_body_of_one_byte_or_more_as_a_body(body):
+    # a GET with a body is refused (decide: body_refused) by what the head frames: the lane,
+    # which has the whole message, must say "bodied" as the full path does, to the last byte
+    data = b"GET /mcp HTTP/1.1\r\nHost: tools\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    read = lane(data)
+    assert read is not None
+    assert read.bodied is full_path(data).bodied is True
+
+
+def test_a_request_made_of_its_head_alone_frames_no_body():
+    # Request's own default (tests and callers that build one by hand): no body unless said
+    req = Request(b"GET", b"/mcp", {b"host": [b"tools"]})
+    assert req.bodied is False and req.vouched == ()
