@@ -264,7 +264,8 @@ class Proxy:
             return ""
         if bits is None:
             return "a task credless cannot name (the connection's kernel record is gone)"
-        return " and ".join(name for bit, name in SENDERS if bits & bit)
+        named = " and ".join(name for bit, name in SENDERS if bits & bit)
+        return named or f"a task credless cannot name (sender bits {bits:#x})"
 
     def caller(self, served: Served) -> Caller:
         """Who asks on this connection, as of now: the decision's first input. The image is

@@ -540,6 +540,7 @@ def test_who_wrote_is_read_from_the_record_only_when_its_counter_moved():
         (2, "another uid wrote"),
         (6, "another uid and another cgroup wrote"),
         (None, "the connection's kernel record is gone"),
+        (8, "a task credless cannot name (sender bits 0x8)"),  # a bit of a later kernel side
     ],
 )
 @in_loop
