@@ -141,7 +141,8 @@ def plain_path(target: bytes) -> bool:
 class Request:
     """What the decision needs of a request head. bodied: the head frames a body (a chunked
     one, or a Content-Length other than 0); vouched: the lower-case names of its fields a
-    proxy vouches for (VOUCHED_FIELDS)."""
+    proxy vouches for (VOUCHED_FIELDS); aliased: the first name of a field that is another
+    one credless reads to a server that reads `_` as `-` (alias_of; b"": none)."""
 
     __slots__ = ("aliased", "bodied", "fields", "method", "target", "upgrade", "vouched")
 
