@@ -250,7 +250,7 @@ def decide(
             b"Bad Request",
             "framing_refused",
             f"the field {req.aliased[:100].decode('latin-1')!r} is "
-            f"{alias_of(req.aliased).decode()!r} to servers that read '_' as '-' (CGI, "
+            f"{alias_of(req.aliased)[:100].decode()!r} to servers that read '_' as '-' (CGI, "
             "WSGI): a second copy of a field credless reads; connection closed",
             close=True,
         )

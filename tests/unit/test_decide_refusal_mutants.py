@@ -93,3 +93,27 @@ def test_a_long_target_that_is_not_plain_is_named_cut_to_200_bytes():
     v = verdict("assertion", path, b"Content-Type: " + FORM)
     assert_refused(v, 400, "target_refused")
     assert repr(path[:200].decode()) in v.message
+
+
+def test_a_field_named_like_a_decided_one_with_underscores_is_refused_naming_both():
+    # Mcp_Name is Mcp-Name to a CGI or WSGI server: the refusal names the field as read
+    # (lower case) and the field it is there
+    v = verdict("broker", b"/mcp", b"Mcp_Name: secret_tool")
+    assert_refused(v, 400, "framing_refused")
+    assert v.close
+    assert repr("mcp_name") in v.message and repr("mcp-name") in v.message
+
+
+def test_a_long_alias_is_named_cut_to_100_bytes():
+    name = "x_forwarded_" + "f" * 150  # X-Forwarded-fff... to a CGI server: a vouched field
+    v = verdict("broker", b"/mcp", name.encode() + b": 203.0.113.9")
+    assert_refused(v, 400, "framing_refused")
+    assert repr(name[:100]) in v.message
+
+
+def test_a_long_alias_names_the_field_it_is_cut_to_100_bytes_too():
+    # a name of up to the head's 64 KiB limit: neither quote of it may echo it unbounded
+    name = "x_forwarded_" + "f" * 150
+    v = verdict("broker", b"/mcp", name.encode() + b": 203.0.113.9")
+    assert_refused(v, 400, "framing_refused")
+    assert "f" * 101 not in v.message
