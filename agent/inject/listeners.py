@@ -248,6 +248,9 @@ class ProxyListeners:
         info, peer = arrival.info, arrival.peer
         up = self.proxy.upstreams.get((info.orig_host, info.orig_port)) if info else None
         ca = self.inject_ca.cert_path if self.inject_ca else None
+        # a workload closing in the handshake without an alert (asyncio's TLS client refusing
+        # the certificate) is a bare ConnectionResetError(): its type is what there is to say
+        why = getattr(e, "reason", None) or str(e) or type(e).__name__
         self.proxy.rec.audit_event(
             "connection.tls_failed",
             {
@@ -255,7 +258,7 @@ class ProxyListeners:
                 "pid": info.tgid if info else None,
                 "peer_port": peer[1],
             },
-            reason=f"TLS with the workload failed ({getattr(e, 'reason', None) or e}); "
+            reason=f"TLS with the workload failed ({why}); "
             f"a workload calling https through credless must trust the injection CA {ca} "
             "(SSL_CERT_FILE, NODE_EXTRA_CA_CERTS)",
         )
