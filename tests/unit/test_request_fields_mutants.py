@@ -99,15 +99,36 @@ def test_no_connection_field_names_no_field():
 
 def test_the_lane_does_not_read_fields_out_of_the_body():
     # a body line that looks like a field is body, not head: the lane reads the same head
-    # as the full path, and does not give the request up for a "field" it cannot carry
+    # as the full path, and does not give the request up for a "field" it cannot carry (or
+    # one named with `_`, which it leaves to the full path in a head)
     data = head(
         b"Content-Type: application/json",
-        body=b'{"a":1}\r\nAuthorization: Bearer x\r\nMcp-Name: other\r\nHost: elsewhere',
+        body=b'{"a":1}\r\nAuthorization: Bearer x\r\nMcp-Name: other\r\nHost: elsewhere'
+        b"\r\nMcp_Name: other",
     )
     read = lane(data)
     assert read is not None
     assert read.fields == full_path(data).fields
     assert read.get(b"host") == b"tools" and read.get(b"mcp-name") is None
+
+
+@pytest.mark.parametrize(
+    ("line", "aliased"),
+    [
+        # the name's one `_` in the last two bytes of the head (its last field, empty): a
+        # field a proxy vouches for (x-forwarded-...) to a CGI server
+        (b"X-Forwarded_:", b"x-forwarded_"),
+        (b"Mcp_Name: secret_tool", b"mcp_name"),
+        (b"X_Trace_Id: 7", b""),  # an alias of nothing credless reads: relayed
+    ],
+)
+def test_the_lane_leaves_a_head_with_any_underscore_name_to_the_full_path(line, aliased):
+    # the full path's reading names an alias (Request.aliased, which decide refuses); the
+    # lane's names none, so it must not take a request with a `_` in any field name, the
+    # head's last included
+    data = b"GET /mcp HTTP/1.1\r\nHost: tools\r\n" + line + b"\r\n\r\n"
+    assert lane(data) is None
+    assert full_path(data).aliased == aliased
 
 
 def test_the_lane_reads_field_values_byte_for_byte_as_the_full_path():
