@@ -10,6 +10,7 @@ import functools
 import io
 import json
 import time
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -68,11 +69,23 @@ RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(ANSWER), AN
 
 
 def request(
-    *fields: bytes, version: bytes = b"1.1", method: bytes = b"POST", body: bytes = BODY
+    *fields: bytes,
+    version: bytes = b"1.1",
+    method: bytes = b"POST",
+    body: bytes = BODY,
+    target: bytes = b"/mcp?session=1",
 ) -> bytes:
-    return (
-        b"%s /mcp?session=1 HTTP/%s\r\nHost: 127.0.0.1:8080\r\n%sContent-Length: %d\r\n\r\n%s"
-        % (method, version, b"".join(f + b"\r\n" for f in fields), len(body), body)
+    """A request as the workload sends it: its Content-Length unless fields frame the body
+    (Transfer-Encoding; body is then as framed)."""
+    framed = any(f.lower().startswith(b"transfer-encoding:") for f in fields)
+    length = b"" if framed else b"Content-Length: %d\r\n" % len(body)
+    return b"%s %s HTTP/%s\r\nHost: 127.0.0.1:8080\r\n%s%s\r\n%s" % (
+        method,
+        target,
+        version,
+        b"".join(f + b"\r\n" for f in fields),
+        length,
+        body,
     )
 
 
@@ -165,13 +178,13 @@ class FakeOAuth:
 class NoRedirect:
     """The lane is given connections already looked up: no record is ever asked for but
     who has written on the connection: `bits` (bpf/redirect.h CREDLESS_SENDER_*; None: the
-    record is gone), with its slot's change counter `changes`; `asked` counts the reads of
-    the record itself."""
+    record is gone), with its slot's change counter `changes`; `sender_reads` counts the
+    reads of the record itself."""
 
     def __init__(self) -> None:
         self.changes: int | None = 0
         self.bits: int | None = 0
-        self.asked = 0
+        self.sender_reads = 0
 
     def lookup(self, peer: SockAddr, local: SockAddr, netns: int) -> RedirectInfo | None:
         return None
@@ -183,7 +196,7 @@ class NoRedirect:
         return self.changes
 
     def sender(self, cookie: int) -> int | None:
-        self.asked += 1
+        self.sender_reads += 1
         return self.bits
 
 
@@ -196,8 +209,12 @@ class World:
         pooled: bool = True,
         image: tuple[int, int] | None = (1, 5),
         policy: Policy | None = None,
+        **parts: Any,
     ):
+        """parts: the Proxy's other arguments, in place of these stand-ins (the kernel's
+        records, the attestor, the identities, its settings: tests/unit/test_proxy_mutants.py)."""
         self.audit_out = io.StringIO()
+        self.registry = CollectorRegistry()
         self.now = 1000.0  # the upstream pool's clock: a test moves it, nothing else does
         self.asked = 0
         self.token = token
@@ -208,18 +225,19 @@ class World:
             workload_authorization="strip",
             unattested="deny",
         )
-        self.proxy = Proxy(
-            cfg,
-            {},
-            NoRedirect(),
-            FakeAttestor(image),
-            FakeIdentities(),
-            self.oauth,
+        args: dict[str, Any] = dict(
+            cfg=cfg,
+            upstreams={},
+            redirect=NoRedirect(),
+            attestor=FakeAttestor(image),
+            identity=FakeIdentities(),
+            oauth=self.oauth,
             audit=AuditLog("node", stream=self.audit_out),
-            registry=CollectorRegistry(),
+            registry=self.registry,
             policy=policy,
             clock=lambda: self.now,
         )
+        self.proxy = Proxy(**{**args, **parts})
         self.client = ClientSide(lambda c: None)
         self.client.connection_made(Transport())
         self.upstream = UpstreamSide()
@@ -525,12 +543,12 @@ def test_who_wrote_is_read_from_the_record_only_when_its_counter_moved():
     w = World()
     records = w.proxy.redirect
     run(w, request())
-    assert records.asked == 1  # the first request: no clean answer kept yet
+    assert records.sender_reads == 1  # the first request: no clean answer kept yet
     run(w, request())
-    assert records.asked == 1  # the counter has not moved: one load, no lookup
+    assert records.sender_reads == 1  # the counter has not moved: one load, no lookup
     records.changes = 1  # another connection sharing the slot was marked
     run(w, request())
-    assert records.asked == 2 and len(w.audit()) == 3  # read again, still clean: served
+    assert records.sender_reads == 2 and len(w.audit()) == 3  # read again, still clean: served
 
 
 @pytest.mark.parametrize(
