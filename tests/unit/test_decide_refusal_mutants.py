@@ -117,3 +117,4 @@ def test_a_long_alias_names_the_field_it_is_cut_to_100_bytes_too():
     v = verdict("broker", b"/mcp", name.encode() + b": 203.0.113.9")
     assert_refused(v, 400, "framing_refused")
     assert "f" * 101 not in v.message
+    assert repr("x-forwarded-" + "f" * 88) in v.message  # the field it is, cut at 100
