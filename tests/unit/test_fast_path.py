@@ -185,6 +185,7 @@ class NoRedirect:
         self.changes: int | None = 0
         self.bits: int | None = 0
         self.sender_reads = 0
+        self.cookies: set[int] = set()  # the connections asked about
 
     def lookup(self, peer: SockAddr, local: SockAddr, netns: int) -> RedirectInfo | None:
         return None
@@ -193,9 +194,11 @@ class NoRedirect:
         pass
 
     def sender_changes(self, cookie: int) -> int | None:
+        self.cookies.add(cookie)
         return self.changes
 
     def sender(self, cookie: int) -> int | None:
+        self.cookies.add(cookie)
         self.sender_reads += 1
         return self.bits
 
@@ -549,6 +552,7 @@ def test_who_wrote_is_read_from_the_record_only_when_its_counter_moved():
     records.changes = 1  # another connection sharing the slot was marked
     run(w, request())
     assert records.sender_reads == 2 and len(w.audit()) == 3  # read again, still clean: served
+    assert records.cookies == {INFO.cookie}  # of this connection, both
 
 
 @pytest.mark.parametrize(

@@ -797,6 +797,25 @@ async def test_a_workload_awaiting_100_continue_is_told_to_go_on_and_the_server_
 
 
 @run
+async def test_a_body_another_process_wrote_after_its_head_is_not_sent_on():
+    """The head is decided (100 Continue), then the kernel marks a write by another process:
+    the body that follows is checked again before anything of the request goes upstream."""
+    w = World()  # no policy: the body streams, nothing reads it whole first
+    task = await coroutine(w)
+    head, body = request(b"Expect: 100-continue").split(b"\r\n\r\n")
+    w.client.data_received(head + b"\r\n\r\n")
+    await _until(lambda: w.client.transport.out != b"")
+    w.proxy.redirect.changes, w.proxy.redirect.bits = 1, 1  # a child wrote the body
+    w.client.data_received(body)
+    with pytest.raises(ConnectionError):  # Proxy.handle closes the workload's connection
+        await asyncio.wait_for(task, 5)
+    assert w.upstream.transport.out == b""  # nothing of the request went upstream
+    [denied] = events(w, "request.denied")
+    assert "another process wrote on this connection" in denied["reason"]
+    assert count(w, "identity_changed") == 1
+
+
+@run
 async def test_another_expectation_is_not_answered_100():
     w = World()
     task = await coroutine(w)
