@@ -27,7 +27,9 @@ through credless minus direct; target: the pre-warmed first request's added late
 
 Prints: inject-bench: direct_rps=… nginx_rps=… credless_rps=… direct_p50_us=…
 nginx_p50_us=… credless_p50_us=… credless_p99_us=… sse_first_event_added_ms=…, then the
-loaded latencies, the targets' ratios (inject-bench-target) and the floor.
+loaded latencies, the targets' ratios (inject-bench-target), the floor, and each proxy's own
+CPU microseconds per request over its saturating run (inject-bench-cpu): what a request costs
+it, which a neighbour's load or a wait on a peer does not move (the machine's speed does).
 """
 
 from __future__ import annotations
@@ -118,6 +120,29 @@ def wrk(url: str, lua: Path, preexec=None, connections: int = 16) -> tuple[float
 
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     return rps, us("50"), us("99")
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User and system CPU the processes (every thread) have used so far."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
+
+
+def with_cpu(pids: list[int], run) -> tuple[tuple[float, float, float], float]:
+    """run()'s wrk figures, and the CPU microseconds the processes spent per request."""
+    t0, c0 = time.monotonic(), cpu_seconds(pids)
+    figures = run()
+    spent, elapsed = cpu_seconds(pids) - c0, time.monotonic() - t0
+    return figures, spent / max(figures[0] * elapsed, 1) * 1e6
+
+
+def nginx_workers(master: int) -> list[int]:
+    children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+    return [int(c) for c in children]
 
 
 class Sse(BaseHTTPRequestHandler):
@@ -286,7 +311,9 @@ def main() -> int:
         try:
             wait_for(lambda: accepting(up_port) and accepting(px_port), 10, what="nginx")
             direct = wrk(f"http://127.0.0.1:{up_port}/mcp", lua)
-            nginx = wrk(f"http://127.0.0.1:{px_port}/mcp", lua)
+            nginx, nginx_cpu = with_cpu(
+                nginx_workers(px.pid), lambda: wrk(f"http://127.0.0.1:{px_port}/mcp", lua)
+            )
             direct1 = wrk(f"http://127.0.0.1:{up_port}/mcp", lua, connections=1)
             nginx1 = wrk(f"http://127.0.0.1:{px_port}/mcp", lua, connections=1)
             floor_port = free_port()
@@ -304,7 +331,9 @@ def main() -> int:
             )
             try:
                 wait_for(lambda: accepting(floor_port), 10, what="floor relay")
-                floor = wrk(f"http://127.0.0.1:{floor_port}/mcp", lua)
+                floor, floor_cpu = with_cpu(
+                    [floor_proc.pid], lambda: wrk(f"http://127.0.0.1:{floor_port}/mcp", lua)
+                )
             finally:
                 floor_proc.terminate()
                 floor_proc.wait()
@@ -323,7 +352,9 @@ def main() -> int:
                 )
                 inside = enter_cgroup(w.cg)
                 wrk(f"http://127.0.0.1:{up_port}/mcp", lua, inside)  # warm: token
-                cred = wrk(f"http://127.0.0.1:{up_port}/mcp", lua, inside)
+                cred, cred_cpu = with_cpu(
+                    [agent.proc.pid], lambda: wrk(f"http://127.0.0.1:{up_port}/mcp", lua, inside)
+                )
                 cred1 = wrk(f"http://127.0.0.1:{up_port}/mcp", lua, inside, connections=1)
                 sse_cred = sse_first_ms(sse_port, inside)
             first = first_request_figures(tmp, up_port, cold_port)
@@ -378,6 +409,12 @@ def main() -> int:
         f"inject-bench-floor: python_relay_rps={floor[0]:.0f} "
         f"python_relay_p50_us={floor[1]:.0f} "
         f"credless_of_floor={cred[0] / floor[0]:.2f} floor_of_nginx={floor[0] / nginx[0]:.2f}"
+    )
+    # each proxy's own CPU per request over its saturating run
+    print(
+        f"inject-bench-cpu: cpu_us_per_request nginx={nginx_cpu:.1f} "
+        f"python_relay={floor_cpu:.1f} credless={cred_cpu:.1f} "
+        f"credless_of_relay={cred_cpu / max(floor_cpu, 0.1):.2f}"
     )
     return 0
 
