@@ -203,8 +203,9 @@ class Redirector:
                 f"{self.pin_dir}/process_images is not pinned: attestation "
                 "must start before the redirect"
             )
+        flags = compile_flags(self.pin_dir)  # once: a second compile below uses them too
         try:  # the maps an earlier agent pinned are reused (its links use them)
-            self._bpf = compile_program("redirect", compile_flags(self.pin_dir))
+            self._bpf = compile_program("redirect", flags)
             stale = self._layout_mismatch()
         except Exception as e:  # noqa: BLE001 — BCC raises bare Exception
             stale = str(e)
@@ -214,7 +215,7 @@ class Redirector:
                 self._bpf.cleanup()
             for m in _MAPS:
                 (self.pin_dir / m).unlink(missing_ok=True)
-            self._bpf = compile_program("redirect", compile_flags(self.pin_dir))
+            self._bpf = compile_program("redirect", flags)
         self._senders = bpfsys.MappedCounters(
             self._program[b"sender_changes"].map_fd, SENDER_CHANGE_SLOTS
         )
