@@ -44,7 +44,7 @@ from agent.inject.record import AuditBase, Recorder
 from agent.inject.redirect import SENDERS, RedirectInfo
 from agent.inject.refusals import malformed, refuse, slow_request, token_failed
 from agent.inject.request import Request
-from agent.inject.served import Served
+from agent.inject.served import Served, changed_since_attested
 from agent.inject.timeouts import SLOW_REQUEST, UPSTREAM
 from agent.inject.upstreams import Upstream
 from agent.oauth.errors import OAuthError
@@ -198,7 +198,10 @@ class Proxy:
         fragment = self.rec.fragment(server=upstream.name, mode=upstream.mode, **who)
         client.served = (upstream, fragment)  # for the timeouts' audit events
         selectors = att.selectors if att is not None else frozenset()
-        served = Served(client, info, upstream, ident, generation, who, fragment, selectors)
+        changed = changed_since_attested(info, att) if att is not None else ""
+        served = Served(
+            client, info, upstream, ident, generation, who, fragment, selectors, changed
+        )
         log.debug("connection served", server=upstream.name, mode=upstream.mode, **who)
         lane = None
         if upstream.mode != "assertion":
@@ -268,12 +271,16 @@ class Proxy:
         return named or f"a task credless cannot name (sender bits {bits:#x})"
 
     def caller(self, served: Served) -> Caller:
-        """Who asks on this connection, as of now: the decision's first input. The image is
-        checked on every request (a process that exec'd or exited is not served with the old
-        identity), and who wrote it (a child or another process writing on a connection it
-        was handed is not served as the process that connected); the identity again
+        """Who asks on this connection, as of now: the decision's first input. A process
+        that changed uid or cgroup between its exec and its connect is served as nobody
+        (served.changed); the image is checked on every request (a process that exec'd or
+        exited is not served with the old identity), and who wrote it (a child or another
+        process writing on a connection it was handed is not served as the process that
+        connected); the identity again
         whenever the registration entries have changed since it was resolved (an entry
         removed or changed revokes it on live connections too)."""
+        if served.changed:
+            return Caller(False, served.caller.spiffe_id, changed=served.changed)
         if not self.image_current(served.info, served.client):
             return Caller(False, served.caller.spiffe_id)
         other = self.other_sender(served.info, served.client)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from agent.attest.selectors import Attestation
 from agent.identity.manager import Identity
 from agent.inject.decide import Caller
 from agent.inject.flows import ClientSide
@@ -21,9 +22,37 @@ def pool_key(ident: Identity | None, up: Upstream) -> tuple[str | None, str, int
     return (str(ident.spiffe_id) if ident else None, up.host, up.port, up.scheme)
 
 
+def changed_since_attested(info: RedirectInfo, att: Attestation) -> str:
+    """How the process that connected differs from its image's attestation ("": it does
+    not). The image is attested from its exec (bpf/process_events.c) and /proc read soon
+    after; the record is the kernel's view at connect (bpf/redirect.c: the real uid and the
+    cgroup of the connecting task). A process that setuid()s or is moved to another cgroup
+    in between is no longer what its selectors were made from: they could name another
+    identity, or none. Fails closed: such a connection is served as nobody."""
+    fix = (
+        "its attestation no longer describes it; connection closed (make the change before "
+        "the exec, e.g. with setpriv or systemd-run, for the program to be attested as what "
+        "it runs as)"
+    )
+    if info.uid != att.real_uid:
+        return (
+            f"pid {info.tgid} connected as uid {info.uid}, but its image was attested as uid "
+            f"{att.real_uid}: {fix}"
+        )
+    # 0: the attestation has no cgroup id (a path outside the agent's cgroup namespace),
+    # and no cgroup selector was made from one
+    if att.cgroup_id and info.cgroup_id != att.cgroup_id:
+        return (
+            f"pid {info.tgid} connected from another cgroup (id {info.cgroup_id}) than its "
+            f"image was attested in ({att.cgroup_path}, id {att.cgroup_id}): {fix}"
+        )
+    return ""
+
+
 class Served:
     __slots__ = (
         "caller",
+        "changed",
         "client",
         "fragment",
         "generation",
@@ -44,8 +73,11 @@ class Served:
         who: dict[str, Any],
         fragment: str,
         selectors: frozenset[str] = frozenset(),
+        changed: str = "",
     ):
         self.client, self.info, self.up = client, info, up
+        # changed_since_attested's answer: then no request on it is served as the identity
+        self.changed = changed
         self.ident = ident  # None: not attested, or no registration entry matches
         self.generation = generation  # of the registration entries it was resolved by
         self.who = who  # the process's audit fields

@@ -16,9 +16,9 @@ import signal
 import pytest
 
 from tests.helpers import audit_events, wait_for
-from tests.kernel import start_python
+from tests.kernel import run_python, start_python
 from tests.upstreams.echo import Upstream
-from tests.world import build_world, server_table
+from tests.world import build_world, entry_table, server_table
 
 pytestmark = pytest.mark.kernel
 
@@ -57,16 +57,19 @@ def post(port: int, body: str = '{"n": 1}', *fields: str) -> str:
 
 
 @contextlib.contextmanager
-def decided_world(tmp_path, up_port: int, entry: bool = True, policy=None, **inject):
+def decided_world(
+    tmp_path, up_port: int, entry: bool = True, policy=None, uid: int | None = None, **inject
+):
     """The agent in broker mode for the upstream at up_port (Bearer tokens from
-    oidc-provider), SID's entry for its cgroup unless `entry` is false; yields send(), one
-    request on the workload's connection and its answer."""
+    oidc-provider), SID's entry for its cgroup (and uid, if given) unless `entry` is false;
+    yields send(), one request on the workload's connection and its answer."""
     with build_world(tmp_path, SID) as w:
         up = f"http://127.0.0.1:{up_port}/mcp"
         oidc = w.authorization_server([up], dpop=False)
+        selectors = [w.selector] + ([f"unix:uid:{uid}"] if uid is not None else [])
         w.start_agent(
             server_table("up", up, issuer=oidc.issuer, dpop="never"),
-            entries=None if entry else "",
+            entries=entry_table("workload", SID, selectors) if entry else "",
             policy=policy,
             inject=inject,
         )
@@ -103,6 +106,57 @@ def test_removing_the_entry_revokes_the_identity_on_a_live_connection(tmp_path, 
         ]
         assert len(denied) == 1 and denied[0]["spiffe_id"] == SID
         assert "registration entries changed" in denied[0]["reason"]
+
+
+# A process attested at its exec (root, in the world's cgroup: SID) asks once on its first
+# connection; then it becomes something SID's entry does not describe, by setuid or by
+# moving to a cgroup below, and opens a second connection. Printed: both answers' status
+# lines ("" when the proxy closed the connection unanswered).
+BECOMES_CLIENT = r"""
+import json, os, socket, sys
+port, how, elsewhere = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+REQ = (b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n"
+       b"Content-Length: 8\r\n\r\n{\"n\": 1}" % port)
+def ask():
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(REQ)
+    data = b""
+    while not data.endswith(b"}}"):
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    s.close()
+    return data.decode().split("\r\n")[0]
+first = ask()
+if how == "setuid":
+    os.setuid(65534)
+else:
+    os.mkdir(elsewhere)
+    with open(os.path.join(elsewhere, "cgroup.procs"), "w") as f:
+        f.write(str(os.getpid()))
+print(json.dumps({"first": first, "second": ask()}))
+"""
+
+
+@pytest.mark.parametrize("how", ["setuid", "cgroup"])
+def test_a_process_that_changed_since_its_exec_is_not_served_as_its_attestation(
+    tmp_path, upstream, how
+):
+    with decided_world(tmp_path, upstream, uid=0) as w:
+        elsewhere = w.cg / "elsewhere"  # below the managed cgroup: managed, no entry
+        out = json.loads(run_python(BECOMES_CLIENT, upstream, how, elsewhere, cgroup=w.cg))
+        assert out["first"] == "HTTP/1.1 200 OK"
+        assert out["second"] == ""  # closed unanswered: not served as SID
+        assert [s["auth"].split()[0] for s in Upstream.seen] == ["Bearer"]  # the first only
+        denied = [
+            e
+            for e in audit_events(w.agent.stdout_path, "request.denied")
+            if e["event"] == "request.denied"
+        ]
+        assert len(denied) == 1 and denied[0]["spiffe_id"] == SID
+        changed = "uid 65534" if how == "setuid" else "another cgroup"
+        assert changed in denied[0]["reason"], denied[0]["reason"]
 
 
 def test_an_unattested_process_is_passed_through_as_sent_when_configured(tmp_path, upstream):

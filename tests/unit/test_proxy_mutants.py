@@ -631,6 +631,47 @@ async def test_a_process_that_execd_or_exited_is_closed_unanswered_and_audited()
         assert count(w, "image_changed") == 1
 
 
+# The kernel's record at connect (INFO: uid 0, cgroup id 1) against the attestation made at
+# exec: what differs, and the reason audited ("": served as the identity).
+CHANGED_SINCE_EXEC = [
+    ({}, ""),
+    ({"uid": 65534, "gid": 65534}, ""),  # effective ids: the record holds the real uid
+    (
+        {"real_uid": 1000},
+        "pid 100 connected as uid 0, but its image was attested as uid 1000: its attestation "
+        "no longer describes it; connection closed (make the change before the exec, e.g. "
+        "with setpriv or systemd-run, for the program to be attested as what it runs as)",
+    ),
+    (
+        {"cgroup_id": 7},
+        "pid 100 connected from another cgroup (id 1) than its image was attested in "
+        "(/kubepods/pod-1/c-1, id 7): its attestation no longer describes it; connection "
+        "closed (make the change before the exec, e.g. with setpriv or systemd-run, for the "
+        "program to be attested as what it runs as)",
+    ),
+    ({"cgroup_id": 0}, ""),  # no cgroup id attested (outside the agent's namespace)
+]
+
+
+@pytest.mark.parametrize(("attested", "reason"), CHANGED_SINCE_EXEC)
+def test_a_process_changed_between_its_exec_and_its_connect_is_served_as_no_one(attested, reason):
+    async def body() -> None:
+        w = node(images={(INFO.tgid, INFO.exec_ns): image(**attested)})
+        task = await accept(w)
+        sent, answer = await turn(w, request())
+        if not reason:
+            assert answer == RESPONSE and b"Authorization: Bearer " in sent
+            await end(w, task)
+            return
+        await asyncio.wait_for(task, 5)
+        assert sent == b"" and answer == b"" and w.client.transport.closed
+        [denied] = events(w, "request.denied")
+        assert denied["reason"] == reason and denied["spiffe_id"] == SID
+        assert w.attestor.source.lookups == []  # decided before the kernel is asked
+
+    asyncio.run(body())
+
+
 @run
 async def test_the_kernel_is_asked_again_only_when_the_change_counter_moved():
     w = node()
