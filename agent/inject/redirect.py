@@ -308,6 +308,8 @@ class Redirector:
         for link_fd, (name, ptype, expected, _attach) in zip(self._links, _programs(), strict=True):
             bpfsys.link_update(link_fd, self._program.load_func(name, ptype, None, expected).fd)
         self._configure()
+        # the new agent may have written targets of its own: only this agent's stay
+        self._stale_targets = [bytes(k) for k in self._program[b"redirect_targets"]]
         self.set_targets(set(self.targets))
         self.set_agent_up(True)
         log.info("redirect reclaimed", reason="a new agent failed to take over")
