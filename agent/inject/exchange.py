@@ -477,6 +477,16 @@ class Exchanges:
             return keep_alive
         if not conn.complete:  # cut short: closing tells the workload the answer is partial
             self.rec.count(up, "upstream_closed")
+            # the request reached the server (with credless's token, if any): on the record
+            self.rec.audit_event(
+                "request.failed",
+                audit_base,
+                status=status,
+                reason="the MCP server closed its connection before its answer ended; the "
+                "workload's connection was closed too, so that the answer reads as cut short",
+                token_sha256=token.fingerprint if token is not None else None,
+                latency_ms=round((time.perf_counter() - started) * 1000, 2),
+            )
             return False
         self.rec.count(up, "injected" if token else "forwarded")
         self.rec.request_done(

@@ -1,4 +1,5 @@
-"""An answer the MCP server cuts short reaches the workload cut short, never looking whole.
+"""An answer the MCP server cuts short reaches the workload cut short, never looking whole,
+and the request is on the audit record as failed.
 
 The server below answers a credentialed request with a chunked body and closes two bytes
 into its chunk. The proxy re-chunks what it relays; it used to render the empty body piece
@@ -17,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import h11
 import pytest
 
-from tests.helpers import serving
+from tests.helpers import audit_events, serving
 from tests.kernel import run_python
 from tests.world import build_world, server_table
 
@@ -86,6 +87,14 @@ def test_a_chunked_answer_the_server_cuts_short_is_cut_short_for_the_workload(tm
             CutShort.issuer = oidc.issuer
             w.start_agent(server_table("cut", url))
             out = json.loads(run_python(WORKLOAD, "127.0.0.1", port, cgroup=w.cg))
+            # the credentialed request reached the server: it is on the record, as failed
+            events = audit_events(w.agent.stdout_path, "request.failed")
+    done = [e for e in events if e["event"].startswith("request.")]
+    assert [(e["event"], e["status"]) for e in done] == [("request.failed", 200)], done
+    assert "cut short" in done[0]["reason"] and done[0]["spiffe_id"] == SPIFFE_ID
+    assert done[0]["token_sha256"] == next(
+        e["token_sha256"] for e in events if e["event"] == "token.obtained"
+    )
     got = base64.b64decode(out["got"])
     assert got.startswith(b"HTTP/1.1 200 "), got[:200]
     # the workload's own HTTP parser: the answer must not end
