@@ -124,6 +124,29 @@ async def exchange(
     return await asyncio.wait_for(task, 5)
 
 
+async def sent(
+    w: World,
+    head: Head | None = None,
+    token: Any = TOKEN,
+    audit: AuditBase | None = None,
+    started: float = 0.0,
+) -> asyncio.Future:
+    """Exchanges.run on a request whose body is PIECE (head: POST's by default), once its
+    head has gone to the server's stand-in; the running exchange."""
+    task = asyncio.ensure_future(
+        w.proxy.exchanges.run(
+            head or post(len(PIECE)),
+            Script(w, *body(PIECE)),
+            w.served,
+            token,
+            audit or base(w),
+            started,
+        )
+    )
+    await _until(lambda: w.upstream.sent_at > 0)
+    return task
+
+
 def run(test):
     """An async test body, run in a loop of its own."""
 
@@ -364,12 +387,8 @@ CUT = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b'{"jsonrpc":"2.0","id
 @run
 async def test_an_answer_the_server_cut_short_closes_the_workloads_connection():
     w = World()
-    task = asyncio.ensure_future(
-        w.proxy.exchanges.run(
-            post(len(PIECE)), Script(w, *body(PIECE)), w.served, TOKEN, base(w), 0.0
-        )
-    )
-    await _until(lambda: w.upstream.transport.out.endswith(PIECE) and w.upstream.sent_at > 0)
+    task = await sent(w)
+    await _until(lambda: w.upstream.transport.out.endswith(PIECE))
     w.upstream.data_received(CUT)
     w.upstream.connection_lost(None)
     keep = await asyncio.wait_for(task, 5)
@@ -391,12 +410,8 @@ async def test_an_answer_the_server_cut_short_closes_the_workloads_connection():
 @run
 async def test_a_server_that_closes_before_answering_gets_the_workload_a_502():
     w = World()
-    task = asyncio.ensure_future(
-        w.proxy.exchanges.run(
-            post(len(PIECE)), Script(w, *body(PIECE)), w.served, TOKEN, base(w), 0.0
-        )
-    )
-    await _until(lambda: w.upstream.transport.out.endswith(PIECE) and w.upstream.sent_at > 0)
+    task = await sent(w)
+    await _until(lambda: w.upstream.transport.out.endswith(PIECE))
     w.upstream.connection_lost(None)
     keep = await asyncio.wait_for(task, 5)
     assert keep is True
@@ -523,12 +538,8 @@ async def test_a_retry_whose_connection_closed_goes_on_a_fresh_one():
         return fresh
 
     w.proxy.exchanges.connect = connect  # type: ignore[method-assign]
-    task = asyncio.ensure_future(
-        w.proxy.exchanges.run(
-            dpop_head(w, len(PIECE)), Script(w, *body(PIECE)), w.served, DPOP, base(w), 0.0
-        )
-    )
-    await _until(lambda: w.upstream.transport.out.endswith(PIECE) and w.upstream.sent_at > 0)
+    task = await sent(w, dpop_head(w, len(PIECE)), DPOP)
+    await _until(lambda: w.upstream.transport.out.endswith(PIECE))
     w.upstream.data_received(nonce_401(b"n-1", close=True))
     await _until(lambda: fresh_transport.out.endswith(PIECE) and fresh.sent_at > 0)
     fresh.data_received(RESPONSE)
@@ -547,12 +558,8 @@ async def test_a_retry_whose_server_cannot_be_reached_again_is_answered_502():
         raise ConnectionRefusedError(111, "Connection refused")
 
     w.proxy.exchanges.connect = connect  # type: ignore[method-assign]
-    task = asyncio.ensure_future(
-        w.proxy.exchanges.run(
-            dpop_head(w, len(PIECE)), Script(w, *body(PIECE)), w.served, DPOP, base(w), 0.0
-        )
-    )
-    await _until(lambda: w.upstream.transport.out.endswith(PIECE) and w.upstream.sent_at > 0)
+    task = await sent(w, dpop_head(w, len(PIECE)), DPOP)
+    await _until(lambda: w.upstream.transport.out.endswith(PIECE))
     w.upstream.data_received(nonce_401(b"n-1", close=True))
     keep = await asyncio.wait_for(task, 5)
     assert keep is True
@@ -574,12 +581,8 @@ async def test_a_retry_whose_connection_closed_takes_an_idle_pooled_one_first():
         raise AssertionError("an idle connection was at hand")
 
     w.proxy.exchanges.connect = connect  # type: ignore[method-assign]
-    task = asyncio.ensure_future(
-        w.proxy.exchanges.run(
-            dpop_head(w, len(PIECE)), Script(w, *body(PIECE)), w.served, DPOP, base(w), 0.0
-        )
-    )
-    await _until(lambda: w.upstream.transport.out.endswith(PIECE) and w.upstream.sent_at > 0)
+    task = await sent(w, dpop_head(w, len(PIECE)), DPOP)
+    await _until(lambda: w.upstream.transport.out.endswith(PIECE))
     w.proxy.pool.put(w.key, idle)  # another request's connection, back in the pool
     w.upstream.data_received(nonce_401(b"n-1", close=True))
     await _until(lambda: idle.transport.out.endswith(PIECE) and idle.sent_at > 0)
@@ -900,12 +903,7 @@ async def test_a_nonce_demand_the_server_cut_short_is_not_retried():
         raise AssertionError("not sent again")
 
     w.proxy.exchanges.connect = connect  # type: ignore[method-assign]
-    task = asyncio.ensure_future(
-        w.proxy.exchanges.run(
-            dpop_head(w, len(PIECE)), Script(w, *body(PIECE)), w.served, DPOP, base(w), 0.0
-        )
-    )
-    await _until(lambda: w.upstream.sent_at > 0)
+    task = await sent(w, dpop_head(w, len(PIECE)), DPOP)
     whole = nonce_401(b"n-1")
     w.upstream.data_received(whole[:-5])  # its body cut short
     w.upstream.connection_lost(None)
@@ -1055,12 +1053,7 @@ async def test_a_server_that_does_not_answer_in_time_gets_the_workload_a_504(kee
 @run
 async def test_a_server_timed_out_after_its_answer_began_is_cut_short_not_504():
     w = World()
-    task = asyncio.ensure_future(
-        w.proxy.exchanges.run(
-            post(len(PIECE)), Script(w, *body(PIECE)), w.served, TOKEN, base(w), 0.0
-        )
-    )
-    await _until(lambda: w.upstream.sent_at > 0)
+    task = await sent(w)
     w.upstream.data_received(CUT)
     w.upstream.timed_out = True
     w.upstream.abort()
@@ -1101,12 +1094,7 @@ def rpc_base(w: World) -> AuditBase:
 @run
 async def test_a_json_rpc_request_whose_server_closed_unanswered_gets_its_cause_and_event():
     w = World()
-    task = asyncio.ensure_future(
-        w.proxy.exchanges.run(
-            post(len(PIECE)), Script(w, *body(PIECE)), w.served, TOKEN, rpc_base(w), 0.0
-        )
-    )
-    await _until(lambda: w.upstream.sent_at > 0)
+    task = await sent(w, audit=rpc_base(w))
     w.upstream.connection_lost(None)
     await asyncio.wait_for(task, 5)
     error = json.loads(w.client.transport.out.split(b"\r\n\r\n", 1)[1])["error"]
@@ -1157,12 +1145,7 @@ async def test_the_servers_time_to_answer_is_measured_from_the_request_sent():
 async def test_an_answered_requests_latency_counts_from_when_its_handling_began():
     w = World()
     t0 = time.perf_counter()
-    task = asyncio.ensure_future(
-        w.proxy.exchanges.run(
-            post(len(PIECE)), Script(w, *body(PIECE)), w.served, TOKEN, base(w), t0 - AGO
-        )
-    )
-    await _until(lambda: w.upstream.sent_at > 0)
+    task = await sent(w, started=t0 - AGO)
     w.upstream.data_received(RESPONSE)
     await asyncio.wait_for(task, 5)
     elapsed_ms = (time.perf_counter() - t0) * 1000
