@@ -272,13 +272,13 @@ class Proxy:
 
     def caller(self, served: Served) -> Caller:
         """Who asks on this connection, as of now: the decision's first input. A process
-        that changed uid or cgroup between its exec and its connect is served as nobody
+        that changed uid or cgroup between its exec and its connect is not current
         (served.changed); the image is checked on every request (a process that exec'd or
         exited is not served with the old identity), and who wrote it (a child or another
         process writing on a connection it was handed is not served as the process that
-        connected); the identity again
-        whenever the registration entries have changed since it was resolved (an entry
-        removed or changed revokes it on live connections too)."""
+        connected); the identity again whenever the registration entries have changed
+        since it was resolved (an entry removed or changed revokes it on live connections
+        too)."""
         if served.changed:
             return Caller(False, served.caller.spiffe_id, changed=served.changed)
         if not self.image_current(served.info, served.client):

@@ -28,7 +28,7 @@ def changed_since_attested(info: RedirectInfo, att: Attestation) -> str:
     after; the record is the kernel's view at connect (bpf/redirect.c: the real uid and the
     cgroup of the connecting task). A process that setuid()s or is moved to another cgroup
     in between is no longer what its selectors were made from: they could name another
-    identity, or none. Fails closed: such a connection is served as nobody."""
+    identity, or none. Fails closed: such a connection is closed at its first request."""
     fix = (
         "its attestation no longer describes it; connection closed (make the change before "
         "the exec, e.g. with setpriv or systemd-run, for the program to be attested as what "
@@ -39,8 +39,9 @@ def changed_since_attested(info: RedirectInfo, att: Attestation) -> str:
             f"pid {info.tgid} connected as uid {info.uid}, but its image was attested as uid "
             f"{att.real_uid}: {fix}"
         )
-    # 0: the attestation has no cgroup id (a path outside the agent's cgroup namespace),
-    # and no cgroup selector was made from one
+    # 0: the attestation has no cgroup id (a process seeded from /proc whose cgroup could
+    # not be found under the agent's cgroup root); its cgroup:path selector, if any, came
+    # from the path /proc gave, and is not checked here
     if att.cgroup_id and info.cgroup_id != att.cgroup_id:
         return (
             f"pid {info.tgid} connected from another cgroup (id {info.cgroup_id}) than its "
