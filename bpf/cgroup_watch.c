@@ -46,11 +46,8 @@
 // when the count grows. A full map (no PENDING entry written) is counted too.
 
 #include <uapi/linux/bpf.h>
-#include "cgroup_watch.h"
+#include "cgroup_watch.h"  // managed_cgroups, shared with bpf/redirect.c
 
-#ifndef PIN_DIR
-#define PIN_DIR "/sys/fs/bpf/credless"
-#endif
 #ifndef RINGBUF_PAGES
 #define RINGBUF_PAGES 16
 #endif
@@ -70,19 +67,17 @@
 #define TP_PATH_OFF 24
 #endif
 
-// Shared with bpf/redirect.c through its pin.
-BPF_TABLE_PINNED("hash", u64, u32, managed_cgroups, CREDLESS_MAX_MANAGED, PIN_DIR "/managed_cgroups");
 BPF_RINGBUF_OUTPUT(cgroup_events, RINGBUF_PAGES);
 BPF_PERCPU_ARRAY(cgroup_watch_counts, u64, 2);  // 0: events lost, 1: PENDING not written
 
-static __always_inline void count(int i)
+static __always_inline void watch_count(int i)
 {
     u64 *c = cgroup_watch_counts.lookup(&i);
     if (c)
         (*c)++;
 }
 
-static __always_inline int fields(void *ctx, u64 *id, u32 *level)
+static __always_inline int watch_fields(void *ctx, u64 *id, u32 *level)
 {
     int root = *(int *)(ctx + TP_ROOT_OFF);
     if (root != 0)  // a cgroup v1 hierarchy
@@ -92,12 +87,12 @@ static __always_inline int fields(void *ctx, u64 *id, u32 *level)
     return 1;
 }
 
-static __always_inline void publish(void *ctx, u32 type, u64 id, u32 level, u32 state,
-                                    u32 marked)
+static __always_inline void watch_publish(void *ctx, u32 type, u64 id, u32 level, u32 state,
+                                          u32 marked)
 {
     struct cgroup_event *e = cgroup_events.ringbuf_reserve(sizeof(struct cgroup_event));
     if (!e) {
-        count(0);
+        watch_count(0);
         return;
     }
     e->type = type;
@@ -114,15 +109,15 @@ int credless_cgroup_mkdir(void *ctx)
 {
     u64 id;
     u32 level;
-    if (!fields(ctx, &id, &level) || level >= 64)
+    if (!watch_fields(ctx, &id, &level) || level >= 64)
         return 0;
     if (!((WATCH_LEVELS >> level) & 1))
         return 0;
     u32 pending = CREDLESS_CG_PENDING;
     u32 marked = managed_cgroups.update(&id, &pending) == 0;
     if (!marked)
-        count(1);  // map full: told to user space (marked = 0), which decides at once
-    publish(ctx, CREDLESS_CG_MKDIR, id, level, CREDLESS_CG_PENDING, marked);
+        watch_count(1);  // map full: told to user space (marked = 0), which decides at once
+    watch_publish(ctx, CREDLESS_CG_MKDIR, id, level, CREDLESS_CG_PENDING, marked);
     return 0;
 }
 
@@ -130,13 +125,13 @@ int credless_cgroup_rmdir(void *ctx)
 {
     u64 id;
     u32 level;
-    if (!fields(ctx, &id, &level))
+    if (!watch_fields(ctx, &id, &level))
         return 0;
     u32 *state = managed_cgroups.lookup(&id);
     if (!state)
         return 0;
     u32 was = *state;
     managed_cgroups.delete(&id);
-    publish(ctx, CREDLESS_CG_RMDIR, id, level, was, 0);
+    watch_publish(ctx, CREDLESS_CG_RMDIR, id, level, was, 0);
     return 0;
 }

@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: GPL-2.0
 //
 // Shared by bpf/cgroup_watch.c, bpf/redirect.c and (through BCC's type export)
-// agent/inject/cgroup_watch.py: the states of a `managed_cgroups` entry and the event the
-// watcher publishes. Defined once here.
+// agent/inject/cgroup_watch.py: the `managed_cgroups` map, the states of its entries and the
+// event the watcher publishes. Defined once here.
 
 #ifndef CREDLESS_CGROUP_WATCH_H
 #define CREDLESS_CGROUP_WATCH_H
@@ -15,6 +15,16 @@
 
 // entries of managed_cgroups: managed cgroups, and new ones while undecided
 #define CREDLESS_MAX_MANAGED 16384
+
+#ifndef PIN_DIR
+#define PIN_DIR "/sys/fs/bpf/credless"
+#endif
+// Written by the agent and by bpf/cgroup_watch.c, read by bpf/redirect.c; values
+// CREDLESS_CG_*. Declared here, once: the agent compiles both files as one object
+// (agent/bpfload.py says why), where a second declaration would not compile; compiled apart,
+// each finds the other's map through the pin.
+BPF_TABLE_PINNED("hash", u64, u32, managed_cgroups, CREDLESS_MAX_MANAGED,
+                 PIN_DIR "/managed_cgroups");
 
 #define CREDLESS_CG_MKDIR 1
 #define CREDLESS_CG_RMDIR 2

@@ -73,9 +73,7 @@ BPF_TABLE_PINNED("hash", struct redirect_target, u32, redirect_targets, MAX_TARG
                  PIN_DIR "/redirect_targets");
 BPF_TABLE_PINNED("array", int, struct redirect_config, redirect_config, 1,
                  PIN_DIR "/redirect_config");
-// Written by the agent and by bpf/cgroup_watch.c; values CREDLESS_CG_*.
-BPF_TABLE_PINNED("hash", u64, u32, managed_cgroups, CREDLESS_MAX_MANAGED,
-                 PIN_DIR "/managed_cgroups");
+// managed_cgroups: declared in cgroup_watch.h (bpf/cgroup_watch.c writes it too)
 BPF_TABLE_PINNED("lru_hash", u64, struct redirect_info, redirected, MAX_CONNECTIONS,
                  PIN_DIR "/redirected");
 BPF_TABLE_PINNED("lru_hash", struct local_endpoint, u64, local_to_cookie, MAX_CONNECTIONS,

@@ -83,7 +83,8 @@ class ProcessEventSource:
             if not self.reuse_pinned_images:
                 Path(self._pin_dir, "process_images").unlink(missing_ok=True)
         flags = compile_flags(self._ring_pages, self._pin_dir)
-        self._bpf = bpf = compile_program("process_events", flags)  # attaches the tracepoints
+        # compiling attaches the tracepoints (BCC's TRACEPOINT_PROBE)
+        self._bpf = bpf = compile_program("process_events", cflags=flags)
         ring = bpf[b"process_events"]
         ring.open_ring_buffer(self._callback)
         # The ctypes class BCC derived from struct process_event (bpf/process_events.h).

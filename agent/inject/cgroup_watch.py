@@ -28,7 +28,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily
 
 from agent import bpfsys
-from agent.bpfload import compile_program
 from agent.inject.cgroup_match import MAX_CGROUP_DEPTH, CgroupMatcher, cgroups_at
 from agent.observe.logging import AuditLog, get_logger
 
@@ -38,6 +37,7 @@ MANAGED, PENDING = 1, 2  # bpf/cgroup_watch.h
 MKDIR, RMDIR = 1, 2
 PATH_LEN = 512
 LINKS = {"mkdir": "link_cgroup_mkdir", "rmdir": "link_cgroup_rmdir"}
+SOURCE = "cgroup_watch"  # bpf/cgroup_watch.c, compiled into the redirect's object
 _TRACEFS = Path("/sys/kernel/tracing/events/cgroup")
 _FIELDS = {"root": "TP_ROOT_OFF", "level": "TP_LEVEL_OFF", "id": "TP_ID_OFF", "path": "TP_PATH_OFF"}
 
@@ -149,26 +149,29 @@ class CgroupWatch:
             registry.register(WatchLost(self))
 
     # ------------------------------------------------------------ lifecycle
-    def start(self) -> None:
+    def cflags(self) -> list[str]:
+        """The -D flags bpf/cgroup_watch.c is compiled with, into the redirect's object
+        (agent/bpfload.py says why one object): the depths the patterns name, and the
+        tracepoint's field offsets."""
         mask = sum(1 << level for level in self.matcher.levels)
-        flags = [f'-DPIN_DIR="{self.pin_dir}"', f"-DWATCH_LEVELS={mask}ULL"]
-        self._bpf = compile_program("cgroup_watch", flags + tracepoint_offsets())
+        return [f"-DWATCH_LEVELS={mask}ULL", *tracepoint_offsets()]
+
+    def start(self, program: Any) -> None:
+        """Attach the watcher's programs of `program` (the redirect's bcc.BPF, compiled with
+        cflags(); its owner cleans it up), pin their links, and decide the tree as it is."""
         from bcc import BPF
 
-        ring = self._bpf[b"cgroup_events"]
+        self._bpf = program
+        ring = program[b"cgroup_events"]
         ring.open_ring_buffer(self._callback)
         from agent.attest.events import event_class
 
         self._event_ptr = ct.POINTER(ring._event_class or event_class(ring))
-        self._map = self._bpf[b"managed_cgroups"]
-        for event, pin_name in LINKS.items():
-            fn = self._bpf.load_func(f"credless_cgroup_{event}".encode(), BPF.TRACEPOINT)
-            fd = tracepoint_link(fn.fd, f"cgroup_{event}")
-            self._links.append(fd)
-            # the new program runs before the old pin goes: no instant without a watcher
-            pin = self.pin_dir / pin_name
-            pin.unlink(missing_ok=True)
-            bpfsys.obj_pin(fd, str(pin))
+        self._map = program[b"managed_cgroups"]
+        for event in LINKS:
+            fn = program.load_func(f"credless_cgroup_{event}".encode(), BPF.TRACEPOINT)
+            self._links.append(tracepoint_link(fn.fd, f"cgroup_{event}"))
+        self._pin_links()
         self.reconcile()
         self._thread = threading.Thread(target=self._poll, name="bpf-cgroup-watch", daemon=True)
         self._thread.start()
@@ -179,6 +182,22 @@ class CgroupWatch:
             managed=self.managed_paths(),
             matching_nothing_yet=unmatched,
         )
+
+    def _pin_links(self) -> None:
+        # this agent's programs run before an earlier pin goes: no instant without a watcher
+        for fd, pin_name in zip(self._links, LINKS.values(), strict=True):
+            pin = self.pin_dir / pin_name
+            pin.unlink(missing_ok=True)
+            bpfsys.obj_pin(fd, str(pin))
+
+    def reclaim(self) -> None:
+        """After a new agent failed to take over (agent/handover.py): pin this agent's links
+        again in place of its, and decide the tree again (its configuration may have written
+        entries of its own patterns)."""
+        if not self._links:
+            return
+        self._pin_links()
+        self.reconcile()
 
     def stop(self, detach: bool) -> None:
         self._stop.set()
@@ -191,9 +210,7 @@ class CgroupWatch:
         for fd in self._links:
             os.close(fd)
         self._links.clear()
-        if self._bpf is not None:
-            self._bpf.cleanup()
-            self._bpf = None
+        self._bpf = None  # the redirect's: it cleans it up
 
     def _poll(self) -> None:
         while not self._stop.is_set():

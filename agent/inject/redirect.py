@@ -204,8 +204,12 @@ class Redirector:
                 "must start before the redirect"
             )
         flags = compile_flags(self.pin_dir)  # once: a second compile below uses them too
+        sources = ["redirect"]
+        if self.watch is not None:  # its programs in this object (agent/bpfload.py: why)
+            sources.append(cgroup_watch.SOURCE)
+            flags += self.watch.cflags()
         try:  # the maps an earlier agent pinned are reused (its links use them)
-            self._bpf = compile_program("redirect", flags)
+            self._bpf = compile_program(*sources, cflags=flags)
             stale = self._layout_mismatch()
         except Exception as e:  # noqa: BLE001 — BCC raises bare Exception
             stale = str(e)
@@ -215,13 +219,14 @@ class Redirector:
                 self._bpf.cleanup()
             for m in _MAPS:
                 (self.pin_dir / m).unlink(missing_ok=True)
-            self._bpf = compile_program("redirect", flags)
+            self._bpf = compile_program(*sources, cflags=flags)
         self._senders = bpfsys.MappedCounters(
             self._program[b"sender_changes"].map_fd, SENDER_CHANGE_SLOTS
         )
         self._stale_targets = [bytes(k) for k in self._program[b"redirect_targets"]]
         progs = _programs()
         self._configure()
+        self._manage_cgroups()
         self._root_fd = os.open(self.cgroup_root, os.O_RDONLY | os.O_DIRECTORY)
         try:
             for name, ptype, expected, attach in progs:
@@ -280,8 +285,16 @@ class Redirector:
         leaf.listen_port6 = _net_port(self.cfg.listen_port6)
         leaf.excluded_cgroup = self._own_cgroup_id()
         cfg_table[ct.c_int(0)] = leaf
-        if self.watch is not None:  # the patterns' cgroups, now and as they come and go
-            self.watch.start()
+
+    def _manage_cgroups(self, reclaiming: bool = False) -> None:
+        """With patterns, the watch keeps their cgroups in managed_cgroups as they come and
+        go (started, or after a failed handover put back into the pins); without, every
+        cgroup is managed, and an earlier agent's watcher and entries go."""
+        if self.watch is not None:
+            if reclaiming:
+                self.watch.reclaim()
+            else:
+                self.watch.start(self._program)
             return
         for pin_name in cgroup_watch.LINKS.values():  # an earlier agent's watcher: not needed
             (self.pin_dir / pin_name).unlink(missing_ok=True)
@@ -308,6 +321,7 @@ class Redirector:
         for link_fd, (name, ptype, expected, _attach) in zip(self._links, _programs(), strict=True):
             bpfsys.link_update(link_fd, self._program.load_func(name, ptype, None, expected).fd)
         self._configure()
+        self._manage_cgroups(reclaiming=True)
         # the new agent may have written targets of its own: only this agent's stay
         self._stale_targets = [bytes(k) for k in self._program[b"redirect_targets"]]
         self.set_targets(set(self.targets))

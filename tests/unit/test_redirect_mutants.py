@@ -32,6 +32,7 @@ from agent.config import InjectSection
 from agent.inject import cgroup_watch, redirect
 from agent.inject.proxy import Proxy
 from agent.inject.redirect import SENDER_CHANGE_SLOTS, RedirectInfo, Redirector, Target
+from tests.unit.bcc_tables import Table
 
 
 # -- bpf/redirect.h, as BCC's ctypes classes lay it out
@@ -79,39 +80,6 @@ class Endpoint(ct.Structure):  # struct local_endpoint
         ("pad", ct.c_uint32),
         ("netns", ct.c_uint64),
     ]
-
-
-class Table:
-    """A BCC table: keys and values are ctypes objects of its Key and Leaf classes, stored
-    by their bytes; reading an item gives a copy (writing a field of it changes nothing
-    until it is written back); a missing key is a KeyError; an array has its size."""
-
-    def __init__(self, key: Any, leaf: Any, map_fd: int, size: int | None = None):
-        self.Key, self.Leaf, self.map_fd, self.size = key, leaf, map_fd, size
-        self.data: dict[bytes, bytes] = {}
-
-    def _raw(self, key: Any) -> bytes:
-        assert ct.sizeof(key) == ct.sizeof(self.Key), key
-        raw = bytes(key)
-        if self.size is not None and not 0 <= int.from_bytes(raw, "little") < self.size:
-            raise KeyError(raw)  # BCC: an index out of the array's range
-        return raw
-
-    def __getitem__(self, key: Any) -> Any:
-        return self.Leaf.from_buffer_copy(self.data[self._raw(key)])
-
-    def __setitem__(self, key: Any, leaf: Any) -> None:
-        assert ct.sizeof(leaf) == ct.sizeof(self.Leaf), leaf
-        self.data[self._raw(key)] = bytes(leaf)
-
-    def __delitem__(self, key: Any) -> None:
-        del self.data[self._raw(key)]
-
-    def keys(self) -> list[Any]:
-        return [self.Key.from_buffer_copy(raw) for raw in self.data]
-
-    def __iter__(self):
-        return iter(self.keys())
 
 
 class FakeBPF:
@@ -193,7 +161,7 @@ class Kernel:
         senders = tmp / "sender_changes"
         senders.write_bytes(bytes(SENDER_CHANGE_SLOTS * 8))
         self.senders_fd = os.open(senders, os.O_RDWR)
-        self.compiles: list[tuple[str, list[str]]] = []
+        self.compiles: list[tuple[tuple[str, ...], list[str]]] = []
         self.pinned_at_compile: list[set[str]] = []
         self.programs: list[FakeBPF] = []
         self.compile_errors: list[Exception] = []
@@ -225,8 +193,8 @@ class Kernel:
         monkeypatch.setattr(bpfsys, "link_create", self.link_create)
         monkeypatch.setattr(bpfsys, "link_update", self.link_update)
 
-    def compile(self, name: str, flags: list[str]) -> FakeBPF:
-        self.compiles.append((name, list(flags)))
+    def compile(self, *names: str, cflags: list[str]) -> FakeBPF:
+        self.compiles.append((names, list(cflags)))
         self.pinned_at_compile.append(self.pinned())
         if self.compile_errors:
             raise self.compile_errors.pop(0)
@@ -313,8 +281,14 @@ class FakeWatch:
         self.events: list[Any] = []
         FakeWatch.made.append(self)
 
-    def start(self) -> None:
-        self.events.append("start")
+    def cflags(self) -> list[str]:
+        return ["-DWATCH_LEVELS=2ULL", "-DTP_ID_OFF=16"]
+
+    def start(self, program: Any) -> None:
+        self.events.append(("start", program))
+
+    def reclaim(self) -> None:
+        self.events.append("reclaim")
 
     def stop(self, detach: bool) -> None:
         self.events.append(("stop", detach))
@@ -341,7 +315,7 @@ def test_the_program_is_compiled_with_the_pin_dir_and_every_btf_offset(kernel):
     r = started(kernel)
     assert kernel.compiles == [
         (
-            "redirect",
+            ("redirect",),
             [
                 f'-DPIN_DIR="{kernel.pins}"',
                 "-DSK_COOKIE_OFF=8",
@@ -599,7 +573,7 @@ def test_without_managed_cgroups_an_earlier_agents_watch_and_entries_go(kernel):
         managed[ct.c_uint64(cg)] = ct.c_uint32(1)
     r = redirector(kernel)
     r._bpf = first
-    r._configure()
+    r._manage_cgroups()
     assert managed.data == {}
     assert not (set(cgroup_watch.LINKS.values()) & kernel.pinned())
     assert kernel.pinned() >= LINK_PINS | MAP_PINS
@@ -627,13 +601,20 @@ def test_managed_cgroups_are_kept_by_the_watch(kernel, monkeypatch):
     (attached,) = [e for e in logs if e["event"] == "redirect attached"]
     assert attached["managed"] == ["/kubepods.slice"]
     assert kernel.config().all_cgroups == 0
-    assert watch.events == ["start"]
+    # one compile carries the watcher's programs too, and the watch is given that object
+    ((names, flags),) = kernel.compiles
+    assert names == ("redirect", "cgroup_watch") and flags[-2:] == watch.cflags()
+    assert watch.events == [("start", kernel.programs[-1])]
     assert set(cgroup_watch.LINKS.values()) <= kernel.pinned()  # the watch's own
     status = r.cgroups_status()
     assert status["patterns"] == ["/kubepods.slice"] and status["managed"] == ["/a/b"]
     assert status["matching_nothing_yet"] == ["/kubepods.slice"]
+    r.reclaim()  # a new agent failed to take over: the watch puts its own links back
+    assert watch.events[1:] == ["reclaim"]
+    assert set(cgroup_watch.LINKS.values()) <= kernel.pinned()
     r.stop(detach=True)
-    assert watch.events == ["start", ("stop", True)]
+    assert watch.events[1:] == ["reclaim", ("stop", True)]
+    assert kernel.programs[-1].cleaned == 1  # the redirect owns the object the watch used
 
 
 def test_a_redirector_not_started_has_no_program_and_holds_nothing(kernel, monkeypatch):
@@ -999,8 +980,8 @@ def test_a_start_forgets_the_targets_an_earlier_agent_wrote_that_this_one_lacks(
     kernel.earlier_agent()
     real_compile = kernel.compile
 
-    def with_old_targets(name: str, flags: list[str]) -> FakeBPF:
-        bpf = real_compile(name, flags)
+    def with_old_targets(*names: str, cflags: list[str]) -> FakeBPF:
+        bpf = real_compile(*names, cflags=cflags)
         old = bpf.tables[b"redirect_targets"]
         for port in (80, 443):
             key = TargetKey(family=V4, port=socket.htons(port))
