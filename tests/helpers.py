@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 from agent.observe.serving import serve_in_background, stop_serving
+from tests import zygote
+from tests.zygote import ForkedProcess
 
 T = TypeVar("T")
 
@@ -224,18 +226,30 @@ listen = "127.0.0.1:{bundle_port or free_port()}"
 
 
 class AgentProcess:
-    """`credless run` as a child process; stop() sends SIGTERM, kill on context exit."""
+    """`credless run` as a process of its own; stop() sends SIGTERM, kill on context exit.
+
+    Forked from the worker's agent zygote (tests/zygote.py says why, and what differs from
+    an exec), or exec'd as `python -m agent` with CREDLESS_TEST_AGENT_EXEC=1."""
 
     def __init__(self, config: Path, log_dir: Path, args: Sequence[str] = ()):
         self.config = config
         self.stdout_path = log_dir / "agent.stdout"
         self.stderr_path = log_dir / "agent.stderr"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "run", "--config", str(config), *args],
-            stdout=open(self.stdout_path, "wb"),
-            stderr=open(self.stderr_path, "wb"),
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
+        argv = ["run", "--config", str(config), *args]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc: subprocess.Popen[bytes] | ForkedProcess
+        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
+            if os.environ.get("CREDLESS_TEST_AGENT_EXEC") == "1":
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-m", "agent", *argv], stdout=out, stderr=err, env=env
+                )
+            else:
+                self.proc = zygote.spawn_agent(argv, Path.cwd(), out.fileno(), err.fileno(), env)
+
+    @property
+    def parent_pid(self) -> int:
+        """The agent's parent: this process, or the zygote that forked it."""
+        return self.proc.parent if isinstance(self.proc, ForkedProcess) else os.getpid()
 
     def log_events(self) -> list[dict]:
         return json_lines(self.stderr_path)

@@ -98,8 +98,10 @@ def test_starts_serves_and_stops_cleanly(tmp_path, sig):
     assert not pidfile.exists()
     events = [e["event"] for e in a.log_events()]
     assert events[-2:] == ["stopping", "stopped"]
-    # every program it loaded is gone
-    assert its_programs & _bpf_prog_ids() == set()
+    # every program it loaded goes: a raw tracepoint's link frees its program an RCU grace
+    # period after its fd closes (bpf_link's deferred dealloc), so not always by the time
+    # the exit is seen; a program the agent leaked would stay, and time this out
+    wait_for(lambda: not its_programs & _bpf_prog_ids(), 10, what="the agent's programs gone")
     assert _left_behind(before, config.load(cfg).agent.bpf_pin_dir) == set()
     with pytest.raises(OSError):  # the listener is gone
         http_get(f"http://127.0.0.1:{port}/healthz", timeout=1)
@@ -208,7 +210,7 @@ def test_ps_lists_processes_with_selectors(agent, credless_cmd):
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)
     assert len(rows) == 1 and rows[0]["pid"] == agent.proc.pid
-    assert rows[0]["ppid"] == os.getpid()
+    assert rows[0]["ppid"] == agent.parent_pid
     assert "unix:uid:0" in rows[0]["selectors"]
     assert any(s.startswith("unix:sha256:") for s in rows[0]["selectors"])
     sock = agent.config.parent / "run" / "admin.sock"

@@ -9,8 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests import zygote
 from tests.helpers import stop_process
-from tests.mcp import zygote
 from tests.tlsca import TestCA
 
 REPO = Path(__file__).resolve().parents[2]
@@ -76,7 +76,7 @@ class McpServer:
         self.log = tmp_path / f"mcp-{self.port}.log"
         self.dpop = dpop or dpop_nonce > 0
         self.dpop_nonce, self.dpop_nonce_forget = dpop_nonce, dpop_nonce_forget
-        self.proc: zygote.ForkedServer | None = None
+        self.proc: zygote.ForkedProcess | None = None
 
     def start(self, issuer: str) -> McpServer:
         """Serve, trusting tokens from issuer; connections made before now wait in the
