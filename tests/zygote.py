@@ -13,10 +13,11 @@ starts at once. Two kinds:
   with the same arguments and environment, in a process of its own, in the worker's cgroup
   as before, and ends the way the interpreter would (non-daemon threads joined, atexit
   handlers run); its exit status is the real one. What differs is what no test looks at:
-  its parent is the zygote, its command line the zygote's, and its modules were imported
+  its parent is the zygote, its command line the zygote's, its modules were imported
   before it read its configuration (none reads the environment or the configuration at
-  import). CREDLESS_TEST_AGENT_EXEC=1 execs every agent instead; `make bench-start`
-  measures an exec'd agent's start.
+  import), and the kernel's BTF offsets (agent/attest/btf.py, cached per process) were
+  read once, by the zygote, on the same kernel. CREDLESS_TEST_AGENT_EXEC=1 execs every
+  agent instead; `make bench-start` measures an exec'd agent's start.
 
 Each pytest worker starts one zygote per kind on first use (`spawn`) and talks to it over a
 Unix socket pair: a request is the arguments, working directory and environment, with the
@@ -203,7 +204,11 @@ def _preload(kind: str):
     import agent.daemon
     import agent.wiring  # noqa: F401
     from agent import cli
+    from agent.attest.btf import offset_cflags
 
+    # The running kernel's field offsets, read from its BTF once for every agent (about
+    # 0.16 s of CPU each): the function caches them, as each agent does for its programs.
+    offset_cflags()
     return cli.main, "agent"
 
 
