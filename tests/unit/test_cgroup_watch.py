@@ -12,6 +12,7 @@ tree: a cgroup's id is its directory's inode number, as in cgroupfs."""
 from __future__ import annotations
 
 import ctypes as ct
+import errno
 import os
 import threading
 from pathlib import Path
@@ -19,6 +20,7 @@ from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import pytest
+import structlog.testing
 from bcc import BPF as BCC
 from prometheus_client import CollectorRegistry
 
@@ -26,6 +28,7 @@ from agent import bpfsys
 from agent.inject import cgroup_watch
 from agent.inject.cgroup_match import CgroupMatcher
 from agent.inject.cgroup_watch import MANAGED, MKDIR, PENDING, RMDIR, CgroupWatch
+from tests.helpers import wait_for
 from tests.unit.bcc_tables import Table
 
 
@@ -377,3 +380,274 @@ def test_lost_events_and_a_full_map_are_counted_from_every_cpu(host):
         assert registry.get_sample_value("credless_cgroup_watch_map_full_total") == 4
     finally:
         w.stop(detach=False)
+
+
+def test_at_start_a_pending_entry_of_a_matching_cgroup_is_managed_and_a_stale_one_named(
+    host,
+):
+    """A cgroup made while no agent ran (its mkdir event went to no one): PENDING in the
+    map and visible now; a pattern names it, so it is managed ("present"). The stale
+    MANAGED entry of a cgroup no pattern names now is audited with its path."""
+    late = host.mkdir("/svc/agent-9")
+    db = host.mkdir("/svc/db")
+    program = Program()
+    managed = program[b"managed_cgroups"]
+    managed[ct.c_uint64(late)] = ct.c_uint32(PENDING)
+    managed[ct.c_uint64(db)] = ct.c_uint32(MANAGED)
+    w, audit = watch(host, "/svc/agent-*")
+    w.start(program)
+    try:
+        assert entries(program) == {late: MANAGED}
+        assert w.managed_paths() == ["/svc/agent-9"]
+        assert sorted(audit.events, key=lambda e: e[0]) == [
+            (
+                "cgroup.managed",
+                {
+                    "cgroup": "/svc/agent-9",
+                    "cgroup_id": late,
+                    "patterns": ["/svc/agent-*"],
+                    "reason": "present",
+                },
+            ),
+            (
+                "cgroup.unmanaged",
+                {
+                    "cgroup": "/svc/db",
+                    "cgroup_id": db,
+                    "patterns": [],
+                    "reason": "no pattern matches it",
+                },
+            ),
+        ]
+    finally:
+        w.stop(detach=False)
+
+
+def test_a_cgroup_made_while_the_tree_is_read_is_managed_as_appeared(host):
+    """Its PENDING entry was in the map, but its directory became visible only after the
+    matching cgroups were read, before the ids at their depths were: its path matches, so
+    it is managed, not deleted."""
+    program = Program()
+    w, audit = watch(host, "/svc/agent-*")
+    w.start(program)
+    late = host.mkdir("/svc/agent-7")
+    program[b"managed_cgroups"][ct.c_uint64(late)] = ct.c_uint32(PENDING)
+    real_existing = w.matcher.existing
+
+    def not_visible_yet(root: str) -> dict[str, int]:
+        return {p: i for p, i in real_existing(root).items() if i != late}
+
+    try:
+        w.matcher.existing = not_visible_yet  # type: ignore[method-assign]
+        audit.events.clear()
+        w.reconcile()
+        assert entries(program) == {late: MANAGED}
+        assert w.managed_paths() == ["/svc/agent-7"]
+        assert audit.events == [
+            (
+                "cgroup.managed",
+                {
+                    "cgroup": "/svc/agent-7",
+                    "cgroup_id": late,
+                    "patterns": ["/svc/agent-*"],
+                    "reason": "appeared",
+                },
+            )
+        ]
+    finally:
+        w.stop(detach=False)
+
+
+def test_a_removed_cgroup_the_kernel_held_managed_is_audited_though_not_seen_made(host):
+    """An entry MANAGED by an earlier agent, never in this one's paths: its rmdir (the
+    state the kernel removed) is audited too."""
+    program = Program()
+    w, audit = watch(host, "/svc/agent-*")
+    w.start(program)
+    try:
+        event(program, RMDIR, 31, "/svc/agent-3", state=MANAGED)
+        assert [(e, f["cgroup_id"], f["reason"]) for e, f in audit.events] == [
+            ("cgroup.unmanaged", 31, "removed")
+        ]
+    finally:
+        w.stop(detach=False)
+
+
+def test_a_truncated_path_is_found_by_the_cgroups_id(host):
+    """bpf/cgroup_watch.c copies at most PATH_LEN - 1 bytes of the path: a longer one is
+    looked up by id at its level, and decided by its whole path."""
+    long = "/".join(["", "svc", "a" * 250, "b" * 250, "agent-1"])
+    cg_id = host.mkdir(long)
+    program = Program()
+    w, audit = watch(host, "/svc/*/*/agent-*")
+    w.start(program)
+    try:
+        audit.events.clear()
+        program[b"managed_cgroups"][ct.c_uint64(cg_id)] = ct.c_uint32(PENDING)
+        e = Event(type=MKDIR, level=4, id=cg_id, state=0, marked=1)
+        e.path = long.encode()[: cgroup_watch.PATH_LEN - 1]
+        buf = ct.create_string_buffer(bytes(e), ct.sizeof(Event))
+        assert program.ring.callback(None, ct.addressof(buf), ct.sizeof(Event)) == 0
+        assert entries(program) == {cg_id: MANAGED}
+        assert w.managed_paths() == [long]
+        assert len(long) > cgroup_watch.PATH_LEN - 1  # longer than the kernel copies
+    finally:
+        w.stop(detach=False)
+
+
+def test_a_path_one_byte_short_of_the_limit_is_taken_as_it_is(host, monkeypatch):
+    program = Program()
+    w, _ = watch(host, "/svc/*")
+    w.start(program)
+    looked: list[Any] = []
+    monkeypatch.setattr(cgroup_watch, "cgroups_at", lambda *a: looked.append(a) or iter(()))
+    try:
+        path = "/svc/" + "c" * (cgroup_watch.PATH_LEN - 2 - len("/svc/"))
+        event(program, MKDIR, 44, path)
+        assert looked == [] and w.managed_paths() == [path]
+    finally:
+        w.stop(detach=False)
+
+
+def test_an_event_the_handler_fails_on_is_logged_and_the_stream_goes_on(host, monkeypatch):
+    program = Program()
+    w, _ = watch(host, "/svc/*")
+    w.start(program)
+    try:
+
+        def broken(*_a: Any) -> None:
+            raise ValueError("boom")
+
+        monkeypatch.setattr(w, "_appeared", broken)
+        with structlog.testing.capture_logs() as logs:
+            event(program, MKDIR, 7, "/svc/x")  # returns 0: asserted in event()
+        (said,) = logs
+        assert said["event"] == "cgroup event handler failed" and said["log_level"] == "error"
+    finally:
+        w.stop(detach=False)
+
+
+def test_lost_events_make_the_watch_read_the_tree_again_and_say_so(host):
+    program = Program()
+    w, _ = watch(host, "/svc/agent-*")
+    with structlog.testing.capture_logs() as logs:
+        w.start(program)
+        try:
+            assert program.polled.wait(10)
+            a = host.mkdir("/svc/agent-5")  # its mkdir event was lost
+            program[b"cgroup_watch_counts"].values[0] = [1, 2]
+            wait_for(lambda: entries(program) == {a: MANAGED}, 10, what="the tree read again")
+            lost = wait_for(
+                lambda: [e for e in logs if e["event"].startswith("cgroup events lost")],
+                10,
+            )
+        finally:
+            w.stop(detach=False)
+    assert lost[0]["lost"] == 3 and lost[0]["log_level"] == "warning"
+    assert len(lost) == 1  # said once per change of the count, not at every poll
+    (started,) = [e for e in logs if e["event"] == "watching cgroups for inject.managed_cgroups"]
+    assert started["patterns"] == ["/svc/agent-*"] and started["managed"] == []
+    assert started["matching_nothing_yet"] == ["/svc/agent-*"]
+    (made,) = [e for e in logs if e["event"] == "cgroup managed"]
+    assert made["cgroup"] == "/svc/agent-5" and made["reason"] == "present"
+
+
+def test_stop_joins_the_poll_thread_and_tolerates_pins_already_gone(host):
+    program = Program()
+    w, _ = watch(host, "/svc/*")
+    w.start(program)
+    thread = w._thread
+    assert thread is not None and thread.is_alive()
+    for name in cgroup_watch.LINKS.values():  # `credless detach` ran first, say
+        (host.pins / name).unlink()
+    w.stop(detach=True)
+    assert not thread.is_alive()
+    w.stop(detach=True)  # twice: nothing left to do, no error
+
+
+class Libc:
+    """The perf_event_open(2) call tracepoint_link makes, recorded; its fd is a pipe's."""
+
+    def __init__(self, fail: int = 0):
+        self.fail = fail
+        self.calls: list[tuple[Any, ...]] = []
+        self.fds: list[int] = []
+        self.writers: list[int] = []
+
+    def syscall(self, number: int, attr: Any, pid: int, cpu: int, group: int, flags: int):
+        a = ct.cast(attr, ct.POINTER(cgroup_watch._PerfEventAttr)).contents
+        self.calls.append((number, a.type, a.size, a.config, a.sample_period, a.wakeup_events))
+        self.calls.append((pid, cpu, group, flags))
+        if self.fail:
+            ct.set_errno(self.fail)
+            return -1
+        r, w = os.pipe()
+        self.fds.append(r)
+        self.writers.append(w)
+        return r
+
+    def event_closed(self, i: int = 0) -> bool:
+        """Whether the i-th perf event's fd was closed: its pipe has no reader left."""
+        try:
+            os.write(self.writers[i], b"x")
+        except BrokenPipeError:
+            return True
+        return False
+
+
+@pytest.fixture
+def libc(monkeypatch):
+    fake = Libc()
+    monkeypatch.setattr(cgroup_watch, "_libc", fake)
+    yield fake
+    for fd in fake.writers:
+        os.close(fd)
+
+
+def test_a_tracepoint_link_opens_the_events_perf_event_and_links_the_program_to_it(
+    tmp_path, monkeypatch, libc
+):
+    (tmp_path / "cgroup_mkdir").mkdir()
+    (tmp_path / "cgroup_mkdir" / "id").write_text("544\n")
+    monkeypatch.setattr(cgroup_watch, "_TRACEFS", tmp_path)
+    linked: list[tuple[int, int, int]] = []
+
+    def link_create(prog_fd: int, target_fd: int, attach: int) -> int:
+        os.fstat(target_fd)  # open while linking
+        linked.append((prog_fd, target_fd, attach))
+        return 77
+
+    monkeypatch.setattr(bpfsys, "link_create", link_create)
+    assert cgroup_watch.tracepoint_link(51, "cgroup_mkdir") == 77
+    size = ct.sizeof(cgroup_watch._PerfEventAttr)
+    assert libc.calls == [
+        (cgroup_watch._PERF_EVENT_OPEN, 2, size, 544, 1, 1),  # PERF_TYPE_TRACEPOINT
+        (-1, 0, -1, 8),  # every process, CPU 0 (a tracepoint fires on all), CLOEXEC
+    ]
+    assert linked == [(51, libc.fds[0], 41)]  # BPF_PERF_EVENT
+    assert libc.event_closed()  # the link holds the event: the fd itself is closed
+
+
+def test_a_perf_event_the_kernel_refuses_names_the_event_and_the_error(tmp_path, monkeypatch):
+    (tmp_path / "cgroup_rmdir").mkdir()
+    (tmp_path / "cgroup_rmdir" / "id").write_text("545\n")
+    monkeypatch.setattr(cgroup_watch, "_TRACEFS", tmp_path)
+    monkeypatch.setattr(cgroup_watch, "_libc", Libc(fail=errno.EACCES))
+    with pytest.raises(OSError) as refused:
+        cgroup_watch.tracepoint_link(52, "cgroup_rmdir")
+    assert refused.value.errno == errno.EACCES
+    assert "perf_event_open(cgroup:cgroup_rmdir): Permission denied" in str(refused.value)
+
+
+def test_the_perf_event_is_closed_when_linking_fails(tmp_path, monkeypatch, libc):
+    (tmp_path / "cgroup_mkdir").mkdir()
+    (tmp_path / "cgroup_mkdir" / "id").write_text("544\n")
+    monkeypatch.setattr(cgroup_watch, "_TRACEFS", tmp_path)
+
+    def refused(*_a: Any) -> int:
+        raise OSError(errno.EINVAL, "link_create")
+
+    monkeypatch.setattr(bpfsys, "link_create", refused)
+    with pytest.raises(OSError):
+        cgroup_watch.tracepoint_link(51, "cgroup_mkdir")
+    assert libc.event_closed()
