@@ -76,6 +76,8 @@ class Program:
         }
         self.loaded: list[tuple[bytes, int]] = []
         self.polled = threading.Event()
+        self.polls = 0
+        self._polls = threading.Condition()
 
     def __getitem__(self, name: bytes) -> Any:
         assert isinstance(name, bytes)
@@ -86,8 +88,18 @@ class Program:
         return SimpleNamespace(fd=self.FDS[name])
 
     def ring_buffer_poll(self, timeout_ms: int) -> None:
+        with self._polls:
+            self.polls += 1
+            self._polls.notify_all()
         self.polled.set()
         threading.Event().wait(timeout_ms / 1000)  # as the kernel's epoll_wait would
+
+    def wait_polls(self, more: int) -> None:
+        """Until the poll loop has gone round `more` more times (each round ends with its
+        check of the loss counters before the next poll)."""
+        with self._polls:
+            until = self.polls + more
+            assert self._polls.wait_for(lambda: self.polls >= until, 10)
 
     def cleanup(self) -> None:
         raise AssertionError("the watch cleaned up its owner's object")
@@ -533,18 +545,16 @@ def test_lost_events_make_the_watch_read_the_tree_again_and_say_so(host):
     with structlog.testing.capture_logs() as logs:
         w.start(program)
         try:
-            assert program.polled.wait(10)
+            program.wait_polls(2)  # a whole round with nothing lost: nothing said
             a = host.mkdir("/svc/agent-5")  # its mkdir event was lost
             program[b"cgroup_watch_counts"].values[0] = [1, 2]
             wait_for(lambda: entries(program) == {a: MANAGED}, 10, what="the tree read again")
-            lost = wait_for(
-                lambda: [e for e in logs if e["event"].startswith("cgroup events lost")],
-                10,
-            )
+            program.wait_polls(2)  # and rounds after it, the count unchanged
         finally:
             w.stop(detach=False)
-    assert lost[0]["lost"] == 3 and lost[0]["log_level"] == "warning"
+    lost = [e for e in logs if e["event"].startswith("cgroup events lost")]
     assert len(lost) == 1  # said once per change of the count, not at every poll
+    assert lost[0]["lost"] == 3 and lost[0]["log_level"] == "warning"
     (started,) = [e for e in logs if e["event"] == "watching cgroups for inject.managed_cgroups"]
     assert started["patterns"] == ["/svc/agent-*"] and started["managed"] == []
     assert started["matching_nothing_yet"] == ["/svc/agent-*"]
@@ -651,3 +661,64 @@ def test_the_perf_event_is_closed_when_linking_fails(tmp_path, monkeypatch, libc
     with pytest.raises(OSError):
         cgroup_watch.tracepoint_link(51, "cgroup_mkdir")
     assert libc.event_closed()
+
+
+def test_a_path_that_is_not_utf8_is_decided_with_its_bad_bytes_replaced(host):
+    program = Program()
+    w, _ = watch(host, "/svc/*")
+    w.start(program)
+    try:
+        e = Event(type=MKDIR, level=2, id=61, state=0, marked=1)
+        e.path = b"/svc/caf\xe9"
+        buf = ct.create_string_buffer(bytes(e), ct.sizeof(Event))
+        assert program.ring.callback(None, ct.addressof(buf), ct.sizeof(Event)) == 0
+        assert w.managed_paths() == ["/svc/caf\ufffd"]
+    finally:
+        w.stop(detach=False)
+
+
+def test_the_event_layout_is_bccs_for_the_ring_when_bcc_has_not_named_it_yet(host, monkeypatch):
+    """BCC makes a ring buffer's ctypes class only once the ring is read: until then the
+    watch asks for it (agent/attest/events.py event_class) with that ring."""
+    from agent.attest import events
+
+    asked: list[Any] = []
+    monkeypatch.setattr(events, "event_class", lambda ring: asked.append(ring) or Event)
+    program = Program()
+    program.ring._event_class = None
+    w, _ = watch(host, "/svc/*")
+    w.start(program)
+    try:
+        assert asked == [program.ring]
+        event(program, MKDIR, 62, "/svc/x")
+        assert w.managed_paths() == ["/svc/x"]
+    finally:
+        w.stop(detach=False)
+
+
+def test_a_truncated_path_of_a_cgroup_gone_already_is_audited_as_the_kernel_gave_it(host):
+    program = Program()
+    w, audit = watch(host, "/svc/*/*/agent-*")
+    w.start(program)
+    try:
+        long = "/".join(["", "svc", "a" * 250, "b" * 250, "agent-2"])
+        e = Event(type=RMDIR, level=4, id=71, state=MANAGED, marked=0)
+        e.path = long.encode()[: cgroup_watch.PATH_LEN - 1]
+        buf = ct.create_string_buffer(bytes(e), ct.sizeof(Event))
+        assert program.ring.callback(None, ct.addressof(buf), ct.sizeof(Event)) == 0
+        ((name, fields),) = audit.events
+        assert name == "cgroup.unmanaged" and fields["cgroup_id"] == 71
+        assert fields["cgroup"] == long[: cgroup_watch.PATH_LEN - 1]  # not found by id
+    finally:
+        w.stop(detach=False)
+
+
+def test_a_watch_not_started_answers_and_stops_without_error(host):
+    """The metrics endpoint may be scraped, and the agent stopped, before the redirect
+    started its watch."""
+    registry = CollectorRegistry()
+    w, _ = watch(host, "/svc/*", registry=registry)
+    assert w.lost() == 0 and w.managed_paths() == []
+    assert registry.get_sample_value("credless_cgroup_watch_events_lost_total") == 0
+    w.stop(detach=False)
+    assert host.pinned() == {} and host.links == []
