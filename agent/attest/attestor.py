@@ -20,6 +20,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -346,6 +347,18 @@ class Attestor:
             return replace(img.enrichment, exited=True)
         self.m_lookups.labels("hit").inc()
         return img.enrichment
+
+    def ancestors(self, att: Attestation) -> Iterator[Attestation]:
+        """The attestations of the images that started att's, nearest first, as each was
+        attested, though it has exited or exec'd since (agent/attest/table.py keeps them
+        by reference); those never attested (gone before their /proc could be read) are
+        left out. None when att's own image is no longer known."""
+        img = self.table.image(att.tgid, att.exec_ns)
+        if img is None:
+            return
+        for a in self.table.lineage(img):
+            if a.enrichment is not None:
+                yield a.enrichment
 
     def snapshot(self) -> list[Attestation]:
         return [img.enrichment for img in self.table.live() if img.enrichment is not None]

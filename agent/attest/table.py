@@ -18,6 +18,7 @@ from an injected clock, so every race above is a unit test.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 EV_EXEC, EV_FORK, EV_EXIT = 1, 2, 3
+LINEAGE_LIMIT = 32  # ancestors an image keeps
 EVENT_NAMES = {EV_EXEC: "exec", EV_FORK: "fork", EV_EXIT: "exit"}
 
 ImageKey = tuple[int, int]  # (tgid, exec_ns)
@@ -60,7 +62,10 @@ class ProcessImage:
     comm: str
     filename: str
     source: str  # "exec", "fork" or "proc" (seeded at start-up)
-    parent: ImageKey | None = None  # the parent's image when this one began
+    # The images that started this one, nearest first, as they were when it began (see
+    # `_started_by`), held by reference: a lineage outlives its ancestors' exit, expiry and
+    # exec. At most LINEAGE_LIMIT, so a process that execs in a loop keeps no more alive.
+    ancestors: tuple[ProcessImage, ...] = field(default=(), repr=False, compare=False)
     exited_at: float | None = None  # clock time of exit
     replaced: bool = False  # the process exec'd another program
     enrichment: Any = None  # set once by the enricher (agent/attest/attestor.py)
@@ -99,11 +104,10 @@ class ProcessTable:
                 return self._exit(ev.tgid, ev.exec_ns)
             if ev.type not in (EV_EXEC, EV_FORK):
                 return None
-            if ev.type == EV_EXEC:
-                old = self._images.get(self._current.get(ev.tgid, (0, -1)))
-                if old is not None and old.exec_ns != ev.exec_ns:
-                    old.replaced = True
-                    self._images.pop(old.key, None)
+            old = self._images.get(self._current.get(ev.tgid, (0, -1)))
+            if ev.type == EV_EXEC and old is not None and old.exec_ns != ev.exec_ns:
+                old.replaced = True
+                self._images.pop(old.key, None)
             img = ProcessImage(
                 tgid=ev.tgid,
                 exec_ns=ev.exec_ns,
@@ -115,29 +119,57 @@ class ProcessTable:
                 comm=ev.comm,
                 filename=ev.filename,
                 source=EVENT_NAMES[ev.type],
-                parent=self._current.get(ev.ppid),
                 event_ts_ns=ev.ts_ns,
             )
+            img.ancestors = _descending(self._started_by(ev, old))
             self._images[img.key] = img
             self._current[ev.tgid] = img.key
             return img
+
+    def _started_by(self, ev: ProcessEvent, old: ProcessImage | None) -> ProcessImage | None:
+        """The image that started this event's: for a fork, the forking process's; for an
+        exec, the program that called execve, as a sub-agent policy
+        (policy.subagents) must see it, whatever happened to the processes since:
+
+        - a forked child that execs: the process that forked it, though it exited or was
+          reparented since (a double fork leaves the kernel's parent at exec init, or a
+          subreaper);
+        - a process that execs over another program (no fork): that program, since it chose
+          the new one's arguments, environment and input.
+
+        Only a process the table has not seen yet (no image: the agent started after it)
+        takes its parent process as the kernel names it now."""
+        if ev.type == EV_EXEC and old is not None and old.exec_ns != ev.exec_ns:
+            if old.source == "fork":  # the forking process's program, inside this process
+                return old.ancestors[0] if old.ancestors else None
+            return old
+        key = self._current.get(ev.ppid)
+        return self._images.get(key) if key else None
 
     def seed(self, img: ProcessImage) -> bool:
         """Add a process found in /proc at start-up, unless an event already described it."""
         with self._lock:
             if img.tgid in self._current:
                 return False
-            img.parent = self._current.get(img.ppid)
             self._images[img.key] = img
             self._current[img.tgid] = img.key
             return True
 
     def link_parents(self) -> None:
-        """After seeding in arbitrary pid order, point each seeded image at its parent."""
+        """After seeding in arbitrary pid order, give each image that has no ancestors yet
+        its parent process's image, and that one's ancestors, parents first."""
         with self._lock:
-            for img in self._images.values():
-                if img.parent is None and img.ppid in self._current:
-                    img.parent = self._current[img.ppid]
+            for img in list(self._images.values()):
+                chain = [img]  # img, its parent, ... up to one that has its ancestors
+                while len(chain) <= LINEAGE_LIMIT and not chain[-1].ancestors:
+                    key = self._current.get(chain[-1].ppid)
+                    parent = self._images.get(key) if key else None
+                    if parent is None or any(parent is c for c in chain):  # none, or a pid loop
+                        break
+                    chain.append(parent)
+                for child, parent in reversed(list(itertools.pairwise(chain))):
+                    if not child.ancestors:
+                        child.ancestors = _descending(parent)
 
     def _exit(self, tgid: int, exec_ns: int) -> ProcessImage | None:
         key = self._current.get(tgid)
@@ -184,20 +216,10 @@ class ProcessTable:
             key = self._current.get(tgid)
             return self._images.get(key) if key else None
 
-    def lineage(self, img: ProcessImage, limit: int = 32) -> list[ProcessImage]:
-        """Ancestors of an image, nearest first, as they were when each child began."""
-        out: list[ProcessImage] = []
-        seen = {img.key}
-        key = img.parent
-        with self._lock:
-            while key is not None and key not in seen and len(out) < limit:
-                parent = self._images.get(key)
-                if parent is None:
-                    break
-                out.append(parent)
-                seen.add(key)
-                key = parent.parent
-        return out
+    def lineage(self, img: ProcessImage) -> list[ProcessImage]:
+        """The images that started this one, nearest first, as they were when each began
+        (`_started_by`), whether or not they still run."""
+        return list(img.ancestors)
 
     def live(self) -> Iterator[ProcessImage]:
         with self._lock:
@@ -207,3 +229,10 @@ class ProcessTable:
     def __len__(self) -> int:
         with self._lock:
             return len(self._current)
+
+
+def _descending(parent: ProcessImage | None) -> tuple[ProcessImage, ...]:
+    """The ancestors of a child of `parent`: it, then its own, up to LINEAGE_LIMIT."""
+    if parent is None:
+        return ()
+    return (parent, *parent.ancestors[: LINEAGE_LIMIT - 1])

@@ -8,7 +8,7 @@ each port in a few lines) and shows, in one place, how far the proxy reaches int
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
 from agent.attest.selectors import Attestation
@@ -51,6 +51,8 @@ class Attestations(Protocol):
     def source(self) -> ImageSource: ...
 
     def attest_image(self, tgid: int, exec_ns: int, timeout: float = 1.0) -> Attestation | None: ...
+
+    def ancestors(self, att: Attestation) -> Iterator[Attestation]: ...
 
 
 class Identities(Protocol):

@@ -231,10 +231,11 @@ class Proxy:
 
     def parent_identity(self, att: Attestation) -> str | None:
         """The SPIFFE ID of the nearest ancestor that has one: this process is its sub-agent
-        (also what `credless explain` reports)."""
-        for tgid, exec_ns, _exe in att.lineage:
-            a = self.attestor.attest_image(tgid, exec_ns, timeout=0)
-            ident = self.identity.resolve(a, quiet=True) if a is not None else None
+        (also what `credless explain` reports). The ancestors are the images that started
+        this one as they were attested then (Attestor.ancestors), so a parent that exited,
+        exec'd or double-forked since still limits what its sub-agent may do."""
+        for a in self.attestor.ancestors(att):
+            ident = self.identity.resolve(a, quiet=True)
             if ident is not None:
                 return str(ident.spiffe_id)
         return None

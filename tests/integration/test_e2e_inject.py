@@ -288,14 +288,34 @@ time.sleep(1)
     assert [q for q in world.mcp.stats()["requests"] if q["auth_scheme"]] == []
 
 
-def test_sub_agent_is_restricted_to_its_parents_tools(tmp_path):
+# How the parent (sh, an identity of its own) starts the sub-agent ({client}). The parent
+# has run a moment first (the {sleep} 1): it stands for an agent that is attested and
+# running, not one gone before its /proc could be read. Each but the first is a way such a
+# parent could break the link a sub-agent policy follows, and each was served with the
+# sub-agent's wider tools before the table kept lineage as it saw it (agent/attest/table.py
+# `_started_by`):
+SPAWNS = {
+    # sh forks, the child execs the client
+    "child": "{sleep} 1; {client}",
+    # a subshell forks the client's process and sh exits: it is reparented (to init) before
+    # it execs, and the kernel names init as its parent at exec
+    "double-fork": "{sleep} 1; ( {sleep} 1; exec {client} ) &",
+    # sh starts the client, then execs another program before the client connects
+    "parent-execs-on": "{sleep} 1; {client} & exec {sleep} 3",
+    # no fork: sh execs the client in its own place, choosing its arguments
+    "exec-in-place": "{sleep} 1; exec {client}",
+}
+
+
+@pytest.mark.parametrize("spawn", SPAWNS)
+def test_sub_agent_is_restricted_to_its_parents_tools(tmp_path, spawn):
     import sys
 
     from tests.kernel import copied_binaries
 
     parent_id, child_id = "spiffe://example.org/agent/parent", "spiffe://example.org/agent/child"
     python = os.path.realpath(sys.executable)
-    with copied_binaries("sh") as bins:
+    with copied_binaries("sh", "sleep") as bins:
 
         def entries(cg):
             return [
@@ -313,10 +333,11 @@ def test_sub_agent_is_restricted_to_its_parents_tools(tmp_path):
             policy=policy,
             policy_settings='subagents = "restrict_to_parent"\n',
         ) as w:
-            cmd = (
+            client = (
                 f"{sys.executable} -m tests.mcp.client {w.mcp.url} "
                 f'\'call:echo:{{"text": "ok"}}\' call:secret_tool'
             )
+            cmd = SPAWNS[spawn].format(client=client, sleep=bins["sleep"])
             import subprocess
 
             from tests.conftest import REPO

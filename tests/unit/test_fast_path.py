@@ -10,6 +10,7 @@ import functools
 import io
 import json
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -117,6 +118,9 @@ class FakeAttestor:
 
     def attest_image(self, tgid: int, exec_ns: int, timeout: float = 1.0) -> Attestation | None:
         return None  # the lane never asks: the connection was attested when it was accepted
+
+    def ancestors(self, att: Attestation) -> Iterator[Attestation]:
+        return iter(())  # nor for its ancestors
 
 
 class FakeIdentities:

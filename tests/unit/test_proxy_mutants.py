@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import json
 import ssl
+from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -119,6 +120,14 @@ class Attestor:
     def attest_image(self, tgid: int, exec_ns: int, timeout: float = 1.0) -> Attestation | None:
         self.asked.append((tgid, exec_ns, timeout))
         return self.images.get((tgid, exec_ns))
+
+    def ancestors(self, att: Attestation) -> Iterator[Attestation]:
+        """The images that started att's, as the table kept them: each asked for (at once,
+        timeout 0) in turn, nearest first, only as far as the caller reads."""
+        for tgid, exec_ns, _exe in att.lineage:
+            self.asked.append((tgid, exec_ns, 0))
+            if (tgid, exec_ns) in self.images:
+                yield self.images[(tgid, exec_ns)]
 
 
 def identity(sid: str) -> Identity:

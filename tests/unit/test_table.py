@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from agent.attest.table import EV_EXEC, EV_EXIT, EV_FORK, ProcessEvent, ProcessImage, ProcessTable
+from agent.attest.table import (
+    EV_EXEC,
+    EV_EXIT,
+    EV_FORK,
+    LINEAGE_LIMIT,
+    ProcessEvent,
+    ProcessImage,
+    ProcessTable,
+)
 
 
 class Clock:
@@ -119,3 +127,91 @@ def test_event_counters():
     t.apply(ev(EV_EXEC, 1, 2))
     t.apply(ev(EV_EXIT, 1, 2))
     assert t.stats.events == {"exec": 1, "fork": 1, "exit": 1}
+
+
+def lineage(t: ProcessTable, tgid: int) -> list[tuple[int, str]]:
+    return [(p.tgid, p.comm) for p in t.lineage(t.current(tgid))]
+
+
+def spawn(t: ProcessTable, tgid: int, at: int, ppid: int, comm: str) -> None:
+    """fork by ppid, then exec of comm in the child"""
+    t.apply(ev(EV_FORK, tgid, at, ppid=ppid, comm="fork"))
+    t.apply(ev(EV_EXEC, tgid, at + 1, start_ns=at, ppid=ppid, comm=comm))
+
+
+def test_a_double_forked_child_keeps_the_process_that_started_it():
+    """`(sleep 1; exec tool) &` in a subshell: the subshell forks the child and exits, the
+    child is reparented (to init, or a subreaper) before it execs, and the kernel names
+    init as its parent at exec. Its lineage is who started it, not who adopted it."""
+    t = ProcessTable(clock=Clock())
+    t.apply(ev(EV_EXEC, 1, 10, comm="init"))
+    spawn(t, 20, 200, ppid=1, comm="agent-a")
+    t.apply(ev(EV_FORK, 30, 300, ppid=20))  # the subshell
+    t.apply(ev(EV_FORK, 40, 400, ppid=30))  # its background child
+    t.apply(ev(EV_EXIT, 30, 300))
+    t.apply(ev(EV_EXEC, 40, 450, start_ns=400, ppid=1, comm="tool"))  # reparented to init
+    assert lineage(t, 40) == [(30, "x"), (20, "agent-a"), (1, "init")]
+
+
+def test_a_lineage_outlives_its_ancestors_exit_expiry_and_exec():
+    clock = Clock()
+    t = ProcessTable(grace_seconds=5, clock=clock)
+    t.apply(ev(EV_EXEC, 1, 10, comm="init"))
+    spawn(t, 20, 200, ppid=1, comm="agent-a")
+    spawn(t, 30, 300, ppid=20, comm="tool")
+    t.apply(ev(EV_EXEC, 20, 500, start_ns=200, ppid=1, comm="other"))  # a re-execs
+    assert t.image(20, 201) is None  # its old image is gone from the table
+    t.apply(ev(EV_EXIT, 20, 500))
+    clock.t += 60
+    t.expire()
+    assert lineage(t, 30) == [(20, "agent-a"), (1, "init")]  # as it was when tool began
+
+
+def test_a_program_that_execs_another_started_it():
+    """No fork: agent-a calls execve on tool. It chose tool's arguments, environment and
+    input, so tool's lineage begins with it (a sub-agent policy limits tool by it)."""
+    t = ProcessTable(clock=Clock())
+    t.apply(ev(EV_EXEC, 1, 10, comm="init"))
+    spawn(t, 20, 200, ppid=1, comm="agent-a")
+    t.apply(ev(EV_EXEC, 20, 300, start_ns=200, ppid=1, comm="tool"))
+    assert lineage(t, 20) == [(20, "agent-a"), (1, "init")]
+
+
+def test_a_process_that_execs_in_a_loop_keeps_a_bounded_lineage():
+    t = ProcessTable(clock=Clock())
+    t.apply(ev(EV_EXEC, 1, 10, comm="init"))
+    for n in range(LINEAGE_LIMIT * 3):
+        t.apply(ev(EV_EXEC, 20, 100 + n, start_ns=100, ppid=1, comm=f"p{n}"))
+    got = lineage(t, 20)
+    assert len(got) == LINEAGE_LIMIT
+    assert got[0] == (20, f"p{LINEAGE_LIMIT * 3 - 2}")  # the nearest first
+
+
+def test_seeded_processes_get_their_lineage_whatever_order_they_were_read_in():
+    t = ProcessTable(clock=Clock())
+
+    def seeded(tgid: int, ppid: int, comm: str) -> ProcessImage:
+        return ProcessImage(tgid, tgid * 10, tgid * 10, ppid, 0, 0, 0, comm, "", "proc")
+
+    # pids wrapped: the child (532) was read before its parent (32762)
+    for img in (seeded(532, 32762, "tool"), seeded(32762, 1, "agent"), seeded(1, 0, "init")):
+        assert t.seed(img)
+    t.link_parents()
+    assert lineage(t, 532) == [(32762, "agent"), (1, "init")]
+    assert lineage(t, 1) == []
+
+
+def test_seeded_processes_naming_each_other_parent_get_no_endless_lineage():
+    t = ProcessTable(clock=Clock())
+    for tgid, ppid in ((7, 8), (8, 7)):  # not a tree /proc can show, but read at two moments
+        t.seed(ProcessImage(tgid, tgid, tgid, ppid, 0, 0, 0, str(tgid), "", "proc"))
+    t.link_parents()
+    assert len(lineage(t, 7)) <= 2 and len(lineage(t, 8)) <= 2  # once round, at most
+
+
+def test_a_child_seen_before_its_parent_was_seeded_is_linked_once_it_is():
+    t = ProcessTable(clock=Clock())
+    t.apply(ev(EV_EXEC, 40, 400, ppid=30, comm="tool"))  # the parent was not read yet
+    t.seed(ProcessImage(30, 3, 3, 1, 0, 0, 0, "agent", "", "proc"))
+    t.link_parents()
+    assert lineage(t, 40) == [(30, "agent")]
