@@ -116,11 +116,21 @@ class PhantomVerifier:
     def binding(self, authorization: bytes) -> Binding | None:
         """The binding of the placeholder in an Authorization value; None when the value is
         not a placeholder (another token, another scheme). Raises PhantomInvalid for a
-        placeholder that does not verify."""
-        scheme, _, rest = authorization.partition(b" ")
-        if scheme.lower() not in (b"bearer", b"dpop"):
+        placeholder that does not verify.
+
+        The scheme ends at any whitespace (servers read `Bearer<TAB>token` as a bearer
+        token), and each word after it is looked at: a stolen placeholder with text around
+        it is still one, refused and audited as misuse, not passed over as another token."""
+        words = authorization.split()
+        if not words or words[0].lower() not in (b"bearer", b"dpop"):
             return None
-        token = rest.strip().decode("latin-1")
+        for word in words[1:]:
+            found = self._binding_of(word.decode("latin-1"))
+            if found is not None:
+                return found
+        return None
+
+    def _binding_of(self, token: str) -> Binding | None:
         now = self.clock()
         with self._lock:
             known = self._verified.get(token)

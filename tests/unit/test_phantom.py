@@ -82,6 +82,25 @@ def test_another_credential_is_not_a_placeholder(verifier, value):
     assert verifier.binding(value) is None
 
 
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        lambda token: b"Bearer\t" + token,  # servers read a tab as the separator
+        lambda token: b"bearer  " + token + b" ",
+        lambda token: b"DPoP " + token,
+        lambda token: b"Bearer " + token + b" trailing",  # a placeholder behind other text
+        lambda token: b"Bearer junk " + token,
+    ],
+    ids=["tab", "spaces", "dpop", "text-after", "text-before"],
+)
+def test_a_placeholder_is_found_however_the_value_around_it_is_spelt(keys, verifier, spelling):
+    """A stolen placeholder sent as `Bearer<TAB>token` was not recognised: stripped as any
+    other token, with no misuse event and no revocation of its holder's token."""
+    token = placeholder(keys).split(b" ", 1)[1]
+    found = verifier.binding(spelling(token))
+    assert found is not None and (found.spiffe_id, found.server) == (BOT, "tools")
+
+
 def test_a_placeholder_that_does_not_verify_is_invalid(keys, verifier):
     stranger_keys = JwtSigningKeys(clock=lambda: NOW)  # signed by no key of the bundle
     with pytest.raises(PhantomInvalid, match="kid"):
