@@ -155,6 +155,26 @@ class Rule:
         return name is not None and any(fnmatch.fnmatchcase(name, n) for n in names)
 
 
+_ENCODED_SEPARATORS = ("%2e", "%2f", "%5c")
+
+
+def unplain_uri(uri: str) -> str | None:
+    """Why a resource URI is not plain, or None. A rule's glob reads the URI as written
+    (`file:///docs/*` matches `file:///docs/../etc/passwd`), while the server resolving it
+    reads where it leads: dot segments, percent-encoded dots or slashes and backslashes
+    (which some resolvers take as separators) are refused before any rule, whatever the
+    rules say, as HTTP paths under an MCP endpoint are (agent/inject/request.py)."""
+    path = uri.split("?", 1)[0].split("#", 1)[0]
+    if any(segment in (".", "..") for segment in path.split("/")):
+        return "has a dot segment"
+    lowered = path.lower()
+    if any(code in lowered for code in _ENCODED_SEPARATORS):
+        return "has a percent-encoded dot, slash or backslash"
+    if "\\" in path:
+        return "has a backslash"
+    return None
+
+
 @dataclass(frozen=True)
 class Decision:
     allowed: bool
@@ -188,6 +208,13 @@ class Policy:
                 ok,
                 None,
                 f"server {server!r} has no rules; default_unlisted = {self.default_unlisted}",
+            )
+        if method == "resources/read" and name is not None and (odd := unplain_uri(name)):
+            return Decision(
+                False,
+                None,
+                f"resource URI {name[:200]!r} {odd}: no rule's glob can say where it leads; "
+                "ask for the resource by its plain URI",
             )
         applicable = [r for r in self.rules if r.applies(spiffe_id, server)]
         view = None

@@ -28,6 +28,14 @@ def test_decisions(sid, server, method, name, allowed, rule):
     assert d.rule_id == (None if rule == "-" else rule)
 
 
+def test_a_resource_uri_that_is_not_plain_is_refused_saying_why():
+    d = POLICY.decide(
+        "spiffe://example.org/agent/a", "weather", "resources/read", "file:///docs/../etc/passwd"
+    )
+    assert d.allowed is False and d.rule_id is None
+    assert "has a dot segment" in d.reason and "plain URI" in d.reason
+
+
 def test_unlisted_servers_follow_the_default():
     p = rules.parse(
         {"rule": [{"id": "r", "spiffe_id": "spiffe://e/*", "server": "a", "methods": ["*"]}]}
