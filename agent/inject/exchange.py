@@ -168,10 +168,21 @@ class Exchanges:
         # the body as sent, to send again if the server asks for a DPoP nonce (None: too long)
         kept: bytearray | None = bytearray() if dpop else None
         limit = self.retry_body_limit
+        went_up = False  # part of the request (its head first) is at the server
         try:
             while True:
                 ev = await src.next()  # inline, not body_event: this loop runs per request
                 if ev is None:
+                    if went_up:  # with credless's credential: on the record, like any other
+                        self.rec.count(up, "workload_closed")
+                        self.rec.audit_event(
+                            "request.aborted",
+                            audit_base,
+                            reason="the workload closed its connection inside the request's "
+                            "body, after its head had gone to the server; the server's side "
+                            "was closed too",
+                            token_sha256=token.fingerprint if token is not None else None,
+                        )
                     raise ConnectionError("the workload closed the connection inside a request")
                 if ev[0] == BODY:
                     self._still_theirs(served, audit_base)
@@ -183,6 +194,7 @@ class Exchanges:
                             kept = None
                     if len(out) >= READ_SIZE:
                         send(conn, bytes(out))
+                        went_up = True
                         out.clear()
                         await conn.drain()
                 elif ev[0] == END:

@@ -212,6 +212,33 @@ async def test_a_workload_that_closes_inside_its_body_leaves_the_server_an_unfin
 
 
 @run
+async def test_a_workload_leaving_after_its_credentialed_head_went_up_is_on_the_record():
+    """The head (with credless's credential) and 64 KiB of body had gone to the server when
+    the workload closed its connection: before, no event said a credentialed request had
+    reached the server."""
+    w = World()
+    big = b"x" * READ_SIZE
+    src = Script(w, (BODY, big))  # then None: the workload's connection closed
+    with pytest.raises(ConnectionError):
+        await exchange(w, post(3 * READ_SIZE), src)
+    assert w.upstream.transport.out.startswith(post(3 * READ_SIZE).request_bytes())
+    assert w.upstream.transport.closed
+    [aborted] = events(w)
+    assert aborted["event"] == "request.aborted" and aborted["spiffe_id"] == SID
+    assert aborted["token_sha256"] == TOKEN.fingerprint
+    assert "inside the request's body" in aborted["reason"]
+    assert count(w, "workload_closed") == 1
+
+
+@run
+async def test_a_workload_leaving_before_anything_went_up_leaves_no_event():
+    w = World()
+    with pytest.raises(ConnectionError):
+        await exchange(w, post(len(PIECE)), Script(w, (BODY, PIECE[:10])))
+    assert w.upstream.transport.out == b"" and events(w) == []
+
+
+@run
 async def test_the_host_is_the_servers_when_it_is_reached_at_another_address():
     up = dataclasses.replace(UP, send_host=b"mcp.internal:8443")
     w = World()
