@@ -417,7 +417,9 @@ class UpstreamSide(asyncio.Protocol):
                 if self._final_head().chunked:
                     out += LAST_CHUNK
                 self.complete = True
-                if i + 1 < len(events):  # bytes after the response: out of step
+                # bytes after the response (a message begun, even one with no event yet):
+                # out of step, so never reused
+                if i + 1 < len(events) or self._reader.in_message:
                     self.keep_alive = False
                 break
         held = self.held

@@ -50,6 +50,10 @@ class ProtocolError(Exception):
 # in memory) and stall every other connection on the loop while it does.
 MAX_HEAD_BYTES = 64 << 10
 MAX_HEADER_FIELDS = 100
+# A server's response head: not the workload's limits (inject.max_head_bytes protects the
+# proxy from workloads, and servers legitimately send more), but bounded all the same, so a
+# hostile server cannot make the proxy hold or parse a head of any size
+MAX_RESPONSE_HEAD_BYTES = 1 << 20
 
 
 class Head:
@@ -188,13 +192,13 @@ class _Collector:
         p = self.parser
         h.version = p.get_http_version()
         h.keep_alive = p.should_keep_alive()
+        if self.head_bytes > self.max_head:  # a server's too: its 401 challenge is parsed
+            what = "response" if self._response else "request"
+            self._fail(f"{what} head larger than {self.max_head} bytes", 431)
         if isinstance(p, httptools.HttpResponseParser):
-            te = h.get(b"transfer-encoding")
-            h.chunked = bool(te and b"chunked" in te.lower())
+            h.chunked = _response_chunked(h)
             h.status = p.get_status_code()
         else:
-            if self.head_bytes > self.max_head:
-                self._fail(f"request head larger than {self.max_head} bytes", 431)
             try:
                 h.chunked = _request_chunked(h)
             except ProtocolError as e:
@@ -215,6 +219,15 @@ class _Collector:
         self.events.append((END, None))
         self.in_message = False
         self.ends += 1
+
+
+def _response_chunked(h: Head) -> bool:
+    """Whether a response's body is chunked as llhttp reads it: its last transfer coding,
+    over every Transfer-Encoding field (`gzip` in one field and `chunked` in a second is
+    chunked; the first field alone said it was not, and the body went to the workload
+    de-chunked under a head that said chunked)."""
+    codings = b",".join(v for k, v in h.headers if k.lower() == b"transfer-encoding")
+    return codings.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
 
 
 def _request_chunked(h: Head) -> bool:
@@ -244,7 +257,9 @@ class Reader:
         max_head: int = MAX_HEAD_BYTES,
         max_fields: int = MAX_HEADER_FIELDS,
     ):
-        self._c = _Collector(response, max_head, max_fields)
+        self._c = _Collector(
+            response, MAX_RESPONSE_HEAD_BYTES if response else max_head, max_fields
+        )
         self.response = response
         self._head_fed = 0  # bytes fed while a request head stayed unfinished
 
@@ -262,15 +277,16 @@ class Reader:
             pass  # the upgrade event was recorded; the caller switches to raw bytes
         except httptools.HttpParserError as e:
             raise (c.error or ProtocolError(str(e))) from None
-        if not self.response:
-            # httptools holds an unfinished field in memory until its end arrives: bound what
-            # a head may make it hold (the callbacks' count only sees finished fields)
-            if c.heads + c.ends != marks:  # a head or message ended: count afresh
-                self._head_fed = 0
-            elif c.in_head or not c.in_message:
-                self._head_fed += len(data)
-                if self._head_fed > c.max_head:
-                    raise ProtocolError(f"request head larger than {c.max_head} bytes", 431)
+        # httptools holds an unfinished field in memory until its end arrives: bound what a
+        # head may make it hold (the callbacks' count only sees finished fields), a
+        # workload's or a server's
+        if c.heads + c.ends != marks:  # a head or message ended: count afresh
+            self._head_fed = 0
+        elif c.in_head or not c.in_message:
+            self._head_fed += len(data)
+            if self._head_fed > c.max_head:
+                what = "response" if self.response else "request"
+                raise ProtocolError(f"{what} head larger than {c.max_head} bytes", 431)
         events, c.events = c.events, []
         return events
 

@@ -58,6 +58,10 @@ from agent.observe.logging import get_logger
 log = get_logger("oauth")
 
 _PARAM = re.compile(r'([A-Za-z0-9_!#$%&\'*+.^`|~-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^\s,]+)')
+_SCHEME = re.compile(r"([A-Za-z0-9_!#$%&'*+.^`|~-]+)(?=\s|$|,)")
+# a challenge is a few hundred bytes; a server's longer one is read this far only, since the
+# quoted-string pattern may scan to the end from each position it is tried at
+MAX_CHALLENGE = 8192
 
 
 def canonical_resource(url: str) -> str:
@@ -78,6 +82,7 @@ def parse_www_authenticate(header: str) -> dict[str, dict[str, str]]:
     """
     out: dict[str, dict[str, str]] = {}
     current: dict[str, str] | None = None
+    header = header[:MAX_CHALLENGE]
     pos = 0
     while pos < len(header):
         m_param = _PARAM.match(header, pos)
@@ -88,10 +93,10 @@ def parse_www_authenticate(header: str) -> dict[str, dict[str, str]]:
             current[m_param.group(1).lower()] = value
             pos = m_param.end()
         else:
-            m_scheme = re.match(r"([A-Za-z0-9_!#$%&'*+.^`|~-]+)(?=\s|$|,)", header[pos:])
+            m_scheme = _SCHEME.match(header, pos)  # at pos: no copy of the rest each time
             if m_scheme:
                 current = out.setdefault(m_scheme.group(1).lower(), {})
-                pos += m_scheme.end()
+                pos = m_scheme.end()
             else:
                 pos += 1
         while pos < len(header) and header[pos] in " ,\t":

@@ -627,6 +627,23 @@ def test_a_malformed_challenge_is_read_as_far_as_it_goes(header, expected):
     assert disc.parse_www_authenticate(header) == expected
 
 
+def test_a_challenge_is_read_only_as_far_as_its_bound():
+    """A hostile server's challenge of any length costs no more than its first
+    MAX_CHALLENGE characters (its quoted-string pattern may scan to the end from each
+    position): what lies beyond is not read."""
+    pad = "(" * (disc.MAX_CHALLENGE - len("DPoP ") - len('algs="ES256" '))
+    header = 'DPoP algs="ES256" ' + pad + ' error="use_dpop_nonce"'
+    assert disc.parse_www_authenticate(header) == {"dpop": {"algs": "ES256"}}
+    short = 'DPoP algs="ES256" ' + "(" * 10 + ' error="use_dpop_nonce"'
+    assert disc.parse_www_authenticate(short) == {
+        "dpop": {"algs": "ES256", "error": "use_dpop_nonce"}
+    }
+
+
+def test_a_scheme_is_found_after_a_run_of_characters_none_can_start():
+    assert disc.parse_www_authenticate("(((( DPoP algs=ES256") == {"dpop": {"algs": "ES256"}}
+
+
 # ----------------------------------------------------------------- URL spelling and paths
 
 

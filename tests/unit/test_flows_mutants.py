@@ -977,7 +977,12 @@ def test_an_event_stream_in_one_read_with_its_head_is_recorded_too():
     [
         b"HTTP/1.1 200 OK\r\nX-Next: 1\r\nContent-Length: 3\r\n\r\nabc",  # an answer more
         b"HTTP/1.1 200 OK\r\nX-Next: 1\r\nContent-Length: 3\r\n\r\n",  # the head of one
+        # a message begun but not yet an event: before, the connection went back to the
+        # pool in the middle of it, and the next request's answer began with these bytes
+        b"H",
+        b"HTTP/1.1 200 OK\r\nX-Next: 1\r\n",
     ],
+    ids=["answer", "head", "one-byte", "half-head"],
 )
 def test_bytes_after_the_answer_in_its_last_read_are_not_relayed(trailing):
     out, up, done, _ = exchange([answer(fields=b"X: y\r\n") + trailing])

@@ -179,6 +179,39 @@ def test_a_head_over_the_limits_is_refused_431_before_it_is_held_whole(reads):
     assert fed <= 1024 + max(len(r) for r in reads)
 
 
+@pytest.mark.parametrize("whole", [True, False], ids=["ended", "unended"])
+def test_a_servers_head_over_the_limit_is_refused_before_it_is_held_whole(whole):
+    """A hostile MCP server's answer: its head is bounded, though not by the workload's
+    limits (its 401 challenge is parsed; before, a head of any size was held and read)."""
+    limit = http1.MAX_RESPONSE_HEAD_BYTES
+    reader = http1.Reader(response=True, max_head=1024)
+    head = b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: DPoP " + b"(" * limit
+    with pytest.raises(http1.ProtocolError, match=f"response head larger than {limit} bytes"):
+        reader.feed(head + (b"\r\nContent-Length: 0\r\n\r\n" if whole else b""))
+
+
+@pytest.mark.parametrize(
+    "fields,chunked",
+    [
+        (b"Transfer-Encoding: chunked\r\n", True),
+        (b"Transfer-Encoding: gzip, chunked\r\n", True),
+        (b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n", True),  # was False
+        (b"Transfer-Encoding: chunked, gzip\r\nContent-Length: 0\r\n", None),
+    ],
+    ids=["chunked", "gzip-chunked", "two-fields", "chunked-not-last"],
+)
+def test_a_response_is_chunked_as_llhttp_reads_it_over_every_field(fields, chunked):
+    reader = http1.Reader(response=True)
+    data = b"HTTP/1.1 200 OK\r\n" + fields + b"\r\n" + b"3\r\nabc\r\n0\r\n\r\n"
+    try:
+        events = reader.feed(data)
+    except http1.ProtocolError:
+        assert chunked is None  # llhttp refuses it: never relayed
+        return
+    assert chunked is not None and events[0][1].chunked is chunked
+    assert b"".join(e[1] for e in events if e[0] == BODY) == b"abc"
+
+
 def test_many_requests_on_one_connection_do_not_add_up_to_the_head_limit():
     reader = http1.Reader(max_head=1024, max_fields=16)
     one = post(b"Content-Length: 2", b"X-Pad: " + b"p" * 400, body=b"{}")
