@@ -114,6 +114,7 @@ class WorkloadApiServer:
         registry: CollectorRegistry | None = None,
         max_streams: int = 256,
         authorization_servers: Callable[[], Iterable[str]] = tuple,
+        request_wait: float = 10.0,
     ):
         self.socket_path = Path(socket_path)
         self.manager = manager
@@ -123,6 +124,8 @@ class WorkloadApiServer:
         # issuers and endpoints): FetchJWTSVID refuses them as audiences (see names_an_as)
         self.authorization_servers = authorization_servers
         self.max_streams = max_streams
+        # how long a call may hold its place among max_streams before its request message
+        self.request_wait = request_wait
         self.callers: dict[asyncio.BaseTransport, Caller] = {}  # who connected on each
         self.connections: set[AttestedConnection] = set()
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="workload-api")
@@ -266,10 +269,12 @@ class WorkloadApiServer:
         authorization servers credless obtains tokens from (names_an_as), or None."""
         return names_an_as(audience, self.authorization_servers())
 
-    def authorize(
+    def admit(
         self, caller: Caller | None, metadata: Mapping[str, str | bytes] | None
-    ) -> tuple[Identity, Attestation]:
-        """The caller's identity, or Denied with the status to return. Blocks (attests)."""
+    ) -> Attestation:
+        """The checks of a call that need no attestation now, asked before the call takes a
+        place among max_streams too, so a caller they refuse holds none. Denied, else the
+        attestation its connection was accepted with."""
         if metadata is None or metadata.get(_HEADER[0]) != _HEADER[1]:
             raise Denied(
                 Status.INVALID_ARGUMENT,
@@ -286,6 +291,13 @@ class WorkloadApiServer:
                 Status.PERMISSION_DENIED,
                 "no identity issued: the calling process could not be attested",
             )
+        return att
+
+    def authorize(
+        self, caller: Caller | None, metadata: Mapping[str, str | bytes] | None
+    ) -> tuple[Identity, Attestation]:
+        """The caller's identity, or Denied with the status to return. Blocks (attests)."""
+        att = self.admit(caller, metadata)
         now = self.attestor.attest(att.tgid, timeout=0.5)
         if now is None or now.exec_ns != att.exec_ns:
             raise Denied(

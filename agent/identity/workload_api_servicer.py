@@ -83,6 +83,10 @@ class WorkloadApiServicer:
         self, method: str, fn: Callable[[RpcStream], Awaitable[None]]
     ) -> Callable[[RpcStream], Awaitable[None]]:
         async def handle(stream: RpcStream) -> None:
+            try:  # before it takes a place: a caller refused at once holds none
+                self.s.admit(self._caller(stream), stream.metadata)
+            except Denied as d:
+                raise self._refuse(method, stream, d) from None
             if self.s.active >= self.s.max_streams:
                 raise self._refuse(
                     method,
@@ -140,7 +144,7 @@ class WorkloadApiServicer:
     ) -> None:
         """Stream the complete state now and again whenever it changes (SPEC §4), checking
         the caller again at least every second."""
-        await stream.recv_message()
+        await self._receive(stream)
         mgr = self.s.manager
         last: Hashable = None
         while not self.s.stopping:
@@ -213,9 +217,23 @@ class WorkloadApiServicer:
             ),
         )
 
+    async def _receive(self, stream: RpcStream) -> Any:
+        """The call's request message, within request_wait: a call holds a place among
+        max_streams until it ends, and one whose request never comes would hold it for good
+        (enough of them and no new caller is answered)."""
+        try:
+            async with asyncio.timeout(self.s.request_wait):
+                return await stream.recv_message()
+        except TimeoutError:
+            raise Denied(
+                Status.DEADLINE_EXCEEDED,
+                f"no request message within {self.s.request_wait:g} s of the call: send it "
+                "with the call",
+            ) from None
+
     async def _request(self, method: str, stream: RpcStream) -> Any:
         """A unary call's request message."""
-        request = await stream.recv_message()
+        request = await self._receive(stream)
         if request is None:  # the client ended its side of the stream without one
             raise Denied(Status.INVALID_ARGUMENT, "the request message is missing")
         return request

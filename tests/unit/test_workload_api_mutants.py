@@ -595,6 +595,45 @@ def test_calls_beyond_max_streams_are_refused_and_each_call_frees_its_place():
         w.close()
 
 
+class Silent(Stream):
+    """A call whose request message never comes (the client keeps its side open)."""
+
+    async def recv_message(self) -> Any:
+        await asyncio.Event().wait()
+
+
+@pytest.mark.parametrize(
+    "exe,metadata",
+    [(None, HEADER), (WEB_EXE, {})],
+    ids=["unattested", "no-security-header"],
+)
+def test_a_call_refused_at_once_never_takes_a_place_among_the_open_ones(world, exe, metadata):
+    """Any local process may open calls on the socket: one the checks refuse without an
+    attestation (no attested caller, no security header) is refused before it is counted,
+    and without waiting for a request it may never send. Before, it held a place: enough
+    of them and attested callers got RESOURCE_EXHAUSTED."""
+    caller = world.connect(WEB_PID, exe)
+    world.server.active = world.server.max_streams  # full: counting would refuse it so
+    err = world.refused("FetchJWTSVID", Silent(caller, None, metadata=metadata))
+    assert err.status in (Status.PERMISSION_DENIED, Status.INVALID_ARGUMENT)
+    assert world.server.active == world.server.max_streams
+
+
+def test_a_call_whose_request_never_comes_gives_its_place_back_after_request_wait():
+    w = World(request_wait=0.05)
+    try:
+        web = w.connect(WEB_PID, WEB_EXE)
+        for method in ("FetchJWTSVID", "FetchX509SVID"):  # a unary call and a stream
+            err = w.refused(method, Silent(web))
+            assert err.status is Status.DEADLINE_EXCEEDED
+            assert "no request message within 0.05 s" in err.message
+            assert w.server.active == 0
+            assert w.count(method, "DEADLINE_EXCEEDED") == 1
+        assert w.manager.jwt_asked == []  # nothing was issued
+    finally:
+        w.close()
+
+
 def test_by_default_256_calls_may_be_open(world):
     web = world.connect(WEB_PID, WEB_EXE)
     world.server.active = 255
