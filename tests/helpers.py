@@ -3,7 +3,9 @@ for a fixed time), and read what it wrote."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -17,7 +19,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from agent.observe.serving import serve_in_background, stop_serving
 from tests import zygote
@@ -33,6 +35,16 @@ class Stoppable(Protocol):
     def send_signal(self, sig: int) -> None: ...
     def wait(self, timeout: float | None = None) -> int | None: ...
     def kill(self) -> None: ...
+
+
+def run_async(test: Callable[..., Any]) -> Callable[..., Any]:
+    """An async test body, run in an event loop of its own (as `@run_async` above it)."""
+
+    @functools.wraps(test)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return asyncio.run(test(*args, **kwargs))
+
+    return wrapper
 
 
 def stop_process(proc: Stoppable | None, timeout: float = 10.0) -> None:

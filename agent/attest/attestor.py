@@ -352,7 +352,7 @@ class Attestor:
         """The attestations of the images that started att's, nearest first, as each was
         attested, though it has exited or exec'd since (agent/attest/table.py keeps them
         by reference); those never attested (gone before their /proc could be read) are
-        left out. None when att's own image is no longer known."""
+        left out. Nothing when att's own image is no longer known."""
         img = self.table.image(att.tgid, att.exec_ns)
         if img is None:
             return

@@ -104,10 +104,13 @@ class ProcessTable:
                 return self._exit(ev.tgid, ev.exec_ns)
             if ev.type not in (EV_EXEC, EV_FORK):
                 return None
-            old = self._images.get(self._current.get(ev.tgid, (0, -1)))
-            if ev.type == EV_EXEC and old is not None and old.exec_ns != ev.exec_ns:
-                old.replaced = True
-                self._images.pop(old.key, None)
+            replaced = None  # the image this exec replaces in its process
+            if ev.type == EV_EXEC:
+                old = self._images.get(self._current.get(ev.tgid, (0, -1)))
+                if old is not None and old.exec_ns != ev.exec_ns:
+                    replaced = old
+                    old.replaced = True
+                    self._images.pop(old.key, None)
             img = ProcessImage(
                 tgid=ev.tgid,
                 exec_ns=ev.exec_ns,
@@ -121,12 +124,12 @@ class ProcessTable:
                 source=EVENT_NAMES[ev.type],
                 event_ts_ns=ev.ts_ns,
             )
-            img.ancestors = _descending(self._started_by(ev, old))
+            img.ancestors = _descending(self._started_by(ev, replaced))
             self._images[img.key] = img
             self._current[ev.tgid] = img.key
             return img
 
-    def _started_by(self, ev: ProcessEvent, old: ProcessImage | None) -> ProcessImage | None:
+    def _started_by(self, ev: ProcessEvent, replaced: ProcessImage | None) -> ProcessImage | None:
         """The image that started this event's: for a fork, the forking process's; for an
         exec, the program that called execve, as a sub-agent policy
         (policy.subagents) must see it, whatever happened to the processes since:
@@ -139,10 +142,10 @@ class ProcessTable:
 
         Only a process the table has not seen yet (no image: the agent started after it)
         takes its parent process as the kernel names it now."""
-        if ev.type == EV_EXEC and old is not None and old.exec_ns != ev.exec_ns:
-            if old.source == "fork":  # the forking process's program, inside this process
-                return old.ancestors[0] if old.ancestors else None
-            return old
+        if replaced is not None:
+            if replaced.source == "fork":  # the forking process's program, in this process
+                return replaced.ancestors[0] if replaced.ancestors else None
+            return replaced
         key = self._current.get(ev.ppid)
         return self._images.get(key) if key else None
 

@@ -193,8 +193,7 @@ class _Collector:
         h.version = p.get_http_version()
         h.keep_alive = p.should_keep_alive()
         if self.head_bytes > self.max_head:  # a server's too: its 401 challenge is parsed
-            what = "response" if self._response else "request"
-            self._fail(f"{what} head larger than {self.max_head} bytes", 431)
+            self._fail(_too_large(self._response, self.max_head), 431)
         if isinstance(p, httptools.HttpResponseParser):
             h.chunked = _response_chunked(h)
             h.status = p.get_status_code()
@@ -219,6 +218,11 @@ class _Collector:
         self.events.append((END, None))
         self.in_message = False
         self.ends += 1
+
+
+def _too_large(response: bool, limit: int) -> str:
+    """The refusal of a head over its bound, whichever of the two counts found it."""
+    return f"{'response' if response else 'request'} head larger than {limit} bytes"
 
 
 def _response_chunked(h: Head) -> bool:
@@ -285,8 +289,7 @@ class Reader:
         elif c.in_head or not c.in_message:
             self._head_fed += len(data)
             if self._head_fed > c.max_head:
-                what = "response" if self.response else "request"
-                raise ProtocolError(f"{what} head larger than {c.max_head} bytes", 431)
+                raise ProtocolError(_too_large(self.response, c.max_head), 431)
         events, c.events = c.events, []
         return events
 

@@ -176,9 +176,12 @@ def entries(program: Program) -> dict[int, int]:
     return {k.value: v.value for k, v in program[b"managed_cgroups"].items()}
 
 
-def event(program: Program, type: int, cg_id: int, path: str, state: int = 0) -> None:
-    e = Event(type=type, level=path.count("/"), id=cg_id, state=state, marked=1)
-    e.path = path.encode()
+def event(program: Program, type: int, cg_id: int, path: str | bytes, state: int = 0) -> None:
+    """The ring buffer's callback on one event, as BCC calls it; path: as the kernel wrote
+    it (bytes: possibly truncated, or not UTF-8)."""
+    raw = path.encode() if isinstance(path, str) else path
+    e = Event(type=type, level=raw.count(b"/"), id=cg_id, state=state, marked=1)
+    e.path = raw
     buf = ct.create_string_buffer(bytes(e), ct.sizeof(Event))
     assert program.ring.callback(None, ct.addressof(buf), ct.sizeof(Event)) == 0
 
@@ -496,10 +499,7 @@ def test_a_truncated_path_is_found_by_the_cgroups_id(host):
     try:
         audit.events.clear()
         program[b"managed_cgroups"][ct.c_uint64(cg_id)] = ct.c_uint32(PENDING)
-        e = Event(type=MKDIR, level=4, id=cg_id, state=0, marked=1)
-        e.path = long.encode()[: cgroup_watch.PATH_LEN - 1]
-        buf = ct.create_string_buffer(bytes(e), ct.sizeof(Event))
-        assert program.ring.callback(None, ct.addressof(buf), ct.sizeof(Event)) == 0
+        event(program, MKDIR, cg_id, long.encode()[: cgroup_watch.PATH_LEN - 1])
         assert entries(program) == {cg_id: MANAGED}
         assert w.managed_paths() == [long]
         assert len(long) > cgroup_watch.PATH_LEN - 1  # longer than the kernel copies
@@ -668,10 +668,7 @@ def test_a_path_that_is_not_utf8_is_decided_with_its_bad_bytes_replaced(host):
     w, _ = watch(host, "/svc/*")
     w.start(program)
     try:
-        e = Event(type=MKDIR, level=2, id=61, state=0, marked=1)
-        e.path = b"/svc/caf\xe9"
-        buf = ct.create_string_buffer(bytes(e), ct.sizeof(Event))
-        assert program.ring.callback(None, ct.addressof(buf), ct.sizeof(Event)) == 0
+        event(program, MKDIR, 61, b"/svc/caf\xe9")
         assert w.managed_paths() == ["/svc/caf\ufffd"]
     finally:
         w.stop(detach=False)
@@ -702,10 +699,7 @@ def test_a_truncated_path_of_a_cgroup_gone_already_is_audited_as_the_kernel_gave
     w.start(program)
     try:
         long = "/".join(["", "svc", "a" * 250, "b" * 250, "agent-2"])
-        e = Event(type=RMDIR, level=4, id=71, state=MANAGED, marked=0)
-        e.path = long.encode()[: cgroup_watch.PATH_LEN - 1]
-        buf = ct.create_string_buffer(bytes(e), ct.sizeof(Event))
-        assert program.ring.callback(None, ct.addressof(buf), ct.sizeof(Event)) == 0
+        event(program, RMDIR, 71, long.encode()[: cgroup_watch.PATH_LEN - 1], state=MANAGED)
         ((name, fields),) = audit.events
         assert name == "cgroup.unmanaged" and fields["cgroup_id"] == 71
         assert fields["cgroup"] == long[: cgroup_watch.PATH_LEN - 1]  # not found by id

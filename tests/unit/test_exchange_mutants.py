@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import json
 import time
 from collections import deque
@@ -34,6 +33,7 @@ from agent.inject.record import AuditBase
 from agent.inject.served import Served
 from agent.oauth.dpop import DPoPKey
 from agent.policy.jsonrpc import Call
+from tests.helpers import run_async as run
 from tests.unit.test_dpop_nonce import DPOP, nonce_401, proofs
 from tests.unit.test_fast_path import RESPONSE, SID, TOKEN, UP, World
 from tests.unit.test_full_path_forwarding import _until
@@ -145,16 +145,6 @@ async def sent(
     )
     await _until(lambda: w.upstream.sent_at > 0)
     return task
-
-
-def run(test):
-    """An async test body, run in a loop of its own."""
-
-    @functools.wraps(test)
-    def wrapper(*args, **kwargs):
-        return asyncio.run(test(*args, **kwargs))
-
-    return wrapper
 
 
 # ------------------------------------------------------------------ the body, as sent

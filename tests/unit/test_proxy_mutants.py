@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
-import functools
 import json
 import ssl
 from collections.abc import Iterator
@@ -37,6 +36,7 @@ from agent.inject.upstreams import Upstream
 from agent.oauth.errors import OAuthError
 from agent.oauth.tokens import Token
 from agent.policy.rules import Decision
+from tests.helpers import run_async as run
 from tests.unit import test_tokens_mutants
 from tests.unit.test_as_certificate import TlsServer, cas
 from tests.unit.test_assertion_seams import FORM, TOKEN_PATH, AsTokens, AsWorld
@@ -328,16 +328,6 @@ def count(w: World, outcome: str, mode: str = "broker") -> float:
 
 def events(w: World, name: str) -> list[dict]:
     return [e for e in w.audit() if e["event"] == name]
-
-
-def run(test):
-    """An async test body, run in a loop of its own."""
-
-    @functools.wraps(test)
-    def wrapper(*args, **kwargs):
-        return asyncio.run(test(*args, **kwargs))
-
-    return wrapper
 
 
 # ------------------------------------------------------------------ accepted connections
