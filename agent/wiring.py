@@ -41,6 +41,7 @@ from agent.inject.proxy import Proxy
 from agent.inject.redirect import Redirector
 from agent.inject.tls import InjectionCA
 from agent.inject.upstreams import UpstreamResolver
+from agent.oauth.audiences import AuthorizationServerReader
 from agent.oauth.prewarm import Prewarmer
 from agent.oauth.service import OAuthService
 from agent.oauth.trust import verifying_context
@@ -192,6 +193,11 @@ def build(cfg: Config, audit: AuditLog | None = None) -> Agent:
     metrics.add_ready_check("identity", identity.ready)
     agent.components += [Synchronous(attestor), Synchronous(identity)]
     agent.reload_hooks.append(identity.reload_entries)
+    # reads every configured and pinned AS's metadata at start, so the Workload API knows
+    # their endpoints on other origins too (it starts after OAuth, whose discovery it uses)
+    reader = AuthorizationServerReader(
+        oauth.servers, oauth.issuers, oauth.server_metadata, registry=registry
+    )
     if cfg.workload_api.enabled:
         # FetchJWTSVID refuses audiences naming an authorization server credless uses
         api = WorkloadApiServer(
@@ -201,13 +207,14 @@ def build(cfg: Config, audit: AuditLog | None = None) -> Agent:
             audit=audit,
             registry=registry,
             authorization_servers=oauth.assertion_audiences,
+            unread_authorization_servers=reader.unread,
         )
         agent.components.append(Synchronous(api))
     if cfg.bundle_endpoint.enabled:
         host, port = listen_address(cfg.bundle_endpoint.listen, "bundle_endpoint.listen")
         bundle = BundleEndpoint(identity, host, port, cfg.bundle_endpoint)
         agent.components.append(BoundEndpoint(bundle, "bundle_endpoint.listen"))
-    agent.components.append(oauth)
+    agent.components += [oauth, reader]
     attestor.add_event_listener(identity.process_event)
     identity.on_identity_ended.append(lambda spiffe_id: forget_tokens(oauth, spiffe_id))
     identity.on_identity_started.append(lambda spiffe_id: resume_tokens(oauth, spiffe_id))

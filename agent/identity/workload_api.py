@@ -115,6 +115,7 @@ class WorkloadApiServer:
         max_streams: int = 256,
         authorization_servers: Callable[[], Iterable[str]] = tuple,
         request_wait: float = 10.0,
+        unread_authorization_servers: Callable[[], Iterable[str]] = tuple,
     ):
         self.socket_path = Path(socket_path)
         self.manager = manager
@@ -123,6 +124,9 @@ class WorkloadApiServer:
         # the authorization servers credless obtains tokens from (configured and discovered
         # issuers and endpoints): FetchJWTSVID refuses them as audiences (see names_an_as)
         self.authorization_servers = authorization_servers
+        # the servers whose ASes' metadata is not read yet: until it is, any URL audience
+        # might be one of their endpoints (agent/oauth/audiences.py)
+        self.unread_authorization_servers = unread_authorization_servers
         self.max_streams = max_streams
         # how long a call may hold its place among max_streams before its request message
         self.request_wait = request_wait
@@ -264,10 +268,40 @@ class WorkloadApiServer:
             )
 
     # ------------------------------------------------------------ authorisation
-    def authorization_server_named(self, audience: Iterable[str]) -> tuple[str, str] | None:
-        """The first (audience, authorization server) where the audience names one of the
-        authorization servers credless obtains tokens from (names_an_as), or None."""
-        return names_an_as(audience, self.authorization_servers())
+    def refuse_authorization_server_audience(self, audience: list[str], entry_id: str) -> None:
+        """Denied when a JWT-SVID for audience could be a client assertion at an
+        authorization server credless obtains tokens from: an audience that names one
+        (names_an_as), or, while a server's ASes are unread (agent/oauth/audiences.py), any
+        URL, which might be an endpoint of theirs on an origin not known yet."""
+        named = names_an_as(audience, self.authorization_servers())
+        if named is not None:
+            raise Denied(
+                Status.PERMISSION_DENIED,
+                (
+                    f"audience {named[0]!r} is the authorization server {named[1]!r}, "
+                    "which credless obtains this identity's tokens from: a JWT-SVID for "
+                    "it would let the workload get tokens past credless's policy, DPoP "
+                    "binding and audit. Call the MCP server through credless instead, or "
+                    "set authorization_server_audience = true on the registration entry "
+                    f"{entry_id!r} if this workload must talk to it itself"
+                ),
+                audience=audience,
+                authorization_server=named[1],
+            )
+        unread = tuple(self.unread_authorization_servers())
+        url = next((a for a in audience if origin(a.strip(), userinfo=True)), None)
+        if unread and url is not None:
+            raise Denied(
+                Status.UNAVAILABLE,
+                (
+                    f"audience {url!r} may be an endpoint of an authorization server "
+                    "credless obtains tokens from whose metadata it has not read yet "
+                    f"(for server{'s' if len(unread) > 1 else ''} {', '.join(unread)}): "
+                    "retry shortly; the agent's log says why the read has not succeeded"
+                ),
+                audience=audience,
+                unread=list(unread),
+            )
 
     def admit(
         self, caller: Caller | None, metadata: Mapping[str, str | bytes] | None

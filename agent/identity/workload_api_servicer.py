@@ -256,21 +256,7 @@ class WorkloadApiServicer:
                     audience=audience,
                 )
             if not ident.entry.authorization_server_audience:
-                named = self.s.authorization_server_named(audience)
-                if named is not None:
-                    raise Denied(
-                        Status.PERMISSION_DENIED,
-                        (
-                            f"audience {named[0]!r} is the authorization server {named[1]!r}, "
-                            "which credless obtains this identity's tokens from: a JWT-SVID for "
-                            "it would let the workload get tokens past credless's policy, DPoP "
-                            "binding and audit. Call the MCP server through credless instead, or "
-                            "set authorization_server_audience = true on the registration entry "
-                            f"{ident.entry.id!r} if this workload must talk to it itself"
-                        ),
-                        audience=audience,
-                        authorization_server=named[1],
-                    )
+                self.s.refuse_authorization_server_audience(audience, ident.entry.id)
             return ident, att, self.s.manager.jwt_svid(ident, audience)
 
         ident, att, svid = await self._authorized("FetchJWTSVID", stream, issue)

@@ -403,17 +403,7 @@ class Discovery:
                 continue
             meta = self._parse_as(doc, issuer, url)
             self._cache[("as", issuer)] = (self.clock(), meta)
-            self.endpoints = self.endpoints | {
-                u
-                for u in (
-                    meta.issuer,
-                    meta.token_endpoint,
-                    meta.registration_endpoint,
-                    meta.introspection_endpoint,
-                    meta.revocation_endpoint,
-                )
-                if u
-            }
+            self.endpoints = self.endpoints | assertion_endpoints(doc)
             return meta
         raise DiscoveryError(
             f"no authorization server metadata for {issuer}; tried " + ", ".join(tried), url=issuer
@@ -457,6 +447,20 @@ class Discovery:
             dpop_signing_alg_values_supported=_strings(doc, "dpop_signing_alg_values_supported"),
             raw=doc,
         )
+
+
+def assertion_endpoints(doc: dict) -> frozenset[str]:
+    """Every URL in authorization server metadata that may take a client assertion: the
+    issuer, every `*_endpoint` member (token, registration, introspection, revocation, and
+    those credless never calls: PAR, device authorization, CIBA, ...) and every
+    `mtls_endpoint_aliases` value (RFC 8705 §5). A member credless does not know by name
+    still counts: an AS accepts the URL of the endpoint being called as an assertion's
+    audience, on whatever origin the document puts it."""
+    urls = [v for k, v in doc.items() if k == "issuer" or k.endswith("_endpoint")]
+    aliases = doc.get("mtls_endpoint_aliases")
+    if isinstance(aliases, dict):
+        urls += aliases.values()
+    return frozenset(u for u in urls if isinstance(u, str) and u)
 
 
 def _strings(doc: dict, key: str) -> tuple[str, ...]:

@@ -197,8 +197,13 @@ class OAuthService:
         Callable from any thread."""
         out = set(self._started()[1].endpoints)
         for name in list(self.servers):
-            out.update(self.resolver.authorization_servers(self.server(name)))
+            out.update(self.issuers(name))
         return frozenset(out)
+
+    def issuers(self, name: str) -> tuple[str, ...]:
+        """The authorization servers that may receive assertions for the server `name` now:
+        configured, else pinned (none before an unconfigured server's first discovery)."""
+        return self.resolver.authorization_servers(self.server(name))
 
     async def resolve(
         self, server: Server, challenge: str | None = None, ident: Identity | None = None

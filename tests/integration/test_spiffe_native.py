@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import audit_events, run_json_program
+from tests.helpers import audit_events, run_json_program, wait_for
 from tests.kernel import enter_cgroup
+from tests.mcp.hostile import RecordingAuthorizationServer
 from tests.mcp.peers import McpServer
 from tests.world import build_world, entry_table, server_table
 
@@ -136,3 +137,65 @@ def test_a_jwt_svid_for_an_authorization_server_credless_uses_is_refused_by_defa
         assert not [e for e in events if e["event"] == "svid.issued" and e["type"] == "jwt"]
         [denied] = [e for e in events if e["event"] == "workload_api.denied"]
         assert denied["spiffe_id"] == SPIFFE_ID and denied["audience"] == [w.oidc.issuer]
+
+
+def test_a_jwt_svid_for_a_token_endpoint_on_another_origin_is_refused(tmp_path):
+    """An AS may put its token endpoint on another origin than its issuer. A JWT-SVID for
+    that endpoint is a client assertion there, but the Workload API knew the endpoint only
+    once credless had read the AS's metadata for a request (found by review, stop 32). A
+    workload (py-spiffe) asked before any request: it got the JWT-SVID and presented it at
+    the token endpoint itself. Now the agent reads every configured AS's metadata at start;
+    until it has, a URL audience is refused with UNAVAILABLE, after it, with
+    PERMISSION_DENIED; the token endpoint never sees an assertion."""
+    sock_dir = Path(tempfile.mkdtemp(prefix="credless-native-"))
+    os.chmod(sock_dir, 0o755)
+    try:
+        with build_world(tmp_path, SPIFFE_ID) as w:
+            tokens = w.enter(RecordingAuthorizationServer("127.0.0.2"))
+            issuer = w.enter(RecordingAuthorizationServer("127.0.0.1"))
+            with issuer._lock:  # not published yet: the agent's first reads fail
+                del issuer.routes[("GET", "/.well-known/oauth-authorization-server")]
+            token_endpoint = f"{tokens.origin}/token"
+            agent = w.start_agent(
+                server_table("weather", "http://127.0.0.1:9/mcp", issuer=issuer.issuer),
+                entries=entry_table("native", SPIFFE_ID, [w.selector]),
+                intercept=False,
+                workload_api_socket=sock_dir / "agent.sock",
+            )
+
+            def thief() -> dict:
+                return run_json_program(
+                    "tests.mcp.assertion_thief",
+                    str(sock_dir / "agent.sock"),
+                    token_endpoint,
+                    SPIFFE_ID,
+                    timeout=60,
+                    preexec_fn=enter_cgroup(w.cg),
+                )
+
+            unread = thief()
+            assert not unread["fetched"] and "retry shortly" in unread["message"], unread
+            issuer.publish(token_endpoint=token_endpoint)
+            refused = wait_for(
+                lambda: (r := thief()) and "retry shortly" not in r.get("message", "") and r,
+                what="the agent to read the authorization server's metadata",
+            )
+            assert not refused["fetched"], refused
+            assert "is the authorization server" in refused["message"], refused
+            assert tokens.received() == []
+
+            def denials(events: list[dict]) -> list[dict]:
+                return [e for e in events if e["event"] == "workload_api.denied"]
+
+            events = audit_events(
+                agent.stdout_path,
+                lambda evs: any(e["code"] == "PERMISSION_DENIED" for e in denials(evs)),
+            )
+            denied = denials(events)
+            assert [e["code"] for e in denied[:1]] == ["UNAVAILABLE"]
+            assert denied[0]["unread"] == ["weather"]
+            assert denied[-1]["code"] == "PERMISSION_DENIED"
+            assert denied[-1]["authorization_server"] == token_endpoint
+            assert not [e for e in events if e["event"] == "svid.issued"]
+    finally:
+        shutil.rmtree(sock_dir, ignore_errors=True)
