@@ -116,6 +116,7 @@ class WorkloadApiServer:
         authorization_servers: Callable[[], Iterable[str]] = tuple,
         request_wait: float = 10.0,
         unread_authorization_servers: Callable[[], Iterable[str]] = tuple,
+        max_streams_per_cgroup: int = 64,
     ):
         self.socket_path = Path(socket_path)
         self.manager = manager
@@ -128,6 +129,10 @@ class WorkloadApiServer:
         # might be one of their endpoints (agent/oauth/audiences.py)
         self.unread_authorization_servers = unread_authorization_servers
         self.max_streams = max_streams
+        # of those, how many callers in one cgroup may hold: a process can fork callers, but
+        # they stay in its cgroup (its pod's or service's), so one workload leaves the rest
+        self.max_streams_per_cgroup = max_streams_per_cgroup
+        self.active_by_cgroup: dict[int, int] = {}
         # how long a call may hold its place among max_streams before its request message
         self.request_wait = request_wait
         self.callers: dict[asyncio.BaseTransport, Caller] = {}  # who connected on each
@@ -326,6 +331,34 @@ class WorkloadApiServer:
                 "no identity issued: the calling process could not be attested",
             )
         return att
+
+    def take_place(self, att: Attestation) -> None:
+        """Count a call among the open ones: Denied RESOURCE_EXHAUSTED when max_streams are
+        open, or max_streams_per_cgroup from the caller's cgroup. Runs on the server's loop
+        (as give_place does), so the counts need no lock."""
+        if self.active >= self.max_streams:
+            raise Denied(
+                Status.RESOURCE_EXHAUSTED, f"more than {self.max_streams} Workload API calls open"
+            )
+        held = self.active_by_cgroup.get(att.cgroup_id, 0)
+        if held >= self.max_streams_per_cgroup:
+            raise Denied(
+                Status.RESOURCE_EXHAUSTED,
+                f"more than {self.max_streams_per_cgroup} Workload API calls open from the "
+                f"cgroup {att.cgroup_path}: a workload needs one stream per kind of SVID and "
+                "its unary calls; close the calls it no longer reads",
+            )
+        self.active += 1
+        self.active_by_cgroup[att.cgroup_id] = held + 1
+
+    def give_place(self, att: Attestation) -> None:
+        """The place take_place counted, given back when the call ends."""
+        self.active -= 1
+        left = self.active_by_cgroup.get(att.cgroup_id, 0) - 1
+        if left > 0:
+            self.active_by_cgroup[att.cgroup_id] = left
+        else:
+            self.active_by_cgroup.pop(att.cgroup_id, None)
 
     def authorize(
         self, caller: Caller | None, metadata: Mapping[str, str | bytes] | None

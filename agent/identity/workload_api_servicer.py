@@ -84,25 +84,16 @@ class WorkloadApiServicer:
     ) -> Callable[[RpcStream], Awaitable[None]]:
         async def handle(stream: RpcStream) -> None:
             try:  # before it takes a place: a caller refused at once holds none
-                self.s.admit(self._caller(stream), stream.metadata)
+                att = self.s.admit(self._caller(stream), stream.metadata)
+                self.s.take_place(att)
             except Denied as d:
                 raise self._refuse(method, stream, d) from None
-            if self.s.active >= self.s.max_streams:
-                raise self._refuse(
-                    method,
-                    stream,
-                    Denied(
-                        Status.RESOURCE_EXHAUSTED,
-                        f"more than {self.s.max_streams} Workload API calls open",
-                    ),
-                )
-            self.s.active += 1
             try:
                 await fn(stream)
             except Denied as d:
                 raise self._refuse(method, stream, d) from None
             finally:
-                self.s.active -= 1
+                self.s.give_place(att)
 
         return handle
 

@@ -644,6 +644,67 @@ def test_by_default_256_calls_may_be_open(world):
     assert err.message.startswith("more than 256 Workload API calls open")
 
 
+def in_cgroup(w: World, pid: int, exe: str, cgroup_id: int) -> object:
+    """A connection from pid, attested as exe in the cgroup cgroup_id (/pod-<id>)."""
+    transport = w.connect(pid, exe)
+    att = dataclasses.replace(image(pid, exe), cgroup_id=cgroup_id, cgroup_path=f"/pod-{cgroup_id}")
+    w.attestor.now[pid] = att
+    caller = w.server.callers[transport]
+    w.server.callers[transport] = Caller(caller.cred, att)  # type: ignore[arg-type]
+    return transport
+
+
+def test_one_cgroups_callers_hold_at_most_max_streams_per_cgroup_and_leave_the_rest():
+    """A workload's attested processes opening calls that never send a request (or
+    streams they never read) could hold every place among max_streams, and every other
+    workload on the node got RESOURCE_EXHAUSTED. Forked callers stay in their cgroup, so
+    one cgroup's calls are bounded; another cgroup's caller is still served."""
+    w = World(max_streams=8, max_streams_per_cgroup=3, request_wait=3600)
+
+    async def scenario() -> tuple[GRPCError, list[str], int]:
+        attackers = [in_cgroup(w, 5000 + i, WEB_EXE, 7) for i in range(4)]
+        held = [
+            asyncio.create_task(w.call("FetchJWTSVID", Silent(t)))
+            for t in attackers[:3]  # three processes, one call each
+        ]
+        while w.server.active < 3:
+            await asyncio.sleep(0)
+        with pytest.raises(GRPCError) as full:  # a fourth process of the same cgroup
+            await w.call("FetchJWTSVID", Stream(attackers[3], jwt_request(AUD)))
+        other = in_cgroup(w, DB_PID, DB_EXE, 8)
+        stream = Stream(other, jwt_request(AUD))
+        await w.call("FetchJWTSVID", stream)
+        served = [svid.spiffe_id for msg in stream.sent for svid in msg.svids]
+        for t in held:
+            t.cancel()
+        await asyncio.gather(*held, return_exceptions=True)
+        return full.value, served, w.server.active
+
+    try:
+        err, served, active_after = asyncio.run(scenario())
+        assert err.status is Status.RESOURCE_EXHAUSTED
+        assert err.message.startswith(
+            "more than 3 Workload API calls open from the cgroup /pod-7: "
+        )
+        event = denial(w, err)
+        assert event["pid"] == 5003 and event["code"] == "RESOURCE_EXHAUSTED"
+        assert served == [DB]
+        assert active_after == 0 and w.server.active_by_cgroup == {}
+    finally:
+        w.close()
+
+
+def test_by_default_64_calls_may_be_open_from_one_cgroup(world):
+    web = world.connect(WEB_PID, WEB_EXE)
+    world.server.active_by_cgroup[1] = 63
+    assert issued(world, web, AUD).spiffe_id == WEB
+    assert world.server.active_by_cgroup == {1: 63}
+    world.server.active_by_cgroup[1] = 64
+    err = world.refused("FetchJWTSVID", Stream(web, jwt_request(AUD)))
+    assert err.status is Status.RESOURCE_EXHAUSTED
+    assert err.message.startswith("more than 64 Workload API calls open from the cgroup /: ")
+
+
 # ------------------------------------------------------------------ ValidateJWTSVID
 
 
