@@ -73,6 +73,16 @@ def parse_status(text: str) -> ProcStatus:
         raise ValueError(f"unexpected /proc/<pid>/status format: {e}") from None
 
 
+def current_ids(pid: int) -> tuple[int, int, int, int] | None:
+    """pid's (real uid, effective uid, real gid, effective gid) now; None when it is gone.
+    The caller pins pid (a pidfd) and checks it is still alive after this read."""
+    try:
+        st = parse_status(Path(f"/proc/{pid}/status").read_text())
+    except (OSError, ValueError):
+        return None
+    return st.uids[0], st.uids[1], st.gids[0], st.gids[1]
+
+
 def parse_stat_start_ticks(text: str) -> int:
     """Field 22 (starttime) of /proc/<pid>/stat; comm (field 2) may hold spaces and ')'."""
     rest = text[text.rindex(")") + 2 :].split()

@@ -30,6 +30,7 @@ from typing import Any, Protocol, TypeVar
 from grpclib.const import Status
 from prometheus_client import CollectorRegistry, Counter
 
+from agent.attest.procfs import current_ids
 from agent.attest.selectors import Attestation
 from agent.identity.bundle import TrustBundle
 from agent.identity.jwtsvid import JwtSvid
@@ -117,6 +118,7 @@ class WorkloadApiServer:
         request_wait: float = 10.0,
         unread_authorization_servers: Callable[[], Iterable[str]] = tuple,
         max_streams_per_cgroup: int = 64,
+        ids_now: Callable[[int], tuple[int, int, int, int] | None] = current_ids,
     ):
         self.socket_path = Path(socket_path)
         self.manager = manager
@@ -133,6 +135,8 @@ class WorkloadApiServer:
         # they stay in its cgroup (its pod's or service's), so one workload leaves the rest
         self.max_streams_per_cgroup = max_streams_per_cgroup
         self.active_by_cgroup: dict[int, int] = {}
+        # a caller's (real uid, effective uid, real gid, effective gid) now (procfs)
+        self.ids_now = ids_now
         # how long a call may hold its place among max_streams before its request message
         self.request_wait = request_wait
         self.callers: dict[asyncio.BaseTransport, Caller] = {}  # who connected on each
@@ -371,6 +375,20 @@ class WorkloadApiServer:
                 Status.PERMISSION_DENIED,
                 "no identity issued: the calling process has exec'd or exited "
                 "since it connected; reconnect",
+            ).about(att, None)
+        # its ids now, read while its pidfd says it is alive (so the pid is still its own):
+        # a process that changed uid or gid after it was attested (at its exec), such as a
+        # root one that dropped to another user after it connected, is no longer what its
+        # selectors were made from
+        ids = self.ids_now(att.tgid)
+        alive = caller is not None and caller.cred.alive()  # admit() refused None already
+        if not alive or ids != (att.real_uid, att.uid, att.real_gid, att.gid):
+            raise Denied(
+                Status.PERMISSION_DENIED,
+                "no identity issued: the calling process has changed its uid or gid since "
+                "it was attested at its exec; make the change before the exec (setpriv, "
+                "systemd's User=) for the program to be attested as what it runs as",
+                ids_now=list(ids) if ids is not None else None,
             ).about(att, None)
         ident = self.manager.resolve(att)
         if ident is None:

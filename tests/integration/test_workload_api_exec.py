@@ -108,3 +108,53 @@ def test_a_caller_that_execs_after_connecting_gets_no_svid_on_that_connection(st
     assert [a for a in audit(stack) if a["event"] == "svid.issued"] == issued
     denied = [a for a in audit(stack) if a["event"] == "workload_api.denied"]
     assert [(d["method"], "exec'd" in d["reason"]) for d in denied] == [("FetchJWTSVID", True)]
+
+
+# SOCKET AUDIENCE: as root, asks for a JWT-SVID on a connection, then drops to nobody
+# (setresuid/setresgid, the way a privilege-separated server does before running untrusted
+# code) and asks again on the same connection. Prints both answers as one JSON line.
+DROPPER = r"""
+import json, os, sys
+import grpc
+from agent.identity.proto import workload_pb2 as pb
+from agent.identity.workload_api_servicer import client_call
+
+
+def ask(fetch):
+    try:
+        answer = fetch(
+            pb.JWTSVIDRequest(audience=[sys.argv[2]]),
+            timeout=10,
+            metadata=[("workload.spiffe.io", "true")],
+        )
+    except grpc.RpcError as e:
+        return {"code": e.code().name, "details": e.details()}
+    return {"code": "OK", "spiffe_id": answer.svids[0].spiffe_id}
+
+
+with grpc.insecure_channel(f"unix:{sys.argv[1]}") as channel:
+    fetch = client_call(channel, "FetchJWTSVID")
+    before = ask(fetch)
+    os.setgroups([])
+    os.setresgid(65534, 65534, 65534)
+    os.setresuid(65534, 65534, 65534)
+    after = ask(fetch)
+print(json.dumps({"before": before, "after": after}), flush=True)
+"""
+
+
+def test_a_caller_that_drops_to_another_uid_after_connecting_gets_no_svid(stack, tmp_path):
+    """The entry names uid 0 (and the cgroup). A root process connected, then changed its
+    uid: the connection had been attested as root, and the per-call re-check compared only
+    the exec time, so the process now running as nobody was still served root's identity
+    (a known gap, stop 32). The re-check now reads the caller's ids as they are."""
+    script = tmp_path / "dropper.py"
+    script.write_text(DROPPER)
+    answers = run_json([sys.executable, str(script), str(stack.sock), AUDIENCE], stack.cg)
+    assert answers["before"] == {"code": "OK", "spiffe_id": "spiffe://example.org/workload/root"}
+    after = answers["after"]
+    assert after["code"] == "PERMISSION_DENIED", after
+    assert "changed its uid or gid since it was attested" in after["details"]
+    assert len([a for a in audit(stack) if a["event"] == "svid.issued"]) == 1
+    [denied] = [a for a in audit(stack) if a["event"] == "workload_api.denied"]
+    assert denied["ids_now"] == [65534, 65534, 65534, 65534] and denied["uid"] == 0

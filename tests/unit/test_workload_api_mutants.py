@@ -37,6 +37,7 @@ from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError
 from prometheus_client import CollectorRegistry
 
+from agent.attest.procfs import current_ids
 from agent.attest.selectors import Attestation
 from agent.identity import workload_api_servicer
 from agent.identity.bundle import TrustBundle
@@ -226,6 +227,9 @@ class World:
         self.audit = Audit() if audit else None
         self.registry = CollectorRegistry()
         self.servers: list[str] = [AS_URL]
+        # each pid's ids now, where they are not its attestation's (a setuid since)
+        self.ids: dict[int, tuple[int, int, int, int] | None] = {}
+        kw.setdefault("ids_now", self.ids_now)
         self.server = WorkloadApiServer(
             path,
             self.manager,
@@ -246,6 +250,16 @@ class World:
         uid = att.uid if att is not None else 1000 + pid % 100
         self.server.callers[transport] = Caller(Cred(pid, uid, 1000, live), att)  # type: ignore[arg-type]
         return transport
+
+    def ids_now(self, pid: int) -> tuple[int, int, int, int] | None:
+        """What /proc/<pid>/status would say of a stand-in pid: its attested ids unless
+        changed since (`ids`); of a real process (OwnAttestor's), what it says."""
+        if pid in self.ids:
+            return self.ids[pid]
+        if pid not in self.attestor.now:
+            return current_ids(pid)
+        att = self.attestor.now[pid]
+        return None if att is None else (att.real_uid, att.uid, att.real_gid, att.gid)
 
     def exec(self, pid: int, exe: str) -> None:
         """The process `pid` runs another program now."""
@@ -488,6 +502,63 @@ def test_a_process_that_exec_d_or_exited_since_it_connected_is_refused_at_its_ne
     if then == "exec":
         again = world.connect(WEB_PID, DB_EXE)
         assert issued(world, again, AUD).spiffe_id == DB
+
+
+@pytest.mark.parametrize(
+    "ids",
+    [
+        (65534, 65534, 65534, 65534),  # dropped to nobody
+        (1001, 1065534, 1000, 1000),  # effective uid only (seteuid)
+        (1001, 1001, 1000, 0),  # effective gid only
+        (0, 1001, 1000, 1000),  # real uid only
+        (1001, 1001, 5, 1000),  # real gid only
+        None,  # its /proc gone meanwhile
+    ],
+    ids=["all", "euid", "egid", "ruid", "rgid", "gone"],
+)
+def test_a_process_whose_ids_changed_since_its_attestation_is_refused_at_its_next_call(world, ids):
+    """The ids are read at each call: its attestation (at exec) made its selectors, and a
+    process running as another uid or gid now is no longer what they were made from."""
+    web = world.connect(WEB_PID, WEB_EXE)
+    att = world.attestor.now[WEB_PID]
+    assert att is not None and (att.real_uid, att.uid, att.real_gid, att.gid) == (
+        1001,
+        1001,
+        1000,
+        1000,
+    )
+    assert issued(world, web, AUD).spiffe_id == WEB
+    world.ids[WEB_PID] = ids
+    err = world.refused("FetchJWTSVID", Stream(web, jwt_request(AUD)))
+    assert err.status is Status.PERMISSION_DENIED
+    assert err.message.startswith(
+        "no identity issued: the calling process has changed its uid or gid since it was "
+        "attested at its exec; make the change before the exec (setpriv, systemd's User=) "
+        "for the program to be attested as what it runs as (audit event "
+    )
+    event = denial(world, err)
+    assert event["ids_now"] == (list(ids) if ids is not None else None)
+    assert event["pid"] == WEB_PID and event["spiffe_id"] is None
+    assert len(world.manager.jwt_asked) == 1
+
+
+def test_a_process_whose_pid_died_while_its_ids_were_read_is_refused(world):
+    """The ids are read from /proc by pid: if the pidfd says the process is gone after the
+    read, they may have been another process's (a reused pid)."""
+    web = world.connect(WEB_PID, WEB_EXE)
+    caller = world.server.callers[web]
+    read = world.ids_now
+
+    def read_then_die(pid: int) -> tuple[int, int, int, int] | None:
+        out = read(pid)
+        caller.cred.live = False
+        return out
+
+    world.server.ids_now = read_then_die
+    err = world.refused("FetchJWTSVID", Stream(web, jwt_request(AUD)))
+    assert err.status is Status.PERMISSION_DENIED
+    assert "changed its uid or gid" in err.message
+    assert world.manager.jwt_asked == []
 
 
 @pytest.mark.parametrize("when", ["exited", "no entry", "other identity"])
@@ -1130,7 +1201,11 @@ class OwnAttestor(Attestor):
         if pid != os.getpid():
             return None
         return dataclasses.replace(
-            image(pid, WEB_EXE, self.exec_ns), uid=os.geteuid(), gid=os.getegid()
+            image(pid, WEB_EXE, self.exec_ns),
+            uid=os.geteuid(),
+            gid=os.getegid(),
+            real_uid=os.getuid(),
+            real_gid=os.getgid(),
         )
 
     exec_ns = 1
