@@ -169,6 +169,7 @@ class Exchanges:
         kept: bytearray | None = bytearray() if dpop else None
         limit = self.retry_body_limit
         went_up = False  # part of the request (its head first) is at the server
+        answered = False  # the server answered whole before the body was sent whole
         try:
             while True:
                 ev = await src.next()  # inline, not body_event: this loop runs per request
@@ -186,6 +187,13 @@ class Exchanges:
                     raise ConnectionError("the workload closed the connection inside a request")
                 if ev[0] == BODY:
                     self._still_theirs(served, audit_base)
+                    if answered or (went_up and conn.complete):
+                        # the server answered whole before the body was sent whole: it may
+                        # read what follows as its next request, one credless never decided.
+                        # The rest of the body is read (the workload's connection stays in
+                        # step) and dropped; the connection is closed below, never pooled
+                        answered, out, kept = True, bytearray(), None
+                        continue
                     data = chunk(ev[1]) if head.chunked else ev[1]
                     out += data
                     if kept is not None:
@@ -198,6 +206,9 @@ class Exchanges:
                         out.clear()
                         await conn.drain()
                 elif ev[0] == END:
+                    if answered or (went_up and conn.complete):
+                        answered = True
+                        break
                     if head.chunked:
                         out += LAST_CHUNK
                         if kept is not None:
@@ -206,7 +217,11 @@ class Exchanges:
         except BaseException:
             conn.abort()
             raise
-        send(conn, bytes(out))
+        if answered:
+            log.debug("answered before its body was sent whole; the rest dropped", server=up.name)
+            conn.transport.close()
+        else:
+            send(conn, bytes(out))
         conn.sent()
         await conn.finished()
         retried = False
