@@ -190,6 +190,36 @@ async def test_a_long_body_goes_out_in_steps_as_it_arrives():
     assert w.upstream.transport.out.split(b"\r\n\r\n", 1)[1] == b"".join(pieces)
 
 
+@pytest.mark.parametrize("at", ["a piece", "the end"])
+@run
+async def test_after_a_whole_answer_the_rest_of_the_body_never_goes_to_the_server(at):
+    """The server answered whole while the body was still coming: it may read what follows
+    as its next request, which credless never decided. The rest is read from the workload
+    (its connection stays in step: run says it stays open) and dropped, the part gathered
+    but not sent too; the connection to the server is closed, never pooled."""
+    w = World()
+    first = b"a" * READ_SIZE  # with the head: sent at once
+    if at == "a piece":  # a whole READ_SIZE more goes up, then the answer, then a piece
+        pieces = (first, b"b" * READ_SIZE, b"GET /smuggled HTTP/1.1\r\n\r\n")
+        went_up = first + pieces[1]
+    else:  # a short piece is gathered, then the answer, then the end
+        pieces = (first, b"b" * 10)
+        went_up = first
+    head = post(sum(map(len, pieces)))
+
+    def answer_before_the_third(i: int) -> None:
+        if i == 2:
+            w.upstream.data_received(RESPONSE)
+
+    src = Script(w, *body(*pieces), before=answer_before_the_third)
+    assert await exchange(w, head, src, answers=()) is True
+    assert src.asked == len(pieces) + 1  # every piece and the end read from the workload
+    assert w.upstream.transport.out == head.request_bytes() + went_up
+    assert w.upstream.transport.closed and w.proxy.pool.get(w.key) is None
+    assert w.client.transport.out.endswith(RESPONSE.split(b"\r\n\r\n", 1)[1])
+    assert count(w, "injected") == 1
+
+
 @run
 async def test_a_workload_that_closes_inside_its_body_leaves_the_server_an_unfinished_request():
     w = World()
