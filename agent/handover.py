@@ -53,7 +53,7 @@ from typing import Any
 
 from agent.inject.listeners import Listening, ListenSpec
 from agent.observe.logging import get_logger
-from agent.peercred import peer_cred
+from agent.peercred import not_the_agents_equal, peer_cred
 
 log = get_logger("handover")
 
@@ -286,9 +286,10 @@ class HandoverServer:
         taken = False
         try:
             cred = peer_cred(conn)
+            refused = not_the_agents_equal(cred.pid, cred.uid, cred.alive)
             cred.close()
-            if cred.uid != 0:
-                log.warning("handover refused: caller is not root", uid=cred.uid)
+            if refused is not None:
+                log.warning("handover refused", reason=refused, pid=cred.pid, uid=cred.uid)
                 return
             # hello read first, whatever the answer: the caller is done sending when told
             hello = await asyncio.wait_for(_recv_async(loop, conn), HELLO_SECONDS)
@@ -393,6 +394,13 @@ class HandoverClient:
             raise HandoverError(
                 f"cannot reach the running agent's {self.path}: {e.strerror or e}"
             ) from None
+        # the one answering must be the running agent, not whoever could put a socket at
+        # this path: its listeners and tokens are about to be adopted
+        cred = peer_cred(self.sock)
+        refused = not_the_agents_equal(cred.pid, cred.uid, cred.alive)
+        cred.close()
+        if refused is not None:
+            raise HandoverError(f"{self.path} is not the running agent's: {refused}")
         try:
             send_message(self.sock, {"op": "hello", "pid": os.getpid()})
             msg, fds = recv_message(self.sock)

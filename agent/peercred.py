@@ -13,9 +13,15 @@ from __future__ import annotations
 import os
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)  # asm-generic/socket.h
+
+# the privileges that make a process the agent's equal: it cannot run without one of them
+# (loading BPF programs), and a container's root has neither unless it is privileged (then
+# it is the node's root anyway)
+CAP_SYS_ADMIN, CAP_BPF = 21, 39
 
 
 @dataclass
@@ -53,3 +59,36 @@ def peer_cred(sock: socket.socket) -> PeerCred:
     except OSError:
         pass  # kernel before 6.5
     return PeerCred(pid, uid, gid, pidfd)
+
+
+def effective_caps(pid: int) -> int | None:
+    """pid's effective capability set (/proc/<pid>/status CapEff); None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return int(line.split()[1], 16)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def not_the_agents_equal(pid: int, uid: int, alive: Callable[[], bool]) -> str | None:
+    """Why the process pid (running as uid, by SO_PEERCRED or /proc) may not act as the
+    agent or command it (the handover and admin sockets, the pid file a restart follows), or
+    None when it may: it runs as root *and* holds CAP_SYS_ADMIN or CAP_BPF. uid 0 alone is not
+    enough: a container's root is uid 0 to SO_PEERCRED, and a pod that mounts the agent's
+    run directory for the Workload API socket can reach these sockets too. The capabilities
+    are read while alive() (a pidfd) says the process lives, so they are its own, not a
+    reused pid's."""
+    if uid != 0:
+        return f"pid {pid} runs as uid {uid}, not root"
+    caps = effective_caps(pid)
+    if caps is None or not alive():
+        return f"pid {pid} exited"
+    if not (caps >> CAP_SYS_ADMIN & 1 or caps >> CAP_BPF & 1):
+        return (
+            f"pid {pid} is root without CAP_SYS_ADMIN or CAP_BPF (a container's root, "
+            "say): only a process that could run the agent may use this socket"
+        )
+    return None

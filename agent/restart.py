@@ -22,16 +22,27 @@ import sys
 from pathlib import Path
 
 from agent import config
+from agent.attest.procfs import current_ids
+from agent.peercred import not_the_agents_equal
 
 READY_FD_ENV = "CREDLESS_READY_FD"
 DEFAULT_TIMEOUT = 300.0  # BCC compiles at start-up: minutes on a small, loaded node
 
 
 def _old_pid(run_dir: str) -> int | None:
+    """The running agent's pid, from its pid file: None when the file names no process
+    with the agent's privileges (the new agent is about to join its cgroup, which the
+    redirect exempts, and the run directory may be mounted into pods)."""
     try:
-        return int(Path(run_dir, "credless.pid").read_text().split()[0])
+        pid = int(Path(run_dir, "credless.pid").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return None
+    ids = current_ids(pid)
+    refused = "exited" if ids is None else not_the_agents_equal(pid, ids[1], lambda: True)
+    if refused is not None:
+        print(f"credless: the pid file names no running agent ({refused})", file=sys.stderr)
+        return None
+    return pid
 
 
 def _cgroup_of(pid: int) -> Path | None:

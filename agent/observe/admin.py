@@ -17,7 +17,7 @@ from typing import Any
 
 from agent.observe.logging import get_logger
 from agent.observe.serving import serve_in_background, stop_serving
-from agent.peercred import peer_cred
+from agent.peercred import not_the_agents_equal, peer_cred
 
 log = get_logger("admin")
 Handler = Callable[[dict[str, Any]], Any]  # the request ({"cmd": ..., args}) -> its result
@@ -41,9 +41,10 @@ class AdminServer:
         class Conn(socketserver.StreamRequestHandler):
             def handle(self) -> None:
                 cred = peer_cred(self.request)
+                refused = not_the_agents_equal(cred.pid, cred.uid, cred.alive)
                 cred.close()
-                if cred.uid != 0:
-                    self._reply({"error": "permission denied: the admin socket is root-only"})
+                if refused is not None:
+                    self._reply({"error": f"permission denied: {refused}"})
                     return
                 line = self.rfile.readline(MAX_REQUEST)
                 try:
