@@ -226,15 +226,26 @@ class ProxyListeners:
         return servers
 
     def _tls_server_context(self, ca: InjectionCA) -> ssl.SSLContext:
-        """Presents a leaf for whatever name the workload asked for (SNI), minted by the
-        injection CA. A workload that does not trust that CA fails here: it never gets a
-        plaintext fallback."""
+        """Presents a leaf for the name the workload asked for (SNI), minted by the
+        injection CA, when it is an https server's host: any other name fails the handshake
+        (unrecognized_name), so a local process sending names at random makes the agent
+        mint nothing (a mint is about 20 ms on the event loop, and each is kept). A name is
+        minted once and again at half its leaf's life. A workload that does not trust the
+        CA fails here: it never gets a plaintext fallback."""
         https = [u for u in self.proxy.upstreams.values() if u.scheme == "https"]
         default = https[0].host if https else "localhost"
         ctx = ca.server_context(default)
 
-        def pick(sslobj: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> None:
-            sslobj.context = ca.server_context(server_name or default)
+        def pick(
+            sslobj: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext
+        ) -> int | None:
+            name = (server_name or default).lower()
+            hosts = {u.host.lower() for u in self.proxy.upstreams.values() if u.scheme == "https"}
+            if name != default.lower() and name not in hosts:
+                log.debug("TLS name asked is no https server's; refused", name=name[:255])
+                return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+            sslobj.context = ca.server_context(name)
+            return None
 
         ctx.sni_callback = pick
         return ctx
@@ -266,7 +277,8 @@ class ProxyListeners:
     async def _plain_on_tls(self, arrival: Arrival) -> None:
         """Plain bytes on the TLS listener: a workload calling an https server's address
         with http://. Answered 400 naming the mismatch, audited and counted; nothing is sent
-        to the server (the workload meant plain HTTP, credless will not guess)."""
+        to the server (the workload meant plain HTTP, credless will not guess). A connection
+        the kernel did not redirect is refused here too, before anything is read from it."""
         loop = asyncio.get_running_loop()
         conn, peer, local, info = arrival.conn, arrival.peer, arrival.local, arrival.info
         up = self.proxy.upstreams.get((info.orig_host, info.orig_port)) if info else None

@@ -22,6 +22,7 @@ import secrets
 import ssl
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from cryptography import x509
@@ -36,11 +37,18 @@ LEAF_TTL = dt.timedelta(days=1)
 
 
 class InjectionCA:
-    def __init__(self, state_dir: str | os.PathLike, export_path: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        state_dir: str | os.PathLike,
+        export_path: str | os.PathLike | None = None,
+        clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+    ):
         self.dir = Path(state_dir) / "inject-ca"
         self._own_cert_path = self.dir / "ca.crt"
         self._key_path = self.dir / "ca.key"
-        self._contexts: dict[str, ssl.SSLContext] = {}
+        self._clock = clock
+        # per name: its context, and when to mint its leaf again
+        self._contexts: dict[str, tuple[ssl.SSLContext, dt.datetime]] = {}
         self._lock = threading.Lock()
         self._load_or_create()
         self.cert_path = Path(export_path) if export_path else self._own_cert_path
@@ -101,7 +109,7 @@ class InjectionCA:
 
     def _leaf(self, name: str) -> tuple[bytes, bytes]:
         key = ec.generate_private_key(ec.SECP256R1())
-        now = dt.datetime.now(dt.UTC)
+        now = self._clock()
         try:
             san: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(name))
         except ValueError:
@@ -134,11 +142,14 @@ class InjectionCA:
         )
 
     def server_context(self, name: str) -> ssl.SSLContext:
-        """A TLS server context presenting a leaf for `name` (cached per name)."""
+        """A TLS server context presenting a leaf for `name`, kept per name and minted again
+        at half its leaf's life: a leaf kept for good expired a day after the agent started,
+        and every https workload's handshake failed from then on."""
         with self._lock:
-            ctx = self._contexts.get(name)
-            if ctx is not None:
-                return ctx
+            kept = self._contexts.get(name)
+            if kept is not None and self._clock() < kept[1]:
+                return kept[0]
+        renew_at = self._clock() + LEAF_TTL / 2
         chain, key = self._leaf(name)
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -150,5 +161,5 @@ class InjectionCA:
             atomic_write(key_file, key, 0o600)
             ctx.load_cert_chain(cert_file, key_file)
         with self._lock:
-            self._contexts[name] = ctx
+            self._contexts[name] = (ctx, renew_at)
         return ctx

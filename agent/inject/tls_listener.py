@@ -106,6 +106,12 @@ class TlsListener:
         loop = asyncio.get_running_loop()
         conn = arrival.conn
         try:
+            if arrival.info is None:
+                # not redirected by the kernel: refused (on_plain says so) before any TLS
+                # work, so a process dialling the listener directly costs no handshake
+                await self._on_plain(arrival)
+                conn.close()
+                return
             first = await asyncio.wait_for(_first_byte(loop, conn), HANDSHAKE_SECONDS)
             if first and first[0] != TLS_HANDSHAKE:
                 await self._on_plain(arrival)

@@ -614,14 +614,18 @@ def _names(cert: dict) -> list[str]:
             None,
             "mcp.example",
         ),
-        ({ORIG: passthrough(1), ("a", 1): HTTPS}, "asked.example", "asked.example"),
+        (
+            {ORIG: passthrough(1), ("a", 1): HTTPS, ("b", 1): https_server("w2", "Two.Example")},
+            "two.example",
+            "two.example",
+        ),
         ({ORIG: passthrough(1)}, None, "localhost"),
     ],
     ids=["no-sni-first-https-server", "sni", "no-https-server"],
 )
 def test_the_tls_listener_presents_a_leaf_for_the_name_asked(ca, upstreams, sni, name):
     async def go():
-        async with agent(ca=ca, upstreams=upstreams, info=None) as a:
+        async with agent(ca=ca, upstreams=upstreams, info=HTTPS_INFO) as a:
             ctx = trusting(ca)
             ctx.check_hostname = False  # the name is checked below, with or without SNI
             _reader, writer = await asyncio.open_connection(
@@ -630,6 +634,47 @@ def test_the_tls_listener_presents_a_leaf_for_the_name_asked(ca, upstreams, sni,
             cert = writer.get_extra_info("peercert")
             writer.close()
             assert _names(cert) == [name]
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("sni", ["asked.example", "mcp.example.evil", "a." * 100 + "example"])
+def test_a_name_no_https_server_has_fails_the_handshake_and_mints_nothing(ca, sni):
+    """Any local process may dial the TLS listener: a leaf minted for every name it sends
+    cost about 20 ms of the event loop each, and each was kept for good (found by review,
+    stop 33). A name that is no https server's host is refused (unrecognized_name)."""
+
+    async def go():
+        ups = {ORIG: passthrough(1), ("a", 1): HTTPS}
+        async with agent(ca=ca, upstreams=ups, info=HTTPS_INFO) as a:
+            minted = set(ca._contexts)
+            with pytest.raises(OSError):  # the alert (ssl.SSLError), or a reset after it
+                await asyncio.open_connection(
+                    "127.0.0.1", a.cfg.tls_listen_port, ssl=trusting(ca), server_hostname=sni
+                )
+            assert set(ca._contexts) == minted and sni not in minted
+
+    asyncio.run(go())
+
+
+def test_a_tls_connection_the_kernel_did_not_redirect_is_refused_before_its_handshake(ca):
+    """A process dialling the TLS listener directly (no redirect record) is refused as on
+    the plain listener, before any TLS work: no handshake, no leaf, nothing read."""
+
+    async def go():
+        async with agent(ca=ca, upstreams={(HTTPS_INFO.orig_host, 8443): HTTPS}, info=None) as a:
+            sock = socket.create_connection(("127.0.0.1", a.cfg.tls_listen_port))
+            port = sock.getsockname()[1]
+
+            def hello() -> None:
+                with sock, pytest.raises((ssl.SSLError, OSError)):
+                    trusting(ca).wrap_socket(sock, server_hostname="mcp.example")
+
+            await asyncio.get_running_loop().run_in_executor(None, hello)
+            event = await a.audit.event("connection.refused")
+            assert event["peer"] == f"127.0.0.1:{port}"
+            assert event["reason"].startswith("no redirect record for this connection")
+            assert [e for e in a.audit.events() if e["event"] == "connection.tls_failed"] == []
 
     asyncio.run(go())
 
@@ -646,9 +691,8 @@ def refuse_certificate(sock: socket.socket) -> None:
     [
         (HTTPS_INFO, "weather", HTTPS_INFO.tgid),
         (RedirectInfo("127.0.0.1", 9999, 77, 77, 0, 1, 1, 5, 1), None, 77),
-        (None, None, None),
     ],
-    ids=["redirected", "no-such-server", "not-redirected"],
+    ids=["redirected", "no-such-server"],
 )
 def test_a_workload_refusing_the_certificate_is_audited_naming_the_ca(ca, info, server, pid):
     async def go():

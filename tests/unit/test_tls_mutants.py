@@ -349,3 +349,28 @@ def test_the_server_context_is_made_without_deprecated_calls(ca):
         warnings.simplefilter("error")
         ctx = ca.server_context("mcp.example")
     assert ctx.protocol == ssl.PROTOCOL_TLS_SERVER
+
+
+def test_a_names_leaf_is_minted_again_at_half_its_life(tmp_path):
+    """A leaf kept for good expired a day after the agent started, and every https
+    workload's handshake failed from then on (found by review, stop 33)."""
+    t = [now()]
+    ca = InjectionCA(tmp_path / "state", clock=lambda: t[0])
+    minted: list[x509.Certificate] = []
+    leaf = ca._leaf
+
+    def recording(name: str) -> tuple[bytes, bytes]:
+        chain, key = leaf(name)
+        minted.append(x509.load_pem_x509_certificates(chain)[0])
+        return chain, key
+
+    ca._leaf = recording  # type: ignore[method-assign]
+    first = ca.server_context("mcp.example")
+    t[0] += LEAF_TTL / 2 - dt.timedelta(seconds=1)
+    assert ca.server_context("mcp.example") is first  # kept while young
+    t[0] += dt.timedelta(seconds=1)
+    again = ca.server_context("mcp.example")
+    assert again is not first and ca.server_context("mcp.example") is again
+    assert len(minted) == 2
+    assert minted[1].not_valid_after_utc == t[0] + LEAF_TTL
+    assert minted[1].not_valid_before_utc == t[0] - SKEW
