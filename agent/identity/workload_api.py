@@ -103,6 +103,9 @@ def names_an_as(audience: Iterable[str], servers: Iterable[str]) -> tuple[str, s
     return None
 
 
+NO_ENTRY = "no identity issued: no registration entry matches this process"
+
+
 class WorkloadApiServer:
     name = "workload_api"
 
@@ -337,9 +340,15 @@ class WorkloadApiServer:
         return att
 
     def take_place(self, att: Attestation) -> None:
-        """Count a call among the open ones: Denied RESOURCE_EXHAUSTED when max_streams are
-        open, or max_streams_per_cgroup from the caller's cgroup. Runs on the server's loop
+        """Count a call among the open ones: Denied PERMISSION_DENIED when no entry gives the
+        caller an identity, RESOURCE_EXHAUSTED when max_streams are open, or
+        max_streams_per_cgroup from the caller's cgroup. Runs on the server's loop
         (as give_place does), so the counts need no lock."""
+        if self.manager.resolve(att, quiet=True) is None:
+            # a process no entry gives an identity holds no place: any local user could
+            # otherwise fill them from cgroups of its own making (systemd-run --user)
+            self.manager.resolve(att)  # counted and audited as authorize() would
+            raise Denied(Status.PERMISSION_DENIED, NO_ENTRY).about(att, None)
         if self.active >= self.max_streams:
             raise Denied(
                 Status.RESOURCE_EXHAUSTED, f"more than {self.max_streams} Workload API calls open"
@@ -392,9 +401,6 @@ class WorkloadApiServer:
             ).about(att, None)
         ident = self.manager.resolve(att)
         if ident is None:
-            raise Denied(
-                Status.PERMISSION_DENIED,
-                "no identity issued: no registration entry matches this process",
-            ).about(att, None)
+            raise Denied(Status.PERMISSION_DENIED, NO_ENTRY).about(att, None)
         self.manager.note_use(ident, att)
         return ident, att

@@ -690,6 +690,23 @@ def test_a_call_refused_at_once_never_takes_a_place_among_the_open_ones(world, e
     assert world.server.active == world.server.max_streams
 
 
+def test_a_process_no_entry_gives_an_identity_never_takes_a_place(world):
+    """Places went to any attested caller, identity or not: a local user could hold them
+    all with calls that never send a request, from cgroups of its own making (systemd-run
+    --user), each under the per-cgroup bound (found by review, stop 33). Such a caller is
+    refused at once, without waiting for a request and without counting."""
+    stranger = world.connect(DB_PID + 1, STRANGER_EXE)
+    world.server.active = world.server.max_streams  # full: counting would refuse it so
+    err = world.refused("FetchJWTSVID", Silent(stranger))
+    assert err.status is Status.PERMISSION_DENIED
+    assert err.message.startswith(
+        "no identity issued: no registration entry matches this process (audit event "
+    )
+    assert denial(world, err)["exe"] == STRANGER_EXE
+    assert world.server.active == world.server.max_streams
+    assert world.server.active_by_cgroup == {} and world.attestor.asked == []
+
+
 def test_a_call_whose_request_never_comes_gives_its_place_back_after_request_wait():
     w = World(request_wait=0.05)
     try:
