@@ -194,10 +194,13 @@ def build(cfg: Config, audit: AuditLog | None = None) -> Agent:
     agent.components += [Synchronous(attestor), Synchronous(identity)]
     agent.reload_hooks.append(identity.reload_entries)
     # reads every configured and pinned AS's metadata at start, so the Workload API knows
-    # their endpoints on other origins too (it starts after OAuth, whose discovery it uses)
-    reader = AuthorizationServerReader(
-        oauth.servers, oauth.issuers, oauth.server_metadata, registry=registry
-    )
+    # their endpoints on other origins too (it starts after OAuth, whose discovery it uses;
+    # with no [[servers]] there is none to read)
+    reader = None
+    if cfg.servers:
+        reader = AuthorizationServerReader(
+            oauth.servers, oauth.issuers, oauth.server_metadata, registry=registry
+        )
     if cfg.workload_api.enabled:
         # FetchJWTSVID refuses audiences naming an authorization server credless uses
         api = WorkloadApiServer(
@@ -207,14 +210,16 @@ def build(cfg: Config, audit: AuditLog | None = None) -> Agent:
             audit=audit,
             registry=registry,
             authorization_servers=oauth.assertion_audiences,
-            unread_authorization_servers=reader.unread,
+            unread_authorization_servers=reader.unread if reader is not None else tuple,
         )
         agent.components.append(Synchronous(api))
     if cfg.bundle_endpoint.enabled:
         host, port = listen_address(cfg.bundle_endpoint.listen, "bundle_endpoint.listen")
         bundle = BundleEndpoint(identity, host, port, cfg.bundle_endpoint)
         agent.components.append(BoundEndpoint(bundle, "bundle_endpoint.listen"))
-    agent.components += [oauth, reader]
+    agent.components.append(oauth)
+    if reader is not None:
+        agent.components.append(reader)
     attestor.add_event_listener(identity.process_event)
     identity.on_identity_ended.append(lambda spiffe_id: forget_tokens(oauth, spiffe_id))
     identity.on_identity_started.append(lambda spiffe_id: resume_tokens(oauth, spiffe_id))
