@@ -202,6 +202,8 @@ class Discovery:
         # resource metadata being read, by resource: concurrent readers (a token pre-fetch on
         # exec and the process's first request) share one probe of the MCP server
         self._reading: dict[str, asyncio.Future[ResourceMetadata]] = {}
+        # authorization server metadata being read, by issuer (shared the same way)
+        self._reading_as: dict[str, asyncio.Future[ServerMetadata]] = {}
         # every authorization server endpoint discovered so far (never expires: a JWT-SVID
         # for any of them is a client assertion there; see OAuthService.assertion_audiences).
         # Replaced whole, never changed in place: other threads read it without a lock.
@@ -383,6 +385,18 @@ class Discovery:
         cached = self._cached("as", issuer)
         if cached is not None:
             return cached
+        # concurrent readers (many first requests at once, the start-up read of
+        # agent/oauth/audiences.py) share one read: two hundred at once each opened a
+        # connection of their own, and on a loaded node waited out the client's pool
+        reading = self._reading_as.get(issuer)
+        if reading is None:
+            reading = asyncio.ensure_future(self._read_server(issuer))
+            self._reading_as[issuer] = reading
+            reading.add_done_callback(lambda _f: self._reading_as.pop(issuer, None))
+        # shielded: a caller that gives up does not cancel the read the others wait on
+        return await asyncio.shield(reading)
+
+    async def _read_server(self, issuer: str) -> ServerMetadata:
         trust.check_endpoint(issuer, "authorization server issuer")
         p = urlsplit(issuer)
         path = p.path.rstrip("/")

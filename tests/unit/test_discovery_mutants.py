@@ -232,6 +232,52 @@ def test_a_reader_that_gives_up_does_not_cancel_the_read_others_wait_on():
     assert seen.count("POST") == 1
 
 
+def test_concurrent_readers_of_an_authorization_server_share_one_read():
+    """Two hundred first requests at once each read the AS's metadata on a connection of
+    their own, and on a loaded node waited out the HTTP client's pool (test_oauth.py's
+    two hundred concurrent requests failed so, "no connection free within 10.0 s"). They
+    share one read now; a reader after it has expired reads again."""
+    clock = Clock()
+    net = Net({AS_META: as_doc()})
+
+    async def call(d):
+        metas = await asyncio.gather(*(d.server(AS) for _ in range(200)))
+        assert all(m == metas[0] for m in metas)
+        assert net.asked == [f"GET {AS_META}"]
+        clock.t += 1000  # expired: the finished read is not handed out again
+        return await d.server(AS)
+
+    later = run(net, call, clock=clock)
+    assert later.token_endpoint == f"{AS}/token"
+    assert net.asked == [f"GET {AS_META}"] * 2
+
+
+def test_a_reader_of_an_authorization_server_that_gives_up_cancels_no_other():
+    async def main():
+        asked, gate = asyncio.Event(), asyncio.Event()
+        seen: list[str] = []
+
+        async def handler(request: httpx.Request) -> httpx.Response:
+            seen.append(str(request.url))
+            asked.set()
+            await gate.wait()
+            return httpx.Response(200, json=as_doc())
+
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+            d = Discovery(http)
+            quitter = asyncio.ensure_future(d.server(AS))
+            waiter = asyncio.ensure_future(d.server(AS))
+            await asked.wait()  # the shared read is under way
+            quitter.cancel()
+            gate.set()
+            meta = await waiter
+            return meta, quitter.cancelled(), seen
+
+    meta, cancelled, seen = asyncio.run(main())
+    assert cancelled and meta.issuer == AS
+    assert seen == [AS_META]
+
+
 # --------------------------------------------------------------------- the unauthenticated probe
 
 
