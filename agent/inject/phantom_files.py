@@ -314,7 +314,16 @@ class PhantomFiles:
             for key, server in jobs:
                 self._targets[key].due[server] = math.inf  # in hand
         for key, server in jobs:
-            self._write(key, server, now)
+            try:
+                self._write(key, server, now)
+            except Exception:  # one write's unexpected failure loses no other file
+                self.m_files.labels(server, "failed").inc()
+                log.exception(
+                    "placeholder file not written; trying again",
+                    server=server,
+                    retry_seconds=RETRY_SECONDS,
+                )
+                self._schedule(key, server, now + RETRY_SECONDS)
         return len(jobs)
 
     def _live(self, key: tuple) -> list[tuple[int, _Proc]]:
