@@ -97,5 +97,5 @@ class AuthorizationServerReader:
                 wait = min(wait * 2, LONGEST_RETRY_SECONDS)
                 continue
             self._unread = self._unread - {server}
-            log.debug("authorization server metadata read", server=server, issuers=list(issuers))
+            log.info("authorization server metadata read", server=server, issuers=list(issuers))
             return

@@ -53,6 +53,14 @@ def test_a_request_pipelined_while_a_token_is_awaited_waits_its_turn(tmp_path, u
     with build_world(tmp_path, SID) as w:
         oidc = w.authorization_server([up], dpop=False)
         agent = w.start_agent(server_table("up", up, issuer=oidc.issuer, dpop="never"))
+        # the agent reads the AS's metadata at start (agent/oauth/audiences.py): once read,
+        # what the stopped AS holds unread below is request 1's call, not that read
+        wait_for(
+            lambda: any(
+                e.get("event") == "authorization server metadata read" for e in agent.log_events()
+            ),
+            what="the agent's read of the authorization server's metadata",
+        )
         os.kill(oidc.proc.pid, signal.SIGSTOP)  # the token request hangs
         stopped = True
         client = start_python(CLIENT, upstream, cgroup=w.cg)
