@@ -14,18 +14,7 @@ import pytest
 
 from agent.inject import cgroup_match
 from agent.inject.cgroup_match import CgroupMatcher, cgroups_at, describe, pattern_error
-
-
-@pytest.fixture
-def tree(tmp_path):
-    for d in (
-        "system.slice/agent-a.service/sub",
-        "system.slice/agent-b.service",
-        "system.slice/ssh.service",
-        "user.slice",
-    ):
-        (tmp_path / d).mkdir(parents=True)
-    return str(tmp_path)
+from tests.unit.test_redirect_cgroup_match import tree  # noqa: F401 (a fixture)
 
 
 class _Os:

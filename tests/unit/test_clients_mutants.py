@@ -39,6 +39,7 @@ from agent.observe.logging import AuditLog
 from tests.helpers import run_async as run
 from tests.unit import test_tokens_mutants
 from tests.unit.test_as_certificate import Minting
+from tests.unit.test_token_ops_mutants import Sent
 
 SID = "spiffe://example.org/w"
 OTHER = "spiffe://example.org/v"
@@ -51,18 +52,6 @@ JWKS_URI = "https://agent.example/keys"
 AS_TLS = ServerTls("/etc/credless/as-ca.pem", "oauth.ca_file")
 
 debug_lines = test_tokens_mutants.debug_lines  # the diagnostic stream at debug, parsed
-
-
-@dataclass
-class Sent:
-    method: str
-    url: str
-    headers: dict[str, str]
-    body: bytes
-
-    @property
-    def json(self) -> Any:
-        return json.loads(self.body)
 
 
 Route = Callable[[httpx.Request], httpx.Response]

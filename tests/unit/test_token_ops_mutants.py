@@ -58,6 +58,10 @@ class Sent:
     def form(self) -> dict[str, str]:
         return dict(parse_qsl(self.body.decode(), keep_blank_values=True))
 
+    @property
+    def json(self) -> Any:
+        return json.loads(self.body)
+
 
 Route = Callable[[httpx.Request], httpx.Response]
 
