@@ -38,7 +38,7 @@ def _old_pid(run_dir: str) -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     ids = current_ids(pid)
-    refused = "exited" if ids is None else not_the_agents_equal(pid, ids[1], lambda: True)
+    refused = "exited" if ids is None else not_the_agents_equal(pid, ids.uid, lambda: True)
     if refused is not None:
         print(f"credless: the pid file names no running agent ({refused})", file=sys.stderr)
         return None

@@ -15,6 +15,7 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from agent.attest.cgroupfs import parse_proc_cgroup
 
@@ -73,14 +74,24 @@ def parse_status(text: str) -> ProcStatus:
         raise ValueError(f"unexpected /proc/<pid>/status format: {e}") from None
 
 
-def current_ids(pid: int) -> tuple[int, int, int, int] | None:
-    """pid's (real uid, effective uid, real gid, effective gid) now; None when it is gone.
-    The caller pins pid (a pidfd) and checks it is still alive after this read."""
+class ProcIds(NamedTuple):
+    """The ids a process's unix selectors are made from, as they are now."""
+
+    real_uid: int
+    uid: int  # effective
+    real_gid: int
+    gid: int  # effective
+    groups: tuple[int, ...]  # supplementary
+
+
+def current_ids(pid: int) -> ProcIds | None:
+    """pid's ids now (uids, gids, supplementary groups); None when it is gone. The caller
+    pins pid (a pidfd) and checks it is still alive after this read."""
     try:
         st = parse_status(Path(f"/proc/{pid}/status").read_text())
     except (OSError, ValueError):
         return None
-    return st.uids[0], st.uids[1], st.gids[0], st.gids[1]
+    return ProcIds(st.uids[0], st.uids[1], st.gids[0], st.gids[1], st.groups)
 
 
 def parse_stat_start_ticks(text: str) -> int:

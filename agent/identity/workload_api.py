@@ -30,7 +30,7 @@ from typing import Any, Protocol, TypeVar
 from grpclib.const import Status
 from prometheus_client import CollectorRegistry, Counter
 
-from agent.attest.procfs import current_ids
+from agent.attest.procfs import ProcIds, current_ids
 from agent.attest.selectors import Attestation
 from agent.identity.bundle import TrustBundle
 from agent.identity.jwtsvid import JwtSvid
@@ -121,7 +121,7 @@ class WorkloadApiServer:
         request_wait: float = 10.0,
         unread_authorization_servers: Callable[[], Iterable[str]] = tuple,
         max_streams_per_cgroup: int = 64,
-        ids_now: Callable[[int], tuple[int, int, int, int] | None] = current_ids,
+        ids_now: Callable[[int], ProcIds | None] = current_ids,
     ):
         self.socket_path = Path(socket_path)
         self.manager = manager
@@ -138,7 +138,7 @@ class WorkloadApiServer:
         # they stay in its cgroup (its pod's or service's), so one workload leaves the rest
         self.max_streams_per_cgroup = max_streams_per_cgroup
         self.active_by_cgroup: dict[int, int] = {}
-        # a caller's (real uid, effective uid, real gid, effective gid) now (procfs)
+        # a caller's uids, gids and supplementary groups now (procfs)
         self.ids_now = ids_now
         # how long a call may hold its place among max_streams before its request message
         self.request_wait = request_wait
@@ -386,18 +386,19 @@ class WorkloadApiServer:
                 "since it connected; reconnect",
             ).about(att, None)
         # its ids now, read while its pidfd says it is alive (so the pid is still its own):
-        # a process that changed uid or gid after it was attested (at its exec), such as a
-        # root one that dropped to another user after it connected, is no longer what its
-        # selectors were made from
+        # a process that changed uid, gid or groups after it was attested (at its exec),
+        # such as a root one that dropped to another user after it connected, is no longer
+        # what its unix selectors were made from
         ids = self.ids_now(att.tgid)
         alive = caller is not None and caller.cred.alive()  # admit() refused None already
-        if not alive or ids != (att.real_uid, att.uid, att.real_gid, att.gid):
+        attested = ProcIds(att.real_uid, att.uid, att.real_gid, att.gid, tuple(att.groups))
+        if not alive or ids != attested:
             raise Denied(
                 Status.PERMISSION_DENIED,
-                "no identity issued: the calling process has changed its uid or gid since "
-                "it was attested at its exec; make the change before the exec (setpriv, "
+                "no identity issued: the calling process has changed its uid, gid or groups "
+                "since it was attested at its exec; make the change before the exec (setpriv, "
                 "systemd's User=) for the program to be attested as what it runs as",
-                ids_now=list(ids) if ids is not None else None,
+                ids_now={**ids._asdict(), "groups": list(ids.groups)} if ids else None,
             ).about(att, None)
         ident = self.manager.resolve(att)
         if ident is None:

@@ -37,7 +37,7 @@ from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError
 from prometheus_client import CollectorRegistry
 
-from agent.attest.procfs import current_ids
+from agent.attest.procfs import ProcIds, current_ids
 from agent.attest.selectors import Attestation
 from agent.identity import workload_api_servicer
 from agent.identity.bundle import TrustBundle
@@ -228,7 +228,7 @@ class World:
         self.registry = CollectorRegistry()
         self.servers: list[str] = [AS_URL]
         # each pid's ids now, where they are not its attestation's (a setuid since)
-        self.ids: dict[int, tuple[int, int, int, int] | None] = {}
+        self.ids: dict[int, ProcIds | None] = {}
         kw.setdefault("ids_now", self.ids_now)
         self.server = WorkloadApiServer(
             path,
@@ -251,7 +251,7 @@ class World:
         self.server.callers[transport] = Caller(Cred(pid, uid, 1000, live), att)  # type: ignore[arg-type]
         return transport
 
-    def ids_now(self, pid: int) -> tuple[int, int, int, int] | None:
+    def ids_now(self, pid: int) -> ProcIds | None:
         """What /proc/<pid>/status would say of a stand-in pid: its attested ids unless
         changed since (`ids`); of a real process (OwnAttestor's), what it says."""
         if pid in self.ids:
@@ -259,7 +259,9 @@ class World:
         if pid not in self.attestor.now:
             return current_ids(pid)
         att = self.attestor.now[pid]
-        return None if att is None else (att.real_uid, att.uid, att.real_gid, att.gid)
+        if att is None:
+            return None
+        return ProcIds(att.real_uid, att.uid, att.real_gid, att.gid, tuple(att.groups))
 
     def exec(self, pid: int, exe: str) -> None:
         """The process `pid` runs another program now."""
@@ -507,37 +509,43 @@ def test_a_process_that_exec_d_or_exited_since_it_connected_is_refused_at_its_ne
 @pytest.mark.parametrize(
     "ids",
     [
-        (65534, 65534, 65534, 65534),  # dropped to nobody
-        (1001, 1065534, 1000, 1000),  # effective uid only (seteuid)
-        (1001, 1001, 1000, 0),  # effective gid only
-        (0, 1001, 1000, 1000),  # real uid only
-        (1001, 1001, 5, 1000),  # real gid only
+        ProcIds(65534, 65534, 65534, 65534, ()),  # dropped to nobody
+        ProcIds(1001, 1065534, 1000, 1000, ()),  # effective uid only (seteuid)
+        ProcIds(1001, 1001, 1000, 0, ()),  # effective gid only
+        ProcIds(0, 1001, 1000, 1000, ()),  # real uid only
+        ProcIds(1001, 1001, 5, 1000, ()),  # real gid only
+        ProcIds(1001, 1001, 1000, 1000, (5,)),  # supplementary groups only
         None,  # its /proc gone meanwhile
     ],
-    ids=["all", "euid", "egid", "ruid", "rgid", "gone"],
+    ids=["all", "euid", "egid", "ruid", "rgid", "groups", "gone"],
 )
 def test_a_process_whose_ids_changed_since_its_attestation_is_refused_at_its_next_call(world, ids):
     """The ids are read at each call: its attestation (at exec) made its selectors, and a
-    process running as another uid or gid now is no longer what they were made from."""
+    process running as another uid, gid or groups now is no longer what they were made
+    from."""
     web = world.connect(WEB_PID, WEB_EXE)
     att = world.attestor.now[WEB_PID]
-    assert att is not None and (att.real_uid, att.uid, att.real_gid, att.gid) == (
+    assert att is not None
+    assert ProcIds(att.real_uid, att.uid, att.real_gid, att.gid, att.groups) == (
         1001,
         1001,
         1000,
         1000,
+        (),
     )
     assert issued(world, web, AUD).spiffe_id == WEB
     world.ids[WEB_PID] = ids
     err = world.refused("FetchJWTSVID", Stream(web, jwt_request(AUD)))
     assert err.status is Status.PERMISSION_DENIED
     assert err.message.startswith(
-        "no identity issued: the calling process has changed its uid or gid since it was "
-        "attested at its exec; make the change before the exec (setpriv, systemd's User=) "
+        "no identity issued: the calling process has changed its uid, gid or groups since it "
+        "was attested at its exec; make the change before the exec (setpriv, systemd's User=) "
         "for the program to be attested as what it runs as (audit event "
     )
     event = denial(world, err)
-    assert event["ids_now"] == (list(ids) if ids is not None else None)
+    assert event["ids_now"] == (
+        {**ids._asdict(), "groups": list(ids.groups)} if ids is not None else None
+    )
     assert event["pid"] == WEB_PID and event["spiffe_id"] is None
     assert len(world.manager.jwt_asked) == 1
 
@@ -557,7 +565,7 @@ def test_a_process_whose_pid_died_while_its_ids_were_read_is_refused(world):
     world.server.ids_now = read_then_die
     err = world.refused("FetchJWTSVID", Stream(web, jwt_request(AUD)))
     assert err.status is Status.PERMISSION_DENIED
-    assert "changed its uid or gid" in err.message
+    assert "changed its uid, gid or groups" in err.message
     assert world.manager.jwt_asked == []
 
 
@@ -1223,6 +1231,7 @@ class OwnAttestor(Attestor):
             gid=os.getegid(),
             real_uid=os.getuid(),
             real_gid=os.getgid(),
+            groups=tuple(os.getgroups()),
         )
 
     exec_ns = 1
