@@ -16,6 +16,8 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from agent.attest.procfs import status_of
+
 SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)  # asm-generic/socket.h
 
 # the privileges that make a process the agent's equal: it cannot run without one of them
@@ -61,18 +63,6 @@ def peer_cred(sock: socket.socket) -> PeerCred:
     return PeerCred(pid, uid, gid, pidfd)
 
 
-def effective_caps(pid: int) -> int | None:
-    """pid's effective capability set (/proc/<pid>/status CapEff); None when it is gone."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("CapEff:"):
-                    return int(line.split()[1], 16)
-    except (OSError, ValueError):
-        return None
-    return None
-
-
 def not_the_agents_equal(pid: int, uid: int, alive: Callable[[], bool]) -> str | None:
     """Why the process pid (running as uid, by SO_PEERCRED or /proc) may not act as the
     agent or command it (the handover and admin sockets, the pid file a restart follows), or
@@ -83,10 +73,10 @@ def not_the_agents_equal(pid: int, uid: int, alive: Callable[[], bool]) -> str |
     reused pid's."""
     if uid != 0:
         return f"pid {pid} runs as uid {uid}, not root"
-    caps = effective_caps(pid)
-    if caps is None or not alive():
+    st = status_of(pid)
+    if st is None or not alive():
         return f"pid {pid} exited"
-    if not (caps >> CAP_SYS_ADMIN & 1 or caps >> CAP_BPF & 1):
+    if not (st.cap_eff >> CAP_SYS_ADMIN & 1 or st.cap_eff >> CAP_BPF & 1):
         return (
             f"pid {pid} is root without CAP_SYS_ADMIN or CAP_BPF (a container's root, "
             "say): only a process that could run the agent may use this socket"

@@ -36,6 +36,7 @@ class ProcStatus:
     uids: tuple[int, int, int, int]  # real, effective, saved, filesystem
     gids: tuple[int, int, int, int]
     groups: tuple[int, ...]
+    cap_eff: int = 0  # the effective capability set (CapEff), as a bit mask
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ def parse_status(text: str) -> ProcStatus:
             uids=_ids(fields["Uid"]),
             gids=_ids(fields["Gid"]),
             groups=tuple(int(x) for x in fields.get("Groups", "").split()),
+            cap_eff=int(fields.get("CapEff", "0"), 16),
         )
     except (KeyError, ValueError) as e:
         raise ValueError(f"unexpected /proc/<pid>/status format: {e}") from None
@@ -84,12 +86,19 @@ class ProcIds(NamedTuple):
     groups: tuple[int, ...]  # supplementary
 
 
-def current_ids(pid: int) -> ProcIds | None:
-    """pid's ids now (uids, gids, supplementary groups); None when it is gone. The caller
-    pins pid (a pidfd) and checks it is still alive after this read."""
+def status_of(pid: int) -> ProcStatus | None:
+    """pid's /proc/<pid>/status now; None when it is gone. A caller that must know the
+    status is that process's pins pid (a pidfd) and checks it is alive after this read."""
     try:
-        st = parse_status(Path(f"/proc/{pid}/status").read_text())
+        return parse_status(Path(f"/proc/{pid}/status").read_text())
     except (OSError, ValueError):
+        return None
+
+
+def current_ids(pid: int) -> ProcIds | None:
+    """pid's ids now (uids, gids, supplementary groups); None when it is gone (status_of)."""
+    st = status_of(pid)
+    if st is None:
         return None
     return ProcIds(st.uids[0], st.uids[1], st.gids[0], st.gids[1], st.groups)
 

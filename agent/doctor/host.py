@@ -17,6 +17,7 @@ import platform
 from pathlib import Path
 
 from agent.attest import cgroupfs
+from agent.attest.procfs import parse_status
 from agent.doctor.model import CheckResult, DoctorOptions
 
 # bpf(2) syscall numbers by machine; BPF_MAP_CREATE = 0, BPF_MAP_TYPE_ARRAY = 2.
@@ -135,10 +136,7 @@ def check_btf(opts: DoctorOptions) -> CheckResult:
 
 
 def check_capabilities(_: DoctorOptions) -> CheckResult:
-    eff = 0
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("CapEff:"):
-            eff = int(line.split()[1], 16)
+    eff = parse_status(Path("/proc/self/status").read_text()).cap_eff
     missing = [n for n, bit in CAPS.items() if not eff >> bit & 1]
     if missing:
         return CheckResult.failed(
