@@ -185,14 +185,15 @@ class Exchanges:
                             token_sha256=token.fingerprint if token is not None else None,
                         )
                     raise ConnectionError("the workload closed the connection inside a request")
+                # the server answered whole before the body was sent whole: it may read what
+                # follows as its next request, one credless never decided. The rest of the
+                # body is read (the workload's connection stays in step) and dropped; the
+                # connection is closed below, never pooled
+                answered = answered or (went_up and conn.complete)
                 if ev[0] == BODY:
                     self._still_theirs(served, audit_base)
-                    if answered or (went_up and conn.complete):
-                        # the server answered whole before the body was sent whole: it may
-                        # read what follows as its next request, one credless never decided.
-                        # The rest of the body is read (the workload's connection stays in
-                        # step) and dropped; the connection is closed below, never pooled
-                        answered, out, kept = True, bytearray(), None
+                    if answered:
+                        out, kept = bytearray(), None
                         continue
                     data = chunk(ev[1]) if head.chunked else ev[1]
                     out += data
@@ -206,8 +207,7 @@ class Exchanges:
                         out.clear()
                         await conn.drain()
                 elif ev[0] == END:
-                    if answered or (went_up and conn.complete):
-                        answered = True
+                    if answered:
                         break
                     if head.chunked:
                         out += LAST_CHUNK
