@@ -29,7 +29,9 @@ from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import structlog
 
+from agent.observe import logging as obs
 from tests.helpers import serving
 from tests.upstreams.echo import Upstream
 
@@ -120,6 +122,19 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
             "`sudo make test`; kernel tests are never skipped",
             pytrace=False,
         )
+
+
+@pytest.fixture(autouse=True)
+def _diagnostics_put_back() -> Iterator[None]:
+    """Each test leaves the diagnostic stream as it found it. Tests configure it (a level,
+    a stream of their own) and a later test on the same worker that captures its lines
+    (structlog.testing.capture_logs swaps the processors, not the level) inherited their
+    level: under test_logging.py's `error`, test_components.py's info line was dropped."""
+    saved, debug = structlog.get_config(), obs._debug
+    yield
+    structlog.configure(**saved)
+    obs._debug = debug
+    obs._generation += 1  # each Logger rebuilds on its next line, with the set-up put back
 
 
 @pytest.fixture

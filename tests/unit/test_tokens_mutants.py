@@ -22,7 +22,6 @@ from urllib.parse import parse_qs
 import httpx
 import jwt
 import pytest
-import structlog
 
 from agent.oauth import tokens
 from agent.oauth.dpop import DPoPKey
@@ -353,15 +352,12 @@ def test_a_token_request_that_fails_says_so_naming_the_endpoint(clock, answer, s
 
 
 @pytest.fixture
-def debug_lines(monkeypatch):
-    """The diagnostic stream at debug, as parsed lines; the logging set-up put back after."""
-    saved = structlog.get_config()
-    monkeypatch.setattr(obs, "_debug", obs._debug)  # restored when the test ends
+def debug_lines():
+    """The diagnostic stream at debug, as parsed lines (tests/conftest.py puts the logging
+    set-up back after each test)."""
     out = io.StringIO()
     obs.configure(level="debug", fmt="json", stream=out)
-    yield lambda: [json.loads(line) for line in out.getvalue().splitlines()]
-    structlog.configure(**saved)
-    obs._generation += 1  # each logger rebuilds on its next line, with the set-up put back
+    return lambda: [json.loads(line) for line in out.getvalue().splitlines()]
 
 
 def test_debug_lines_name_the_request_and_the_token_by_fingerprint_only(clock, debug_lines):
