@@ -61,6 +61,11 @@ SOCKET_NAME = "handover.sock"
 MAX_MESSAGE = 16 << 20
 MAX_FDS = 250  # SCM_MAX_FD is 253
 HELLO_SECONDS = 30.0  # to answer hello: building the offer is quick
+# From the offer to `takeover`: the new agent's whole start but the late components (its
+# own wait for `released` is 60 s). Past it the old agent takes its redirect back and
+# serves on: a new agent hung after swapping its programs in would otherwise hold the
+# intercepted traffic and the old agent busy (every later handover refused) for ever.
+TAKEOVER_SECONDS = 120.0
 # Components bound to a path or port the old agent holds: started by the new agent after
 # `released` (names as in agent/wiring.py)
 LATE = frozenset({"workload_api", "bundle_endpoint", "admin", "metrics", "handover"})
@@ -219,7 +224,8 @@ class HandoverServer:
 
     offer() builds what to hand over; release() is called at `takeover` (stop accepting,
     let go of unix sockets and ports) and must return once done; then on_handed_over()
-    starts the drain. abort() is called when a new agent goes away before `takeover`."""
+    starts the drain. abort() is called when a new agent goes away before `takeover`, or
+    has not sent it within takeover_seconds of the offer."""
 
     name = "handover"
 
@@ -230,8 +236,10 @@ class HandoverServer:
         release: Callable[[], Awaitable[None]],
         on_handed_over: Callable[[], None],
         abort: Callable[[], None],
+        takeover_seconds: float = TAKEOVER_SECONDS,
     ):
         self.path = path
+        self.takeover_seconds = takeover_seconds
         self._offer, self._release = offer, release
         self._on_handed_over, self._abort = on_handed_over, abort
         self._sock: socket.socket | None = None
@@ -322,7 +330,12 @@ class HandoverServer:
             finally:
                 conn.setblocking(False)
             # the new agent starts now (seconds): this agent serves meanwhile
-            msg = await _recv_async(loop, conn)
+            try:
+                msg = await asyncio.wait_for(_recv_async(loop, conn), self.takeover_seconds)
+            except TimeoutError:
+                raise HandoverError(
+                    f"the new agent did not take over within {self.takeover_seconds:g} s"
+                ) from None
             if msg.get("op") != "takeover":
                 raise HandoverError(f"unexpected message {msg.get('op')!r}")
             self.handed_over = True

@@ -12,6 +12,10 @@ agent checks the same of whoever answers on the handover socket.
 The attacker here is a real process: root with every capability dropped (setpriv), as in a
 container without privileges. The same program with the capabilities is served (the
 control). Needs root.
+
+And a peer that is the new agent but stalls: once offered, it must send `takeover` within
+the old agent's deadline, or the old agent takes its redirect back and serves on (a hung
+new agent had kept it busy, refusing every later handover, for ever).
 """
 
 from __future__ import annotations
@@ -117,7 +121,7 @@ def run_dir() -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def handover_server(path: Path) -> Iterator[list[str]]:
+def handover_server(path: Path, takeover_seconds: float = 60.0) -> Iterator[list[str]]:
     """A running agent's handover side, on its own loop: yields what it did (offered)."""
     did: list[str] = []
     loop = asyncio.new_event_loop()
@@ -130,7 +134,9 @@ def handover_server(path: Path) -> Iterator[list[str]]:
     async def release() -> None:
         did.append("released")
 
-    server = HandoverServer(path, offer, release, lambda: None, lambda: did.append("aborted"))
+    server = HandoverServer(
+        path, offer, release, lambda: None, lambda: did.append("aborted"), takeover_seconds
+    )
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     try:
@@ -154,6 +160,28 @@ def test_only_a_process_with_the_agents_privileges_is_offered_a_handover(run_dir
     else:
         assert got["refused"] in ("HandoverError", "BrokenPipeError", "ConnectionResetError")
         assert did == []
+
+
+def test_a_new_agent_that_never_takes_over_is_given_up_and_the_next_one_is_offered(run_dir):
+    path = run_dir / "handover.sock"
+    with handover_server(path, takeover_seconds=0.5) as did:
+        stalled = HandoverClient(path)
+        try:
+            pidfile_fd, _, tokens = stalled.offer()
+            os.close(pidfile_fd)
+            assert tokens == {"t": MARKER}
+            wait_for(lambda: did == ["offered", "aborted"], timeout=30, what="the abort")
+            with pytest.raises(HandoverError, match="did not confirm the takeover"):
+                stalled.take_over(timeout=10)  # too late: the old agent closed its side
+        finally:
+            stalled.close()
+        following = HandoverClient(path)
+        try:
+            pidfile_fd, _, _ = following.offer()  # not refused as "under way"
+            os.close(pidfile_fd)
+        finally:
+            following.close()
+        assert did[:3] == ["offered", "aborted", "offered"]
 
 
 @pytest.mark.parametrize("capabilities", [True, False], ids=["agent", "container-root"])
