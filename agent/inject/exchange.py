@@ -7,7 +7,8 @@ accounted for: the answer when the server gave none, the connection back to the 
 audit record and the metrics. The full path (proxy.py) awaits run(); the fast lane
 (lane.py) sends its request itself and calls finished() from the upstream's callback.
 
-A 401 to a request that carried credless's credential is held back (flows.py) and read here:
+A 401 to a request that carried credless's credential is held back (flows.py) and read
+(agent/inject/challenges.py); this module sends the request again when that says so:
 - `DPoP error="use_dpop_nonce"` with a DPoP-Nonce (RFC 9449 §9): the nonce is remembered for
   the server and the request sent once more with a fresh proof carrying it (audited as
   request.retried), if credless still has its body: always for the fast lane (the whole read)
@@ -26,12 +27,13 @@ import json
 import ssl
 import time
 from collections.abc import Callable
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 from agent.config import InjectSection
 from agent.inject import answers, decide, upstreams
 from agent.inject.answered import EventStream
 from agent.inject.bodies import EventSource, drain_body
+from agent.inject.challenges import Challenges
 from agent.inject.decide import Caller
 from agent.inject.flows import ClientSide, UpstreamSide
 from agent.inject.http1 import BODY, END, LAST_CHUNK, Head, chunk
@@ -39,21 +41,12 @@ from agent.inject.ports import Tokens
 from agent.inject.record import AuditBase, Recorder
 from agent.inject.served import Served
 from agent.inject.upstreams import Pool, Upstream
-from agent.oauth.discovery import parse_www_authenticate
-from agent.oauth.dpop import asks_for_nonce, scheme_mismatch
 from agent.oauth.tokens import Token
 from agent.observe.logging import get_logger
 
 log = get_logger("inject.exchange")
 
 READ_SIZE = 65536
-
-
-@runtime_checkable
-class NonceKey(Protocol):
-    """A DPoP key that remembers servers' nonces for its later proofs (oauth.dpop.DPoPKey)."""
-
-    def note_nonce(self, url: str, nonce: str) -> bool: ...
 
 
 def reply_now(
@@ -126,12 +119,19 @@ class Exchanges:
         # a body that arrives after its head was decided
         self.caller = caller
         self.rec = rec
-        self.oauth = oauth  # told of a token the server refused (invalid_token)
+        self.oauth = oauth
         self.ssl_context = ssl_context
         self.pool = Pool(cfg.upstream_pool_size, cfg.upstream_idle_seconds, clock)
-        # the longest streamed request body kept, as sent, to send again once for a DPoP
-        # nonce the server asks for (the proxy's: policy.max_body_bytes)
-        self.retry_body_limit = retry_body_limit
+        self.challenges = Challenges(rec, oauth, retry_body_limit)
+
+    @property
+    def retry_body_limit(self) -> int:
+        """The longest streamed request body kept to send again for a DPoP nonce."""
+        return self.challenges.retry_body_limit
+
+    @retry_body_limit.setter
+    def retry_body_limit(self, limit: int) -> None:
+        self.challenges.retry_body_limit = limit
 
     def close(self) -> None:
         self.pool.close()
@@ -225,7 +225,7 @@ class Exchanges:
         conn.sent()
         await conn.finished()
         retried = False
-        if token is not None and self.nonce_retry(
+        if token is not None and self.challenges.nonce_retry(
             conn, served, token, audit_base, kept is not None
         ):
             retried = True
@@ -275,7 +275,7 @@ class Exchanges:
         nonce the server just gave; the connection it went on, or None if none could be
         had (the workload has been answered)."""
         up, client = served.up, served.client
-        self.retrying(conn, audit_base)
+        self.challenges.retrying(conn, audit_base)
         head.remove(b"dpop")
         url = up.origin + head.target.decode("latin-1").split("?", 1)[0]
         proof = self.oauth.dpop_key(token.spiffe_id).proof(
@@ -319,67 +319,6 @@ class Exchanges:
             event_id,
             detail=str(e),
         )
-
-    def nonce_retry(
-        self,
-        conn: UpstreamSide,
-        served: Served,
-        token: Token,
-        audit_base: AuditBase,
-        have_body: bool,
-    ) -> bool:
-        """Whether the exchange just ended is a held 401 asking for a DPoP nonce, to be sent
-        again with it (then retrying(), and the nonce is remembered for the server's next
-        proofs). have_body: the request can be sent again (its body is kept). Called once
-        per request, before finished(): there is never a second retry."""
-        if (
-            conn.held is None
-            or not conn.complete
-            or conn.client_gone
-            or conn.head is None
-            or token.token_type != "DPoP"  # noqa: S105 — a token type
-            or not conn.dpop_nonce
-        ):
-            return False
-        challenges = parse_www_authenticate(
-            (conn.head.get(b"www-authenticate") or b"").decode("latin-1")
-        )
-        if not asks_for_nonce(challenges):
-            return False
-        up = served.up
-        if not self._note_nonce(token, up, conn.dpop_nonce):
-            return False
-        if not have_body:
-            log.warning(
-                "the MCP server asked for a DPoP nonce; the request's body was streamed and is "
-                "longer than kept for a retry, so its 401 goes to the workload and the next "
-                "request carries the nonce",
-                server=up.name,
-                limit=self.retry_body_limit,
-            )
-            return False
-        return True
-
-    def retrying(self, conn: UpstreamSide, audit_base: AuditBase) -> None:
-        """The request nonce_retry() allowed is being sent again: its 401 is dropped."""
-        conn.take_held()
-        self.rec.audit_event(
-            "request.retried",
-            audit_base,
-            status=401,
-            reason="the MCP server asked for a DPoP nonce (401 use_dpop_nonce, RFC 9449 §9): "
-            "sent again once with a proof carrying it",
-        )
-
-    def _note_nonce(self, token: Token, up: Upstream, nonce: bytes) -> bool:
-        key = self.oauth.dpop_key(token.spiffe_id)
-        value = nonce.decode("latin-1").strip()
-        if isinstance(key, NonceKey) and key.note_nonce(up.origin, value):
-            return True
-        log.warning(
-            "a DPoP-Nonce from the MCP server is not a valid nonce; ignored", server=up.name
-        )
-        return False
 
     async def connect(self, up: Upstream) -> UpstreamSide:
         """A new connection to the MCP server, with this proxy's TLS and connect timeout."""
@@ -468,11 +407,11 @@ class Exchanges:
             return keep_alive
         self.rec.m_upstream.labels(up.name).observe(conn.head_at - conn.sent_at)
         if conn.dpop_nonce and token is not None:
-            self._note_nonce(token, up, conn.dpop_nonce)
+            self.challenges.note_nonce(token, up, conn.dpop_nonce)
         # a 401 is parsed, not relayed verbatim (UpstreamSide._verbatim): its challenge is here
         problem = None
         if status == 401 and token is not None and conn.head is not None:
-            problem = self._refused(conn, served, token, retried)
+            problem = self.challenges.refused(conn, served, token, retried)
         held = conn.take_held()
         if held is not None and problem is None:
             client.write(held)
@@ -520,34 +459,3 @@ class Exchanges:
             audit_base, status, token, round((time.perf_counter() - started) * 1000, 2)
         )
         return keep
-
-    def _refused(
-        self, conn: UpstreamSide, served: Served, token: Token, retried: bool
-    ) -> str | None:
-        """Read a 401 to credless's credential: drop a token the server calls invalid, and
-        say what is wrong (None: the answer goes to the workload as the server gave it) when
-        its challenge names only a scheme credless did not use, or asks for a DPoP nonce
-        again right after the retry that carried one."""
-        up = served.up
-        head = conn.head
-        raw = (head.get(b"www-authenticate") if head is not None else None) or b""
-        challenges = parse_www_authenticate(raw.decode("latin-1"))
-        mismatch = scheme_mismatch(challenges, token.token_type, up.name)
-        problem = mismatch
-        if problem is None and retried and asks_for_nonce(challenges):
-            problem = (
-                f"the MCP server {up.name} asked again for a DPoP nonce (401 use_dpop_nonce) "
-                "right after the request was sent again with a proof carrying the nonce it "
-                "gave; credless retries once only. Check the server's nonce handling"
-            )
-        if b"invalid_token" in raw or problem is not None:
-            # refused for its scheme: a token of the kind this server does not take, and
-            # the server's next token follows this challenge (the server changed what it
-            # accepts), not the cached metadata that chose this scheme
-            self.oauth.invalidate(
-                served.holder(),
-                up.name,
-                token,
-                raw.decode("latin-1") if mismatch is not None else None,
-            )
-        return problem

@@ -213,7 +213,7 @@ class FastLane:
             return None
 
     def _send_again(self, conn: UpstreamSide) -> bool:
-        """The server asked for a DPoP nonce (exchange.nonce_retry said so): send the request
+        """The server asked for a DPoP nonce (Challenges.nonce_retry said so): send the request
         again, once, with a proof carrying it. False: it cannot be (nothing kept, no proof);
         the 401 then goes to the workload."""
         request, token = self.request, self.token
@@ -225,7 +225,7 @@ class FastLane:
         if fields is None:
             return False
         data = data[:end] + fields + data[end:]
-        self.proxy.exchanges.retrying(conn, self.audit_base)
+        self.proxy.exchanges.challenges.retrying(conn, self.audit_base)
         self._sent_again = True
         if conn.reusable():
             self._send(conn, data)
@@ -273,7 +273,9 @@ class FastLane:
             if (
                 self.request is not None
                 and token is not None
-                and exchanges.nonce_retry(conn, self.served, token, self.audit_base, True)
+                and exchanges.challenges.nonce_retry(
+                    conn, self.served, token, self.audit_base, True
+                )
                 and self._send_again(conn)
             ):
                 return  # still in flight: finish() comes again with its answer
