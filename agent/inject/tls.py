@@ -67,11 +67,11 @@ class InjectionCA:
                 raise ValueError(f"{self._key_path} is not the EC key credless made")
             self._key = key
             self.cert = x509.load_pem_x509_certificate(self._own_cert_path.read_bytes())
-            if self.cert.not_valid_after_utc > dt.datetime.now(dt.UTC) + LEAF_TTL:
+            if self.cert.not_valid_after_utc > self._clock() + LEAF_TTL:
                 return
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._key = ec.generate_private_key(ec.SECP256R1())
-        now = dt.datetime.now(dt.UTC)
+        now = self._clock()
         name = x509.Name(
             [
                 x509.NameAttribute(NameOID.COMMON_NAME, "credless injection CA"),

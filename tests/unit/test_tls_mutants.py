@@ -187,6 +187,25 @@ def test_a_ca_expiring_before_a_leaf_would_is_made_again(tmp_path, ca):
     assert peer_leaf(handshake(again, "mcp.example")).issuer == again.cert.subject
 
 
+def test_the_ca_is_judged_and_made_by_the_clock_it_is_given(tmp_path, ca):
+    later = now() + CA_TTL - LEAF_TTL / 2  # by this clock, a leaf would outlive the CA
+    again = InjectionCA(tmp_path / "state", clock=lambda: later)
+    assert again.cert != ca.cert
+    assert again.cert.not_valid_before_utc == (later - dt.timedelta(minutes=5)).replace(
+        microsecond=0
+    )
+    assert again.cert.not_valid_after_utc == (later + CA_TTL).replace(microsecond=0)
+
+
+@pytest.mark.parametrize("left", [LEAF_TTL, LEAF_TTL + dt.timedelta(seconds=1)])
+def test_a_ca_is_kept_only_while_it_outlives_a_leaf_minted_now(tmp_path, left):
+    made = now().replace(microsecond=0)  # a certificate's times are whole seconds
+    first = InjectionCA(tmp_path / "state", clock=lambda: made)
+    later = made + CA_TTL - left
+    again = InjectionCA(tmp_path / "state", clock=lambda: later)
+    assert (again.cert == first.cert) == (left > LEAF_TTL)
+
+
 def test_a_ca_that_outlives_a_leaf_is_kept(tmp_path, ca):
     _rewrite_ca(ca, now() + 2 * LEAF_TTL)
     kept = (ca.dir / "ca.crt").read_bytes()
