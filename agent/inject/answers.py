@@ -19,13 +19,12 @@ What the request was (Asked) is learnt from its head and, when read, its body:
 from __future__ import annotations
 
 import json
-import re
 import secrets
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from agent.inject import http1
-from agent.observe.logging import redact_secrets
+from agent.observe.logging import redact_secrets, scrub_text
 from agent.policy import jsonrpc
 
 # credless's own codes, in JSON-RPC's implementation-defined range (-32000..-32099), clear of
@@ -74,9 +73,6 @@ FALLBACK_CODE = REQUEST_REFUSED
 UNREADABLE = frozenset(
     {"framing_refused", "target_refused", "method_refused", "upgrade_refused", "body_refused"}
 )
-
-# A JWT (a token, an assertion, an SVID) is never shown, whatever text carried it here.
-_JWT = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,8 +145,9 @@ def code_for(outcome: str, rpc_code: int | None = None) -> int:
 
 
 def scrub(text: str) -> str:
-    """text without anything JWT-shaped in it: an answer never carries a credential."""
-    return _JWT.sub("[redacted]", text)
+    """text without anything JWT- or private-key-shaped in it: an answer never carries a
+    credential (agent/observe/logging.py's scrub, the one of every output)."""
+    return scrub_text(text)
 
 
 def body(

@@ -194,7 +194,7 @@ async def register(
     }
     if dpop:
         meta["dpop_bound_access_tokens"] = True
-    from agent.oauth.tokens import log, post_form
+    from agent.oauth.tokens import TOKEN68, log, post_form
 
     log.debug(
         "client registration request",
@@ -224,6 +224,16 @@ async def register(
         )
     if not isinstance(body, dict) or not isinstance(body.get("client_id"), str):
         raise MalformedResponse(f"registration at {endpoint} returned no client_id", url=endpoint)
+    management = body.get("registration_access_token")
+    if management is not None and not (isinstance(management, str) and TOKEN68.match(management)):
+        # it goes in an Authorization field at deletion (RFC 7592 §2.3): refused now, and
+        # never quoted, rather than in an error that would quote the field it made
+        raise MalformedResponse(
+            f"registration at {endpoint} returned a registration_access_token that is not "
+            "a token68 (RFC 7591 §3.2.1, RFC 6750 §2.1): it could not be sent to manage the "
+            "client",
+            url=endpoint,
+        )
     return RegisteredClient(
         spiffe_id=spiffe_id,
         issuer=issuer,

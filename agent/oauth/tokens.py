@@ -138,6 +138,12 @@ def check_audience(claims: dict, resource: str, url: str) -> None:
 # a token this close to its expiry is not used: it could expire on the way
 EXPIRY_SKEW_SECONDS = 5.0
 
+# What an access token may be to go in an Authorization field as sent: a token68 (RFC 7235
+# §2.1; RFC 6750 §2.1's b64token, RFC 9449 §7.1). Anything else (a CR or LF above all)
+# would change the request it is spliced into: an authorization server answering
+# "a\r\nX: 1\r\n\r\nGET /other" would send the MCP server a second request past policy.
+TOKEN68 = re.compile(r"[A-Za-z0-9\-._~+/]+=*\Z")
+
 
 @dataclass(frozen=True, repr=False)
 class Token:
@@ -154,6 +160,17 @@ class Token:
     fingerprint: str
     jti: str | None
     audience: Any = None
+
+    def __post_init__(self) -> None:
+        # every token, however made (a token response, a handover), before any request
+        # carries it; the value is never quoted
+        if not TOKEN68.match(self.access_token):
+            raise ValueError(
+                f"access token {self.fingerprint} is not a token68 (RFC 7235 §2.1): it "
+                "cannot go in an Authorization field as it is"
+            )
+        if self.token_type not in ("Bearer", "DPoP"):
+            raise ValueError(f"token type {self.token_type!r} is neither Bearer nor DPoP")
 
     def __repr__(self) -> str:
         return (
@@ -227,6 +244,13 @@ def parse_token_response(
             f"token response from {url} has token_type {ttype!r}; expected Bearer or DPoP", url=url
         )
     ttype = "DPoP" if ttype.lower() == "dpop" else "Bearer"
+    if not TOKEN68.match(access):
+        raise MalformedResponse(
+            f"token response from {url}: the access token is not a token68 (RFC 6750 §2.1, "
+            "RFC 9449 §7.1; a character such as a space, CR or LF): it cannot go in an "
+            "Authorization field as it is, and is not used",
+            url=url,
+        )
     bound_to = None  # the key a DPoP token must be bound to
     if ttype == "DPoP":
         if dpop is None:

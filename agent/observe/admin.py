@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent.observe.logging import get_logger
+from agent.observe.logging import get_logger, scrub_json
 from agent.observe.serving import serve_in_background, stop_serving
 from agent.peercred import not_the_agents_equal, peer_cred
 
@@ -62,7 +62,7 @@ class AdminServer:
                     self._reply({"error": f"{req['cmd']} failed: {e}"})
 
             def _reply(self, obj: dict) -> None:
-                self.wfile.write(json.dumps(obj).encode() + b"\n")
+                self.wfile.write(scrub_json(json.dumps(obj)).encode() + b"\n")
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.unlink(missing_ok=True)

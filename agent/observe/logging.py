@@ -4,8 +4,12 @@ Diagnostics go to stderr (JSON lines, or console rendering on a TTY); audit even
 stdout as JSON lines (later issues add a rotating file sink). Both pass through the same
 redaction step, so a field that holds a credential by name never reaches either stream:
 the place to record a credential is its fingerprint (jti, thumbprint), which is not redacted.
-Diagnostics are also scrubbed of anything shaped like a JWT or a PEM private key in any
-field: they quote other parties' words (an error, a URL), which may carry one.
+And every line either writes is scrubbed, as written, of anything shaped like a JWT or a PEM
+private key, wherever it sits (a field, a nested value, an exception's text): both quote
+other parties' words (an authorization server's error_description, a URL), which may echo
+one, as a server refusing a client assertion may. scrub_text and scrub_json are the one
+scrub; the admin socket's answers (agent/observe/admin.py) and credless's answers to
+workloads (agent/inject/answers.py) use them too.
 
 What each diagnostic level adds is in docs/logging.md; `debug` names every decision.
 """
@@ -22,7 +26,7 @@ import secrets
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -86,12 +90,29 @@ _PEM_KEY = re.compile(
 )
 
 
-def scrub_credentials(_logger: Any, _method: str, event: dict) -> dict:
-    """Every string field with a JWT or a PEM private key in it, that part replaced."""
-    for k, v in event.items():
-        if isinstance(v, str) and ("eyJ" in v or "PRIVATE KEY" in v):
-            event[k] = _PEM_KEY.sub(REDACTED, _JWT.sub(REDACTED, v))
-    return event
+# The same key inside a JSON string: it ends at its END line or before the string's
+# closing quote (an escape, `\"` or `\n`, taken whole), so the text stays the same JSON.
+_PEM_KEY_IN_JSON = re.compile(
+    r'-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----(?:[^"\\]|\\.)*?'
+    r'(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|(?="))',
+    re.S,
+)
+
+
+def scrub_text(text: str) -> str:
+    """text with every JWT and PEM private key in it replaced by the redaction mark."""
+    if "eyJ" in text or "PRIVATE KEY" in text:
+        return _PEM_KEY.sub(REDACTED, _JWT.sub(REDACTED, text))
+    return text
+
+
+def scrub_json(text: str) -> str:
+    """A JSON document's text with every JWT and PEM private key in its strings replaced,
+    still the same JSON: a JWT's characters are letters, digits, `-`, `_` and `.` (never a
+    quote or a backslash), and a key is cut at its string's end."""
+    if "eyJ" in text or "PRIVATE KEY" in text:
+        return _PEM_KEY_IN_JSON.sub(REDACTED, _JWT.sub(REDACTED, text))
+    return text
 
 
 _second = -1
@@ -109,11 +130,14 @@ def _utc_timestamp() -> str:
     return f"{_second_text}.{int((now - sec) * 1e6):06d}Z"
 
 
-def _renderer(fmt: str, stream: TextIO):
+def _renderer(fmt: str, stream: TextIO) -> Callable[[Any, str, MutableMapping[str, Any]], str]:
+    """The last processor: the line, rendered, then scrubbed (scrub_json, scrub_text)."""
     use_console = fmt == "console" or (fmt == "auto" and stream.isatty())
     if use_console:
-        return structlog.dev.ConsoleRenderer(colors=False)
-    return structlog.processors.JSONRenderer(sort_keys=False)
+        console = structlog.dev.ConsoleRenderer(colors=False)
+        return lambda logger, method, event: scrub_text(console(logger, method, event))
+    render = structlog.processors.JSONRenderer(sort_keys=False)
+    return lambda logger, method, event: scrub_json(str(render(logger, method, event)))
 
 
 def _base_processors() -> list:
@@ -122,8 +146,7 @@ def _base_processors() -> list:
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         redact_secrets,
-        structlog.processors.format_exc_info,
-        scrub_credentials,  # after format_exc_info: a traceback quotes values too
+        structlog.processors.format_exc_info,  # its text is scrubbed with the line
     ]
 
 
@@ -263,6 +286,7 @@ class AuditLog:
         self._taps.append(fn)
 
     def _queue(self, line: str) -> None:
+        line = scrub_json(line)  # emit_with and RecordShape write here; the taps see this
         for tap in self._taps:
             tap(line)
         with self._lock:
