@@ -104,6 +104,18 @@ def proxy_component(calls: Calls, resolver: Resolver, interval: float, pods: boo
     )
 
 
+async def follow(c: ProxyComponent, resolver: Resolver) -> None:
+    """Starts c, waits until its DNS follower has taken all of the resolver's answers, stops
+    it. A follower that dies ends the wait too (the resolver is then never asked again) and
+    fails here, rather than after the wait's bound."""
+    await c.start()
+    assert c._dns is not None
+    c._dns.add_done_callback(lambda _: resolver.done.set())
+    await asyncio.get_running_loop().run_in_executor(None, resolver.done.wait, 10)
+    assert not c._dns.done(), "the DNS follower died"
+    await c.stop()
+
+
 def test_each_server_address_is_intercepted_to_the_listener_its_workload_speaks_to():
     assert redirect_targets(BOTH, 15443) == {
         Target("10.0.0.1", 80, 0),  # plain http: the plain listener
@@ -165,15 +177,8 @@ def test_the_proxy_follows_its_servers_addresses_and_survives_a_failed_resolutio
     moved = {("10.0.0.9", 80): upstream("10.0.0.9", 80)}
     resolver = Resolver([PLAIN, OSError("no DNS"), moved, moved])
     c = proxy_component(calls, resolver, 0.001)
-
-    async def life() -> None:
-        await c.start()
-        assert c._dns is not None
-        await asyncio.get_running_loop().run_in_executor(None, resolver.done.wait, 10)
-        await c.stop()
-
     with structlog.testing.capture_logs() as logs:
-        asyncio.run(life())
+        asyncio.run(follow(c, resolver))
     assert resolver.asked >= 4
     changes = [entry for entry in calls.log if entry[0] == "redirect.targets"]
     assert changes == [("redirect.targets", {Target("10.0.0.9", 80, 0)})]  # once, when moved
@@ -198,3 +203,13 @@ def test_stopping_cancels_the_dns_follower_first():
             await task
 
     asyncio.run(life())
+
+
+def test_a_moved_https_server_is_still_intercepted_to_the_tls_listener():
+    calls = Calls()
+    moved = {("10.0.0.8", 443): upstream("10.0.0.8", 443, "https")}
+    resolver = Resolver([moved, moved])  # the second refresh: the first answer was applied
+    c = proxy_component(calls, resolver, 0.001)
+    asyncio.run(follow(c, resolver))
+    changes = [entry for entry in calls.log if entry[0] == "redirect.targets"]
+    assert changes == [("redirect.targets", {Target("10.0.0.8", 443, 15443)})]
