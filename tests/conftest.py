@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import subprocess
 import sys
@@ -131,9 +132,12 @@ def _diagnostics_put_back() -> Iterator[None]:
     (structlog.testing.capture_logs swaps the processors, not the level) inherited their
     level: under test_logging.py's `error`, test_components.py's info line was dropped."""
     saved, debug = structlog.get_config(), obs._debug
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level  # configure() adds its bridge there
     yield
     structlog.configure(**saved)
     obs._debug = debug
+    root.handlers[:], root.level = handlers, level
     obs._generation += 1  # each Logger rebuilds on its next line, with the set-up put back
 
 

@@ -150,6 +150,24 @@ def _base_processors() -> list:
     ]
 
 
+class _StdlibBridge(logging.Handler):
+    """The standard library's log records (asyncio's "Task exception was never retrieved"
+    with its traceback, grpc's, a library's warnings) written as diagnostics, through the
+    same redaction and scrub: with no handler of its own, Python printed them to stderr as
+    they were, a token quoted in an exception included."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            logger = structlog.get_logger(component=record.name)
+            extra = {"exc_info": record.exc_info} if record.exc_info else {}
+            logger.log(record.levelno, record.getMessage(), **extra)
+        except Exception:  # noqa: BLE001 — as logging's own handlers: never raise to the caller
+            self.handleError(record)
+
+
+_BRIDGE = _StdlibBridge()
+
+
 # bumped by each configure(): a Logger rebuilds its structlog logger when it has moved
 _generation = 0
 _debug = False  # the level is debug: only then is a debug line more than a check
@@ -167,6 +185,10 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
     )
     _generation += 1
     _debug = _LEVELS[level] <= logging.DEBUG
+    root = logging.getLogger()
+    if _BRIDGE not in root.handlers:
+        root.addHandler(_BRIDGE)
+    root.setLevel(logging.WARNING)  # the libraries' own info and debug lines stay theirs
 
 
 class Logger:

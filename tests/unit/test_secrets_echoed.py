@@ -17,6 +17,7 @@ server would.
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import json
 from urllib.parse import parse_qsl
@@ -138,6 +139,29 @@ def test_a_diagnostic_is_scrubbed_wherever_the_secret_sits():
     lines = out.getvalue().splitlines()
     assert len(lines) == 2 and JWT not in out.getvalue()
     assert all(json.loads(line) for line in lines)
+
+
+def test_a_library_log_record_is_a_diagnostic_scrubbed_like_the_others():
+    """asyncio logs a task's unretrieved exception, traceback and all, through the standard
+    library's logging, which had no handler: Python printed it to stderr unscrubbed."""
+    out = io.StringIO()
+    obs.configure(level="info", fmt="json", stream=out)
+
+    async def lost() -> None:
+        async def refuse() -> None:
+            raise ValueError(f"the server refused {JWT}")
+
+        task = asyncio.ensure_future(refuse())
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        del task
+
+    asyncio.run(lost())
+    gc.collect()  # the task's __del__ logs it
+    (line,) = [json.loads(x) for x in out.getvalue().splitlines()]
+    assert line["component"] == "asyncio" and line["level"] == "error"
+    assert line["event"].startswith("Task exception was never retrieved")
+    assert "the server refused [redacted]" in line["exception"] and JWT not in out.getvalue()
 
 
 NOT_TOKEN68 = [
