@@ -76,6 +76,9 @@ class Refused(Exception):
 class Rewritten:
     body: bytes
     fields: dict[str, Any] = field(default_factory=dict)  # for the audit: jti, action, ...
+    # the client assertion credless put in: the server's answer is relayed without it, since
+    # a server may quote it back (an error refusing it)
+    minted: str = ""
 
 
 def is_jwt(value: str) -> bool:
@@ -186,7 +189,7 @@ def rewrite_token_form(
     )
     if seen.get("client_id", [spiffe_id])[0] != spiffe_id:
         fields["workload_client_id"] = seen["client_id"][0][:200]
-    return Rewritten(urlencode(out).encode(), fields)
+    return Rewritten(urlencode(out).encode(), fields, svid.token)
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -251,6 +254,8 @@ def rewrite_registration(
         jwks_uri=jwks_uri,
         replaced=replaced,
     )
+    # the statement stays in the answer (RFC 7591 §3.2.1 returns it unmodified): its audience
+    # is the registration endpoint, no client assertion anywhere
     return Rewritten(json.dumps(meta).encode(), fields)
 
 
@@ -324,10 +329,11 @@ class AssertionRequests:
                 endpoint = await self._registration_endpoint(up)
                 path = (urlsplit(endpoint).path or "/").encode() if endpoint else b"\0"
                 kind = assertion_route.assertion_request(head.target, ctype, up.path, path)
-            new_body, fields = body, None
+            new_body, fields, minted = body, None, b""
             if kind is not None:
                 rewritten = self._rewrite(kind, body, served, up, endpoint or "")
                 new_body, fields = rewritten.body, rewritten.fields
+                minted = rewritten.minted.encode()
         except Refused as e:
             self.rec.count(up, "assertion_refused")
             event_id = self.rec.audit_answered(
@@ -360,7 +366,11 @@ class AssertionRequests:
         head.remove(b"content-length", b"transfer-encoding")
         head.add(b"Content-Length", b"%d" % len(new_body))
         head.chunked = False
-        return await self.exchanges.run(head, Replay(new_body), served, None, audit_base, started)
+        if minted:  # the answer comes uncompressed, where the minted value can be masked
+            head.remove(b"accept-encoding")
+        return await self.exchanges.run(
+            head, Replay(new_body), served, None, audit_base, started, mask=minted or None
+        )
 
     def _rewrite(self, kind: str, body: bytes, served: Served, up: Upstream, reg: str) -> Rewritten:
         ident = served.holder()

@@ -144,10 +144,12 @@ class Exchanges:
         token: Token | None,
         audit_base: AuditBase,
         started: float,
+        mask: bytes | None = None,
     ) -> bool:
         """Send head, and the body from src, to served's server and relay the answer;
         returns whether the workload's connection stays open. token: the credential added
-        (None: forwarded without one); started: when the request's handling began."""
+        (None: forwarded without one); started: when the request's handling began; mask: a
+        value credless put into the request, never relayed back (flows.py)."""
         client, up, key = served.client, served.up, served.key
         pooled = self.pool.get(key)
         try:
@@ -158,7 +160,7 @@ class Exchanges:
             return head.keep_alive
         dpop = token is not None and token.token_type == "DPoP"  # noqa: S105 — a type name
         # from here the response streams to the workload as it arrives
-        self._begin(conn, client, head, token)
+        self._begin(conn, client, head, token, mask)
         # one write for head and body when they are at hand: a send(2) per piece costs more
         # than the proxying; large bodies still go out in 64 KiB steps
         if up.send_host is not None:  # reached at its workload_url: Host names the server
@@ -253,13 +255,21 @@ class Exchanges:
         self.rec.audit_event("request.denied", audit_base, reason=verdict.message)
         raise ConnectionError(verdict.message)
 
-    def _begin(self, conn: UpstreamSide, client: ClientSide, head: Head, token: Token | None):
+    def _begin(
+        self,
+        conn: UpstreamSide,
+        client: ClientSide,
+        head: Head,
+        token: Token | None,
+        mask: bytes | None = None,
+    ) -> None:
         conn.begin(
             client,
             close_client=not head.keep_alive,
             bodiless=head.method == b"HEAD",
             hold_401=token is not None,
             watch_nonce=token is not None and token.token_type == "DPoP",  # noqa: S105
+            mask=mask,
         )
 
     async def _again(

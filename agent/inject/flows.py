@@ -17,6 +17,9 @@ A 401 answer to a request that carried credless's credential is held back (up to
 bytes) instead of relayed as it arrives: the proxy reads its challenge first, and may send
 the request again with a DPoP nonce the server asked for, or answer with a diagnosis of a
 scheme the server wants and credless did not use (agent/inject/exchange.py).
+
+An answer may also be relayed with one value masked (begin's `mask`; agent/inject/masking.py
+says how): a credential credless put into the request, which a server may quote back.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import TYPE_CHECKING, cast
 from agent.inject import http1
 from agent.inject.answered import EventStream, is_event_stream
 from agent.inject.http1 import BODY, END, HEAD, LAST_CHUNK, Event, Head, ProtocolError, chunk
+from agent.inject.masking import Mask
 
 if TYPE_CHECKING:  # upstreams.py imports this module
     from agent.inject.upstreams import Upstream
@@ -270,6 +274,7 @@ class UpstreamSide(asyncio.Protocol):
         self._hold_401 = False
         self._watch_nonce = False  # ... a DPoP-bound one: DPoP-Nonce fields are read
         self.held: bytearray | None = None  # the 401 answer held back, as it would be relayed
+        self._mask: Mask | None = None  # a value never relayed (see above)
         self.dpop_nonce: bytes | None = None  # the final response's DPoP-Nonce, if watched
         # an event-stream answer's record, as relayed: did the workload have its answer when
         # it left (agent/inject/answered.py, exchange.finished)
@@ -287,7 +292,9 @@ class UpstreamSide(asyncio.Protocol):
             return
         if self._first_read:
             self._first_read = False
-            if not (self._bodiless or self._close_client) and self._verbatim(client, data):
+            if not (self._bodiless or self._close_client or self._mask) and self._verbatim(
+                client, data
+            ):
                 return
         try:
             self._relay(client, self._reader.feed(data))
@@ -296,8 +303,12 @@ class UpstreamSide(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         if self._client is not None:
-            self._relay(self._client, self._reader.feed_eof())
+            client = self._client
+            self._relay(client, self._reader.feed_eof())
             if self.close_delimited and not self.complete:
+                rest = self._mask.rest() if self._mask is not None else b""
+                if rest:  # a masked body's last bytes
+                    client.write(rest)
                 self.complete = True  # its body ends here (httptools has no end-of-input)
                 self._finish()
         self.keep_alive = False
@@ -327,13 +338,14 @@ class UpstreamSide(asyncio.Protocol):
         on_done: Callable[[UpstreamSide], object] | None = None,
         hold_401: bool = False,
         watch_nonce: bool = False,
+        mask: bytes | None = None,
     ) -> None:
         """Relay the next response to client. close_client: the workload asked to close after
         it (the response says Connection: close). bodiless: the request was HEAD, whose
         response has no body whatever its Content-Length says. on_done(self): called when
         the exchange ends, instead of waking a finished() waiter. hold_401: keep a 401
         answer in `held` instead of relaying it; watch_nonce: read the answer's DPoP-Nonce
-        into `dpop_nonce`."""
+        into `dpop_nonce`; mask: a value the answer is relayed without (see above)."""
         self._client = client
         client.upstream = self
         self._on_done = on_done
@@ -345,6 +357,7 @@ class UpstreamSide(asyncio.Protocol):
         self._close_client, self._bodiless = close_client, bodiless
         self._hold_401, self._watch_nonce = hold_401, watch_nonce
         self.held = self.dpop_nonce = None
+        self._mask = Mask(mask) if mask else None
         self.events = None
         if client.write_paused and not client.closed:
             self.transport.pause_reading()
@@ -380,7 +393,7 @@ class UpstreamSide(asyncio.Protocol):
             if ev[0] == HEAD:
                 item = ev[1]
                 if 100 <= item.status < 200:
-                    out += item.response_bytes()
+                    out += self._masked_head(item)
                     self._skip_end = True  # httptools ends a 1xx as a message of its own
                     continue
                 self.head, self.status, self.head_at = item, item.status, time.perf_counter()
@@ -402,18 +415,23 @@ class UpstreamSide(asyncio.Protocol):
                     item.add(b"Connection", b"close")
                 if is_event_stream(item.get(b"content-type")):
                     self.events = EventStream()
-                out += item.response_bytes()
+                out += self._masked_head(item)
                 if self._bodiless:  # the parser would wait for Content-Length bytes
                     self.complete, self.keep_alive = True, False
                     break
             elif ev[0] == BODY:
-                out += chunk(ev[1]) if self._final_head().chunked else ev[1]
+                data = self._mask.body(ev[1]) if self._mask is not None else ev[1]
+                if data:
+                    out += chunk(data) if self._final_head().chunked else data
                 if self.events is not None:
                     self.events.feed(ev[1])
             elif ev[0] == END:
                 if self._skip_end:
                     self._skip_end = False
                     continue
+                rest = self._mask.rest() if self._mask is not None else b""
+                if rest:  # a masked body's last bytes
+                    out += chunk(rest) if self._final_head().chunked else rest
                 if self._final_head().chunked:
                     out += LAST_CHUNK
                 self.complete = True
@@ -432,6 +450,10 @@ class UpstreamSide(asyncio.Protocol):
             client.write(bytes(out))
         if self.complete:
             self._finish()
+
+    def _masked_head(self, head: Head) -> bytes:
+        data = head.response_bytes()
+        return self._mask.head(data) if self._mask is not None else data
 
     def _final_head(self) -> Head:
         """The head of the response whose body is being relayed."""

@@ -164,6 +164,39 @@ def test_a_library_log_record_is_a_diagnostic_scrubbed_like_the_others():
     assert "the server refused [redacted]" in line["exception"] and JWT not in out.getvalue()
 
 
+def test_in_assertion_mode_the_workload_never_gets_back_the_assertion_credless_minted():
+    """The workload's token request goes to the authorization server with credless's client
+    assertion in it; a server that quoted the assertion in its error handed it to the
+    workload, which is to hold no credential (found by review, stop 34)."""
+    from tests.unit import test_assertion_seams as seams
+
+    async def go() -> tuple[int, dict, str, bytes]:
+        w = seams.AsWorld(seams.AsTokens(seams.server()))
+        relay = w.upstream.data_received
+        seen: dict[str, bytes] = {}
+
+        def quote_it(_data: bytes) -> None:
+            seen["request"], form = w.upstream.transport.out.split(b"\r\n\r\n", 1)
+            seen["minted"] = dict(parse_qsl(form.decode()))["client_assertion"].encode()
+            error = b'{"error": "invalid_client", "error_description": "no: %s"}' % seen["minted"]
+            relay(
+                b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(error), error)
+            )
+
+        w.upstream.data_received = quote_it  # type: ignore[method-assign]
+        await w.send(
+            b"/token", b"grant_type=client_credentials", *seams.FORM, b"Accept-Encoding: gzip"
+        )
+        status, doc = w.answer()
+        return status, doc, seen["minted"].decode(), seen["request"]
+
+    status, doc, minted, request = asyncio.run(go())
+    assert status == 400 and doc["error"] == "invalid_client"
+    assert minted.startswith("eyJ") and doc["error_description"] == "no: " + "*" * len(minted)
+    assert b"accept-encoding" not in request.lower()  # the answer comes uncompressed
+
+
 NOT_TOKEN68 = [
     "abc\r\nX-Evil: 1\r\n\r\nGET /smuggled HTTP/1.1",  # a second request
     "abc def",
