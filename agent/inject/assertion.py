@@ -152,9 +152,20 @@ def rewrite_token_form(
             errors="strict",
             max_num_fields=MAX_FIELDS,
         )
-    except (UnicodeError, ValueError) as e:
+    except UnicodeError:
         raise Refused(
-            "invalid_request", f"credless: the token request is not a valid form: {e}"
+            "invalid_request",
+            "credless: the token request is not a valid form: it is not ASCII, or a "
+            "percent-encoded value is not UTF-8",
+        ) from None
+    except ValueError as e:  # its text quotes the field, which may be a client_secret
+        why = (
+            f"more than {MAX_FIELDS} fields"
+            if "max" in str(e).lower()
+            else "a field is not name=value (fields are joined by &)"
+        )
+        raise Refused(
+            "invalid_request", f"credless: the token request is not a valid form: {why}"
         ) from None
     seen: dict[str, list[str]] = {}
     for k, v in pairs:

@@ -125,10 +125,21 @@ def test_a_client_authentication_parameter_given_twice_is_refused(name):
         rewrite_token_form(body, SID, mint())
 
 
-@pytest.mark.parametrize("body", [b"grant_type=client_credentials&\xff=1", b"a=%ff", b"novalue"])
-def test_a_body_that_is_not_a_valid_form_is_refused(body):
-    with pytest.raises(Refused, match="not a valid form"):
+@pytest.mark.parametrize(
+    "body,why",
+    [
+        (b"grant_type=client_credentials&\xff=1", "not ASCII"),
+        (b"a=%ff", "not UTF-8"),
+        (b"novalue", "not name=value"),
+        (b"grant_type=client_credentials&client_secret:s3cr3t-v4lue", "not name=value"),
+        (b"&".join([b"a=1"] * 257), "more than 256 fields"),
+    ],
+)
+def test_a_body_that_is_not_a_valid_form_is_refused_never_quoting_it(body, why):
+    with pytest.raises(Refused, match="not a valid form") as err:
         rewrite_token_form(body, SID, mint())
+    assert why in err.value.description
+    assert "s3cr3t" not in err.value.description  # the audit and the answer quote it
 
 
 def test_the_jwt_spiffe_profile_names_its_assertion_type():
