@@ -143,10 +143,17 @@ def test_the_agents_own_connects_are_exempt_while_it_runs(tmp_path, upstream):
         agent.wait_ready()
         assert dial(free_port(), upstream, cg).startswith("HTTP/1.1 200")
         assert len(Upstream.seen) == 1
-        forwarded = wait_for(
-            lambda: [
-                e for e in audit_events(agent.stdout_path) if e["event"] == "request.forwarded"
-            ],
-            what="the request audited",
-        )
+        try:
+            forwarded = wait_for(
+                lambda: [
+                    e for e in audit_events(agent.stdout_path) if e["event"] == "request.forwarded"
+                ],
+                what="the request audited",
+            )
+        except TimeoutError:  # once in CI (stop 34): say what the agent and upstream saw
+            pytest.fail(
+                f"no request.forwarded; upstream saw {Upstream.seen!r}; audit: "
+                f"{agent.stdout_path.read_text()[-3000:]}; log: "
+                f"{agent.stderr_path.read_text()[-3000:]}"
+            )
         assert len(forwarded) == 1 and forwarded[0]["pid"] != os.getpid()
