@@ -3,7 +3,8 @@ finished), found by mutation testing: the body as the workload streams it (frame
 says, sent in steps, kept for a DPoP retry up to the limit), each piece checked to come from
 the caller its head was decided for (a piece another process wrote closes both connections,
 the upstream one unfinished, and is audited), a server that cannot be reached, and an answer
-the server cut short, which must never reach the workload looking whole.
+the server cut short, which must never reach the workload looking whole; and how a 401 to
+credless's credential is read (agent/inject/challenges.py, which the exchange asks).
 
 Sans-IO: Exchanges.run on the proxy of tests/unit/test_fast_path.py's World (its upstream
 connection a stand-in transport in the pool), the body handed out by a script. What a test
@@ -14,13 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import io
 import json
 import time
+import types
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any
 
 import pytest
+import structlog
 
 from agent.inject import answers
 from agent.inject import exchange as exchange_module
@@ -32,6 +36,7 @@ from agent.inject.http1 import BODY, END, Event, Head
 from agent.inject.record import AuditBase
 from agent.inject.served import Served
 from agent.oauth.dpop import DPoPKey
+from agent.observe import logging as obs
 from agent.policy.jsonrpc import Call
 from tests.helpers import run_async as run
 from tests.unit.test_dpop_nonce import DPOP, nonce_401, proofs
@@ -98,6 +103,19 @@ def count(w: World, outcome: str) -> float:
         )
         or 0.0
     )
+
+
+@pytest.fixture
+def logged() -> Iterator[list[MutableMapping[str, Any]]]:
+    """The diagnostic events logged during the test, debug ones too (structlog's capture;
+    configured first, so that the loggers are built again inside it)."""
+    obs.configure(level="debug", fmt="json", stream=io.StringIO())
+    with structlog.testing.capture_logs() as captured:
+        yield captured
+
+
+def said(logged: list[MutableMapping[str, Any]], level: str, component: str) -> list:
+    return [e for e in logged if e["log_level"] == level and e.get("component") == component]
 
 
 async def exchange(
@@ -520,7 +538,9 @@ async def test_a_body_exactly_at_the_retry_limit_is_kept_and_sent_again():
 
 
 @run
-async def test_a_body_one_over_the_retry_limit_is_not_sent_again():
+async def test_a_body_one_over_the_retry_limit_is_not_sent_again(logged):
+    """Its 401 goes to the workload; a warning names the server and the limit, and the
+    nonce is remembered all the same: the next request carries it."""
     w = dpop_world(limit=len(PIECE) - 1)
     await exchange(
         w,
@@ -531,6 +551,10 @@ async def test_a_body_one_over_the_retry_limit_is_not_sent_again():
     )
     assert len(requests_sent(w)) == 1
     assert w.client.transport.out.startswith(b"HTTP/1.1 401")
+    [warned] = said(logged, "warning", "inject.challenges")
+    assert "asked for a DPoP nonce" in warned["event"]
+    assert warned["server"] == UP.name and warned["limit"] == len(PIECE) - 1
+    assert w.oauth.key.nonce_for("http://127.0.0.1:8080") == "n-1"  # type: ignore[union-attr]
 
 
 @run
@@ -701,7 +725,9 @@ async def test_a_second_nonce_demand_after_the_retry_is_answered_502_not_relayed
     head, shaped = w.client.transport.out.split(b"\r\n\r\n", 1)
     assert head.startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
     assert b"use_dpop_nonce" not in head  # the server's 401 never reaches the workload
-    assert "once only" in json.loads(shaped)["detail"]
+    detail = json.loads(shaped)["detail"]
+    assert "once only" in detail
+    assert detail.startswith(f"the MCP server {UP.name} asked again for a DPoP nonce")
     assert keep is True
     assert [e["event"] for e in events(w)] == ["request.retried", "request.failed"]
     assert count(w, "credential_refused") == 1
@@ -995,10 +1021,12 @@ PROGRESS = sse(b'data: {"jsonrpc":"2.0","method":"notifications/progress","param
 AGO = 1000.0  # the request's handling began this long (s) before the exchange
 
 
-async def streamed(w: World, token: Any, *pieces: bytes, leave: bool) -> bool:
+async def streamed(
+    w: World, token: Any, *pieces: bytes, leave: bool, started: float | None = None
+) -> bool:
     """A JSON-RPC POST (id 1) answered with an event stream of pieces; leave: the workload
     then closes its connection, else the stream ends. run's answer. The request's handling
-    began AGO seconds before (its audited latency counts from there)."""
+    began AGO seconds before (its audited latency counts from there), or at `started`."""
     rpc = AuditBase({"method": "POST", "path": "/mcp"}, w.served.fragment, answers.by_body(PIECE))
     task = asyncio.ensure_future(
         w.proxy.exchanges.run(
@@ -1007,7 +1035,7 @@ async def streamed(w: World, token: Any, *pieces: bytes, leave: bool) -> bool:
             w.served,
             token,
             rpc,
-            time.perf_counter() - AGO,
+            time.perf_counter() - AGO if started is None else started,
         )
     )
     await _until(lambda: w.upstream.sent_at > 0)
@@ -1198,3 +1226,97 @@ async def test_an_answered_requests_latency_counts_from_when_its_handling_began(
     elapsed_ms = (time.perf_counter() - t0) * 1000
     [done] = events(w)
     assert AGO * 1000 <= done["latency_ms"] <= AGO * 1000 + elapsed_ms
+
+
+# ------------------------------------------------------------------ a request without a token
+
+
+@run
+async def test_a_forwarded_request_left_inside_its_body_is_on_the_record_without_a_token():
+    """As a credentialed one (above), a request forwarded without credless's credential
+    whose workload left after its head went up is audited, naming no token."""
+    w = World(token=None)
+    src = Script(w, (BODY, b"x" * READ_SIZE))  # then None: the workload's connection closed
+    with pytest.raises(ConnectionError):
+        await exchange(w, post(3 * READ_SIZE), src, token=None)
+    [aborted] = events(w)
+    assert aborted["event"] == "request.aborted" and aborted.get("token_sha256") is None
+    assert count(w, "workload_closed") == 1
+
+
+@run
+async def test_a_forwarded_answer_cut_short_is_on_the_record_without_a_token():
+    w = World(token=None)
+    task = await sent(w, token=None)
+    await _until(lambda: w.upstream.transport.out.endswith(PIECE))
+    w.upstream.data_received(CUT)
+    w.upstream.connection_lost(None)
+    assert await asyncio.wait_for(task, 5) is False
+    [failed] = events(w)
+    assert failed["event"] == "request.failed" and failed["status"] == 200
+    assert failed.get("token_sha256") is None
+    assert count(w, "upstream_closed") == 1
+
+
+# ------------------------------------------------------------------ the latency audited
+
+STARTED, NOW = 500.0, 500.123456  # the request's handling began 123.456 ms before NOW
+
+
+@pytest.fixture
+def fixed_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """exchange.py's perf_counter reads NOW: the latency it audits is exact."""
+    monkeypatch.setattr(exchange_module, "time", types.SimpleNamespace(perf_counter=lambda: NOW))
+
+
+@pytest.mark.parametrize("end", ["answered", "cut short", "a stream left once answered"])
+@run
+async def test_the_audited_latency_is_in_milliseconds_to_the_hundredth(fixed_clock, end):
+    w = World()
+    if end == "a stream left once answered":
+        await streamed(w, TOKEN, SSE_HEAD, ANSWERED, leave=True, started=STARTED)
+    else:
+        task = await sent(w, started=STARTED)
+        w.upstream.data_received(RESPONSE if end == "answered" else CUT)
+        if end == "cut short":
+            w.upstream.connection_lost(None)
+        await asyncio.wait_for(task, 5)
+    [event] = events(w)
+    assert event["event"] == ("request.failed" if end == "cut short" else "request.injected")
+    assert event["latency_ms"] == 123.46
+
+
+# ------------------------------------------------------------------ what is logged
+
+
+@run
+async def test_an_invalid_nonce_is_logged_as_ignored_naming_the_server(logged):
+    w = dpop_world()
+    await exchange(
+        w,
+        dpop_head(w, len(PIECE)),
+        Script(w, *body(PIECE)),
+        answers=(nonce_401(b"not a nonce"),),
+        token=DPOP,
+    )
+    warned = said(logged, "warning", "inject.challenges")
+    assert warned
+    for e in warned:
+        assert "DPoP-Nonce from the MCP server is not a valid nonce" in e["event"]
+        assert e["server"] == UP.name
+
+
+@run
+async def test_an_answer_before_the_body_was_sent_whole_is_logged_naming_the_server(logged):
+    w = World()
+    pieces = (b"a" * READ_SIZE, b"b" * 10)  # the first goes up with the head, then the answer
+
+    def answer_before_the_end(i: int) -> None:
+        if i == 2:
+            w.upstream.data_received(RESPONSE)
+
+    src = Script(w, *body(*pieces), before=answer_before_the_end)
+    await exchange(w, post(sum(map(len, pieces))), src, answers=())
+    [debug] = said(logged, "debug", "inject.exchange")
+    assert "answered before its body was sent whole" in debug["event"]
+    assert debug["server"] == UP.name

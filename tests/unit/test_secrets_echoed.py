@@ -221,12 +221,37 @@ def test_an_access_token_that_is_not_a_token68_is_refused_and_never_quoted(world
     assert w.svc.cache.tokens() == []
 
 
+def test_a_refused_access_token_names_the_token_endpoint_that_gave_it(world):
+    w = world(server())
+    w.net.routes[f"POST {TOKEN_EP}"] = answer(
+        200, {"access_token": "abc def", "token_type": "Bearer", "expires_in": 300}
+    )
+    err = fails(w)
+    assert isinstance(err, MalformedResponse) and err.url == TOKEN_EP
+    assert str(err).startswith(f"token response from {TOKEN_EP}: the access token is not a token68")
+
+
 @pytest.mark.parametrize("access", [a for a in NOT_TOKEN68 if a], ids=range(len(NOT_TOKEN68) - 1))
 def test_no_token_holds_what_is_not_a_token68_however_it_is_made(access):
     """A handover's tokens are made from the other agent's data (agent/handover_tokens.py)."""
     with pytest.raises(ValueError, match="is not a token68") as err:
         Token(access, "Bearer", 0, 1e12, "", "r", "i", "s", "c", None, "fp", None)
     assert access not in str(err.value)
+
+
+def test_a_token_refused_as_not_a_token68_is_named_by_its_fingerprint():
+    with pytest.raises(ValueError) as err:
+        Token("abc def", "Bearer", 0, 1e12, "", "r", "i", "s", "c", None, "fp-1", None)
+    assert str(err.value).startswith("access token fp-1 is not a token68")
+
+
+@pytest.mark.parametrize("ttype", ["mac", "bearer", ""])
+def test_no_token_is_of_a_type_other_than_bearer_or_dpop(ttype):
+    """parse_token_response spells the two types so; a token made otherwise (a handover's)
+    of another type is refused, the type named."""
+    with pytest.raises(ValueError) as err:
+        Token("abc", ttype, 0, 1e12, "", "r", "i", "s", "c", None, "fp", None)
+    assert str(err.value) == f"token type {ttype!r} is neither Bearer nor DPoP"
 
 
 @pytest.mark.parametrize("management", ["rat secret", "rat\r\nX: 1", 12345])
@@ -247,3 +272,13 @@ def test_a_registration_access_token_that_is_not_a_token68_refuses_the_registrat
     assert "registration_access_token that is not a token68" in str(err)
     assert str(management) not in str(err) and str(management) not in w.audit_out.getvalue()
     assert w.net.to(TOKEN_EP) == []  # no token asked for with a client it could not manage
+
+
+def test_a_refused_registration_access_token_names_the_registration_endpoint(world):
+    w = world(server(registration="dynamic"), jwks_uri="https://b.example/k")
+    w.net.routes[f"POST {AS}/register"] = answer(
+        201, {"client_id": "dyn-1", "registration_access_token": "rat secret"}
+    )
+    err = fails(w)
+    assert isinstance(err, MalformedResponse) and err.url == f"{AS}/register"
+    assert str(err).startswith(f"registration at {AS}/register returned a registration_access")

@@ -252,6 +252,15 @@ def test_each_node_makes_a_ca_of_its_own_name(tmp_path):
     assert a.cert.serial_number != b.cert.serial_number
 
 
+def test_the_cas_name_carries_eight_random_bytes_in_hex(tmp_path):
+    """The subject's serialNumber is 8 random bytes as 16 lower-case hex digits: enough that
+    no two nodes' CAs share a name in a workload's trust store."""
+    ca = InjectionCA(tmp_path)
+    [serial] = ca.cert.subject.get_attributes_for_oid(NameOID.SERIAL_NUMBER)
+    assert isinstance(serial.value, str) and len(serial.value) == 16
+    assert set(serial.value) <= set("0123456789abcdef")
+
+
 @pytest.mark.parametrize("name", ["mcp.example", "localhost", "127.0.0.1", "::1"])
 def test_a_leaf_verifies_for_the_name_it_was_made_for(ca, name):
     t0 = now()
