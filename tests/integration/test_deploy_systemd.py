@@ -254,6 +254,13 @@ url = "http://127.0.0.1:9/mcp"
             "systemd-journald-dev-log.socket",
         ):
             shutil.copy(Path("/lib/systemd/system") / u, units / u)
+        # journald's IP firewall (IPAddressDeny=any) went to the host's own
+        # system.slice/systemd-journald.service cgroup, outside this test's cgroups, and its
+        # two BPF programs stayed attached there after each run: none here
+        (units / "systemd-journald.service.d").mkdir()
+        (units / "systemd-journald.service.d" / "test.conf").write_text(
+            "[Service]\nIPAddressDeny=\n"
+        )
         # The unit hides /tmp (PrivateTmp=) and home directories (ProtectHome=); a checkout
         # or an interpreter there is bound in read-only, and nothing else of them is visible
         # (ProtectHome=tmpfs keeps home directories empty rather than unreachable).
