@@ -119,5 +119,14 @@ def test_without_a_mask_the_answer_is_relayed_as_the_server_gave_it():
 
 @pytest.mark.parametrize("value", [b"", b"a*b"])
 def test_a_mask_is_a_value_its_stars_cannot_be_taken_for(value):
-    with pytest.raises(ValueError, match="non-empty value without"):
+    with pytest.raises(ValueError, match=r"^a mask is a non-empty value without '\*'$"):
         Mask(value)
+
+
+def test_a_masked_body_goes_on_as_it_arrives_less_what_may_begin_the_value():
+    mask = Mask(MINTED)
+    piece = b"x" * 100
+    assert mask.body(piece) == piece[: 100 - (len(MINTED) - 1)]  # kept back: the rest
+    assert mask.body(MINTED[:10]) == piece[100 - (len(MINTED) - 1) :][:10]
+    assert mask.rest() == piece[-(len(MINTED) - 11) :] + MINTED[:10]  # no value: as sent
+    assert mask.rest() == b"" and mask.body(b"") == b""  # rest() gave everything
