@@ -45,13 +45,15 @@ ANSWERS = {
 }
 
 
-def relay(reads: list[bytes], close: bool) -> tuple[bytes, UpstreamSide]:
+def relay(
+    reads: list[bytes], close: bool, mask: bytes | None = MINTED
+) -> tuple[bytes, UpstreamSide]:
     async def run() -> tuple[bytes, UpstreamSide]:
         client = ClientSide(lambda c: None)
         client.connection_made(Transport())
         up = UpstreamSide()
         up.connection_made(Transport())
-        up.begin(client, on_done=lambda _: None, mask=MINTED)
+        up.begin(client, on_done=lambda _: None, mask=mask)
         up.sent()
         for data in reads:
             up.data_received(data)
@@ -115,6 +117,12 @@ def test_without_a_mask_the_answer_is_relayed_as_the_server_gave_it():
         return client.transport.out
 
     assert asyncio.run(run()) == ANSWERS["content-length"]  # verbatim, value and all
+
+
+def test_without_a_mask_a_close_delimited_answer_ends_with_the_servers_last_byte():
+    out, up = relay([ANSWERS["close-delimited"]], close=True, mask=None)
+    assert up.complete  # its body ended at EOF, and nothing was added after it
+    assert out.endswith(ERROR) and as_the_workload_reads(out)[2] == ERROR
 
 
 @pytest.mark.parametrize("value", [b"", b"a*b"])

@@ -793,7 +793,9 @@ def test_finished_waits_for_the_exchange_unless_it_reports_by_callback():
         await turn()
         assert waiting.done() and waiting.exception() is None
         up.begin(client, on_done=lambda u: None)
-        with pytest.raises(RuntimeError, match="on_done"):
+        with pytest.raises(
+            RuntimeError, match=r"^finished\(\) waits for an exchange begun without on_done$"
+        ):
             await up.finished()
 
     run(body)
