@@ -144,12 +144,6 @@ def code_for(outcome: str, rpc_code: int | None = None) -> int:
     return CODES.get(outcome, FALLBACK_CODE)
 
 
-def scrub(text: str) -> str:
-    """text without anything JWT- or private-key-shaped in it: an answer never carries a
-    credential (agent/observe/logging.py's scrub, the one of every output)."""
-    return scrub_text(text)
-
-
 def body(
     asked: Asked,
     status: int,
@@ -165,10 +159,11 @@ def body(
     (decide.Verdict.outcome, or the exchange's outcome label); detail: what the failing
     party said (the plain body's "detail"; a JSON-RPC message ends with it, since clients
     show only the message); extra: more members of the plain body, or of the error's data."""
-    message = scrub(message)
-    details = {k: scrub(v) if isinstance(v, str) else v for k, v in extra.items()}
+    # an answer never carries a credential: logging.py's scrub, the one of every output
+    message = scrub_text(message)
+    details = {k: scrub_text(v) if isinstance(v, str) else v for k, v in extra.items()}
     if detail is not None:
-        details["detail"] = scrub(detail)
+        details["detail"] = scrub_text(detail)
     redact_secrets(None, "", details)
     if not asked.rpc:
         plain: dict[str, Any] = {"error": message, **details}
