@@ -5,10 +5,13 @@ fail and say why, so a green suite always means the kernel paths were exercised.
 
 The suite runs in parallel (pytest-xdist, `--dist loadfile`): every kernel test makes its
 own cgroup, ports, pin directory and network namespaces. Two kinds of test need more:
-- a test that looks at state the whole host shares (every BPF program loaded, the next pid)
-  runs alone: it holds the host-wide test lock exclusively, every other integration test
-  holds it shared, across xdist workers and across suites run at once on the host
-  (HOST_WIDE; unit tests touch nothing of the host's and take no lock);
+- a test that changes state the whole host shares (the next pid) runs alone: it holds the
+  host-wide test lock exclusively, every other integration test holds it shared, across
+  xdist workers and across suites run at once on the host (HOST_WIDE; unit tests touch
+  nothing of the host's and take no lock). It costs the suite every other worker's wait
+  for it, up to the longest test running when it asks: a test that only *looks* at such
+  state looks at its own part of it instead (tests/kernel.programs_left_behind: the BPF
+  programs a stopped agent or doctor left, beside every other test's);
 - a module whose tests share a module-scoped world (an agent with its peers, seconds to
   start) must run on one worker, so the world is built once, not once per worker: each file
   runs on one worker (`loadfile`). (`loadgroup` with xdist_group marks did not group with
@@ -42,22 +45,10 @@ INTEGRATION = Path(__file__).resolve().parent / "integration"
 
 # node id (up to its parameters) -> what it looks at that every test on the host changes
 HOST_WIDE = {
-    "tests/integration/test_daemon.py::test_starts_serves_and_stops_cleanly": (
-        "diffs the ids of every BPF program loaded on the host"
-    ),
-    "tests/integration/test_doctor.py::test_doctor_leaves_no_bpf_program_attached": (
-        "counts every BPF program loaded on the host"
-    ),
-    "tests/integration/test_doctor.py::test_doctor_passes_on_this_machine": (
-        "looks for any doctor's throwaway cgroup left on the host"
-    ),
     "tests/integration/test_redirect_records.py::"
     "test_a_process_given_the_stopped_agents_pid_is_still_redirected": (
-        "sets the host's next pid (ns_last_pid): any other fork takes it"
-    ),
-    "tests/integration/test_redirect_records.py::"
-    "test_the_agents_own_connects_are_exempt_while_it_runs": (
-        "redirects in every cgroup of the host and listens in every network namespace"
+        "sets the host's next pid (ns_last_pid): any other fork takes it, and the pids of "
+        "processes other tests just saw exit are handed out again at once"
     ),
 }
 LOCK_DIR = Path(tempfile.gettempdir())

@@ -1,16 +1,20 @@
-"""Kernel-test fixtures that always clean up: throwaway cgroups and workload binaries."""
+"""Kernel-test fixtures that always clean up: throwaway cgroups and workload binaries; and
+the one way a test asks what BPF programs a stopped process left loaded."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 from agent.attest import cgroupfs
@@ -164,3 +168,83 @@ def network_namespace(prefix: str = "credless-test"):
         with contextlib.suppress(TimeoutError):  # deleted all the same: it goes with them
             wait_for(emptied, timeout=5, interval=0.02, what=f"network namespace {name} emptied")
         subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+@contextlib.contextmanager
+def bpf_pin_dir(prefix: str = "credless-test") -> Iterator[Path]:
+    """A BPF filesystem directory of the caller's own, removed with what was pinned in it."""
+    path = Path("/sys/fs/bpf") / f"{prefix}-{uuid.uuid4().hex[:12]}"
+    path.mkdir()
+    try:
+        yield path
+    finally:
+        for pinned in path.iterdir():
+            pinned.unlink()
+        path.rmdir()
+
+
+def bpftool(*command: str) -> list[dict]:
+    """`bpftool -j -f COMMAND...` as JSON (-f: with the paths each object is pinned at)."""
+    out = subprocess.run(
+        ["bpftool", "-j", "-f", *command], capture_output=True, text=True, check=True
+    ).stdout
+    return json.loads(out or "[]")
+
+
+def bpf_program_ids() -> set[int]:
+    """The id of every BPF program loaded on the host."""
+    return {p["id"] for p in bpftool("prog", "show")}
+
+
+def programs_held_by(pids: set[int] | None = None) -> set[int]:
+    """Programs a live process (of pids; None: any) holds a file descriptor of: the program
+    itself, or a link to it (a link's fdinfo names its program too)."""
+    held = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or (pids is not None and int(pid) not in pids):
+            continue
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+                m = re.search(
+                    r"^prog_id:\s+(\d+)", Path(f"/proc/{pid}/fdinfo/{fd}").read_text(), re.M
+                )
+                if m:
+                    held.add(int(m.group(1)))
+        except OSError:  # exited meanwhile
+            continue
+    return held
+
+
+def _kept_elsewhere(own_pins: str | None) -> set[int]:
+    """Programs something other than the process under test keeps loaded without holding a
+    descriptor: a pin (of the program or of a link to it) outside own_pins, or an
+    attachment to a cgroup below the root (a container runtime's device filter, a private
+    systemd's firewall). The agent pins under its own directory and attaches only at the
+    root, so none of its programs is ever counted here."""
+    outside = lambda pins: any(  # noqa: E731
+        own_pins is None or not p.startswith(own_pins.rstrip("/") + "/") for p in pins
+    )
+    kept = {p["id"] for p in bpftool("prog", "show") if outside(p.get("pinned", []))}
+    kept |= {link["prog_id"] for link in bpftool("link", "show") if outside(link.get("pinned", []))}
+    root = cgroupfs.cgroup2_root()
+    for cg in bpftool("cgroup", "tree") if root else []:
+        if Path(cg.get("cgroup", root)) != Path(root):
+            kept |= {p["id"] for p in cg.get("programs", [])}
+    return kept
+
+
+def programs_left_behind(before: set[int], own_pins: str | None = None) -> set[int]:
+    """Programs loaded since `before` that nothing but the stopped process under test can
+    account for: not held by a live process (agents and doctors of tests running alongside)
+    nor kept elsewhere (_kept_elsewhere). A program it leaked is never either, so it stays
+    here however often this looks; another's may come and go between looks (a raw
+    tracepoint's link frees its program an RCU grace period after its last descriptor
+    closes), so this looks again, for up to 5 s, until none is left. Safe beside every other
+    test on the host: it needs no host-wide lock."""
+    left: set[int] = set()
+    for _ in range(20):
+        left = bpf_program_ids() - before - programs_held_by() - _kept_elsewhere(own_pins)
+        if not left:
+            break
+        time.sleep(0.25)
+    return left

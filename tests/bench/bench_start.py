@@ -18,7 +18,6 @@ run:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import resource
 import statistics
@@ -26,8 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 from agent.attest.btf import offset_cflags
@@ -35,6 +33,7 @@ from agent.attest.events import compile_flags
 from agent.bpfload import compile_program
 from agent.inject.cgroup_watch import tracepoint_offsets
 from agent.inject.redirect import compile_flags as redirect_flags
+from tests.kernel import bpf_pin_dir
 from tests.world import build_world
 
 FLOOR = b"#include <uapi/linux/bpf.h>\nint nothing(void *ctx) { return 0; }\n"
@@ -59,19 +58,6 @@ def median_cpu(work: Callable[[], object], runs: int) -> float:
     return statistics.median(spent)
 
 
-@contextlib.contextmanager
-def pin_dir() -> Iterator[Path]:
-    """A BPF filesystem directory of this run's own, removed with what was pinned in it."""
-    path = Path("/sys/fs/bpf") / f"credless-bench-{uuid.uuid4().hex[:8]}"
-    path.mkdir()
-    try:
-        yield path
-    finally:
-        for pinned in path.iterdir():
-            pinned.unlink()
-        path.rmdir()
-
-
 def compile_and_drop(names: tuple[str, ...], flags: list[str]) -> Callable[[], None]:
     def work() -> None:
         compile_program(*names, cflags=flags).cleanup()
@@ -83,7 +69,7 @@ def programs(runs: int) -> None:
     from bcc import BPF
 
     floor = median_cpu(lambda: BPF(text=FLOOR).cleanup(), runs)
-    with pin_dir() as pins:
+    with bpf_pin_dir("credless-bench") as pins:
         pinned = f'-DPIN_DIR="{pins}"'
         events = compile_flags(64, str(pins))
         watch = ["-DWATCH_LEVELS=2ULL", *tracepoint_offsets()]

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import stat
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from agent import config
 from tests.helpers import AgentProcess, free_port, http_get, wait_for, write_config
+from tests.kernel import bpf_program_ids, programs_held_by, programs_left_behind
 
 pytestmark = pytest.mark.kernel  # the agent loads its BPF programs at start
 
@@ -30,69 +29,22 @@ def agent(tmp_path):
         yield a
 
 
-def _bpftool(*what: str) -> list[dict]:
-    out = subprocess.run(
-        ["bpftool", "-j", "-f", *what, "show"], capture_output=True, text=True, check=True
-    ).stdout
-    return json.loads(out or "[]")
-
-
 def _credless(
     credless_cmd: list[str], *args: str, timeout: float = 30
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*credless_cmd, *args], capture_output=True, text=True, timeout=timeout)
 
 
-def _bpf_prog_ids() -> set[int]:
-    return {p["id"] for p in _bpftool("prog")}
-
-
-def _progs_held_by(pids: set[int] | None = None) -> set[int]:
-    """Programs a live process (of pids; None: any) holds a file descriptor of."""
-    held = set()
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or (pids is not None and int(pid) not in pids):
-            continue
-        try:
-            for fd in os.listdir(f"/proc/{pid}/fdinfo"):
-                m = re.search(
-                    r"^prog_id:\s+(\d+)", Path(f"/proc/{pid}/fdinfo/{fd}").read_text(), re.M
-                )
-                if m:
-                    held.add(int(m.group(1)))
-        except OSError:  # exited meanwhile
-            continue
-    return held
-
-
-def _left_behind(before: set[int], pin_dir: str) -> set[int]:
-    """Programs loaded since `before` that nothing but the stopped agent could hold: not
-    kept by a live process (agents of tests running alongside) nor by a link pinned
-    outside this agent's pin directory. A program the agent leaked is never either, so
-    it stays here however often this looks; another's may come and go between looks."""
-    for _ in range(20):
-        elsewhere = {
-            link["prog_id"]
-            for link in _bpftool("link")
-            if any(not p.startswith(pin_dir + "/") for p in link.get("pinned", []))
-        }
-        left = _bpf_prog_ids() - before - _progs_held_by() - elsewhere
-        if not left:
-            break
-        time.sleep(0.25)
-    return left
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_starts_serves_and_stops_cleanly(tmp_path, sig):
-    before = _bpf_prog_ids()
+    before = bpf_program_ids()
     port = free_port()
     cfg = write_config(tmp_path, metrics_port=port)
     with AgentProcess(cfg, tmp_path) as a:
         a.wait_ready()
         pidfile = tmp_path / "run" / "credless.pid"
         assert pidfile.read_text().strip() == str(a.proc.pid)
-        its_programs = _progs_held_by({a.proc.pid})
+        its_programs = programs_held_by({a.proc.pid})
         assert its_programs  # the process events' tracepoints, at least
         assert a.stop(sig) == 0
     assert not pidfile.exists()
@@ -101,8 +53,8 @@ def test_starts_serves_and_stops_cleanly(tmp_path, sig):
     # every program it loaded goes: a raw tracepoint's link frees its program an RCU grace
     # period after its fd closes (bpf_link's deferred dealloc), so not always by the time
     # the exit is seen; a program the agent leaked would stay, and time this out
-    wait_for(lambda: not its_programs & _bpf_prog_ids(), 10, what="the agent's programs gone")
-    assert _left_behind(before, config.load(cfg).agent.bpf_pin_dir) == set()
+    wait_for(lambda: not its_programs & bpf_program_ids(), 10, what="the agent's programs gone")
+    assert programs_left_behind(before, config.load(cfg).agent.bpf_pin_dir) == set()
     with pytest.raises(OSError):  # the listener is gone
         http_get(f"http://127.0.0.1:{port}/healthz", timeout=1)
 

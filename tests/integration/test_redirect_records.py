@@ -129,12 +129,15 @@ def test_a_process_given_the_stopped_agents_pid_is_still_redirected(tmp_path, up
 def test_the_agents_own_connects_are_exempt_while_it_runs(tmp_path, upstream):
     """The exemption by cgroup still lets the agent reach its servers: in all-cgroups mode
     (no managed_cgroups) every process but the agent is redirected, the agent itself too if
-    the exemption failed, and its proxied request would loop back into its own listener."""
+    the exemption failed, and its proxied request would loop back into its own listener.
+    Only connects to the test's own upstream are redirected, and pod_netns is off (on, the
+    agent would listen in every network namespace on the host, other tests' too), so this
+    runs beside the rest of the suite."""
     port = free_port()
     cfg = write_config(
         tmp_path,
         extra=(
-            f"[inject]\nlisten_port = {port}\nlisten_port6 = {port}\n"
+            f"[inject]\nlisten_port = {port}\nlisten_port6 = {port}\npod_netns = false\n"
             f'[[servers]]\nname = "up"\nurl = "http://127.0.0.1:{upstream}/mcp"\n'
             'mode = "passthrough"\n'
         ),
