@@ -41,8 +41,9 @@ tests/oidc/node_modules/.installed: tests/oidc/package-lock.json
 # 4 workers on 2 cores: the kernel tests wait on their peers as much as they compute. The
 # integration files took 407 s on 3 workers and 324 s on 4 (2026-12-03, this machine, same
 # half hour; it runs up to 1.6 times slower at other hours, so compare runs of one session).
+# Files go to the workers in the order tests/conftest.py sorts them (files_in_dispatch_order).
 test: setup lint types image
-	$(PY) -m pytest -n 4 --dist loadfile tests/unit tests/integration
+	$(PY) -m pytest -n 4 --dist loadfile --no-loadscope-reorder tests/unit tests/integration
 
 # The DaemonSet's image (deploy/k8s/Containerfile) with podman: a debootstrapped base and a
 # wheelhouse from the host's pip, both cached, so only the first build downloads (about 2

@@ -8,10 +8,11 @@ own cgroup, ports, pin directory and network namespaces. Two kinds of test need 
 - a test that changes state the whole host shares (the next pid) runs alone: it holds the
   host-wide test lock exclusively, every other integration test holds it shared, across
   xdist workers and across suites run at once on the host (HOST_WIDE; unit tests touch
-  nothing of the host's and take no lock). It costs the suite every other worker's wait
-  for it, up to the longest test running when it asks: a test that only *looks* at such
-  state looks at its own part of it instead (tests/kernel.programs_left_behind: the BPF
-  programs a stopped agent or doctor left, beside every other test's);
+  nothing of the host's and take no lock). Every other worker waits for it, and it for
+  the longest test running when it asks: its file goes first (files_in_dispatch_order),
+  and a test that only *looks* at such state looks at its own part of it instead
+  (tests/kernel.programs_left_behind: the BPF programs a stopped agent or doctor left,
+  beside every other test's);
 - a module whose tests share a module-scoped world (an agent with its peers, seconds to
   start) must run on one worker, so the world is built once, not once per worker: each file
   runs on one worker (`loadfile`). (`loadgroup` with xdist_group marks did not group with
@@ -68,6 +69,29 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             reason = HOST_WIDE.get(f"{item.path.relative_to(REPO).as_posix()}::{name}")
         if reason is not None:
             item.add_marker(pytest.mark.host_wide(reason))
+    items[:] = files_in_dispatch_order(items)
+
+
+def files_in_dispatch_order(items: list[pytest.Item]) -> list[pytest.Item]:
+    """The items file by file, in the order `--dist loadfile --no-loadscope-reorder` hands
+    the files to the workers: a file with a host-wide test first, its host-wide tests first
+    in it; then the others by number of tests, most first (what xdist's own reordering
+    does). A host-wide test waits for every test running beside it to end, and the others
+    for it: at the start the other workers are on the largest files, unit tests (which
+    take no lock) or the smuggling corpus's cases of a tenth of a second, so it waits for
+    next to nothing. Later it waited for whatever was running, up to 20 s (a handover).
+    Within a file the order is unchanged otherwise."""
+    files: dict[Path, list[pytest.Item]] = {}
+    for item in items:
+        files.setdefault(item.path, []).append(item)
+
+    def host_wide(item: pytest.Item) -> bool:
+        return item.get_closest_marker("host_wide") is not None
+
+    for path, tests in files.items():
+        files[path] = sorted(tests, key=lambda t: not host_wide(t))
+    order = sorted(files.values(), key=lambda tests: (not host_wide(tests[0]), -len(tests)))
+    return [item for tests in order for item in tests]
 
 
 def _open_lock(name: str) -> int:
