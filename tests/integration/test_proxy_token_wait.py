@@ -51,7 +51,7 @@ print(json.dumps(data.decode("latin-1")))
 def test_a_request_pipelined_while_a_token_is_awaited_waits_its_turn(tmp_path, upstream):
     up = f"http://127.0.0.1:{upstream}/mcp"
     with build_world(tmp_path, SID) as w:
-        oidc = w.authorization_server([up], dpop=False)
+        oidc = w.authorization_server([up], dpop=False, own_process=True)  # SIGSTOP
         agent = w.start_agent(server_table("up", up, issuer=oidc.issuer, dpop="never"))
         # the agent reads the AS's metadata at start (agent/oauth/audiences.py): once read,
         # what the stopped AS holds unread below is request 1's call, not that read
