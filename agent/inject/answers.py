@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from agent.inject import http1
-from agent.observe.logging import redact_secrets, scrub_text
+from agent.observe.logging import redact_secrets, scrub_json
 from agent.policy import jsonrpc
 
 # credless's own codes, in JSON-RPC's implementation-defined range (-32000..-32099), clear of
@@ -159,26 +159,28 @@ def body(
     (decide.Verdict.outcome, or the exchange's outcome label); detail: what the failing
     party said (the plain body's "detail"; a JSON-RPC message ends with it, since clients
     show only the message); extra: more members of the plain body, or of the error's data."""
-    # an answer never carries a credential: logging.py's scrub, the one of every output
-    message = scrub_text(message)
-    details = {k: scrub_text(v) if isinstance(v, str) else v for k, v in extra.items()}
+    details = dict(extra)
     if detail is not None:
-        details["detail"] = scrub_text(detail)
-    redact_secrets(None, "", details)
+        details["detail"] = detail
+    redact_secrets(None, "", details)  # a member named as a credential
     if not asked.rpc:
         plain: dict[str, Any] = {"error": message, **details}
         if event_id:
             plain["event_id"] = event_id
-        return json.dumps(plain).encode()
-    shown = f"{message}: {details['detail']}" if detail else message
-    if event_id:
-        shown += f" (audit event {event_id})"
-    data: dict[str, Any] = {"status": status, "cause": outcome, **details}
-    if event_id:
-        data["event_id"] = event_id
-    return jsonrpc.error_body(
-        list(asked.calls), asked.batch, code_for(outcome, rpc_code), shown, data
-    )
+        serialized = json.dumps(plain).encode()
+    else:
+        shown = f"{message}: {detail}" if detail else message
+        if event_id:
+            shown += f" (audit event {event_id})"
+        data: dict[str, Any] = {"status": status, "cause": outcome, **details}
+        if event_id:
+            data["event_id"] = event_id
+        serialized = jsonrpc.error_body(
+            list(asked.calls), asked.batch, code_for(outcome, rpc_code), shown, data
+        )
+    # an answer never carries a credential wherever it sits: logging.py's scrub of every
+    # output, over the serialized text as the audit's is
+    return scrub_json(serialized.decode()).encode()
 
 
 def response(

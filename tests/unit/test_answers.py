@@ -144,6 +144,26 @@ def test_never_a_credential_in_an_answer():
         assert "[redacted]" in text
 
 
+def test_a_credential_nested_in_an_answers_members_is_scrubbed_and_the_answer_stays_json():
+    """Scrubbed as the audit is, as serialized text (logging.scrub_json): wherever the
+    value sits in the members, a nested object's or a list's too, with PEM keys cut at
+    their string's end."""
+    jwt = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJzcGlmZmUifQ.c2lnbmF0dXJl"
+    key = "-----BEGIN EC PRIVATE KEY-----\nMHcCAQEEI...\n"  # cut short, no END line
+    for asked in (answers.PLAIN, answers.UNREAD_RPC):
+        text = answers.body(
+            asked,
+            502,
+            "credless: refused",
+            outcome="token_error",
+            event_id="e5",
+            server={"said": [f"bad {jwt}", {"key": key}]},
+        ).decode()
+        assert json.loads(text)  # still one JSON document
+        assert "eyJ" not in text and "MHcCAQEEI" not in text, text
+        assert text.count("[redacted]") == 2
+
+
 def test_a_verdicts_own_code_wins_over_the_causes():
     got = rpc_body(
         b'{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "x"}}',
