@@ -30,12 +30,18 @@ def compile_program(*names: str, cflags: list[str] | None = None):
     """Compile bpf/<name>.c with BCC, as one object when given more than one name; raises on
     a missing file or a verifier/compiler error.
 
-    Several files in one object: BCC pays about 0.35 s of CPU for every compile, however small
-    the program (it parses its helpers and the kernel headers again and reads /proc/kallsyms),
-    so programs that one owner starts and stops together are compiled once, their sources
-    concatenated. BCC takes only the functions of the main file as programs (an #include'd
-    file's are helpers), hence the concatenation rather than an #include. Their names must
-    not collide, and a map they share is declared once, in a header both include.
+    Several files in one object: BCC pays about 0.2 to 0.35 s of CPU for every compile,
+    however small the program (it parses its helpers and the kernel headers again and reads
+    /proc/kallsyms), so an agent compiles all its programs once, their sources concatenated:
+    attestation's process_events at its start, with the redirect's and the cgroup watcher's
+    when it injects (agent/inject/redirect.Redirector.compile_with; the object is
+    attestation's, which stops last, and each part attaches and detaches its own programs).
+    BCC takes only the functions of the main file as programs (an #include'd file's are
+    helpers), hence the concatenation rather than an #include. Their names must not
+    collide, and a map two of them declare is declared once (a header both include, or a
+    macro the first defines: process_images). Each ring buffer has a consumer of its own
+    (agent/inject/cgroup_watch.RingConsumer): BCC's one per object may not be added to
+    while another thread polls it.
     """
     from bcc import BPF
 

@@ -386,6 +386,8 @@ def add_injection(agent: Agent) -> None:
     if root is None:
         raise StartupError("no cgroup v2 mount: the redirect needs one (credless doctor)")
     redirector = Redirector(cfg.agent.bpf_pin_dir, root, inj, audit=agent.audit, registry=registry)
+    # the agent's kernel programs in one object: one BCC compile, at attestation's start
+    agent.attestor.share_kernel_object(redirector)
     inject_ca = (
         InjectionCA(cfg.agent.state_dir, Path(cfg.agent.run_dir) / "inject-ca.crt")
         if any(u.workload_tls for u in upstreams.values())

@@ -31,6 +31,10 @@
 BPF_RINGBUF_OUTPUT(process_events, RINGBUF_PAGES);
 BPF_PERCPU_ARRAY(process_events_lost, __u64, 1);
 // LRU so that a missed exit can never fill the map and stop new processes being tracked.
+// bpf/redirect.c reads it: compiled into one object with this file (the agent's case:
+// agent/bpfload.py says why one object), it finds the map declared here, by this macro;
+// compiled alone (a redirect without attestation in the same object), through the pin.
+#define PROCESS_IMAGES_DECLARED
 #ifdef PIN_DIR
 BPF_TABLE_PINNED("lru_hash", u32, struct process_image, process_images, MAX_PROCESSES,
                  PIN_DIR "/process_images");

@@ -78,9 +78,12 @@ BPF_TABLE_PINNED("lru_hash", u64, struct redirect_info, redirected, MAX_CONNECTI
                  PIN_DIR "/redirected");
 BPF_TABLE_PINNED("lru_hash", struct local_endpoint, u64, local_to_cookie, MAX_CONNECTIONS,
                  PIN_DIR "/local_to_cookie");
-// Maintained by bpf/process_events.c; shared through its pin.
+// Maintained by bpf/process_events.c: declared there when both are one object (it comes
+// first), else shared through its pin.
+#ifndef PROCESS_IMAGES_DECLARED
 BPF_TABLE_PINNED("lru_hash", u32, struct process_image, process_images, 65536,
                  PIN_DIR "/process_images");
+#endif
 // Sender changes, for the proxy's per-request "is this still the process that connected
 // writing?" check (agent/inject/proxy.py): slot cookie % SENDER_CHANGE_SLOTS is incremented
 // each time a connection's `sender` gains a bit, and mapped into the agent's memory, so a

@@ -115,6 +115,11 @@ class Attestor:
         for r in ("hit", "miss", "exited"):
             self.m_lookups.labels(r)
 
+    def share_kernel_object(self, other: Any) -> None:
+        """Have the process event programs compiled into other's object when this starts
+        (agent/attest/events.SharesTheObject: the redirect's), not into one of their own."""
+        self.source.shared_with = other
+
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
         self.source.start()  # attach first, then seed: nothing falls between the two

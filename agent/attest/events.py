@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import ctypes as ct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from agent import bpfsys
 from agent.attest.btf import offset_cflags
@@ -46,6 +46,13 @@ def compile_flags(ring_pages: int, pin_dir: str | None) -> list[str]:
     return flags
 
 
+class SharesTheObject(Protocol):
+    """Kernel programs compiled into this source's object rather than one of their own
+    (agent/inject/redirect.Redirector): it compiles the object, these sources first."""
+
+    def compile_with(self, first: Iterable[str] = (), first_flags: Iterable[str] = ()) -> Any: ...
+
+
 class ProcessEventSource:
     # BCC's objects (BCC publishes no types), set by start() before the ring buffer thread
     # and the image lookups use them
@@ -74,6 +81,9 @@ class ProcessEventSource:
         self._stop = threading.Event()
         self._changes: bpfsys.MappedCounters | None = None
         self.callback_errors = 0
+        # set before start() by an agent that injects (agent/wiring.py): one object for
+        # every kernel program of the agent, one BCC compile (agent/bpfload.py says why)
+        self.shared_with: SharesTheObject | None = None
 
     def start(self) -> None:
         if self._pin_dir:
@@ -84,7 +94,11 @@ class ProcessEventSource:
                 Path(self._pin_dir, "process_images").unlink(missing_ok=True)
         flags = compile_flags(self._ring_pages, self._pin_dir)
         # compiling attaches the tracepoints (BCC's TRACEPOINT_PROBE)
-        self._bpf = bpf = compile_program("process_events", cflags=flags)
+        if self.shared_with is not None:
+            bpf = self.shared_with.compile_with(["process_events"], flags)
+        else:
+            bpf = compile_program("process_events", cflags=flags)
+        self._bpf = bpf
         ring = bpf[b"process_events"]
         ring.open_ring_buffer(self._callback)
         # The ctypes class BCC derived from struct process_event (bpf/process_events.h).

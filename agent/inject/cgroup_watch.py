@@ -21,6 +21,7 @@ import os
 import platform
 import re
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,30 @@ class WatchLost:
         yield full
 
 
+class RingConsumer:
+    """A ring buffer map's own consumer (libbpf's ring_buffer, through libbcc), polled by
+    one thread. Not BCC's open_ring_buffer: that adds the ring to its object's one consumer,
+    which attestation's thread polls in the agent's one object (agent/attest/events.py), and
+    a libbpf ring_buffer may neither be added to while polled nor polled by two threads."""
+
+    def __init__(self, program: Any, name: bytes, callback: Callable[[Any, int, int], int]):
+        from bcc import libbcc
+
+        self._lib = libbcc.lib
+        self._callback = libbcc._RINGBUF_CB_TYPE(callback)  # kept alive: C calls it
+        self._ring = self._lib.bpf_new_ringbuf(program[name].map_fd, self._callback, None)
+        if not self._ring:
+            raise OSError(f"cannot open the ring buffer {name.decode()}")
+
+    def poll(self, timeout_ms: int) -> None:
+        self._lib.bpf_poll_ringbuf(self._ring, timeout_ms)
+
+    def close(self) -> None:
+        if self._ring:
+            self._lib.bpf_free_ringbuf(self._ring)
+            self._ring = None
+
+
 class CgroupWatch:
     """The tracepoint programs, their ring buffer, and the decisions about new cgroups."""
 
@@ -134,6 +159,7 @@ class CgroupWatch:
         self._lock = threading.Lock()  # reconcile and events: one decision at a time
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._ring: RingConsumer | None = None
         self._lost_seen = 0
         self._paths: dict[int, str] = {}  # the MANAGED entries' cgroups
         self.m_changes = Counter(
@@ -163,7 +189,7 @@ class CgroupWatch:
 
         self._bpf = program
         ring = program[b"cgroup_events"]
-        ring.open_ring_buffer(self._callback)
+        self._ring = RingConsumer(program, b"cgroup_events", self._callback)
         from agent.attest.events import event_class
 
         self._event_ptr = ct.POINTER(ring._event_class or event_class(ring))
@@ -173,7 +199,9 @@ class CgroupWatch:
             self._links.append(tracepoint_link(fn.fd, f"cgroup_{event}"))
         self._pin_links()
         self.reconcile()
-        self._thread = threading.Thread(target=self._poll, name="bpf-cgroup-watch", daemon=True)
+        self._thread = threading.Thread(
+            target=self._poll, args=(self._ring,), name="bpf-cgroup-watch", daemon=True
+        )
         self._thread.start()
         unmatched = self.matcher.unmatched(self.root)
         log.info(
@@ -204,6 +232,9 @@ class CgroupWatch:
         if self._thread is not None:
             self._thread.join(5)
             self._thread = None
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
         if detach:
             for pin_name in LINKS.values():
                 (self.pin_dir / pin_name).unlink(missing_ok=True)
@@ -212,9 +243,9 @@ class CgroupWatch:
         self._links.clear()
         self._bpf = None  # the redirect's: it cleans it up
 
-    def _poll(self) -> None:
+    def _poll(self, ring: RingConsumer) -> None:
         while not self._stop.is_set():
-            self._bpf.ring_buffer_poll(100)
+            ring.poll(100)
             lost = self.lost()
             if lost != self._lost_seen:
                 self._lost_seen = lost

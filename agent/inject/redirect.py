@@ -177,6 +177,7 @@ class Redirector:
         self.took_over = False  # found a pinned redirect of an earlier agent and kept it
         self._stale_targets: list[bytes] = []
         self._bpf: BPF | None = None
+        self._owns_program = False  # compiled by start(), not compile_with()'s caller's
         self._senders: bpfsys.MappedCounters | None = None
         self._links: list[int] = []
         self._root_fd = -1
@@ -195,6 +196,38 @@ class Redirector:
         """Whether this agent holds the redirect's links (its programs are attached)."""
         return bool(self._links)
 
+    # ------------------------------------------------------------ the kernel object
+    def compile_with(self, first: Iterable[str] = (), first_flags: Iterable[str] = ()) -> BPF:
+        """Compile the redirect's programs (and the cgroup watcher's) into one BCC object
+        after the sources `first`, compiled with first_flags: attestation's process_events,
+        so that the agent's kernel programs are one object and one compile (agent/bpfload.py
+        says why). The maps an earlier agent pinned are reused (its links use them), or
+        replaced when pinned with another layout. The redirect then uses this object, and
+        its caller owns it (cleans it up); start() compiles one of its own otherwise."""
+        self.pin_dir.mkdir(parents=True, exist_ok=True)
+        flags = list(first_flags)
+        own = compile_flags(self.pin_dir)
+        sources = [*first, "redirect"]
+        if self.watch is not None:  # its programs in this object too
+            sources.append(cgroup_watch.SOURCE)
+            own += self.watch.cflags()
+        flags += [f for f in own if f not in flags]
+        program: BPF | None = None
+        try:
+            program = compile_program(*sources, cflags=flags)
+            stale = self._layout_mismatch(program)
+        except Exception as e:  # noqa: BLE001 — BCC raises bare Exception
+            stale = str(e)
+        if stale:  # pinned by another version with another layout: anew
+            log.warning("pinned redirect maps not reusable; replacing them", error=stale)
+            if program is not None:
+                program.cleanup()
+            for m in _MAPS:
+                (self.pin_dir / m).unlink(missing_ok=True)
+            program = compile_program(*sources, cflags=flags)
+        self._bpf, self._owns_program = program, False
+        return program
+
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
         self.pin_dir.mkdir(parents=True, exist_ok=True)
@@ -203,23 +236,9 @@ class Redirector:
                 f"{self.pin_dir}/process_images is not pinned: attestation "
                 "must start before the redirect"
             )
-        flags = compile_flags(self.pin_dir)  # once: a second compile below uses them too
-        sources = ["redirect"]
-        if self.watch is not None:  # its programs in this object (agent/bpfload.py: why)
-            sources.append(cgroup_watch.SOURCE)
-            flags += self.watch.cflags()
-        try:  # the maps an earlier agent pinned are reused (its links use them)
-            self._bpf = compile_program(*sources, cflags=flags)
-            stale = self._layout_mismatch()
-        except Exception as e:  # noqa: BLE001 — BCC raises bare Exception
-            stale = str(e)
-        if stale:  # pinned by another version with another layout: anew
-            log.warning("pinned redirect maps not reusable; replacing them", error=stale)
-            if self._bpf is not None:
-                self._bpf.cleanup()
-            for m in _MAPS:
-                (self.pin_dir / m).unlink(missing_ok=True)
-            self._bpf = compile_program(*sources, cflags=flags)
+        if self._bpf is None:  # not compiled with attestation's programs: alone
+            self.compile_with()
+            self._owns_program = True
         self._senders = bpfsys.MappedCounters(
             self._program[b"sender_changes"].map_fd, SENDER_CHANGE_SLOTS
         )
@@ -255,18 +274,18 @@ class Redirector:
             managed=self.cfg.managed_cgroups or "all but the agent's cgroup",
         )
 
-    def _layout_mismatch(self) -> str | None:
+    def _layout_mismatch(self, program: BPF) -> str | None:
         """BCC reuses a pinned map whatever its key and value sizes. A map pinned by an
         agent with other structs (a key without the network namespace, say) would be read
         through the new layout and match the wrong entries: compare, and say how it
         differs."""
         for name in _MAPS:
-            table = self._program[name.encode()]
+            table = program[name.encode()]
             want = (ct.sizeof(table.Key), ct.sizeof(table.Leaf))
             have = bpfsys.map_sizes(table.map_fd)
             if have != want:
                 return f"{name}: pinned with key/value sizes {have}, this agent's are {want}"
-        entries = _max_entries(self._program[b"managed_cgroups"].map_fd)
+        entries = _max_entries(program[b"managed_cgroups"].map_fd)
         if entries != _MAX_MANAGED:
             return f"managed_cgroups: pinned with {entries} entries, this agent's {_MAX_MANAGED}"
         return None
@@ -347,9 +366,9 @@ class Redirector:
         if self._senders is not None:
             self._senders.close()
             self._senders = None
-        if self._bpf is not None:
+        if self._bpf is not None and self._owns_program:
             self._bpf.cleanup()  # detaches the sender tracepoint too
-            self._bpf = None
+        self._bpf = None  # compile_with()'s caller cleans its object up
         if detach:
             for m in _MAPS:
                 (self.pin_dir / m).unlink(missing_ok=True)

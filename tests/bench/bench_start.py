@@ -34,7 +34,7 @@ from agent.bpfload import compile_program
 from agent.inject.cgroup_watch import tracepoint_offsets
 from agent.inject.redirect import compile_flags as redirect_flags
 from tests.kernel import bpf_pin_dir
-from tests.world import build_world
+from tests.world import build_world, server_table
 
 FLOOR = b"#include <uapi/linux/bpf.h>\nint nothing(void *ctx) { return 0; }\n"
 
@@ -73,12 +73,18 @@ def programs(runs: int) -> None:
         pinned = f'-DPIN_DIR="{pins}"'
         events = compile_flags(64, str(pins))
         watch = ["-DWATCH_LEVELS=2ULL", *tracepoint_offsets()]
-        # the last is what an agent with inject.managed_cgroups compiles (agent/bpfload.py)
+        injecting = redirect_flags(pins) + watch
+        # the last is what an agent with inject.managed_cgroups compiles, one object
+        # (agent/bpfload.py); one that does not inject compiles the first only
         for names, flags in (
             (("process_events",), events),
             (("redirect",), redirect_flags(pins)),
             (("cgroup_watch",), [pinned, *watch]),
-            (("redirect", "cgroup_watch"), redirect_flags(pins) + watch),
+            (("redirect", "cgroup_watch"), injecting),
+            (
+                ("process_events", "redirect", "cgroup_watch"),
+                events + [f for f in injecting if f not in events],
+            ),
         ):
             spent = median_cpu(compile_and_drop(names, flags), runs)
             print(
@@ -86,6 +92,9 @@ def programs(runs: int) -> None:
                 f" (bcc floor {floor:.2f})"
             )
     print(f"start-bench: btf_offsets_cpu_s={median_cpu(offset_cflags.__wrapped__, runs):.2f}")
+
+
+DISCARD = "http://127.0.0.1:9/mcp"  # never dialled: the agent only redirects it
 
 
 def agent_starts(runs: int) -> None:
@@ -104,7 +113,8 @@ def agent_starts(runs: int) -> None:
             before = children_cpu()
             with build_world(Path(tmp), "spiffe://example.org/bench") as world:
                 started = time.perf_counter()
-                agent = world.start_agent()
+                # a server (passthrough: no authorization server) so that it injects
+                agent = world.start_agent(server_table("bench", DISCARD, mode="passthrough"))
                 ready.append(time.perf_counter() - started)
                 stopping = time.perf_counter()
                 agent.stop()  # SIGTERM: every component stopped, every BPF link detached

@@ -5,7 +5,8 @@ mkdir and rmdir event, after a failed handover), what it audits, and what it lea
 The kernel half runs in tests/integration/test_managed_cgroups.py. Here BCC's object is
 stood in for at the narrowest seam: its tables (tests/unit/bcc_tables.py), its ring buffer
 (the test calls the callback BCC would, with the event bytes bpf/cgroup_watch.h lays out),
-and the perf-event link and pin calls, which record what they were asked; the link fds are
+its ring's consumer (cgroup_watch.RingConsumer: Consumer), and the perf-event link and pin
+calls, which record what they were asked; the link fds are
 pipes, so a closed link is seen as its reader's end of file. The cgroup tree is a directory
 tree: a cgroup's id is its directory's inode number, as in cgroupfs."""
 
@@ -105,6 +106,22 @@ class Program:
         raise AssertionError("the watch cleaned up its owner's object")
 
 
+class Consumer:
+    """cgroup_watch.RingConsumer over the fake Program: its callback is the one BCC's ring
+    would call (Ring.callback), its polls are the Program's."""
+
+    def __init__(self, program: Program, name: bytes, callback: Any):
+        self.program = program
+        program[name].open_ring_buffer(callback)
+        self.closed = False
+
+    def poll(self, timeout_ms: int) -> None:
+        self.program.ring_buffer_poll(timeout_ms)
+
+    def close(self) -> None:
+        self.closed = True
+
+
 class Audit:
     def __init__(self) -> None:
         self.events: list[tuple[str, dict[str, Any]]] = []
@@ -124,6 +141,7 @@ class Host:
         self.links: list[tuple[int, int, str]] = []  # (our fd, prog fd, event)
         self.readers: list[int] = []
         monkeypatch.setattr(cgroup_watch, "tracepoint_link", self.tracepoint_link)
+        monkeypatch.setattr(cgroup_watch, "RingConsumer", Consumer)
         monkeypatch.setattr(bpfsys, "obj_pin", self.obj_pin)
 
     def tracepoint_link(self, prog_fd: int, event: str) -> int:

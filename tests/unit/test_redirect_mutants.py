@@ -327,6 +327,42 @@ def test_the_program_is_compiled_with_the_pin_dir_and_every_btf_offset(kernel):
     r.stop(detach=False)
 
 
+def test_compiled_with_attestation_one_object_holds_both_and_its_caller_owns_it(kernel):
+    """The agent's case (agent/wiring.py): process_events first, with its flags first and
+    the redirect's after them, each once; start() compiles nothing more, and stop() leaves
+    the object to its owner (attestation's source, which stops after the redirect)."""
+    (kernel.tmp / "tcp_sendmsg_locked").mkdir()
+    r = redirector(kernel)
+    first = ["-DRINGBUF_PAGES=64", f'-DPIN_DIR="{kernel.pins}"', "-DX=9"]
+    program = r.compile_with(["process_events"], first)
+    assert kernel.compiles == [
+        (
+            ("process_events", "redirect"),
+            [*first, "-DSK_COOKIE_OFF=8", "-DHAVE_SENDMSG_TRACEPOINT"],
+        )
+    ]
+    r.start()
+    assert len(kernel.compiles) == 1 and r.attached
+    r.stop(detach=True)
+    assert program.cleaned == 0 and not r.attached
+
+
+def test_compiled_with_attestation_stale_pins_are_replaced_and_both_compiled_again(kernel):
+    kernel.sizes[101] = (1, 1)  # redirect_targets pinned by an agent with another layout
+    r = redirector(kernel)
+    program = r.compile_with(["process_events"], ["-DA=1"])
+    assert [names for names, _ in kernel.compiles] == [("process_events", "redirect")] * 2
+    assert kernel.programs[0].cleaned == 1 and program is kernel.programs[1]
+    assert program.cleaned == 0
+
+
+def test_alone_the_redirect_compiles_its_own_object_and_cleans_it_up(kernel):
+    r = started(kernel)
+    assert [names for names, _ in kernel.compiles] == [("redirect",)]
+    r.stop(detach=True)
+    assert kernel.programs[-1].cleaned == 1
+
+
 def test_without_the_tracepoint_the_warning_names_it_and_no_probe_is_compiled(kernel):
     with structlog.testing.capture_logs() as logs:
         flags = redirect.compile_flags(kernel.pins)
@@ -463,8 +499,7 @@ def test_a_map_size_the_kernel_does_not_report_is_a_mismatch(kernel):
     kernel.programs.append(FakeBPF(kernel.senders_fd))
     assert redirect._max_entries(103) == -1
     r = redirector(kernel)
-    r._bpf = kernel.programs[-1]
-    assert "-1" in (r._layout_mismatch() or "")
+    assert "-1" in (r._layout_mismatch(kernel.programs[-1]) or "")
 
 
 def test_the_max_entries_line_is_read_not_another_one(kernel):
