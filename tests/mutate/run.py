@@ -145,6 +145,8 @@ def refresh_unmutated(repo: Path = REPO) -> list[str]:
     """mutmut copies the tree into mutants/ once and later regenerates only the modules it
     mutates: any other file under its source_paths keeps its first copy, and a test written
     against a newer one then fails there (the clean run stops) or passes against the old.
+    So do the tests themselves (tests/, which it copies too: a test added since ran against
+    the old copy, and the mutants it kills stayed survivors) and the data in also_copy.
     Copy anew each such file that differs from its source; returns their paths."""
     cfg = configparser.ConfigParser()
     cfg.read(repo / "setup.cfg")
@@ -155,10 +157,11 @@ def refresh_unmutated(repo: Path = REPO) -> list[str]:
 
     mutated = paths("only_mutate")
     refreshed = []
-    for top in paths("source_paths"):
-        for source in sorted((repo / top).rglob("*")):
+    for top in [*paths("source_paths"), *paths("also_copy"), "tests"]:
+        tree = repo / top
+        for source in [tree] if tree.is_file() else sorted(tree.rglob("*")):
             rel = source.relative_to(repo)
-            if source.is_dir() or "__pycache__" in rel.parts:
+            if source.is_dir() or {"__pycache__", "node_modules"} & set(rel.parts):
                 continue
             if rel.suffix == ".py" and any(fnmatch.fnmatch(str(rel), g) for g in mutated):
                 continue  # mutmut's own: regenerated when its source changes

@@ -170,6 +170,31 @@ def test_a_form_that_cannot_be_read_is_an_invalid_request(body):
     assert refused(lambda: rewrite_token_form(body, SID, mint())).error == "invalid_request"
 
 
+@pytest.mark.parametrize(
+    "body, why",
+    [
+        (
+            b"grant_type=a&client_secret=s3cr3t-\xff",
+            "it is not ASCII, or a percent-encoded value is not UTF-8",
+        ),
+        (
+            b"grant_type=a&client_secret=s3cr3t-%ff",
+            "it is not ASCII, or a percent-encoded value is not UTF-8",
+        ),
+        (
+            b"grant_type=a&client_secret:s3cr3t",
+            "a field is not name=value (fields are joined by &)",
+        ),
+    ],
+    ids=["not-ascii", "not-utf8", "not-name-value"],
+)
+def test_a_form_credless_cannot_read_is_refused_in_its_own_words_alone(body, why):
+    # the description goes to the workload and into the audit: fixed words naming the
+    # fault, nothing of the body (which may hold a client_secret)
+    e = refused(lambda: rewrite_token_form(body, SID, mint()))
+    assert e.description == f"credless: the token request is not a valid form: {why}"
+
+
 def test_parameters_given_twice_are_named_in_the_refusal_and_its_audit():
     body = b"grant_type=a&grant_type=b&client_id=x&client_id=y&scope=s&scope=t"
     e = refused(lambda: rewrite_token_form(body, SID, mint()))
@@ -505,6 +530,24 @@ def test_a_json_post_to_another_path_goes_on_as_sent():
                 await w.post(target, sent, JSON)
                 assert w.upstream.transport.out.endswith(b"\r\n\r\n" + sent)
             assert w.events("assertion.injected") == [] and w.identity.asked == []
+
+    run(body)
+
+
+def test_only_a_credentialed_token_request_loses_its_accept_encoding():
+    # a token request's answer comes uncompressed, so the assertion credless minted can be
+    # masked in it; a request credless sends on as it came, or a registration (no client
+    # assertion in it), keeps what the workload asked for
+    async def body():
+        gzip = b"Accept-Encoding: gzip"
+        for target, sent, ctype, kept in [
+            (b"/token", b"grant_type=client_credentials", FORM, False),
+            (b"/other", b'{"client_name": "w"}', JSON, True),
+            (b"/reg", b'{"client_name": "w"}', JSON, True),
+        ]:
+            w = World(AsTokens(server()))
+            await w.post(target, sent, ctype, gzip)
+            assert ((b"accept-encoding", b"gzip") in w.upstream_head()) is kept, target
 
     run(body)
 

@@ -50,3 +50,15 @@ def test_nothing_is_refreshed_without_mutmut_settings_or_a_copy(tmp_path):
     (tmp_path / "pkg").mkdir()
     (tmp_path / "pkg/other.py").write_text("x")
     assert run.refresh_unmutated(tmp_path) == []
+
+
+def test_the_tests_and_the_data_copied_beside_them_are_copied_anew_too(tmp_path):
+    """A test added since mutmut copied tests/ ran against the old copy: the mutants it
+    kills stayed survivors."""
+    (tmp_path / "setup.cfg").write_text(SETUP_CFG + "also_copy =\n    README.md\n    docs\n")
+    for rel in ("tests/unit/test_x.py", "README.md", "docs/a.md"):
+        for root, text in ((tmp_path, "new"), (tmp_path / "mutants", "old")):
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_text(text)
+    assert run.refresh_unmutated(tmp_path) == ["README.md", "docs/a.md", "tests/unit/test_x.py"]
+    assert (tmp_path / "mutants/tests/unit/test_x.py").read_text() == "new"
