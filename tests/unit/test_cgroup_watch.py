@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry
 from agent import bpfsys
 from agent.inject import cgroup_watch
 from agent.inject.cgroup_match import CgroupMatcher
-from agent.inject.cgroup_watch import MANAGED, MKDIR, PENDING, RMDIR, CgroupWatch
+from agent.inject.cgroup_watch import MANAGED, MKDIR, PENDING, RMDIR, CgroupWatch, RingConsumer
 from tests.helpers import wait_for
 from tests.unit.bcc_tables import Table
 
@@ -78,6 +78,7 @@ class Program:
         self.loaded: list[tuple[bytes, int]] = []
         self.polled = threading.Event()
         self.polls = 0
+        self.timeouts: list[int] = []  # each poll's, in ms
         self._polls = threading.Condition()
 
     def __getitem__(self, name: bytes) -> Any:
@@ -91,6 +92,7 @@ class Program:
     def ring_buffer_poll(self, timeout_ms: int) -> None:
         with self._polls:
             self.polls += 1
+            self.timeouts.append(timeout_ms)
             self._polls.notify_all()
         self.polled.set()
         threading.Event().wait(timeout_ms / 1000)  # as the kernel's epoll_wait would
@@ -578,18 +580,29 @@ def test_lost_events_make_the_watch_read_the_tree_again_and_say_so(host):
     assert started["matching_nothing_yet"] == ["/svc/agent-*"]
     (made,) = [e for e in logs if e["event"] == "cgroup managed"]
     assert made["cgroup"] == "/svc/agent-5" and made["reason"] == "present"
+    assert made["cgroup_id"] == a and made["patterns"] == ["/svc/agent-*"]
 
 
-def test_stop_joins_the_poll_thread_and_tolerates_pins_already_gone(host):
+def test_stop_joins_the_poll_thread_and_tolerates_pins_already_gone(host, monkeypatch):
     program = Program()
     w, _ = watch(host, "/svc/*")
     w.start(program)
     thread = w._thread
     assert thread is not None and thread.is_alive()
+    # named in a thread dump; a daemon: a poll stuck in the kernel does not hold the exit
+    assert thread.name == "bpf-cgroup-watch" and thread.daemon is True
+    program.wait_polls(2)
+    joined: list[float | None] = []
+    join = thread.join
+    monkeypatch.setattr(
+        thread, "join", lambda timeout=None: joined.append(timeout) or join(timeout)
+    )
     for name in cgroup_watch.LINKS.values():  # `credless detach` ran first, say
         (host.pins / name).unlink()
     w.stop(detach=True)
     assert not thread.is_alive()
+    assert joined == [5]  # nor does it hold the agent's stop for longer than 5 s
+    assert set(program.timeouts) == {100}  # the stop flag is looked at every 100 ms
     w.stop(detach=True)  # twice: nothing left to do, no error
 
 
@@ -734,3 +747,90 @@ def test_a_watch_not_started_answers_and_stops_without_error(host):
     assert registry.get_sample_value("credless_cgroup_watch_events_lost_total") == 0
     w.stop(detach=False)
     assert host.pinned() == {} and host.links == []
+
+
+def test_the_metrics_say_what_they_count(host):
+    registry = CollectorRegistry()
+    watch(host, "/svc/*", registry=registry)
+    assert {m.name: m.documentation for m in registry.collect()} == {
+        "credless_managed_cgroup_changes": (
+            "Cgroups that became managed (appeared matching a pattern) or stopped being"
+        ),
+        "credless_managed_cgroups": "Cgroups matching inject.managed_cgroups",
+        "credless_cgroup_watch_events_lost": (
+            "cgroup mkdir/rmdir events the kernel could not publish (the tree is re-read)"
+        ),
+        "credless_cgroup_watch_map_full": (
+            "New cgroups not held PENDING because managed_cgroups was full"
+        ),
+    }
+
+
+def test_a_perf_event_on_fd_0_is_linked_not_refused(tmp_path, monkeypatch, libc):
+    """An agent started with its stdin closed can be given fd 0 by perf_event_open(2):
+    only a negative return is its error."""
+    (tmp_path / "cgroup_mkdir").mkdir()
+    (tmp_path / "cgroup_mkdir" / "id").write_text("544\n")
+    monkeypatch.setattr(cgroup_watch, "_TRACEFS", tmp_path)
+    monkeypatch.setattr(libc, "syscall", lambda *_a: 0)
+    linked: list[tuple[int, int, int]] = []
+    monkeypatch.setattr(bpfsys, "link_create", lambda *a: linked.append(a) or 78)
+    closed: list[int] = []
+    close = os.close
+    monkeypatch.setattr(os, "close", lambda fd: closed.append(fd) if fd == 0 else close(fd))
+    assert cgroup_watch.tracepoint_link(51, "cgroup_mkdir") == 78
+    assert linked == [(51, 0, 41)] and closed == [0]
+
+
+class LibBcc:
+    """libbcc's ring buffer calls (libbpf's ring_buffer) as RingConsumer makes them,
+    recorded: the ring is an opaque handle, NULL (None) when libbpf cannot open it."""
+
+    def __init__(self) -> None:
+        self.ring: int | None = 0x5A5A
+        self.calls: list[tuple[Any, ...]] = []
+        self.callback: Any = None
+
+    def bpf_new_ringbuf(self, map_fd: int, callback: Any, ctx: Any) -> int | None:
+        self.calls.append(("new", map_fd, ctx))
+        self.callback = callback
+        return self.ring
+
+    def bpf_poll_ringbuf(self, ring: int, timeout_ms: int) -> None:
+        self.calls.append(("poll", ring, timeout_ms))
+
+    def bpf_free_ringbuf(self, ring: int) -> None:
+        self.calls.append(("free", ring))
+
+
+@pytest.fixture
+def libbcc(monkeypatch):
+    from bcc import libbcc as real
+
+    fake = LibBcc()
+    monkeypatch.setattr(real, "lib", fake)
+    return fake
+
+
+def test_the_ring_consumer_reads_the_named_ring_calls_back_polls_and_frees_it_once(libbcc):
+    """The kernel half (libbpf's epoll on the ring) runs in
+    tests/integration/test_managed_cgroups.py; here what the consumer asks of libbcc."""
+    got: list[tuple[Any, ...]] = []
+    program = {b"cgroup_events": SimpleNamespace(map_fd=33), b"other": SimpleNamespace(map_fd=34)}
+    ring = RingConsumer(program, b"cgroup_events", lambda *a: got.append(a) or 7)
+    assert libbcc.calls == [("new", 33, None)]
+    buf = ct.create_string_buffer(b"abcd")
+    # libbpf calls back through C, with the record's address and size
+    assert libbcc.callback(None, ct.addressof(buf), 4) == 7
+    assert got == [(None, ct.addressof(buf), 4)]
+    ring.poll(100)
+    ring.close()
+    ring.close()  # twice: freed once
+    assert libbcc.calls[1:] == [("poll", 0x5A5A, 100), ("free", 0x5A5A)]
+
+
+def test_a_ring_libbpf_cannot_open_is_an_error_naming_it(libbcc):
+    libbcc.ring = None
+    with pytest.raises(OSError) as refused:
+        RingConsumer({b"cgroup_events": SimpleNamespace(map_fd=33)}, b"cgroup_events", print)
+    assert str(refused.value) == "cannot open the ring buffer cgroup_events"

@@ -356,6 +356,16 @@ def test_compiled_with_attestation_stale_pins_are_replaced_and_both_compiled_aga
     assert program.cleaned == 0
 
 
+def test_compiled_with_attestation_the_pin_dir_is_made_with_its_parents(kernel):
+    """Attestation compiles through the redirect before anything made agent.bpf_pin_dir
+    (agent/wiring.py): compile_with makes it, and its parents."""
+    deeper = kernel.tmp / "bpf" / "credless"
+    r = Redirector(str(deeper), str(kernel.cgroups), InjectSection())
+    program = r.compile_with(["process_events"], ["-DA=1"])
+    assert deeper.is_dir() and kernel.programs == [program]
+    assert kernel.compiles[0][1][:2] == ["-DA=1", f'-DPIN_DIR="{deeper}"']
+
+
 def test_alone_the_redirect_compiles_its_own_object_and_cleans_it_up(kernel):
     r = started(kernel)
     assert [names for names, _ in kernel.compiles] == [("redirect",)]
@@ -370,7 +380,11 @@ def test_without_the_tracepoint_the_warning_names_it_and_no_probe_is_compiled(ke
     (warned,) = [e for e in logs if "tracepoint" in e]
     assert warned["log_level"] == "warning"
     assert warned["tracepoint"] == str(kernel.tmp / "tcp_sendmsg_locked")
-    assert "tcp_sendmsg_locked" in warned["event"]
+    assert warned["event"] == (
+        "who writes on a redirected connection is not checked: this kernel has no "
+        "tcp_sendmsg_locked tracepoint, so a process handed a connection (a child "
+        "that inherited it) is served as the process that made it"
+    )
 
 
 # ------------------------------------------------------------------ start
@@ -378,8 +392,11 @@ def test_without_the_tracepoint_the_warning_names_it_and_no_probe_is_compiled(ke
 
 def test_a_redirect_cannot_start_before_attestation_has_pinned_its_images(kernel):
     (kernel.pins / "process_images").unlink()
-    with pytest.raises(RuntimeError, match=r"process_images is not pinned"):
+    with pytest.raises(RuntimeError) as refused:
         redirector(kernel).start()
+    assert str(refused.value) == (
+        f"{kernel.pins}/process_images is not pinned: attestation must start before the redirect"
+    )
     assert kernel.compiles == [] and kernel.calls == []
     deeper = Redirector(str(kernel.tmp / "bpf" / "credless"), str(kernel.cgroups), InjectSection())
     with pytest.raises(RuntimeError, match=r"process_images is not pinned"):
@@ -410,6 +427,7 @@ def test_a_first_start_attaches_each_program_at_the_cgroup_root_and_pins_its_lin
     assert attached["cgroup_root"] == str(kernel.cgroups)
     assert attached["pinned"] == str(kernel.pins)
     assert attached["listen"] == "127.0.0.1:15001"
+    assert attached["managed"] == "all but the agent's cgroup"
     r.stop(detach=False)
 
 
@@ -464,7 +482,7 @@ def test_maps_pinned_with_another_layout_are_replaced_not_read_through_this_one(
         r = started(kernel)
     (warned,) = [e for e in logs if "error" in e]
     assert warned["log_level"] == "warning"
-    assert "replacing" in warned["event"]
+    assert warned["event"] == "pinned redirect maps not reusable; replacing them"
     assert warned["error"].startswith(f"{mismatched}: ")
     assert "(4, 4)" in warned["error"]
     first, second = kernel.programs
@@ -638,7 +656,8 @@ def test_managed_cgroups_are_kept_by_the_watch(kernel, monkeypatch):
     assert kernel.config().all_cgroups == 0
     # one compile carries the watcher's programs too, and the watch is given that object
     ((names, flags),) = kernel.compiles
-    assert names == ("redirect", "cgroup_watch") and flags[-2:] == watch.cflags()
+    assert names == ("redirect", "cgroup_watch")
+    assert flags == [f'-DPIN_DIR="{kernel.pins}"', "-DSK_COOKIE_OFF=8", "-DX=9", *watch.cflags()]
     assert watch.events == [("start", kernel.programs[-1])]
     assert set(cgroup_watch.LINKS.values()) <= kernel.pinned()  # the watch's own
     status = r.cgroups_status()
@@ -680,7 +699,10 @@ def test_stop_by_default_keeps_the_redirect_and_says_connects_are_refused(kernel
     assert bpf.cleaned == 1 and not r.attached
     assert r.sender_changes(5) is None
     (said,) = [e for e in logs if "left attached" in e["event"]]
-    assert said["event"].endswith("refused") and said["pinned"] == str(kernel.pins)
+    assert said["event"] == (
+        "redirect left attached while no agent runs: intercepted connects are refused"
+    )
+    assert said["pinned"] == str(kernel.pins)
     closed: list[int] = []
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(redirect.os, "close", closed.append)
@@ -740,7 +762,8 @@ def test_reclaim_puts_this_agents_programs_configuration_and_targets_back(kernel
     assert ipaddress.IPv4Address(bytes(key.addr)[:4]) == ipaddress.IPv4Address("10.0.0.1")
     assert socket.ntohs(table[key].value) == 15443
     (said,) = logs
-    assert said["event"] == "redirect reclaimed" and "take over" in said["reason"]
+    assert said["event"] == "redirect reclaimed"
+    assert said["reason"] == "a new agent failed to take over"
     r.stop(detach=False)
 
 
