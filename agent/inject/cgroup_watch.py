@@ -229,19 +229,23 @@ class CgroupWatch:
 
     def stop(self, detach: bool) -> None:
         self._stop.set()
+        polling = False
         if self._thread is not None:
             self._thread.join(5)
+            # still in a callback after 5 s: its ring is not freed under it (the process's
+            # exit frees it)
+            polling = self._thread.is_alive()
             self._thread = None
-        if self._ring is not None:
+        if self._ring is not None and not polling:
             self._ring.close()
-            self._ring = None
+        self._ring = None
         if detach:
             for pin_name in LINKS.values():
                 (self.pin_dir / pin_name).unlink(missing_ok=True)
         for fd in self._links:
             os.close(fd)
         self._links.clear()
-        self._bpf = None  # the redirect's: it cleans it up
+        self._bpf = None  # its owner's (attestation's, or the redirect's): it cleans it up
 
     def _poll(self, ring: RingConsumer) -> None:
         while not self._stop.is_set():

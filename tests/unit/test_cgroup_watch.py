@@ -592,6 +592,7 @@ def test_stop_joins_the_poll_thread_and_tolerates_pins_already_gone(host, monkey
     # named in a thread dump; a daemon: a poll stuck in the kernel does not hold the exit
     assert thread.name == "bpf-cgroup-watch" and thread.daemon is True
     program.wait_polls(2)
+    consumer = w._ring
     joined: list[float | None] = []
     join = thread.join
     monkeypatch.setattr(
@@ -603,7 +604,33 @@ def test_stop_joins_the_poll_thread_and_tolerates_pins_already_gone(host, monkey
     assert not thread.is_alive()
     assert joined == [5]  # nor does it hold the agent's stop for longer than 5 s
     assert set(program.timeouts) == {100}  # the stop flag is looked at every 100 ms
+    assert consumer.closed  # its ring freed, once nothing polls it
     w.stop(detach=True)  # twice: nothing left to do, no error
+
+
+def test_a_ring_still_polled_after_the_join_is_not_freed_under_it(host, monkeypatch):
+    """A callback held up past the stop's 5 s (a reconcile of a huge tree, say): freeing
+    its ring then would pull libbpf's buffer from under it; the process's exit frees it."""
+    program = Program()
+    w, _ = watch(host, "/svc/*")
+    w.start(program)
+    consumer, thread = w._ring, w._thread
+    assert consumer is not None and thread is not None
+    held, release = threading.Event(), threading.Event()
+
+    def held_up(timeout_ms: int) -> None:
+        held.set()
+        release.wait(10)
+
+    monkeypatch.setattr(program, "ring_buffer_poll", held_up)
+    try:
+        assert held.wait(10)
+        monkeypatch.setattr(thread, "join", lambda timeout=None: None)  # its 5 s are up
+        w.stop(detach=True)
+        assert thread.is_alive() and not consumer.closed
+    finally:
+        release.set()
+        threading.Thread.join(thread, 10)
 
 
 class Libc:
