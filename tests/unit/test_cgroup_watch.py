@@ -608,6 +608,24 @@ def test_stop_joins_the_poll_thread_and_tolerates_pins_already_gone(host, monkey
     w.stop(detach=True)  # twice: nothing left to do, no error
 
 
+def test_a_start_that_failed_after_opening_the_ring_frees_it_on_stop(host, monkeypatch):
+    """No poll thread was started: nothing reads the ring, and the stop that follows the
+    failure (the redirect's) frees it."""
+    program = Program()
+    w, _ = watch(host, "/svc/*")
+
+    def refused(prog_fd: int, event: str) -> int:
+        raise OSError(errno.EPERM, "perf_event_open")
+
+    monkeypatch.setattr(cgroup_watch, "tracepoint_link", refused)
+    with pytest.raises(OSError):
+        w.start(program)
+    consumer = w._ring
+    assert consumer is not None and w._thread is None
+    w.stop(detach=True)
+    assert consumer.closed
+
+
 def test_a_ring_still_polled_after_the_join_is_not_freed_under_it(host, monkeypatch):
     """A callback held up past the stop's 5 s (a reconcile of a huge tree, say): freeing
     its ring then would pull libbpf's buffer from under it; the process's exit frees it."""
