@@ -215,8 +215,9 @@ def programs_held_by(pids: set[int] | None = None) -> set[int]:
     return held
 
 
-def _kept_elsewhere(own_pins: str | None) -> set[int]:
-    """Programs something other than the process under test keeps loaded without holding a
+def _kept_elsewhere(programs: list[dict], own_pins: str | None) -> set[int]:
+    """Of programs (`bpftool prog show`), and of every link and cgroup attachment, those
+    something other than the process under test keeps loaded without holding a
     descriptor: a pin (of the program or of a link to it) outside own_pins, or an
     attachment to a cgroup below the root (a container runtime's device filter, a private
     systemd's firewall). The agent pins under its own directory and attaches only at the
@@ -224,7 +225,7 @@ def _kept_elsewhere(own_pins: str | None) -> set[int]:
     outside = lambda pins: any(  # noqa: E731
         own_pins is None or not p.startswith(own_pins.rstrip("/") + "/") for p in pins
     )
-    kept = {p["id"] for p in bpftool("prog", "show") if outside(p.get("pinned", []))}
+    kept = {p["id"] for p in programs if outside(p.get("pinned", []))}
     kept |= {link["prog_id"] for link in bpftool("link", "show") if outside(link.get("pinned", []))}
     root = cgroupfs.cgroup2_root()
     for cg in bpftool("cgroup", "tree") if root else []:
@@ -243,7 +244,9 @@ def programs_left_behind(before: set[int], own_pins: str | None = None) -> set[i
     test on the host: it needs no host-wide lock."""
     left: set[int] = set()
     for _ in range(20):
-        left = bpf_program_ids() - before - programs_held_by() - _kept_elsewhere(own_pins)
+        programs = bpftool("prog", "show")  # once a look: its ids, and which are pinned
+        loaded = {p["id"] for p in programs}
+        left = loaded - before - programs_held_by() - _kept_elsewhere(programs, own_pins)
         if not left:
             break
         time.sleep(0.25)
